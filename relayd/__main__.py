@@ -1,0 +1,5 @@
+"""``python -m relayd``: the same as the ``relayd`` command."""
+
+from relayd.cli import main
+
+raise SystemExit(main())

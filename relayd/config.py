@@ -1,0 +1,300 @@
+"""relayd's settings: one frozen, validated object built once at start-up (DESIGN §3).
+
+What owns what:
+
+- The models (:class:`Settings` and its sections) own the keys, their defaults and their
+  bounds. Nothing else in relayd repeats a default; ``config/relayd.toml`` shows every key at
+  its default and a test keeps the two equal.
+- :func:`load_settings` owns the sources and their precedence, later wins::
+
+      built-in defaults < TOML file < environment < command-line overrides
+
+  The file is ``config_path`` (``--config``) or else ``default_path`` when that exists. The
+  environment is ``RELAYD_<SECTION>__<KEY>`` (for example ``RELAYD_LIMITS__MAX_CONNECTIONS``;
+  the key part is matched case-insensitively) and plain ``PORT``, which the seed's Node server
+  honoured; ``RELAYD_SERVER__PORT`` beats ``PORT``.
+- :class:`ConfigError` owns the operator's message: one line naming the dotted key and the
+  source its offending value came from. The CLI prints it and exits 78 (``EX_CONFIG``).
+
+Why the sources are merged here and not by pydantic-settings' own sources: once its sources
+have been merged, a ``ValidationError`` no longer says which source a value came from, and its
+environment source ignores unknown ``RELAYD_*`` variables, so a typo would pass silently.
+Reading one TOML file and one mapping of strings takes a few lines; each value is recorded
+with its source under its dotted key, unknown keys are refused right there, and pydantic then
+validates and coerces the merged values in one pass (``"5"`` -> 5, ``"false"`` -> False); the
+location of its first error is a dotted key, and the source recorded for that key is the one
+blamed. :class:`Settings` therefore reads nothing by itself: ``Settings()`` is the built-in
+defaults, everywhere, tests included.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from relayd.errors import RelaydError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ConfigError",
+    "LimitsSettings",
+    "LogSettings",
+    "ServerSettings",
+    "Settings",
+    "load_settings",
+    "settings_as_json",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
+
+_ENV_PREFIX = "RELAYD_"
+_ENV_NESTED_DELIMITER = "__"
+
+# Infinity and NaN are refused: every "off" switch is spelled 0, and NaN passes no bound.
+_SECTION_CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class ServerSettings(BaseModel):
+    """The public listener.
+
+    Attributes:
+        host: address to listen on; ``""`` means all interfaces, IPv4 and IPv6.
+        port: TCP port; 0 picks a free port (for tests).
+        shutdown_grace_s: seconds given to open connections to flush on shutdown.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    host: str = ""
+    port: int = Field(default=9030, ge=0, le=65535)
+    shutdown_grace_s: float = Field(default=10.0, gt=0)
+
+
+class LimitsSettings(BaseModel):
+    """Security limits for a public port; units are in the names.
+
+    Attributes:
+        max_connections: open connections in total.
+        max_connections_per_ip: open connections per client IP address.
+        max_message_bytes: largest client message accepted.
+        outbox_messages: messages queued per connection before it counts as slow.
+        slow_consumer_timeout_s: how long an outbox may stay full before its connection is
+            closed with 1013.
+        messages_per_second: sustained messages a connection may send.
+        message_burst: messages a connection may send at once above the sustained rate.
+        handshake_timeout_s: time allowed for the opening handshake.
+        idle_timeout_s: close a connection silent this long; 0 turns it off.
+        ping_interval_s: seconds between server pings; 0 turns pings off.
+        pong_timeout_s: time allowed for the pong to a ping.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    max_connections: int = Field(default=10000, gt=0)
+    max_connections_per_ip: int = Field(default=256, gt=0)
+    max_message_bytes: int = Field(default=65536, gt=0)
+    outbox_messages: int = Field(default=64, gt=0)
+    slow_consumer_timeout_s: float = Field(default=10.0, gt=0)
+    messages_per_second: float = Field(default=50.0, gt=0)
+    message_burst: int = Field(default=100, gt=0)
+    handshake_timeout_s: float = Field(default=10.0, gt=0)
+    idle_timeout_s: float = Field(default=3600.0, ge=0)
+    ping_interval_s: float = Field(default=30.0, ge=0)
+    pong_timeout_s: float = Field(default=15.0, gt=0)
+
+
+class LogSettings(BaseModel):
+    """Logging (DESIGN §4).
+
+    Attributes:
+        level: lowest level written.
+        format: ``json`` lines for journald, or ``console`` for a person at a terminal.
+        messages: write one ``message.relay`` event per relayed message.
+        bodies: include message bodies in ``message.relay``; off, bodies are never logged.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    messages: bool = True
+    bodies: bool = False
+
+
+class Settings(BaseSettings):
+    """Every setting relayd has, one section per table of ``config/relayd.toml``.
+
+    Build it with :func:`load_settings`; ``Settings()`` alone gives the built-in defaults and
+    reads no file and no environment.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Read only the values passed in; :func:`load_settings` gathers the sources."""
+        return (init_settings,)
+
+
+class ConfigError(RelaydError):
+    """A bad configuration file, key or value; ``str(err)`` is one line for the operator.
+
+    For example ``limits.max_conections: unknown key (in /etc/relayd/relayd.toml)`` or
+    ``server.port: Input should be less than or equal to 65535 (from environment PORT)``.
+
+    Attributes:
+        key: the dotted key at fault, or None when the whole file is (unreadable, not TOML).
+        source: where the offending value came from, as printed: ``in PATH``,
+            ``from environment NAME`` or ``from command line``.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, reason: str, *, source: str, key: str | None = None) -> None:
+        super().__init__(reason if key is None else f"{key}: {reason} ({source})")
+        self.key = key
+        self.source = source
+        self.reason = reason
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]]:
+    """Yield ``(dotted key, is a section)`` for every field of ``model``, depth first."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield prefix + name, True
+            yield from _keys(annotation, f"{prefix}{name}.")
+        else:
+            yield prefix + name, False
+
+
+_SECTIONS = frozenset(key for key, is_section in _keys(Settings) if is_section)
+_SETTINGS = frozenset(key for key, is_section in _keys(Settings) if not is_section)
+
+# Dotted key -> (value, source phrase). Sources are applied in precedence order, so a later
+# one simply overwrites an earlier one's entry.
+_Values = dict[str, tuple[object, str]]
+
+
+def _set(values: _Values, key: str, value: object, source: str) -> None:
+    """Record ``value`` for ``key`` from ``source``, refusing keys that name no setting."""
+    if key in _SECTIONS:
+        raise ConfigError("is a section, not a setting", key=key, source=source)
+    if key not in _SETTINGS:
+        raise ConfigError("unknown key", key=key, source=source)
+    values[key] = (value, source)
+
+
+def _flatten(table: Mapping[str, object], prefix: str = "") -> Iterator[tuple[str, object]]:
+    """Yield ``(dotted key, value)`` for a parsed TOML document, descending into sections."""
+    for name, value in table.items():
+        key = prefix + name
+        if key in _SECTIONS and isinstance(value, Mapping):
+            yield from _flatten(value, key + ".")
+        else:
+            yield key, value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Parse the TOML file at ``path``.
+
+    Raises:
+        ConfigError: the file cannot be read or is not valid TOML.
+    """
+    source = f"in {path}"
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        reason = f"cannot read {path}: {error.strerror or error}"
+        raise ConfigError(reason, source=source) from error
+    try:
+        return tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"invalid TOML in {path}: {error}", source=source) from error
+
+
+def _validate(values: _Values) -> Settings:
+    """Build :class:`Settings` from the merged values, blaming the first bad one's source."""
+    tree: dict[str, Any] = {}
+    for key, (value, _source) in values.items():
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        _value, source = values.get(key, (None, "from built-in defaults"))
+        raise ConfigError(first["msg"], key=key, source=source) from error
+
+
+def load_settings(
+    *,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+    default_path: Path = DEFAULT_CONFIG_PATH,
+) -> Settings:
+    """Build the effective settings from every source, later wins.
+
+    Args:
+        config_path: the TOML file given with ``--config``; it must exist. None reads
+            ``default_path`` when it exists, and no file otherwise.
+        environ: the environment; None reads :data:`os.environ`.
+        overrides: command-line flags as dotted keys, e.g. ``{"server.port": 0}``. A None
+            value means the flag was not given and is skipped.
+        default_path: the file read when no ``config_path`` is given.
+
+    Returns:
+        The frozen, validated settings.
+
+    Raises:
+        ConfigError: a file cannot be read or parsed, a key names no setting, or a value is
+            invalid; the message names the key and the source of the value.
+    """
+    values: _Values = {}
+
+    path = config_path
+    if path is None and default_path.exists():
+        path = default_path
+    if path is not None:
+        for key, value in _flatten(_read_toml(path)):
+            _set(values, key, value, f"in {path}")
+
+    env = os.environ if environ is None else environ
+    if "PORT" in env:
+        _set(values, "server.port", env["PORT"], "from environment PORT")
+    for name, value in sorted(env.items()):
+        if name.startswith(_ENV_PREFIX):
+            key = name.removeprefix(_ENV_PREFIX).lower().replace(_ENV_NESTED_DELIMITER, ".")
+            _set(values, key, value, f"from environment {name}")
+
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(values, key, value, "from command line")
+
+    return _validate(values)
+
+
+def settings_as_json(settings: Settings) -> str:
+    """Return the effective settings as indented JSON, as ``relayd check-config`` prints them."""
+    return settings.model_dump_json(indent=2)

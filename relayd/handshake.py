@@ -1,0 +1,106 @@
+"""Handshake policy, without I/O: accept a WebSocket request, or refuse it with a status.
+
+:class:`Capacity` counts the open TCP connections, in total and per client IP,
+from the moment they are accepted (so handshakes in progress count too).
+:func:`decide` looks at one request and the daemon's state and returns an
+:class:`Accept` with the dialect, or a :class:`Reject` with the HTTP status and
+the reason logged as ``handshake.rejected`` and sent as the response body.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+
+from relayd.protocol import Dialect, choose_dialect
+
+__all__ = ["Accept", "Capacity", "Reject", "decide"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Accept:
+    """Complete the handshake in ``dialect`` (selecting its subprotocol, if any)."""
+
+    dialect: Dialect
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The ``Sec-WebSocket-Protocol`` to select, or None for the seed dialect."""
+        return None if self.dialect is Dialect.SEED else self.dialect.value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reject:
+    """Refuse the handshake with an HTTP ``status``; ``reason`` says why."""
+
+    status: int
+    reason: str
+
+
+class Capacity:
+    """Open connections, in total and by client IP.
+
+    Args:
+        max_total: the most connections the daemon holds.
+        max_per_ip: the most connections one client IP holds.
+    """
+
+    __slots__ = ("_by_ip", "max_per_ip", "max_total", "total")
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self._by_ip: collections.Counter[str] = collections.Counter()
+
+    def opened(self, ip: str) -> None:
+        """Count a newly accepted connection from ``ip``."""
+        self.total += 1
+        self._by_ip[ip] += 1
+
+    def closed(self, ip: str) -> None:
+        """Count a connection from ``ip`` as gone."""
+        self.total -= 1
+        self._by_ip[ip] -= 1
+        if self._by_ip[ip] <= 0:
+            del self._by_ip[ip]
+
+    def from_ip(self, ip: str) -> int:
+        """Open connections from ``ip``."""
+        return self._by_ip.get(ip, 0)
+
+    def refusal(self, ip: str) -> str | None:
+        """Why a connection from ``ip`` (already counted) is one too many, or None."""
+        if self.total > self.max_total:
+            return "server at capacity"
+        if self._by_ip.get(ip, 0) > self.max_per_ip:
+            return "too many connections from this address"
+        return None
+
+
+def decide(
+    *,
+    draining: bool,
+    capacity: Capacity,
+    client_ip: str,
+    offered_subprotocols: Sequence[str],
+) -> Accept | Reject:
+    """Decide one handshake.
+
+    Args:
+        draining: the daemon is shutting down.
+        capacity: the open-connection counts, this connection included.
+        client_ip: the peer's address.
+        offered_subprotocols: ``Sec-WebSocket-Protocol`` values, in order.
+
+    Returns:
+        ``Reject(503)`` while draining or over a connection limit, else an
+        ``Accept`` in the dialect the offer selects.
+    """
+    if draining:
+        return Reject(503, "server shutting down")
+    refusal = capacity.refusal(client_ip)
+    if refusal is not None:
+        return Reject(503, refusal)
+    return Accept(choose_dialect(offered_subprotocols))

@@ -1,0 +1,229 @@
+"""Accepted TCP streams to running connections: handshake, policy, and the connection boundary.
+
+:class:`Gate` is the handler ``trio.serve_listeners`` calls once per accepted
+stream, in the server's connections nursery. For each stream it:
+
+1. counts the connection against the limits (:class:`~relayd.handshake.Capacity`);
+2. reads the WebSocket request within ``handshake_timeout_s``;
+3. accepts it in the chosen dialect, or refuses it with an HTTP status
+   (:func:`~relayd.handshake.decide`), logging ``handshake.rejected``;
+4. runs the :class:`~relayd.connection.Connection` until it ends.
+
+**The connection boundary.** Nothing raised while serving one stream may reach
+the shared nursery: that would cancel every other connection and the
+listener. trio-websocket raises from places a handler does not expect (e.g.
+``request.accept()`` raises ``ConnectionClosed`` when frames that came in the
+same TCP segment as the handshake already broke a limit). So the whole
+per-stream task is guarded: expected closes end quietly, anything else is
+logged as ``error`` with its traceback and the client gets close code 1011;
+the stream is always closed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import secrets
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_server_stream,
+)
+
+from relayd.config import LimitsSettings
+from relayd.connection import CLOSE_TIMEOUT_S, Connection
+from relayd.errors import CloseCode
+from relayd.handshake import Accept, Capacity, decide
+from relayd.router import Router
+
+__all__ = ["Gate", "new_client_id"]
+
+#: trio-websocket's queue between its socket reader and our reader. One slot:
+#: our reader takes each message at once, and every further queued message is
+#: memory an attacker controls (max_message_bytes each).
+_TRANSPORT_QUEUE: Final = 1
+#: Bytes asked of the socket per read. 64 KiB lets one read take a burst of
+#: small frames (trio-websocket's default is 4 KiB).
+_RECEIVE_BYTES: Final = 65536
+#: Bits of randomness in a client id: unguessable, so ids cannot be forged.
+_ID_BYTES: Final = 16
+
+
+def new_client_id() -> str:
+    """A fresh, unguessable, URL-safe client id (128 random bits, 22 characters)."""
+    return secrets.token_urlsafe(_ID_BYTES)
+
+
+class Gate:
+    """Turns accepted streams into connections, within the daemon's limits.
+
+    Args:
+        router: where connections register and send.
+        limits: the limits in force.
+        log: the daemon's logger.
+        new_id: makes client ids (replaceable in tests).
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        limits: LimitsSettings,
+        log: structlog.typing.FilteringBoundLogger,
+        *,
+        new_id: Callable[[], str] = new_client_id,
+    ) -> None:
+        self._router = router
+        self._limits = limits
+        self._log = log
+        self._new_id = new_id
+        self._numbers = itertools.count(1)
+        self.capacity = Capacity(limits.max_connections, limits.max_connections_per_ip)
+        self.connections: set[Connection] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        """Refuse new handshakes with 503 and drain every open connection."""
+        self.draining = True
+        for connection in self.connections:
+            connection.drain()
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        """Serve one accepted stream to the end; never raises (but Cancelled)."""
+        address = _peer_address(stream)
+        attempt = _Attempt(conn=next(self._numbers), address=address, ip=address.rpartition(":")[0])
+        self.capacity.opened(attempt.ip)
+        try:
+            async with trio.open_nursery() as transport:
+                try:
+                    await self._serve(transport, stream, attempt)
+                except* Exception as group:
+                    await self._fail(attempt, group)
+                transport.cancel_scope.cancel()
+        except* Exception as group:
+            # trio-websocket's own reader task, in `transport`, failed.
+            await self._fail(attempt, group)
+        finally:
+            self.capacity.closed(attempt.ip)
+            await trio.aclose_forcefully(stream)
+
+    async def _fail(self, attempt: _Attempt, group: BaseExceptionGroup[Exception]) -> None:
+        self._log.error(
+            "error",
+            conn=attempt.conn,
+            peer=attempt.address,
+            exc_info=group.exceptions[0],
+        )
+        ws = attempt.ws
+        if ws is not None and ws.closed is None:
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await ws.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _serve(
+        self, transport: trio.Nursery, stream: trio.SocketStream, attempt: _Attempt
+    ) -> None:
+        conn, address = attempt.conn, attempt.address
+        request = await self._read_request(transport, stream, conn, address)
+        if request is None:
+            return
+        decision = decide(
+            draining=self.draining,
+            capacity=self.capacity,
+            client_ip=attempt.ip,
+            offered_subprotocols=request.proposed_subprotocols,
+        )
+        if not isinstance(decision, Accept):
+            self._log.info(
+                "handshake.rejected",
+                conn=conn,
+                peer=address,
+                status=decision.status,
+                reason=decision.reason,
+            )
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await request.reject(decision.status, body=decision.reason.encode())
+            return
+        headers = _headers(request)
+        try:
+            attempt.ws = await request.accept(subprotocol=decision.subprotocol)
+        except ConnectionClosed:
+            # The client's first frames, sent along with its request, already
+            # broke a limit and trio-websocket closed the connection.
+            self._log.info(
+                "handshake.rejected",
+                conn=conn,
+                peer=address,
+                status=None,
+                reason="connection closed during the handshake",
+            )
+            return
+        connection = Connection(
+            attempt.ws,
+            conn=conn,
+            client_id=self._new_id(),
+            dialect=decision.dialect,
+            router=self._router,
+            limits=self._limits,
+            log=self._log,
+            peer_address=address,
+            origin=headers.get("origin"),
+            user_agent=headers.get("user-agent"),
+        )
+        self.connections.add(connection)
+        try:
+            if self.draining:
+                connection.drain()
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+
+    async def _read_request(
+        self, transport: trio.Nursery, stream: trio.SocketStream, conn: int, address: str
+    ) -> WebSocketRequest | None:
+        with trio.move_on_after(self._limits.handshake_timeout_s):
+            return await wrap_server_stream(
+                transport,
+                stream,
+                message_queue_size=_TRANSPORT_QUEUE,
+                max_message_size=self._limits.max_message_bytes,
+                receive_buffer_size=_RECEIVE_BYTES,
+            )
+        # trio-websocket answers a malformed request with 400 by itself and
+        # then never produces a request, so a timeout covers both cases.
+        self._log.info(
+            "handshake.rejected",
+            conn=conn,
+            peer=address,
+            status=408,
+            reason="no valid WebSocket request within handshake_timeout_s",
+        )
+        return None
+
+
+@dataclasses.dataclass(slots=True)
+class _Attempt:
+    """One accepted stream, as the boundary needs to know it."""
+
+    conn: int
+    address: str
+    ip: str
+    ws: WebSocketConnection | None = None
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "unknown:0"
+    return f"{host}:{port}"
+
+
+def _headers(request: WebSocketRequest) -> dict[str, str]:
+    return {
+        name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers
+    }

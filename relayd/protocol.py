@@ -1,0 +1,190 @@
+"""The wire protocol, without I/O: client frames in, values out; values in, frames out.
+
+relayd speaks two dialects on one port, chosen per connection by the
+subprotocol the client offers (docs/protocol.md):
+
+* :attr:`Dialect.SEED`, no subprotocol: the bare id as the first frame, the
+  message itself (or its JSON encoding) to the recipient; what the seed post's
+  browser client expects.
+* :attr:`Dialect.V1`, subprotocol ``relayd.v1``: typed JSON envelopes with
+  ``welcome``, ``message``, ``ack`` and ``error``.
+
+Both dialects send the same thing from client to server, so decoding is one
+function. A relayed ``message`` is decoded once, kept as its raw JSON text
+(:class:`msgspec.Raw`), and copied into the recipient's frame as it came: the
+body is never parsed into Python objects or encoded again.
+
+Nothing here touches a socket or trio; everything is tested in
+``tests/test_protocol.py`` as plain values.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Annotated, Final
+
+import msgspec
+
+from relayd.errors import EnvelopeError, ErrorCode
+
+__all__ = [
+    "MAX_ID_CHARS",
+    "MAX_REF_CHARS",
+    "V1_SUBPROTOCOL",
+    "Dialect",
+    "Envelope",
+    "ack_frame",
+    "choose_dialect",
+    "decode_envelope",
+    "delivery_frame",
+    "error_frame",
+    "welcome_frame",
+]
+
+V1_SUBPROTOCOL: Final = "relayd.v1"
+
+#: Longest ``to`` accepted. Server ids are 22 characters; the bound leaves room
+#: for authenticated subjects while refusing absurd keys before any lookup.
+MAX_ID_CHARS: Final = 256
+#: Longest string ``ref``; it is echoed back, so it is bounded like the id.
+MAX_REF_CHARS: Final = 256
+#: Integer refs stay within what a JavaScript number holds exactly.
+_MAX_SAFE_INT: Final = 2**53 - 1
+
+Ref = (
+    Annotated[str, msgspec.Meta(max_length=MAX_REF_CHARS)]
+    | Annotated[int, msgspec.Meta(ge=-_MAX_SAFE_INT, le=_MAX_SAFE_INT)]
+    | None
+)
+
+
+class Dialect(enum.StrEnum):
+    """How one connection speaks; fixed at the handshake."""
+
+    SEED = "seed"
+    V1 = V1_SUBPROTOCOL
+
+
+def choose_dialect(offered: Sequence[str]) -> Dialect:
+    """Pick the dialect for the subprotocols a client offered.
+
+    ``relayd.v1`` anywhere in the offer selects it; anything else, including no
+    offer, is the seed dialect (the server then selects no subprotocol, which
+    RFC 6455 allows).
+    """
+    return Dialect.V1 if V1_SUBPROTOCOL in offered else Dialect.SEED
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """A client's request to relay one message.
+
+    Attributes:
+        to: the recipient's id.
+        message: the message as raw JSON text, exactly as the client sent it.
+        ref: the client's correlation value, echoed in the ack or error.
+    """
+
+    to: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+    message: msgspec.Raw
+    ref: Ref = None
+
+
+class _RefOnly(msgspec.Struct):
+    """Reads just the ``ref`` of an envelope that failed validation."""
+
+    ref: Ref = None
+
+
+_envelope_decoder: Final = msgspec.json.Decoder(Envelope)
+_ref_decoder: Final = msgspec.json.Decoder(_RefOnly)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def decode_envelope(frame: str | bytes) -> Envelope:
+    """Decode one client text frame.
+
+    Args:
+        frame: the frame's text (or its UTF-8 bytes).
+
+    Returns:
+        The envelope; extra keys are ignored so clients may add their own.
+
+    Raises:
+        EnvelopeError: ``invalid_json`` if the frame is not JSON (including
+            JSON nested too deeply to read), ``invalid_envelope`` if it is JSON
+            but not ``{"to": str, "message": any, "ref"?: str | int}``. Nothing
+            else escapes, whatever the input.
+    """
+    try:
+        return _envelope_decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise EnvelopeError(ErrorCode.INVALID_ENVELOPE, str(exc), _salvage_ref(frame)) from None
+    except msgspec.DecodeError as exc:
+        raise EnvelopeError(ErrorCode.INVALID_JSON, str(exc)) from None
+    except RecursionError:
+        raise EnvelopeError(ErrorCode.INVALID_JSON, "JSON is nested too deeply") from None
+
+
+def _salvage_ref(frame: str | bytes) -> str | int | None:
+    # Only reached for valid JSON that failed validation, so a second, lenient
+    # decode is cheap and lets the client match the error to its request.
+    try:
+        return _ref_decoder.decode(frame).ref
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def welcome_frame(dialect: Dialect, client_id: str) -> str:
+    """The first frame a client receives: its id."""
+    if dialect is Dialect.SEED:
+        return client_id
+    return _encoder.encode({"type": "welcome", "id": client_id}).decode()
+
+
+def delivery_frame(dialect: Dialect, sender: str, message: msgspec.Raw) -> str:
+    """The frame a recipient receives for one relayed message.
+
+    Args:
+        dialect: the recipient's dialect.
+        sender: the sender's id.
+        message: the raw JSON text of the sender's ``message``.
+
+    Returns:
+        Seed: the message itself if it is a JSON string, else its JSON text.
+        V1: ``{"type": "message", "from": sender, "message": <as sent>}``.
+    """
+    raw = bytes(message)
+    if dialect is Dialect.SEED:
+        if raw[:1] == b'"':
+            return msgspec.json.decode(raw, type=str)
+        return raw.decode()
+    head = _encoder.encode({"type": "message", "from": sender}).decode()
+    return f'{head[:-1]},"message":{raw.decode()}}}'
+
+
+def ack_frame(dialect: Dialect, ref: str | int) -> str | None:
+    """The sender's receipt for a message handed to the recipient's outbox.
+
+    Returns:
+        The v1 ``ack`` frame, or None for the seed dialect, which has no acks.
+    """
+    if dialect is Dialect.SEED:
+        return None
+    return _encoder.encode({"type": "ack", "ref": ref}).decode()
+
+
+def error_frame(dialect: Dialect, code: ErrorCode, detail: str, ref: str | int | None) -> str:
+    """The frame telling a sender its message was not relayed.
+
+    Seed clients get ``{"error", "detail"}`` (plus ``ref`` if they sent one);
+    v1 clients get ``{"type": "error", "error", "ref", "detail"}`` with ``ref``
+    always present, null when the client gave none.
+    """
+    if dialect is Dialect.SEED:
+        body: dict[str, object] = {"error": code.value, "detail": detail}
+        if ref is not None:
+            body["ref"] = ref
+    else:
+        body = {"type": "error", "error": code.value, "ref": ref, "detail": detail}
+    return _encoder.encode(body).decode()

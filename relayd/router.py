@@ -1,0 +1,234 @@
+"""The routing task and the interface connections see it through.
+
+Data path: a connection's reader awaits :meth:`Router.route`, which
+puts the item on one bounded memory channel (the router's inbox; a full inbox
+makes readers wait, which is TCP backpressure on the senders). The single
+routing task takes items off it in order, looks recipients up in the
+:class:`~relayd.routing.RoutingTable` and hands frames to their outboxes with
+:meth:`~relayd.outbox.Outbox.offer`, which never waits: the router is never
+held up by a slow recipient. Replies to a sender (acks, errors) go through the
+sender's own outbox, so each client sees its replies in the order it sent.
+
+:class:`Router` is the whole interface; :class:`LocalRouter` routes within one
+process. A broker-backed router (e.g. Redis pub/sub between relayd processes)
+implements the same four methods and connections do not change.
+
+Shutdown: :meth:`Router.close` refuses new items; :meth:`Router.run` then
+delivers what is already queued, closes every registered outbox (so writers
+flush and end) and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Final, Protocol
+
+import structlog
+import trio
+
+from relayd.errors import RelaydError
+from relayd.outbox import Outbox
+from relayd.protocol import Dialect, Envelope, ack_frame, delivery_frame, error_frame
+from relayd.routing import Outcome, RoutingTable, outcome_of
+
+__all__ = [
+    "DEFAULT_INBOX_SIZE",
+    "Inbound",
+    "LocalRouter",
+    "Peer",
+    "Relay",
+    "Reply",
+    "Router",
+    "RouterClosed",
+]
+
+#: Items the router's inbox holds before readers wait. Big enough that the
+#: router task drains a whole scheduling round of readers without them
+#: blocking; small enough to stay a few hundred kilobytes at most.
+DEFAULT_INBOX_SIZE: Final = 1024
+
+
+class RouterClosed(RelaydError):
+    """The router is shutting down and takes no more connections or messages."""
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Peer:
+    """What the router knows of one connection.
+
+    Attributes:
+        client_id: the id messages are addressed to.
+        dialect: how the connection wants its frames written.
+        outbox: where the router hands it frames.
+        conn: the connection's number, for logs.
+    """
+
+    client_id: str
+    dialect: Dialect
+    outbox: Outbox
+    conn: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Relay:
+    """A message a client asked to relay.
+
+    Attributes:
+        sender: the sending connection.
+        envelope: the decoded request.
+        size: the client frame's size in bytes.
+    """
+
+    sender: Peer
+    envelope: Envelope
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """A frame for one connection that its own reader produced (an error)."""
+
+    recipient: Peer
+    frame: str
+
+
+Inbound = Relay | Reply
+
+
+class Router(Protocol):
+    """The routing service as connections see it."""
+
+    def register(self, peer: Peer) -> None:
+        """Start routing messages for ``peer.client_id`` to ``peer``.
+
+        Raises:
+            RouterClosed: the router is shutting down.
+        """
+
+    def unregister(self, peer: Peer) -> None:
+        """Stop routing to ``peer`` and close its outbox; idempotent."""
+
+    async def route(self, item: Inbound) -> None:
+        """Queue ``item`` for routing; waits while the router is behind.
+
+        Raises:
+            RouterClosed: the router is shutting down; the item was not taken.
+        """
+
+    def close(self) -> None:
+        """Take nothing more; :meth:`run` finishes what is queued and returns."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Route until closed; reports started once items can be routed."""
+
+
+class LocalRouter:
+    """Routes between the connections of this process.
+
+    Args:
+        log: where ``message.relay`` events go.
+        log_messages: emit one ``message.relay`` event per message.
+        log_bodies: include the message body in those events.
+        inbox_size: how many items may wait for the routing task.
+    """
+
+    def __init__(
+        self,
+        log: structlog.typing.FilteringBoundLogger,
+        *,
+        log_messages: bool = True,
+        log_bodies: bool = False,
+        inbox_size: int = DEFAULT_INBOX_SIZE,
+    ) -> None:
+        self._log = log
+        self._log_messages = log_messages
+        self._log_bodies = log_bodies
+        self._table: RoutingTable[Peer] = RoutingTable()
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[Inbound](inbox_size)
+        self._closed = False
+
+    @property
+    def routes(self) -> int:
+        """How many client ids are routable now."""
+        return len(self._table)
+
+    def register(self, peer: Peer) -> None:  # noqa: D102 - documented on Router
+        if self._closed:
+            raise RouterClosed("router is shutting down")
+        self._table.add(peer.client_id, peer)
+
+    def unregister(self, peer: Peer) -> None:  # noqa: D102
+        self._table.discard(peer.client_id, peer)
+        peer.outbox.close()
+
+    async def route(self, item: Inbound) -> None:  # noqa: D102
+        try:
+            await self._inbox_send.send(item)
+        except trio.ClosedResourceError:
+            raise RouterClosed("router is shutting down") from None
+
+    def close(self) -> None:  # noqa: D102
+        self._closed = True
+        self._inbox_send.close()
+
+    async def run(  # noqa: D102
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        try:
+            async for item in self._inbox_receive:
+                if isinstance(item, Relay):
+                    self._relay(item)
+                else:
+                    item.recipient.outbox.offer(item.frame)
+        finally:
+            for peer in self._table.handles():
+                self.unregister(peer)
+
+    def _relay(self, item: Relay) -> None:
+        sender, envelope = item.sender, item.envelope
+        recipients = self._table.lookup(envelope.to)
+        frames: dict[Dialect, str] = {}
+        accepted = []
+        for peer in recipients:
+            frame = frames.get(peer.dialect)
+            if frame is None:
+                frame = frames[peer.dialect] = delivery_frame(
+                    peer.dialect, sender.client_id, envelope.message
+                )
+            accepted.append(peer.outbox.offer(frame))
+        outcome = outcome_of(accepted)
+        self._answer(sender, envelope, outcome)
+        if self._log_messages:
+            self._log_relay(item, outcome)
+
+    def _answer(self, sender: Peer, envelope: Envelope, outcome: Outcome) -> None:
+        code = outcome.error
+        reply: str | None
+        if code is None:
+            if envelope.ref is None:
+                return
+            reply = ack_frame(sender.dialect, envelope.ref)
+        else:
+            reply = error_frame(sender.dialect, code, _DETAILS[outcome], envelope.ref)
+        if reply is not None:
+            # A sender whose own outbox is full is itself a slow consumer: its
+            # outbox's clock is now running and it will be closed with 1013.
+            sender.outbox.offer(reply)
+
+    def _log_relay(self, item: Relay, outcome: Outcome) -> None:
+        fields: dict[str, object] = {
+            "from": item.sender.client_id,
+            "to": item.envelope.to,
+            "bytes": item.size,
+            "outcome": outcome.value,
+        }
+        if self._log_bodies:
+            fields["body"] = bytes(item.envelope.message).decode()
+        self._log.info("message.relay", **fields)
+
+
+_DETAILS: Final = {
+    Outcome.UNKNOWN_RECIPIENT: "no client with that id is connected",
+    Outcome.RECIPIENT_BUSY: "the recipient is not reading fast enough; try again later",
+}

@@ -1,0 +1,105 @@
+"""Routing decisions, without I/O: who may receive a message, and what the sender hears.
+
+:class:`RoutingTable` maps a client id to the connections that hold it (one
+without authentication; possibly several with it, and a message to the id
+reaches all of them). :func:`outcome_of` turns what each recipient's outbox
+said into the one outcome relayd reports to the sender and the log.
+
+The router task (:mod:`relayd.router`) is the only writer of the table; the
+table knows nothing of trio and is tested with plain values.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+from relayd.errors import ErrorCode
+
+__all__ = ["Outcome", "RoutingTable", "outcome_of"]
+
+H = TypeVar("H")
+
+
+class Outcome(enum.StrEnum):
+    """What became of one message; the ``outcome`` field of ``message.relay``."""
+
+    DELIVERED = "delivered"
+    UNKNOWN_RECIPIENT = "unknown_recipient"
+    RECIPIENT_BUSY = "recipient_busy"
+
+    @property
+    def error(self) -> ErrorCode | None:
+        """The error code the sender is told, or None when it was delivered."""
+        return _ERRORS[self]
+
+
+_ERRORS = {
+    Outcome.DELIVERED: None,
+    Outcome.UNKNOWN_RECIPIENT: ErrorCode.UNKNOWN_RECIPIENT,
+    Outcome.RECIPIENT_BUSY: ErrorCode.RECIPIENT_BUSY,
+}
+
+
+def outcome_of(accepted: Iterable[bool]) -> Outcome:
+    """Decide a message's outcome from each recipient outbox's answer.
+
+    Args:
+        accepted: one bool per connection holding the recipient id: whether
+            its outbox took the message.
+
+    Returns:
+        ``DELIVERED`` if any outbox took it (the id was reached),
+        ``RECIPIENT_BUSY`` if every outbox was full, ``UNKNOWN_RECIPIENT`` if
+        no connection holds the id.
+    """
+    seen = False
+    for ok in accepted:
+        if ok:
+            return Outcome.DELIVERED
+        seen = True
+    return Outcome.RECIPIENT_BUSY if seen else Outcome.UNKNOWN_RECIPIENT
+
+
+class RoutingTable(Generic[H]):
+    """Client ids to the handles of the connections holding them.
+
+    Handles are compared by identity-or-equality as the caller's type defines;
+    order of handles under one id is the order they were added.
+    """
+
+    __slots__ = ("_routes",)
+
+    def __init__(self) -> None:
+        self._routes: dict[str, tuple[H, ...]] = {}
+
+    def add(self, client_id: str, handle: H) -> None:
+        """Make ``handle`` a recipient of messages to ``client_id``."""
+        self._routes[client_id] = (*self._routes.get(client_id, ()), handle)
+
+    def discard(self, client_id: str, handle: H) -> None:
+        """Stop routing ``client_id`` to ``handle``; absent pairs are ignored."""
+        handles = self._routes.get(client_id)
+        if handles is None:
+            return
+        rest = tuple(h for h in handles if h is not handle)
+        if rest:
+            self._routes[client_id] = rest
+        else:
+            del self._routes[client_id]
+
+    def lookup(self, client_id: str) -> tuple[H, ...]:
+        """The handles holding ``client_id``; empty if nobody does."""
+        return self._routes.get(client_id, ())
+
+    def handles(self) -> list[H]:
+        """Every handle in the table, each once."""
+        return [h for hs in self._routes.values() for h in hs]
+
+    def __len__(self) -> int:
+        """How many ids are routable."""
+        return len(self._routes)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._routes

@@ -1,0 +1,149 @@
+"""The composition root: listeners, connections and the router, started and drained in order.
+
+Task tree of one daemon (each box owns what is under it)::
+
+    Server.run
+    ├── router          LocalRouter.run: the one routing task
+    └── connections     one task per accepted stream (listener.Gate)
+        └── accepting   trio.serve_listeners: the accept loops
+
+Lifecycle: :meth:`Server.run` binds, reports ``started`` with the bound
+addresses and logs ``server.ready``; :meth:`Server.shutdown` (on SIGTERM or
+SIGINT, from :mod:`relayd.cli`) starts the drain, which follows the data path
+so that nothing already accepted is dropped:
+
+1. stop accepting (the listening sockets close);
+2. answer handshakes still in progress with 503; stop every reader;
+3. close the router's inbox: it delivers what is queued, then closes every
+   outbox;
+4. writers flush their outboxes and close with 1001;
+5. all of it within ``shutdown_grace_s``, after which whatever is left is
+   cancelled and its transport dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import structlog
+import trio
+
+from relayd import __version__
+from relayd.config import Settings
+from relayd.listener import Gate
+from relayd.log import get_logger
+from relayd.router import LocalRouter
+
+__all__ = ["Server"]
+
+
+class Server:
+    """One relayd daemon.
+
+    Args:
+        settings: the effective settings.
+        log: the logger to use; the configured relayd logger by default.
+    """
+
+    def __init__(
+        self, settings: Settings, *, log: structlog.typing.FilteringBoundLogger | None = None
+    ) -> None:
+        self._settings = settings
+        self._log = log or get_logger()
+        self._router = LocalRouter(
+            self._log,
+            log_messages=settings.log.messages,
+            log_bodies=settings.log.bodies,
+        )
+        self._gate = Gate(self._router, settings.limits, self._log)
+        self._stop = trio.Event()
+        self._stop_reason = ""
+
+    @property
+    def gate(self) -> Gate:
+        """The handshake gate: open connections and their counts."""
+        return self._gate
+
+    @property
+    def router(self) -> LocalRouter:
+        """The router: how many ids are routable."""
+        return self._router
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`shutdown` was called."""
+        return self._stop.is_set()
+
+    def shutdown(self, reason: str = "requested") -> None:
+        """Begin the graceful drain; :meth:`run` returns when it is done. Idempotent."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    async def run(
+        self,
+        listeners: Sequence[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until :meth:`shutdown`, then drain and return.
+
+        Args:
+            listeners: sockets to serve on; by default relayd binds
+                ``server.host``/``server.port`` itself.
+            task_status: reports ``started`` with the ``(host, port)`` of
+                every listening socket once connections are accepted.
+
+        Raises:
+            OSError: binding failed (address in use, permission denied).
+        """
+        server = self._settings.server
+        started = trio.current_time()
+        self._log.info(
+            "server.start", version=__version__, pid=os.getpid(), host=server.host, port=server.port
+        )
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(server.port, host=server.host or None)
+        addresses = [_address(listener) for listener in listeners]
+        forced = True
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(self._router.run)
+                async with trio.open_nursery() as connections:
+                    async with trio.open_nursery() as accepting:
+                        await accepting.start(
+                            functools.partial(
+                                trio.serve_listeners,
+                                self._gate,
+                                list(listeners),
+                                handler_nursery=connections,
+                            )
+                        )
+                        task_status.started(addresses)
+                        self._log.info(
+                            "server.ready",
+                            listeners=[f"{h}:{p}" for h, p in addresses],
+                            port=addresses[0][1],
+                        )
+                        await self._stop.wait()
+                        accepting.cancel_scope.cancel()
+                    self._gate.drain()
+                    self._router.close()
+                    connections.cancel_scope.deadline = (
+                        trio.current_time() + server.shutdown_grace_s
+                    )
+                forced = connections.cancel_scope.cancelled_caught
+        finally:
+            self._log.info(
+                "server.stop",
+                reason=self._stop_reason or "cancelled",
+                forced=forced,
+                duration_s=round(trio.current_time() - started, 3),
+            )
+
+
+def _address(listener: trio.SocketListener) -> tuple[str, int]:
+    host, port, *_ = listener.socket.getsockname()
+    return host, port
