@@ -39,10 +39,11 @@ from trio_websocket import (
 from relayd.config import LimitsSettings
 from relayd.connection import CLOSE_TIMEOUT_S, Connection
 from relayd.errors import CloseCode
+from relayd.gated_stream import GatedStream
 from relayd.handshake import Accept, Capacity, decide
 from relayd.router import Router
 
-__all__ = ["Gate", "new_client_id"]
+__all__ = ["LINGER_S", "Gate", "new_client_id"]
 
 #: trio-websocket's queue between its socket reader and our reader. One slot:
 #: our reader takes each message at once, and every further queued message is
@@ -51,6 +52,8 @@ _TRANSPORT_QUEUE: Final = 1
 #: Bytes asked of the socket per read. 64 KiB lets one read take a burst of
 #: small frames (trio-websocket's default is 4 KiB).
 _RECEIVE_BYTES: Final = 65536
+#: How long a closing connection may keep sending before relayd resets it.
+LINGER_S: Final = 2.0
 #: Bits of randomness in a client id: unguessable, so ids cannot be forged.
 _ID_BYTES: Final = 16
 
@@ -93,7 +96,7 @@ class Gate:
         for connection in self.connections:
             connection.drain()
 
-    async def __call__(self, stream: trio.SocketStream) -> None:
+    async def __call__(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted stream to the end; never raises (but Cancelled)."""
         address = _peer_address(stream)
         attempt = _Attempt(conn=next(self._numbers), address=address, ip=address.rpartition(":")[0])
@@ -110,14 +113,16 @@ class Gate:
             await self._fail(attempt, group)
         finally:
             self.capacity.closed(attempt.ip)
-            await trio.aclose_forcefully(stream)
+            await _linger_close(stream)
 
     async def _fail(self, attempt: _Attempt, group: BaseExceptionGroup[Exception]) -> None:
+        leaf = _first_leaf(group)
         self._log.error(
             "error",
             conn=attempt.conn,
             peer=attempt.address,
-            exc_info=group.exceptions[0],
+            exception=f"{type(leaf).__name__}: {leaf}",
+            exc_info=group,
         )
         ws = attempt.ws
         if ws is not None and ws.closed is None:
@@ -125,10 +130,11 @@ class Gate:
                 await ws.aclose(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _serve(
-        self, transport: trio.Nursery, stream: trio.SocketStream, attempt: _Attempt
+        self, transport: trio.Nursery, stream: trio.abc.Stream, attempt: _Attempt
     ) -> None:
         conn, address = attempt.conn, attempt.address
-        request = await self._read_request(transport, stream, conn, address)
+        gated = GatedStream(stream)
+        request = await self._read_request(transport, gated, conn, address)
         if request is None:
             return
         decision = decide(
@@ -151,6 +157,7 @@ class Gate:
         headers = _headers(request)
         try:
             attempt.ws = await request.accept(subprotocol=decision.subprotocol)
+            gated.open()
         except ConnectionClosed:
             # The client's first frames, sent along with its request, already
             # broke a limit and trio-websocket closed the connection.
@@ -183,7 +190,7 @@ class Gate:
             self.connections.discard(connection)
 
     async def _read_request(
-        self, transport: trio.Nursery, stream: trio.SocketStream, conn: int, address: str
+        self, transport: trio.Nursery, stream: trio.abc.Stream, conn: int, address: str
     ) -> WebSocketRequest | None:
         with trio.move_on_after(self._limits.handshake_timeout_s):
             return await wrap_server_stream(
@@ -215,10 +222,41 @@ class _Attempt:
     ws: WebSocketConnection | None = None
 
 
-def _peer_address(stream: trio.SocketStream) -> str:
+def _first_leaf(error: BaseException) -> BaseException:
+    # Nurseries wrap errors in groups, possibly nested; the log names the
+    # first real exception, and the traceback shows the whole group.
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+async def _linger_close(stream: trio.abc.Stream) -> None:
+    """Close the TCP connection so that what relayd sent last is not lost.
+
+    Closing a socket with unread input makes the kernel send a reset, which
+    destroys the client's copy of relayd's last frames (a 1009 close after an
+    oversized frame, a 503 response to a request that came with a body). So:
+    send FIN, read and discard until the client's EOF, then close; bounded by
+    :data:`LINGER_S`.
+    """
+    with trio.move_on_after(LINGER_S):
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            while await stream.receive_some(_RECEIVE_BYTES):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    # In-memory streams (tests) have no socket; they all count as one address.
+    if not isinstance(stream, trio.SocketStream):
+        return "memory:0"
     try:
         host, port, *_ = stream.socket.getpeername()
-    except OSError:
+    except OSError:  # already reset by the peer
         return "unknown:0"
     return f"{host}:{port}"
 

@@ -34,7 +34,7 @@ from relayd import __version__
 from relayd.config import Settings
 from relayd.listener import Gate
 from relayd.log import get_logger
-from relayd.router import LocalRouter
+from relayd.router import LocalRouter, Router
 
 __all__ = ["Server"]
 
@@ -45,14 +45,19 @@ class Server:
     Args:
         settings: the effective settings.
         log: the logger to use; the configured relayd logger by default.
+        router: the router to use; a :class:`LocalRouter` by default.
     """
 
     def __init__(
-        self, settings: Settings, *, log: structlog.typing.FilteringBoundLogger | None = None
+        self,
+        settings: Settings,
+        *,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+        router: Router | None = None,
     ) -> None:
         self._settings = settings
         self._log = log or get_logger()
-        self._router = LocalRouter(
+        self._router = router or LocalRouter(
             self._log,
             log_messages=settings.log.messages,
             log_bodies=settings.log.bodies,
@@ -67,20 +72,20 @@ class Server:
         return self._gate
 
     @property
-    def router(self) -> LocalRouter:
-        """The router: how many ids are routable."""
-        return self._router
-
-    @property
     def stopping(self) -> bool:
         """True once :meth:`shutdown` was called."""
         return self._stop.is_set()
 
     def shutdown(self, reason: str = "requested") -> None:
-        """Begin the graceful drain; :meth:`run` returns when it is done. Idempotent."""
+        """Begin the graceful drain; :meth:`run` returns when it is done. Idempotent.
+
+        From this call on, handshakes are answered with 503 and readers stop;
+        :meth:`run` closes the listeners and the router and bounds the rest.
+        """
         if not self._stop.is_set():
             self._stop_reason = reason
             self._stop.set()
+            self._gate.drain()
 
     async def run(
         self,
@@ -129,7 +134,6 @@ class Server:
                         )
                         await self._stop.wait()
                         accepting.cancel_scope.cancel()
-                    self._gate.drain()
                     self._router.close()
                     connections.cancel_scope.deadline = (
                         trio.current_time() + server.shutdown_grace_s

@@ -1,0 +1,85 @@
+"""A stream that holds back what a client sends after its request until relayd accepts.
+
+RFC 6455 §4.1 says a client must wait for the server's handshake response
+before sending frames, but nothing stops one from sending frames in the same
+TCP segment as its request. wsproto discards bytes that arrive while a server
+connection is still deciding (between the ``Request`` event and
+``AcceptConnection``), and trio-websocket's reader task keeps reading during
+that window, so such frames were lost or garbled depending on scheduling: a
+close 1002 with a random "invalid opcode" one time, the frame honoured the
+next. (anycorn made the same fix: hold the bytes until the handshake
+resolves.)
+
+:class:`GatedStream` passes bytes through up to and including the blank line
+that ends the request head, then keeps the rest until :meth:`GatedStream.open`
+is called after the 101 response has been sent. Frames sent early are then
+decoded like any others, under the same limits: a 4 MiB first frame against a
+64 KiB limit is answered with close 1009 every time. What is held is bounded
+by one ``receive_some`` (the reader does not ask for more until the gate
+opens).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import trio
+
+__all__ = ["GatedStream"]
+
+_END_OF_HEAD: Final = b"\r\n\r\n"
+
+
+class GatedStream(trio.abc.Stream):
+    """Wraps ``stream``; receives stop at the end of the HTTP request head until opened.
+
+    Resource handling: owns nothing beyond ``stream``; closing this closes it.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._opened = trio.Event()
+        self._head_seen = False
+        self._tail = b""  # the last bytes passed, to find the end of head across reads
+        self._held: bytes | bytearray = b""
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The wrapped stream."""
+        return self._stream
+
+    def open(self) -> None:
+        """Release held bytes and pass everything through from now on."""
+        self._opened.set()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Receive like the wrapped stream, but never past the request head until opened."""
+        if self._head_seen:
+            if not self._opened.is_set():
+                await self._opened.wait()
+            if self._held:
+                held, self._held = self._held, b""
+                return held
+            return await self._stream.receive_some(max_bytes)
+        data = await self._stream.receive_some(max_bytes)
+        window = self._tail + data
+        end = window.find(_END_OF_HEAD)
+        if end < 0:
+            self._tail = window[-(len(_END_OF_HEAD) - 1) :]
+            return data
+        self._head_seen = True
+        cut = end + len(_END_OF_HEAD) - len(self._tail)
+        self._held = data[cut:]
+        return data[:cut]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send on the wrapped stream."""
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Delegate to the wrapped stream."""
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Close the wrapped stream."""
+        await self._stream.aclose()
