@@ -98,14 +98,18 @@ class _RefOnly(msgspec.Struct):
 
 _envelope_decoder: Final = msgspec.json.Decoder(Envelope)
 _ref_decoder: Final = msgspec.json.Decoder(_RefOnly)
+_raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
+#: msgspec's decoder recurses, so JSON nested about a thousand levels deep
+#: exhausts Python's recursion limit; that is reported as invalid_json.
+_TOO_DEEP: Final = "JSON is nested too deeply"
 _encoder: Final = msgspec.json.Encoder()
 
 
-def decode_envelope(frame: str | bytes) -> Envelope:
+def decode_envelope(frame: str) -> Envelope:
     """Decode one client text frame.
 
     Args:
-        frame: the frame's text (or its UTF-8 bytes).
+        frame: the text of a text frame (binary frames are refused before this).
 
     Returns:
         The envelope; extra keys are ignored so clients may add their own.
@@ -119,14 +123,22 @@ def decode_envelope(frame: str | bytes) -> Envelope:
     try:
         return _envelope_decoder.decode(frame)
     except msgspec.ValidationError as exc:
+        # msgspec validates while it parses, so a type error seen before a
+        # syntax error wins; check the syntax alone before blaming the shape.
+        try:
+            _raw_decoder.decode(frame)
+        except msgspec.DecodeError as syntax:
+            raise EnvelopeError(ErrorCode.INVALID_JSON, str(syntax)) from None
+        except RecursionError:
+            raise EnvelopeError(ErrorCode.INVALID_JSON, _TOO_DEEP) from None
         raise EnvelopeError(ErrorCode.INVALID_ENVELOPE, str(exc), _salvage_ref(frame)) from None
     except msgspec.DecodeError as exc:
         raise EnvelopeError(ErrorCode.INVALID_JSON, str(exc)) from None
     except RecursionError:
-        raise EnvelopeError(ErrorCode.INVALID_JSON, "JSON is nested too deeply") from None
+        raise EnvelopeError(ErrorCode.INVALID_JSON, _TOO_DEEP) from None
 
 
-def _salvage_ref(frame: str | bytes) -> str | int | None:
+def _salvage_ref(frame: str) -> str | int | None:
     # Only reached for valid JSON that failed validation, so a second, lenient
     # decode is cheap and lets the client match the error to its request.
     try:

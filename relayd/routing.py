@@ -65,8 +65,8 @@ def outcome_of(accepted: Iterable[bool]) -> Outcome:
 class RoutingTable(Generic[H]):
     """Client ids to the handles of the connections holding them.
 
-    Handles are compared by identity-or-equality as the caller's type defines;
-    order of handles under one id is the order they were added.
+    Handles are compared by identity; the handles under one id keep the order
+    they were added in.
     """
 
     __slots__ = ("_routes",)
@@ -94,7 +94,7 @@ class RoutingTable(Generic[H]):
         return self._routes.get(client_id, ())
 
     def handles(self) -> list[H]:
-        """Every handle in the table, each once."""
+        """Every handle in the table, once for each id it holds."""
         return [h for hs in self._routes.values() for h in hs]
 
     def __len__(self) -> int:
