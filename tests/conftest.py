@@ -1,0 +1,37 @@
+"""Shared test set-up: every async test runs under a trio-clock deadline, so a hang fails.
+
+The deadline wraps the test function itself (a fixture cannot: pytest-trio runs
+fixtures in tasks of their own). Tests on trio's autojump clock see the
+deadline in virtual time, like every other timeout in them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import trio
+
+#: Seconds of trio's clock after which an async test fails as hung. Loopback
+#: tests finish in milliseconds; the figure only exists to catch hangs.
+TEST_DEADLINE_S = 30.0
+
+
+def _with_deadline(
+    test: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    @functools.wraps(test)
+    async def wrapper(*args: Any, **kwargs: Any) -> None:
+        with trio.fail_after(TEST_DEADLINE_S):
+            await test(*args, **kwargs)
+
+    return wrapper
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.obj = _with_deadline(item.obj)

@@ -1,0 +1,345 @@
+"""Tests for relayd.protocol: frames in, values out; values in, frames out. No sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from relayd.errors import EnvelopeError, ErrorCode
+from relayd.protocol import (
+    MAX_ID_CHARS,
+    MAX_REF_CHARS,
+    Dialect,
+    Envelope,
+    ack_frame,
+    choose_dialect,
+    decode_envelope,
+    delivery_frame,
+    error_frame,
+    welcome_frame,
+)
+
+MAX_SAFE_INT = 2**53 - 1
+
+JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
+
+json_values: st.SearchStrategy[JsonValue] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+ids = st.text(min_size=1, max_size=MAX_ID_CHARS)
+refs = (
+    st.none()
+    | st.text(max_size=MAX_REF_CHARS)
+    | st.integers(min_value=-MAX_SAFE_INT, max_value=MAX_SAFE_INT)
+)
+
+
+def envelope_error(frame: str) -> EnvelopeError:
+    with pytest.raises(EnvelopeError) as info:
+        decode_envelope(frame)
+    return info.value
+
+
+# --- decode_envelope: valid envelopes ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "null",
+        "true",
+        "false",
+        "0",
+        "-12",
+        "1.50",
+        "1E+3",
+        "123456789012345678901234567890",
+        '""',
+        '"  two  spaces  "',
+        r'"caf\u00e9 \"quoted\" \n"',
+        '"café"',
+        "[]",
+        "[ 1 ,\n\t2 , [ ] ]",
+        "{}",
+        '{ "b" : 1 ,  "a" : { "c" : [ null ] } }',
+    ],
+)
+def test_message_is_kept_byte_for_byte(message: str) -> None:
+    envelope = decode_envelope(f'{{"to": "bob", "message": {message}}}')
+    assert (envelope.to, envelope.ref) == ("bob", None)
+    assert bytes(envelope.message) == message.encode()
+
+
+@pytest.mark.parametrize(
+    ("ref_json", "ref"),
+    [
+        ('"r-1"', "r-1"),
+        ('""', ""),
+        ("0", 0),
+        ("42", 42),
+        (str(-MAX_SAFE_INT), -MAX_SAFE_INT),
+        (str(MAX_SAFE_INT), MAX_SAFE_INT),
+        (json.dumps("x" * MAX_REF_CHARS), "x" * MAX_REF_CHARS),
+        ("null", None),
+    ],
+)
+def test_ref(ref_json: str, ref: str | int | None) -> None:
+    envelope = decode_envelope(f'{{"to": "bob", "message": 1, "ref": {ref_json}}}')
+    assert envelope.ref == ref
+    assert type(envelope.ref) is type(ref)
+
+
+def test_ref_absent_is_none() -> None:
+    assert decode_envelope('{"to": "bob", "message": 1}').ref is None
+
+
+def test_extra_keys_are_ignored() -> None:
+    envelope = decode_envelope(
+        '{"type": "x", "to": "bob", "mine": {"deep": [1]}, "message": [2], "ref": 3}'
+    )
+    assert (envelope.to, bytes(envelope.message), envelope.ref) == ("bob", b"[2]", 3)
+
+
+def test_longest_id_is_accepted() -> None:
+    assert decode_envelope(json.dumps({"to": "i" * MAX_ID_CHARS, "message": 1})).to == (
+        "i" * MAX_ID_CHARS
+    )
+
+
+# --- decode_envelope: errors -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("hello", id="not-json"),
+        pytest.param("{to: 'bob'}", id="js-not-json"),
+        pytest.param('{"to": "bob", "message": 1', id="truncated"),
+        pytest.param('{"to": "bob", "message": ', id="truncated-before-message"),
+        pytest.param('{"to": "bob", "message": [1,]}', id="trailing-comma"),
+        pytest.param('{"to": "bob", "message": 1} x', id="trailing-garbage"),
+        pytest.param('{"to": "bob", "message": "\\ud800"}', id="lone-surrogate-escape"),
+        pytest.param('{"to": 5, "message": 1', id="truncated-after-bad-to"),
+        pytest.param("[" * 100_000, id="100000-open-brackets"),
+        pytest.param('{"to": "bob", "message": ' + "[" * 100_000, id="deep-truncated-message"),
+        pytest.param(
+            '{"to": "bob", "message": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            id="deep-message",
+        ),
+    ],
+)
+def test_invalid_json(frame: str) -> None:
+    error = envelope_error(frame)
+    assert error.code is ErrorCode.INVALID_JSON
+    assert error.ref is None
+    assert error.detail
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param("[]", id="array"),
+        pytest.param('"bob"', id="string"),
+        pytest.param("null", id="null"),
+        pytest.param("42", id="number"),
+        pytest.param('{"message": 1}', id="missing-to"),
+        pytest.param('{"to": "", "message": 1}', id="empty-to"),
+        pytest.param('{"to": null, "message": 1}', id="null-to"),
+        pytest.param('{"to": 7, "message": 1}', id="int-to"),
+        pytest.param('{"to": ["bob"], "message": 1}', id="list-to"),
+        pytest.param(json.dumps({"to": "i" * (MAX_ID_CHARS + 1), "message": 1}), id="long-to"),
+        pytest.param(json.dumps({"to": "i" * 10_000, "message": 1}), id="10000-char-to"),
+        pytest.param('{"to": "bob"}', id="missing-message"),
+        pytest.param('{"to": "bob", "message": 1, "ref": true}', id="bool-ref"),
+        pytest.param('{"to": "bob", "message": 1, "ref": 1.5}', id="float-ref"),
+        pytest.param('{"to": "bob", "message": 1, "ref": 1.0}', id="integral-float-ref"),
+        pytest.param('{"to": "bob", "message": 1, "ref": [1]}', id="list-ref"),
+        pytest.param('{"to": "bob", "message": 1, "ref": {}}', id="object-ref"),
+        pytest.param(
+            json.dumps({"to": "bob", "message": 1, "ref": "r" * (MAX_REF_CHARS + 1)}),
+            id="long-ref",
+        ),
+        pytest.param(
+            json.dumps({"to": "bob", "message": 1, "ref": MAX_SAFE_INT + 1}), id="big-ref"
+        ),
+        pytest.param(
+            json.dumps({"to": "bob", "message": 1, "ref": -MAX_SAFE_INT - 1}), id="small-ref"
+        ),
+    ],
+)
+def test_invalid_envelope(frame: str) -> None:
+    error = envelope_error(frame)
+    assert error.code is ErrorCode.INVALID_ENVELOPE
+    assert error.ref is None
+    assert error.detail
+
+
+@pytest.mark.parametrize("ref", ["r-9", 9, 0, ""])
+@pytest.mark.parametrize(
+    "rest",
+    [
+        pytest.param({"to": "", "message": 1}, id="empty-to"),
+        pytest.param({"to": 3, "message": 1}, id="int-to"),
+        pytest.param({"to": "bob"}, id="missing-message"),
+        pytest.param({"message": 1}, id="missing-to"),
+    ],
+)
+def test_valid_ref_is_salvaged_from_invalid_envelope(
+    ref: str | int, rest: dict[str, object]
+) -> None:
+    error = envelope_error(json.dumps({**rest, "ref": ref}))
+    assert error.code is ErrorCode.INVALID_ENVELOPE
+    assert error.ref == ref
+
+
+def test_invalid_ref_is_not_salvaged() -> None:
+    error = envelope_error('{"to": "", "message": 1, "ref": true}')
+    assert (error.code, error.ref) == (ErrorCode.INVALID_ENVELOPE, None)
+
+
+# --- decode_envelope: properties ---------------------------------------------
+
+
+def decodes_or_refuses(frame: str) -> bool:
+    """True if decoding gives an Envelope or raises EnvelopeError; anything else escapes."""
+    try:
+        return isinstance(decode_envelope(frame), Envelope)
+    except EnvelopeError as error:
+        return error.code in {ErrorCode.INVALID_JSON, ErrorCode.INVALID_ENVELOPE}
+
+
+JSONISH = '{}[]":,. -0123456789tonmesagrfulTFE\\'
+
+
+@given(st.text() | st.text(alphabet=JSONISH))
+@example('{"to":"a","message":1,"ref":true}')
+def test_any_text_decodes_or_raises_envelope_error(frame: str) -> None:
+    assert decodes_or_refuses(frame)
+
+
+@given(
+    message=json_values,
+    to=ids,
+    ref=refs,
+    sender=ids,
+    ensure_ascii=st.booleans(),
+)
+def test_message_round_trips_through_both_dialects(
+    message: JsonValue, to: str, ref: str | int | None, sender: str, ensure_ascii: bool
+) -> None:
+    frame = json.dumps({"to": to, "message": message, "ref": ref}, ensure_ascii=ensure_ascii)
+    envelope = decode_envelope(frame)
+    assert (envelope.to, envelope.ref) == (to, ref)
+
+    v1 = json.loads(delivery_frame(Dialect.V1, sender, envelope.message))
+    assert v1 == {"type": "message", "from": sender, "message": message}
+
+    seed = delivery_frame(Dialect.SEED, sender, envelope.message)
+    if isinstance(message, str):
+        assert seed == message
+    else:
+        assert json.loads(seed) == message
+
+
+# --- delivery frames -----------------------------------------------------------
+
+
+def test_v1_delivery_copies_message_text_as_sent() -> None:
+    envelope = decode_envelope('{"to": "bob", "message": { "n" : 1.50 }}')
+    frame = delivery_frame(Dialect.V1, "alice", envelope.message)
+    assert frame.endswith('"message":{ "n" : 1.50 }}')
+    assert json.loads(frame) == {"type": "message", "from": "alice", "message": {"n": 1.5}}
+
+
+@pytest.mark.parametrize(
+    ("message", "seed_frame"),
+    [
+        ('"hi"', "hi"),
+        (r'"a\"b\\c\u00e9\n"', 'a"b\\cé\n'),
+        ("[1, 2]", "[1, 2]"),
+        ('{"k": "v"}', '{"k": "v"}'),
+        ("3", "3"),
+        ("null", "null"),
+    ],
+)
+def test_seed_delivery(message: str, seed_frame: str) -> None:
+    envelope = decode_envelope(f'{{"to": "bob", "message": {message}}}')
+    assert delivery_frame(Dialect.SEED, "alice", envelope.message) == seed_frame
+
+
+# --- welcome, ack, error frames --------------------------------------------------
+
+
+def test_seed_welcome_is_the_bare_id() -> None:
+    assert welcome_frame(Dialect.SEED, "Zm9vYmFyYmF6cXV4cXV1eA") == "Zm9vYmFyYmF6cXV4cXV1eA"
+
+
+def test_v1_welcome() -> None:
+    frame = welcome_frame(Dialect.V1, 'id "quoted"')
+    assert json.loads(frame) == {"type": "welcome", "id": 'id "quoted"'}
+
+
+@pytest.mark.parametrize("ref", ["r1", "", 0, 17, -MAX_SAFE_INT])
+def test_v1_ack(ref: str | int) -> None:
+    frame = ack_frame(Dialect.V1, ref)
+    assert frame is not None
+    assert json.loads(frame) == {"type": "ack", "ref": ref}
+
+
+@pytest.mark.parametrize("ref", ["r1", 0])
+def test_seed_has_no_ack(ref: str | int) -> None:
+    assert ack_frame(Dialect.SEED, ref) is None
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+@pytest.mark.parametrize(
+    ("dialect", "ref", "expected"),
+    [
+        (Dialect.SEED, None, {}),
+        (Dialect.SEED, "r1", {"ref": "r1"}),
+        (Dialect.SEED, 0, {"ref": 0}),
+        (Dialect.SEED, "", {"ref": ""}),
+        (Dialect.V1, None, {"type": "error", "ref": None}),
+        (Dialect.V1, "r1", {"type": "error", "ref": "r1"}),
+        (Dialect.V1, 0, {"type": "error", "ref": 0}),
+    ],
+)
+def test_error_frame(
+    code: ErrorCode, dialect: Dialect, ref: str | int | None, expected: dict[str, object]
+) -> None:
+    frame = error_frame(dialect, code, "what went wrong", ref)
+    assert json.loads(frame) == {"error": code.value, "detail": "what went wrong", **expected}
+
+
+# --- dialect choice -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offered", "dialect"),
+    [
+        ([], Dialect.SEED),
+        (["chat"], Dialect.SEED),
+        (["relayd.v2"], Dialect.SEED),
+        (["relayd.v1"], Dialect.V1),
+        (["chat", "relayd.v1"], Dialect.V1),
+        (("relayd.v1", "chat"), Dialect.V1),
+    ],
+)
+def test_choose_dialect(offered: list[str], dialect: Dialect) -> None:
+    assert choose_dialect(offered) is dialect
+
+
+def test_dialect_values_are_the_subprotocol_names() -> None:
+    assert (Dialect.SEED.value, Dialect.V1.value) == ("seed", "relayd.v1")

@@ -1,0 +1,102 @@
+"""Tests for relayd.ratelimit, with time passed in as plain floats."""
+
+from __future__ import annotations
+
+import pytest
+
+from relayd.ratelimit import RateLimiter, TokenBucket, Verdict
+
+RATE = 10.0  # messages per second
+BURST = 5
+
+
+def take_many(bucket: TokenBucket, count: int, now: float) -> list[bool]:
+    return [bucket.take(now) for _ in range(count)]
+
+
+def verdicts_at_rate(limiter: RateLimiter, per_second: float, count: int) -> list[Verdict]:
+    """Send ``count`` messages evenly spaced at ``per_second``, starting at t=0."""
+    return [limiter.check(i / per_second) for i in range(count)]
+
+
+def test_bucket_starts_full() -> None:
+    bucket = TokenBucket(rate=2.0, capacity=3, now=100.0)
+    assert take_many(bucket, 4, now=100.0) == [True, True, True, False]
+
+
+def test_bucket_refills_at_rate() -> None:
+    bucket = TokenBucket(rate=2.0, capacity=3, now=0.0)
+    assert take_many(bucket, 3, now=0.0) == [True, True, True]
+    assert bucket.take(0.25) is False  # half a token
+    assert bucket.take(0.5) is True  # one whole token by now
+    assert bucket.take(0.5) is False
+    assert take_many(bucket, 3, now=1.5) == [True, True, False]  # two more in one second
+
+
+def test_bucket_is_capped_at_capacity() -> None:
+    bucket = TokenBucket(rate=2.0, capacity=3, now=0.0)
+    assert take_many(bucket, 3, now=0.0) == [True, True, True]
+    assert take_many(bucket, 4, now=1000.0) == [True, True, True, False]
+
+
+def test_failed_take_keeps_partial_tokens() -> None:
+    bucket = TokenBucket(rate=1.0, capacity=1, now=0.0)
+    assert bucket.take(0.0) is True
+    assert bucket.take(0.6) is False
+    assert bucket.take(1.0) is True  # 0.6 + 0.4 of refill
+
+
+@pytest.mark.parametrize(
+    ("rate", "capacity"),
+    [(0.0, 5), (-1.0, 5), (1.0, 0), (1.0, 0.5), (1.0, -3)],
+)
+def test_bucket_rejects_invalid_arguments(rate: float, capacity: float) -> None:
+    with pytest.raises(ValueError, match="rate must be > 0 and capacity >= 1"):
+        TokenBucket(rate, capacity, now=0.0)
+
+
+def test_limiter_allows_burst_at_once_then_refuses() -> None:
+    limiter = RateLimiter(RATE, BURST, now=0.0)
+    verdicts = [limiter.check(0.0) for _ in range(BURST + 1)]
+    assert verdicts == [Verdict.ALLOW] * BURST + [Verdict.REFUSE]
+
+
+def test_limiter_allows_again_after_refill() -> None:
+    limiter = RateLimiter(RATE, BURST, now=0.0)
+    assert [limiter.check(0.0) for _ in range(BURST + 1)][-1] is Verdict.REFUSE
+    assert limiter.check(1 / RATE) is Verdict.ALLOW
+
+
+@pytest.mark.parametrize("per_second", [RATE / 10, RATE / 2, RATE])
+def test_client_at_the_allowed_rate_is_never_refused(per_second: float) -> None:
+    limiter = RateLimiter(RATE, BURST, now=0.0)
+    assert set(verdicts_at_rate(limiter, per_second, 10_000)) == {Verdict.ALLOW}
+
+
+@pytest.mark.parametrize("per_second", [RATE * 1.2, RATE * 1.5, RATE * 1.9])
+def test_client_between_one_and_two_times_the_rate_is_refused_never_closed(
+    per_second: float,
+) -> None:
+    limiter = RateLimiter(RATE, BURST, now=0.0)
+    verdicts = verdicts_at_rate(limiter, per_second, 10_000)
+    assert Verdict.REFUSE in verdicts
+    assert Verdict.CLOSE not in verdicts
+
+
+@pytest.mark.parametrize("per_second", [RATE * 2.5, RATE * 3, RATE * 100])
+def test_client_above_twice_the_rate_is_eventually_closed(per_second: float) -> None:
+    limiter = RateLimiter(RATE, BURST, now=0.0)
+    verdicts = verdicts_at_rate(limiter, per_second, 1_000)
+    assert verdicts[:BURST] == [Verdict.ALLOW] * BURST
+    assert Verdict.CLOSE in verdicts
+    first_close = verdicts.index(Verdict.CLOSE)
+    assert Verdict.REFUSE in verdicts[:first_close]  # told before being closed
+
+
+def test_client_slipping_over_now_and_then_is_only_refused() -> None:
+    # Once a second, one message more than the burst arrives at once.
+    limiter = RateLimiter(RATE, BURST, now=0.0)
+    verdicts = [limiter.check(float(second)) for second in range(100) for _ in range(BURST + 1)]
+    assert verdicts.count(Verdict.REFUSE) == 100
+    assert verdicts.count(Verdict.ALLOW) == 100 * BURST
+    assert Verdict.CLOSE not in verdicts

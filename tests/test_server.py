@@ -1,0 +1,368 @@
+"""The daemon in-process, through real sockets on loopback (port 0).
+
+Each test starts a :class:`relayd.server.Server` with ``nursery.start`` and
+talks to it as clients would: relayd's own test client (trio-websocket) or raw
+bytes where a test must misbehave. Nothing sleeps to wait: every wait is for a
+frame, a close, or a log event, under the conftest deadline.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import structlog
+import trio
+
+from relayd.router import Inbound, LocalRouter, Relay
+from relayd.server import Server
+from tests import wire
+from tests.client import Client, connect, running, settings
+
+# -- helpers ---------------------------------------------------------------------
+
+
+async def _exchange(url: str) -> None:
+    """A bystander pair: both directions must work right now."""
+    async with connect(url) as a, connect(url, v1=True) as b:
+        await a.send(b.id, "ping")
+        assert (await b.recv_json())["message"] == "ping"
+        await b.send(a.id, "pong")
+        assert await a.recv() == "pong"
+
+
+async def _raw(url: str, data: bytes) -> trio.SocketStream:
+    host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(data)
+    return stream
+
+
+async def _send_and_read(url: str, data: bytes) -> bytes:
+    """Send ``data`` in one go on a new connection; return all the server sent back."""
+    host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+    async with (
+        await trio.open_tcp_stream(host, int(port)) as stream,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(stream.send_all, data)
+        return await _read_until_closed(stream)
+
+
+async def _read_until_closed(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    received = bytearray()
+    while True:
+        try:
+            chunk = await stream.receive_some(65536)
+        except trio.BrokenResourceError:  # reset: the server closed with our bytes unread
+            break
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
+def _close_code(data: bytes) -> int | None:
+    """The code of the first close frame in a server's byte stream."""
+    head_end = data.find(b"\r\n\r\n") + 4
+    i = head_end
+    while i + 2 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = int.from_bytes(data[i : i + 2], "big"), i + 2
+        elif length == 127:
+            length, i = int.from_bytes(data[i : i + 8], "big"), i + 8
+        if opcode == wire.OP_CLOSE:
+            return int.from_bytes(data[i : i + 2], "big")
+        i += length
+    return None
+
+
+# -- relaying ----------------------------------------------------------------------
+
+
+async def test_seed_clients_learn_ids_and_message_each_other() -> None:
+    async with running(Server(settings())) as url, connect(url) as a, connect(url) as b:
+        assert a.id != b.id
+        assert len(a.id) == 22
+        await a.send(b.id, "hello from client 1")
+        assert await b.recv() == "hello from client 1"
+        await b.send(a.id, {"nested": [1, 2, {"x": None}]})
+        assert json.loads(await a.recv()) == {"nested": [1, 2, {"x": None}]}
+
+
+async def test_v1_message_ack_and_errors_carry_ref() -> None:
+    async with (
+        running(Server(settings())) as url,
+        connect(url, v1=True) as a,
+        connect(url, v1=True) as b,
+    ):
+        await a.send(b.id, [1, "two"], ref="r1")
+        assert await a.recv_json() == {"type": "ack", "ref": "r1"}
+        assert await b.recv_json() == {"type": "message", "from": a.id, "message": [1, "two"]}
+        await a.send("no-such-id", 1, ref=7)
+        reply = await a.recv_json()
+        assert (reply["type"], reply["error"], reply["ref"]) == (
+            "error",
+            "unknown_recipient",
+            7,
+        )
+
+
+async def test_cross_dialect_delivery() -> None:
+    async with (
+        running(Server(settings())) as url,
+        connect(url) as seed,
+        connect(url, v1=True) as v1,
+    ):
+        await seed.send(v1.id, {"k": "v"})
+        assert await v1.recv_json() == {
+            "type": "message",
+            "from": seed.id,
+            "message": {"k": "v"},
+        }
+        await v1.send(seed.id, "plain text", ref=1)
+        assert await v1.recv_json() == {"type": "ack", "ref": 1}
+        assert await seed.recv() == "plain text"
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("not json", "invalid_json"),
+        ('{"to": 5, "message": 1}', "invalid_envelope"),
+        ('{"message": 1}', "invalid_envelope"),
+        ('{"to": "' + "x" * 10_000 + '", "message": 1}', "invalid_envelope"),
+        ('{"to": "x", "message": ' + "[" * 100_000 + "]" * 100_000 + "}", "invalid_json"),
+        (b"\x00\x01", "unsupported_data"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_the_connection_stays_open(
+    frame: str | bytes, code: str
+) -> None:
+    async with (
+        running(Server(settings(max_message_bytes=300_000))) as url,
+        connect(url) as a,
+        connect(url) as b,
+    ):
+        await a.ws.send_message(frame)
+        assert json.loads(await a.recv())["error"] == code
+        await a.send(b.id, "still here")
+        assert await b.recv() == "still here"
+
+
+async def test_text_over_the_byte_limit_is_refused_even_when_its_characters_fit() -> None:
+    async with running(Server(settings(max_message_bytes=1000))) as url, connect(url) as a:
+        # 400 characters, 1,600 bytes of UTF-8: the limit is in bytes.
+        await a.send(a.id, "\N{GRINNING FACE}" * 400)
+        assert json.loads(await a.recv())["error"] == "message_too_large"
+
+
+async def test_frame_over_the_limit_closes_with_1009() -> None:
+    async with running(Server(settings(max_message_bytes=1000))) as url, connect(url) as a:
+        await a.ws.send_message("x" * 2000)
+        assert await a.until_closed() == ([], 1009)
+
+
+# -- the connection boundary --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first_frames",
+    [
+        pytest.param(wire.frame(wire.OP_TEXT, b"x" * (4 << 20)), id="one-4MiB-frame"),
+        pytest.param(
+            b"".join(
+                wire.frame(wire.OP_TEXT if i == 0 else wire.OP_CONT, b"y" * 2048, fin=i == 39)
+                for i in range(40)
+            ),
+            id="40-fragments-of-2KiB",
+        ),
+    ],
+)
+async def test_frames_sent_with_the_handshake_over_the_limit_close_only_that_client(
+    first_frames: bytes,
+) -> None:
+    # The known trap: trio-websocket's request.accept() raises ConnectionClosed
+    # when frames that came with the request already broke the size limit; an
+    # unguarded handler lets it take down the whole server.
+    server = Server(settings(max_message_bytes=65536))
+    async with running(server) as url:
+        async with connect(url) as bystander_a, connect(url) as bystander_b:
+            reply = await _send_and_read(url, wire.upgrade_request() + first_frames)
+            assert reply.startswith(b"HTTP/1.1 101 ")
+            assert _close_code(reply) == 1009
+            await bystander_a.send(bystander_b.id, "unharmed")
+            assert await bystander_b.recv() == "unharmed"
+        await _exchange(url)
+
+
+class _FaultyRouter(LocalRouter):
+    """A router with a bug: routing to the id "boom" raises."""
+
+    async def route(self, item: Inbound) -> None:
+        if isinstance(item, Relay) and item.envelope.to == "boom":
+            raise RuntimeError("bug in routing")
+        await super().route(item)
+
+
+async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest() -> None:
+    log = structlog.get_logger("test")
+    server = Server(settings(), router=_FaultyRouter(log))
+    with structlog.testing.capture_logs() as events:
+        async with running(server) as url:
+            async with connect(url) as victim, connect(url) as a, connect(url) as b:
+                await victim.send("boom", 1)
+                assert await victim.until_closed() == ([], 1011)
+                await a.send(b.id, "fine")
+                assert await b.recv() == "fine"
+            await _exchange(url)
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["exception"] == "RuntimeError: bug in routing"
+
+
+# -- limits -------------------------------------------------------------------------
+
+
+async def test_connections_over_the_limit_get_503() -> None:
+    async with running(Server(settings(max_connections=2))) as url:
+        async with connect(url), connect(url):
+            reply = await _send_and_read(url, wire.upgrade_request())
+            assert reply.startswith(b"HTTP/1.1 503 ")
+            assert reply.endswith(b"server at capacity")
+        await _exchange(url)  # the slots are free again
+
+
+async def test_connections_over_the_per_ip_limit_get_503() -> None:
+    async with running(Server(settings(max_connections_per_ip=1))) as url, connect(url):
+        reply = await _send_and_read(url, wire.upgrade_request())
+        assert reply.startswith(b"HTTP/1.1 503 ")
+        assert b"too many connections from this address" in reply
+
+
+async def test_flooding_client_is_rate_limited_then_closed_with_1008() -> None:
+    async with running(Server(settings(messages_per_second=1, message_burst=3))) as url:
+        async with connect(url) as flooder, connect(url) as friend:
+            for _ in range(3):
+                await flooder.send(friend.id, "x")
+            await flooder.send(friend.id, "one too many")
+            assert json.loads(await flooder.recv())["error"] == "rate_limited"
+            for _ in range(3):
+                await flooder.send(friend.id, "more")
+            frames, code = await flooder.until_closed()
+            assert code == 1008
+            assert all(json.loads(f)["error"] == "rate_limited" for f in frames)
+            assert [await friend.recv() for _ in range(3)] == ["x"] * 3
+        await _exchange(url)
+
+
+async def _silent_client(url: str) -> tuple[trio.SocketStream, str]:
+    """A raw client that completes the handshake, reads its id, then never reads again."""
+    stream = await _raw(url, wire.upgrade_request())
+    data = b""
+    while (end := data.find(b"\r\n\r\n")) < 0 or len(data) < end + 6:
+        data += await stream.receive_some(4096)
+    frame = data[end + 4 :]
+    length = frame[1] & 0x7F
+    while len(frame) < 2 + length:
+        frame += await stream.receive_some(4096)
+    return stream, frame[2 : 2 + length].decode()
+
+
+async def _outcome(sender: Client) -> str:
+    """A v1 sender's reply to a message sent with a ref: "ack" or the error code."""
+    reply = await sender.recv_json()
+    return "ack" if reply["type"] == "ack" else str(reply["error"])
+
+
+async def test_recipient_that_never_reads_makes_senders_busy_then_is_closed_with_1013() -> None:
+    limits: dict[str, Any] = {
+        "outbox_messages": 4,
+        "slow_consumer_timeout_s": 0.5,
+        "messages_per_second": 10_000,
+        "message_burst": 10_000,
+        "max_message_bytes": 70_000,
+    }
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings(**limits))) as url:
+            stuck, stuck_id = await _silent_client(url)
+            async with connect(url, v1=True) as sender:
+                big = "z" * 60_000
+                outcome = "ack"
+                while outcome == "ack":  # kernel buffers first, then the outbox
+                    await sender.send(stuck_id, big, ref=1)
+                    outcome = await _outcome(sender)
+                assert outcome == "recipient_busy"
+                while outcome == "recipient_busy":  # until it is closed and its id freed
+                    await sender.send(stuck_id, "anyone?", ref=2)
+                    outcome = await _outcome(sender)
+                assert outcome == "unknown_recipient"
+            await stuck.aclose()
+            await _exchange(url)
+    closes = [e for e in events if e["event"] == "connection.close" and e["id"] == stuck_id]
+    assert closes[0]["code"] == 1013
+    assert closes[0]["closed_by"] == "server"
+    exceeded = [e for e in events if e["event"] == "limit.exceeded"]
+    assert exceeded[0]["limit"] == "slow_consumer_timeout_s"
+
+
+# -- shutdown -----------------------------------------------------------------------
+
+
+async def test_shutdown_delivers_what_was_accepted_then_closes_with_1001() -> None:
+    server = Server(settings())
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run)
+        host, port = addresses[0]
+        url = f"ws://{host}:{port}/"
+        async with connect(url, v1=True) as a, connect(url, v1=True) as b:
+            # A handshake in progress when the drain starts is answered 503.
+            half = wire.upgrade_request()
+            pending = await _raw(url, half[:20])
+            for n in range(20):
+                await a.send(b.id, n, ref=n)
+            assert [(await a.recv_json())["ref"] for _ in range(20)] == list(range(20))
+            server.shutdown("test")
+            await pending.send_all(half[20:])
+            async with pending:
+                refused = await _read_until_closed(pending)
+            assert refused.startswith(b"HTTP/1.1 503 "), refused
+            frames, code = await b.until_closed()
+            assert [json.loads(f)["message"] for f in frames] == list(range(20))
+            assert code == 1001  # every acked message first, then the close
+            assert await a.until_closed() == ([], 1001)
+    with pytest.raises(OSError):  # noqa: PT011 - any refusal will do: nobody listens
+        await trio.open_tcp_stream(host, port)
+
+
+async def test_shutdown_is_bounded_by_the_grace_period() -> None:
+    grace = 0.5
+    server = Server(
+        settings(max_message_bytes=70_000).model_copy(
+            update={"server": settings().server.model_copy(update={"shutdown_grace_s": grace})}
+        )
+    )
+    with structlog.testing.capture_logs() as events:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.run)
+            host, port = addresses[0]
+            url = f"ws://{host}:{port}/"
+            stuck, stuck_id = await _silent_client(url)
+            async with connect(url, v1=True) as sender:
+                for _ in range(40):  # more than the kernel buffers hold
+                    await sender.send(stuck_id, "z" * 60_000)
+                await sender.send(sender.id, "last", ref="last")
+                while (await sender.recv_json()).get("ref") != "last":
+                    pass
+                began = trio.current_time()
+                server.shutdown("test")
+            # run() has returned once the nursery exits
+        waited = trio.current_time() - began
+    await stuck.aclose()
+    assert grace <= waited < grace + 1.0
+    stop = [e for e in events if e["event"] == "server.stop"]
+    assert stop[0]["forced"] is True
