@@ -232,11 +232,12 @@ class Connection:
                     return
 
     async def _write_loop(self) -> None:
-        ws = self._ws
+        ws, outbox = self._ws, self.peer.outbox
         try:
-            async for frame in self.peer.outbox.receive:
+            async for frame in outbox.receive:
                 if self._stop_writing:
                     return
+                outbox.relieve()
                 await ws.send_message(frame)
                 self._last_activity = trio.current_time()
                 self.messages_out += 1

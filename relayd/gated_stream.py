@@ -17,10 +17,16 @@ decoded like any others, under the same limits: a 4 MiB first frame against a
 64 KiB limit is answered with close 1009 every time. What is held is bounded
 by one ``receive_some`` (the reader does not ask for more until the gate
 opens).
+
+It also tells the listener how trio-websocket answered a request it could not
+parse (:attr:`GatedStream.response_status`, :attr:`GatedStream.on_close`), so
+that refusal is logged with its real status without waiting out the
+handshake timeout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -38,6 +44,11 @@ class GatedStream(trio.abc.Stream):
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+        #: The HTTP status of the handshake response, once one was sent.
+        self.response_status: int | None = None
+        #: Called once when the stream is closed (by trio-websocket, after it
+        #: answered a malformed request itself).
+        self.on_close: Callable[[], None] | None = None
         self._opened = trio.Event()
         self._head_seen = False
         self._tail = b""  # the last bytes passed, to find the end of head across reads
@@ -73,7 +84,9 @@ class GatedStream(trio.abc.Stream):
         return data[:cut]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send on the wrapped stream."""
+        """Send on the wrapped stream, noting the status of the handshake response."""
+        if self.response_status is None:
+            self.response_status = _status_of(bytes(data[:12]))
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -82,4 +95,14 @@ class GatedStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         """Close the wrapped stream."""
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         await self._stream.aclose()
+
+
+def _status_of(head: bytes) -> int | None:
+    # The first write of a server connection is its response: "HTTP/1.1 426 ".
+    if head.startswith(b"HTTP/1.1 ") and head[9:12].isdigit():
+        return int(head[9:12])
+    return None

@@ -21,6 +21,7 @@ the stream is always closed in ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import secrets
@@ -52,6 +53,9 @@ _TRANSPORT_QUEUE: Final = 1
 #: Bytes asked of the socket per read. 64 KiB lets one read take a burst of
 #: small frames (trio-websocket's default is 4 KiB).
 _RECEIVE_BYTES: Final = 65536
+_REQUEST_TIMEOUT: Final = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+)
 #: How long a closing connection may keep sending before relayd resets it.
 LINGER_S: Final = 2.0
 #: Bits of randomness in a client id: unguessable, so ids cannot be forged.
@@ -190,9 +194,13 @@ class Gate:
             self.connections.discard(connection)
 
     async def _read_request(
-        self, transport: trio.Nursery, stream: trio.abc.Stream, conn: int, address: str
+        self, transport: trio.Nursery, stream: GatedStream, conn: int, address: str
     ) -> WebSocketRequest | None:
-        with trio.move_on_after(self._limits.handshake_timeout_s):
+        with trio.move_on_after(self._limits.handshake_timeout_s) as waiting:
+            # trio-websocket answers a request it cannot parse by itself (400,
+            # or 426 for another WebSocket version) and closes the stream
+            # without ever producing a request: stop waiting when it does.
+            stream.on_close = waiting.cancel
             return await wrap_server_stream(
                 transport,
                 stream,
@@ -200,15 +208,16 @@ class Gate:
                 max_message_size=self._limits.max_message_bytes,
                 receive_buffer_size=_RECEIVE_BYTES,
             )
-        # trio-websocket answers a malformed request with 400 by itself and
-        # then never produces a request, so a timeout covers both cases.
-        self._log.info(
-            "handshake.rejected",
-            conn=conn,
-            peer=address,
-            status=408,
-            reason="no valid WebSocket request within handshake_timeout_s",
-        )
+        if stream.response_status is not None:
+            status, reason = stream.response_status, "malformed WebSocket request"
+        else:
+            status, reason = 408, "no complete request within handshake_timeout_s"
+            with (
+                trio.move_on_after(CLOSE_TIMEOUT_S),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await stream.send_all(_REQUEST_TIMEOUT)
+        self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
         return None
 
 

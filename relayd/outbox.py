@@ -2,10 +2,11 @@
 
 The router hands frames over with :meth:`Outbox.offer`, which never waits: a
 full outbox refuses the frame (the sender is told ``recipient_busy``) and
-starts the slow-consumer clock. If the outbox is still refusing after
-``slow_consumer_timeout_s``, the owning connection closes with 1013; one frame
-taken again resets the clock. Memory per connection is bounded by
-``capacity`` frames (docs/security.md works out the arithmetic).
+starts the slow-consumer clock. If the writer takes no frame from it for
+``slow_consumer_timeout_s`` after that, the owning connection closes with 1013;
+a frame taken (:meth:`Outbox.relieve`) or accepted again stops the clock.
+Memory per connection is bounded by ``capacity`` frames of at most
+``max_message_bytes`` plus the envelope around them.
 
 Resource handling: the connection owns the outbox; the router only offers.
 :meth:`close` (from the router when it unregisters the connection or stops)
@@ -66,6 +67,12 @@ class Outbox:
             self._full_since = None
             self._on_stuck_deadline(math.inf)
         return True
+
+    def relieve(self) -> None:
+        """Note that the writer took a frame: there is room again, stop the clock."""
+        if self._full_since is not None:
+            self._full_since = None
+            self._on_stuck_deadline(math.inf)
 
     def close(self) -> None:
         """Take no more frames; the writer drains the rest, then sees the end."""

@@ -18,14 +18,17 @@ import trio
 #: Seconds of trio's clock after which an async test fails as hung. Loopback
 #: tests finish in milliseconds; the figure only exists to catch hangs.
 TEST_DEADLINE_S = 30.0
+#: The same on the autojump clock, where tests wait out timeouts of minutes in
+#: virtual time; a hang there jumps straight to this deadline.
+VIRTUAL_TEST_DEADLINE_S = 3600.0
 
 
 def _with_deadline(
-    test: Callable[..., Coroutine[Any, Any, None]],
+    test: Callable[..., Coroutine[Any, Any, None]], seconds: float
 ) -> Callable[..., Coroutine[Any, Any, None]]:
     @functools.wraps(test)
     async def wrapper(*args: Any, **kwargs: Any) -> None:
-        with trio.fail_after(TEST_DEADLINE_S):
+        with trio.fail_after(seconds):
             await test(*args, **kwargs)
 
     return wrapper
@@ -34,4 +37,6 @@ def _with_deadline(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
-            item.obj = _with_deadline(item.obj)
+            virtual = "autojump_clock" in item.fixturenames
+            seconds = VIRTUAL_TEST_DEADLINE_S if virtual else TEST_DEADLINE_S
+            item.obj = _with_deadline(item.obj, seconds)

@@ -1,0 +1,219 @@
+"""Connections over in-memory streams, on trio's autojump clock.
+
+The timeouts of a connection (handshake, idle, keepalive pong, slow consumer)
+are checked here in virtual time: the clock jumps whenever every task is
+blocked, so a 10-second timeout costs no real time and its deadline is exact.
+The same :class:`relayd.listener.Gate` serves these streams as serves sockets.
+Each test takes the ``autojump_clock`` fixture, which pytest-trio runs it on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import structlog
+import trio
+import trio.testing
+from trio_websocket import wrap_client_stream
+
+from relayd.config import LimitsSettings
+from relayd.listener import Gate
+from relayd.router import LocalRouter
+from tests import wire
+from tests.client import Client
+
+
+class Relay:
+    """A Gate and its router, serving in-memory streams."""
+
+    def __init__(self, nursery: trio.Nursery, gate: Gate, router: LocalRouter) -> None:
+        self.nursery = nursery
+        self.gate = gate
+        self.router = router
+
+    def stream(self, *, lockstep: bool = False) -> trio.abc.Stream:
+        """A new client stream, its other end served by the gate."""
+        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        client, server = pair()
+        self.nursery.start_soon(self.gate, server)
+        return client
+
+    @asynccontextmanager
+    async def client(self, *, v1: bool = False, lockstep: bool = False) -> AsyncIterator[Client]:
+        stream = self.stream(lockstep=lockstep)
+        protocols = ["relayd.v1"] if v1 else []
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery, stream, "relayd.test", "/", subprotocols=protocols
+            )
+            first = await ws.get_message()
+            assert isinstance(first, str)
+            yield Client(ws, json.loads(first)["id"] if v1 else first, v1)
+            await ws.aclose()
+
+
+@asynccontextmanager
+async def serving(**limits: Any) -> AsyncIterator[Relay]:
+    log = structlog.get_logger("test")
+    router = LocalRouter(log)
+    gate = Gate(router, LimitsSettings(**limits), log)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.run)
+        yield Relay(nursery, gate, router)
+        gate.drain()
+        router.close()
+
+
+async def silent_client(stream: trio.abc.Stream) -> str:
+    """Complete a handshake by hand, read the id frame, then read nothing more."""
+    await stream.send_all(wire.upgrade_request())
+    data = b""
+    while (end := data.find(b"\r\n\r\n")) < 0 or len(data) < end + 6:
+        data += await stream.receive_some(1)  # lockstep-friendly: never read ahead
+    length = data[end + 5] & 0x7F
+    while len(data) < end + 6 + length:
+        data += await stream.receive_some(1)
+    return data[end + 6 : end + 6 + length].decode()
+
+
+async def test_a_client_that_never_finishes_its_request_gets_408_at_the_handshake_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with structlog.testing.capture_logs() as events:
+        async with serving(handshake_timeout_s=7.0) as relay:
+            stream = relay.stream()
+            began = trio.current_time()
+            await stream.send_all(wire.upgrade_request()[:30])  # then nothing
+            reply = b""
+            while chunk := await stream.receive_some():
+                reply += chunk
+            assert trio.current_time() - began == pytest.approx(7.0)
+            assert reply.startswith(b"HTTP/1.1 408 ")
+            await stream.aclose()
+    [rejected] = [e for e in events if e["event"] == "handshake.rejected"]
+    assert (rejected["status"], rejected["reason"]) == (
+        408,
+        "no complete request within handshake_timeout_s",
+    )
+
+
+async def test_an_idle_connection_is_closed_at_the_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        serving(idle_timeout_s=60.0, ping_interval_s=0) as relay,
+        relay.client() as a,
+        relay.client() as b,
+    ):
+        began = trio.current_time()
+        await trio.sleep(50)  # virtual time
+        await a.send(b.id, "keeps b busy, and a")
+        assert await b.recv() == "keeps b busy, and a"
+        frames, code = await b.until_closed()
+        assert (frames, code) == ([], 1000)
+        assert trio.current_time() - began == pytest.approx(110.0)
+        assert b.ws.closed is not None
+        assert b.ws.closed.reason == "idle timeout"
+
+
+async def test_a_peer_that_does_not_answer_pings_is_closed_and_its_id_freed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with structlog.testing.capture_logs() as events:
+        async with serving(ping_interval_s=30.0, pong_timeout_s=10.0, idle_timeout_s=0) as relay:
+            dead = relay.stream()
+            dead_id = await silent_client(dead)
+            async with relay.client(v1=True) as probe:
+                await trio.sleep(41)  # one ping interval and one pong timeout
+                await probe.send(dead_id, "still there?", ref=1)
+                reply = await probe.recv_json()
+                assert reply["error"] == "unknown_recipient"
+            await dead.aclose()
+    [close] = [e for e in events if e["event"] == "connection.close" and e["id"] == dead_id]
+    assert (close["code"], close["reason"], close["closed_by"]) == (
+        1011,
+        "keepalive ping timeout",
+        "server",
+    )
+
+
+async def test_a_live_peer_answers_pings_and_stays(autojump_clock: trio.testing.MockClock) -> None:
+    async with (
+        serving(ping_interval_s=30.0, pong_timeout_s=10.0, idle_timeout_s=0) as relay,
+        relay.client() as a,
+        relay.client() as b,
+    ):
+        await trio.sleep(300)  # ten keepalive rounds
+        await a.send(b.id, "hello")
+        assert await b.recv() == "hello"
+
+
+async def test_a_slow_consumer_gets_senders_busy_then_1013_unless_it_catches_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    timeout = 5.0
+    with structlog.testing.capture_logs() as events:
+        async with serving(outbox_messages=2, slow_consumer_timeout_s=timeout) as relay:
+            stuck = relay.stream(lockstep=True)
+            stuck_id = await silent_client(stuck)
+            async with relay.client(v1=True) as sender:
+                outcomes = []
+                for n in range(4):  # one in the writer's hands, two queued, one refused
+                    await sender.send(stuck_id, n, ref=n)
+                    reply = await sender.recv_json()
+                    outcomes.append(reply.get("error", reply["type"]))
+                assert outcomes == ["ack", "ack", "ack", "recipient_busy"]
+                await trio.sleep(timeout - 0.5)  # still held, still full
+                assert await _send_and_reply(sender, stuck_id) == "recipient_busy"
+                await trio.sleep(1.0)  # past the deadline: closed, id freed
+                assert await _send_and_reply(sender, stuck_id) == "unknown_recipient"
+            await stuck.aclose()
+    [close] = [e for e in events if e["event"] == "connection.close" and e["id"] == stuck_id]
+    assert (close["code"], close["closed_by"]) == (1013, "server")
+    assert [e["limit"] for e in events if e["event"] == "limit.exceeded"] == [
+        "slow_consumer_timeout_s"
+    ]
+
+
+async def _send_and_reply(sender: Client, to: str) -> str:
+    await sender.send(to, "x", ref="probe")
+    reply = await sender.recv_json()
+    return str(reply.get("error", reply["type"]))
+
+
+async def test_a_consumer_that_catches_up_in_time_is_not_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        serving(outbox_messages=2, slow_consumer_timeout_s=5.0) as relay,
+        relay.client(v1=True) as sender,
+        relay.client(lockstep=True) as slow,
+    ):
+        # slow's transport queue holds one message and its outbox two; the
+        # rest of what is sent while it does not read is refused.
+        replies = []
+        for n in range(8):
+            await sender.send(slow.id, n, ref=n)
+            replies.append((await sender.recv_json()).get("error", "ack"))
+        assert "recipient_busy" in replies
+        await trio.sleep(4)  # under the timeout
+        received = [await slow.recv() for _ in range(replies.count("ack"))]
+        assert received == [str(n) for n, r in enumerate(replies) if r == "ack"]
+        await trio.sleep(10)
+        await sender.send(slow.id, "after", ref="after")
+        assert (await sender.recv_json())["type"] == "ack"
+        assert await slow.recv() == "after"
+
+
+async def test_a_connection_accepted_as_the_router_stops_is_closed_with_1001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as relay:
+        relay.router.close()
+        await trio.testing.wait_all_tasks_blocked()
+        async with relay.client() as late:
+            assert await late.until_closed() == ([], 1001)
