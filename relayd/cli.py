@@ -79,30 +79,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(settings_as_json(settings))
         return 0
     configure(settings.log)
-    try:
-        return trio.run(_serve, settings)
-    except OSError as exc:
-        get_logger().error("server.bind_failed", error=str(exc))
-        print(f"relayd: cannot listen: {exc}", file=sys.stderr)
-        return 1
+    return trio.run(_serve, settings)
 
 
 async def _serve(settings: Settings) -> int:
     server = Server(settings)
+    try:
+        listeners = await server.listen()
+    except OSError as exc:
+        where = f"{settings.server.host or '*'}:{settings.server.port}"
+        get_logger().error("error", summary=f"cannot listen on {where}: {exc}")
+        print(f"relayd: cannot listen on {where}: {exc}", file=sys.stderr)
+        return 1
     status = 0
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(*_SIGNALS) as signals:
+        with trio.open_signal_receiver(*_SIGNALS, signal.SIGHUP) as signals:
 
             async def watch() -> None:
                 nonlocal status
                 async for signum in signals:
-                    if status == 0 and not server.stopping:
+                    if signum == signal.SIGHUP:
+                        # Until live reload exists, say so rather than die
+                        # (SIGHUP's default action) or ignore it silently.
+                        get_logger().warning(
+                            "config.reload",
+                            applied=False,
+                            reason="reload is not supported yet; restart relayd to apply changes",
+                        )
+                    elif status == 0 and not server.stopping:
                         server.shutdown(f"signal {signal.Signals(signum).name}")
                     else:
                         status = 128 + signum
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            await server.run()
+            await server.run(listeners)
             nursery.cancel_scope.cancel()
     return status

@@ -87,7 +87,7 @@ class LimitsSettings(BaseModel):
         slow_consumer_timeout_s: how long an outbox may stay full before its connection is
             closed with 1013.
         messages_per_second: sustained messages a connection may send.
-        message_burst: messages a connection may send at once above the sustained rate.
+        message_burst: messages a connection may send at once (the token bucket's size).
         handshake_timeout_s: time allowed for the opening handshake.
         idle_timeout_s: close a connection silent this long; 0 turns it off.
         ping_interval_s: seconds between server pings; 0 turns pings off.
@@ -99,7 +99,7 @@ class LimitsSettings(BaseModel):
     max_connections: int = Field(default=10000, gt=0)
     max_connections_per_ip: int = Field(default=256, gt=0)
     max_message_bytes: int = Field(default=65536, gt=0)
-    outbox_messages: int = Field(default=64, gt=0)
+    outbox_messages: int = Field(default=16, gt=0)
     slow_consumer_timeout_s: float = Field(default=10.0, gt=0)
     messages_per_second: float = Field(default=50.0, gt=0)
     message_burst: int = Field(default=100, gt=0)

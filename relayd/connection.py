@@ -76,6 +76,8 @@ class Connection:
         router: where messages go.
         limits: the limits in force.
         log: a logger already bound with nothing connection-specific.
+        log_messages: log a ``message.relay`` event for each message refused
+            here (the router logs the ones it routes).
         peer_address: ``host:port`` of the client, for logs.
         origin: the ``Origin`` header, if any, for logs.
         user_agent: the ``User-Agent`` header, if any, for logs.
@@ -91,6 +93,7 @@ class Connection:
         router: Router,
         limits: LimitsSettings,
         log: structlog.typing.FilteringBoundLogger,
+        log_messages: bool = True,
         peer_address: str,
         origin: str | None = None,
         user_agent: str | None = None,
@@ -99,6 +102,7 @@ class Connection:
         self._router = router
         self._limits = limits
         self._log = log
+        self._log_messages = log_messages
         self._open_fields = {
             "conn": conn,
             "id": client_id,
@@ -126,6 +130,7 @@ class Connection:
         self._close: tuple[int, str, str] | None = None
         self.messages_in = self.messages_out = 0
         self.bytes_in = self.bytes_out = 0
+        self._dropped = 0  # frames taken from the outbox but never written
 
     # -- control, called from other tasks ------------------------------------
 
@@ -166,7 +171,7 @@ class Connection:
 
     async def _serve(self) -> None:
         try:
-            await self._ws.send_message(welcome_frame(self.peer.dialect, self.peer.client_id))
+            await self._send(welcome_frame(self.peer.dialect, self.peer.client_id))
             self._router.register(self.peer)
         except ConnectionClosed:
             return
@@ -225,6 +230,8 @@ class Connection:
                     if error is None:
                         await self._router.route(Relay(peer, envelope, size))
                     else:
+                        if self._log_messages:
+                            self._log_refusal(size, error)
                         frame = error_frame(dialect, error.code, error.detail, error.ref)
                         await self._router.route(Reply(peer, frame))
                 except RouterClosed:
@@ -232,18 +239,22 @@ class Connection:
                     return
 
     async def _write_loop(self) -> None:
-        ws, outbox = self._ws, self.peer.outbox
+        outbox = self.peer.outbox
         try:
             async for frame in outbox.receive:
                 if self._stop_writing:
+                    self._dropped += 1
                     return
                 outbox.relieve()
-                await ws.send_message(frame)
-                self._last_activity = trio.current_time()
-                self.messages_out += 1
-                self.bytes_out += _utf8_len(frame)
+                await self._send(frame)
         except ConnectionClosed:
             return
+
+    async def _send(self, frame: str) -> None:
+        await self._ws.send_message(frame)
+        self._last_activity = trio.current_time()
+        self.messages_out += 1
+        self.bytes_out += _utf8_len(frame)
 
     async def _timers(self, nursery: trio.Nursery) -> None:
         limits = self._limits
@@ -296,6 +307,12 @@ class Connection:
             action=action,
         )
 
+    def _log_refusal(self, size: int, error: EnvelopeError) -> None:
+        self._log.info(
+            "message.relay",
+            **{"from": self.peer.client_id, "to": None, "bytes": size, "outcome": error.code.value},
+        )
+
     def _log_close(self) -> None:
         closed = self._ws.closed
         if self._close is not None:
@@ -319,7 +336,7 @@ class Connection:
             messages_out=self.messages_out,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
-            undelivered=len(self.peer.outbox),
+            undelivered=len(self.peer.outbox) + self._dropped,
         )
 
 

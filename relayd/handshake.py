@@ -13,7 +13,7 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
-from relayd.protocol import Dialect, choose_dialect
+from relayd.protocol import V1_SUBPROTOCOL, Dialect, choose_dialect
 
 __all__ = ["Accept", "Capacity", "Reject", "decide"]
 
@@ -95,12 +95,18 @@ def decide(
         offered_subprotocols: ``Sec-WebSocket-Protocol`` values, in order.
 
     Returns:
-        ``Reject(503)`` while draining or over a connection limit, else an
-        ``Accept`` in the dialect the offer selects.
+        ``Reject(503)`` while draining or over a connection limit,
+        ``Reject(400)`` when subprotocols were offered but not ``relayd.v1``,
+        else an ``Accept`` in the dialect the offer selects.
     """
     if draining:
         return Reject(503, "server shutting down")
     refusal = capacity.refusal(client_ip)
     if refusal is not None:
         return Reject(503, refusal)
-    return Accept(choose_dialect(offered_subprotocols))
+    dialect = choose_dialect(offered_subprotocols)
+    if dialect is Dialect.SEED and offered_subprotocols:
+        # Selecting none of the offered subprotocols makes browsers and most
+        # clients fail the connection with no reason given; say why instead.
+        return Reject(400, f"unsupported subprotocol; offer {V1_SUBPROTOCOL} or none")
+    return Accept(dialect)

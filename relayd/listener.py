@@ -9,6 +9,10 @@ stream, in the server's connections nursery. For each stream it:
    (:func:`~relayd.handshake.decide`), logging ``handshake.rejected``;
 4. runs the :class:`~relayd.connection.Connection` until it ends.
 
+Below trio-websocket sits a :class:`~relayd.transport.ServerStream`, which
+holds frames sent with the request until the handshake is accepted and closes
+the TCP connection gracefully.
+
 **The connection boundary.** Nothing raised while serving one stream may reach
 the shared nursery: that would cancel every other connection and the
 listener. trio-websocket raises from places a handler does not expect (e.g.
@@ -40,11 +44,11 @@ from trio_websocket import (
 from relayd.config import LimitsSettings
 from relayd.connection import CLOSE_TIMEOUT_S, Connection
 from relayd.errors import CloseCode
-from relayd.gated_stream import GatedStream
 from relayd.handshake import Accept, Capacity, decide
 from relayd.router import Router
+from relayd.transport import ServerStream
 
-__all__ = ["LINGER_S", "Gate", "new_client_id"]
+__all__ = ["Gate", "new_client_id"]
 
 #: trio-websocket's queue between its socket reader and our reader. One slot:
 #: our reader takes each message at once, and every further queued message is
@@ -56,8 +60,6 @@ _RECEIVE_BYTES: Final = 65536
 _REQUEST_TIMEOUT: Final = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 )
-#: How long a closing connection may keep sending before relayd resets it.
-LINGER_S: Final = 2.0
 #: Bits of randomness in a client id: unguessable, so ids cannot be forged.
 _ID_BYTES: Final = 16
 
@@ -74,6 +76,7 @@ class Gate:
         router: where connections register and send.
         limits: the limits in force.
         log: the daemon's logger.
+        log_messages: whether connections log the messages they refuse.
         new_id: makes client ids (replaceable in tests).
     """
 
@@ -83,8 +86,10 @@ class Gate:
         limits: LimitsSettings,
         log: structlog.typing.FilteringBoundLogger,
         *,
+        log_messages: bool = True,
         new_id: Callable[[], str] = new_client_id,
     ) -> None:
+        self._log_messages = log_messages
         self._router = router
         self._limits = limits
         self._log = log
@@ -103,12 +108,16 @@ class Gate:
     async def __call__(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted stream to the end; never raises (but Cancelled)."""
         address = _peer_address(stream)
-        attempt = _Attempt(conn=next(self._numbers), address=address, ip=address.rpartition(":")[0])
+        if address is None:  # reset before it could be looked at: nobody to serve
+            await trio.aclose_forcefully(stream)
+            return
+        server_stream = ServerStream(stream)
+        attempt = _Attempt(conn=next(self._numbers), address=address, ip=_ip_of(address))
         self.capacity.opened(attempt.ip)
         try:
             async with trio.open_nursery() as transport:
                 try:
-                    await self._serve(transport, stream, attempt)
+                    await self._serve(transport, server_stream, attempt)
                 except* Exception as group:
                     await self._fail(attempt, group)
                 transport.cancel_scope.cancel()
@@ -117,7 +126,7 @@ class Gate:
             await self._fail(attempt, group)
         finally:
             self.capacity.closed(attempt.ip)
-            await _linger_close(stream)
+            await server_stream.aclose()
 
     async def _fail(self, attempt: _Attempt, group: BaseExceptionGroup[Exception]) -> None:
         leaf = _first_leaf(group)
@@ -125,7 +134,7 @@ class Gate:
             "error",
             conn=attempt.conn,
             peer=attempt.address,
-            exception=f"{type(leaf).__name__}: {leaf}",
+            summary=f"{type(leaf).__name__}: {leaf}",
             exc_info=group,
         )
         ws = attempt.ws
@@ -134,11 +143,10 @@ class Gate:
                 await ws.aclose(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _serve(
-        self, transport: trio.Nursery, stream: trio.abc.Stream, attempt: _Attempt
+        self, transport: trio.Nursery, server_stream: ServerStream, attempt: _Attempt
     ) -> None:
         conn, address = attempt.conn, attempt.address
-        gated = GatedStream(stream)
-        request = await self._read_request(transport, gated, conn, address)
+        request = await self._read_request(transport, server_stream, conn, address)
         if request is None:
             return
         decision = decide(
@@ -155,13 +163,14 @@ class Gate:
                 status=decision.status,
                 reason=decision.reason,
             )
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
+            # A client that resets while being refused is not an error.
+            with trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(ConnectionClosed):
                 await request.reject(decision.status, body=decision.reason.encode())
             return
         headers = _headers(request)
         try:
             attempt.ws = await request.accept(subprotocol=decision.subprotocol)
-            gated.open()
+            server_stream.open()
         except ConnectionClosed:
             # The client's first frames, sent along with its request, already
             # broke a limit and trio-websocket closed the connection.
@@ -181,6 +190,7 @@ class Gate:
             router=self._router,
             limits=self._limits,
             log=self._log,
+            log_messages=self._log_messages,
             peer_address=address,
             origin=headers.get("origin"),
             user_agent=headers.get("user-agent"),
@@ -194,7 +204,7 @@ class Gate:
             self.connections.discard(connection)
 
     async def _read_request(
-        self, transport: trio.Nursery, stream: GatedStream, conn: int, address: str
+        self, transport: trio.Nursery, stream: ServerStream, conn: int, address: str
     ) -> WebSocketRequest | None:
         with trio.move_on_after(self._limits.handshake_timeout_s) as waiting:
             # trio-websocket answers a request it cannot parse by itself (400,
@@ -239,35 +249,20 @@ def _first_leaf(error: BaseException) -> BaseException:
     return error
 
 
-async def _linger_close(stream: trio.abc.Stream) -> None:
-    """Close the TCP connection so that what relayd sent last is not lost.
-
-    Closing a socket with unread input makes the kernel send a reset, which
-    destroys the client's copy of relayd's last frames (a 1009 close after an
-    oversized frame, a 503 response to a request that came with a body). So:
-    send FIN, read and discard until the client's EOF, then close; bounded by
-    :data:`LINGER_S`.
-    """
-    with trio.move_on_after(LINGER_S):
-        try:
-            if isinstance(stream, trio.abc.HalfCloseableStream):
-                await stream.send_eof()
-            while await stream.receive_some(_RECEIVE_BYTES):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    await trio.aclose_forcefully(stream)
-
-
-def _peer_address(stream: trio.abc.Stream) -> str:
+def _peer_address(stream: trio.abc.Stream) -> str | None:
+    """``host:port`` of the client (``[v6]:port``), or None if it already reset."""
     # In-memory streams (tests) have no socket; they all count as one address.
     if not isinstance(stream, trio.SocketStream):
         return "memory:0"
     try:
         host, port, *_ = stream.socket.getpeername()
-    except OSError:  # already reset by the peer
-        return "unknown:0"
-    return f"{host}:{port}"
+    except OSError:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ip_of(address: str) -> str:
+    return address.rpartition(":")[0].strip("[]")
 
 
 def _headers(request: WebSocketRequest) -> dict[str, str]:

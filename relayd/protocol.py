@@ -69,9 +69,9 @@ class Dialect(enum.StrEnum):
 def choose_dialect(offered: Sequence[str]) -> Dialect:
     """Pick the dialect for the subprotocols a client offered.
 
-    ``relayd.v1`` anywhere in the offer selects it; anything else, including no
-    offer, is the seed dialect (the server then selects no subprotocol, which
-    RFC 6455 allows).
+    ``relayd.v1`` anywhere in the offer selects it; anything else is the seed
+    dialect, which selects no subprotocol. (The handshake policy refuses an
+    offer that names subprotocols but not ``relayd.v1``.)
     """
     return Dialect.V1 if V1_SUBPROTOCOL in offered else Dialect.SEED
 

@@ -62,7 +62,9 @@ class Server:
             log_messages=settings.log.messages,
             log_bodies=settings.log.bodies,
         )
-        self._gate = Gate(self._router, settings.limits, self._log)
+        self._gate = Gate(
+            self._router, settings.limits, self._log, log_messages=settings.log.messages
+        )
         self._stop = trio.Event()
         self._stop_reason = ""
 
@@ -87,6 +89,15 @@ class Server:
             self._stop.set()
             self._gate.drain()
 
+    async def listen(self) -> list[trio.SocketListener]:
+        """Bind ``server.host``/``server.port``; all interfaces, IPv4 and IPv6, for "".
+
+        Raises:
+            OSError: the address is in use, or binding it is not permitted.
+        """
+        server = self._settings.server
+        return await trio.open_tcp_listeners(server.port, host=server.host or None)
+
     async def run(
         self,
         listeners: Sequence[trio.SocketListener] | None = None,
@@ -96,8 +107,7 @@ class Server:
         """Serve until :meth:`shutdown`, then drain and return.
 
         Args:
-            listeners: sockets to serve on; by default relayd binds
-                ``server.host``/``server.port`` itself.
+            listeners: sockets to serve on; by default :meth:`listen`.
             task_status: reports ``started`` with the ``(host, port)`` of
                 every listening socket once connections are accepted.
 
@@ -110,7 +120,7 @@ class Server:
             "server.start", version=__version__, pid=os.getpid(), host=server.host, port=server.port
         )
         if listeners is None:
-            listeners = await trio.open_tcp_listeners(server.port, host=server.host or None)
+            listeners = await self.listen()
         addresses = [_address(listener) for listener in listeners]
         forced = True
         try:
@@ -129,7 +139,7 @@ class Server:
                         task_status.started(addresses)
                         self._log.info(
                             "server.ready",
-                            listeners=[f"{h}:{p}" for h, p in addresses],
+                            listeners=[_show(h, p) for h, p in addresses],
                             port=addresses[0][1],
                         )
                         await self._stop.wait()
@@ -151,3 +161,7 @@ class Server:
 def _address(listener: trio.SocketListener) -> tuple[str, int]:
     host, port, *_ = listener.socket.getsockname()
     return host, port
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -103,7 +103,6 @@ def test_decide_refuses_over_per_ip() -> None:
     ("offered", "dialect", "subprotocol"),
     [
         ((), Dialect.SEED, None),
-        (("chat",), Dialect.SEED, None),
         (("relayd.v1",), Dialect.V1, "relayd.v1"),
         (("chat", "relayd.v1"), Dialect.V1, "relayd.v1"),
     ],
@@ -117,6 +116,15 @@ def test_decide_accepts_in_the_offered_dialect(
     assert decision == Accept(dialect)
     assert isinstance(decision, Accept)
     assert decision.subprotocol == subprotocol
+
+
+@pytest.mark.parametrize("offered", [("chat",), ("chat", "graphql-ws")])
+def test_decide_refuses_an_offer_without_relayd_v1_with_400(offered: tuple[str, ...]) -> None:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    assert decide_for(capacity, offered=offered) == Reject(
+        400, "unsupported subprotocol; offer relayd.v1 or none"
+    )
 
 
 @pytest.mark.parametrize(

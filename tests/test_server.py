@@ -222,7 +222,45 @@ async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest()
             await _exchange(url)
     errors = [e for e in events if e["event"] == "error"]
     assert len(errors) == 1
-    assert errors[0]["exception"] == "RuntimeError: bug in routing"
+    assert errors[0]["summary"] == "RuntimeError: bug in routing"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="plain-http-get"),
+        pytest.param(wire.upgrade_request(version="8"), 426, id="websocket-version-8"),
+        pytest.param(
+            wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "chat")]),
+            400,
+            id="foreign-subprotocol",
+        ),
+    ],
+)
+async def test_bad_handshakes_get_an_http_status_and_a_log_event(
+    request_bytes: bytes, status: int
+) -> None:
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings())) as url:
+            reply = await _send_and_read(url, request_bytes)
+            assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply
+            await _exchange(url)
+    [rejected] = [e for e in events if e["event"] == "handshake.rejected"]
+    assert rejected["status"] == status
+
+
+async def test_a_protocol_error_ends_only_that_connection_and_is_logged_with_1002() -> None:
+    # An unmasked client frame breaks RFC 6455. (wsproto reports it as if the
+    # client had closed with 1002 and trio-websocket then closes the TCP
+    # connection without sending a close frame: docs/protocol.md says so.)
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings())) as url:
+            frame = wire.frame(wire.OP_TEXT, b'{"to": "x", "message": 1}', mask=False)
+            reply = await _send_and_read(url, wire.upgrade_request() + frame)
+            assert reply.startswith(b"HTTP/1.1 101 ")
+            await _exchange(url)
+    close = next(e for e in events if e["event"] == "connection.close")
+    assert (close["code"], close["reason"]) == (1002, "server received unexpected unmasked frame")
 
 
 # -- limits -------------------------------------------------------------------------

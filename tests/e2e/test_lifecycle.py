@@ -109,7 +109,7 @@ def test_log_lines_describe_connections_and_relays_without_bodies(tmp_path: Path
 
     # connection.close: conn id, code and reason, who closed, duration, messages and bytes
     # in and out. "in" counts every frame the client sent, refused ones included; "out"
-    # counts the frames relayd sent after the id/welcome: messages, acks and errors.
+    # counts every frame relayd sent: the id/welcome, messages, acks and errors.
     for closed, opened in ((close_seed, open_seed), (close_v1, open_v1)):
         for field in ("conn", "code", "reason", "closed_by", "duration_s"):
             assert field in closed, f"connection.close lacks {field}: {closed}"
@@ -118,8 +118,8 @@ def test_log_lines_describe_connections_and_relays_without_bodies(tmp_path: Path
         assert closed["duration_s"] >= 0, closed
         assert closed["bytes_in"] > 0, closed
         assert closed["bytes_out"] > 0, closed
-    assert (close_seed["messages_in"], close_seed["messages_out"]) == (1, 1), close_seed
-    assert (close_v1["messages_in"], close_v1["messages_out"]) == (2, 3), close_v1
+    assert (close_seed["messages_in"], close_seed["messages_out"]) == (1, 2), close_seed
+    assert (close_v1["messages_in"], close_v1["messages_out"]) == (2, 4), close_v1
 
     # Every stdout line is one JSON event; the message body is in none of them.
     lines = relayd.stdout_lines

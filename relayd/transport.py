@@ -1,5 +1,9 @@
-"""A stream that holds back what a client sends after its request until relayd accepts.
+"""The client's socket as the WebSocket layer sees it: gated, observed, closed gracefully.
 
+:class:`ServerStream` wraps one accepted stream for trio-websocket and does the
+three things relayd needs below the WebSocket layer.
+
+**Holding early frames.**
 RFC 6455 §4.1 says a client must wait for the server's handshake response
 before sending frames, but nothing stops one from sending frames in the same
 TCP segment as its request. wsproto discards bytes that arrive while a server
@@ -10,36 +14,48 @@ close 1002 with a random "invalid opcode" one time, the frame honoured the
 next. (anycorn made the same fix: hold the bytes until the handshake
 resolves.)
 
-:class:`GatedStream` passes bytes through up to and including the blank line
-that ends the request head, then keeps the rest until :meth:`GatedStream.open`
+:class:`ServerStream` passes bytes through up to and including the blank line
+that ends the request head, then keeps the rest until :meth:`ServerStream.open`
 is called after the 101 response has been sent. Frames sent early are then
 decoded like any others, under the same limits: a 4 MiB first frame against a
 64 KiB limit is answered with close 1009 every time. What is held is bounded
 by one ``receive_some`` (the reader does not ask for more until the gate
 opens).
 
-It also tells the listener how trio-websocket answered a request it could not
-parse (:attr:`GatedStream.response_status`, :attr:`GatedStream.on_close`), so
-that refusal is logged with its real status without waiting out the
-handshake timeout.
+**Observing the handshake.** It tells the listener how trio-websocket answered
+a request it could not parse (:attr:`ServerStream.response_status`,
+:attr:`ServerStream.on_close`), so that refusal is logged with its real status
+(400, 426) without waiting out the handshake timeout.
+
+**Closing gracefully.** Closing a socket with unread input makes the kernel
+send a reset, which destroys the client's copy of what relayd sent last (a
+1009 close after an oversized frame, a 1002 after a protocol error, a 503
+response to a request that came with a body). :meth:`ServerStream.aclose`
+sends FIN, reads and discards until the client's EOF, then closes; bounded by
+:data:`LINGER_S`, and skipped when another task is still reading.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Final
 
 import trio
 
-__all__ = ["GatedStream"]
+__all__ = ["LINGER_S", "ServerStream"]
 
 _END_OF_HEAD: Final = b"\r\n\r\n"
+#: How long a closing connection may keep sending before relayd resets it.
+LINGER_S: Final = 2.0
+_LINGER_READ: Final = 65536
 
 
-class GatedStream(trio.abc.Stream):
+class ServerStream(trio.abc.Stream):
     """Wraps ``stream``; receives stop at the end of the HTTP request head until opened.
 
-    Resource handling: owns nothing beyond ``stream``; closing this closes it.
+    Resource handling: owns ``stream``; :meth:`aclose` closes it, lingering at
+    most :data:`LINGER_S`. Cancelling :meth:`aclose` still closes the stream.
     """
 
     def __init__(self, stream: trio.abc.Stream) -> None:
@@ -50,6 +66,7 @@ class GatedStream(trio.abc.Stream):
         #: answered a malformed request itself).
         self.on_close: Callable[[], None] | None = None
         self._opened = trio.Event()
+        self._closing = False
         self._head_seen = False
         self._tail = b""  # the last bytes passed, to find the end of head across reads
         self._held: bytes | bytearray = b""
@@ -94,11 +111,23 @@ class GatedStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        """Close the wrapped stream."""
+        """Close gracefully (see the module docstring); idempotent."""
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close()
-        await self._stream.aclose()
+        if not self._closing:
+            self._closing = True
+            with (
+                trio.move_on_after(LINGER_S),
+                contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+                ),
+            ):
+                if isinstance(self._stream, trio.abc.HalfCloseableStream):
+                    await self._stream.send_eof()
+                while await self._stream.receive_some(_LINGER_READ):
+                    pass
+        await trio.aclose_forcefully(self._stream)
 
 
 def _status_of(head: bytes) -> int | None:
