@@ -43,6 +43,7 @@ from relayd.errors import RelaydError
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ConfigError",
+    "DiagnosticsSettings",
     "LimitsSettings",
     "LogSettings",
     "ServerSettings",
@@ -127,6 +128,20 @@ class LogSettings(BaseModel):
     bodies: bool = False
 
 
+class DiagnosticsSettings(BaseModel):
+    """Routes for testing relayd itself; none of them is for production traffic.
+
+    Attributes:
+        echo: serve ``/echo``, where every message a client sends comes back to it
+            unchanged (text or binary), through the same reader, writer and limits as
+            relayed messages. The Autobahn conformance suite needs it.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    echo: bool = False
+
+
 class Settings(BaseSettings):
     """Every setting relayd has, one section per table of ``config/relayd.toml``.
 
@@ -139,6 +154,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
 
     @classmethod
     def settings_customise_sources(

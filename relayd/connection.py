@@ -42,7 +42,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from relayd.config import LimitsSettings
 from relayd.errors import CloseCode, EnvelopeError, ErrorCode
-from relayd.outbox import Outbox
+from relayd.outbox import Frame, Outbox
 from relayd.protocol import Dialect, decode_envelope, error_frame, welcome_frame
 from relayd.ratelimit import RateLimiter, Verdict
 from relayd.router import Peer, Relay, Reply, Router, RouterClosed
@@ -73,6 +73,8 @@ class Connection:
         conn: the connection's number in this process, for logs.
         client_id: the id the client is addressed by.
         dialect: the dialect chosen at the handshake.
+        echo: serve the diagnostic echo route: no id, not routable, every
+            message comes back to its sender through the router and writer.
         router: where messages go.
         limits: the limits in force.
         log: a logger already bound with nothing connection-specific.
@@ -90,6 +92,7 @@ class Connection:
         conn: int,
         client_id: str,
         dialect: Dialect,
+        echo: bool = False,
         router: Router,
         limits: LimitsSettings,
         log: structlog.typing.FilteringBoundLogger,
@@ -103,12 +106,13 @@ class Connection:
         self._limits = limits
         self._log = log
         self._log_messages = log_messages
+        self._echo = echo
         self._open_fields = {
             "conn": conn,
             "id": client_id,
             "peer": peer_address,
             "origin": origin,
-            "dialect": dialect.value,
+            "dialect": "echo" if echo else dialect.value,
             "user_agent": user_agent,
         }
         self.peer = Peer(
@@ -171,8 +175,9 @@ class Connection:
 
     async def _serve(self) -> None:
         try:
-            await self._send(welcome_frame(self.peer.dialect, self.peer.client_id))
-            self._router.register(self.peer)
+            if not self._echo:
+                await self._send(welcome_frame(self.peer.dialect, self.peer.client_id))
+                self._router.register(self.peer)
         except ConnectionClosed:
             return
         except RouterClosed:
@@ -211,23 +216,28 @@ class Connection:
                 self.bytes_in += size
                 verdict = limiter.check(now)
                 error: EnvelopeError | None = None
+                echo: Reply | None = None
                 if verdict is Verdict.CLOSE:
                     self._limit_exceeded("messages_per_second", "close")
                     self.close_soon(CloseCode.POLICY, "rate limit exceeded")
                     return
                 if verdict is Verdict.REFUSE:
                     error = EnvelopeError(ErrorCode.RATE_LIMITED, _RATE_DETAIL)
-                elif isinstance(data, bytes):
-                    error = EnvelopeError(ErrorCode.UNSUPPORTED_DATA, _BINARY_DETAIL)
                 elif size > max_bytes:
                     error = EnvelopeError(ErrorCode.MESSAGE_TOO_LARGE, _too_large(max_bytes))
+                elif self._echo:
+                    echo = Reply(peer, data)
+                elif isinstance(data, bytes):
+                    error = EnvelopeError(ErrorCode.UNSUPPORTED_DATA, _BINARY_DETAIL)
                 else:
                     try:
                         envelope = decode_envelope(data)
                     except EnvelopeError as exc:
                         error = exc
                 try:
-                    if error is None:
+                    if echo is not None:
+                        await self._router.route(echo)
+                    elif error is None:
                         await self._router.route(Relay(peer, envelope, size))
                     else:
                         if self._log_messages:
@@ -250,11 +260,11 @@ class Connection:
         except ConnectionClosed:
             return
 
-    async def _send(self, frame: str) -> None:
+    async def _send(self, frame: Frame) -> None:
         await self._ws.send_message(frame)
         self._last_activity = trio.current_time()
         self.messages_out += 1
-        self.bytes_out += _utf8_len(frame)
+        self.bytes_out += len(frame) if isinstance(frame, bytes) else _utf8_len(frame)
 
     async def _timers(self, nursery: trio.Nursery) -> None:
         limits = self._limits

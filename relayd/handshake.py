@@ -15,7 +15,10 @@ from collections.abc import Sequence
 
 from relayd.protocol import V1_SUBPROTOCOL, Dialect, choose_dialect
 
-__all__ = ["Accept", "Capacity", "Reject", "decide"]
+__all__ = ["ECHO_PATH", "Accept", "Capacity", "Reject", "decide"]
+
+#: Where the diagnostic echo route listens when ``diagnostics.echo`` is on.
+ECHO_PATH = "/echo"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -23,6 +26,7 @@ class Accept:
     """Complete the handshake in ``dialect`` (selecting its subprotocol, if any)."""
 
     dialect: Dialect
+    echo: bool = False  # the diagnostic echo route, not the relay
 
     @property
     def subprotocol(self) -> str | None:
@@ -85,6 +89,8 @@ def decide(
     capacity: Capacity,
     client_ip: str,
     offered_subprotocols: Sequence[str],
+    path: str = "/",
+    echo_route: bool = False,
 ) -> Accept | Reject:
     """Decide one handshake.
 
@@ -93,6 +99,9 @@ def decide(
         capacity: the open-connection counts, this connection included.
         client_ip: the peer's address.
         offered_subprotocols: ``Sec-WebSocket-Protocol`` values, in order.
+        path: the request target.
+        echo_route: whether ``/echo`` is the diagnostic echo route; if not,
+            it is a relay path like any other.
 
     Returns:
         ``Reject(503)`` while draining or over a connection limit,
@@ -104,6 +113,8 @@ def decide(
     refusal = capacity.refusal(client_ip)
     if refusal is not None:
         return Reject(503, refusal)
+    if echo_route and path.partition("?")[0] == ECHO_PATH:
+        return Accept(Dialect.SEED, echo=True)
     dialect = choose_dialect(offered_subprotocols)
     if dialect is Dialect.SEED and offered_subprotocols:
         # Selecting none of the offered subprotocols makes browsers and most

@@ -77,6 +77,7 @@ class Gate:
         limits: the limits in force.
         log: the daemon's logger.
         log_messages: whether connections log the messages they refuse.
+        echo_route: serve the diagnostic echo route at ``/echo``.
         new_id: makes client ids (replaceable in tests).
     """
 
@@ -87,9 +88,11 @@ class Gate:
         log: structlog.typing.FilteringBoundLogger,
         *,
         log_messages: bool = True,
+        echo_route: bool = False,
         new_id: Callable[[], str] = new_client_id,
     ) -> None:
         self._log_messages = log_messages
+        self._echo_route = echo_route
         self._router = router
         self._limits = limits
         self._log = log
@@ -154,6 +157,8 @@ class Gate:
             capacity=self.capacity,
             client_ip=attempt.ip,
             offered_subprotocols=request.proposed_subprotocols,
+            path=request.path,
+            echo_route=self._echo_route,
         )
         if not isinstance(decision, Accept):
             self._log.info(
@@ -187,6 +192,7 @@ class Gate:
             conn=conn,
             client_id=self._new_id(),
             dialect=decision.dialect,
+            echo=decision.echo,
             router=self._router,
             limits=self._limits,
             log=self._log,

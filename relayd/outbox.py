@@ -20,7 +20,10 @@ from collections.abc import Callable
 
 import trio
 
-__all__ = ["Outbox"]
+__all__ = ["Frame", "Outbox"]
+
+#: What a writer sends: text frames, or binary ones on the echo route.
+Frame = str | bytes
 
 
 class Outbox:
@@ -43,12 +46,12 @@ class Outbox:
         slow_consumer_timeout_s: float,
         on_stuck_deadline: Callable[[float], None],
     ) -> None:
-        self._send, self.receive = trio.open_memory_channel[str](capacity)
+        self._send, self.receive = trio.open_memory_channel[Frame](capacity)
         self._timeout = slow_consumer_timeout_s
         self._on_stuck_deadline = on_stuck_deadline
         self._full_since: float | None = None
 
-    def offer(self, frame: str) -> bool:
+    def offer(self, frame: Frame) -> bool:
         """Queue ``frame`` if there is room; never waits.
 
         Returns:

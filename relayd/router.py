@@ -27,7 +27,7 @@ import structlog
 import trio
 
 from relayd.errors import RelaydError
-from relayd.outbox import Outbox
+from relayd.outbox import Frame, Outbox
 from relayd.protocol import Dialect, Envelope, ack_frame, delivery_frame, error_frame
 from relayd.routing import Outcome, RoutingTable, outcome_of
 
@@ -86,10 +86,10 @@ class Relay:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply:
-    """A frame for one connection that its own reader produced (an error)."""
+    """A frame for one connection that its own reader produced (an error, an echo)."""
 
     recipient: Peer
-    frame: str
+    frame: Frame
 
 
 Inbound = Relay | Reply

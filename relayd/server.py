@@ -63,7 +63,11 @@ class Server:
             log_bodies=settings.log.bodies,
         )
         self._gate = Gate(
-            self._router, settings.limits, self._log, log_messages=settings.log.messages
+            self._router,
+            settings.limits,
+            self._log,
+            log_messages=settings.log.messages,
+            echo_route=settings.diagnostics.echo,
         )
         self._stop = trio.Event()
         self._stop_reason = ""

@@ -57,6 +57,13 @@ class Client:
                 return frames, reason.code if reason is not None else 1006
 
 
+def split_url(url: str) -> tuple[str, int, str]:
+    """``ws://host:port/path`` -> (host, port, path)."""
+    address, _, path = url.removeprefix("ws://").partition("/")
+    host, port = address.rsplit(":", 1)
+    return host, int(port), "/" + path
+
+
 @asynccontextmanager
 async def connect(url: str, *, v1: bool = False) -> AsyncIterator[Client]:
     """Connect, read the welcome frame, and close on exit.
@@ -65,13 +72,13 @@ async def connect(url: str, *, v1: bool = False) -> AsyncIterator[Client]:
     ``open_websocket_url``: trio-websocket's client leaves its socket open
     when the server sent the close frame first.
     """
-    host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+    host, port, path = split_url(url)
     subprotocols = ["relayd.v1"] if v1 else []
     async with (
-        await trio.open_tcp_stream(host, int(port)) as stream,
+        await trio.open_tcp_stream(host, port) as stream,
         trio.open_nursery() as nursery,
     ):
-        ws = await wrap_client_stream(nursery, stream, host, "/", subprotocols=subprotocols)
+        ws = await wrap_client_stream(nursery, stream, host, path, subprotocols=subprotocols)
         try:
             first = await ws.get_message()
             assert isinstance(first, str)

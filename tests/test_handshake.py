@@ -132,3 +132,29 @@ def test_decide_refuses_an_offer_without_relayd_v1_with_400(offered: tuple[str, 
 )
 def test_accept_subprotocol(dialect: Dialect, subprotocol: str | None) -> None:
     assert Accept(dialect).subprotocol == subprotocol
+
+
+@pytest.mark.parametrize(
+    ("path", "enabled", "expected"),
+    [
+        ("/echo", True, Accept(Dialect.SEED, echo=True)),
+        ("/echo?case=1", True, Accept(Dialect.SEED, echo=True)),
+        ("/echo", False, Accept(Dialect.SEED)),  # off: a relay path like any other
+        ("/", True, Accept(Dialect.SEED)),
+        ("/echoes", True, Accept(Dialect.SEED)),
+    ],
+)
+def test_decide_serves_the_echo_route_only_when_enabled(
+    path: str, enabled: bool, expected: Accept
+) -> None:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    decision = decide(
+        draining=False,
+        capacity=capacity,
+        client_ip=IP,
+        offered_subprotocols=(),
+        path=path,
+        echo_route=enabled,
+    )
+    assert decision == expected

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import structlog
 import trio
+from trio_websocket import wrap_client_stream
 
+from relayd.config import DiagnosticsSettings
 from relayd.router import Inbound, LocalRouter, Relay
 from relayd.server import Server
 from tests import wire
-from tests.client import Client, connect, running, settings
+from tests.client import Client, connect, running, settings, split_url
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -33,8 +35,7 @@ async def _exchange(url: str) -> None:
 
 
 async def _raw(url: str, data: bytes) -> trio.SocketStream:
-    host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await trio.open_tcp_stream(*split_url(url)[:2])
     await stream.send_all(data)
     return stream
 
@@ -404,3 +405,22 @@ async def test_shutdown_is_bounded_by_the_grace_period() -> None:
     assert grace <= waited < grace + 1.0
     stop = [e for e in events if e["event"] == "server.stop"]
     assert stop[0]["forced"] is True
+
+
+# -- the diagnostic echo route -------------------------------------------------------
+
+
+async def test_echo_route_returns_text_and_binary_and_is_off_by_default() -> None:
+    echo_on = settings().model_copy(update={"diagnostics": DiagnosticsSettings(echo=True)})
+    async with running(Server(echo_on)) as url:
+        host, port, _ = split_url(url)
+        async with await trio.open_tcp_stream(host, port) as stream, trio.open_nursery() as n:
+            ws = await wrap_client_stream(n, stream, host, "/echo")
+            messages: list[str | bytes] = ["héllo", b"\x00\xff" * 100, "x" * 1000]
+            for message in messages:
+                await ws.send_message(message)
+                assert await ws.get_message() == message
+            await ws.aclose()
+            n.cancel_scope.cancel()
+    async with running(Server(settings())) as url, connect(url + "echo") as relayed:
+        assert len(relayed.id) == 22  # /echo is a relay path like any other
