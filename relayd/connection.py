@@ -57,6 +57,8 @@ CLOSE_TIMEOUT_S: Final = 5.0
 #: trio-websocket's own reason text when a frame exceeds max_message_size; it
 #: sends the 1009 close itself, so this is how relayd learns it was the closer.
 _TOO_BIG_PREFIX: Final = "Exceeded maximum message size"
+#: Protocol error (1002) and invalid frame payload data (1007).
+_PROTOCOL_ERRORS: Final = frozenset({1002, 1007})
 
 
 def _utf8_len(text: str) -> int:
@@ -331,6 +333,10 @@ class Connection:
             code, reason, closed_by = CloseCode.ABNORMAL, "", "server"
         elif closed.code == CloseCode.TOO_BIG and (closed.reason or "").startswith(_TOO_BIG_PREFIX):
             self._limit_exceeded("max_message_bytes", "close")
+            code, reason, closed_by = closed.code, closed.reason or "", "server"
+        elif closed.code in _PROTOCOL_ERRORS:
+            # The server's frame parser detected it (a client that says so
+            # itself is reporting the same thing).
             code, reason, closed_by = closed.code, closed.reason or "", "server"
         else:
             code, reason, closed_by = closed.code, closed.reason or "", "client"

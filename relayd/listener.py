@@ -174,7 +174,7 @@ class Gate:
             return
         headers = _headers(request)
         try:
-            attempt.ws = await request.accept(subprotocol=decision.subprotocol)
+            attempt.ws = server_stream.ws = await request.accept(subprotocol=decision.subprotocol)
             server_stream.open()
         except ConnectionClosed:
             # The client's first frames, sent along with its request, already

@@ -32,7 +32,9 @@ send a reset, which destroys the client's copy of what relayd sent last (a
 1009 close after an oversized frame, a 1002 after a protocol error, a 503
 response to a request that came with a body). :meth:`ServerStream.aclose`
 sends FIN, reads and discards until the client's EOF, then closes; bounded by
-:data:`LINGER_S`, and skipped when another task is still reading.
+:data:`LINGER_S`, and skipped when another task is still reading. Before that
+it sends the 1002/1007 close frame trio-websocket leaves out when the client
+broke the protocol.
 """
 
 from __future__ import annotations
@@ -42,10 +44,16 @@ from collections.abc import Callable
 from typing import Final
 
 import trio
+from trio_websocket import WebSocketConnection
 
-__all__ = ["LINGER_S", "ServerStream"]
+__all__ = ["LINGER_S", "ServerStream", "close_frame"]
 
 _END_OF_HEAD: Final = b"\r\n\r\n"
+_CLOSE_FRAME_HEAD: Final = b"\x88"  # FIN + opcode 8
+#: Close codes wsproto reports for a client frame that breaks the protocol.
+_PROTOCOL_ERRORS: Final = frozenset({1002, 1007})
+#: A control frame's payload is at most 125 bytes, two of them the code.
+_MAX_CLOSE_REASON: Final = 123
 #: How long a closing connection may keep sending before relayd resets it.
 LINGER_S: Final = 2.0
 _LINGER_READ: Final = 65536
@@ -65,8 +73,11 @@ class ServerStream(trio.abc.Stream):
         #: Called once when the stream is closed (by trio-websocket, after it
         #: answered a malformed request itself).
         self.on_close: Callable[[], None] | None = None
+        #: The WebSocket over this stream, once accepted (see :meth:`aclose`).
+        self.ws: WebSocketConnection | None = None
         self._opened = trio.Event()
         self._closing = False
+        self._close_sent = False
         self._head_seen = False
         self._tail = b""  # the last bytes passed, to find the end of head across reads
         self._held: bytes | bytearray = b""
@@ -101,9 +112,13 @@ class ServerStream(trio.abc.Stream):
         return data[:cut]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send on the wrapped stream, noting the status of the handshake response."""
+        """Send on the wrapped stream, noting the handshake status and any close frame."""
         if self.response_status is None:
             self.response_status = _status_of(bytes(data[:12]))
+        elif data[:1] == _CLOSE_FRAME_HEAD:
+            # trio-websocket writes each frame with one send_all, so a write
+            # that starts like a close frame is one.
+            self._close_sent = True
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -123,11 +138,30 @@ class ServerStream(trio.abc.Stream):
                     trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
                 ),
             ):
+                await self._answer_protocol_error()
                 if isinstance(self._stream, trio.abc.HalfCloseableStream):
                     await self._stream.send_eof()
                 while await self._stream.receive_some(_LINGER_READ):
                     pass
         await trio.aclose_forcefully(self._stream)
+
+    async def _answer_protocol_error(self) -> None:
+        # wsproto reports a frame that breaks RFC 6455 (unmasked, reserved
+        # bits, invalid UTF-8) as if the client had closed with 1002 or 1007,
+        # and trio-websocket then closes the stream without sending the close
+        # frame RFC 6455 §7.1.7 asks for. Send it here, once, so the client
+        # learns why; a real close from the client was already echoed.
+        closed = self.ws.closed if self.ws is not None else None
+        if self._close_sent or closed is None or closed.code not in _PROTOCOL_ERRORS:
+            return
+        self._close_sent = True
+        await self._stream.send_all(close_frame(closed.code, closed.reason or ""))
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """An unmasked (server) close frame; ``reason`` is cut to fit 125 bytes."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:_MAX_CLOSE_REASON]
+    return _CLOSE_FRAME_HEAD + bytes([len(payload)]) + payload
 
 
 def _status_of(head: bytes) -> int | None:

@@ -250,18 +250,26 @@ async def test_bad_handshakes_get_an_http_status_and_a_log_event(
     assert rejected["status"] == status
 
 
-async def test_a_protocol_error_ends_only_that_connection_and_is_logged_with_1002() -> None:
-    # An unmasked client frame breaks RFC 6455. (wsproto reports it as if the
-    # client had closed with 1002 and trio-websocket then closes the TCP
-    # connection without sending a close frame: docs/protocol.md says so.)
+@pytest.mark.parametrize(
+    ("bad_frame", "code"),
+    [
+        pytest.param(wire.frame(wire.OP_TEXT, b"{}", mask=False), 1002, id="unmasked"),
+        pytest.param(wire.frame(wire.OP_TEXT, b"{}", rsv=4), 1002, id="reserved-bit"),
+        pytest.param(wire.frame(0x3, b"{}"), 1002, id="reserved-opcode"),
+        pytest.param(wire.frame(wire.OP_TEXT, b'"\xff\xfe"'), 1007, id="invalid-utf8"),
+    ],
+)
+async def test_a_protocol_error_gets_a_close_frame_and_ends_only_that_connection(
+    bad_frame: bytes, code: int
+) -> None:
     with structlog.testing.capture_logs() as events:
         async with running(Server(settings())) as url:
-            frame = wire.frame(wire.OP_TEXT, b'{"to": "x", "message": 1}', mask=False)
-            reply = await _send_and_read(url, wire.upgrade_request() + frame)
+            reply = await _send_and_read(url, wire.upgrade_request() + bad_frame)
             assert reply.startswith(b"HTTP/1.1 101 ")
+            assert _close_code(reply) == code
             await _exchange(url)
     close = next(e for e in events if e["event"] == "connection.close")
-    assert (close["code"], close["reason"]) == (1002, "server received unexpected unmasked frame")
+    assert (close["code"], close["closed_by"]) == (code, "server")
 
 
 # -- limits -------------------------------------------------------------------------
