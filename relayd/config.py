@@ -90,6 +90,8 @@ class LimitsSettings(BaseModel):
         messages_per_second: sustained messages a connection may send.
         message_burst: messages a connection may send at once (the token bucket's size).
         handshake_timeout_s: time allowed for the opening handshake.
+        max_header_bytes: largest HTTP request head (request line and headers) of a
+            handshake; larger ones are answered 431.
         idle_timeout_s: close a connection silent this long; 0 turns it off.
         ping_interval_s: seconds between server pings; 0 turns pings off.
         pong_timeout_s: time allowed for the pong to a ping.
@@ -105,6 +107,7 @@ class LimitsSettings(BaseModel):
     messages_per_second: float = Field(default=50.0, gt=0)
     message_burst: int = Field(default=100, gt=0)
     handshake_timeout_s: float = Field(default=10.0, gt=0)
+    max_header_bytes: int = Field(default=16384, ge=1024)
     idle_timeout_s: float = Field(default=3600.0, ge=0)
     ping_interval_s: float = Field(default=30.0, ge=0)
     pong_timeout_s: float = Field(default=15.0, gt=0)

@@ -114,7 +114,7 @@ class Gate:
         if address is None:  # reset before it could be looked at: nobody to serve
             await trio.aclose_forcefully(stream)
             return
-        server_stream = ServerStream(stream)
+        server_stream = ServerStream(stream, self._limits.max_header_bytes)
         attempt = _Attempt(conn=next(self._numbers), address=address, ip=_ip_of(address))
         self.capacity.opened(attempt.ip)
         try:
@@ -225,7 +225,7 @@ class Gate:
                 receive_buffer_size=_RECEIVE_BYTES,
             )
         if stream.response_status is not None:
-            status, reason = stream.response_status, "malformed WebSocket request"
+            status, reason = stream.response_status, stream.refusal or "malformed WebSocket request"
         else:
             status, reason = 408, "no complete request within handshake_timeout_s"
             with (

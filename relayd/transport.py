@@ -22,6 +22,10 @@ decoded like any others, under the same limits: a 4 MiB first frame against a
 by one ``receive_some`` (the reader does not ask for more until the gate
 opens).
 
+**Bounding the request head.** A request head (request line and headers) over
+``max_head_bytes`` is answered ``431 Request Header Fields Too Large`` as soon
+as the limit is passed, before the WebSocket layer buffers or parses it.
+
 **Observing the handshake.** It tells the listener how trio-websocket answered
 a request it could not parse (:attr:`ServerStream.response_status`,
 :attr:`ServerStream.on_close`), so that refusal is logged with its real status
@@ -49,6 +53,10 @@ from trio_websocket import WebSocketConnection
 __all__ = ["LINGER_S", "ServerStream", "close_frame"]
 
 _END_OF_HEAD: Final = b"\r\n\r\n"
+_HEAD_TOO_LARGE: Final = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Connection: close\r\nContent-Length: 0\r\n\r\n"
+)
 _CLOSE_FRAME_HEAD: Final = b"\x88"  # FIN + opcode 8
 #: Close codes wsproto reports for a client frame that breaks the protocol.
 _PROTOCOL_ERRORS: Final = frozenset({1002, 1007})
@@ -66,12 +74,17 @@ class ServerStream(trio.abc.Stream):
     most :data:`LINGER_S`. Cancelling :meth:`aclose` still closes the stream.
     """
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, max_head_bytes: int = 16384) -> None:
         self._stream = stream
+        self._max_head_bytes = max_head_bytes
+        self._head_bytes = 0
         #: The HTTP status of the handshake response, once one was sent.
         self.response_status: int | None = None
-        #: Called once when the stream is closed (by trio-websocket, after it
-        #: answered a malformed request itself).
+        #: Why the request was refused below the WebSocket layer, if it was.
+        self.refusal: str | None = None
+        #: Called once when the stream is closed or the request refused (by
+        #: trio-websocket, after it answered a malformed request itself, or
+        #: here, for a request head over the size limit).
         self.on_close: Callable[[], None] | None = None
         #: The WebSocket over this stream, once accepted (see :meth:`aclose`).
         self.ws: WebSocketConnection | None = None
@@ -100,16 +113,33 @@ class ServerStream(trio.abc.Stream):
                 held, self._held = self._held, b""
                 return held
             return await self._stream.receive_some(max_bytes)
+        if self.refusal is not None:
+            return b""
         data = await self._stream.receive_some(max_bytes)
         window = self._tail + data
         end = window.find(_END_OF_HEAD)
+        cut = len(data) if end < 0 else end + len(_END_OF_HEAD) - len(self._tail)
+        self._head_bytes += cut
+        if self._head_bytes > self._max_head_bytes:
+            await self._refuse_head()
+            return b""
         if end < 0:
             self._tail = window[-(len(_END_OF_HEAD) - 1) :]
             return data
         self._head_seen = True
-        cut = end + len(_END_OF_HEAD) - len(self._tail)
         self._held = data[cut:]
         return data[:cut]
+
+    async def _refuse_head(self) -> None:
+        # Answer here, below trio-websocket: it would buffer the whole head
+        # first. To it the client has simply gone away.
+        self.refusal = f"request head over {self._max_head_bytes} bytes"
+        self.response_status = 431
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._stream.send_all(_HEAD_TOO_LARGE)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send on the wrapped stream, noting the handshake status and any close frame."""

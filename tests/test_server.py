@@ -236,6 +236,14 @@ async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest()
             400,
             id="foreign-subprotocol",
         ),
+        pytest.param(
+            wire.upgrade_request(extra=[(f"X-Header-{i}", "v") for i in range(2000)]),
+            431,
+            id="2000-headers",
+        ),
+        pytest.param(
+            wire.upgrade_request(extra=[("X-Big", "a" * 200_000)]), 431, id="200KB-header"
+        ),
     ],
 )
 async def test_bad_handshakes_get_an_http_status_and_a_log_event(
