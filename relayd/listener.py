@@ -46,7 +46,7 @@ from relayd.connection import CLOSE_TIMEOUT_S, Connection
 from relayd.errors import CloseCode
 from relayd.handshake import Accept, Capacity, decide
 from relayd.router import Router
-from relayd.transport import ServerStream
+from relayd.transport import ServerStream, http_response
 
 __all__ = ["Gate", "new_client_id"]
 
@@ -57,9 +57,6 @@ _TRANSPORT_QUEUE: Final = 1
 #: Bytes asked of the socket per read. 64 KiB lets one read take a burst of
 #: small frames (trio-websocket's default is 4 KiB).
 _RECEIVE_BYTES: Final = 65536
-_REQUEST_TIMEOUT: Final = (
-    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-)
 #: Bits of randomness in a client id: unguessable, so ids cannot be forged.
 _ID_BYTES: Final = 16
 
@@ -100,11 +97,14 @@ class Gate:
         self._numbers = itertools.count(1)
         self.capacity = Capacity(limits.max_connections, limits.max_connections_per_ip)
         self.connections: set[Connection] = set()
+        self._reading: set[trio.CancelScope] = set()  # handshakes not yet read in full
         self.draining = False
 
     def drain(self) -> None:
-        """Refuse new handshakes with 503 and drain every open connection."""
+        """Refuse handshakes with 503, in progress or new, and drain every open connection."""
         self.draining = True
+        for waiting in self._reading:
+            waiting.cancel()
         for connection in self.connections:
             connection.drain()
 
@@ -129,7 +129,7 @@ class Gate:
             await self._fail(attempt, group)
         finally:
             self.capacity.closed(attempt.ip)
-            await server_stream.aclose()
+            await server_stream.close_gracefully()
 
     async def _fail(self, attempt: _Attempt, group: BaseExceptionGroup[Exception]) -> None:
         leaf = _first_leaf(group)
@@ -216,23 +216,31 @@ class Gate:
             # trio-websocket answers a request it cannot parse by itself (400,
             # or 426 for another WebSocket version) and closes the stream
             # without ever producing a request: stop waiting when it does.
+            # drain() stops the wait too.
             stream.on_close = waiting.cancel
-            return await wrap_server_stream(
-                transport,
-                stream,
-                message_queue_size=_TRANSPORT_QUEUE,
-                max_message_size=self._limits.max_message_bytes,
-                receive_buffer_size=_RECEIVE_BYTES,
-            )
+            self._reading.add(waiting)
+            try:
+                return await wrap_server_stream(
+                    transport,
+                    stream,
+                    message_queue_size=_TRANSPORT_QUEUE,
+                    max_message_size=self._limits.max_message_bytes,
+                    receive_buffer_size=_RECEIVE_BYTES,
+                )
+            finally:
+                self._reading.discard(waiting)
         if stream.response_status is not None:
             status, reason = stream.response_status, stream.refusal or "malformed WebSocket request"
         else:
-            status, reason = 408, "no complete request within handshake_timeout_s"
+            if self.draining:
+                status, reason = 503, "server shutting down"
+            else:
+                status, reason = 408, "no complete request within handshake_timeout_s"
             with (
                 trio.move_on_after(CLOSE_TIMEOUT_S),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
             ):
-                await stream.send_all(_REQUEST_TIMEOUT)
+                await stream.send_all(http_response(status, reason))
         self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
         return None
 

@@ -34,7 +34,7 @@ a request it could not parse (:attr:`ServerStream.response_status`,
 **Closing gracefully.** Closing a socket with unread input makes the kernel
 send a reset, which destroys the client's copy of what relayd sent last (a
 1009 close after an oversized frame, a 1002 after a protocol error, a 503
-response to a request that came with a body). :meth:`ServerStream.aclose`
+response to a request that came with a body). :meth:`ServerStream.close_gracefully`
 sends FIN, reads and discards until the client's EOF, then closes; bounded by
 :data:`LINGER_S`, and skipped when another task is still reading. Before that
 it sends the 1002/1007 close frame trio-websocket leaves out when the client
@@ -45,18 +45,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Final
 
 import trio
 from trio_websocket import WebSocketConnection
 
-__all__ = ["LINGER_S", "ServerStream", "close_frame"]
+__all__ = ["LINGER_S", "ServerStream", "close_frame", "http_response"]
 
 _END_OF_HEAD: Final = b"\r\n\r\n"
-_HEAD_TOO_LARGE: Final = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"Connection: close\r\nContent-Length: 0\r\n\r\n"
-)
 _CLOSE_FRAME_HEAD: Final = b"\x88"  # FIN + opcode 8
 #: Close codes wsproto reports for a client frame that breaks the protocol.
 _PROTOCOL_ERRORS: Final = frozenset({1002, 1007})
@@ -70,8 +67,10 @@ _LINGER_READ: Final = 65536
 class ServerStream(trio.abc.Stream):
     """Wraps ``stream``; receives stop at the end of the HTTP request head until opened.
 
-    Resource handling: owns ``stream``; :meth:`aclose` closes it, lingering at
-    most :data:`LINGER_S`. Cancelling :meth:`aclose` still closes the stream.
+    Resource handling: owns ``stream``; its owner must call
+    :meth:`close_gracefully` once the WebSocket layer has stopped, which closes
+    it within :data:`LINGER_S`. :meth:`aclose` (the WebSocket layer's call)
+    only notes that the layer is done.
     """
 
     def __init__(self, stream: trio.abc.Stream, max_head_bytes: int = 16384) -> None:
@@ -136,7 +135,7 @@ class ServerStream(trio.abc.Stream):
         self.refusal = f"request head over {self._max_head_bytes} bytes"
         self.response_status = 431
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._stream.send_all(_HEAD_TOO_LARGE)
+            await self._stream.send_all(http_response(431, self.refusal))
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close()
@@ -156,10 +155,23 @@ class ServerStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        """Close gracefully (see the module docstring); idempotent."""
+        """Note that the WebSocket layer is done with the stream; the owner closes it.
+
+        trio-websocket calls this from its reader task, which the owner may be
+        cancelling at that very moment; closing here could be cut short
+        half-way. So the close itself is :meth:`close_gracefully`, called once
+        by the owner after the WebSocket layer has stopped.
+        """
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close()
+        await trio.lowlevel.checkpoint()
+
+    async def close_gracefully(self) -> None:
+        """Close (see the module docstring), within :data:`LINGER_S`; idempotent.
+
+        Cancelling it still closes the stream.
+        """
         if not self._closing:
             self._closing = True
             with (
@@ -186,6 +198,16 @@ class ServerStream(trio.abc.Stream):
             return
         self._close_sent = True
         await self._stream.send_all(close_frame(closed.code, closed.reason or ""))
+
+
+def http_response(status: int, body: str) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 response, for refusing a handshake."""
+    data = body.encode()
+    phrase = HTTPStatus(status).phrase
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nConnection: close\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
 
 
 def close_frame(code: int, reason: str) -> bytes:

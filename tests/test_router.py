@@ -40,16 +40,18 @@ class Conn:
         self.peer = Peer(client_id, dialect, outbox, next(CONN_NUMBERS))
 
     def frames(self) -> list[str]:
-        """Take every frame waiting in the outbox (closed or not)."""
+        """Take every frame waiting in the outbox (closed or not); all are text here."""
         frames = []
         while True:
             try:
-                frames.append(self.peer.outbox.receive.receive_nowait())
+                frames.append(self.take_one())
             except (trio.WouldBlock, trio.EndOfChannel):
                 return frames
 
     def take_one(self) -> str:
-        return self.peer.outbox.receive.receive_nowait()
+        frame = self.peer.outbox.receive.receive_nowait()
+        assert isinstance(frame, str), frame
+        return frame
 
 
 def relay(sender: Conn, frame: str) -> Relay:

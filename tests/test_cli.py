@@ -1,0 +1,556 @@
+"""The ``relayd`` command as an operator uses it: flags, exit statuses, signals, stdout/stderr.
+
+Most tests run the real command in a child process (``python -m relayd`` or the ``relayd``
+console script) with an environment free of ``RELAYD_*`` and ``PORT`` and an explicit
+``--config`` file, so neither the caller's environment nor ``/etc/relayd`` can leak in. The
+precedence matrix runs :func:`relayd.cli.main` in-process, where it is quicker.
+
+Nothing sleeps: a reader thread turns the daemon's stdout into a queue of lines, every wait
+is a blocking read with a timeout, and only processes started here are ever signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+import relayd
+from relayd.cli import EX_CONFIG, main
+from relayd.config import Settings
+from tests import wire
+
+#: Bound on any one command that is expected to exit by itself.
+RUN_TIMEOUT_S: Final = 30.0
+#: Bound on waiting for a log event, a frame, or an exit after a signal.
+WAIT_TIMEOUT_S: Final = 20.0
+#: A second signal must end the process well before a drain could: the drains below are
+#: held up for at least ``shutdown_grace_s`` (an hour), so this only has to beat that.
+PROMPT_EXIT_S: Final = 10.0
+
+MODULE: Final = [sys.executable, "-m", "relayd"]
+SCRIPT: Final = [str(Path(sys.executable).parent / "relayd")]
+COMMANDS: Final = [pytest.param(MODULE, id="python-m"), pytest.param(SCRIPT, id="script")]
+
+DEFAULTS: Final[dict[str, Any]] = Settings().model_dump(mode="json")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without anything that configures relayd, plus ``extra``."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("RELAYD_")
+        and name not in {"PORT", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"}
+    }
+    env.update(extra)
+    return env
+
+
+def run(argv: list[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command to its exit, bounded by :data:`RUN_TIMEOUT_S`."""
+    return subprocess.run(
+        argv,
+        env=clean_env() if env is None else env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """An empty config file: the built-in defaults, and /etc/relayd is never read."""
+    path = tmp_path / "relayd.toml"
+    path.write_text("# built-in defaults\n", encoding="utf-8")
+    return path
+
+
+def with_changes(changes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The defaults as JSON, with some keys of some sections changed."""
+    expected: dict[str, Any] = json.loads(json.dumps(DEFAULTS))
+    for section, values in changes.items():
+        expected[section].update(values)
+    return expected
+
+
+# -- --version -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_version_prints_name_and_version(command: list[str]) -> None:
+    result = run([*command, "--version"])
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"relayd {relayd.__version__}\n"
+    assert relayd.__version__[0].isdigit()  # the installed distribution's version
+
+
+def test_version_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"relayd {relayd.__version__}\n"
+
+
+# -- check-config: the effective settings --------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_check_config_prints_the_defaults(command: list[str], config: Path) -> None:
+    result = run([*command, "--config", str(config), "check-config"])
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert json.loads(result.stdout) == DEFAULTS
+
+
+def test_check_config_shows_file_env_and_port_values(config: Path) -> None:
+    config.write_text(
+        '[server]\nhost = "10.1.2.3"\nshutdown_grace_s = 2.5\n'
+        "[limits]\nmax_connections = 7\nidle_timeout_s = 0\n"
+        '[log]\nlevel = "debug"\nbodies = true\n',
+        encoding="utf-8",
+    )
+    env = clean_env(RELAYD_LIMITS__MAX_CONNECTIONS="42", PORT="8123")
+    result = run([*MODULE, "--config", str(config), "check-config"], env=env)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert json.loads(result.stdout) == with_changes(
+        {
+            "server": {"host": "10.1.2.3", "port": 8123, "shutdown_grace_s": 2.5},
+            "limits": {"max_connections": 42, "idle_timeout_s": 0.0},
+            "log": {"level": "debug", "bodies": True},
+        }
+    )
+
+
+@pytest.fixture
+def no_relayd_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """In-process runs read os.environ: clear what would configure relayd."""
+    for name in list(os.environ):
+        if name.startswith("RELAYD_") or name == "PORT":
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def check_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """``relayd <argv>`` in-process; it must succeed and print JSON only."""
+    status = main(argv)
+    out, err = capsys.readouterr()
+    assert (status, err) == (0, ""), err
+    parsed: dict[str, Any] = json.loads(out)
+    return parsed
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["--port", "4444", "--host", "::1", "--log-level", "error", "check-config"]),
+        pytest.param(["check-config", "--port", "4444", "--host", "::1", "--log-level", "error"]),
+        pytest.param(["--port", "4444", "check-config", "--host", "::1", "--log-level", "error"]),
+    ],
+    ids=["flags-before", "flags-after", "flags-both-sides"],
+)
+def test_flags_beat_env_and_file_before_or_after_the_command(
+    argv: list[str],
+    config: Path,
+    no_relayd_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config.write_text(
+        '[server]\nport = 1111\nhost = "file.example"\n[log]\nlevel = "warning"\n'
+        "[limits]\nmax_connections = 5\n",
+        encoding="utf-8",
+    )
+    no_relayd_env.setenv("PORT", "2222")
+    no_relayd_env.setenv("RELAYD_SERVER__PORT", "3333")
+    no_relayd_env.setenv("RELAYD_SERVER__HOST", "env.example")
+    no_relayd_env.setenv("RELAYD_LOG__LEVEL", "debug")
+    effective = check_config(["--config", str(config), *argv], capsys)
+    assert effective == with_changes(
+        {
+            "server": {"port": 4444, "host": "::1"},
+            "limits": {"max_connections": 5},  # from the file: nothing overrides it
+            "log": {"level": "error"},
+        }
+    )
+
+
+def test_env_beats_file_and_relayd_port_beats_plain_port(
+    config: Path, no_relayd_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config.write_text("[server]\nport = 1111\n[limits]\nmax_connections = 5\n", encoding="utf-8")
+    no_relayd_env.setenv("PORT", "2222")
+    no_relayd_env.setenv("RELAYD_LIMITS__MAX_CONNECTIONS", "6")
+    effective = check_config(["--config", str(config), "check-config"], capsys)
+    assert (effective["server"]["port"], effective["limits"]["max_connections"]) == (2222, 6)
+    no_relayd_env.setenv("RELAYD_SERVER__PORT", "3333")
+    effective = check_config(["--config", str(config), "check-config"], capsys)
+    assert effective["server"]["port"] == 3333
+
+
+def test_a_flag_after_the_command_beats_the_same_flag_before_it(
+    config: Path, no_relayd_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    effective = check_config(
+        ["--config", str(config), "--port", "1", "check-config", "--port", "2"], capsys
+    )
+    assert effective["server"]["port"] == 2
+
+
+# -- bad configuration: exit 78, one line on stderr, nothing on stdout ---------------
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert result.returncode == EX_CONFIG == 78, (result.returncode, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "subcommand", [pytest.param(["check-config"], id="check-config"), pytest.param([], id="serve")]
+)
+def test_unknown_key_in_the_file_names_key_and_file(subcommand: list[str], config: Path) -> None:
+    config.write_text("[limits]\nmax_conections = 5\n", encoding="utf-8")
+    result = run([*MODULE, "--config", str(config), "--port", "0", *subcommand])
+    assert_config_error(result, "limits.max_conections", "unknown key", str(config))
+
+
+def test_bad_value_from_env_names_key_and_variable(config: Path) -> None:
+    env = clean_env(RELAYD_LIMITS__MAX_CONNECTIONS="lots")
+    result = run([*MODULE, "--config", str(config), "check-config"], env=env)
+    assert_config_error(
+        result, "limits.max_connections", "from environment RELAYD_LIMITS__MAX_CONNECTIONS"
+    )
+
+
+def test_bad_plain_port_names_port(config: Path) -> None:
+    result = run([*MODULE, "--config", str(config), "check-config"], env=clean_env(PORT="-1"))
+    assert_config_error(result, "server.port", "from environment PORT")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bad_port_flag_names_key_and_command_line(command: list[str], config: Path) -> None:
+    result = run([*command, "--config", str(config), "check-config", "--port", "70000"])
+    assert_config_error(result, "server.port", "from command line", "65535")
+
+
+def test_explicit_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "relayd.toml"
+    result = run([*MODULE, "--config", str(missing), "check-config"])
+    assert_config_error(result, str(missing))
+
+
+def test_invalid_toml_is_a_config_error(config: Path) -> None:
+    config.write_text("[server\nport = 1\n", encoding="utf-8")
+    result = run([*MODULE, "--config", str(config), "check-config"])
+    assert_config_error(result, str(config))
+
+
+def test_config_error_in_process(
+    config: Path, no_relayd_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_relayd_env.setenv("RELAYD_LOG__BODIES", "sometimes")
+    assert main(["--config", str(config), "check-config"]) == EX_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "log.bodies" in err
+    assert "RELAYD_LOG__BODIES" in err
+
+
+# -- serving -------------------------------------------------------------------------
+
+
+class Daemon:
+    """A relayd child process; a thread queues its stdout lines as they arrive."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.events: list[dict[str, Any]] = []
+        self.stdout: list[str] = []
+        self._stderr = ""
+        self._readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self._stderr = self.proc.stderr.read()
+
+    def wait_event(self, name: str, timeout: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
+        """Read stdout lines until the event ``name``; every line must be a JSON object."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no {name} within {timeout}s; stdout so far: {self.stdout}")
+            if line is None:
+                pytest.fail(f"stdout closed before {name}: {self.stdout}, {self.stderr()}")
+            self.stdout.append(line)
+            event = json.loads(line)
+            assert isinstance(event, dict), line
+            self.events.append(event)
+            if event.get("event") == name:
+                return event
+
+    def wait_exit(self, timeout: float = WAIT_TIMEOUT_S) -> int:
+        """The exit status; then the rest of stdout is read and parsed into :attr:`events`."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(queue.Empty):
+                while (line := self.lines.get_nowait()) is not None:
+                    self.stdout.append(line)
+            pytest.fail(f"relayd did not exit within {timeout}s; stdout: {self.stdout}")
+        while (line := self.lines.get(timeout=WAIT_TIMEOUT_S)) is not None:
+            self.stdout.append(line)
+            self.events.append(json.loads(line))
+        return code
+
+    def stderr(self) -> str:
+        """Everything written on stderr, once the process has exited."""
+        if self.proc.poll() is None:
+            return "(still running)"
+        self._readers[1].join(timeout=WAIT_TIMEOUT_S)
+        return self._stderr
+
+    def signal(self, signum: signal.Signals) -> None:
+        """Send ``signum`` to this child, by its pid."""
+        assert self.proc.poll() is None, "relayd exited early"
+        os.kill(self.proc.pid, signum)
+
+    def close(self) -> None:
+        """Kill the child if a failed test left it running; release the pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=WAIT_TIMEOUT_S)
+        for reader in self._readers:
+            reader.join(timeout=WAIT_TIMEOUT_S)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextmanager
+def serving(command: list[str], config: Path) -> Iterator[tuple[Daemon, int]]:
+    """``relayd`` (no subcommand) on a free loopback port; yields it once ready, and its port."""
+    daemon = Daemon([*command, "--config", str(config), "--port", "0", "--host", "127.0.0.1"])
+    try:
+        ready = daemon.wait_event("server.ready")
+        port = ready["port"]
+        assert isinstance(port, int)
+        assert port > 0
+        yield daemon, port
+    finally:
+        daemon.close()
+
+
+class RawClient:
+    """A blocking WebSocket client on a plain socket, so it can stop reading at will."""
+
+    def __init__(self, port: int, *, v1: bool = False) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S)
+        extra = [("Sec-WebSocket-Protocol", "relayd.v1")] if v1 else []
+        self.sock.sendall(wire.upgrade_request(extra=extra))
+        self._buffer = b""
+        head = self._read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        welcome = self.recv_text()
+        self.id: str = json.loads(welcome)["id"] if v1 else welcome
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while (end := self._buffer.find(marker)) < 0:
+            self._fill()
+        head, self._buffer = self._buffer[: end + len(marker)], self._buffer[end + len(marker) :]
+        return head
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the TCP connection")
+        self._buffer += chunk
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        """The next frame from the server (unmasked, unfragmented): opcode and payload."""
+        first, second = self._take(2)
+        length = second & 0x7F
+        if length == 126:
+            length = int.from_bytes(self._take(2), "big")
+        elif length == 127:
+            length = int.from_bytes(self._take(8), "big")
+        return first & 0x0F, self._take(length)
+
+    def recv_text(self) -> str:
+        opcode, payload = self.recv_frame()
+        assert opcode == wire.OP_TEXT, (opcode, payload)
+        return payload.decode()
+
+    def close_code(self) -> int:
+        """Read frames until the server's close frame, answer it, and return its code."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == wire.OP_CLOSE:
+                self.sock.sendall(wire.frame(wire.OP_CLOSE, payload[:2]))  # the close reply
+                return int.from_bytes(payload[:2], "big")
+
+    def send_json(self, value: object) -> None:
+        self.sock.sendall(wire.frame(wire.OP_TEXT, json.dumps(value).encode()))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "signum"),
+    [
+        pytest.param(SCRIPT, signal.SIGTERM, id="script-SIGTERM"),
+        pytest.param(MODULE, signal.SIGINT, id="python-m-SIGINT"),
+    ],
+)
+def test_serves_until_a_signal_then_exits_0(
+    command: list[str], signum: signal.Signals, config: Path
+) -> None:
+    with serving(command, config) as (daemon, port):
+        client = RawClient(port)  # it binds: a WebSocket client connects and gets an id
+        try:
+            assert len(client.id) == 22
+            daemon.signal(signum)
+            assert client.close_code() == 1001
+        finally:
+            client.close()
+        assert daemon.wait_exit() == 0, daemon.stderr()
+    assert daemon.stderr() == ""
+    assert [e["event"] for e in daemon.events[:2]] == ["server.start", "server.ready"]
+    stop = daemon.events[-1]
+    assert stop["event"] == "server.stop", daemon.events
+    assert stop["forced"] is False
+    assert signum.name in stop["reason"]
+    with pytest.raises(OSError):  # noqa: PT011 - any refusal will do: nobody listens
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S).close()
+
+
+@pytest.mark.parametrize("hang_up", [True, False], ids=["probe-closed", "probe-idle"])
+def test_a_tcp_connection_without_a_handshake_does_not_hold_up_shutdown(
+    hang_up: bool, config: Path
+) -> None:
+    # Load balancers and port checks connect and send nothing. On SIGTERM relayd answers
+    # handshakes in progress with 503 and drains: such a connection must not keep it
+    # waiting for handshake_timeout_s or shutdown_grace_s (an hour each here).
+    config.write_text(
+        "[server]\nshutdown_grace_s = 3600\n[limits]\nhandshake_timeout_s = 3600\n",
+        encoding="utf-8",
+    )
+    with serving(MODULE, config) as (daemon, port):
+        probe = socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S)
+        try:
+            if hang_up:
+                probe.close()
+            # A complete connection after the probe: the probe was accepted before it.
+            RawClient(port).close()
+            daemon.signal(signal.SIGTERM)
+            code = daemon.wait_exit()
+        finally:
+            probe.close()
+    assert code == 0, daemon.stderr()
+    stop = daemon.events[-1]
+    assert stop["event"] == "server.stop", daemon.events
+    assert stop["forced"] is False
+
+
+def test_a_second_signal_during_a_stuck_drain_exits_at_once_with_128_plus_signum(
+    config: Path,
+) -> None:
+    # The drain cannot finish: one client never reads, its outbox is full and relayd's
+    # writer is blocked on a full socket, with an hour of grace to wait for it.
+    config.write_text(
+        "[server]\nshutdown_grace_s = 3600\n"
+        "[limits]\noutbox_messages = 4\nslow_consumer_timeout_s = 3600\n"
+        "messages_per_second = 10000\nmessage_burst = 10000\nmax_message_bytes = 70000\n"
+        "ping_interval_s = 0\n",
+        encoding="utf-8",
+    )
+    clients: list[RawClient] = []
+    with serving(MODULE, config) as (daemon, port):
+        try:
+            stuck = RawClient(port)
+            watcher = RawClient(port)
+            sender = RawClient(port, v1=True)
+            clients += [stuck, watcher, sender]
+            big = "z" * 60_000
+            for n in range(2000):  # kernel buffers first, then the outbox
+                sender.send_json({"to": stuck.id, "message": big, "ref": n})
+                reply = json.loads(sender.recv_text())
+                if reply["type"] != "ack":
+                    break
+            assert reply.get("error") == "recipient_busy", reply
+
+            daemon.signal(signal.SIGTERM)
+            # The drain has begun once an idle client is told the server is going away.
+            assert watcher.close_code() == 1001
+            began = time.monotonic()
+            daemon.signal(signal.SIGINT)
+            code = daemon.wait_exit(timeout=PROMPT_EXIT_S)
+            assert time.monotonic() - began < PROMPT_EXIT_S
+        finally:
+            for client in clients:
+                client.close()
+    assert code == 128 + signal.SIGINT, daemon.stderr()
+    stop = daemon.events[-1]
+    assert stop["event"] == "server.stop", daemon.events
+    assert stop["forced"] is True
+
+
+def test_a_port_in_use_exits_1_with_a_message(config: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run([*MODULE, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)])
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("relayd: cannot listen"), lines[0]
+    assert "in use" in lines[0]

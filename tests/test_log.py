@@ -1,0 +1,488 @@
+"""The log contract of DESIGN §4 and docs/logging.md: event names, their fields, the renderer.
+
+The events are captured with ``structlog.testing.capture_logs()`` around an in-process
+server on loopback (port 0), driven by real WebSocket clients; every field set is pinned
+exactly, so a field added, dropped or renamed fails here first. The renderer tests call
+:func:`relayd.log.configure` on a string stream; a fixture restores structlog's defaults
+after them so that other tests' ``capture_logs`` still see every event.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator, MutableMapping
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+import structlog
+import trio
+import trio.testing
+from trio_websocket import wrap_client_stream
+
+import relayd
+from relayd.config import LogSettings, Settings
+from relayd.connection import CLOSE_TIMEOUT_S
+from relayd.log import configure, get_logger
+from relayd.server import Server
+from tests import wire
+from tests.client import Client, connect, running, settings
+
+Event = MutableMapping[str, Any]
+
+#: Every captured event has these besides its own fields.
+COMMON: Final = {"event", "log_level"}
+
+OPEN_FIELDS: Final = COMMON | {"conn", "id", "peer", "origin", "dialect", "user_agent"}
+RELAY_FIELDS: Final = COMMON | {"from", "to", "bytes", "outcome"}
+CLOSE_FIELDS: Final = COMMON | {
+    "conn",
+    "id",
+    "code",
+    "reason",
+    "closed_by",
+    "duration_s",
+    "messages_in",
+    "messages_out",
+    "bytes_in",
+    "bytes_out",
+    "undelivered",
+}
+REJECTED_FIELDS: Final = COMMON | {"conn", "peer", "status", "reason"}
+
+
+def named(events: list[Event], name: str) -> list[Event]:
+    return [e for e in events if e["event"] == name]
+
+
+def with_log(**log: Any) -> Settings:
+    """The test settings (loopback, port 0) with some ``[log]`` keys changed."""
+    return settings().model_copy(update={"log": LogSettings(**log)})
+
+
+def utf8(text: str) -> int:
+    return len(text.encode())
+
+
+@asynccontextmanager
+async def client(
+    url: str, *, v1: bool = False, headers: list[tuple[bytes, bytes]] | None = None
+) -> AsyncIterator[tuple[Client, str]]:
+    """Like :func:`tests.client.connect`, with request headers; also yields ``host:port``."""
+    host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+    async with (
+        await trio.open_tcp_stream(host, int(port)) as stream,
+        trio.open_nursery() as nursery,
+    ):
+        local_host, local_port, *_ = stream.socket.getsockname()
+        ws = await wrap_client_stream(
+            nursery,
+            stream,
+            host,
+            "/",
+            subprotocols=["relayd.v1"] if v1 else [],
+            extra_headers=headers,
+        )
+        try:
+            first = await ws.get_message()
+            assert isinstance(first, str)
+            client_id = json.loads(first)["id"] if v1 else first
+            yield Client(ws, client_id, v1), f"{local_host}:{local_port}"
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def send_frame(sender: Client, envelope: dict[str, Any]) -> str:
+    """Send ``envelope`` as one text frame (UTF-8, not ASCII-escaped); return the frame."""
+    frame = json.dumps(envelope, ensure_ascii=False)
+    await sender.ws.send_message(frame)
+    return frame
+
+
+# -- events from a running server ----------------------------------------------------
+
+
+async def test_server_start_ready_and_stop() -> None:
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings())) as url:
+            port = int(url.rstrip("/").rsplit(":", 1)[1])
+    assert [e["event"] for e in events] == ["server.start", "server.ready", "server.stop"]
+    start, ready, stop = events
+    assert start == {
+        "event": "server.start",
+        "log_level": "info",
+        "version": relayd.__version__,
+        "pid": os.getpid(),
+        "host": "127.0.0.1",
+        "port": 0,
+    }
+    assert ready == {
+        "event": "server.ready",
+        "log_level": "info",
+        "listeners": [f"127.0.0.1:{port}"],
+        "port": port,
+    }
+    assert set(stop) == COMMON | {"reason", "forced", "duration_s"}
+    assert (stop["reason"], stop["forced"]) == ("test finished", False)
+    assert isinstance(stop["duration_s"], float)
+    assert 0 <= stop["duration_s"] < 30
+
+
+async def test_connection_open_names_peer_origin_dialect_and_user_agent() -> None:
+    headers = [(b"Origin", b"https://app.example"), (b"User-Agent", b"relayd-tests/1.0")]
+    with structlog.testing.capture_logs() as events:
+        async with (
+            running(Server(settings())) as url,
+            client(url) as (plain, plain_peer),
+            client(url, v1=True, headers=headers) as (browser, browser_peer),
+        ):
+            pass
+    opens = named(events, "connection.open")
+    assert len(opens) == 2
+    for event in opens:
+        assert set(event) == OPEN_FIELDS, event
+    assert opens[0] == {
+        "event": "connection.open",
+        "log_level": "info",
+        "conn": 1,
+        "id": plain.id,
+        "peer": plain_peer,
+        "origin": None,
+        "dialect": "seed",
+        "user_agent": None,
+    }
+    assert opens[1] == {
+        "event": "connection.open",
+        "log_level": "info",
+        "conn": 2,
+        "id": browser.id,
+        "peer": browser_peer,
+        "origin": "https://app.example",
+        "dialect": "relayd.v1",
+        "user_agent": "relayd-tests/1.0",
+    }
+
+
+async def test_message_relay_for_each_outcome() -> None:
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings())) as url, connect(url) as a, connect(url) as b:
+            text = "h\N{LATIN SMALL LETTER E WITH ACUTE}llo \N{CHECK MARK}"
+            delivered = await send_frame(a, {"to": b.id, "message": text})
+            await b.recv()
+            unknown = await send_frame(a, {"to": "nobody-at-all", "message": {"n": 1}})
+            assert json.loads(await a.recv())["error"] == "unknown_recipient"
+    relays = named(events, "message.relay")
+    assert relays == [
+        {
+            "event": "message.relay",
+            "log_level": "info",
+            "from": a.id,
+            "to": b.id,
+            "bytes": utf8(delivered),
+            "outcome": "delivered",
+        },
+        {
+            "event": "message.relay",
+            "log_level": "info",
+            "from": a.id,
+            "to": "nobody-at-all",
+            "bytes": utf8(unknown),
+            "outcome": "unknown_recipient",
+        },
+    ]
+    assert utf8(delivered) > len(delivered)  # the count is in bytes, not characters
+
+
+async def test_message_relay_for_frames_refused_before_routing() -> None:
+    # Four tokens and next to no refill: the fifth frame is rate limited.
+    limits = {"max_message_bytes": 1000, "message_burst": 4, "messages_per_second": 0.001}
+    frames: list[str | bytes] = [
+        b"\x00\x01\x02",
+        "\N{GRINNING FACE}" * 400,  # 400 characters, 1,600 bytes
+        "not json",
+        json.dumps({"to": 5, "message": 1}),
+        json.dumps({"to": "anyone", "message": 1}),
+    ]
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings(**limits))) as url, connect(url) as a:
+            for frame in frames:
+                await a.ws.send_message(frame)
+                await a.recv()
+    relays = named(events, "message.relay")
+    assert relays == [
+        {
+            "event": "message.relay",
+            "log_level": "info",
+            "from": a.id,
+            "to": None,
+            "bytes": len(frame) if isinstance(frame, bytes) else utf8(frame),
+            "outcome": outcome,
+        }
+        for frame, outcome in zip(
+            frames,
+            [
+                "unsupported_data",
+                "message_too_large",
+                "invalid_json",
+                "invalid_envelope",
+                "rate_limited",
+            ],
+            strict=True,
+        )
+    ]
+
+
+async def test_connection_close_after_the_client_closed() -> None:
+    with structlog.testing.capture_logs() as events:
+        async with (
+            running(Server(settings())) as url,
+            client(url) as (a, _),
+            client(url, v1=True) as (b, _),
+        ):
+            sent = [
+                await send_frame(a, {"to": b.id, "message": "\N{SNOWMAN} one"}),
+                await send_frame(a, {"to": "nobody", "message": 2}),
+            ]
+            await a.ws.send_message("not json")
+            sent.append("not json")
+            await b.recv()
+            await send_frame(b, {"to": a.id, "message": {"back": True}, "ref": 1})
+            received = [await a.recv() for _ in range(3)]  # error, error, delivery
+            assert sorted(json.loads(f).get("error", "") for f in received) == [
+                "",
+                "invalid_json",
+                "unknown_recipient",
+            ]
+            await a.ws.aclose(1000, "bye now")
+            # The server has seen the close once nothing is left to run.
+            await trio.testing.wait_all_tasks_blocked()
+    closes = {e["id"]: e for e in named(events, "connection.close")}
+    assert set(closes) == {a.id, b.id}
+    close = closes[a.id]
+    assert set(close) == CLOSE_FIELDS, close
+    opened = next(e for e in named(events, "connection.open") if e["id"] == a.id)
+    assert close["conn"] == opened["conn"]
+    assert isinstance(close["duration_s"], float)
+    assert 0 <= close["duration_s"] < 30
+    assert {k: v for k, v in close.items() if k != "duration_s"} == {
+        "event": "connection.close",
+        "log_level": "info",
+        "conn": opened["conn"],
+        "id": a.id,
+        "code": 1000,
+        "reason": "bye now",
+        "closed_by": "client",
+        "messages_in": 3,
+        # Every frame written to the client: its id (the seed welcome frame), then the rest.
+        "messages_out": 1 + 3,
+        "bytes_out": utf8(a.id) + sum(utf8(f) for f in received),
+        "bytes_in": sum(utf8(f) for f in sent),
+        "undelivered": 0,
+    }
+    # b sent one message; it got its welcome, a's delivery and its ack.
+    assert (closes[b.id]["messages_in"], closes[b.id]["messages_out"]) == (1, 3)
+
+
+async def test_handshake_rejected_at_capacity() -> None:
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings(max_connections=1))) as url, connect(url):
+            host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                local_host, local_port, *_ = stream.socket.getsockname()
+                await stream.send_all(wire.upgrade_request())
+                reply = b""
+                while chunk := await stream.receive_some(65536):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 503 ")
+    rejected = named(events, "handshake.rejected")
+    assert rejected == [
+        {
+            "event": "handshake.rejected",
+            "log_level": "info",
+            "conn": 2,
+            "peer": f"{local_host}:{local_port}",
+            "status": 503,
+            "reason": "server at capacity",
+        }
+    ]
+    assert set(rejected[0]) == REJECTED_FIELDS
+    assert len(named(events, "connection.open")) == 1  # none for the refused one
+
+
+# -- message bodies --------------------------------------------------------------------
+
+
+async def _traffic_carrying(secret: str, url: str) -> tuple[str, str]:
+    """Send ``secret`` every way a client can; return the two clients' ids."""
+    async with connect(url) as a, connect(url, v1=True) as b:
+        await a.send(b.id, secret)
+        await b.recv()
+        await b.send(a.id, {"nested": [secret]}, ref=secret)
+        assert await b.recv_json() == {"type": "ack", "ref": secret}
+        await a.recv()
+        await b.send("nobody", secret, ref=1)
+        assert (await b.recv_json())["error"] == "unknown_recipient"
+        for bad in (
+            json.dumps({"to": 5, "message": secret}),  # invalid_envelope
+            f'{{"to": "{a.id}", "message": "{secret}"',  # invalid_json
+        ):
+            await a.ws.send_message(bad)
+            assert "error" in json.loads(await a.recv())
+        return a.id, b.id
+
+
+async def test_bodies_are_never_logged_by_default() -> None:
+    secret = f"secret-{uuid.uuid4().hex}"
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings())) as url:
+            await _traffic_carrying(secret, url)
+    routed = [e for e in named(events, "message.relay") if e["to"] is not None]
+    assert len(routed) == 3  # the secret did go through the router
+    for event in events:
+        assert "body" not in event
+        assert secret not in repr(event), event
+
+
+async def test_bodies_are_logged_when_turned_on() -> None:
+    secret = f"secret-{uuid.uuid4().hex}"
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(with_log(bodies=True))) as url:
+            a_id, b_id = await _traffic_carrying(secret, url)
+    relays = [e for e in named(events, "message.relay") if e["to"] is not None]
+    assert [(e["from"], e["outcome"]) for e in relays] == [
+        (a_id, "delivered"),
+        (b_id, "delivered"),
+        (b_id, "unknown_recipient"),
+    ]
+    for event in relays:
+        assert set(event) == RELAY_FIELDS | {"body"}, event
+    # The body is the message as JSON text: a string message appears quoted.
+    assert [e["body"] for e in relays] == [
+        json.dumps(secret),
+        json.dumps({"nested": [secret]}),
+        json.dumps(secret),
+    ]
+    others = [e for e in events if e["event"] != "message.relay"]
+    assert all(secret not in repr(e) for e in others)
+
+
+async def test_no_message_relay_events_when_messages_are_off() -> None:
+    with structlog.testing.capture_logs() as events:
+        async with (
+            running(Server(with_log(messages=False))) as url,
+            connect(url) as a,
+            connect(url) as b,
+        ):
+            await a.send(b.id, "hello")
+            assert await b.recv() == "hello"
+            await a.send("nobody", "hello")
+            assert json.loads(await a.recv())["error"] == "unknown_recipient"
+            await a.ws.send_message("not json")
+            assert json.loads(await a.recv())["error"] == "invalid_json"
+    assert named(events, "message.relay") == []
+    assert len(named(events, "connection.open")) == 2
+    closes = named(events, "connection.close")
+    assert sorted(e["messages_in"] for e in closes) == [0, 3]
+
+
+# -- the renderer ------------------------------------------------------------------
+
+
+@pytest.fixture
+def configured() -> Iterator[io.StringIO]:
+    """A stream for :func:`configure` to write to; structlog's defaults come back after."""
+    structlog.reset_defaults()
+    try:
+        yield io.StringIO()
+    finally:
+        structlog.reset_defaults()
+
+
+def lines_of(stream: io.StringIO) -> list[str]:
+    return stream.getvalue().splitlines()
+
+
+def test_json_lines_start_with_ts_level_event(configured: io.StringIO) -> None:
+    configure(LogSettings(format="json"), stream=configured)
+    get_logger().info("x.y", a=1, where=Path("/srv/relayd"))
+    [line] = lines_of(configured)
+    record = json.loads(line)
+    assert list(record)[:3] == ["ts", "level", "event"]
+    assert record == {
+        "ts": record["ts"],
+        "level": "info",
+        "event": "x.y",
+        "a": 1,
+        "where": "/srv/relayd",  # a type JSON lacks is written as its str()
+    }
+    assert record["ts"].endswith("Z")
+    stamp = datetime.fromisoformat(record["ts"].removesuffix("Z") + "+00:00")
+    assert stamp.utcoffset() == timedelta(0)
+
+
+def _fail(text: str) -> None:
+    raise ValueError(text)
+
+
+def test_json_exception_is_a_traceback_string(configured: io.StringIO) -> None:
+    configure(LogSettings(format="json"), stream=configured)
+    try:
+        _fail("kaboom")
+    except ValueError as exc:
+        get_logger().error("error", conn=7, exc_info=exc)
+    [line] = lines_of(configured)
+    record = json.loads(line)
+    assert list(record)[:3] == ["ts", "level", "event"]
+    assert (record["level"], record["event"], record["conn"]) == ("error", "error", 7)
+    assert "exc_info" not in record
+    exception = record["exception"]
+    assert isinstance(exception, str)
+    assert exception.startswith("Traceback (most recent call last):")
+    assert "ValueError: kaboom" in exception
+    assert "in _fail" in exception  # the frames, not only the message
+
+
+def test_console_format_is_a_human_line(configured: io.StringIO) -> None:
+    configure(LogSettings(format="console"), stream=configured)
+    get_logger().info("x.y", a=1)
+    [line] = lines_of(configured)
+    assert "x.y" in line
+    assert "a=1" in line
+    assert "\x1b[" not in line  # no colours on a stream that is not a terminal
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [
+        ("debug", ["debug", "info", "warning", "error"]),
+        ("info", ["info", "warning", "error"]),
+        ("warning", ["warning", "error"]),
+        ("error", ["error"]),
+    ],
+)
+def test_level_filters_lower_levels(configured: io.StringIO, level: Any, shown: list[str]) -> None:
+    configure(LogSettings(level=level), stream=configured)
+    log = get_logger()
+    log.debug("at.debug")
+    log.info("at.info")
+    log.warning("at.warning")
+    log.error("at.error")
+    assert [json.loads(line)["level"] for line in lines_of(configured)] == shown
+
+
+def test_configure_then_reset_leaves_capture_logs_working(configured: io.StringIO) -> None:
+    configure(LogSettings(level="error"), stream=configured)
+    structlog.reset_defaults()
+    with structlog.testing.capture_logs() as events:
+        get_logger().info("x.y", a=1)
+    assert events == [{"event": "x.y", "log_level": "info", "a": 1}]
+    assert configured.getvalue() == ""
