@@ -19,7 +19,8 @@ from typing import Final
 import trio
 
 from relayd import __version__
-from relayd.config import ConfigError, Settings, load_settings, settings_as_json
+from relayd.config import ConfigError, load_settings, settings_as_json
+from relayd.credentials import load_authenticator, load_tls
 from relayd.log import configure, get_logger
 from relayd.server import Server
 
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         settings = load_settings(config_path=args.config, overrides=overrides)
+        authenticator = load_authenticator(settings.auth)
+        tls = load_tls(settings.tls)
     except ConfigError as exc:
         print(f"relayd: config error: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -79,11 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(settings_as_json(settings))
         return 0
     configure(settings.log)
-    return trio.run(_serve, settings)
+    return trio.run(_serve, Server(settings, authenticator=authenticator, tls=tls))
 
 
-async def _serve(settings: Settings) -> int:
-    server = Server(settings)
+async def _serve(server: Server) -> int:
+    settings = server.settings
     try:
         listeners = await server.listen()
     except OSError as exc:

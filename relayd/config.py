@@ -29,25 +29,28 @@ defaults, everywhere, tests included.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relayd.errors import RelaydError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "AuthSettings",
     "ConfigError",
     "DiagnosticsSettings",
     "LimitsSettings",
     "LogSettings",
     "ServerSettings",
     "Settings",
+    "TLSSettings",
     "load_settings",
     "settings_as_json",
 ]
@@ -68,6 +71,10 @@ class ServerSettings(BaseModel):
         host: address to listen on; ``""`` means all interfaces, IPv4 and IPv6.
         port: TCP port; 0 picks a free port (for tests).
         shutdown_grace_s: seconds given to open connections to flush on shutdown.
+        allowed_origins: browser origins allowed to connect, matched exactly against
+            the ``Origin`` header (e.g. ``https://chat.example.com``); others get 403.
+            Empty allows every origin. Clients that send no ``Origin`` (not browsers)
+            are not affected.
     """
 
     model_config = _SECTION_CONFIG
@@ -75,6 +82,7 @@ class ServerSettings(BaseModel):
     host: str = ""
     port: int = Field(default=9030, ge=0, le=65535)
     shutdown_grace_s: float = Field(default=10.0, gt=0)
+    allowed_origins: tuple[str, ...] = ()
 
 
 class LimitsSettings(BaseModel):
@@ -145,6 +153,56 @@ class DiagnosticsSettings(BaseModel):
     echo: bool = False
 
 
+class TLSSettings(BaseModel):
+    """Serving ``wss://``: both files, or neither for plain ``ws://``.
+
+    Attributes:
+        cert_file: PEM certificate chain, the server's certificate first.
+        key_file: PEM private key of that certificate.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    cert_file: str = ""
+    key_file: str = ""
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TLSSettings:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
+
+
+class AuthSettings(BaseModel):
+    """Authentication of clients at the handshake (docs/security.md).
+
+    Attributes:
+        mode: ``off``; ``token``, static bearer tokens; ``jwt``, JSON Web Tokens.
+        tokens: for ``token``: subject -> token.
+        tokens_file: for ``token``: a file of ``subject token`` lines, added to ``tokens``.
+        jwt_algorithm: for ``jwt``: HS256 (shared secret), RS256 or ES256 (public key).
+        jwt_secret: for HS256: the shared secret.
+        jwt_secret_file: for HS256: a file holding the shared secret instead.
+        jwt_public_key_file: for RS256/ES256: the issuer's PEM public key.
+        jwt_audience: the ``aud`` tokens must carry; empty: not checked.
+        jwt_issuer: the ``iss`` tokens must carry; empty: not checked.
+        jwt_leeway_s: clock skew allowed when checking ``exp`` and ``nbf``.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    mode: Literal["off", "token", "jwt"] = "off"
+    tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    tokens_file: str = ""
+    jwt_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
+    jwt_secret: SecretStr = SecretStr("")
+    jwt_secret_file: str = ""
+    jwt_public_key_file: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway_s: float = Field(default=30.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Every setting relayd has, one section per table of ``config/relayd.toml``.
 
@@ -157,6 +215,8 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
 
     @classmethod
@@ -205,6 +265,21 @@ def _keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]
 
 _SECTIONS = frozenset(key for key, is_section in _keys(Settings) if is_section)
 _SETTINGS = frozenset(key for key, is_section in _keys(Settings) if not is_section)
+
+
+def _structured(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """Dotted keys of list-, tuple- and table-valued settings."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _structured(annotation, f"{prefix}{name}.")
+        elif get_origin(annotation) in (list, tuple, dict):
+            yield prefix + name
+
+
+# An environment variable can only hold text; these keys take it as JSON, e.g.
+# RELAYD_SERVER__ALLOWED_ORIGINS='["https://chat.example.com"]'.
+_STRUCTURED = frozenset(_structured(Settings))
 
 # Dotted key -> (value, source phrase). Sources are applied in precedence order, so a later
 # one simply overwrites an earlier one's entry.
@@ -305,13 +380,23 @@ def load_settings(
     for name, value in sorted(env.items()):
         if name.startswith(_ENV_PREFIX):
             key = name.removeprefix(_ENV_PREFIX).lower().replace(_ENV_NESTED_DELIMITER, ".")
-            _set(values, key, value, f"from environment {name}")
+            source = f"from environment {name}"
+            _set(
+                values, key, _from_json(key, value, source) if key in _STRUCTURED else value, source
+            )
 
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(values, key, value, "from command line")
 
     return _validate(values)
+
+
+def _from_json(key: str, text: str, source: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"expected JSON ({error.msg})", key=key, source=source) from error
 
 
 def settings_as_json(settings: Settings) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from relayd.protocol import V1_SUBPROTOCOL, Dialect, choose_dialect
 
@@ -91,6 +91,8 @@ def decide(
     offered_subprotocols: Sequence[str],
     path: str = "/",
     echo_route: bool = False,
+    origin: str | None = None,
+    allowed_origins: Collection[str] = (),
 ) -> Accept | Reject:
     """Decide one handshake.
 
@@ -102,9 +104,12 @@ def decide(
         path: the request target.
         echo_route: whether ``/echo`` is the diagnostic echo route; if not,
             it is a relay path like any other.
+        origin: the ``Origin`` header, if the client sent one.
+        allowed_origins: origins allowed; empty allows every origin.
 
     Returns:
         ``Reject(503)`` while draining or over a connection limit,
+        ``Reject(403)`` for a browser origin not in ``allowed_origins``,
         ``Reject(400)`` when subprotocols were offered but not ``relayd.v1``,
         else an ``Accept`` in the dialect the offer selects.
     """
@@ -113,6 +118,10 @@ def decide(
     refusal = capacity.refusal(client_ip)
     if refusal is not None:
         return Reject(503, refusal)
+    # Only browsers send Origin, and they always do; the list is there to keep
+    # other sites' pages from using their visitors' browsers as clients.
+    if allowed_origins and origin is not None and origin not in allowed_origins:
+        return Reject(403, "origin not allowed")
     if echo_route and path.partition("?")[0] == ECHO_PATH:
         return Accept(Dialect.SEED, echo=True)
     dialect = choose_dialect(offered_subprotocols)

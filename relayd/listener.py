@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Final
 
 import structlog
@@ -41,10 +41,11 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from relayd.auth import Authenticator, Refusal, token_from
 from relayd.config import LimitsSettings
 from relayd.connection import CLOSE_TIMEOUT_S, Connection
 from relayd.errors import CloseCode
-from relayd.handshake import Accept, Capacity, decide
+from relayd.handshake import Accept, Capacity, Reject, decide
 from relayd.router import Router
 from relayd.transport import ServerStream, http_response
 
@@ -75,6 +76,9 @@ class Gate:
         log: the daemon's logger.
         log_messages: whether connections log the messages they refuse.
         echo_route: serve the diagnostic echo route at ``/echo``.
+        allowed_origins: browser origins allowed; empty allows all.
+        authenticator: checks each handshake's token and names the client;
+            None serves everyone under a fresh random id.
         new_id: makes client ids (replaceable in tests).
     """
 
@@ -86,8 +90,12 @@ class Gate:
         *,
         log_messages: bool = True,
         echo_route: bool = False,
+        allowed_origins: Collection[str] = (),
+        authenticator: Authenticator | None = None,
         new_id: Callable[[], str] = new_client_id,
     ) -> None:
+        self._allowed_origins = frozenset(allowed_origins)
+        self._authenticator = authenticator
         self._log_messages = log_messages
         self._echo_route = echo_route
         self._router = router
@@ -152,14 +160,24 @@ class Gate:
         request = await self._read_request(transport, server_stream, conn, address)
         if request is None:
             return
-        decision = decide(
+        headers = _headers(request)
+        decision: Accept | Reject = decide(
             draining=self.draining,
             capacity=self.capacity,
             client_ip=attempt.ip,
             offered_subprotocols=request.proposed_subprotocols,
             path=request.path,
             echo_route=self._echo_route,
+            origin=headers.get("origin"),
+            allowed_origins=self._allowed_origins,
         )
+        client_id = None
+        if isinstance(decision, Accept) and self._authenticator is not None:
+            identity = self._authenticator.authenticate(token_from(headers, request.path))
+            if isinstance(identity, Refusal):
+                decision = Reject(identity.status, identity.reason)
+            else:
+                client_id = identity.subject
         if not isinstance(decision, Accept):
             self._log.info(
                 "handshake.rejected",
@@ -172,7 +190,6 @@ class Gate:
             with trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(ConnectionClosed):
                 await request.reject(decision.status, body=decision.reason.encode())
             return
-        headers = _headers(request)
         try:
             attempt.ws = server_stream.ws = await request.accept(subprotocol=decision.subprotocol)
             server_stream.open()
@@ -190,7 +207,7 @@ class Gate:
         connection = Connection(
             attempt.ws,
             conn=conn,
-            client_id=self._new_id(),
+            client_id=client_id or self._new_id(),
             dialect=decision.dialect,
             echo=decision.echo,
             router=self._router,
@@ -265,6 +282,8 @@ def _first_leaf(error: BaseException) -> BaseException:
 
 def _peer_address(stream: trio.abc.Stream) -> str | None:
     """``host:port`` of the client (``[v6]:port``), or None if it already reset."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     # In-memory streams (tests) have no socket; they all count as one address.
     if not isinstance(stream, trio.SocketStream):
         return "memory:0"

@@ -25,18 +25,22 @@ from __future__ import annotations
 
 import functools
 import os
+import ssl
 from collections.abc import Sequence
 
 import structlog
 import trio
 
 from relayd import __version__
+from relayd.auth import Authenticator
 from relayd.config import Settings
 from relayd.listener import Gate
 from relayd.log import get_logger
 from relayd.router import LocalRouter, Router
 
 __all__ = ["Server"]
+
+Listener = trio.SocketListener | trio.SSLListener[trio.SocketStream]
 
 
 class Server:
@@ -46,6 +50,10 @@ class Server:
         settings: the effective settings.
         log: the logger to use; the configured relayd logger by default.
         router: the router to use; a :class:`LocalRouter` by default.
+        authenticator: checks clients' tokens; None when ``auth.mode`` is off.
+            Build it with :func:`relayd.credentials.load_authenticator`.
+        tls: the TLS context for ``wss://``; None serves plain ``ws://``.
+            Build it with :func:`relayd.credentials.load_tls`.
     """
 
     def __init__(
@@ -54,8 +62,11 @@ class Server:
         *,
         log: structlog.typing.FilteringBoundLogger | None = None,
         router: Router | None = None,
+        authenticator: Authenticator | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._settings = settings
+        self._tls = tls
         self._log = log or get_logger()
         self._router = router or LocalRouter(
             self._log,
@@ -68,9 +79,16 @@ class Server:
             self._log,
             log_messages=settings.log.messages,
             echo_route=settings.diagnostics.echo,
+            allowed_origins=settings.server.allowed_origins,
+            authenticator=authenticator,
         )
         self._stop = trio.Event()
         self._stop_reason = ""
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this daemon was built with."""
+        return self._settings
 
     @property
     def gate(self) -> Gate:
@@ -101,6 +119,15 @@ class Server:
         """
         server = self._settings.server
         return await trio.open_tcp_listeners(server.port, host=server.host or None)
+
+    def _serving(self, listeners: Sequence[trio.SocketListener]) -> list[Listener]:
+        # TLS wraps each accepted stream; its handshake runs inside the
+        # WebSocket handshake's timeout, in the connection's own task.
+        if self._tls is None:
+            return list(listeners)
+        return [
+            trio.SSLListener(listener, self._tls, https_compatible=True) for listener in listeners
+        ]
 
     async def run(
         self,
@@ -136,7 +163,7 @@ class Server:
                             functools.partial(
                                 trio.serve_listeners,
                                 self._gate,
-                                list(listeners),
+                                self._serving(listeners),
                                 handler_nursery=connections,
                             )
                         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -58,14 +59,20 @@ class Client:
 
 
 def split_url(url: str) -> tuple[str, int, str]:
-    """``ws://host:port/path`` -> (host, port, path)."""
-    address, _, path = url.removeprefix("ws://").partition("/")
+    """``ws://host:port/path`` (or ``wss://``) -> (host, port, path)."""
+    address, _, path = url.split("://", 1)[1].partition("/")
     host, port = address.rsplit(":", 1)
     return host, int(port), "/" + path
 
 
 @asynccontextmanager
-async def connect(url: str, *, v1: bool = False) -> AsyncIterator[Client]:
+async def connect(
+    url: str,
+    *,
+    v1: bool = False,
+    headers: list[tuple[str, str]] | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[Client]:
     """Connect, read the welcome frame, and close on exit.
 
     The TCP stream is opened and closed here rather than by
@@ -74,11 +81,16 @@ async def connect(url: str, *, v1: bool = False) -> AsyncIterator[Client]:
     """
     host, port, path = split_url(url)
     subprotocols = ["relayd.v1"] if v1 else []
-    async with (
-        await trio.open_tcp_stream(host, port) as stream,
-        trio.open_nursery() as nursery,
-    ):
-        ws = await wrap_client_stream(nursery, stream, host, path, subprotocols=subprotocols)
+    extra = [(name.encode(), value.encode()) for name, value in headers or []]
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    if tls is None:
+        stream = await trio.open_tcp_stream(host, port)
+    else:
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=tls)
+    async with stream, trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(
+            nursery, stream, host, path, subprotocols=subprotocols, extra_headers=extra
+        )
         try:
             first = await ws.get_message()
             assert isinstance(first, str)
@@ -91,10 +103,10 @@ async def connect(url: str, *, v1: bool = False) -> AsyncIterator[Client]:
 
 
 @asynccontextmanager
-async def running(server: Server) -> AsyncIterator[str]:
+async def running(server: Server, *, scheme: str = "ws") -> AsyncIterator[str]:
     """Run ``server`` on loopback; yield its URL; drain it on exit."""
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
         host, port = addresses[0]
-        yield f"ws://{host}:{port}/"
+        yield f"{scheme}://{host}:{port}/"
         server.shutdown("test finished")

@@ -263,6 +263,30 @@ def test_invalid_toml_is_a_config_error(config: Path) -> None:
     assert_config_error(result, str(config))
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[auth]\nmode = "jwt"\n', "auth.jwt_secret"),
+        ('[auth]\nmode = "token"\ntokens_file = "/nonexistent/tokens"\n', "auth.tokens_file"),
+        ('[tls]\ncert_file = "/nonexistent/cert.pem"\nkey_file = "/x/key.pem"\n', "tls.cert_file"),
+    ],
+)
+def test_unreadable_or_missing_credentials_are_config_errors(
+    text: str, key: str, config: Path
+) -> None:
+    config.write_text(text, encoding="utf-8")
+    result = run([*MODULE, "--config", str(config), "check-config"])
+    assert_config_error(result, key)
+
+
+def test_check_config_masks_tokens(config: Path) -> None:
+    config.write_text('[auth]\nmode = "token"\ntokens = { alice = "hunter2-xyz" }\n')
+    result = run([*MODULE, "--config", str(config), "check-config"])
+    assert result.returncode == 0, result.stderr
+    assert "hunter2-xyz" not in result.stdout
+    assert json.loads(result.stdout)["auth"]["tokens"] == {"alice": "**********"}
+
+
 def test_config_error_in_process(
     config: Path, no_relayd_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
