@@ -40,8 +40,8 @@ import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from relayd.config import LimitsSettings
 from relayd.errors import CloseCode, EnvelopeError, ErrorCode
+from relayd.live import LiveLimits
 from relayd.outbox import Frame, Outbox
 from relayd.protocol import Dialect, decode_envelope, error_frame, welcome_frame
 from relayd.ratelimit import RateLimiter, Verdict
@@ -78,7 +78,7 @@ class Connection:
         echo: serve the diagnostic echo route: no id, not routable, every
             message comes back to its sender through the router and writer.
         router: where messages go.
-        limits: the limits in force.
+        limits: the limits in force, read at each use (a reload may replace them).
         log: a logger already bound with nothing connection-specific.
         log_messages: log a ``message.relay`` event for each message refused
             here (the router logs the ones it routes).
@@ -96,7 +96,7 @@ class Connection:
         dialect: Dialect,
         echo: bool = False,
         router: Router,
-        limits: LimitsSettings,
+        limits: LiveLimits,
         log: structlog.typing.FilteringBoundLogger,
         log_messages: bool = True,
         peer_address: str,
@@ -105,7 +105,7 @@ class Connection:
     ) -> None:
         self._ws = ws
         self._router = router
-        self._limits = limits
+        self._live = limits
         self._log = log
         self._log_messages = log_messages
         self._echo = echo
@@ -121,7 +121,9 @@ class Connection:
             client_id=client_id,
             dialect=dialect,
             outbox=Outbox(
-                limits.outbox_messages, limits.slow_consumer_timeout_s, self._set_stuck_deadline
+                limits.current.outbox_messages,
+                limits.current.slow_consumer_timeout_s,
+                self._set_stuck_deadline,
             ),
             conn=conn,
         )
@@ -202,9 +204,9 @@ class Connection:
                 await self._ws.aclose(code, reason)
 
     async def _read_loop(self) -> None:
-        limits = self._limits
+        live = self._live
+        limits = live.current
         limiter = RateLimiter(limits.messages_per_second, limits.message_burst, self._started)
-        max_bytes = limits.max_message_bytes
         peer, dialect = self.peer, self.peer.dialect
         with self._reader_scope:
             while True:
@@ -213,6 +215,10 @@ class Connection:
                 except ConnectionClosed:
                     return
                 now = self._last_activity = trio.current_time()
+                if live.current is not limits:  # reloaded: the new rate starts now
+                    limits = live.current
+                    limiter = RateLimiter(limits.messages_per_second, limits.message_burst, now)
+                max_bytes = limits.max_message_bytes
                 self.messages_in += 1
                 size = len(data) if isinstance(data, bytes) else _utf8_len(data)
                 self.bytes_in += size
@@ -269,11 +275,11 @@ class Connection:
         self.bytes_out += len(frame) if isinstance(frame, bytes) else _utf8_len(frame)
 
     async def _timers(self, nursery: trio.Nursery) -> None:
-        limits = self._limits
-        interval = limits.ping_interval_s or math.inf
-        idle = limits.idle_timeout_s or math.inf
-        next_ping = trio.current_time() + interval
+        next_ping = trio.current_time() + (self._live.current.ping_interval_s or math.inf)
         while True:
+            limits = self._live.current
+            interval = limits.ping_interval_s or math.inf
+            idle = limits.idle_timeout_s or math.inf
             idle_deadline = self._last_activity + idle
             with trio.CancelScope(
                 deadline=min(next_ping, idle_deadline, self._stuck_deadline)
@@ -292,7 +298,7 @@ class Connection:
                 next_ping = now + interval
 
     async def _ping(self) -> None:
-        with trio.move_on_after(self._limits.pong_timeout_s) as waiting:
+        with trio.move_on_after(self._live.current.pong_timeout_s) as waiting:
             try:
                 await self._ws.ping()
             except ConnectionClosed:

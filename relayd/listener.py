@@ -46,6 +46,7 @@ from relayd.config import LimitsSettings
 from relayd.connection import CLOSE_TIMEOUT_S, Connection
 from relayd.errors import CloseCode
 from relayd.handshake import Accept, Capacity, Reject, decide
+from relayd.live import LiveLimits
 from relayd.router import Router
 from relayd.transport import ServerStream, http_response
 
@@ -99,7 +100,7 @@ class Gate:
         self._log_messages = log_messages
         self._echo_route = echo_route
         self._router = router
-        self._limits = limits
+        self.limits = LiveLimits(limits)
         self._log = log
         self._new_id = new_id
         self._numbers = itertools.count(1)
@@ -107,6 +108,23 @@ class Gate:
         self.connections: set[Connection] = set()
         self._reading: set[trio.CancelScope] = set()  # handshakes not yet read in full
         self.draining = False
+
+    def reconfigure(
+        self,
+        limits: LimitsSettings,
+        *,
+        allowed_origins: Collection[str] = (),
+        authenticator: Authenticator | None = None,
+    ) -> None:
+        """Apply reloadable settings to new handshakes and, where it makes sense, open ones.
+
+        :mod:`relayd.live` lists which limits reach open connections.
+        """
+        self.limits.current = limits
+        self.capacity.max_total = limits.max_connections
+        self.capacity.max_per_ip = limits.max_connections_per_ip
+        self._allowed_origins = frozenset(allowed_origins)
+        self._authenticator = authenticator
 
     def drain(self) -> None:
         """Refuse handshakes with 503, in progress or new, and drain every open connection."""
@@ -122,7 +140,7 @@ class Gate:
         if address is None:  # reset before it could be looked at: nobody to serve
             await trio.aclose_forcefully(stream)
             return
-        server_stream = ServerStream(stream, self._limits.max_header_bytes)
+        server_stream = ServerStream(stream, self.limits.current.max_header_bytes)
         attempt = _Attempt(conn=next(self._numbers), address=address, ip=_ip_of(address))
         self.capacity.opened(attempt.ip)
         try:
@@ -211,7 +229,7 @@ class Gate:
             dialect=decision.dialect,
             echo=decision.echo,
             router=self._router,
-            limits=self._limits,
+            limits=self.limits,
             log=self._log,
             log_messages=self._log_messages,
             peer_address=address,
@@ -229,7 +247,7 @@ class Gate:
     async def _read_request(
         self, transport: trio.Nursery, stream: ServerStream, conn: int, address: str
     ) -> WebSocketRequest | None:
-        with trio.move_on_after(self._limits.handshake_timeout_s) as waiting:
+        with trio.move_on_after(self.limits.current.handshake_timeout_s) as waiting:
             # trio-websocket answers a request it cannot parse by itself (400,
             # or 426 for another WebSocket version) and closes the stream
             # without ever producing a request: stop waiting when it does.
@@ -241,7 +259,7 @@ class Gate:
                     transport,
                     stream,
                     message_queue_size=_TRANSPORT_QUEUE,
-                    max_message_size=self._limits.max_message_bytes,
+                    max_message_size=self.limits.current.max_message_bytes,
                     receive_buffer_size=_RECEIVE_BYTES,
                 )
             finally:

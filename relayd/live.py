@@ -1,0 +1,29 @@
+"""Settings a reload may replace while relayd runs.
+
+The gate and every connection hold the same :class:`LiveLimits` and read
+``current`` where they use a limit, never a copy, so a reload that assigns a
+new :class:`~relayd.config.LimitsSettings` reaches them all at once:
+
+* at the next handshake: every limit;
+* on open connections, from their next message or timer: ``max_message_bytes``
+  (the UTF-8 check; the transport's own frame cap stays as it was),
+  ``messages_per_second`` and ``message_burst`` (a fresh bucket),
+  ``idle_timeout_s``, ``ping_interval_s`` and ``pong_timeout_s``;
+* never on open connections: ``outbox_messages`` and ``slow_consumer_timeout_s``
+  (an outbox is sized when it is made) and the handshake limits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from relayd.config import LimitsSettings
+
+__all__ = ["LiveLimits"]
+
+
+@dataclasses.dataclass(slots=True)
+class LiveLimits:
+    """The limits in force; assign ``current`` to change them everywhere."""
+
+    current: LimitsSettings
