@@ -224,14 +224,17 @@ async def test_a_connection_accepted_as_the_router_stops_is_closed_with_1001(
 async def test_a_reload_reaches_open_connections_rate_limit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with serving(messages_per_second=1, message_burst=2) as relay:
-        async with relay.client(v1=True) as sender, relay.client() as friend:
-            for n in range(2):
-                await sender.send(friend.id, n, ref=n)
-                assert (await sender.recv_json())["type"] == "ack"
-            await sender.send(friend.id, 2, ref=2)
-            assert (await sender.recv_json())["error"] == "rate_limited"
-            relay.gate.reconfigure(LimitsSettings(messages_per_second=1, message_burst=5))
-            for n in range(3, 8):  # a fresh bucket of the new size, at once
-                await sender.send(friend.id, n, ref=n)
-                assert (await sender.recv_json())["type"] == "ack"
+    async with (
+        serving(messages_per_second=1, message_burst=2) as relay,
+        relay.client(v1=True) as sender,
+        relay.client() as friend,
+    ):
+        for n in range(2):
+            await sender.send(friend.id, n, ref=n)
+            assert (await sender.recv_json())["type"] == "ack"
+        await sender.send(friend.id, 2, ref=2)
+        assert (await sender.recv_json())["error"] == "rate_limited"
+        relay.gate.reconfigure(LimitsSettings(messages_per_second=1, message_burst=5))
+        for n in range(3, 8):  # a fresh bucket of the new size, at once
+            await sender.send(friend.id, n, ref=n)
+            assert (await sender.recv_json())["type"] == "ack"
