@@ -10,7 +10,7 @@ keeps a bad config from restart-looping; 1 when the port cannot be bound;
 from __future__ import annotations
 
 import argparse
-import signal
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,15 +19,17 @@ from typing import Final
 import trio
 
 from relayd import __version__
-from relayd.config import ConfigError, load_settings, settings_as_json
+from relayd.auth import Authenticator
+from relayd.config import ConfigError, Settings, load_settings, settings_as_json
 from relayd.credentials import load_authenticator, load_tls
-from relayd.log import configure, get_logger
+from relayd.daemon import run_daemon
+from relayd.log import configure
 from relayd.server import Server
+from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 
 __all__ = ["EX_CONFIG", "main"]
 
 EX_CONFIG: Final = 78
-_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,51 +73,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log.level": args.log_level,
         "log.format": args.log_format,
     }
-    try:
+
+    def read_settings() -> tuple[Settings, Authenticator | None]:
+        # The same sources at start and on every reload (SIGHUP).
         settings = load_settings(config_path=args.config, overrides=overrides)
-        authenticator = load_authenticator(settings.auth)
+        return settings, load_authenticator(settings.auth)
+
+    try:
+        settings, authenticator = read_settings()
         tls = load_tls(settings.tls)
+        activated = listen_sockets()
     except ConfigError as exc:
         print(f"relayd: config error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except OSError as exc:
+        print(f"relayd: cannot use the sockets systemd passed: {exc}", file=sys.stderr)
+        return 1
     if args.command == "check-config":
         print(settings_as_json(settings))
         return 0
     configure(settings.log)
-    return trio.run(_serve, Server(settings, authenticator=authenticator, tls=tls))
-
-
-async def _serve(server: Server) -> int:
-    settings = server.settings
-    try:
-        listeners = await server.listen()
-    except OSError as exc:
-        where = f"{settings.server.host or '*'}:{settings.server.port}"
-        get_logger().error("error", summary=f"cannot listen on {where}: {exc}")
-        print(f"relayd: cannot listen on {where}: {exc}", file=sys.stderr)
-        return 1
-    status = 0
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(*_SIGNALS, signal.SIGHUP) as signals:
-
-            async def watch() -> None:
-                nonlocal status
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        # Until live reload exists, say so rather than die
-                        # (SIGHUP's default action) or ignore it silently.
-                        get_logger().warning(
-                            "config.reload",
-                            applied=False,
-                            reason="reload is not supported yet; restart relayd to apply changes",
-                        )
-                    elif status == 0 and not server.stopping:
-                        server.shutdown(f"signal {signal.Signals(signum).name}")
-                    else:
-                        status = 128 + signum
-                        nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-            await server.run(listeners)
-            nursery.cancel_scope.cancel()
-    return status
+    server = Server(settings, authenticator=authenticator, tls=tls)
+    return trio.run(
+        functools.partial(
+            run_daemon,
+            server,
+            reload_settings=read_settings,
+            notifier=Notifier.from_environment(),
+            watchdog_s=watchdog_interval(),
+            listeners=[trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in activated],
+        )
+    )

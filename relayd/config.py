@@ -43,6 +43,7 @@ from relayd.errors import RelaydError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "AdminSettings",
     "AuthSettings",
     "ConfigError",
     "DiagnosticsSettings",
@@ -139,6 +140,23 @@ class LogSettings(BaseModel):
     bodies: bool = False
 
 
+class AdminSettings(BaseModel):
+    """The admin listener: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``.
+
+    Attributes:
+        enabled: serve it at all.
+        host: its address; loopback by default, never the public interface unless
+            the operator says so.
+        port: its TCP port; 0 picks a free one (for tests).
+    """
+
+    model_config = _SECTION_CONFIG
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9031, ge=0, le=65535)
+
+
 class DiagnosticsSettings(BaseModel):
     """Routes for testing relayd itself; none of them is for production traffic.
 
@@ -217,6 +235,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
 
     @classmethod

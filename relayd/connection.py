@@ -42,6 +42,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from relayd.errors import CloseCode, EnvelopeError, ErrorCode
 from relayd.live import LiveLimits
+from relayd.metrics import Stats
 from relayd.outbox import Frame, Outbox
 from relayd.protocol import Dialect, decode_envelope, error_frame, welcome_frame
 from relayd.ratelimit import RateLimiter, Verdict
@@ -82,6 +83,7 @@ class Connection:
         log: a logger already bound with nothing connection-specific.
         log_messages: log a ``message.relay`` event for each message refused
             here (the router logs the ones it routes).
+        stats: the counters to add to (refusals, closes, bytes).
         peer_address: ``host:port`` of the client, for logs.
         origin: the ``Origin`` header, if any, for logs.
         user_agent: the ``User-Agent`` header, if any, for logs.
@@ -99,6 +101,7 @@ class Connection:
         limits: LiveLimits,
         log: structlog.typing.FilteringBoundLogger,
         log_messages: bool = True,
+        stats: Stats,
         peer_address: str,
         origin: str | None = None,
         user_agent: str | None = None,
@@ -108,6 +111,7 @@ class Connection:
         self._live = limits
         self._log = log
         self._log_messages = log_messages
+        self._stats = stats
         self._echo = echo
         self._open_fields = {
             "conn": conn,
@@ -244,10 +248,13 @@ class Connection:
                         error = exc
                 try:
                     if echo is not None:
+                        self._stats.messages["echoed"] += 1
                         await self._router.route(echo)
                     elif error is None:
-                        await self._router.route(Relay(peer, envelope, size))
+                        await self._router.route(Relay(peer, envelope, size, now))
                     else:
+                        self._stats.messages[error.code.value] += 1
+                        self._stats.errors[error.code.value] += 1
                         if self._log_messages:
                             self._log_refusal(size, error)
                         frame = error_frame(dialect, error.code, error.detail, error.ref)
@@ -346,6 +353,10 @@ class Connection:
             code, reason, closed_by = closed.code, closed.reason or "", "server"
         else:
             code, reason, closed_by = closed.code, closed.reason or "", "client"
+        stats = self._stats
+        stats.closes[int(code)] += 1
+        stats.bytes_received += self.bytes_in
+        stats.bytes_sent += self.bytes_out
         self._log.info(
             "connection.close",
             conn=self.peer.conn,

@@ -47,6 +47,7 @@ from relayd.connection import CLOSE_TIMEOUT_S, Connection
 from relayd.errors import CloseCode
 from relayd.handshake import Accept, Capacity, Reject, decide
 from relayd.live import LiveLimits
+from relayd.metrics import Stats
 from relayd.router import Router
 from relayd.transport import ServerStream, http_response
 
@@ -80,6 +81,7 @@ class Gate:
         allowed_origins: browser origins allowed; empty allows all.
         authenticator: checks each handshake's token and names the client;
             None serves everyone under a fresh random id.
+        stats: the counters to add to (connections, refusals).
         new_id: makes client ids (replaceable in tests).
     """
 
@@ -93,8 +95,10 @@ class Gate:
         echo_route: bool = False,
         allowed_origins: Collection[str] = (),
         authenticator: Authenticator | None = None,
+        stats: Stats | None = None,
         new_id: Callable[[], str] = new_client_id,
     ) -> None:
+        self.stats = stats or Stats()
         self._allowed_origins = frozenset(allowed_origins)
         self._authenticator = authenticator
         self._log_messages = log_messages
@@ -125,6 +129,15 @@ class Gate:
         self.capacity.max_per_ip = limits.max_connections_per_ip
         self._allowed_origins = frozenset(allowed_origins)
         self._authenticator = authenticator
+
+    def open_totals(self) -> tuple[int, int, int]:
+        """Open connections, and the bytes they have received and sent so far."""
+        connections = self.connections
+        return (
+            len(connections),
+            sum(c.bytes_in for c in connections),
+            sum(c.bytes_out for c in connections),
+        )
 
     def drain(self) -> None:
         """Refuse handshakes with 503, in progress or new, and drain every open connection."""
@@ -197,13 +210,7 @@ class Gate:
             else:
                 client_id = identity.subject
         if not isinstance(decision, Accept):
-            self._log.info(
-                "handshake.rejected",
-                conn=conn,
-                peer=address,
-                status=decision.status,
-                reason=decision.reason,
-            )
+            self._rejected(conn, address, decision.status, decision.reason)
             # A client that resets while being refused is not an error.
             with trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(ConnectionClosed):
                 await request.reject(decision.status, body=decision.reason.encode())
@@ -214,13 +221,7 @@ class Gate:
         except ConnectionClosed:
             # The client's first frames, sent along with its request, already
             # broke a limit and trio-websocket closed the connection.
-            self._log.info(
-                "handshake.rejected",
-                conn=conn,
-                peer=address,
-                status=None,
-                reason="connection closed during the handshake",
-            )
+            self._rejected(conn, address, None, "connection closed during the handshake")
             return
         connection = Connection(
             attempt.ws,
@@ -232,11 +233,13 @@ class Gate:
             limits=self.limits,
             log=self._log,
             log_messages=self._log_messages,
+            stats=self.stats,
             peer_address=address,
             origin=headers.get("origin"),
             user_agent=headers.get("user-agent"),
         )
         self.connections.add(connection)
+        self.stats.connections_total += 1
         try:
             if self.draining:
                 connection.drain()
@@ -276,8 +279,12 @@ class Gate:
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
             ):
                 await stream.send_all(http_response(status, reason))
-        self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
+        self._rejected(conn, address, status, reason)
         return None
+
+    def _rejected(self, conn: int, address: str, status: int | None, reason: str) -> None:
+        self.stats.rejected[status or 0] += 1
+        self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
 
 
 @dataclasses.dataclass(slots=True)

@@ -11,7 +11,7 @@ sender's own outbox, so each client sees its replies in the order it sent.
 
 :class:`Router` is the whole interface; :class:`LocalRouter` routes within one
 process. A broker-backed router (e.g. Redis pub/sub between relayd processes)
-implements the same four methods and connections do not change.
+implements the same methods and connections do not change.
 
 Shutdown: :meth:`Router.close` refuses new items; :meth:`Router.run` then
 delivers what is already queued, closes every registered outbox (so writers
@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from relayd.errors import RelaydError
+from relayd.metrics import Stats
 from relayd.outbox import Frame, Outbox
 from relayd.protocol import Dialect, Envelope, ack_frame, delivery_frame, error_frame
 from relayd.routing import Outcome, RoutingTable, outcome_of
@@ -77,11 +78,13 @@ class Relay:
         sender: the sending connection.
         envelope: the decoded request.
         size: the client frame's size in bytes.
+        received: when the reader took it off the socket (trio's clock).
     """
 
     sender: Peer
     envelope: Envelope
     size: int
+    received: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,6 +121,9 @@ class Router(Protocol):
     def close(self) -> None:
         """Take nothing more; :meth:`run` finishes what is queued and returns."""
 
+    def reconfigure(self, *, log_messages: bool, log_bodies: bool) -> None:
+        """Apply reloaded ``[log]`` settings to messages routed from now on."""
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Route until closed; reports started once items can be routed."""
 
@@ -130,6 +136,7 @@ class LocalRouter:
         log_messages: emit one ``message.relay`` event per message.
         log_bodies: include the message body in those events.
         inbox_size: how many items may wait for the routing task.
+        stats: the counters to add to (messages, errors, relay latency).
     """
 
     def __init__(
@@ -139,8 +146,10 @@ class LocalRouter:
         log_messages: bool = True,
         log_bodies: bool = False,
         inbox_size: int = DEFAULT_INBOX_SIZE,
+        stats: Stats | None = None,
     ) -> None:
         self._log = log
+        self.stats = stats or Stats()
         self._log_messages = log_messages
         self._log_bodies = log_bodies
         self._table: RoutingTable[Peer] = RoutingTable()
@@ -151,6 +160,10 @@ class LocalRouter:
     def routes(self) -> int:
         """How many client ids are routable now."""
         return len(self._table)
+
+    def reconfigure(self, *, log_messages: bool, log_bodies: bool) -> None:  # noqa: D102
+        self._log_messages = log_messages
+        self._log_bodies = log_bodies
 
     def register(self, peer: Peer) -> None:  # noqa: D102 - documented on Router
         if self._closed:
@@ -198,6 +211,10 @@ class LocalRouter:
                 )
             accepted.append(peer.outbox.offer(frame))
         outcome = outcome_of(accepted)
+        stats = self.stats
+        stats.messages[outcome.value] += 1
+        if outcome is Outcome.DELIVERED:
+            stats.observe_latency(trio.current_time() - item.received)
         self._answer(sender, envelope, outcome)
         if self._log_messages:
             self._log_relay(item, outcome)
@@ -210,6 +227,7 @@ class LocalRouter:
                 return
             reply = ack_frame(sender.dialect, envelope.ref)
         else:
+            self.stats.errors[code.value] += 1
             reply = error_frame(sender.dialect, code, _DETAILS[outcome], envelope.ref)
         if reply is not None:
             # A sender whose own outbox is full is itself a slow consumer: its

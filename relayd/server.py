@@ -23,22 +23,28 @@ so that nothing already accepted is dropped:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import ssl
 from collections.abc import Sequence
+from typing import Final
 
 import structlog
 import trio
+from prometheus_client import CollectorRegistry, ProcessCollector
+from pydantic import SecretStr
 
 from relayd import __version__
+from relayd.admin import serve_admin
 from relayd.auth import Authenticator
 from relayd.config import Settings
 from relayd.listener import Gate
 from relayd.log import get_logger
+from relayd.metrics import Stats, StatsCollector
 from relayd.router import LocalRouter, Router
 
-__all__ = ["Server"]
+__all__ = ["Reload", "Server"]
 
 Listener = trio.SocketListener | trio.SSLListener[trio.SocketStream]
 
@@ -66,12 +72,15 @@ class Server:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._settings = settings
+        self._log_format = settings.log.format
         self._tls = tls
         self._log = log or get_logger()
+        self.stats = Stats()
         self._router = router or LocalRouter(
             self._log,
             log_messages=settings.log.messages,
             log_bodies=settings.log.bodies,
+            stats=self.stats,
         )
         self._gate = Gate(
             self._router,
@@ -81,14 +90,26 @@ class Server:
             echo_route=settings.diagnostics.echo,
             allowed_origins=settings.server.allowed_origins,
             authenticator=authenticator,
+            stats=self.stats,
         )
         self._stop = trio.Event()
         self._stop_reason = ""
+        self._accepting = False
+        self._admin_address: tuple[str, int] | None = None
+        #: What ``/metrics`` exposes.
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(StatsCollector(self.stats, self._gate.open_totals))
+        ProcessCollector(registry=self.registry)
 
     @property
     def settings(self) -> Settings:
         """The settings this daemon was built with."""
         return self._settings
+
+    @property
+    def log_format(self) -> str:
+        """The log format relayd started with (changing it needs a restart)."""
+        return self._log_format
 
     @property
     def gate(self) -> Gate:
@@ -129,6 +150,37 @@ class Server:
             trio.SSLListener(listener, self._tls, https_compatible=True) for listener in listeners
         ]
 
+    @property
+    def ready(self) -> bool:
+        """True while relayd accepts connections (``/readyz``)."""
+        return self._accepting and not self._stop.is_set()
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """Where the admin listener listens, once :meth:`run` has started it."""
+        return self._admin_address
+
+    def reload(self, settings: Settings, authenticator: Authenticator | None) -> Reload:
+        """Apply the reloadable part of ``settings``; report what changed.
+
+        Reloadable: ``limits.*`` (see :mod:`relayd.live` for which reach open
+        connections), ``server.allowed_origins``, ``server.shutdown_grace_s``,
+        ``auth.*`` and ``log.messages``/``log.bodies`` (``log.level`` is
+        applied by the caller, which owns logging). Everything else needs a
+        restart and is only reported.
+        """
+        before, after = _flat(self._settings), _flat(settings)
+        changed = sorted(key for key in after if after[key] != before.get(key))
+        restart = [key for key in changed if not key.startswith(_RELOADABLE)]
+        self._gate.reconfigure(
+            settings.limits,
+            allowed_origins=settings.server.allowed_origins,
+            authenticator=authenticator,
+        )
+        self._router.reconfigure(log_messages=settings.log.messages, log_bodies=settings.log.bodies)
+        self._settings = settings
+        return Reload(changed=changed, restart_required=restart)
+
     async def run(
         self,
         listeners: Sequence[trio.SocketListener] | None = None,
@@ -153,10 +205,19 @@ class Server:
         if listeners is None:
             listeners = await self.listen()
         addresses = [_address(listener) for listener in listeners]
+        admin = self._settings.admin
+        admin_listeners = []
+        if admin.enabled:
+            admin_listeners = await trio.open_tcp_listeners(admin.port, host=admin.host or None)
+            self._admin_address = _address(admin_listeners[0])
         forced = True
         try:
             async with trio.open_nursery() as root:
                 await root.start(self._router.run)
+                if admin_listeners:
+                    await root.start(
+                        serve_admin, admin_listeners, self.registry, lambda: self.ready
+                    )
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as accepting:
                         await accepting.start(
@@ -167,19 +228,23 @@ class Server:
                                 handler_nursery=connections,
                             )
                         )
+                        self._accepting = True
                         task_status.started(addresses)
                         self._log.info(
                             "server.ready",
                             listeners=[_show(h, p) for h, p in addresses],
                             port=addresses[0][1],
+                            admin=_show(*self._admin_address) if self._admin_address else None,
                         )
                         await self._stop.wait()
                         accepting.cancel_scope.cancel()
+                        self._accepting = False
                     self._router.close()
                     connections.cancel_scope.deadline = (
                         trio.current_time() + server.shutdown_grace_s
                     )
                 forced = connections.cancel_scope.cancelled_caught
+                root.cancel_scope.cancel()  # the admin listener
         finally:
             self._log.info(
                 "server.stop",
@@ -187,6 +252,35 @@ class Server:
                 forced=forced,
                 duration_s=round(trio.current_time() - started, 3),
             )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reload:
+    """What a reload changed: every changed key, and those that need a restart."""
+
+    changed: list[str]
+    restart_required: list[str]
+
+
+_RELOADABLE: Final = (
+    "limits.",
+    "server.allowed_origins",
+    "server.shutdown_grace_s",
+    "auth.",
+    "log.level",
+    "log.messages",
+    "log.bodies",
+)
+
+
+def _flat(settings: Settings) -> dict[str, object]:
+    # Secrets compare by value (the dump masks them) without being stored.
+    dumped = settings.model_dump()
+    return {
+        f"{section}.{key}": value.get_secret_value() if isinstance(value, SecretStr) else value
+        for section, table in dumped.items()
+        for key, value in table.items()
+    }
 
 
 def _address(listener: trio.SocketListener) -> tuple[str, int]:

@@ -305,11 +305,12 @@ def test_config_error_in_process(
 class Daemon:
     """A relayd child process; a thread queues its stdout lines as they arrive."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], **env: str) -> None:
         self.argv = argv
         self.proc = subprocess.Popen(
             argv,
-            env=clean_env(),
+            # Never the fixed admin port 9031: tests run side by side.
+            env=clean_env(RELAYD_ADMIN__PORT="0", **env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -317,6 +318,7 @@ class Daemon:
             bufsize=1,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr_lines: queue.Queue[str | None] = queue.Queue()
         self.events: list[dict[str, Any]] = []
         self.stdout: list[str] = []
         self._stderr = ""
@@ -335,7 +337,23 @@ class Daemon:
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
-        self._stderr = self.proc.stderr.read()
+        for line in self.proc.stderr:
+            self._stderr += line
+            self.stderr_lines.put(line)
+        self.stderr_lines.put(None)
+
+    def wait_stderr(self, text: str, timeout: float = WAIT_TIMEOUT_S) -> str:
+        """Read stderr lines until one containing ``text``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.stderr_lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no {text!r} on stderr within {timeout}s: {self._stderr}")
+            if line is None:
+                pytest.fail(f"stderr closed before {text!r}: {self._stderr}")
+            if text in line:
+                return line
 
     def wait_event(self, name: str, timeout: float = WAIT_TIMEOUT_S) -> dict[str, Any]:
         """Read stdout lines until the event ``name``; every line must be a JSON object."""

@@ -201,7 +201,7 @@ def test_unknown_toml_key_names_key_and_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ("[admin]\ntoken = 'x'\n", "admin"),
+        ("[cluster]\ntoken = 'x'\n", "cluster"),
         ("[limits.extra]\nx = 1\n", "limits.extra"),
         ("port = 9030\n", "port"),
     ],

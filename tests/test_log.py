@@ -110,9 +110,12 @@ async def send_frame(sender: Client, envelope: dict[str, Any]) -> str:
 
 
 async def test_server_start_ready_and_stop() -> None:
+    server = Server(settings())
     with structlog.testing.capture_logs() as events:
-        async with running(Server(settings())) as url:
+        async with running(server) as url:
             port = int(url.rstrip("/").rsplit(":", 1)[1])
+            assert server.admin_address is not None
+            admin_host, admin_port = server.admin_address
     assert [e["event"] for e in events] == ["server.start", "server.ready", "server.stop"]
     start, ready, stop = events
     assert start == {
@@ -128,6 +131,7 @@ async def test_server_start_ready_and_stop() -> None:
         "log_level": "info",
         "listeners": [f"127.0.0.1:{port}"],
         "port": port,
+        "admin": f"{admin_host}:{admin_port}",
     }
     assert set(stop) == COMMON | {"reason", "forced", "duration_s"}
     assert (stop["reason"], stop["forced"]) == ("test finished", False)

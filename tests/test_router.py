@@ -55,7 +55,7 @@ class Conn:
 
 
 def relay(sender: Conn, frame: str) -> Relay:
-    return Relay(sender.peer, decode_envelope(frame), len(frame.encode()))
+    return Relay(sender.peer, decode_envelope(frame), len(frame.encode()), trio.current_time())
 
 
 @pytest.fixture
@@ -81,8 +81,8 @@ async def route(router: LocalRouter, *items: Relay | Reply) -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
-def new_router(**options: bool) -> LocalRouter:
-    return LocalRouter(structlog.get_logger(), **options)
+def new_router(*, log_messages: bool = True, log_bodies: bool = False) -> LocalRouter:
+    return LocalRouter(structlog.get_logger(), log_messages=log_messages, log_bodies=log_bodies)
 
 
 async def test_relay_to_seed_and_v1_recipients_in_their_formats(

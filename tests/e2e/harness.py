@@ -225,7 +225,10 @@ def running_relayd(config_dir: Path, *extra_args: str) -> Iterator[RelaydProcess
     The block's exit asserts that SIGTERM made it exit 0 with ``server.stop`` last.
     """
     config = config_dir / "relayd.toml"
-    config.write_text("# e2e: built-in defaults only\n", encoding="utf-8")
+    config.write_text(
+        "# e2e: built-in defaults, but the admin listener on a free port\n[admin]\nport = 0\n",
+        encoding="utf-8",
+    )
     argv = [
         *relayd_command(),
         "--host",
@@ -296,6 +299,11 @@ TOOLS: dict[str, Tool] = {
     ),
     "chromium": Tool(
         f"Debian's Chromium at {CHROMIUM}", "apt-get install chromium", _executable(CHROMIUM)
+    ),
+    "systemd-socket-activate": Tool(
+        "systemd's socket activation helper",
+        "apt-get install systemd",
+        _on_path("systemd-socket-activate"),
     ),
 }
 

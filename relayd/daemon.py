@@ -1,0 +1,165 @@
+"""The process around the server: signals, systemd notifications, watchdog, reload.
+
+:func:`run_daemon` owns one nursery with the server and its companions::
+
+    run_daemon
+    ├── serve      Server.run; when it returns, everything else is cancelled
+    ├── signals    SIGTERM/SIGINT: drain (a second one: stop at once);
+    │              SIGHUP: reload the settings
+    ├── watchdog   WATCHDOG=1 every half WATCHDOG_USEC, from the event loop
+    └── status     STATUS= with live counts, every STATUS_INTERVAL_S
+
+Because the watchdog pings from the event loop itself, a loop that hangs
+stops pinging and systemd restarts relayd (``WatchdogSec`` in the unit).
+
+A reload re-reads every source the daemon started from (the same ``--config``,
+environment and flags). An invalid result is refused with a ``config.reload``
+event giving the reason, and the old settings stay; a valid one is applied
+where it can be (:meth:`relayd.server.Server.reload`) and the keys that need a
+restart are named in the event.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import trio
+
+from relayd.auth import Authenticator
+from relayd.config import ConfigError, Settings
+from relayd.log import configure, get_logger
+from relayd.server import Server
+from relayd.systemd import Notifier
+
+__all__ = ["STATUS_INTERVAL_S", "run_daemon"]
+
+#: Seconds between STATUS= updates for ``systemctl status``.
+STATUS_INTERVAL_S: Final = 5.0
+
+Reloader = Callable[[], tuple[Settings, Authenticator | None]]
+
+
+async def run_daemon(
+    server: Server,
+    *,
+    reload_settings: Reloader,
+    notifier: Notifier,
+    watchdog_s: float | None = None,
+    listeners: Sequence[trio.SocketListener] | None = None,
+) -> int:
+    """Serve until a signal stops it; returns the exit status.
+
+    Args:
+        server: the daemon to run.
+        reload_settings: reads the settings (and credentials) anew, for SIGHUP.
+        notifier: systemd's notification socket (a no-op outside systemd).
+        watchdog_s: seconds between WATCHDOG=1 pings; None when systemd has
+            no watchdog for relayd.
+        listeners: sockets handed over by socket activation; None binds.
+
+    Returns:
+        0 after a graceful drain; 1 when the port cannot be bound; 128 plus
+        the signal number when a second signal cut the drain short.
+    """
+    log = get_logger()
+    settings = server.settings
+    if not listeners:
+        problem: str | None = None
+        try:
+            listeners = await server.listen()
+        except OSError as exc:
+            where = _show(settings.server.host or "*", settings.server.port)
+            problem = f"cannot listen on {where}: {exc}"
+        if problem is not None:  # logged outside the except: no traceback, it says it all
+            log.error("error", summary=problem)
+            print(f"relayd: {problem}", file=sys.stderr)
+            return 1
+    status = 0
+
+    async with trio.open_nursery() as nursery:
+
+        async def serve(
+            task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
+            await server.run(listeners, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        async def signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            nonlocal status
+            with trio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+            ) as received:
+                task_status.started()
+                async for signum in received:
+                    if signum == signal.SIGHUP:
+                        _reload(server, reload_settings, notifier)
+                    elif not server.stopping:
+                        notifier.stopping()
+                        server.shutdown(f"signal {signal.Signals(signum).name}")
+                    else:
+                        status = 128 + signum
+                        nursery.cancel_scope.cancel()
+
+        await nursery.start(signals)
+        await nursery.start(serve)
+        notifier.ready(_status_line(server, 0.0))
+        if watchdog_s is not None:
+            nursery.start_soon(_watchdog, notifier, watchdog_s)
+        if notifier.enabled:
+            nursery.start_soon(_report_status, server, notifier)
+    notifier.close()
+    return status
+
+
+def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> None:
+    log = get_logger()
+    notifier.reloading()
+    try:
+        refused: str | None = None
+        try:
+            settings, authenticator = reload_settings()
+        except ConfigError as exc:
+            refused = str(exc)
+        if refused is not None:  # the old settings stay
+            log.error("config.reload", applied=False, reason=refused)
+            return
+        level_changed = settings.log.level != server.settings.log.level
+        result = server.reload(settings, authenticator)
+        if level_changed:
+            # The format stays: changing it needs a restart (and is reported so).
+            configure(settings.log.model_copy(update={"format": server.log_format}))
+        log.info(
+            "config.reload",
+            applied=True,
+            changed=result.changed,
+            restart_required=result.restart_required,
+        )
+    finally:
+        notifier.ready(_status_line(server, 0.0))
+
+
+async def _watchdog(notifier: Notifier, interval_s: float) -> None:
+    while True:
+        notifier.watchdog()
+        await trio.sleep(interval_s)
+
+
+async def _report_status(server: Server, notifier: Notifier) -> None:
+    before = server.stats.messages.total()
+    while True:
+        await trio.sleep(STATUS_INTERVAL_S)
+        now = server.stats.messages.total()
+        notifier.status(_status_line(server, (now - before) / STATUS_INTERVAL_S))
+        before = now
+
+
+def _status_line(server: Server, rate: float) -> str:
+    state = "draining" if server.stopping else "serving"
+    return f"{state}: {len(server.gate.connections)} connections, {rate:.0f} messages/s"
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,156 @@
+"""relayd's counters, kept as plain integers and exposed in Prometheus text format.
+
+The hot path (readers, the router, writers) only adds to plain ints and dict
+entries of one :class:`Stats` object: no locks, no label lookups, no
+allocation, because trio runs it all on one thread. :class:`StatsCollector`
+turns those numbers into metric families when ``/metrics`` is scraped, so a
+scrape costs what it costs and a relayed message costs nothing more.
+
+Metrics (all prefixed ``relayd_``):
+
+==================================  =======  ===========================================
+name                                type     meaning
+==================================  =======  ===========================================
+connections_open                    gauge    WebSocket connections open now
+connections_total                   counter  WebSocket connections accepted
+handshakes_rejected_total{status}   counter  handshakes refused, by HTTP status
+messages_total{outcome}             counter  client messages, by outcome (delivered,
+                                             unknown_recipient, recipient_busy, invalid_json…)
+bytes_received_total                counter  bytes of client frames (closed connections
+                                             and open ones)
+bytes_sent_total                    counter  bytes of frames sent to clients
+errors_total{code}                  counter  error frames sent, by error code
+closes_total{code}                  counter  closed connections, by close code
+relay_latency_seconds               hist.    from a message's arrival to its hand-over
+                                             to the recipient's outbox
+==================================  =======  ===========================================
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from collections.abc import Callable, Iterator
+from typing import Final
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+__all__ = ["LATENCY_BUCKETS_S", "Stats", "StatsCollector"]
+
+#: Upper bounds of the latency histogram, seconds: 50 µs to 1 s.
+LATENCY_BUCKETS_S: Final = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+)  # fmt: skip
+
+
+class Stats:
+    """Counters since start; every field is plain, updated in place."""
+
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "closes",
+        "connections_total",
+        "errors",
+        "latency_buckets",
+        "latency_count",
+        "latency_sum",
+        "messages",
+        "rejected",
+    )
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.rejected: collections.Counter[int] = collections.Counter()
+        self.messages: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.closes: collections.Counter[int] = collections.Counter()
+        self.bytes_received = 0  # of connections that have closed; open ones add theirs
+        self.bytes_sent = 0
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)  # the last is +Inf
+        self.latency_count = 0
+        self.latency_sum = 0.0
+
+    def observe_latency(self, seconds: float) -> None:
+        """Count one relay latency."""
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.latency_count += 1
+        self.latency_sum += seconds
+
+
+class StatsCollector(Collector):
+    """Exposes a :class:`Stats` (and the live connection counts) to Prometheus.
+
+    Args:
+        stats: the counters.
+        open_connections: returns ``(open, bytes_in, bytes_out)`` of the
+            connections open now, whose bytes are not in ``stats`` yet.
+    """
+
+    def __init__(self, stats: Stats, open_connections: Callable[[], tuple[int, int, int]]) -> None:
+        self._stats = stats
+        self._open = open_connections
+
+    def collect(self) -> Iterator[Metric]:
+        """Build the metric families from the counters as they are now."""
+        stats = self._stats
+        open_now, bytes_in, bytes_out = self._open()
+        yield GaugeMetricFamily(
+            "relayd_connections_open", "WebSocket connections open now", value=open_now
+        )
+        yield CounterMetricFamily(
+            "relayd_connections", "WebSocket connections accepted", value=stats.connections_total
+        )
+        rejected = CounterMetricFamily(
+            "relayd_handshakes_rejected", "Handshakes refused, by HTTP status", labels=["status"]
+        )
+        for status, count in sorted(stats.rejected.items()):
+            rejected.add_metric([str(status)], count)
+        yield rejected
+        messages = CounterMetricFamily(
+            "relayd_messages", "Client messages, by outcome", labels=["outcome"]
+        )
+        for outcome, count in sorted(stats.messages.items()):
+            messages.add_metric([outcome], count)
+        yield messages
+        yield CounterMetricFamily(
+            "relayd_bytes_received",
+            "Bytes of client frames",
+            value=stats.bytes_received + bytes_in,
+        )
+        yield CounterMetricFamily(
+            "relayd_bytes_sent",
+            "Bytes of frames sent to clients",
+            value=stats.bytes_sent + bytes_out,
+        )
+        errors = CounterMetricFamily(
+            "relayd_errors", "Error frames sent to clients, by code", labels=["code"]
+        )
+        for code, count in sorted(stats.errors.items()):
+            errors.add_metric([code], count)
+        yield errors
+        closes = CounterMetricFamily(
+            "relayd_closes", "Closed connections, by close code", labels=["code"]
+        )
+        for close_code, count in sorted(stats.closes.items()):
+            closes.add_metric([str(close_code)], count)
+        yield closes
+        cumulative = 0
+        buckets = []
+        for bound, count in zip(
+            (*LATENCY_BUCKETS_S, float("inf")), stats.latency_buckets, strict=True
+        ):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(
+            "relayd_relay_latency_seconds",
+            "From a message's arrival to its hand-over to the recipient's outbox",
+            buckets=buckets,
+            sum_value=stats.latency_sum,
+        )

@@ -1,0 +1,81 @@
+"""The admin listener: metrics, health and readiness over loopback HTTP."""
+
+from __future__ import annotations
+
+import trio
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from relayd.server import Server
+from tests import wire
+from tests.client import connect, running, settings
+
+
+async def _get(address: tuple[str, int], path: str, method: str = "GET") -> tuple[int, str]:
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_metrics_count_connections_messages_errors_and_closes() -> None:
+    server = Server(settings())
+    async with running(server) as url:
+        assert server.admin_address is not None
+        async with connect(url) as a, connect(url, v1=True) as b:
+            await a.send(b.id, "hello")
+            await b.recv()
+            await a.send("nobody", 1)
+            await a.recv()
+            await a.ws.send_message("not json")
+            await a.recv()
+            status, text = await _get(server.admin_address, "/metrics")
+            assert status == 200
+            samples = _samples(text)
+            assert samples[("relayd_connections_open", ())] == 2
+            assert samples[("relayd_messages_total", (("outcome", "delivered"),))] == 1
+            assert samples[("relayd_messages_total", (("outcome", "unknown_recipient"),))] == 1
+            assert samples[("relayd_errors_total", (("code", "invalid_json"),))] == 1
+            assert samples[("relayd_relay_latency_seconds_count", ())] == 1
+            assert samples[("relayd_bytes_received_total", ())] > 0
+            assert ("process_resident_memory_bytes", ()) in samples
+    # Stopped: every close is counted and nothing is open.
+    samples = _samples(generate_latest(server.registry).decode())
+    assert samples[("relayd_connections_open", ())] == 0
+    assert samples[("relayd_connections_total", ())] == 2
+    assert samples[("relayd_closes_total", (("code", "1000"),))] == 2
+
+
+async def test_health_readiness_and_other_paths() -> None:
+    quick = settings().model_copy(
+        update={"server": settings().server.model_copy(update={"shutdown_grace_s": 1.0})}
+    )
+    server = Server(quick)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run)
+        address = server.admin_address
+        assert address is not None
+        assert await _get(address, "/healthz") == (200, "ok\n")
+        assert await _get(address, "/readyz") == (200, "ready\n")
+        assert (await _get(address, "/nope"))[0] == 404
+        assert (await _get(address, "/metrics", method="POST"))[0] == 405
+        assert (await _get(address, "/healthz", method="HEAD")) == (200, "")
+        # A client that never answers the 1001 keeps the drain going for the
+        # grace period; meanwhile relayd is alive but not ready.
+        async with await trio.open_tcp_stream(*addresses[0]) as silent:
+            await silent.send_all(wire.upgrade_request())
+            await silent.receive_some(4096)  # the 101 (and maybe the id)
+            server.shutdown("test")
+            assert await _get(address, "/readyz") == (503, "not ready\n")
+            assert await _get(address, "/healthz") == (200, "ok\n")

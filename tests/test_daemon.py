@@ -1,0 +1,173 @@
+"""relayd as systemd runs it: notifications, watchdog, reload on SIGHUP, socket activation.
+
+Each test runs the real command in a child process. systemd's side is played
+by the test: a datagram socket bound where ``NOTIFY_SOCKET`` points collects
+what relayd tells systemd, and ``systemd-socket-activate`` hands it a
+listening socket the way ``relayd.socket`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relayd.systemd import Notifier, listen_sockets, watchdog_interval
+from tests.e2e.harness import require_tool
+from tests.test_cli import MODULE, WAIT_TIMEOUT_S, Daemon, RawClient
+
+# -- the protocol pieces, in process ------------------------------------------------
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec_for_this_process() -> None:
+    pid = str(os.getpid())
+    assert watchdog_interval({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": pid}) == 10.0
+    assert watchdog_interval({"WATCHDOG_USEC": "20000000"}) == 10.0
+    assert watchdog_interval({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "junk"}) is None
+
+
+def test_listen_sockets_ignores_another_process_and_unsets_the_variables() -> None:
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
+    assert listen_sockets(env) == []
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "0", "LISTEN_FDNAMES": ""}
+    assert listen_sockets(env) == []
+    assert env == {}
+
+
+def test_notifier_without_notify_socket_is_a_no_op() -> None:
+    notifier = Notifier.from_environment({})
+    assert not notifier.enabled
+    notifier.ready("x")  # nothing to send to, nothing raised
+    notifier.close()
+
+
+# -- the notify sequence, from a real process -------------------------------------
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(WAIT_TIMEOUT_S)
+    try:
+        yield listener, path
+    finally:
+        listener.close()
+
+
+def _until(listener: socket.socket, wanted: str) -> list[str]:
+    """Every notification up to and including the first with a ``wanted`` line."""
+    seen = []
+    while True:
+        lines = listener.recv(4096).decode().splitlines()
+        seen.append("\n".join(lines))
+        if wanted in lines:
+            return seen
+
+
+def test_ready_watchdog_reload_and_stopping_are_notified(
+    notify_socket: tuple[socket.socket, str], tmp_path: Path
+) -> None:
+    listener, path = notify_socket
+    config = tmp_path / "relayd.toml"
+    config.write_text("[limits]\nmessages_per_second = 50.0\n")
+    daemon = Daemon(
+        [*MODULE, "--config", str(config), "--port", "0", "--host", "127.0.0.1"],
+        NOTIFY_SOCKET=path,
+        WATCHDOG_USEC="200000",  # ping every 0.1 s
+    )
+    try:
+        ready = _until(listener, "READY=1")[-1]
+        assert "STATUS=serving: 0 connections, 0 messages/s" in ready.splitlines()
+        _until(listener, "WATCHDOG=1")
+        _until(listener, "WATCHDOG=1")  # and again: it keeps coming from the loop
+
+        # A valid new config is applied and named.
+        config.write_text("[limits]\nmessages_per_second = 5.0\n[server]\nport = 9999\n")
+        daemon.signal(signal.SIGHUP)
+        reload = _until(listener, "READY=1")
+        assert any("RELOADING=1" in message for message in reload)
+        event = daemon.wait_event("config.reload")
+        assert event["applied"] is True
+        assert "limits.messages_per_second" in event["changed"]
+        assert event["restart_required"] == []  # --port 0 on the command line still wins
+
+        # An invalid one is refused and the old settings stay.
+        config.write_text("[limits]\nmessages_per_second = -1\n")
+        daemon.signal(signal.SIGHUP)
+        _until(listener, "READY=1")
+        refused = daemon.wait_event("config.reload")
+        assert refused["applied"] is False
+        assert "limits.messages_per_second" in refused["reason"]
+
+        daemon.signal(signal.SIGTERM)
+        stopping = _until(listener, "STOPPING=1")[-1]
+        assert "STATUS=draining connections" in stopping.splitlines()
+        assert daemon.wait_exit() == 0
+    finally:
+        daemon.close()
+
+
+def test_a_reload_reaches_a_connected_client(tmp_path: Path) -> None:
+    config = tmp_path / "relayd.toml"
+    config.write_text("[limits]\nmessages_per_second = 1.0\nmessage_burst = 1\n")
+    daemon = Daemon([*MODULE, "--config", str(config), "--port", "0", "--host", "127.0.0.1"])
+    try:
+        port = daemon.wait_event("server.ready")["port"]
+        client = RawClient(port, v1=True)
+        client.send_json({"to": client.id, "message": 1, "ref": 1})
+        assert json.loads(client.recv_text())["type"] == "message"
+        assert json.loads(client.recv_text()) == {"type": "ack", "ref": 1}
+        client.send_json({"to": client.id, "message": 2, "ref": 2})
+        assert json.loads(client.recv_text())["error"] == "rate_limited"
+        config.write_text("[limits]\nmessages_per_second = 1.0\nmessage_burst = 10\n")
+        daemon.signal(signal.SIGHUP)
+        assert daemon.wait_event("config.reload")["applied"] is True
+        client.send_json({"to": client.id, "message": 3, "ref": 3})
+        assert json.loads(client.recv_text())["type"] == "message"  # the same connection
+        client.close()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    finally:
+        daemon.close()
+
+
+# -- socket activation ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_socket_activation_serves_the_socket_it_is_handed(tmp_path: Path) -> None:
+    activate = str(require_tool("systemd-socket-activate"))
+    config = tmp_path / "relayd.toml"
+    config.write_text("# the port comes from the socket, not from here\n")
+    port = _free_port()
+    daemon = Daemon(
+        [activate, "-l", f"127.0.0.1:{port}", "--fdname=relayd", *MODULE, "--config", str(config)]
+    )
+    try:
+        daemon.wait_stderr(f"Listening on 127.0.0.1:{port}")
+        # systemd-socket-activate starts relayd on the first connection, as
+        # systemd does; that connection is served, not refused.
+        client = RawClient(port)
+        assert len(client.id) == 22
+        ready = daemon.wait_event("server.ready")
+        assert ready["listeners"] == [f"127.0.0.1:{port}"]
+        client.close()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    finally:
+        daemon.close()
