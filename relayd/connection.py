@@ -18,9 +18,10 @@ Who closes:
 * the client (close frame, or the TCP connection dropping): the reader ends,
   the connection leaves the routing table, the writer ends.
 * relayd, for policy (1008 abuse, 1013 slow consumer, 1000 idle, 1011 no
-  pong): :meth:`Connection.close_soon` stops the reader, lets the writer finish
-  the frame it is writing, and sends the close frame, all within
-  :data:`CLOSE_TIMEOUT_S`; after that the transport is dropped.
+  pong): :meth:`Connection.close_soon` stops the reader and lets the writer
+  finish the frame it is writing, within :data:`CLOSE_TIMEOUT_S`; then relayd
+  sends the close frame and waits up to :data:`CLOSE_TIMEOUT_S` more for the
+  client's; after that the transport is dropped.
 * relayd, shutting down: :meth:`Connection.drain` stops the reader only; the
   router delivers what it already accepted and then closes the outbox, the
   writer flushes it and the connection closes with 1001. The server bounds the
@@ -177,6 +178,11 @@ class Connection:
         self._log.info("connection.open", **self._open_fields)
         try:
             await self._serve()
+        except Exception:
+            # The caller's boundary logs the error and sends this close code;
+            # the close event must already say so.
+            self._close = (CloseCode.INTERNAL_ERROR, "internal error", "server")
+            raise
         finally:
             self._router.unregister(self.peer)
             self._log_close()

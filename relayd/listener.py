@@ -269,6 +269,9 @@ class Gate:
                 self._reading.discard(waiting)
         if stream.response_status is not None:
             status, reason = stream.response_status, stream.refusal or "malformed WebSocket request"
+        elif stream.refusal is not None:  # the client went away: nobody to answer
+            self._gone(conn, address, stream.refusal)
+            return None
         else:
             if self.draining:
                 status, reason = 503, "server shutting down"
@@ -281,6 +284,12 @@ class Gate:
                 await stream.send_all(http_response(status, reason))
         self._rejected(conn, address, status, reason)
         return None
+
+    def _gone(self, conn: int, address: str, reason: str) -> None:
+        # Port probes and health checks do this all day: count it, log it
+        # at debug level only.
+        self.stats.rejected[0] += 1
+        self._log.debug("handshake.rejected", conn=conn, peer=address, status=None, reason=reason)
 
     def _rejected(self, conn: int, address: str, status: int | None, reason: str) -> None:
         self.stats.rejected[status or 0] += 1

@@ -114,7 +114,14 @@ class ServerStream(trio.abc.Stream):
             return await self._stream.receive_some(max_bytes)
         if self.refusal is not None:
             return b""
-        data = await self._stream.receive_some(max_bytes)
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except trio.BrokenResourceError:  # reset, or a failed TLS handshake
+            self._gone("the connection broke before a complete request")
+            raise
+        if not data:
+            self._gone("the client closed before a complete request")
+            return data
         window = self._tail + data
         end = window.find(_END_OF_HEAD)
         cut = len(data) if end < 0 else end + len(_END_OF_HEAD) - len(self._tail)
@@ -136,6 +143,14 @@ class ServerStream(trio.abc.Stream):
         self.response_status = 431
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._stream.send_all(http_response(431, self.refusal))
+        self._stop_waiting()
+
+    def _gone(self, why: str) -> None:
+        # Nobody to answer: say why, and stop the listener waiting for a request.
+        self.refusal = why
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close()
@@ -162,9 +177,7 @@ class ServerStream(trio.abc.Stream):
         half-way. So the close itself is :meth:`close_gracefully`, called once
         by the owner after the WebSocket layer has stopped.
         """
-        on_close, self.on_close = self.on_close, None
-        if on_close is not None:
-            on_close()
+        self._stop_waiting()
         await trio.lowlevel.checkpoint()
 
     async def close_gracefully(self) -> None:

@@ -440,3 +440,16 @@ async def test_echo_route_returns_text_and_binary_and_is_off_by_default() -> Non
             n.cancel_scope.cancel()
     async with running(Server(settings())) as url, connect(url + "echo") as relayed:
         assert len(relayed.id) == 22  # /echo is a relay path like any other
+
+
+async def test_a_port_probe_that_connects_and_leaves_is_not_held_or_logged_as_refused() -> None:
+    server = Server(settings(handshake_timeout_s=20.0))
+    with structlog.testing.capture_logs() as events:
+        async with running(server) as url:
+            probe = await trio.open_tcp_stream(*split_url(url)[:2])
+            await probe.aclose()
+            await _exchange(url)
+    # Had the probe been held until the drain, it would have been answered 503.
+    [gone] = [e for e in events if e["event"] == "handshake.rejected"]
+    assert (gone["log_level"], gone["status"]) == ("debug", None)
+    assert gone["reason"] == "the client closed before a complete request"
