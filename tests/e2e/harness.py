@@ -300,11 +300,17 @@ TOOLS: dict[str, Tool] = {
     "chromium": Tool(
         f"Debian's Chromium at {CHROMIUM}", "apt-get install chromium", _executable(CHROMIUM)
     ),
-    "systemd-socket-activate": Tool(
-        "systemd's socket activation helper",
-        "apt-get install systemd",
-        _on_path("systemd-socket-activate"),
-    ),
+    **{
+        name: Tool(f"`{name}` on PATH", f"apt-get install {package}", _on_path(name))
+        for name, package in [
+            ("systemd-socket-activate", "systemd"),
+            ("systemd-analyze", "systemd"),
+            ("systemd-sysusers", "systemd"),
+            ("systemd-nspawn", "systemd-container"),
+            ("debootstrap", "debootstrap"),
+            ("shellcheck", "shellcheck"),
+        ]
+    },
 }
 
 _npm_lock = threading.Lock()

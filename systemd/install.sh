@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Install relayd as a systemd service on Debian (bookworm or later), from the checkout
+# this script lives in:
+#
+#   sudo systemd/install.sh             install, or upgrade and restart
+#   systemd/install.sh --dry-run        print every step and command, change nothing
+#
+# What it does, each step printed as it goes ("==>" a step, "+" a command):
+#   1. apt-get install what is missing: python3 (3.11+) with python3-venv, and procps
+#      for the kill(1) that relayd.service's ExecReload runs.
+#   2. The system user relayd (systemd/sysusers.d/relayd.conf -> /etc/sysusers.d/).
+#   3. A virtualenv at /opt/relayd with relayd pip-installed from this checkout (relayd
+#      is not on PyPI; its dependencies come from the configured package index).
+#   4. /etc/relayd/relayd.toml (root:relayd, 0640) from config/relayd.toml, only if there
+#      is no file there: an operator's config is never overwritten. Either way the config
+#      is checked, as user relayd, before relayd is (re)started.
+#   5. relayd.service and relayd.socket into /etc/systemd/system, daemon-reload, and both
+#      enabled and started. The socket alone would be enough for activation (the first
+#      connection starts relayd); the service is enabled too so that relayd starts at
+#      boot, ready and watched by the watchdog with its admin listener up, instead of
+#      making the first client wait for Python to start.
+#
+# Idempotent: run it again after `git pull` to upgrade. An upgrade restarts
+# relayd.service only; relayd.socket keeps the port open meanwhile, so clients see a
+# drain (close code 1001) and reconnect, never "connection refused". Remove it all with
+# systemd/uninstall.sh.
+set -euo pipefail
+umask 022 # the venv and units must be readable by everyone, the relayd user included
+
+PREFIX=/opt/relayd
+CONFIG_DIR=/etc/relayd
+CONFIG=$CONFIG_DIR/relayd.toml
+UNIT_DIR=/etc/systemd/system
+SYSUSERS_DIR=/etc/sysusers.d
+SERVICE_USER=relayd
+EX_CONFIG=78
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DRY_RUN=0
+
+usage() {
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+}
+
+for arg in "$@"; do
+    case $arg in
+        -n | --dry-run) DRY_RUN=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) printf 'install.sh: unknown argument %s (try --help)\n' "$arg" >&2; exit 2 ;;
+    esac
+done
+
+step() { printf '==> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+# Print a command, then run it unless this is a dry run.
+run() {
+    printf '+ %s\n' "$*"
+    [ "$DRY_RUN" -eq 1 ] || "$@"
+}
+
+[ "$DRY_RUN" -eq 0 ] || step "dry run: printing what would be done; nothing is changed"
+for file in pyproject.toml relayd/__init__.py config/relayd.toml systemd/relayd.service \
+    systemd/relayd.socket systemd/sysusers.d/relayd.conf; do
+    [ -f "$SRC/$file" ] || die "$SRC/$file is missing: run this script from a relayd checkout"
+done
+if [ "$(id -u)" -ne 0 ]; then
+    [ "$DRY_RUN" -eq 1 ] || die "must run as root: sudo $0"
+    note "(not root: a real run needs sudo)"
+fi
+if [ ! -d /run/systemd/system ]; then
+    [ "$DRY_RUN" -eq 1 ] || die "systemd is not the init system here; relayd.service needs it"
+    note "(systemd is not running here: a real run needs it as PID 1)"
+fi
+
+# -- 1. packages --------------------------------------------------------------------
+python_ok() {
+    python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+step "checking packages: python3 >= 3.11 with venv, procps"
+missing=()
+python_ok || missing+=(python3 python3-venv)
+[ -x /bin/kill ] || missing+=(procps)
+if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null || die "need ${missing[*]} and apt-get is missing: is this Debian?"
+    run env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${missing[@]}"
+    [ "$DRY_RUN" -eq 1 ] || python_ok || die "python3 is older than 3.11 (relayd needs 3.11+)"
+else
+    note "all present"
+fi
+
+# -- 2. the service user ------------------------------------------------------------
+step "system user $SERVICE_USER"
+run install -D -m 0644 "$SRC/systemd/sysusers.d/relayd.conf" "$SYSUSERS_DIR/relayd.conf"
+run systemd-sysusers "$SYSUSERS_DIR/relayd.conf"
+
+# -- 3. the virtualenv --------------------------------------------------------------
+step "virtualenv $PREFIX with relayd from $SRC"
+# A venv whose interpreter no longer runs (a Debian upgrade replaced python3.11) is
+# rebuilt from scratch; a working one is reused and upgraded in place.
+if [ -x "$PREFIX/bin/python" ] && "$PREFIX/bin/python" -c 'import sys' 2>/dev/null; then
+    note "reusing $PREFIX"
+else
+    run python3 -m venv --clear "$PREFIX"
+fi
+# pip builds from a copy holding only what the build reads (pyproject.toml, README.md,
+# relayd/): a build in the checkout would leave root-owned build/ and *.egg-info there.
+if [ "$DRY_RUN" -eq 1 ]; then
+    build="${TMPDIR:-/tmp}/relayd-build.XXXXXX"
+else
+    build=$(mktemp -d "${TMPDIR:-/tmp}/relayd-build.XXXXXX")
+    trap 'rm -rf "$build"' EXIT
+fi
+run cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/relayd" "$build/"
+run find "$build" -name __pycache__ -prune -exec rm -rf {} +
+# An absolute path: a bare name would be looked up on the package index.
+run "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
+    --upgrade "$build"
+# The units' Documentation= points here.
+run install -d -m 0755 "$PREFIX/share/doc/relayd"
+run install -m 0644 "$SRC/README.md" "$PREFIX/share/doc/relayd/"
+for doc in "$SRC"/docs/*.md; do
+    if [ -f "$doc" ]; then run install -m 0644 "$doc" "$PREFIX/share/doc/relayd/"; fi
+done
+
+# -- 4. the config ------------------------------------------------------------------
+step "config $CONFIG"
+if [ -d "$CONFIG_DIR" ]; then
+    note "$CONFIG_DIR exists; its owner and mode are left as they are"
+else
+    run install -d -m 0750 -o root -g "$SERVICE_USER" "$CONFIG_DIR"
+fi
+if [ -e "$CONFIG" ]; then
+    note "$CONFIG exists: kept as it is (the new defaults are in $SRC/config/relayd.toml)"
+else
+    run install -m 0640 -o root -g "$SERVICE_USER" "$SRC/config/relayd.toml" "$CONFIG"
+fi
+# As the service user with an empty environment, as relayd.service runs it, so a file
+# relayd cannot read fails here rather than in relayd's start.
+check=(runuser -u "$SERVICE_USER" -- env -i "$PREFIX/bin/relayd" check-config --config "$CONFIG")
+printf '+ %s\n' "${check[*]} >/dev/null"
+if [ "$DRY_RUN" -eq 0 ]; then
+    status=0
+    (cd / && "${check[@]}" >/dev/null) || status=$?
+    if [ "$status" -ne 0 ]; then
+        printf 'install.sh: %s does not pass "relayd check-config" (status %d; above).\n' \
+            "$CONFIG" "$status" >&2
+        printf '  relayd was installed but not restarted; fix the file, then run\n' >&2
+        printf '  systemd/install.sh again (or: systemctl restart relayd).\n' >&2
+        exit "$EX_CONFIG"
+    fi
+fi
+
+# -- 5. the units -------------------------------------------------------------------
+step "units relayd.service and relayd.socket in $UNIT_DIR"
+# A changed relayd.socket (say, a new port) only takes effect when the socket is
+# re-created, which closes the port for a moment; an unchanged one is left listening.
+socket_changed=0
+cmp -s "$SRC/systemd/relayd.socket" "$UNIT_DIR/relayd.socket" || socket_changed=1
+run install -m 0644 "$SRC/systemd/relayd.service" "$SRC/systemd/relayd.socket" "$UNIT_DIR/"
+run systemctl daemon-reload
+run systemctl enable relayd.socket relayd.service
+if [ "$socket_changed" -eq 1 ] && systemctl --quiet is-active relayd.socket 2>/dev/null; then
+    run systemctl stop relayd.service relayd.socket
+fi
+# A unit that hit its start limit (say, on a bad config now fixed) refuses to start
+# until its failed state is cleared.
+printf '+ %s\n' "systemctl reset-failed relayd.socket relayd.service"
+[ "$DRY_RUN" -eq 1 ] || systemctl reset-failed relayd.socket relayd.service 2>/dev/null || true
+run systemctl start relayd.socket
+# Starts relayd, or restarts it on the new code; waits for READY=1 (Type=notify).
+if ! run systemctl restart relayd.service; then
+    die "relayd.service did not start; see: journalctl -u relayd -n 50 --no-pager"
+fi
+
+step "done"
+note "status:  systemctl status relayd        logs: journalctl -u relayd -f"
+note "config:  $CONFIG, then: systemctl reload relayd"
+note "remove:  $SRC/systemd/uninstall.sh [--purge]"

@@ -1,0 +1,425 @@
+"""The systemd units and install scripts in ``systemd/``, checked with systemd's own tools.
+
+* ``systemd-analyze verify`` is clean on relayd.service and relayd.socket.
+* ``systemd-analyze security --offline=true`` rates relayd.service at an exposure of
+  :data:`MAX_EXPOSURE` or lower.
+* The units agree with relayd's contract and with ``config/relayd.toml``: Type=notify,
+  SIGHUP reload, no restart on exit 78, a stop timeout above the drain, an open-files
+  limit above max_connections, the socket's name and port.
+* ``systemd/sysusers.d/relayd.conf`` creates the unit's user; ``install.sh`` and
+  ``uninstall.sh`` pass shellcheck, and their ``--dry-run`` prints every step and changes
+  nothing.
+
+The tools come from Debian's ``systemd`` and ``shellcheck`` packages; a missing one skips
+its tests, or fails them under ``CI=true`` (:func:`tests.e2e.harness.require_tool`).
+Nothing here starts systemd or installs anything: that needs systemd as PID 1, in a
+container.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+from tests.e2e.harness import require_tool
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+SYSTEMD_DIR: Final = REPO_ROOT / "systemd"
+SERVICE: Final = SYSTEMD_DIR / "relayd.service"
+SOCKET: Final = SYSTEMD_DIR / "relayd.socket"
+SYSUSERS: Final = SYSTEMD_DIR / "sysusers.d" / "relayd.conf"
+INSTALL: Final = SYSTEMD_DIR / "install.sh"
+UNINSTALL: Final = SYSTEMD_DIR / "uninstall.sh"
+CONFIG: Final = REPO_ROOT / "config" / "relayd.toml"
+
+#: The highest ``systemd-analyze security`` exposure allowed (Debian's redis-server.service,
+#: the model, scores 1.2).
+MAX_EXPOSURE: Final = 1.2
+#: Where install.sh puts relayd; the units name these paths.
+RELAYD_BIN: Final = "/opt/relayd/bin/relayd"
+ETC_CONFIG: Final = "/etc/relayd/relayd.toml"
+#: Open files beyond max_connections the unit must allow for: listeners, epoll, the
+#: journal stream, and handshakes being refused with 503 once the limit is reached.
+MIN_SPARE_FDS: Final = 1024
+#: Seconds the stop timeout must leave above shutdown_grace_s for the interpreter to exit.
+MIN_STOP_SLACK_S: Final = 10.0
+#: Seconds any one tool run may take; they finish in well under one.
+TOOL_TIMEOUT_S: Final = 60.0
+
+
+def run_tool(
+    argv: Sequence[str | Path], *, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool with plain, uncoloured output, capturing both streams."""
+    env = {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "NO_COLOR": "1"}
+    return subprocess.run(
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+        check=False,
+        env=env,
+        cwd=cwd,
+    )
+
+
+# -- reading unit files ----------------------------------------------------------------
+
+
+def unit_settings(path: Path) -> dict[tuple[str, str], list[str]]:
+    """Every ``Key=value`` of a unit file by (section, key), repeated keys in order.
+
+    Enough of systemd.syntax(7) for the units here: comments, sections, assignments, and
+    backslash continuations.
+    """
+    settings: dict[tuple[str, str], list[str]] = {}
+    section = ""
+    logical = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = logical + raw.strip()
+        if line.endswith("\\"):
+            logical = line[:-1] + " "
+            continue
+        logical = ""
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not an assignment: {line!r}"
+        settings.setdefault((section, key.strip()), []).append(value.strip())
+    return settings
+
+
+def only(settings: dict[tuple[str, str], list[str]], section: str, key: str) -> str:
+    """The one value of ``key`` in ``section``."""
+    values = settings.get((section, key), [])
+    assert len(values) == 1, f"[{section}] {key}= is set {len(values)} times: {values}"
+    return values[0]
+
+
+_TIMESPAN_UNITS: Final = {"ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
+
+
+def timespan_s(text: str) -> float:
+    """Seconds in a systemd time span such as ``30s``, ``1min 30s`` or ``90``."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text)
+    assert parts, f"not a time span: {text!r}"
+    assert re.fullmatch(r"(\s*\d+(?:\.\d+)?\s*[a-z]*)+\s*", text), f"not a time span: {text!r}"
+    return sum(float(n) * _TIMESPAN_UNITS[unit or "s"] for n, unit in parts)
+
+
+def relayd_defaults() -> dict[str, dict[str, object]]:
+    """config/relayd.toml, which holds every setting at its default."""
+    with CONFIG.open("rb") as f:
+        return tomllib.load(f)
+
+
+# -- systemd-analyze security ----------------------------------------------------------
+
+_ANSI: Final = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_OVERALL: Final = re.compile(r"Overall exposure level for (\S+):\s*(\d+(?:\.\d+)?)\b")
+
+
+def parse_exposure(output: str, unit: str) -> float:
+    """The overall exposure ``systemd-analyze security`` printed for ``unit``.
+
+    Tolerates colour codes and either arrow (the UTF-8 one or ``->`` in the C locale).
+
+    Raises:
+        ValueError: no overall exposure line for ``unit``.
+    """
+    for name, value in _OVERALL.findall(_ANSI.sub("", output)):
+        if name == unit:
+            return float(value)
+    raise ValueError(f"no overall exposure for {unit} in:\n{output}")
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("→ Overall exposure level for relayd.service: 1.1 OK 🙂\n", 1.1),
+        ("-> Overall exposure level for relayd.service: 9.6 UNSAFE :-{\n", 9.6),
+        ("\x1b[1m→ Overall exposure level for relayd.service: \x1b[0;32m1.2 OK\x1b[0m", 1.2),
+        ("table...\n→ Overall exposure level for relayd.service: 10.0 UNSAFE 😨\n", 10.0),
+    ],
+)
+def test_parse_exposure_reads_the_overall_line(output: str, expected: float) -> None:
+    assert parse_exposure(output, "relayd.service") == expected
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "",
+        "→ Overall exposure level for other.service: 1.1 OK\n",
+        "Overall exposure level for relayd.service: OK\n",
+    ],
+)
+def test_parse_exposure_refuses_output_without_a_score(output: str) -> None:
+    with pytest.raises(ValueError, match="no overall exposure"):
+        parse_exposure(output, "relayd.service")
+
+
+def test_service_exposure_is_at_most_1_2() -> None:
+    analyze = require_tool("systemd-analyze")
+    # --threshold is in tenths: the command itself fails above 1.2, whatever the text says.
+    threshold = round(MAX_EXPOSURE * 10)
+    result = run_tool([analyze, "security", "--offline=true", f"--threshold={threshold}", SERVICE])
+    exposure = parse_exposure(result.stdout, SERVICE.name)
+    summary = "\n".join(
+        line for line in result.stdout.splitlines() if line.lstrip().startswith(("✗", "→", "->"))
+    )
+    assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{summary}"
+    assert result.returncode == 0, (
+        f"systemd-analyze security exited {result.returncode} (--threshold={threshold})\n"
+        f"{result.stdout}\n{result.stderr}"
+    )
+
+
+# -- systemd-analyze verify ------------------------------------------------------------
+
+
+def verifiable_copies(directory: Path, units: Sequence[Path] = (SERVICE, SOCKET)) -> list[Path]:
+    """Copies of ``units`` that verify can check on a machine where relayd is not installed.
+
+    verify insists that every Exec*= binary exists. /opt/relayd/bin/relayd exists only
+    after install.sh, and /bin/kill only with procps (which install.sh installs), so any
+    Exec*= binary missing here is pointed at a stub; everything else is unchanged.
+    """
+    stub = directory / "relayd-stub"
+    stub.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+    stub.chmod(0o755)
+    exec_line = re.compile(r"^(Exec[A-Za-z]*=[-@:+!]*)(/\S+)", re.MULTILINE)
+
+    def point_at_stub(match: re.Match[str]) -> str:
+        binary = Path(match.group(2))
+        return match.group(1) + (str(binary) if os.access(binary, os.X_OK) else str(stub))
+
+    copies = []
+    for unit in units:
+        copy = directory / unit.name
+        copy.write_text(exec_line.sub(point_at_stub, unit.read_text(encoding="utf-8")))
+        copies.append(copy)
+    return copies
+
+
+def verify(units: Sequence[Path]) -> tuple[int, list[str]]:
+    """Run ``systemd-analyze verify``; return its status and its complaints about relayd.
+
+    verify also loads the host's own units (sysinit.target and the like) and may grumble
+    about those; only lines naming a relayd unit count.
+    """
+    analyze = require_tool("systemd-analyze")
+    result = run_tool([analyze, "verify", *units])
+    lines = (result.stdout + result.stderr).splitlines()
+    return result.returncode, [line for line in lines if "relayd" in line]
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    status, complaints = verify(verifiable_copies(tmp_path))
+    assert complaints == [], "\n".join(complaints)
+    assert status == 0
+
+
+@pytest.mark.parametrize(
+    ("mistake", "complaint"),
+    [
+        ("Restart=on-failure", "Restart=sometimes"),
+        ("WatchdogSec=30s", "WatchdogSecs=30s"),
+        ("Requires=relayd.socket", "Requires=relayd-typo.socket"),
+    ],
+)
+def test_verify_catches_a_broken_unit(tmp_path: Path, mistake: str, complaint: str) -> None:
+    # The check above would pass vacuously if verify stopped reporting problems.
+    service, socket = verifiable_copies(tmp_path)
+    text = service.read_text(encoding="utf-8")
+    assert f"\n{mistake}\n" in text
+    service.write_text(text.replace(f"\n{mistake}\n", f"\n{complaint}\n"), encoding="utf-8")
+    status, complaints = verify([service, socket])
+    assert complaints, f"verify accepted {complaint!r} (status {status})"
+
+
+# -- what the units promise ------------------------------------------------------------
+
+
+def test_service_runs_relayd_as_a_notify_service_with_a_sighup_reload() -> None:
+    unit = unit_settings(SERVICE)
+    assert only(unit, "Service", "Type") == "notify"
+    assert only(unit, "Service", "NotifyAccess") == "main"
+    assert only(unit, "Service", "ExecStart") == f"{RELAYD_BIN} serve --config {ETC_CONFIG}"
+    assert only(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert timespan_s(only(unit, "Service", "WatchdogSec")) > 0
+
+
+def test_a_bad_config_is_not_restarted_in_a_loop() -> None:
+    unit = unit_settings(SERVICE)
+    assert only(unit, "Service", "Restart") == "on-failure"
+    assert "78" in only(unit, "Service", "RestartPreventExitStatus").split()
+    # Restarts of a process that keeps dying soon after start stop at the start limit.
+    assert int(only(unit, "Unit", "StartLimitBurst")) > 0
+    interval = timespan_s(only(unit, "Unit", "StartLimitIntervalSec"))
+    restart_sec = timespan_s(only(unit, "Service", "RestartSec"))
+    assert interval > restart_sec * int(only(unit, "Unit", "StartLimitBurst"))
+
+
+def test_stop_timeout_leaves_room_for_the_drain() -> None:
+    grace_s = relayd_defaults()["server"]["shutdown_grace_s"]
+    assert isinstance(grace_s, float)
+    stop_s = timespan_s(only(unit_settings(SERVICE), "Service", "TimeoutStopSec"))
+    assert stop_s >= grace_s + MIN_STOP_SLACK_S
+
+
+def test_open_files_limit_covers_max_connections() -> None:
+    max_connections = relayd_defaults()["limits"]["max_connections"]
+    assert isinstance(max_connections, int)
+    limit = only(unit_settings(SERVICE), "Service", "LimitNOFILE")
+    assert int(limit) >= max_connections + MIN_SPARE_FDS
+
+
+def test_journald_keeps_every_line() -> None:
+    # One message.relay line per message outruns journald's default 10000 lines per 30 s.
+    assert timespan_s(only(unit_settings(SERVICE), "Service", "LogRateLimitIntervalSec")) == 0
+
+
+def test_service_needs_its_socket() -> None:
+    unit = unit_settings(SERVICE)
+    assert "relayd.socket" in only(unit, "Unit", "Requires").split()
+    assert "relayd.socket" in only(unit, "Unit", "After").split()
+    assert only(unit, "Install", "Also") == "relayd.socket"
+
+
+def test_socket_hands_relayd_its_named_public_port() -> None:
+    socket = unit_settings(SOCKET)
+    port = relayd_defaults()["server"]["port"]
+    assert only(socket, "Socket", "ListenStream") == str(port)
+    assert only(socket, "Socket", "FileDescriptorName") == "relayd"
+    assert only(socket, "Socket", "Accept") == "no"
+    assert only(socket, "Socket", "Service") == "relayd.service"
+    assert only(socket, "Install", "WantedBy") == "sockets.target"
+
+
+# -- the service user ------------------------------------------------------------------
+
+
+def test_sysusers_file_creates_the_units_user(tmp_path: Path) -> None:
+    sysusers = require_tool("systemd-sysusers")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    for name in ("passwd", "group", "shadow", "gshadow"):
+        (etc / name).touch()
+    result = run_tool([sysusers, f"--root={tmp_path}", SYSUSERS])
+    assert result.returncode == 0, result.stderr
+    unit = unit_settings(SERVICE)
+    user, group = only(unit, "Service", "User"), only(unit, "Service", "Group")
+    passwd = [line.split(":") for line in (etc / "passwd").read_text().splitlines()]
+    groups = [line.split(":")[0] for line in (etc / "group").read_text().splitlines()]
+    [entry] = [fields for fields in passwd if fields[0] == user]
+    assert entry[5:] == ["/nonexistent", "/usr/sbin/nologin"]
+    assert int(entry[2]) < 1000, "not a system user"
+    assert group in groups
+
+
+# -- install.sh and uninstall.sh -------------------------------------------------------
+
+SCRIPTS: Final = [INSTALL, UNINSTALL]
+#: Paths the scripts create or remove, which a dry run must leave as they were.
+INSTALLED_PATHS: Final = [
+    Path("/opt/relayd"),
+    Path("/etc/relayd"),
+    Path("/etc/sysusers.d/relayd.conf"),
+    Path("/etc/systemd/system/relayd.service"),
+    Path("/etc/systemd/system/relayd.socket"),
+]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_passes_shellcheck(script: Path) -> None:
+    shellcheck = require_tool("shellcheck")
+    result = run_tool([shellcheck, "--severity=style", "--external-sources", script])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def run_script(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a script with bash from a directory elsewhere, as an operator might."""
+    bash = shutil.which("bash")
+    assert bash is not None
+    return run_tool([bash, script, *args], cwd=Path("/"))
+
+
+def existing(paths: Sequence[Path]) -> list[Path]:
+    """Those of ``paths`` that exist."""
+    return [p for p in paths if p.exists()]
+
+
+def assert_only_step_lines(output: str) -> None:
+    """Every line is a step (``==>``), a command (``+``) or a note (indented)."""
+    for line in output.splitlines():
+        assert line.startswith(("==> ", "+ ", "    ")), f"unexpected line: {line!r}"
+
+
+def test_install_dry_run_prints_each_step_and_changes_nothing() -> None:
+    before = existing(INSTALLED_PATHS)
+    result = run_script(INSTALL, "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert existing(INSTALLED_PATHS) == before
+    out = result.stdout
+    assert_only_step_lines(out)
+    assert f"+ install -D -m 0644 {SYSUSERS} /etc/sysusers.d/relayd.conf" in out
+    # relayd is pip-installed from this checkout, by absolute path, never by name.
+    assert re.search(r"^\+ /opt/relayd/bin/python -m pip install .* /\S+$", out, re.MULTILINE)
+    if Path(ETC_CONFIG).exists():
+        assert f"{ETC_CONFIG} exists: kept as it is" in out
+    else:
+        assert f"+ install -m 0640 -o root -g relayd {CONFIG} {ETC_CONFIG}" in out
+    assert f"check-config --config {ETC_CONFIG}" in out
+    assert f"+ install -m 0644 {SERVICE} {SOCKET} /etc/systemd/system/" in out
+    commands = [line for line in out.splitlines() if line.startswith("+ systemctl")]
+    assert commands[0] == "+ systemctl daemon-reload"
+    assert "+ systemctl enable relayd.socket relayd.service" in commands
+    assert commands[-1] == "+ systemctl restart relayd.service"
+
+
+def test_install_keeps_the_operators_config() -> None:
+    # The one line that writes /etc/relayd/relayd.toml runs only when there is none.
+    text = INSTALL.read_text(encoding="utf-8")
+    writes = [line for line in text.splitlines() if '"$CONFIG"' in line and "install " in line]
+    assert len(writes) == 1, writes
+    guard = text[: text.index(writes[0])].rsplit("if ", 1)[1]
+    assert guard.startswith('[ -e "$CONFIG" ]'), guard
+
+
+@pytest.mark.parametrize("args", [(), ("--purge",)], ids=["keep-config", "purge"])
+def test_uninstall_dry_run_changes_nothing(args: tuple[str, ...]) -> None:
+    before = existing(INSTALLED_PATHS)
+    result = run_script(UNINSTALL, "--dry-run", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert existing(INSTALLED_PATHS) == before
+    assert_only_step_lines(result.stdout)
+    kept = "==> keeping /etc/relayd" in result.stdout
+    assert kept == (args == ())
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_refuses_an_unknown_argument(script: Path) -> None:
+    result = run_script(script, "--bogus")
+    assert result.returncode == 2
+    assert "unknown argument --bogus" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_help_is_its_header(script: Path) -> None:
+    result = run_script(script, "--help")
+    assert result.returncode == 0
+    assert "--dry-run" in result.stdout
+    assert not any(line.startswith("#") for line in result.stdout.splitlines())
