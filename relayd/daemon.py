@@ -66,6 +66,7 @@ async def run_daemon(
     """
     log = get_logger()
     settings = server.settings
+    inherited = bool(listeners)
     if not listeners:
         problem: str | None = None
         try:
@@ -84,7 +85,7 @@ async def run_daemon(
         async def serve(
             task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
         ) -> None:
-            await server.run(listeners, task_status=task_status)
+            await server.run(listeners, inherited=inherited, task_status=task_status)
             nursery.cancel_scope.cancel()
 
         async def signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

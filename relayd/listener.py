@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import itertools
 import secrets
 from collections.abc import Callable, Collection
@@ -325,6 +326,11 @@ def _peer_address(stream: trio.abc.Stream) -> str | None:
         host, port, *_ = stream.socket.getpeername()
     except OSError:
         return None
+    # A dual-stack socket (relayd.socket's BindIPv6Only=both) shows IPv4
+    # clients as ::ffff:a.b.c.d; name them as themselves, for logs and limits.
+    mapped = ipaddress.ip_address(host.split("%", 1)[0]) if ":" in host else None
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+        host = str(mapped.ipv4_mapped)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -185,12 +185,14 @@ class Server:
         self,
         listeners: Sequence[trio.SocketListener] | None = None,
         *,
+        inherited: bool = False,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until :meth:`shutdown`, then drain and return.
 
         Args:
             listeners: sockets to serve on; by default :meth:`listen`.
+            inherited: the listeners came from systemd (socket activation).
             task_status: reports ``started`` with the ``(host, port)`` of
                 every listening socket once connections are accepted.
 
@@ -200,7 +202,13 @@ class Server:
         server = self._settings.server
         started = trio.current_time()
         self._log.info(
-            "server.start", version=__version__, pid=os.getpid(), host=server.host, port=server.port
+            "server.start",
+            version=__version__,
+            pid=os.getpid(),
+            host=server.host,
+            port=server.port,
+            # Sockets handed over by systemd decide the address, not host/port.
+            sockets="inherited" if inherited else "bound",
         )
         if listeners is None:
             listeners = await self.listen()

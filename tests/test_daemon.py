@@ -166,6 +166,8 @@ def test_socket_activation_serves_the_socket_it_is_handed(tmp_path: Path) -> Non
         assert len(client.id) == 22
         ready = daemon.wait_event("server.ready")
         assert ready["listeners"] == [f"127.0.0.1:{port}"]
+        start = next(e for e in daemon.events if e["event"] == "server.start")
+        assert start["sockets"] == "inherited"
         client.close()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 0

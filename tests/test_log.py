@@ -125,6 +125,7 @@ async def test_server_start_ready_and_stop() -> None:
         "pid": os.getpid(),
         "host": "127.0.0.1",
         "port": 0,
+        "sockets": "bound",
     }
     assert ready == {
         "event": "server.ready",
