@@ -1,4 +1,4 @@
-"""The ``relayd`` command: ``serve`` (the default), ``check-config``, ``--version``.
+"""The ``relayd`` command: ``serve`` (the default), ``check-config``, ``chat``, ``--version``.
 
 Exit statuses: 0 after a graceful shutdown or a good ``check-config``; 78
 (``EX_CONFIG``) when the settings are bad, with one line on stderr naming the
@@ -18,7 +18,7 @@ from typing import Final
 
 import trio
 
-from relayd import __version__
+from relayd import __version__, chat
 from relayd.auth import Authenticator
 from relayd.config import ConfigError, Settings, load_settings, settings_as_json
 from relayd.credentials import load_authenticator, load_tls
@@ -61,12 +61,27 @@ def _parser() -> argparse.ArgumentParser:
         ("check-config", "print the effective settings as JSON and exit"),
     ]:
         add_flags(commands.add_parser(name, help=text, description=text), argparse.SUPPRESS)
+    text = "connect to a relayd as a client: see your id, send and receive messages"
+    chat_parser = commands.add_parser(
+        "chat",
+        help=text,
+        description=f"{text}. Reads no config: it only needs the URL.",
+        epilog=chat.HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat_parser.add_argument("url", metavar="URL", help="ws://HOST:PORT/ or wss://HOST:PORT/")
+    chat_parser.add_argument(
+        "--v1", action="store_true", help="speak relayd.v1 (acks, sender ids), not the seed dialect"
+    )
+    chat_parser.add_argument("--token", help="sent as 'Authorization: Bearer TOKEN'")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "chat":  # a client: no daemon settings, no /etc/relayd
+        return chat.main(args.url, v1=args.v1, token=args.token)
     overrides = {
         "server.host": args.host,
         "server.port": args.port,

@@ -1,0 +1,429 @@
+"""``relayd chat`` as a person or a script uses it: the real command against a real relayd.
+
+Each test runs relayd in-process on a loopback port and ``python -m relayd chat`` as a
+child process with piped stdin, stdout and stderr. Nothing sleeps: every wait reads the
+child's output until the expected line, under a trio-clock deadline, so a hung child
+fails the test; children still running at the end are killed, by their own handle.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Final
+
+import pytest
+import structlog
+import trio
+import trustme
+from pydantic import SecretStr
+
+from relayd.config import AuthSettings, TLSSettings
+from relayd.credentials import load_authenticator, load_tls
+from relayd.server import Server
+from tests.client import connect, running, settings
+from tests.test_cli import MODULE, SCRIPT, clean_env
+
+#: Bound on one wait for a line or an exit; relayd answers on loopback in milliseconds,
+#: so this only catches a hang (a child's start-up, imports included, is within it).
+WAIT_S: Final = 15.0
+UNKNOWN: Final = "unknown_recipient: no client with that id is connected"
+CONNECTED: Final = re.compile(r"connected to (?P<url>\S+) as (?P<id>\S+) \((?P<dialect>[^)]+)\)")
+
+
+class Chat:
+    """One ``relayd chat`` child process."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.id = ""
+        self._out = bytearray()
+        self._err = bytearray()
+
+    async def _line(self, stream: trio.abc.ReceiveStream | None, buffer: bytearray) -> str | None:
+        assert stream is not None
+        with trio.fail_after(WAIT_S):
+            while (end := buffer.find(b"\n")) < 0:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    if buffer:
+                        raise AssertionError(f"a last line without a line break: {buffer!r}")
+                    return None
+                buffer += chunk
+        line = buffer[:end].decode()
+        del buffer[: end + 1]
+        return line
+
+    async def line(self) -> str:
+        """The next stdout line; the process must still be writing."""
+        line = await self._line(self.proc.stdout, self._out)
+        assert line is not None, f"stdout ended; stderr: {await self.rest_of_stderr()}"
+        return line
+
+    async def expect(self, *lines: str) -> None:
+        """The next stdout lines are exactly ``lines``."""
+        for expected in lines:
+            assert await self.line() == expected
+
+    async def stderr_line(self) -> str:
+        line = await self._line(self.proc.stderr, self._err)
+        assert line is not None, "stderr ended"
+        return line
+
+    async def rest_of_stderr(self) -> str:
+        lines = []
+        while (line := await self._line(self.proc.stderr, self._err)) is not None:
+            lines.append(line)
+        return "".join(f"{line}\n" for line in lines)
+
+    async def send(self, text: str, end: str = "\n") -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(f"{text}{end}".encode())
+
+    async def end_input(self) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.aclose()
+
+    async def finish(self) -> tuple[int, list[str], str]:
+        """Wait for the exit: the status, the stdout lines not read yet, and the stderr."""
+        rest = []
+        while (line := await self._line(self.proc.stdout, self._out)) is not None:
+            rest.append(line)
+        stderr = await self.rest_of_stderr()
+        with trio.fail_after(WAIT_S):
+            status = await self.proc.wait()
+        return status, rest, stderr
+
+
+@asynccontextmanager
+async def started(
+    url: str, *args: str, command: list[str] = MODULE, env: dict[str, str] | None = None
+) -> AsyncIterator[Chat]:
+    """``relayd chat URL ARGS``, not yet connected; killed on exit if still running."""
+    proc = await trio.lowlevel.open_process(
+        [*command, "chat", url, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(**(env or {})),
+    )
+    try:
+        yield Chat(proc)
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.poll() is None:
+                proc.kill()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    await pipe.aclose()
+            await proc.wait()
+
+
+@asynccontextmanager
+async def chatting(
+    url: str, *args: str, command: list[str] = MODULE, env: dict[str, str] | None = None
+) -> AsyncIterator[Chat]:
+    """``relayd chat``, once it has printed its first line: connected, in the dialect asked."""
+    async with started(url, *args, command=command, env=env) as chat:
+        first = await chat.line()
+        match = CONNECTED.fullmatch(first)
+        assert match is not None, (first, await chat.rest_of_stderr())
+        assert match["url"] == url
+        assert match["dialect"] == ("relayd.v1" if "--v1" in args else "seed")
+        chat.id = match["id"]
+        yield chat
+
+
+async def run_to_exit(
+    url: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, list[str], str]:
+    """A chat that is expected to exit by itself, stdin left open."""
+    async with started(url, *args, env=env) as chat:
+        return await chat.finish()
+
+
+# -- the issue's walk-through: two people, one per dialect ---------------------------
+
+
+@pytest.mark.parametrize("command", [MODULE, SCRIPT], ids=["python-m", "script"])
+async def test_a_seed_and_a_v1_client_talk_both_ways(command: list[str]) -> None:
+    async with (
+        running(Server(settings())) as url,
+        chatting(url, command=command) as seed,
+        chatting(url, "--v1", command=command) as v1,
+    ):
+        assert len(seed.id) == len(v1.id) == 22
+        assert seed.id != v1.id
+
+        await seed.send(f"{v1.id} hello from seed")
+        await v1.expect(f"< {seed.id}: hello from seed")
+        await seed.send(f'{v1.id} {{"n": [1, 2]}}')
+        await v1.expect(f'< {seed.id}: {{"n": [1, 2]}}')
+
+        await v1.send(f"{seed.id} hi from v1")
+        await v1.expect("ack 1")
+        await seed.expect("< hi from v1")
+        await v1.send(f"{seed.id} [true, null]")
+        await v1.expect("ack 2")
+        await seed.expect("< [true, null]")
+
+        await seed.send("/quit")
+        await v1.send("/quit")
+        assert await seed.finish() == (0, ["closed: 1000"], "")
+        assert await v1.finish() == (0, ["closed: 1000"], "")
+
+
+# -- input: what a typed line sends ----------------------------------------------------
+
+
+async def test_typed_json_is_sent_as_json_as_typed_anything_else_as_a_string() -> None:
+    cases = [
+        ("hello there", '"hello there"'),
+        ('{"n": 1,  "s": "x"}', '{"n": 1,  "s": "x"}'),  # exactly as typed
+        ("[1, 2]", "[1, 2]"),
+        ("42", "42"),
+        ('"42"', '"42"'),
+        ("true", "true"),
+        ("null", "null"),
+        ("-1.5e3", "-1.5e3"),
+        ("1 2", '"1 2"'),
+        ("{not json", '"{not json"'),
+        ("NaN", '"NaN"'),
+        ('  "padded"  \t', '"padded"'),
+        ("a\ttab", '"a\\ttab"'),
+        ("héllo ☃", '"héllo ☃"'),
+    ]
+    async with (
+        running(Server(settings())) as url,
+        connect(url, v1=True) as peer,
+        chatting(url, "--v1") as chat,
+    ):
+        for ref, (typed, sent) in enumerate(cases, start=1):
+            await chat.send(f"{peer.id}   {typed}")
+            frame = await peer.recv()
+            assert frame == f'{{"type":"message","from":"{chat.id}","message":{sent}}}', typed
+            await chat.expect(f"ack {ref}")
+
+
+# -- output: what arrives --------------------------------------------------------------
+
+
+async def test_each_arrival_is_one_line_and_control_characters_are_escaped() -> None:
+    async with (
+        running(Server(settings())) as url,
+        connect(url, v1=True) as peer,
+        chatting(url, "--v1") as v1,
+        chatting(url) as seed,
+    ):
+        for chat in (v1, seed):
+            prefix = f"< {peer.id}: " if chat is v1 else "< "
+            await peer.send(chat.id, "two\nlines, \x1b[31mred\x1b[0m \x9b, ☃")
+            await chat.expect(prefix + "two\\nlines, \\x1b[31mred\\x1b[0m \\x9b, ☃")
+            await peer.ws.send_message(f'{{"to": "{chat.id}", "message": {{"k":\n [1,  2]}}}}')
+            await chat.expect(prefix + '{"k":\\n [1,  2]}')
+            await peer.send(chat.id, 42)
+            await chat.expect(prefix + "42")
+
+
+async def test_an_unknown_id_is_an_error_line_matched_to_its_ref_in_v1() -> None:
+    async with (
+        running(Server(settings())) as url,
+        chatting(url, "--v1") as v1,
+        chatting(url) as seed,
+    ):
+        await v1.send("nobody hello")
+        await v1.expect(f"! {UNKNOWN} (ref 1 to nobody)")
+        await v1.send(f"{v1.id} to myself")  # delivered first, then acked
+        await v1.expect(f"< {v1.id}: to myself", "ack 2")
+        await v1.send("nobody again")
+        await v1.expect(f"! {UNKNOWN} (ref 3 to nobody)")
+
+        await seed.send("nobody hello")
+        await seed.expect(f"! {UNKNOWN}")
+        await seed.send(f"{seed.id} to myself")
+        await seed.expect("< to myself")
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+async def test_commands_blank_lines_and_mistakes() -> None:
+    async with running(Server(settings())) as url, chatting(url) as chat:
+        await chat.send("")
+        await chat.send("   \t")
+        await chat.send("/id")
+        await chat.expect(f"id: {chat.id}")
+        await chat.send("/help")
+        help_lines = [await chat.line() for _ in range(3)]
+        assert help_lines[0] == "Type a line to send a message:"
+        assert help_lines[1].startswith("  ID MESSAGE ")
+        await chat.send("/nope")
+        assert await chat.stderr_line() == "relayd chat: unknown command /nope; /help lists them"
+        await chat.send(chat.id)
+        assert await chat.stderr_line() == (
+            "relayd chat: nothing to send: type ID MESSAGE (/help for more)"
+        )
+        await chat.send(f"{chat.id} still here\r")
+        while (line := await chat.line()) != "< still here":
+            assert not line.startswith("<"), line  # the rest of the help
+        await chat.send("/quit and some words")
+        status, rest, stderr = await chat.finish()
+    assert (status, rest, stderr) == (0, ["closed: 1000"], "")
+
+
+@pytest.mark.parametrize("ending", ["/quit", "end of input", "Ctrl-C"])
+async def test_quit_end_of_input_and_ctrl_c_close_with_1000_and_exit_0(ending: str) -> None:
+    with structlog.testing.capture_logs() as events:
+        async with (
+            running(Server(settings())) as url,
+            connect(url) as peer,
+            chatting(url, "--v1") as chat,
+        ):
+            await chat.send("/id")  # the session is reading input
+            await chat.expect(f"id: {chat.id}")
+            if ending == "/quit":
+                await chat.send("/quit")
+            elif ending == "end of input":
+                await chat.send(f"{peer.id} last words", end="")  # no line break
+                await chat.end_input()
+                assert await peer.recv() == "last words"
+            else:
+                chat.proc.send_signal(signal.SIGINT)
+            status, rest, stderr = await chat.finish()
+    assert (status, stderr) == (0, "")
+    assert rest == (["ack 1", "closed: 1000"] if ending == "end of input" else ["closed: 1000"])
+    closes = [e for e in events if e["event"] == "connection.close" and e["id"] == chat.id]
+    assert [(e["code"], e["closed_by"]) for e in closes] == [(1000, "client")]
+
+
+# -- closes by the server ----------------------------------------------------------------
+
+
+async def test_a_server_shutdown_prints_1001_and_exits_0() -> None:
+    server = Server(settings())
+    async with running(server) as url, chatting(url) as chat:
+        server.shutdown("test")
+        assert await chat.finish() == (0, ["closed: 1001 server shutting down"], "")
+
+
+async def test_any_other_close_exits_1() -> None:
+    async with (
+        running(Server(settings(max_message_bytes=100))) as url,
+        chatting(url, "--v1") as chat,
+    ):
+        await chat.send(f"{chat.id} {'x' * 200}")
+        status, rest, stderr = await chat.finish()
+    assert (status, stderr) == (1, "")
+    assert rest == ["closed: 1009 Exceeded maximum message size: 100 bytes"]
+
+
+# -- connection failures: one line on stderr, exit 1 ------------------------------------
+
+
+async def test_a_server_at_capacity_is_a_503_on_stderr() -> None:
+    async with (
+        running(Server(settings(max_connections=1))) as url,
+        connect(url),  # the one connection allowed
+    ):
+        status, out, err = await run_to_exit(url, "--v1")
+    assert (status, out) == (1, [])
+    assert err == f"relayd chat: {url} refused the handshake: HTTP 503 server at capacity\n"
+
+
+def _with_tokens() -> Server:
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token")})
+    return Server(
+        settings().model_copy(update={"auth": auth}), authenticator=load_authenticator(auth)
+    )
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+async def test_a_missing_or_bad_token_is_a_401_on_stderr(token: str | None) -> None:
+    async with running(_with_tokens()) as url:
+        args = [] if token is None else ["--token", token]
+        status, out, err = await run_to_exit(url, *args)
+    assert (status, out) == (1, [])
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"relayd chat: {url} refused the handshake: HTTP 401 "), err
+    assert len(lines[0]) > len(f"relayd chat: {url} refused the handshake: HTTP 401 "), "no body"
+    assert "wrong-token" not in err
+
+
+async def test_a_good_token_is_sent_as_a_bearer_header() -> None:
+    async with (
+        running(_with_tokens()) as url,
+        chatting(url, "--v1", "--token", "alice-token") as chat,
+    ):
+        assert chat.id == "alice"
+        await chat.send("alice hi me")
+        await chat.expect("< alice: hi me", "ack 1")
+
+
+async def test_nothing_listening_is_one_line_on_stderr() -> None:
+    with socket.socket() as bound:  # bound, never listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{bound.getsockname()[1]}/"
+        status, out, err = await run_to_exit(url)
+    assert (status, out) == (1, [])
+    assert err.startswith(f"relayd chat: cannot connect to {url}: "), err
+    assert "Connection refused" in err
+    assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["http://127.0.0.1:9030/"], "bad URL 'http://127.0.0.1:9030/': the URL must start with"),
+        (["ws:///path"], "bad URL 'ws:///path': the URL has no host"),
+        (["ws://127.0.0.1:99999/"], "bad URL 'ws://127.0.0.1:99999/': Port out of range"),
+        (["ws://u:p@127.0.0.1/"], "bad URL 'ws://u:p@127.0.0.1/': no user or password"),
+        (["ws://127.0.0.1/", "--token", "two words"], "bad token: "),
+        (["ws://127.0.0.1/", "--token", ""], "bad token: "),
+    ],
+)
+async def test_a_bad_url_or_token_exits_2(args: list[str], message: str) -> None:
+    status, out, err = await run_to_exit(*args)
+    assert (status, out) == (2, [])
+    assert err.startswith(f"relayd chat: {message}"), err
+    assert err.count("\n") == 1, err
+    assert "two words" not in err
+
+
+# -- TLS -------------------------------------------------------------------------------
+
+
+async def test_wss_verifies_against_the_system_trust_store(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    tls = TLSSettings(cert_file=str(tmp_path / "both.pem"), key_file=str(tmp_path / "key.pem"))
+    async with running(Server(settings(), tls=load_tls(tls)), scheme="wss") as url:
+        # SSL_CERT_FILE replaces OpenSSL's default trust store, as an operator's CA would.
+        async with chatting(url, "--v1", env={"SSL_CERT_FILE": str(tmp_path / "ca.pem")}) as chat:
+            await chat.send(f"{chat.id} over TLS")
+            await chat.expect(f"< {chat.id}: over TLS", "ack 1")
+        status, out, err = await run_to_exit(
+            url, env={"SSL_CERT_FILE": str(tmp_path / "empty.pem")}
+        )
+    assert (status, out) == (1, [])
+    assert err.startswith(f"relayd chat: TLS handshake with {url} failed: "), err
+    assert "CERTIFICATE_VERIFY_FAILED" in err
+
+
+# -- no daemon configuration -------------------------------------------------------------
+
+
+async def test_chat_reads_no_daemon_configuration() -> None:
+    # Each of these makes `relayd serve` and `relayd check-config` exit 78 (tests/test_cli.py).
+    bad = {"RELAYD_LIMITS__MAX_CONNECTIONS": "lots", "PORT": "-1"}
+    async with running(Server(settings())) as url, chatting(url, env=bad) as chat:
+        await chat.send("/quit")
+        assert await chat.finish() == (0, ["closed: 1000"], "")
