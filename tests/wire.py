@@ -66,3 +66,33 @@ def frame(
         size, "big"
     )
     return head + key + masked
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The complete frames in a server's byte stream after its HTTP response head.
+
+    Server frames are unmasked (RFC 6455 §5.1); a frame cut short at the end
+    of ``data`` is left out. Returns ``(opcode, payload)`` pairs in order.
+    """
+    i = data.find(b"\r\n\r\n") + 4
+    frames = []
+    while i + 2 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = int.from_bytes(data[i : i + 2], "big"), i + 2
+        elif length == 127:
+            length, i = int.from_bytes(data[i : i + 8], "big"), i + 8
+        if i + length > len(data):
+            break
+        frames.append((opcode, data[i : i + length]))
+        i += length
+    return frames
+
+
+def close_code(data: bytes) -> int | None:
+    """The code of the first close frame in a server's byte stream, if it sent one."""
+    for opcode, payload in server_frames(data):
+        if opcode == OP_CLOSE:
+            return int.from_bytes(payload[:2], "big")
+    return None
