@@ -1,0 +1,639 @@
+"""relayd's benchmark: relayd and peer relays side by side, one load generator, one command.
+
+Usage (from the repository root; ``bench/run`` is the same with ``npm ci`` first)::
+
+    .venv/bin/python bench/run.py            # the full run, about 15 minutes
+    .venv/bin/python bench/run.py --quick    # a smoke run of seconds (tests/test_bench_smoke.py)
+
+Every server speaks the seed dialect and serves the same load from ``bench/loadgen.mjs``.
+The server under test is pinned to one core and the generator (and this script) to the
+other with ``taskset``; rounds are interleaved (every scenario against every server, then
+the next round, the server order rotating each round) and the tables report medians over
+rounds, with each server's ratio to node-ws measured in the same run.
+
+Servers:
+
+* ``relayd``: relayd with ``bench/relayd-bench.toml`` (its defaults except the limits that
+  would throttle the load), ``log.messages`` on and stdout to a file;
+* ``relayd-nolog``: the same with ``RELAYD_LOG__MESSAGES=false``;
+* ``node-ws``, ``websockets-asyncio``, ``websockets-trio``, ``trio-websocket``: the peers in
+  ``bench/peers/``.
+
+Output: ``OUT/result.json`` (every run of every cell, the medians, the targets), and
+``OUT/report.md`` (the tables of docs/benchmarks.md), also printed. ``OUT`` is
+``bench/results/<UTC time>/`` unless ``--out`` says otherwise.
+
+Resource handling: every process this script starts is its own child, pinned with
+``taskset``, and stopped by its pid (SIGTERM, then SIGKILL after a grace period); each
+generator run and each wait has a deadline, so a stuck server fails its cell, not the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import queue
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from report import Cell, Scenario, render, summarize
+
+BENCH: Final = Path(__file__).resolve().parent
+ROOT: Final = BENCH.parent
+LOADGEN: Final = BENCH / "loadgen.mjs"
+PEERS: Final = BENCH / "peers"
+RELAYD_CONFIG: Final = BENCH / "relayd-bench.toml"
+WS_MODULE: Final = BENCH / "node_modules" / "ws" / "package.json"
+
+#: Seconds a server gets to print server.ready, and to exit after SIGTERM before SIGKILL.
+READY_TIMEOUT_S: Final = 30.0
+STOP_TIMEOUT_S: Final = 15.0
+#: Seconds between looks at a server's log file while waiting for server.ready.
+READY_POLL_S: Final = 0.02
+#: Seconds after the generator reports its idle connections open before RSS is read, so
+#: every connection has finished its handshake-time allocations and log lines.
+IDLE_SETTLE_S: Final = 1.0
+#: File descriptors kept free beyond the connections themselves (listeners, logs, pipes).
+FD_MARGIN: Final = 200
+#: Loopback source addresses the generator connects from, round-robin: 250 addresses keep
+#: every one under relayd's default max_connections_per_ip (256) up to 64,000 connections,
+#: and give each its own range of ephemeral ports.
+SOURCES: Final = [f"127.0.0.{i}" for i in range(2, 252)]
+#: A cell whose server core was more than this busy with other processes during the
+#: measured window is run once more (the machine is shared); the quieter run is kept.
+NOISY_SHARE: Final = 0.15
+#: SCHED_FIFO priority of servers and generator with --realtime (the default when allowed).
+RT_PRIORITY: Final = 10
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+PAGE_KIB: Final = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server: argv after ``taskset``, extra environment, availability."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    missing: str | None = None  # why it cannot run here, or None
+
+
+def server_specs() -> list[ServerSpec]:
+    """Every server the bench knows, relayd first."""
+    py = sys.executable
+    relayd: tuple[str, ...] = (py, "-m", "relayd", "--config", str(RELAYD_CONFIG))
+    relayd += ("--host", "127.0.0.1", "--port", "0")
+    no_ws = None if WS_MODULE.exists() else "bench/node_modules missing: npm ci --prefix bench"
+    no_node = None if shutil.which("node") else "node is not installed"
+    return [
+        ServerSpec("relayd", relayd),
+        ServerSpec("relayd-nolog", relayd, (("RELAYD_LOG__MESSAGES", "false"),)),
+        ServerSpec("node-ws", ("node", str(PEERS / "ws_relay.mjs")), missing=no_node or no_ws),
+        ServerSpec("websockets-asyncio", (py, str(PEERS / "websockets_asyncio_relay.py"))),
+        ServerSpec("websockets-trio", (py, str(PEERS / "websockets_trio_relay.py"))),
+        ServerSpec("trio-websocket", (py, str(PEERS / "trio_websocket_relay.py"))),
+    ]
+
+
+def _server_env(spec: ServerSpec) -> dict[str, str]:
+    # Nothing from the caller's environment may change a server's settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_") and k != "PORT"}
+    env.update(spec.env)
+    return env
+
+
+class ServerProcess:
+    """One running server, its stdout in a log file.
+
+    Resource handling: :meth:`stop` sends SIGTERM to this pid, waits, then SIGKILLs it;
+    use it as a context manager.
+    """
+
+    def __init__(self, spec: ServerSpec, cpu: int, log_path: Path, pin: Sequence[str]) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self._err_path = log_path.with_suffix(".err")
+        self._err = self._err_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*pin, *spec.argv],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._err,
+            env=_server_env(spec),
+            cwd=ROOT,
+        )
+        self.port = 0
+
+    def wait_ready(self) -> None:
+        """Wait for the server.ready line and learn the port; raise if it never comes."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited {self.proc.returncode}: {self.tail()}")
+            with self.log_path.open("rb") as f:
+                for line in f:
+                    if b'"server.ready"' in line:
+                        self.port = int(json.loads(line)["port"])
+                        return
+            time.sleep(READY_POLL_S)
+        raise RuntimeError(f"{self.spec.name} printed no server.ready: {self.tail()}")
+
+    def tail(self) -> str:
+        """The end of the server's stderr, for error messages."""
+        return self._err_path.read_text(errors="replace")[-2000:]
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_kib(self) -> int:
+        """Resident set size in KiB."""
+        fields = Path(f"/proc/{self.proc.pid}/statm").read_text().split()
+        return int(fields[1]) * PAGE_KIB
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self._log.close()
+        self._err.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does: scenarios, rounds, servers, cores."""
+
+    scenarios: list[Scenario]
+    rounds: int
+    idle_rounds: int
+    servers: list[ServerSpec]
+    server_cpu: int
+    gen_cpu: int
+    out: Path
+    keep_logs: bool
+    quick: bool
+    realtime: bool
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def pin(self, cpu: int) -> list[str]:
+        """The command prefix that pins a process to ``cpu`` (and gives it SCHED_FIFO)."""
+        rt = ["chrt", "--fifo", str(RT_PRIORITY)] if self.realtime else []
+        return ["taskset", "-c", str(cpu), *rt]
+
+
+def full_scenarios(
+    idle_counts: Sequence[int], fd_limit: int
+) -> tuple[list[Scenario], dict[str, str]]:
+    """The issue's scenarios; idle counts the fd limit cannot reach are replaced and noted."""
+    timing = {"warmup_s": 0.5, "duration_s": 2.5}
+    scenarios = [
+        Scenario(
+            f"throughput/{pairs}x{size}",
+            "throughput",
+            {"pairs": pairs, "size": size, "window": 128, **timing},
+        )
+        for size in (32, 4096)
+        for pairs in (1, 10, 100)
+    ]
+    scenarios += [
+        Scenario(f"latency/{rate}", "latency", {"pairs": 10, "size": 32, "rate": rate, **timing})
+        for rate in (2000, 10000)
+    ]
+    scenarios.append(
+        Scenario("fanin/100x32", "fanin", {"senders": 100, "size": 32, "window": 128, **timing})
+    )
+    skipped: dict[str, str] = {}
+    reachable = (fd_limit - FD_MARGIN) // 1000 * 1000
+    for count in idle_counts:
+        if count + FD_MARGIN > fd_limit:
+            skipped[f"idle/{count}"] = (
+                f"needs {count} sockets in one server process; RLIMIT_NOFILE's hard limit here"
+                f" is {fd_limit} and cannot be raised (no CAP_SYS_RESOURCE)"
+            )
+            count = reachable
+        scenario = Scenario(f"idle/{count}", "idle", {"count": count, "concurrency": 200})
+        if scenario not in scenarios:
+            scenarios.append(scenario)
+    scenarios.append(Scenario("connrate", "connrate", {"concurrency": 32, **timing}))
+    return scenarios, skipped
+
+
+def quick_scenarios() -> list[Scenario]:
+    """A run of seconds that still goes through every mode of the generator."""
+    timing = {"warmup_s": 0.1, "duration_s": 0.3}
+    return [
+        Scenario("throughput/1x32", "throughput", {"pairs": 1, "size": 32, "window": 16, **timing}),
+        Scenario("latency/1000", "latency", {"pairs": 2, "size": 32, "rate": 1000, **timing}),
+        Scenario("fanin/5x32", "fanin", {"senders": 5, "size": 32, "window": 16, **timing}),
+        Scenario("idle/20", "idle", {"count": 20, "concurrency": 20}),
+        Scenario("connrate", "connrate", {"concurrency": 4, **timing}),
+    ]
+
+
+# -- measuring one cell -------------------------------------------------------------------------
+
+
+def _core_busy(cpu: int) -> tuple[float, float]:
+    """(busy, total) seconds of one core since boot, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            ticks = [int(x) for x in line.split()[1:9]]
+            idle = ticks[3] + ticks[4]
+            return (sum(ticks) - idle) / CLK_TCK, sum(ticks) / CLK_TCK
+    raise RuntimeError(f"no cpu{cpu} in /proc/stat")
+
+
+@dataclass
+class Probe:
+    """Server CPU and server-core load at one instant."""
+
+    t: float
+    server_cpu_s: float
+    core_busy_s: float
+
+    @classmethod
+    def take(cls, server: ServerProcess, cpu: int) -> Probe:
+        """Read the clocks now."""
+        return cls(time.monotonic(), server.cpu_s(), _core_busy(cpu)[0])
+
+
+def _reader(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def run_cell(plan: Plan, server: ServerProcess, scenario: Scenario, rnd: int) -> Cell:
+    """Run the generator once against ``server``; the cell's result, or its error."""
+    params = dict(scenario.params)
+    budget = 60.0 + params.get("count", 0) / 200  # idle: handshakes of slow servers
+    config = {
+        "mode": scenario.kind,
+        "host": "127.0.0.1",
+        "port": server.port,
+        "sources": SOURCES,
+        "deadline_s": budget,
+        "hold_s": 30.0,
+        **params,
+    }
+    cell = Cell(scenario=scenario.key, server=server.spec.name, round=rnd)
+    rss_before = server.rss_kib()
+    start: Probe | None = None
+    end: Probe | None = None
+    proc = subprocess.Popen(
+        [*plan.pin(plan.gen_cpu), "node", str(LOADGEN), json.dumps(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdin is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + budget + 5
+    result: dict[str, Any] | None = None
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                cell.error = f"generator silent past its {budget:.0f} s deadline"
+                break
+            if line is None:
+                break
+            event = json.loads(line)
+            kind = event.get("event")
+            if kind == "measure.start":
+                start = Probe.take(server, plan.server_cpu)
+            elif kind == "measure.end":
+                end = Probe.take(server, plan.server_cpu)
+            elif kind == "held":
+                time.sleep(IDLE_SETTLE_S)
+                rss = server.rss_kib()
+                opened = int(event["open"])
+                cell.extra["rss_before_kib"] = rss_before
+                cell.extra["rss_held_kib"] = rss
+                if opened:
+                    cell.extra["bytes_per_conn"] = (rss - rss_before) * 1024 / opened
+                proc.stdin.write("release\n")
+                proc.stdin.flush()
+            elif kind == "result":
+                result = event
+            elif kind == "error":
+                cell.error = str(event.get("detail"))
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    if result is None and cell.error is None:
+        assert proc.stderr is not None
+        cell.error = f"generator exited {proc.returncode}: {proc.stderr.read()[-1000:]}"
+    if result is not None:
+        cell.result = {k: v for k, v in result.items() if k not in ("event", "mode")}
+        cell.result.update(cell.extra)
+    if start is not None and end is not None and end.t > start.t:
+        wall = end.t - start.t
+        cell.server_cpu = (end.server_cpu_s - start.server_cpu_s) / wall
+        cell.others_on_server_core = max(
+            0.0, (end.core_busy_s - start.core_busy_s) / wall - cell.server_cpu
+        )
+    if server.proc.poll() is not None:
+        cell.error = f"server exited {server.proc.returncode} during the cell: {server.tail()}"
+    return cell
+
+
+def run_cell_quietly(plan: Plan, server: ServerProcess, scenario: Scenario, rnd: int) -> Cell:
+    """Run a cell; if other processes crowded the server's core, run it once more."""
+    cell = run_cell(plan, server, scenario, rnd)
+    if plan.quick or (cell.others_on_server_core or 0.0) <= NOISY_SHARE or cell.error:
+        return cell
+    again = run_cell(plan, server, scenario, rnd)
+    again.retried = True
+    if again.error is None and (again.others_on_server_core or 0.0) < (
+        cell.others_on_server_core or 0.0
+    ):
+        return again
+    cell.retried = True
+    return cell
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def started(plan: Plan, specs: Sequence[ServerSpec], tag: str) -> Iterator[list[ServerProcess]]:
+    """Start ``specs`` (at once: imports overlap), wait until all are ready, stop them after."""
+    logs = plan.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    servers: list[ServerProcess] = []
+    try:
+        for spec in specs:
+            log = logs / f"{spec.name}-{tag}.log"
+            servers.append(ServerProcess(spec, plan.server_cpu, log, plan.pin(plan.server_cpu)))
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def rotated(items: Sequence[ServerSpec], by: int) -> list[ServerSpec]:
+    """``items`` starting at position ``by``, so no server always runs first."""
+    by %= max(1, len(items))
+    return [*items[by:], *items[:by]]
+
+
+def log_progress(cell: Cell) -> None:
+    """One line per cell on stderr."""
+    shown = cell.error or json.dumps(
+        {k: round(v, 1) if isinstance(v, float) else v for k, v in cell.headline().items()}
+    )
+    print(f"  r{cell.round} {cell.scenario:<18} {cell.server:<19} {shown}", file=sys.stderr)
+
+
+def execute(plan: Plan) -> list[Cell]:
+    """Every round: the load scenarios on long-lived servers, idle ones on fresh servers."""
+    cells: list[Cell] = []
+    servers = [s for s in plan.servers if s.missing is None]
+    load = [s for s in plan.scenarios if s.kind != "idle"]
+    idle = [s for s in plan.scenarios if s.kind == "idle"]
+    for rnd in range(plan.rounds):
+        order = rotated(servers, rnd)
+        print(f"round {rnd + 1}/{plan.rounds}: {', '.join(s.name for s in order)}", file=sys.stderr)
+        with started(plan, order, f"r{rnd}") as running:
+            for scenario in load:
+                for server in running:
+                    cells.append(run_cell_quietly(plan, server, scenario, rnd))
+                    log_progress(cells[-1])
+        if rnd >= plan.idle_rounds:
+            continue
+        for scenario in idle:
+            for spec in order:
+                # A fresh server per idle cell: memory freed by earlier load would otherwise
+                # be reused and hide the cost of new connections.
+                tag = f"r{rnd}-{scenario.key.replace('/', '-')}"
+                with started(plan, [spec], tag) as (server,):
+                    cells.append(run_cell(plan, server, scenario, rnd))
+                log_progress(cells[-1])
+    return cells
+
+
+def scan_logs(plan: Plan) -> dict[str, Any]:
+    """Size of relayd's log files and any error events in them; big logs are then deleted."""
+    info: dict[str, Any] = {"relayd_log_bytes": 0, "relayd_log_lines": 0, "error_events": []}
+    for path in sorted((plan.out / "logs").glob("relayd*.log")):
+        size = path.stat().st_size
+        info["relayd_log_bytes"] += size
+        with path.open("rb") as f:
+            for line in f:
+                info["relayd_log_lines"] += 1
+                if b'"level":"error"' in line and len(info["error_events"]) < 20:
+                    info["error_events"].append(line.decode(errors="replace").strip()[:500])
+        if not plan.keep_logs and size > 1 << 20:
+            path.unlink()
+    return info
+
+
+def _run(argv: Sequence[str], **kwargs: Any) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
+    except OSError as exc:
+        return f"({exc})"
+    return str(done.stdout).strip()
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    lscpu = {
+        k.strip(): v.strip()
+        for k, _, v in (ln.partition(":") for ln in _run(["lscpu"]).splitlines())
+    }
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    git = {"GIT_OPTIONAL_LOCKS": "0", **os.environ}  # read-only: never touch the index
+    dirty = _run(["git", "status", "--porcelain", "--", "relayd"], cwd=ROOT, env=git)
+    return {
+        "cpu_model": lscpu.get("Model name", platform.processor()),
+        "cpus": os.cpu_count(),
+        "hypervisor": lscpu.get("Hypervisor vendor"),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "node": _run(["node", "--version"]),
+        "relayd_commit": _run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, env=git),
+        "relayd_tree": "modified" if dirty else "clean",
+        "packages": _versions(),
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {}
+    for name in (
+        "relayd",
+        "trio",
+        "trio-websocket",
+        "wsproto",
+        "websockets",
+        "msgspec",
+        "structlog",
+    ):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    with contextlib.suppress(OSError, ValueError):
+        found["ws (npm)"] = json.loads(WS_MODULE.read_text())["version"]
+    return found
+
+
+def realtime_allowed() -> bool:
+    """Whether this process may start others as SCHED_FIFO (root or CAP_SYS_NICE)."""
+    argv = ["chrt", "--fifo", str(RT_PRIORITY), "true"]
+    try:
+        return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+    except OSError:
+        return False
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's (and so its children's) open-file limit to the hard limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return int(hard)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run of seconds, one round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument(
+        "--idle-rounds", type=int, default=1, help="rounds that include the idle scenarios"
+    )
+    p.add_argument(
+        "--idle", default="1000,10000,50000", help="idle connection counts, comma-separated"
+    )
+    p.add_argument("--servers", help="comma-separated subset of the servers (default: all)")
+    p.add_argument("--scenarios", help="comma-separated scenario keys or kinds to run")
+    p.add_argument("--server-cpu", type=int, default=1, help="core the servers run on")
+    p.add_argument("--gen-cpu", type=int, default=0, help="core the generator runs on")
+    p.add_argument("--out", type=Path, help="output directory (default bench/results/<time>)")
+    p.add_argument("--keep-logs", action="store_true", help="keep relayd's (large) log files")
+    p.add_argument(
+        "--no-realtime",
+        dest="realtime",
+        action="store_false",
+        help="do not run servers and generator as SCHED_FIFO (the default, where allowed)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench; 0 if every cell produced a result."""
+    args = parse_args(argv)
+    began = datetime.datetime.now(datetime.UTC)
+    fd_limit = raise_fd_limit()
+    os.sched_setaffinity(0, {args.gen_cpu})  # keep this script off the server's core
+    specs = server_specs()
+    if args.servers:
+        wanted = args.servers.split(",")
+        specs = [s for s in specs if s.name in wanted]
+    if args.quick:
+        scenarios, skipped = quick_scenarios(), dict[str, str]()
+        rounds = idle_rounds = 1
+    else:
+        counts = [int(c) for c in args.idle.split(",") if c]
+        scenarios, skipped = full_scenarios(counts, fd_limit)
+        rounds, idle_rounds = args.rounds, args.idle_rounds
+    if args.scenarios:
+        keys = set(args.scenarios.split(","))
+        scenarios = [s for s in scenarios if s.key in keys or s.kind in keys]
+    out = args.out or BENCH / "results" / began.strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = Plan(
+        scenarios,
+        rounds,
+        idle_rounds,
+        specs,
+        args.server_cpu,
+        args.gen_cpu,
+        out,
+        args.keep_logs,
+        args.quick,
+        args.realtime and not args.quick and realtime_allowed(),
+        skipped,
+    )
+    meta: dict[str, Any] = {
+        "date": began.isoformat(timespec="seconds"),
+        "command": " ".join(["bench/run", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        "rlimit_nofile": fd_limit,
+        "server_cpu": plan.server_cpu,
+        "gen_cpu": plan.gen_cpu,
+        "realtime": plan.realtime,
+        "rounds": rounds,
+        "idle_rounds": idle_rounds,
+        "relayd_config": RELAYD_CONFIG.read_text(),
+        "servers": {s.name: s.missing or "ran" for s in specs},
+        "skipped": skipped,
+    }
+    cells = execute(plan)
+    meta["logs"] = scan_logs(plan)
+    meta["duration_s"] = round((datetime.datetime.now(datetime.UTC) - began).total_seconds())
+    meta["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    summary = summarize(scenarios, cells)
+    document = {
+        "meta": meta,
+        "scenarios": [s.as_json() for s in scenarios],
+        "cells": [c.as_json() for c in cells],
+        **summary,
+    }
+    (out / "result.json").write_text(json.dumps(document, indent=1) + "\n")
+    report = render(document)
+    (out / "report.md").write_text(report)
+    print(report)
+    print(f"results: {out / 'result.json'}", file=sys.stderr)
+    return 1 if any(c.error for c in cells) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
