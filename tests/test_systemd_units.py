@@ -13,7 +13,7 @@
 The tools come from Debian's ``systemd`` and ``shellcheck`` packages; a missing one skips
 its tests, or fails them under ``CI=true`` (:func:`tests.e2e.harness.require_tool`).
 Nothing here starts systemd or installs anything: that needs systemd as PID 1, in a
-container.
+container (tests/e2e/test_nspawn.py).
 """
 
 from __future__ import annotations

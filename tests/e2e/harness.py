@@ -309,6 +309,8 @@ TOOLS: dict[str, Tool] = {
             ("systemd-nspawn", "systemd-container"),
             ("debootstrap", "debootstrap"),
             ("shellcheck", "shellcheck"),
+            ("gdb", "gdb"),
+            ("nsenter", "util-linux"),
         ]
     },
 }
@@ -358,6 +360,19 @@ def require_tool(name: str) -> Path:
     message = f"{name} is missing: need {tool.what}; install it with `{tool.install}`"
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message} (CI=true: a missing tool fails the run)", pytrace=False)
+    pytest.skip(message)
+
+
+def require(ok: bool, message: str) -> None:
+    """Go on if ``ok``; else fail under ``CI=true``, or skip, with ``message``.
+
+    For what a test needs besides a tool (root, an apt mirror), with the same rule as
+    :func:`require_tool`: under CI nothing a test needs may be silently missing.
+    """
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI=true: a missing prerequisite fails the run)", pytrace=False)
     pytest.skip(message)
 
 
