@@ -1,35 +1,41 @@
 """One accepted WebSocket connection: its reader, writer, timers and log events.
 
-Data path through here: the reader takes client frames off the socket, checks
-them against the connection's limits and hands them to the router; the writer
-drains the connection's outbox (filled by the router) to the socket.
+Data path through here: the reader takes what one ``receive_some`` brought,
+parses every frame in it (:class:`~relayd.frames.FrameParser`), checks each
+message against the connection's limits and hands the lot to the router as
+one batch; the writer takes everything the router put in the connection's
+outbox since its last write and writes it with one ``send_all``.
 
 Task layout, all owned by :meth:`Connection.run`::
 
     run
-    ├── timers        keepalive pings, idle timeout, slow-consumer deadline
-    │   └── ping      one per keepalive round, bounded by pong_timeout_s
-    └── io
-        ├── writer    outbox -> socket
-        └── reader    socket -> router   (runs in run's own task)
+    ├── writer    outbox -> socket; also the timers: keepalive pings, pong
+    │             deadline, idle timeout, slow-consumer deadline
+    └── reader    socket -> router   (runs in run's own task)
+
+Two tasks and one nursery per connection, whatever it is doing: an idle
+connection costs a few kilobytes (docs/benchmarks.md).
 
 Who closes:
 
-* the client (close frame, or the TCP connection dropping): the reader ends,
-  the connection leaves the routing table, the writer ends.
+* the client, with a close frame: relayd echoes it at once (RFC 6455 §5.5.1),
+  dropping what its outbox still holds; or with the TCP connection dropping
+  (logged as 1006).
+* relayd, for a protocol violation (1002, 1007, 1009): the close frame goes out
+  at once and the connection is failed without waiting for the client's.
 * relayd, for policy (1008 abuse, 1013 slow consumer, 1000 idle, 1011 no
   pong): :meth:`Connection.close_soon` stops the reader and lets the writer
-  finish the frame it is writing, within :data:`CLOSE_TIMEOUT_S`; then relayd
+  finish the write in progress, within :data:`CLOSE_TIMEOUT_S`; then relayd
   sends the close frame and waits up to :data:`CLOSE_TIMEOUT_S` more for the
-  client's; after that the transport is dropped.
+  client's.
 * relayd, shutting down: :meth:`Connection.drain` stops the reader only; the
   router delivers what it already accepted and then closes the outbox, the
   writer flushes it and the connection closes with 1001. The server bounds the
   whole drain with ``shutdown_grace_s``.
 
-Error handling: :meth:`Connection.run` raises only what is a bug in relayd or
-its libraries; the listener catches that at the connection boundary, logs it
-and closes with 1011 (:mod:`relayd.listener`).
+Error handling: :meth:`Connection.run` raises only what is a bug in relayd;
+the listener catches that at the connection boundary, logs it and closes with
+1011 (:mod:`relayd.listener`). The transport itself is the listener's to close.
 """
 
 from __future__ import annotations
@@ -39,41 +45,50 @@ from typing import Final
 
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from relayd.errors import CloseCode, EnvelopeError, ErrorCode
+from relayd.frames import (
+    NO_STATUS,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    ProtocolError,
+    encode_frame,
+    parse_close,
+    text_frame,
+)
 from relayd.live import LiveLimits
 from relayd.metrics import Stats
-from relayd.outbox import Frame, Outbox
-from relayd.protocol import Dialect, decode_envelope, error_frame, welcome_frame
+from relayd.outbox import Outbox
+from relayd.protocol import Dialect, decode_envelope, error_payload, welcome_payload
 from relayd.ratelimit import RateLimiter, Verdict
-from relayd.router import Peer, Relay, Reply, Router, RouterClosed
+from relayd.router import Inbound, Peer, Relay, Reply, Router, RouterClosed
+from relayd.transport import Transport
 
-__all__ = ["CLOSE_TIMEOUT_S", "Connection"]
+__all__ = ["CLOSE_TIMEOUT_S", "RECEIVE_BYTES", "Connection"]
 
-#: How long relayd waits to finish a frame and complete a closing handshake it
+#: How long relayd waits to finish a write and complete a closing handshake it
 #: started before dropping the transport. A peer that is still reading answers
 #: in milliseconds; one that is not would hold the connection forever.
 CLOSE_TIMEOUT_S: Final = 5.0
+#: Bytes asked of the socket per read: under load one read takes a burst of
+#: small frames, which then cost one router hand-off between them. It bounds
+#: what one read can put in the router's inbox.
+RECEIVE_BYTES: Final = 65536
 
-#: trio-websocket's own reason text when a frame exceeds max_message_size; it
-#: sends the 1009 close itself, so this is how relayd learns it was the closer.
-_TOO_BIG_PREFIX: Final = "Exceeded maximum message size"
-#: Protocol error (1002) and invalid frame payload data (1007).
-_PROTOCOL_ERRORS: Final = frozenset({1002, 1007})
-
-
-def _utf8_len(text: str) -> int:
-    # isascii() is O(1) on CPython's compact strings, so the common case costs
-    # no encoding.
-    return len(text) if text.isascii() else len(text.encode())
+_PING: Final = encode_frame(OP_PING, b"relayd")
 
 
 class Connection:
     """One client's connection, from the welcome frame to the close frame.
 
     Args:
-        ws: the accepted WebSocket; this object closes it.
+        transport: the client's stream, handshake done; its owner closes it.
+        early: bytes the client sent after its handshake request, before the
+            response (RFC 6455 forbids it, but it happens); parsed first.
         conn: the connection's number in this process, for logs.
         client_id: the id the client is addressed by.
         dialect: the dialect chosen at the handshake.
@@ -92,8 +107,9 @@ class Connection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        transport: Transport,
         *,
+        early: bytes = b"",
         conn: int,
         client_id: str,
         dialect: Dialect,
@@ -107,9 +123,15 @@ class Connection:
         origin: str | None = None,
         user_agent: str | None = None,
     ) -> None:
-        self._ws = ws
+        self._transport = transport
+        self._early = early
         self._router = router
         self._live = limits
+        current = limits.current
+        # The frame size cap is fixed for the connection's life: it bounds the
+        # memory its parser may hold. A reload that lowers max_message_bytes
+        # reaches it as message_too_large instead.
+        self._parser = FrameParser(current.max_message_bytes)
         self._log = log
         self._log_messages = log_messages
         self._stats = stats
@@ -122,23 +144,32 @@ class Connection:
             "dialect": "echo" if echo else dialect.value,
             "user_agent": user_agent,
         }
+        # Fixed with the outbox, for its life.
+        self._reply_slots = current.outbox_messages
+        self._slow_consumer_timeout_s = current.slow_consumer_timeout_s
         self.peer = Peer(
             client_id=client_id,
             dialect=dialect,
             outbox=Outbox(
-                limits.current.outbox_messages,
-                limits.current.slow_consumer_timeout_s,
-                self._set_stuck_deadline,
+                current.outbox_messages, current.slow_consumer_timeout_s, self._set_stuck_deadline
             ),
             conn=conn,
         )
         self._reader_scope = trio.CancelScope()
         self._io_scope = trio.CancelScope()
-        self._timer_scope: trio.CancelScope | None = None
+        self._timer_scope: trio.CancelScope | None = None  # the writer's wait, or its write
         self._stuck_deadline = math.inf
+        self._pong_deadline = math.inf
         self._last_activity = trio.current_time()
         self._started = self._last_activity
+        self._next_ping = self._started + (current.ping_interval_s or math.inf)
+        self._limiter_limits = current
+        self._limiter = RateLimiter(
+            current.messages_per_second, current.message_burst, self._started
+        )
         self._stop_writing = False
+        self._parser_failed = False
+        self._client_closed = False  # its close frame arrived
         # Set once, by whichever side decides first: (code, reason, closed_by).
         self._close: tuple[int, str, str] | None = None
         self.messages_in = self.messages_out = 0
@@ -157,7 +188,7 @@ class Connection:
             self._close = (CloseCode.GOING_AWAY, "server shutting down", "server")
             self._reader_scope.cancel()
 
-    def close_soon(self, code: CloseCode, reason: str) -> None:
+    def close_soon(self, code: int, reason: str) -> None:
         """Close now for a policy reason, dropping what the outbox still holds."""
         if self._close is not None and self._stop_writing:
             return
@@ -188,144 +219,281 @@ class Connection:
             self._log_close()
 
     async def _serve(self) -> None:
-        try:
-            if not self._echo:
-                await self._send(welcome_frame(self.peer.dialect, self.peer.client_id))
-                self._router.register(self.peer)
-        except ConnectionClosed:
-            return
-        except RouterClosed:
-            # Accepted just as the server began draining: nothing will be
-            # routed here, so there is nothing to flush.
-            self.drain()
-            self.peer.outbox.close()
-        async with trio.open_nursery() as timers:
-            timers.start_soon(self._timers, timers)
-            with self._io_scope:
-                async with trio.open_nursery() as io:
-                    io.start_soon(self._write_loop)
-                    await self._read_loop()
-                    if self._close is None:
-                        self._router.unregister(self.peer)
-            timers.cancel_scope.cancel()
-        if self._close is not None and self._ws.closed is None:
-            code, reason, _ = self._close
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await self._ws.aclose(code, reason)
+        peer = self.peer
+        if not self._echo:  # the echo route has no id to announce, and is not routable
+            try:
+                await self._write([text_frame(welcome_payload(peer.dialect, peer.client_id))])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            try:
+                self._router.register(peer)
+            except RouterClosed:
+                # Accepted just as the server began draining: nothing will be
+                # routed here, so there is nothing to flush.
+                self.drain()
+                peer.outbox.close()
+        with self._io_scope:
+            async with trio.open_nursery() as io:
+                io.start_soon(self._write_loop)
+                await self._read_loop()
+                if self._close is None or self._close[2] == "client" or self._parser_failed:
+                    # Nobody left to write to: drop what is queued and let a
+                    # write in progress finish, briefly.
+                    self._stop_writing = True
+                    self._router.unregister(peer)
+                    self._io_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
+        await self._closing_handshake()
 
     async def _read_loop(self) -> None:
-        live = self._live
-        limits = live.current
-        limiter = RateLimiter(limits.messages_per_second, limits.message_burst, self._started)
-        peer, dialect = self.peer, self.peer.dialect
+        receive = self._transport.stream.receive_some
+        parser = self._parser
+        data: bytes | bytearray = self._early
+        self._early = b""
         with self._reader_scope:
             while True:
-                try:
-                    data = await self._ws.get_message()
-                except ConnectionClosed:
-                    return
-                now = self._last_activity = trio.current_time()
-                if live.current is not limits:  # reloaded: the new rate starts now
-                    limits = live.current
-                    limiter = RateLimiter(limits.messages_per_second, limits.message_burst, now)
-                max_bytes = limits.max_message_bytes
-                self.messages_in += 1
-                size = len(data) if isinstance(data, bytes) else _utf8_len(data)
-                self.bytes_in += size
-                verdict = limiter.check(now)
-                error: EnvelopeError | None = None
-                echo: Reply | None = None
-                if verdict is Verdict.CLOSE:
-                    self._limit_exceeded("messages_per_second", "close")
-                    self.close_soon(CloseCode.POLICY, "rate limit exceeded")
-                    return
-                if verdict is Verdict.REFUSE:
-                    error = EnvelopeError(ErrorCode.RATE_LIMITED, _RATE_DETAIL)
-                elif size > max_bytes:
-                    error = EnvelopeError(ErrorCode.MESSAGE_TOO_LARGE, _too_large(max_bytes))
-                elif self._echo:
-                    echo = Reply(peer, data)
-                elif isinstance(data, bytes):
-                    error = EnvelopeError(ErrorCode.UNSUPPORTED_DATA, _BINARY_DETAIL)
-                else:
+                if not data:
                     try:
-                        envelope = decode_envelope(data)
-                    except EnvelopeError as exc:
-                        error = exc
+                        data = await receive(RECEIVE_BYTES)
+                    except trio.BrokenResourceError:  # reset by the client
+                        data = b""
+                    if not data:
+                        return  # no close frame: logged as 1006
+                self.bytes_in += len(data)
+                violation: ProtocolError | None = None
                 try:
-                    if echo is not None:
-                        self._stats.messages["echoed"] += 1
-                        await self._router.route(echo)
-                    elif error is None:
-                        await self._router.route(Relay(peer, envelope, size, now))
-                    else:
-                        self._stats.messages[error.code.value] += 1
-                        self._stats.errors[error.code.value] += 1
-                        if self._log_messages:
-                            self._log_refusal(size, error)
-                        frame = error_frame(dialect, error.code, error.detail, error.ref)
-                        await self._router.route(Reply(peer, frame))
-                except RouterClosed:
-                    self.drain()
+                    events = parser.feed(data)
+                except ProtocolError as exc:
+                    events, violation = exc.parsed, exc
+                data = b""
+                batch: list[Inbound] = []
+                ended = self._take(events, batch)
+                if batch:
+                    try:
+                        if not await self._route(batch):
+                            return
+                    except RouterClosed:
+                        self.drain()
+                        return
+                if violation is not None and not ended:
+                    self._protocol_violation(violation)
                     return
+                if ended:
+                    return
+
+    async def _route(self, items: list[Inbound]) -> bool:
+        """Hand ``items`` to the router with a reply slot each, in chunks the outbox can hold.
+
+        Waits (reading nothing more from the client) while the client has not
+        read enough of its replies to make room; for ``slow_consumer_timeout_s``
+        at most, after which the connection closes with 1013.
+
+        Returns:
+            False if the connection is closing as a slow consumer.
+
+        Raises:
+            RouterClosed: the router is shutting down.
+        """
+        outbox = self.peer.outbox
+        chunk = self._reply_slots
+        for start in range(0, len(items), chunk):
+            part = items if len(items) <= chunk else items[start : start + chunk]
+            if not outbox.reserve(len(part)):
+                with trio.move_on_after(self._slow_consumer_timeout_s) as waiting:
+                    await outbox.wait_for_room(len(part))
+                if waiting.cancelled_caught:
+                    self._stuck()
+                    return False
+            await self._router.route(part)
+        return True
+
+    def _take(self, events: list[tuple[int, bytes]], batch: list[Inbound]) -> bool:
+        """Turn one read's frames into router items; True if the connection ends here."""
+        now = trio.current_time()
+        for opcode, payload in events:
+            if opcode <= OP_BINARY:
+                self._last_activity = now
+                if not self._message(opcode, payload, now, batch):
+                    return True
+            elif opcode == OP_PING:
+                self.peer.outbox.control(encode_frame(OP_PONG, payload))
+            elif opcode == OP_PONG:
+                self._pong_deadline = math.inf
+            else:
+                code, reason = parse_close(payload)
+                self._client_closed = True
+                if self._close is None:
+                    self._close = (code, reason, "client")
+                return True
+        return False
+
+    def _message(self, opcode: int, payload: bytes, now: float, batch: list[Inbound]) -> bool:
+        """Judge one message and add what it becomes to ``batch``; False to stop reading."""
+        live = self._live
+        limits = live.current
+        if self._limiter_limits is not limits:  # reloaded: the new rate starts now
+            self._limiter_limits = limits
+            self._limiter = RateLimiter(limits.messages_per_second, limits.message_burst, now)
+        self.messages_in += 1
+        size = len(payload)
+        verdict = self._limiter.check(now)
+        peer = self.peer
+        error: EnvelopeError | None = None
+        if verdict is Verdict.CLOSE:
+            self._limit_exceeded("messages_per_second", "close")
+            self.close_soon(CloseCode.POLICY, "rate limit exceeded")
+            return False
+        if verdict is Verdict.REFUSE:
+            error = EnvelopeError(ErrorCode.RATE_LIMITED, _RATE_DETAIL)
+        elif size > limits.max_message_bytes:
+            error = EnvelopeError(ErrorCode.MESSAGE_TOO_LARGE, _too_large(limits.max_message_bytes))
+        elif self._echo:
+            self._stats.messages["echoed"] += 1
+            batch.append(Reply(peer, encode_frame(opcode, payload)))
+            return True
+        elif opcode != OP_TEXT:
+            error = EnvelopeError(ErrorCode.UNSUPPORTED_DATA, _BINARY_DETAIL)
+        else:
+            try:
+                batch.append(Relay(peer, decode_envelope(payload), size, now))
+            except EnvelopeError as exc:
+                error = exc
+            else:
+                return True
+        stats = self._stats
+        stats.messages[error.code.value] += 1
+        stats.errors[error.code.value] += 1
+        if self._log_messages:
+            self._log_refusal(size, error)
+        frame = text_frame(error_payload(peer.dialect, error.code, error.detail, error.ref))
+        batch.append(Reply(peer, frame))
+        return True
+
+    def _protocol_violation(self, error: ProtocolError) -> None:
+        self._parser_failed = True
+        if error.code == CloseCode.TOO_BIG:
+            self._limit_exceeded("max_message_bytes", "close")
+        if self._close is None or self._close[2] != "server":
+            self._close = (error.code, error.reason, "server")
+
+    # -- the writer and its timers ---------------------------------------------
 
     async def _write_loop(self) -> None:
         outbox = self.peer.outbox
-        try:
-            async for frame in outbox.receive:
-                if self._stop_writing:
-                    self._dropped += 1
-                    return
-                outbox.relieve()
-                await self._send(frame)
-        except ConnectionClosed:
-            return
+        while True:
+            frames = await self._next_frames(outbox)
+            if not frames:
+                return
+            if self._stop_writing:
+                self._dropped += _messages_in(frames)
+                return
+            try:
+                with trio.CancelScope(deadline=self._stuck_deadline) as self._timer_scope:
+                    await self._write(frames)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client is gone. The reader may be waiting for it to make
+                # room rather than reading; it has nothing more to do either.
+                self._reader_scope.cancel()
+                return
+            finally:
+                self._timer_scope = None
+            if self._transport.broken:  # the write was cut short: the client reads nothing
+                self._stuck()
+                return
 
-    async def _send(self, frame: Frame) -> None:
-        await self._ws.send_message(frame)
-        self._last_activity = trio.current_time()
-        self.messages_out += 1
-        self.bytes_out += len(frame) if isinstance(frame, bytes) else _utf8_len(frame)
+    async def _next_frames(self, outbox: Outbox) -> list[bytes]:
+        """The next frames to write, once any are queued or a timer adds a ping.
 
-    async def _timers(self, nursery: trio.Nursery) -> None:
-        next_ping = trio.current_time() + (self._live.current.ping_interval_s or math.inf)
+        Returns:
+            The frames, or an empty list when there is nothing more to write
+            (the outbox was closed and emptied, or a timer closed the connection).
+        """
         while True:
             limits = self._live.current
-            interval = limits.ping_interval_s or math.inf
-            idle = limits.idle_timeout_s or math.inf
-            idle_deadline = self._last_activity + idle
-            with trio.CancelScope(
-                deadline=min(next_ping, idle_deadline, self._stuck_deadline)
-            ) as self._timer_scope:
-                await trio.sleep_forever()
+            idle_deadline = self._last_activity + (limits.idle_timeout_s or math.inf)
+            deadline = min(
+                self._next_ping, idle_deadline, self._stuck_deadline, self._pong_deadline
+            )
+            with trio.CancelScope(deadline=deadline) as self._timer_scope:
+                try:
+                    return await outbox.take()  # the frames, or [] once closed and empty
+                finally:
+                    self._timer_scope = None
             now = trio.current_time()
             if now >= self._stuck_deadline:
-                self._limit_exceeded("slow_consumer_timeout_s", "close")
-                self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbox stayed full")
-                return
-            if now >= self._last_activity + idle:
+                self._stuck()
+                return []
+            if now >= self._pong_deadline:
+                self._limit_exceeded("pong_timeout_s", "close")
+                self.close_soon(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                return []
+            if now >= idle_deadline:
                 self.close_soon(CloseCode.NORMAL, "idle timeout")
-                return
-            if now >= next_ping:
-                nursery.start_soon(self._ping)
-                next_ping = now + interval
+                return []
+            if now >= self._next_ping:
+                self._next_ping = now + (limits.ping_interval_s or math.inf)
+                if self._pong_deadline == math.inf:
+                    self._pong_deadline = now + limits.pong_timeout_s
+                return [_PING, *outbox.take_nowait()]
 
-    async def _ping(self) -> None:
-        with trio.move_on_after(self._live.current.pong_timeout_s) as waiting:
-            try:
-                await self._ws.ping()
-            except ConnectionClosed:
-                return
-        if waiting.cancelled_caught:
-            self._limit_exceeded("pong_timeout_s", "close")
-            self.close_soon(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+    async def _write(self, frames: list[bytes]) -> None:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        messages = _messages_in(frames)
+        try:
+            await self._transport.send_all(data)
+        except BaseException:
+            # Not known to have reached the client: counted as undelivered.
+            self._dropped += messages
+            raise
+        if messages:
+            self._last_activity = trio.current_time()
+            self.messages_out += messages
+        self.bytes_out += len(data)
+
+    def _stuck(self) -> None:
+        self._limit_exceeded("slow_consumer_timeout_s", "close")
+        self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbox stayed full")
 
     def _set_stuck_deadline(self, deadline: float) -> None:
-        # Called by the outbox when the router finds it full (or free again);
-        # the router must not wait, so this only moves the timers' alarm.
+        # Called by the outbox when the router finds it full (or when the
+        # writer takes from it again); the router must not wait, so this only
+        # moves the writer's alarm.
         self._stuck_deadline = deadline
-        if self._timer_scope is not None and deadline < self._timer_scope.deadline:
-            self._timer_scope.deadline = deadline
+        scope = self._timer_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    # -- the end ---------------------------------------------------------------
+
+    async def _closing_handshake(self) -> None:
+        """Send the close frame this end owes, and for a close relayd began, await the client's."""
+        if self._close is None:
+            return  # the client vanished without a close frame
+        code, reason, closed_by = self._close
+        transport = self._transport
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            if closed_by == "client":
+                # Echo the client's code (RFC 6455 §5.5.1); a close without
+                # one is answered without one.
+                self.bytes_out += await transport.send_close(None if code == NO_STATUS else code)
+                return
+            sent = await transport.send_close(code, reason)
+            self.bytes_out += sent
+            if sent and not (self._parser_failed or self._client_closed):
+                await self._await_client_close()
+
+    async def _await_client_close(self) -> None:
+        # After relayd's close frame, the client's messages are not read
+        # (RFC 6455 §1.4); only its close frame, or the end of the stream.
+        receive = self._transport.stream.receive_some
+        while True:
+            try:
+                data = await receive(RECEIVE_BYTES)
+                self.bytes_in += len(data)
+                events = self._parser.feed(data) if data else [(OP_CLOSE, b"")]
+            except (trio.BrokenResourceError, ProtocolError):
+                return
+            if any(opcode == OP_CLOSE for opcode, _ in events):
+                return
 
     # -- logs ------------------------------------------------------------------
 
@@ -345,29 +513,20 @@ class Connection:
         )
 
     def _log_close(self) -> None:
-        closed = self._ws.closed
-        if self._close is not None:
-            code, reason, closed_by = self._close
-        elif closed is None:
-            code, reason, closed_by = CloseCode.ABNORMAL, "", "server"
-        elif closed.code == CloseCode.TOO_BIG and (closed.reason or "").startswith(_TOO_BIG_PREFIX):
-            self._limit_exceeded("max_message_bytes", "close")
-            code, reason, closed_by = closed.code, closed.reason or "", "server"
-        elif closed.code in _PROTOCOL_ERRORS:
-            # The server's frame parser detected it (a client that says so
-            # itself is reporting the same thing).
-            code, reason, closed_by = closed.code, closed.reason or "", "server"
+        if self._close is None:
+            code, reason, closed_by = int(CloseCode.ABNORMAL), "", "client"
         else:
-            code, reason, closed_by = closed.code, closed.reason or "", "client"
+            code, reason, closed_by = self._close
+            code = int(code)  # a CloseCode member logs as its name otherwise
         stats = self._stats
-        stats.closes[int(code)] += 1
+        stats.closes[code] += 1
         stats.bytes_received += self.bytes_in
         stats.bytes_sent += self.bytes_out
         self._log.info(
             "connection.close",
             conn=self.peer.conn,
             id=self.peer.client_id,
-            code=int(code),
+            code=code,
             reason=reason,
             closed_by=closed_by,
             duration_s=round(trio.current_time() - self._started, 3),
@@ -377,6 +536,16 @@ class Connection:
             bytes_out=self.bytes_out,
             undelivered=len(self.peer.outbox) + self._dropped,
         )
+
+
+def _messages_in(frames: list[bytes]) -> int:
+    """How many of the writer's ``frames`` are messages, not control frames."""
+    messages = len(frames)
+    for frame in frames:  # control frames only ever lead the list
+        if not frame[0] & OP_CLOSE:  # the opcode bit every control frame has
+            break
+        messages -= 1
+    return messages
 
 
 _RATE_DETAIL: Final = "too many messages; slow down"

@@ -25,7 +25,9 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
     ABNORMAL = 1006  # never sent on the wire: the peer vanished without a close frame
+    INVALID_DATA = 1007  # e.g. a text message that is not UTF-8
     POLICY = 1008
     TOO_BIG = 1009
     INTERNAL_ERROR = 1011

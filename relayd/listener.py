@@ -4,28 +4,29 @@
 stream, in the server's connections nursery. For each stream it:
 
 1. counts the connection against the limits (:class:`~relayd.handshake.Capacity`);
-2. reads the WebSocket request within ``handshake_timeout_s``;
+2. reads the HTTP request head within ``handshake_timeout_s`` and at most
+   ``max_header_bytes`` long (:class:`~relayd.upgrade.RequestReader`);
 3. accepts it in the chosen dialect, or refuses it with an HTTP status
-   (:func:`~relayd.handshake.decide`), logging ``handshake.rejected``;
-4. runs the :class:`~relayd.connection.Connection` until it ends.
+   (:func:`~relayd.upgrade.validate`, :func:`~relayd.handshake.decide`,
+   authentication), logging ``handshake.rejected``;
+4. runs the :class:`~relayd.connection.Connection` until it ends;
+5. closes the TCP connection gracefully (:class:`~relayd.transport.Transport`).
 
-Below trio-websocket sits a :class:`~relayd.transport.ServerStream`, which
-holds frames sent with the request until the handshake is accepted and closes
-the TCP connection gracefully.
+Bytes a client sends after its request and before the response (its first
+frames, in the same TCP segment) are kept and handed to the connection, which
+parses them like any others, under the same limits: a 4 MiB first frame
+against a 64 KiB limit is answered with close 1009 every time.
 
 **The connection boundary.** Nothing raised while serving one stream may reach
 the shared nursery: that would cancel every other connection and the
-listener. trio-websocket raises from places a handler does not expect (e.g.
-``request.accept()`` raises ``ConnectionClosed`` when frames that came in the
-same TCP segment as the handshake already broke a limit). So the whole
-per-stream task is guarded: expected closes end quietly, anything else is
-logged as ``error`` with its traceback and the client gets close code 1011;
+listener. So the whole per-stream task is guarded: expected closes end
+quietly, anything else is logged as ``error`` with its traceback and the
+client gets close code 1011 (or HTTP 500, before the handshake was answered);
 the stream is always closed in ``finally``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
 import itertools
@@ -35,12 +36,6 @@ from typing import Final
 
 import structlog
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    wrap_server_stream,
-)
 
 from relayd.auth import Authenticator, Refusal, token_from
 from relayd.config import LimitsSettings
@@ -50,19 +45,22 @@ from relayd.handshake import Accept, Capacity, Reject, decide
 from relayd.live import LiveLimits
 from relayd.metrics import Stats
 from relayd.router import Router
-from relayd.transport import ServerStream, http_response
+from relayd.transport import Transport
+from relayd.upgrade import (
+    RequestReader,
+    UpgradeRequest,
+    accept_response,
+    refusal_response,
+    validate,
+)
 
 __all__ = ["Gate", "new_client_id"]
 
-#: trio-websocket's queue between its socket reader and our reader. One slot:
-#: our reader takes each message at once, and every further queued message is
-#: memory an attacker controls (max_message_bytes each).
-_TRANSPORT_QUEUE: Final = 1
-#: Bytes asked of the socket per read. 64 KiB lets one read take a burst of
-#: small frames (trio-websocket's default is 4 KiB).
-_RECEIVE_BYTES: Final = 65536
 #: Bits of randomness in a client id: unguessable, so ids cannot be forged.
 _ID_BYTES: Final = 16
+#: Bytes asked of the socket per read while the request head is incomplete: a
+#: head is small, and a large read would only hold more early frames.
+_HEAD_READ_BYTES: Final = 16384
 
 
 def new_client_id() -> str:
@@ -154,24 +152,21 @@ class Gate:
         if address is None:  # reset before it could be looked at: nobody to serve
             await trio.aclose_forcefully(stream)
             return
-        server_stream = ServerStream(stream, self.limits.current.max_header_bytes)
+        transport = Transport(stream)
         attempt = _Attempt(conn=next(self._numbers), address=address, ip=_ip_of(address))
         self.capacity.opened(attempt.ip)
         try:
-            async with trio.open_nursery() as transport:
-                try:
-                    await self._serve(transport, server_stream, attempt)
-                except* Exception as group:
-                    await self._fail(attempt, group)
-                transport.cancel_scope.cancel()
-        except* Exception as group:
-            # trio-websocket's own reader task, in `transport`, failed.
-            await self._fail(attempt, group)
+            try:
+                await self._serve(transport, attempt)
+            except* Exception as group:
+                await self._fail(transport, attempt, group)
         finally:
             self.capacity.closed(attempt.ip)
-            await server_stream.close_gracefully()
+            await transport.close()
 
-    async def _fail(self, attempt: _Attempt, group: BaseExceptionGroup[Exception]) -> None:
+    async def _fail(
+        self, transport: Transport, attempt: _Attempt, group: BaseExceptionGroup[Exception]
+    ) -> None:
         leaf = _first_leaf(group)
         self._log.error(
             "error",
@@ -180,52 +175,65 @@ class Gate:
             summary=f"{type(leaf).__name__}: {leaf}",
             exc_info=group,
         )
-        ws = attempt.ws
-        if ws is not None and ws.closed is None:
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await ws.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            if attempt.accepted:
+                await transport.send_close(CloseCode.INTERNAL_ERROR, "internal error")
+            elif not attempt.answered:
+                await transport.send_response(refusal_response(500, "internal error"))
 
-    async def _serve(
-        self, transport: trio.Nursery, server_stream: ServerStream, attempt: _Attempt
-    ) -> None:
+    async def _serve(self, transport: Transport, attempt: _Attempt) -> None:
         conn, address = attempt.conn, attempt.address
-        request = await self._read_request(transport, server_stream, conn, address)
-        if request is None:
+        limits = self.limits.current
+        with trio.move_on_after(limits.handshake_timeout_s) as waiting:
+            self._reading.add(waiting)  # drain() stops the wait too
+            try:
+                read = await self._read_request(transport, attempt)
+            finally:
+                self._reading.discard(waiting)
+        if waiting.cancelled_caught:
+            if self.draining:
+                await self._refuse(transport, attempt, Reject(503, "server shutting down"))
+            else:
+                reason = "no complete request within handshake_timeout_s"
+                await self._refuse(transport, attempt, Reject(408, reason))
             return
-        headers = _headers(request)
+        if read is None:
+            return
+        request, early = read
+        headers = request.headers
         decision: Accept | Reject = decide(
             draining=self.draining,
             capacity=self.capacity,
             client_ip=attempt.ip,
-            offered_subprotocols=request.proposed_subprotocols,
-            path=request.path,
+            offered_subprotocols=request.subprotocols,
+            path=request.target,
             echo_route=self._echo_route,
             origin=headers.get("origin"),
             allowed_origins=self._allowed_origins,
         )
         client_id = None
         if isinstance(decision, Accept) and self._authenticator is not None:
-            identity = self._authenticator.authenticate(token_from(headers, request.path))
+            identity = self._authenticator.authenticate(token_from(headers, request.target))
             if isinstance(identity, Refusal):
                 decision = Reject(identity.status, identity.reason)
             else:
                 client_id = identity.subject
         if not isinstance(decision, Accept):
-            self._rejected(conn, address, decision.status, decision.reason)
-            # A client that resets while being refused is not an error.
-            with trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(ConnectionClosed):
-                await request.reject(decision.status, body=decision.reason.encode())
+            await self._refuse(transport, attempt, decision)
             return
-        try:
-            attempt.ws = server_stream.ws = await request.accept(subprotocol=decision.subprotocol)
-            server_stream.open()
-        except ConnectionClosed:
-            # The client's first frames, sent along with its request, already
-            # broke a limit and trio-websocket closed the connection.
-            self._rejected(conn, address, None, "connection closed during the handshake")
+        attempt.answered = True
+        with trio.move_on_after(CLOSE_TIMEOUT_S) as responding:
+            try:
+                await transport.send_all(accept_response(request.key, decision.subprotocol))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                responding.cancel()
+        if responding.cancelled_caught:
+            self._gone(conn, address, "the client went away during the handshake response")
             return
+        attempt.accepted = True
         connection = Connection(
-            attempt.ws,
+            transport,
+            early=early,
             conn=conn,
             client_id=client_id or self._new_id(),
             dialect=decision.dialect,
@@ -249,42 +257,37 @@ class Gate:
             self.connections.discard(connection)
 
     async def _read_request(
-        self, transport: trio.Nursery, stream: ServerStream, conn: int, address: str
-    ) -> WebSocketRequest | None:
-        with trio.move_on_after(self.limits.current.handshake_timeout_s) as waiting:
-            # trio-websocket answers a request it cannot parse by itself (400,
-            # or 426 for another WebSocket version) and closes the stream
-            # without ever producing a request: stop waiting when it does.
-            # drain() stops the wait too.
-            stream.on_close = waiting.cancel
-            self._reading.add(waiting)
+        self, transport: Transport, attempt: _Attempt
+    ) -> tuple[UpgradeRequest, bytes] | None:
+        """The request and the bytes after it, or None once the client was answered or left."""
+        reader = RequestReader(self.limits.current.max_header_bytes)
+        while True:
             try:
-                return await wrap_server_stream(
-                    transport,
-                    stream,
-                    message_queue_size=_TRANSPORT_QUEUE,
-                    max_message_size=self.limits.current.max_message_bytes,
-                    receive_buffer_size=_RECEIVE_BYTES,
-                )
-            finally:
-                self._reading.discard(waiting)
-        if stream.response_status is not None:
-            status, reason = stream.response_status, stream.refusal or "malformed WebSocket request"
-        elif stream.refusal is not None:  # the client went away: nobody to answer
-            self._gone(conn, address, stream.refusal)
-            return None
-        else:
-            if self.draining:
-                status, reason = 503, "server shutting down"
-            else:
-                status, reason = 408, "no complete request within handshake_timeout_s"
-            with (
-                trio.move_on_after(CLOSE_TIMEOUT_S),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
-                await stream.send_all(http_response(status, reason))
-        self._rejected(conn, address, status, reason)
-        return None
+                data = await transport.stream.receive_some(_HEAD_READ_BYTES)
+            except trio.BrokenResourceError:  # reset, or a failed TLS handshake
+                self._gone(attempt.conn, attempt.address, _BROKE)
+                return None
+            if not data:
+                self._gone(attempt.conn, attempt.address, _LEFT)
+                return None
+            result = reader.feed(data)
+            if result is None:
+                continue
+            if isinstance(result, Reject):
+                await self._refuse(transport, attempt, result)
+                return None
+            request, early = result
+            upgrade = validate(request)
+            if isinstance(upgrade, Reject):
+                await self._refuse(transport, attempt, upgrade)
+                return None
+            return upgrade, early
+
+    async def _refuse(self, transport: Transport, attempt: _Attempt, reject: Reject) -> None:
+        self._rejected(attempt.conn, attempt.address, reject.status, reject.reason)
+        attempt.answered = True
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            await transport.send_response(refusal_response(reject.status, reject.reason))
 
     def _gone(self, conn: int, address: str, reason: str) -> None:
         # Port probes and health checks do this all day: count it, log it
@@ -297,6 +300,10 @@ class Gate:
         self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
 
 
+_BROKE: Final = "the connection broke before a complete request"
+_LEFT: Final = "the client closed before a complete request"
+
+
 @dataclasses.dataclass(slots=True)
 class _Attempt:
     """One accepted stream, as the boundary needs to know it."""
@@ -304,7 +311,8 @@ class _Attempt:
     conn: int
     address: str
     ip: str
-    ws: WebSocketConnection | None = None
+    answered: bool = False  # an HTTP response went out (or began to)
+    accepted: bool = False  # the 101 went out: the WebSocket is open
 
 
 def _first_leaf(error: BaseException) -> BaseException:
@@ -336,9 +344,3 @@ def _peer_address(stream: trio.abc.Stream) -> str | None:
 
 def _ip_of(address: str) -> str:
     return address.rpartition(":")[0].strip("[]")
-
-
-def _headers(request: WebSocketRequest) -> dict[str, str]:
-    return {
-        name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers
-    }

@@ -1,44 +1,79 @@
 """A connection's outbox: the bounded queue between the router and its writer.
 
-The router hands frames over with :meth:`Outbox.offer`, which never waits: a
-full outbox refuses the frame (the sender is told ``recipient_busy``) and
-starts the slow-consumer clock. If the writer takes no frame from it for
-``slow_consumer_timeout_s`` after that, the owning connection closes with 1013;
-a frame taken (:meth:`Outbox.relieve`) or accepted again stops the clock.
-Memory per connection is bounded by ``capacity`` frames of at most
-``max_message_bytes`` plus the envelope around them.
+It holds two kinds of frames, each with its own bound of ``capacity``:
 
-Resource handling: the connection owns the outbox; the router only offers.
-:meth:`close` (from the router when it unregisters the connection or stops)
-lets the writer drain what is queued and then see the end of the channel.
+* **Deliveries** (messages from other clients). The router hands them over
+  with :meth:`Outbox.offer`, which never waits: a full outbox refuses the
+  frame (its sender is told ``recipient_busy``).
+* **Replies** to the connection's own frames (acks, errors, echoes). They are
+  never refused: the reader reserves a slot for each frame before routing it
+  (:meth:`Outbox.reserve`, :meth:`Outbox.wait_for_room`), and the router fills
+  each slot with its reply, or frees it when there is none
+  (:meth:`Outbox.reply`). A client that sends faster than it reads its
+  replies is not read from until it catches up: TCP backpressure, not loss.
+
+The writer takes everything waiting at once with :meth:`Outbox.take` and
+writes it with one ``send_all``. The slow-consumer clock starts when a
+delivery is refused and stops when the writer takes frames; if it runs for
+``slow_consumer_timeout_s``, the owning connection closes with 1013. (The
+reader bounds its own wait for reply slots by the same time.)
+
+Control frames the connection owes its client (pongs) go through
+:meth:`Outbox.control`, outside the bounds and ahead of the messages. At most
+:data:`MAX_CONTROL_FRAMES` wait; a client that pings faster than it reads gets
+pongs for its latest pings only, as RFC 6455 §5.5.3 allows.
+
+Memory per connection is bounded by ``2 x capacity`` frames of at most
+``max_message_bytes`` plus the envelope around them, plus
+:data:`MAX_CONTROL_FRAMES` control frames of at most 127 bytes.
+
+Resource handling: the connection owns the outbox; the router only offers and
+replies. :meth:`close` (from the router when it unregisters the connection or
+stops) lets the writer take what is queued and then see the end.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
+from typing import Final
 
 import trio
 
-__all__ = ["Frame", "Outbox"]
+__all__ = ["MAX_CONTROL_FRAMES", "Outbox"]
 
-#: What a writer sends: text frames, or binary ones on the echo route.
-Frame = str | bytes
+#: Control frames (pongs) that may wait for the writer. Autobahn's case 2.10
+#: expects a pong for each of 10 pings sent at once; more than that is a flood.
+MAX_CONTROL_FRAMES: Final = 16
 
 
 class Outbox:
-    """A bounded, never-blocking hand-over of frames to one connection's writer.
+    """A bounded, never-blocking hand-over of encoded frames to one connection's writer.
 
     Args:
-        capacity: how many frames may wait.
-        slow_consumer_timeout_s: how long it may refuse frames before the
+        capacity: how many deliveries may wait, and how many replies.
+        slow_consumer_timeout_s: how long deliveries may be refused before the
             connection is judged a slow consumer.
         on_stuck_deadline: called with the time at which the connection must
-            close as a slow consumer (when the outbox starts refusing), and
-            with ``math.inf`` when it takes frames again.
+            close as a slow consumer when the clock starts, and with
+            ``math.inf`` when it stops.
     """
 
-    __slots__ = ("_full_since", "_on_stuck_deadline", "_send", "_timeout", "receive")
+    __slots__ = (
+        "_capacity",
+        "_closed",
+        "_control",
+        "_deliveries",
+        "_frames",
+        "_on_stuck_deadline",
+        "_refused_since",
+        "_replies",
+        "_reserved",
+        "_room",
+        "_timeout",
+        "_waiter",
+    )
 
     def __init__(
         self,
@@ -46,41 +81,131 @@ class Outbox:
         slow_consumer_timeout_s: float,
         on_stuck_deadline: Callable[[float], None],
     ) -> None:
-        self._send, self.receive = trio.open_memory_channel[Frame](capacity)
+        self._capacity = capacity
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._deliveries = 0  # of _frames
+        self._replies = 0  # of _frames
+        self._reserved = 0  # reply slots taken by the reader, not yet filled by the router
+        self._control: list[bytes] = []
         self._timeout = slow_consumer_timeout_s
         self._on_stuck_deadline = on_stuck_deadline
-        self._full_since: float | None = None
+        self._refused_since: float | None = None
+        self._closed = False
+        self._waiter = trio.lowlevel.ParkingLot()  # the writer, waiting for frames
+        self._room = trio.lowlevel.ParkingLot()  # the reader, waiting for reply slots
 
-    def offer(self, frame: Frame) -> bool:
-        """Queue ``frame`` if there is room; never waits.
+    # -- the router's side -------------------------------------------------------
+
+    def offer(self, frame: bytes) -> bool:
+        """Queue a delivery if there is room; never waits.
 
         Returns:
             True if queued; False if the outbox is full or already closed.
         """
-        try:
-            self._send.send_nowait(frame)
-        except trio.WouldBlock:
-            if self._full_since is None:
-                self._full_since = trio.current_time()
-                self._on_stuck_deadline(self._full_since + self._timeout)
+        if self._closed:
             return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        if self._deliveries >= self._capacity:
+            if self._refused_since is None:
+                self._refused_since = trio.current_time()
+                self._on_stuck_deadline(self._refused_since + self._timeout)
             return False
-        if self._full_since is not None:
-            self._full_since = None
-            self._on_stuck_deadline(math.inf)
+        self._deliveries += 1
+        self._frames.append(frame)
+        if self._waiter:
+            self._waiter.unpark()
         return True
 
-    def relieve(self) -> None:
-        """Note that the writer took a frame: there is room again, stop the clock."""
-        if self._full_since is not None:
-            self._full_since = None
+    def reply(self, frame: bytes | None) -> None:
+        """Fill one reserved reply slot with ``frame``, or free it (None); never waits."""
+        self._reserved -= 1
+        if frame is not None and not self._closed:
+            self._replies += 1
+            self._frames.append(frame)
+            if self._waiter:
+                self._waiter.unpark()
+        elif self._room:
+            self._room.unpark()
+
+    # -- the reader's side ---------------------------------------------------------
+
+    def control(self, frame: bytes) -> None:
+        """Queue a control frame ahead of the messages; the oldest goes if too many wait."""
+        if self._closed:
+            return
+        control = self._control
+        control.append(frame)
+        if len(control) > MAX_CONTROL_FRAMES:
+            del control[0]
+        if self._waiter:
+            self._waiter.unpark()
+
+    def reserve(self, n: int) -> bool:
+        """Take ``n`` reply slots if they are free (``n`` at most ``capacity``).
+
+        Always succeeds once the outbox is closed: the replies are dropped
+        with the connection, so there is nothing to wait for.
+        """
+        if self._reserved + self._replies + n > self._capacity and not self._closed:
+            return False
+        self._reserved += n
+        return True
+
+    async def wait_for_room(self, n: int) -> None:
+        """Wait until :meth:`reserve` can take ``n`` slots, and take them.
+
+        The caller bounds the wait: a client that never reads its replies
+        never makes room. Cancellation leaves nothing reserved.
+        """
+        while not self.reserve(n):
+            await self._room.park()
+
+    # -- the writer's side ---------------------------------------------------------
+
+    async def take(self) -> list[bytes]:
+        """Wait for frames and take them all, control frames first.
+
+        Returns:
+            The frames, oldest first; an empty list once the outbox is closed
+            and everything in it was taken.
+        """
+        while not self._frames and not self._control:
+            if self._closed:
+                return []
+            await self._waiter.park()
+        return self.take_nowait()
+
+    def take_nowait(self) -> list[bytes]:
+        """Take whatever is waiting (possibly nothing); stops the slow-consumer clock."""
+        if self._control:
+            frames = self._control
+            frames.extend(self._frames)
+            self._control = []
+        else:
+            frames = list(self._frames)
+        self._frames.clear()
+        self._deliveries = 0
+        if self._replies:
+            self._replies = 0
+            if self._room:
+                self._room.unpark()
+        if self._refused_since is not None:
+            self._refused_since = None
             self._on_stuck_deadline(math.inf)
+        return frames
+
+    # -- both ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Take no more frames; the writer drains the rest, then sees the end."""
-        self._send.close()
+        """Take no more frames; the writer takes the rest, then sees the end."""
+        self._closed = True
+        self._waiter.unpark_all()
+        self._room.unpark_all()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
 
     def __len__(self) -> int:
-        """Frames waiting."""
-        return self._send.statistics().current_buffer_used
+        """Message frames waiting (control frames not counted)."""
+        return len(self._frames)

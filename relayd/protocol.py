@@ -21,6 +21,7 @@ Nothing here touches a socket or trio; everything is tested in
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from typing import Annotated, Final
 
@@ -34,12 +35,12 @@ __all__ = [
     "V1_SUBPROTOCOL",
     "Dialect",
     "Envelope",
-    "ack_frame",
+    "ack_payload",
     "choose_dialect",
     "decode_envelope",
-    "delivery_frame",
-    "error_frame",
-    "welcome_frame",
+    "delivery_payload",
+    "error_payload",
+    "welcome_payload",
 ]
 
 V1_SUBPROTOCOL: Final = "relayd.v1"
@@ -105,11 +106,12 @@ _TOO_DEEP: Final = "JSON is nested too deeply"
 _encoder: Final = msgspec.json.Encoder()
 
 
-def decode_envelope(frame: str) -> Envelope:
-    """Decode one client text frame.
+def decode_envelope(frame: bytes | str) -> Envelope:
+    """Decode one client text message.
 
     Args:
-        frame: the text of a text frame (binary frames are refused before this).
+        frame: the UTF-8 text of a text message (binary ones are refused
+            before this).
 
     Returns:
         The envelope; extra keys are ignored so clients may add their own.
@@ -138,7 +140,7 @@ def decode_envelope(frame: str) -> Envelope:
         raise EnvelopeError(ErrorCode.INVALID_JSON, _TOO_DEEP) from None
 
 
-def _salvage_ref(frame: str) -> str | int | None:
+def _salvage_ref(frame: bytes | str) -> str | int | None:
     # Only reached for valid JSON that failed validation, so a second, lenient
     # decode is cheap and lets the client match the error to its request.
     try:
@@ -147,15 +149,22 @@ def _salvage_ref(frame: str) -> str | int | None:
         return None
 
 
-def welcome_frame(dialect: Dialect, client_id: str) -> str:
-    """The first frame a client receives: its id."""
+def welcome_payload(dialect: Dialect, client_id: str) -> bytes:
+    """The first message a client receives: its id."""
     if dialect is Dialect.SEED:
-        return client_id
-    return _encoder.encode({"type": "welcome", "id": client_id}).decode()
+        return client_id.encode()
+    return _encoder.encode({"type": "welcome", "id": client_id})
 
 
-def delivery_frame(dialect: Dialect, sender: str, message: msgspec.Raw) -> str:
-    """The frame a recipient receives for one relayed message.
+@functools.lru_cache(maxsize=4096)
+def _v1_head(sender: str) -> bytes:
+    # Everything of a v1 delivery but the message, for one sender: built once
+    # per sender rather than once per message.
+    return _encoder.encode({"type": "message", "from": sender})[:-1] + b',"message":'
+
+
+def delivery_payload(dialect: Dialect, sender: str, message: msgspec.Raw) -> bytes:
+    """The message a recipient receives for one relayed ``message``.
 
     Args:
         dialect: the recipient's dialect.
@@ -168,26 +177,29 @@ def delivery_frame(dialect: Dialect, sender: str, message: msgspec.Raw) -> str:
     """
     raw = bytes(message)
     if dialect is Dialect.SEED:
-        if raw[:1] == b'"':
-            return msgspec.json.decode(raw, type=str)
-        return raw.decode()
-    head = _encoder.encode({"type": "message", "from": sender}).decode()
-    return f'{head[:-1]},"message":{raw.decode()}}}'
+        if raw[:1] != b'"':
+            return raw
+        if b"\\" not in raw:
+            # A JSON string without escapes is its own text between the quotes
+            # (the decoder already refused raw control characters in it).
+            return raw[1:-1]
+        return msgspec.json.decode(raw, type=str).encode()
+    return _v1_head(sender) + raw + b"}"
 
 
-def ack_frame(dialect: Dialect, ref: str | int) -> str | None:
+def ack_payload(dialect: Dialect, ref: str | int) -> bytes | None:
     """The sender's receipt for a message handed to the recipient's outbox.
 
     Returns:
-        The v1 ``ack`` frame, or None for the seed dialect, which has no acks.
+        The v1 ``ack`` message, or None for the seed dialect, which has no acks.
     """
     if dialect is Dialect.SEED:
         return None
-    return _encoder.encode({"type": "ack", "ref": ref}).decode()
+    return _encoder.encode({"type": "ack", "ref": ref})
 
 
-def error_frame(dialect: Dialect, code: ErrorCode, detail: str, ref: str | int | None) -> str:
-    """The frame telling a sender its message was not relayed.
+def error_payload(dialect: Dialect, code: ErrorCode, detail: str, ref: str | int | None) -> bytes:
+    """The message telling a sender its message was not relayed.
 
     Seed clients get ``{"error", "detail"}`` (plus ``ref`` if they sent one);
     v1 clients get ``{"type": "error", "error", "ref", "detail"}`` with ``ref``
@@ -199,4 +211,4 @@ def error_frame(dialect: Dialect, code: ErrorCode, detail: str, ref: str | int |
             body["ref"] = ref
     else:
         body = {"type": "error", "error": code.value, "ref": ref, "detail": detail}
-    return _encoder.encode(body).decode()
+    return _encoder.encode(body)

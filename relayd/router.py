@@ -1,13 +1,16 @@
 """The routing task and the interface connections see it through.
 
-Data path: a connection's reader awaits :meth:`Router.route`, which
-puts the item on one bounded memory channel (the router's inbox; a full inbox
-makes readers wait, which is TCP backpressure on the senders). The single
-routing task takes items off it in order, looks recipients up in the
-:class:`~relayd.routing.RoutingTable` and hands frames to their outboxes with
+Data path: a connection's reader awaits :meth:`Router.route` with the items
+of one read from its socket (a batch: one hand-off however many frames the
+read held), which puts them on one bounded memory channel (the router's inbox;
+a full inbox makes readers wait, which is TCP backpressure on the senders).
+The single routing task takes batches off it in order, looks recipients up in
+the :class:`~relayd.routing.RoutingTable`, encodes each recipient's frame once
+per dialect and hands it to their outboxes with
 :meth:`~relayd.outbox.Outbox.offer`, which never waits: the router is never
 held up by a slow recipient. Replies to a sender (acks, errors) go through the
-sender's own outbox, so each client sees its replies in the order it sent.
+sender's own outbox, into the reply slots its reader reserved, so each client
+sees every reply, in the order it sent.
 
 :class:`Router` is the whole interface; :class:`LocalRouter` routes within one
 process. A broker-backed router (e.g. Redis pub/sub between relayd processes)
@@ -27,9 +30,10 @@ import structlog
 import trio
 
 from relayd.errors import RelaydError
+from relayd.frames import text_frame
 from relayd.metrics import Stats
-from relayd.outbox import Frame, Outbox
-from relayd.protocol import Dialect, Envelope, ack_frame, delivery_frame, error_frame
+from relayd.outbox import Outbox
+from relayd.protocol import Dialect, Envelope, ack_payload, delivery_payload, error_payload
 from relayd.routing import Outcome, RoutingTable, outcome_of
 
 __all__ = [
@@ -43,10 +47,12 @@ __all__ = [
     "RouterClosed",
 ]
 
-#: Items the router's inbox holds before readers wait. Big enough that the
-#: router task drains a whole scheduling round of readers without them
-#: blocking; small enough to stay a few hundred kilobytes at most.
-DEFAULT_INBOX_SIZE: Final = 1024
+#: Batches the router's inbox holds before readers wait. A batch is what one
+#: read brought (at most the reader's receive size in frames), so this bounds
+#: the inbox at 256 x 64 KiB of client data: 16 MiB at worst, a few hundred
+#: kilobytes in practice. Big enough that the router drains a whole scheduling
+#: round of readers without them blocking.
+DEFAULT_INBOX_SIZE: Final = 256
 
 
 class RouterClosed(RelaydError):
@@ -89,10 +95,10 @@ class Relay:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply:
-    """A frame for one connection that its own reader produced (an error, an echo)."""
+    """An encoded frame for one connection that its own reader produced (an error, an echo)."""
 
     recipient: Peer
-    frame: Frame
+    frame: bytes
 
 
 Inbound = Relay | Reply
@@ -111,11 +117,16 @@ class Router(Protocol):
     def unregister(self, peer: Peer) -> None:
         """Stop routing to ``peer`` and close its outbox; idempotent."""
 
-    async def route(self, item: Inbound) -> None:
-        """Queue ``item`` for routing; waits while the router is behind.
+    async def route(self, items: list[Inbound]) -> None:
+        """Queue ``items`` for routing, in order; waits while the router is behind.
+
+        The caller has reserved a reply slot in its outbox for each item
+        (:meth:`~relayd.outbox.Outbox.reserve`); the router answers each item
+        exactly once through :meth:`~relayd.outbox.Outbox.reply`, with the
+        reply frame or None. The router owns ``items`` from here.
 
         Raises:
-            RouterClosed: the router is shutting down; the item was not taken.
+            RouterClosed: the router is shutting down; the items were not taken.
         """
 
     def close(self) -> None:
@@ -153,7 +164,7 @@ class LocalRouter:
         self._log_messages = log_messages
         self._log_bodies = log_bodies
         self._table: RoutingTable[Peer] = RoutingTable()
-        self._inbox_send, self._inbox_receive = trio.open_memory_channel[Inbound](inbox_size)
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[list[Inbound]](inbox_size)
         self._closed = False
 
     @property
@@ -174,9 +185,9 @@ class LocalRouter:
         self._table.discard(peer.client_id, peer)
         peer.outbox.close()
 
-    async def route(self, item: Inbound) -> None:  # noqa: D102
+    async def route(self, items: list[Inbound]) -> None:  # noqa: D102
         try:
-            await self._inbox_send.send(item)
+            await self._inbox_send.send(items)
         except trio.ClosedResourceError:
             raise RouterClosed("router is shutting down") from None
 
@@ -189,11 +200,12 @@ class LocalRouter:
     ) -> None:
         task_status.started()
         try:
-            async for item in self._inbox_receive:
-                if isinstance(item, Relay):
-                    self._relay(item)
-                else:
-                    item.recipient.outbox.offer(item.frame)
+            async for items in self._inbox_receive:
+                for item in items:
+                    if isinstance(item, Relay):
+                        self._relay(item)
+                    else:
+                        item.recipient.outbox.reply(item.frame)
         finally:
             for peer in self._table.handles():
                 self.unregister(peer)
@@ -201,13 +213,13 @@ class LocalRouter:
     def _relay(self, item: Relay) -> None:
         sender, envelope = item.sender, item.envelope
         recipients = self._table.lookup(envelope.to)
-        frames: dict[Dialect, str] = {}
+        frames: dict[Dialect, bytes] = {}
         accepted = []
         for peer in recipients:
             frame = frames.get(peer.dialect)
             if frame is None:
-                frame = frames[peer.dialect] = delivery_frame(
-                    peer.dialect, sender.client_id, envelope.message
+                frame = frames[peer.dialect] = text_frame(
+                    delivery_payload(peer.dialect, sender.client_id, envelope.message)
                 )
             accepted.append(peer.outbox.offer(frame))
         outcome = outcome_of(accepted)
@@ -221,18 +233,14 @@ class LocalRouter:
 
     def _answer(self, sender: Peer, envelope: Envelope, outcome: Outcome) -> None:
         code = outcome.error
-        reply: str | None
+        reply: bytes | None
         if code is None:
-            if envelope.ref is None:
-                return
-            reply = ack_frame(sender.dialect, envelope.ref)
+            reply = None if envelope.ref is None else ack_payload(sender.dialect, envelope.ref)
         else:
             self.stats.errors[code.value] += 1
-            reply = error_frame(sender.dialect, code, _DETAILS[outcome], envelope.ref)
-        if reply is not None:
-            # A sender whose own outbox is full is itself a slow consumer: its
-            # outbox's clock is now running and it will be closed with 1013.
-            sender.outbox.offer(reply)
+            reply = error_payload(sender.dialect, code, _DETAILS[outcome], envelope.ref)
+        # Fills (or frees) the reply slot the sender's reader reserved.
+        sender.outbox.reply(None if reply is None else text_frame(reply))
 
     def _log_relay(self, item: Relay, outcome: Outcome) -> None:
         fields: dict[str, object] = {

@@ -319,7 +319,7 @@ async def test_any_other_close_exits_1() -> None:
         await chat.send(f"{chat.id} {'x' * 200}")
         status, rest, stderr = await chat.finish()
     assert (status, stderr) == (1, "")
-    assert rest == ["closed: 1009 Exceeded maximum message size: 100 bytes"]
+    assert rest == ["closed: 1009 message over 100 bytes"]
 
 
 # -- connection failures: one line on stderr, exit 1 ------------------------------------

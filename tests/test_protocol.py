@@ -14,12 +14,12 @@ from relayd.protocol import (
     MAX_REF_CHARS,
     Dialect,
     Envelope,
-    ack_frame,
+    ack_payload,
     choose_dialect,
     decode_envelope,
-    delivery_frame,
-    error_frame,
-    welcome_frame,
+    delivery_payload,
+    error_payload,
+    welcome_payload,
 )
 
 MAX_SAFE_INT = 2**53 - 1
@@ -243,12 +243,12 @@ def test_message_round_trips_through_both_dialects(
     envelope = decode_envelope(frame)
     assert (envelope.to, envelope.ref) == (to, ref)
 
-    v1 = json.loads(delivery_frame(Dialect.V1, sender, envelope.message))
+    v1 = json.loads(delivery_payload(Dialect.V1, sender, envelope.message))
     assert v1 == {"type": "message", "from": sender, "message": message}
 
-    seed = delivery_frame(Dialect.SEED, sender, envelope.message)
+    seed = delivery_payload(Dialect.SEED, sender, envelope.message)
     if isinstance(message, str):
-        assert seed == message
+        assert seed.decode() == message
     else:
         assert json.loads(seed) == message
 
@@ -258,8 +258,8 @@ def test_message_round_trips_through_both_dialects(
 
 def test_v1_delivery_copies_message_text_as_sent() -> None:
     envelope = decode_envelope('{"to": "bob", "message": { "n" : 1.50 }}')
-    frame = delivery_frame(Dialect.V1, "alice", envelope.message)
-    assert frame.endswith('"message":{ "n" : 1.50 }}')
+    frame = delivery_payload(Dialect.V1, "alice", envelope.message)
+    assert frame.endswith(b'"message":{ "n" : 1.50 }}')
     assert json.loads(frame) == {"type": "message", "from": "alice", "message": {"n": 1.5}}
 
 
@@ -267,6 +267,8 @@ def test_v1_delivery_copies_message_text_as_sent() -> None:
     ("message", "seed_frame"),
     [
         ('"hi"', "hi"),
+        ('"café ☃"', "café ☃"),
+        ('""', ""),
         (r'"a\"b\\c\u00e9\n"', 'a"b\\cé\n'),
         ("[1, 2]", "[1, 2]"),
         ('{"k": "v"}', '{"k": "v"}'),
@@ -276,31 +278,31 @@ def test_v1_delivery_copies_message_text_as_sent() -> None:
 )
 def test_seed_delivery(message: str, seed_frame: str) -> None:
     envelope = decode_envelope(f'{{"to": "bob", "message": {message}}}')
-    assert delivery_frame(Dialect.SEED, "alice", envelope.message) == seed_frame
+    assert delivery_payload(Dialect.SEED, "alice", envelope.message).decode() == seed_frame
 
 
 # --- welcome, ack, error frames --------------------------------------------------
 
 
 def test_seed_welcome_is_the_bare_id() -> None:
-    assert welcome_frame(Dialect.SEED, "Zm9vYmFyYmF6cXV4cXV1eA") == "Zm9vYmFyYmF6cXV4cXV1eA"
+    assert welcome_payload(Dialect.SEED, "Zm9vYmFyYmF6cXV4cXV1eA") == b"Zm9vYmFyYmF6cXV4cXV1eA"
 
 
 def test_v1_welcome() -> None:
-    frame = welcome_frame(Dialect.V1, 'id "quoted"')
+    frame = welcome_payload(Dialect.V1, 'id "quoted"')
     assert json.loads(frame) == {"type": "welcome", "id": 'id "quoted"'}
 
 
 @pytest.mark.parametrize("ref", ["r1", "", 0, 17, -MAX_SAFE_INT])
 def test_v1_ack(ref: str | int) -> None:
-    frame = ack_frame(Dialect.V1, ref)
+    frame = ack_payload(Dialect.V1, ref)
     assert frame is not None
     assert json.loads(frame) == {"type": "ack", "ref": ref}
 
 
 @pytest.mark.parametrize("ref", ["r1", 0])
 def test_seed_has_no_ack(ref: str | int) -> None:
-    assert ack_frame(Dialect.SEED, ref) is None
+    assert ack_payload(Dialect.SEED, ref) is None
 
 
 @pytest.mark.parametrize("code", list(ErrorCode))
@@ -316,10 +318,10 @@ def test_seed_has_no_ack(ref: str | int) -> None:
         (Dialect.V1, 0, {"type": "error", "ref": 0}),
     ],
 )
-def test_error_frame(
+def test_error_payload(
     code: ErrorCode, dialect: Dialect, ref: str | int | None, expected: dict[str, object]
 ) -> None:
-    frame = error_frame(dialect, code, "what went wrong", ref)
+    frame = error_payload(dialect, code, "what went wrong", ref)
     assert json.loads(frame) == {"error": code.value, "detail": "what went wrong", **expected}
 
 

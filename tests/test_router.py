@@ -22,9 +22,11 @@ import trio
 import trio.testing
 from structlog.typing import EventDict
 
+from relayd.frames import text_frame
 from relayd.outbox import Outbox
 from relayd.protocol import Dialect, decode_envelope
 from relayd.router import LocalRouter, Peer, Relay, Reply, RouterClosed
+from tests.wire import text_of
 
 TIMEOUT_S = 5.0  # the outboxes' slow_consumer_timeout_s
 TEST_LIMIT_S = 10.0  # trio-clock limit on anything that could hang
@@ -41,17 +43,7 @@ class Conn:
 
     def frames(self) -> list[str]:
         """Take every frame waiting in the outbox (closed or not); all are text here."""
-        frames = []
-        while True:
-            try:
-                frames.append(self.take_one())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return frames
-
-    def take_one(self) -> str:
-        frame = self.peer.outbox.receive.receive_nowait()
-        assert isinstance(frame, str), frame
-        return frame
+        return [text_of(frame) for frame in self.peer.outbox.take_nowait()]
 
 
 def relay(sender: Conn, frame: str) -> Relay:
@@ -75,9 +67,13 @@ async def running(router: LocalRouter) -> AsyncIterator[None]:
 
 
 async def route(router: LocalRouter, *items: Relay | Reply) -> None:
-    """Queue items and wait until the router has handled all of them."""
+    """Queue items, one batch each, and wait until the router has handled all of them.
+
+    Each item gets the reply slot its sender's reader would reserve for it.
+    """
     for item in items:
-        await router.route(item)
+        assert (item.sender if isinstance(item, Relay) else item.recipient).outbox.reserve(1)
+        await router.route([item])
     await trio.testing.wait_all_tasks_blocked()
 
 
@@ -188,7 +184,7 @@ async def test_full_outbox_busy_then_deadline_cleared(
         ]
 
         autojump_clock.jump(1.0)
-        assert bob.take_one() == "1"
+        assert bob.frames() == ["1"]  # the writer takes what waits: the clock stops
         await route(router, relay(alice, '{"to": "bob", "message": 4, "ref": "d"}'))
         assert bob.deadlines == [started + TIMEOUT_S, math.inf]
         assert [json.loads(f) for f in alice.frames()] == [{"type": "ack", "ref": "d"}]
@@ -218,7 +214,7 @@ async def test_one_busy_peer_under_an_id_still_delivers(logs: list[EventDict]) -
     stuck, reading = Conn("bob", Dialect.SEED, capacity=1), Conn("bob", Dialect.SEED)
     for conn in (alice, stuck, reading):
         router.register(conn.peer)
-    assert stuck.peer.outbox.offer("filler")
+    assert stuck.peer.outbox.offer(text_frame(b"filler"))
     async with running(router):
         await route(router, relay(alice, '{"to": "bob", "message": 1, "ref": 1}'))
     assert (stuck.frames(), reading.frames()) == (["filler"], ["1"])
@@ -238,8 +234,8 @@ async def test_unregistered_peer_no_longer_receives(logs: list[EventDict]) -> No
         await route(router, relay(alice, '{"to": "bob", "message": 1}'))
     [reply] = [json.loads(f) for f in alice.frames()]
     assert reply["error"] == "unknown_recipient"
-    with pytest.raises(trio.EndOfChannel):
-        bob.take_one()
+    assert bob.peer.outbox.closed
+    assert bob.frames() == []
 
 
 async def test_reply_goes_to_its_recipient_outbox(logs: list[EventDict]) -> None:
@@ -248,7 +244,9 @@ async def test_reply_goes_to_its_recipient_outbox(logs: list[EventDict]) -> None
     router.register(alice.peer)
     router.register(bob.peer)
     async with running(router):
-        await route(router, Reply(bob.peer, "frame-1"), Reply(bob.peer, "frame-2"))
+        await route(
+            router, Reply(bob.peer, text_frame(b"frame-1")), Reply(bob.peer, text_frame(b"frame-2"))
+        )
     assert bob.frames() == ["frame-1", "frame-2"]
     assert alice.frames() == []
     assert logs == []  # replies are not relayed messages
@@ -261,17 +259,14 @@ async def test_close_then_run_delivers_queued_and_closes_outboxes(
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED)
     router.register(alice.peer)
     router.register(bob.peer)
-    await router.route(relay(alice, '{"to": "bob", "message": "last", "ref": "r"}'))
-    await router.route(Reply(alice.peer, "reply"))
+    await router.route([relay(alice, '{"to": "bob", "message": "last", "ref": "r"}')])
+    await router.route([Reply(alice.peer, text_frame(b"reply"))])
     router.close()
     with trio.fail_after(TEST_LIMIT_S):
         await router.run()
-    assert bob.take_one() == "last"
-    with pytest.raises(trio.EndOfChannel):
-        bob.take_one()
-    assert [alice.take_one(), alice.take_one()] == ['{"type":"ack","ref":"r"}', "reply"]
-    with pytest.raises(trio.EndOfChannel):
-        alice.take_one()
+    assert (bob.peer.outbox.closed, alice.peer.outbox.closed) == (True, True)
+    assert bob.frames() == ["last"]
+    assert alice.frames() == ['{"type":"ack","ref":"r"}', "reply"]
     assert router.routes == 0
 
 
@@ -281,18 +276,18 @@ async def test_route_after_close_raises(logs: list[EventDict]) -> None:
     router.register(alice.peer)
     router.close()
     with pytest.raises(RouterClosed):
-        await router.route(Reply(alice.peer, "late"))
+        await router.route([Reply(alice.peer, text_frame(b"late"))])
 
 
 async def test_route_waiting_on_a_full_inbox_raises_when_closed(logs: list[EventDict]) -> None:
     router = LocalRouter(structlog.get_logger(), inbox_size=1)
     alice = Conn("alice", Dialect.V1)
-    await router.route(Reply(alice.peer, "queued"))
+    await router.route([Reply(alice.peer, text_frame(b"queued"))])
     raised: list[type[BaseException]] = []
 
     async def blocked_sender() -> None:
         with pytest.raises(RouterClosed) as info:
-            await router.route(Reply(alice.peer, "waiting"))
+            await router.route([Reply(alice.peer, text_frame(b"waiting"))])
         raised.append(info.type)
 
     with trio.fail_after(TEST_LIMIT_S):
@@ -330,7 +325,7 @@ async def test_message_relay_log_event_has_no_body(
     )
     for conn in (alice, bob, stuck):
         router.register(conn.peer)
-    assert stuck.peer.outbox.offer("filler")
+    assert stuck.peer.outbox.offer(text_frame(b"filler"))
     item = relay(alice, frame)
     async with running(router):
         await route(router, item)

@@ -155,16 +155,32 @@ async def test_bad_frames_get_an_error_and_the_connection_stays_open(
         assert await b.recv() == "still here"
 
 
-async def test_text_over_the_byte_limit_is_refused_even_when_its_characters_fit() -> None:
+async def test_text_over_the_byte_limit_closes_with_1009_even_when_its_characters_fit() -> None:
     async with running(Server(settings(max_message_bytes=1000))) as url, connect(url) as a:
         # 400 characters, 1,600 bytes of UTF-8: the limit is in bytes.
         await a.send(a.id, "\N{GRINNING FACE}" * 400)
-        assert json.loads(await a.recv())["error"] == "message_too_large"
+        assert await a.until_closed() == ([], 1009)
 
 
 async def test_frame_over_the_limit_closes_with_1009() -> None:
     async with running(Server(settings(max_message_bytes=1000))) as url, connect(url) as a:
         await a.ws.send_message("x" * 2000)
+        assert await a.until_closed() == ([], 1009)
+
+
+async def test_a_limit_lowered_by_a_reload_refuses_with_message_too_large_and_stays_open() -> None:
+    server = Server(settings(max_message_bytes=1000))
+    async with running(server) as url, connect(url) as a, connect(url) as b:
+        server.reload(settings(max_message_bytes=100), None)
+        await a.send(b.id, "x" * 200)  # within the 1000 it connected with, over the new 100
+        reply = json.loads(await a.recv())
+        assert (reply["error"], reply["detail"]) == (
+            "message_too_large",
+            "message is larger than 100 bytes",
+        )
+        await a.send(b.id, "short")
+        assert await b.recv() == "short"
+        await a.ws.send_message("x" * 2000)  # over the cap it connected with
         assert await a.until_closed() == ([], 1009)
 
 
@@ -204,10 +220,10 @@ async def test_frames_sent_with_the_handshake_over_the_limit_close_only_that_cli
 class _FaultyRouter(LocalRouter):
     """A router with a bug: routing to the id "boom" raises."""
 
-    async def route(self, item: Inbound) -> None:
-        if isinstance(item, Relay) and item.envelope.to == "boom":
+    async def route(self, items: list[Inbound]) -> None:
+        if any(isinstance(item, Relay) and item.envelope.to == "boom" for item in items):
             raise RuntimeError("bug in routing")
-        await super().route(item)
+        await super().route(items)
 
 
 async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest() -> None:

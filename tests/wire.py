@@ -68,13 +68,13 @@ def frame(
     return head + key + masked
 
 
-def server_frames(data: bytes) -> list[tuple[int, bytes]]:
-    """The complete frames in a server's byte stream after its HTTP response head.
+def server_frames(data: bytes, *, after_head: bool = True) -> list[tuple[int, bytes]]:
+    """The complete frames in a server's byte stream (after its HTTP response head).
 
     Server frames are unmasked (RFC 6455 §5.1); a frame cut short at the end
     of ``data`` is left out. Returns ``(opcode, payload)`` pairs in order.
     """
-    i = data.find(b"\r\n\r\n") + 4
+    i = data.find(b"\r\n\r\n") + 4 if after_head else 0
     frames = []
     while i + 2 <= len(data):
         opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
@@ -96,3 +96,10 @@ def close_code(data: bytes) -> int | None:
         if opcode == OP_CLOSE:
             return int.from_bytes(payload[:2], "big")
     return None
+
+
+def text_of(frame: bytes) -> str:
+    """The text of one encoded server text frame, checking that it is exactly one."""
+    ((opcode, payload),) = server_frames(frame, after_head=False)
+    assert opcode == OP_TEXT, frame
+    return payload.decode()

@@ -1,0 +1,165 @@
+"""The WebSocket opening handshake (RFC 6455 §4.2), without I/O.
+
+:class:`RequestReader` feeds the bytes of a client's request to h11 and yields
+the request once its head is complete, with the bytes that came after it (a
+client may send its first frames in the same TCP segment; they are kept and
+parsed as frames once the handshake is accepted, under the same limits as any
+other frame). :func:`validate` checks that the request is a WebSocket upgrade
+relayd can accept; :func:`accept_response` and :func:`refusal_response` are the
+two ways to answer it.
+
+Every refusal is a :class:`~relayd.handshake.Reject` carrying its HTTP status
+and the reason sent as the response body and logged as ``handshake.rejected``:
+
+* 400: not HTTP/1.1, not a GET, not a WebSocket upgrade, a bad
+  ``Sec-WebSocket-Key``, a request with a body;
+* 426 with ``Sec-WebSocket-Version: 13``: another WebSocket version;
+* 431: a request head over ``max_header_bytes``, found as soon as the limit is
+  passed, before the rest is read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Mapping
+from http import HTTPStatus
+from typing import Final
+
+import h11
+
+from relayd.handshake import Reject
+
+__all__ = [
+    "RequestReader",
+    "UpgradeRequest",
+    "accept_response",
+    "refusal_response",
+    "validate",
+]
+
+#: RFC 6455 §1.3: appended to the client's key to prove the server read it.
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_VERSION: Final = "13"
+#: RFC 6455 §4.1: the key is a random 16-byte nonce, base64-encoded.
+_NONCE_BYTES: Final = 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UpgradeRequest:
+    """A valid WebSocket upgrade request.
+
+    Attributes:
+        target: the request target, path and query (``/?token=…``).
+        headers: header names in lower case; repeated headers joined by ``", "``.
+        key: ``Sec-WebSocket-Key``, to answer with ``Sec-WebSocket-Accept``.
+        subprotocols: the ``Sec-WebSocket-Protocol`` values offered, in order.
+    """
+
+    target: str
+    headers: Mapping[str, str]
+    key: str
+    subprotocols: tuple[str, ...]
+
+
+class RequestReader:
+    """Collects one HTTP request head from a client's bytes.
+
+    Args:
+        max_head_bytes: the largest request line and headers accepted.
+    """
+
+    __slots__ = ("_h11", "_max")
+
+    def __init__(self, max_head_bytes: int) -> None:
+        self._max = max_head_bytes
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+
+    def feed(self, data: bytes | bytearray) -> tuple[h11.Request, bytes] | Reject | None:
+        """Add bytes from the client (never ``b""``: the caller handles its end).
+
+        Returns:
+            ``(request, rest)`` once the head is complete, ``rest`` being what
+            the client sent after it; a :class:`Reject` if the bytes cannot be
+            a request relayd answers; None while more bytes are needed.
+        """
+        self._h11.receive_data(bytes(data))
+        try:
+            event = self._h11.next_event()
+            if isinstance(event, h11.Request):
+                if self._has_body(event):
+                    return Reject(400, "a WebSocket handshake has no body")
+                return event, self._h11.trailing_data[0]
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+                return Reject(status, f"request head over {self._max} bytes")
+            return Reject(status, f"malformed HTTP request: {exc}")
+        return None
+
+    @staticmethod
+    def _has_body(request: h11.Request) -> bool:
+        for name, value in request.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                return True
+        return False
+
+
+def _tokens(value: str) -> list[str]:
+    return [token.strip().lower() for token in value.split(",")]
+
+
+def validate(request: h11.Request) -> UpgradeRequest | Reject:
+    """Check that ``request`` asks for a WebSocket connection (RFC 6455 §4.2.1)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in request.headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if request.http_version != b"1.1":
+        return Reject(400, "a WebSocket handshake needs HTTP/1.1")
+    if request.method != b"GET":
+        return Reject(400, "a WebSocket handshake is a GET request")
+    if "websocket" not in _tokens(headers.get("upgrade", "")) or "upgrade" not in _tokens(
+        headers.get("connection", "")
+    ):
+        return Reject(400, "not a WebSocket upgrade request")
+    if headers.get("sec-websocket-version", "").strip() != _VERSION:
+        return Reject(426, "unsupported WebSocket version; this server speaks 13")
+    key = headers.get("sec-websocket-key", "").strip()
+    try:
+        nonce = base64.b64decode(key, validate=True)
+    except binascii.Error:
+        nonce = b""
+    if len(nonce) != _NONCE_BYTES:
+        return Reject(400, "Sec-WebSocket-Key is not 16 bytes in base64")
+    offered = headers.get("sec-websocket-protocol", "")
+    subprotocols = tuple(p.strip() for p in offered.split(",") if p.strip())
+    return UpgradeRequest(
+        target=request.target.decode("latin-1"), headers=headers, key=key, subprotocols=subprotocols
+    )
+
+
+def accept_response(key: str, subprotocol: str | None) -> bytes:
+    """The ``101 Switching Protocols`` response that opens the WebSocket."""
+    accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+    protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
+    ).encode()
+
+
+def refusal_response(status: int, reason: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A complete ``Connection: close`` response refusing a handshake; ``reason`` is its body."""
+    body = reason.encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    if status == HTTPStatus.UPGRADE_REQUIRED:
+        extra += f"Sec-WebSocket-Version: {_VERSION}\r\nUpgrade: websocket\r\n"
+    elif status == HTTPStatus.UNAUTHORIZED:  # RFC 9110 §11.6.1: say which scheme
+        extra += "WWW-Authenticate: Bearer\r\n"
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n{extra}"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
