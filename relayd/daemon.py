@@ -61,10 +61,10 @@ async def run_daemon(
         listeners: sockets handed over by socket activation; None binds.
 
     Returns:
-        0 after a graceful drain; 1 when the port cannot be bound; 128 plus
-        the signal number when a second signal cut the drain short.
+        0 after a graceful drain; 1 when the public or the admin port cannot be
+        bound; 128 plus the signal number when a second signal cut the drain
+        short.
     """
-    log = get_logger()
     settings = server.settings
     inherited = bool(listeners)
     if not listeners:
@@ -75,10 +75,9 @@ async def run_daemon(
             where = _show(settings.server.host or "*", settings.server.port)
             problem = f"cannot listen on {where}: {exc}"
         if problem is not None:  # logged outside the except: no traceback, it says it all
-            log.error("error", summary=problem)
-            print(f"relayd: {problem}", file=sys.stderr)
-            return 1
+            return _cannot_start(problem)
     status = 0
+    admin_problem: str | None = None
 
     async with trio.open_nursery() as nursery:
 
@@ -105,14 +104,32 @@ async def run_daemon(
                         nursery.cancel_scope.cancel()
 
         await nursery.start(signals)
-        await nursery.start(serve)
-        notifier.ready(_status_line(server, 0.0))
-        if watchdog_s is not None:
-            nursery.start_soon(_watchdog, notifier, watchdog_s)
-        if notifier.enabled:
-            nursery.start_soon(_report_status, server, notifier)
+        try:
+            await nursery.start(serve)
+        except OSError as exc:
+            # The public listeners are bound (or inherited) above, so the one bind
+            # Server.run does before it reports started is the admin listener's.
+            admin = settings.admin
+            where = _show(admin.host or "*", admin.port)
+            admin_problem = f"cannot listen on {where} (the admin listener): {exc}"
+            nursery.cancel_scope.cancel()
+        else:
+            notifier.ready(_status_line(server, 0.0))
+            if watchdog_s is not None:
+                nursery.start_soon(_watchdog, notifier, watchdog_s)
+            if notifier.enabled:
+                nursery.start_soon(_report_status, server, notifier)
     notifier.close()
+    if admin_problem is not None:  # outside the except, as above
+        return _cannot_start(admin_problem)
     return status
+
+
+def _cannot_start(problem: str) -> int:
+    """Say why relayd cannot serve, as an ``error`` event and on stderr; exit status 1."""
+    get_logger().error("error", summary=problem)
+    print(f"relayd: {problem}", file=sys.stderr)
+    return 1
 
 
 def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> None:

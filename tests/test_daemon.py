@@ -19,7 +19,7 @@ import pytest
 
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 from tests.e2e.harness import require_tool
-from tests.test_cli import MODULE, WAIT_TIMEOUT_S, Daemon, RawClient
+from tests.test_cli import MODULE, WAIT_TIMEOUT_S, Daemon, RawClient, run
 
 # -- the protocol pieces, in process ------------------------------------------------
 
@@ -138,6 +138,26 @@ def test_a_reload_reaches_a_connected_client(tmp_path: Path) -> None:
         assert daemon.wait_exit() == 0
     finally:
         daemon.close()
+
+
+def test_an_admin_port_in_use_exits_1_with_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # systemd restarts relayd on status 1 (the port may come free); what the operator
+    # reads in `systemctl status` must say which port, as for the public one.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "relayd.toml"
+        config.write_text(f'[admin]\nhost = "127.0.0.1"\nport = {port}\n')
+        result = run([*MODULE, "--config", str(config), "--host", "127.0.0.1", "--port", "0"])
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"relayd: cannot listen on 127.0.0.1:{port} (the admin listener): "
+        "[Errno 98] Address already in use"
+    ]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[-1]["event"] == "error"
+    assert events[-1]["summary"] == result.stderr.strip().removeprefix("relayd: ")
 
 
 # -- socket activation ----------------------------------------------------------------
