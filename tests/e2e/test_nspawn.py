@@ -1018,7 +1018,9 @@ def test_a_bad_config_stops_relayd_with_78_and_no_restart_loop(relayd: Installed
     relayd.ensure_serving()
     box = relayd.box
     mark = relayd.journal.mark()
-    relayd.write_config(relayd.config + "\n[limits]\nno_such_limit = 1\n")
+    typo = relayd.config.replace("\nmax_connections = 10000\n", "\nmax_conections = 10000\n")
+    assert typo != relayd.config
+    relayd.write_config(typo)
     try:
         assert box.systemctl("restart", "relayd.service", check=False).returncode != 0
         show = box.show("relayd.service", "ActiveState", "Result", "ExecMainStatus", "NRestarts")
@@ -1030,7 +1032,7 @@ def test_a_bad_config_stops_relayd_with_78_and_no_restart_loop(relayd: Installed
             "NRestarts": "0",
         }, relayd.describe()
         relayd.journal.wait_line(
-            lambda line: line.startswith("relayd: config error:") and "limits" in line,
+            lambda line: line.startswith("relayd: config error:") and "max_conections" in line,
             after=mark,
             what="relayd's config error on stderr",
         )
