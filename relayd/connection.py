@@ -9,12 +9,14 @@ outbox since its last write and writes it with one ``send_all``.
 Task layout, all owned by :meth:`Connection.run`::
 
     run
-    ├── writer    outbox -> socket; also the timers: keepalive pings, pong
-    │             deadline, idle timeout, slow-consumer deadline
-    └── reader    socket -> router   (runs in run's own task)
+    ├── reader    socket -> router (runs in run's own task); also the timers:
+    │             keepalive pings, pong deadline, idle timeout, as deadlines
+    │             on its wait for the socket
+    └── writer    outbox -> socket, while there is something to write: started
+                  when frames arrive, gone after WRITER_IDLE_S without any
 
-Two tasks and one nursery per connection, whatever it is doing: an idle
-connection costs a few kilobytes (docs/benchmarks.md).
+An idle connection is one task in one nursery: it costs about 11 KiB
+(docs/benchmarks.md).
 
 Who closes:
 
@@ -68,7 +70,7 @@ from relayd.ratelimit import RateLimiter, Verdict
 from relayd.router import Inbound, Peer, Relay, Reply, Router, RouterClosed
 from relayd.transport import Transport
 
-__all__ = ["CLOSE_TIMEOUT_S", "RECEIVE_BYTES", "Connection"]
+__all__ = ["CLOSE_TIMEOUT_S", "RECEIVE_BYTES", "WRITER_IDLE_S", "Connection"]
 
 #: How long relayd waits to finish a write and complete a closing handshake it
 #: started before dropping the transport. A peer that is still reading answers
@@ -78,12 +80,20 @@ CLOSE_TIMEOUT_S: Final = 5.0
 #: small frames, which then cost one router hand-off between them. It bounds
 #: what one read can put in the router's inbox.
 RECEIVE_BYTES: Final = 65536
+#: How long a writer with nothing to write waits for more before its task
+#: ends. Under traffic it stays; an idle connection does without one (its
+#: task and frames are a good part of an idle connection's memory).
+WRITER_IDLE_S: Final = 1.0
 
 _PING: Final = encode_frame(OP_PING, b"relayd")
 
 
 class Connection:
     """One client's connection, from the welcome frame to the close frame.
+
+    Memory: an idle connection holds this object (slots, no ``__dict__``), its
+    outbox, parser and rate limiter, one task and two cancel scopes; it is
+    counted per connection in docs/benchmarks.md, so keep it lean.
 
     Args:
         transport: the client's stream, handshake done; its owner closes it.
@@ -104,6 +114,45 @@ class Connection:
         origin: the ``Origin`` header, if any, for logs.
         user_agent: the ``User-Agent`` header, if any, for logs.
     """
+
+    __slots__ = (
+        "_client_closed",
+        "_close",
+        "_dropped",
+        "_early",
+        "_echo",
+        "_flushing",
+        "_io",
+        "_io_deadline",
+        "_last_activity",
+        "_limiter",
+        "_limiter_limits",
+        "_live",
+        "_log",
+        "_log_messages",
+        "_next_ping",
+        "_open_fields",
+        "_parser",
+        "_parser_failed",
+        "_pong_deadline",
+        "_receive_scope",
+        "_reply_slots",
+        "_router",
+        "_send_scope",
+        "_slow_consumer_timeout_s",
+        "_started",
+        "_stats",
+        "_stop_reading",
+        "_stop_writing",
+        "_stuck_deadline",
+        "_transport",
+        "_writer_running",
+        "bytes_in",
+        "bytes_out",
+        "messages_in",
+        "messages_out",
+        "peer",
+    )
 
     def __init__(
         self,
@@ -136,7 +185,7 @@ class Connection:
         self._log_messages = log_messages
         self._stats = stats
         self._echo = echo
-        self._open_fields = {
+        self._open_fields: dict[str, object] | None = {
             "conn": conn,
             "id": client_id,
             "peer": peer_address,
@@ -151,13 +200,22 @@ class Connection:
             client_id=client_id,
             dialect=dialect,
             outbox=Outbox(
-                current.outbox_messages, current.slow_consumer_timeout_s, self._set_stuck_deadline
+                current.outbox_messages,
+                current.slow_consumer_timeout_s,
+                self._set_stuck_deadline,
+                on_frames=self._start_writer,
             ),
             conn=conn,
         )
-        self._reader_scope = trio.CancelScope()
-        self._io_scope = trio.CancelScope()
-        self._timer_scope: trio.CancelScope | None = None  # the writer's wait, or its write
+        self._stop_reading = False
+        self._receive_scope: trio.CancelScope | None = None  # the reader's wait for the socket
+        # The nursery the writer runs in, once it is open, and the deadline for
+        # the writer to finish once relayd has decided to close.
+        self._io: trio.Nursery | None = None
+        self._io_deadline = math.inf
+        self._writer_running = False
+        self._flushing = False  # draining: the writer stays until the outbox is closed
+        self._send_scope: trio.CancelScope | None = None  # the writer's send_all
         self._stuck_deadline = math.inf
         self._pong_deadline = math.inf
         self._last_activity = trio.current_time()
@@ -186,7 +244,7 @@ class Connection:
         """
         if self._close is None:
             self._close = (CloseCode.GOING_AWAY, "server shutting down", "server")
-            self._reader_scope.cancel()
+            self._stop_reading_now()
 
     def close_soon(self, code: int, reason: str) -> None:
         """Close now for a policy reason, dropping what the outbox still holds."""
@@ -194,9 +252,20 @@ class Connection:
             return
         self._close = (code, reason, "server")
         self._stop_writing = True
-        self._reader_scope.cancel()
+        self._stop_reading_now()
         self._router.unregister(self.peer)
-        self._io_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
+        self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
+
+    def _stop_reading_now(self) -> None:
+        # The reader checks the flag between reads; the scope ends a wait.
+        self._stop_reading = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    def _finish_writing_by(self, deadline: float) -> None:
+        self._io_deadline = deadline
+        if self._io is not None:
+            self._io.cancel_scope.deadline = deadline
 
     # -- the connection's life -------------------------------------------------
 
@@ -206,9 +275,40 @@ class Connection:
         Raises:
             Exception: only on a bug; the caller logs it and closes with 1011.
         """
-        self._log.info("connection.open", **self._open_fields)
+        fields, self._open_fields = self._open_fields, None  # needed once
+        self._log.info("connection.open", **(fields or {}))
         try:
-            await self._serve()
+            peer = self.peer
+            if not self._echo:  # the echo route has no id to announce, and is not routable
+                try:
+                    await self._write([text_frame(welcome_payload(peer.dialect, peer.client_id))])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                try:
+                    self._router.register(peer)
+                except RouterClosed:
+                    # Accepted just as the server began draining: nothing will be
+                    # routed here, so there is nothing to flush.
+                    self.drain()
+                    peer.outbox.close()
+            async with trio.open_nursery() as io:
+                self._io = io
+                io.cancel_scope.deadline = self._io_deadline
+                if peer.outbox.has_frames():
+                    self._start_writer()
+                await self._read_loop()
+                if self._close is None or self._close[2] == "client" or self._parser_failed:
+                    # Nobody left to write to: drop what is queued and let a
+                    # write in progress finish, briefly.
+                    self._stop_writing = True
+                    self._router.unregister(peer)
+                    self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
+                elif not self._stop_writing:
+                    # Draining: a writer stays until the router has delivered what
+                    # it accepted and closed the outbox, and writes all of it.
+                    self._flushing = True
+                    self._start_writer()
+            await self._closing_handshake()
         except Exception:
             # The caller's boundary logs the error and sends this close code;
             # the close event must already say so.
@@ -218,67 +318,48 @@ class Connection:
             self._router.unregister(self.peer)
             self._log_close()
 
-    async def _serve(self) -> None:
-        peer = self.peer
-        if not self._echo:  # the echo route has no id to announce, and is not routable
-            try:
-                await self._write([text_frame(welcome_payload(peer.dialect, peer.client_id))])
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            try:
-                self._router.register(peer)
-            except RouterClosed:
-                # Accepted just as the server began draining: nothing will be
-                # routed here, so there is nothing to flush.
-                self.drain()
-                peer.outbox.close()
-        with self._io_scope:
-            async with trio.open_nursery() as io:
-                io.start_soon(self._write_loop)
-                await self._read_loop()
-                if self._close is None or self._close[2] == "client" or self._parser_failed:
-                    # Nobody left to write to: drop what is queued and let a
-                    # write in progress finish, briefly.
-                    self._stop_writing = True
-                    self._router.unregister(peer)
-                    self._io_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
-        await self._closing_handshake()
-
     async def _read_loop(self) -> None:
         receive = self._transport.stream.receive_some
         parser = self._parser
         data: bytes | bytearray = self._early
         self._early = b""
-        with self._reader_scope:
-            while True:
-                if not data:
+        while not self._stop_reading:
+            if not data:
+                with trio.CancelScope(deadline=self._timer_deadline()) as waiting:
+                    self._receive_scope = waiting
                     try:
                         data = await receive(RECEIVE_BYTES)
                     except trio.BrokenResourceError:  # reset by the client
                         data = b""
-                    if not data:
-                        return  # no close frame: logged as 1006
-                self.bytes_in += len(data)
-                violation: ProtocolError | None = None
-                try:
-                    events = parser.feed(data)
-                except ProtocolError as exc:
-                    events, violation = exc.parsed, exc
-                data = b""
-                batch: list[Inbound] = []
-                ended = self._take(events, batch)
-                if batch:
-                    try:
-                        if not await self._route(batch):
-                            return
-                    except RouterClosed:
-                        self.drain()
+                    finally:
+                        self._receive_scope = None
+                if waiting.cancelled_caught:  # a timer is due, or a stop
+                    if self._stop_reading or not self._timers():
                         return
-                if violation is not None and not ended:
-                    self._protocol_violation(violation)
+                    continue
+                if not data:
+                    return  # no close frame: logged as 1006
+            self.bytes_in += len(data)
+            violation: ProtocolError | None = None
+            try:
+                events = parser.feed(data)
+            except ProtocolError as exc:
+                events, violation = exc.parsed, exc
+            data = b""
+            batch: list[Inbound] = []
+            ended = self._take(events, batch)
+            if batch:
+                try:
+                    if not await self._route(batch):
+                        return
+                except RouterClosed:
+                    self.drain()
                     return
-                if ended:
-                    return
+            if violation is not None and not ended:
+                self._protocol_violation(violation)
+                return
+            if ended:
+                return
 
     async def _route(self, items: list[Inbound]) -> bool:
         """Hand ``items`` to the router with a reply slot each, in chunks the outbox can hold.
@@ -375,65 +456,70 @@ class Connection:
         if self._close is None or self._close[2] != "server":
             self._close = (error.code, error.reason, "server")
 
-    # -- the writer and its timers ---------------------------------------------
+    # -- the timers, kept by the reader ----------------------------------------
+
+    def _timer_deadline(self) -> float:
+        """When the reader must stop waiting for the socket to see to a timer."""
+        idle = self._live.current.idle_timeout_s or math.inf
+        return min(self._next_ping, self._last_activity + idle, self._pong_deadline)
+
+    def _timers(self) -> bool:
+        """See to the timers that are due; False if the connection closes for one."""
+        now = trio.current_time()
+        limits = self._live.current
+        if now >= self._pong_deadline:
+            self._limit_exceeded("pong_timeout_s", "close")
+            self.close_soon(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            return False
+        if now >= self._last_activity + (limits.idle_timeout_s or math.inf):
+            self.close_soon(CloseCode.NORMAL, "idle timeout")
+            return False
+        if now >= self._next_ping:
+            self._next_ping = now + (limits.ping_interval_s or math.inf)
+            if self._pong_deadline == math.inf:
+                self._pong_deadline = now + limits.pong_timeout_s
+            self.peer.outbox.control(_PING)
+        return True
+
+    # -- the writer ------------------------------------------------------------
+
+    def _start_writer(self) -> None:
+        # The outbox calls this when frames arrive and no writer waits for them.
+        if not self._writer_running and self._io is not None:
+            self._writer_running = True
+            self._io.start_soon(self._write_loop)
 
     async def _write_loop(self) -> None:
         outbox = self.peer.outbox
-        while True:
-            frames = await self._next_frames(outbox)
-            if not frames:
-                return
-            if self._stop_writing:
-                self._dropped += _messages_in(frames)
-                return
-            try:
-                with trio.CancelScope(deadline=self._stuck_deadline) as self._timer_scope:
-                    await self._write(frames)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                # The client is gone. The reader may be waiting for it to make
-                # room rather than reading; it has nothing more to do either.
-                self._reader_scope.cancel()
-                return
-            finally:
-                self._timer_scope = None
-            if self._transport.broken:  # the write was cut short: the client reads nothing
-                self._stuck()
-                return
-
-    async def _next_frames(self, outbox: Outbox) -> list[bytes]:
-        """The next frames to write, once any are queued or a timer adds a ping.
-
-        Returns:
-            The frames, or an empty list when there is nothing more to write
-            (the outbox was closed and emptied, or a timer closed the connection).
-        """
-        while True:
-            limits = self._live.current
-            idle_deadline = self._last_activity + (limits.idle_timeout_s or math.inf)
-            deadline = min(
-                self._next_ping, idle_deadline, self._stuck_deadline, self._pong_deadline
-            )
-            with trio.CancelScope(deadline=deadline) as self._timer_scope:
+        try:
+            while True:
+                frames: list[bytes] | None = None
+                with trio.move_on_after(WRITER_IDLE_S):
+                    frames = await outbox.take()
+                if frames is None:  # nothing to write for a while
+                    if self._flushing:
+                        continue
+                    return  # the next frame starts a writer again
+                if not frames:  # the outbox is closed and empty
+                    return
+                if self._stop_writing:
+                    self._dropped += _messages_in(frames)
+                    return
                 try:
-                    return await outbox.take()  # the frames, or [] once closed and empty
+                    with trio.CancelScope(deadline=self._stuck_deadline) as self._send_scope:
+                        await self._write(frames)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The client is gone. The reader may be waiting for it to
+                    # make room rather than reading; it has nothing to do either.
+                    self._stop_reading_now()
+                    return
                 finally:
-                    self._timer_scope = None
-            now = trio.current_time()
-            if now >= self._stuck_deadline:
-                self._stuck()
-                return []
-            if now >= self._pong_deadline:
-                self._limit_exceeded("pong_timeout_s", "close")
-                self.close_soon(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                return []
-            if now >= idle_deadline:
-                self.close_soon(CloseCode.NORMAL, "idle timeout")
-                return []
-            if now >= self._next_ping:
-                self._next_ping = now + (limits.ping_interval_s or math.inf)
-                if self._pong_deadline == math.inf:
-                    self._pong_deadline = now + limits.pong_timeout_s
-                return [_PING, *outbox.take_nowait()]
+                    self._send_scope = None
+                if self._transport.broken:  # the write was cut short: the client reads nothing
+                    self._stuck()
+                    return
+        finally:
+            self._writer_running = False
 
     async def _write(self, frames: list[bytes]) -> None:
         data = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -456,9 +542,9 @@ class Connection:
     def _set_stuck_deadline(self, deadline: float) -> None:
         # Called by the outbox when the router finds it full (or when the
         # writer takes from it again); the router must not wait, so this only
-        # moves the writer's alarm.
+        # moves the deadline of the write in progress, which is what is stuck.
         self._stuck_deadline = deadline
-        scope = self._timer_scope
+        scope = self._send_scope
         if scope is not None and deadline < scope.deadline:
             scope.deadline = deadline
 

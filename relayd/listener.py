@@ -157,7 +157,18 @@ class Gate:
         self.capacity.opened(attempt.ip)
         try:
             try:
-                await self._serve(transport, attempt)
+                # The handshake's request, headers and reader are gone (with
+                # its frame) by the time the connection runs, possibly for days.
+                connection = await self._handshake(transport, attempt)
+                if connection is not None:
+                    self.connections.add(connection)
+                    self.stats.connections_total += 1
+                    try:
+                        if self.draining:
+                            connection.drain()
+                        await connection.run()
+                    finally:
+                        self.connections.discard(connection)
             except* Exception as group:
                 await self._fail(transport, attempt, group)
         finally:
@@ -181,7 +192,8 @@ class Gate:
             elif not attempt.answered:
                 await transport.send_response(refusal_response(500, "internal error"))
 
-    async def _serve(self, transport: Transport, attempt: _Attempt) -> None:
+    async def _handshake(self, transport: Transport, attempt: _Attempt) -> Connection | None:
+        """Read, decide and answer the handshake; the connection to run if accepted."""
         conn, address = attempt.conn, attempt.address
         limits = self.limits.current
         with trio.move_on_after(limits.handshake_timeout_s) as waiting:
@@ -196,9 +208,9 @@ class Gate:
             else:
                 reason = "no complete request within handshake_timeout_s"
                 await self._refuse(transport, attempt, Reject(408, reason))
-            return
+            return None
         if read is None:
-            return
+            return None
         request, early = read
         headers = request.headers
         decision: Accept | Reject = decide(
@@ -220,7 +232,7 @@ class Gate:
                 client_id = identity.subject
         if not isinstance(decision, Accept):
             await self._refuse(transport, attempt, decision)
-            return
+            return None
         attempt.answered = True
         with trio.move_on_after(CLOSE_TIMEOUT_S) as responding:
             try:
@@ -229,9 +241,9 @@ class Gate:
                 responding.cancel()
         if responding.cancelled_caught:
             self._gone(conn, address, "the client went away during the handshake response")
-            return
+            return None
         attempt.accepted = True
-        connection = Connection(
+        return Connection(
             transport,
             early=early,
             conn=conn,
@@ -247,14 +259,6 @@ class Gate:
             origin=headers.get("origin"),
             user_agent=headers.get("user-agent"),
         )
-        self.connections.add(connection)
-        self.stats.connections_total += 1
-        try:
-            if self.draining:
-                connection.drain()
-            await connection.run()
-        finally:
-            self.connections.discard(connection)
 
     async def _read_request(
         self, transport: Transport, attempt: _Attempt

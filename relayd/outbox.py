@@ -34,7 +34,6 @@ stops) lets the writer take what is queued and then see the end.
 
 from __future__ import annotations
 
-import collections
 import math
 from collections.abc import Callable
 from typing import Final
@@ -58,6 +57,8 @@ class Outbox:
         on_stuck_deadline: called with the time at which the connection must
             close as a slow consumer when the clock starts, and with
             ``math.inf`` when it stops.
+        on_frames: called when frames arrive and no writer is waiting in
+            :meth:`take`: the connection starts one.
     """
 
     __slots__ = (
@@ -66,6 +67,7 @@ class Outbox:
         "_control",
         "_deliveries",
         "_frames",
+        "_on_frames",
         "_on_stuck_deadline",
         "_refused_since",
         "_replies",
@@ -80,9 +82,12 @@ class Outbox:
         capacity: int,
         slow_consumer_timeout_s: float,
         on_stuck_deadline: Callable[[float], None],
+        *,
+        on_frames: Callable[[], None] = lambda: None,
     ) -> None:
         self._capacity = capacity
-        self._frames: collections.deque[bytes] = collections.deque()
+        self._on_frames = on_frames
+        self._frames: list[bytes] = []  # a list: the writer takes them all at once
         self._deliveries = 0  # of _frames
         self._replies = 0  # of _frames
         self._reserved = 0  # reply slots taken by the reader, not yet filled by the router
@@ -92,7 +97,8 @@ class Outbox:
         self._refused_since: float | None = None
         self._closed = False
         self._waiter = trio.lowlevel.ParkingLot()  # the writer, waiting for frames
-        self._room = trio.lowlevel.ParkingLot()  # the reader, waiting for reply slots
+        # The reader, waiting for reply slots: rare, so made when first needed.
+        self._room: trio.lowlevel.ParkingLot | None = None
 
     # -- the router's side -------------------------------------------------------
 
@@ -111,8 +117,7 @@ class Outbox:
             return False
         self._deliveries += 1
         self._frames.append(frame)
-        if self._waiter:
-            self._waiter.unpark()
+        self._wake()
         return True
 
     def reply(self, frame: bytes | None) -> None:
@@ -121,8 +126,7 @@ class Outbox:
         if frame is not None and not self._closed:
             self._replies += 1
             self._frames.append(frame)
-            if self._waiter:
-                self._waiter.unpark()
+            self._wake()
         elif self._room:
             self._room.unpark()
 
@@ -136,8 +140,7 @@ class Outbox:
         control.append(frame)
         if len(control) > MAX_CONTROL_FRAMES:
             del control[0]
-        if self._waiter:
-            self._waiter.unpark()
+        self._wake()
 
     def reserve(self, n: int) -> bool:
         """Take ``n`` reply slots if they are free (``n`` at most ``capacity``).
@@ -157,6 +160,8 @@ class Outbox:
         never makes room. Cancellation leaves nothing reserved.
         """
         while not self.reserve(n):
+            if self._room is None:
+                self._room = trio.lowlevel.ParkingLot()
             await self._room.park()
 
     # -- the writer's side ---------------------------------------------------------
@@ -181,8 +186,8 @@ class Outbox:
             frames.extend(self._frames)
             self._control = []
         else:
-            frames = list(self._frames)
-        self._frames.clear()
+            frames = self._frames
+        self._frames = []
         self._deliveries = 0
         if self._replies:
             self._replies = 0
@@ -193,18 +198,29 @@ class Outbox:
             self._on_stuck_deadline(math.inf)
         return frames
 
+    def has_frames(self) -> bool:
+        """True if frames (control frames included) wait for the writer."""
+        return bool(self._frames or self._control)
+
     # -- both ------------------------------------------------------------------------
 
     def close(self) -> None:
         """Take no more frames; the writer takes the rest, then sees the end."""
         self._closed = True
         self._waiter.unpark_all()
-        self._room.unpark_all()
+        if self._room is not None:
+            self._room.unpark_all()
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
         return self._closed
+
+    def _wake(self) -> None:
+        if self._waiter:
+            self._waiter.unpark()
+        else:
+            self._on_frames()
 
     def __len__(self) -> int:
         """Message frames waiting (control frames not counted)."""

@@ -24,13 +24,15 @@ flush and end) and returns.
 from __future__ import annotations
 
 import dataclasses
-from typing import Final, Protocol
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple, Protocol
 
 import structlog
 import trio
 
 from relayd.errors import RelaydError
 from relayd.frames import text_frame
+from relayd.log import batched, line_writer
 from relayd.metrics import Stats
 from relayd.outbox import Outbox
 from relayd.protocol import Dialect, Envelope, ack_payload, delivery_payload, error_payload
@@ -76,9 +78,8 @@ class Peer:
     conn: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Relay:
-    """A message a client asked to relay.
+class Relay(NamedTuple):
+    """A message a client asked to relay (a tuple: one is made per message).
 
     Attributes:
         sender: the sending connection.
@@ -93,8 +94,7 @@ class Relay:
     received: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """An encoded frame for one connection that its own reader produced (an error, an echo)."""
 
     recipient: Peer
@@ -201,35 +201,62 @@ class LocalRouter:
         task_status.started()
         try:
             async for items in self._inbox_receive:
-                for item in items:
-                    if isinstance(item, Relay):
-                        self._relay(item)
-                    else:
-                        item.recipient.outbox.reply(item.frame)
+                # One log write for the whole batch, and the fast line writer
+                # when the JSON format is on; both are set up afresh for each
+                # batch, so that a reload of [log] applies to the next one.
+                with batched():
+                    log = self._message_log()
+                    for item in items:
+                        if isinstance(item, Relay):
+                            self._relay(item, log)
+                        else:
+                            item.recipient.outbox.reply(item.frame)
         finally:
             for peer in self._table.handles():
                 self.unregister(peer)
 
-    def _relay(self, item: Relay) -> None:
+    def _message_log(self) -> Callable[[dict[str, Any]], None] | None:
+        """How one batch logs ``message.relay``: a function of the fields, or None (not at all)."""
+        if not self._log_messages:
+            return None
+        fast = line_writer("message.relay")
+        if fast is not None:
+            return fast
+        log = self._log.bind()
+        return lambda fields: log.info("message.relay", **fields)
+
+    def _relay(self, item: Relay, log: Callable[[dict[str, Any]], None] | None) -> None:
         sender, envelope = item.sender, item.envelope
         recipients = self._table.lookup(envelope.to)
-        frames: dict[Dialect, bytes] = {}
-        accepted = []
-        for peer in recipients:
-            frame = frames.get(peer.dialect)
-            if frame is None:
-                frame = frames[peer.dialect] = text_frame(
-                    delivery_payload(peer.dialect, sender.client_id, envelope.message)
+        if len(recipients) == 1:  # the common case, without the general one's containers
+            peer = recipients[0]
+            frame = text_frame(delivery_payload(peer.dialect, sender.client_id, envelope.message))
+            accepted = [peer.outbox.offer(frame)]
+        else:
+            frames: dict[Dialect, bytes] = {}
+            accepted = []
+            for peer in recipients:
+                frame = frames.get(peer.dialect) or frames.setdefault(
+                    peer.dialect,
+                    text_frame(delivery_payload(peer.dialect, sender.client_id, envelope.message)),
                 )
-            accepted.append(peer.outbox.offer(frame))
+                accepted.append(peer.outbox.offer(frame))
         outcome = outcome_of(accepted)
         stats = self.stats
-        stats.messages[outcome.value] += 1
+        stats.messages[outcome] += 1
         if outcome is Outcome.DELIVERED:
             stats.observe_latency(trio.current_time() - item.received)
         self._answer(sender, envelope, outcome)
-        if self._log_messages:
-            self._log_relay(item, outcome)
+        if log is not None:
+            fields: dict[str, Any] = {
+                "from": sender.client_id,
+                "to": envelope.to,
+                "bytes": item.size,
+                "outcome": outcome.value,
+            }
+            if self._log_bodies:
+                fields["body"] = bytes(envelope.message).decode()
+            log(fields)
 
     def _answer(self, sender: Peer, envelope: Envelope, outcome: Outcome) -> None:
         code = outcome.error
@@ -241,17 +268,6 @@ class LocalRouter:
             reply = error_payload(sender.dialect, code, _DETAILS[outcome], envelope.ref)
         # Fills (or frees) the reply slot the sender's reader reserved.
         sender.outbox.reply(None if reply is None else text_frame(reply))
-
-    def _log_relay(self, item: Relay, outcome: Outcome) -> None:
-        fields: dict[str, object] = {
-            "from": item.sender.client_id,
-            "to": item.envelope.to,
-            "bytes": item.size,
-            "outcome": outcome.value,
-        }
-        if self._log_bodies:
-            fields["body"] = bytes(item.envelope.message).decode()
-        self._log.info("message.relay", **fields)
 
 
 _DETAILS: Final = {

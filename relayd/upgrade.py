@@ -71,10 +71,13 @@ class RequestReader:
         max_head_bytes: the largest request line and headers accepted.
     """
 
-    __slots__ = ("_h11", "_max")
+    __slots__ = ("_fed", "_h11", "_max")
 
     def __init__(self, max_head_bytes: int) -> None:
         self._max = max_head_bytes
+        self._fed = 0
+        # h11 refuses a head that grows past the limit while incomplete; one
+        # that completes within the read that passes it is measured below.
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
 
     def feed(self, data: bytes | bytearray) -> tuple[h11.Request, bytes] | Reject | None:
@@ -85,19 +88,27 @@ class RequestReader:
             the client sent after it; a :class:`Reject` if the bytes cannot be
             a request relayd answers; None while more bytes are needed.
         """
+        self._fed += len(data)
         self._h11.receive_data(bytes(data))
         try:
             event = self._h11.next_event()
-            if isinstance(event, h11.Request):
-                if self._has_body(event):
-                    return Reject(400, "a WebSocket handshake has no body")
-                return event, self._h11.trailing_data[0]
         except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
-                return Reject(status, f"request head over {self._max} bytes")
-            return Reject(status, f"malformed HTTP request: {exc}")
-        return None
+            if exc.error_status_hint == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+                return self._too_large()
+            # Everything else h11 refuses (including a transfer coding it does
+            # not know, its 501) is a request relayd cannot take: 400.
+            return Reject(400, f"malformed HTTP request: {exc}")
+        if not isinstance(event, h11.Request):
+            return None
+        rest = self._h11.trailing_data[0]
+        if self._fed - len(rest) > self._max:
+            return self._too_large()
+        if self._has_body(event):
+            return Reject(400, "a WebSocket handshake has no body")
+        return event, rest
+
+    def _too_large(self) -> Reject:
+        return Reject(431, f"request head over {self._max} bytes")
 
     @staticmethod
     def _has_body(request: h11.Request) -> bool:
