@@ -138,7 +138,6 @@ class Connection:
         "_receive_scope",
         "_reply_slots",
         "_router",
-        "_send_scope",
         "_slow_consumer_timeout_s",
         "_started",
         "_stats",
@@ -147,6 +146,8 @@ class Connection:
         "_stuck_deadline",
         "_transport",
         "_writer_running",
+        "_writer_scope",
+        "_writing",
         "bytes_in",
         "bytes_out",
         "messages_in",
@@ -215,7 +216,8 @@ class Connection:
         self._io_deadline = math.inf
         self._writer_running = False
         self._flushing = False  # draining: the writer stays until the outbox is closed
-        self._send_scope: trio.CancelScope | None = None  # the writer's send_all
+        self._writer_scope: trio.CancelScope | None = None
+        self._writing = False  # the writer is in send_all, not waiting for frames
         self._stuck_deadline = math.inf
         self._pong_deadline = math.inf
         self._last_activity = trio.current_time()
@@ -320,46 +322,52 @@ class Connection:
 
     async def _read_loop(self) -> None:
         receive = self._transport.stream.receive_some
-        parser = self._parser
-        data: bytes | bytearray = self._early
-        self._early = b""
+        early, self._early = self._early, b""
+        if early and not await self._handle(early):
+            return
         while not self._stop_reading:
-            if not data:
-                with trio.CancelScope(deadline=self._timer_deadline()) as waiting:
-                    self._receive_scope = waiting
+            # One cancel scope for a stretch of reads: its deadline is the next
+            # timer while the reader waits for the socket, and off while it
+            # handles what it read (a timer must not cut a hand-off to the
+            # router short). A timer, or a stop, ends the stretch.
+            with trio.CancelScope() as scope:
+                self._receive_scope = scope
+                while True:
+                    scope.deadline = self._timer_deadline()
                     try:
                         data = await receive(RECEIVE_BYTES)
                     except trio.BrokenResourceError:  # reset by the client
                         data = b""
-                    finally:
-                        self._receive_scope = None
-                if waiting.cancelled_caught:  # a timer is due, or a stop
-                    if self._stop_reading or not self._timers():
+                    scope.deadline = math.inf
+                    if not data:
+                        return  # no close frame: logged as 1006
+                    if not await self._handle(data):
                         return
-                    continue
-                if not data:
-                    return  # no close frame: logged as 1006
-            self.bytes_in += len(data)
-            violation: ProtocolError | None = None
+            self._receive_scope = None
+            if self._stop_reading or not self._timers():
+                return
+
+    async def _handle(self, data: bytes | bytearray) -> bool:
+        """Parse one read and route what it held; False once the connection ends."""
+        self.bytes_in += len(data)
+        violation: ProtocolError | None = None
+        try:
+            events = self._parser.feed(data)
+        except ProtocolError as exc:
+            events, violation = exc.parsed, exc
+        batch: list[Inbound] = []
+        ended = self._take(events, batch)
+        if batch:
             try:
-                events = parser.feed(data)
-            except ProtocolError as exc:
-                events, violation = exc.parsed, exc
-            data = b""
-            batch: list[Inbound] = []
-            ended = self._take(events, batch)
-            if batch:
-                try:
-                    if not await self._route(batch):
-                        return
-                except RouterClosed:
-                    self.drain()
-                    return
-            if violation is not None and not ended:
-                self._protocol_violation(violation)
-                return
-            if ended:
-                return
+                if not await self._route(batch):
+                    return False
+            except RouterClosed:
+                self.drain()
+                return False
+        if violation is not None and not ended:
+            self._protocol_violation(violation)
+            return False
+        return not ended
 
     async def _route(self, items: list[Inbound]) -> bool:
         """Hand ``items`` to the router with a reply slot each, in chunks the outbox can hold.
@@ -493,33 +501,42 @@ class Connection:
         outbox = self.peer.outbox
         try:
             while True:
-                frames: list[bytes] | None = None
-                with trio.move_on_after(WRITER_IDLE_S):
-                    frames = await outbox.take()
-                if frames is None:  # nothing to write for a while
-                    if self._flushing:
-                        continue
-                    return  # the next frame starts a writer again
-                if not frames:  # the outbox is closed and empty
+                # One cancel scope for a stretch of writes: its deadline is
+                # WRITER_IDLE_S away while the writer waits for frames, and the
+                # slow-consumer deadline while it writes them.
+                with trio.CancelScope() as scope:
+                    self._writer_scope = scope
+                    await self._write_until_done(outbox, scope)
                     return
-                if self._stop_writing:
-                    self._dropped += _messages_in(frames)
-                    return
-                try:
-                    with trio.CancelScope(deadline=self._stuck_deadline) as self._send_scope:
-                        await self._write(frames)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    # The client is gone. The reader may be waiting for it to
-                    # make room rather than reading; it has nothing to do either.
-                    self._stop_reading_now()
-                    return
-                finally:
-                    self._send_scope = None
-                if self._transport.broken:  # the write was cut short: the client reads nothing
+                if self._transport.broken:  # a write was cut short: the client reads nothing
                     self._stuck()
                     return
+                if not (self._flushing or outbox.has_frames()):
+                    return  # idle: the next frame starts a writer again
         finally:
             self._writer_running = False
+            self._writer_scope = None
+
+    async def _write_until_done(self, outbox: Outbox, scope: trio.CancelScope) -> None:
+        """Write what the outbox gets until it is closed and empty, or writing stops."""
+        while True:
+            self._writing = False
+            scope.deadline = math.inf if self._flushing else trio.current_time() + WRITER_IDLE_S
+            frames = await outbox.take()
+            if not frames:  # the outbox is closed and empty
+                return
+            if self._stop_writing:
+                self._dropped += _messages_in(frames)
+                return
+            self._writing = True
+            scope.deadline = self._stuck_deadline
+            try:
+                await self._write(frames)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client is gone. The reader may be waiting for it to make
+                # room rather than reading; it has nothing to do either.
+                self._stop_reading_now()
+                return
 
     async def _write(self, frames: list[bytes]) -> None:
         data = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -544,8 +561,8 @@ class Connection:
         # writer takes from it again); the router must not wait, so this only
         # moves the deadline of the write in progress, which is what is stuck.
         self._stuck_deadline = deadline
-        scope = self._send_scope
-        if scope is not None and deadline < scope.deadline:
+        scope = self._writer_scope
+        if self._writing and scope is not None and deadline < scope.deadline:
             scope.deadline = deadline
 
     # -- the end ---------------------------------------------------------------

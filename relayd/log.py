@@ -22,12 +22,11 @@ caller logs through structlog as usual).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final, TextIO
 
 import msgspec
@@ -161,22 +160,32 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
     return write_line
 
 
-@contextlib.contextmanager
-def batched() -> Iterator[None]:
-    """Hold the lines logged in this block and write them in one go at its end.
+class _Batched:
+    """The context manager :func:`batched` returns (a class: it is entered per batch)."""
+
+    __slots__ = ("_sink",)
+
+    def __enter__(self) -> None:
+        sink = _sink
+        if sink is None or sink.held:  # not configured, or already in a batch
+            self._sink = None
+            return
+        self._sink = sink
+        sink.held = True
+
+    def __exit__(self, *_: object) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.held = False
+            sink.flush()
+
+
+def batched() -> _Batched:
+    """Hold the lines logged in the ``with`` block and write them in one go at its end.
 
     The block must not await: the lines are held only while it runs.
     """
-    sink = _sink
-    if sink is None or sink.held:
-        yield
-        return
-    sink.held = True
-    try:
-        yield
-    finally:
-        sink.held = False
-        sink.flush()
+    return _Batched()
 
 
 def configure(settings: LogSettings, stream: TextIO | None = None) -> None:

@@ -73,7 +73,7 @@ import os
 import random
 import socket
 import struct
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from typing import Any, Final, NoReturn, cast
 
 import structlog
@@ -121,6 +121,7 @@ CLOSE_WAIT_S: Final = 15.0  # relayd's CLOSE_TIMEOUT_S (5) + LINGER_S (2) + marg
 MAX_SESSIONS: Final = 10_000
 MAX_ACTIONS: Final = 1_000
 FLOOD_FRAMES: Final = 2_000
+FLOOD_BATCH: Final = 50
 #: RSS after the soak, all clients gone, against the baseline after warm-up.
 #: Churning a few thousand connections: a leak of one 4 KiB object per
 #: connection, or of every message body, passes this line; relayd's
@@ -339,15 +340,23 @@ class SoakClient:
 
     async def send_frame(self, text: str | bytes, expect: str, number: int | None) -> bool:
         """Send one frame expecting ``expect`` in reply; False once it cannot be sent."""
+        return await self.send_frames([(text, expect, number)])
+
+    async def send_frames(self, frames: Sequence[tuple[str | bytes, str, int | None]]) -> bool:
+        """Send frames in one write, each expecting its reply; False once they cannot be sent."""
         assert self.conn is not None
         if not self.can_send:
             return False
-        event: Event = TextMessage(data=text) if isinstance(text, str) else BytesMessage(data=text)
-        data = self.ws.send(event)
-        self.conn.sent_frames += 1
-        if expect:
-            self.conn.pending.append((expect, number))
-            self.conn.drained = trio.Event()
+        data = b""
+        for text, expect, number in frames:
+            event: Event = (
+                TextMessage(data=text) if isinstance(text, str) else BytesMessage(data=text)
+            )
+            data += self.ws.send(event)
+            self.conn.sent_frames += 1
+            if expect:
+                self.conn.pending.append((expect, number))
+                self.conn.drained = trio.Event()
         try:
             async with self.lock:
                 await self.stream.send_all(data)
@@ -473,10 +482,14 @@ class Slot:
         return rng.choices(["graceful", "vanish", "oversize", "flood"], [70, 12, 10, 8])[0]
 
     async def send_message(self, client: SoakClient, to: str | None = None) -> bool:
-        ledger, rng = self.ledger, self.rng
-        assert client.conn is not None
         if not client.can_send:
             return False
+        return await client.send_frames([self.message(client, to)])
+
+    def message(self, client: SoakClient, to: str | None = None) -> tuple[str, str, int]:
+        """A new relay message, entered in the ledger: ``(frame, "msg", number)``."""
+        ledger, rng = self.ledger, self.rng
+        assert client.conn is not None
         if to is None:
             roll = rng.random()
             if roll < 0.03 and ledger.gone:
@@ -489,7 +502,7 @@ class Slot:
         ledger.sent.append(Sent(sender=client.conn.id, to=to))
         body = f"{number}|" + "x" * rng.randrange(MAX_PAD)
         envelope = json.dumps({"to": to, "message": body, "ref": number})
-        return await client.send_frame(envelope, "msg", number)
+        return envelope, "msg", number
 
     async def leave(self, client: SoakClient, conn: Conn, stream: trio.SocketStream) -> None:
         if conn.ending == "vanish":
@@ -506,10 +519,13 @@ class Slot:
         elif conn.ending == "oversize":
             await client.send_frame("x" * (LIMITS["max_message_bytes"] + 1), "", None)
         else:  # flood "nobody" without waiting, until relayd closes it
-            for _ in range(FLOOD_FRAMES):
-                if not await self.send_message(client, to="nobody"):
+            # FLOOD_BATCH frames per write: a flood outruns the rate limit
+            # however slowly this shared event loop goes round.
+            for _ in range(FLOOD_FRAMES // FLOOD_BATCH):
+                if client.finished.is_set() or not client.can_send:
                     break
-                if client.finished.is_set():
+                batch = [self.message(client, to="nobody") for _ in range(FLOOD_BATCH)]
+                if not await client.send_frames(batch):
                     break
         with trio.move_on_after(CLOSE_WAIT_S):
             await client.finished.wait()
