@@ -105,10 +105,10 @@ class Connection:
         echo: serve the diagnostic echo route: no id, not routable, every
             message comes back to its sender through the router and writer.
         router: where messages go.
-        limits: the limits in force, read at each use (a reload may replace them).
+        limits: the limits in force, and whether to log a ``message.relay``
+            event for each message refused here (the router logs the ones it
+            routes); read at each use, as a reload may replace them.
         log: a logger already bound with nothing connection-specific.
-        log_messages: log a ``message.relay`` event for each message refused
-            here (the router logs the ones it routes).
         stats: the counters to add to (refusals, closes, bytes).
         peer_address: ``host:port`` of the client, for logs.
         origin: the ``Origin`` header, if any, for logs.
@@ -129,7 +129,6 @@ class Connection:
         "_limiter_limits",
         "_live",
         "_log",
-        "_log_messages",
         "_next_ping",
         "_open_fields",
         "_parser",
@@ -167,7 +166,6 @@ class Connection:
         router: Router,
         limits: LiveLimits,
         log: structlog.typing.FilteringBoundLogger,
-        log_messages: bool = True,
         stats: Stats,
         peer_address: str,
         origin: str | None = None,
@@ -183,7 +181,6 @@ class Connection:
         # reaches it as message_too_large instead.
         self._parser = FrameParser(current.max_message_bytes)
         self._log = log
-        self._log_messages = log_messages
         self._stats = stats
         self._echo = echo
         self._open_fields: dict[str, object] | None = {
@@ -321,7 +318,13 @@ class Connection:
             self._log_close()
 
     async def _read_loop(self) -> None:
-        receive = self._transport.stream.receive_some
+        stream = self._transport.stream
+        receive = stream.receive_some
+        # A read that did not fill the buffer most likely emptied the socket;
+        # the next read would fail and wait. Waiting first saves that system
+        # call (a plain socket only: TLS may hold decrypted bytes already).
+        socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        emptied = False
         early, self._early = self._early, b""
         if early and not await self._handle(early):
             return
@@ -334,11 +337,14 @@ class Connection:
                 self._receive_scope = scope
                 while True:
                     scope.deadline = self._timer_deadline()
+                    if emptied and socket is not None:
+                        await trio.lowlevel.wait_readable(socket)
                     try:
                         data = await receive(RECEIVE_BYTES)
                     except trio.BrokenResourceError:  # reset by the client
                         data = b""
                     scope.deadline = math.inf
+                    emptied = len(data) < RECEIVE_BYTES
                     if not data:
                         return  # no close frame: logged as 1006
                     if not await self._handle(data):
@@ -451,7 +457,7 @@ class Connection:
         stats = self._stats
         stats.messages[error.code.value] += 1
         stats.errors[error.code.value] += 1
-        if self._log_messages:
+        if self._live.log_messages:
             self._log_refusal(size, error)
         frame = text_frame(error_payload(peer.dialect, error.code, error.detail, error.ref))
         batch.append(Reply(peer, frame))

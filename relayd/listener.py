@@ -100,10 +100,9 @@ class Gate:
         self.stats = stats or Stats()
         self._allowed_origins = frozenset(allowed_origins)
         self._authenticator = authenticator
-        self._log_messages = log_messages
         self._echo_route = echo_route
         self._router = router
-        self.limits = LiveLimits(limits)
+        self.limits = LiveLimits(limits, log_messages)
         self._log = log
         self._new_id = new_id
         self._numbers = itertools.count(1)
@@ -118,12 +117,14 @@ class Gate:
         *,
         allowed_origins: Collection[str] = (),
         authenticator: Authenticator | None = None,
+        log_messages: bool = True,
     ) -> None:
         """Apply reloadable settings to new handshakes and, where it makes sense, open ones.
 
         :mod:`relayd.live` lists which limits reach open connections.
         """
         self.limits.current = limits
+        self.limits.log_messages = log_messages
         self.capacity.max_total = limits.max_connections
         self.capacity.max_per_ip = limits.max_connections_per_ip
         self._allowed_origins = frozenset(allowed_origins)
@@ -253,7 +254,6 @@ class Gate:
             router=self._router,
             limits=self.limits,
             log=self._log,
-            log_messages=self._log_messages,
             stats=self.stats,
             peer_address=address,
             origin=headers.get("origin"),

@@ -11,6 +11,9 @@ new :class:`~relayd.config.LimitsSettings` reaches them all at once:
   ``idle_timeout_s``, ``ping_interval_s`` and ``pong_timeout_s``;
 * never on open connections: ``outbox_messages`` and ``slow_consumer_timeout_s``
   (an outbox is sized when it is made) and the handshake limits.
+
+It also holds ``log.messages`` as it is now, for the ``message.relay`` events
+connections log for the messages they refuse themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ __all__ = ["LiveLimits"]
 
 @dataclasses.dataclass(slots=True)
 class LiveLimits:
-    """The limits in force; assign ``current`` to change them everywhere."""
+    """The limits in force; assign ``current`` to change them everywhere.
+
+    Attributes:
+        current: the limits.
+        log_messages: whether refusals are logged as ``message.relay``.
+    """
 
     current: LimitsSettings
+    log_messages: bool = True

@@ -10,9 +10,11 @@ the JSON path is kept short: two processors (exception formatting, then one
 that stamps, orders and encodes with msgspec straight to bytes), and a sink
 that writes lines rather than printing them. Code that logs many events at
 once (the router, for one batch of messages) wraps them in :func:`batched`:
-their lines go out in one ``write``, at the end of the block, instead of one
-each. Nothing waits in between (the block does not await), so no line is
-delayed past the work that produced it, and lines keep their order. Within
+their lines are held, and go out with the next line logged outside a batch,
+or when :data:`MAX_HELD_BYTES` are held, or :data:`FLUSH_DELAY_S` after the
+batch when :func:`flush_held_lines` runs (the server runs it), whichever
+comes first; without it, at the end of the batch. Lines keep their order.
+Within
 such a block, :func:`line_writer` writes one event's lines with the very
 bytes the JSON processors would produce, without structlog's per-call
 dispatch, whenever the JSON processors are the ones configured (under
@@ -31,10 +33,26 @@ from typing import Any, Final, TextIO
 
 import msgspec
 import structlog
+import trio
 
 from relayd.config import LogSettings
 
-__all__ = ["batched", "configure", "get_logger", "line_writer"]
+__all__ = [
+    "FLUSH_DELAY_S",
+    "MAX_HELD_BYTES",
+    "batched",
+    "configure",
+    "flush_held_lines",
+    "get_logger",
+    "line_writer",
+]
+
+#: The longest a batch's lines are held before they are written. Under load a
+#: write per batch is a system call per few messages; this makes it one per
+#: 10 ms, and a person tailing the log does not notice.
+FLUSH_DELAY_S: Final = 0.01
+#: Held lines are written at once when they reach this size.
+MAX_HELD_BYTES: Final = 65536
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -107,13 +125,26 @@ class _LineSink:
         self._stream = stream
         self._binary = getattr(stream, "buffer", None)
         self._lines: list[bytes] = []
+        self._bytes = 0
         self.held = False
 
     def msg(self, line: str | bytes) -> None:
-        """Write one rendered event (held until the end of a :func:`batched` block)."""
-        self._lines.append(line.encode() if isinstance(line, str) else line)
-        if not self.held:
+        """Write one rendered event (held while in a :func:`batched` block)."""
+        data = line.encode() if isinstance(line, str) else line
+        self._lines.append(data)
+        self._bytes += len(data)
+        if not self.held or self._bytes >= MAX_HELD_BYTES:
             self.flush()
+
+    def release(self) -> None:
+        """End a batch: its lines go out soon (see the module docstring)."""
+        self.held = False
+        if not self._lines:
+            return
+        if _flush_due is None:
+            self.flush()
+        else:
+            _flush_due.set()
 
     # structlog calls the method named like the level; they all write a line.
     debug = info = warning = warn = error = critical = exception = log = msg
@@ -124,6 +155,7 @@ class _LineSink:
             return
         data = b"\n".join(self._lines) + b"\n"
         self._lines.clear()
+        self._bytes = 0
         if self._binary is not None:
             self._binary.write(data)
             self._binary.flush()
@@ -134,6 +166,28 @@ class _LineSink:
 
 _sink: _LineSink | None = None
 _level = logging.INFO
+#: Set by a batch that held lines, while :func:`flush_held_lines` runs.
+_flush_due: trio.Event | None = None
+
+
+async def flush_held_lines() -> None:
+    """Write the lines batches hold, :data:`FLUSH_DELAY_S` after they are held; run forever.
+
+    Resource handling: run it in a nursery that lives as long as the logging
+    does; when cancelled, it writes what is held and batches flush at once again.
+    """
+    global _flush_due  # the module's one flusher, like its one sink
+    try:
+        while True:
+            _flush_due = due = trio.Event()
+            await due.wait()
+            await trio.sleep(FLUSH_DELAY_S)
+            if _sink is not None:
+                _sink.flush()
+    finally:
+        _flush_due = None
+        if _sink is not None:
+            _sink.flush()
 
 
 def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
@@ -174,16 +228,14 @@ class _Batched:
         sink.held = True
 
     def __exit__(self, *_: object) -> None:
-        sink = self._sink
-        if sink is not None:
-            sink.held = False
-            sink.flush()
+        if self._sink is not None:
+            self._sink.release()
 
 
 def batched() -> _Batched:
-    """Hold the lines logged in the ``with`` block and write them in one go at its end.
+    """Hold the lines logged in the ``with`` block, to write them with others soon after.
 
-    The block must not await: the lines are held only while it runs.
+    The block must not await (another task's line would be held with them).
     """
     return _Batched()
 

@@ -40,7 +40,7 @@ from relayd.admin import serve_admin
 from relayd.auth import Authenticator
 from relayd.config import Settings
 from relayd.listener import Gate
-from relayd.log import get_logger
+from relayd.log import flush_held_lines, get_logger
 from relayd.metrics import Stats, StatsCollector
 from relayd.router import LocalRouter, Router
 
@@ -176,9 +176,12 @@ class Server:
             settings.limits,
             allowed_origins=settings.server.allowed_origins,
             authenticator=authenticator,
+            log_messages=settings.log.messages,
         )
         self._router.reconfigure(log_messages=settings.log.messages, log_bodies=settings.log.bodies)
-        self._settings = settings
+        # What is in force now: the keys that need a restart keep the values
+        # relayd started with, so the next reload compares against those.
+        self._settings = _in_force(self._settings, settings)
         return Reload(changed=changed, restart_required=restart)
 
     async def run(
@@ -221,6 +224,7 @@ class Server:
         forced = True
         try:
             async with trio.open_nursery() as root:
+                root.start_soon(flush_held_lines)
                 await root.start(self._router.run)
                 if admin_listeners:
                     await root.start(
@@ -249,7 +253,8 @@ class Server:
                         self._accepting = False
                     self._router.close()
                     connections.cancel_scope.deadline = (
-                        trio.current_time() + server.shutdown_grace_s
+                        # As in force now: a reload may have changed it.
+                        trio.current_time() + self._settings.server.shutdown_grace_s
                     )
                 forced = connections.cancel_scope.cancelled_caught
                 root.cancel_scope.cancel()  # the admin listener
@@ -279,6 +284,20 @@ _RELOADABLE: Final = (
     "log.messages",
     "log.bodies",
 )
+
+
+def _in_force(running: Settings, reloaded: Settings) -> Settings:
+    """``reloaded``, but with the values of ``running`` for every key a reload cannot change."""
+    sections: dict[str, object] = {}
+    for name in type(reloaded).model_fields:
+        old, new = getattr(running, name), getattr(reloaded, name)
+        kept = {
+            key: getattr(old, key)
+            for key in type(new).model_fields
+            if not f"{name}.{key}".startswith(_RELOADABLE)
+        }
+        sections[name] = new.model_copy(update=kept)
+    return reloaded.model_copy(update=sections)
 
 
 def _flat(settings: Settings) -> dict[str, object]:

@@ -28,7 +28,7 @@ from trio_websocket import wrap_client_stream
 import relayd
 from relayd.config import LogSettings, Settings
 from relayd.connection import CLOSE_TIMEOUT_S
-from relayd.log import configure, get_logger
+from relayd.log import FLUSH_DELAY_S, batched, configure, flush_held_lines, get_logger, line_writer
 from relayd.server import Server
 from tests import wire
 from tests.client import Client, connect, running, settings
@@ -500,3 +500,57 @@ def test_configure_then_reset_leaves_capture_logs_working(configured: io.StringI
         get_logger().info("x.y", a=1)
     assert events == [{"event": "x.y", "log_level": "info", "a": 1}]
     assert configured.getvalue() == ""
+
+
+async def test_batched_lines_are_held_briefly_then_written_in_order(
+    configured: io.StringIO, autojump_clock: trio.testing.MockClock
+) -> None:
+    configure(LogSettings(format="json"), stream=configured)
+    log = get_logger()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush_held_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        with batched():
+            log.info("in.batch", n=1)
+            write = line_writer("message.relay")
+            assert write is not None  # the JSON processors are configured
+            write({"from": "a", "to": "b", "bytes": 3, "outcome": "delivered"})
+        assert lines_of(configured) == []  # held
+        await trio.sleep(FLUSH_DELAY_S / 2)
+        assert lines_of(configured) == []
+        await trio.sleep(FLUSH_DELAY_S)
+        assert [json.loads(line)["event"] for line in lines_of(configured)] == [
+            "in.batch",
+            "message.relay",
+        ]
+        with batched():
+            log.info("held.first", n=2)
+        log.info("outside", n=3)  # a line outside a batch takes the held ones with it
+        assert [json.loads(line)["event"] for line in lines_of(configured)][2:] == [
+            "held.first",
+            "outside",
+        ]
+        nursery.cancel_scope.cancel()
+
+
+def test_the_fast_line_is_the_line_structlog_writes(configured: io.StringIO) -> None:
+    configure(LogSettings(format="json"), stream=configured)
+    fields = {"from": 'a"b', "to": "\u00e9", "bytes": 3, "outcome": "delivered", "body": [1, {}]}
+    get_logger().info("message.relay", **fields)
+    with batched():
+        write = line_writer("message.relay")
+        assert write is not None
+        write(fields)
+    slow, fast = (json.loads(line) for line in lines_of(configured))
+    assert list(fast) == list(slow)  # ts, level, event first, then the fields in order
+    assert {**fast, "ts": None} == {**slow, "ts": None}
+
+
+def test_no_fast_line_under_capture_logs_or_above_info(configured: io.StringIO) -> None:
+    configure(LogSettings(level="warning"), stream=configured)
+    assert line_writer("message.relay") is None
+    configure(LogSettings(), stream=configured)
+    with structlog.testing.capture_logs():
+        assert line_writer("message.relay") is None
+    configure(LogSettings(format="console"), stream=configured)
+    assert line_writer("message.relay") is None

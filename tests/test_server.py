@@ -410,16 +410,17 @@ async def test_shutdown_delivers_what_was_accepted_then_closes_with_1001() -> No
         await trio.open_tcp_stream(host, port)
 
 
-async def test_shutdown_is_bounded_by_the_grace_period() -> None:
+@pytest.mark.parametrize("reloaded", [False, True], ids=["at-start", "by-a-reload"])
+async def test_shutdown_is_bounded_by_the_grace_period(reloaded: bool) -> None:
     grace = 0.5
-    server = Server(
-        settings(max_message_bytes=70_000).model_copy(
-            update={"server": settings().server.model_copy(update={"shutdown_grace_s": grace})}
-        )
-    )
+    bounded = _with(settings(max_message_bytes=70_000), "server", shutdown_grace_s=grace)
+    # Started with an hour of grace, cut to half a second while running.
+    server = Server(_with(bounded, "server", shutdown_grace_s=3600.0) if reloaded else bounded)
     with structlog.testing.capture_logs() as events:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.run)
+            if reloaded:
+                server.reload(bounded, None)
             host, port = addresses[0]
             url = f"ws://{host}:{port}/"
             stuck, stuck_id = await _silent_client(url)
@@ -469,3 +470,46 @@ async def test_a_port_probe_that_connects_and_leaves_is_not_held_or_logged_as_re
     [gone] = [e for e in events if e["event"] == "handshake.rejected"]
     assert (gone["log_level"], gone["status"]) == ("debug", None)
     assert gone["reason"] == "the client closed before a complete request"
+
+
+# -- reload ----------------------------------------------------------------------------
+
+
+async def test_a_reload_turning_message_logging_off_reaches_refusals_of_open_connections() -> None:
+    server = Server(settings())
+    with structlog.testing.capture_logs() as events:
+        async with running(server) as url, connect(url) as a:
+            await a.ws.send_message("not json")
+            assert json.loads(await a.recv())["error"] == "invalid_json"
+            quiet = settings().model_copy(
+                update={"log": settings().log.model_copy(update={"messages": False})}
+            )
+            server.reload(quiet, None)
+            await a.ws.send_message("still not json")
+            assert json.loads(await a.recv())["error"] == "invalid_json"
+    refusals = [e for e in events if e["event"] == "message.relay"]
+    assert [e["outcome"] for e in refusals] == ["invalid_json"]  # the first one only
+
+
+def _with(base: Any, section: str, **values: Any) -> Any:
+    return base.model_copy(update={section: getattr(base, section).model_copy(update=values)})
+
+
+def test_keys_needing_a_restart_keep_their_running_values_across_reloads() -> None:
+    started = settings()
+    server = Server(started)
+    moved = _with(started, "admin", port=19999)
+    first = server.reload(_with(moved, "server", shutdown_grace_s=2.0), None)
+    assert (first.changed, first.restart_required) == (
+        ["admin.port", "server.shutdown_grace_s"],
+        ["admin.port"],
+    )
+    # In force: the new grace (reloadable), the old admin port (needs a restart).
+    assert server.settings.server.shutdown_grace_s == 2.0
+    assert server.settings.admin.port == started.admin.port
+    # Reloading the same file again changes nothing that is not already in force...
+    again = server.reload(_with(moved, "server", shutdown_grace_s=2.0), None)
+    assert (again.changed, again.restart_required) == (["admin.port"], ["admin.port"])
+    # ...and going back to the running admin port is no change at all.
+    back = server.reload(_with(started, "server", shutdown_grace_s=2.0), None)
+    assert (back.changed, back.restart_required) == ([], [])
