@@ -25,7 +25,9 @@ caller logs through structlog as usual).
 from __future__ import annotations
 
 import datetime
+import io
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -103,8 +105,42 @@ def _stamp(
     }
 
 
+#: Syslog priorities by level, written before each line when stdout is the
+#: journal (see :func:`_to_journal`); empty otherwise.
+_priority: dict[str, bytes] = {}
+_PRIORITIES: Final = {"debug": b"<7>", "info": b"<6>", "warning": b"<4>", "error": b"<3>"}
+
+
 def _render_json(_logger: object, method: str, event_dict: structlog.typing.EventDict) -> bytes:
-    return _json.encode(_stamp(_logger, method, event_dict))
+    stamped = _stamp(_logger, method, event_dict)
+    return _priority.get(stamped["level"], b"") + _json.encode(stamped)
+
+
+def _to_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal: systemd says so in ``JOURNAL_STREAM``.
+
+    journald then takes a ``<N>`` prefix as the line's priority and strips it
+    (``SyslogLevelPrefix=`` is on by default), so ``journalctl -p err`` finds
+    relayd's errors and ``journalctl -o cat`` still shows plain JSON.
+    """
+    journal = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return journal == f"{status.st_dev}:{status.st_ino}"
+
+
+class _LibraryLogs(logging.Handler):
+    """Sends the standard library's log records (trio's, say) to relayd's log as ``library.log``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname.lower()
+        method = getattr(get_logger(), level if level in _LEVELS else "error")
+        fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        method("library.log", **fields)
 
 
 _JSON_PROCESSORS: Final[list[structlog.typing.Processor]] = [
@@ -206,6 +242,7 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
     if sink is None or _level > logging.INFO or list(processors) != _JSON_PROCESSORS:
         return None
     head = _json.encode({"ts": _clock.now(), "level": "info", "event": event})[:-1] + b","
+    head = _priority.get("info", b"") + head
     write, encode = sink.msg, _json.encode
 
     def write_line(fields: dict[str, Any]) -> None:
@@ -253,6 +290,14 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
         _sink.flush()
     sink = _sink = _LineSink(stream)
     _level = _LEVELS[settings.level]
+    _priority.clear()
+    if _to_journal(stream):
+        _priority.update(_PRIORITIES)
+    # Libraries log through the standard library (trio when accept() fails
+    # for want of file descriptors): their records become JSON lines too.
+    root = logging.getLogger()
+    root.handlers = [handler for handler in root.handlers if not isinstance(handler, _LibraryLogs)]
+    root.addHandler(_LibraryLogs(logging.WARNING))
     processors: list[structlog.typing.Processor]
     if settings.format == "json":
         processors = list(_JSON_PROCESSORS)

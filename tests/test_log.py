@@ -554,3 +554,54 @@ def test_no_fast_line_under_capture_logs_or_above_info(configured: io.StringIO) 
         assert line_writer("message.relay") is None
     configure(LogSettings(format="console"), stream=configured)
     assert line_writer("message.relay") is None
+
+
+def test_lines_carry_their_priority_when_stdout_is_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    structlog.reset_defaults()
+    try:
+        with (tmp_path / "journal").open("w", encoding="utf-8") as journal:
+            status = os.fstat(journal.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+            configure(LogSettings(), stream=journal)
+            get_logger().info("at.info")
+            get_logger().error("at.error")
+            with batched():
+                write = line_writer("message.relay")
+                assert write is not None
+                write({"outcome": "delivered"})
+        lines = (tmp_path / "journal").read_text(encoding="utf-8").splitlines()
+        # journald reads <N> as the priority and strips it (SyslogLevelPrefix=yes).
+        assert [line[:3] for line in lines] == ["<6>", "<3>", "<6>"]
+        assert [json.loads(line[3:])["event"] for line in lines] == [
+            "at.info",
+            "at.error",
+            "message.relay",
+        ]
+        monkeypatch.setenv("JOURNAL_STREAM", "0:0")  # another stream is the journal
+        configure(LogSettings(), stream=(tmp_path / "other").open("w", encoding="utf-8"))
+        get_logger().error("plain")
+        assert json.loads((tmp_path / "other").read_text(encoding="utf-8"))["event"] == "plain"
+    finally:
+        structlog.reset_defaults()
+
+
+def test_a_librarys_log_record_becomes_a_json_line(configured: io.StringIO) -> None:
+    import logging
+
+    configure(LogSettings(), stream=configured)
+    emfile = OSError(24, "Too many open files")
+    logging.getLogger("trio.serve_listeners").error(
+        "accept returned EMFILE", exc_info=(OSError, emfile, None)
+    )
+    logging.getLogger("quiet.library").info("below warning: not written")
+    [line] = lines_of(configured)
+    record = json.loads(line)
+    assert (record["level"], record["event"], record["logger"], record["message"]) == (
+        "error",
+        "library.log",
+        "trio.serve_listeners",
+        "accept returned EMFILE",
+    )
+    assert "OSError: [Errno 24] Too many open files" in record["exception"]
