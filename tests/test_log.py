@@ -580,8 +580,9 @@ def test_lines_carry_their_priority_when_stdout_is_the_journal(
             "message.relay",
         ]
         monkeypatch.setenv("JOURNAL_STREAM", "0:0")  # another stream is the journal
-        configure(LogSettings(), stream=(tmp_path / "other").open("w", encoding="utf-8"))
-        get_logger().error("plain")
+        with (tmp_path / "other").open("w", encoding="utf-8") as other:
+            configure(LogSettings(), stream=other)
+            get_logger().error("plain")
         assert json.loads((tmp_path / "other").read_text(encoding="utf-8"))["event"] == "plain"
     finally:
         structlog.reset_defaults()
