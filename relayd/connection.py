@@ -318,13 +318,7 @@ class Connection:
             self._log_close()
 
     async def _read_loop(self) -> None:
-        stream = self._transport.stream
-        receive = stream.receive_some
-        # A read that did not fill the buffer most likely emptied the socket;
-        # the next read would fail and wait. Waiting first saves that system
-        # call (a plain socket only: TLS may hold decrypted bytes already).
-        socket = stream.socket if isinstance(stream, trio.SocketStream) else None
-        emptied = False
+        receive = self._transport.stream.receive_some
         early, self._early = self._early, b""
         if early and not await self._handle(early):
             return
@@ -337,14 +331,11 @@ class Connection:
                 self._receive_scope = scope
                 while True:
                     scope.deadline = self._timer_deadline()
-                    if emptied and socket is not None:
-                        await trio.lowlevel.wait_readable(socket)
                     try:
                         data = await receive(RECEIVE_BYTES)
                     except trio.BrokenResourceError:  # reset by the client
                         data = b""
                     scope.deadline = math.inf
-                    emptied = len(data) < RECEIVE_BYTES
                     if not data:
                         return  # no close frame: logged as 1006
                     if not await self._handle(data):
