@@ -65,23 +65,6 @@ async def _read_until_closed(stream: trio.SocketStream) -> bytes:
     return bytes(received)
 
 
-def _close_code(data: bytes) -> int | None:
-    """The code of the first close frame in a server's byte stream."""
-    head_end = data.find(b"\r\n\r\n") + 4
-    i = head_end
-    while i + 2 <= len(data):
-        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
-        i += 2
-        if length == 126:
-            length, i = int.from_bytes(data[i : i + 2], "big"), i + 2
-        elif length == 127:
-            length, i = int.from_bytes(data[i : i + 8], "big"), i + 8
-        if opcode == wire.OP_CLOSE:
-            return int.from_bytes(data[i : i + 2], "big")
-        i += length
-    return None
-
-
 # -- relaying ----------------------------------------------------------------------
 
 
@@ -211,7 +194,7 @@ async def test_frames_sent_with_the_handshake_over_the_limit_close_only_that_cli
         async with connect(url) as bystander_a, connect(url) as bystander_b:
             reply = await _send_and_read(url, wire.upgrade_request() + first_frames)
             assert reply.startswith(b"HTTP/1.1 101 ")
-            assert _close_code(reply) == 1009
+            assert wire.close_code(reply) == 1009
             await bystander_a.send(bystander_b.id, "unharmed")
             assert await bystander_b.recv() == "unharmed"
         await _exchange(url)
@@ -290,7 +273,7 @@ async def test_a_protocol_error_gets_a_close_frame_and_ends_only_that_connection
         async with running(Server(settings())) as url:
             reply = await _send_and_read(url, wire.upgrade_request() + bad_frame)
             assert reply.startswith(b"HTTP/1.1 101 ")
-            assert _close_code(reply) == code
+            assert wire.close_code(reply) == code
             await _exchange(url)
     close = next(e for e in events if e["event"] == "connection.close")
     assert (close["code"], close["closed_by"]) == (code, "server")
