@@ -14,6 +14,10 @@
 //   fanin       senders, window, size, warmup_s, duration_s
 //               `senders` clients send to ONE receiver, `window` in flight in all, each
 //               receipt letting the next sender (round-robin) send one more.
+//               Both closed-loop modes stop sending after the measured window; `lost`
+//               counts the messages sent that neither arrived nor drew an error frame within
+//               1 s, `error_kinds` every error frame senders got before the clients closed
+//               (warm-up included), `errors` those inside the measured window.
 //   latency     pairs, rate, size, warmup_s, duration_s
 //               open loop: `rate` messages per second in all, evenly spaced, round-robin
 //               over the pairs; each payload carries its send time and the receiver computes
@@ -345,13 +349,22 @@ async function closedLoop({ receivers: nReceivers, feeders, window, size }) {
   const count = received - before[0];
   const windowErrors = errors - before[1];
   stopped = true;
+  // No more sends: once every message in flight has arrived (or been answered with an error
+  // frame) each route's credit is back to the full window. What is missing 1 s later is lost.
+  const settle = performance.now() + 1000;
+  while (routes.some((r) => r.credit < window) && performance.now() < settle) await sleep(0.005);
+  const lost = routes.reduce((n, r) => n + window - r.credit, 0);
   const lostConnections = [...receivers, ...senders].filter((c) => !c.open).length;
+  // Error frames from here on are the shutdown's: closing everyone at once can leave a
+  // sender's last frames addressed to a receiver that has already gone.
+  const kinds = { ...errorKinds };
   await closeAll([...receivers, ...senders]);
   return {
     msgs_per_s: count / w.wall_s,
     received: count,
+    lost,
     errors: windowErrors,
-    error_kinds: errorKinds,
+    error_kinds: kinds,
     lost_connections: lostConnections,
     wall_s: w.wall_s,
     gen_cpu: w.gen_cpu,

@@ -1,9 +1,12 @@
 """relayd's benchmark: relayd and peer relays side by side, one load generator, one command.
 
-Usage (from the repository root; ``bench/run`` is the same with ``npm ci`` first)::
+Usage (from the repository root, after ``npm ci --prefix bench``, which ``./dev test`` runs)::
 
-    .venv/bin/python bench/run.py            # the full run, about 15 minutes
-    .venv/bin/python bench/run.py --quick    # a smoke run of seconds (tests/test_bench_smoke.py)
+    .venv/bin/python bench/run.py              # the full run, about 15 minutes
+    .venv/bin/python bench/run.py --quick      # a smoke run of about 30 s
+    .venv/bin/python bench/run.py --dry-run    # print the full run's plan, run nothing
+
+``tests/test_bench_smoke.py`` runs ``--quick`` in the test suite so the bench cannot rot.
 
 Every server speaks the seed dialect and serves the same load from ``bench/loadgen.mjs``.
 The server under test is pinned to one core and the generator (and this script) to the
@@ -19,13 +22,21 @@ Servers:
 * ``node-ws``, ``websockets-asyncio``, ``websockets-trio``, ``trio-websocket``: the peers in
   ``bench/peers/``.
 
+Idle scenarios need one file descriptor per connection in the server and in the generator.
+The open-file limit (RLIMIT_NOFILE) is raised as far as this process may; an idle count it
+cannot reach is not run, the report says why, and the largest count the limit allows (in
+thousands) is measured instead: with a hard limit of 20,000 and no CAP_SYS_RESOURCE to
+raise it, 50,000 becomes 19,000.
+
 Output: ``OUT/result.json`` (every run of every cell, the medians, the targets), and
 ``OUT/report.md`` (the tables of docs/benchmarks.md), also printed. ``OUT`` is
-``bench/results/<UTC time>/`` unless ``--out`` says otherwise.
+``bench/results/<UTC time>/`` unless ``--out`` says otherwise. The exit status is 0 if
+every cell produced a result, 1 if any failed, 2 for a bad command line.
 
 Resource handling: every process this script starts is its own child, pinned with
 ``taskset``, and stopped by its pid (SIGTERM, then SIGKILL after a grace period); each
 generator run and each wait has a deadline, so a stuck server fails its cell, not the run.
+SIGTERM or SIGINT to this script stops the generator and the servers it started, then exits.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import os
 import platform
 import queue
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -49,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from report import Cell, Scenario, render, summarize
+from report import Cell, Scenario, bytes_per_connection, render, summarize
 
 BENCH: Final = Path(__file__).resolve().parent
 ROOT: Final = BENCH.parent
@@ -64,8 +76,10 @@ STOP_TIMEOUT_S: Final = 15.0
 #: Seconds between looks at a server's log file while waiting for server.ready.
 READY_POLL_S: Final = 0.02
 #: Seconds after the generator reports its idle connections open before RSS is read, so
-#: every connection has finished its handshake-time allocations and log lines.
+#: every connection has finished its handshake-time allocations and log lines (--quick:
+#: QUICK_IDLE_SETTLE_S; its idle count is too small for a per-connection figure anyway).
 IDLE_SETTLE_S: Final = 1.0
+QUICK_IDLE_SETTLE_S: Final = 0.25
 #: File descriptors kept free beyond the connections themselves (listeners, logs, pipes).
 FD_MARGIN: Final = 200
 #: Loopback source addresses the generator connects from, round-robin: 250 addresses keep
@@ -207,6 +221,7 @@ class Plan:
     quick: bool
     realtime: bool
     skipped: dict[str, str] = field(default_factory=dict)
+    idle_settle_s: float = IDLE_SETTLE_S
 
     def pin(self, cpu: int) -> list[str]:
         """The command prefix that pins a process to ``cpu`` (and gives it SCHED_FIFO)."""
@@ -215,9 +230,20 @@ class Plan:
 
 
 def full_scenarios(
-    idle_counts: Sequence[int], fd_limit: int
+    idle_counts: Sequence[int], fd_limit: int, fd_limit_why: str | None = None
 ) -> tuple[list[Scenario], dict[str, str]]:
-    """The issue's scenarios; idle counts the fd limit cannot reach are replaced and noted."""
+    """The issue's scenarios; idle counts the fd limit cannot reach are replaced and noted.
+
+    Args:
+        idle_counts: the idle connection counts asked for.
+        fd_limit: the open-file limit the servers and the generator will run with.
+        fd_limit_why: why that limit cannot be raised further, for the report.
+
+    Returns:
+        The scenarios, and for each idle count not run, its key and why. An unreachable
+        count is replaced by the largest multiple of 1,000 the limit allows (the report
+        names it as the stand-in).
+    """
     timing = {"warmup_s": 0.5, "duration_s": 2.5}
     scenarios = [
         Scenario(
@@ -239,11 +265,14 @@ def full_scenarios(
     reachable = (fd_limit - FD_MARGIN) // 1000 * 1000
     for count in idle_counts:
         if count + FD_MARGIN > fd_limit:
+            limit = f"the open-file limit (RLIMIT_NOFILE) here is {fd_limit:,}"
             skipped[f"idle/{count}"] = (
-                f"needs {count} sockets in one server process; RLIMIT_NOFILE's hard limit here"
-                f" is {fd_limit} and cannot be raised (no CAP_SYS_RESOURCE)"
+                f"needs {count:,} sockets in one server process (and as many in the"
+                f" generator); {limit}{f' and {fd_limit_why}' if fd_limit_why else ''}"
             )
             count = reachable
+        if count <= 0:
+            continue
         scenario = Scenario(f"idle/{count}", "idle", {"count": count, "concurrency": 200})
         if scenario not in scenarios:
             scenarios.append(scenario)
@@ -258,7 +287,7 @@ def quick_scenarios() -> list[Scenario]:
         Scenario("throughput/1x32", "throughput", {"pairs": 1, "size": 32, "window": 16, **timing}),
         Scenario("latency/1000", "latency", {"pairs": 2, "size": 32, "rate": 1000, **timing}),
         Scenario("fanin/5x32", "fanin", {"senders": 5, "size": 32, "window": 16, **timing}),
-        Scenario("idle/20", "idle", {"count": 20, "concurrency": 20}),
+        Scenario("idle/100", "idle", {"count": 100, "concurrency": 20}),
         Scenario("connrate", "connrate", {"concurrency": 4, **timing}),
     ]
 
@@ -343,19 +372,23 @@ def run_cell(plan: Plan, server: ServerProcess, scenario: Scenario, rnd: int) ->
             elif kind == "measure.end":
                 end = Probe.take(server, plan.server_cpu)
             elif kind == "held":
-                time.sleep(IDLE_SETTLE_S)
+                time.sleep(plan.idle_settle_s)
                 rss = server.rss_kib()
                 opened = int(event["open"])
                 cell.extra["rss_before_kib"] = rss_before
                 cell.extra["rss_held_kib"] = rss
-                if opened:
-                    cell.extra["bytes_per_conn"] = (rss - rss_before) * 1024 / opened
+                cell.extra["rss_delta_kib"] = rss - rss_before
+                # None where the growth is within RSS's own noise (report.RSS_NOISE_FLOOR_KIB).
+                cell.extra["bytes_per_conn"] = bytes_per_connection(rss_before, rss, opened)
                 proc.stdin.write("release\n")
                 proc.stdin.flush()
             elif kind == "result":
                 result = event
             elif kind == "error":
                 cell.error = str(event.get("detail"))
+    except BaseException:  # SIGTERM, ^C: the generator goes at once, not after a grace
+        proc.kill()
+        raise
     finally:
         if proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -447,27 +480,51 @@ def execute(plan: Plan) -> list[Cell]:
         if rnd >= plan.idle_rounds:
             continue
         for scenario in idle:
-            for spec in order:
-                # A fresh server per idle cell: memory freed by earlier load would otherwise
-                # be reused and hide the cost of new connections.
-                tag = f"r{rnd}-{scenario.key.replace('/', '-')}"
-                with started(plan, [spec], tag) as (server,):
+            # A fresh server per idle cell: memory freed by earlier load would otherwise be
+            # reused and hide the cost of new connections. They start together (their
+            # imports overlap) and wait with no connection; each stops right after its cell,
+            # so none is closing thousands of connections while the next is measured.
+            tag = f"r{rnd}-{scenario.key.replace('/', '-')}"
+            with started(plan, order, tag) as fresh:
+                for server in fresh:
                     cells.append(run_cell(plan, server, scenario, rnd))
-                log_progress(cells[-1])
+                    server.stop()
+                    log_progress(cells[-1])
     return cells
 
 
 def scan_logs(plan: Plan) -> dict[str, Any]:
-    """Size of relayd's log files and any error events in them; big logs are then deleted."""
-    info: dict[str, Any] = {"relayd_log_bytes": 0, "relayd_log_lines": 0, "error_events": []}
+    """Size of relayd's log files, message.relay lines per file, error and warning events.
+
+    Log files over 1 MiB are deleted afterwards unless --keep-logs.
+    """
+    info: dict[str, Any] = {
+        "relayd_log_bytes": 0,
+        "relayd_log_lines": 0,
+        "error_events": [],
+        "warning_events": {},
+    }
+    warnings: dict[str, int] = info["warning_events"]
+    files: dict[str, dict[str, int]] = {}
+    info["files"] = files
     for path in sorted((plan.out / "logs").glob("relayd*.log")):
         size = path.stat().st_size
         info["relayd_log_bytes"] += size
+        mine = files[path.name] = {"bytes": size, "lines": 0, "message_relay_events": 0}
         with path.open("rb") as f:
             for line in f:
                 info["relayd_log_lines"] += 1
+                mine["lines"] += 1
+                if b'"event":"message.relay"' in line:
+                    mine["message_relay_events"] += 1
                 if b'"level":"error"' in line and len(info["error_events"]) < 20:
                     info["error_events"].append(line.decode(errors="replace").strip()[:500])
+                elif b'"level":"warning"' in line:
+                    try:
+                        name = str(json.loads(line).get("event"))
+                    except ValueError:
+                        name = "(not JSON)"
+                    warnings[name] = warnings.get(name, 0) + 1
         if not plan.keep_logs and size > 1 << 20:
             path.unlink()
     return info
@@ -534,61 +591,235 @@ def realtime_allowed() -> bool:
         return False
 
 
-def raise_fd_limit() -> int:
-    """Raise this process's (and so its children's) open-file limit to the hard limit."""
+#: Linux's capability number of CAP_SYS_RESOURCE, which raising a hard rlimit needs.
+CAP_SYS_RESOURCE: Final = 24
+
+
+def _has_capability(bit: int) -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+def raise_fd_limit(wanted: int) -> tuple[int, str | None]:
+    """Raise this process's (and so its children's) open-file limit for ``wanted`` fds.
+
+    The soft limit goes to the hard one; the hard one is raised too where ``wanted`` needs
+    it and this process may (CAP_SYS_RESOURCE, up to fs.nr_open).
+
+    Args:
+        wanted: file descriptors the largest scenario needs.
+
+    Returns:
+        The limit now in force, and why it could not be raised to ``wanted`` (None if it
+        is at least ``wanted``).
+    """
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = nr_open
+    why: str | None = None
+    if wanted > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+        except (ValueError, OSError) as exc:
+            if not _has_capability(CAP_SYS_RESOURCE):
+                why = (
+                    "cannot be raised: raising a hard limit needs CAP_SYS_RESOURCE,"
+                    " which this process lacks"
+                )
+            elif wanted > nr_open:
+                why = f"cannot be raised past fs.nr_open ({nr_open:,})"
+            else:
+                why = f"raising it failed ({exc})"
+        else:
+            return wanted, None
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return int(hard)
+    return int(hard), why
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The command line."""
-    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run of seconds, one round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument(
-        "--idle-rounds", type=int, default=1, help="rounds that include the idle scenarios"
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _idle_counts(text: str) -> list[int]:
+    return [_count(c) for c in text.split(",") if c]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, with every option, the servers and the scenarios in --help."""
+    full, _ = full_scenarios([1000, 10000, 50000], 1 << 20)
+    wrap = "\n    "
+    epilog = (
+        "The full run takes about 15 minutes and wants a quiet machine with two cores.\n\n"
+        f"servers (--servers):{wrap}{', '.join(s.name for s in server_specs())}\n\n"
+        f"scenarios of the full run (--scenarios takes keys or kinds):{wrap}"
+        f"{wrap.join(s.key for s in full)}\n"
+        f"  idle/N for each count of --idle that the open-file limit allows; a count it does"
+        f" not is reported\n  as not measurable here and the largest count it allows is run"
+        f" instead.\n\n"
+        f"scenarios of --quick:{wrap}{wrap.join(s.key for s in quick_scenarios())}\n\n"
+        "exit status: 0 if every cell produced a result, 1 if any failed, 2 for a bad command"
+        " line."
+    )
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--idle", default="1000,10000,50000", help="idle connection counts, comma-separated"
+        "--quick",
+        action="store_true",
+        help="a smoke run of about 30 s (tests/test_bench_smoke.py): small loads for 0.3 s"
+        " each, 100 idle connections, one round, no SCHED_FIFO; --rounds, --idle-rounds and"
+        " --idle are ignored",
     )
-    p.add_argument("--servers", help="comma-separated subset of the servers (default: all)")
-    p.add_argument("--scenarios", help="comma-separated scenario keys or kinds to run")
-    p.add_argument("--server-cpu", type=int, default=1, help="core the servers run on")
-    p.add_argument("--gen-cpu", type=int, default=0, help="core the generator runs on")
-    p.add_argument("--out", type=Path, help="output directory (default bench/results/<time>)")
-    p.add_argument("--keep-logs", action="store_true", help="keep relayd's (large) log files")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (servers, scenarios, rounds, open-file limit, what cannot run"
+        " here and why) and exit without starting anything",
+    )
+    p.add_argument(
+        "--rounds",
+        type=_count,
+        default=3,
+        help="interleaved rounds of every load scenario against every server (default 3)",
+    )
+    p.add_argument(
+        "--idle-rounds",
+        type=int,
+        default=1,
+        help="how many of those rounds also run the idle scenarios, each on a fresh server"
+        " (default 1)",
+    )
+    p.add_argument(
+        "--idle",
+        type=_idle_counts,
+        default=[1000, 10000, 50000],
+        metavar="N,N,...",
+        help="idle connection counts, comma-separated (default 1000,10000,50000)",
+    )
+    p.add_argument(
+        "--servers",
+        metavar="NAME,...",
+        help="comma-separated subset of the servers below (default: all)",
+    )
+    p.add_argument(
+        "--scenarios",
+        metavar="KEY|KIND,...",
+        help="comma-separated scenario keys (throughput/10x32) or kinds (throughput, fanin,"
+        " latency, idle, connrate) to run (default: all of the run)",
+    )
+    p.add_argument(
+        "--server-cpu", type=int, default=1, help="core the servers are pinned to (default 1)"
+    )
+    p.add_argument(
+        "--gen-cpu",
+        type=int,
+        default=0,
+        help="core the generator and this script are pinned to (default 0)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where result.json, report.md and logs/ go (default bench/results/<UTC time>)",
+    )
+    p.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep relayd's log files over 1 MiB, which are otherwise deleted after the run",
+    )
     p.add_argument(
         "--no-realtime",
         dest="realtime",
         action="store_false",
-        help="do not run servers and generator as SCHED_FIFO (the default, where allowed)",
+        help="do not run the servers and the generator as SCHED_FIFO (by default they are,"
+        " where this process may: root or CAP_SYS_NICE)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """This run's command as typed from the repository root, for the report."""
+    exe = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        exe = exe.relative_to(ROOT)
+    script = Path(__file__).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(ROOT)
+    return shlex.join([str(exe), str(script), *argv])
+
+
+def describe(plan: Plan, fd_limit: int, fd_why: str | None) -> str:
+    """The plan, for --dry-run."""
+    lines = [
+        f"servers: {', '.join(s.name for s in plan.servers if s.missing is None)}",
+        *(f"not run: {s.name}: {s.missing}" for s in plan.servers if s.missing is not None),
+        f"rounds: {plan.rounds} (idle scenarios in {plan.idle_rounds})",
+        f"cores: servers on {plan.server_cpu}, generator on {plan.gen_cpu};"
+        f" SCHED_FIFO: {'yes' if plan.realtime else 'no'}",
+        f"open-file limit: {fd_limit:,}{f' ({fd_why})' if fd_why else ''}",
+        "scenarios:",
+        *(f"  {s.key:<20} {json.dumps(s.params)}" for s in plan.scenarios),
+        *(f"not run: {key}: {why}" for key, why in plan.skipped.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # An exception, so every `finally` stops what it started (generator, servers).
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench; 0 if every cell produced a result."""
-    args = parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    args = p.parse_args(args_list)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     began = datetime.datetime.now(datetime.UTC)
-    fd_limit = raise_fd_limit()
-    os.sched_setaffinity(0, {args.gen_cpu})  # keep this script off the server's core
+    allowed = os.sched_getaffinity(0)
+    for option, cpu in (("--server-cpu", args.server_cpu), ("--gen-cpu", args.gen_cpu)):
+        if cpu not in allowed:
+            p.error(f"{option} {cpu}: this process may run on cores {sorted(allowed)} only")
     specs = server_specs()
     if args.servers:
         wanted = args.servers.split(",")
+        unknown = sorted(set(wanted) - {s.name for s in specs})
+        if unknown:
+            p.error(f"--servers: no server named {', '.join(unknown)} (see --help)")
         specs = [s for s in specs if s.name in wanted]
     if args.quick:
-        scenarios, skipped = quick_scenarios(), dict[str, str]()
+        scenarios = quick_scenarios()
+        counts = [int(s.params["count"]) for s in scenarios if s.kind == "idle"]
+        fd_limit, fd_why = raise_fd_limit(max(counts, default=0) + FD_MARGIN)
+        skipped: dict[str, str] = {}
         rounds = idle_rounds = 1
     else:
-        counts = [int(c) for c in args.idle.split(",") if c]
-        scenarios, skipped = full_scenarios(counts, fd_limit)
+        fd_limit, fd_why = raise_fd_limit(max(args.idle, default=0) + FD_MARGIN)
+        scenarios, skipped = full_scenarios(args.idle, fd_limit, fd_why)
         rounds, idle_rounds = args.rounds, args.idle_rounds
     if args.scenarios:
-        keys = set(args.scenarios.split(","))
+        keys = args.scenarios.split(",")
+        unknown = sorted(
+            k for k in keys if k not in skipped and not any(k in (s.key, s.kind) for s in scenarios)
+        )
+        if unknown:
+            known = ", ".join(s.key for s in scenarios)
+            p.error(f"--scenarios: {', '.join(unknown)} not in this run ({known})")
+        if any(k in skipped for k in keys):  # an unreachable idle count: run its stand-in
+            idle = [s for s in scenarios if s.kind == "idle"]
+            keys += [max(idle, key=lambda s: int(s.params["count"])).key] if idle else []
         scenarios = [s for s in scenarios if s.key in keys or s.kind in keys]
+        skipped = {k: v for k, v in skipped.items() if k in keys or "idle" in keys}
     out = args.out or BENCH / "results" / began.strftime("%Y%m%dT%H%M%SZ")
-    out.mkdir(parents=True, exist_ok=True)
     plan = Plan(
         scenarios,
         rounds,
@@ -601,12 +832,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.quick,
         args.realtime and not args.quick and realtime_allowed(),
         skipped,
+        QUICK_IDLE_SETTLE_S if args.quick else IDLE_SETTLE_S,
     )
+    if args.dry_run:
+        print(describe(plan, fd_limit, fd_why), end="")
+        return 0
+    os.sched_setaffinity(0, {args.gen_cpu})  # keep this script off the server's core
+    out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {
         "date": began.isoformat(timespec="seconds"),
-        "command": " ".join(["bench/run", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(args_list),
         "machine": machine(),
         "rlimit_nofile": fd_limit,
+        "rlimit_nofile_why": fd_why,
         "server_cpu": plan.server_cpu,
         "gen_cpu": plan.gen_cpu,
         "realtime": plan.realtime,
@@ -620,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["logs"] = scan_logs(plan)
     meta["duration_s"] = round((datetime.datetime.now(datetime.UTC) - began).total_seconds())
     meta["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    summary = summarize(scenarios, cells)
+    summary = summarize(scenarios, cells, skipped)
     document = {
         "meta": meta,
         "scenarios": [s.as_json() for s in scenarios],

@@ -26,6 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TESTS_DIR = REPO_ROOT / "tests"
 E2E_DIR = Path(__file__).resolve().parent
 NODE_MODULES = TESTS_DIR / "node_modules"
+BENCH_DIR = REPO_ROOT / "bench"
+#: The bench's own npm packages (ws, for its node-ws peer): bench/package-lock.json.
+BENCH_NODE_MODULES = BENCH_DIR / "node_modules"
 CHROMIUM = Path("/usr/bin/chromium")
 
 #: How long relayd may take to print ``server.ready``, and to exit after SIGTERM.
@@ -286,7 +289,17 @@ def _on_path(name: str) -> Callable[[], Path | None]:
     return locate
 
 
+def _bench_node_module(name: str) -> Callable[[], Path | None]:
+    def locate() -> Path | None:
+        _ensure_bench_node_modules()
+        path = BENCH_NODE_MODULES / name
+        return path if (path / "package.json").is_file() else None
+
+    return locate
+
+
 NPM_CI = "npm ci --prefix tests"
+NPM_CI_BENCH = "npm ci --prefix bench"
 
 TOOLS: dict[str, Tool] = {
     "node": Tool("Node.js 18+ (`node` on PATH)", "apt-get install nodejs npm", _on_path("node")),
@@ -300,6 +313,11 @@ TOOLS: dict[str, Tool] = {
     "chromium": Tool(
         f"Debian's Chromium at {CHROMIUM}", "apt-get install chromium", _executable(CHROMIUM)
     ),
+    "bench-ws": Tool(
+        "the npm package ws in bench/node_modules (the bench's node-ws peer)",
+        NPM_CI_BENCH,
+        _bench_node_module("ws"),
+    ),
     **{
         name: Tool(f"`{name}` on PATH", f"apt-get install {package}", _on_path(name))
         for name, package in [
@@ -311,6 +329,7 @@ TOOLS: dict[str, Tool] = {
             ("shellcheck", "shellcheck"),
             ("gdb", "gdb"),
             ("nsenter", "util-linux"),
+            ("taskset", "util-linux"),
         ]
     },
 }
@@ -349,6 +368,43 @@ def _ensure_node_modules() -> None:
             return
         if result.returncode != 0:
             print(f"npm ci failed ({result.returncode}):\n{result.stderr}", file=sys.stderr)
+
+
+_bench_npm_lock = threading.Lock()
+_bench_npm_attempted = False
+
+
+def _ensure_bench_node_modules() -> None:
+    """Run ``npm ci --prefix bench`` once per session when bench/node_modules is missing.
+
+    As :func:`_ensure_node_modules` does for tests/: a failure is not raised here; the
+    module is then not found and :func:`require_tool` reports it, npm's output in the log.
+    """
+    global _bench_npm_attempted
+    with _bench_npm_lock:
+        if _bench_npm_attempted or BENCH_NODE_MODULES.is_dir():
+            return
+        _bench_npm_attempted = True
+        npm = shutil.which("npm")
+        if npm is None:
+            return
+        try:
+            result = subprocess.run(
+                [npm, "ci", "--prefix", str(BENCH_DIR), "--no-audit", "--no-fund"],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            print("npm ci --prefix bench timed out after 300s", file=sys.stderr)
+            return
+        if result.returncode != 0:
+            print(
+                f"npm ci --prefix bench failed ({result.returncode}):\n{result.stderr}",
+                file=sys.stderr,
+            )
 
 
 def require_tool(name: str) -> Path:
