@@ -144,9 +144,8 @@ class Connection:
         "_stop_writing",
         "_stuck_deadline",
         "_transport",
+        "_waiting_for_socket",
         "_writer_running",
-        "_writer_scope",
-        "_writing",
         "bytes_in",
         "bytes_out",
         "messages_in",
@@ -213,8 +212,7 @@ class Connection:
         self._io_deadline = math.inf
         self._writer_running = False
         self._flushing = False  # draining: the writer stays until the outbox is closed
-        self._writer_scope: trio.CancelScope | None = None
-        self._writing = False  # the writer is in send_all, not waiting for frames
+        self._waiting_for_socket = False  # the reader is in receive_some
         self._stuck_deadline = math.inf
         self._pong_deadline = math.inf
         self._last_activity = trio.current_time()
@@ -331,10 +329,13 @@ class Connection:
                 self._receive_scope = scope
                 while True:
                     scope.deadline = self._timer_deadline()
+                    self._waiting_for_socket = True
                     try:
                         data = await receive(RECEIVE_BYTES)
                     except trio.BrokenResourceError:  # reset by the client
                         data = b""
+                    finally:
+                        self._waiting_for_socket = False
                     scope.deadline = math.inf
                     if not data:
                         return  # no close frame: logged as 1006
@@ -466,12 +467,17 @@ class Connection:
     def _timer_deadline(self) -> float:
         """When the reader must stop waiting for the socket to see to a timer."""
         idle = self._live.current.idle_timeout_s or math.inf
-        return min(self._next_ping, self._last_activity + idle, self._pong_deadline)
+        return min(
+            self._next_ping, self._last_activity + idle, self._pong_deadline, self._stuck_deadline
+        )
 
     def _timers(self) -> bool:
         """See to the timers that are due; False if the connection closes for one."""
         now = trio.current_time()
         limits = self._live.current
+        if now >= self._stuck_deadline:
+            self._stuck()
+            return False
         if now >= self._pong_deadline:
             self._limit_exceeded("pong_timeout_s", "close")
             self.close_soon(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
@@ -499,25 +505,20 @@ class Connection:
         try:
             while True:
                 # One cancel scope for a stretch of writes: its deadline is
-                # WRITER_IDLE_S away while the writer waits for frames, and the
-                # slow-consumer deadline while it writes them.
+                # WRITER_IDLE_S away while the writer waits for frames, and
+                # none while it writes them (a write that does not finish is
+                # for the slow-consumer timer, which the reader keeps).
                 with trio.CancelScope() as scope:
-                    self._writer_scope = scope
                     await self._write_until_done(outbox, scope)
-                    return
-                if self._transport.broken:  # a write was cut short: the client reads nothing
-                    self._stuck()
                     return
                 if not (self._flushing or outbox.has_frames()):
                     return  # idle: the next frame starts a writer again
         finally:
             self._writer_running = False
-            self._writer_scope = None
 
     async def _write_until_done(self, outbox: Outbox, scope: trio.CancelScope) -> None:
         """Write what the outbox gets until it is closed and empty, or writing stops."""
         while True:
-            self._writing = False
             scope.deadline = math.inf if self._flushing else trio.current_time() + WRITER_IDLE_S
             frames = await outbox.take()
             if not frames:  # the outbox is closed and empty
@@ -525,8 +526,7 @@ class Connection:
             if self._stop_writing:
                 self._dropped += _messages_in(frames)
                 return
-            self._writing = True
-            scope.deadline = self._stuck_deadline
+            scope.deadline = math.inf
             try:
                 await self._write(frames)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -550,16 +550,21 @@ class Connection:
         self.bytes_out += len(data)
 
     def _stuck(self) -> None:
+        if self._stop_writing:  # closing already, for another reason
+            return
         self._limit_exceeded("slow_consumer_timeout_s", "close")
         self.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbox stayed full")
 
     def _set_stuck_deadline(self, deadline: float) -> None:
         # Called by the outbox when the router finds it full (or when the
         # writer takes from it again); the router must not wait, so this only
-        # moves the deadline of the write in progress, which is what is stuck.
+        # moves the reader's alarm (while it waits for the socket; otherwise it
+        # reads the deadline when it next waits). The reader then closes with
+        # 1013, and the write in progress has CLOSE_TIMEOUT_S to finish, so the
+        # close frame can follow it.
         self._stuck_deadline = deadline
-        scope = self._writer_scope
-        if self._writing and scope is not None and deadline < scope.deadline:
+        scope = self._receive_scope
+        if self._waiting_for_socket and scope is not None and deadline < scope.deadline:
             scope.deadline = deadline
 
     # -- the end ---------------------------------------------------------------
@@ -634,7 +639,7 @@ class Connection:
             messages_out=self.messages_out,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
-            undelivered=len(self.peer.outbox) + self._dropped,
+            undelivered=len(self.peer.outbox) + self._dropped + self.peer.outbox.replies_dropped,
         )
 
 

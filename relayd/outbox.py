@@ -12,8 +12,10 @@ It holds two kinds of frames, each with its own bound of ``capacity``:
   (:meth:`Outbox.reply`). A client that sends faster than it reads its
   replies is not read from until it catches up: TCP backpressure, not loss.
 
-The writer takes everything waiting at once with :meth:`Outbox.take` and
-writes it with one ``send_all``. The slow-consumer clock starts when a
+The writer takes what is waiting with :meth:`Outbox.take`, oldest first, up
+to :data:`TAKE_BYTES` at a time (at least one frame), and writes it with one
+``send_all``: many small frames go out in one system call, and a client that
+reads steadily but slowly keeps taking. The slow-consumer clock starts when a
 delivery is refused and stops when the writer takes frames; if it runs for
 ``slow_consumer_timeout_s``, the owning connection closes with 1013. (The
 reader bounds its own wait for reply slots by the same time.)
@@ -25,7 +27,9 @@ pongs for its latest pings only, as RFC 6455 §5.5.3 allows.
 
 Memory per connection is bounded by ``2 x capacity`` frames of at most
 ``max_message_bytes`` plus the envelope around them, plus
-:data:`MAX_CONTROL_FRAMES` control frames of at most 127 bytes.
+:data:`MAX_CONTROL_FRAMES` control frames of at most 127 bytes; and beyond
+the outbox, what the writer took and is writing: at most :data:`TAKE_BYTES`
+or one frame.
 
 Resource handling: the connection owns the outbox; the router only offers and
 replies. :meth:`close` (from the router when it unregisters the connection or
@@ -40,11 +44,15 @@ from typing import Final
 
 import trio
 
-__all__ = ["MAX_CONTROL_FRAMES", "Outbox"]
+__all__ = ["MAX_CONTROL_FRAMES", "TAKE_BYTES", "Outbox"]
 
 #: Control frames (pongs) that may wait for the writer. Autobahn's case 2.10
 #: expects a pong for each of 10 pings sent at once; more than that is a flood.
 MAX_CONTROL_FRAMES: Final = 16
+#: Bytes of frames the writer takes at a time (more if the first frame alone
+#: is bigger). Enough for hundreds of small frames per system call; small
+#: enough that taking again, which is progress, comes often for a slow reader.
+TAKE_BYTES: Final = 65536
 
 
 class Outbox:
@@ -67,6 +75,7 @@ class Outbox:
         "_control",
         "_deliveries",
         "_frames",
+        "_is_reply",
         "_on_frames",
         "_on_stuck_deadline",
         "_refused_since",
@@ -75,6 +84,7 @@ class Outbox:
         "_room",
         "_timeout",
         "_waiter",
+        "replies_dropped",
     )
 
     def __init__(
@@ -87,7 +97,8 @@ class Outbox:
     ) -> None:
         self._capacity = capacity
         self._on_frames = on_frames
-        self._frames: list[bytes] = []  # a list: the writer takes them all at once
+        self._frames: list[bytes] = []
+        self._is_reply: list[bool] = []  # for each of _frames
         self._deliveries = 0  # of _frames
         self._replies = 0  # of _frames
         self._reserved = 0  # reply slots taken by the reader, not yet filled by the router
@@ -96,6 +107,8 @@ class Outbox:
         self._on_stuck_deadline = on_stuck_deadline
         self._refused_since: float | None = None
         self._closed = False
+        #: Replies the router had for this connection after it closed.
+        self.replies_dropped = 0
         self._waiter = trio.lowlevel.ParkingLot()  # the writer, waiting for frames
         # The reader, waiting for reply slots: rare, so made when first needed.
         self._room: trio.lowlevel.ParkingLot | None = None
@@ -117,18 +130,23 @@ class Outbox:
             return False
         self._deliveries += 1
         self._frames.append(frame)
+        self._is_reply.append(False)
         self._wake()
         return True
 
     def reply(self, frame: bytes | None) -> None:
         """Fill one reserved reply slot with ``frame``, or free it (None); never waits."""
         self._reserved -= 1
-        if frame is not None and not self._closed:
+        if frame is None:
+            if self._room:
+                self._room.unpark()
+        elif self._closed:
+            self.replies_dropped += 1
+        else:
             self._replies += 1
             self._frames.append(frame)
+            self._is_reply.append(True)
             self._wake()
-        elif self._room:
-            self._room.unpark()
 
     # -- the reader's side ---------------------------------------------------------
 
@@ -167,7 +185,7 @@ class Outbox:
     # -- the writer's side ---------------------------------------------------------
 
     async def take(self) -> list[bytes]:
-        """Wait for frames and take them all, control frames first.
+        """Wait for frames and take them: the control frames, then :meth:`take_nowait`'s.
 
         Returns:
             The frames, oldest first; an empty list once the outbox is closed
@@ -180,23 +198,35 @@ class Outbox:
         return self.take_nowait()
 
     def take_nowait(self) -> list[bytes]:
-        """Take whatever is waiting (possibly nothing); stops the slow-consumer clock."""
-        if self._control:
-            frames = self._control
-            frames.extend(self._frames)
-            self._control = []
+        """Take the control frames, then the oldest frames up to :data:`TAKE_BYTES`.
+
+        Takes at least one frame if any waits; stops the slow-consumer clock.
+        """
+        frames = self._frames
+        count, size = 0, 0
+        for frame in frames:
+            size += len(frame)
+            if count and size > TAKE_BYTES:
+                break
+            count += 1
+        if count == len(frames):  # all of them, the usual case
+            taken, replies = frames, self._replies
+            self._frames, self._is_reply = [], []
         else:
-            frames = self._frames
-        self._frames = []
-        self._deliveries = 0
-        if self._replies:
-            self._replies = 0
+            taken, replies = frames[:count], sum(self._is_reply[:count])
+            del frames[:count], self._is_reply[:count]
+        self._deliveries -= count - replies
+        if self._control:
+            taken = self._control + taken
+            self._control = []
+        if replies:
+            self._replies -= replies
             if self._room:
                 self._room.unpark()
         if self._refused_since is not None:
             self._refused_since = None
             self._on_stuck_deadline(math.inf)
-        return frames
+        return taken
 
     def has_frames(self) -> bool:
         """True if frames (control frames included) wait for the writer."""

@@ -211,6 +211,68 @@ async def test_a_consumer_that_catches_up_in_time_is_not_closed(
         assert await slow.recv() == "after"
 
 
+async def test_a_client_reading_big_messages_steadily_is_not_a_slow_consumer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 60 KB messages read at 60 KB/s, with a 2 s timeout: every 60 KB written
+    # is progress, even though four of them (4 s of reading) wait at once.
+    big, count = "m" * 60_000, 12
+    limits = {"outbox_messages": 4, "slow_consumer_timeout_s": 2.0, "max_message_bytes": 70_000}
+    with structlog.testing.capture_logs() as events:
+        async with serving(**limits) as relay, relay.client(v1=True) as sender:
+            reader = relay.stream(lockstep=True)
+            reader_id = await silent_client(reader)
+            received = bytearray()
+            all_read = trio.Event()
+
+            async def read_slowly() -> None:
+                while chunk := await reader.receive_some(30_000):
+                    received.extend(chunk)
+                    if len(wire.server_frames(bytes(received), after_head=False)) == count:
+                        all_read.set()
+                    await trio.sleep(0.5)  # the client's pace: 60 KB/s
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_slowly)
+                acked = 0
+                while acked < count:
+                    await sender.send(reader_id, big, ref=acked)
+                    if "error" in await sender.recv_json():  # recipient_busy: try again
+                        await trio.sleep(0.5)
+                    else:
+                        acked += 1
+                await all_read.wait()
+                nursery.cancel_scope.cancel()
+            await reader.aclose()
+    assert [e for e in events if e["event"] == "limit.exceeded"] == []
+    frames = wire.server_frames(bytes(received), after_head=False)
+    assert [(op, len(payload)) for op, payload in frames] == [(wire.OP_TEXT, 60_000)] * count
+
+
+async def test_a_slow_consumer_gets_the_1013_close_frame_after_the_write_in_progress(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    timeout = 5.0
+    async with serving(outbox_messages=2, slow_consumer_timeout_s=timeout) as relay:
+        stuck = relay.stream(lockstep=True)
+        stuck_id = await silent_client(stuck)
+        async with relay.client(v1=True) as sender:
+            while await _send_and_reply(sender, stuck_id) != "recipient_busy":
+                pass
+            await trio.sleep(timeout + 1)  # closed as a slow consumer, its write pending
+            assert await _send_and_reply(sender, stuck_id) == "unknown_recipient"
+        received = b""
+        while chunk := await stuck.receive_some():  # the client reads again, to the end
+            received += chunk
+        await stuck.aclose()
+    frames = wire.server_frames(received, after_head=False)
+    assert frames[0][0] == wire.OP_TEXT  # the frame that was being written
+    assert frames[-1] == (
+        wire.OP_CLOSE,
+        (1013).to_bytes(2, "big") + b"slow consumer: outbox stayed full",
+    )
+
+
 async def test_a_connection_accepted_as_the_router_stops_is_closed_with_1001(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

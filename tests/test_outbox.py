@@ -18,7 +18,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.outbox import MAX_CONTROL_FRAMES, Outbox
+from relayd.outbox import MAX_CONTROL_FRAMES, TAKE_BYTES, Outbox
 
 CAPACITY = 3
 TIMEOUT_S = 10.0
@@ -467,3 +467,41 @@ def test_outbox_matches_a_model_of_its_bounds(ops: list[tuple[str, int]]) -> Non
             assert deadlines.calls == expected_calls
 
     trio.run(run, clock=trio.testing.MockClock())
+
+
+def test_take_nowait_takes_up_to_take_bytes_at_least_one_frame() -> None:
+    outbox, _ = make(capacity=4)
+    big = b"b" * (TAKE_BYTES // 2 + 1)
+    for frame in (big, big, b"s1", b"s2"):
+        assert outbox.offer(frame)
+    assert outbox.take_nowait() == [big]  # two would pass TAKE_BYTES
+    assert outbox.take_nowait() == [big, b"s1", b"s2"]
+    huge = b"h" * (TAKE_BYTES * 2)
+    assert outbox.offer(huge)
+    assert outbox.take_nowait() == [huge]  # alone over the budget: still taken
+
+
+async def test_a_partial_take_frees_the_slots_of_the_replies_it_took() -> None:
+    outbox, _ = make(capacity=2)
+    big = b"r" * TAKE_BYTES
+    assert outbox.reserve(2)
+    outbox.reply(big)
+    outbox.reply(big)
+    assert outbox.offer(b"d1")
+    assert not outbox.reserve(1)  # both reply slots hold unwritten replies
+    assert outbox.take_nowait() == [big]
+    assert outbox.reserve(1)  # the reply taken freed its slot, the other still holds one
+    assert not outbox.reserve(1)
+    assert outbox.offer(b"d2")  # one delivery of two queued: room for another
+    assert not outbox.offer(b"d3")
+    assert outbox.take_nowait() == [big]
+    assert outbox.take_nowait() == [b"d1", b"d2"]
+
+
+def test_replies_for_a_closed_outbox_are_counted_as_dropped() -> None:
+    outbox, _ = make()
+    assert outbox.reserve(2)
+    outbox.close()
+    outbox.reply(b"late ack")
+    outbox.reply(None)  # no reply: nothing dropped
+    assert (outbox.replies_dropped, len(outbox)) == (1, 0)
