@@ -6,7 +6,8 @@ new :class:`~relayd.config.LimitsSettings` reaches them all at once:
 
 * at the next handshake: every limit;
 * on open connections, from their next message or timer: ``max_message_bytes``
-  (the UTF-8 check; the transport's own frame cap stays as it was),
+  (lowered, it refuses messages with ``message_too_large``; the frame parser's
+  cap, which bounds its memory, stays as the connection started),
   ``messages_per_second`` and ``message_burst`` (a fresh bucket),
   ``idle_timeout_s``, ``ping_interval_s`` and ``pong_timeout_s``;
 * never on open connections: ``outbox_messages`` and ``slow_consumer_timeout_s``
