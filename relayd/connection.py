@@ -15,7 +15,7 @@ Task layout, all owned by :meth:`Connection.run`::
     └── writer    outbox -> socket, while there is something to write: started
                   when frames arrive, gone after WRITER_IDLE_S without any
 
-An idle connection is one task in one nursery: it costs about 11 KiB
+An idle connection is one task in one nursery: it costs about 10.3 KiB
 (docs/benchmarks.md).
 
 Who closes:
