@@ -89,7 +89,7 @@ SOURCES: Final = [f"127.0.0.{i}" for i in range(2, 252)]
 #: A cell whose server core was more than this busy with other processes during the
 #: measured window is run once more (the machine is shared); the quieter run is kept.
 NOISY_SHARE: Final = 0.15
-#: SCHED_FIFO priority of servers and generator with --realtime (the default when allowed).
+#: SCHED_FIFO priority of servers and generator with --realtime.
 RT_PRIORITY: Final = 10
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 PAGE_KIB: Final = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -737,11 +737,18 @@ def parser() -> argparse.ArgumentParser:
         help="keep relayd's log files over 1 MiB, which are otherwise deleted after the run",
     )
     p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run the servers and the generator as SCHED_FIFO, where this process may (root or"
+        " CAP_SYS_NICE). Off by default: all servers share one core, and under SCHED_FIFO one"
+        " that stays busy after its cell starves the others (seen with node-ws); with normal"
+        " scheduling that shows in the 'others' column and the cell is run again",
+    )
+    p.add_argument(
         "--no-realtime",
         dest="realtime",
         action="store_false",
-        help="do not run the servers and the generator as SCHED_FIFO (by default they are,"
-        " where this process may: root or CAP_SYS_NICE)",
+        help="normal scheduling (the default; kept for older command lines)",
     )
     return p
 
