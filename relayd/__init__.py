@@ -1,7 +1,7 @@
 """relayd: a WebSocket relay daemon on trio.
 
 Clients connect, get an id, and send each other messages through it. The
-daemon is :class:`relayd.server.Server`; the command line is :mod:`relayd.cli`.
+daemon is :class:`relayd.daemon.server.Server`; the command line is :mod:`relayd.cli`.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -18,14 +18,14 @@ from typing import Final
 
 import trio
 
-from relayd import __version__, chat
-from relayd.auth import Authenticator
+from relayd import __version__
 from relayd.config import ConfigError, Settings, load_settings, settings_as_json
-from relayd.credentials import load_authenticator, load_tls
-from relayd.daemon import run_daemon
-from relayd.log import configure
-from relayd.server import Server
-from relayd.systemd import Notifier, listen_sockets, watchdog_interval
+from relayd.daemon.credentials import load_authenticator, load_tls
+from relayd.daemon.server import Server
+from relayd.daemon.service import run_daemon
+from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
+from relayd.policy.auth import Authenticator
+from relayd.telemetry.log import configure
 
 __all__ = ["EX_CONFIG", "main"]
 
@@ -61,27 +61,24 @@ def _parser() -> argparse.ArgumentParser:
         ("check-config", "print the effective settings as JSON and exit"),
     ]:
         add_flags(commands.add_parser(name, help=text, description=text), argparse.SUPPRESS)
-    text = "connect to a relayd as a client: see your id, send and receive messages"
-    chat_parser = commands.add_parser(
+    # `relayd chat` is the client side: cli.main hands it its arguments before
+    # this parser runs, so serving never imports client code. Listed for --help.
+    commands.add_parser(
         "chat",
-        help=text,
-        description=f"{text}. Reads no config: it only needs the URL.",
-        epilog=chat.HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="connect to a relayd as a client (relayd chat --help)",
+        add_help=False,
     )
-    chat_parser.add_argument("url", metavar="URL", help="ws://HOST:PORT/ or wss://HOST:PORT/")
-    chat_parser.add_argument(
-        "--v1", action="store_true", help="speak relayd.v1 (acks, sender ids), not the seed dialect"
-    )
-    chat_parser.add_argument("--token", help="sent as 'Authorization: Bearer TOKEN'")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["chat"]:  # a client: no daemon settings, no /etc/relayd
+        from relayd.client import chat
+
+        return chat.run(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "chat":  # a client: no daemon settings, no /etc/relayd
-        return chat.main(args.url, v1=args.v1, token=args.token)
     overrides = {
         "server.host": args.host,
         "server.port": args.port,

@@ -12,8 +12,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from relayd.config import AdminSettings, LimitsSettings, LogSettings, ServerSettings, Settings
-from relayd.connection import CLOSE_TIMEOUT_S
-from relayd.server import Server
+from relayd.daemon.connection import CLOSE_TIMEOUT_S
+from relayd.daemon.server import Server
 
 
 def settings(**limits: Any) -> Settings:

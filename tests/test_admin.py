@@ -6,7 +6,7 @@ import trio
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.server import Server
+from relayd.daemon.server import Server
 from tests import wire
 from tests.client import connect, running, settings
 

@@ -1,4 +1,4 @@
-"""relayd.auth and relayd.credentials: tokens in, identities or refusals out, no sockets."""
+"""relayd.policy.auth and relayd.daemon.credentials: tokens in, identities or refusals out."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
-from relayd.auth import (
+from relayd.config import AuthSettings, ConfigError, TLSSettings
+from relayd.daemon.credentials import load_authenticator, load_tls
+from relayd.policy.auth import (
     Identity,
     JWTVerifier,
     Refusal,
@@ -20,8 +22,6 @@ from relayd.auth import (
     parse_tokens_file,
     token_from,
 )
-from relayd.config import AuthSettings, ConfigError, TLSSettings
-from relayd.credentials import load_authenticator, load_tls
 
 SECRET = "an-hs256-secret-of-at-least-32-bytes!"
 

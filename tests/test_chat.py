@@ -24,8 +24,8 @@ import trustme
 from pydantic import SecretStr
 
 from relayd.config import AuthSettings, TLSSettings
-from relayd.credentials import load_authenticator, load_tls
-from relayd.server import Server
+from relayd.daemon.credentials import load_authenticator, load_tls
+from relayd.daemon.server import Server
 from tests.client import connect, running, settings
 from tests.test_cli import MODULE, SCRIPT, clean_env
 

@@ -3,7 +3,7 @@
 The timeouts of a connection (handshake, idle, keepalive pong, slow consumer)
 are checked here in virtual time: the clock jumps whenever every task is
 blocked, so a 10-second timeout costs no real time and its deadline is exact.
-The same :class:`relayd.listener.Gate` serves these streams as serves sockets.
+The same :class:`relayd.daemon.gate.Gate` serves these streams as serves sockets.
 Each test takes the ``autojump_clock`` fixture, which pytest-trio runs it on.
 """
 
@@ -21,8 +21,8 @@ import trio.testing
 from trio_websocket import wrap_client_stream
 
 from relayd.config import LimitsSettings
-from relayd.listener import Gate
-from relayd.router import LocalRouter
+from relayd.daemon.gate import Gate
+from relayd.routing.local import LocalRouter
 from tests import wire
 from tests.client import Client
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.systemd import Notifier, listen_sockets, watchdog_interval
+from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
 from tests.e2e.harness import require_tool
 from tests.test_cli import MODULE, WAIT_TIMEOUT_S, Daemon, RawClient, run
 

@@ -1,4 +1,4 @@
-"""Tests for relayd.frames: client bytes in, messages out; server frames out. No sockets.
+"""Tests for relayd.wire.frames: client bytes in, messages out; server frames out. No sockets.
 
 Client frames are built with :func:`tests.wire.frame` (masked, with a random
 key) or, where the key matters, with :func:`keyed` (a key the test chooses).
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relayd.frames import (
+from relayd.wire.frames import (
     NO_STATUS,
     OP_BINARY,
     OP_CLOSE,

@@ -1,160 +1,428 @@
-"""Tests for relayd.handshake: capacity counting and the accept/refuse decision."""
+"""Tests for relayd.wire.handshake: request bytes in, a request or a refusal out; responses out.
+
+No sockets. Responses are read back with h11 as a client would read them, so
+"a complete HTTP/1.1 response" means what h11 accepts, not what a regex finds.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 
+import h11
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from relayd.handshake import Accept, Capacity, Reject, decide
-from relayd.protocol import Dialect
+from relayd.policy.admission import Reject
+from relayd.wire.handshake import (
+    RequestReader,
+    UpgradeRequest,
+    accept_response,
+    refusal_response,
+    validate,
+)
+from tests.wire import OP_BINARY, OP_TEXT, frame
 
-IP = "192.0.2.1"
-OTHER_IP = "198.51.100.7"
+#: RFC 6455 §1.3: this key must be answered with this accept value.
+RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+RFC_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+LIMIT = 4096
+
+DEFAULT_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Host", "relay.example"),
+    ("Upgrade", "websocket"),
+    ("Connection", "Upgrade"),
+    ("Sec-WebSocket-Key", RFC_KEY),
+    ("Sec-WebSocket-Version", "13"),
+)
 
 
-def decide_for(
-    capacity: Capacity,
+def head(
+    replace: Mapping[str, str | None] | None = None,
     *,
-    ip: str = IP,
-    draining: bool = False,
-    offered: Sequence[str] = (),
-) -> Accept | Reject:
-    return decide(draining=draining, capacity=capacity, client_ip=ip, offered_subprotocols=offered)
+    extra: Sequence[tuple[str, str]] = (),
+    request_line: str = "GET /?token=t HTTP/1.1",
+) -> bytes:
+    """A request head: default headers, some replaced (None removes one), ``extra`` added."""
+    replace = replace or {}
+    lines = [request_line]
+    for name, value in DEFAULT_HEADERS:
+        new = replace.get(name, value)
+        if new is not None:
+            lines.append(f"{name}: {new}")
+    lines += [f"{name}: {value}" for name, value in extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def test_capacity_counts_total_and_per_ip() -> None:
-    capacity = Capacity(max_total=10, max_per_ip=3)
-    assert (capacity.total, capacity.from_ip(IP)) == (0, 0)
-    capacity.opened(IP)
-    capacity.opened(IP)
-    capacity.opened(OTHER_IP)
-    assert capacity.total == 3
-    assert capacity.from_ip(IP) == 2
-    assert capacity.from_ip(OTHER_IP) == 1
-    assert capacity.from_ip("203.0.113.9") == 0
+def read(data: bytes, max_head_bytes: int = LIMIT) -> tuple[h11.Request, bytes] | Reject | None:
+    return RequestReader(max_head_bytes).feed(data)
 
 
-def test_capacity_closed_removes() -> None:
-    capacity = Capacity(max_total=10, max_per_ip=3)
-    capacity.opened(IP)
-    capacity.opened(IP)
-    capacity.opened(OTHER_IP)
-    capacity.closed(IP)
-    assert (capacity.total, capacity.from_ip(IP)) == (2, 1)
-    capacity.closed(IP)
-    capacity.closed(OTHER_IP)
-    assert (capacity.total, capacity.from_ip(IP), capacity.from_ip(OTHER_IP)) == (0, 0, 0)
+def request(data: bytes) -> h11.Request:
+    result = read(data)
+    assert isinstance(result, tuple), result
+    return result[0]
 
 
-def test_capacity_within_limits_has_no_refusal() -> None:
-    capacity = Capacity(max_total=2, max_per_ip=2)
-    capacity.opened(IP)
-    capacity.opened(IP)
-    assert capacity.refusal(IP) is None
+def upgrade(data: bytes) -> UpgradeRequest:
+    result = validate(request(data))
+    assert isinstance(result, UpgradeRequest), result
+    return result
 
 
-def test_closing_frees_room_again() -> None:
-    capacity = Capacity(max_total=1, max_per_ip=1)
-    capacity.opened(IP)
-    capacity.opened(IP)
-    assert capacity.refusal(IP) is not None
-    capacity.closed(IP)
-    assert capacity.refusal(IP) is None
+def refusal(data: bytes) -> Reject:
+    result = validate(request(data))
+    assert isinstance(result, Reject), result
+    return result
 
 
-def test_decide_accepts_within_limits() -> None:
-    capacity = Capacity(max_total=2, max_per_ip=1)
-    capacity.opened(IP)
-    capacity.opened(OTHER_IP)  # exactly at both limits, this connection counted
-    assert decide_for(capacity) == Accept(Dialect.SEED)
-    assert decide_for(capacity, ip=OTHER_IP) == Accept(Dialect.SEED)
+def read_response(data: bytes) -> tuple[h11.Response, bytes, h11.Connection]:
+    """Parse ``data`` as the answer to a GET, as an HTTP/1.1 client."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "relay.example")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    response = client.next_event()
+    assert isinstance(response, h11.Response), response
+    body = b""
+    while True:
+        event = client.next_event()
+        if isinstance(event, h11.EndOfMessage):
+            return response, body, client
+        assert isinstance(event, h11.Data), event
+        body += event.data
 
 
-def test_decide_refuses_while_draining() -> None:
-    capacity = Capacity(max_total=10, max_per_ip=10)
-    capacity.opened(IP)
-    assert decide_for(capacity, draining=True) == Reject(503, "server shutting down")
+def header_values(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key == name]
 
 
-def test_draining_wins_over_capacity() -> None:
-    capacity = Capacity(max_total=0, max_per_ip=0)
-    capacity.opened(IP)
-    assert decide_for(capacity, draining=True) == Reject(503, "server shutting down")
+# --- RequestReader ------------------------------------------------------------------------------
 
 
-def test_decide_refuses_over_total() -> None:
-    capacity = Capacity(max_total=2, max_per_ip=5)
-    for ip in ("10.0.0.1", "10.0.0.2", IP):
-        capacity.opened(ip)
-    assert decide_for(capacity) == Reject(503, "server at capacity")
+def test_request_fed_byte_by_byte_is_returned_once_its_head_ends() -> None:
+    data = head()
+    reader = RequestReader(LIMIT)
+    for i in range(len(data) - 1):
+        assert reader.feed(data[i : i + 1]) is None, i
+    result = reader.feed(data[-1:])
+    assert isinstance(result, tuple)
+    req, rest = result
+    assert (req.method, req.target, req.http_version) == (b"GET", b"/?token=t", b"1.1")
+    assert rest == b""
 
 
-def test_decide_refuses_over_per_ip() -> None:
-    capacity = Capacity(max_total=100, max_per_ip=2)
-    for _ in range(3):
-        capacity.opened(IP)
-    capacity.opened(OTHER_IP)
-    assert decide_for(capacity) == Reject(503, "too many connections from this address")
-    assert decide_for(capacity, ip=OTHER_IP) == Accept(Dialect.SEED)
+def test_bytes_after_the_head_are_returned_as_rest() -> None:
+    early = frame(OP_TEXT, b'{"to": "bob"}') + frame(OP_BINARY, b"\x00" * 300)
+    result = read(head() + early)
+    assert isinstance(result, tuple)
+    assert result[1] == early
+
+
+def test_rest_holds_early_bytes_when_the_head_ends_in_a_later_feed() -> None:
+    data = head()
+    early = frame(OP_TEXT, b"hi")
+    reader = RequestReader(LIMIT)
+    assert reader.feed(data[:-3]) is None
+    result = reader.feed(data[-3:] + early)
+    assert isinstance(result, tuple)
+    assert result[1] == early
+
+
+@given(cuts=st.lists(st.integers(0, 400), max_size=6), early=st.binary(max_size=100))
+def test_any_split_gives_the_same_request_and_the_early_bytes_in_order(
+    cuts: list[int], early: bytes
+) -> None:
+    data = head() + early
+    points = [0, *sorted({c for c in cuts if c <= len(data)}), len(data)]
+    reader = RequestReader(LIMIT)
+    after = b""
+    result = None
+    for a, b in itertools.pairwise(points):
+        if result is None:
+            result = reader.feed(data[a:b]) if b > a else None
+        else:
+            after += data[a:b]
+    assert isinstance(result, tuple)
+    assert result[0].target == b"/?token=t"
+    assert result[1] + after == early
+
+
+def test_head_of_exactly_the_limit_is_accepted() -> None:
+    data = head()
+    assert isinstance(read(data, len(data)), tuple)
+    reader = RequestReader(len(data))
+    results = [reader.feed(data[i : i + 1]) for i in range(len(data))]
+    assert isinstance(results[-1], tuple)
+
+
+def test_head_over_the_limit_is_refused_with_431_as_soon_as_the_limit_is_passed() -> None:
+    limit = 1024
+    endless = head()[:-2] + b"X-Pad: " + b"p" * 10_000  # the head never ends
+    reader = RequestReader(limit)
+    for i in range(limit):
+        assert reader.feed(endless[i : i + 1]) is None, i
+    result = reader.feed(endless[limit : limit + 1])
+    assert isinstance(result, Reject)
+    assert result.status == 431
+
+
+def test_head_over_the_limit_in_large_feeds_is_refused_with_431_before_it_ends() -> None:
+    reader = RequestReader(1024)
+    endless = head()[:-2] + b"X-Pad: " + b"p" * 10_000
+    result = reader.feed(endless[:5000])
+    assert isinstance(result, Reject)
+    assert result.status == 431
+
+
+@pytest.mark.parametrize("how", ["whole", "byte-by-byte"])
+@pytest.mark.parametrize("over", [1, 1000], ids=lambda n: f"{n}-bytes-over")
+def test_complete_head_over_the_limit_is_refused_with_431(how: str, over: int) -> None:
+    base = head()
+    padded = head(extra=[("X-Pad", "p" * (over + 1024 - len(base) - len("X-Pad: \r\n")))])
+    limit = len(padded) - over
+    assert limit >= len(base)
+    reader = RequestReader(limit)
+    result: tuple[h11.Request, bytes] | Reject | None = None
+    if how == "whole":
+        result = reader.feed(padded)
+    else:
+        for i in range(len(padded)):
+            result = reader.feed(padded[i : i + 1])
+            if result is not None:
+                break
+    assert isinstance(result, Reject), result
+    assert result.status == 431
 
 
 @pytest.mark.parametrize(
-    ("offered", "dialect", "subprotocol"),
+    "data",
     [
-        ((), Dialect.SEED, None),
-        (("relayd.v1",), Dialect.V1, "relayd.v1"),
-        (("chat", "relayd.v1"), Dialect.V1, "relayd.v1"),
+        pytest.param(b"GARBAGE\r\n\r\n", id="no-request-line"),
+        pytest.param(b"GET /\r\n\r\n", id="http-0.9"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost relay.example\r\n\r\n", id="header-without-colon"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost : relay.example\r\n\r\n", id="space-before-colon"),
+        pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="http-1.1-without-host"),
+        pytest.param(head(extra=[("Content-Length", "abc")]), id="bad-content-length"),
+        pytest.param(
+            head(extra=[("Content-Length", "1"), ("Content-Length", "2")]),
+            id="conflicting-content-lengths",
+        ),
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\r\n\r\n", id="tls"),
     ],
 )
-def test_decide_accepts_in_the_offered_dialect(
-    offered: tuple[str, ...], dialect: Dialect, subprotocol: str | None
-) -> None:
-    capacity = Capacity(max_total=1, max_per_ip=1)
-    capacity.opened(IP)
-    decision = decide_for(capacity, offered=offered)
-    assert decision == Accept(dialect)
-    assert isinstance(decision, Accept)
-    assert decision.subprotocol == subprotocol
-
-
-@pytest.mark.parametrize("offered", [("chat",), ("chat", "graphql-ws")])
-def test_decide_refuses_an_offer_without_relayd_v1_with_400(offered: tuple[str, ...]) -> None:
-    capacity = Capacity(max_total=1, max_per_ip=1)
-    capacity.opened(IP)
-    assert decide_for(capacity, offered=offered) == Reject(
-        400, "unsupported subprotocol; offer relayd.v1 or none"
-    )
+def test_malformed_http_is_refused_with_400(data: bytes) -> None:
+    result = read(data)
+    assert isinstance(result, Reject), result
+    assert result.status == 400
 
 
 @pytest.mark.parametrize(
-    ("dialect", "subprotocol"), [(Dialect.SEED, None), (Dialect.V1, "relayd.v1")]
-)
-def test_accept_subprotocol(dialect: Dialect, subprotocol: str | None) -> None:
-    assert Accept(dialect).subprotocol == subprotocol
-
-
-@pytest.mark.parametrize(
-    ("path", "enabled", "expected"),
+    "extra",
     [
-        ("/echo", True, Accept(Dialect.SEED, echo=True)),
-        ("/echo?case=1", True, Accept(Dialect.SEED, echo=True)),
-        ("/echo", False, Accept(Dialect.SEED)),  # off: a relay path like any other
-        ("/", True, Accept(Dialect.SEED)),
-        ("/echoes", True, Accept(Dialect.SEED)),
+        pytest.param([("Content-Length", "5")], id="content-length"),
+        pytest.param([("Transfer-Encoding", "chunked")], id="chunked"),
+        pytest.param([("Transfer-Encoding", "gzip")], id="transfer-encoding-gzip"),
+        pytest.param([("Transfer-Encoding", "gzip, chunked")], id="transfer-encoding-gzip-chunked"),
     ],
 )
-def test_decide_serves_the_echo_route_only_when_enabled(
-    path: str, enabled: bool, expected: Accept
+def test_request_with_a_body_is_refused_with_400(extra: list[tuple[str, str]]) -> None:
+    result = read(head(extra=extra) + b"hello")
+    assert isinstance(result, Reject), result
+    assert result.status == 400
+
+
+def test_request_with_content_length_zero_is_read() -> None:
+    assert upgrade(head(extra=[("Content-Length", "0")])).key == RFC_KEY
+
+
+# --- validate -----------------------------------------------------------------------------------
+
+
+def test_valid_request_is_accepted_with_its_target_key_and_headers() -> None:
+    valid = upgrade(head(extra=[("X-Forwarded-For", "192.0.2.1")]))
+    assert valid.target == "/?token=t"
+    assert valid.key == RFC_KEY
+    assert valid.subprotocols == ()
+    assert valid.headers["x-forwarded-for"] == "192.0.2.1"
+    assert valid.headers["host"] == "relay.example"
+    assert all(name == name.lower() for name in valid.headers)
+
+
+def test_repeated_headers_are_joined_with_commas() -> None:
+    valid = upgrade(head(extra=[("X-Forwarded-For", "192.0.2.1"), ("x-forwarded-for", "10.0.0.1")]))
+    assert valid.headers["x-forwarded-for"] == "192.0.2.1, 10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(head(request_line="GET / HTTP/1.0"), id="http-1.0"),
+        pytest.param(head(request_line="POST / HTTP/1.1"), id="post"),
+        pytest.param(head(request_line="HEAD / HTTP/1.1"), id="head"),
+        pytest.param(head({"Upgrade": None}), id="no-upgrade"),
+        pytest.param(head({"Upgrade": "h2c"}), id="upgrade-h2c"),
+        pytest.param(head({"Upgrade": "websockets"}), id="upgrade-websockets-typo"),
+        pytest.param(head({"Upgrade": ""}), id="upgrade-empty"),
+        pytest.param(head({"Connection": None}), id="no-connection"),
+        pytest.param(head({"Connection": "keep-alive"}), id="connection-keep-alive"),
+        pytest.param(head({"Connection": "close"}), id="connection-close"),
+        pytest.param(head({"Connection": "upgrade-insecure"}), id="connection-garbled"),
+        pytest.param(head({"Sec-WebSocket-Key": None}), id="no-key"),
+        pytest.param(head({"Sec-WebSocket-Key": ""}), id="empty-key"),
+        pytest.param(head({"Sec-WebSocket-Key": "not base64 at all!"}), id="key-not-base64"),
+        pytest.param(head({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ"}), id="key-unpadded"),
+        pytest.param(head({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25j"}), id="key-15-bytes"),
+        pytest.param(head({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZT8/"}), id="key-17-bytes"),
+        pytest.param(head(extra=[("Sec-WebSocket-Key", RFC_KEY)]), id="two-keys"),
+    ],
+)
+def test_request_that_is_not_a_websocket_upgrade_is_refused_with_400(data: bytes) -> None:
+    assert refusal(data).status == 400
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [
+        pytest.param({"Connection": "keep-alive, Upgrade"}, id="connection-keep-alive-upgrade"),
+        pytest.param({"Connection": "Upgrade,keep-alive"}, id="connection-no-space"),
+        pytest.param({"Connection": "UPGRADE"}, id="connection-upper-case"),
+        pytest.param({"Connection": "upgrade"}, id="connection-lower-case"),
+        pytest.param({"Upgrade": "WebSocket"}, id="upgrade-mixed-case"),
+        pytest.param({"Upgrade": "WEBSOCKET"}, id="upgrade-upper-case"),
+        pytest.param({"Host": "[::1]:8080"}, id="ipv6-host"),
+    ],
+)
+def test_upgrade_and_connection_tokens_are_read_case_insensitively(
+    replace: dict[str, str | None],
 ) -> None:
-    capacity = Capacity(max_total=1, max_per_ip=1)
-    capacity.opened(IP)
-    decision = decide(
-        draining=False,
-        capacity=capacity,
-        client_ip=IP,
-        offered_subprotocols=(),
-        path=path,
-        echo_route=enabled,
+    assert upgrade(head(replace)).key == RFC_KEY
+
+
+def test_connection_tokens_across_repeated_headers_are_accepted() -> None:
+    data = head({"Connection": "keep-alive"}, extra=[("Connection", "Upgrade")])
+    assert upgrade(data).key == RFC_KEY
+
+
+@pytest.mark.parametrize("version", ["8", "7", "12", "14", "13, 8"])
+def test_other_websocket_version_is_refused_with_426(version: str) -> None:
+    assert refusal(head({"Sec-WebSocket-Version": version})).status == 426
+
+
+def test_426_response_carries_the_version_this_server_speaks() -> None:
+    reject = refusal(head({"Sec-WebSocket-Version": "8"}))
+    response, _, _ = read_response(refusal_response(reject.status, reject.reason))
+    assert response.status_code == 426
+    assert header_values(response.headers, b"sec-websocket-version") == [b"13"]
+
+
+@pytest.mark.parametrize(
+    ("offered", "expected"),
+    [
+        pytest.param([], (), id="none"),
+        pytest.param(["relay.v1"], ("relay.v1",), id="one"),
+        pytest.param(["a, b,c"], ("a", "b", "c"), id="commas-and-spaces"),
+        pytest.param([" a ,, b ,"], ("a", "b"), id="empty-items"),
+        pytest.param(["a, b", "c"], ("a", "b", "c"), id="several-headers"),
+        pytest.param(["relay.v1", "chat, relay.v1"], ("relay.v1", "chat", "relay.v1"), id="dup"),
+    ],
+)
+def test_subprotocols_are_listed_in_the_order_offered(
+    offered: list[str], expected: tuple[str, ...]
+) -> None:
+    data = head(extra=[("Sec-WebSocket-Protocol", value) for value in offered])
+    assert upgrade(data).subprotocols == expected
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+def websocket_client_reads(response: bytes) -> tuple[h11.InformationalResponse, h11.Connection]:
+    client = h11.Connection(h11.CLIENT)
+    client.send(
+        h11.Request(
+            method="GET",
+            target="/",
+            headers=[
+                ("Host", "relay.example"),
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+            ],
+        )
     )
-    assert decision == expected
+    client.send(h11.EndOfMessage())
+    client.receive_data(response)
+    event = client.next_event()
+    assert isinstance(event, h11.InformationalResponse), event
+    return event, client
+
+
+def test_accept_response_answers_the_rfc_6455_example_key() -> None:
+    event, client = websocket_client_reads(accept_response(RFC_KEY, None))
+    assert event.status_code == 101
+    assert client.their_state is h11.SWITCHED_PROTOCOL
+    assert client.trailing_data == (b"", False)
+    assert header_values(event.headers, b"sec-websocket-accept") == [RFC_ACCEPT.encode()]
+    assert header_values(event.headers, b"upgrade") == [b"websocket"]
+    assert header_values(event.headers, b"connection") == [b"Upgrade"]
+    assert header_values(event.headers, b"sec-websocket-protocol") == []
+
+
+def test_accept_response_selects_the_subprotocol_when_given() -> None:
+    event, _ = websocket_client_reads(accept_response(RFC_KEY, "relay.v1"))
+    assert header_values(event.headers, b"sec-websocket-protocol") == [b"relay.v1"]
+    assert header_values(event.headers, b"sec-websocket-accept") == [RFC_ACCEPT.encode()]
+
+
+def test_accept_response_for_a_validated_request_uses_its_key() -> None:
+    key = "AQIDBAUGBwgJCgsMDQ4PEA=="
+    valid = upgrade(head({"Sec-WebSocket-Key": f"  {key}  "}))
+    assert valid.key == key
+    event, _ = websocket_client_reads(accept_response(valid.key, None))
+    # The value for this key, computed with another tool (``printf '%s' "$key$GUID"
+    # | openssl sha1 -binary | base64``).
+    assert header_values(event.headers, b"sec-websocket-accept") == [
+        b"C/0nmHhBztSRGR1CwL6Tf4ZjwpY="
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        (400, "not a WebSocket upgrade request"),
+        (403, "origin not allowed"),
+        (404, ""),
+        (426, "unsupported WebSocket version; this server speaks 13"),
+        (429, "too many connections from your address"),
+        (431, "request head over 16384 bytes"),
+        (500, "internal error"),
+        (503, "shutting down — ünïcode reason"),
+    ],
+)
+def test_refusal_response_is_a_complete_http_response(status: int, reason: str) -> None:
+    response, body, client = read_response(refusal_response(status, reason))
+    assert response.status_code == status
+    assert response.http_version == b"1.1"
+    assert body == reason.encode()
+    assert header_values(response.headers, b"content-length") == [str(len(body)).encode()]
+    assert header_values(response.headers, b"connection") == [b"close"]
+    assert header_values(response.headers, b"content-type") == [b"text/plain; charset=utf-8"]
+    assert client.their_state is h11.MUST_CLOSE
+    assert client.trailing_data == (b"", False)
+
+
+def test_401_refusal_names_the_bearer_scheme() -> None:
+    response, body, _ = read_response(refusal_response(401, "missing token"))
+    assert response.status_code == 401
+    assert header_values(response.headers, b"www-authenticate") == [b"Bearer"]
+    assert body == b"missing token"
+
+
+def test_refusal_response_carries_extra_headers() -> None:
+    data = refusal_response(503, "draining", [("Retry-After", "5"), ("X-Relayd", "1")])
+    response, body, _ = read_response(data)
+    assert header_values(response.headers, b"retry-after") == [b"5"]
+    assert header_values(response.headers, b"x-relayd") == [b"1"]
+    assert header_values(response.headers, b"www-authenticate") == []
+    assert body == b"draining"

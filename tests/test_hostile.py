@@ -46,10 +46,10 @@ import trio.testing
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from relayd.config import LimitsSettings
-from relayd.listener import Gate
-from relayd.log import get_logger
-from relayd.router import LocalRouter
-from relayd.server import Server
+from relayd.daemon.gate import Gate
+from relayd.daemon.server import Server
+from relayd.routing.local import LocalRouter
+from relayd.telemetry.log import get_logger
 from tests import wire
 from tests.client import (
     Client,

@@ -3,7 +3,7 @@
 The events are captured with ``structlog.testing.capture_logs()`` around an in-process
 server on loopback (port 0), driven by real WebSocket clients; every field set is pinned
 exactly, so a field added, dropped or renamed fails here first. The renderer tests call
-:func:`relayd.log.configure` on a string stream; a fixture restores structlog's defaults
+:func:`relayd.telemetry.log.configure` on a string stream; a fixture restores structlog's defaults
 after them so that other tests' ``capture_logs`` still see every event.
 """
 
@@ -27,9 +27,16 @@ from trio_websocket import wrap_client_stream
 
 import relayd
 from relayd.config import LogSettings, Settings
-from relayd.connection import CLOSE_TIMEOUT_S
-from relayd.log import FLUSH_DELAY_S, batched, configure, flush_held_lines, get_logger, line_writer
-from relayd.server import Server
+from relayd.daemon.connection import CLOSE_TIMEOUT_S
+from relayd.daemon.server import Server
+from relayd.telemetry.log import (
+    FLUSH_DELAY_S,
+    batched,
+    configure,
+    flush_held_lines,
+    get_logger,
+    line_writer,
+)
 from tests import wire
 from tests.client import Client, connect, running, settings
 

@@ -1,4 +1,4 @@
-"""Tests for relayd.outbox: the bounded hand-over between the router and a connection's writer.
+"""Tests for relayd.routing.outbox: the bounded hand-over between the router and a writer.
 
 No sockets and no sleeps: a waiting task is seen waiting with
 ``trio.testing.wait_all_tasks_blocked()``, time is moved with the autojump
@@ -18,7 +18,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.outbox import MAX_CONTROL_FRAMES, TAKE_BYTES, Outbox
+from relayd.routing.outbox import MAX_CONTROL_FRAMES, TAKE_BYTES, Outbox
 
 CAPACITY = 3
 TIMEOUT_S = 10.0

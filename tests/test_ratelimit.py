@@ -1,10 +1,10 @@
-"""Tests for relayd.ratelimit, with time passed in as plain floats."""
+"""Tests for relayd.policy.ratelimit, with time passed in as plain floats."""
 
 from __future__ import annotations
 
 import pytest
 
-from relayd.ratelimit import RateLimiter, TokenBucket, Verdict
+from relayd.policy.ratelimit import RateLimiter, TokenBucket, Verdict
 
 RATE = 10.0  # messages per second
 BURST = 5

@@ -11,10 +11,10 @@ import pytest
 import structlog
 import trustme
 
-from relayd.auth import JWTVerifier, StaticTokens
 from relayd.config import ServerSettings, TLSSettings
-from relayd.credentials import load_tls
-from relayd.server import Server
+from relayd.daemon.credentials import load_tls
+from relayd.daemon.server import Server
+from relayd.policy.auth import JWTVerifier, StaticTokens
 from tests import wire
 from tests.client import connect, running, settings
 from tests.test_server import _send_and_read

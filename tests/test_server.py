@@ -1,6 +1,6 @@
 """The daemon in-process, through real sockets on loopback (port 0).
 
-Each test starts a :class:`relayd.server.Server` with ``nursery.start`` and
+Each test starts a :class:`relayd.daemon.server.Server` with ``nursery.start`` and
 talks to it as clients would: relayd's own test client (trio-websocket) or raw
 bytes where a test must misbehave. Nothing sleeps to wait: every wait is for a
 frame, a close, or a log event, under the conftest deadline.
@@ -17,8 +17,9 @@ import trio
 from trio_websocket import wrap_client_stream
 
 from relayd.config import DiagnosticsSettings
-from relayd.router import Inbound, LocalRouter, Relay
-from relayd.server import Server
+from relayd.daemon.server import Server
+from relayd.routing.interface import Inbound, Relay
+from relayd.routing.local import LocalRouter
 from tests import wire
 from tests.client import Client, connect, running, settings, split_url
 

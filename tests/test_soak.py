@@ -92,8 +92,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from relayd.router import LocalRouter
-from relayd.server import Server
+from relayd.daemon.server import Server
+from relayd.routing.local import LocalRouter
 from tests.client import running, settings, split_url
 
 _CI: Final = bool(os.environ.get("CI"))

@@ -124,7 +124,7 @@ COMMAND_TIMEOUT_S: Final = 60.0
 JOURNAL_TIMEOUT_S: Final = 30.0
 #: gdb attaching and loading symbols, then WatchdogSec, then RestartSec and a start.
 WATCHDOG_TIMEOUT_S: Final = 90.0
-#: relayd refreshes STATUS= every 5 s (relayd.daemon.STATUS_INTERVAL_S).
+#: relayd refreshes STATUS= every 5 s (relayd.daemon.service.STATUS_INTERVAL_S).
 STATUS_TIMEOUT_S: Final = 15.0
 #: Poweroff of the container, relayd's drain included.
 POWEROFF_TIMEOUT_S: Final = 60.0

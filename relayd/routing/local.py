@@ -1,20 +1,19 @@
-"""The routing task and the interface connections see it through.
+"""The router of one process: one routing task, fed by a bounded channel.
 
 Data path: a connection's reader awaits :meth:`Router.route` with the items
 of one read from its socket (a batch: one hand-off however many frames the
 read held), which puts them on one bounded memory channel (the router's inbox;
 a full inbox makes readers wait, which is TCP backpressure on the senders).
 The single routing task takes batches off it in order, looks recipients up in
-the :class:`~relayd.routing.RoutingTable`, encodes each recipient's frame once
+the :class:`~relayd.routing.table.RoutingTable`, encodes each recipient's frame once
 per dialect and hands it to their outboxes with
-:meth:`~relayd.outbox.Outbox.offer`, which never waits: the router is never
+:meth:`~relayd.routing.outbox.Outbox.offer`, which never waits: the router is never
 held up by a slow recipient. Replies to a sender (acks, errors) go through the
 sender's own outbox, into the reply slots its reader reserved, so each client
 sees every reply, in the order it sent.
 
-:class:`Router` is the whole interface; :class:`LocalRouter` routes within one
-process. A broker-backed router (e.g. Redis pub/sub between relayd processes)
-implements the same methods and connections do not change.
+:class:`LocalRouter` implements :class:`~relayd.routing.interface.Router`
+for the connections of one process.
 
 Shutdown: :meth:`Router.close` refuses new items; :meth:`Router.run` then
 delivers what is already queued, closes every registered outbox (so writers
@@ -23,31 +22,20 @@ flush and end) and returns.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final
 
 import structlog
 import trio
 
-from relayd.errors import RelaydError
-from relayd.frames import text_frame
-from relayd.log import batched, line_writer
-from relayd.metrics import Stats
-from relayd.outbox import Outbox
-from relayd.protocol import Dialect, Envelope, ack_payload, delivery_payload, error_payload
-from relayd.routing import Outcome, RoutingTable, outcome_of
+from relayd.routing.interface import Inbound, Peer, Relay, RouterClosed
+from relayd.routing.table import Outcome, RoutingTable, outcome_of
+from relayd.telemetry.log import batched, line_writer
+from relayd.telemetry.metrics import Stats
+from relayd.wire.dialects import Dialect, Envelope, ack_payload, delivery_payload, error_payload
+from relayd.wire.frames import text_frame
 
-__all__ = [
-    "DEFAULT_INBOX_SIZE",
-    "Inbound",
-    "LocalRouter",
-    "Peer",
-    "Relay",
-    "Reply",
-    "Router",
-    "RouterClosed",
-]
+__all__ = ["DEFAULT_INBOX_SIZE", "LocalRouter"]
 
 #: Batches the router's inbox holds before readers wait. A batch is what one
 #: read brought (at most the reader's receive size in frames), so this bounds
@@ -55,88 +43,6 @@ __all__ = [
 #: kilobytes in practice. Big enough that the router drains a whole scheduling
 #: round of readers without them blocking.
 DEFAULT_INBOX_SIZE: Final = 256
-
-
-class RouterClosed(RelaydError):
-    """The router is shutting down and takes no more connections or messages."""
-
-
-@dataclasses.dataclass(eq=False, slots=True)
-class Peer:
-    """What the router knows of one connection.
-
-    Attributes:
-        client_id: the id messages are addressed to.
-        dialect: how the connection wants its frames written.
-        outbox: where the router hands it frames.
-        conn: the connection's number, for logs.
-    """
-
-    client_id: str
-    dialect: Dialect
-    outbox: Outbox
-    conn: int
-
-
-class Relay(NamedTuple):
-    """A message a client asked to relay (a tuple: one is made per message).
-
-    Attributes:
-        sender: the sending connection.
-        envelope: the decoded request.
-        size: the client frame's size in bytes.
-        received: when the reader took it off the socket (trio's clock).
-    """
-
-    sender: Peer
-    envelope: Envelope
-    size: int
-    received: float
-
-
-class Reply(NamedTuple):
-    """An encoded frame for one connection that its own reader produced (an error, an echo)."""
-
-    recipient: Peer
-    frame: bytes
-
-
-Inbound = Relay | Reply
-
-
-class Router(Protocol):
-    """The routing service as connections see it."""
-
-    def register(self, peer: Peer) -> None:
-        """Start routing messages for ``peer.client_id`` to ``peer``.
-
-        Raises:
-            RouterClosed: the router is shutting down.
-        """
-
-    def unregister(self, peer: Peer) -> None:
-        """Stop routing to ``peer`` and close its outbox; idempotent."""
-
-    async def route(self, items: list[Inbound]) -> None:
-        """Queue ``items`` for routing, in order; waits while the router is behind.
-
-        The caller has reserved a reply slot in its outbox for each item
-        (:meth:`~relayd.outbox.Outbox.reserve`); the router answers each item
-        exactly once through :meth:`~relayd.outbox.Outbox.reply`, with the
-        reply frame or None. The router owns ``items`` from here.
-
-        Raises:
-            RouterClosed: the router is shutting down; the items were not taken.
-        """
-
-    def close(self) -> None:
-        """Take nothing more; :meth:`run` finishes what is queued and returns."""
-
-    def reconfigure(self, *, log_messages: bool, log_bodies: bool) -> None:
-        """Apply reloaded ``[log]`` settings to messages routed from now on."""
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Route until closed; reports started once items can be routed."""
 
 
 class LocalRouter:

@@ -1,4 +1,4 @@
-"""Tests for relayd.routing: the routing table and message outcomes, as plain values."""
+"""Tests for relayd.routing.table: the routing table and message outcomes, as plain values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import pytest
 
 from relayd.errors import ErrorCode
-from relayd.routing import Outcome, RoutingTable, outcome_of
+from relayd.routing.table import Outcome, RoutingTable, outcome_of
 
 
 class Handle:

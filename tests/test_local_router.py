@@ -1,4 +1,4 @@
-"""Tests for relayd.router.LocalRouter, driven with real outboxes and no sockets.
+"""Tests for relayd.routing.local.LocalRouter, driven with real outboxes and no sockets.
 
 The router task is started with ``nursery.start``; ``wait_all_tasks_blocked``
 tells when it has handled everything queued (it wakes before an autojump clock
@@ -22,10 +22,11 @@ import trio
 import trio.testing
 from structlog.typing import EventDict
 
-from relayd.frames import text_frame
-from relayd.outbox import Outbox
-from relayd.protocol import Dialect, decode_envelope
-from relayd.router import LocalRouter, Peer, Relay, Reply, RouterClosed
+from relayd.routing.interface import Peer, Relay, Reply, RouterClosed
+from relayd.routing.local import LocalRouter
+from relayd.routing.outbox import Outbox
+from relayd.wire.dialects import Dialect, decode_envelope
+from relayd.wire.frames import text_frame
 from tests.wire import text_of
 
 TIMEOUT_S = 5.0  # the outboxes' slow_consumer_timeout_s

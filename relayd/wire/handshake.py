@@ -8,7 +8,7 @@ other frame). :func:`validate` checks that the request is a WebSocket upgrade
 relayd can accept; :func:`accept_response` and :func:`refusal_response` are the
 two ways to answer it.
 
-Every refusal is a :class:`~relayd.handshake.Reject` carrying its HTTP status
+Every refusal is a :class:`~relayd.policy.admission.Reject` carrying its HTTP status
 and the reason sent as the response body and logged as ``handshake.rejected``:
 
 * 400: not HTTP/1.1, not a GET, not a WebSocket upgrade, a bad
@@ -30,7 +30,7 @@ from typing import Final
 
 import h11
 
-from relayd.handshake import Reject
+from relayd.policy.admission import Reject
 
 __all__ = [
     "RequestReader",

@@ -16,6 +16,7 @@ verification off.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
@@ -23,6 +24,7 @@ import signal
 import ssl
 import sys
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,9 +37,9 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from relayd.protocol import V1_SUBPROTOCOL, Dialect
+from relayd.wire.dialects import V1_SUBPROTOCOL, Dialect
 
-__all__ = ["EX_USAGE", "HELP", "main"]
+__all__ = ["EX_USAGE", "HELP", "main", "run"]
 
 #: Exit status for a bad URL or token, as argparse uses for bad arguments.
 EX_USAGE: Final = 2
@@ -518,3 +520,21 @@ def main(url: str, *, v1: bool = False, token: str | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 1
     return status
+
+
+def run(argv: Sequence[str]) -> int:
+    """``relayd chat [ARGS]``: parse the command line and run :func:`main`."""
+    text = "connect to a relayd as a client: see your id, send and receive messages"
+    parser = argparse.ArgumentParser(
+        prog="relayd chat",
+        description=f"{text}. Reads no config: it only needs the URL.",
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("url", metavar="URL", help="ws://HOST:PORT/ or wss://HOST:PORT/")
+    parser.add_argument(
+        "--v1", action="store_true", help="speak relayd.v1 (acks, sender ids), not the seed dialect"
+    )
+    parser.add_argument("--token", help="sent as 'Authorization: Bearer TOKEN'")
+    args = parser.parse_args(argv)
+    return main(args.url, v1=args.v1, token=args.token)

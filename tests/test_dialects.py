@@ -1,4 +1,4 @@
-"""Tests for relayd.protocol: frames in, values out; values in, frames out. No sockets."""
+"""Tests for relayd.wire.dialects: frames in, values out; values in, frames out. No sockets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relayd.errors import EnvelopeError, ErrorCode
-from relayd.protocol import (
+from relayd.wire.dialects import (
     MAX_ID_CHARS,
     MAX_REF_CHARS,
     Dialect,

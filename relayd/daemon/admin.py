@@ -6,7 +6,7 @@ never for the internet. One request per connection, answered and closed:
 h11 parses it, a deadline bounds it, and nothing a client sends can reach the
 relay.
 
-* ``GET /metrics``: Prometheus text format (:mod:`relayd.metrics`, plus the
+* ``GET /metrics``: Prometheus text format (:mod:`relayd.telemetry.metrics`, plus the
   process's CPU, memory and file descriptors).
 * ``GET /healthz``: 200 while the event loop answers at all.
 * ``GET /readyz``: 200 while relayd accepts connections; 503 before it is

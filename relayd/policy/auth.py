@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
-from relayd.protocol import MAX_ID_CHARS
+from relayd.wire.dialects import MAX_ID_CHARS
 
 __all__ = [
     "Authenticator",

@@ -3,14 +3,14 @@
 :class:`Gate` is the handler ``trio.serve_listeners`` calls once per accepted
 stream, in the server's connections nursery. For each stream it:
 
-1. counts the connection against the limits (:class:`~relayd.handshake.Capacity`);
+1. counts the connection against the limits (:class:`~relayd.policy.admission.Capacity`);
 2. reads the HTTP request head within ``handshake_timeout_s`` and at most
-   ``max_header_bytes`` long (:class:`~relayd.upgrade.RequestReader`);
+   ``max_header_bytes`` long (:class:`~relayd.wire.handshake.RequestReader`);
 3. accepts it in the chosen dialect, or refuses it with an HTTP status
-   (:func:`~relayd.upgrade.validate`, :func:`~relayd.handshake.decide`,
+   (:func:`~relayd.wire.handshake.validate`, :func:`~relayd.policy.admission.decide`,
    authentication), logging ``handshake.rejected``;
-4. runs the :class:`~relayd.connection.Connection` until it ends;
-5. closes the TCP connection gracefully (:class:`~relayd.transport.Transport`).
+4. runs the :class:`~relayd.daemon.connection.Connection` until it ends;
+5. closes the TCP connection gracefully (:class:`~relayd.daemon.transport.Transport`).
 
 Bytes a client sends after its request and before the response (its first
 frames, in the same TCP segment) are kept and handed to the connection, which
@@ -37,16 +37,16 @@ from typing import Final
 import structlog
 import trio
 
-from relayd.auth import Authenticator, Refusal, token_from
 from relayd.config import LimitsSettings
-from relayd.connection import CLOSE_TIMEOUT_S, Connection
+from relayd.daemon.connection import CLOSE_TIMEOUT_S, Connection
+from relayd.daemon.live import LiveLimits
+from relayd.daemon.transport import Transport
 from relayd.errors import CloseCode
-from relayd.handshake import Accept, Capacity, Reject, decide
-from relayd.live import LiveLimits
-from relayd.metrics import Stats
-from relayd.router import Router
-from relayd.transport import Transport
-from relayd.upgrade import (
+from relayd.policy.admission import Accept, Capacity, Reject, decide
+from relayd.policy.auth import Authenticator, Refusal, token_from
+from relayd.routing.interface import Router
+from relayd.telemetry.metrics import Stats
+from relayd.wire.handshake import (
     RequestReader,
     UpgradeRequest,
     accept_response,
@@ -121,7 +121,7 @@ class Gate:
     ) -> None:
         """Apply reloadable settings to new handshakes and, where it makes sense, open ones.
 
-        :mod:`relayd.live` lists which limits reach open connections.
+        :mod:`relayd.daemon.live` lists which limits reach open connections.
         """
         self.limits.current = limits
         self.limits.log_messages = log_messages

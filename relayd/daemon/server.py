@@ -36,13 +36,14 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from pydantic import SecretStr
 
 from relayd import __version__
-from relayd.admin import serve_admin
-from relayd.auth import Authenticator
 from relayd.config import Settings
-from relayd.listener import Gate
-from relayd.log import flush_held_lines, get_logger
-from relayd.metrics import Stats, StatsCollector
-from relayd.router import LocalRouter, Router
+from relayd.daemon.admin import serve_admin
+from relayd.daemon.gate import Gate
+from relayd.policy.auth import Authenticator
+from relayd.routing.interface import Router
+from relayd.routing.local import LocalRouter
+from relayd.telemetry.log import flush_held_lines, get_logger
+from relayd.telemetry.metrics import Stats, StatsCollector
 
 __all__ = ["Reload", "Server"]
 
@@ -57,9 +58,9 @@ class Server:
         log: the logger to use; the configured relayd logger by default.
         router: the router to use; a :class:`LocalRouter` by default.
         authenticator: checks clients' tokens; None when ``auth.mode`` is off.
-            Build it with :func:`relayd.credentials.load_authenticator`.
+            Build it with :func:`relayd.daemon.credentials.load_authenticator`.
         tls: the TLS context for ``wss://``; None serves plain ``ws://``.
-            Build it with :func:`relayd.credentials.load_tls`.
+            Build it with :func:`relayd.daemon.credentials.load_tls`.
     """
 
     def __init__(
@@ -163,7 +164,7 @@ class Server:
     def reload(self, settings: Settings, authenticator: Authenticator | None) -> Reload:
         """Apply the reloadable part of ``settings``; report what changed.
 
-        Reloadable: ``limits.*`` (see :mod:`relayd.live` for which reach open
+        Reloadable: ``limits.*`` (see :mod:`relayd.daemon.live` for which reach open
         connections), ``server.allowed_origins``, ``server.shutdown_grace_s``,
         ``auth.*`` and ``log.messages``/``log.bodies`` (``log.level`` is
         applied by the caller, which owns logging). Everything else needs a

@@ -1,7 +1,7 @@
 """One accepted WebSocket connection: its reader, writer, timers and log events.
 
 Data path through here: the reader takes what one ``receive_some`` brought,
-parses every frame in it (:class:`~relayd.frames.FrameParser`), checks each
+parses every frame in it (:class:`~relayd.wire.frames.FrameParser`), checks each
 message against the connection's limits and hands the lot to the router as
 one batch; the writer takes everything the router put in the connection's
 outbox since its last write and writes it with one ``send_all``.
@@ -37,7 +37,7 @@ Who closes:
 
 Error handling: :meth:`Connection.run` raises only what is a bug in relayd;
 the listener catches that at the connection boundary, logs it and closes with
-1011 (:mod:`relayd.listener`). The transport itself is the listener's to close.
+1011 (:mod:`relayd.daemon.gate`). The transport itself is the listener's to close.
 """
 
 from __future__ import annotations
@@ -48,8 +48,15 @@ from typing import Final
 import structlog
 import trio
 
+from relayd.daemon.live import LiveLimits
+from relayd.daemon.transport import Transport
 from relayd.errors import CloseCode, EnvelopeError, ErrorCode
-from relayd.frames import (
+from relayd.policy.ratelimit import RateLimiter, Verdict
+from relayd.routing.interface import Inbound, Peer, Relay, Reply, Router, RouterClosed
+from relayd.routing.outbox import Outbox
+from relayd.telemetry.metrics import Stats
+from relayd.wire.dialects import Dialect, decode_envelope, error_payload, welcome_payload
+from relayd.wire.frames import (
     NO_STATUS,
     OP_BINARY,
     OP_CLOSE,
@@ -62,13 +69,6 @@ from relayd.frames import (
     parse_close,
     text_frame,
 )
-from relayd.live import LiveLimits
-from relayd.metrics import Stats
-from relayd.outbox import Outbox
-from relayd.protocol import Dialect, decode_envelope, error_payload, welcome_payload
-from relayd.ratelimit import RateLimiter, Verdict
-from relayd.router import Inbound, Peer, Relay, Reply, Router, RouterClosed
-from relayd.transport import Transport
 
 __all__ = ["CLOSE_TIMEOUT_S", "RECEIVE_BYTES", "WRITER_IDLE_S", "Connection"]
 

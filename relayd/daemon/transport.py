@@ -28,7 +28,7 @@ from typing import Final
 
 import trio
 
-from relayd.frames import close_frame
+from relayd.wire.frames import close_frame
 
 __all__ = ["LINGER_S", "Transport"]
 

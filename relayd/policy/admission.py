@@ -13,7 +13,7 @@ import collections
 import dataclasses
 from collections.abc import Collection, Sequence
 
-from relayd.protocol import V1_SUBPROTOCOL, Dialect, choose_dialect
+from relayd.wire.dialects import V1_SUBPROTOCOL, Dialect, choose_dialect
 
 __all__ = ["ECHO_PATH", "Accept", "Capacity", "Reject", "decide"]
 

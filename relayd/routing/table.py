@@ -5,7 +5,7 @@ without authentication; possibly several with it, and a message to the id
 reaches all of them). :func:`outcome_of` turns what each recipient's outbox
 said into the one outcome relayd reports to the sender and the log.
 
-The router task (:mod:`relayd.router`) is the only writer of the table; the
+The router task (:mod:`relayd.routing.local`) is the only writer of the table; the
 table knows nothing of trio and is tested with plain values.
 """
 

@@ -15,7 +15,7 @@ stops pinging and systemd restarts relayd (``WatchdogSec`` in the unit).
 A reload re-reads every source the daemon started from (the same ``--config``,
 environment and flags). An invalid result is refused with a ``config.reload``
 event giving the reason, and the old settings stay; a valid one is applied
-where it can be (:meth:`relayd.server.Server.reload`) and the keys that need a
+where it can be (:meth:`relayd.daemon.server.Server.reload`) and the keys that need a
 restart are named in the event.
 """
 
@@ -28,11 +28,11 @@ from typing import Final
 
 import trio
 
-from relayd.auth import Authenticator
 from relayd.config import ConfigError, Settings
-from relayd.log import configure, get_logger
-from relayd.server import Server
-from relayd.systemd import Notifier
+from relayd.daemon.server import Server
+from relayd.daemon.systemd import Notifier
+from relayd.policy.auth import Authenticator
+from relayd.telemetry.log import configure, get_logger
 
 __all__ = ["STATUS_INTERVAL_S", "run_daemon"]
 

@@ -1,0 +1,160 @@
+"""Tests for relayd.policy.admission: capacity counting and the accept/refuse decision."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from relayd.policy.admission import Accept, Capacity, Reject, decide
+from relayd.wire.dialects import Dialect
+
+IP = "192.0.2.1"
+OTHER_IP = "198.51.100.7"
+
+
+def decide_for(
+    capacity: Capacity,
+    *,
+    ip: str = IP,
+    draining: bool = False,
+    offered: Sequence[str] = (),
+) -> Accept | Reject:
+    return decide(draining=draining, capacity=capacity, client_ip=ip, offered_subprotocols=offered)
+
+
+def test_capacity_counts_total_and_per_ip() -> None:
+    capacity = Capacity(max_total=10, max_per_ip=3)
+    assert (capacity.total, capacity.from_ip(IP)) == (0, 0)
+    capacity.opened(IP)
+    capacity.opened(IP)
+    capacity.opened(OTHER_IP)
+    assert capacity.total == 3
+    assert capacity.from_ip(IP) == 2
+    assert capacity.from_ip(OTHER_IP) == 1
+    assert capacity.from_ip("203.0.113.9") == 0
+
+
+def test_capacity_closed_removes() -> None:
+    capacity = Capacity(max_total=10, max_per_ip=3)
+    capacity.opened(IP)
+    capacity.opened(IP)
+    capacity.opened(OTHER_IP)
+    capacity.closed(IP)
+    assert (capacity.total, capacity.from_ip(IP)) == (2, 1)
+    capacity.closed(IP)
+    capacity.closed(OTHER_IP)
+    assert (capacity.total, capacity.from_ip(IP), capacity.from_ip(OTHER_IP)) == (0, 0, 0)
+
+
+def test_capacity_within_limits_has_no_refusal() -> None:
+    capacity = Capacity(max_total=2, max_per_ip=2)
+    capacity.opened(IP)
+    capacity.opened(IP)
+    assert capacity.refusal(IP) is None
+
+
+def test_closing_frees_room_again() -> None:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    capacity.opened(IP)
+    assert capacity.refusal(IP) is not None
+    capacity.closed(IP)
+    assert capacity.refusal(IP) is None
+
+
+def test_decide_accepts_within_limits() -> None:
+    capacity = Capacity(max_total=2, max_per_ip=1)
+    capacity.opened(IP)
+    capacity.opened(OTHER_IP)  # exactly at both limits, this connection counted
+    assert decide_for(capacity) == Accept(Dialect.SEED)
+    assert decide_for(capacity, ip=OTHER_IP) == Accept(Dialect.SEED)
+
+
+def test_decide_refuses_while_draining() -> None:
+    capacity = Capacity(max_total=10, max_per_ip=10)
+    capacity.opened(IP)
+    assert decide_for(capacity, draining=True) == Reject(503, "server shutting down")
+
+
+def test_draining_wins_over_capacity() -> None:
+    capacity = Capacity(max_total=0, max_per_ip=0)
+    capacity.opened(IP)
+    assert decide_for(capacity, draining=True) == Reject(503, "server shutting down")
+
+
+def test_decide_refuses_over_total() -> None:
+    capacity = Capacity(max_total=2, max_per_ip=5)
+    for ip in ("10.0.0.1", "10.0.0.2", IP):
+        capacity.opened(ip)
+    assert decide_for(capacity) == Reject(503, "server at capacity")
+
+
+def test_decide_refuses_over_per_ip() -> None:
+    capacity = Capacity(max_total=100, max_per_ip=2)
+    for _ in range(3):
+        capacity.opened(IP)
+    capacity.opened(OTHER_IP)
+    assert decide_for(capacity) == Reject(503, "too many connections from this address")
+    assert decide_for(capacity, ip=OTHER_IP) == Accept(Dialect.SEED)
+
+
+@pytest.mark.parametrize(
+    ("offered", "dialect", "subprotocol"),
+    [
+        ((), Dialect.SEED, None),
+        (("relayd.v1",), Dialect.V1, "relayd.v1"),
+        (("chat", "relayd.v1"), Dialect.V1, "relayd.v1"),
+    ],
+)
+def test_decide_accepts_in_the_offered_dialect(
+    offered: tuple[str, ...], dialect: Dialect, subprotocol: str | None
+) -> None:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    decision = decide_for(capacity, offered=offered)
+    assert decision == Accept(dialect)
+    assert isinstance(decision, Accept)
+    assert decision.subprotocol == subprotocol
+
+
+@pytest.mark.parametrize("offered", [("chat",), ("chat", "graphql-ws")])
+def test_decide_refuses_an_offer_without_relayd_v1_with_400(offered: tuple[str, ...]) -> None:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    assert decide_for(capacity, offered=offered) == Reject(
+        400, "unsupported subprotocol; offer relayd.v1 or none"
+    )
+
+
+@pytest.mark.parametrize(
+    ("dialect", "subprotocol"), [(Dialect.SEED, None), (Dialect.V1, "relayd.v1")]
+)
+def test_accept_subprotocol(dialect: Dialect, subprotocol: str | None) -> None:
+    assert Accept(dialect).subprotocol == subprotocol
+
+
+@pytest.mark.parametrize(
+    ("path", "enabled", "expected"),
+    [
+        ("/echo", True, Accept(Dialect.SEED, echo=True)),
+        ("/echo?case=1", True, Accept(Dialect.SEED, echo=True)),
+        ("/echo", False, Accept(Dialect.SEED)),  # off: a relay path like any other
+        ("/", True, Accept(Dialect.SEED)),
+        ("/echoes", True, Accept(Dialect.SEED)),
+    ],
+)
+def test_decide_serves_the_echo_route_only_when_enabled(
+    path: str, enabled: bool, expected: Accept
+) -> None:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    decision = decide(
+        draining=False,
+        capacity=capacity,
+        client_ip=IP,
+        offered_subprotocols=(),
+        path=path,
+        echo_route=enabled,
+    )
+    assert decision == expected
