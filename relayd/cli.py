@@ -19,11 +19,12 @@ from typing import Final
 import trio
 
 from relayd import __version__
-from relayd.config import ConfigError, Settings, load_settings, settings_as_json
+from relayd.config import Settings, load_settings, settings_as_json
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
+from relayd.errors import ConfigError
 from relayd.policy.auth import Authenticator
 from relayd.telemetry.log import configure
 

@@ -39,13 +39,12 @@ from typing import Any, Literal, get_origin
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from relayd.errors import RelaydError
+from relayd.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AdminSettings",
     "AuthSettings",
-    "ConfigError",
     "DiagnosticsSettings",
     "LimitsSettings",
     "LogSettings",
@@ -249,26 +248,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Read only the values passed in; :func:`load_settings` gathers the sources."""
         return (init_settings,)
-
-
-class ConfigError(RelaydError):
-    """A bad configuration file, key or value; ``str(err)`` is one line for the operator.
-
-    For example ``limits.max_conections: unknown key (in /etc/relayd/relayd.toml)`` or
-    ``server.port: Input should be less than or equal to 65535 (from environment PORT)``.
-
-    Attributes:
-        key: the dotted key at fault, or None when the whole file is (unreadable, not TOML).
-        source: where the offending value came from, as printed: ``in PATH``,
-            ``from environment NAME`` or ``from command line``.
-        reason: what is wrong with it.
-    """
-
-    def __init__(self, reason: str, *, source: str, key: str | None = None) -> None:
-        super().__init__(reason if key is None else f"{key}: {reason} ({source})")
-        self.key = key
-        self.source = source
-        self.reason = reason
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]]:

@@ -1,23 +1,40 @@
-"""relayd's exception tree and the close codes it speaks.
+"""relayd's exception tree and the codes it answers with.
 
-Every error a peer can cause knows how relayd answers it, so the code that
-catches it never has to decide::
+Every error relayd raises on purpose is a :class:`RelaydError`, and every one a
+peer or an operator can cause knows how relayd answers it, so the code that
+catches it never has to decide (h11's and wsproto's split: "the peer
+misbehaved" errors carry the reply)::
 
     RelaydError
-    ├── EnvelopeError          a client frame relayd cannot relay; answered with
-    │                          an error frame, the connection stays open
-    └── (config errors live in :mod:`relayd.config`: they are the operator's,
-         answered with exit status 78 before anything listens)
+    ├── ProtocolError      the client broke RFC 6455: close with .code (1002,
+    │                      1007, 1009) and .reason, at once
+    ├── EnvelopeError      a client message relayd cannot relay: answered with an
+    │                      error frame (.code, .detail, .ref); the connection stays
+    ├── RouterClosed       the router is shutting down: the connection drains
+    └── ConfigError        a bad setting, file or key: one line for the operator,
+                           exit status 78 (EX_CONFIG) before anything listens, or
+                           a refused reload
 
-Close codes and handshake statuses are named here once, so logs, docs and tests
-all read the same numbers (RFC 6455 §7.4.1).
+Handshake refusals are values, not exceptions: a
+:class:`~relayd.wire.handshake.Refusal` carries its HTTP status and reason.
+
+Close codes and error codes are named here once, so logs, docs and tests all
+read the same numbers (RFC 6455 §7.4.1; docs/protocol.md).
 """
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["CloseCode", "EnvelopeError", "ErrorCode", "RelaydError"]
+__all__ = [
+    "CloseCode",
+    "ConfigError",
+    "EnvelopeError",
+    "ErrorCode",
+    "ProtocolError",
+    "RelaydError",
+    "RouterClosed",
+]
 
 
 class CloseCode(enum.IntEnum):
@@ -26,6 +43,7 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
+    NO_STATUS = 1005  # never sent on the wire: a close frame without a code
     ABNORMAL = 1006  # never sent on the wire: the peer vanished without a close frame
     INVALID_DATA = 1007  # e.g. a text message that is not UTF-8
     POLICY = 1008
@@ -50,8 +68,27 @@ class RelaydError(Exception):
     """Base of every exception relayd raises on purpose."""
 
 
+class ProtocolError(RelaydError):
+    """The client broke RFC 6455; close the connection with :attr:`code`.
+
+    Raised by :class:`~relayd.wire.frames.FrameParser`.
+
+    Attributes:
+        code: the close code to send (1002, 1007 or 1009).
+        reason: the close reason to send, short enough for a close frame.
+        parsed: what the parser completed before the violation, in the same
+            read; served before the close.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.parsed: list[tuple[int, bytes]] = []
+
+
 class EnvelopeError(RelaydError):
-    """A client frame that cannot be relayed; the peer misbehaved, not relayd.
+    """A client message that cannot be relayed; the peer misbehaved, not relayd.
 
     Attributes:
         code: the error code sent back to the client.
@@ -64,3 +101,27 @@ class EnvelopeError(RelaydError):
         self.code = code
         self.detail = detail
         self.ref = ref
+
+
+class RouterClosed(RelaydError):
+    """The router is shutting down and takes no more connections or messages."""
+
+
+class ConfigError(RelaydError):
+    """A bad configuration file, key or value; ``str(err)`` is one line for the operator.
+
+    For example ``limits.max_conections: unknown key (in /etc/relayd/relayd.toml)`` or
+    ``server.port: Input should be less than or equal to 65535 (from environment PORT)``.
+
+    Attributes:
+        key: the dotted key at fault, or None when the whole file is (unreadable, not TOML).
+        source: where the offending value came from, as printed: ``in PATH``,
+            ``from environment NAME`` or ``from command line``.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, reason: str, *, source: str, key: str | None = None) -> None:
+        super().__init__(reason if key is None else f"{key}: {reason} ({source})")
+        self.key = key
+        self.source = source
+        self.reason = reason

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from relayd.policy.admission import Accept, Capacity, Reject, decide
+from relayd.policy.admission import Accept, Capacity, decide
 from relayd.wire.dialects import Dialect
+from relayd.wire.handshake import Refusal
 
 IP = "192.0.2.1"
 OTHER_IP = "198.51.100.7"
@@ -19,7 +20,7 @@ def decide_for(
     ip: str = IP,
     draining: bool = False,
     offered: Sequence[str] = (),
-) -> Accept | Reject:
+) -> Accept | Refusal:
     return decide(draining=draining, capacity=capacity, client_ip=ip, offered_subprotocols=offered)
 
 
@@ -74,20 +75,20 @@ def test_decide_accepts_within_limits() -> None:
 def test_decide_refuses_while_draining() -> None:
     capacity = Capacity(max_total=10, max_per_ip=10)
     capacity.opened(IP)
-    assert decide_for(capacity, draining=True) == Reject(503, "server shutting down")
+    assert decide_for(capacity, draining=True) == Refusal(503, "server shutting down")
 
 
 def test_draining_wins_over_capacity() -> None:
     capacity = Capacity(max_total=0, max_per_ip=0)
     capacity.opened(IP)
-    assert decide_for(capacity, draining=True) == Reject(503, "server shutting down")
+    assert decide_for(capacity, draining=True) == Refusal(503, "server shutting down")
 
 
 def test_decide_refuses_over_total() -> None:
     capacity = Capacity(max_total=2, max_per_ip=5)
     for ip in ("10.0.0.1", "10.0.0.2", IP):
         capacity.opened(ip)
-    assert decide_for(capacity) == Reject(503, "server at capacity")
+    assert decide_for(capacity) == Refusal(503, "server at capacity")
 
 
 def test_decide_refuses_over_per_ip() -> None:
@@ -95,7 +96,7 @@ def test_decide_refuses_over_per_ip() -> None:
     for _ in range(3):
         capacity.opened(IP)
     capacity.opened(OTHER_IP)
-    assert decide_for(capacity) == Reject(503, "too many connections from this address")
+    assert decide_for(capacity) == Refusal(503, "too many connections from this address")
     assert decide_for(capacity, ip=OTHER_IP) == Accept(Dialect.SEED)
 
 
@@ -122,7 +123,7 @@ def test_decide_accepts_in_the_offered_dialect(
 def test_decide_refuses_an_offer_without_relayd_v1_with_400(offered: tuple[str, ...]) -> None:
     capacity = Capacity(max_total=1, max_per_ip=1)
     capacity.opened(IP)
-    assert decide_for(capacity, offered=offered) == Reject(
+    assert decide_for(capacity, offered=offered) == Refusal(
         400, "unsupported subprotocol; offer relayd.v1 or none"
     )
 

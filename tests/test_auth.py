@@ -12,16 +12,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
-from relayd.config import AuthSettings, ConfigError, TLSSettings
+from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
+from relayd.errors import ConfigError
 from relayd.policy.auth import (
     Identity,
     JWTVerifier,
-    Refusal,
     StaticTokens,
     parse_tokens_file,
     token_from,
 )
+from relayd.wire.handshake import Refusal
 
 SECRET = "an-hs256-secret-of-at-least-32-bytes!"
 

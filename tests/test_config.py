@@ -17,12 +17,11 @@ from pydantic import BaseModel, ValidationError
 
 from relayd.config import (
     DEFAULT_CONFIG_PATH,
-    ConfigError,
     Settings,
     load_settings,
     settings_as_json,
 )
-from relayd.errors import RelaydError
+from relayd.errors import ConfigError, RelaydError
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "config" / "relayd.toml"
 NO_FILE = Path("/nonexistent/relayd.toml")

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from relayd.errors import ProtocolError
 from relayd.wire.frames import (
     NO_STATUS,
     OP_BINARY,
@@ -27,7 +28,6 @@ from relayd.wire.frames import (
     OP_TEXT,
     VALID_CLOSE_CODES,
     FrameParser,
-    ProtocolError,
     close_frame,
     encode_frame,
     parse_close,

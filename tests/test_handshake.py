@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.policy.admission import Reject
 from relayd.wire.handshake import (
+    Refusal,
     RequestReader,
     UpgradeRequest,
     accept_response,
@@ -55,7 +55,7 @@ def head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def read(data: bytes, max_head_bytes: int = LIMIT) -> tuple[h11.Request, bytes] | Reject | None:
+def read(data: bytes, max_head_bytes: int = LIMIT) -> tuple[h11.Request, bytes] | Refusal | None:
     return RequestReader(max_head_bytes).feed(data)
 
 
@@ -71,9 +71,9 @@ def upgrade(data: bytes) -> UpgradeRequest:
     return result
 
 
-def refusal(data: bytes) -> Reject:
+def refusal(data: bytes) -> Refusal:
     result = validate(request(data))
-    assert isinstance(result, Reject), result
+    assert isinstance(result, Refusal), result
     return result
 
 
@@ -164,7 +164,7 @@ def test_head_over_the_limit_is_refused_with_431_as_soon_as_the_limit_is_passed(
     for i in range(limit):
         assert reader.feed(endless[i : i + 1]) is None, i
     result = reader.feed(endless[limit : limit + 1])
-    assert isinstance(result, Reject)
+    assert isinstance(result, Refusal)
     assert result.status == 431
 
 
@@ -172,7 +172,7 @@ def test_head_over_the_limit_in_large_feeds_is_refused_with_431_before_it_ends()
     reader = RequestReader(1024)
     endless = head()[:-2] + b"X-Pad: " + b"p" * 10_000
     result = reader.feed(endless[:5000])
-    assert isinstance(result, Reject)
+    assert isinstance(result, Refusal)
     assert result.status == 431
 
 
@@ -184,7 +184,7 @@ def test_complete_head_over_the_limit_is_refused_with_431(how: str, over: int) -
     limit = len(padded) - over
     assert limit >= len(base)
     reader = RequestReader(limit)
-    result: tuple[h11.Request, bytes] | Reject | None = None
+    result: tuple[h11.Request, bytes] | Refusal | None = None
     if how == "whole":
         result = reader.feed(padded)
     else:
@@ -192,7 +192,7 @@ def test_complete_head_over_the_limit_is_refused_with_431(how: str, over: int) -
             result = reader.feed(padded[i : i + 1])
             if result is not None:
                 break
-    assert isinstance(result, Reject), result
+    assert isinstance(result, Refusal), result
     assert result.status == 431
 
 
@@ -214,7 +214,7 @@ def test_complete_head_over_the_limit_is_refused_with_431(how: str, over: int) -
 )
 def test_malformed_http_is_refused_with_400(data: bytes) -> None:
     result = read(data)
-    assert isinstance(result, Reject), result
+    assert isinstance(result, Refusal), result
     assert result.status == 400
 
 
@@ -229,7 +229,7 @@ def test_malformed_http_is_refused_with_400(data: bytes) -> None:
 )
 def test_request_with_a_body_is_refused_with_400(extra: list[tuple[str, str]]) -> None:
     result = read(head(extra=extra) + b"hello")
-    assert isinstance(result, Reject), result
+    assert isinstance(result, Refusal), result
     assert result.status == 400
 
 

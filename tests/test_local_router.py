@@ -22,7 +22,8 @@ import trio
 import trio.testing
 from structlog.typing import EventDict
 
-from relayd.routing.interface import Peer, Relay, Reply, RouterClosed
+from relayd.errors import RouterClosed
+from relayd.routing.interface import Peer, Relay, Reply
 from relayd.routing.local import LocalRouter
 from relayd.routing.outbox import Outbox
 from relayd.wire.dialects import Dialect, decode_envelope

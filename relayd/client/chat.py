@@ -37,7 +37,16 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from relayd.wire.dialects import V1_SUBPROTOCOL, Dialect
+from relayd.wire.dialects import (
+    V1_SUBPROTOCOL,
+    Ack,
+    Delivery,
+    Dialect,
+    Error,
+    SeedError,
+    ServerMessage,
+    Welcome,
+)
 
 __all__ = ["EX_USAGE", "HELP", "main", "run"]
 
@@ -102,33 +111,8 @@ _ESCAPES: Final[dict[int, str]] = {
 }
 
 
-class _Welcome(msgspec.Struct, tag="welcome", tag_field="type"):
-    id: str
-
-
-class _Message(msgspec.Struct, tag="message", tag_field="type", rename={"sender": "from"}):
-    sender: str
-    message: msgspec.Raw
-
-
-class _Ack(msgspec.Struct, tag="ack", tag_field="type"):
-    ref: str | int | None = None
-
-
-class _Error(msgspec.Struct, tag="error", tag_field="type"):
-    error: str
-    detail: str = ""
-    ref: str | int | None = None
-
-
-class _SeedError(msgspec.Struct, forbid_unknown_fields=True):
-    error: str
-    detail: str
-    ref: str | int | None = None
-
-
-_v1_decoder: Final = msgspec.json.Decoder(_Welcome | _Message | _Ack | _Error)
-_seed_error_decoder: Final = msgspec.json.Decoder(_SeedError)
+_v1_decoder: Final = msgspec.json.Decoder(ServerMessage)
+_seed_error_decoder: Final = msgspec.json.Decoder(SeedError)
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
 _encoder: Final = msgspec.json.Encoder()
 
@@ -194,7 +178,7 @@ def _client_id(first: str | bytes, dialect: Dialect) -> str | None:
     if dialect is Dialect.SEED:
         return first
     try:
-        return msgspec.json.decode(first, type=_Welcome).id
+        return msgspec.json.decode(first, type=Welcome).id
     except msgspec.DecodeError:
         return None
 
@@ -374,14 +358,14 @@ class _Chat:
             _say(f"? {frame}")
             return
         match event:
-            case _Message(sender=sender, message=message):
+            case Delivery(sender=sender, message=message):
                 _say(f"< {sender}: {_shown(message)}")
-            case _Ack(ref=ref):
+            case Ack(ref=ref):
                 self._answered(ref)
                 _say(f"ack {ref}")
-            case _Error(error=code, detail=detail, ref=ref):
+            case Error(error=code, detail=detail, ref=ref):
                 self._show_error(code, detail, ref)
-            case _Welcome():
+            case Welcome():
                 _say(f"? {frame}")
 
     def _answered(self, ref: str | int | None) -> str | None:

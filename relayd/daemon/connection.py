@@ -50,9 +50,9 @@ import trio
 
 from relayd.daemon.live import LiveLimits
 from relayd.daemon.transport import Transport
-from relayd.errors import CloseCode, EnvelopeError, ErrorCode
+from relayd.errors import CloseCode, EnvelopeError, ErrorCode, ProtocolError, RouterClosed
 from relayd.policy.ratelimit import RateLimiter, Verdict
-from relayd.routing.interface import Inbound, Peer, Relay, Reply, Router, RouterClosed
+from relayd.routing.interface import Inbound, Peer, Relay, Reply, Router
 from relayd.routing.outbox import Outbox
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, decode_envelope, error_payload, welcome_payload
@@ -64,7 +64,6 @@ from relayd.wire.frames import (
     OP_PONG,
     OP_TEXT,
     FrameParser,
-    ProtocolError,
     encode_frame,
     parse_close,
     text_frame,

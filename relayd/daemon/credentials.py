@@ -11,7 +11,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from relayd.config import AuthSettings, ConfigError, TLSSettings
+from relayd.config import AuthSettings, TLSSettings
+from relayd.errors import ConfigError
 from relayd.policy.auth import Authenticator, JWTVerifier, StaticTokens, parse_tokens_file
 
 __all__ = ["load_authenticator", "load_tls"]

@@ -28,7 +28,6 @@ the stream is always closed in ``finally``.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import itertools
 import secrets
 from collections.abc import Callable, Collection
@@ -38,15 +37,17 @@ import structlog
 import trio
 
 from relayd.config import LimitsSettings
+from relayd.daemon.addresses import ip_of, peer_address
 from relayd.daemon.connection import CLOSE_TIMEOUT_S, Connection
 from relayd.daemon.live import LiveLimits
 from relayd.daemon.transport import Transport
 from relayd.errors import CloseCode
-from relayd.policy.admission import Accept, Capacity, Reject, decide
-from relayd.policy.auth import Authenticator, Refusal, token_from
+from relayd.policy.admission import Accept, Capacity, decide
+from relayd.policy.auth import Authenticator, token_from
 from relayd.routing.interface import Router
 from relayd.telemetry.metrics import Stats
 from relayd.wire.handshake import (
+    Refusal,
     RequestReader,
     UpgradeRequest,
     accept_response,
@@ -149,12 +150,12 @@ class Gate:
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted stream to the end; never raises (but Cancelled)."""
-        address = _peer_address(stream)
+        address = peer_address(stream)
         if address is None:  # reset before it could be looked at: nobody to serve
             await trio.aclose_forcefully(stream)
             return
         transport = Transport(stream)
-        attempt = _Attempt(conn=next(self._numbers), address=address, ip=_ip_of(address))
+        attempt = _Attempt(conn=next(self._numbers), address=address, ip=ip_of(address))
         self.capacity.opened(attempt.ip)
         try:
             try:
@@ -205,16 +206,16 @@ class Gate:
                 self._reading.discard(waiting)
         if waiting.cancelled_caught:
             if self.draining:
-                await self._refuse(transport, attempt, Reject(503, "server shutting down"))
+                await self._refuse(transport, attempt, Refusal(503, "server shutting down"))
             else:
                 reason = "no complete request within handshake_timeout_s"
-                await self._refuse(transport, attempt, Reject(408, reason))
+                await self._refuse(transport, attempt, Refusal(408, reason))
             return None
         if read is None:
             return None
         request, early = read
         headers = request.headers
-        decision: Accept | Reject = decide(
+        decision: Accept | Refusal = decide(
             draining=self.draining,
             capacity=self.capacity,
             client_ip=attempt.ip,
@@ -228,7 +229,7 @@ class Gate:
         if isinstance(decision, Accept) and self._authenticator is not None:
             identity = self._authenticator.authenticate(token_from(headers, request.target))
             if isinstance(identity, Refusal):
-                decision = Reject(identity.status, identity.reason)
+                decision = identity
             else:
                 client_id = identity.subject
         if not isinstance(decision, Accept):
@@ -277,21 +278,21 @@ class Gate:
             result = reader.feed(data)
             if result is None:
                 continue
-            if isinstance(result, Reject):
+            if isinstance(result, Refusal):
                 await self._refuse(transport, attempt, result)
                 return None
             request, early = result
             upgrade = validate(request)
-            if isinstance(upgrade, Reject):
+            if isinstance(upgrade, Refusal):
                 await self._refuse(transport, attempt, upgrade)
                 return None
             return upgrade, early
 
-    async def _refuse(self, transport: Transport, attempt: _Attempt, reject: Reject) -> None:
-        self._rejected(attempt.conn, attempt.address, reject.status, reject.reason)
+    async def _refuse(self, transport: Transport, attempt: _Attempt, refusal: Refusal) -> None:
+        self._rejected(attempt.conn, attempt.address, refusal.status, refusal.reason)
         attempt.answered = True
         with trio.move_on_after(CLOSE_TIMEOUT_S):
-            await transport.send_response(refusal_response(reject.status, reject.reason))
+            await transport.send_response(refusal_response(refusal.status, refusal.reason))
 
     def _gone(self, conn: int, address: str, reason: str) -> None:
         # Port probes and health checks do this all day: count it, log it
@@ -325,26 +326,3 @@ def _first_leaf(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
     return error
-
-
-def _peer_address(stream: trio.abc.Stream) -> str | None:
-    """``host:port`` of the client (``[v6]:port``), or None if it already reset."""
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    # In-memory streams (tests) have no socket; they all count as one address.
-    if not isinstance(stream, trio.SocketStream):
-        return "memory:0"
-    try:
-        host, port, *_ = stream.socket.getpeername()
-    except OSError:
-        return None
-    # A dual-stack socket (relayd.socket's BindIPv6Only=both) shows IPv4
-    # clients as ::ffff:a.b.c.d; name them as themselves, for logs and limits.
-    mapped = ipaddress.ip_address(host.split("%", 1)[0]) if ":" in host else None
-    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
-        host = str(mapped.ipv4_mapped)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _ip_of(address: str) -> str:
-    return address.rpartition(":")[0].strip("[]")

@@ -37,6 +37,7 @@ from pydantic import SecretStr
 
 from relayd import __version__
 from relayd.config import Settings
+from relayd.daemon.addresses import show
 from relayd.daemon.admin import serve_admin
 from relayd.daemon.gate import Gate
 from relayd.policy.auth import Authenticator
@@ -245,9 +246,9 @@ class Server:
                         task_status.started(addresses)
                         self._log.info(
                             "server.ready",
-                            listeners=[_show(h, p) for h, p in addresses],
+                            listeners=[show(h, p) for h, p in addresses],
                             port=addresses[0][1],
-                            admin=_show(*self._admin_address) if self._admin_address else None,
+                            admin=show(*self._admin_address) if self._admin_address else None,
                         )
                         await self._stop.wait()
                         accepting.cancel_scope.cancel()
@@ -314,7 +315,3 @@ def _flat(settings: Settings) -> dict[str, object]:
 def _address(listener: trio.SocketListener) -> tuple[str, int]:
     host, port, *_ = listener.socket.getsockname()
     return host, port
-
-
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

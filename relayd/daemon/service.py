@@ -28,9 +28,11 @@ from typing import Final
 
 import trio
 
-from relayd.config import ConfigError, Settings
+from relayd.config import Settings
+from relayd.daemon.addresses import show
 from relayd.daemon.server import Server
 from relayd.daemon.systemd import Notifier
+from relayd.errors import ConfigError
 from relayd.policy.auth import Authenticator
 from relayd.telemetry.log import configure, get_logger
 
@@ -72,7 +74,7 @@ async def run_daemon(
         try:
             listeners = await server.listen()
         except OSError as exc:
-            where = _show(settings.server.host or "*", settings.server.port)
+            where = show(settings.server.host or "*", settings.server.port)
             problem = f"cannot listen on {where}: {exc}"
         if problem is not None:  # logged outside the except: no traceback, it says it all
             return _cannot_start(problem)
@@ -110,7 +112,7 @@ async def run_daemon(
             # The public listeners are bound (or inherited) above, so the one bind
             # Server.run does before it reports started is the admin listener's.
             admin = settings.admin
-            where = _show(admin.host or "*", admin.port)
+            where = show(admin.host or "*", admin.port)
             admin_problem = f"cannot listen on {where} (the admin listener): {exc}"
             nursery.cancel_scope.cancel()
         else:
@@ -177,7 +179,3 @@ async def _report_status(server: Server, notifier: Notifier) -> None:
 def _status_line(server: Server, rate: float) -> str:
     state = "draining" if server.stopping else "serving"
     return f"{state}: {len(server.gate.connections)} connections, {rate:.0f} messages/s"
-
-
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -3,7 +3,7 @@
 :class:`Capacity` counts the open TCP connections, in total and per client IP,
 from the moment they are accepted (so handshakes in progress count too).
 :func:`decide` looks at one request and the daemon's state and returns an
-:class:`Accept` with the dialect, or a :class:`Reject` with the HTTP status and
+:class:`Accept` with the dialect, or a :class:`Refusal` with the HTTP status and
 the reason logged as ``handshake.rejected`` and sent as the response body.
 """
 
@@ -14,8 +14,9 @@ import dataclasses
 from collections.abc import Collection, Sequence
 
 from relayd.wire.dialects import V1_SUBPROTOCOL, Dialect, choose_dialect
+from relayd.wire.handshake import Refusal
 
-__all__ = ["ECHO_PATH", "Accept", "Capacity", "Reject", "decide"]
+__all__ = ["ECHO_PATH", "Accept", "Capacity", "decide"]
 
 #: Where the diagnostic echo route listens when ``diagnostics.echo`` is on.
 ECHO_PATH = "/echo"
@@ -32,14 +33,6 @@ class Accept:
     def subprotocol(self) -> str | None:
         """The ``Sec-WebSocket-Protocol`` to select, or None for the seed dialect."""
         return None if self.dialect is Dialect.SEED else self.dialect.value
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reject:
-    """Refuse the handshake with an HTTP ``status``; ``reason`` says why."""
-
-    status: int
-    reason: str
 
 
 class Capacity:
@@ -93,7 +86,7 @@ def decide(
     echo_route: bool = False,
     origin: str | None = None,
     allowed_origins: Collection[str] = (),
-) -> Accept | Reject:
+) -> Accept | Refusal:
     """Decide one handshake.
 
     Args:
@@ -108,25 +101,25 @@ def decide(
         allowed_origins: origins allowed; empty allows every origin.
 
     Returns:
-        ``Reject(503)`` while draining or over a connection limit,
-        ``Reject(403)`` for a browser origin not in ``allowed_origins``,
-        ``Reject(400)`` when subprotocols were offered but not ``relayd.v1``,
+        ``Refusal(503)`` while draining or over a connection limit,
+        ``Refusal(403)`` for a browser origin not in ``allowed_origins``,
+        ``Refusal(400)`` when subprotocols were offered but not ``relayd.v1``,
         else an ``Accept`` in the dialect the offer selects.
     """
     if draining:
-        return Reject(503, "server shutting down")
+        return Refusal(503, "server shutting down")
     refusal = capacity.refusal(client_ip)
     if refusal is not None:
-        return Reject(503, refusal)
+        return Refusal(503, refusal)
     # Only browsers send Origin, and they always do; the list is there to keep
     # other sites' pages from using their visitors' browsers as clients.
     if allowed_origins and origin is not None and origin not in allowed_origins:
-        return Reject(403, "origin not allowed")
+        return Refusal(403, "origin not allowed")
     if echo_route and path.partition("?")[0] == ECHO_PATH:
         return Accept(Dialect.SEED, echo=True)
     dialect = choose_dialect(offered_subprotocols)
     if dialect is Dialect.SEED and offered_subprotocols:
         # Selecting none of the offered subprotocols makes browsers and most
         # clients fail the connection with no reason given; say why instead.
-        return Reject(400, f"unsupported subprotocol; offer {V1_SUBPROTOCOL} or none")
+        return Refusal(400, f"unsupported subprotocol; offer {V1_SUBPROTOCOL} or none")
     return Accept(dialect)

@@ -32,12 +32,12 @@ from urllib.parse import parse_qs, urlsplit
 import jwt
 
 from relayd.wire.dialects import MAX_ID_CHARS
+from relayd.wire.handshake import Refusal
 
 __all__ = [
     "Authenticator",
     "Identity",
     "JWTVerifier",
-    "Refusal",
     "StaticTokens",
     "parse_tokens_file",
     "token_from",
@@ -51,14 +51,6 @@ class Identity:
     """An authenticated client; ``subject`` is its id."""
 
     subject: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Refusal:
-    """Authentication failed: answer the handshake with ``status``."""
-
-    status: int
-    reason: str
 
 
 class Authenticator(Protocol):

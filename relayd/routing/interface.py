@@ -18,15 +18,10 @@ from typing import NamedTuple, Protocol
 
 import trio
 
-from relayd.errors import RelaydError
 from relayd.routing.outbox import Outbox
 from relayd.wire.dialects import Dialect, Envelope
 
-__all__ = ["Inbound", "Peer", "Relay", "Reply", "Router", "RouterClosed"]
-
-
-class RouterClosed(RelaydError):
-    """The router is shutting down and takes no more connections or messages."""
+__all__ = ["Inbound", "Peer", "Relay", "Reply", "Router"]
 
 
 @dataclasses.dataclass(eq=False, slots=True)

@@ -28,7 +28,8 @@ from typing import Any, Final
 import structlog
 import trio
 
-from relayd.routing.interface import Inbound, Peer, Relay, RouterClosed
+from relayd.errors import RouterClosed
+from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.table import Outcome, RoutingTable, outcome_of
 from relayd.telemetry.log import batched, line_writer
 from relayd.telemetry.metrics import Stats

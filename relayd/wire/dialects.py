@@ -33,8 +33,14 @@ __all__ = [
     "MAX_ID_CHARS",
     "MAX_REF_CHARS",
     "V1_SUBPROTOCOL",
+    "Ack",
+    "Delivery",
     "Dialect",
     "Envelope",
+    "Error",
+    "SeedError",
+    "ServerMessage",
+    "Welcome",
     "ack_payload",
     "choose_dialect",
     "decode_envelope",
@@ -88,6 +94,47 @@ class Envelope(msgspec.Struct, frozen=True):
 
     to: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     message: msgspec.Raw
+    ref: Ref = None
+
+
+class Welcome(msgspec.Struct, frozen=True, tag="welcome", tag_field="type"):
+    """v1: the first message a client receives, with its id."""
+
+    id: str
+
+
+class Delivery(
+    msgspec.Struct, frozen=True, tag="message", tag_field="type", rename={"sender": "from"}
+):
+    """v1: a message relayed to its recipient; ``from`` on the wire."""
+
+    sender: str
+    message: msgspec.Raw
+
+
+class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
+    """v1: the message with this ``ref`` is in its recipient's outbox."""
+
+    ref: Ref = None
+
+
+class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
+    """v1: a message not relayed; ``ref`` is always present, null when the client gave none."""
+
+    error: str
+    ref: Ref = None
+    detail: str = ""
+
+
+#: Everything a v1 server sends as a text frame (decode with ``msgspec.json.Decoder``).
+ServerMessage = Welcome | Delivery | Ack | Error
+
+
+class SeedError(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Seed: a message not relayed; ``ref`` only when the client gave one."""
+
+    error: str
+    detail: str
     ref: Ref = None
 
 
@@ -153,14 +200,17 @@ def welcome_payload(dialect: Dialect, client_id: str) -> bytes:
     """The first message a client receives: its id."""
     if dialect is Dialect.SEED:
         return client_id.encode()
-    return _encoder.encode({"type": "welcome", "id": client_id})
+    return _encoder.encode(Welcome(client_id))
+
+
+_HEAD_MARK: Final = msgspec.Raw(b"0")
 
 
 @functools.lru_cache(maxsize=4096)
 def _v1_head(sender: str) -> bytes:
-    # Everything of a v1 delivery but the message, for one sender: built once
-    # per sender rather than once per message.
-    return _encoder.encode({"type": "message", "from": sender})[:-1] + b',"message":'
+    # Everything of a v1 Delivery but the message and the closing brace, for
+    # one sender: encoded once per sender rather than once per message.
+    return _encoder.encode(Delivery(sender, _HEAD_MARK))[: -len(_HEAD_MARK) - 1]
 
 
 def delivery_payload(dialect: Dialect, sender: str, message: msgspec.Raw) -> bytes:
@@ -195,7 +245,7 @@ def ack_payload(dialect: Dialect, ref: str | int) -> bytes | None:
     """
     if dialect is Dialect.SEED:
         return None
-    return _encoder.encode({"type": "ack", "ref": ref})
+    return _encoder.encode(Ack(ref))
 
 
 def error_payload(dialect: Dialect, code: ErrorCode, detail: str, ref: str | int | None) -> bytes:
@@ -206,9 +256,5 @@ def error_payload(dialect: Dialect, code: ErrorCode, detail: str, ref: str | int
     always present, null when the client gave none.
     """
     if dialect is Dialect.SEED:
-        body: dict[str, object] = {"error": code.value, "detail": detail}
-        if ref is not None:
-            body["ref"] = ref
-    else:
-        body = {"type": "error", "error": code.value, "ref": ref, "detail": detail}
-    return _encoder.encode(body)
+        return _encoder.encode(SeedError(code.value, detail, ref))
+    return _encoder.encode(Error(code.value, ref, detail))

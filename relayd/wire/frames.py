@@ -38,7 +38,7 @@ from __future__ import annotations
 import codecs
 from typing import Final
 
-from relayd.errors import CloseCode, RelaydError
+from relayd.errors import CloseCode, ProtocolError
 
 __all__ = [
     "NO_STATUS",
@@ -50,7 +50,6 @@ __all__ = [
     "OP_TEXT",
     "VALID_CLOSE_CODES",
     "FrameParser",
-    "ProtocolError",
     "close_frame",
     "encode_frame",
     "parse_close",
@@ -78,29 +77,13 @@ VALID_CLOSE_CODES: Final = frozenset(
     {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, *range(3000, 5000)}
 )
 #: RFC 6455 §7.1.5: a close frame without a code is reported as 1005.
-NO_STATUS: Final = 1005
+NO_STATUS: Final[int] = CloseCode.NO_STATUS
 
 _PROTOCOL_ERROR: Final = CloseCode.PROTOCOL_ERROR
 _INVALID_DATA: Final = CloseCode.INVALID_DATA
 _TOO_BIG: Final = CloseCode.TOO_BIG
 
 _new_utf8_decoder: Final = codecs.getincrementaldecoder("utf-8")
-
-
-class ProtocolError(RelaydError):
-    """The client broke RFC 6455; close the connection with :attr:`code`.
-
-    Attributes:
-        code: the close code to send (1002, 1007 or 1009).
-        reason: the close reason to send, short enough for a close frame.
-        parsed: what :meth:`FrameParser.feed` completed before the violation.
-    """
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
-        self.parsed: list[tuple[int, bytes]] = []
 
 
 def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:

@@ -8,7 +8,7 @@ other frame). :func:`validate` checks that the request is a WebSocket upgrade
 relayd can accept; :func:`accept_response` and :func:`refusal_response` are the
 two ways to answer it.
 
-Every refusal is a :class:`~relayd.policy.admission.Reject` carrying its HTTP status
+Every refusal is a :class:`Refusal` carrying its HTTP status
 and the reason sent as the response body and logged as ``handshake.rejected``:
 
 * 400: not HTTP/1.1, not a GET, not a WebSocket upgrade, a bad
@@ -30,9 +30,8 @@ from typing import Final
 
 import h11
 
-from relayd.policy.admission import Reject
-
 __all__ = [
+    "Refusal",
     "RequestReader",
     "UpgradeRequest",
     "accept_response",
@@ -45,6 +44,18 @@ _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _VERSION: Final = "13"
 #: RFC 6455 §4.1: the key is a random 16-byte nonce, base64-encoded.
 _NONCE_BYTES: Final = 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """A handshake refused: answer with HTTP ``status``; ``reason`` says why.
+
+    The reason is the response's body and the ``handshake.rejected`` event's
+    ``reason``; it never holds anything the client sent.
+    """
+
+    status: int
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,12 +91,12 @@ class RequestReader:
         # that completes within the read that passes it is measured below.
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
 
-    def feed(self, data: bytes | bytearray) -> tuple[h11.Request, bytes] | Reject | None:
+    def feed(self, data: bytes | bytearray) -> tuple[h11.Request, bytes] | Refusal | None:
         """Add bytes from the client (never ``b""``: the caller handles its end).
 
         Returns:
             ``(request, rest)`` once the head is complete, ``rest`` being what
-            the client sent after it; a :class:`Reject` if the bytes cannot be
+            the client sent after it; a :class:`Refusal` if the bytes cannot be
             a request relayd answers; None while more bytes are needed.
         """
         self._fed += len(data)
@@ -97,18 +108,18 @@ class RequestReader:
                 return self._too_large()
             # Everything else h11 refuses (including a transfer coding it does
             # not know, its 501) is a request relayd cannot take: 400.
-            return Reject(400, f"malformed HTTP request: {exc}")
+            return Refusal(400, f"malformed HTTP request: {exc}")
         if not isinstance(event, h11.Request):
             return None
         rest = self._h11.trailing_data[0]
         if self._fed - len(rest) > self._max:
             return self._too_large()
         if self._has_body(event):
-            return Reject(400, "a WebSocket handshake has no body")
+            return Refusal(400, "a WebSocket handshake has no body")
         return event, rest
 
-    def _too_large(self) -> Reject:
-        return Reject(431, f"request head over {self._max} bytes")
+    def _too_large(self) -> Refusal:
+        return Refusal(431, f"request head over {self._max} bytes")
 
     @staticmethod
     def _has_body(request: h11.Request) -> bool:
@@ -122,29 +133,29 @@ def _tokens(value: str) -> list[str]:
     return [token.strip().lower() for token in value.split(",")]
 
 
-def validate(request: h11.Request) -> UpgradeRequest | Reject:
+def validate(request: h11.Request) -> UpgradeRequest | Refusal:
     """Check that ``request`` asks for a WebSocket connection (RFC 6455 §4.2.1)."""
     headers: dict[str, str] = {}
     for raw_name, raw_value in request.headers:
         name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     if request.http_version != b"1.1":
-        return Reject(400, "a WebSocket handshake needs HTTP/1.1")
+        return Refusal(400, "a WebSocket handshake needs HTTP/1.1")
     if request.method != b"GET":
-        return Reject(400, "a WebSocket handshake is a GET request")
+        return Refusal(400, "a WebSocket handshake is a GET request")
     if "websocket" not in _tokens(headers.get("upgrade", "")) or "upgrade" not in _tokens(
         headers.get("connection", "")
     ):
-        return Reject(400, "not a WebSocket upgrade request")
+        return Refusal(400, "not a WebSocket upgrade request")
     if headers.get("sec-websocket-version", "").strip() != _VERSION:
-        return Reject(426, "unsupported WebSocket version; this server speaks 13")
+        return Refusal(426, "unsupported WebSocket version; this server speaks 13")
     key = headers.get("sec-websocket-key", "").strip()
     try:
         nonce = base64.b64decode(key, validate=True)
     except binascii.Error:
         nonce = b""
     if len(nonce) != _NONCE_BYTES:
-        return Reject(400, "Sec-WebSocket-Key is not 16 bytes in base64")
+        return Refusal(400, "Sec-WebSocket-Key is not 16 bytes in base64")
     offered = headers.get("sec-websocket-protocol", "")
     subprotocols = tuple(p.strip() for p in offered.split(",") if p.strip())
     return UpgradeRequest(

@@ -1,0 +1,42 @@
+"""Socket addresses as relayd names them in logs, limits and messages.
+
+One spelling everywhere: ``host:port`` for IPv4 and names, ``[v6]:port`` for
+IPv6, and IPv4 clients of a dual-stack socket as IPv4.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import trio
+
+__all__ = ["ip_of", "peer_address", "show"]
+
+
+def show(host: str, port: int) -> str:
+    """``host:port``, or ``[host]:port`` for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_address(stream: trio.abc.Stream) -> str | None:
+    """``host:port`` of the client (``[v6]:port``), or None if it already reset."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    # In-memory streams (tests) have no socket; they all count as one address.
+    if not isinstance(stream, trio.SocketStream):
+        return "memory:0"
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return None
+    # A dual-stack socket (relayd.socket's BindIPv6Only=both) shows IPv4
+    # clients as ::ffff:a.b.c.d; name them as themselves, for logs and limits.
+    mapped = ipaddress.ip_address(host.split("%", 1)[0]) if ":" in host else None
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+        host = str(mapped.ipv4_mapped)
+    return show(host, port)
+
+
+def ip_of(address: str) -> str:
+    """The host part of a ``host:port`` or ``[v6]:port`` address."""
+    return address.rpartition(":")[0].strip("[]")
