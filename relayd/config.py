@@ -35,8 +35,17 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_origin
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relayd.errors import ConfigError
@@ -45,6 +54,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AdminSettings",
     "AuthSettings",
+    "ClusterSettings",
     "DiagnosticsSettings",
     "LimitsSettings",
     "LogSettings",
@@ -220,6 +230,88 @@ class AuthSettings(BaseModel):
     jwt_leeway_s: float = Field(default=30.0, ge=0)
 
 
+class ClusterSettings(BaseModel):
+    """Several relayd nodes sharing one Redis (docs/scaling.md); off by default.
+
+    Attributes:
+        enabled: be a node of a cluster; off, nothing of the cluster is imported.
+        broker_url: the Redis server: ``redis://[user@]host[:port][/db]``,
+            ``rediss://`` for TLS, or ``unix:///path/to/redis.sock[?db=N]``. A
+            password never goes in the URL (settings are printed and logged):
+            it goes in ``password_file``.
+        password_file: a file holding the Redis password (``AUTH``); empty: none.
+        tls_ca_file: for ``rediss://``: PEM CA certificates to verify Redis by;
+            empty: the system's.
+        node_name: this node's name in the cluster, unique among its nodes;
+            empty: ``<hostname>-<pid>-<random>``, new at every start.
+        channel_prefix: prefix of every Redis channel and key relayd uses, so
+            that several clusters can share one Redis.
+        connect_timeout_s: time allowed to connect to Redis and complete its
+            handshake.
+        reply_timeout_s: how long a message sent to another node waits for that
+            node's answer before its sender is told ``delivery_unconfirmed``.
+        probe_interval_s: seconds between probes: each node publishes to itself
+            through Redis and expects the probe back on its subscription.
+        probe_timeout_s: a probe not back within this many seconds means the
+            link is broken, even if its TCP connections look open: relayd
+            reconnects.
+        node_timeout_s: a node that has not refreshed its heartbeat for this
+            long counts as gone: its ids answer ``unknown_recipient``.
+        reconnect_max_s: the longest wait between two attempts to reconnect
+            (the waits double from 0.1 s up to this, with jitter).
+        publish_buffer_bytes: bytes of messages for other nodes that may wait
+            for Redis at once; beyond it senders are told ``recipient_unreachable``.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    enabled: bool = False
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    password_file: str = ""
+    tls_ca_file: str = ""
+    node_name: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,64}$")
+    channel_prefix: str = Field(default="relayd:", pattern=r"^[A-Za-z0-9._:{}-]{1,64}$")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    reply_timeout_s: float = Field(default=2.0, gt=0)
+    probe_interval_s: float = Field(default=1.0, gt=0)
+    probe_timeout_s: float = Field(default=3.0, gt=0)
+    node_timeout_s: float = Field(default=5.0, gt=0)
+    reconnect_max_s: float = Field(default=5.0, ge=0.1)
+    publish_buffer_bytes: int = Field(default=4194304, ge=65536)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"scheme must be redis://, rediss:// or unix://, not {url.scheme!r}")
+        if url.password is not None:
+            raise ValueError("no password in the URL: put it in password_file")
+        if url.scheme == "unix":
+            if not url.path:
+                raise ValueError("unix:// needs a socket path, e.g. unix:///run/redis/redis.sock")
+            db = dict(pair.partition("=")[::2] for pair in url.query.split("&") if pair).get("db")
+        else:
+            if not url.hostname:
+                raise ValueError("no host")
+            url.port  # noqa: B018 - reading it checks it
+            db = url.path.strip("/") or None
+        if db is not None and not (db.isdigit() and len(db) <= 5):
+            raise ValueError(f"the database must be a number, not {db!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSettings:
+        url = urlsplit(self.broker_url)
+        if self.tls_ca_file and url.scheme != "rediss":
+            raise ValueError("tls_ca_file is for rediss:// only")
+        if self.probe_timeout_s <= self.probe_interval_s:
+            raise ValueError("probe_timeout_s must be longer than probe_interval_s")
+        if self.node_timeout_s <= self.probe_interval_s:
+            raise ValueError("node_timeout_s must be longer than probe_interval_s")
+        return self
+
+
 class Settings(BaseSettings):
     """Every setting relayd has, one section per table of ``config/relayd.toml``.
 
@@ -236,6 +328,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @classmethod
     def settings_customise_sources(

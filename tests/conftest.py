@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Coroutine
+import tempfile
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+
+from tests.redis_server import RedisServer, running_redis
 
 #: Seconds of trio's clock after which an async test fails as hung. Loopback
 #: tests finish in milliseconds; the figure only exists to catch hangs.
@@ -40,3 +44,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             virtual = "autojump_clock" in item.fixturenames
             seconds = VIRTUAL_TEST_DEADLINE_S if virtual else TEST_DEADLINE_S
             item.obj = _with_deadline(item.obj, seconds)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh Debian ``redis-server`` on a free loopback port, stopped by PID afterwards.
+
+    In a short directory of its own: its unix socket's path must fit in 108 bytes.
+    """
+    with (
+        tempfile.TemporaryDirectory(prefix="relayd-redis-") as directory,
+        running_redis(Path(directory)) as server,
+    ):
+        yield server

@@ -200,7 +200,7 @@ def test_unknown_toml_key_names_key_and_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ("[cluster]\ntoken = 'x'\n", "cluster"),
+        ("[clustre]\ntoken = 'x'\n", "clustre"),
         ("[limits.extra]\nx = 1\n", "limits.extra"),
         ("port = 9030\n", "port"),
     ],
@@ -372,3 +372,61 @@ def test_every_shipped_key_is_commented() -> None:
     for number, line in enumerate(lines):
         if line and not line.startswith(("#", "[")):
             assert lines[number - 1].startswith("#"), f"no comment above: {line}"
+
+
+# --- [cluster] -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://redis.internal",
+        "rediss://relayd@redis.internal:6380/2",
+        "unix:///run/redis/redis.sock",
+        "unix:///run/redis/redis.sock?db=3",
+    ],
+)
+def test_cluster_broker_urls_accepted(url: str) -> None:
+    settings = load(environ={"RELAYD_CLUSTER__BROKER_URL": url})
+    assert settings.cluster.broker_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://:hunter2@redis.internal/0", "no password in the URL: put it in password_file"),
+        ("redis://relayd:hunter2@redis.internal", "no password in the URL"),
+        ("http://redis.internal", "scheme must be redis://, rediss:// or unix://"),
+        ("redis:///0", "no host"),
+        ("redis://redis.internal:99999", "Port out of range"),
+        ("redis://redis.internal/zero", "the database must be a number"),
+        ("unix://", "unix:// needs a socket path"),
+    ],
+)
+def test_cluster_bad_broker_url_names_the_key_and_source(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(environ={"RELAYD_CLUSTER__BROKER_URL": url})
+    assert info.value.key == "cluster.broker_url"
+    assert info.value.source == "from environment RELAYD_CLUSTER__BROKER_URL"
+    assert reason in info.value.reason
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("probe_interval_s = 3.0\nprobe_timeout_s = 3.0\n", "probe_timeout_s must be longer"),
+        ("probe_interval_s = 6.0\nprobe_timeout_s = 9.0\n", "node_timeout_s must be longer"),
+        ('tls_ca_file = "/etc/ca.pem"\n', "tls_ca_file is for rediss:// only"),
+        ('node_name = "a b"\n', "String should match pattern"),
+    ],
+)
+def test_cluster_inconsistent_settings_refused(tmp_path: Path, text: str, reason: str) -> None:
+    path = write(tmp_path, "[cluster]\nenabled = true\n" + text)
+    with pytest.raises(ConfigError, match=reason):
+        load(config_path=path)
+
+
+def test_cluster_off_by_default() -> None:
+    assert Settings().cluster.enabled is False

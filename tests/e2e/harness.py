@@ -330,6 +330,7 @@ TOOLS: dict[str, Tool] = {
             ("gdb", "gdb"),
             ("nsenter", "util-linux"),
             ("taskset", "util-linux"),
+            ("redis-server", "redis-server"),
         ]
     },
 }
