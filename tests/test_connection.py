@@ -21,6 +21,7 @@ import trio.testing
 from trio_websocket import wrap_client_stream
 
 from relayd.config import LimitsSettings
+from relayd.daemon.connection import WRITER_IDLE_S
 from relayd.daemon.gate import Gate
 from relayd.routing.local import LocalRouter
 from tests import wire
@@ -300,3 +301,66 @@ async def test_a_reload_reaches_open_connections_rate_limit(
         for n in range(3, 8):  # a fresh bucket of the new size, at once
             await sender.send(friend.id, n, ref=n)
             assert (await sender.recv_json())["type"] == "ack"
+
+
+class _JumpingStream(trio.abc.Stream):
+    """The server's end of a memory stream that moves the clock on request.
+
+    When armed, the next ``receive_some`` call (the reader coming back for more
+    after handling what it read) first jumps the clock: the reader has just
+    woken the writer, and the writer has not run yet.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, clock: trio.testing.MockClock) -> None:
+        self._inner = inner
+        self._clock = clock
+        self.jump_s = 0.0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.jump_s:
+            self._clock.jump(self.jump_s)
+            self.jump_s = 0.0
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_frames_that_wake_the_writer_as_its_idle_time_runs_out_are_written(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # Autobahn case 5.19: a ping, a pause of one second, another ping. The
+    # writer, idle since the first pong, gives up after WRITER_IDLE_S (1.0 s).
+    # Here the second ping wakes it, and its idle deadline passes before it
+    # runs: the pong it has taken must still be written, not dropped.
+    ping = wire.frame(0x9, b"one")
+    async with serving(ping_interval_s=0, idle_timeout_s=0) as relay:
+        client, server = trio.testing.memory_stream_pair()
+        jumping = _JumpingStream(server, mock_clock)
+        relay.nursery.start_soon(relay.gate, jumping)
+        await silent_client(client)
+        await client.send_all(ping)
+        pong = wire.server_frames(bytes(await client.receive_some()), after_head=False)
+        assert pong == [(0xA, b"one")]
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits, idle
+        jumping.jump_s = 2 * WRITER_IDLE_S
+        await client.send_all(wire.frame(0x9, b"two"))
+        received = bytearray()
+
+        async def read() -> None:
+            while chunk := await client.receive_some():
+                received.extend(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert wire.server_frames(bytes(received), after_head=False) == [(0xA, b"two")]
+        mock_clock.autojump_threshold = 0  # let the teardown's timers run
+        await client.aclose()

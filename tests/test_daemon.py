@@ -173,7 +173,10 @@ def _free_port() -> int:
 def test_socket_activation_serves_the_socket_it_is_handed(tmp_path: Path) -> None:
     activate = str(require_tool("systemd-socket-activate"))
     config = tmp_path / "relayd.toml"
-    config.write_text("# the port comes from the socket, not from here\n")
+    # The public port comes from the socket. systemd-socket-activate passes relayd only
+    # PATH, TERM, USER and HOME, not Daemon's RELAYD_ADMIN__PORT=0: the admin port is set
+    # here, never the fixed 9031 (another relayd may hold it).
+    config.write_text("[admin]\nport = 0\n")
     port = _free_port()
     daemon = Daemon(
         [activate, "-l", f"127.0.0.1:{port}", "--fdname=relayd", *MODULE, "--config", str(config)]

@@ -507,32 +507,55 @@ class Connection:
                 # WRITER_IDLE_S away while the writer waits for frames, and
                 # none while it writes them (a write that does not finish is
                 # for the slow-consumer timer, which the reader keeps).
+                late: list[bytes] | None = []
                 with trio.CancelScope() as scope:
-                    await self._write_until_done(outbox, scope)
+                    late = await self._write_until_done(outbox, scope)
+                    if late is None:
+                        return
+                # The idle deadline passed just as frames woke the writer: the
+                # scope is cancelled, so they are written out here (inside, the
+                # write's first checkpoint would raise and drop them: Autobahn
+                # case 5.19, a ping one second after the last).
+                if late and not await self._send(late):
                     return
                 if not (self._flushing or outbox.has_frames()):
                     return  # idle: the next frame starts a writer again
         finally:
             self._writer_running = False
 
-    async def _write_until_done(self, outbox: Outbox, scope: trio.CancelScope) -> None:
-        """Write what the outbox gets until it is closed and empty, or writing stops."""
+    async def _write_until_done(
+        self, outbox: Outbox, scope: trio.CancelScope
+    ) -> list[bytes] | None:
+        """Write what the outbox gets until it is closed and empty, or writing stops.
+
+        Returns:
+            None when done; frames taken after ``scope``'s idle deadline
+            passed, for the caller to write outside it.
+        """
         while True:
             scope.deadline = math.inf if self._flushing else trio.current_time() + WRITER_IDLE_S
             frames = await outbox.take()
             if not frames:  # the outbox is closed and empty
-                return
+                return None
             if self._stop_writing:
                 self._dropped += _messages_in(frames)
-                return
+                return None
+            if scope.cancel_called:
+                return frames
             scope.deadline = math.inf
-            try:
-                await self._write(frames)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                # The client is gone. The reader may be waiting for it to make
-                # room rather than reading; it has nothing to do either.
-                self._stop_reading_now()
-                return
+            if not await self._send(frames):
+                return None
+
+    async def _send(self, frames: list[bytes]) -> bool:
+        """Write ``frames``; False once the client is gone."""
+        try:
+            await self._write(frames)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client is gone. The reader may be waiting for it to make
+            # room rather than reading; it has nothing to do either.
+            self._stop_reading_now()
+            return False
+        return True
 
     async def _write(self, frames: list[bytes]) -> None:
         data = frames[0] if len(frames) == 1 else b"".join(frames)
