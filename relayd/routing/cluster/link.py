@@ -1,0 +1,107 @@
+"""The broker link as the cluster router sees it, and the health it reports (no I/O here).
+
+:class:`Link` is what :class:`~relayd.routing.cluster.router.ClusterRouter`
+needs of a broker: publish a batch without waiting, keep a set of
+subscriptions (across reconnections), hand over what arrives. Two
+implementations: :class:`~relayd.routing.cluster.redis.RedisLink` (the real
+one) and :class:`~relayd.routing.cluster.memory.MemoryBroker`'s links (in
+memory, for fast tests of the router).
+
+:class:`Health` is the link's state in plain fields, for ``/readyz``,
+``/metrics`` and ``systemctl status``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+__all__ = ["Health", "Link", "Published", "Receiver"]
+
+#: Called with each PUBLISH's count of receiving nodes, in the order published
+#: (-1: nobody holds it but some node is cut off from Redis), or with None when
+#: the batch's fate is unknown (the link broke with it in flight).
+Published = Callable[[list[int] | None], None]
+
+
+class Receiver(Protocol):
+    """What a link hands what it receives to: the cluster router."""
+
+    def received(self, messages: list[tuple[bytes, bytes]]) -> None:
+        """Take ``(channel, data)`` pairs, as many as arrived at once; never waits."""
+
+    def link_down(self) -> None:
+        """The link broke: nothing in flight will be answered."""
+
+
+@dataclasses.dataclass(slots=True)
+class Health:
+    """The link's state and counters since start (plain fields, read by metrics).
+
+    Attributes:
+        up: connected, subscriptions restored, and the last probe came back.
+        connects: successful connections (the first one and every reconnection).
+        losses: times the link broke after it was up.
+        failed_attempts: attempts to connect that failed.
+        publish_failures: batches whose fate became unknown (the link broke
+            with them in flight) or that were refused (link down, buffer full).
+        published: messages published.
+        received: messages received on the subscriptions.
+        undecodable: messages received that were not relayd's, dropped.
+        subscriptions: channels Redis holds for this node now (its ids, plus two),
+            as its last confirmation said.
+        probe_rtt_s: the last probe's round trip through Redis.
+        inflight_bytes: published bytes Redis has not yet answered for.
+    """
+
+    up: bool = False
+    connects: int = 0
+    losses: int = 0
+    failed_attempts: int = 0
+    publish_failures: int = 0
+    published: int = 0
+    received: int = 0
+    undecodable: int = 0
+    subscriptions: int = 0
+    probe_rtt_s: float = 0.0
+    inflight_bytes: int = 0
+
+
+class Link(Protocol):
+    """A connection to the broker that reconnects by itself."""
+
+    health: Health
+
+    def publish(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
+        """Publish ``(channel, data)`` pairs in one batch; never waits.
+
+        Returns:
+            False, without calling ``done``, when the link is down or the
+            publish buffer is full: nothing was sent. True: ``done`` will be
+            called exactly once.
+        """
+
+    def subscribe(self, channel: bytes) -> None:
+        """Hold a subscription to ``channel`` (one hold per call), across reconnections."""
+
+    def unsubscribe(self, channel: bytes) -> None:
+        """Release one hold on ``channel``; the last one unsubscribes."""
+
+    async def subscribed(self, channel: bytes) -> None:
+        """Return once ``channel`` is subscribed in the broker, or at once while the link is down.
+
+        The caller bounds the wait.
+        """
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, and reconnect whenever the link breaks, until :meth:`close`.
+
+        Reports started at once: relayd serves its own clients with the broker
+        down.
+        """
+
+    def close(self) -> None:
+        """Leave the cluster (the heartbeat first), disconnect, and end :meth:`run`."""

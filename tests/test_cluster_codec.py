@@ -1,0 +1,173 @@
+"""The pure parts of the cluster: the inter-node format, channel names, answers awaited, backoff.
+
+No sockets and no trio: values in, values out, with hypothesis where inputs are open.
+"""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relayd.routing.cluster import codec
+from relayd.routing.cluster.backoff import FIRST_WAIT_S, Backoff
+from relayd.routing.cluster.codec import Verdict
+from relayd.routing.cluster.pending import Decided, Kind, Waiting
+
+names = st.text(st.characters(codec=None, exclude_categories=["Cs"]), max_size=40)
+seqs = st.integers(min_value=0, max_value=2**63 - 1)
+
+messages = st.one_of(
+    st.builds(codec.Deliver, names, seqs, names, st.binary(max_size=200)),
+    st.builds(
+        codec.Query, names, seqs, st.sampled_from(codec.QueryKind), st.integers(0, 4999), names
+    ),
+    st.builds(
+        codec.Answers, names, st.lists(st.builds(codec.Answer, seqs, st.integers(-1, 10**6)))
+    ),
+    st.builds(codec.ListIds, names, seqs, st.none() | names, st.integers(0, 10000)),
+    st.builds(codec.Ids, names, seqs, st.lists(names, max_size=5)),
+    st.builds(codec.Probe, names, seqs),
+)
+
+
+@given(messages)
+def test_every_message_survives_the_round_trip(message: codec.Message) -> None:
+    assert codec.decode(codec.encode(message)) == message
+
+
+def test_a_body_travels_as_its_raw_json_bytes() -> None:
+    body = b'{"text": "h\\u00e9llo", "n": [1, 2.50]}'
+    data = codec.encode(codec.Deliver("node-a", 7, "sender", body))
+    decoded = codec.decode(data)
+    assert isinstance(decoded, codec.Deliver)
+    assert decoded.message == body  # byte for byte: nothing re-encoded it
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello", msgspec.msgpack.encode([99, "x"]), msgspec.json.encode({"to": "x"})],
+)
+def test_what_is_not_a_message_raises_decode_error(data: bytes) -> None:
+    with pytest.raises(msgspec.DecodeError):
+        codec.decode(data)
+
+
+def test_channel_names() -> None:
+    channels = codec.Channels("relayd:")
+    assert channels.of_id("abc") == b"relayd:id:abc"
+    assert channels.of_node("n1") == b"relayd:node:n1"
+    assert channels.nodes == b"relayd:nodes"
+    assert channels.heartbeats == b"relayd:heartbeats"
+    assert channels.id_of(b"relayd:id:abc") == "abc"
+    assert channels.id_of(b"relayd:node:n1") is None
+    assert channels.id_of(b"other:id:abc") is None
+    assert channels.id_of(b"relayd:id:\xff") is None
+
+
+@given(names)
+def test_an_id_comes_back_from_its_channel(client_id: str) -> None:
+    channels = codec.Channels("c1:")
+    assert channels.id_of(channels.of_id(client_id)) == client_id
+
+
+# --- Waiting: the outcome a sender hears ------------------------------------------------------
+
+
+def test_the_first_delivered_answer_decides_at_once() -> None:
+    waiting: Waiting[str] = Waiting(2.0)
+    seq = waiting.ask("alice", Kind.RELAY, 0.0)
+    waiting.expect(seq, 3)
+    assert waiting.answer(seq, Verdict.BUSY) is None
+    assert waiting.answer(seq, Verdict.DELIVERED) == ("alice", Verdict.DELIVERED)
+    assert waiting.answer(seq, Verdict.DELIVERED) is None  # decided once
+    assert len(waiting) == 0
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "outcome"),
+    [
+        ([Verdict.BUSY, Verdict.BUSY], Verdict.BUSY),
+        ([Verdict.GONE, Verdict.BUSY], Verdict.BUSY),
+        ([Verdict.GONE, Verdict.GONE], Verdict.GONE),
+    ],
+)
+def test_without_a_delivery_all_answers_decide(verdicts: list[Verdict], outcome: Verdict) -> None:
+    waiting: Waiting[str] = Waiting(2.0)
+    seq = waiting.ask("alice", Kind.RELAY, 0.0)
+    waiting.expect(seq, len(verdicts))
+    *first, last = verdicts
+    for verdict in first:
+        assert waiting.answer(seq, verdict) is None
+    assert waiting.answer(seq, last) == ("alice", outcome)
+
+
+def test_answers_may_come_before_the_count_of_receivers() -> None:
+    waiting: Waiting[str] = Waiting(2.0)
+    seq = waiting.ask("alice", Kind.RELAY, 0.0)
+    assert waiting.answer(seq, Verdict.BUSY) is None  # the publish's reply is still on its way
+    assert waiting.expect(seq, 1) == ("alice", Verdict.BUSY)
+
+
+def test_nobody_received_it() -> None:
+    waiting: Waiting[str] = Waiting(2.0)
+    seq = waiting.ask("alice", Kind.RELAY, 0.0)
+    assert waiting.expect(seq, 0) == ("alice", Verdict.GONE)
+
+
+def test_missing_answers_leave_the_delivery_unconfirmed_at_the_deadline() -> None:
+    waiting: Waiting[str] = Waiting(2.0)
+    first = waiting.ask("alice", Kind.RELAY, 0.0)
+    second = waiting.ask("bob", Kind.RELAY, 1.0)
+    waiting.expect(first, 2)
+    waiting.expect(second, 1)
+    waiting.answer(first, Verdict.BUSY)
+    assert waiting.next_deadline == 2.0
+    assert list(waiting.expire(1.999)) == []
+    assert list(waiting.expire(2.0)) == [("alice", Decided.UNCONFIRMED)]
+    assert waiting.next_deadline == 3.0
+    assert waiting.answer(second, Verdict.DELIVERED) == ("bob", Verdict.DELIVERED)
+    assert waiting.next_deadline is None
+    assert list(waiting.expire(10.0)) == []
+
+
+def test_counting_questions_sum_what_came() -> None:
+    waiting: Waiting[str] = Waiting(2.0)
+    seq = waiting.ask("api", Kind.COUNT, 0.0)
+    waiting.expect(seq, 3)
+    assert waiting.answer(seq, 2) is None
+    assert waiting.answer(seq, 1) is None
+    assert waiting.answer(seq, 4) == ("api", 7)
+    late = waiting.ask("api", Kind.COUNT, 0.0)
+    waiting.expect(late, 2)
+    waiting.answer(late, 5)
+    assert list(waiting.expire(2.0)) == [("api", 5)]
+
+
+def test_a_lost_link_decides_everything_open() -> None:
+    waiting: Waiting[str] = Waiting(2.0)
+    waiting.ask("alice", Kind.RELAY, 0.0)
+    count = waiting.ask("api", Kind.COUNT, 0.0)
+    waiting.answer(count, 3)
+    assert sorted(map(str, waiting.abandon())) == sorted(
+        map(str, [("alice", Decided.UNCONFIRMED), ("api", 3)])
+    )
+    assert len(waiting) == 0
+    assert waiting.next_deadline is None
+
+
+# --- Backoff ------------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_with_jitter_up_to_the_maximum_and_resets() -> None:
+    backoff = Backoff(1.0, random.Random(7))
+    waits = [backoff.next_wait() for _ in range(8)]
+    steps = [min(FIRST_WAIT_S * 2**i, 1.0) for i in range(8)]
+    for wait, step in zip(waits, steps, strict=True):
+        assert step / 2 <= wait <= step
+    assert len(set(waits)) == len(waits)  # jittered
+    backoff.reset()
+    assert backoff.next_wait() <= FIRST_WAIT_S

@@ -1,0 +1,260 @@
+"""The Redis link against Debian's real redis-server: connect, publish, subscribe, and fail.
+
+Every failure the link must survive is inflicted for real: Redis absent at
+start, restarted, frozen with SIGSTOP, and a subscription that silently
+stops delivering (a proxy that keeps the TCP connection and drops what Redis
+sends). Waits are for the link's own state changes and for messages, each
+bounded by a trio-clock ``fail_after``; timeouts are short so that failures
+are found in well under a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import structlog
+import trio
+import trio.testing
+from structlog.typing import EventDict
+
+from relayd.config import ClusterSettings
+from relayd.routing.cluster import codec
+from relayd.routing.cluster.link import Health
+from relayd.routing.cluster.redis import RedisLink
+from tests.redis_server import RedisServer
+from tests.tcp_proxy import TcpProxy
+
+#: Short timeouts: a probe every 50 ms, late after 300 ms; retries within 200 ms.
+FAST: dict[str, Any] = {
+    "probe_interval_s": 0.05,
+    "probe_timeout_s": 0.3,
+    "node_timeout_s": 0.5,
+    "reconnect_max_s": 0.2,
+    "connect_timeout_s": 1.0,
+}
+LIMIT_S = 10.0  # trio-clock bound on anything that could hang
+
+
+def UP(health: Health) -> bool:
+    return health.up
+
+
+def DOWN(health: Health) -> bool:
+    return not health.up
+
+
+class Inbox:
+    """A receiver that keeps what arrives and wakes whoever waits for it."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, bytes]] = []
+        self.downs = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def received(self, messages: list[tuple[bytes, bytes]]) -> None:
+        self.messages += messages
+        self._lot.unpark_all()
+
+    def link_down(self) -> None:
+        self.downs += 1
+
+    async def wait_for(self, count: int) -> list[tuple[bytes, bytes]]:
+        while len(self.messages) < count:
+            await self._lot.park()
+        return self.messages
+
+
+@pytest.fixture
+def logs() -> Iterator[list[EventDict]]:
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+CHANNELS = codec.Channels("test:")
+
+
+@asynccontextmanager
+async def link_to(
+    url: str, node: str = "n1", *, up: bool = True, **settings: Any
+) -> AsyncIterator[tuple[RedisLink, Inbox]]:
+    inbox = Inbox()
+    link = RedisLink(
+        ClusterSettings(enabled=True, broker_url=url, **{**FAST, **settings}),
+        node=node,
+        channels=CHANNELS,
+        receiver=inbox,
+        log=structlog.get_logger(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        if up:
+            await link.wait_for(UP)
+        yield link, inbox
+        link.close()
+
+
+@asynccontextmanager
+async def two_nodes(
+    url_one: str, url_two: str, **settings: Any
+) -> AsyncIterator[tuple[RedisLink, RedisLink, Inbox]]:
+    """Nodes n1 and n2, both up; yields n1's link, n2's link and n2's inbox."""
+    async with (
+        link_to(url_one, **settings) as (one, _),
+        link_to(url_two, "n2", **settings) as (two, inbox),
+    ):
+        yield one, two, inbox
+
+
+async def publish(link: RedisLink, *pairs: tuple[bytes, bytes]) -> list[int] | None:
+    """Publish and wait for Redis's counts (None: the batch's fate is unknown)."""
+    done = trio.Event()
+    result: list[list[int] | None] = []
+
+    def published(counts: list[int] | None) -> None:
+        result.append(counts)
+        done.set()
+
+    assert link.publish(list(pairs), published)
+    await done.wait()
+    return result[0]
+
+
+async def test_publish_reaches_a_subscriber_and_counts_receivers(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server.url, redis_server.unix_url) as (one, two, inbox2):
+            channel = CHANNELS.of_id("abc")
+            two.subscribe(channel)
+            await two.subscribed(channel)
+            assert await publish(one, (channel, b"hello"), (CHANNELS.of_id("nobody"), b"x")) == [
+                1,
+                0,
+            ]
+            assert await inbox2.wait_for(1) == [(channel, b"hello")]
+            two.unsubscribe(channel)
+            await two.wait_for(lambda health: health.subscriptions == 2)  # its own two
+            assert await publish(one, (channel, b"again")) == [0]
+            assert one.health.published == 3
+            assert two.health.received == 1
+
+
+async def test_subscriptions_are_counted_holds(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server.url, redis_server.url) as (one, two, _inbox):
+            channel = CHANNELS.of_id("shared")
+            two.subscribe(channel)
+            two.subscribe(channel)
+            two.unsubscribe(channel)
+            await two.subscribed(channel)
+            assert await publish(one, (channel, b"still held")) == [1]
+            two.unsubscribe(channel)
+            await two.wait_for(lambda health: health.subscriptions == 2)
+            assert await publish(one, (channel, b"gone")) == [0]
+
+
+async def test_unreachable_at_start_then_connects(
+    tmp_path_factory: pytest.TempPathFactory, logs: list[EventDict]
+) -> None:
+    from tests.redis_server import free_port
+
+    port = free_port()
+    server = RedisServer(tmp_path_factory.mktemp("r"), port=port)
+    with trio.fail_after(LIMIT_S):
+        async with link_to(f"redis://127.0.0.1:{port}/0", up=False) as (link, _):
+            await link.wait_for(lambda health: health.failed_attempts >= 2)
+            assert not link.health.up
+            assert not link.publish([(b"c", b"d")], lambda counts: None)
+            server.start()
+            try:
+                await link.wait_for(UP)
+                assert await publish(link, (CHANNELS.of_id("x"), b"y")) == [0]
+            finally:
+                server.stop()
+    unreachable = next(e for e in logs if e["event"] == "broker.unreachable")
+    assert unreachable["log_level"] == "warning"
+    assert "Connection" in unreachable["reason"] or "refused" in unreachable["reason"]
+    connected = next(e for e in logs if e["event"] == "broker.connected")
+    assert connected["node"] == "n1"
+
+
+async def test_redis_restart_reconnects_and_resubscribes(
+    redis_server: RedisServer, logs: list[EventDict]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server.url, redis_server.url) as (one, two, inbox):
+            channel = CHANNELS.of_id("survivor")
+            two.subscribe(channel)
+            await two.subscribed(channel)
+            redis_server.restart()
+            await one.wait_for(DOWN)
+            await two.wait_for(DOWN)
+            assert inbox.downs == 1
+            await one.wait_for(UP)
+            await two.wait_for(UP)
+            assert await publish(one, (channel, b"after restart")) == [1]
+            assert await inbox.wait_for(1) == [(channel, b"after restart")]
+    lost = [e for e in logs if e["event"] == "broker.lost"]
+    assert {e["node"] for e in lost} == {"n1", "n2"}
+    reconnected = [e for e in logs if e["event"] == "broker.connected" and e["node"] == "n2"]
+    assert reconnected[-1]["resubscribed"] == 1
+
+
+async def test_frozen_redis_is_detected_by_the_probe(
+    redis_server: RedisServer, logs: list[EventDict]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with link_to(redis_server.url) as (link, _):
+            redis_server.freeze()
+            try:
+                frozen_at = trio.current_time()
+                await link.wait_for(DOWN)
+                detected_after = trio.current_time() - frozen_at
+                assert not link.publish([(b"c", b"d")], lambda counts: None)
+            finally:
+                redis_server.thaw()
+            await link.wait_for(UP)
+    # Within a probe interval plus the probe timeout (and scheduling slack).
+    assert detected_after < FAST["probe_interval_s"] + FAST["probe_timeout_s"] + 0.5
+    lost = next(e for e in logs if e["event"] == "broker.lost")
+    assert "probe did not come back" in lost["reason"]
+
+
+async def test_a_silently_muted_subscription_is_detected_and_replaced(
+    redis_server: RedisServer, logs: list[EventDict]
+) -> None:
+    proxy = TcpProxy(redis_server.port)
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(proxy.run)
+            async with (
+                link_to(f"redis://127.0.0.1:{port}/0") as (link, inbox),
+                link_to(redis_server.url, "n2") as (other, _),
+            ):
+                channel = CHANNELS.of_id("quiet")
+                link.subscribe(channel)
+                await link.subscribed(channel)
+                proxy.mute(2)  # the subscriber: connected second
+                # Redis still counts the subscription, and nothing arrives...
+                assert await publish(other, (channel, b"lost in the proxy")) == [1]
+                # ...until the probe notices and the link reconnects.
+                await link.wait_for(DOWN)
+                await link.wait_for(UP)
+                assert await publish(other, (channel, b"delivered")) == [1]
+                assert (await inbox.wait_for(1))[-1] == (channel, b"delivered")
+            nursery.cancel_scope.cancel()
+    lost = next(e for e in logs if e["event"] == "broker.lost")
+    assert "probe did not come back" in lost["reason"]
+
+
+async def test_a_node_cut_off_from_redis_makes_absent_ids_unreachable(
+    redis_server: RedisServer,
+) -> None:
+    """While a node with a fresh heartbeat no longer listens, PUBLISH to nobody says -1."""
+    with trio.fail_after(LIMIT_S):
+        async with link_to(redis_server.url, node_timeout_s=60.0) as (one, _):
+            async with link_to(redis_server.url, "n2", node_timeout_s=60.0):
+                assert await publish(one, (CHANNELS.of_id("nobody"), b"x")) == [0]
+            # n2 is gone without removing its heartbeat (as a crash would).
+            assert await publish(one, (CHANNELS.of_id("nobody"), b"x")) == [-1]
