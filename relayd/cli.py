@@ -1,16 +1,22 @@
 """The ``relayd`` command: ``serve`` (the default), ``check-config``, ``chat``, ``--version``.
 
-Exit statuses: 0 after a graceful shutdown or a good ``check-config``; 78
-(``EX_CONFIG``) when the settings are bad, with one line on stderr naming the
-key and where its value came from, so systemd's ``RestartPreventExitStatus=78``
-keeps a bad config from restart-looping; 1 when the port cannot be bound;
-128 + the signal number when a second SIGTERM/SIGINT cut the drain short.
+Exit statuses: 0 after a graceful shutdown or a good ``check-config`` (also when
+whoever reads its output stops early, as ``head`` does: relayd then exits quietly);
+78 (``EX_CONFIG``) when the settings are bad, with one line on stderr per problem
+naming the key and where its value came from, so systemd's
+``RestartPreventExitStatus=78`` keeps a bad config from restart-looping; 1 when a
+port cannot be bound; 128 + the signal number when a second SIGTERM/SIGINT cut the
+drain short.
+
+Unknown ``RELAYD_*`` variables are warnings (``config.ignored`` events when serving,
+lines on stderr for ``check-config``), never errors: orchestrators set their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,14 +25,15 @@ from typing import Final
 import trio
 
 from relayd import __version__
-from relayd.config import Settings, load_settings, settings_as_json
+from relayd.config import DEFAULT_CONFIG_PATH, Settings, settings_as_json
+from relayd.config_sources import CONFIG_VARIABLE, Loaded, load
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.errors import ConfigError
 from relayd.policy.auth import Authenticator
-from relayd.telemetry.log import configure
+from relayd.telemetry.log import configure, get_logger
 
 __all__ = ["EX_CONFIG", "main"]
 
@@ -42,10 +49,17 @@ def _parser() -> argparse.ArgumentParser:
             type=Path,
             metavar="PATH",
             default=default,
-            help="TOML config file (default: /etc/relayd/relayd.toml if it exists)",
+            help=(
+                f"TOML config file (default: ${CONFIG_VARIABLE}, else "
+                f"{DEFAULT_CONFIG_PATH} if it exists)"
+            ),
         )
         p.add_argument("--host", default=default, help="listen address; '' for all interfaces")
         p.add_argument("--port", type=int, default=default, help="listen port; 0 picks one")
+        p.add_argument("--admin-host", default=default, help="the admin listener's address")
+        p.add_argument(
+            "--admin-port", type=int, default=default, help="the admin listener's port; 0 picks one"
+        )
         p.add_argument(
             "--log-level", choices=["debug", "info", "warning", "error"], default=default
         )
@@ -83,30 +97,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {
         "server.host": args.host,
         "server.port": args.port,
+        "admin.host": args.admin_host,
+        "admin.port": args.admin_port,
         "log.level": args.log_level,
         "log.format": args.log_format,
     }
 
-    def read_settings() -> tuple[Settings, Authenticator | None]:
+    def read() -> Loaded:
         # The same sources at start and on every reload (SIGHUP).
-        settings = load_settings(config_path=args.config, overrides=overrides)
+        return load(config_path=args.config, overrides=overrides)
+
+    def read_settings() -> tuple[Settings, Authenticator | None]:
+        settings = read().settings
         return settings, load_authenticator(settings.auth)
 
     try:
-        settings, authenticator = read_settings()
+        loaded = read()
+        settings = loaded.settings
+        authenticator = load_authenticator(settings.auth)
         tls = load_tls(settings.tls)
         activated = listen_sockets()
     except ConfigError as exc:
-        print(f"relayd: config error: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"relayd: config error: {problem.line}", file=sys.stderr)
         return EX_CONFIG
     except OSError as exc:
         print(f"relayd: cannot use the sockets systemd passed: {exc}", file=sys.stderr)
         return 1
     if args.command == "check-config":
-        print(settings_as_json(settings))
-        return 0
+        return _check_config(loaded)
     configure(settings.log)
-    server = Server(settings, authenticator=authenticator, tls=tls)
+    for variable in loaded.ignored:
+        get_logger().warning(
+            "config.ignored", variable=variable.name, did_you_mean=variable.suggestion
+        )
+    server = Server(settings, authenticator=authenticator, tls=tls, config_file=loaded.path)
     return trio.run(
         functools.partial(
             run_daemon,
@@ -117,3 +142,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             listeners=[trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in activated],
         )
     )
+
+
+def _check_config(loaded: Loaded) -> int:
+    """Print the effective settings on stdout, and how they were read on stderr.
+
+    A reader that closes the pipe early (``relayd check-config | head``) ends the
+    output quietly: the check itself passed.
+    """
+    read = "none" if loaded.path is None else str(loaded.path)
+    print(f"relayd: config file: {read}", file=sys.stderr)
+    for variable in loaded.ignored:
+        hint = "" if variable.suggestion is None else f"; did you mean {variable.suggestion}?"
+        print(f"relayd: warning: {variable.name} is not a setting: ignored{hint}", file=sys.stderr)
+    try:
+        print(settings_as_json(loaded.settings), flush=True)
+    except BrokenPipeError:
+        # Python would report the failed flush again at exit: point stdout at
+        # /dev/null first (the recipe in the signal module's documentation).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0

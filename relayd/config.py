@@ -2,53 +2,24 @@
 
 What owns what:
 
-- The models (:class:`Settings` and its sections) own the keys, their defaults and their
+- The models (:class:`Settings` and its sections) own the keys, their types, defaults and
   bounds. Nothing else in relayd repeats a default; ``config/relayd.toml`` shows every key at
   its default and a test keeps the two equal.
-- :func:`load_settings` owns the sources and their precedence, later wins::
+- :mod:`relayd.config_sources` owns where values come from (file, environment, flags), their
+  precedence, and the operator's messages about them.
 
-      built-in defaults < TOML file < environment < command-line overrides
-
-  The file is ``config_path`` (``--config``) or else ``default_path`` when that exists. The
-  environment is ``RELAYD_<SECTION>__<KEY>`` (for example ``RELAYD_LIMITS__MAX_CONNECTIONS``;
-  the key part is matched case-insensitively) and plain ``PORT``, which the seed's Node server
-  honoured; ``RELAYD_SERVER__PORT`` beats ``PORT``.
-- :class:`ConfigError` owns the operator's message: one line naming the dotted key and the
-  source its offending value came from. The CLI prints it and exits 78 (``EX_CONFIG``).
-
-Why the sources are merged here and not by pydantic-settings' own sources: once its sources
-have been merged, a ``ValidationError`` no longer says which source a value came from, and its
-environment source ignores unknown ``RELAYD_*`` variables, so a typo would pass silently.
-Reading one TOML file and one mapping of strings takes a few lines; each value is recorded
-with its source under its dotted key, unknown keys are refused right there, and pydantic then
-validates and coerces the merged values in one pass (``"5"`` -> 5, ``"false"`` -> False); the
-location of its first error is a dotted key, and the source recorded for that key is the one
-blamed. :class:`Settings` therefore reads nothing by itself: ``Settings()`` is the built-in
-defaults, everywhere, tests included.
+:class:`Settings` reads nothing by itself: ``Settings()`` is the built-in defaults,
+everywhere, tests included.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tomllib
-from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-
-from relayd.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -61,14 +32,10 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TLSSettings",
-    "load_settings",
     "settings_as_json",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
-
-_ENV_PREFIX = "RELAYD_"
-_ENV_NESTED_DELIMITER = "__"
 
 # Infinity and NaN are refused: every "off" switch is spelled 0, and NaN passes no bound.
 _SECTION_CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -315,8 +282,8 @@ class ClusterSettings(BaseModel):
 class Settings(BaseSettings):
     """Every setting relayd has, one section per table of ``config/relayd.toml``.
 
-    Build it with :func:`load_settings`; ``Settings()`` alone gives the built-in defaults and
-    reads no file and no environment.
+    Build it with :func:`relayd.config_sources.load`; ``Settings()`` alone gives the built-in
+    defaults and reads no file and no environment.
     """
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid")
@@ -339,155 +306,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Read only the values passed in; :func:`load_settings` gathers the sources."""
+        """Read only the values passed in; :mod:`relayd.config_sources` gathers the sources."""
         return (init_settings,)
-
-
-def _keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, bool]]:
-    """Yield ``(dotted key, is a section)`` for every field of ``model``, depth first."""
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield prefix + name, True
-            yield from _keys(annotation, f"{prefix}{name}.")
-        else:
-            yield prefix + name, False
-
-
-_SECTIONS = frozenset(key for key, is_section in _keys(Settings) if is_section)
-_SETTINGS = frozenset(key for key, is_section in _keys(Settings) if not is_section)
-
-
-def _structured(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
-    """Dotted keys of list-, tuple- and table-valued settings."""
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from _structured(annotation, f"{prefix}{name}.")
-        elif get_origin(annotation) in (list, tuple, dict):
-            yield prefix + name
-
-
-# An environment variable can only hold text; these keys take it as JSON, e.g.
-# RELAYD_SERVER__ALLOWED_ORIGINS='["https://chat.example.com"]'.
-_STRUCTURED = frozenset(_structured(Settings))
-
-# Dotted key -> (value, source phrase). Sources are applied in precedence order, so a later
-# one simply overwrites an earlier one's entry.
-_Values = dict[str, tuple[object, str]]
-
-
-def _set(values: _Values, key: str, value: object, source: str) -> None:
-    """Record ``value`` for ``key`` from ``source``, refusing keys that name no setting."""
-    if key in _SECTIONS:
-        raise ConfigError("is a section, not a setting", key=key, source=source)
-    if key not in _SETTINGS:
-        raise ConfigError("unknown key", key=key, source=source)
-    values[key] = (value, source)
-
-
-def _flatten(table: Mapping[str, object], prefix: str = "") -> Iterator[tuple[str, object]]:
-    """Yield ``(dotted key, value)`` for a parsed TOML document, descending into sections."""
-    for name, value in table.items():
-        key = prefix + name
-        if key in _SECTIONS and isinstance(value, Mapping):
-            yield from _flatten(value, key + ".")
-        else:
-            yield key, value
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    """Parse the TOML file at ``path``.
-
-    Raises:
-        ConfigError: the file cannot be read or is not valid TOML.
-    """
-    source = f"in {path}"
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        reason = f"cannot read {path}: {error.strerror or error}"
-        raise ConfigError(reason, source=source) from error
-    try:
-        return tomllib.loads(raw.decode())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"invalid TOML in {path}: {error}", source=source) from error
-
-
-def _validate(values: _Values) -> Settings:
-    """Build :class:`Settings` from the merged values, blaming the first bad one's source."""
-    tree: dict[str, Any] = {}
-    for key, (value, _source) in values.items():
-        *sections, name = key.split(".")
-        node = tree
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = value
-    try:
-        return Settings.model_validate(tree)
-    except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        _value, source = values.get(key, (None, "from built-in defaults"))
-        raise ConfigError(first["msg"], key=key, source=source) from error
-
-
-def load_settings(
-    *,
-    config_path: Path | None = None,
-    environ: Mapping[str, str] | None = None,
-    overrides: Mapping[str, object] | None = None,
-    default_path: Path = DEFAULT_CONFIG_PATH,
-) -> Settings:
-    """Build the effective settings from every source, later wins.
-
-    Args:
-        config_path: the TOML file given with ``--config``; it must exist. None reads
-            ``default_path`` when it exists, and no file otherwise.
-        environ: the environment; None reads :data:`os.environ`.
-        overrides: command-line flags as dotted keys, e.g. ``{"server.port": 0}``. A None
-            value means the flag was not given and is skipped.
-        default_path: the file read when no ``config_path`` is given.
-
-    Returns:
-        The frozen, validated settings.
-
-    Raises:
-        ConfigError: a file cannot be read or parsed, a key names no setting, or a value is
-            invalid; the message names the key and the source of the value.
-    """
-    values: _Values = {}
-
-    path = config_path
-    if path is None and default_path.exists():
-        path = default_path
-    if path is not None:
-        for key, value in _flatten(_read_toml(path)):
-            _set(values, key, value, f"in {path}")
-
-    env = os.environ if environ is None else environ
-    if "PORT" in env:
-        _set(values, "server.port", env["PORT"], "from environment PORT")
-    for name, value in sorted(env.items()):
-        if name.startswith(_ENV_PREFIX):
-            key = name.removeprefix(_ENV_PREFIX).lower().replace(_ENV_NESTED_DELIMITER, ".")
-            source = f"from environment {name}"
-            _set(
-                values, key, _from_json(key, value, source) if key in _STRUCTURED else value, source
-            )
-
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set(values, key, value, "from command line")
-
-    return _validate(values)
-
-
-def _from_json(key: str, text: str, source: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"expected JSON ({error.msg})", key=key, source=source) from error
 
 
 def settings_as_json(settings: Settings) -> str:

@@ -11,9 +11,9 @@ misbehaved" errors carry the reply)::
     ├── EnvelopeError      a client message relayd cannot relay: answered with an
     │                      error frame (.code, .detail, .ref); the connection stays
     ├── RouterClosed       the router is shutting down: the connection drains
-    └── ConfigError        a bad setting, file or key: one line for the operator,
-                           exit status 78 (EX_CONFIG) before anything listens, or
-                           a refused reload
+    └── ConfigError        bad settings, files or keys: one line per problem for the
+                           operator, every problem at once; exit status 78
+                           (EX_CONFIG) before anything listens, or a refused reload
 
 Handshake refusals are values, not exceptions: a
 :class:`~relayd.wire.handshake.Refusal` carries its HTTP status and reason.
@@ -25,6 +25,7 @@ read the same numbers (RFC 6455 §7.4.1; docs/protocol.md).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 __all__ = [
     "CloseCode",
@@ -108,20 +109,42 @@ class RouterClosed(RelaydError):
 
 
 class ConfigError(RelaydError):
-    """A bad configuration file, key or value; ``str(err)`` is one line for the operator.
+    """Bad configuration: one or more problems, each one line for the operator.
 
-    For example ``limits.max_conections: unknown key (in /etc/relayd/relayd.toml)`` or
-    ``server.port: Input should be less than or equal to 65535 (from environment PORT)``.
+    For example ``limits.max_conections: unknown key; did you mean limits.max_connections?
+    (in /etc/relayd/relayd.toml)`` or ``server.port: Input should be less than or equal to
+    65535 (from environment PORT)``. ``str(err)`` is every problem's line, one per line.
 
     Attributes:
-        key: the dotted key at fault, or None when the whole file is (unreadable, not TOML).
-        source: where the offending value came from, as printed: ``in PATH``,
-            ``from environment NAME`` or ``from command line``.
+        key: the dotted key of the first problem, or None when a whole file is at fault
+            (unreadable, not TOML).
+        source: where the first problem's value came from, as printed: ``in PATH``,
+            ``from environment NAME``, ``from command line`` or ``from built-in defaults``.
         reason: what is wrong with it.
+        line: the first problem as one line: ``key: reason (source)``, or the reason alone.
+        problems: every problem found, each a :class:`ConfigError` of its own, this one's
+            first; ``(self,)`` when there is one.
     """
 
-    def __init__(self, reason: str, *, source: str, key: str | None = None) -> None:
-        super().__init__(reason if key is None else f"{key}: {reason} ({source})")
+    def __init__(
+        self,
+        reason: str,
+        *,
+        source: str,
+        key: str | None = None,
+        problems: Sequence[ConfigError] = (),
+    ) -> None:
         self.key = key
         self.source = source
         self.reason = reason
+        self.line = reason if key is None else f"{key}: {reason} ({source})"
+        self.problems: tuple[ConfigError, ...] = tuple(problems) or (self,)
+        super().__init__("\n".join(problem.line for problem in self.problems))
+
+    @classmethod
+    def of(cls, problems: Sequence[ConfigError]) -> ConfigError:
+        """One error for several problems; its own attributes are the first one's."""
+        if len(problems) == 1:
+            return problems[0]
+        first = problems[0]
+        return cls(first.reason, source=first.source, key=first.key, problems=problems)

@@ -32,6 +32,7 @@ import relayd
 from relayd.cli import EX_CONFIG, main
 from relayd.config import Settings
 from tests import wire
+from tests.deployments import KUBERNETES_SERVICE_LINKS
 
 #: Bound on any one command that is expected to exit by itself.
 RUN_TIMEOUT_S: Final = 30.0
@@ -113,7 +114,7 @@ def test_version_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_check_config_prints_the_defaults(command: list[str], config: Path) -> None:
     result = run([*command, "--config", str(config), "check-config"])
-    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert (result.returncode, result.stderr) == (0, f"relayd: config file: {config}\n")
     assert json.loads(result.stdout) == DEFAULTS
 
 
@@ -126,7 +127,7 @@ def test_check_config_shows_file_env_and_port_values(config: Path) -> None:
     )
     env = clean_env(RELAYD_LIMITS__MAX_CONNECTIONS="42", PORT="8123")
     result = run([*MODULE, "--config", str(config), "check-config"], env=env)
-    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert (result.returncode, result.stderr) == (0, f"relayd: config file: {config}\n")
     assert json.loads(result.stdout) == with_changes(
         {
             "server": {"host": "10.1.2.3", "port": 8123, "shutdown_grace_s": 2.5},
@@ -146,10 +147,12 @@ def no_relayd_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def check_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    """``relayd <argv>`` in-process; it must succeed and print JSON only."""
+    """``relayd <argv>`` in-process; it must succeed, print JSON, and only the file on stderr."""
     status = main(argv)
     out, err = capsys.readouterr()
-    assert (status, err) == (0, ""), err
+    assert status == 0, err
+    assert err.startswith("relayd: config file: ")
+    assert err.count("\n") == 1, err
     parsed: dict[str, Any] = json.loads(out)
     return parsed
 
@@ -210,7 +213,81 @@ def test_a_flag_after_the_command_beats_the_same_flag_before_it(
     assert effective["server"]["port"] == 2
 
 
+def test_admin_flags_set_the_admin_listener(
+    config: Path, no_relayd_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    effective = check_config(
+        ["--config", str(config), "check-config", "--admin-host", "::1", "--admin-port", "9100"],
+        capsys,
+    )
+    assert effective["admin"] == {**DEFAULTS["admin"], "host": "::1", "port": 9100}
+
+
+def test_relayd_config_names_the_file_check_config_reports(config: Path) -> None:
+    config.write_text("[limits]\nmax_connections = 9\n", encoding="utf-8")
+    result = run([*MODULE, "check-config"], env=clean_env(RELAYD_CONFIG=str(config)))
+    assert (result.returncode, result.stderr) == (0, f"relayd: config file: {config}\n")
+    assert json.loads(result.stdout)["limits"]["max_connections"] == 9
+
+
+def test_unknown_variables_are_warnings_with_the_nearest_name(config: Path) -> None:
+    env = clean_env(
+        RELAYD_LIMITS__MAX_CONECTIONS="5",
+        RELAYD_SERVICE_HOST="10.0.0.1",
+        RELAYD_PORT="tcp://10.0.0.1:9030",
+    )
+    result = run([*MODULE, "--config", str(config), "check-config"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"relayd: config file: {config}",
+        "relayd: warning: RELAYD_LIMITS__MAX_CONECTIONS is not a setting: ignored; "
+        "did you mean RELAYD_LIMITS__MAX_CONNECTIONS?",
+    ]
+    assert json.loads(result.stdout) == DEFAULTS
+
+
+def test_check_config_exits_quietly_when_its_reader_is_gone(config: Path) -> None:
+    # As `relayd check-config | head -c0`: the reading end is closed before relayd writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*MODULE, "--config", str(config), "check-config"],
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, f"relayd: config file: {config}\n")
+
+
 # -- bad configuration: exit 78, one line on stderr, nothing on stdout ---------------
+
+
+def test_every_problem_is_a_line_of_its_own(config: Path) -> None:
+    config.write_text('[limits]\nmax_conections = 5\n[log]\nmessages = "yes"\n', encoding="utf-8")
+    env = clean_env(RELAYD_LIMITS__MAX_CONNECTIONS="5.0")
+    result = run(
+        [*MODULE, "--config", str(config), "check-config", "--admin-port", "9030"], env=env
+    )
+    assert (result.returncode, result.stdout) == (EX_CONFIG, "")
+    assert sorted(result.stderr.splitlines()) == [
+        "relayd: config error: limits.max_conections: unknown key; "
+        f"did you mean limits.max_connections? (in {config})",
+        "relayd: config error: limits.max_connections: Input should be a valid integer "
+        "(from environment RELAYD_LIMITS__MAX_CONNECTIONS)",
+        f"relayd: config error: log.messages: Input should be a valid boolean (in {config})",
+    ]
+
+
+def test_an_admin_port_equal_to_the_public_one_is_refused(config: Path) -> None:
+    result = run([*MODULE, "--config", str(config), "check-config", "--admin-port", "9030"])
+    assert_config_error(result, "admin.port", "--admin-port", "(from command line)")
 
 
 def assert_config_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -514,6 +591,38 @@ def test_serves_until_a_signal_then_exits_0(
         socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S).close()
 
 
+def test_a_kubernetes_pod_environment_starts_relayd(config: Path) -> None:
+    # The config comes from RELAYD_CONFIG, as a ConfigMap mounted in a pod would; one
+    # variable is a typo of the operator's, warned about by name; the rest is Kubernetes'.
+    daemon = Daemon(
+        [*MODULE],
+        RELAYD_CONFIG=str(config),
+        RELAYD_SERVER__HOST="127.0.0.1",
+        RELAYD_SERVER__PORT="0",
+        RELAYD_LIMITS__MAX_CONECTIONS="5",
+        RELAYD_LOG__BODIES="",  # empty: unset
+        **KUBERNETES_SERVICE_LINKS,
+    )
+    try:
+        ready = daemon.wait_event("server.ready")
+        RawClient(ready["port"]).close()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0, daemon.stderr()
+    finally:
+        daemon.close()
+    assert daemon.stderr() == ""
+    assert daemon.events[0] == {
+        "ts": daemon.events[0]["ts"],
+        "level": "warning",
+        "event": "config.ignored",
+        "variable": "RELAYD_LIMITS__MAX_CONECTIONS",
+        "did_you_mean": "RELAYD_LIMITS__MAX_CONNECTIONS",
+    }
+    start = daemon.events[1]
+    assert (start["event"], start["config"]) == ("server.start", str(config))
+    assert [e for e in daemon.events if e["level"] != "info"] == daemon.events[:1]
+
+
 @pytest.mark.parametrize("hang_up", [True, False], ids=["probe-closed", "probe-idle"])
 def test_a_tcp_connection_without_a_handshake_does_not_hold_up_shutdown(
     hang_up: bool, config: Path
@@ -596,3 +705,4 @@ def test_a_port_in_use_exits_1_with_a_message(config: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("relayd: cannot listen"), lines[0]
     assert "in use" in lines[0]
+    assert "set server.port (--port)" in lines[0]

@@ -15,13 +15,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from relayd.config import (
-    DEFAULT_CONFIG_PATH,
-    Settings,
-    load_settings,
-    settings_as_json,
-)
+from relayd import config_sources
+from relayd.config import DEFAULT_CONFIG_PATH, AdminSettings, Settings, settings_as_json
+from relayd.config_sources import IgnoredVariable, Loaded
 from relayd.errors import ConfigError, RelaydError
+from tests.deployments import KUBERNETES_SERVICE_LINKS
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "config" / "relayd.toml"
 NO_FILE = Path("/nonexistent/relayd.toml")
@@ -34,11 +32,25 @@ def load(
     overrides: Mapping[str, object] | None = None,
     default_path: Path = NO_FILE,
 ) -> Settings:
-    """load_settings with an empty environment and no default file unless given."""
-    return load_settings(
+    """The settings alone, with an empty environment and no default file unless given."""
+    return config_sources.load(
         config_path=config_path,
         environ={} if environ is None else environ,
         overrides=overrides,
+        default_path=default_path,
+    ).settings
+
+
+def load_config(
+    *,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    default_path: Path = NO_FILE,
+) -> Loaded:
+    """relayd.config_sources.load, isolated as :func:`load` is."""
+    return config_sources.load(
+        config_path=config_path,
+        environ={} if environ is None else environ,
         default_path=default_path,
     )
 
@@ -106,7 +118,7 @@ def test_env_overrides_toml(tmp_path: Path) -> None:
     assert settings.limits.message_burst == 7
 
 
-def test_env_strings_are_coerced() -> None:
+def test_env_text_is_read_as_the_settings_type() -> None:
     settings = load(
         environ={
             "RELAYD_LOG__MESSAGES": "false",
@@ -154,7 +166,7 @@ def test_none_override_means_flag_not_given() -> None:
 
 def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAYD_LIMITS__MESSAGE_BURST", "9")
-    settings = load_settings(default_path=NO_FILE)
+    settings = config_sources.load(default_path=NO_FILE).settings
     assert settings.limits.message_burst == 9
 
 
@@ -193,8 +205,17 @@ def test_unknown_toml_key_names_key_and_file(tmp_path: Path) -> None:
         load(config_path=path)
     assert info.value.key == "limits.max_conections"
     assert info.value.source == f"in {path}"
-    assert info.value.reason == "unknown key"
-    assert str(info.value) == f"limits.max_conections: unknown key (in {path})"
+    assert info.value.reason == "unknown key; did you mean limits.max_connections?"
+    assert str(info.value) == (
+        f"limits.max_conections: unknown key; did you mean limits.max_connections? (in {path})"
+    )
+
+
+def test_unknown_key_far_from_any_setting_gets_no_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\nbananas = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load(config_path=path)
+    assert str(info.value) == f"limits.bananas: unknown key (in {path})"
 
 
 @pytest.mark.parametrize(
@@ -219,30 +240,61 @@ def test_section_given_a_value(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "key"),
+    ("name", "suggestion"),
     [
-        ("RELAYD_LIMITS__MAX_CONECTIONS", "limits.max_conections"),
-        ("RELAYD_FOO", "foo"),
-        ("RELAYD_LIMITS_MAX_CONNECTIONS", "limits_max_connections"),
-        ("RELAYD_SERVER__PORT__X", "server.port.x"),
+        ("RELAYD_LIMITS__MAX_CONECTIONS", "RELAYD_LIMITS__MAX_CONNECTIONS"),
+        ("RELAYD_LIMITS_MAX_CONNECTIONS", "RELAYD_LIMITS__MAX_CONNECTIONS"),
+        ("RELAYD_SERVER__PORT__X", "RELAYD_SERVER__PORT"),
+        ("RELAYD_FOO", None),
+        ("RELAYD_LOG", None),  # a section, not a setting
     ],
 )
-def test_unknown_env_var(name: str, key: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load(environ={name: "5"})
-    assert info.value.key == key
-    assert str(info.value) == f"{key}: unknown key (from environment {name})"
+def test_unknown_env_var_is_ignored_and_reported(name: str, suggestion: str | None) -> None:
+    loaded = load_config(environ={name: "5", "RELAYD_LIMITS__MESSAGE_BURST": "7"})
+    assert loaded.ignored == (IgnoredVariable(name, suggestion),)
+    assert loaded.settings.limits.message_burst == 7  # the rest still applies
 
 
-def test_env_var_naming_a_section() -> None:
-    with pytest.raises(ConfigError, match=r"^log: is a section, not a setting"):
-        load(environ={"RELAYD_LOG": "debug"})
+@pytest.mark.parametrize(
+    "name",
+    [
+        # What Kubernetes injects for a Service named relayd, and one named relayd-admin.
+        "RELAYD_PORT",
+        "RELAYD_SERVICE_HOST",
+        "RELAYD_SERVICE_PORT",
+        "RELAYD_SERVICE_PORT_WS",
+        "RELAYD_PORT_9030_TCP",
+        "RELAYD_PORT_9030_TCP_PROTO",
+        "RELAYD_PORT_9030_TCP_PORT",
+        "RELAYD_PORT_9030_TCP_ADDR",
+        "RELAYD_ADMIN_SERVICE_HOST",
+        "RELAYD_ADMIN_PORT_9031_TCP_ADDR",
+    ],
+)
+def test_kubernetes_service_links_are_ignored_without_a_warning(name: str) -> None:
+    loaded = load_config(environ={name: "tcp://10.0.0.1:9030"})
+    assert loaded.ignored == ()
+    assert loaded.settings == Settings()
+
+
+def test_a_kubernetes_pod_environment_starts_with_the_defaults() -> None:
+    environ = {**KUBERNETES_SERVICE_LINKS, "KUBERNETES_SERVICE_HOST": "10.0.0.2"}
+    assert load_config(environ=environ) == Loaded(Settings(), None, ())
+
+
+@pytest.mark.parametrize("name", ["RELAYD_SERVER__PORT", "PORT", "RELAYD_LOG__LEVEL"])
+def test_an_empty_variable_is_unset(tmp_path: Path, name: str) -> None:
+    path = write(tmp_path, '[server]\nport = 8000\n[log]\nlevel = "debug"\n')
+    settings = load(config_path=path, environ={name: ""})
+    assert (settings.server.port, settings.log.level) == (8000, "debug")
 
 
 def test_unknown_override_key() -> None:
     with pytest.raises(ConfigError) as info:
         load(overrides={"server.prot": 1})
-    assert str(info.value) == "server.prot: unknown key (from command line)"
+    assert (
+        str(info.value) == "server.prot: unknown key; did you mean server.port? (from command line)"
+    )
 
 
 def test_bad_value_in_file(tmp_path: Path) -> None:
@@ -322,6 +374,147 @@ def test_toml_that_is_not_utf8(tmp_path: Path) -> None:
         load(config_path=path)
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ('[log]\nmessages = "yes"\n', "log.messages", "Input should be a valid boolean"),
+        ("[log]\nmessages = 1\n", "log.messages", "Input should be a valid boolean"),
+        ("[limits]\nmax_connections = 5.0\n", "limits.max_connections", "valid integer"),
+        ('[limits]\nmax_connections = "5"\n', "limits.max_connections", "valid integer"),
+        ("[server]\nhost = 1\n", "server.host", "Input should be a valid string"),
+        ('[server]\nallowed_origins = "https://a.example"\n', "server.allowed_origins", "array"),
+        ("[server]\nhost = 1979-05-27\n", "server.host", "TOML date or time"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(config_path=path)
+    assert info.value.key == key
+    assert reason in info.value.reason
+    assert info.value.source == f"in {path}"
+
+
+def test_an_integer_is_a_float() -> None:
+    path_free = load(overrides={"limits.messages_per_second": 5})
+    assert path_free.limits.messages_per_second == 5.0
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "key"),
+    [
+        ("RELAYD_LOG__MESSAGES", "yes", "log.messages"),
+        ("RELAYD_LOG__MESSAGES", "1", "log.messages"),
+        ("RELAYD_LIMITS__MAX_CONNECTIONS", "5.0", "limits.max_connections"),
+        ("RELAYD_LIMITS__MAX_CONNECTIONS", "lots", "limits.max_connections"),
+        ("PORT", "9030.0", "server.port"),
+    ],
+)
+def test_environment_text_of_the_wrong_type_is_refused(name: str, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(environ={name: text})
+    assert info.value.key == key
+    assert info.value.source == f"from environment {name}"
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[server]\nprot = 1\n[limits]\nmax_connections = 0\n[log]\nmessages = "yes"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load(config_path=path, environ={"RELAYD_LIMITS__IDLE_TIMEOUT_S": "-1"})
+    lines = str(info.value).splitlines()
+    assert lines == [problem.line for problem in info.value.problems]
+    assert sorted(lines) == sorted(
+        [
+            f"server.prot: unknown key; did you mean server.port? (in {path})",
+            f"limits.max_connections: Input should be greater than 0 (in {path})",
+            "limits.idle_timeout_s: Input should be greater than or equal to 0 "
+            "(from environment RELAYD_LIMITS__IDLE_TIMEOUT_S)",
+            f"log.messages: Input should be a valid boolean (in {path})",
+        ]
+    )
+    # The error's own fields are the first problem's.
+    first = info.value.problems[0]
+    assert (info.value.key, info.value.source, info.value.reason) == (
+        first.key,
+        first.source,
+        first.reason,
+    )
+
+
+# --- which file ----------------------------------------------------------------------------
+
+
+def test_the_file_read_is_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    assert load_config(config_path=path).path == path
+    assert load_config(default_path=path).path == path
+    assert load_config(default_path=tmp_path / "absent.toml").path is None
+
+
+def test_relayd_config_names_the_file(tmp_path: Path) -> None:
+    named = write(tmp_path, "[server]\nport = 7001\n", name="named.toml")
+    default = write(tmp_path, "[server]\nport = 7002\n", name="default.toml")
+    loaded = load_config(environ={"RELAYD_CONFIG": str(named)}, default_path=default)
+    assert (loaded.path, loaded.settings.server.port, loaded.ignored) == (named, 7001, ())
+
+
+def test_config_flag_beats_relayd_config(tmp_path: Path) -> None:
+    named = write(tmp_path, "[server]\nport = 7001\n", name="named.toml")
+    given_path = write(tmp_path, "[server]\nport = 7003\n", name="given.toml")
+    loaded = load_config(config_path=given_path, environ={"RELAYD_CONFIG": str(named)})
+    assert (loaded.path, loaded.settings.server.port) == (given_path, 7003)
+
+
+def test_relayd_config_naming_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^cannot read .*missing\.toml: No such file"):
+        load_config(environ={"RELAYD_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_empty_relayd_config_is_unset(tmp_path: Path) -> None:
+    default = write(tmp_path, "[server]\nport = 7002\n")
+    loaded = load_config(environ={"RELAYD_CONFIG": ""}, default_path=default)
+    assert (loaded.path, loaded.settings.server.port) == (default, 7002)
+
+
+# --- settings that conflict ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server_host", "admin_host"),
+    [("", "127.0.0.1"), ("127.0.0.1", "127.0.0.1"), ("127.0.0.1", "0.0.0.0"), ("::1", "::")],
+)
+def test_the_admin_listener_cannot_take_the_public_address(
+    tmp_path: Path, server_host: str, admin_host: str
+) -> None:
+    path = write(tmp_path, f'[server]\nhost = "{server_host}"\n[admin]\nhost = "{admin_host}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(config_path=path, overrides={"admin.port": 9030})
+    assert info.value.key == "admin.port"
+    assert info.value.source == "from command line"
+    assert "--admin-port" in info.value.reason
+
+
+def test_the_admin_listener_may_share_a_port_on_another_address() -> None:
+    settings = load(
+        overrides={
+            "server.host": "127.0.0.2",
+            "admin.host": "127.0.0.1",
+            "admin.port": 9030,
+        }
+    )
+    assert settings.admin.port == settings.server.port == 9030
+
+
+def test_a_disabled_admin_listener_conflicts_with_nothing() -> None:
+    settings = load(environ={"RELAYD_ADMIN__ENABLED": "false", "RELAYD_ADMIN__PORT": "9030"})
+    assert settings.admin.port == 9030
+
+
 def test_config_error_is_a_relayd_error() -> None:
     assert issubclass(ConfigError, RelaydError)
 
@@ -329,7 +522,12 @@ def test_config_error_is_a_relayd_error() -> None:
 @given(port=st.integers(min_value=-(2**20), max_value=2**20))
 def test_any_port_from_env_is_taken_or_blamed_on_env(port: int) -> None:
     environ = {"RELAYD_SERVER__PORT": str(port)}
-    if 0 <= port <= 65535:
+    if port == AdminSettings().port:  # the admin listener's: a conflict, blamed on both
+        with pytest.raises(ConfigError) as info:
+            load(environ=environ)
+        assert info.value.key == "admin.port"
+        assert "from environment RELAYD_SERVER__PORT" in info.value.reason
+    elif 0 <= port <= 65535:
         assert load(environ=environ).server.port == port
     else:
         with pytest.raises(ConfigError) as info:

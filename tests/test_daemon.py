@@ -153,7 +153,8 @@ def test_an_admin_port_in_use_exits_1_with_one_line_not_a_traceback(tmp_path: Pa
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         f"relayd: cannot listen on 127.0.0.1:{port} (the admin listener): "
-        "[Errno 98] Address already in use"
+        "[Errno 98] Address already in use; set admin.port (--admin-port) or admin.host "
+        "(--admin-host) to a free address, or admin.enabled = false"
     ]
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["event"] == "error"

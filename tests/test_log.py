@@ -139,6 +139,7 @@ async def test_server_start_ready_and_stop() -> None:
         "host": "127.0.0.1",
         "port": 0,
         "sockets": "bound",
+        "config": None,
     }
     assert ready == {
         "event": "server.ready",

@@ -28,6 +28,7 @@ import functools
 import os
 import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -62,6 +63,8 @@ class Server:
             Build it with :func:`relayd.daemon.credentials.load_authenticator`.
         tls: the TLS context for ``wss://``; None serves plain ``ws://``.
             Build it with :func:`relayd.daemon.credentials.load_tls`.
+        config_file: the config file the settings were read from, for
+            ``server.start``; None when none was.
     """
 
     def __init__(
@@ -72,8 +75,10 @@ class Server:
         router: Router | None = None,
         authenticator: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
+        config_file: Path | None = None,
     ) -> None:
         self._settings = settings
+        self._config_file = config_file
         self._log_format = settings.log.format
         self._tls = tls
         self._log = log or get_logger()
@@ -214,6 +219,7 @@ class Server:
             port=server.port,
             # Sockets handed over by systemd decide the address, not host/port.
             sockets="inherited" if inherited else "bound",
+            config=None if self._config_file is None else str(self._config_file),
         )
         if listeners is None:
             listeners = await self.listen()

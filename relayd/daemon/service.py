@@ -41,6 +41,13 @@ __all__ = ["STATUS_INTERVAL_S", "run_daemon"]
 #: Seconds between STATUS= updates for ``systemctl status``.
 STATUS_INTERVAL_S: Final = 5.0
 
+#: What to change when a port cannot be bound, said with the error.
+_PUBLIC_HINT: Final = "set server.port (--port) or server.host (--host) to a free address"
+_ADMIN_HINT: Final = (
+    "set admin.port (--admin-port) or admin.host (--admin-host) to a free address, "
+    "or admin.enabled = false"
+)
+
 Reloader = Callable[[], tuple[Settings, Authenticator | None]]
 
 
@@ -75,7 +82,7 @@ async def run_daemon(
             listeners = await server.listen()
         except OSError as exc:
             where = show(settings.server.host or "*", settings.server.port)
-            problem = f"cannot listen on {where}: {exc}"
+            problem = f"cannot listen on {where}: {exc}; {_PUBLIC_HINT}"
         if problem is not None:  # logged outside the except: no traceback, it says it all
             return _cannot_start(problem)
     status = 0
@@ -113,7 +120,7 @@ async def run_daemon(
             # Server.run does before it reports started is the admin listener's.
             admin = settings.admin
             where = show(admin.host or "*", admin.port)
-            admin_problem = f"cannot listen on {where} (the admin listener): {exc}"
+            admin_problem = f"cannot listen on {where} (the admin listener): {exc}; {_ADMIN_HINT}"
             nursery.cancel_scope.cancel()
         else:
             notifier.ready(_status_line(server, 0.0))

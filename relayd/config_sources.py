@@ -1,0 +1,375 @@
+"""Where relayd's settings come from, and what is wrong with them (DESIGN §3).
+
+What owns what:
+
+- :mod:`relayd.config` owns the keys, their types, defaults and bounds.
+- :func:`load` owns the sources and their precedence, later wins::
+
+      built-in defaults < TOML file < environment < command-line overrides
+
+  The file is ``config_path`` (``--config``), else the one ``RELAYD_CONFIG`` names, else
+  ``default_path`` when that exists, else none. The environment is
+  ``RELAYD_<SECTION>__<KEY>`` (the key part matched case-insensitively) and plain ``PORT``,
+  which the seed's Node server honoured; ``RELAYD_SERVER__PORT`` beats ``PORT``. A variable
+  set to the empty string counts as unset, as in most daemons' (and Centrifugo's) reading.
+- :class:`~relayd.errors.ConfigError` owns the operator's message: one line per problem,
+  naming the dotted key and the source its value came from, with the nearest key for a
+  typo. Every problem is found in one pass, so ``check-config`` shows them all at once.
+
+Unknown keys in a file or on the command line are errors. Unknown ``RELAYD_*`` variables are
+not: orchestrators inject variables of their own under a service's name, so they are
+returned as :class:`IgnoredVariable` for the caller to warn about. Kubernetes' service links
+for a Service named ``relayd`` (``RELAYD_PORT=tcp://10.0.0.1:9030``,
+``RELAYD_SERVICE_HOST``, ``RELAYD_PORT_9030_TCP_ADDR``...) are recognised and ignored
+without a warning: every pod of such a deployment has them.
+
+Types are strict: a value of the wrong type is refused, never coerced (``messages = "yes"``
+for a bool, ``max_connections = 5.0`` for an integer). Environment variables are text, so
+each is read as its setting's type first: text settings take the text as it is, lists and
+tables take JSON, numbers and booleans take a JSON number or ``true``/``false``.
+
+Why the sources are merged here and not by pydantic-settings' own sources: once merged, a
+``ValidationError`` no longer says which source a value came from, and its environment
+source ignores unknown variables silently. Each value is recorded with its source under its
+dotted key; each section is then validated strictly (pydantic's strict JSON mode), and every
+error is blamed on the source recorded for its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final, Literal, TypeGuard, get_args, get_origin
+
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from relayd.config import DEFAULT_CONFIG_PATH, Settings
+from relayd.errors import ConfigError
+
+__all__ = ["CONFIG_VARIABLE", "IgnoredVariable", "Loaded", "load"]
+
+#: The environment variable naming the config file, when ``--config`` is not given.
+CONFIG_VARIABLE: Final = "RELAYD_CONFIG"
+
+_ENV_PREFIX: Final = "RELAYD_"
+_ENV_NESTED_DELIMITER: Final = "__"
+_DEFAULTS_SOURCE: Final = "from built-in defaults"
+
+# The variables Kubernetes injects for a Service named relayd (or relayd-<anything>), per
+# "Discovering services: environment variables" in its documentation: {SVC}_SERVICE_HOST,
+# {SVC}_SERVICE_PORT[_{PORTNAME}], {SVC}_PORT and {SVC}_PORT_{port}_{PROTO}[_PROTO|_PORT|_ADDR].
+_SERVICE_LINK: Final = re.compile(
+    r"RELAYD(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IgnoredVariable:
+    """A ``RELAYD_*`` environment variable that names no setting.
+
+    Attributes:
+        name: the variable.
+        suggestion: the setting's variable it is closest to, if any is close.
+    """
+
+    name: str
+    suggestion: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Loaded:
+    """The effective settings and what the operator should know about how they were read.
+
+    Attributes:
+        settings: the frozen, validated settings.
+        path: the file read, or None when none was.
+        ignored: unknown ``RELAYD_*`` variables, to warn about.
+    """
+
+    settings: Settings
+    path: Path | None
+    ignored: tuple[IgnoredVariable, ...] = ()
+
+
+# -- the keys ------------------------------------------------------------------------------
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``(dotted key, annotation)`` for every field of ``model``, sections included."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        yield prefix + name, annotation
+        if _is_section(annotation):
+            yield from _fields(annotation, f"{prefix}{name}.")
+
+
+def _is_section(annotation: object) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+_TYPES: Final = dict(_fields(Settings))
+_SECTIONS: Final = frozenset(key for key, annotation in _TYPES.items() if _is_section(annotation))
+_SETTINGS: Final = sorted(key for key in _TYPES if key not in _SECTIONS)
+
+
+def _is_text(annotation: object) -> bool:
+    """Whether a setting of this type takes an environment variable's text as it is."""
+    if annotation in (str, SecretStr):
+        return True
+    if get_origin(annotation) is not Literal:
+        return False
+    return all(isinstance(choice, str) for choice in get_args(annotation))
+
+
+def _is_structured(annotation: object) -> bool:
+    return get_origin(annotation) in (list, tuple, dict)
+
+
+def _variable(key: str) -> str:
+    """The variable of a dotted key: ``limits.port`` -> ``RELAYD_LIMITS__PORT``."""
+    return _ENV_PREFIX + key.upper().replace(".", _ENV_NESTED_DELIMITER)
+
+
+def _nearest(key: str) -> str | None:
+    """The setting a mistyped ``key`` most likely meant, or None when none is close."""
+    matches = difflib.get_close_matches(key, _SETTINGS, n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def _unknown(key: str) -> str:
+    if key in _SECTIONS:
+        return "is a section, not a setting"
+    nearest = _nearest(key)
+    return "unknown key" if nearest is None else f"unknown key; did you mean {nearest}?"
+
+
+# -- gathering the values ----------------------------------------------------------------------
+
+# Dotted key -> (value, source phrase). Sources are applied in precedence order, so a later one
+# simply overwrites an earlier one's entry.
+_Values = dict[str, tuple[object, str]]
+
+
+class _Gathering:
+    """The values read so far, each with its source, and every problem met on the way."""
+
+    def __init__(self) -> None:
+        self.values: _Values = {}
+        self.problems: list[ConfigError] = []
+
+    def problem(self, reason: str, *, source: str, key: str | None = None) -> None:
+        self.problems.append(ConfigError(reason, source=source, key=key))
+
+    def set(self, key: str, value: object, source: str) -> None:
+        """Record ``value`` for ``key``, or a problem when ``key`` names no setting."""
+        if key in _SECTIONS or key not in _TYPES:
+            self.problem(_unknown(key), key=key, source=source)
+        else:
+            self.values[key] = (value, source)
+
+    def read_file(self, path: Path) -> None:
+        source = f"in {path}"
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            self.problem(f"cannot read {path}: {error.strerror or error}", source=source)
+            return
+        try:
+            table = tomllib.loads(raw.decode())
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+            self.problem(f"invalid TOML in {path}: {error}", source=source)
+            return
+        for key, value in _flatten(table):
+            if isinstance(value, datetime.date | datetime.time):
+                # JSON, in which the sections are validated, has no dates; no setting is one.
+                self.problem("a TOML date or time is no setting's type", key=key, source=source)
+            else:
+                self.set(key, value, source)
+
+    def read_environment(self, env: Mapping[str, str]) -> list[IgnoredVariable]:
+        """Record the settings ``env`` holds; return the ``RELAYD_*`` names that are none."""
+        ignored = []
+        if env.get("PORT"):
+            port = self._typed("server.port", env["PORT"], "PORT")
+            self.set("server.port", port, "from environment PORT")
+        for name, text in sorted(env.items()):
+            if not name.startswith(_ENV_PREFIX) or name == CONFIG_VARIABLE or not text:
+                continue
+            key = name.removeprefix(_ENV_PREFIX).lower().replace(_ENV_NESTED_DELIMITER, ".")
+            if key in _TYPES and key not in _SECTIONS:
+                self.set(key, self._typed(key, text, name), f"from environment {name}")
+            elif not _SERVICE_LINK.fullmatch(name):
+                nearest = _nearest(key)
+                ignored.append(IgnoredVariable(name, nearest and _variable(nearest)))
+        return ignored
+
+    def _typed(self, key: str, text: str, name: str) -> object:
+        """An environment variable's text as a value of ``key``'s type (strictly checked later)."""
+        annotation = _TYPES[key]
+        if _is_text(annotation):
+            return text
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            if _is_structured(annotation):
+                self.problem(
+                    f"expected JSON ({error.msg})", key=key, source=f"from environment {name}"
+                )
+            return text  # not a number or true/false: refused with the type's own message
+
+
+def _flatten(table: Mapping[str, object], prefix: str = "") -> Iterator[tuple[str, object]]:
+    """Yield ``(dotted key, value)`` for a parsed TOML document, descending into sections."""
+    for name, value in table.items():
+        key = prefix + name
+        if key in _SECTIONS and isinstance(value, Mapping):
+            yield from _flatten(value, key + ".")
+        else:
+            yield key, value
+
+
+# -- validating them ---------------------------------------------------------------------------
+
+
+def _source_of(values: _Values, location: tuple[int | str, ...]) -> tuple[str, str]:
+    """``(dotted key, source)`` to blame for an error at ``location``.
+
+    The longest recorded key the location starts with (``auth.tokens`` for an error in
+    ``auth.tokens.alice``); for an error about a whole section, any of its recorded keys.
+    """
+    parts = [str(part) for part in location]
+    for end in range(len(parts), 0, -1):
+        key = ".".join(parts[:end])
+        if key in values:
+            return ".".join(parts), values[key][1]
+    prefix = ".".join(parts) + "."
+    for key, (_value, source) in values.items():
+        if key.startswith(prefix):
+            return ".".join(parts), source
+    return ".".join(parts), _DEFAULTS_SOURCE
+
+
+def _validate(values: _Values, problems: list[ConfigError]) -> Settings | None:
+    """Validate each section strictly; None (and problems added) when any value is bad."""
+    tree: dict[str, dict[str, object]] = {}
+    for key, (value, _source) in values.items():
+        section, name = key.split(".", 1)
+        tree.setdefault(section, {})[name] = value
+    sections: dict[str, BaseModel] = {}
+    for section, model in Settings.model_fields.items():
+        annotation = model.annotation
+        assert _is_section(annotation)
+        try:
+            sections[section] = annotation.model_validate_json(
+                json.dumps(tree.get(section, {})), strict=True
+            )
+        except ValidationError as error:
+            for detail in error.errors(include_url=False):
+                key, source = _source_of(values, (section, *detail["loc"]))
+                problems.append(ConfigError(_reason(detail["msg"]), key=key, source=source))
+    if problems:
+        return None
+    return Settings.model_validate(sections)
+
+
+def _reason(message: str) -> str:
+    # Model validators' messages come as "Value error, <ours>".
+    return message.removeprefix("Value error, ")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "" (every interface) or a name
+        return False
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+def _conflicts(settings: Settings, values: _Values) -> list[ConfigError]:
+    """What no single setting is wrong about, but the settings together are."""
+    problems = []
+    server, admin = settings.server, settings.admin
+    if (
+        admin.enabled
+        and admin.port == server.port != 0
+        and (admin.host == server.host or _wildcard(admin.host) or _wildcard(server.host))
+    ):
+        _key, source = _source_of(values, ("admin", "port"))
+        _key, server_source = _source_of(values, ("server", "port"))
+        problems.append(
+            ConfigError(
+                f"the public listener has port {server.port} too (server.port, {server_source}); "
+                "choose another admin.port (--admin-port)",
+                key="admin.port",
+                source=source,
+            )
+        )
+    return problems
+
+
+# -- the whole ---------------------------------------------------------------------------------
+
+
+def load(
+    *,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+    default_path: Path = DEFAULT_CONFIG_PATH,
+) -> Loaded:
+    """Build the effective settings from every source, later wins.
+
+    Args:
+        config_path: the TOML file given with ``--config``; it must exist. None reads the
+            file ``RELAYD_CONFIG`` names (which must exist too), else ``default_path`` when
+            it exists, else no file.
+        environ: the environment; None reads :data:`os.environ`.
+        overrides: command-line flags as dotted keys, e.g. ``{"server.port": 0}``. A None
+            value means the flag was not given and is skipped.
+        default_path: the file read when neither ``config_path`` nor ``RELAYD_CONFIG`` names
+            one.
+
+    Returns:
+        The settings, the file read, and the unknown ``RELAYD_*`` variables.
+
+    Raises:
+        ConfigError: every problem found: a file that cannot be read or parsed, keys that
+            name no setting, values of the wrong type or out of bounds, settings that
+            conflict. Each line names the key and the source of its value.
+    """
+    env = os.environ if environ is None else environ
+    gathering = _Gathering()
+    path = config_path
+    if path is None and env.get(CONFIG_VARIABLE):
+        path = Path(env[CONFIG_VARIABLE])
+    if path is None and default_path.exists():
+        path = default_path
+    if path is not None:
+        gathering.read_file(path)
+    ignored = gathering.read_environment(env)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            gathering.set(key, value, "from command line")
+
+    problems = gathering.problems
+    settings = _validate(gathering.values, problems)
+    if settings is not None:
+        problems.extend(_conflicts(settings, gathering.values))
+    if problems:
+        raise ConfigError.of(problems)
+    assert settings is not None
+    return Loaded(settings, path, tuple(ignored))
