@@ -1,0 +1,119 @@
+"""``./dev serve`` as a person on a fresh clone runs it: what it installs, says, listens on.
+
+The first test builds a virtualenv of its own through ``./dev serve`` (``DEV_VENV``), from
+the package index pip is configured with, exactly as a fresh clone's first run does; the
+second runs ``./dev serve`` with the suite's own ``.venv``, which ``./dev test`` set up, so
+nothing is installed. Every process is our child, stopped by its pid, and every wait is a
+blocking read with a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Final
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+DEV: Final = REPO_ROOT / "dev"
+#: A fresh virtualenv and relayd's dependencies: about 30 s here, most of it pip.
+INSTALL_TIMEOUT_S: Final = 300.0
+WAIT_TIMEOUT_S: Final = 30.0
+#: What the tests need and serving does not: none of it may be in a serving venv.
+TEST_TOOLS: Final = ("pytest", "pytest-trio", "hypothesis", "mypy", "ruff", "coverage")
+
+
+def dev_env(**extra: str) -> dict[str, str]:
+    """This environment without what configures relayd, with ``.venv``'s bin first on PATH."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("RELAYD_")
+        and name not in {"PORT", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "DEV_VENV"}
+    }
+    env.update(extra)
+    return env
+
+
+def pip_noise(line: str) -> bool:
+    """Remarks of pip about this machine's own pip configuration, not about relayd's install."""
+    return line.startswith(("WARNING: Location 'file:", "WARNING: Url 'file:"))
+
+
+def test_serve_installs_only_what_serving_needs_and_quietly(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        [str(DEV), "serve", "--version"],
+        env=dev_env(DEV_VENV=str(venv), PYTHON=sys.executable),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("relayd "), result.stdout
+    said = [line for line in result.stderr.splitlines() if not pip_noise(line)]
+    assert said == [f"==> creating {venv}", f"==> installing relayd [cluster] into {venv}"]
+    listed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_TIMEOUT_S,
+        check=True,
+    )
+    installed = {package["name"].lower() for package in json.loads(listed.stdout)}
+    assert {"relayd", "trio", "coredis"} <= installed
+    assert installed.isdisjoint(TEST_TOOLS)
+
+
+def test_serve_listens_on_loopback_and_says_so() -> None:
+    proc = subprocess.Popen(
+        [str(DEV), "serve", "--port", "0", "--admin-port", "0"],
+        env=dev_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        ready = None
+        while ready is None:
+            line = lines.get(timeout=WAIT_TIMEOUT_S)
+            assert line is not None, "relayd stopped before server.ready"
+            event = json.loads(line)
+            if event["event"] == "server.ready":
+                ready = event
+        assert ready["listeners"] == [f"127.0.0.1:{ready['port']}"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=WAIT_TIMEOUT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=WAIT_TIMEOUT_S)
+        reader.join(timeout=WAIT_TIMEOUT_S)
+    assert proc.stderr is not None
+    banner = proc.stderr.read().splitlines()
+    proc.stderr.close()
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert banner[:3] == [
+        "==> relayd on ws://127.0.0.1:0/: loopback, only this machine can connect",
+        '    (--host "" listens on every interface, as an installed relayd does)',
+        "==> metrics and health on http://127.0.0.1:0/",
+    ]
