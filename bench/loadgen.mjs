@@ -18,23 +18,31 @@
 //               counts the messages sent that neither arrived nor drew an error frame within
 //               1 s, `error_kinds` every error frame senders got before the clients closed
 //               (warm-up included), `errors` those inside the measured window.
-//   latency     pairs, rate, size, warmup_s, duration_s
-//               open loop: `rate` messages per second in all, evenly spaced, round-robin
-//               over the pairs; each payload carries its send time and the receiver computes
-//               the one-way latency (sender and receiver share this process's clock).
+//   latency     pairs, rate, size, warmup_s, duration_s, concurrency, settle_s, drain_s, close_s
+//   chat        the same keys: open loop, `rate` messages per second in all, evenly spaced,
+//               each from one client of a pair to the other (round-robin over the pairs,
+//               alternating direction), so every client sends and receives now and then;
+//               each payload carries its send time and the receiver computes the one-way
+//               latency (sender and receiver share this process's clock). `latency` is the
+//               few-pairs case (10), `chat` the many-connections one (thousands): the same
+//               code. See paced() below for the timing.
 //   idle        count, concurrency, hold_s
 //               opens `count` connections (`concurrency` handshakes at a time), prints a
 //               `held` line, then holds them until a `release` line on stdin or hold_s, and
 //               reports how many the server kept open.
 //   connrate    concurrency, warmup_s, duration_s
-//               `concurrency` workers each open a connection, wait for its id, start the
-//               closing handshake and open the next; reports ids received per second.
+//               `concurrency` workers each run connections one after another through their
+//               whole life: connect, handshake, wait for the id (the welcome), start the
+//               closing handshake, wait until the server has closed; reports those cycles
+//               per second, and the time to the welcome.
 //
 // Output, JSON lines on stdout: {"event":"measure.start"} and {"event":"measure.end"} as the
 // measured window opens and closes (run.py samples the server's CPU time there), {"event":
-// "held",...} in idle mode, and last {"event":"result",...}. Every result carries gen_cpu,
-// this process's CPU time over the measured window as a fraction of one core
-// (process.cpuUsage), to show whether the generator could be the bottleneck.
+// "held",...} in idle mode, and last {"event":"result",...}. Every result but idle's carries
+// gen_cpu, this process's CPU time over the measured window as a fraction of one core
+// (process.cpuUsage), and the paced and connrate modes gen_loop_busy, the share of the window
+// its event loop was busy (see Window): they show whether the generator could be the
+// bottleneck.
 //
 // Client frames are masked with the all-zero key (RFC 6455 requires the mask bit; any key is
 // valid), so masking costs nothing. Pings are answered; server frames are parsed in place.
@@ -43,8 +51,7 @@ import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
-import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
 
 const cfg = JSON.parse(process.argv[2] ?? '{}');
 const SOURCES = cfg.sources?.length ? cfg.sources : [undefined];
@@ -65,6 +72,8 @@ setTimeout(() => {
 }, (cfg.deadline_s ?? 60) * 1000).unref();
 
 const sleep = (s) => new Promise((resolve) => setTimeout(resolve, s * 1000));
+// Seconds a connrate worker waits for the server to close a connection it asked to close.
+const CLOSE_WAIT_S = 5;
 
 // -- frames -------------------------------------------------------------------------------
 
@@ -264,16 +273,21 @@ async function closeAll(clients, timeout_s = 5) {
 // -- measurement ----------------------------------------------------------------------------
 
 // CPU and wall time between start() and stop(), and the window's edges announced on stdout.
+// gen_cpu is this process's CPU time (all its threads) as a share of one core; loop_busy the
+// share of the time the main thread's event loop was not waiting for events (Node's event
+// loop utilisation): near 1, messages wait for the generator, not for the server.
 class Window {
   start() {
     this.t0 = performance.now();
     this.cpu0 = process.cpuUsage();
+    this.elu0 = performance.eventLoopUtilization();
     emit({ event: 'measure.start' });
   }
 
   stop() {
     this.t1 = performance.now();
     const cpu = process.cpuUsage(this.cpu0);
+    this.loop_busy = performance.eventLoopUtilization(this.elu0).utilization;
     emit({ event: 'measure.end' });
     this.wall_s = (this.t1 - this.t0) / 1000;
     this.gen_cpu = (cpu.user + cpu.system) / 1e6 / this.wall_s;
@@ -371,141 +385,165 @@ async function closedLoop({ receivers: nReceivers, feeders, window, size }) {
   };
 }
 
-// Latency runs in two processes, both on the generator's core: this one holds the receivers
-// and measures; a child (mode latency-sender) holds the senders and paces them. The sender
-// sleeps between sends in Atomics.wait, which wakes to within tens of microseconds, so sends
-// are evenly spaced without a busy loop, while the receivers here stay purely event-driven
-// and see each message as soon as it arrives. Stamps are process.hrtime (CLOCK_MONOTONIC, one
-// clock for both processes) in ns since `epoch`, written as the first digits of the payload.
-async function latency() {
+// Paced (open-loop) load, for the latency and chat modes: `rate` messages per second in all,
+// evenly spaced, from one process. Message k goes over pair k mod P (round-robin), from its
+// first client to its second on even rounds over the pairs and back on odd ones, so every
+// client both sends and receives, each once every 2P/rate seconds: with thousands of pairs
+// no client has two messages in flight and nearly every message reaches the server alone.
+//
+// Timing. Node's timers have millisecond granularity, too coarse to space 10,000 messages a
+// second. A pacer thread (PACER below) sleeps in Atomics.wait, which wakes to within tens of
+// microseconds, until each send is due, and then wakes this thread with a message; this
+// thread's event loop never blocks, so a delivery is read as soon as it arrives, and the
+// sender and the receiver of a message share one clock. If this thread is late (busy), it
+// sends everything due at once and the lag shows in send_lag_p99_us. Each payload starts
+// with its send time, process.hrtime (CLOCK_MONOTONIC) in ns since `epoch`, in digits: a
+// frame that starts with a digit is a delivery, anything else an error frame.
+//
+// The measured window is [from, to) on the send clock; a message belongs to it by its stamp.
+// After it, deliveries are awaited as long as they keep coming (see `drain_s`, `settle_s`).
+const PACER = `
+const { parentPort, workerData } = require('node:worker_threads');
+const { epoch, begin, intervalNs, end, pending } = workerData;
+const flag = new Int32Array(pending);
+const sleeper = new Int32Array(new SharedArrayBuffer(4));
+const nowNs = () => Number(process.hrtime.bigint() - BigInt(epoch));
+let due = begin;
+while (due < end) {
+  const gap = due - nowNs();
+  if (gap > 0) {
+    Atomics.wait(sleeper, 0, 0, gap / 1e6);
+    continue;
+  }
+  // One wake-up at a time: while one is pending, the main thread will send what is due anyway.
+  if (Atomics.compareExchange(flag, 0, 0, 1) === 0) parentPort.postMessage(0);
+  due += intervalNs;
+}
+while (nowNs() < end) Atomics.wait(sleeper, 0, 0, (end - nowNs()) / 1e6);
+parentPort.postMessage(1);
+`;
+
+async function paced() {
   const epoch = process.hrtime.bigint();
   const nowNs = () => Number(process.hrtime.bigint() - epoch);
-  const stamps = [];
   const latencies = [];
-  const [receivers] = await openMany(cfg.pairs, 64, () => ({
+  let errors = 0;
+  let inWindowErrors = 0;
+  let span = [Infinity, Infinity];
+  const errorKinds = {};
+  const handlers = () => ({
     onMessage(_client, buf, start, end) {
       let stamp = 0;
-      for (let i = start; i < end; i++) {
+      let i = start;
+      for (; i < end; i++) {
         const d = buf[i] - 48;
         if (d < 0 || d > 9) break;
         stamp = stamp * 10 + d;
       }
-      latencies.push(nowNs() - stamp);
-      stamps.push(stamp);
+      if (i === start) {
+        errors++;
+        const now = nowNs();
+        if (now >= span[0] && now < span[1]) inWindowErrors++;
+        const kind = buf.toString('utf8', start, Math.min(end, start + 80));
+        errorKinds[kind] = (errorKinds[kind] ?? 0) + 1;
+        return;
+      }
+      if (stamp >= span[0] && stamp < span[1]) latencies.push(nowNs() - stamp);
     },
-  }));
-  const child = spawn(
-    process.execPath,
-    [
-      fileURLToPath(import.meta.url),
-      JSON.stringify({
-        ...cfg,
-        mode: 'latency-sender',
-        to: receivers.map((r) => r.id),
-        epoch: epoch.toString(),
-      }),
-    ],
-    { stdio: ['ignore', 'pipe', 'inherit'] },
-  );
-  const w = new Window();
-  let sender = null;
-  for await (const line of createInterface({ input: child.stdout })) {
-    const event = JSON.parse(line);
-    if (event.event === 'measure.start') w.start();
-    else if (event.event === 'measure.end') w.stop();
-    else if (event.event === 'result') sender = event;
-    else if (event.event === 'error') fail(`sender: ${event.detail}`);
+  });
+  const t0 = performance.now();
+  const [clients] = await openMany(2 * cfg.pairs, cfg.concurrency ?? 64, handlers);
+  const openS = (performance.now() - t0) / 1000;
+  const pairs = cfg.pairs;
+  // Client `leg` sends with prefixes[leg]: 2p to 2p + 1 (the pair's first to its second), and
+  // 2p + 1 back to 2p.
+  const prefixes = [];
+  for (let p = 0; p < pairs; p++) {
+    prefixes.push(`{"to":${JSON.stringify(clients[2 * p + 1].id)},"message":"`);
+    prefixes.push(`{"to":${JSON.stringify(clients[2 * p].id)},"message":"`);
   }
-  if (sender === null) fail('the sender process ended without a result');
-  const span = [sender.from_ns, sender.to_ns];
-  const inWindow = () => stamps.filter((s) => s >= span[0] && s < span[1]).length;
-  // Messages still in flight get 1 s to arrive before they count as lost.
-  const deadline = performance.now() + 1000;
-  while (inWindow() < sender.sent && performance.now() < deadline) await sleep(0.01);
-  await closeAll(receivers);
-  const measured = latencies.filter((_, i) => stamps[i] >= span[0] && stamps[i] < span[1]);
+  const pad = 'x'.repeat(cfg.size);
+  const intervalNs = 1e9 / cfg.rate;
+  const begin = nowNs() + 1e6; // the pacer thread starts meanwhile
+  const from = begin + cfg.warmup_s * 1e9;
+  const to = from + cfg.duration_s * 1e9;
+  span = [from, to];
+  const lags = [];
+  const w = new Window();
+  let k = 0;
+  let sent = 0;
+  let finished;
+  const done = new Promise((resolve) => {
+    finished = resolve;
+  });
+  const pending = new SharedArrayBuffer(4);
+  const flag = new Int32Array(pending);
+  const pacer = new Worker(PACER, {
+    eval: true,
+    workerData: { epoch: epoch.toString(), begin, intervalNs, end: to, pending },
+  });
+  pacer.on('error', (err) => fail(`pacer: ${err.message}`));
+  pacer.on('message', (last) => {
+    Atomics.store(flag, 0, 0);
+    let now = nowNs();
+    for (let due = begin + k * intervalNs; due <= now && due < to; due = begin + k * intervalNs) {
+      const pair = k % pairs;
+      const leg = 2 * pair + (Math.floor(k / pairs) % 2);
+      const stamp = String(now);
+      clients[leg].write(encodeFrame(prefixes[leg] + stamp + pad.slice(stamp.length) + '"}'));
+      if (now >= from && now < to) {
+        if (w.t0 === undefined) w.start();
+        sent++;
+        lags.push(now - due);
+      }
+      k++;
+      now = nowNs();
+    }
+    if (last) {
+      if (w.t0 === undefined) w.start(); // nothing was sent: an empty window
+      w.stop();
+      pacer.unref();
+      finished();
+    }
+  });
+  await done;
+  // A server that fell behind is still delivering: wait while deliveries keep coming (a gap
+  // of settle_s ends the wait), for drain_s at most. What has not arrived then is lost.
+  const cap = performance.now() + (cfg.drain_s ?? 10) * 1000;
+  let seen = -1;
+  let progress = performance.now();
+  while (latencies.length < sent) {
+    const now = performance.now();
+    if (latencies.length !== seen) [seen, progress] = [latencies.length, now];
+    if (now - progress > (cfg.settle_s ?? 1) * 1000 || now > cap) break;
+    await sleep(0.01);
+  }
+  const lostConnections = clients.filter((c) => !c.open).length;
+  await closeAll(clients, cfg.close_s ?? 5);
+  const measured = latencies;
   measured.sort((a, b) => a - b);
+  lags.sort((a, b) => a - b);
   const us = (ns) => (ns === null ? null : ns / 1000);
   return {
+    connections: clients.length,
+    open_s: openS,
     target_rate: cfg.rate,
-    achieved_rate: sender.sent / sender.wall_s,
-    sent: sender.sent,
+    achieved_rate: sent / w.wall_s,
+    sent,
     received: measured.length,
-    lost: sender.sent - measured.length,
-    errors: sender.errors,
+    lost: sent - measured.length,
+    errors: inWindowErrors,
+    error_kinds: errorKinds,
+    all_errors: errors,
+    lost_connections: lostConnections,
     p50_us: us(percentile(measured, 0.5)),
     p99_us: us(percentile(measured, 0.99)),
     p999_us: us(percentile(measured, 0.999)),
     max_us: us(measured.length ? measured[measured.length - 1] : null),
-    send_lag_p99_us: sender.lag_p99_us,
+    send_lag_p99_us: us(percentile(lags, 0.99)),
     wall_s: w.wall_s,
-    gen_cpu: w.gen_cpu + sender.cpu_s / w.wall_s,
-  };
-}
-
-async function latencySender() {
-  const epoch = BigInt(cfg.epoch);
-  const nowNs = () => Number(process.hrtime.bigint() - epoch);
-  let errors = 0;
-  const [senders] = await openMany(cfg.to.length, 64, () => ({
-    onMessage() {
-      errors++;
-    },
-  }));
-  const prefixes = cfg.to.map((id) => `{"to":${JSON.stringify(id)},"message":"`);
-  const pad = 'x'.repeat(cfg.size);
-  const sleeper = new Int32Array(new SharedArrayBuffer(4));
-  const intervalNs = 1e9 / cfg.rate;
-  const begin = nowNs();
-  const from = begin + cfg.warmup_s * 1e9;
-  const to = from + cfg.duration_s * 1e9;
-  const lags = [];
-  let sent = 0;
-  let cpu0 = null;
-  let due = begin;
-  let pair = 0;
-  let lastTurn = begin;
-  for (;;) {
-    let now = nowNs();
-    if (cpu0 === null && now >= from) {
-      cpu0 = process.cpuUsage();
-      emit({ event: 'measure.start' });
-    }
-    if (now >= to) break;
-    while (due <= now && due < to) {
-      const stamp = String(now);
-      const body = stamp + pad.slice(stamp.length);
-      senders[pair].write(encodeFrame(prefixes[pair] + body + '"}'));
-      if (now >= from) {
-        sent++;
-        lags.push(now - due);
-      }
-      pair = (pair + 1) % senders.length;
-      due += intervalNs;
-      now = nowNs();
-    }
-    if (now - lastTurn > 20e6) {
-      // Let the event loop run now and then: write callbacks, pings, error frames.
-      await new Promise((resolve) => setImmediate(resolve));
-      lastTurn = nowNs();
-      continue;
-    }
-    const gap = due - nowNs();
-    if (gap > 0) Atomics.wait(sleeper, 0, 0, Math.min(gap, 20e6) / 1e6);
-  }
-  const cpu = process.cpuUsage(cpu0 ?? undefined);
-  emit({ event: 'measure.end' });
-  await closeAll(senders);
-  lags.sort((a, b) => a - b);
-  const lag = percentile(lags, 0.99);
-  return {
-    sent,
-    errors,
-    from_ns: from,
-    to_ns: to,
-    wall_s: cfg.duration_s,
-    cpu_s: (cpu.user + cpu.system) / 1e6,
-    lag_p99_us: lag === null ? null : lag / 1000,
+    gen_cpu: w.gen_cpu,
+    gen_loop_busy: w.loop_busy,
   };
 }
 
@@ -535,32 +573,46 @@ async function idle() {
   };
 }
 
+// A connection's whole life, one after another per worker: connect, handshake, wait for the
+// id, start the closing handshake and wait until the server has closed the TCP connection.
+// A cycle counts when it completes inside the measured window.
 async function connrate() {
-  let opened = 0;
+  let cycles = 0;
   let failed = 0;
   const failures = {};
   const handshakes = [];
-  const closing = new Set();
+  const lifetimes = [];
   let running = true;
   let measuring = false;
+  const failure = (why) => {
+    failed++;
+    failures[why] = (failures[why] ?? 0) + 1;
+  };
   async function worker() {
     while (running) {
-      const client = new Client({ onClose: (c) => closing.delete(c) });
+      const client = new Client();
       const t = performance.now();
       try {
         await client.connect(cfg.host, cfg.port);
       } catch (err) {
-        failed++;
-        failures[err.message] = (failures[err.message] ?? 0) + 1;
+        failure(err.message);
         await sleep(0.001);
         continue;
       }
-      if (measuring) {
-        opened++;
-        handshakes.push((performance.now() - t) * 1000);
-      }
-      closing.add(client);
+      const welcomed = performance.now();
+      const closed = new Promise((resolve) => client.sock.once('close', resolve));
       client.close();
+      await Promise.race([closed, sleep(CLOSE_WAIT_S)]);
+      if (!client.closed) {
+        failure(`not closed within ${CLOSE_WAIT_S} s`);
+        client.sock.destroy();
+        continue;
+      }
+      if (measuring) {
+        cycles++;
+        handshakes.push((welcomed - t) * 1000);
+        lifetimes.push((performance.now() - t) * 1000);
+      }
     }
   }
   const workers = Array.from({ length: cfg.concurrency }, worker);
@@ -573,17 +625,20 @@ async function connrate() {
   measuring = false;
   running = false;
   await Promise.all(workers);
-  await closeAll([...closing]);
   handshakes.sort((a, b) => a - b);
+  lifetimes.sort((a, b) => a - b);
   return {
-    opens_per_s: opened / w.wall_s,
-    opened,
+    opens_per_s: cycles / w.wall_s,
+    opened: cycles,
     failed,
     failures,
     handshake_p50_us: percentile(handshakes, 0.5),
     handshake_p99_us: percentile(handshakes, 0.99),
+    cycle_p50_us: percentile(lifetimes, 0.5),
+    cycle_p99_us: percentile(lifetimes, 0.99),
     wall_s: w.wall_s,
     gen_cpu: w.gen_cpu,
+    gen_loop_busy: w.loop_busy,
   };
 }
 
@@ -592,8 +647,8 @@ const modes = {
     closedLoop({ receivers: cfg.pairs, feeders: 1, window: cfg.window, size: cfg.size }),
   fanin: () =>
     closedLoop({ receivers: 1, feeders: cfg.senders, window: cfg.window, size: cfg.size }),
-  latency,
-  'latency-sender': latencySender,
+  latency: paced,
+  chat: paced,
   idle,
   connrate,
 };

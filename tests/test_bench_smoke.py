@@ -52,8 +52,21 @@ SERVERS: Final = (
     "websockets-trio",
     "trio-websocket",
 )
-#: Every mode of the load generator; the quick run goes through each.
-KINDS: Final = frozenset({"throughput", "fanin", "latency", "idle", "connrate"})
+#: The servers the chat scenarios run against (bench/run.py's CHAT_SERVERS).
+CHAT_SERVERS: Final = ("relayd", "relayd-nolog", "node-ws")
+#: Every kind of scenario; the quick run goes through each.
+KINDS: Final = frozenset({"throughput", "fanin", "latency", "chat", "idle", "connrate"})
+#: Issue 13's targets, as the report names them.
+TARGET_NAMES: Final = (
+    "CPU per message, chat at 2,000 msg/s",
+    "CPU per message, chat at 10,000 msg/s",
+    "p99 latency, chat at 10,000 msg/s",
+    "connections per second (handshake to welcome, then close)",
+    "fan-in 100 -> 1 throughput",
+    "10 pairs x 4 KiB throughput",
+    "10 pairs x 32 B throughput",
+    "memory per idle connection, 10,000 held",
+)
 #: The quick run took about 25 s here; the bound only turns a hang into a failure.
 RUN_TIMEOUT_S: Final = 240.0
 STOP_TIMEOUT_S: Final = 30.0
@@ -147,6 +160,11 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     return QuickRun(proc.returncode, stdout, stderr, out, time.monotonic() - began)
 
 
+def _servers_of(scenario: Json) -> tuple[str, ...]:
+    """The servers a scenario of result.json was run against."""
+    return tuple(scenario["servers"]) or SERVERS
+
+
 def _cells(document: Json, kind: str) -> list[Json]:
     keys = {s["key"] for s in document["scenarios"] if s["kind"] == kind}
     cells = [c for c in document["cells"] if c["scenario"] in keys]
@@ -194,8 +212,13 @@ def test_every_server_has_a_result_in_every_scenario(quick_run: QuickRun) -> Non
     assert {s["kind"] for s in scenarios} == KINDS
     for scenario in scenarios:
         key = scenario["key"]
+        expected = CHAT_SERVERS if scenario["kind"] == "chat" else SERVERS
+        assert _servers_of(scenario) == expected, scenario
         for server in SERVERS:
             cells = [c for c in document["cells"] if c["scenario"] == key and c["server"] == server]
+            if server not in expected:
+                assert cells == [], f"{key} ran on {server}"
+                continue
             assert len(cells) == 1, f"{len(cells)} cells for {key} on {server}"
             (cell,) = cells
             assert cell["error"] is None, f"{key} on {server} failed: {cell['error']}"
@@ -223,18 +246,30 @@ def test_closed_loop_load_delivers_every_message_without_error_frames(
 
 
 @pytest.mark.e2e
-def test_latency_load_loses_nothing_and_measures_percentiles(quick_run: QuickRun) -> None:
+def test_paced_load_loses_nothing_and_measures_latency_cpu_and_memory(
+    quick_run: QuickRun,
+) -> None:
     document = quick_run.result()
-    for cell in _cells(document, "latency"):
+    params = {s["key"]: s["params"] for s in document["scenarios"]}
+    for cell in _cells(document, "latency") + _cells(document, "chat"):
         where = f"{cell['scenario']} on {cell['server']}: {cell['result']}"
         r = cell["result"]
+        assert r["connections"] == 2 * params[cell["scenario"]]["pairs"], where
+        assert r["lost_connections"] == 0, where
         assert r["sent"] > 0, where
         assert r["received"] == r["sent"], where
         assert r["lost"] == 0, where
         assert r["errors"] == 0, where
+        assert r["all_errors"] == 0, where
+        assert r["error_kinds"] == {}, where
         assert r["achieved_rate"] > 0, where
         assert 0 < r["p50_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"], where
         assert cell["server_cpu"] is not None, where  # measured; 0 % if it was starved
+        # CPU per message from /proc's ticks: 0 when a short window saw none, never absent.
+        assert r["server_us_per_msg"] >= 0, where
+        assert r["rss_end_kib"] > 0, where
+        assert 0 <= r["gen_loop_busy"] <= 1, where
+        assert r["send_lag_p99_us"] >= 0, where
 
 
 @pytest.mark.e2e
@@ -248,6 +283,9 @@ def test_connection_rate_opens_connections_without_failures(quick_run: QuickRun)
         assert r["failed"] == 0, where
         assert r["failures"] == {}, where
         assert 0 < r["handshake_p50_us"] <= r["handshake_p99_us"], where
+        # Each connection's life contains its handshake: the welcome comes before the close.
+        assert r["handshake_p50_us"] <= r["cycle_p50_us"] <= r["cycle_p99_us"], where
+        assert r["server_us_per_conn"] >= 0, where
 
 
 @pytest.mark.e2e
@@ -276,18 +314,25 @@ def test_generator_cpu_share_is_measured_and_reported(quick_run: QuickRun) -> No
             assert cell["result"]["gen_cpu"] > 0, where
     tables = _tables(quick_run.report())
     percent = re.compile(r"\d+%")
-    for title in ("Throughput", "Fan-in", "Connections opened per second"):
+    for title in ("Throughput", "Fan-in", "Connections per second"):
         header, *rows = _table(tables, title)
         assert header[-1] == "generator CPU (max)", header
         assert all(percent.fullmatch(row[-1]) for row in rows), rows
-    header, *rows = _table(tables, "Latency")
-    assert header[-1] == "generator CPU", header
-    assert all(percent.fullmatch(row[-1]) for row in rows), rows
+    header, *rows = _table(tables, "One message at a time")
+    assert header[-1].startswith("generator: CPU / event loop busy / send lag"), header
+    generator = re.compile(r"\d+% / \d+% / [\d,]+")
+    assert all(generator.fullmatch(row[-1]) for row in rows), rows
     header, *rows = _table(tables, "Who was busy")
     assert header[1:] == list(SERVERS)
     assert sorted(row[0] for row in rows) == sorted(loads)
     share = re.compile(r"\d+% / \d+% / \d+%")  # server / generator / others on its core
-    assert all(share.fullmatch(value) for row in rows for value in row[1:]), rows
+    for row in rows:
+        (scenario,) = [s for s in document["scenarios"] if s["key"] == row[0]]
+        for server, value in zip(SERVERS, row[1:], strict=True):
+            if server in _servers_of(scenario):
+                assert share.fullmatch(value), row
+            else:
+                assert value == "not run", row
 
 
 @pytest.mark.e2e
@@ -300,22 +345,29 @@ def test_report_has_every_table_with_every_server(quick_run: QuickRun) -> None:
     for title, kind in [
         ("Throughput", "throughput"),
         ("Fan-in", "fanin"),
-        ("Connections opened per second", "connrate"),
+        ("Connections per second", "connrate"),
     ]:
         header, *rows = _table(tables, title)
         assert header[1:-1] == list(SERVERS), header
         assert sorted(row[0] for row in rows) == by_kind[kind]
         assert all("-" not in row[1:-1] for row in rows), rows  # "-": no median for a server
-    for title, kind in [("Latency", "latency"), ("Idle connections", "idle")]:
+    runs = {s["key"]: _servers_of(s) for s in document["scenarios"]}
+    for title, kinds in [
+        ("One message at a time", ("latency", "chat")),
+        ("Idle connections", ("idle",)),
+    ]:
         _, *rows = _table(tables, title)
         pairs = sorted((row[0], row[1]) for row in rows)
-        assert pairs == sorted((key, server) for key in by_kind[kind] for server in SERVERS)
+        keys = [key for kind in kinds for key in by_kind[kind]]
+        assert pairs == sorted((key, server) for key in keys for server in runs[key])
+    _, *rows = _table(tables, "One message at a time")
+    for row in rows:  # CPU per message and p99 have a figure and a ratio to node-ws
+        assert re.fullmatch(r"[\d,.]+ \(\d+\.\d\dx\)", row[3]), row
+        assert re.fullmatch(r"[\d,]+ \(\d+\.\d\dx\)", row[5]), row
     header, *targets = _table(tables, "Targets")
-    assert header == ["target", "wanted", "measured", "met"]
-    # All four of the issue's targets have a row for relayd, measured or not.
-    names = [row[0] for row in targets]
-    for target in ("10 pairs x 32 B", "p99 latency", "memory per idle", "50,000 idle"):
-        assert any(name.startswith(target) for name in names), names
+    assert header == ["target", "scenario", "wanted", "measured", "met"]
+    # Every one of issue 13's targets has a row for relayd, measured or not.
+    assert [row[0] for row in targets[: len(TARGET_NAMES)]] == list(TARGET_NAMES)
     checks = quick_run.report().split("\n### Checks\n", 1)[-1]
     assert "Every message sent was delivered" in checks, checks
 
@@ -391,12 +443,21 @@ def test_dry_run_plans_every_full_scenario_within_the_fd_limit() -> None:
         *(f"throughput/{p}x{s}" for s in (32, 4096) for p in (1, 10, 100)),
         "latency/2000",
         "latency/10000",
+        "chat/2000",
+        "chat/10000",
         "fanin/100x32",
         "idle/1000",
         "idle/10000",
         "connrate",
     ]:
         assert key in planned, plan
+    for rate in (2000, 10000):  # issue 13: at least 5,000 connections, relayd beside node-ws
+        line = re.search(rf"^  chat/{rate} +(\{{.*\}}) \(only (.*)\)$", plan, re.MULTILINE)
+        assert line is not None, plan
+        chat = json.loads(line[1])
+        assert 2 * chat["pairs"] >= 5000, line[0]
+        assert chat["rate"] == rate, line[0]
+        assert line[2].split(", ") == list(CHAT_SERVERS), line[0]
     limit_line = re.search(r"^open-file limit: ([\d,]+)", plan, re.MULTILINE)
     assert limit_line is not None, plan
     limit = int(limit_line[1].replace(",", ""))
@@ -431,18 +492,120 @@ def test_rss_growth_within_noise_gives_no_per_connection_figure(
     assert report.bytes_per_connection(55_300, 55_300 + 10_240, 1000) == 10_240 * 1024 / 1000
 
 
-def test_targets_call_an_idle_count_beyond_the_fd_limit_not_measurable_here(
+def _kind_of(key: str) -> str:
+    """The kind of a scenario key: ``chat/2000`` is a chat scenario."""
+    return key.split("/")[0]
+
+
+def _summary_of(report: ModuleType, relayd_by_node: float, *, nolog: bool = False) -> Json:
+    """:func:`report.summarize` of one round: relayd's figures are node-ws's times a factor.
+
+    Every target's metric is 100 for node-ws and ``100 * relayd_by_node`` for relayd
+    (and relayd-nolog, if ``nolog``).
+    """
+    values: dict[str, dict[str, float]] = {}
+    for target in report.TARGETS:
+        values.setdefault(target.scenario, {})[target.metric] = 100.0
+    scenarios = [report.Scenario(key, _kind_of(key), {}) for key in values]
+    servers = {"node-ws": 1.0, "relayd": relayd_by_node}
+    if nolog:
+        servers["relayd-nolog"] = relayd_by_node
+    cells = []
+    for key, metrics in values.items():
+        for server, factor in servers.items():
+            result = {metric: value * factor for metric, value in metrics.items()}
+            cells.append(report.Cell(key, server, 0, result=result))
+    summary: Json = report.summarize(scenarios, cells)
+    return summary
+
+
+def test_each_target_is_a_ratio_to_node_ws_in_the_same_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     report, _ = _bench_modules(monkeypatch)
-    medians = {"idle/19000": {"relayd": {"held": 19_000.0, "bytes_per_conn": 10_800.0}}}
-    why = "the open-file limit (RLIMIT_NOFILE) here is 20,000 and cannot be raised"
-    rows = report.targets(medians, {"idle/50000": why})
-    (held,) = [row for row in rows if row["target"] == "50,000 idle connections held"]
-    assert held["met"] is None
-    assert held["unmeasured"] == "not measurable here"
-    assert why in held["measured"]
-    assert "19,000 of 19,000 at idle/19000" in held["measured"]
-    # The three others are there too, unmeasured in this run rather than absent.
-    assert [row["met"] for row in rows] == [None, None, None, None]
-    assert {row["unmeasured"] for row in rows[:3]} == {"not measured"}
+    rows = _summary_of(report, 1.25)["targets"]
+    assert [row["target"] for row in rows] == list(TARGET_NAMES)
+    for row, target in zip(rows, report.TARGETS, strict=True):
+        assert row["scenario"] == target.scenario
+        assert row["ratio"] == pytest.approx(1.25)
+        assert row["measured"] == f"1.25x: 125 {target.unit} against 100 {target.unit}", row
+        # 1.25x node-ws: within every upper bound (1.5x, but not the idle memory's 1.0x),
+        # past every lower one.
+        assert row["met"] is (target.ratio >= 1.25 if target.at_most else True), row
+
+
+def test_targets_met_at_their_bound_and_missed_just_past_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    report, _ = _bench_modules(monkeypatch)
+    for target in report.TARGETS:
+        for factor, met in (
+            (target.ratio, True),
+            (target.ratio * (1.01 if target.at_most else 0.99), False),
+        ):
+            scenario = report.Scenario(target.scenario, _kind_of(target.scenario), {})
+            cells = [
+                report.Cell(target.scenario, "node-ws", 0, result={target.metric: 1000.0}),
+                report.Cell(target.scenario, "relayd", 0, result={target.metric: 1000.0 * factor}),
+            ]
+            medians = report.summarize([scenario], cells)["medians"]
+            (row,) = [r for r in report.targets(medians, {}) if r["target"] == target.name]
+            assert row["met"] is met, (target, factor, row)
+
+
+def test_targets_not_run_are_named_not_measured_or_not_measurable_here(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    report, _ = _bench_modules(monkeypatch)
+    why = "the open-file limit (RLIMIT_NOFILE) here is 5,000 and cannot be raised"
+    rows = report.targets({}, {"idle/10000": why})
+    # Every target has a row for relayd, none for relayd-nolog: it was not measured either.
+    assert [row["target"] for row in rows] == list(TARGET_NAMES)
+    assert [row["met"] for row in rows] == [None] * len(TARGET_NAMES)
+    (idle,) = [row for row in rows if row["scenario"] == "idle/10000"]
+    assert idle["unmeasured"] == "not measurable here"
+    assert why in idle["measured"]
+    others = [row for row in rows if row is not idle]
+    assert {row["unmeasured"] for row in others} == {"not measured"}
+
+
+def test_relayd_without_message_logging_gets_reference_rows_where_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    report, _ = _bench_modules(monkeypatch)
+    rows = _summary_of(report, 1.0, nolog=True)["targets"]
+    reference = [
+        row for row in rows if row["target"].endswith("(message logging off, for reference)")
+    ]
+    assert len(reference) == len(TARGET_NAMES)
+    assert all(row["met"] is True for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("kind", "result", "expected"),
+    [
+        pytest.param(
+            "chat",
+            {"sent": 2000, "received": 1000},
+            {"server_us_per_msg": 250.0},
+            id="paced-by-sent",
+        ),
+        pytest.param("latency", {"sent": 500}, {"server_us_per_msg": 1000.0}, id="latency-by-sent"),
+        pytest.param(
+            "throughput",
+            {"received": 5000, "msgs_per_s": 1},
+            {"server_us_per_msg": 100.0},
+            id="closed-loop-by-received",
+        ),
+        pytest.param(
+            "connrate", {"opened": 1000}, {"server_us_per_conn": 500.0}, id="per-connection"
+        ),
+        pytest.param("chat", {"sent": 0}, {}, id="nothing-sent"),
+        pytest.param("idle", {"held": 100}, {}, id="idle-has-no-operations"),
+    ],
+)
+def test_server_cpu_is_divided_by_the_operations_of_the_window(
+    monkeypatch: pytest.MonkeyPatch, kind: str, result: Json, expected: dict[str, float]
+) -> None:
+    _, run = _bench_modules(monkeypatch)
+    assert run.per_operation(kind, result, 0.5) == pytest.approx(expected)
