@@ -74,6 +74,9 @@ class LimitsSettings(BaseModel):
             closed with 1013.
         messages_per_second: sustained messages a connection may send.
         message_burst: messages a connection may send at once (the token bucket's size).
+        frames_per_second: sustained frames a connection may send, every kind counted
+            (fragments, pings, empty frames); over it the connection is closed with 1008.
+        frame_burst: frames a connection may send at once.
         handshake_timeout_s: time allowed for the opening handshake.
         max_header_bytes: largest HTTP request head (request line and headers) of a
             handshake; larger ones are answered 431.
@@ -91,6 +94,8 @@ class LimitsSettings(BaseModel):
     slow_consumer_timeout_s: float = Field(default=10.0, gt=0)
     messages_per_second: float = Field(default=50.0, gt=0)
     message_burst: int = Field(default=100, gt=0)
+    frames_per_second: float = Field(default=1000.0, gt=0)
+    frame_burst: int = Field(default=2000, gt=0)
     handshake_timeout_s: float = Field(default=10.0, gt=0)
     max_header_bytes: int = Field(default=16384, ge=1024)
     idle_timeout_s: float = Field(default=3600.0, ge=0)

@@ -11,6 +11,7 @@ do anything but return messages or raise :class:`ProtocolError`.
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 from collections.abc import Iterable, Sequence
 
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from relayd.errors import ProtocolError
 from relayd.wire.frames import (
+    MAX_HELD_RAW_BYTES,
     NO_STATUS,
     OP_BINARY,
     OP_CLOSE,
@@ -172,7 +174,7 @@ def test_incomplete_frame_is_buffered_then_completed() -> None:
     parser = FrameParser(MAX)
     data = frame(OP_BINARY, b"z" * 1000)
     assert parser.feed(data[:600]) == []
-    assert parser.buffered == 600
+    assert parser.buffered == 600 - 8  # the payload so far, unmasked; not its 8-byte header
     assert parser.feed(data[600:]) == [(OP_BINARY, b"z" * 1000)]
     assert parser.buffered == 0
 
@@ -765,3 +767,103 @@ def test_server_frames_are_unmasked_so_a_frame_parser_refuses_them(size: int) ->
     data = text_frame(b"s" * size)
     assert not data[1] & 0x80
     assert violation(data).code == 1002
+
+
+# --- memory and pacing --------------------------------------------------------------------------
+
+#: What a parser may hold beyond its buffers, measured by tracemalloc: its incremental
+#: UTF-8 decoder, the masking key it keeps, a small object or two.
+OBJECT_SLACK_BYTES = 2048
+
+
+def held_while_feeding(parser: FrameParser, chunks: Sequence[bytes], limit: int) -> int:
+    """Feed all but the last chunk; the most memory allocated meanwhile and still held.
+
+    ``tracemalloc`` counts real allocations; the chunks are built before it
+    starts, so what it sees is the parser's (and the short-lived lists it
+    returns). The parser's own count, :attr:`FrameParser.buffered`, must stay
+    within the promise after every feed.
+    """
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        most = 0
+        for chunk in chunks[:-1]:
+            assert parser.feed(chunk) == []
+            most = max(most, tracemalloc.get_traced_memory()[0] - baseline)
+            assert parser.buffered <= limit + MAX_HELD_RAW_BYTES
+    finally:
+        tracemalloc.stop()
+    return most
+
+
+def split_every(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def test_a_message_in_65535_one_byte_fragments_holds_no_more_than_the_message() -> None:
+    # Kept as a list of 65,535 bytes objects, this held 3.9 MiB (issue 8).
+    limit, opcode = 65536, OP_TEXT
+    data = fragments(opcode, [b"a"] * (limit - 1))
+    parser = FrameParser(limit)
+    chunks = split_every(data, 65536)
+    held = held_while_feeding(parser, chunks, limit)
+    assert held <= limit + OBJECT_SLACK_BYTES, held
+    assert parser.feed(chunks[-1]) == [(opcode, b"a" * (limit - 1))]
+    assert parser.buffered == 0
+
+
+def test_50000_empty_continuation_frames_hold_nothing() -> None:
+    # 10 million of them grew relayd by 77 MiB (issue 8): each was kept.
+    count = 50_000
+    data = frame(OP_TEXT, b"", fin=False) + frame(OP_CONTINUATION, b"", fin=False) * count
+    parser = FrameParser(65536)
+    chunks = split_every(data, 65536)
+    assert held_while_feeding(parser, chunks, 65536) <= OBJECT_SLACK_BYTES
+    assert parser.buffered <= MAX_HELD_RAW_BYTES
+    assert parser.frames > count - 65536 // 6
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    limit=st.integers(1, 200_000),
+    share=st.floats(0.5, 1.0),
+    pieces=st.integers(1, 300),
+    reads=st.integers(1, 100),
+    opcode=st.sampled_from([OP_TEXT, OP_BINARY]),
+)
+def test_a_parser_holds_at_most_max_message_bytes_however_a_message_is_cut(
+    limit: int, share: float, pieces: int, reads: int, opcode: int
+) -> None:
+    """Any fragments, any reads: the parser's own count and real memory both stay bound."""
+    size = max(1, int(limit * share))
+    body = "é".encode() * (size // 2) + b"z" * (size % 2)
+    data = fragments(opcode, split_every(body, -(-size // pieces)))
+    parser = FrameParser(limit)
+    chunks = split_every(data, -(-len(data) // reads))
+    held = held_while_feeding(parser, chunks, limit)
+    assert held <= limit + MAX_HELD_RAW_BYTES + OBJECT_SLACK_BYTES, (held, limit)
+    assert parser.feed(chunks[-1]) == [(opcode, body)]
+
+
+def test_frames_past_the_budget_close_with_1008_before_they_are_parsed() -> None:
+    data = frame(OP_TEXT, b"one") + frame(OP_PING, b"") + frame(OP_TEXT, b"three")
+    parser = FrameParser(MAX)
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(data, max_frames=2)
+    assert (info.value.code, info.value.reason) == (1008, "too many frames")
+    assert info.value.parsed == [(OP_TEXT, b"one"), (OP_PING, b"")]
+    assert parser.frames == 2
+
+
+def test_the_frame_budget_counts_frames_not_messages_or_reads() -> None:
+    parser = FrameParser(MAX)
+    message = fragments(OP_TEXT, [b"a", b"b", b"c"])  # three frames of 7 bytes
+    assert parser.feed(message[:6], max_frames=1) == []  # a header and key: the frame counts
+    assert parser.frames == 1
+    assert parser.feed(message[6:9], max_frames=0) == []  # its payload, half a header
+    assert parser.feed(message[9:], max_frames=2) == [(OP_TEXT, b"abc")]
+    assert parser.frames == 3
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(frame(OP_PONG, b""), max_frames=0)
+    assert info.value.code == 1008

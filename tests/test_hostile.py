@@ -276,6 +276,15 @@ def _rejected_statuses(s: Scene) -> list[int | None]:
     return [e["status"] for e in s.of("handshake.rejected")]
 
 
+def _assert_closed_for_a_limit(
+    s: Scene, client_id: str, code: int, reason: str, limit: str
+) -> None:
+    """The server closed ``client_id`` for ``limit``: one ``limit.exceeded``, then its close."""
+    [close] = s.closes(client_id)
+    assert (close["code"], close["reason"], close["closed_by"]) == (code, reason, "server")
+    assert [(e["id"], e["limit"]) for e in s.of("limit.exceeded")] == [(client_id, limit)]
+
+
 # -- the handshake -----------------------------------------------------------------------
 
 
@@ -691,16 +700,8 @@ async def test_a_message_flood_gets_rate_limited_then_closed_with_1008() -> None
         assert flooder.ws.closed is not None
         assert flooder.ws.closed.reason == "rate limit exceeded"
         assert {json.loads(f)["error"] for f in frames} <= {"rate_limited", "unknown_recipient"}
-    [close] = s.closes(flooder.id)
-    assert (close["code"], close["reason"], close["closed_by"]) == (
-        1008,
-        "rate limit exceeded",
-        "server",
-    )
-    exceeded = s.of("limit.exceeded")
-    assert [(e["id"], e["limit"], e["action"]) for e in exceeded] == [
-        (flooder.id, "messages_per_second", "close")
-    ]
+    _assert_closed_for_a_limit(s, flooder.id, 1008, "rate limit exceeded", "messages_per_second")
+    assert [e["action"] for e in s.of("limit.exceeded")] == ["close"]
 
 
 async def test_a_recipient_that_never_reads_makes_senders_busy_then_is_closed_with_1013() -> None:
@@ -756,15 +757,9 @@ async def test_a_recipient_that_never_reads_makes_senders_busy_then_is_closed_wi
         if "unknown_recipient" in per:
             first = per.index("unknown_recipient")
             assert set(per[first:]) == {"unknown_recipient"}
-    [close] = s.closes(stuck_id)
-    assert (close["code"], close["reason"], close["closed_by"]) == (
-        1013,
-        "slow consumer: outbox stayed full",
-        "server",
+    _assert_closed_for_a_limit(
+        s, stuck_id, 1013, "slow consumer: outbox stayed full", "slow_consumer_timeout_s"
     )
-    assert [(e["id"], e["limit"]) for e in s.of("limit.exceeded")] == [
-        (stuck_id, "slow_consumer_timeout_s")
-    ]
 
 
 @pytest.mark.parametrize("how", ["reset", "fin"])
@@ -795,3 +790,62 @@ async def test_a_client_that_vanishes_without_a_close_frame_is_logged_1006_and_f
     # Every frame relayd accepted for it was written or is counted undelivered.
     written = close["messages_out"] - 1  # less the id frame
     assert written + close["undelivered"] == 1 + acked_after
+
+
+# -- frame floods ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        pytest.param(wire.frame(wire.OP_CONT, b"", fin=False), id="empty-continuations"),
+        pytest.param(wire.frame(wire.OP_CONT, b"x", fin=False), id="one-byte-fragments"),
+        pytest.param(wire.frame(0x9, b""), id="empty-pings"),
+        pytest.param(wire.frame(0xA, b""), id="empty-pongs"),
+    ],
+)
+async def test_a_frame_flood_is_closed_with_1008_too_many_frames(flood: bytes) -> None:
+    """Frames are paced, not only messages: 20,000 of them at once pass any frame budget."""
+    count = 20_000
+    head = wire.frame(wire.OP_TEXT, b"", fin=False) if flood[0] & 0x0F == wire.OP_CONT else b""
+    async with scene() as s, s.bystanders.throughout():
+        stream, client_id = await _raw_client(s.url)
+        async with stream, trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(head + flood * count)
+
+            nursery.start_soon(send)
+            with trio.fail_after(PROMPT_S):
+                reply = b"\r\n\r\n" + await read_until_closed(stream)
+            nursery.cancel_scope.cancel()
+    assert wire.close_code(reply) == 1008
+    closing = (wire.OP_CLOSE, (1008).to_bytes(2, "big") + b"too many frames")
+    assert closing in wire.server_frames(reply)
+    _assert_closed_for_a_limit(s, client_id, 1008, "too many frames", "frames_per_second")
+
+
+async def test_an_unfinished_message_in_524288_fragments_holds_the_message_not_the_frames() -> None:
+    """With pacing lifted, 524,288 one-byte fragments: relayd holds about 512 KiB, not 28 MiB.
+
+    A ping after the fragments comes back as a pong once relayd has parsed them
+    all; the peak RSS growth is read then, with the message still unfinished.
+    """
+    limit = 1 << 19
+    limits = {"max_message_bytes": limit, "frames_per_second": 1e9, "frame_burst": 10**9}
+    fragment = wire.frame(wire.OP_CONT, b"x", fin=False)
+    data = wire.frame(wire.OP_BINARY, b"x", fin=False) + fragment * (limit - 1)
+    async with scene(**limits) as s, s.bystanders.throughout():
+        stream, client_id = await _raw_client(s.url)
+        async with stream:
+            with _peak_rss_growth() as growth:
+                await stream.send_all(data)
+                await stream.send_all(wire.frame(0x9, b"all in?"))
+                pong = b""
+                while len(pong) < 9:
+                    pong += await stream.receive_some(9 - len(pong))
+            assert wire.server_frames(pong, after_head=False) == [(0xA, b"all in?")]
+    assert growth[0] < 4 * limit + RSS_SLACK_BYTES, f"RSS rose {growth[0]} bytes"
+    [close] = s.closes(client_id)
+    assert close["code"] == 1006

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relayd.policy.ratelimit import RateLimiter, TokenBucket, Verdict
+from relayd.policy.ratelimit import FramePacer, RateLimiter, TokenBucket, Verdict
 
 RATE = 10.0  # messages per second
 BURST = 5
@@ -100,3 +100,21 @@ def test_client_slipping_over_now_and_then_is_only_refused() -> None:
     assert verdicts.count(Verdict.REFUSE) == 100
     assert verdicts.count(Verdict.ALLOW) == 100 * BURST
     assert Verdict.CLOSE not in verdicts
+
+
+# -- frame pacing ----------------------------------------------------------------------
+
+
+def test_frame_pacer_allows_the_burst_then_the_rate() -> None:
+    pacer = FramePacer(rate=100.0, burst=20, now=0.0)
+    assert pacer.allowance(0.0, frames=0) == 20
+    assert pacer.allowance(0.0, frames=20) == 0  # the parser used them all
+    assert pacer.allowance(0.05, frames=20) == 5  # 100/s for 50 ms
+    assert pacer.allowance(0.05, frames=22) == 3
+    assert pacer.allowance(10.0, frames=22) == 20  # never more than the burst
+
+
+def test_frame_pacer_counts_frames_once() -> None:
+    pacer = FramePacer(rate=1.0, burst=10, now=0.0)
+    for _ in range(5):  # asking again without new frames spends nothing
+        assert pacer.allowance(0.0, frames=4) == 6

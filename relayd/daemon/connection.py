@@ -51,7 +51,7 @@ import trio
 from relayd.daemon.live import LiveLimits
 from relayd.daemon.transport import Transport
 from relayd.errors import CloseCode, EnvelopeError, ErrorCode, ProtocolError, RouterClosed
-from relayd.policy.ratelimit import RateLimiter, Verdict
+from relayd.policy.ratelimit import FramePacer, RateLimiter, Verdict
 from relayd.routing.interface import Inbound, Peer, Relay, Reply, Router
 from relayd.routing.outbox import Outbox
 from relayd.telemetry.metrics import Stats
@@ -130,6 +130,7 @@ class Connection:
         "_log",
         "_next_ping",
         "_open_fields",
+        "_pacer",
         "_parser",
         "_parser_failed",
         "_pong_deadline",
@@ -221,6 +222,8 @@ class Connection:
         self._limiter = RateLimiter(
             current.messages_per_second, current.message_burst, self._started
         )
+        # Fixed for the connection's life, like the parser it paces.
+        self._pacer = FramePacer(current.frames_per_second, current.frame_burst, self._started)
         self._stop_writing = False
         self._parser_failed = False
         self._client_closed = False  # its close frame arrived
@@ -348,8 +351,9 @@ class Connection:
         """Parse one read and route what it held; False once the connection ends."""
         self.bytes_in += len(data)
         violation: ProtocolError | None = None
+        parser = self._parser
         try:
-            events = self._parser.feed(data)
+            events = parser.feed(data, self._pacer.allowance(trio.current_time(), parser.frames))
         except ProtocolError as exc:
             events, violation = exc.parsed, exc
         batch: list[Inbound] = []
@@ -458,6 +462,8 @@ class Connection:
         self._parser_failed = True
         if error.code == CloseCode.TOO_BIG:
             self._limit_exceeded("max_message_bytes", "close")
+        elif error.code == CloseCode.POLICY:  # the parser's only 1008: frame pacing
+            self._limit_exceeded("frames_per_second", "close")
         if self._close is None or self._close[2] != "server":
             self._close = (error.code, error.reason, "server")
 
@@ -616,7 +622,9 @@ class Connection:
             try:
                 data = await receive(RECEIVE_BYTES)
                 self.bytes_in += len(data)
-                events = self._parser.feed(data) if data else [(OP_CLOSE, b"")]
+                parser = self._parser
+                allowance = self._pacer.allowance(trio.current_time(), parser.frames)
+                events = parser.feed(data, allowance) if data else [(OP_CLOSE, b"")]
             except (trio.BrokenResourceError, ProtocolError):
                 return
             if any(opcode == OP_CLOSE for opcode, _ in events):

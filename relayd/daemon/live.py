@@ -11,7 +11,9 @@ new :class:`~relayd.config.LimitsSettings` reaches them all at once:
   ``messages_per_second`` and ``message_burst`` (a fresh bucket),
   ``idle_timeout_s``, ``ping_interval_s`` and ``pong_timeout_s``;
 * never on open connections: ``outbox_messages`` and ``slow_consumer_timeout_s``
-  (an outbox is sized when it is made) and the handshake limits.
+  (an outbox is sized when it is made), ``frames_per_second`` and
+  ``frame_burst`` (paced as the connection started, like its parser) and the
+  handshake limits.
 
 It also holds ``log.messages`` as it is now, for the ``message.relay`` events
 connections log for the messages they refuse themselves.

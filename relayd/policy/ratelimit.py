@@ -1,4 +1,4 @@
-"""Per-connection message rate limiting, without I/O.
+"""Per-connection message rate limiting and frame pacing, without I/O.
 
 A connection may send ``rate`` messages per second on average and ``burst`` at
 once (a token bucket). A message over the limit is refused with
@@ -7,6 +7,13 @@ same shape, so a client that keeps sending at more than twice the allowed rate
 runs that one dry too and is closed with 1008. A client that slips over the
 limit now and then is only told, never closed.
 
+Frames are paced apart from messages (:class:`FramePacer`): every frame a
+client sends (a fragment, a ping, an empty continuation frame) takes a token
+from a bucket of ``frame_burst`` refilled at ``frames_per_second``. The frame
+parser is told how many tokens there are before each read and refuses the
+frame past them with 1008, so a flood of frames that never make a message is
+closed however little each frame carries.
+
 Time is passed in (trio's clock in the daemon, plain floats in tests).
 """
 
@@ -14,7 +21,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["RateLimiter", "TokenBucket", "Verdict"]
+__all__ = ["FramePacer", "RateLimiter", "TokenBucket", "Verdict"]
 
 
 class TokenBucket:
@@ -43,6 +50,16 @@ class TokenBucket:
         self._tokens = tokens
         return False
 
+    def available(self, now: float) -> int:
+        """Whole tokens there are at ``now`` (none taken)."""
+        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        return int(self._tokens)
+
+    def spend(self, tokens: int) -> None:
+        """Take ``tokens`` that :meth:`available` said were there."""
+        self._tokens -= tokens
+
 
 class Verdict(enum.Enum):
     """What to do with one incoming message."""
@@ -68,3 +85,31 @@ class RateLimiter:
         if self._abuse.take(now):
             return Verdict.REFUSE
         return Verdict.CLOSE
+
+
+class FramePacer:
+    """The frames one connection may send: a token bucket over its parser's count.
+
+    Args:
+        rate: frames per second, on average.
+        burst: frames at once (the bucket's size).
+        now: the time the connection opened.
+    """
+
+    __slots__ = ("_bucket", "_counted")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._bucket = TokenBucket(rate, burst, now)
+        self._counted = 0
+
+    def allowance(self, now: float, frames: int) -> int:
+        """How many more frames may arrive at ``now``.
+
+        Args:
+            now: the time.
+            frames: every frame the connection has sent so far (the parser's
+                count); those not yet paid for are taken from the bucket.
+        """
+        self._bucket.spend(frames - self._counted)
+        self._counted = frames
+        return self._bucket.available(now)

@@ -84,6 +84,10 @@ max_message_bytes = 16777216
 # limiter never acts. outbox_messages keeps its default: the client reads every echo.
 messages_per_second = 1000000.0
 message_burst = 1000000
+# Groups 9.3 and 9.4 send a 4 MiB message in fragments of down to 64 bytes: 65,536 frames at
+# once, where the default frame pacing (2,000 at once, 1,000/s) would close with 1008.
+frames_per_second = 1000000.0
+frame_burst = 1000000
 
 [admin]
 # A free port rather than the fixed 9031: other relayd processes may be running.
