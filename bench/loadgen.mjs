@@ -4,7 +4,9 @@
 //
 // Config keys, all modes: mode, host, port, sources (local addresses to connect from, used
 // round-robin, so tens of thousands of client sockets do not exhaust one address's ephemeral
-// ports), deadline_s (the process exits 2 after it, whatever happens).
+// ports), deadline_s (the process exits 2 after it, whatever happens), and port2 (two
+// nodes of a cluster, so that every message crosses between them: throughput's receivers,
+// and the second client of each latency or chat pair, connect to port2; default: port).
 //
 //   throughput  pairs, size, window, warmup_s, duration_s
 //               `pairs` senders each send to their own receiver; at most `window` messages
@@ -238,8 +240,14 @@ class Client {
   }
 }
 
-// Open `n` clients, `concurrency` handshakes at a time; returns [clients, failures].
-async function openMany(n, concurrency, handlers, { tolerate = false } = {}) {
+// Open `n` clients, `concurrency` handshakes at a time; returns [clients, failures]. Client
+// `index` connects to portOf(index).
+async function openMany(
+  n,
+  concurrency,
+  handlers,
+  { tolerate = false, portOf = () => cfg.port } = {},
+) {
   const clients = [];
   const failures = {};
   let next = 0;
@@ -248,7 +256,7 @@ async function openMany(n, concurrency, handlers, { tolerate = false } = {}) {
       const index = next++;
       const client = new Client(handlers(index));
       try {
-        clients[index] = await client.connect(cfg.host, cfg.port);
+        clients[index] = await client.connect(cfg.host, portOf(index));
       } catch (err) {
         if (!tolerate) fail(`connection ${index} failed: ${err.message}`);
         failures[err.message] = (failures[err.message] ?? 0) + 1;
@@ -323,15 +331,20 @@ async function closedLoop({ receivers: nReceivers, feeders, window, size }) {
     }
     for (const [sender, k] of counts) sender.write(sender.frames[k]);
   };
-  const [receivers] = await openMany(nReceivers, 64, (i) => ({
-    onMessage() {
-      received++;
-      routes[i].credit++;
-    },
-    onData() {
-      flush(routes[i]);
-    },
-  }));
+  const [receivers] = await openMany(
+    nReceivers,
+    64,
+    (i) => ({
+      onMessage() {
+        received++;
+        routes[i].credit++;
+      },
+      onData() {
+        flush(routes[i]);
+      },
+    }),
+    { portOf: () => cfg.port2 ?? cfg.port },
+  );
   const [senders] = await openMany(nReceivers * feeders, 64, (i) => ({
     onMessage(_client, buf, start, end) {
       // Senders receive nothing but error frames; give the window back so load continues.
@@ -452,7 +465,9 @@ async function paced() {
     },
   });
   const t0 = performance.now();
-  const [clients] = await openMany(2 * cfg.pairs, cfg.concurrency ?? 64, handlers);
+  const [clients] = await openMany(2 * cfg.pairs, cfg.concurrency ?? 64, handlers, {
+    portOf: (index) => (index % 2 === 1 ? (cfg.port2 ?? cfg.port) : cfg.port),
+  });
   const openS = (performance.now() - t0) / 1000;
   const pairs = cfg.pairs;
   // Client `leg` sends with prefixes[leg]: 2p to 2p + 1 (the pair's first to its second), and
