@@ -21,9 +21,11 @@ import trio.testing
 from trio_websocket import wrap_client_stream
 
 from relayd.config import LimitsSettings
-from relayd.daemon.connection import WRITER_IDLE_S
 from relayd.daemon.gate import Gate
+from relayd.daemon.writer import WRITER_IDLE_S
 from relayd.routing.local import LocalRouter
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
 from tests import wire
 from tests.client import Client
 
@@ -62,8 +64,10 @@ class Relay:
 @asynccontextmanager
 async def serving(**limits: Any) -> AsyncIterator[Relay]:
     log = structlog.get_logger("test")
-    router = LocalRouter(log)
-    gate = Gate(router, LimitsSettings(**limits), log)
+    stats = Stats()
+    events = MessageEvents(log, stats)
+    router = LocalRouter(events, stats)
+    gate = Gate(router, LimitsSettings(**limits), log, events=events, stats=stats)
     async with trio.open_nursery() as nursery:
         await nursery.start(router.run)
         yield Relay(nursery, gate, router)

@@ -50,6 +50,8 @@ from relayd.daemon.gate import Gate
 from relayd.daemon.server import Server
 from relayd.routing.local import LocalRouter
 from relayd.telemetry.log import get_logger
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
 from tests import wire
 from tests.client import (
     Client,
@@ -174,8 +176,9 @@ async def scene(**limits: Any) -> AsyncIterator[Scene]:
     After the body: the pair talks again, a newcomer pair connects and talks,
     the server stops, and it must have left nothing behind.
     """
-    router = LocalRouter(get_logger())
-    server = Server(settings(**limits), router=router)
+    server = Server(settings(**limits))
+    router = server.router
+    assert isinstance(router, LocalRouter)
     with structlog.testing.capture_logs() as events:
         async with running(server) as url:
             async with (
@@ -352,8 +355,10 @@ class MemoryRelay:
 @asynccontextmanager
 async def memory_scene(**limits: Any) -> AsyncIterator[tuple[MemoryRelay, Bystanders]]:
     log = get_logger()
-    router = LocalRouter(log)
-    gate = Gate(router, LimitsSettings(**limits), log)
+    stats = Stats()
+    events = MessageEvents(log, stats)
+    router = LocalRouter(events, stats)
+    gate = Gate(router, LimitsSettings(**limits), log, events=events, stats=stats)
     async with trio.open_nursery() as nursery:
         await nursery.start(router.run)
         relay = MemoryRelay(nursery, gate, router)

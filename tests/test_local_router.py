@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -23,29 +22,50 @@ import trio.testing
 from structlog.typing import EventDict
 
 from relayd.errors import RouterClosed
-from relayd.routing.interface import Peer, Relay, Reply
+from relayd.routing.interface import Relay, Reply
 from relayd.routing.local import LocalRouter
 from relayd.routing.outbox import Outbox
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, decode_envelope
 from relayd.wire.frames import text_frame
 from tests.wire import text_of
 
-TIMEOUT_S = 5.0  # the outboxes' slow_consumer_timeout_s
 TEST_LIMIT_S = 10.0  # trio-clock limit on anything that could hang
 CONN_NUMBERS = itertools.count(1)
 
 
 class Conn:
-    """One fake connection: its peer and the deadlines its outbox reported."""
+    """One fake connection: a Peer around a real outbox, recording what the router did."""
 
     def __init__(self, client_id: str, dialect: Dialect, capacity: int = 8) -> None:
-        self.deadlines: list[float] = []
-        outbox = Outbox(capacity, TIMEOUT_S, self.deadlines.append)
-        self.peer = Peer(client_id, dialect, outbox, next(CONN_NUMBERS))
+        self.client_id = client_id
+        self.dialect = dialect
+        self.conn = next(CONN_NUMBERS)
+        self.outbox = Outbox(capacity)
+        self.detached = False
+        self.disconnected: list[tuple[int, str]] = []
+
+    @property
+    def peer(self) -> Conn:
+        return self
+
+    def deliver(self, frame: bytes) -> bool:
+        return self.outbox.offer(frame)
+
+    def reply(self, frame: bytes | None) -> None:
+        self.outbox.reply(frame)
+
+    def detach(self) -> None:
+        self.detached = True
+        self.outbox.close()
+
+    def disconnect(self, code: int, reason: str) -> None:
+        self.disconnected.append((code, reason))
 
     def frames(self) -> list[str]:
         """Take every frame waiting in the outbox (closed or not); all are text here."""
-        return [text_of(frame) for frame in self.peer.outbox.take_nowait()]
+        return [text_of(frame) for frame in self.outbox.take()]
 
 
 def relay(sender: Conn, frame: str) -> Relay:
@@ -74,13 +94,19 @@ async def route(router: LocalRouter, *items: Relay | Reply) -> None:
     Each item gets the reply slot its sender's reader would reserve for it.
     """
     for item in items:
-        assert (item.sender if isinstance(item, Relay) else item.recipient).outbox.reserve(1)
+        peer = item.sender if isinstance(item, Relay) else item.recipient
+        assert isinstance(peer, Conn)
+        assert peer.outbox.reserve(1)
         await router.route([item])
     await trio.testing.wait_all_tasks_blocked()
 
 
-def new_router(*, log_messages: bool = True, log_bodies: bool = False) -> LocalRouter:
-    return LocalRouter(structlog.get_logger(), log_messages=log_messages, log_bodies=log_bodies)
+def new_router(
+    *, log_messages: bool = True, log_bodies: bool = False, inbox_size: int = 256
+) -> LocalRouter:
+    stats = Stats()
+    events = MessageEvents(structlog.get_logger(), stats, messages=log_messages, bodies=log_bodies)
+    return LocalRouter(events, stats, inbox_size=inbox_size)
 
 
 async def test_relay_to_seed_and_v1_recipients_in_their_formats(
@@ -93,7 +119,7 @@ async def test_relay_to_seed_and_v1_recipients_in_their_formats(
         Conn("carol", Dialect.V1),
     )
     for conn in (alice, bob, carol):
-        router.register(conn.peer)
+        await router.register(conn.peer)
     async with running(router):
         await route(
             router,
@@ -109,8 +135,8 @@ async def test_relay_to_seed_and_v1_recipients_in_their_formats(
 async def test_seed_sender_to_v1_recipient(logs: list[EventDict]) -> None:
     router = new_router()
     sam, vera = Conn("sam", Dialect.SEED), Conn("vera", Dialect.V1)
-    router.register(sam.peer)
-    router.register(vera.peer)
+    await router.register(sam.peer)
+    await router.register(vera.peer)
     async with running(router):
         await route(router, relay(sam, '{"to": "vera", "message": "yo", "ref": 1}'))
     assert [json.loads(f) for f in vera.frames()] == [
@@ -123,8 +149,8 @@ async def test_seed_sender_to_v1_recipient(logs: list[EventDict]) -> None:
 async def test_ack_to_v1_sender_when_ref_given(ref: str, logs: list[EventDict]) -> None:
     router = new_router()
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED)
-    router.register(alice.peer)
-    router.register(bob.peer)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
     async with running(router):
         await route(router, relay(alice, f'{{"to": "bob", "message": 1, "ref": {ref}}}'))
     assert [json.loads(f) for f in alice.frames()] == [{"type": "ack", "ref": json.loads(ref)}]
@@ -145,7 +171,7 @@ async def test_unknown_recipient_error_to_sender(
 ) -> None:
     router = new_router()
     alice = Conn("alice", dialect)
-    router.register(alice.peer)
+    await router.register(alice.peer)
     async with running(router):
         await route(router, relay(alice, frame))
     [reply] = [json.loads(f) for f in alice.frames()]
@@ -156,19 +182,17 @@ async def test_unknown_recipient_error_to_sender(
     }
 
 
-async def test_full_outbox_busy_then_deadline_cleared(
-    autojump_clock: trio.testing.MockClock, logs: list[EventDict]
-) -> None:
+async def test_full_outbox_busy_until_its_writer_takes(logs: list[EventDict]) -> None:
     router = new_router()
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED, capacity=1)
-    router.register(alice.peer)
-    router.register(bob.peer)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
     async with running(router):
-        started = trio.current_time()
         await route(router, relay(alice, '{"to": "bob", "message": 1, "ref": "a"}'))
+        assert not bob.outbox.refusing
         await route(router, relay(alice, '{"to": "bob", "message": 2, "ref": "b"}'))
         await route(router, relay(alice, '{"to": "bob", "message": 3, "ref": "c"}'))
-        assert bob.deadlines == [started + TIMEOUT_S]  # once, when it started refusing
+        assert bob.outbox.refusing  # its connection's slow-consumer clock runs
         assert [json.loads(f) for f in alice.frames()] == [
             {"type": "ack", "ref": "a"},
             {
@@ -185,10 +209,9 @@ async def test_full_outbox_busy_then_deadline_cleared(
             },
         ]
 
-        autojump_clock.jump(1.0)
         assert bob.frames() == ["1"]  # the writer takes what waits: the clock stops
+        assert not bob.outbox.refusing
         await route(router, relay(alice, '{"to": "bob", "message": 4, "ref": "d"}'))
-        assert bob.deadlines == [started + TIMEOUT_S, math.inf]
         assert [json.loads(f) for f in alice.frames()] == [{"type": "ack", "ref": "d"}]
         assert bob.frames() == ["4"]
 
@@ -198,7 +221,7 @@ async def test_every_peer_under_one_id_receives(logs: list[EventDict]) -> None:
     alice = Conn("alice", Dialect.V1)
     tabs = [Conn("bob", Dialect.SEED), Conn("bob", Dialect.V1), Conn("bob", Dialect.SEED)]
     for conn in (alice, *tabs):
-        router.register(conn.peer)
+        await router.register(conn.peer)
     assert router.routes == 2
     async with running(router):
         await route(router, relay(alice, '{"to": "bob", "message": "hey", "ref": 5}'))
@@ -215,7 +238,7 @@ async def test_one_busy_peer_under_an_id_still_delivers(logs: list[EventDict]) -
     alice = Conn("alice", Dialect.V1)
     stuck, reading = Conn("bob", Dialect.SEED, capacity=1), Conn("bob", Dialect.SEED)
     for conn in (alice, stuck, reading):
-        router.register(conn.peer)
+        await router.register(conn.peer)
     assert stuck.peer.outbox.offer(text_frame(b"filler"))
     async with running(router):
         await route(router, relay(alice, '{"to": "bob", "message": 1, "ref": 1}'))
@@ -227,8 +250,8 @@ async def test_one_busy_peer_under_an_id_still_delivers(logs: list[EventDict]) -
 async def test_unregistered_peer_no_longer_receives(logs: list[EventDict]) -> None:
     router = new_router()
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED)
-    router.register(alice.peer)
-    router.register(bob.peer)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
     router.unregister(bob.peer)
     router.unregister(bob.peer)  # idempotent
     assert router.routes == 1
@@ -236,15 +259,15 @@ async def test_unregistered_peer_no_longer_receives(logs: list[EventDict]) -> No
         await route(router, relay(alice, '{"to": "bob", "message": 1}'))
     [reply] = [json.loads(f) for f in alice.frames()]
     assert reply["error"] == "unknown_recipient"
-    assert bob.peer.outbox.closed
     assert bob.frames() == []
+    assert not bob.detached  # its connection closes its own outbox
 
 
 async def test_reply_goes_to_its_recipient_outbox(logs: list[EventDict]) -> None:
     router = new_router()
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.V1)
-    router.register(alice.peer)
-    router.register(bob.peer)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
     async with running(router):
         await route(
             router, Reply(bob.peer, text_frame(b"frame-1")), Reply(bob.peer, text_frame(b"frame-2"))
@@ -259,14 +282,14 @@ async def test_close_then_run_delivers_queued_and_closes_outboxes(
 ) -> None:
     router = new_router()
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED)
-    router.register(alice.peer)
-    router.register(bob.peer)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
     await router.route([relay(alice, '{"to": "bob", "message": "last", "ref": "r"}')])
     await router.route([Reply(alice.peer, text_frame(b"reply"))])
     router.close()
     with trio.fail_after(TEST_LIMIT_S):
         await router.run()
-    assert (bob.peer.outbox.closed, alice.peer.outbox.closed) == (True, True)
+    assert (bob.detached, alice.detached) == (True, True)
     assert bob.frames() == ["last"]
     assert alice.frames() == ['{"type":"ack","ref":"r"}', "reply"]
     assert router.routes == 0
@@ -275,14 +298,14 @@ async def test_close_then_run_delivers_queued_and_closes_outboxes(
 async def test_route_after_close_raises(logs: list[EventDict]) -> None:
     router = new_router()
     alice = Conn("alice", Dialect.V1)
-    router.register(alice.peer)
+    await router.register(alice.peer)
     router.close()
     with pytest.raises(RouterClosed):
         await router.route([Reply(alice.peer, text_frame(b"late"))])
 
 
 async def test_route_waiting_on_a_full_inbox_raises_when_closed(logs: list[EventDict]) -> None:
-    router = LocalRouter(structlog.get_logger(), inbox_size=1)
+    router = new_router(inbox_size=1)
     alice = Conn("alice", Dialect.V1)
     await router.route([Reply(alice.peer, text_frame(b"queued"))])
     raised: list[type[BaseException]] = []
@@ -304,7 +327,7 @@ async def test_register_after_close_raises(logs: list[EventDict]) -> None:
     router = new_router()
     router.close()
     with pytest.raises(RouterClosed):
-        router.register(Conn("alice", Dialect.V1).peer)
+        await router.register(Conn("alice", Dialect.V1).peer)
     assert router.routes == 0
 
 
@@ -326,7 +349,7 @@ async def test_message_relay_log_event_has_no_body(
         Conn("stuck", Dialect.V1, capacity=1),
     )
     for conn in (alice, bob, stuck):
-        router.register(conn.peer)
+        await router.register(conn.peer)
     assert stuck.peer.outbox.offer(text_frame(b"filler"))
     item = relay(alice, frame)
     async with running(router):
@@ -347,8 +370,8 @@ async def test_message_relay_log_event_has_no_body(
 async def test_message_relay_log_event_with_body(logs: list[EventDict]) -> None:
     router = new_router(log_bodies=True)
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED)
-    router.register(alice.peer)
-    router.register(bob.peer)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
     frame = '{"to": "bob", "message": {"k": "é"}}'
     async with running(router):
         await route(router, relay(alice, frame))
@@ -368,8 +391,8 @@ async def test_message_relay_log_event_with_body(logs: list[EventDict]) -> None:
 async def test_no_log_events_when_message_logging_is_off(logs: list[EventDict]) -> None:
     router = new_router(log_messages=False, log_bodies=True)
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED)
-    router.register(alice.peer)
-    router.register(bob.peer)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
     async with running(router):
         await route(router, relay(alice, '{"to": "bob", "message": 1}'))
     assert bob.frames() == ["1"]
@@ -379,11 +402,73 @@ async def test_no_log_events_when_message_logging_is_off(logs: list[EventDict]) 
 async def test_relay_keeps_message_bytes_as_sent(logs: list[EventDict]) -> None:
     router = new_router()
     alice, bob = Conn("alice", Dialect.SEED), Conn("bob", Dialect.V1)
-    router.register(alice.peer)
-    router.register(bob.peer)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
     message = '[ 1.50 , "\\u00e9" , {"a" :null} ]'
     async with running(router):
         await route(router, relay(alice, f'{{"to": "bob", "message": {message}}}'))
     [frame] = bob.frames()
     assert frame.endswith(f'"message":{message}}}')
     assert msgspec.json.decode(frame)["message"] == [1.5, "é", {"a": None}]
+
+
+# --- what the server API asks of a router -------------------------------------------------------
+
+
+async def test_publish_reaches_every_holder_in_its_dialect_and_is_logged(
+    logs: list[EventDict],
+) -> None:
+    router = new_router()
+    tabs = [Conn("bob", Dialect.SEED), Conn("bob", Dialect.V1)]
+    for tab in tabs:
+        await router.register(tab)
+    outcome = await router.publish("bob", msgspec.Raw(b'{"n":1}'), sender="backend")
+    assert outcome == "delivered"
+    assert [tab.frames() for tab in tabs] == [
+        ['{"n":1}'],
+        ['{"type":"message","from":"backend","message":{"n":1}}'],
+    ]
+    assert [(e["from"], e["to"], e["outcome"]) for e in logs] == [("backend", "bob", "delivered")]
+
+
+async def test_publish_to_nobody_or_to_a_full_outbox_says_so(logs: list[EventDict]) -> None:
+    router = new_router()
+    stuck = Conn("stuck", Dialect.SEED, capacity=1)
+    await router.register(stuck)
+    assert stuck.deliver(text_frame(b"filler"))
+    assert await router.publish("nobody", msgspec.Raw(b"1"), sender="api") == "unknown_recipient"
+    assert await router.publish("stuck", msgspec.Raw(b"1"), sender="api") == "recipient_busy"
+    assert stuck.frames() == ["filler"]
+
+
+async def test_disconnect_closes_every_connection_of_the_id_and_counts_them() -> None:
+    router = new_router()
+    tabs = [Conn("bob", Dialect.SEED), Conn("bob", Dialect.V1)]
+    other = Conn("carol", Dialect.V1)
+    for conn in (*tabs, other):
+        await router.register(conn)
+    assert await router.disconnect("bob", 1008, "banned") == 2
+    assert [tab.disconnected for tab in tabs] == [[(1008, "banned")]] * 2
+    assert other.disconnected == []
+    assert await router.disconnect("nobody", 1000, "") == 0
+
+
+async def test_presence_counts_the_connections_holding_an_id() -> None:
+    router = new_router()
+    tabs = [Conn("bob", Dialect.SEED), Conn("bob", Dialect.V1)]
+    for tab in tabs:
+        await router.register(tab)
+    assert await router.presence("bob") == 2
+    router.unregister(tabs[0])
+    assert await router.presence("bob") == 1
+    assert await router.presence("nobody") == 0
+
+
+async def test_list_ids_pages_in_sorted_order() -> None:
+    router = new_router()
+    for name in ("delta", "alpha", "charlie", "bravo", "alpha"):
+        await router.register(Conn(name, Dialect.V1))
+    assert await router.list_ids(after=None, limit=2) == ["alpha", "bravo"]
+    assert await router.list_ids(after="bravo", limit=2) == ["charlie", "delta"]
+    assert await router.list_ids(after="b", limit=10) == ["bravo", "charlie", "delta"]
+    assert await router.list_ids(after="delta", limit=2) == []

@@ -211,8 +211,7 @@ class _FaultyRouter(LocalRouter):
 
 
 async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest() -> None:
-    log = structlog.get_logger("test")
-    server = Server(settings(), router=_FaultyRouter(log))
+    server = Server(settings(), router=_FaultyRouter)
     with structlog.testing.capture_logs() as events:
         async with running(server) as url:
             async with connect(url) as victim, connect(url) as a, connect(url) as b:
@@ -313,6 +312,41 @@ async def test_flooding_client_is_rate_limited_then_closed_with_1008() -> None:
             assert all(json.loads(f)["error"] == "rate_limited" for f in frames)
             assert [await friend.recv() for _ in range(3)] == ["x"] * 3
         await _exchange(url)
+
+
+@pytest.mark.parametrize("burst", [5, 40])
+async def test_a_flood_closed_for_policy_still_gets_every_reply_decided_before_the_close(
+    burst: int,
+) -> None:
+    # Sent in one write, so that one read decides every message: `burst` go
+    # through, `burst` more are refused (rate_limited), the next closes the
+    # connection with 1008. The replies already decided must reach the client
+    # before the close frame, and none may be counted undelivered.
+    server = Server(settings(messages_per_second=0.001, message_burst=burst, outbox_messages=64))
+    with structlog.testing.capture_logs() as events:
+        async with running(server) as url, connect(url) as friend:
+            envelopes = [
+                json.dumps({"to": friend.id, "message": n, "ref": n}).encode()
+                for n in range(2 * burst + 3)
+            ]
+            request = wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
+            flood = b"".join(wire.frame(0x1, envelope) for envelope in envelopes)
+            data = await _send_and_read(url, request + flood)
+            assert [await friend.recv() for _ in range(burst)] == [str(n) for n in range(burst)]
+    frames = wire.server_frames(data)
+    replies = [json.loads(payload) for opcode, payload in frames[1:] if opcode == 0x1]
+    assert replies == [{"type": "ack", "ref": n} for n in range(burst)] + [
+        {
+            "type": "error",
+            "error": "rate_limited",
+            "ref": n,
+            "detail": "too many messages; slow down",
+        }
+        for n in range(burst, 2 * burst)
+    ]
+    assert frames[-1] == (0x8, (1008).to_bytes(2, "big") + b"rate limit exceeded")
+    [close] = [e for e in events if e["event"] == "connection.close" and e["code"] == 1008]
+    assert close["undelivered"] == 0
 
 
 async def _silent_client(url: str) -> tuple[trio.SocketStream, str]:

@@ -288,8 +288,12 @@ class Ledger:
         if expected == "msg":
             assert number is not None
             sent = self.sent[number]
-            ok = (ref == number and kind in ("ack", "unknown_recipient", "recipient_busy")) or (
-                ref is None and kind == "rate_limited"
+            # Every reply to a message carries its ref, a refusal for its rate too.
+            ok = ref == number and kind in (
+                "ack",
+                "unknown_recipient",
+                "recipient_busy",
+                "rate_limited",
             )
             if not ok:
                 self.offence(f"{conn.id}: reply {frame} to message {number}")
@@ -588,8 +592,9 @@ async def _soak() -> tuple[Figures, list[str]]:
     figures = Figures()
     tally = LogTally()
     log = tally.logger()
-    router = LocalRouter(log)
-    server = Server(settings(**LIMITS), log=log, router=router)
+    server = Server(settings(**LIMITS), log=log)
+    router = server.router
+    assert isinstance(router, LocalRouter)
     async with running(server) as url:
         await _churn(url, Ledger(), WARMUP_SECONDS, SEED - 1)
         await _quiesce(tally)

@@ -45,6 +45,7 @@ from relayd.errors import CloseCode
 from relayd.policy.admission import Accept, Capacity, decide
 from relayd.policy.auth import Authenticator, token_from
 from relayd.routing.interface import Router
+from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from relayd.wire.handshake import (
     Refusal,
@@ -76,7 +77,7 @@ class Gate:
         router: where connections register and send.
         limits: the limits in force.
         log: the daemon's logger.
-        log_messages: whether connections log the messages they refuse.
+        events: where connections record the messages they refuse.
         echo_route: serve the diagnostic echo route at ``/echo``.
         allowed_origins: browser origins allowed; empty allows all.
         authenticator: checks each handshake's token and names the client;
@@ -91,7 +92,7 @@ class Gate:
         limits: LimitsSettings,
         log: structlog.typing.FilteringBoundLogger,
         *,
-        log_messages: bool = True,
+        events: MessageEvents,
         echo_route: bool = False,
         allowed_origins: Collection[str] = (),
         authenticator: Authenticator | None = None,
@@ -103,7 +104,8 @@ class Gate:
         self._authenticator = authenticator
         self._echo_route = echo_route
         self._router = router
-        self.limits = LiveLimits(limits, log_messages)
+        self.limits = LiveLimits(limits)
+        self._events = events
         self._log = log
         self._new_id = new_id
         self._numbers = itertools.count(1)
@@ -118,14 +120,12 @@ class Gate:
         *,
         allowed_origins: Collection[str] = (),
         authenticator: Authenticator | None = None,
-        log_messages: bool = True,
     ) -> None:
         """Apply reloadable settings to new handshakes and, where it makes sense, open ones.
 
         :mod:`relayd.daemon.live` lists which limits reach open connections.
         """
         self.limits.current = limits
-        self.limits.log_messages = log_messages
         self.capacity.max_total = limits.max_connections
         self.capacity.max_per_ip = limits.max_connections_per_ip
         self._allowed_origins = frozenset(allowed_origins)
@@ -254,6 +254,7 @@ class Gate:
             echo=decision.echo,
             router=self._router,
             limits=self.limits,
+            events=self._events,
             log=self._log,
             stats=self.stats,
             peer_address=address,

@@ -14,9 +14,6 @@ new :class:`~relayd.config.LimitsSettings` reaches them all at once:
   (an outbox is sized when it is made), ``frames_per_second`` and
   ``frame_burst`` (paced as the connection started, like its parser) and the
   handshake limits.
-
-It also holds ``log.messages`` as it is now, for the ``message.relay`` events
-connections log for the messages they refuse themselves.
 """
 
 from __future__ import annotations
@@ -34,8 +31,6 @@ class LiveLimits:
 
     Attributes:
         current: the limits.
-        log_messages: whether refusals are logged as ``message.relay``.
     """
 
     current: LimitsSettings
-    log_messages: bool = True

@@ -3,7 +3,7 @@
 Task tree of one daemon (each box owns what is under it)::
 
     Server.run
-    ├── router          LocalRouter.run: the one routing task
+    ├── router          Router.run: the routing task (relayd.routing)
     └── connections     one task per accepted stream (listener.Gate)
         └── accepting   trio.serve_listeners: the accept loops
 
@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -42,9 +42,10 @@ from relayd.daemon.addresses import show
 from relayd.daemon.admin import serve_admin
 from relayd.daemon.gate import Gate
 from relayd.policy.auth import Authenticator
+from relayd.routing.factory import build_router
 from relayd.routing.interface import Router
-from relayd.routing.local import LocalRouter
 from relayd.telemetry.log import flush_held_lines, get_logger
+from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats, StatsCollector
 
 __all__ = ["Reload", "Server"]
@@ -58,7 +59,9 @@ class Server:
     Args:
         settings: the effective settings.
         log: the logger to use; the configured relayd logger by default.
-        router: the router to use; a :class:`LocalRouter` by default.
+        router: makes the router from the server's message events and
+            counters; by default the one the settings ask for
+            (:func:`relayd.routing.factory.build_router`).
         authenticator: checks clients' tokens; None when ``auth.mode`` is off.
             Build it with :func:`relayd.daemon.credentials.load_authenticator`.
         tls: the TLS context for ``wss://``; None serves plain ``ws://``.
@@ -72,7 +75,7 @@ class Server:
         settings: Settings,
         *,
         log: structlog.typing.FilteringBoundLogger | None = None,
-        router: Router | None = None,
+        router: Callable[[MessageEvents, Stats], Router] | None = None,
         authenticator: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
         config_file: Path | None = None,
@@ -83,17 +86,17 @@ class Server:
         self._tls = tls
         self._log = log or get_logger()
         self.stats = Stats()
-        self._router = router or LocalRouter(
-            self._log,
-            log_messages=settings.log.messages,
-            log_bodies=settings.log.bodies,
-            stats=self.stats,
+        #: Where every message's outcome is counted and logged.
+        self.events = MessageEvents(
+            self._log, self.stats, messages=settings.log.messages, bodies=settings.log.bodies
         )
+        make_router = router or functools.partial(build_router, settings)
+        self._router = make_router(self.events, self.stats)
         self._gate = Gate(
             self._router,
             settings.limits,
             self._log,
-            log_messages=settings.log.messages,
+            events=self.events,
             echo_route=settings.diagnostics.echo,
             allowed_origins=settings.server.allowed_origins,
             authenticator=authenticator,
@@ -117,6 +120,11 @@ class Server:
     def log_format(self) -> str:
         """The log format relayd started with (changing it needs a restart)."""
         return self._log_format
+
+    @property
+    def router(self) -> Router:
+        """The router: where connections register, and what the server API asks."""
+        return self._router
 
     @property
     def gate(self) -> Gate:
@@ -183,9 +191,8 @@ class Server:
             settings.limits,
             allowed_origins=settings.server.allowed_origins,
             authenticator=authenticator,
-            log_messages=settings.log.messages,
         )
-        self._router.reconfigure(log_messages=settings.log.messages, log_bodies=settings.log.bodies)
+        self.events.reconfigure(messages=settings.log.messages, bodies=settings.log.bodies)
         # What is in force now: the keys that need a restart keep the values
         # relayd started with, so the next reload compares against those.
         self._settings = _in_force(self._settings, settings)

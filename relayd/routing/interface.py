@@ -3,42 +3,58 @@
 Data path: a connection's reader hands the router the items of one read from
 its socket with :meth:`Router.route` (a batch: one hand-off however many frames
 the read held). The router answers each item exactly once, through the
-sender's outbox, and hands each message to its recipients' outboxes without
-ever waiting on a recipient.
+sender's :meth:`Peer.reply`, and hands each message to its recipients with
+:meth:`Peer.deliver`, which never waits: the router is never held up by a slow
+recipient.
 
 :class:`Router` is the whole interface: :class:`~relayd.routing.local.LocalRouter`
 routes within one process; a broker-backed router implements the same methods
-and connections do not change.
+and connections do not change. :class:`Peer` is the whole of a connection the
+router sees; the daemon's connection implements it, and owns its outbox.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple, Protocol
 
+import msgspec
 import trio
 
-from relayd.routing.outbox import Outbox
+from relayd.routing.table import Outcome
 from relayd.wire.dialects import Dialect, Envelope
 
 __all__ = ["Inbound", "Peer", "Relay", "Reply", "Router"]
 
 
-@dataclasses.dataclass(eq=False, slots=True)
-class Peer:
-    """What the router knows of one connection.
+class Peer(Protocol):
+    """One connection as a router sees it.
 
     Attributes:
         client_id: the id messages are addressed to.
         dialect: how the connection wants its frames written.
-        outbox: where the router hands it frames.
-        conn: the connection's number, for logs.
+        conn: the connection's number in this process, for logs.
     """
 
     client_id: str
     dialect: Dialect
-    outbox: Outbox
     conn: int
+
+    def deliver(self, frame: bytes) -> bool:
+        """Offer a message frame from another client; never waits.
+
+        Returns:
+            True if it is in the connection's outbox (the sender hears
+            ``ack``); False if the outbox is full or the connection is leaving.
+        """
+
+    def reply(self, frame: bytes | None) -> None:
+        """Fill the reply slot the connection reserved for one of its items (None frees it)."""
+
+    def detach(self) -> None:
+        """The router will route nothing more to this connection (it is shutting down)."""
+
+    def disconnect(self, code: int, reason: str) -> None:
+        """Close the connection for policy with ``code`` and ``reason`` (the server API)."""
 
 
 class Relay(NamedTuple):
@@ -68,35 +84,56 @@ Inbound = Relay | Reply
 
 
 class Router(Protocol):
-    """The routing service as connections see it."""
+    """The routing service as connections, the server and its API see it."""
 
-    def register(self, peer: Peer) -> None:
+    async def register(self, peer: Peer) -> None:
         """Start routing messages for ``peer.client_id`` to ``peer``.
+
+        When this returns, messages to the id reach ``peer`` from wherever they
+        are sent (a broker router subscribes first): the welcome frame may go out.
 
         Raises:
             RouterClosed: the router is shutting down.
         """
 
     def unregister(self, peer: Peer) -> None:
-        """Stop routing to ``peer`` and close its outbox; idempotent."""
+        """Stop routing to ``peer``; idempotent. Its connection closes its own outbox."""
 
     async def route(self, items: list[Inbound]) -> None:
         """Queue ``items`` for routing, in order; waits while the router is behind.
 
-        The caller has reserved a reply slot in its outbox for each item
-        (:meth:`~relayd.routing.outbox.Outbox.reserve`); the router answers each item
-        exactly once through :meth:`~relayd.routing.outbox.Outbox.reply`, with the
-        reply frame or None. The router owns ``items`` from here.
+        The caller has reserved a reply slot for each item; the router answers
+        each item exactly once through its sender's :meth:`Peer.reply`, with
+        the reply frame or None. The router owns ``items`` from here.
 
         Raises:
             RouterClosed: the router is shutting down; the items were not taken.
         """
 
+    async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
+        """Deliver ``message`` (raw JSON) to every connection holding ``to``, from ``sender``.
+
+        For the server API: recipients get it as any message, in their dialect.
+
+        Returns:
+            The outcome, as a client sender would hear it.
+        """
+
+    async def disconnect(self, client_id: str, code: int, reason: str) -> int:
+        """Close every connection holding ``client_id`` with ``code``; how many were closed."""
+
+    async def presence(self, client_id: str) -> int:
+        """How many connections hold ``client_id`` (on every node of a cluster)."""
+
+    async def list_ids(self, *, after: str | None, limit: int) -> list[str]:
+        """Connected ids in sorted order, at most ``limit``, each greater than ``after``."""
+
     def close(self) -> None:
         """Take nothing more; :meth:`run` finishes what is queued and returns."""
 
-    def reconfigure(self, *, log_messages: bool, log_bodies: bool) -> None:
-        """Apply reloaded ``[log]`` settings to messages routed from now on."""
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Route until closed; reports started once items can be routed."""
+        """Route until closed; reports started once items can be routed.
+
+        On its way out it detaches every registered peer (:meth:`Peer.detach`),
+        so draining writers flush and end.
+        """

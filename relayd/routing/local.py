@@ -1,39 +1,37 @@
 """The router of one process: one routing task, fed by a bounded channel.
 
-Data path: a connection's reader awaits :meth:`Router.route` with the items
-of one read from its socket (a batch: one hand-off however many frames the
-read held), which puts them on one bounded memory channel (the router's inbox;
-a full inbox makes readers wait, which is TCP backpressure on the senders).
-The single routing task takes batches off it in order, looks recipients up in
-the :class:`~relayd.routing.table.RoutingTable`, encodes each recipient's frame once
-per dialect and hands it to their outboxes with
-:meth:`~relayd.routing.outbox.Outbox.offer`, which never waits: the router is never
-held up by a slow recipient. Replies to a sender (acks, errors) go through the
-sender's own outbox, into the reply slots its reader reserved, so each client
+Data path: a connection's reader awaits :meth:`LocalRouter.route` with the
+items of one read from its socket, which puts them on one bounded memory
+channel (the router's inbox; a full inbox makes readers wait, which is TCP
+backpressure on the senders). The single routing task takes batches off it in
+order, looks recipients up in the :class:`~relayd.routing.table.RoutingTable`,
+encodes each recipient's frame once per dialect and offers it with
+:meth:`~relayd.routing.interface.Peer.deliver`, which never waits. Replies to a
+sender (acks, errors) go through the sender's own reply slots, so each client
 sees every reply, in the order it sent.
 
-:class:`LocalRouter` implements :class:`~relayd.routing.interface.Router`
-for the connections of one process.
-
-Shutdown: :meth:`Router.close` refuses new items; :meth:`Router.run` then
-delivers what is already queued, closes every registered outbox (so writers
-flush and end) and returns.
+Shutdown: :meth:`LocalRouter.close` refuses new items; :meth:`LocalRouter.run`
+then delivers what is already queued, detaches every registered peer (so
+draining writers flush and end) and returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Final
+import bisect
+import itertools
+from typing import Final
 
-import structlog
+import msgspec
 import trio
 
 from relayd.errors import RouterClosed
 from relayd.routing.interface import Inbound, Peer, Relay
+from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import Outcome, RoutingTable, outcome_of
-from relayd.telemetry.log import batched, line_writer
+from relayd.telemetry.log import batched
+from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
-from relayd.wire.dialects import Dialect, Envelope, ack_payload, delivery_payload, error_payload
+from relayd.wire.dialects import Dialect, delivery_payload
 from relayd.wire.frames import text_frame
 
 __all__ = ["DEFAULT_INBOX_SIZE", "LocalRouter"]
@@ -50,26 +48,16 @@ class LocalRouter:
     """Routes between the connections of this process.
 
     Args:
-        log: where ``message.relay`` events go.
-        log_messages: emit one ``message.relay`` event per message.
-        log_bodies: include the message body in those events.
-        inbox_size: how many items may wait for the routing task.
-        stats: the counters to add to (messages, errors, relay latency).
+        events: where message outcomes are counted and logged.
+        stats: the counters to add to (errors, relay latency).
+        inbox_size: how many batches may wait for the routing task.
     """
 
     def __init__(
-        self,
-        log: structlog.typing.FilteringBoundLogger,
-        *,
-        log_messages: bool = True,
-        log_bodies: bool = False,
-        inbox_size: int = DEFAULT_INBOX_SIZE,
-        stats: Stats | None = None,
+        self, events: MessageEvents, stats: Stats, *, inbox_size: int = DEFAULT_INBOX_SIZE
     ) -> None:
-        self._log = log
-        self.stats = stats or Stats()
-        self._log_messages = log_messages
-        self._log_bodies = log_bodies
+        self._events = events
+        self.stats = stats
         self._table: RoutingTable[Peer] = RoutingTable()
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[list[Inbound]](inbox_size)
         self._closed = False
@@ -79,18 +67,13 @@ class LocalRouter:
         """How many client ids are routable now."""
         return len(self._table)
 
-    def reconfigure(self, *, log_messages: bool, log_bodies: bool) -> None:  # noqa: D102
-        self._log_messages = log_messages
-        self._log_bodies = log_bodies
-
-    def register(self, peer: Peer) -> None:  # noqa: D102 - documented on Router
+    async def register(self, peer: Peer) -> None:  # noqa: D102 - documented on Router
         if self._closed:
             raise RouterClosed("router is shutting down")
         self._table.add(peer.client_id, peer)
 
     def unregister(self, peer: Peer) -> None:  # noqa: D102
         self._table.discard(peer.client_id, peer)
-        peer.outbox.close()
 
     async def route(self, items: list[Inbound]) -> None:  # noqa: D102
         try:
@@ -106,6 +89,24 @@ class LocalRouter:
         except trio.ClosedResourceError:
             raise RouterClosed("router is shutting down") from None
 
+    async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:  # noqa: D102
+        with batched():
+            return self._deliver(sender, to, message, len(message), self._events.recorder())
+
+    async def disconnect(self, client_id: str, code: int, reason: str) -> int:  # noqa: D102
+        peers = self._table.lookup(client_id)
+        for peer in peers:
+            peer.disconnect(code, reason)
+        return len(peers)
+
+    async def presence(self, client_id: str) -> int:  # noqa: D102
+        return len(self._table.lookup(client_id))
+
+    async def list_ids(self, *, after: str | None, limit: int) -> list[str]:  # noqa: D102
+        ids = sorted(self._table.ids())
+        start = 0 if after is None else bisect.bisect_right(ids, after)
+        return list(itertools.islice(ids, start, start + limit))
+
     def close(self) -> None:  # noqa: D102
         self._closed = True
         self._inbox_send.close()
@@ -119,82 +120,57 @@ class LocalRouter:
             async for first in inbox:
                 # Everything queued is routed before the router yields: each
                 # wait for the inbox costs a whole scheduling round, in which
-                # every reader may add a batch. One log write for all of it,
-                # and the fast line writer when the JSON format is on; both are
-                # set up afresh each time, so a reload of [log] applies.
+                # every reader may add a batch. One log write for all of it;
+                # the recorder is made afresh each time, so a reload applies.
                 with batched():
-                    log = self._message_log()
+                    record = self._events.recorder()
                     items: list[Inbound] | None = first
                     while items is not None:
                         for item in items:
                             if isinstance(item, Relay):
-                                self._relay(item, log)
+                                self._relay(item, record)
                             else:
-                                item.recipient.outbox.reply(item.frame)
+                                item.recipient.reply(item.frame)
                         try:
                             items = inbox.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             items = None
         finally:
             for peer in self._table.handles():
-                self.unregister(peer)
+                self._table.discard(peer.client_id, peer)
+                peer.detach()
 
-    def _message_log(self) -> Callable[[dict[str, Any]], None] | None:
-        """How one batch logs ``message.relay``: a function of the fields, or None (not at all)."""
-        if not self._log_messages:
-            return None
-        fast = line_writer("message.relay")
-        if fast is not None:
-            return fast
-        log = self._log.bind()
-        return lambda fields: log.info("message.relay", **fields)
-
-    def _relay(self, item: Relay, log: Callable[[dict[str, Any]], None] | None) -> None:
+    def _relay(self, item: Relay, record: Recorder) -> None:
         sender, envelope = item.sender, item.envelope
-        recipients = self._table.lookup(envelope.to)
+        outcome = self._deliver(sender.client_id, envelope.to, envelope.message, item.size, record)
+        if outcome is Outcome.DELIVERED:
+            self.stats.observe_latency(trio.current_time() - item.received)
+            sender.reply(ack_frame(sender.dialect, envelope.ref))
+        else:
+            code = outcome.error
+            assert code is not None  # every outcome but DELIVERED is an error
+            sender.reply(error_frame(sender.dialect, code, DETAILS[code], envelope.ref, self.stats))
+
+    def _deliver(
+        self, sender: str, to: str, message: msgspec.Raw, size: int, record: Recorder
+    ) -> Outcome:
+        """Offer ``message`` to every connection holding ``to``; record and return the outcome."""
+        recipients = self._table.lookup(to)
         if len(recipients) == 1:  # the common case, without the general one's containers
             peer = recipients[0]
-            frame = text_frame(delivery_payload(peer.dialect, sender.client_id, envelope.message))
-            accepted = [peer.outbox.offer(frame)]
+            outcome = (
+                Outcome.DELIVERED
+                if peer.deliver(text_frame(delivery_payload(peer.dialect, sender, message)))
+                else Outcome.RECIPIENT_BUSY
+            )
         else:
             frames: dict[Dialect, bytes] = {}
             accepted = []
             for peer in recipients:
                 frame = frames.get(peer.dialect) or frames.setdefault(
-                    peer.dialect,
-                    text_frame(delivery_payload(peer.dialect, sender.client_id, envelope.message)),
+                    peer.dialect, text_frame(delivery_payload(peer.dialect, sender, message))
                 )
-                accepted.append(peer.outbox.offer(frame))
-        outcome = outcome_of(accepted)
-        stats = self.stats
-        stats.messages[outcome] += 1
-        if outcome is Outcome.DELIVERED:
-            stats.observe_latency(trio.current_time() - item.received)
-        self._answer(sender, envelope, outcome)
-        if log is not None:
-            fields: dict[str, Any] = {
-                "from": sender.client_id,
-                "to": envelope.to,
-                "bytes": item.size,
-                "outcome": outcome.value,
-            }
-            if self._log_bodies:
-                fields["body"] = bytes(envelope.message).decode()
-            log(fields)
-
-    def _answer(self, sender: Peer, envelope: Envelope, outcome: Outcome) -> None:
-        code = outcome.error
-        reply: bytes | None
-        if code is None:
-            reply = None if envelope.ref is None else ack_payload(sender.dialect, envelope.ref)
-        else:
-            self.stats.errors[code.value] += 1
-            reply = error_payload(sender.dialect, code, _DETAILS[outcome], envelope.ref)
-        # Fills (or frees) the reply slot the sender's reader reserved.
-        sender.outbox.reply(None if reply is None else text_frame(reply))
-
-
-_DETAILS: Final = {
-    Outcome.UNKNOWN_RECIPIENT: "no client with that id is connected",
-    Outcome.RECIPIENT_BUSY: "the recipient is not reading fast enough; try again later",
-}
+                accepted.append(peer.deliver(frame))
+            outcome = outcome_of(accepted)
+        record(sender, to, size, outcome, message)
+        return outcome

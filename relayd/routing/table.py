@@ -93,6 +93,10 @@ class RoutingTable(Generic[H]):
         """The handles holding ``client_id``; empty if nobody does."""
         return self._routes.get(client_id, ())
 
+    def ids(self) -> list[str]:
+        """Every routable id, in no particular order."""
+        return list(self._routes)
+
     def handles(self) -> list[H]:
         """Every handle in the table, once for each id it holds."""
         return [h for hs in self._routes.values() for h in hs]

@@ -46,6 +46,7 @@ __all__ = [
     "decode_envelope",
     "delivery_payload",
     "error_payload",
+    "read_ref",
     "welcome_payload",
 ]
 
@@ -180,16 +181,19 @@ def decode_envelope(frame: bytes | str) -> Envelope:
             raise EnvelopeError(ErrorCode.INVALID_JSON, str(syntax)) from None
         except RecursionError:
             raise EnvelopeError(ErrorCode.INVALID_JSON, _TOO_DEEP) from None
-        raise EnvelopeError(ErrorCode.INVALID_ENVELOPE, str(exc), _salvage_ref(frame)) from None
+        raise EnvelopeError(ErrorCode.INVALID_ENVELOPE, str(exc), read_ref(frame)) from None
     except msgspec.DecodeError as exc:
         raise EnvelopeError(ErrorCode.INVALID_JSON, str(exc)) from None
     except RecursionError:
         raise EnvelopeError(ErrorCode.INVALID_JSON, _TOO_DEEP) from None
 
 
-def _salvage_ref(frame: bytes | str) -> str | int | None:
-    # Only reached for valid JSON that failed validation, so a second, lenient
-    # decode is cheap and lets the client match the error to its request.
+def read_ref(frame: bytes | str) -> str | int | None:
+    """The ``ref`` of a client message, if it is JSON with a valid one; else None.
+
+    For replies to messages refused before (or after) they are decoded, so
+    that the client can match the error to its request.
+    """
     try:
         return _ref_decoder.decode(frame).ref
     except (msgspec.DecodeError, RecursionError):

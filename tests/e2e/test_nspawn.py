@@ -985,11 +985,11 @@ def test_reload_applies_new_limits_to_a_connected_client(relayd: Installed) -> N
             applied = await asyncio.to_thread(reload, smaller)
             await send_json(a, {"to": b_id, "message": big, "ref": 2})
             refusal = await recv_json(a)
-            # "ref": null, as docs/protocol.md says: a frame refused for its size is not read.
+            # With its ref, as docs/protocol.md says, so the client can match it.
             assert (refusal["type"], refusal["error"], refusal["ref"]) == (
                 "error",
                 "message_too_large",
-                None,
+                2,
             ), refusal
             await send_json(a, {"to": b_id, "message": "small", "ref": 3})
             assert await recv_text(b) == "small"  # the same connection, still relaying

@@ -1,0 +1,308 @@
+"""One connection's reader: its socket to the router, and its timers.
+
+The reader takes what one ``receive_some`` brought, parses every frame in it
+(:class:`~relayd.wire.frames.FrameParser`), judges each message
+(:class:`~relayd.daemon.intake.Intake`) and hands the lot to the router as one
+batch, with a reply slot reserved for each item in the outbox. A client that
+does not read its replies is not read from until it does (TCP backpressure),
+for ``slow_consumer_timeout_s`` at most.
+
+It also keeps the connection's timers (:class:`~relayd.policy.timers.Timers`),
+as the deadline of its wait for the socket: keepalive pings, the pong
+deadline, the idle timeout and the slow-consumer clock.
+
+What ends the reading is the connection's :class:`~relayd.wire.lifecycle.Lifecycle`:
+the reader records a close frame, a protocol violation or the stream's end
+there, and asks its connection to close for policy (rate, timers) or to drain
+(the router closed); anything else stops it through :meth:`Reader.stop`.
+
+Runs in :meth:`~relayd.daemon.connection.Connection.run`'s own task; raises
+only on a bug.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Final
+
+import structlog
+import trio
+
+from relayd.daemon.intake import Intake
+from relayd.daemon.live import LiveLimits
+from relayd.daemon.transport import Transport
+from relayd.daemon.writer import Writer
+from relayd.errors import CloseCode, ProtocolError, RouterClosed
+from relayd.policy.ratelimit import FramePacer
+from relayd.policy.timers import Due, Timers
+from relayd.routing.interface import Inbound, Router
+from relayd.routing.outbox import Outbox
+from relayd.wire.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    FrameParser,
+    encode_frame,
+    parse_close,
+)
+from relayd.wire.lifecycle import Lifecycle
+
+if TYPE_CHECKING:
+    from relayd.daemon.connection import Connection
+
+__all__ = ["RECEIVE_BYTES", "Reader"]
+
+#: Bytes asked of the socket per read: under load one read takes a burst of
+#: small frames, which then cost one router hand-off between them. It bounds
+#: what one read can put in the router's inbox.
+RECEIVE_BYTES: Final = 65536
+
+_PING: Final = encode_frame(OP_PING, b"relayd")
+
+
+class Reader:
+    """Reads one connection; see the module docstring.
+
+    Args:
+        owner: the connection, asked to close or drain.
+        transport: the client's stream.
+        early: bytes that came with the handshake request; parsed first.
+        parser: the connection's frame parser.
+        pacer: the frames the connection may send (fixed for its life, like the parser).
+        intake: judges each message.
+        router: where batches go.
+        outbox: where reply slots are reserved and pongs queued.
+        writer: woken for pongs and pings; waited on for reply slots.
+        timers: the connection's deadlines.
+        lifecycle: the connection's lifecycle.
+        limits: the limits in force (a reload may replace them).
+        log: for ``limit.exceeded``.
+
+    Attributes:
+        messages_in: messages read.
+        bytes_in: bytes read.
+    """
+
+    __slots__ = (
+        "_early",
+        "_intake",
+        "_lifecycle",
+        "_live",
+        "_log",
+        "_outbox",
+        "_owner",
+        "_pacer",
+        "_parser",
+        "_receive_scope",
+        "_router",
+        "_timers",
+        "_transport",
+        "_waiting_for_socket",
+        "_writer",
+        "bytes_in",
+        "messages_in",
+    )
+
+    def __init__(
+        self,
+        owner: Connection,
+        transport: Transport,
+        early: bytes,
+        parser: FrameParser,
+        pacer: FramePacer,
+        intake: Intake,
+        router: Router,
+        outbox: Outbox,
+        writer: Writer,
+        timers: Timers,
+        lifecycle: Lifecycle,
+        limits: LiveLimits,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._owner = owner
+        self._transport = transport
+        self._early = early
+        self._parser = parser
+        self._pacer = pacer
+        self._intake = intake
+        self._router = router
+        self._outbox = outbox
+        self._writer = writer
+        self._timers = timers
+        self._lifecycle = lifecycle
+        self._live = limits
+        self._log = log
+        self._receive_scope: trio.CancelScope | None = None  # the wait for the socket
+        self._waiting_for_socket = False  # in receive_some
+        self.messages_in = self.bytes_in = 0
+
+    def stop(self) -> None:
+        """Stop reading now; the lifecycle says why (or the client is gone)."""
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    def alarm(self, deadline: float) -> None:
+        """Wake by ``deadline`` to see to a timer that has just started."""
+        scope = self._receive_scope
+        if self._waiting_for_socket and scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    async def run(self) -> None:
+        """Read until the connection stops reading: a close, a stop, a timer, or the end."""
+        receive = self._transport.stream.receive_some
+        early, self._early = self._early, b""
+        if early and not await self._handle(early):
+            return
+        lifecycle = self._lifecycle
+        while lifecycle.reading:
+            # One cancel scope for a stretch of reads: its deadline is the next
+            # timer while the reader waits for the socket, and off while it
+            # handles what it read (a timer must not cut a hand-off to the
+            # router short). A timer, or a stop, ends the stretch.
+            with trio.CancelScope() as scope:
+                self._receive_scope = scope
+                while True:
+                    scope.deadline = self._timers.deadline(self._live.current)
+                    self._waiting_for_socket = True
+                    try:
+                        data = await receive(RECEIVE_BYTES)
+                    except trio.BrokenResourceError:  # reset by the client
+                        data = b""
+                    finally:
+                        self._waiting_for_socket = False
+                    scope.deadline = math.inf
+                    if not data or not await self._handle(data):
+                        return
+            self._receive_scope = None
+            if not lifecycle.reading or not self._due():
+                return
+
+    async def _handle(self, data: bytes | bytearray) -> bool:
+        """Parse one read and route what it held; False once reading must stop."""
+        self.bytes_in += len(data)
+        violation: ProtocolError | None = None
+        try:
+            events = self._feed(data)
+        except ProtocolError as exc:
+            events, violation = exc.parsed, exc
+        batch: list[Inbound] = []
+        ended = self._take(events, batch)
+        if batch:
+            try:
+                if not await self._route(batch):
+                    return False
+            except RouterClosed:
+                self._owner.drain()
+                return False
+        if violation is not None and not ended:
+            if violation.code == CloseCode.TOO_BIG:
+                self._limit_exceeded("max_message_bytes")
+            elif violation.code == CloseCode.POLICY:  # the parser's only 1008: frame pacing
+                self._limit_exceeded("frames_per_second")
+            self._lifecycle.violate(violation.code, violation.reason)
+            return False
+        return not ended and self._lifecycle.reading
+
+    def _feed(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
+        """Parse ``data`` within the frames the connection may still send."""
+        parser = self._parser
+        return parser.feed(data, self._pacer.allowance(trio.current_time(), parser.frames))
+
+    def _take(self, events: list[tuple[int, bytes]], batch: list[Inbound]) -> bool:
+        """Turn one read's frames into router items; True if the connection ends here."""
+        now = trio.current_time()
+        for opcode, payload in events:
+            if opcode <= OP_BINARY:
+                self._timers.active(now)
+                self.messages_in += 1
+                item = self._intake.judge(opcode, payload, now)
+                if item is None:
+                    self._limit_exceeded("messages_per_second")
+                    self._owner.close_soon(CloseCode.POLICY, "rate limit exceeded")
+                    return True
+                batch.append(item)
+            elif opcode == OP_PING:
+                if self._outbox.control(encode_frame(OP_PONG, payload)):
+                    self._writer.frames_arrived()
+            elif opcode == OP_PONG:
+                self._timers.pong()
+            else:
+                self._lifecycle.receive_close(*parse_close(payload))
+                return True
+        return False
+
+    async def _route(self, items: list[Inbound]) -> bool:
+        """Hand ``items`` to the router with a reply slot each, in chunks the outbox can hold.
+
+        Waits (reading nothing more from the client) while the client has not
+        read enough of its replies to make room; for ``slow_consumer_timeout_s``
+        at most, after which the connection closes with 1013.
+
+        Returns:
+            False if the connection is closing as a slow consumer.
+
+        Raises:
+            RouterClosed: the router is shutting down.
+        """
+        outbox = self._outbox
+        chunk = outbox.capacity
+        for start in range(0, len(items), chunk):
+            part = items if len(items) <= chunk else items[start : start + chunk]
+            if not outbox.reserve(len(part)):
+                with trio.move_on_after(self._timers.slow_consumer_timeout_s) as waiting:
+                    await self._writer.wait_for_room(len(part))
+                if waiting.cancelled_caught:
+                    self._stuck()
+                    return False
+            try:
+                await self._router.route(part)
+            except BaseException:  # RouterClosed, or cancelled: the router took nothing
+                for _ in part:
+                    outbox.reply(None)
+                self._writer.slots_freed()
+                raise
+        return True
+
+    def _due(self) -> bool:
+        """See to the timers that are due; False if the connection closes for one."""
+        due = self._timers.due(trio.current_time(), self._live.current)
+        if due is Due.PING:
+            if self._outbox.control(_PING):
+                self._writer.frames_arrived()
+        elif due is Due.STUCK:
+            self._stuck()
+        elif due is Due.NO_PONG:
+            self._limit_exceeded("pong_timeout_s")
+            self._owner.close_soon(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        elif due is Due.IDLE:
+            self._owner.close_soon(CloseCode.NORMAL, "idle timeout")
+        return self._lifecycle.reading
+
+    def _stuck(self) -> None:
+        self._limit_exceeded("slow_consumer_timeout_s")
+        self._owner.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbox stayed full")
+
+    async def await_close(self) -> None:
+        """After relayd's close frame: wait for the client's (bounded by the caller)."""
+        # After relayd's close frame, the client's messages are not read
+        # (RFC 6455 §1.4); only its close frame, or the end of the stream.
+        receive = self._transport.stream.receive_some
+        while True:
+            try:
+                data = await receive(RECEIVE_BYTES)
+                self.bytes_in += len(data)
+                events = self._feed(data) if data else [(OP_CLOSE, b"")]
+            except (trio.BrokenResourceError, ProtocolError):
+                return
+            if any(opcode == OP_CLOSE for opcode, _ in events):
+                return
+
+    def _limit_exceeded(self, limit: str) -> None:
+        self._log.warning(
+            "limit.exceeded",
+            conn=self._owner.conn,
+            id=self._owner.client_id,
+            limit=limit,
+            action="close",
+        )

@@ -1,0 +1,191 @@
+"""One connection's writer: its outbox to its socket, and the two waits on the outbox.
+
+The outbox (:class:`~relayd.routing.outbox.Outbox`) is pure; this is its trio
+side. :class:`Writer` owns
+
+* the **writer task**, started when frames arrive and no writer waits for
+  them, gone after :data:`WRITER_IDLE_S` without any (an idle connection does
+  without a task of its own); it takes everything waiting and writes it with
+  one ``send_all``;
+* the **reader's wait for reply slots** (:meth:`Writer.wait_for_room`), which
+  frames taken, and replies that turn out to be none, end.
+
+What it writes follows the connection's :class:`~relayd.wire.lifecycle.Lifecycle`:
+everything while the connection is open or flushing (a drain, a policy close),
+nothing once it is dropping its outbox; a flushing writer stays until the
+outbox is settled (closed, empty, no reply still to come).
+
+Resource handling: the connection calls :meth:`Writer.attach` with the nursery
+the writer task runs in, and bounds it (the nursery's deadline); the transport
+is the connection's owner's. Cancellation in the middle of a write breaks the
+transport (:class:`~relayd.daemon.transport.Transport` records it), and what
+was taken is counted as undelivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from relayd.daemon.transport import Transport
+from relayd.policy.timers import Timers
+from relayd.routing.outbox import Outbox
+from relayd.wire.frames import OP_CLOSE
+from relayd.wire.lifecycle import Lifecycle
+
+__all__ = ["WRITER_IDLE_S", "Writer"]
+
+#: How long a writer with nothing to write waits for more before its task
+#: ends. Under traffic it stays; an idle connection does without one (its
+#: task and frames are a good part of an idle connection's memory).
+WRITER_IDLE_S: Final = 1.0
+
+
+class Writer:
+    """Writes one connection's outbox; see the module docstring.
+
+    Args:
+        transport: the client's stream.
+        outbox: the connection's outbox.
+        lifecycle: the connection's lifecycle, read to know whether to write.
+        timers: told of progress (a take) and activity (a message written).
+        on_gone: called when a write finds the client gone.
+
+    Attributes:
+        messages_out: message frames written.
+        bytes_out: bytes written by this writer (the connection adds its close frame).
+        dropped: message frames taken but never written.
+    """
+
+    __slots__ = (
+        "_lifecycle",
+        "_nursery",
+        "_on_gone",
+        "_outbox",
+        "_room",
+        "_running",
+        "_timers",
+        "_transport",
+        "_wake",
+        "bytes_out",
+        "dropped",
+        "messages_out",
+    )
+
+    def __init__(
+        self,
+        transport: Transport,
+        outbox: Outbox,
+        lifecycle: Lifecycle,
+        timers: Timers,
+        on_gone: Callable[[], None],
+    ) -> None:
+        self._transport = transport
+        self._outbox = outbox
+        self._lifecycle = lifecycle
+        self._timers = timers
+        self._on_gone = on_gone
+        self._nursery: trio.Nursery | None = None
+        self._running = False
+        self._wake = trio.lowlevel.ParkingLot()  # the writer, waiting for frames
+        # The reader, waiting for reply slots: rare, so made when first needed.
+        self._room: trio.lowlevel.ParkingLot | None = None
+        self.messages_out = self.bytes_out = self.dropped = 0
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run writer tasks in ``nursery`` from now on, starting one if frames wait."""
+        self._nursery = nursery
+        if self._outbox.has_frames() or self._lifecycle.flushing:
+            self.frames_arrived()
+
+    def frames_arrived(self) -> None:
+        """Frames were queued, or the lifecycle wants a flush: wake the writer or start one."""
+        if self._wake:
+            self._wake.unpark()
+        elif not self._running and self._nursery is not None:
+            self._running = True
+            self._nursery.start_soon(self._run)
+
+    def slots_freed(self) -> None:
+        """Reply slots came free, or none will be filled: wake whoever waits for that."""
+        if self._room:
+            self._room.unpark_all()
+        if self._outbox.settled:
+            self._wake.unpark_all()  # a flushing writer is done
+
+    def stop(self) -> None:
+        """The outbox was discarded: a waiting writer ends."""
+        self._wake.unpark_all()
+
+    async def wait_for_room(self, n: int) -> None:
+        """Wait until the outbox can reserve ``n`` reply slots, and reserve them.
+
+        The caller bounds the wait: a client that never reads its replies
+        never makes room. Cancellation leaves nothing reserved.
+        """
+        if self._room is None:
+            self._room = trio.lowlevel.ParkingLot()
+        while not self._outbox.reserve(n):
+            await self._room.park()
+
+    async def write(self, frames: list[bytes]) -> None:
+        """Write ``frames`` with one ``send_all``, counting them.
+
+        Raises:
+            trio.BrokenResourceError, trio.ClosedResourceError: the client is gone.
+        """
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        messages = _messages_in(frames)
+        try:
+            await self._transport.send_all(data)
+        except BaseException:
+            # Not known to have reached the client: counted as undelivered.
+            self.dropped += messages
+            raise
+        if messages:
+            self._timers.active(trio.current_time())
+            self.messages_out += messages
+        self.bytes_out += len(data)
+
+    async def _run(self) -> None:
+        outbox, lifecycle = self._outbox, self._lifecycle
+        try:
+            while True:
+                frames = outbox.take()
+                if frames:
+                    self._timers.progress()  # taking is progress
+                    self.slots_freed()
+                    if not (lifecycle.reading or lifecycle.flushing):
+                        self.dropped += _messages_in(frames)
+                        return
+                    try:
+                        await self.write(frames)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._on_gone()
+                        return
+                elif outbox.settled or not (lifecycle.reading or lifecycle.flushing):
+                    return
+                elif lifecycle.flushing:
+                    await self._wake.park()  # until frames come or the outbox settles
+                else:
+                    # The idle wait has a scope of its own, so that frames it
+                    # wakes for are never taken under a deadline that could cut
+                    # their write short.
+                    with trio.move_on_after(WRITER_IDLE_S):
+                        await self._wake.park()
+                    if not outbox.has_frames() and lifecycle.reading:
+                        return  # idle: the next frame starts a writer again
+        finally:
+            self._running = False
+
+
+def _messages_in(frames: list[bytes]) -> int:
+    """How many of ``frames`` are messages, not control frames."""
+    messages = len(frames)
+    for frame in frames:  # control frames only ever lead the list
+        if not frame[0] & OP_CLOSE:  # the opcode bit every control frame has
+            break
+        messages -= 1
+    return messages

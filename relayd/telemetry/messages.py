@@ -1,0 +1,109 @@
+"""What became of each message: counted in ``relayd_messages_total``, logged as ``message.relay``.
+
+Every outcome of a client's message goes through one :class:`MessageEvents`,
+wherever it was decided: by the connection that refused it on arrival
+(``invalid_json``, ``rate_limited``, ...), or by the router (``delivered``,
+``unknown_recipient``, ``recipient_busy``). The server owns the one instance,
+hands it to both, and a reload reconfigures it in this one place
+(:meth:`MessageEvents.reconfigure`), so the two can never disagree about
+whether ``log.messages`` is on.
+
+Cost: relayd records an outcome for every message, so a recorder is made once
+per batch (:meth:`MessageEvents.recorder`), inside :func:`relayd.telemetry.log.batched`
+when it records many: it then writes each line with
+:func:`~relayd.telemetry.log.line_writer`'s prebuilt head, without structlog's
+per-call dispatch, whenever the JSON format is the one configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+import structlog
+
+from relayd.telemetry.log import line_writer
+from relayd.telemetry.metrics import Stats
+
+__all__ = ["MessageEvents", "Recorder"]
+
+Body = msgspec.Raw | None
+
+
+class Recorder(Protocol):
+    """Records one message's outcome; made by :meth:`MessageEvents.recorder`."""
+
+    def __call__(
+        self, sender: str, to: str | None, size: int, outcome: str, body: msgspec.Raw | None = None
+    ) -> None:
+        """Count and log one outcome.
+
+        Args:
+            sender: the sender's id.
+            to: the recipient id it asked for; None if its message could not be read.
+            size: the client frame's size in bytes.
+            outcome: ``delivered``, ``echoed`` or an error code.
+            body: the message's raw JSON, logged only with ``log.bodies`` on.
+        """
+
+
+class MessageEvents:
+    """The one place message outcomes are counted and logged.
+
+    Args:
+        log: where ``message.relay`` events go when the fast path declines.
+        stats: the counters (``messages`` by outcome).
+        messages: log one ``message.relay`` event per message (``log.messages``).
+        bodies: include the body (``log.bodies``).
+    """
+
+    __slots__ = ("_log", "_stats", "bodies", "messages")
+
+    def __init__(
+        self,
+        log: structlog.typing.FilteringBoundLogger,
+        stats: Stats,
+        *,
+        messages: bool = True,
+        bodies: bool = False,
+    ) -> None:
+        self._log = log
+        self._stats = stats
+        self.messages = messages
+        self.bodies = bodies
+
+    def reconfigure(self, *, messages: bool, bodies: bool) -> None:
+        """Apply reloaded ``[log]`` settings to outcomes recorded from now on."""
+        self.messages = messages
+        self.bodies = bodies
+
+    def recorder(self) -> Recorder:
+        """A function that records outcomes as the settings are now; make one per batch."""
+        counts = self._stats.messages
+        if not self.messages:
+
+            def count(
+                sender: str, to: str | None, size: int, outcome: str, body: Body = None
+            ) -> None:
+                counts[outcome] += 1
+
+            return count
+        write = self._writer()
+        bodies = self.bodies
+
+        def record(sender: str, to: str | None, size: int, outcome: str, body: Body = None) -> None:
+            counts[outcome] += 1
+            fields: dict[str, Any] = {"from": sender, "to": to, "bytes": size, "outcome": outcome}
+            if bodies and body is not None:
+                fields["body"] = bytes(body).decode()
+            write(fields)
+
+        return record
+
+    def _writer(self) -> Callable[[dict[str, Any]], None]:
+        fast = line_writer("message.relay")
+        if fast is not None:
+            return fast
+        log = self._log.bind()
+        return lambda fields: log.info("message.relay", **fields)

@@ -1,0 +1,177 @@
+"""One connection's life after the handshake, as states and transitions, without I/O.
+
+A connection is :attr:`Phase.OPEN` until one side decides it ends; the first
+decision names the phase it ends in, and each phase has one answer to the three
+questions the connection's tasks ask once reading stops (wsproto's
+``ConnectionState`` and websockets' ``State`` name the same idea; the
+transitions live in one table, as h11's ``_state.py`` keeps them):
+
+=================  =========================  ==============  ==================  =============
+phase              what decided it            the outbox      close frame sent    then wait for
+                                                                                  the client's
+=================  =========================  ==============  ==================  =============
+``DRAINING``       relayd is shutting down    flushed, until  1001                yes
+                                              the router lets
+                                              go of it
+``CLOSING``        relayd, for policy (1008   flushed: what   the policy's code   yes
+                   abuse, 1013 slow consumer, is queued and
+                   1000 idle, 1011 no pong)   replies already
+                                              decided
+``FAILED``         the client broke RFC 6455  dropped         1002, 1007 or 1009  no (RFC 6455
+                   (1002, 1007, 1009), or a                   (1011, sent by the  §7.1.7)
+                   bug in relayd (1011)                       gate)
+``CLOSE_RECEIVED`` the client's close frame   dropped         the client's code,  no
+                                                              echoed (§5.5.1)
+``GONE``           the stream ended without   dropped         none                no
+                   a close frame (1006)
+=================  =========================  ==============  ==================  =============
+
+Only two later decisions change an ending: a policy close during a drain (a
+slow consumer still closes with 1013) and a bug in relayd, which the
+connection boundary answers with 1011 whatever the phase (:meth:`Lifecycle.crash`).
+Every other event after the first decision is ignored.
+
+Nothing here touches trio; ``tests/test_lifecycle.py`` tests it with plain values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Final
+
+from relayd.errors import CloseCode
+
+__all__ = ["Close", "Event", "Lifecycle", "Phase"]
+
+
+class Phase(enum.Enum):
+    """Where a connection is in its life; see the module docstring's table."""
+
+    OPEN = "open"
+    DRAINING = "draining"
+    CLOSING = "closing"
+    FAILED = "failed"
+    CLOSE_RECEIVED = "close_received"
+    GONE = "gone"
+
+
+class Event(enum.Enum):
+    """What can decide how a connection ends."""
+
+    DRAIN = "drain"  # the server shuts down
+    POLICY = "policy"  # relayd closes it: abuse, slow consumer, idle, no pong
+    VIOLATION = "violation"  # the client broke the protocol
+    CLOSE_FRAME = "close_frame"  # the client's close frame arrived
+    END = "end"  # the stream ended without a close frame
+
+
+#: (phase, event) -> the phase it leads to. A pair not listed changes nothing.
+TRANSITIONS: Final[dict[tuple[Phase, Event], Phase]] = {
+    (Phase.OPEN, Event.DRAIN): Phase.DRAINING,
+    (Phase.OPEN, Event.POLICY): Phase.CLOSING,
+    (Phase.OPEN, Event.VIOLATION): Phase.FAILED,
+    (Phase.OPEN, Event.CLOSE_FRAME): Phase.CLOSE_RECEIVED,
+    (Phase.OPEN, Event.END): Phase.GONE,
+    # Draining flushes to a client that reads; one that stopped is still a
+    # slow consumer, and is told so.
+    (Phase.DRAINING, Event.POLICY): Phase.CLOSING,
+}
+
+_FLUSHING: Final = frozenset({Phase.DRAINING, Phase.CLOSING})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Close:
+    """How a connection ended: the close code, its reason, and who decided.
+
+    Attributes:
+        code: the close code logged; for ``GONE``, 1006, which is never sent.
+        reason: the close reason.
+        closed_by: ``"server"`` or ``"client"``.
+    """
+
+    code: int
+    reason: str
+    closed_by: str
+
+
+_GONE: Final = Close(CloseCode.ABNORMAL, "", "client")
+_DRAIN: Final = Close(CloseCode.GOING_AWAY, "server shutting down", "server")
+_CRASH: Final = Close(CloseCode.INTERNAL_ERROR, "internal error", "server")
+
+
+class Lifecycle:
+    """The phase of one connection and how it ends; starts :attr:`Phase.OPEN`.
+
+    Each method reports an event and returns True if it changed the phase (the
+    caller then acts on the new phase: stops reading, closes the outbox, ...).
+    """
+
+    __slots__ = ("close", "phase")
+
+    def __init__(self) -> None:
+        self.phase = Phase.OPEN
+        #: How the connection ends; None while it is open.
+        self.close: Close | None = None
+
+    def _move(self, event: Event, close: Close) -> bool:
+        after = TRANSITIONS.get((self.phase, event))
+        if after is None:
+            return False
+        self.phase, self.close = after, close
+        return True
+
+    def drain(self) -> bool:
+        """The server is shutting down: flush, then close with 1001."""
+        return self._move(Event.DRAIN, _DRAIN)
+
+    def close_for_policy(self, code: int, reason: str) -> bool:
+        """The server closes the connection for policy with ``code``."""
+        return self._move(Event.POLICY, Close(code, reason, "server"))
+
+    def violate(self, code: int, reason: str) -> bool:
+        """The client broke the protocol: fail the connection with ``code``."""
+        return self._move(Event.VIOLATION, Close(code, reason, "server"))
+
+    def receive_close(self, code: int, reason: str) -> bool:
+        """The client's close frame arrived with ``code`` (1005: none) and ``reason``."""
+        return self._move(Event.CLOSE_FRAME, Close(code, reason, "client"))
+
+    def end(self) -> bool:
+        """The stream ended without a close frame."""
+        return self._move(Event.END, _GONE)
+
+    def crash(self) -> None:
+        """A bug in relayd ended the connection: whatever the phase, it fails with 1011."""
+        self.phase, self.close = Phase.FAILED, _CRASH
+
+    @property
+    def reading(self) -> bool:
+        """True while the client's messages are read."""
+        return self.phase is Phase.OPEN
+
+    @property
+    def flushing(self) -> bool:
+        """True if the outbox is written out before the close frame; else it is dropped."""
+        return self.phase in _FLUSHING
+
+    @property
+    def close_frame(self) -> tuple[int | None, str] | None:
+        """The close frame this end owes: ``(code, reason)``, code None for an empty one.
+
+        None while open and when the stream ended without a close frame.
+        """
+        close = self.close
+        if close is None or self.phase is Phase.GONE:
+            return None
+        if close.closed_by == "client" and close.code == CloseCode.NO_STATUS:
+            return None, ""  # a close without a code is answered without one
+        if close.closed_by == "client":
+            return close.code, ""  # echoed (RFC 6455 §5.5.1)
+        return close.code, close.reason
+
+    @property
+    def awaits_client_close(self) -> bool:
+        """True if, after its close frame, relayd waits for the client's."""
+        return self.phase in _FLUSHING

@@ -1,0 +1,139 @@
+"""Tests for relayd.daemon.intake: what each client message becomes, as plain values."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import structlog
+from structlog.typing import EventDict
+
+from relayd.config import LimitsSettings
+from relayd.daemon.intake import Intake
+from relayd.daemon.live import LiveLimits
+from relayd.routing.interface import Relay, Reply
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
+from relayd.wire.dialects import Dialect
+from relayd.wire.frames import OP_BINARY, OP_TEXT
+from tests.wire import text_of
+
+
+@dataclass
+class FakePeer:
+    client_id: str = "alice"
+    dialect: Dialect = Dialect.V1
+    conn: int = 1
+
+    def deliver(self, frame: bytes) -> bool:
+        raise AssertionError("the intake never delivers")
+
+    def reply(self, frame: bytes | None) -> None:
+        raise AssertionError("the intake never replies itself")
+
+    def detach(self) -> None:
+        raise AssertionError
+
+    def disconnect(self, code: int, reason: str) -> None:
+        raise AssertionError
+
+
+def intake(**limits: float) -> tuple[Intake, LiveLimits, Stats]:
+    live = LiveLimits(LimitsSettings.model_validate(limits))
+    stats = Stats()
+    events = MessageEvents(structlog.get_logger(), stats)
+    return Intake(FakePeer(), live, events, stats, 0.0), live, stats
+
+
+def reply_of(item: object) -> dict[str, object]:
+    assert isinstance(item, Reply)
+    result: dict[str, object] = json.loads(text_of(item.frame))
+    return result
+
+
+def test_an_envelope_becomes_a_relay_with_its_size_and_arrival() -> None:
+    judge, _, _ = intake()
+    payload = b'{"to": "bob", "message": [1], "ref": 3}'
+    item = judge.judge(OP_TEXT, payload, 2.5)
+    assert isinstance(item, Relay)
+    assert (item.envelope.to, bytes(item.envelope.message), item.envelope.ref) == ("bob", b"[1]", 3)
+    assert (item.size, item.received) == (len(payload), 2.5)
+
+
+def test_over_the_burst_a_message_is_refused_with_its_ref_then_the_flood_closes() -> None:
+    with structlog.testing.capture_logs() as logs:
+        judge, _, stats = intake(messages_per_second=1, message_burst=2)
+        envelope = b'{"to": "bob", "message": 1, "ref": "r%d"}'
+        items = [judge.judge(OP_TEXT, envelope % n, 0.0) for n in range(5)]
+    assert [type(item) for item in items[:2]] == [Relay, Relay]
+    assert [reply_of(item) for item in items[2:4]] == [
+        {
+            "type": "error",
+            "error": "rate_limited",
+            "ref": f"r{n}",
+            "detail": "too many messages; slow down",
+        }
+        for n in (2, 3)
+    ]
+    assert items[4] is None  # past twice the allowance: the connection closes (1008)
+    assert (stats.messages["rate_limited"], stats.errors["rate_limited"]) == (2, 2)
+    assert [(e["outcome"], e["to"]) for e in logs] == [("rate_limited", None)] * 2
+
+
+def test_a_message_over_a_limit_lowered_by_a_reload_is_refused_with_its_ref() -> None:
+    judge, live, _ = intake(max_message_bytes=1000)
+    live.current = LimitsSettings(max_message_bytes=10)
+    payload = b'{"to": "bob", "message": 1, "ref": 9}'
+    assert reply_of(judge.judge(OP_TEXT, payload, 0.0)) == {
+        "type": "error",
+        "error": "message_too_large",
+        "ref": 9,
+        "detail": "message is larger than 10 bytes",
+    }
+
+
+def test_binary_and_bad_json_and_bad_envelopes_get_their_codes() -> None:
+    judge, _, stats = intake()
+    binary = reply_of(judge.judge(OP_BINARY, b"\x00\x01", 0.0))
+    assert (binary["error"], binary["ref"]) == ("unsupported_data", None)
+    assert binary["detail"] == "binary frames are not supported; send JSON text frames"
+    assert reply_of(judge.judge(OP_TEXT, b"hi", 0.0))["error"] == "invalid_json"
+    bad = reply_of(judge.judge(OP_TEXT, b'{"to": 5, "message": 1, "ref": "x"}', 0.0))
+    assert (bad["error"], bad["ref"]) == ("invalid_envelope", "x")
+    assert sorted(stats.errors.items()) == [
+        ("invalid_envelope", 1),
+        ("invalid_json", 1),
+        ("unsupported_data", 1),
+    ]
+
+
+def test_a_reload_of_the_rate_starts_a_fresh_bucket() -> None:
+    judge, live, _ = intake(messages_per_second=1, message_burst=1)
+    envelope = b'{"to": "bob", "message": 1}'
+    assert isinstance(judge.judge(OP_TEXT, envelope, 0.0), Relay)
+    assert isinstance(judge.judge(OP_TEXT, envelope, 0.0), Reply)
+    live.current = LimitsSettings(messages_per_second=1, message_burst=3)
+    assert [type(judge.judge(OP_TEXT, envelope, 0.0)) for _ in range(3)] == [Relay] * 3
+
+
+def test_the_echo_route_sends_text_and_binary_back_unjudged() -> None:
+    live = LiveLimits(LimitsSettings())
+    stats = Stats()
+    events = MessageEvents(structlog.get_logger(), stats)
+    echo = Intake(FakePeer(), live, events, stats, 0.0, echo=True)
+    item = echo.judge(OP_BINARY, b"\x00raw", 0.0)
+    assert isinstance(item, Reply)
+    assert item.frame == b"\x82\x04\x00raw"
+    assert stats.messages["echoed"] == 1
+
+
+def test_refusals_are_not_logged_with_message_logging_off_but_still_counted() -> None:
+    live = LiveLimits(LimitsSettings())
+    stats = Stats()
+    events = MessageEvents(structlog.get_logger(), stats, messages=False)
+    judge = Intake(FakePeer(), live, events, stats, 0.0)
+    with structlog.testing.capture_logs() as logs:
+        judge.judge(OP_TEXT, b"not json", 0.0)
+    empty: list[EventDict] = []
+    assert logs == empty
+    assert stats.messages["invalid_json"] == 1

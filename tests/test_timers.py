@@ -1,0 +1,103 @@
+"""Tests for relayd.policy.timers: a connection's deadlines, time passed in as plain floats."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from relayd.config import LimitsSettings
+from relayd.policy.timers import Due, Timers
+
+LIMITS = LimitsSettings(idle_timeout_s=100.0, ping_interval_s=30.0, pong_timeout_s=15.0)
+
+
+def timers(limits: LimitsSettings = LIMITS, slow_s: float = 10.0) -> Timers:
+    return Timers(limits, 0.0, slow_s)
+
+
+def test_the_first_deadline_is_the_first_ping() -> None:
+    assert timers().deadline(LIMITS) == 30.0
+    assert timers().due(29.9, LIMITS) is Due.NOTHING
+
+
+def test_a_ping_is_due_every_interval_and_starts_the_pong_clock_once() -> None:
+    t = timers()
+    assert t.due(30.0, LIMITS) is Due.PING
+    assert t.deadline(LIMITS) == 45.0  # the pong deadline comes before the next ping
+    assert t.due(44.0, LIMITS) is Due.NOTHING
+    assert t.due(45.0, LIMITS) is Due.NO_PONG
+
+
+def test_a_pong_stops_the_pong_clock() -> None:
+    t = timers()
+    t.due(30.0, LIMITS)
+    t.pong()
+    assert t.deadline(LIMITS) == 60.0
+    assert t.due(60.0, LIMITS) is Due.PING
+
+
+def test_a_second_ping_does_not_move_an_unanswered_pongs_deadline() -> None:
+    limits = LimitsSettings(ping_interval_s=10.0, pong_timeout_s=15.0)
+    t = timers(limits)
+    assert t.due(10.0, limits) is Due.PING
+    assert t.due(20.0, limits) is Due.PING
+    assert t.due(25.0, limits) is Due.NO_PONG  # 10 + 15, not 20 + 15
+
+
+def test_silence_for_the_idle_timeout_is_due_and_activity_moves_it() -> None:
+    limits = LimitsSettings(idle_timeout_s=100.0, ping_interval_s=0)
+    t = timers(limits)
+    assert t.deadline(limits) == 100.0
+    t.active(70.0)
+    assert t.deadline(limits) == 170.0
+    assert t.due(169.0, limits) is Due.NOTHING
+    assert t.due(170.0, limits) is Due.IDLE
+
+
+def test_zero_turns_pings_and_idle_off() -> None:
+    limits = LimitsSettings(idle_timeout_s=0, ping_interval_s=0)
+    t = timers(limits)
+    assert t.deadline(limits) == math.inf
+    assert t.due(1e9, limits) is Due.NOTHING
+
+
+def test_a_reload_of_the_idle_timeout_applies_at_once() -> None:
+    t = timers()
+    shorter = LimitsSettings(idle_timeout_s=5.0, ping_interval_s=30.0)
+    assert t.deadline(shorter) == 5.0
+    assert t.due(5.0, shorter) is Due.IDLE
+
+
+def test_the_slow_consumer_clock_starts_at_the_first_refusal_only() -> None:
+    t = timers(slow_s=10.0)
+    assert t.refused(3.0) == 13.0
+    assert t.refused(5.0) is None  # already running: not pushed back
+    assert t.stuck_deadline == 13.0
+    assert t.deadline(LIMITS) == 13.0
+    assert t.due(13.0, LIMITS) is Due.STUCK
+    assert t.slow_consumer_timeout_s == 10.0
+
+
+def test_progress_stops_the_slow_consumer_clock_and_a_later_refusal_restarts_it() -> None:
+    t = timers(slow_s=10.0)
+    t.refused(3.0)
+    t.progress()
+    assert t.stuck_deadline == math.inf
+    assert t.due(13.0, LIMITS) is Due.NOTHING
+    assert t.refused(20.0) == 30.0
+
+
+@pytest.mark.parametrize(
+    ("now", "due"),
+    [(45.0, Due.STUCK), (44.0, Due.NOTHING)],
+)
+def test_a_slow_consumer_is_more_serious_than_everything_else(now: float, due: Due) -> None:
+    limits = LimitsSettings(idle_timeout_s=40.0, ping_interval_s=30.0, pong_timeout_s=5.0)
+    t = timers(limits, slow_s=45.0)
+    t.refused(0.0)
+    t.due(30.0, limits)  # a ping goes out; its pong is due at 35
+    if due is Due.STUCK:
+        assert t.due(now, limits) is Due.STUCK
+    else:
+        assert t.due(now, limits) is Due.NO_PONG
