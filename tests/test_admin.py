@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import platform
+
 import trio
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import relayd
 from relayd.daemon.server import Server
 from tests import wire
 from tests.client import connect, running, settings
 
 
-async def _get(address: tuple[str, int], path: str, method: str = "GET") -> tuple[int, str]:
+async def _exchange(address: tuple[str, int], request: bytes) -> tuple[str, dict[str, str], str]:
+    """Send a raw request; return the status line, the headers (names lower-cased), the body."""
     async with await trio.open_tcp_stream(*address) as stream:
-        await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
+        await stream.send_all(request)
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (h.partition(":") for h in lines)}
+    return status_line, headers, body.decode()
+
+
+async def _get(address: tuple[str, int], path: str, method: str = "GET") -> tuple[int, str]:
+    request = f"{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode()
+    status_line, _headers, body = await _exchange(address, request)
+    return int(status_line.split()[1]), body
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -79,3 +91,38 @@ async def test_health_readiness_and_other_paths() -> None:
             server.shutdown("test")
             assert await _get(address, "/readyz") == (503, "not ready\n")
             assert await _get(address, "/healthz") == (200, "ok\n")
+
+
+async def test_answers_carry_reason_phrases_and_a_405_says_what_is_allowed() -> None:
+    server = Server(settings())
+    async with running(server):
+        address = server.admin_address
+        assert address is not None
+        get = b"GET /readyz HTTP/1.1\r\nHost: admin\r\n\r\n"
+        assert (await _exchange(address, get))[0] == "HTTP/1.1 200 OK"
+        missing = b"GET /nope HTTP/1.1\r\nHost: admin\r\n\r\n"
+        assert (await _exchange(address, missing))[0] == "HTTP/1.1 404 Not Found"
+        post = b"POST /metrics HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n"
+        status_line, headers, _body = await _exchange(address, post)
+        assert status_line == "HTTP/1.1 405 Method Not Allowed"
+        assert headers["allow"] == "GET, HEAD"
+
+
+async def test_build_info_and_readiness_are_metrics() -> None:
+    server = Server(settings())
+    async with running(server):
+        assert server.admin_address is not None
+        _status, text = await _get(server.admin_address, "/metrics")
+        samples = _samples(text)
+        assert samples[("relayd_ready", ())] == 1
+        build = [key for key in samples if key[0] == "relayd_build_info"]
+        assert build == [
+            (
+                "relayd_build_info",
+                (("python", platform.python_version()), ("version", relayd.__version__)),
+            )
+        ]
+        assert samples[build[0]] == 1
+        server.shutdown("test")
+        samples = _samples(generate_latest(server.registry).decode())
+        assert samples[("relayd_ready", ())] == 0

@@ -12,10 +12,12 @@ import json
 import os
 import signal
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
 from tests.e2e.harness import require_tool
@@ -85,6 +87,8 @@ def test_ready_watchdog_reload_and_stopping_are_notified(
         WATCHDOG_USEC="200000",  # ping every 0.1 s
     )
     try:
+        admin = daemon.wait_event("server.ready")["admin"]
+        assert _reloads(admin) == (0, 0, 1)  # none yet: nothing refused
         ready = _until(listener, "READY=1")[-1]
         assert "STATUS=serving: 0 connections, 0 messages/s" in ready.splitlines()
         _until(listener, "WATCHDOG=1")
@@ -99,6 +103,7 @@ def test_ready_watchdog_reload_and_stopping_are_notified(
         assert event["applied"] is True
         assert "limits.messages_per_second" in event["changed"]
         assert event["restart_required"] == []  # --port 0 on the command line still wins
+        assert _reloads(admin) == (1, 0, 1)
 
         # An invalid one is refused and the old settings stay.
         config.write_text("[limits]\nmessages_per_second = -1\n")
@@ -107,6 +112,7 @@ def test_ready_watchdog_reload_and_stopping_are_notified(
         refused = daemon.wait_event("config.reload")
         assert refused["applied"] is False
         assert "limits.messages_per_second" in refused["reason"]
+        assert _reloads(admin) == (1, 1, 0)  # what an alert on a failed reload reads
 
         daemon.signal(signal.SIGTERM)
         stopping = _until(listener, "STOPPING=1")[-1]
@@ -114,6 +120,22 @@ def test_ready_watchdog_reload_and_stopping_are_notified(
         assert daemon.wait_exit() == 0
     finally:
         daemon.close()
+
+
+def _reloads(admin: str) -> tuple[float, float, float]:
+    """From ``/metrics`` at ``admin``: reloads applied, refused, and whether the last was ok."""
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=WAIT_TIMEOUT_S) as answer:
+        text = answer.read().decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return (
+        samples[("relayd_config_reloads_total", (("result", "applied"),))],
+        samples[("relayd_config_reloads_total", (("result", "refused"),))],
+        samples[("relayd_config_last_reload_successful", ())],
+    )
 
 
 def test_a_reload_reaches_a_connected_client(tmp_path: Path) -> None:

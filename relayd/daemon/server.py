@@ -108,7 +108,9 @@ class Server:
         self._admin_address: tuple[str, int] | None = None
         #: What ``/metrics`` exposes.
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(StatsCollector(self.stats, self._gate.open_totals))
+        self.registry.register(
+            StatsCollector(self.stats, self._gate.open_totals, lambda: self.ready)
+        )
         ProcessCollector(registry=self.registry)
 
     @property

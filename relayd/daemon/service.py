@@ -151,10 +151,12 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
         except ConfigError as exc:
             refused = str(exc)
         if refused is not None:  # the old settings stay
+            server.stats.count_reload(applied=False)
             log.error("config.reload", applied=False, reason=refused)
             return
         level_changed = settings.log.level != server.settings.log.level
         result = server.reload(settings, authenticator)
+        server.stats.count_reload(applied=True)
         if level_changed:
             # The format stays: changing it needs a restart (and is reported so).
             configure(settings.log.model_copy(update={"format": server.log_format}))

@@ -23,6 +23,11 @@ errors_total{code}                  counter  error frames sent, by error code
 closes_total{code}                  counter  closed connections, by close code
 relay_latency_seconds               hist.    from a message's arrival to its hand-over
                                              to the recipient's outbox
+ready                               gauge    1 while relayd accepts connections (what
+                                             ``/readyz`` answers), else 0
+build_info{version,python}          gauge    always 1; the labels say what runs
+config_reloads_total{result}        counter  reloads (SIGHUP), ``applied`` or ``refused``
+config_last_reload_successful       gauge    0 if the last reload was refused, else 1
 ==================================  =======  ===========================================
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import platform
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -40,6 +46,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from relayd import __version__
 
 __all__ = ["LATENCY_BUCKETS_S", "Stats", "StatsCollector"]
 
@@ -58,11 +66,13 @@ class Stats:
         "closes",
         "connections_total",
         "errors",
+        "last_reload_applied",
         "latency_buckets",
         "latency_count",
         "latency_sum",
         "messages",
         "rejected",
+        "reloads",
     )
 
     def __init__(self) -> None:
@@ -76,6 +86,13 @@ class Stats:
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)  # the last is +Inf
         self.latency_count = 0
         self.latency_sum = 0.0
+        self.reloads: collections.Counter[str] = collections.Counter()
+        self.last_reload_applied = True  # no reload yet: nothing refused
+
+    def count_reload(self, *, applied: bool) -> None:
+        """Count one reload (SIGHUP) and remember whether it was applied."""
+        self.reloads["applied" if applied else "refused"] += 1
+        self.last_reload_applied = applied
 
     def observe_latency(self, seconds: float) -> None:
         """Count one relay latency."""
@@ -91,11 +108,18 @@ class StatsCollector(Collector):
         stats: the counters.
         open_connections: returns ``(open, bytes_in, bytes_out)`` of the
             connections open now, whose bytes are not in ``stats`` yet.
+        ready: whether relayd accepts connections now.
     """
 
-    def __init__(self, stats: Stats, open_connections: Callable[[], tuple[int, int, int]]) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        open_connections: Callable[[], tuple[int, int, int]],
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._stats = stats
         self._open = open_connections
+        self._ready = ready
 
     def collect(self) -> Iterator[Metric]:
         """Build the metric families from the counters as they are now."""
@@ -153,4 +177,23 @@ class StatsCollector(Collector):
             "From a message's arrival to its hand-over to the recipient's outbox",
             buckets=buckets,
             sum_value=stats.latency_sum,
+        )
+        yield GaugeMetricFamily(
+            "relayd_ready", "1 while relayd accepts connections (/readyz)", value=self._ready()
+        )
+        build = GaugeMetricFamily(
+            "relayd_build_info", "Always 1; the labels say what runs", labels=["version", "python"]
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+        reloads = CounterMetricFamily(
+            "relayd_config_reloads", "Reloads (SIGHUP), by result", labels=["result"]
+        )
+        for result in ("applied", "refused"):
+            reloads.add_metric([result], stats.reloads[result])
+        yield reloads
+        yield GaugeMetricFamily(
+            "relayd_config_last_reload_successful",
+            "0 if the last reload was refused (the running settings stay), else 1",
+            value=stats.last_reload_applied,
         )

@@ -30,6 +30,8 @@ BENCH_DIR = REPO_ROOT / "bench"
 #: The bench's own npm packages (ws, for its node-ws peer): bench/package-lock.json.
 BENCH_NODE_MODULES = BENCH_DIR / "node_modules"
 CHROMIUM = Path("/usr/bin/chromium")
+#: Where ./dev test puts promtool when it is not on PATH.
+PROMTOOL = REPO_ROOT / ".tools" / "bin" / "promtool"
 
 #: How long relayd may take to print ``server.ready``, and to exit after SIGTERM.
 READY_TIMEOUT_S = 20.0
@@ -289,6 +291,13 @@ def _on_path(name: str) -> Callable[[], Path | None]:
     return locate
 
 
+def _on_path_or(path: Path, name: str) -> Callable[[], Path | None]:
+    def locate() -> Path | None:
+        return _on_path(name)() or _executable(path)()
+
+    return locate
+
+
 def _bench_node_module(name: str) -> Callable[[], Path | None]:
     def locate() -> Path | None:
         _ensure_bench_node_modules()
@@ -317,6 +326,11 @@ TOOLS: dict[str, Tool] = {
         "the npm package ws in bench/node_modules (the bench's node-ws peer)",
         NPM_CI_BENCH,
         _bench_node_module("ws"),
+    ),
+    "promtool": Tool(
+        f"promtool on PATH or at {PROMTOOL}",
+        "./dev test (it unpacks promtool from Debian's prometheus package)",
+        _on_path_or(PROMTOOL, "promtool"),
     ),
     **{
         name: Tool(f"`{name}` on PATH", f"apt-get install {package}", _on_path(name))
