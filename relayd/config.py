@@ -77,6 +77,10 @@ class LimitsSettings(BaseModel):
         frames_per_second: sustained frames a connection may send, every kind counted
             (fragments, pings, empty frames); over it the connection is closed with 1008.
         frame_burst: frames a connection may send at once.
+        max_auth_failures_per_ip: with authentication on, failed authentications (401) one
+            client address may make at once before its handshakes get 429; 0 turns it off.
+        auth_failure_window_s: seconds over which an address's failure budget refills
+            (one more try every auth_failure_window_s / max_auth_failures_per_ip).
         handshake_timeout_s: time allowed for the opening handshake.
         max_header_bytes: largest HTTP request head (request line and headers) of a
             handshake; larger ones are answered 431.
@@ -96,6 +100,8 @@ class LimitsSettings(BaseModel):
     message_burst: int = Field(default=100, gt=0)
     frames_per_second: float = Field(default=1000.0, gt=0)
     frame_burst: int = Field(default=2000, gt=0)
+    max_auth_failures_per_ip: int = Field(default=10, ge=0)
+    auth_failure_window_s: float = Field(default=60.0, gt=0)
     handshake_timeout_s: float = Field(default=10.0, gt=0)
     max_header_bytes: int = Field(default=16384, ge=1024)
     idle_timeout_s: float = Field(default=3600.0, ge=0)

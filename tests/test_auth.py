@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.errors import ConfigError
 from relayd.policy.auth import (
+    MIN_TOKEN_CHARS,
     Identity,
     JWTVerifier,
     StaticTokens,
+    jwt_key,
     parse_tokens_file,
     token_from,
 )
 from relayd.wire.handshake import Refusal
+from tests.keys import PrivateKey, ec_key, pem_private, pem_public, rsa_key
 
 SECRET = "an-hs256-secret-of-at-least-32-bytes!"
 
@@ -43,9 +50,15 @@ def claims(**overrides: Any) -> dict[str, Any]:
         ({}, "/?token=xyz", "xyz"),
         ({}, "/chat?room=1&token=xyz", "xyz"),
         ({"authorization": "Bearer abc"}, "/?token=xyz", "abc"),  # the header wins
-        ({"authorization": "Basic dXNlcjpwYXNz"}, "/", None),
         ({}, "/", None),
-        ({"authorization": "Bearer "}, "/", None),
+        # An empty bearer token is a token, and a bad one: never ?token= instead.
+        ({"authorization": "Bearer "}, "/", ""),
+        ({"authorization": "Bearer"}, "/?token=xyz", ""),
+        ({"authorization": "bearer \t "}, "/?token=xyz", ""),
+        # Another scheme is not relayd's (browsers resend HTTP basic credentials):
+        # ignored, so ?token= is read, as docs/security.md says.
+        ({"authorization": "Basic dXNlcjpwYXNz"}, "/", None),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, "/?token=xyz", "xyz"),
     ],
 )
 def test_token_from(headers: dict[str, str], target: str, token: str | None) -> None:
@@ -54,13 +67,27 @@ def test_token_from(headers: dict[str, str], target: str, token: str | None) -> 
 
 # -- static tokens ------------------------------------------------------------------
 
+A_TOKEN = "a-secret-token-0123456789"
+B_TOKEN = "b-secret-token-0123456789"
+
 
 def test_static_tokens_name_their_subject() -> None:
-    tokens = StaticTokens({"alice": "a-secret", "bob": "b-secret"})
-    assert tokens.authenticate("a-secret") == Identity("alice")
-    assert tokens.authenticate("b-secret") == Identity("bob")
-    assert tokens.authenticate("c-secret") == Refusal(401, "invalid token")
-    assert tokens.authenticate(None).status == 401  # type: ignore[union-attr]
+    tokens = StaticTokens({"alice": A_TOKEN, "bob": B_TOKEN})
+    assert tokens.authenticate(A_TOKEN) == Identity("alice")
+    assert tokens.authenticate(B_TOKEN) == Identity("bob")
+    assert tokens.authenticate("c-secret-token-0123456789") == Refusal(401, "invalid token")
+    assert tokens.authenticate(None) == Refusal(
+        401, "no bearer token (Authorization header or ?token=)"
+    )
+    assert tokens.authenticate("") == Refusal(401, "empty bearer token")
+
+
+def test_static_tokens_shorter_than_the_minimum_are_refused() -> None:
+    assert MIN_TOKEN_CHARS == 16
+    StaticTokens({"alice": "x" * 16})
+    with pytest.raises(ValueError, match=r"'bob'.*16 characters") as error:
+        StaticTokens({"alice": "x" * 16, "bob": "fifteen-chars-x"})
+    assert "fifteen" not in str(error.value)  # the subject, never the token
 
 
 def test_tokens_file_format() -> None:
@@ -84,9 +111,13 @@ def test_hs256_token_names_its_subject() -> None:
     [
         (claims(exp=int(time.time()) - 3600), SECRET, Refusal(401, "token expired")),
         (claims(nbf=int(time.time()) + 3600), SECRET, Refusal(401, "token not yet valid")),
-        (claims(), "another-secret-of-at-least-32-bytes!!", None),
-        ({"sub": "alice"}, SECRET, None),  # no exp
-        ({"exp": int(time.time()) + 60}, SECRET, None),  # no sub
+        (
+            claims(),
+            "another-secret-of-at-least-32-bytes!!",
+            Refusal(401, "invalid token: bad signature"),
+        ),
+        ({"sub": "alice"}, SECRET, Refusal(401, "invalid token: no exp claim")),
+        ({"exp": int(time.time()) + 60}, SECRET, Refusal(401, "invalid token: no sub claim")),
     ],
 )
 def test_bad_hs256_tokens_are_refused_with_401(
@@ -116,29 +147,105 @@ def test_audience_and_issuer_mismatch_is_403() -> None:
 
 def test_the_algorithm_is_never_taken_from_the_token() -> None:
     unsigned = jwt.encode(claims(), "", "none")
-    assert JWTVerifier(SECRET, "HS256").authenticate(unsigned).status == 401  # type: ignore[union-attr]
-
-
-def _pem_public(private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
-    return (
-        private.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
+    assert JWTVerifier(SECRET, "HS256").authenticate(unsigned) == Refusal(
+        401, "invalid token: the algorithm is not allowed"
     )
 
 
 @pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
 def test_public_key_algorithms(algorithm: str) -> None:
-    private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    if algorithm == "RS256":
-        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    else:
-        private = ec.generate_private_key(ec.SECP256R1())
-    verifier = JWTVerifier(_pem_public(private), algorithm)
+    private: PrivateKey = rsa_key() if algorithm == "RS256" else ec_key()
+    verifier = JWTVerifier(pem_public(private), algorithm)
     assert verifier.authenticate(jwt.encode(claims(), private, algorithm)) == Identity("alice")
     # An HS256 token "signed" with the public key text must not pass.
     forged = jwt.encode(claims(), SECRET, "HS256")
     assert isinstance(verifier.authenticate(forged), Refusal)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "material", "reason"),
+    [
+        pytest.param("RS256", lambda: SECRET, "no PEM block", id="RS256-secret"),
+        pytest.param(
+            "RS256",
+            lambda: pem_public(ec_key()),
+            "RSA",
+            id="RS256-EC",
+        ),
+        pytest.param("RS256", lambda: pem_private(rsa_key()), "private key", id="RS256-private"),
+        pytest.param(
+            "RS256",
+            lambda: pem_public(rsa_key(1024)),
+            "1024 bits",
+            id="RS256-1024-bits",
+        ),
+        pytest.param("ES256", lambda: pem_public(rsa_key()), "EC public key", id="ES256-RSA"),
+        pytest.param(
+            "ES256",
+            lambda: pem_public(ec_key(ec.SECP384R1())),
+            "P-256",
+            id="ES256-P384",
+        ),
+        pytest.param(
+            "ES256",
+            lambda: pem_private(ec_key()),
+            "private key",
+            id="ES256-private",
+        ),
+        pytest.param("HS256", lambda: "too-short", "32 bytes", id="HS256-short"),
+        pytest.param("HS256", lambda: pem_public(rsa_key()), "PEM", id="HS256-a-public-key"),
+    ],
+)
+def test_a_key_that_is_not_usable_for_the_algorithm_is_refused_at_load(
+    algorithm: str, material: Callable[[], str], reason: str
+) -> None:
+    text = material()
+    with pytest.raises(ValueError, match=reason) as error:
+        jwt_key(algorithm, text)
+    assert text.strip().splitlines()[-1] not in str(error.value)  # never quoted
+    with pytest.raises(ValueError, match=reason):
+        JWTVerifier(text, algorithm)
+
+
+@settings(max_examples=300)
+@given(
+    header=st.dictionaries(
+        st.sampled_from(["alg", "typ", "kid", "crit", "jku", "x5u", "b64"]),
+        st.one_of(st.text(), st.integers(), st.none(), st.lists(st.text())),
+    ),
+    payload=st.one_of(
+        st.dictionaries(st.text(), st.one_of(st.text(), st.integers(), st.floats(), st.none())),
+        st.text(),
+        st.integers(),
+    ),
+    signature=st.binary(max_size=300),
+    algorithm=st.sampled_from(["HS256", "RS256", "ES256"]),
+)
+def test_no_token_makes_verification_raise_or_quote_it(
+    header: dict[str, object], payload: object, signature: bytes, algorithm: str
+) -> None:
+    """Whatever a token holds, it is refused with one of relayd's own reasons, never raised."""
+    marker = "MARKER0123456789"
+
+    def part(value: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    header = {**header, "x": marker}
+    token = ".".join(
+        [part(header), part(payload), base64.urlsafe_b64encode(signature).decode().rstrip("=")]
+    )
+    result = VERIFIERS[algorithm].authenticate(token)
+    assert isinstance(result, Refusal), result
+    assert result.status in (401, 403)
+    assert marker not in result.reason
+    assert token[:20] not in result.reason
+
+
+VERIFIERS = {
+    "HS256": JWTVerifier(SECRET, "HS256", audience="relayd", issuer="idp"),
+    "RS256": JWTVerifier(pem_public(rsa_key()), "RS256"),
+    "ES256": JWTVerifier(pem_public(ec_key()), "ES256"),
+}
 
 
 def test_subject_must_fit_an_id() -> None:
@@ -155,14 +262,53 @@ def test_auth_off_needs_nothing() -> None:
 
 def test_tokens_from_settings_and_file(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
-    path.write_text("bob b-secret\n")
+    path.write_text(f"bob {B_TOKEN}\n")
     settings = AuthSettings(
-        mode="token", tokens={"alice": SecretStr("a-secret")}, tokens_file=str(path)
+        mode="token", tokens={"alice": SecretStr(A_TOKEN)}, tokens_file=str(path)
     )
     authenticator = load_authenticator(settings)
     assert authenticator is not None
-    assert authenticator.authenticate("a-secret") == Identity("alice")
-    assert authenticator.authenticate("b-secret") == Identity("bob")
+    assert authenticator.authenticate(A_TOKEN) == Identity("alice")
+    assert authenticator.authenticate(B_TOKEN) == Identity("bob")
+
+
+@pytest.mark.parametrize("where", ["tokens", "tokens_file"])
+def test_a_short_token_is_a_config_error_naming_its_subject(where: str, tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("bob short-secret\n")
+    settings = (
+        AuthSettings(mode="token", tokens={"bob": SecretStr("short-secret")})
+        if where == "tokens"
+        else AuthSettings(mode="token", tokens_file=str(path))
+    )
+    with pytest.raises(ConfigError) as error:
+        load_authenticator(settings)
+    assert error.value.key == f"auth.{where}"
+    assert "'bob'" in str(error.value)
+    assert "short-secret" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "write", "key"),
+    [
+        ("RS256", lambda: SECRET, "auth.jwt_public_key_file"),
+        ("RS256", lambda: pem_private(rsa_key()), "auth.jwt_public_key_file"),
+        ("ES256", lambda: pem_public(rsa_key()), "auth.jwt_public_key_file"),
+        ("HS256", lambda: "a-short-secret", "auth.jwt_secret_file"),
+    ],
+)
+def test_a_key_file_of_the_wrong_kind_is_a_config_error(
+    algorithm: str, write: Callable[[], str], key: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "key"
+    path.write_text(write())
+    field = "jwt_secret_file" if algorithm == "HS256" else "jwt_public_key_file"
+    settings = AuthSettings.model_validate(
+        {"mode": "jwt", "jwt_algorithm": algorithm, field: str(path)}
+    )
+    with pytest.raises(ConfigError) as error:
+        load_authenticator(settings)
+    assert error.value.key == key
 
 
 @pytest.mark.parametrize(

@@ -336,7 +336,7 @@ async def test_a_server_at_capacity_is_a_503_on_stderr() -> None:
 
 
 def _with_tokens() -> Server:
-    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token")})
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token-0123456789")})
     return Server(
         settings().model_copy(update={"auth": auth}), authenticator=load_authenticator(auth)
     )
@@ -358,7 +358,7 @@ async def test_a_missing_or_bad_token_is_a_401_on_stderr(token: str | None) -> N
 async def test_a_good_token_is_sent_as_a_bearer_header() -> None:
     async with (
         running(_with_tokens()) as url,
-        chatting(url, "--v1", "--token", "alice-token") as chat,
+        chatting(url, "--v1", "--token", "alice-token-0123456789") as chat,
     ):
         assert chat.id == "alice"
         await chat.send("alice hi me")

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -33,6 +33,7 @@ from relayd.cli import EX_CONFIG, main
 from relayd.config import Settings
 from tests import wire
 from tests.deployments import KUBERNETES_SERVICE_LINKS
+from tests.keys import ec_key, pem_private, pem_public, rsa_key
 
 #: Bound on any one command that is expected to exit by itself.
 RUN_TIMEOUT_S: Final = 30.0
@@ -356,11 +357,70 @@ def test_unreadable_or_missing_credentials_are_config_errors(
     assert_config_error(result, key)
 
 
+WEAK_SECRET = "short-secret-xyz"  # 16 characters: a fine token, a weak HS256 secret
+
+
+@pytest.mark.parametrize(
+    ("auth", "key_file", "key", "why"),
+    [
+        pytest.param(
+            'mode = "token"\ntokens = { alice = "hunter2" }\n',
+            None,
+            "auth.tokens",
+            "shorter than 16 characters",
+            id="short-token",
+        ),
+        pytest.param(
+            f'mode = "jwt"\njwt_secret = "{WEAK_SECRET}"\n',
+            None,
+            "auth.jwt_secret",
+            "shorter than 32 bytes",
+            id="short-hs256-secret",
+        ),
+        pytest.param(
+            'mode = "jwt"\njwt_algorithm = "RS256"\n',
+            lambda: pem_public(ec_key()),
+            "auth.jwt_public_key_file",
+            "RS256 needs an RSA public key",
+            id="rs256-ec-key",
+        ),
+        pytest.param(
+            'mode = "jwt"\njwt_algorithm = "RS256"\n',
+            lambda: pem_private(rsa_key()),
+            "auth.jwt_public_key_file",
+            "a private key",
+            id="rs256-private-key",
+        ),
+        pytest.param(
+            'mode = "jwt"\njwt_algorithm = "ES256"\n',
+            lambda: WEAK_SECRET * 4,
+            "auth.jwt_public_key_file",
+            "not a PEM public key",
+            id="es256-secret-file",
+        ),
+    ],
+)
+def test_check_config_refuses_weak_or_wrong_credentials(
+    auth: str, key_file: Callable[[], str] | None, key: str, why: str, config: Path
+) -> None:
+    text = f"[auth]\n{auth}"
+    if key_file is not None:
+        path = config.parent / "key.pem"
+        path.write_text(key_file(), encoding="utf-8")
+        text += f'jwt_public_key_file = "{path}"\n'
+    config.write_text(text, encoding="utf-8")
+    # Serving refuses to start as well (on free ports, were it ever to start).
+    for command in (["check-config"], ["--port", "0", "--admin-port", "0"]):
+        line = assert_config_error(run([*MODULE, "--config", str(config), *command]), key, why)
+        assert "hunter2" not in line
+        assert WEAK_SECRET not in line
+
+
 def test_check_config_masks_tokens(config: Path) -> None:
-    config.write_text('[auth]\nmode = "token"\ntokens = { alice = "hunter2-xyz" }\n')
+    config.write_text('[auth]\nmode = "token"\ntokens = { alice = "hunter2-xyz-hunter2-xyz" }\n')
     result = run([*MODULE, "--config", str(config), "check-config"])
     assert result.returncode == 0, result.stderr
-    assert "hunter2-xyz" not in result.stdout
+    assert "hunter2-xyz-hunter2-xyz" not in result.stdout
     assert json.loads(result.stdout)["auth"]["tokens"] == {"alice": "**********"}
 
 

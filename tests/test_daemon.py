@@ -12,15 +12,19 @@ import json
 import os
 import signal
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import jwt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
+from tests import wire
 from tests.e2e.harness import require_tool
+from tests.keys import ec_key, pem_public, rsa_key
 from tests.test_cli import MODULE, WAIT_TIMEOUT_S, Daemon, RawClient, run
 
 # -- the protocol pieces, in process ------------------------------------------------
@@ -219,3 +223,51 @@ def test_socket_activation_serves_the_socket_it_is_handed(tmp_path: Path) -> Non
         assert daemon.wait_exit() == 0
     finally:
         daemon.close()
+
+
+# -- credentials at reload ------------------------------------------------------------
+
+
+def _handshake_status(port: int, token: str) -> bytes:
+    """The status line relayd answers a handshake carrying ``token`` with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S) as sock:
+        sock.sendall(wire.upgrade_request(extra=[("Authorization", f"Bearer {token}")]))
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = sock.recv(4096)
+            assert chunk, reply
+            reply += chunk
+        return reply.split(b"\r\n", 1)[0]
+
+
+def test_a_reload_with_a_key_of_the_wrong_kind_is_refused_and_the_old_key_kept(
+    tmp_path: Path,
+) -> None:
+    issuer = rsa_key()
+    key_file = tmp_path / "issuer.pem"
+    key_file.write_text(pem_public(issuer))
+    config = tmp_path / "relayd.toml"
+    config.write_text(
+        f'[auth]\nmode = "jwt"\njwt_algorithm = "RS256"\njwt_public_key_file = "{key_file}"\n'
+    )
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, issuer, "RS256")
+    daemon = Daemon([*MODULE, "--config", str(config), "--port", "0", "--host", "127.0.0.1"])
+    try:
+        port = daemon.wait_event("server.ready")["port"]
+        assert _handshake_status(port, token) == b"HTTP/1.1 101 Switching Protocols"
+        # An EC key where the RSA key was (a wrong file copied in): refused, old key kept.
+        other = ec_key()
+        key_file.write_text(pem_public(other))
+        daemon.signal(signal.SIGHUP)
+        refused = daemon.wait_event("config.reload")
+        assert refused["applied"] is False
+        assert "auth.jwt_public_key_file" in refused["reason"]
+        assert "RS256 needs an RSA public key" in refused["reason"]
+        assert _handshake_status(port, token) == b"HTTP/1.1 101 Switching Protocols"
+        forged = jwt.encode({"sub": "eve", "exp": int(time.time()) + 600}, other, "ES256")
+        assert _handshake_status(port, forged) == b"HTTP/1.1 401 Unauthorized"
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    finally:
+        daemon.close()
+    assert [e for e in daemon.events if e["event"] == "error"] == []

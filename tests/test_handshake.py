@@ -218,6 +218,98 @@ def test_malformed_http_is_refused_with_400(data: bytes) -> None:
     assert result.status == 400
 
 
+#: A secret a client might send; it must never come back in a reason.
+MARKER = "SeCrEt-MaRkEr-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        pytest.param(
+            f"GET /?token={MARKER} x HTTP/1.1\r\nHost: h\r\n\r\n".encode(),
+            "malformed HTTP request: illegal request line",
+            id="space-in-query",
+        ),
+        pytest.param(
+            head(extra=[("Authorization", f"Bearer {MARKER}\x00")]),
+            "malformed HTTP request: illegal header line",
+            id="nul-after-bearer",
+        ),
+        pytest.param(
+            head().replace(b"Host:", f"Authorization : Bearer {MARKER}\r\nHost:".encode()),
+            "malformed HTTP request: illegal header line",
+            id="space-before-colon",
+        ),
+        pytest.param(
+            head(extra=[("User-Agent", "x")]).replace(
+                b"User-Agent: x\r\n", f"User-Agent: x\r\n Authorization: {MARKER}\r\n".encode()
+            ),
+            "malformed HTTP request: obsolete line folding",
+            id="folded-into-user-agent",
+        ),
+        pytest.param(
+            head(extra=[("Authorization", f"Bearer {MARKER}")]).replace(
+                b"Authorization", b"Authori\x7fzation"
+            ),
+            "malformed HTTP request: illegal header line",
+            id="bad-header-name",
+        ),
+    ],
+)
+def test_malformed_requests_are_named_by_their_fault_never_by_their_bytes(
+    data: bytes, reason: str
+) -> None:
+    result = read(data)
+    assert result == Refusal(400, reason)
+    assert MARKER not in result.reason
+
+
+def test_a_folded_line_is_found_across_feeds_and_only_within_the_head() -> None:
+    folded = head(extra=[("X-A", "1")]).replace(b"X-A: 1\r\n", b"X-A: 1\r\n\t2\r\n")
+    cut = folded.index(b"\t")  # the line break in one feed, the tab in the next
+    reader = RequestReader(LIMIT)
+    assert reader.feed(folded[:cut]) is None
+    assert reader.feed(folded[cut:]) == Refusal(
+        400, "malformed HTTP request: obsolete line folding"
+    )
+    # Early frames after the head may hold a line break and a space: not a fold.
+    early = b"\n \n\t"
+    result = read(head() + early)
+    assert isinstance(result, tuple)
+    assert result[1] == early
+
+
+@given(
+    junk=st.lists(
+        st.tuples(
+            st.integers(0, 400),
+            st.sampled_from([" ", "\x00", "\r", "\n", "\t", ":", "\x7f", "\r\n ", "\r\n", "\xff"]),
+        ),
+        max_size=4,
+    ),
+    where=st.sampled_from(["query", "bearer", "both"]),
+)
+def test_no_malformation_brings_a_token_into_a_reason(
+    junk: list[tuple[int, str]], where: str
+) -> None:
+    target = f"/?token={MARKER}" if where != "bearer" else "/"
+    extra = [("Authorization", f"Bearer {MARKER}")] if where != "query" else []
+    text = head(extra=[*extra, ("User-Agent", "ua")], request_line=f"GET {target} HTTP/1.1")
+    data = bytearray(text)
+    for at, piece in sorted(junk, reverse=True):
+        data[min(at, len(data) - 4) : min(at, len(data) - 4)] = piece.encode("latin-1")
+    result = read(bytes(data))
+    if isinstance(result, Refusal):
+        assert MARKER not in result.reason
+    elif isinstance(result, tuple):
+        checked = validate(result[0])
+        if isinstance(checked, Refusal):
+            assert MARKER not in checked.reason
+        else:  # accepted: only Origin and User-Agent are ever logged
+            assert MARKER not in checked.headers.get("user-agent", "")
+            assert MARKER not in checked.headers.get("origin", "")
+
+
 @pytest.mark.parametrize(
     "extra",
     [

@@ -9,13 +9,23 @@ Nothing read here is ever logged.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from relayd.config import AuthSettings, TLSSettings
 from relayd.errors import ConfigError
-from relayd.policy.auth import Authenticator, JWTVerifier, StaticTokens, parse_tokens_file
+from relayd.policy.auth import (
+    Authenticator,
+    JWTVerifier,
+    StaticTokens,
+    jwt_key,
+    parse_tokens_file,
+)
 
 __all__ = ["load_authenticator", "load_tls"]
+
+_T = TypeVar("_T")
 
 
 def _read(key: str, path: str) -> str:
@@ -29,51 +39,71 @@ def _read(key: str, path: str) -> str:
 def load_authenticator(settings: AuthSettings) -> Authenticator | None:
     """The authenticator for ``[auth]``, or None when authentication is off.
 
+    Every credential is parsed and checked here, at start and at each reload, so
+    that a bad one is a config error (exit status 78, or a refused reload)
+    rather than a failure at the first handshake: tokens shorter than
+    :data:`~relayd.policy.auth.MIN_TOKEN_CHARS`, HS256 secrets shorter than
+    :data:`~relayd.policy.auth.MIN_HS256_SECRET_BYTES`, and key files that are
+    not a public key of the configured algorithm (:func:`~relayd.policy.auth.jwt_key`).
+
     Raises:
-        ConfigError: a file cannot be read or parsed, or the mode lacks its key.
+        ConfigError: a file cannot be read or parsed, a credential is too weak
+            or of the wrong kind, or the mode lacks its key. The message never
+            quotes a secret.
     """
     if settings.mode == "off":
         return None
     if settings.mode == "token":
         tokens = {subject: token.get_secret_value() for subject, token in settings.tokens.items()}
+        _checked("auth.tokens", lambda: StaticTokens(tokens))
         if settings.tokens_file:
             try:
-                tokens |= parse_tokens_file(_read("auth.tokens_file", settings.tokens_file))
+                from_file = parse_tokens_file(_read("auth.tokens_file", settings.tokens_file))
             except ValueError as error:
                 raise ConfigError(
                     str(error), key="auth.tokens_file", source="in settings"
                 ) from error
+            _checked("auth.tokens_file", lambda: StaticTokens(from_file))
+            tokens |= from_file
         if not tokens:
             raise ConfigError(
                 "no tokens: set tokens or tokens_file", key="auth.mode", source="in settings"
             )
         return StaticTokens(tokens)
-    if settings.jwt_algorithm == "HS256":
-        secret = settings.jwt_secret.get_secret_value()
+    algorithm = settings.jwt_algorithm
+    if algorithm == "HS256":
+        material, key_name = settings.jwt_secret.get_secret_value(), "auth.jwt_secret"
         if settings.jwt_secret_file:
-            secret = _read("auth.jwt_secret_file", settings.jwt_secret_file).strip()
-        if not secret:
+            key_name = "auth.jwt_secret_file"
+            material = _read(key_name, settings.jwt_secret_file).strip()
+        if not material:
             raise ConfigError(
                 "HS256 needs jwt_secret or jwt_secret_file",
                 key="auth.jwt_secret",
                 source="in settings",
             )
-        key = secret
     else:
+        key_name = "auth.jwt_public_key_file"
         if not settings.jwt_public_key_file:
             raise ConfigError(
-                f"{settings.jwt_algorithm} needs jwt_public_key_file",
-                key="auth.jwt_public_key_file",
-                source="in settings",
+                f"{algorithm} needs jwt_public_key_file", key=key_name, source="in settings"
             )
-        key = _read("auth.jwt_public_key_file", settings.jwt_public_key_file)
+        material = _read(key_name, settings.jwt_public_key_file)
     return JWTVerifier(
-        key,
-        settings.jwt_algorithm,
+        _checked(key_name, lambda: jwt_key(algorithm, material)),
+        algorithm,
         audience=settings.jwt_audience or None,
         issuer=settings.jwt_issuer or None,
         leeway_s=settings.jwt_leeway_s,
     )
+
+
+def _checked(key: str, make: Callable[[], _T]) -> _T:
+    """What ``make`` makes of the credential ``key``; a config error if it raises ValueError."""
+    try:
+        return make()
+    except ValueError as error:
+        raise ConfigError(str(error), key=key, source="in settings") from None
 
 
 def load_tls(settings: TLSSettings) -> ssl.SSLContext | None:

@@ -31,6 +31,7 @@ import dataclasses
 import itertools
 import secrets
 from collections.abc import Callable, Collection
+from http import HTTPStatus
 from typing import Final
 
 import structlog
@@ -43,7 +44,8 @@ from relayd.daemon.live import LiveLimits
 from relayd.daemon.transport import Transport
 from relayd.errors import CloseCode
 from relayd.policy.admission import Accept, Capacity, decide
-from relayd.policy.auth import Authenticator, token_from
+from relayd.policy.auth import Authenticator, Identity, token_from
+from relayd.policy.failures import AuthFailures
 from relayd.routing.interface import Router
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -110,6 +112,9 @@ class Gate:
         self._new_id = new_id
         self._numbers = itertools.count(1)
         self.capacity = Capacity(limits.max_connections, limits.max_connections_per_ip)
+        self._auth_failures = AuthFailures(
+            limits.max_auth_failures_per_ip, limits.auth_failure_window_s
+        )
         self.connections: set[Connection] = set()
         self._reading: set[trio.CancelScope] = set()  # handshakes not yet read in full
         self.draining = False
@@ -128,6 +133,7 @@ class Gate:
         self.limits.current = limits
         self.capacity.max_total = limits.max_connections
         self.capacity.max_per_ip = limits.max_connections_per_ip
+        self._auth_failures.configure(limits.max_auth_failures_per_ip, limits.auth_failure_window_s)
         self._allowed_origins = frozenset(allowed_origins)
         self._authenticator = authenticator
 
@@ -227,7 +233,7 @@ class Gate:
         )
         client_id = None
         if isinstance(decision, Accept) and self._authenticator is not None:
-            identity = self._authenticator.authenticate(token_from(headers, request.target))
+            identity = self._authenticate(self._authenticator, attempt.ip, request)
             if isinstance(identity, Refusal):
                 decision = identity
             else:
@@ -261,6 +267,20 @@ class Gate:
             origin=headers.get("origin"),
             user_agent=headers.get("user-agent"),
         )
+
+    def _authenticate(
+        self, authenticator: Authenticator, ip: str, request: UpgradeRequest
+    ) -> Identity | Refusal:
+        """Check the request's token, unless its address has failed too often."""
+        now = trio.current_time()
+        failures = self._auth_failures
+        if failures.blocked(ip, now):
+            return _TOO_MANY_FAILURES
+        identity = authenticator.authenticate(token_from(request.headers, request.target))
+        if isinstance(identity, Refusal) and identity.status == HTTPStatus.UNAUTHORIZED:
+            failures.failed(ip, now)
+            self.stats.auth_failures += 1
+        return identity
 
     async def _read_request(
         self, transport: Transport, attempt: _Attempt
@@ -307,6 +327,7 @@ class Gate:
 
 
 _BROKE: Final = "the connection broke before a complete request"
+_TOO_MANY_FAILURES: Final = Refusal(429, "too many failed authentications from this address")
 _LEFT: Final = "the client closed before a complete request"
 
 

@@ -17,7 +17,17 @@ Two kinds of token:
 
 A refusal is a :class:`Refusal` with the HTTP status for the handshake (401:
 no or bad token; 403: a good token for another audience or issuer) and a
-reason for the log. Neither ever contains the token.
+reason for the log. Neither ever contains the token, nor anything taken from
+it: every reason is one of a fixed set, and no error raised while a token is
+checked escapes (an unexpected one refuses the token with 401).
+
+Credentials fail closed at load: :func:`jwt_key` parses and type-checks the
+key for the configured algorithm (an RSA public key of at least
+:data:`MIN_RSA_KEY_BITS` for RS256, a P-256 public key for ES256, a secret of
+at least :data:`MIN_HS256_SECRET_BYTES` for HS256), and :class:`StaticTokens`
+refuses tokens shorter than :data:`MIN_TOKEN_CHARS`. Both raise
+:class:`ValueError` with a message that names what is wrong but never the
+secret; :mod:`relayd.daemon.credentials` turns it into a config error.
 """
 
 from __future__ import annotations
@@ -30,20 +40,34 @@ from typing import Final, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from relayd.wire.dialects import MAX_ID_CHARS
 from relayd.wire.handshake import Refusal
 
 __all__ = [
+    "MIN_HS256_SECRET_BYTES",
+    "MIN_RSA_KEY_BITS",
+    "MIN_TOKEN_CHARS",
     "Authenticator",
     "Identity",
     "JWTVerifier",
     "StaticTokens",
+    "jwt_key",
     "parse_tokens_file",
     "token_from",
 ]
 
-_BEARER: Final = "bearer "
+#: The shortest static token accepted: 16 characters (96 bits and more when
+#: drawn at random from letters and digits). Shorter ones can be guessed.
+MIN_TOKEN_CHARS: Final = 16
+#: The shortest HS256 secret accepted, in UTF-8 bytes: RFC 7518 §3.2 requires
+#: a key at least as long as the hash (256 bits).
+MIN_HS256_SECRET_BYTES: Final = 32
+#: The smallest RSA key accepted for RS256 (RFC 7518 §3.3: 2048 bits or larger).
+MIN_RSA_KEY_BITS: Final = 2048
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,18 +87,26 @@ class Authenticator(Protocol):
 def token_from(headers: Mapping[str, str], target: str) -> str | None:
     """The bearer token of a handshake: the Authorization header, else ``?token=``.
 
+    ``Authorization: Bearer <token>`` (the scheme in any case) wins; an empty
+    bearer token is ``""``, which no authenticator accepts: relayd never falls
+    back to ``?token=`` from a bearer header. Any other scheme (``Basic``,
+    which browsers resend on every request to a site behind HTTP basic
+    authentication, WebSocket handshakes included) is not a relayd credential
+    and is ignored, so ``?token=`` is read then.
+
     Args:
         headers: request headers, names in lower case.
         target: the request target (path and query).
     """
-    authorization = headers.get("authorization", "")
-    if authorization[: len(_BEARER)].lower() == _BEARER:
-        return authorization[len(_BEARER) :].strip() or None
+    scheme, _, rest = headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return rest.strip()
     values = parse_qs(urlsplit(target).query).get("token")
     return values[0] if values else None
 
 
 _MISSING: Final = Refusal(401, "no bearer token (Authorization header or ?token=)")
+_EMPTY: Final = Refusal(401, "empty bearer token")
 _INVALID: Final = Refusal(401, "invalid token")
 
 
@@ -90,14 +122,25 @@ class StaticTokens:
 
     Args:
         tokens: subject -> token.
+
+    Raises:
+        ValueError: a token is shorter than :data:`MIN_TOKEN_CHARS` (the message
+            names its subject, never the token).
     """
 
     def __init__(self, tokens: Mapping[str, str]) -> None:
+        for subject, token in tokens.items():
+            if len(token) < MIN_TOKEN_CHARS:
+                raise ValueError(
+                    f"the token for {subject!r} is shorter than {MIN_TOKEN_CHARS} characters"
+                )
         self._subjects = [(_digest(token), subject) for subject, token in tokens.items()]
 
     def authenticate(self, token: str | None) -> Identity | Refusal:  # noqa: D102
         if token is None:
             return _MISSING
+        if not token:
+            return _EMPTY
         presented = _digest(token)
         found = None
         for digest, subject in self._subjects:  # no early exit: constant time
@@ -125,27 +168,82 @@ def parse_tokens_file(text: str) -> dict[str, str]:
     return tokens
 
 
+#: What a verifier holds for each algorithm: the secret, or the parsed public key.
+JWTKey = str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def jwt_key(algorithm: str, material: str) -> JWTKey:
+    """The verification key for ``algorithm`` from the text of a setting or file.
+
+    Raises:
+        ValueError: the text is not a usable key of that algorithm: an HS256
+            secret shorter than :data:`MIN_HS256_SECRET_BYTES` or holding a PEM
+            key; for RS256/ES256, not a PEM public key (a private key, a
+            certificate, a secret), a key of another type, an RSA key under
+            :data:`MIN_RSA_KEY_BITS`, an EC key not on P-256. The message
+            never quotes the material.
+    """
+    if algorithm == "HS256":
+        if len(material.encode()) < MIN_HS256_SECRET_BYTES:
+            raise ValueError(f"the HS256 secret is shorter than {MIN_HS256_SECRET_BYTES} bytes")
+        if "-----BEGIN" in material:
+            raise ValueError("the HS256 secret is a PEM key; RS256 or ES256 take a public key")
+        return material
+    try:
+        key = serialization.load_pem_public_key(material.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"not a PEM public key ({_what_pem(material)})") from None
+    if algorithm == "RS256":
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError("RS256 needs an RSA public key; this is another kind of key")
+        if key.key_size < MIN_RSA_KEY_BITS:
+            raise ValueError(f"the RSA key has {key.key_size} bits; RS256 needs {MIN_RSA_KEY_BITS}")
+        return key
+    if algorithm == "ES256":
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValueError("ES256 needs an EC public key; this is another kind of key")
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError(f"ES256 needs a key on P-256 (secp256r1), not {key.curve.name}")
+        return key
+    raise ValueError(f"unsupported algorithm {algorithm}")
+
+
+def _what_pem(material: str) -> str:
+    """Say what a PEM text that is not a public key is, without quoting it."""
+    if "PRIVATE KEY-----" in material:
+        return "a private key: give the issuer's public key"
+    if "CERTIFICATE-----" in material:
+        return "a certificate: give the public key it holds"
+    if "-----BEGIN" in material:
+        return "a PEM block of another kind"
+    return "no PEM block: a secret or another file?"
+
+
 class JWTVerifier:
     """JSON Web Tokens: signature, ``exp`` and ``sub`` required, ``nbf`` honoured.
 
     Args:
-        key: the HS256 secret, or the PEM public key for RS256/ES256.
+        key: the HS256 secret, or the public key for RS256/ES256, as
+            :func:`jwt_key` makes them (a PEM text is parsed here the same way).
         algorithm: the one algorithm accepted (never taken from the token).
         audience: required ``aud``, if set.
         issuer: required ``iss``, if set.
         leeway_s: clock skew allowed on ``exp`` and ``nbf``.
+
+    Raises:
+        ValueError: ``key`` is not a usable key of ``algorithm`` (see :func:`jwt_key`).
     """
 
     def __init__(
         self,
-        key: str,
+        key: JWTKey,
         algorithm: str,
         *,
         audience: str | None = None,
         issuer: str | None = None,
         leeway_s: float = 0.0,
     ) -> None:
-        self._key = key
+        self._key = jwt_key(algorithm, key) if isinstance(key, str) else key
         self._algorithms = [algorithm]
         self._audience = audience
         self._issuer = issuer
@@ -154,6 +252,8 @@ class JWTVerifier:
     def authenticate(self, token: str | None) -> Identity | Refusal:  # noqa: D102
         if token is None:
             return _MISSING
+        if not token:
+            return _EMPTY
         try:
             claims = jwt.decode(
                 token,
@@ -164,15 +264,37 @@ class JWTVerifier:
                 leeway=self._leeway,
                 options={"require": ["exp", "sub"]},
             )
-        except jwt.ExpiredSignatureError:
-            return Refusal(401, "token expired")
-        except jwt.ImmatureSignatureError:
-            return Refusal(401, "token not yet valid")
-        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
-            return Refusal(403, f"token not for this server: {exc}")
-        except jwt.InvalidTokenError as exc:
-            return Refusal(401, f"invalid token: {exc}")
+        except jwt.MissingRequiredClaimError as exc:  # claim: one of ours (exp, sub, aud, iss)
+            return Refusal(401, f"invalid token: no {exc.claim} claim")
+        except jwt.PyJWTError as exc:
+            return _jwt_refusal(exc)
+        except Exception:
+            # Whatever a token makes the library raise: fail closed, and never
+            # as a 500, for a token is only ever refused.
+            return _INVALID
         subject = claims["sub"]
         if not isinstance(subject, str) or not 0 < len(subject) <= MAX_ID_CHARS:
             return Refusal(401, "invalid token: sub must be a string of 1 to 256 characters")
         return Identity(subject)
+
+
+#: PyJWT's errors, most specific first, and the refusal for each. The reasons
+#: are relayd's own: PyJWT's messages can quote the token (an unknown critical
+#: extension, a header value that does not decode).
+_JWT_REFUSALS: Final[tuple[tuple[type[jwt.PyJWTError], Refusal], ...]] = (
+    (jwt.ExpiredSignatureError, Refusal(401, "token expired")),
+    (jwt.ImmatureSignatureError, Refusal(401, "token not yet valid")),
+    (jwt.InvalidAudienceError, Refusal(403, "token not for this server: wrong audience")),
+    (jwt.InvalidIssuerError, Refusal(403, "token not for this server: wrong issuer")),
+    (jwt.InvalidAlgorithmError, Refusal(401, "invalid token: the algorithm is not allowed")),
+    (jwt.InvalidSignatureError, Refusal(401, "invalid token: bad signature")),
+    (jwt.DecodeError, Refusal(401, "invalid token: malformed")),
+    (jwt.InvalidIssuedAtError, Refusal(401, "invalid token: iat is not a number")),
+)
+
+
+def _jwt_refusal(error: jwt.PyJWTError) -> Refusal:
+    for kind, refusal in _JWT_REFUSALS:
+        if isinstance(error, kind):
+            return refusal
+    return _INVALID

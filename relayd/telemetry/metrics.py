@@ -14,6 +14,9 @@ name                                type     meaning
 connections_open                    gauge    WebSocket connections open now
 connections_total                   counter  WebSocket connections accepted
 handshakes_rejected_total{status}   counter  handshakes refused, by HTTP status
+auth_failures_total                 counter  handshakes whose token was refused with 401
+                                             (429 refusals of an address that failed too
+                                             often are under handshakes_rejected)
 messages_total{outcome}             counter  client messages, by outcome (delivered,
                                              unknown_recipient, recipient_busy, invalid_json…)
 bytes_received_total                counter  bytes of client frames (closed connections
@@ -61,6 +64,7 @@ class Stats:
     """Counters since start; every field is plain, updated in place."""
 
     __slots__ = (
+        "auth_failures",
         "bytes_received",
         "bytes_sent",
         "closes",
@@ -78,6 +82,7 @@ class Stats:
     def __init__(self) -> None:
         self.connections_total = 0
         self.rejected: collections.Counter[int] = collections.Counter()
+        self.auth_failures = 0
         self.messages: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.closes: collections.Counter[int] = collections.Counter()
@@ -137,6 +142,11 @@ class StatsCollector(Collector):
         for status, count in sorted(stats.rejected.items()):
             rejected.add_metric([str(status)], count)
         yield rejected
+        yield CounterMetricFamily(
+            "relayd_auth_failures",
+            "Handshakes whose token was refused with 401",
+            value=stats.auth_failures,
+        )
         messages = CounterMetricFamily(
             "relayd_messages", "Client messages, by outcome", labels=["outcome"]
         )

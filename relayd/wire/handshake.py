@@ -12,7 +12,8 @@ Every refusal is a :class:`Refusal` carrying its HTTP status
 and the reason sent as the response body and logged as ``handshake.rejected``:
 
 * 400: not HTTP/1.1, not a GET, not a WebSocket upgrade, a bad
-  ``Sec-WebSocket-Key``, a request with a body;
+  ``Sec-WebSocket-Key``, a request with a body, bytes that are not HTTP, a
+  folded header line (obs-fold);
 * 426 with ``Sec-WebSocket-Version: 13``: another WebSocket version;
 * 431: a request head over ``max_header_bytes``, found as soon as the limit is
   passed, before the rest is read.
@@ -21,9 +22,9 @@ and the reason sent as the response body and logged as ``handshake.rejected``:
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Final
@@ -51,7 +52,9 @@ class Refusal:
     """A handshake refused: answer with HTTP ``status``; ``reason`` says why.
 
     The reason is the response's body and the ``handshake.rejected`` event's
-    ``reason``; it never holds anything the client sent.
+    ``reason``; it never holds anything the client sent: every reason is one
+    of a fixed set (a malformed request is named by the kind of fault h11
+    found, never by the line it found it in).
     """
 
     status: int
@@ -82,11 +85,13 @@ class RequestReader:
         max_head_bytes: the largest request line and headers accepted.
     """
 
-    __slots__ = ("_fed", "_h11", "_max")
+    __slots__ = ("_fed", "_fold_at", "_h11", "_last", "_max")
 
     def __init__(self, max_head_bytes: int) -> None:
         self._max = max_head_bytes
         self._fed = 0
+        self._last = b""  # the last byte fed, for a line break split across feeds
+        self._fold_at: int | None = None  # where the first folded line begins
         # h11 refuses a head that grows past the limit while incomplete; one
         # that completes within the read that passes it is measured below.
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
@@ -99,8 +104,16 @@ class RequestReader:
             the client sent after it; a :class:`Refusal` if the bytes cannot be
             a request relayd answers; None while more bytes are needed.
         """
-        self._fed += len(data)
-        self._h11.receive_data(bytes(data))
+        chunk = bytes(data)
+        if self._fold_at is None:
+            # A line break, then a space or tab: where the head ends is known
+            # only once it has, so the place is kept and judged then.
+            found = _FOLD.search(self._last + chunk)
+            if found is not None:
+                self._fold_at = self._fed - len(self._last) + found.end() - 1
+            self._last = chunk[-1:]
+        self._fed += len(chunk)
+        self._h11.receive_data(chunk)
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -108,12 +121,17 @@ class RequestReader:
                 return self._too_large()
             # Everything else h11 refuses (including a transfer coding it does
             # not know, its 501) is a request relayd cannot take: 400.
-            return Refusal(400, f"malformed HTTP request: {exc}")
+            return Refusal(400, _malformed(exc))
         if not isinstance(event, h11.Request):
             return None
         rest = self._h11.trailing_data[0]
-        if self._fed - len(rest) > self._max:
+        head = self._fed - len(rest)
+        if head > self._max:
             return self._too_large()
+        if self._fold_at is not None and self._fold_at < head:
+            # h11 joins a folded line to the one before: a header could then
+            # carry another's value (a token into User-Agent, which is logged).
+            return Refusal(400, "malformed HTTP request: obsolete line folding")
         if self._has_body(event):
             return Refusal(400, "a WebSocket handshake has no body")
         return event, rest
@@ -127,6 +145,34 @@ class RequestReader:
             if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
                 return True
         return False
+
+
+#: A folded header line (RFC 9112 §5.2, obs-fold): a line break, then a space or tab.
+_FOLD: Final = re.compile(rb"\n[ \t]")
+
+#: What h11 says of a request it cannot parse, as far as relayd repeats it: each
+#: of these begins h11's message, and what follows in the message (the line or
+#: the value, quoted) is the client's own bytes, which may hold a token.
+_H11_REASONS: Final = (
+    "illegal request line",
+    "illegal header line",
+    "Illegal header name",
+    "Illegal header value",
+    "bad Content-Length",
+    "conflicting Content-Length headers",
+    "Missing mandatory Host: header",
+    "Found multiple Host: headers",
+    "continuation line at start of headers",
+    "no request line received",
+    "Only Transfer-Encoding: chunked is supported",
+)
+
+
+def _malformed(error: h11.RemoteProtocolError) -> str:
+    """The reason for a request h11 refused: its kind, never the client's bytes."""
+    message = str(error)
+    kind = next((reason for reason in _H11_REASONS if message.startswith(reason)), None)
+    return "malformed HTTP request" if kind is None else f"malformed HTTP request: {kind}"
 
 
 def _tokens(value: str) -> list[str]:
@@ -152,7 +198,7 @@ def validate(request: h11.Request) -> UpgradeRequest | Refusal:
     key = headers.get("sec-websocket-key", "").strip()
     try:
         nonce = base64.b64decode(key, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a key that is not ASCII at all
         nonce = b""
     if len(nonce) != _NONCE_BYTES:
         return Refusal(400, "Sec-WebSocket-Key is not 16 bytes in base64")
