@@ -128,13 +128,16 @@ class LogSettings(BaseModel):
 
 
 class AdminSettings(BaseModel):
-    """The admin listener: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``.
+    """The admin listener: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``, the server API.
 
     Attributes:
         enabled: serve it at all.
         host: its address; loopback by default, never the public interface unless
             the operator says so.
         port: its TCP port; 0 picks a free one (for tests).
+        api_key_file: a file holding the server API's key (docs/api.md), which every
+            API call must then present; empty: no key, allowed only while ``host`` is
+            loopback.
     """
 
     model_config = _SECTION_CONFIG
@@ -142,6 +145,7 @@ class AdminSettings(BaseModel):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9031, ge=0, le=65535)
+    api_key_file: str = ""
 
 
 class DiagnosticsSettings(BaseModel):

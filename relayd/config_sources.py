@@ -318,6 +318,16 @@ def _conflicts(settings: Settings, values: _Values) -> list[ConfigError]:
                 source=source,
             )
         )
+    if admin.enabled and not admin.api_key_file and not _loopback(admin.host):
+        _key, source = _source_of(values, ("admin", "host"))
+        problems.append(
+            ConfigError(
+                "the admin listener is not on loopback, so the server API needs a key: "
+                "set admin.api_key_file (docs/api.md)",
+                key="admin.api_key_file",
+                source=source,
+            )
+        )
     return problems
 
 

@@ -628,3 +628,22 @@ def test_cluster_inconsistent_settings_refused(tmp_path: Path, text: str, reason
 
 def test_cluster_off_by_default() -> None:
     assert Settings().cluster.enabled is False
+
+
+@pytest.mark.parametrize("host", ["", "0.0.0.0", "::", "10.0.0.5", "relayd.example"])
+def test_an_admin_listener_off_loopback_needs_an_api_key(host: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(environ={"RELAYD_ADMIN__HOST": host} if host else {}, overrides={"admin.host": host})
+    assert info.value.key == "admin.api_key_file"
+    assert info.value.source == "from command line"
+    assert "loopback" in info.value.reason
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_an_admin_listener_on_loopback_needs_no_key(host: str) -> None:
+    assert load(overrides={"admin.host": host}).admin.api_key_file == ""
+
+
+def test_an_api_key_opens_any_address_to_the_admin_listener() -> None:
+    settings = load(overrides={"admin.host": "10.0.0.5", "admin.api_key_file": "/etc/k"})
+    assert settings.admin.host == "10.0.0.5"

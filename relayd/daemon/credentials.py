@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from relayd.config import AuthSettings, TLSSettings
+from relayd.config import AdminSettings, AuthSettings, TLSSettings
 from relayd.errors import ConfigError
 from relayd.policy.auth import (
     Authenticator,
@@ -23,7 +23,10 @@ from relayd.policy.auth import (
     parse_tokens_file,
 )
 
-__all__ = ["load_authenticator", "load_tls"]
+__all__ = ["MIN_API_KEY_CHARS", "load_api_key", "load_authenticator", "load_tls"]
+
+#: The shortest server API key accepted: 32 characters of base64 are 192 bits.
+MIN_API_KEY_CHARS = 32
 
 _T = TypeVar("_T")
 
@@ -128,3 +131,26 @@ def load_tls(settings: TLSSettings) -> ssl.SSLContext | None:
             source="in settings",
         ) from error
     return context
+
+
+def load_api_key(settings: AdminSettings) -> bytes | None:
+    """The server API's key from ``api_key_file``, or None when there is none.
+
+    The file holds the key on one line; surrounding whitespace (a final newline) is not
+    part of it.
+
+    Raises:
+        ConfigError: the file cannot be read, or the key is shorter than
+            :data:`MIN_API_KEY_CHARS` or spans several lines.
+    """
+    if not settings.api_key_file:
+        return None
+    key = _read("admin.api_key_file", settings.api_key_file).strip()
+    if len(key) < MIN_API_KEY_CHARS or any(character.isspace() for character in key):
+        raise ConfigError(
+            f"the key in {settings.api_key_file} must be one word of at least "
+            f"{MIN_API_KEY_CHARS} characters (e.g. from `openssl rand -base64 32`)",
+            key="admin.api_key_file",
+            source="in settings",
+        )
+    return key.encode()

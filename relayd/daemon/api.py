@@ -1,0 +1,209 @@
+"""The server API: what an application's backend asks of relayd, as JSON over the admin listener.
+
+Four calls, each ``POST`` with a JSON object in and a JSON object out (docs/api.md):
+
+* ``/api/publish`` ``{"to", "message"}``: deliver ``message`` to every connection of
+  ``to`` as any message is delivered, in the recipient's dialect, from
+  :data:`SERVER_SENDER`;
+* ``/api/disconnect`` ``{"id", "code"?, "reason"?}``: close every connection of ``id``;
+* ``/api/presence`` ``{"id"}``: whether ``id`` is connected, and with how many connections;
+* ``/api/ids`` ``{"after"?, "limit"?}``: connected ids in order, a page at a time.
+
+The calls go to the router (:class:`ApiRouter`: the methods of
+:class:`~relayd.routing.interface.Router` the API uses), so they mean the same on one node
+and on a cluster. Nothing here does I/O but through the router: the admin listener
+(:mod:`relayd.daemon.admin`) owns the sockets, the bounds on a request, and the 500 for a
+bug.
+
+Authentication: with an API key (``[admin] api_key_file``), every call must carry
+``Authorization: Bearer <key>``; a missing or wrong key is 401, compared in constant time.
+Without one, which ``relayd check-config`` allows only while the admin listener is on
+loopback, any local process may call.
+
+Error handling: a request relayd cannot take is answered, never raised: 400
+``invalid_request`` (not JSON, a field missing or of the wrong type), 401
+``unauthorized``, 413 ``message_too_large``; each with a ``detail`` for a person.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from typing import Annotated, Final, Protocol, TypeVar
+
+import msgspec
+
+from relayd.daemon.admin import Request, Response, Routes
+from relayd.routing.table import Outcome
+from relayd.wire.dialects import MAX_ID_CHARS
+
+__all__ = [
+    "DEFAULT_PAGE",
+    "MAX_PAGE",
+    "SERVER_SENDER",
+    "ApiRouter",
+    "api_routes",
+]
+
+#: The sender id of messages published through the API: the empty string, which no client
+#: can hold (ids are 1 to 256 characters), so no client can pass for the server.
+SERVER_SENDER: Final = ""
+#: Ids per ``/api/ids`` page unless ``limit`` says otherwise, and the most it may say:
+#: a page of 1000 ids of 256 characters is at most about 260 KB of JSON.
+DEFAULT_PAGE: Final = 100
+MAX_PAGE: Final = 1000
+#: Close codes a disconnect may use: relayd's own policy codes and the range RFC 6455
+#: §7.4.2 leaves to applications (4000-4999) and libraries (3000-3999).
+_CLOSE_CODES: Final = frozenset({1000, 1001, 1008, 1011, 1013}) | frozenset(range(3000, 5000))
+#: A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 §5.5).
+_MAX_REASON_BYTES: Final = 123
+_DEFAULT_CLOSE: Final = (1008, "disconnected by the server")
+
+_JSON: Final = "application/json"
+
+
+class ApiRouter(Protocol):
+    """What the API asks of the router (part of :class:`~relayd.routing.interface.Router`)."""
+
+    async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
+        """Deliver ``message`` to every connection holding ``to``; the outcome."""
+
+    async def disconnect(self, client_id: str, code: int, reason: str) -> int:
+        """Close every connection holding ``client_id``; how many were closed."""
+
+    async def presence(self, client_id: str) -> int:
+        """How many connections hold ``client_id``."""
+
+    async def list_ids(self, *, after: str | None, limit: int) -> list[str]:
+        """Connected ids in sorted order, at most ``limit``, each greater than ``after``."""
+
+
+ClientId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+class _Publish(msgspec.Struct, forbid_unknown_fields=True):
+    to: ClientId
+    message: msgspec.Raw
+
+
+class _Disconnect(msgspec.Struct, forbid_unknown_fields=True):
+    id: ClientId
+    code: int = _DEFAULT_CLOSE[0]
+    reason: str = _DEFAULT_CLOSE[1]
+
+
+class _Presence(msgspec.Struct, forbid_unknown_fields=True):
+    id: ClientId
+
+
+class _Ids(msgspec.Struct, forbid_unknown_fields=True):
+    after: ClientId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE
+
+
+_Call = TypeVar("_Call", _Publish, _Disconnect, _Presence, _Ids)
+
+
+def _answer(status: int, body: Mapping[str, object], *headers: tuple[str, str]) -> Response:
+    return Response(status, _JSON, json.dumps(body).encode() + b"\n", headers)
+
+
+def _refuse(status: int, error: str, detail: str, *headers: tuple[str, str]) -> Response:
+    return _answer(status, {"error": error, "detail": detail}, *headers)
+
+
+class _Api:
+    """The four calls, bound to a router, the limits in force and the key."""
+
+    def __init__(
+        self, router: ApiRouter, max_message_bytes: Callable[[], int], key: bytes | None
+    ) -> None:
+        self._router = router
+        self._max_message_bytes = max_message_bytes
+        self._key = key
+
+    def _decode(self, request: Request, kind: type[_Call]) -> _Call | Response:
+        """The request's body as ``kind``, or the answer that refuses it."""
+        if self._key is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self._key
+            ):
+                return _refuse(
+                    401,
+                    "unauthorized",
+                    "send the API key as Authorization: Bearer <key>",
+                    ("www-authenticate", 'Bearer realm="relayd"'),
+                )
+        try:
+            return msgspec.json.decode(request.body or b"{}", type=kind)
+        except msgspec.ValidationError as error:
+            return _refuse(400, "invalid_request", str(error))
+        except msgspec.DecodeError as error:
+            return _refuse(400, "invalid_request", f"not JSON: {error}")
+
+    async def publish(self, request: Request) -> Response:
+        call = self._decode(request, _Publish)
+        if isinstance(call, Response):
+            return call
+        limit = self._max_message_bytes()
+        if len(call.message) > limit:
+            return _refuse(413, "message_too_large", f"message is larger than {limit} bytes")
+        outcome = await self._router.publish(call.to, call.message, sender=SERVER_SENDER)
+        if outcome.error is None:
+            return _answer(200, {"outcome": outcome.value})
+        status = 404 if outcome is Outcome.UNKNOWN_RECIPIENT else 503
+        return _answer(status, {"outcome": outcome.value, "error": outcome.error.value})
+
+    async def disconnect(self, request: Request) -> Response:
+        call = self._decode(request, _Disconnect)
+        if isinstance(call, Response):
+            return call
+        if call.code not in _CLOSE_CODES:
+            return _refuse(
+                400,
+                "invalid_request",
+                "code must be 1000, 1001, 1008, 1011, 1013 or from 3000 to 4999",
+            )
+        if len(call.reason.encode()) > _MAX_REASON_BYTES:
+            return _refuse(400, "invalid_request", "reason is over 123 bytes of UTF-8")
+        closed = await self._router.disconnect(call.id, call.code, call.reason)
+        return _answer(200, {"id": call.id, "disconnected": closed})
+
+    async def presence(self, request: Request) -> Response:
+        call = self._decode(request, _Presence)
+        if isinstance(call, Response):
+            return call
+        connections = await self._router.presence(call.id)
+        return _answer(
+            200, {"id": call.id, "connected": connections > 0, "connections": connections}
+        )
+
+    async def ids(self, request: Request) -> Response:
+        call = self._decode(request, _Ids)
+        if isinstance(call, Response):
+            return call
+        ids = await self._router.list_ids(after=call.after, limit=call.limit)
+        following = ids[-1] if len(ids) == call.limit else None
+        return _answer(200, {"ids": ids, "next": following})
+
+
+def api_routes(
+    router: ApiRouter, *, max_message_bytes: Callable[[], int], key: bytes | None
+) -> Routes:
+    """The API's routes, for :func:`relayd.daemon.admin.serve_admin`.
+
+    Args:
+        router: where the calls go.
+        max_message_bytes: the largest message a publish may carry now
+            (``limits.max_message_bytes``, as a reload leaves it).
+        key: the API key every call must present; None: no key (loopback only).
+    """
+    api = _Api(router, max_message_bytes, key)
+    return {
+        "/api/publish": {"POST": api.publish},
+        "/api/disconnect": {"POST": api.disconnect},
+        "/api/presence": {"POST": api.presence},
+        "/api/ids": {"POST": api.ids},
+    }

@@ -1,0 +1,270 @@
+"""The server API over real loopback HTTP: what a backend sends, and what it gets back.
+
+The admin listener runs with the API's routes on a free port; the router behind it is a
+recording stand-in, so each test states exactly what the backend asked of the router.
+``tests/test_api_e2e.py`` drives the same calls against a whole relayd and real clients.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import structlog
+import trio
+from prometheus_client import CollectorRegistry
+
+from relayd.config import AdminSettings
+from relayd.daemon.admin import MAX_BODY_BYTES, serve_admin
+from relayd.daemon.api import MAX_PAGE, SERVER_SENDER, api_routes
+from relayd.daemon.credentials import load_api_key
+from relayd.errors import ConfigError
+from relayd.routing.table import Outcome
+
+KEY = b"k" * 32
+
+
+class Recording:
+    """A router that answers what the test says and records what it was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.outcome = Outcome.DELIVERED
+        self.connections: dict[str, int] = {}
+        self.fail = False
+
+    async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
+        if self.fail:
+            raise RuntimeError("injected fault")
+        self.calls.append(("publish", to, bytes(message), sender))
+        return self.outcome
+
+    async def disconnect(self, client_id: str, code: int, reason: str) -> int:
+        self.calls.append(("disconnect", client_id, code, reason))
+        return self.connections.pop(client_id, 0)
+
+    async def presence(self, client_id: str) -> int:
+        return self.connections.get(client_id, 0)
+
+    async def list_ids(self, *, after: str | None, limit: int) -> list[str]:
+        ids = sorted(i for i in self.connections if after is None or i > after)
+        return ids[:limit]
+
+
+@asynccontextmanager
+async def api(
+    router: Recording, *, key: bytes | None = None, max_message_bytes: int = 65536
+) -> AsyncIterator[tuple[str, int]]:
+    """The admin listener with the API on a free loopback port; yields its address."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    host, port, *_ = listeners[0].socket.getsockname()
+    routes = api_routes(router, max_message_bytes=lambda: max_message_bytes, key=key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: serve_admin(
+                listeners, CollectorRegistry(), lambda: True, routes=routes, task_status=task_status
+            )
+        )
+        yield host, port
+        nursery.cancel_scope.cancel()
+
+
+async def call(
+    address: tuple[str, int],
+    path: str,
+    body: bytes | object = None,
+    *,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """One HTTP request; the status, the headers (lower-cased names) and the JSON body."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    fields = {"Host": "relayd", "Content-Length": str(len(data)), **(headers or {})}
+    head = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    top, _, payload = received.partition(b"\r\n\r\n")
+    status_line, *lines = top.decode().split("\r\n")
+    answer_headers = {n.lower(): v.strip() for n, _, v in (line.partition(":") for line in lines)}
+    parsed = (
+        json.loads(payload) if answer_headers["content-type"] == "application/json" else payload
+    )
+    return int(status_line.split()[1]), answer_headers, parsed
+
+
+async def test_publish_hands_the_raw_message_to_the_router_from_the_server() -> None:
+    router = Recording()
+    async with api(router) as address:
+        status, headers, body = await call(
+            address, "/api/publish", {"to": "alice", "message": {"text": "hi", "n": [1, 2]}}
+        )
+    assert (status, body) == (200, {"outcome": "delivered"})
+    assert headers["content-type"] == "application/json"
+    assert router.calls == [("publish", "alice", b'{"text": "hi", "n": [1, 2]}', SERVER_SENDER)]
+    assert SERVER_SENDER == ""  # no client id is empty: nobody can pass for the server
+
+
+async def test_publish_says_when_nobody_holds_the_id_or_it_is_busy() -> None:
+    router = Recording()
+    async with api(router) as address:
+        router.outcome = Outcome.UNKNOWN_RECIPIENT
+        unknown = await call(address, "/api/publish", {"to": "bob", "message": 1})
+        router.outcome = Outcome.RECIPIENT_BUSY
+        busy = await call(address, "/api/publish", {"to": "bob", "message": 1})
+    assert (unknown[0], unknown[2]) == (
+        404,
+        {"outcome": "unknown_recipient", "error": "unknown_recipient"},
+    )
+    assert (busy[0], busy[2]) == (503, {"outcome": "recipient_busy", "error": "recipient_busy"})
+
+
+async def test_a_message_over_the_limit_is_refused_before_the_router() -> None:
+    router = Recording()
+    async with api(router, max_message_bytes=10) as address:
+        status, _headers, body = await call(
+            address, "/api/publish", {"to": "bob", "message": "x" * 20}
+        )
+    assert (status, body["error"]) == (413, "message_too_large")
+    assert router.calls == []
+
+
+async def test_a_body_over_the_bound_is_refused_unread() -> None:
+    router = Recording()
+    async with api(router) as address:
+        status, _headers, _body = await call(
+            address,
+            "/api/publish",
+            b"",
+            headers={"Content-Length": str(MAX_BODY_BYTES + 1)},
+        )
+    assert status == 413
+    assert router.calls == []
+
+
+async def test_requests_relayd_cannot_take_are_400_with_a_reason() -> None:
+    router = Recording()
+    async with api(router) as address:
+        answers = [
+            await call(address, "/api/publish", b"{not json"),
+            await call(address, "/api/publish", {"to": "bob"}),
+            await call(address, "/api/publish", {"to": "", "message": 1}),
+            await call(address, "/api/publish", {"to": "bob", "message": 1, "extra": 2}),
+            await call(address, "/api/disconnect", {"id": "bob", "code": 1006}),
+            await call(address, "/api/disconnect", {"id": "bob", "reason": "é" * 62}),
+            await call(address, "/api/ids", {"limit": MAX_PAGE + 1}),
+        ]
+    for status, _headers, body in answers:
+        assert status == 400, body
+        assert body["error"] == "invalid_request"
+        assert body["detail"]
+    assert router.calls == []
+
+
+async def test_with_a_key_every_call_must_present_it() -> None:
+    router = Recording()
+    router.connections["bob"] = 1
+    async with api(router, key=KEY) as address:
+        missing = await call(address, "/api/presence", {"id": "bob"})
+        wrong = await call(
+            address, "/api/presence", {"id": "bob"}, headers={"Authorization": "Bearer nope"}
+        )
+        basic = await call(
+            address, "/api/presence", {"id": "bob"}, headers={"Authorization": f"Basic {KEY!r}"}
+        )
+        right = await call(
+            address,
+            "/api/presence",
+            {"id": "bob"},
+            headers={"Authorization": f"Bearer {KEY.decode()}"},
+        )
+    for status, headers, body in (missing, wrong, basic):
+        assert (status, body["error"]) == (401, "unauthorized")
+        assert headers["www-authenticate"] == 'Bearer realm="relayd"'
+    assert right[0] == 200
+
+
+async def test_disconnect_closes_with_the_code_and_reason_given_or_1008() -> None:
+    router = Recording()
+    router.connections.update({"bob": 2, "carol": 1})
+    async with api(router) as address:
+        bob = await call(address, "/api/disconnect", {"id": "bob"})
+        carol = await call(
+            address, "/api/disconnect", {"id": "carol", "code": 4001, "reason": "banned"}
+        )
+        again = await call(address, "/api/disconnect", {"id": "carol"})
+    assert [answer[2] for answer in (bob, carol, again)] == [
+        {"id": "bob", "disconnected": 2},
+        {"id": "carol", "disconnected": 1},
+        {"id": "carol", "disconnected": 0},
+    ]
+    assert router.calls[:2] == [
+        ("disconnect", "bob", 1008, "disconnected by the server"),
+        ("disconnect", "carol", 4001, "banned"),
+    ]
+
+
+async def test_presence_and_pages_of_ids() -> None:
+    router = Recording()
+    router.connections.update({f"id{n:02}": 1 for n in range(5)} | {"multi": 3})
+    async with api(router) as address:
+        multi = await call(address, "/api/presence", {"id": "multi"})
+        absent = await call(address, "/api/presence", {"id": "nobody"})
+        first = await call(address, "/api/ids", {"limit": 4})
+        rest = await call(address, "/api/ids", {"after": first[2]["next"], "limit": 4})
+        default = await call(address, "/api/ids", b"")
+    assert multi[2] == {"id": "multi", "connected": True, "connections": 3}
+    assert absent[2] == {"id": "nobody", "connected": False, "connections": 0}
+    assert first[2] == {"ids": ["id00", "id01", "id02", "id03"], "next": "id03"}
+    assert rest[2] == {"ids": ["id04", "multi"], "next": None}
+    assert default[2]["ids"] == sorted(router.connections)
+
+
+async def test_the_api_is_post_only_and_says_so() -> None:
+    async with api(Recording()) as address:
+        status, headers, _body = await call(address, "/api/ids", b"", method="GET")
+    assert (status, headers["allow"]) == (405, "POST")
+
+
+async def test_a_router_that_raises_is_a_500_and_an_error_event_not_a_dead_listener() -> None:
+    router = Recording()
+    router.connections["bob"] = 1
+    with structlog.testing.capture_logs() as events:
+        async with api(router) as address:
+            router.fail = True
+            status, _headers, _body = await call(address, "/api/publish", {"to": "b", "message": 1})
+            still = await call(address, "/api/presence", {"id": "bob"})
+    assert status == 500
+    assert still[0] == 200
+    [error] = [event for event in events if event["event"] == "error"]
+    assert error["route"] == "POST /api/publish"
+    assert error["summary"] == "RuntimeError: injected fault"
+
+
+def test_the_key_is_read_from_its_file_without_the_newline(tmp_path: Path) -> None:
+    path = tmp_path / "api.key"
+    path.write_text(KEY.decode() + "\n")
+    assert load_api_key(AdminSettings(api_key_file=str(path))) == KEY
+    assert load_api_key(AdminSettings()) is None
+
+
+@pytest.mark.parametrize("content", ["short\n", "two words " + "k" * 32, ""])
+def test_a_key_too_short_or_not_one_word_is_a_config_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "api.key"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_api_key(AdminSettings(api_key_file=str(path)))
+    assert info.value.key == "admin.api_key_file"
+    assert "at least 32 characters" in info.value.reason
+
+
+def test_a_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_api_key(AdminSettings(api_key_file=str(tmp_path / "absent")))
