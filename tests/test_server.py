@@ -428,6 +428,30 @@ async def test_shutdown_delivers_what_was_accepted_then_closes_with_1001() -> No
         await trio.open_tcp_stream(host, port)
 
 
+async def test_a_new_client_during_a_drain_is_refused_at_connect_not_with_503() -> None:
+    # README: relayd stops listening at once; only handshakes in progress get 503.
+    server = Server(settings())
+    drained = trio.Event()
+
+    async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+        await server.run(task_status=task_status)
+        drained.set()
+
+    async with trio.open_nursery() as nursery:
+        host, port = (await nursery.start(serve))[0]
+        async with await trio.open_tcp_stream(host, port) as silent:
+            await silent.send_all(wire.upgrade_request())
+            await silent.receive_some(4096)  # the 101 (and maybe the id)
+            server.shutdown("test")
+            await trio.testing.wait_all_tasks_blocked()
+            # The drain waits for this client's answer to the 1001 ...
+            assert not drained.is_set()
+            # ... and meanwhile the port is closed.
+            with pytest.raises(OSError):  # noqa: PT011 - any refusal will do: nobody listens
+                await trio.open_tcp_stream(host, port)
+    await drained.wait()
+
+
 @pytest.mark.parametrize("reloaded", [False, True], ids=["at-start", "by-a-reload"])
 async def test_shutdown_is_bounded_by_the_grace_period(reloaded: bool) -> None:
     grace = 0.5

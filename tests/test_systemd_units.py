@@ -37,6 +37,7 @@ SERVICE: Final = SYSTEMD_DIR / "relayd.service"
 SOCKET: Final = SYSTEMD_DIR / "relayd.socket"
 SYSUSERS: Final = SYSTEMD_DIR / "sysusers.d" / "relayd.conf"
 INSTALL: Final = SYSTEMD_DIR / "install.sh"
+OPERATIONS: Final = REPO_ROOT / "docs" / "operations.md"
 UNINSTALL: Final = SYSTEMD_DIR / "uninstall.sh"
 CONFIG: Final = REPO_ROOT / "config" / "relayd.toml"
 
@@ -387,6 +388,22 @@ def test_install_dry_run_prints_each_step_and_changes_nothing() -> None:
     assert commands[0] == "+ systemctl daemon-reload"
     assert "+ systemctl enable relayd.socket relayd.service" in commands
     assert commands[-1] == "+ systemctl restart relayd.service"
+
+
+def test_the_install_transcript_in_operations_md_shows_every_command_the_script_runs() -> None:
+    # docs/operations.md's transcript was captured with the checkout at /home/admin/relayd;
+    # the dry run prints the same commands, bar the build directory's random name.
+    result = run_script(INSTALL, "--dry-run")
+    assert result.returncode == 0, result.stderr
+
+    def commands(text: str) -> list[str]:
+        lines = [line for line in text.splitlines() if line.startswith("+ ")]
+        return [re.sub(r"relayd-build\.\w+", "relayd-build.X", line) for line in lines]
+
+    install = OPERATIONS.read_text().split("\n## Install\n", 1)[1].split("```text\n", 1)[1]
+    documented = commands(install.split("```", 1)[0])
+    ran = commands(result.stdout.replace(str(REPO_ROOT), "/home/admin/relayd"))
+    assert documented == ran
 
 
 def test_install_keeps_the_operators_config() -> None:
