@@ -27,7 +27,7 @@ import trio
 from relayd import __version__
 from relayd.config import DEFAULT_CONFIG_PATH, Settings, settings_as_json
 from relayd.config_sources import CONFIG_VARIABLE, Loaded, load
-from relayd.daemon.credentials import load_authenticator, load_tls
+from relayd.daemon.credentials import load_api_key, load_authenticator, load_tls
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
@@ -116,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = loaded.settings
         authenticator = load_authenticator(settings.auth)
         tls = load_tls(settings.tls)
+        api_key = load_api_key(settings.admin)
         activated = listen_sockets()
     except ConfigError as exc:
         for problem in exc.problems:
@@ -131,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_logger().warning(
             "config.ignored", variable=variable.name, did_you_mean=variable.suggestion
         )
-    server = Server(settings, authenticator=authenticator, tls=tls, config_file=loaded.path)
+    server = Server(
+        settings, authenticator=authenticator, tls=tls, config_file=loaded.path, api_key=api_key
+    )
     return trio.run(
         functools.partial(
             run_daemon,

@@ -40,6 +40,7 @@ from relayd import __version__
 from relayd.config import Settings
 from relayd.daemon.addresses import show
 from relayd.daemon.admin import serve_admin
+from relayd.daemon.api import api_routes
 from relayd.daemon.gate import Gate
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
@@ -68,6 +69,8 @@ class Server:
             Build it with :func:`relayd.daemon.credentials.load_tls`.
         config_file: the config file the settings were read from, for
             ``server.start``; None when none was.
+        api_key: the server API's key (:func:`relayd.daemon.credentials.load_api_key`);
+            None serves the API without one (the config allows that on loopback only).
     """
 
     def __init__(
@@ -79,9 +82,11 @@ class Server:
         authenticator: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
         config_file: Path | None = None,
+        api_key: bytes | None = None,
     ) -> None:
         self._settings = settings
         self._config_file = config_file
+        self._api_key = api_key
         self._log_format = settings.log.format
         self._tls = tls
         self._log = log or get_logger()
@@ -244,8 +249,20 @@ class Server:
                 root.start_soon(flush_held_lines)
                 await root.start(self._router.run)
                 if admin_listeners:
+                    api = api_routes(
+                        self._router,
+                        # As in force now: a reload may change it.
+                        max_message_bytes=lambda: self._settings.limits.max_message_bytes,
+                        key=self._api_key,
+                    )
                     await root.start(
-                        serve_admin, admin_listeners, self.registry, lambda: self.ready
+                        functools.partial(
+                            serve_admin,
+                            admin_listeners,
+                            self.registry,
+                            lambda: self.ready,
+                            routes=api,
+                        )
                     )
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as accepting:

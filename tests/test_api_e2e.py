@@ -1,0 +1,117 @@
+"""The server API against a whole relayd: real clients in both dialects, real HTTP calls.
+
+A backend publishes to clients of either dialect, asks who is connected, and disconnects
+one; the clients see it as they see anything else relayd sends them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+from pydantic import SecretStr
+
+from relayd.config import AuthSettings
+from relayd.daemon.credentials import load_authenticator
+from relayd.daemon.server import Server
+from tests.client import connect, running, settings
+from tests.test_api import KEY, call
+
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+
+
+def with_tokens() -> Server:
+    """A server whose clients authenticate as alice or bob (one id, several connections)."""
+    auth = AuthSettings(mode="token", tokens={s: SecretStr(t) for s, t in TOKENS.items()})
+    return Server(
+        settings().model_copy(update={"auth": auth}), authenticator=load_authenticator(auth)
+    )
+
+
+def bearer(subject: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {TOKENS[subject]}")]
+
+
+async def test_a_publish_reaches_clients_of_both_dialects_from_the_server() -> None:
+    server = Server(settings())
+    async with running(server) as url:
+        admin = server.admin_address
+        assert admin is not None
+        async with connect(url) as seed, connect(url, v1=True) as v1:
+            text = await call(admin, "/api/publish", {"to": seed.id, "message": "hello"})
+            obj = await call(admin, "/api/publish", {"to": v1.id, "message": {"n": 1}})
+            assert (text[0], text[2], obj[0], obj[2]) == (
+                200,
+                {"outcome": "delivered"},
+                200,
+                {"outcome": "delivered"},
+            )
+            assert await seed.recv() == "hello"
+            assert await v1.recv_json() == {"type": "message", "from": "", "message": {"n": 1}}
+            # A client answering the server reaches nobody: "" is no client's id.
+            await v1.send("", "thanks")
+            assert (await v1.recv_json())["error"] == "invalid_envelope"
+        gone = await call(admin, "/api/publish", {"to": seed.id, "message": "late"})
+        assert gone[0] == 404
+
+
+async def test_presence_counts_every_connection_of_an_id_and_ids_lists_them() -> None:
+    server = with_tokens()
+    async with running(server) as url:
+        admin = server.admin_address
+        assert admin is not None
+        async with (
+            connect(url, headers=bearer("alice")),
+            connect(url, headers=bearer("alice")),
+            connect(url, headers=bearer("bob"), v1=True),
+        ):
+            alice = await call(admin, "/api/presence", {"id": "alice"})
+            assert alice[2] == {"id": "alice", "connected": True, "connections": 2}
+            page = await call(admin, "/api/ids", {"limit": 1})
+            assert page[2] == {"ids": ["alice"], "next": "alice"}
+            rest = await call(admin, "/api/ids", {"after": "alice"})
+            assert rest[2] == {"ids": ["bob"], "next": None}
+
+
+async def test_a_disconnect_closes_every_connection_of_the_id_with_the_code_given() -> None:
+    server = with_tokens()
+    async with running(server) as url:
+        admin = server.admin_address
+        assert admin is not None
+        async with (
+            connect(url, headers=bearer("alice")) as one,
+            connect(url, headers=bearer("alice"), v1=True) as two,
+            connect(url, headers=bearer("bob")) as bob,
+        ):
+            answer = await call(
+                admin, "/api/disconnect", {"id": "alice", "code": 4001, "reason": "suspended"}
+            )
+            assert answer[2] == {"id": "alice", "disconnected": 2}
+            for client in (one, two):
+                assert await client.until_closed() == ([], 4001)
+            closed = getattr(one.ws.closed, "reason", None)
+            assert closed == "suspended"
+            await trio.testing.wait_all_tasks_blocked()
+            after = await call(admin, "/api/presence", {"id": "alice"})
+            assert after[2]["connections"] == 0
+            # Others are untouched.
+            await bob.send("bob", "still here")
+            assert await bob.recv() == "still here"
+
+
+async def test_a_server_with_a_key_refuses_calls_without_it() -> None:
+    server = Server(settings(), api_key=KEY)
+    async with running(server) as url:
+        admin = server.admin_address
+        assert admin is not None
+        async with connect(url) as client:
+            refused = await call(admin, "/api/publish", {"to": client.id, "message": 1})
+            allowed = await call(
+                admin,
+                "/api/publish",
+                {"to": client.id, "message": 1},
+                headers={"Authorization": f"Bearer {KEY.decode()}"},
+            )
+            assert (refused[0], allowed[0]) == (401, 200)
+            assert await client.recv() == "1"
+    assert json.dumps(refused[2]).count("unauthorized") == 1
