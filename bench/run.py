@@ -65,7 +65,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from report import Cell, Scenario, bytes_per_connection, render, summarize
 
@@ -169,9 +169,9 @@ class ServerProcess:
         )
         self.port = 0
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait for the server.ready line and learn the port; raise if it never comes."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.spec.name} exited {self.proc.returncode}: {self.tail()}")
@@ -187,10 +187,14 @@ class ServerProcess:
         """The end of the server's stderr, for error messages."""
         return self._err_path.read_text(errors="replace")[-2000:]
 
+    def cpu_times(self) -> tuple[float, float]:
+        """CPU seconds the server has used so far, (user, system), all its threads."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the server has used so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return sum(self.cpu_times())
 
     def rss_kib(self) -> int:
         """Resident set size in KiB."""
@@ -375,14 +379,34 @@ def per_operation(kind: str, result: dict[str, Any], cpu_s: float) -> dict[str, 
     return {name: cpu_s / done * 1e6}
 
 
+class WindowHooks(Protocol):
+    """What :func:`run_cell` calls at the edges of the generator's measured window."""
+
+    def started(self) -> None:
+        """The window has opened (after the server's CPU was read)."""
+
+    def ended(self) -> None:
+        """The window has closed (before the server's CPU is read)."""
+
+
 def _reader(stream: Any, lines: queue.Queue[str | None]) -> None:
     for line in stream:
         lines.put(line)
     lines.put(None)
 
 
-def run_cell(plan: Plan, server: ServerProcess, scenario: Scenario, rnd: int) -> Cell:
-    """Run the generator once against ``server``; the cell's result, or its error."""
+def run_cell(
+    plan: Plan,
+    server: ServerProcess,
+    scenario: Scenario,
+    rnd: int,
+    hooks: WindowHooks | None = None,
+) -> Cell:
+    """Run the generator once against ``server``; the cell's result, or its error.
+
+    ``hooks`` (bench/profile_relayd.py's profilers) are called as the measured window opens
+    and closes.
+    """
     params = dict(scenario.params)
     # Handshakes of slow servers (200/s), the windows, and closing thousands of connections.
     budget = 60.0 + connections_of(params) / 200
@@ -428,7 +452,11 @@ def run_cell(plan: Plan, server: ServerProcess, scenario: Scenario, rnd: int) ->
             kind = event.get("event")
             if kind == "measure.start":
                 start = Probe.take(server, plan.server_cpu)
+                if hooks is not None:
+                    hooks.started()
             elif kind == "measure.end":
+                if hooks is not None:
+                    hooks.ended()
                 end = Probe.take(server, plan.server_cpu)
             elif kind == "held":
                 time.sleep(plan.idle_settle_s)

@@ -407,23 +407,31 @@ def test_relayd_logs_each_message_only_with_logging_on(quick_run: QuickRun) -> N
 # -- the full run's plan, and the report's pure parts -------------------------------------------
 
 
+def _load(monkeypatch: pytest.MonkeyPatch, name: str, module_name: str) -> ModuleType:
+    """bench/NAME.py imported as ``module_name``, in sys.modules until the test ends."""
+    spec = importlib.util.spec_from_file_location(module_name, BENCH_DIR / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, module_name, module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
 def _bench_modules(monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, ModuleType]:
     """bench/report.py and bench/run.py, imported for one test: ``(report, run)``.
 
     run.py imports report.py as the top-level module ``report``; both leave sys.modules
     when the test ends.
     """
+    return _load(monkeypatch, "report", "report"), _load(monkeypatch, "run", "bench_run")
 
-    def load(name: str, module_name: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(module_name, BENCH_DIR / f"{name}.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, module_name, module)  # dataclasses look it up
-        spec.loader.exec_module(module)
-        return module
 
-    return load("report", "report"), load("run", "bench_run")
+def _profiler_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/profile_relayd.py, which imports report.py and run.py by those names."""
+    _, run = _bench_modules(monkeypatch)
+    monkeypatch.setitem(sys.modules, "run", run)
+    return _load(monkeypatch, "profile_relayd", "bench_profile_relayd")
 
 
 def test_dry_run_plans_every_full_scenario_within_the_fd_limit() -> None:
@@ -609,3 +617,117 @@ def test_server_cpu_is_divided_by_the_operations_of_the_window(
 ) -> None:
     _, run = _bench_modules(monkeypatch)
     assert run.per_operation(kind, result, 0.5) == pytest.approx(expected)
+
+
+# -- bench/profile_relayd.py ---------------------------------------------------------------
+
+
+PROFILE_PY: Final = BENCH_DIR / "profile_relayd.py"
+
+
+@pytest.mark.e2e
+def test_profiler_counts_trio_rounds_and_tasks_of_lone_messages(tmp_path: Path) -> None:
+    require_tool("node")
+    require_tool("taskset")
+    server_cpu, gen_cpu = _cores()
+    out = tmp_path / "profile"
+    argv = [sys.executable, str(PROFILE_PY), "counts", "--pairs", "5", "--rate", "50"]
+    argv += ["--duration", "1", "--out", str(out)]
+    argv += ["--server-cpu", str(server_cpu), "--gen-cpu", str(gen_cpu)]
+    done = subprocess.run(
+        argv, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads((out / "profile.json").read_text())
+    assert found == json.loads(done.stdout), "the figures printed are not profile.json's"
+    assert found["op"] == "message"
+    assert found["operations"] > 0
+    assert found["generator"]["lost"] == 0
+    # A message wakes relayd at least once and passes through its reader and its router.
+    assert found["rounds_per_op"] >= 1, found
+    steps = found["task_steps_per_op_by_task"]
+    assert any(task.endswith("LocalRouter.run") for task in steps), steps
+    assert found["task_steps_per_op"] >= 2, found
+    assert found["gc_tracked_objects"] > 0
+    assert found["command"].startswith(".venv/bin/python bench/profile_relayd.py counts")
+
+
+def test_profiler_reads_perf_stat_strace_and_callgrind_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    profiler = _profiler_module(monkeypatch)
+    perf = (
+        "# started on Wed Dec  2 15:27:02 2026\n\n"
+        "1472.41,msec,task-clock,1472413831,100.00,0.148,CPUs utilized\n"
+        "3933,,context-switches,1472413831,100.00,2.671,K/sec\n"
+        "0,,cpu-migrations,1472413831,100.00,0.000,/sec\n"
+    )
+    assert profiler.parse_perf_stat(perf) == {
+        "task-clock": 1472.41,
+        "context-switches": 3933.0,
+        "cpu-migrations": 0.0,
+    }
+    strace = (
+        "syscall              calls    errors\n"
+        "---------------- --------- ---------\n"
+        "recvfrom              1969       984\n"
+        "sendto                 956          \n"
+        "---------------- --------- ---------\n"
+        "total                 2925       984\n"
+    )
+    assert profiler.parse_strace_summary(strace) == (
+        {"recvfrom": 1969, "sendto": 956},
+        {"recvfrom": 984},
+    )
+    lib = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"
+    libc = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+    src = "/tmp/python-build/Python-3.11.7"
+    callgrind = (
+        "Ir\n386,725,002 (100.0%)  PROGRAM TOTALS\n\nIr  file:function\n"
+        f"123,409,876 (31.91%)  {src}/Python/ceval.c:_PyEval_EvalFrameDefault'2 [{lib}]\n"
+        f"  1,000,000 ( 0.26%)  {src}/Python/ceval.c:_PyEval_EvalFrameDefault [{lib}]\n"
+        f"  3,926,970 ( 1.02%)  {src}/./Include/internal/pycore_frame.h:_PyFrame_Push\n"
+        f"  2,622,000 ( 0.68%)  ???:__memcpy_avx_unaligned_erms [{libc}]\n"
+    )
+    total, by_function, by_object = profiler.parse_callgrind_annotate(callgrind)
+    assert total == 386_725_002
+    # A recursion level ('2) is the same function; inlined header code is the interpreter's.
+    assert by_function["_PyEval_EvalFrameDefault [libpython3.11.so.1.0]"] == 124_409_876
+    assert by_function["_PyFrame_Push [libpython (inlined)]"] == 3_926_970
+    assert by_object == {
+        "libpython3.11.so.1.0": 124_409_876,
+        "libpython (inlined)": 3_926_970,
+        "libc.so.6": 2_622_000,
+    }
+
+
+@pytest.mark.parametrize(
+    ("stack", "place"),
+    [
+        pytest.param(
+            "main (relayd/cli.py:135);run (trio/_core/_run.py:2532);"
+            "Connection._write (relayd/daemon/connection.py:564);"
+            "SocketStream.send_all (trio/_highlevel_socket.py:123);"
+            "_SocketType._nonblocking_helper (trio/_socket.py:1050)",
+            "socket reads and writes (the system calls)",
+            id="a-write-is-the-socket's-whatever-called-it",
+        ),
+        pytest.param(
+            "run (trio/_core/_run.py:2532);LocalRouter.run (relayd/routing/local.py:119);"
+            "write_line (relayd/telemetry/log.py:249)",
+            "logging",
+            id="a-log-line-written-by-the-router-is-logging",
+        ),
+        pytest.param(
+            "run (trio/_core/_run.py:2532);unrolled_run (trio/_core/_run.py:2866)",
+            "trio: scheduling, checkpoints, cancel scopes, channels",
+            id="the-run-loop",
+        ),
+        pytest.param("_run_code (<frozen runpy>:88)", "other", id="elsewhere"),
+    ],
+)
+def test_profiler_places_a_sample_by_its_innermost_known_frame(
+    monkeypatch: pytest.MonkeyPatch, stack: str, place: str
+) -> None:
+    profiler = _profiler_module(monkeypatch)
+    assert profiler.place_of(stack) == place
