@@ -6,8 +6,9 @@ catches it never has to decide (h11's and wsproto's split: "the peer
 misbehaved" errors carry the reply)::
 
     RelaydError
-    ├── ProtocolError      the client broke RFC 6455: close with .code (1002,
-    │                      1007, 1009) and .reason, at once
+    ├── ProtocolError      the client broke RFC 6455, or sent frames faster than
+    │                      paced: close with .code (1002, 1007, 1009, 1008) and
+    │                      .reason, at once
     ├── EnvelopeError      a client message relayd cannot relay: answered with an
     │                      error frame (.code, .detail, .ref); the connection stays
     ├── RouterClosed       the router is shutting down: the connection drains
@@ -70,12 +71,13 @@ class RelaydError(Exception):
 
 
 class ProtocolError(RelaydError):
-    """The client broke RFC 6455; close the connection with :attr:`code`.
+    """The client broke RFC 6455 (or its frame pacing); close the connection with :attr:`code`.
 
     Raised by :class:`~relayd.wire.frames.FrameParser`.
 
     Attributes:
-        code: the close code to send (1002, 1007 or 1009).
+        code: the close code to send (1002, 1007, 1009; 1008 for frames past
+            the pacing budget).
         reason: the close reason to send, short enough for a close frame.
         parsed: what the parser completed before the violation, in the same
             read; served before the close.

@@ -98,8 +98,17 @@ def test_the_wire_protocol_and_policies_import_no_trio(name: str) -> None:
     assert not {t for t in imports(ALL[name]) if t.split(".")[0] in {"trio", "trio_websocket"}}
 
 
-@pytest.mark.parametrize("name", ["relayd.routing.table", "relayd.routing.outbox"])
-def test_the_routing_decisions_and_the_outbox_are_pure(name: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "relayd.routing.table",
+        "relayd.routing.outbox",
+        "relayd.routing.replies",
+        "relayd.daemon.intake",
+        "relayd.telemetry.messages",
+    ],
+)
+def test_the_routing_decisions_the_outbox_and_the_intake_are_pure(name: str) -> None:
     assert not {t for t in imports(ALL[name]) if t.split(".")[0] == "trio"}
 
 
@@ -107,7 +116,11 @@ def test_the_routing_decisions_and_the_outbox_are_pure(name: str) -> None:
 def test_only_the_routing_package_knows_a_router_by_its_class(name: str) -> None:
     # Everything else sees routers through relayd.routing.interface, and the
     # daemon gets its router from relayd.routing.factory.
-    assert not {t for t in imports(ALL[name]) if t.startswith("relayd.routing.local")}
+    assert not {
+        t
+        for t in imports(ALL[name])
+        if t.startswith(("relayd.routing.local", "relayd.routing.cluster"))
+    }
 
 
 @pytest.mark.parametrize("name", sorted(n for n in ALL if layer(n) == "client"))

@@ -24,7 +24,7 @@ from structlog.typing import EventDict
 from relayd.errors import RouterClosed
 from relayd.routing.interface import Relay, Reply
 from relayd.routing.local import LocalRouter
-from relayd.routing.outbox import Outbox
+from relayd.routing.outbox import Offer, Outbox
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, decode_envelope
@@ -44,6 +44,7 @@ class Conn:
         self.conn = next(CONN_NUMBERS)
         self.outbox = Outbox(capacity)
         self.detached = False
+        self.full = False  # a delivery was refused for want of room
         self.disconnected: list[tuple[int, str]] = []
 
     @property
@@ -51,7 +52,9 @@ class Conn:
         return self
 
     def deliver(self, frame: bytes) -> bool:
-        return self.outbox.offer(frame)
+        offered = self.outbox.offer(frame)
+        self.full = offered is Offer.FULL
+        return offered is Offer.QUEUED
 
     def reply(self, frame: bytes | None) -> None:
         self.outbox.reply(frame)
@@ -66,6 +69,12 @@ class Conn:
     def frames(self) -> list[str]:
         """Take every frame waiting in the outbox (closed or not); all are text here."""
         return [text_of(frame) for frame in self.outbox.take()]
+
+
+def every_item_answered(conn: Conn) -> bool:
+    """Whether the router answered each item of ``conn``'s (a reply or None) exactly once."""
+    conn.outbox.close()
+    return conn.outbox.settled and conn.outbox.dropped == 0
 
 
 def relay(sender: Conn, frame: str) -> Relay:
@@ -130,6 +139,7 @@ async def test_relay_to_seed_and_v1_recipients_in_their_formats(
     assert bob.frames() == ["hi bob", '{"n": [1, 2]}']
     assert carol.frames() == ['{"type":"message","from":"alice","message":{"n": [1, 2]}}']
     assert alice.frames() == []  # no ref, so no ack
+    assert every_item_answered(alice)
 
 
 async def test_seed_sender_to_v1_recipient(logs: list[EventDict]) -> None:
@@ -143,6 +153,7 @@ async def test_seed_sender_to_v1_recipient(logs: list[EventDict]) -> None:
         {"type": "message", "from": "sam", "message": "yo"}
     ]
     assert sam.frames() == []  # the seed dialect has no acks
+    assert every_item_answered(sam)
 
 
 @pytest.mark.parametrize("ref", ['"r-1"', "0", "42"])
@@ -189,10 +200,10 @@ async def test_full_outbox_busy_until_its_writer_takes(logs: list[EventDict]) ->
     await router.register(bob.peer)
     async with running(router):
         await route(router, relay(alice, '{"to": "bob", "message": 1, "ref": "a"}'))
-        assert not bob.outbox.refusing
+        assert not bob.full
         await route(router, relay(alice, '{"to": "bob", "message": 2, "ref": "b"}'))
         await route(router, relay(alice, '{"to": "bob", "message": 3, "ref": "c"}'))
-        assert bob.outbox.refusing  # its connection's slow-consumer clock runs
+        assert bob.full  # its connection's slow-consumer clock runs
         assert [json.loads(f) for f in alice.frames()] == [
             {"type": "ack", "ref": "a"},
             {
@@ -209,9 +220,9 @@ async def test_full_outbox_busy_until_its_writer_takes(logs: list[EventDict]) ->
             },
         ]
 
-        assert bob.frames() == ["1"]  # the writer takes what waits: the clock stops
-        assert not bob.outbox.refusing
+        assert bob.frames() == ["1"]  # the writer takes what waits: room again
         await route(router, relay(alice, '{"to": "bob", "message": 4, "ref": "d"}'))
+        assert not bob.full
         assert [json.loads(f) for f in alice.frames()] == [{"type": "ack", "ref": "d"}]
         assert bob.frames() == ["4"]
 
@@ -284,6 +295,7 @@ async def test_close_then_run_delivers_queued_and_closes_outboxes(
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED)
     await router.register(alice.peer)
     await router.register(bob.peer)
+    assert alice.outbox.reserve(2)  # as its reader would, one slot per item
     await router.route([relay(alice, '{"to": "bob", "message": "last", "ref": "r"}')])
     await router.route([Reply(alice.peer, text_frame(b"reply"))])
     router.close()
@@ -292,6 +304,7 @@ async def test_close_then_run_delivers_queued_and_closes_outboxes(
     assert (bob.detached, alice.detached) == (True, True)
     assert bob.frames() == ["last"]
     assert alice.frames() == ['{"type":"ack","ref":"r"}', "reply"]
+    assert (alice.outbox.settled, bob.outbox.settled) == (True, True)  # every slot answered
     assert router.routes == 0
 
 

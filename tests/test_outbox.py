@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.routing.outbox import Outbox
+from relayd.routing.outbox import Offer, Outbox
 
 CAPACITY = 3
 
@@ -24,47 +24,26 @@ def make(capacity: int = CAPACITY) -> Outbox:
 # --- deliveries ---------------------------------------------------------------------------------
 
 
-def test_new_outbox_is_open_empty_and_not_refusing() -> None:
+def test_new_outbox_is_open_and_empty() -> None:
     box = make()
-    assert (box.closed, len(box), box.has_frames(), box.refusing, box.dropped) == (
-        False,
-        0,
-        False,
-        False,
-        0,
-    )
+    assert (box.closed, len(box), box.has_frames(), box.dropped) == (False, 0, False, 0)
 
 
-def test_offer_queues_deliveries_up_to_capacity_then_refuses() -> None:
+def test_offer_queues_deliveries_up_to_capacity_then_says_full() -> None:
     box = make()
-    assert [box.offer(b"d%d" % i) for i in range(CAPACITY)] == [True] * CAPACITY
+    assert [box.offer(b"d%d" % i) for i in range(CAPACITY)] == [Offer.QUEUED] * CAPACITY
     assert len(box) == CAPACITY
-    assert not box.refusing
-    assert box.offer(b"one too many") is False
-    assert box.refusing
+    assert box.offer(b"one too many") is Offer.FULL
     assert len(box) == CAPACITY
     assert box.take() == [b"d0", b"d1", b"d2"]
 
 
-def test_take_ends_refusing_and_makes_room() -> None:
+def test_take_makes_room_for_deliveries_again() -> None:
     box = make(capacity=1)
-    assert box.offer(b"a")
-    assert not box.offer(b"refused")
-    assert box.refusing
+    assert box.offer(b"a") is Offer.QUEUED
+    assert box.offer(b"refused") is Offer.FULL
     assert box.take() == [b"a"]
-    assert not box.refusing
-    assert box.offer(b"room again")
-    assert not box.refusing
-
-
-def test_a_take_of_nothing_ends_refusing_too() -> None:
-    # The writer took everything in between: the clock is about progress.
-    box = make(capacity=1)
-    box.offer(b"a")
-    box.offer(b"refused")
-    box.take()
-    box.take()
-    assert not box.refusing
+    assert box.offer(b"room again") is Offer.QUEUED
 
 
 # --- reply slots --------------------------------------------------------------------------------
@@ -81,8 +60,8 @@ def test_reserve_takes_up_to_capacity_reply_slots() -> None:
 def test_reply_slots_are_independent_of_deliveries() -> None:
     box = make()
     for i in range(CAPACITY):
-        assert box.offer(b"d%d" % i)
-    assert not box.offer(b"refused")
+        assert box.offer(b"d%d" % i) is Offer.QUEUED
+    assert box.offer(b"refused") is Offer.FULL
     assert box.reserve(CAPACITY)
     assert [box.reply(b"r%d" % i) for i in range(CAPACITY)] == [True] * CAPACITY
     assert len(box) == 2 * CAPACITY
@@ -94,7 +73,7 @@ def test_replies_do_not_use_up_room_for_deliveries() -> None:
     assert box.reserve(CAPACITY)
     for i in range(CAPACITY):
         box.reply(b"r%d" % i)
-    assert [box.offer(b"d%d" % i) for i in range(CAPACITY)] == [True] * CAPACITY
+    assert [box.offer(b"d%d" % i) for i in range(CAPACITY)] == [Offer.QUEUED] * CAPACITY
 
 
 def test_reply_none_frees_its_slot_and_queues_nothing() -> None:
@@ -163,7 +142,7 @@ def test_control_frames_are_outside_the_bounds_and_len() -> None:
         box.control(b"pong%d" % i)
     assert len(box) == 0
     assert box.has_frames()
-    assert [box.offer(b"d%d" % i) for i in range(CAPACITY)] == [True] * CAPACITY
+    assert [box.offer(b"d%d" % i) for i in range(CAPACITY)] == [Offer.QUEUED] * CAPACITY
     assert box.reserve(CAPACITY)
     assert len(box) == CAPACITY
 
@@ -193,11 +172,11 @@ def test_take_takes_up_to_64_kib_at_least_one_frame() -> None:
     box = make(capacity=4)
     big = b"b" * (32768 + 1)
     for frame in (big, big, b"s1", b"s2"):
-        assert box.offer(frame)
+        assert box.offer(frame) is Offer.QUEUED
     assert box.take() == [big]  # two would pass 64 KiB
     assert box.take() == [big, b"s1", b"s2"]
     huge = b"h" * (65536 * 2)
-    assert box.offer(huge)
+    assert box.offer(huge) is Offer.QUEUED
     assert box.take() == [huge]  # alone over the budget: still taken
 
 
@@ -207,13 +186,13 @@ def test_a_partial_take_frees_the_slots_of_the_replies_it_took_and_no_more() -> 
     assert box.reserve(2)
     box.reply(big)
     box.reply(big)
-    assert box.offer(b"d1")
+    assert box.offer(b"d1") is Offer.QUEUED
     assert not box.reserve(1)  # both reply slots hold unwritten replies
     assert box.take() == [big]
     assert box.reserve(1)  # the reply taken freed its slot, the other still holds one
     assert not box.reserve(1)
     assert box.offer(b"d2")  # one delivery of two queued: room for another
-    assert not box.offer(b"d3")
+    assert box.offer(b"d3") is Offer.FULL
     assert box.take() == [big]
     assert box.take() == [b"d1", b"d2"]
 
@@ -222,8 +201,8 @@ def test_a_partial_take_of_deliveries_leaves_replies_counted_as_replies() -> Non
     # A delivery taken must free a delivery's room, never a reply slot.
     box = make(capacity=2)
     big = b"d" * 65536
-    assert box.offer(big)
-    assert box.offer(big)
+    assert box.offer(big) is Offer.QUEUED
+    assert box.offer(big) is Offer.QUEUED
     assert box.reserve(2)
     box.reply(b"r1")
     box.reply(b"r2")
@@ -241,8 +220,7 @@ def test_close_refuses_deliveries_but_takes_replies_already_reserved() -> None:
     assert box.reserve(2)
     box.close()
     assert box.closed
-    assert not box.offer(b"late delivery")
-    assert not box.refusing  # a refusal after close is not a slow consumer
+    assert box.offer(b"late delivery") is Offer.CLOSED  # not a slow consumer: it is leaving
     assert box.reply(b"decided reply") is True
     assert not box.settled  # one reply still to come
     box.reply(None)
@@ -276,7 +254,7 @@ def test_discard_drops_everything_and_counts_the_messages() -> None:
     assert box.reply(b"late ack") is False  # decided after the discard: dropped too
     assert box.dropped == 4
     assert not box.control(b"late pong")
-    assert not box.offer(b"late delivery")
+    assert box.offer(b"late delivery") is Offer.CLOSED
     assert box.take() == []
 
 
@@ -304,44 +282,45 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(ops=operations)
 def test_outbox_matches_a_model_of_its_bounds(ops: list[tuple[str, int]]) -> None:
     box = make()
     frames: list[bytes] = []
     control: list[bytes] = []
     deliveries = replies = reserved = dropped = 0
-    closed = discarded = refusing = False
+    closed = discarded = False
     for i, (op, arg) in enumerate(ops):
         frame = b"%s-%d" % (op.encode(), i)
         if op == "offer":
-            room = not closed and deliveries < CAPACITY
-            assert box.offer(frame) is room
-            if room:
+            expected = (
+                Offer.CLOSED if closed else Offer.FULL if deliveries >= CAPACITY else Offer.QUEUED
+            )
+            assert box.offer(frame) is expected
+            if expected is Offer.QUEUED:
                 frames.append(frame)
                 deliveries += 1
-            elif not closed:
-                refusing = True
         elif op == "reserve":
             room = closed or reserved + replies + arg <= CAPACITY
             assert box.reserve(arg) is room
             reserved += arg if room else 0
-        elif op == "reply" and reserved:
-            reserved -= 1
-            queued = bool(arg) and not discarded
+        elif op == "reply":
+            # With no slot reserved, a reply is a router's bug: dropped, counted.
+            queued = bool(arg) and bool(reserved) and not discarded
             assert box.reply(frame if arg else None) is queued
             if queued:
                 frames.append(frame)
                 replies += 1
             elif arg:
                 dropped += 1
+            reserved = max(0, reserved - 1)
         elif op == "control":
             assert box.control(frame) is not discarded
             if not discarded:
                 control = [*control, frame][-16:]
         elif op == "take":
             assert box.take() == control + frames
-            frames, control, deliveries, replies, refusing = [], [], 0, 0, False
+            frames, control, deliveries, replies = [], [], 0, 0
         elif op == "close":
             box.close()
             closed = True
@@ -351,6 +330,18 @@ def test_outbox_matches_a_model_of_its_bounds(ops: list[tuple[str, int]]) -> Non
             frames, control, deliveries, replies = [], [], 0, 0
             closed = discarded = True
         assert len(box) == len(frames)
-        assert box.refusing is refusing
         assert box.dropped == dropped
         assert box.settled is (closed and not reserved and not frames and not control)
+
+
+def test_a_reply_without_a_reserved_slot_is_dropped_and_upsets_no_bound() -> None:
+    box = make()
+    assert box.reply(b"stray") is False
+    assert box.reply(None) is False
+    assert box.dropped == 1
+    assert box.reserve(CAPACITY)  # every slot is still there
+    box.close()
+    box.reply(None)
+    box.reply(None)
+    box.reply(None)
+    assert box.settled

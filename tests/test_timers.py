@@ -13,7 +13,7 @@ LIMITS = LimitsSettings(idle_timeout_s=100.0, ping_interval_s=30.0, pong_timeout
 
 
 def timers(limits: LimitsSettings = LIMITS, slow_s: float = 10.0) -> Timers:
-    return Timers(limits, 0.0, slow_s)
+    return Timers(limits.model_copy(update={"slow_consumer_timeout_s": slow_s}), 0.0)
 
 
 def test_the_first_deadline_is_the_first_ping() -> None:

@@ -51,7 +51,7 @@ from relayd.errors import RouterClosed
 from relayd.policy.ratelimit import FramePacer
 from relayd.policy.timers import Timers
 from relayd.routing.interface import Router
-from relayd.routing.outbox import Outbox
+from relayd.routing.outbox import Offer, Outbox
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, welcome_payload
@@ -89,9 +89,6 @@ class Connection:
         events: where the outcomes of messages refused here are recorded.
         log: a logger already bound with nothing connection-specific.
         stats: the counters to add to (refusals, closes, bytes).
-        peer_address: ``host:port`` of the client, for logs.
-        origin: the ``Origin`` header, if any, for logs.
-        user_agent: the ``User-Agent`` header, if any, for logs.
     """
 
     __slots__ = (
@@ -101,7 +98,6 @@ class Connection:
         "_lifecycle",
         "_live",
         "_log",
-        "_open_fields",
         "_reader",
         "_registered",
         "_router",
@@ -130,9 +126,6 @@ class Connection:
         events: MessageEvents,
         log: structlog.typing.FilteringBoundLogger,
         stats: Stats,
-        peer_address: str,
-        origin: str | None = None,
-        user_agent: str | None = None,
     ) -> None:
         self._transport = transport
         self._router = router
@@ -146,40 +139,30 @@ class Connection:
         self.client_id = client_id
         self.dialect = dialect
         self.conn = conn
-        self._open_fields: dict[str, object] | None = {
-            "conn": conn,
-            "id": client_id,
-            "peer": peer_address,
-            "origin": origin,
-            "dialect": "echo" if echo else dialect.value,
-            "user_agent": user_agent,
-        }
         # Sized once, for the connection's life.
         self.outbox = Outbox(current.outbox_messages)
         self._lifecycle = Lifecycle()
         now = self._started = trio.current_time()
-        self._timers = Timers(current, now, current.slow_consumer_timeout_s)
-        self._writer = Writer(
-            transport, self.outbox, self._lifecycle, self._timers, self._stop_reading
-        )
+        self._timers = Timers(current, now)
+        self._writer = Writer(transport, self.outbox, self._lifecycle, self._timers, self._gone)
         self._reader = Reader(
             self,
-            transport,
-            early,
+            transport=transport,
+            early=early,
             # The frame size cap is fixed for the connection's life: it bounds
             # the memory its parser may hold. A reload that lowers
             # max_message_bytes reaches it as message_too_large instead.
-            FrameParser(current.max_message_bytes),
+            parser=FrameParser(current.max_message_bytes),
             # Fixed for the connection's life, like the parser it paces.
-            FramePacer(current.frames_per_second, current.frame_burst, now),
-            Intake(self, limits, events, stats, now, echo=echo),
-            router,
-            self.outbox,
-            self._writer,
-            self._timers,
-            self._lifecycle,
-            limits,
-            log,
+            pacer=FramePacer(current.frames_per_second, current.frame_burst, now),
+            intake=Intake(self, limits, events, stats, now, echo=echo),
+            router=router,
+            outbox=self.outbox,
+            writer=self._writer,
+            timers=self._timers,
+            lifecycle=self._lifecycle,
+            limits=limits,
+            log=log,
         )
         # The nursery the writer runs in, once it is open, and the deadline for
         # the writer to finish once relayd has decided to close.
@@ -200,11 +183,11 @@ class Connection:
 
     def deliver(self, frame: bytes) -> bool:
         """Offer a message from another client; never waits (see ``Peer.deliver``)."""
-        outbox = self.outbox
-        if outbox.offer(frame):
-            self._writer.frames_arrived()
+        offered = self.outbox.offer(frame)
+        if offered is Offer.QUEUED:
+            self._writer.wake()
             return True
-        if outbox.refusing:
+        if offered is Offer.FULL:
             # The router must not wait: this only starts the slow-consumer clock.
             deadline = self._timers.refused(trio.current_time())
             if deadline is not None:
@@ -214,7 +197,7 @@ class Connection:
     def reply(self, frame: bytes | None) -> None:
         """Fill a reserved reply slot (see ``Peer.reply``)."""
         if self.outbox.reply(frame):
-            self._writer.frames_arrived()
+            self._writer.wake()
         else:
             self._writer.slots_freed()
 
@@ -236,22 +219,28 @@ class Connection:
         accepted; the writer flushes the outbox and :meth:`run` closes.
         """
         if self._lifecycle.drain():
-            self._stop_reading()
+            self._reader.stop()
+            if self._echo:  # never routed, so no router detaches it
+                self.detach()
 
     def close_soon(self, code: int, reason: str) -> None:
         """Close for policy: read no more, flush what is decided, then close with ``code``."""
         if not self._lifecycle.close_for_policy(code, reason):
             return
-        self._stop_reading()
+        self._reader.stop()
         self._leave()
         self.outbox.close()
         self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
-        self._writer.frames_arrived()  # a writer flushes, or ends at once if nothing is left
+        self._writer.wake()  # a writer flushes, or ends at once if nothing is left
 
-    def _stop_reading(self) -> None:
-        # The writer found the client gone, or the lifecycle stopped reading.
-        # The reader may be waiting for the socket, or for room to route.
+    def _gone(self) -> None:
+        # The writer found the client gone: nothing more is read or written.
+        # The reader may be waiting for the socket, or for room to route what
+        # it read (that goes on to the router; its replies are dropped).
+        self._lifecycle.end()
         self._reader.stop()
+        self.outbox.discard()
+        self._writer.slots_freed()
 
     def _leave(self) -> None:
         if self._registered:
@@ -266,13 +255,13 @@ class Connection:
     # -- the connection's life -------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the connection until either side closes it, then log the close.
+        """Serve the connection until either side closes it, then log ``connection.close``.
+
+        The gate has logged ``connection.open``.
 
         Raises:
             Exception: only on a bug; the caller logs it and closes with 1011.
         """
-        fields, self._open_fields = self._open_fields, None  # needed once
-        self._log.info("connection.open", **(fields or {}))
         lifecycle = self._lifecycle
         try:
             if not self._echo and not await self._announce():
@@ -285,14 +274,17 @@ class Connection:
                     await self._reader.run()
                 lifecycle.end()  # if still open, the stream ended without a close frame
                 if lifecycle.flushing:
-                    self._writer.frames_arrived()  # a writer stays until the outbox settles
+                    self._writer.wake()  # a writer stays until the outbox settles
                 else:
                     # Nobody left to write to: drop what is queued and let a
                     # write in progress finish, briefly.
                     self._leave()
                     self.outbox.discard()
                     self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
-                    self._writer.stop()
+                    self._writer.wake()
+                self._writer.detach()
+            # Written out, or given up: what the router still answers is dropped.
+            self.outbox.discard()
             await self._closing_handshake()
         except Exception:
             # The caller's boundary logs the error and sends this close code;

@@ -251,11 +251,21 @@ class Gate:
             self._gone(conn, address, "the client went away during the handshake response")
             return None
         attempt.accepted = True
+        client_id = client_id or self._new_id()
+        self._log.info(
+            "connection.open",
+            conn=conn,
+            id=client_id,
+            peer=address,
+            origin=headers.get("origin"),
+            dialect="echo" if decision.echo else decision.dialect.value,
+            user_agent=headers.get("user-agent"),
+        )
         return Connection(
             transport,
             early=early,
             conn=conn,
-            client_id=client_id or self._new_id(),
+            client_id=client_id,
             dialect=decision.dialect,
             echo=decision.echo,
             router=self._router,
@@ -263,9 +273,6 @@ class Gate:
             events=self._events,
             log=self._log,
             stats=self.stats,
-            peer_address=address,
-            origin=headers.get("origin"),
-            user_agent=headers.get("user-agent"),
         )
 
     def _authenticate(

@@ -107,6 +107,7 @@ class Reader:
     def __init__(
         self,
         owner: Connection,
+        *,
         transport: Transport,
         early: bytes,
         parser: FrameParser,
@@ -138,8 +139,13 @@ class Reader:
         self.messages_in = self.bytes_in = 0
 
     def stop(self) -> None:
-        """Stop reading now; the lifecycle says why (or the client is gone)."""
-        if self._receive_scope is not None:
+        """Stop waiting for the socket; the lifecycle says reading is over.
+
+        Only a wait for the socket is cut short: a hand-off to the router in
+        progress finishes (it is bounded by the router, and by the deadline
+        of a close), so that what was read gets its replies.
+        """
+        if self._waiting_for_socket and self._receive_scope is not None:
             self._receive_scope.cancel()
 
     def alarm(self, deadline: float) -> None:
@@ -158,8 +164,8 @@ class Reader:
         while lifecycle.reading:
             # One cancel scope for a stretch of reads: its deadline is the next
             # timer while the reader waits for the socket, and off while it
-            # handles what it read (a timer must not cut a hand-off to the
-            # router short). A timer, or a stop, ends the stretch.
+            # handles what it read; a timer, or a stop, cancels only the wait
+            # for the socket, and ends the stretch.
             with trio.CancelScope() as scope:
                 self._receive_scope = scope
                 while True:
@@ -224,7 +230,7 @@ class Reader:
                 batch.append(item)
             elif opcode == OP_PING:
                 if self._outbox.control(encode_frame(OP_PONG, payload)):
-                    self._writer.frames_arrived()
+                    self._writer.wake()
             elif opcode == OP_PONG:
                 self._timers.pong()
             else:
@@ -269,7 +275,7 @@ class Reader:
         due = self._timers.due(trio.current_time(), self._live.current)
         if due is Due.PING:
             if self._outbox.control(_PING):
-                self._writer.frames_arrived()
+                self._writer.wake()
         elif due is Due.STUCK:
             self._stuck()
         elif due is Due.NO_PONG:

@@ -4,7 +4,7 @@ Task tree of one daemon (each box owns what is under it)::
 
     Server.run
     ├── router          Router.run: the routing task (relayd.routing)
-    └── connections     one task per accepted stream (listener.Gate)
+    └── connections     one task per accepted stream (daemon.gate.Gate)
         └── accepting   trio.serve_listeners: the accept loops
 
 Lifecycle: :meth:`Server.run` binds, reports ``started`` with the bound
@@ -14,8 +14,8 @@ so that nothing already accepted is dropped:
 
 1. stop accepting (the listening sockets close);
 2. answer handshakes still in progress with 503; stop every reader;
-3. close the router's inbox: it delivers what is queued, then closes every
-   outbox;
+3. close the router's inbox: it delivers what is queued, then detaches every
+   connection (no more deliveries will come);
 4. writers flush their outboxes and close with 1001;
 5. all of it within ``shutdown_grace_s``, after which whatever is left is
    cancelled and its transport dropped.

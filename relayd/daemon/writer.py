@@ -16,10 +16,13 @@ nothing once it is dropping its outbox; a flushing writer stays until the
 outbox is settled (closed, empty, no reply still to come).
 
 Resource handling: the connection calls :meth:`Writer.attach` with the nursery
-the writer task runs in, and bounds it (the nursery's deadline); the transport
-is the connection's owner's. Cancellation in the middle of a write breaks the
-transport (:class:`~relayd.daemon.transport.Transport` records it), and what
-was taken is counted as undelivered.
+the writer task runs in, bounds it (the nursery's deadline), and calls
+:meth:`Writer.detach` before that nursery closes: from then on nothing starts
+a writer, whatever the router still answers. The transport is the connection's
+owner's. Nothing here raises into a caller but :meth:`Writer.write`.
+Cancellation in the middle of a write breaks the transport
+(:class:`~relayd.daemon.transport.Transport` records it), and what was taken is
+counted as undelivered.
 """
 
 from __future__ import annotations
@@ -98,10 +101,14 @@ class Writer:
         """Run writer tasks in ``nursery`` from now on, starting one if frames wait."""
         self._nursery = nursery
         if self._outbox.has_frames() or self._lifecycle.flushing:
-            self.frames_arrived()
+            self.wake()
 
-    def frames_arrived(self) -> None:
-        """Frames were queued, or the lifecycle wants a flush: wake the writer or start one."""
+    def detach(self) -> None:
+        """Start no more writer tasks: the nursery they ran in is closing."""
+        self._nursery = None
+
+    def wake(self) -> None:
+        """Frames were queued, or the lifecycle moved on: wake the writer, or start one."""
         if self._wake:
             self._wake.unpark()
         elif not self._running and self._nursery is not None:
@@ -114,10 +121,6 @@ class Writer:
             self._room.unpark_all()
         if self._outbox.settled:
             self._wake.unpark_all()  # a flushing writer is done
-
-    def stop(self) -> None:
-        """The outbox was discarded: a waiting writer ends."""
-        self._wake.unpark_all()
 
     async def wait_for_room(self, n: int) -> None:
         """Wait until the outbox can reserve ``n`` reply slots, and reserve them.

@@ -38,9 +38,10 @@ class Timers:
     """The deadlines of one connection.
 
     Args:
-        limits: the limits when the connection opened.
+        limits: the limits when the connection opened; its
+            ``slow_consumer_timeout_s`` is kept for the connection's life, like
+            the size of its outbox.
         now: when it opened.
-        slow_consumer_timeout_s: fixed for the connection's life, like its outbox.
 
     Attributes:
         stuck_deadline: when the connection closes as a slow consumer; inf
@@ -49,11 +50,11 @@ class Timers:
 
     __slots__ = ("_last_activity", "_next_ping", "_pong_deadline", "_slow_s", "stuck_deadline")
 
-    def __init__(self, limits: LimitsSettings, now: float, slow_consumer_timeout_s: float) -> None:
+    def __init__(self, limits: LimitsSettings, now: float) -> None:
         self._last_activity = now
         self._next_ping = now + (limits.ping_interval_s or math.inf)
         self._pong_deadline = math.inf
-        self._slow_s = slow_consumer_timeout_s
+        self._slow_s = limits.slow_consumer_timeout_s
         self.stuck_deadline = math.inf
 
     @property

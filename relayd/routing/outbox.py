@@ -4,8 +4,8 @@ It holds two kinds of frames, each with its own bound of ``capacity``:
 
 * **Deliveries** (messages from other clients). The router offers them
   (:meth:`Outbox.offer`), which never waits: a full outbox refuses the frame
-  (its sender is told ``recipient_busy``) and says it is refusing
-  (:attr:`Outbox.refusing`), which starts the connection's slow-consumer clock.
+  (its sender is told ``recipient_busy``), and says it was full rather than
+  closed (:attr:`Offer.FULL`), which starts the connection's slow-consumer clock.
 * **Replies** to the connection's own frames (acks, errors, echoes). They are
   never refused: the reader reserves a slot for each frame before routing it
   (:meth:`Outbox.reserve`), and the router fills each slot with its reply, or
@@ -16,7 +16,7 @@ It holds two kinds of frames, each with its own bound of ``capacity``:
 The writer takes what is waiting with :meth:`Outbox.take`, oldest first, up to
 :data:`TAKE_BYTES` at a time (at least one frame), and writes it with one
 ``send_all``: many small frames go out in one system call, and a client that
-reads steadily but slowly keeps taking. A take ends any refusing.
+reads steadily but slowly keeps taking.
 
 Control frames the connection owes its client (pongs) go through
 :meth:`Outbox.control`, outside the bounds and ahead of the messages. At most
@@ -39,9 +39,10 @@ the slow-consumer clock. Tested with plain values in ``tests/test_outbox.py``.
 
 from __future__ import annotations
 
+import enum
 from typing import Final
 
-__all__ = ["MAX_CONTROL_FRAMES", "TAKE_BYTES", "Outbox"]
+__all__ = ["MAX_CONTROL_FRAMES", "TAKE_BYTES", "Offer", "Outbox"]
 
 #: Control frames (pongs) that may wait for the writer. Autobahn's case 2.10
 #: expects a pong for each of 10 pings sent at once; more than that is a flood.
@@ -52,6 +53,14 @@ MAX_CONTROL_FRAMES: Final = 16
 TAKE_BYTES: Final = 65536
 
 
+class Offer(enum.Enum):
+    """What became of a delivery offered to an outbox."""
+
+    QUEUED = "queued"
+    FULL = "full"  # refused for want of room: a slow consumer, perhaps
+    CLOSED = "closed"  # refused: the connection is leaving
+
+
 class Outbox:
     """Encoded frames waiting for one connection's writer; see the module docstring.
 
@@ -59,10 +68,9 @@ class Outbox:
         capacity: how many deliveries may wait, and how many replies.
 
     Attributes:
-        refusing: True from the first delivery refused for want of room until
-            the writer next takes frames: the slow-consumer clock runs.
         dropped: message frames that were queued or decided for this
-            connection but will never be written (:meth:`discard`).
+            connection but will never be written (:meth:`discard`), and
+            replies that came without a reserved slot.
     """
 
     __slots__ = (
@@ -76,7 +84,6 @@ class Outbox:
         "_replies",
         "_reserved",
         "dropped",
-        "refusing",
     )
 
     def __init__(self, capacity: int) -> None:
@@ -89,35 +96,35 @@ class Outbox:
         self._control: list[bytes] = []
         self._closed = False
         self._discarded = False
-        self.refusing = False
         self.dropped = 0
 
     # -- the router's side ---------------------------------------------------------
 
-    def offer(self, frame: bytes) -> bool:
-        """Queue a delivery if there is room.
-
-        Returns:
-            True if queued; False if the outbox is full (it is then
-            :attr:`refusing`) or closed.
-        """
+    def offer(self, frame: bytes) -> Offer:
+        """Queue a delivery if there is room; say what became of it."""
         if self._closed:
-            return False
+            return Offer.CLOSED
         if self._deliveries >= self._capacity:
-            self.refusing = True
-            return False
+            return Offer.FULL
         self._deliveries += 1
         self._frames.append(frame)
         self._is_reply.append(False)
-        return True
+        return Offer.QUEUED
 
     def reply(self, frame: bytes | None) -> bool:
         """Fill one reserved reply slot with ``frame``, or free it (None).
+
+        A reply with no slot reserved is a bug in its router: it is dropped
+        (and counted in :attr:`dropped`), never let to upset the bounds.
 
         Returns:
             True if a frame was queued for the writer; False for None, and for
             a frame dropped because the outbox was discarded.
         """
+        if self._reserved <= 0:
+            if frame is not None:
+                self.dropped += 1
+            return False
         self._reserved -= 1
         if frame is None:
             return False
@@ -161,7 +168,7 @@ class Outbox:
     def take(self) -> list[bytes]:
         """Take the control frames, then the oldest frames up to :data:`TAKE_BYTES`.
 
-        Takes at least one frame if any waits, and ends :attr:`refusing`.
+        Takes at least one frame if any waits.
 
         Returns:
             The frames, oldest first; empty if none wait.
@@ -184,7 +191,6 @@ class Outbox:
         if self._control:
             taken = self._control + taken
             self._control = []
-        self.refusing = False
         return taken
 
     def has_frames(self) -> bool:

@@ -3,16 +3,18 @@
 Every outcome of a client's message goes through one :class:`MessageEvents`,
 wherever it was decided: by the connection that refused it on arrival
 (``invalid_json``, ``rate_limited``, ...), or by the router (``delivered``,
-``unknown_recipient``, ``recipient_busy``). The server owns the one instance,
+``unknown_recipient``, ``recipient_busy``). (Messages on the diagnostic echo
+route are only counted, as ``echoed``.) The server owns the one instance,
 hands it to both, and a reload reconfigures it in this one place
 (:meth:`MessageEvents.reconfigure`), so the two can never disagree about
 whether ``log.messages`` is on.
 
-Cost: relayd records an outcome for every message, so a recorder is made once
-per batch (:meth:`MessageEvents.recorder`), inside :func:`relayd.telemetry.log.batched`
-when it records many: it then writes each line with
-:func:`~relayd.telemetry.log.line_writer`'s prebuilt head, without structlog's
-per-call dispatch, whenever the JSON format is the one configured.
+Cost: relayd records an outcome for every message, so the router makes a
+recorder once per batch (:meth:`MessageEvents.recorder`), inside
+:func:`relayd.telemetry.log.batched` (a refusal, rarer, makes one of its
+own): it then writes each line with :func:`~relayd.telemetry.log.line_writer`'s
+prebuilt head, without structlog's per-call dispatch, whenever the JSON format
+is the one configured.
 """
 
 from __future__ import annotations

@@ -17,19 +17,21 @@ phase              what decided it            the outbox      close frame sent  
                    abuse, 1013 slow consumer, is queued and
                    1000 idle, 1011 no pong)   replies already
                                               decided
-``FAILED``         the client broke RFC 6455  dropped         1002, 1007 or 1009  no (RFC 6455
-                   (1002, 1007, 1009), or a                   (1011, sent by the  §7.1.7)
-                   bug in relayd (1011)                       gate)
+``FAILED``         the client broke RFC 6455  dropped         1002, 1007, 1009,   no (RFC 6455
+                   (1002, 1007, 1009), sent                   1008 (1011 is sent  §7.1.7)
+                   frames too fast (1008),                    by the gate)
+                   or a bug in relayd (1011)
 ``CLOSE_RECEIVED`` the client's close frame   dropped         the client's code,  no
                                                               echoed (§5.5.1)
 ``GONE``           the stream ended without   dropped         none                no
                    a close frame (1006)
 =================  =========================  ==============  ==================  =============
 
-Only two later decisions change an ending: a policy close during a drain (a
-slow consumer still closes with 1013) and a bug in relayd, which the
-connection boundary answers with 1011 whatever the phase (:meth:`Lifecycle.crash`).
-Every other event after the first decision is ignored.
+Only one later event changes an ending: a bug in relayd, which the connection
+boundary answers with 1011 whatever the phase (:meth:`Lifecycle.crash`). Every
+other event after the first decision is ignored; a drain in particular is
+bounded as a whole by ``shutdown_grace_s``, not by the limits of one
+connection.
 
 Nothing here touches trio; ``tests/test_lifecycle.py`` tests it with plain values.
 """
@@ -73,9 +75,6 @@ TRANSITIONS: Final[dict[tuple[Phase, Event], Phase]] = {
     (Phase.OPEN, Event.VIOLATION): Phase.FAILED,
     (Phase.OPEN, Event.CLOSE_FRAME): Phase.CLOSE_RECEIVED,
     (Phase.OPEN, Event.END): Phase.GONE,
-    # Draining flushes to a client that reads; one that stopped is still a
-    # slow consumer, and is told so.
-    (Phase.DRAINING, Event.POLICY): Phase.CLOSING,
 }
 
 _FLUSHING: Final = frozenset({Phase.DRAINING, Phase.CLOSING})

@@ -1,0 +1,222 @@
+"""How connections end when the reader, the writer and the router race, in virtual time.
+
+Each test drives a :class:`relayd.daemon.gate.Gate` and a
+:class:`relayd.routing.local.LocalRouter` over in-memory streams on trio's
+autojump clock, with the router held back or a client's stream broken at the
+moment that matters, and checks what the clients receive and what is logged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+import trio
+import trio.testing
+from structlog.typing import EventDict
+
+from relayd.config import LimitsSettings
+from relayd.daemon.gate import Gate
+from relayd.routing.local import LocalRouter
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
+from tests import wire
+
+OP_TEXT, OP_CLOSE = 0x1, 0x8
+
+
+class Scene:
+    """A gate and a router whose task the test starts when it wants to."""
+
+    def __init__(self, nursery: trio.Nursery, inbox_size: int, **limits: Any) -> None:
+        log = structlog.get_logger("test")
+        stats = Stats()
+        events = MessageEvents(log, stats)
+        self.nursery = nursery
+        self.router = LocalRouter(events, stats, inbox_size=inbox_size)
+        self.gate = Gate(
+            self.router,
+            LimitsSettings(**limits),
+            log,
+            events=events,
+            stats=stats,
+            echo_route=True,
+        )
+
+    async def open(
+        self, stream: trio.abc.Stream | None = None, *, v1: bool = True, path: str = "/"
+    ) -> tuple[trio.abc.Stream, str]:
+        """A client that has done its handshake; its stream and its id (None-less for /echo)."""
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.gate, server if stream is None else stream)
+        if stream is not None:
+            client = stream.client  # type: ignore[attr-defined]
+        extra = [("Sec-WebSocket-Protocol", "relayd.v1")] if v1 else None
+        await client.send_all(wire.upgrade_request(path=path, extra=extra))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await client.receive_some(1)
+        if path == "/echo":
+            return client, ""
+        frames: list[tuple[int, bytes]] = []
+        while not frames:
+            data += await client.receive_some()
+            frames = wire.server_frames(data)
+        payload = frames[0][1].decode()
+        return client, json.loads(payload)["id"] if v1 else payload
+
+
+async def frames_until_close(stream: trio.abc.ReceiveStream) -> list[tuple[int, bytes]]:
+    data = b""
+    while True:
+        chunk = await stream.receive_some()
+        if not chunk:
+            return wire.server_frames(data, after_head=False)
+        data += chunk
+        frames = wire.server_frames(data, after_head=False)
+        if frames and frames[-1][0] == OP_CLOSE:
+            return frames
+
+
+async def frames_now(stream: trio.abc.ReceiveStream) -> list[tuple[int, bytes]]:
+    """Whatever the server has sent by the time every task is blocked."""
+    data = b""
+    with trio.move_on_after(0.5):
+        while chunk := await stream.receive_some():
+            data += chunk
+    return wire.server_frames(data, after_head=False)
+
+
+def envelope(to: str, n: int) -> bytes:
+    return wire.frame(OP_TEXT, json.dumps({"to": to, "message": n, "ref": n}).encode())
+
+
+@asynccontextmanager
+async def scene(inbox_size: int = 256, **limits: Any) -> AsyncIterator[Scene]:
+    async with trio.open_nursery() as nursery:
+        yield Scene(nursery, inbox_size, **limits)
+        nursery.cancel_scope.cancel()
+
+
+def closes(logs: list[EventDict]) -> list[tuple[int, str]]:
+    return [(e["code"], e["closed_by"]) for e in logs if e["event"] == "connection.close"]
+
+
+async def test_a_flood_closed_while_the_router_is_behind_still_gets_its_replies(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The router's inbox is full, so the flooder's reader must wait to hand
+    # over what it read; the rate limit closes the connection meanwhile. The
+    # close must not cut that hand-off short: every message read is relayed or
+    # refused, and told, before the 1008.
+    with structlog.testing.capture_logs() as logs:
+        async with scene(inbox_size=1, messages_per_second=0.001, message_burst=2) as s:
+            flooder, _ = await s.open()
+            _friend, friend_id = await s.open()
+            blocker, _ = await s.open()
+            await blocker.send_all(envelope("nobody", 0))  # fills the one-batch inbox
+            await trio.testing.wait_all_tasks_blocked()
+            await flooder.send_all(b"".join(envelope(friend_id, n) for n in range(5)))
+            await trio.testing.wait_all_tasks_blocked()
+            await s.nursery.start(s.router.run)
+            frames = await frames_until_close(flooder)
+    replies = [json.loads(p) for op, p in frames if op == OP_TEXT]
+    assert [(r["type"], r.get("error"), r["ref"]) for r in replies] == [
+        ("ack", None, 0),
+        ("ack", None, 1),
+        ("error", "rate_limited", 2),
+        ("error", "rate_limited", 3),
+    ]
+    assert frames[-1] == (OP_CLOSE, (1008).to_bytes(2, "big") + b"rate limit exceeded")
+    assert (1008, "server") in closes(logs)
+
+
+async def test_a_reply_the_router_sends_after_the_connection_closed_is_dropped_harmlessly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The router answers an item long after its connection was closed for
+    # policy (here: disconnected through the server API) and its writer gone.
+    # The router must go on routing for everyone else.
+    with structlog.testing.capture_logs() as logs:
+        async with scene(ping_interval_s=0, idle_timeout_s=0) as s:
+            client, client_id = await s.open()
+            await client.send_all(envelope("nobody", 1))  # waits for the router, a slot held
+            await trio.testing.wait_all_tasks_blocked()
+            assert await s.router.disconnect(client_id, 1008, "banned") == 1
+            # Past the 5 s flush deadline, into the closing handshake (5 s more):
+            # the writer has ended, the connection is still there.
+            await trio.sleep(7)
+            await s.nursery.start(s.router.run)
+            a, _ = await s.open()
+            b, b_id = await s.open()
+            await a.send_all(envelope(b_id, 7))
+            got = await frames_now(b)
+    assert [json.loads(p)["message"] for op, p in got if op == OP_TEXT] == [7]
+    assert (1008, "server") in closes(logs)
+    assert not [e for e in logs if e["event"] == "error"]
+
+
+class Breakable(trio.abc.Stream):
+    """The server's end of a memory stream whose writes can be made to fail."""
+
+    def __init__(self) -> None:
+        self.client, self._inner = trio.testing.memory_stream_pair()
+        self.broken = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.broken:
+            raise trio.BrokenResourceError("the client is gone")
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_client_found_gone_by_its_writer_stops_being_routed_to(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Its writer's send fails: from then on its messages must not be acked as
+    # delivered while they are dropped, however long its reader has not seen
+    # the end of the stream.
+    with structlog.testing.capture_logs() as logs:
+        async with scene(ping_interval_s=0, idle_timeout_s=0) as s:
+            await s.nursery.start(s.router.run)
+            breakable = Breakable()
+            _, gone_id = await s.open(breakable)
+            sender, _ = await s.open()
+            breakable.broken = True
+            outcomes = []
+            for n in range(3):
+                await sender.send_all(envelope(gone_id, n))
+                [(_, payload)] = await frames_now(sender)
+                reply = json.loads(payload)
+                outcomes.append(reply.get("error", reply["type"]))
+    assert outcomes[0] == "ack"  # in its outbox when the write failed
+    assert outcomes[1:] == ["unknown_recipient", "unknown_recipient"]
+    [gone] = [e for e in logs if e["event"] == "connection.close" and e["id"] == gone_id]
+    assert (gone["code"], gone["undelivered"]) == (1006, 1)
+
+
+async def test_a_drain_closes_echo_connections_with_1001_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene() as s:
+        await s.nursery.start(s.router.run)
+        echo, _ = await s.open(v1=False, path="/echo")
+        await echo.send_all(wire.frame(OP_TEXT, b"hi"))
+        assert await frames_now(echo) == [(OP_TEXT, b"hi")]
+        started = trio.current_time()
+        s.gate.drain()
+        s.router.close()
+        frames = await frames_until_close(echo)
+        assert frames[-1] == (OP_CLOSE, (1001).to_bytes(2, "big") + b"server shutting down")
+        assert trio.current_time() - started < 1.0
