@@ -66,8 +66,12 @@ class LimitsSettings(BaseModel):
     """Security limits for a public port; units are in the names.
 
     Attributes:
-        max_connections: open connections in total.
-        max_connections_per_ip: open connections per client IP address.
+        max_connections: established connections in total (handshakes in progress are
+            counted apart, in max_handshakes).
+        max_connections_per_ip: established connections per client IP address.
+        max_handshakes: TCP connections accepted whose WebSocket handshake is not done yet,
+            in total; over it, a new connection is closed at once, unread.
+        max_handshakes_per_ip: the same per client IP address.
         max_message_bytes: largest client message accepted.
         outbox_messages: messages queued per connection before it counts as slow.
         slow_consumer_timeout_s: how long an outbox may stay full before its connection is
@@ -93,6 +97,8 @@ class LimitsSettings(BaseModel):
 
     max_connections: int = Field(default=10000, gt=0)
     max_connections_per_ip: int = Field(default=256, gt=0)
+    max_handshakes: int = Field(default=1024, gt=0)
+    max_handshakes_per_ip: int = Field(default=16, gt=0)
     max_message_bytes: int = Field(default=65536, gt=0)
     outbox_messages: int = Field(default=16, gt=0)
     slow_consumer_timeout_s: float = Field(default=10.0, gt=0)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import relayd
 from relayd.daemon.server import Server
 from tests import wire
-from tests.client import connect, running, settings
+from tests.client import connect, open_raw, read_until_closed, read_welcome, running, settings
 
 
 async def _exchange(address: tuple[str, int], request: bytes) -> tuple[str, dict[str, str], str]:
@@ -126,3 +126,20 @@ async def test_build_info_and_readiness_are_metrics() -> None:
         server.shutdown("test")
         samples = _samples(generate_latest(server.registry).decode())
         assert samples[("relayd_ready", ())] == 0
+
+
+async def test_close_codes_a_client_chooses_share_one_series() -> None:
+    # 300 distinct client close codes made 301 series of relayd_closes_total (issue 8).
+    server = Server(settings())
+    async with running(server) as url:
+        for code in [*range(3000, 3040), 4999, 1000]:
+            async with await open_raw(url, wire.upgrade_request()) as stream:
+                await read_welcome(stream)
+                await stream.send_all(wire.frame(wire.OP_CLOSE, code.to_bytes(2, "big")))
+                echoed = await read_until_closed(stream)
+                assert wire.close_code(b"\r\n\r\n" + echoed) == code
+    samples = _samples(generate_latest(server.registry).decode())
+    closes = {
+        labels: value for (name, labels), value in samples.items() if name == "relayd_closes_total"
+    }
+    assert closes == {(("code", "1000"),): 1, (("code", "other"),): 41}

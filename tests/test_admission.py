@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from relayd.policy.admission import Accept, Capacity, decide
+from relayd.policy.admission import Accept, Capacity, Handshakes, decide
 from relayd.wire.dialects import Dialect
 from relayd.wire.handshake import Refusal
 
@@ -159,3 +159,34 @@ def test_decide_serves_the_echo_route_only_when_enabled(
         echo_route=enabled,
     )
     assert decision == expected
+
+
+# -- handshakes in progress -----------------------------------------------------------
+
+
+def test_handshakes_are_admitted_up_to_the_per_ip_share_then_named_by_their_limit() -> None:
+    handshakes = Handshakes(max_total=10, max_per_ip=2)
+    assert [handshakes.admit(IP) for _ in range(3)] == [None, None, "max_handshakes_per_ip"]
+    assert (handshakes.total, handshakes.from_ip(IP)) == (2, 2)  # the third was not counted
+    assert handshakes.admit(OTHER_IP) is None  # another address has its own share
+
+
+def test_handshakes_are_admitted_up_to_the_total() -> None:
+    handshakes = Handshakes(max_total=3, max_per_ip=3)
+    assert [handshakes.admit(f"10.0.0.{n}") for n in range(4)] == [
+        None,
+        None,
+        None,
+        "max_handshakes",
+    ]
+    handshakes.closed("10.0.0.1")
+    assert handshakes.admit("10.0.0.9") is None
+
+
+def test_handshakes_never_count_against_established_connections() -> None:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    handshakes = Handshakes(max_total=100, max_per_ip=100)
+    for _ in range(50):
+        handshakes.admit(IP)
+    capacity.opened(IP)  # the one being decided
+    assert decide_for(capacity) == Accept(Dialect.SEED)

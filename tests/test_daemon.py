@@ -12,16 +12,20 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 import jwt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relayd.daemon.accepting import RESERVED_DESCRIPTORS
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
+from relayd.telemetry.throttle import BURST, LINES_PER_S
 from tests import wire
 from tests.e2e.harness import require_tool
 from tests.keys import ec_key, pem_public, rsa_key
@@ -271,3 +275,138 @@ def test_a_reload_with_a_key_of_the_wrong_kind_is_refused_and_the_old_key_kept(
     finally:
         daemon.close()
     assert [e for e in daemon.events if e["event"] == "error"] == []
+
+
+# -- out of file descriptors ------------------------------------------------------------
+
+#: relayd's open-file limit in these tests: a few dozen public sockets after its own
+#: descriptors and the ones it keeps back for everything else (RESERVED_DESCRIPTORS).
+NOFILE: Final = 128
+
+
+def _with_open_files(limit: int) -> list[str]:
+    """``python -m relayd`` under a soft and hard ``RLIMIT_NOFILE`` of ``limit``."""
+    start = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', *sys.argv[1:]])"
+    )
+    return [sys.executable, "-c", start]
+
+
+def _get(admin: str, path: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(f"http://{admin}{path}", timeout=WAIT_TIMEOUT_S) as answer:
+        return answer.status, answer.read()
+
+
+def test_out_of_descriptors_the_admin_listener_still_answers_and_the_log_stays_short(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "relayd.toml"
+    config.write_text(
+        "[limits]\nmax_handshakes_per_ip = 1000\nhandshake_timeout_s = 3600.0\n[admin]\nport = 0\n"
+    )
+    daemon = Daemon(
+        [*_with_open_files(NOFILE), "--config", str(config), "--port", "0", "--host", "127.0.0.1"]
+    )
+    held: list[socket.socket] = []
+    try:
+        short = daemon.wait_event("server.descriptors")  # the limit is below the caps
+        budget = short["budget"]
+        assert (short["open_files_limit"], short["needed"]) == (NOFILE, 10000 + 1024)
+        assert 0 < budget < NOFILE - RESERVED_DESCRIPTORS
+        ready = daemon.wait_event("server.ready")
+        port, admin = ready["port"], ready["admin"]
+        # Three times the budget of silent connections: the rest wait in the backlog.
+        for _ in range(3 * budget):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S))
+        paused = daemon.wait_event("listener.paused")
+        assert (paused["reason"], paused["open"], paused["budget"]) == (
+            "open-file budget",
+            budget,
+            budget,
+        )
+        for _ in range(20):  # an operator's scraper and health checks go on
+            assert _get(admin, "/healthz") == (200, b"ok\n")
+            status, metrics = _get(admin, "/metrics")
+            assert status == 200
+            assert b"process_open_fds" in metrics
+        for sock in held:
+            sock.close()
+        held.clear()
+        # Freed: a client is served again.
+        client = RawClient(port)
+        assert len(client.id) == 22
+        client.close()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    finally:
+        for sock in held:
+            sock.close()
+        daemon.close()
+    names = [e["event"] for e in daemon.events]
+    assert names.count("listener.paused") <= 1 + 2  # once, and once a time it flapped
+    assert "library.log" not in names
+    assert "error" not in names
+
+
+def test_emfile_itself_is_retried_quietly_and_summarised(tmp_path: Path) -> None:
+    """The descriptor table really full (EMFILE), for both listeners: a bounded log.
+
+    Clients hold all but one public socket of the budget. Silent admin
+    connections then take every descriptor relayd keeps back, until the admin
+    listener's accept fails with EMFILE (trio retries it every 0.1 s and logs
+    each retry as ``library.log``). A new public connection now finds the table
+    full: EMFILE, one ``listener.paused`` line, retries without a line. Once the
+    admin connections are gone it is served. Lines left out are counted in
+    ``log.suppressed``.
+    """
+    config = tmp_path / "relayd.toml"
+    config.write_text("[admin]\nport = 0\n")
+    daemon = Daemon(
+        [*_with_open_files(NOFILE), "--config", str(config), "--port", "0", "--host", "127.0.0.1"]
+    )
+    clients: list[RawClient] = []
+    admins: list[socket.socket] = []
+    began = time.monotonic()
+    try:
+        budget = daemon.wait_event("server.descriptors")["budget"]
+        ready = daemon.wait_event("server.ready")
+        port, admin = ready["port"], ready["admin"]
+        admin_host, admin_port = admin.rsplit(":", 1)
+        clients += [RawClient(port) for _ in range(budget - 1)]  # each one accepted and served
+        for _ in range(2 * RESERVED_DESCRIPTORS):  # more than relayd keeps back
+            admins.append(
+                socket.create_connection((admin_host, int(admin_port)), timeout=WAIT_TIMEOUT_S)
+            )
+        assert daemon.wait_event("library.log")["message"].startswith("accept returned EMFILE")
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S) as late:
+            late.sendall(wire.upgrade_request())
+            assert daemon.wait_event("listener.paused")["reason"] == "accept failed: EMFILE"
+            for sock in admins:
+                sock.close()
+            admins.clear()
+            assert late.recv(12) == b"HTTP/1.1 101"  # served once descriptors are back
+            assert _get(admin, "/healthz") == (200, b"ok\n")
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait_exit() == 0
+    finally:
+        for client in clients:
+            client.close()
+        for sock in admins:
+            sock.close()
+        daemon.close()
+    elapsed = time.monotonic() - began
+    names = [e["event"] for e in daemon.events]
+    # trio retried about ten times a second; the journal got a burst and a trickle.
+    assert names.count("library.log") <= BURST + LINES_PER_S * elapsed + 1
+    # Once per reason, not per retry: EMFILE, then the budget once the late one was in.
+    assert [e["reason"] for e in daemon.events if e["event"] == "listener.paused"] == [
+        "accept failed: EMFILE",
+        "open-file budget",
+    ]
+    suppressed = [e for e in daemon.events if e["event"] == "log.suppressed"]
+    assert {(e["suppressed"], e["kind"]) for e in suppressed} <= {
+        ("library.log", "trio.serve_listeners")
+    }
+    assert all(e["count"] > 0 for e in suppressed)

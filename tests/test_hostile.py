@@ -199,6 +199,7 @@ def _assert_nothing_left(
 ) -> None:
     assert gate.connections == set()
     assert gate.capacity.total == 0
+    assert gate.handshakes.total == 0
     assert router.routes == 0
     opened = sorted(e["conn"] for e in events if e["event"] == "connection.open")
     closed = sorted(e["conn"] for e in events if e["event"] == "connection.close")
@@ -643,7 +644,10 @@ async def test_a_connection_flood_from_one_ip_gets_503_and_spares_other_ips() ->
     per_ip = 16
     extra = 48
     async with (
-        scene(max_connections_per_ip=per_ip, max_connections=1_000) as s,
+        # Handshakes in progress have their own per-address cap; here it is out of the way.
+        scene(
+            max_connections_per_ip=per_ip, max_connections=1_000, max_handshakes_per_ip=1_000
+        ) as s,
         s.bystanders.throughout(),
         contextlib.AsyncExitStack() as held,
     ):
@@ -795,6 +799,44 @@ async def test_a_client_that_vanishes_without_a_close_frame_is_logged_1006_and_f
     # Every frame relayd accepted for it was written or is counted undelivered.
     written = close["messages_out"] - 1  # less the id frame
     assert written + close["undelivered"] == 1 + acked_after
+
+
+async def test_silent_and_half_sent_handshakes_from_one_address_do_not_lock_out_another() -> None:
+    """Handshakes in progress have their own pool: they never take an established place.
+
+    The hostile address opens 40 connections, alternately sending nothing and
+    half a request, and holds them. Four of them are in progress at once (its
+    share); every other one is closed at once, unanswered. The newcomers from
+    another address still connect: the six established places hold the
+    bystanders, the newcomers and room to spare. Before issue 8 the held
+    sockets counted against max_connections, and the newcomers got 503.
+    """
+    share = 4
+    limits = {"max_connections": 6, "max_handshakes": 100, "max_handshakes_per_ip": share}
+    half = wire.upgrade_request()[:40]
+    async with (
+        scene(**limits, handshake_timeout_s=3600.0) as s,
+        s.bystanders.throughout(),
+        contextlib.AsyncExitStack() as held,
+    ):
+        replies: list[bytes] = []
+        for n in range(40):
+            stream = await open_raw(s.url, half if n % 2 else b"", local_address=HOSTILE_IP)
+            await held.enter_async_context(stream)
+            if n >= share:  # over its share: closed, nothing said
+                with trio.fail_after(PROMPT_S):
+                    replies.append(await read_until_closed(stream))
+        assert replies == [b""] * (40 - share)
+        assert s.server.gate.handshakes.from_ip(HOSTILE_IP) == share
+        with trio.fail_after(EXCHANGE_TIMEOUT_S):
+            await exchange(s.url, local_address=NEWCOMER_IP)
+    dropped = [e for e in s.of("handshake.rejected") if e["reason"].startswith("too many hand")]
+    assert {(e["status"], e["reason"], e["peer"].rpartition(":")[0]) for e in dropped} == {
+        (None, "too many handshakes in progress from this address", HOSTILE_IP)
+    }
+    assert len(dropped) == 40 - share
+    assert s.server.stats.dropped == {"max_handshakes_per_ip": 36}
+    assert s.server.gate.handshakes.total == 0
 
 
 # -- frame floods ------------------------------------------------------------------------

@@ -31,12 +31,15 @@ from relayd.daemon.connection import CLOSE_TIMEOUT_S
 from relayd.daemon.server import Server
 from relayd.telemetry.log import (
     FLUSH_DELAY_S,
+    THROTTLED,
     batched,
     configure,
     flush_held_lines,
     get_logger,
     line_writer,
+    report_suppressed_lines,
 )
+from relayd.telemetry.throttle import BURST
 from tests import wire
 from tests.client import Client, connect, running, settings
 
@@ -614,3 +617,58 @@ def test_a_librarys_log_record_becomes_a_json_line(configured: io.StringIO) -> N
         "accept returned EMFILE",
     )
     assert "OSError: [Errno 24] Too many open files" in record["exception"]
+
+
+# -- what a client can make relayd write ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "fields"),
+    [
+        ("handshake.rejected", {"status": 503, "reason": "server at capacity"}),
+        ("limit.exceeded", {"limit": "frames_per_second", "action": "close"}),
+        ("library.log", {"logger": "trio.serve_listeners", "message": "accept returned EMFILE"}),
+        ("error", {"summary": "RuntimeError: x"}),
+    ],
+)
+def test_a_flood_of_an_event_a_client_causes_is_cut_to_its_budget_and_counted(
+    configured: io.StringIO, event: str, fields: dict[str, Any]
+) -> None:
+    configure(LogSettings(), stream=configured)
+    log = get_logger()
+    for _ in range(1000):
+        log.error(event, **fields)
+    log.info("connection.open", conn=1)  # another event is not held back
+    events = [json.loads(line)["event"] for line in lines_of(configured)]
+    assert events.count(event) <= BURST + 1  # and at most a line a second more
+    assert events[-1] == "connection.open"
+
+    async def one_interval() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report_suppressed_lines, 10.0)
+            await trio.sleep(10.5)
+            nursery.cancel_scope.cancel()
+
+    trio.run(one_interval, clock=trio.testing.MockClock(autojump_threshold=0))
+    [summary] = [json.loads(line) for line in lines_of(configured) if "log.suppressed" in line]
+    kind_field = THROTTLED[event]
+    assert summary == {
+        "ts": summary["ts"],
+        "level": "warning",
+        "event": "log.suppressed",
+        "suppressed": event,
+        "kind": None if kind_field is None else fields[kind_field],
+        "count": 1000 - events.count(event),
+        "interval_s": 10.0,
+    }
+
+
+def test_the_console_format_escapes_what_a_client_chose(configured: io.StringIO) -> None:
+    configure(LogSettings(format="console"), stream=configured)
+    hostile = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\r\u202eevil\u2028x\x9b"
+    get_logger().info("connection.open", user_agent=hostile, origin=[hostile], reason="ok")
+    [line] = lines_of(configured)
+    for char in "\x1b\x07\r\u202e\u2028\x9b":
+        assert char not in line
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in line
+    assert "\\u202eevil" in line

@@ -1,16 +1,22 @@
 """Accepted TCP streams to running connections: handshake, policy, and the connection boundary.
 
-:class:`Gate` is the handler ``trio.serve_listeners`` calls once per accepted
-stream, in the server's connections nursery. For each stream it:
+:class:`Gate` is the handler the accept loops (:mod:`relayd.daemon.accepting`)
+call once per accepted stream, in the server's connections nursery. For each
+stream it:
 
-1. counts the connection against the limits (:class:`~relayd.policy.admission.Capacity`);
+1. counts it as a handshake in progress
+   (:class:`~relayd.policy.admission.Handshakes`), or, over ``max_handshakes``
+   or ``max_handshakes_per_ip``, closes it at once without reading from it;
 2. reads the HTTP request head within ``handshake_timeout_s`` and at most
    ``max_header_bytes`` long (:class:`~relayd.wire.handshake.RequestReader`);
-3. accepts it in the chosen dialect, or refuses it with an HTTP status
-   (:func:`~relayd.wire.handshake.validate`, :func:`~relayd.policy.admission.decide`,
-   authentication), logging ``handshake.rejected``;
+3. counts it against the established connections
+   (:class:`~relayd.policy.admission.Capacity`), and accepts it in the chosen
+   dialect, or refuses it with an HTTP status (:func:`~relayd.wire.handshake.validate`,
+   :func:`~relayd.policy.admission.decide`, authentication), logging
+   ``handshake.rejected``; once the ``101`` is out it is no longer a handshake;
 4. runs the :class:`~relayd.daemon.connection.Connection` until it ends;
-5. closes the TCP connection gracefully (:class:`~relayd.daemon.transport.Transport`).
+5. closes the TCP connection gracefully (:class:`~relayd.daemon.transport.Transport`),
+   and only then stops counting it, so that the limits bound descriptors too.
 
 Bytes a client sends after its request and before the response (its first
 frames, in the same TCP segment) are kept and handed to the connection, which
@@ -43,7 +49,7 @@ from relayd.daemon.connection import CLOSE_TIMEOUT_S, Connection
 from relayd.daemon.live import LiveLimits
 from relayd.daemon.transport import Transport
 from relayd.errors import CloseCode
-from relayd.policy.admission import Accept, Capacity, decide
+from relayd.policy.admission import Accept, Capacity, Handshakes, decide
 from relayd.policy.auth import Authenticator, Identity, token_from
 from relayd.policy.failures import AuthFailures
 from relayd.routing.interface import Router
@@ -112,6 +118,7 @@ class Gate:
         self._new_id = new_id
         self._numbers = itertools.count(1)
         self.capacity = Capacity(limits.max_connections, limits.max_connections_per_ip)
+        self.handshakes = Handshakes(limits.max_handshakes, limits.max_handshakes_per_ip)
         self._auth_failures = AuthFailures(
             limits.max_auth_failures_per_ip, limits.auth_failure_window_s
         )
@@ -133,6 +140,8 @@ class Gate:
         self.limits.current = limits
         self.capacity.max_total = limits.max_connections
         self.capacity.max_per_ip = limits.max_connections_per_ip
+        self.handshakes.max_total = limits.max_handshakes
+        self.handshakes.max_per_ip = limits.max_handshakes_per_ip
         self._auth_failures.configure(limits.max_auth_failures_per_ip, limits.auth_failure_window_s)
         self._allowed_origins = frozenset(allowed_origins)
         self._authenticator = authenticator
@@ -160,9 +169,16 @@ class Gate:
         if address is None:  # reset before it could be looked at: nobody to serve
             await trio.aclose_forcefully(stream)
             return
+        conn, ip = next(self._numbers), ip_of(address)
+        over = self.handshakes.admit(ip)
+        if over is not None:
+            # Unread and at once: one address (or all of them) sending
+            # nothing or half a request holds no more than its share.
+            self._dropped(conn, address, over)
+            await trio.aclose_forcefully(stream)
+            return
         transport = Transport(stream)
-        attempt = _Attempt(conn=next(self._numbers), address=address, ip=ip_of(address))
-        self.capacity.opened(attempt.ip)
+        attempt = _Attempt(conn=conn, address=address, ip=ip)
         try:
             try:
                 # The handshake's request, headers and reader are gone (with
@@ -180,8 +196,18 @@ class Gate:
             except* Exception as group:
                 await self._fail(transport, attempt, group)
         finally:
+            try:
+                await transport.close()
+            finally:
+                self._release(attempt)
+
+    def _release(self, attempt: _Attempt) -> None:
+        # After the close: a socket lingering for its last bytes still holds
+        # a descriptor, so it still counts.
+        if attempt.handshaking:
+            self.handshakes.closed(attempt.ip)
+        if attempt.counted:
             self.capacity.closed(attempt.ip)
-            await transport.close()
 
     async def _fail(
         self, transport: Transport, attempt: _Attempt, group: BaseExceptionGroup[Exception]
@@ -221,6 +247,8 @@ class Gate:
             return None
         request, early = read
         headers = request.headers
+        self.capacity.opened(attempt.ip)  # decide() counts this connection in
+        attempt.counted = True
         decision: Accept | Refusal = decide(
             draining=self.draining,
             capacity=self.capacity,
@@ -239,6 +267,8 @@ class Gate:
             else:
                 client_id = identity.subject
         if not isinstance(decision, Accept):
+            self.capacity.closed(attempt.ip)
+            attempt.counted = False
             await self._refuse(transport, attempt, decision)
             return None
         attempt.answered = True
@@ -251,6 +281,8 @@ class Gate:
             self._gone(conn, address, "the client went away during the handshake response")
             return None
         attempt.accepted = True
+        self.handshakes.closed(attempt.ip)
+        attempt.handshaking = False
         client_id = client_id or self._new_id()
         self._log.info(
             "connection.open",
@@ -328,6 +360,12 @@ class Gate:
         self.stats.rejected[0] += 1
         self._log.debug("handshake.rejected", conn=conn, peer=address, status=None, reason=reason)
 
+    def _dropped(self, conn: int, address: str, limit: str) -> None:
+        self.stats.dropped[limit] += 1
+        self._log.info(
+            "handshake.rejected", conn=conn, peer=address, status=None, reason=_DROPPED[limit]
+        )
+
     def _rejected(self, conn: int, address: str, status: int | None, reason: str) -> None:
         self.stats.rejected[status or 0] += 1
         self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
@@ -336,6 +374,10 @@ class Gate:
 _BROKE: Final = "the connection broke before a complete request"
 _TOO_MANY_FAILURES: Final = Refusal(429, "too many failed authentications from this address")
 _LEFT: Final = "the client closed before a complete request"
+_DROPPED: Final = {
+    "max_handshakes": "too many handshakes in progress",
+    "max_handshakes_per_ip": "too many handshakes in progress from this address",
+}
 
 
 @dataclasses.dataclass(slots=True)
@@ -347,6 +389,8 @@ class _Attempt:
     ip: str
     answered: bool = False  # an HTTP response went out (or began to)
     accepted: bool = False  # the 101 went out: the WebSocket is open
+    handshaking: bool = True  # counted in Gate.handshakes
+    counted: bool = False  # counted in Gate.capacity
 
 
 def _first_leaf(error: BaseException) -> BaseException:

@@ -5,7 +5,8 @@ Task tree of one daemon (each box owns what is under it)::
     Server.run
     ├── router          Router.run: the routing task (relayd.routing)
     └── connections     one task per accepted stream (daemon.gate.Gate)
-        └── accepting   trio.serve_listeners: the accept loops
+        └── accepting   accepting.serve_public: the accept loops, within the
+                        open-file budget
 
 Lifecycle: :meth:`Server.run` binds, reports ``started`` with the bound
 addresses and logs ``server.ready``; :meth:`Server.shutdown` (on SIGTERM or
@@ -38,6 +39,7 @@ from pydantic import SecretStr
 
 from relayd import __version__
 from relayd.config import Settings
+from relayd.daemon.accepting import Sockets, descriptor_budget, serve_public
 from relayd.daemon.addresses import show
 from relayd.daemon.admin import serve_admin
 from relayd.daemon.api import api_routes
@@ -45,7 +47,7 @@ from relayd.daemon.gate import Gate
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
 from relayd.routing.interface import Router
-from relayd.telemetry.log import flush_held_lines, get_logger
+from relayd.telemetry.log import flush_held_lines, get_logger, report_suppressed_lines
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats, StatsCollector
 
@@ -111,6 +113,8 @@ class Server:
         self._stop_reason = ""
         self._accepting = False
         self._admin_address: tuple[str, int] | None = None
+        #: The public sockets open and their budget, once :meth:`run` serves.
+        self.sockets = Sockets(budget=1)
         #: What ``/metrics`` exposes.
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(
@@ -162,6 +166,19 @@ class Server:
         """
         server = self._settings.server
         return await trio.open_tcp_listeners(server.port, host=server.host or None)
+
+    def _public_sockets(self) -> Sockets:
+        """The public sockets' budget, from the open-file limit; a warning if it is short."""
+        budget, limit = descriptor_budget()
+        self.sockets = Sockets(budget)
+        limits = self._settings.limits
+        needed = limits.max_connections + limits.max_handshakes
+        if budget < needed:
+            # Accepting pauses at the budget; the caps would never be reached.
+            self._log.warning(
+                "server.descriptors", open_files_limit=limit, budget=budget, needed=needed
+            )
+        return self.sockets
 
     def _serving(self, listeners: Sequence[trio.SocketListener]) -> list[Listener]:
         # TLS wraps each accepted stream; its handshake runs inside the
@@ -247,6 +264,7 @@ class Server:
         try:
             async with trio.open_nursery() as root:
                 root.start_soon(flush_held_lines)
+                root.start_soon(report_suppressed_lines)
                 await root.start(self._router.run)
                 if admin_listeners:
                     api = api_routes(
@@ -268,10 +286,12 @@ class Server:
                     async with trio.open_nursery() as accepting:
                         await accepting.start(
                             functools.partial(
-                                trio.serve_listeners,
+                                serve_public,
                                 self._gate,
                                 self._serving(listeners),
                                 handler_nursery=connections,
+                                sockets=self._public_sockets(),
+                                log=self._log,
                             )
                         )
                         self._accepting = True

@@ -1,7 +1,18 @@
 """Handshake policy, without I/O: accept a WebSocket request, or refuse it with a status.
 
-:class:`Capacity` counts the open TCP connections, in total and per client IP,
-from the moment they are accepted (so handshakes in progress count too).
+Two pools of TCP connections are counted, in total and per client IP, so that
+connections still in their handshake never take the room meant for
+established ones:
+
+* :class:`Handshakes`: accepted, no ``101`` sent yet. Checked the moment a
+  connection is accepted, before anything is read from it: over
+  ``max_handshakes`` or ``max_handshakes_per_ip`` the socket is closed at once.
+  A client that sends nothing, or half a request, holds a place here (until
+  ``handshake_timeout_s``), never in :class:`Capacity`.
+* :class:`Capacity`: established connections, plus the one being decided.
+  A connection is counted once its request is complete; :func:`decide`
+  refuses it with 503 over ``max_connections`` or ``max_connections_per_ip``.
+
 :func:`decide` looks at one request and the daemon's state and returns an
 :class:`Accept` with the dialect, or a :class:`Refusal` with the HTTP status and
 the reason logged as ``handshake.rejected`` and sent as the response body.
@@ -16,7 +27,7 @@ from collections.abc import Collection, Sequence
 from relayd.wire.dialects import V1_SUBPROTOCOL, Dialect, choose_dialect
 from relayd.wire.handshake import Refusal
 
-__all__ = ["ECHO_PATH", "Accept", "Capacity", "decide"]
+__all__ = ["ECHO_PATH", "Accept", "Capacity", "Handshakes", "decide"]
 
 #: Where the diagnostic echo route listens when ``diagnostics.echo`` is on.
 ECHO_PATH = "/echo"
@@ -35,13 +46,8 @@ class Accept:
         return None if self.dialect is Dialect.SEED else self.dialect.value
 
 
-class Capacity:
-    """Open connections, in total and by client IP.
-
-    Args:
-        max_total: the most connections the daemon holds.
-        max_per_ip: the most connections one client IP holds.
-    """
+class _Counts:
+    """Connections counted in total and by client IP, against two maximums."""
 
     __slots__ = ("_by_ip", "max_per_ip", "max_total", "total")
 
@@ -52,7 +58,7 @@ class Capacity:
         self._by_ip: collections.Counter[str] = collections.Counter()
 
     def opened(self, ip: str) -> None:
-        """Count a newly accepted connection from ``ip``."""
+        """Count a connection from ``ip``."""
         self.total += 1
         self._by_ip[ip] += 1
 
@@ -64,8 +70,19 @@ class Capacity:
             del self._by_ip[ip]
 
     def from_ip(self, ip: str) -> int:
-        """Open connections from ``ip``."""
+        """Connections from ``ip`` counted now."""
         return self._by_ip.get(ip, 0)
+
+
+class Capacity(_Counts):
+    """Established connections (and the one being decided), in total and by client IP.
+
+    Args:
+        max_total: the most connections the daemon holds.
+        max_per_ip: the most connections one client IP holds.
+    """
+
+    __slots__ = ()
 
     def refusal(self, ip: str) -> str | None:
         """Why a connection from ``ip`` (already counted) is one too many, or None."""
@@ -73,6 +90,31 @@ class Capacity:
             return "server at capacity"
         if self._by_ip.get(ip, 0) > self.max_per_ip:
             return "too many connections from this address"
+        return None
+
+
+class Handshakes(_Counts):
+    """Handshakes in progress (accepted, no ``101`` yet), in total and by client IP.
+
+    Args:
+        max_total: the most handshakes in progress at once.
+        max_per_ip: the most one client IP has in progress at once.
+    """
+
+    __slots__ = ()
+
+    def admit(self, ip: str) -> str | None:
+        """Count a handshake from ``ip`` just accepted, or say which limit it is over.
+
+        Returns:
+            None once counted; otherwise the limit's setting name
+            (``max_handshakes`` or ``max_handshakes_per_ip``), and it is not counted.
+        """
+        if self.total >= self.max_total:
+            return "max_handshakes"
+        if self._by_ip.get(ip, 0) >= self.max_per_ip:
+            return "max_handshakes_per_ip"
+        self.opened(ip)
         return None
 
 

@@ -6,8 +6,9 @@ tests (``structlog.testing.capture_logs``). Code that logs takes a logger from
 message string.
 
 **Cost.** relayd logs one ``message.relay`` event per message by default, so
-the JSON path is kept short: two processors (exception formatting, then one
-that stamps, orders and encodes with msgspec straight to bytes), and a sink
+the JSON path is kept short: three processors (the line budget below, which
+looks at the event's name only, exception formatting, then one that stamps,
+orders and encodes with msgspec straight to bytes), and a sink
 that writes lines rather than printing them. Code that logs many events at
 once (the router, for one batch of messages) wraps them in :func:`batched`:
 their lines are held, and go out with the next line logged outside a batch,
@@ -20,6 +21,17 @@ bytes the JSON processors would produce, without structlog's per-call
 dispatch, whenever the JSON processors are the ones configured (under
 ``capture_logs`` in tests, or with the console format, it declines and the
 caller logs through structlog as usual).
+
+**What a client can make relayd write.** The events a client can cause at will
+(:data:`THROTTLED`: a refused handshake, a limit that closes its connection,
+an ``error`` contained at the connection boundary, a library's warning) pass a
+:class:`~relayd.telemetry.throttle.LineBudget` first: per kind of line, a
+burst and then a steady trickle; what is left out is counted and written as a
+``log.suppressed`` line by :func:`report_suppressed_lines` (the server runs
+it). In the console format, every string value has its control and format
+characters escaped (an escape character is written as the four characters
+backslash, ``x``, ``1``, ``b``), so a ``User-Agent`` of escape sequences
+cannot drive the operator's terminal; JSON escapes them by itself.
 """
 
 from __future__ import annotations
@@ -38,15 +50,18 @@ import structlog
 import trio
 
 from relayd.config import LogSettings
+from relayd.telemetry.throttle import SUMMARY_INTERVAL_S, LineBudget
 
 __all__ = [
     "FLUSH_DELAY_S",
     "MAX_HELD_BYTES",
+    "THROTTLED",
     "batched",
     "configure",
     "flush_held_lines",
     "get_logger",
     "line_writer",
+    "report_suppressed_lines",
 ]
 
 #: The longest a batch's lines are held before they are written. Under load a
@@ -143,7 +158,98 @@ class _LibraryLogs(logging.Handler):
         method("library.log", **fields)
 
 
+#: The events a client can cause whenever it likes, and the field that tells
+#: their kinds apart (each kind has its own line budget).
+THROTTLED: Final[dict[str, str | None]] = {
+    "handshake.rejected": "status",
+    "limit.exceeded": "limit",
+    "library.log": "logger",
+    "listener.paused": "reason",
+    "error": None,
+}
+#: The budget of those lines, process-wide like the sink.
+_budget = LineBudget()
+
+
+def _throttle(
+    _logger: object, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    # First of all processors: a line left out costs no formatting at all.
+    event = event_dict.get("event")
+    if event in THROTTLED:
+        field = THROTTLED[event]
+        kind = None if field is None else event_dict.get(field)
+        if not _budget.allow(event, kind, time.monotonic()):
+            raise structlog.DropEvent
+    return event_dict
+
+
+async def report_suppressed_lines(interval_s: float = SUMMARY_INTERVAL_S) -> None:
+    """Every ``interval_s``, write a ``log.suppressed`` line per kind of line left out; forever.
+
+    Resource handling: run it in a nursery that lives as long as the logging
+    does; when cancelled, it writes the counts not yet written.
+    """
+    try:
+        while True:
+            await trio.sleep(interval_s)
+            _write_suppressed(interval_s)
+    finally:
+        _write_suppressed(interval_s)
+
+
+def _write_suppressed(interval_s: float) -> None:
+    log = get_logger()
+    for left_out in _budget.take_suppressed():
+        log.warning(
+            "log.suppressed",
+            suppressed=left_out.event,
+            kind=left_out.kind,
+            count=left_out.count,
+            interval_s=interval_s,
+        )
+
+
+def _printable(text: str, keep: str = "") -> str:
+    """``text`` with every control, format or separator character but a space escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " or c in keep else _escaped(c) for c in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _inert(value: object) -> object:
+    if isinstance(value, str):
+        return _printable(value)
+    if isinstance(value, list | tuple):
+        return [_inert(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _inert(item) for key, item in value.items()}
+    return value
+
+
+def _escape_for_terminal(
+    _logger: object, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    # A client chooses some values (user_agent, origin, a close reason, `to`):
+    # in the console format they reach a terminal, which obeys escape
+    # sequences. A traceback keeps its line breaks.
+    return {
+        key: _printable(value, keep="\n")
+        if key == "exception" and isinstance(value, str)
+        else _inert(value)
+        for key, value in event_dict.items()
+    }
+
+
 _JSON_PROCESSORS: Final[list[structlog.typing.Processor]] = [
+    _throttle,
     structlog.processors.format_exc_info,
     _render_json,
 ]
@@ -290,6 +396,7 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
         _sink.flush()
     sink = _sink = _LineSink(stream)
     _level = _LEVELS[settings.level]
+    _budget.refill()  # a fresh start for each set-up; what was left out is still reported
     _priority.clear()
     if _to_journal(stream):
         _priority.update(_PRIORITIES)
@@ -303,8 +410,11 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
         processors = list(_JSON_PROCESSORS)
     else:
         processors = [
+            _throttle,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            _escape_for_terminal,
             structlog.dev.ConsoleRenderer(colors=stream.isatty()),
         ]
     structlog.configure(

@@ -14,6 +14,8 @@ name                                type     meaning
 connections_open                    gauge    WebSocket connections open now
 connections_total                   counter  WebSocket connections accepted
 handshakes_rejected_total{status}   counter  handshakes refused, by HTTP status
+handshakes_dropped_total{limit}     counter  connections closed unread when accepted, being
+                                             over max_handshakes or max_handshakes_per_ip
 auth_failures_total                 counter  handshakes whose token was refused with 401
                                              (429 refusals of an address that failed too
                                              often are under handshakes_rejected)
@@ -23,7 +25,8 @@ bytes_received_total                counter  bytes of client frames (closed conn
                                              and open ones)
 bytes_sent_total                    counter  bytes of frames sent to clients
 errors_total{code}                  counter  error frames sent, by error code
-closes_total{code}                  counter  closed connections, by close code
+closes_total{code}                  counter  closed connections, by close code; a code a
+                                             client chose outside 1000-1015 is "other"
 relay_latency_seconds               hist.    from a message's arrival to its hand-over
                                              to the recipient's outbox
 ready                               gauge    1 while relayd accepts connections (what
@@ -60,6 +63,12 @@ LATENCY_BUCKETS_S: Final = (
 )  # fmt: skip
 
 
+#: Close codes with a label of their own: RFC 6455's registry (§7.4.1, 1000-1015).
+#: A client may close with any code from 3000 to 4999; each would be a series
+#: of its own, so they are counted together as "other".
+_NAMED_CLOSE_CODES: Final = frozenset(range(1000, 1016))
+
+
 class Stats:
     """Counters since start; every field is plain, updated in place."""
 
@@ -69,6 +78,7 @@ class Stats:
         "bytes_sent",
         "closes",
         "connections_total",
+        "dropped",
         "errors",
         "last_reload_applied",
         "latency_buckets",
@@ -83,6 +93,7 @@ class Stats:
         self.connections_total = 0
         self.rejected: collections.Counter[int] = collections.Counter()
         self.auth_failures = 0
+        self.dropped: collections.Counter[str] = collections.Counter()
         self.messages: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.closes: collections.Counter[int] = collections.Counter()
@@ -142,6 +153,14 @@ class StatsCollector(Collector):
         for status, count in sorted(stats.rejected.items()):
             rejected.add_metric([str(status)], count)
         yield rejected
+        dropped = CounterMetricFamily(
+            "relayd_handshakes_dropped",
+            "Connections closed unread when accepted, by the handshake limit they were over",
+            labels=["limit"],
+        )
+        for limit, count in sorted(stats.dropped.items()):
+            dropped.add_metric([limit], count)
+        yield dropped
         yield CounterMetricFamily(
             "relayd_auth_failures",
             "Handshakes whose token was refused with 401",
@@ -172,8 +191,11 @@ class StatsCollector(Collector):
         closes = CounterMetricFamily(
             "relayd_closes", "Closed connections, by close code", labels=["code"]
         )
-        for close_code, count in sorted(stats.closes.items()):
-            closes.add_metric([str(close_code)], count)
+        by_label: collections.Counter[str] = collections.Counter()
+        for close_code, count in stats.closes.items():
+            by_label[str(close_code) if close_code in _NAMED_CLOSE_CODES else "other"] += count
+        for label, count in sorted(by_label.items()):
+            closes.add_metric([label], count)
         yield closes
         cumulative = 0
         buckets = []

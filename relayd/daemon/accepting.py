@@ -1,0 +1,183 @@
+"""The public listeners' accept loops, never taking more sockets than descriptors allow.
+
+relayd does not use ``trio.serve_listeners`` for its public port: when the
+process runs out of file descriptors, that loop retries ``accept()`` every
+0.1 s and logs each retry with its traceback, while the admin listener, out
+of descriptors too, answers nothing. Here:
+
+* **A budget of descriptors.** :func:`descriptor_budget` takes the process's
+  open-file limit, less the descriptors already open when serving begins,
+  less :data:`RESERVED_DESCRIPTORS` kept back for everything else relayd opens
+  later (the admin listener's connections, the files a reload reads,
+  ``/proc`` for ``/metrics``, the cluster's broker link). While that many
+  public sockets are open, the loops do not accept: new connections wait in
+  the kernel's backlog (the kernel refuses them when it is full), and the
+  admin listener keeps answering ``/healthz`` and ``/metrics``. A socket
+  counts until its handler has closed it.
+* **Accept failing anyway** for want of resources (``EMFILE``, ``ENFILE``,
+  ``ENOBUFS``, ``ENOMEM``: another process's descriptors, the system's
+  limit) makes the loop wait :data:`ACCEPT_RETRY_S` and try again.
+* Either way the loop logs ``listener.paused`` once when it stops accepting
+  (and again if the reason changes), not for each retry, and again only after
+  it has accepted; the line budget of :mod:`relayd.telemetry.log` bounds even
+  that.
+
+Task layout: :func:`serve_public` runs one accept loop per listener and starts
+each handler in the caller's nursery. Resource handling: it closes the
+listeners when cancelled; each accepted stream is closed (forcefully, if its
+handler did not) before it stops counting.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+import structlog
+import trio
+
+__all__ = ["ACCEPT_RETRY_S", "RESERVED_DESCRIPTORS", "Sockets", "descriptor_budget", "serve_public"]
+
+#: Descriptors the public listeners leave for the rest of relayd: the admin
+#: listener's connections (a scraper, a health check, an operator's curl),
+#: the files a reload reads, /proc for /metrics, the cluster's broker link.
+RESERVED_DESCRIPTORS: Final = 64
+#: Seconds between accept attempts after the kernel refused one for want of
+#: resources: trio's own figure, short enough to notice a freed descriptor soon.
+ACCEPT_RETRY_S: Final = 0.1
+#: The errors that say "no resources for a new socket now", not "the listener is broken".
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_BUDGET: Final = "open-file budget"
+
+Handler = Callable[[trio.abc.Stream], Awaitable[object]]
+Listener = trio.abc.Listener[trio.abc.Stream]
+
+
+def descriptor_budget(reserved: int = RESERVED_DESCRIPTORS) -> tuple[int, int]:
+    """How many public sockets relayd may hold, and the open-file limit it is from.
+
+    Call it once the listening sockets are open: they are counted among the
+    descriptors already in use.
+
+    Returns:
+        ``(budget, limit)``: the soft ``RLIMIT_NOFILE`` less the descriptors
+        open now and ``reserved``, at least 1; and the soft limit itself.
+    """
+    limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limit == resource.RLIM_INFINITY:
+        limit = 1 << 30
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: count nothing rather than guess
+        in_use = 0
+    return max(1, limit - in_use - reserved), limit
+
+
+class Sockets:
+    """The public sockets open now, against their budget.
+
+    Args:
+        budget: the most public sockets open at once.
+    """
+
+    __slots__ = ("_freed", "budget", "open")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.open = 0
+        self._freed = trio.lowlevel.ParkingLot()
+
+    @property
+    def full(self) -> bool:
+        """True while no socket may be accepted."""
+        return self.open >= self.budget
+
+    async def wait_for_room(self) -> None:
+        """Wait until a socket may be accepted."""
+        while self.full:
+            await self._freed.park()
+
+    def opened(self) -> None:
+        """Count a socket just accepted."""
+        self.open += 1
+
+    def closed(self) -> None:
+        """Count a socket as closed, and wake a loop waiting for room."""
+        self.open -= 1
+        self._freed.unpark()
+
+
+async def serve_public(
+    handler: Handler,
+    listeners: Sequence[Listener],
+    *,
+    handler_nursery: trio.Nursery,
+    sockets: Sockets,
+    log: structlog.typing.FilteringBoundLogger,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on every listener, within ``sockets``' budget, until cancelled.
+
+    Args:
+        handler: serves one accepted stream (the gate); it should close it.
+        listeners: where to accept; closed when this is cancelled.
+        handler_nursery: where handlers run.
+        sockets: the public sockets' count and budget, shared by the loops.
+        log: for ``listener.paused``.
+        task_status: started once every loop is accepting.
+
+    Raises:
+        OSError: ``accept()`` failed for another reason than resources.
+    """
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, handler, listener, handler_nursery, sockets, log)
+        task_status.started()
+
+
+async def _accept_loop(
+    handler: Handler,
+    listener: Listener,
+    handler_nursery: trio.Nursery,
+    sockets: Sockets,
+    log: structlog.typing.FilteringBoundLogger,
+) -> None:
+    paused: str | None = None  # why the loop is not accepting, once it has said so
+    async with listener:
+        while True:
+            if sockets.full:
+                if paused != _BUDGET:
+                    paused = _BUDGET
+                    _paused(log, paused, sockets)
+                await sockets.wait_for_room()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                reason = f"accept failed: {errno.errorcode[exc.errno]}"
+                if paused != reason:
+                    paused = reason
+                    _paused(log, paused, sockets)
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
+            paused = None
+            sockets.opened()
+            handler_nursery.start_soon(_serve, handler, stream, sockets)
+
+
+async def _serve(handler: Handler, stream: trio.abc.Stream, sockets: Sockets) -> None:
+    try:
+        await handler(stream)
+    finally:
+        try:
+            await trio.aclose_forcefully(stream)
+        finally:
+            sockets.closed()
+
+
+def _paused(log: structlog.typing.FilteringBoundLogger, reason: str, sockets: Sockets) -> None:
+    log.warning("listener.paused", reason=reason, open=sockets.open, budget=sockets.budget)
