@@ -24,7 +24,10 @@ Servers:
 
 * ``relayd``: relayd with ``bench/relayd-bench.toml`` (its defaults except the limits that
   would throttle the load), ``log.messages`` on and stdout to a file;
-* ``relayd-nolog``: the same with ``RELAYD_LOG__MESSAGES=false``;
+* ``relayd-refusals``, ``relayd-sampled``, ``relayd-nolog``: the same with
+  ``RELAYD_LOG__MESSAGES`` set to ``refusals`` (a line per message not delivered: none
+  under this load), ``sampled`` (every refusal and 1% of deliveries, the default
+  ``log.messages_sample``) and ``off``: what each of the operator's log volumes costs;
 * ``node-ws``, ``websockets-asyncio``, ``websockets-trio``, ``trio-websocket``: the peers in
   ``bench/peers/``.
 
@@ -131,7 +134,9 @@ def server_specs() -> list[ServerSpec]:
     no_node = None if shutil.which("node") else "node is not installed"
     return [
         ServerSpec("relayd", relayd),
-        ServerSpec("relayd-nolog", relayd, (("RELAYD_LOG__MESSAGES", "false"),)),
+        ServerSpec("relayd-refusals", relayd, (("RELAYD_LOG__MESSAGES", "refusals"),)),
+        ServerSpec("relayd-sampled", relayd, (("RELAYD_LOG__MESSAGES", "sampled"),)),
+        ServerSpec("relayd-nolog", relayd, (("RELAYD_LOG__MESSAGES", "off"),)),
         ServerSpec("node-ws", ("node", str(PEERS / "ws_relay.mjs")), missing=no_node or no_ws),
         ServerSpec("websockets-asyncio", (py, str(PEERS / "websockets_asyncio_relay.py"))),
         ServerSpec("websockets-trio", (py, str(PEERS / "websockets_trio_relay.py"))),

@@ -121,7 +121,13 @@ class LogSettings(BaseModel):
     Attributes:
         level: lowest level written.
         format: ``json`` lines for journald, or ``console`` for a person at a terminal.
-        messages: write one ``message.relay`` event per relayed message.
+        messages: which messages get a ``message.relay`` event: ``all``; ``refusals``,
+            every message not delivered; ``sampled``, every refusal and a random
+            ``messages_sample`` of the delivered ones; ``off``, none. Every message is
+            counted in ``relayd_messages_total`` whatever this says. ``true`` and
+            ``false``, the spellings of when this was a switch, mean ``all`` and ``off``.
+        messages_sample: with ``messages = "sampled"``, the fraction of delivered
+            messages logged, from 0 (none) to 1 (all).
         bodies: include message bodies in ``message.relay``; off, bodies are never logged.
     """
 
@@ -129,8 +135,17 @@ class LogSettings(BaseModel):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
-    messages: bool = True
+    messages: Literal["all", "refusals", "sampled", "off"] = "all"
+    messages_sample: float = Field(default=0.01, ge=0, le=1)
     bodies: bool = False
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _switch(cls, value: object) -> object:
+        # Configs written when this was a bool (config/relayd.toml had messages = true)
+        # keep working; an environment variable carries the word.
+        legacy = {True: "all", False: "off", "true": "all", "false": "off"}
+        return legacy.get(value, value) if isinstance(value, bool | str) else value
 
 
 class AdminSettings(BaseModel):

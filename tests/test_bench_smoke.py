@@ -46,6 +46,8 @@ RUN_PY: Final = BENCH_DIR / "run.py"
 #: Every server the bench compares, relayd first, as bench/run.py names them.
 SERVERS: Final = (
     "relayd",
+    "relayd-refusals",
+    "relayd-sampled",
     "relayd-nolog",
     "node-ws",
     "websockets-asyncio",
@@ -386,7 +388,7 @@ def test_report_gives_no_per_connection_figure_from_rss_noise(quick_run: QuickRu
 
 
 @pytest.mark.e2e
-def test_relayd_logs_each_message_only_with_logging_on(quick_run: QuickRun) -> None:
+def test_relayd_logs_each_message_as_its_log_volume_says(quick_run: QuickRun) -> None:
     document = quick_run.result()
     logs = document["meta"]["logs"]
     assert logs["error_events"] == [], logs["error_events"]
@@ -396,12 +398,17 @@ def test_relayd_logs_each_message_only_with_logging_on(quick_run: QuickRun) -> N
             for c in document["cells"]
             if c["server"] == server and c["scenario"].split("/")[0] != "idle"
         )
-        for server in ("relayd", "relayd-nolog")
+        for server in ("relayd", "relayd-refusals", "relayd-sampled", "relayd-nolog")
     }
     files = logs["files"]
     assert files["relayd-r0.log"]["message_relay_events"] >= delivered["relayd"] > 0, files
+    # The load has no refusals: refusals only logs nothing, and so does off.
+    assert files["relayd-refusals-r0.log"]["message_relay_events"] == 0, files
     assert files["relayd-nolog-r0.log"]["message_relay_events"] == 0, files
-    assert delivered["relayd-nolog"] > 0
+    # 1% of the deliveries: over half of them would take a miracle.
+    sampled = files["relayd-sampled-r0.log"]["message_relay_events"]
+    assert sampled < delivered["relayd-sampled"] / 2, files
+    assert min(delivered.values()) > 0, delivered
 
 
 # -- the full run's plan, and the report's pure parts -------------------------------------------

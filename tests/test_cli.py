@@ -271,7 +271,7 @@ def test_check_config_exits_quietly_when_its_reader_is_gone(config: Path) -> Non
 
 
 def test_every_problem_is_a_line_of_its_own(config: Path) -> None:
-    config.write_text('[limits]\nmax_conections = 5\n[log]\nmessages = "yes"\n', encoding="utf-8")
+    config.write_text('[limits]\nmax_conections = 5\n[log]\nbodies = "yes"\n', encoding="utf-8")
     env = clean_env(RELAYD_LIMITS__MAX_CONNECTIONS="5.0")
     result = run(
         [*MODULE, "--config", str(config), "check-config", "--admin-port", "9030"], env=env
@@ -282,7 +282,7 @@ def test_every_problem_is_a_line_of_its_own(config: Path) -> None:
         f"did you mean limits.max_connections? (in {config})",
         "relayd: config error: limits.max_connections: Input should be a valid integer "
         "(from environment RELAYD_LIMITS__MAX_CONNECTIONS)",
-        f"relayd: config error: log.messages: Input should be a valid boolean (in {config})",
+        f"relayd: config error: log.bodies: Input should be a valid boolean (in {config})",
     ]
 
 

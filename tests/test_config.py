@@ -121,12 +121,14 @@ def test_env_overrides_toml(tmp_path: Path) -> None:
 def test_env_text_is_read_as_the_settings_type() -> None:
     settings = load(
         environ={
-            "RELAYD_LOG__MESSAGES": "false",
+            "RELAYD_LOG__BODIES": "true",
+            "RELAYD_LOG__MESSAGES": "refusals",
             "RELAYD_LIMITS__MESSAGES_PER_SECOND": "2.5",
             "RELAYD_SERVER__HOST": "::1",
         }
     )
-    assert settings.log.messages is False
+    assert settings.log.bodies is True
+    assert settings.log.messages == "refusals"
     assert settings.limits.messages_per_second == 2.5
     assert settings.server.host == "::1"
 
@@ -377,8 +379,9 @@ def test_toml_that_is_not_utf8(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "reason"),
     [
-        ('[log]\nmessages = "yes"\n', "log.messages", "Input should be a valid boolean"),
-        ("[log]\nmessages = 1\n", "log.messages", "Input should be a valid boolean"),
+        ('[log]\nbodies = "yes"\n', "log.bodies", "Input should be a valid boolean"),
+        ("[log]\nbodies = 1\n", "log.bodies", "Input should be a valid boolean"),
+        ("[log]\nmessages = 1\n", "log.messages", "Input should be 'all', 'refusals'"),
         ("[limits]\nmax_connections = 5.0\n", "limits.max_connections", "valid integer"),
         ('[limits]\nmax_connections = "5"\n', "limits.max_connections", "valid integer"),
         ("[server]\nhost = 1\n", "server.host", "Input should be a valid string"),
@@ -405,7 +408,8 @@ def test_an_integer_is_a_float() -> None:
 @pytest.mark.parametrize(
     ("name", "text", "key"),
     [
-        ("RELAYD_LOG__MESSAGES", "yes", "log.messages"),
+        ("RELAYD_LOG__BODIES", "yes", "log.bodies"),
+        ("RELAYD_LOG__BODIES", "1", "log.bodies"),
         ("RELAYD_LOG__MESSAGES", "1", "log.messages"),
         ("RELAYD_LIMITS__MAX_CONNECTIONS", "5.0", "limits.max_connections"),
         ("RELAYD_LIMITS__MAX_CONNECTIONS", "lots", "limits.max_connections"),
@@ -422,7 +426,7 @@ def test_environment_text_of_the_wrong_type_is_refused(name: str, text: str, key
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[server]\nprot = 1\n[limits]\nmax_connections = 0\n[log]\nmessages = "yes"\n',
+        '[server]\nprot = 1\n[limits]\nmax_connections = 0\n[log]\nbodies = "yes"\n',
     )
     with pytest.raises(ConfigError) as info:
         load(config_path=path, environ={"RELAYD_LIMITS__IDLE_TIMEOUT_S": "-1"})
@@ -434,7 +438,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
             f"limits.max_connections: Input should be greater than 0 (in {path})",
             "limits.idle_timeout_s: Input should be greater than or equal to 0 "
             "(from environment RELAYD_LIMITS__IDLE_TIMEOUT_S)",
-            f"log.messages: Input should be a valid boolean (in {path})",
+            f"log.bodies: Input should be a valid boolean (in {path})",
         ]
     )
     # The error's own fields are the first problem's.

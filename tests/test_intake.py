@@ -130,7 +130,7 @@ def test_the_echo_route_sends_text_and_binary_back_unjudged() -> None:
 def test_refusals_are_not_logged_with_message_logging_off_but_still_counted() -> None:
     live = LiveLimits(LimitsSettings())
     stats = Stats()
-    events = MessageEvents(structlog.get_logger(), stats, messages=False)
+    events = MessageEvents(structlog.get_logger(), stats, messages="off")
     judge = Intake(FakePeer(), live, events, stats, 0.0)
     with structlog.testing.capture_logs() as logs:
         judge.judge(OP_TEXT, b"not json", 0.0)

@@ -114,7 +114,9 @@ def new_router(
     *, log_messages: bool = True, log_bodies: bool = False, inbox_size: int = 256
 ) -> LocalRouter:
     stats = Stats()
-    events = MessageEvents(structlog.get_logger(), stats, messages=log_messages, bodies=log_bodies)
+    events = MessageEvents(
+        structlog.get_logger(), stats, messages="all" if log_messages else "off", bodies=log_bodies
+    )
     return LocalRouter(events, stats, inbox_size=inbox_size)
 
 

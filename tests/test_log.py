@@ -39,6 +39,8 @@ from relayd.telemetry.log import (
     line_writer,
     report_suppressed_lines,
 )
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
 from relayd.telemetry.throttle import BURST
 from tests import wire
 from tests.client import Client, connect, running, settings
@@ -401,7 +403,7 @@ async def test_bodies_are_logged_when_turned_on() -> None:
 async def test_no_message_relay_events_when_messages_are_off() -> None:
     with structlog.testing.capture_logs() as events:
         async with (
-            running(Server(with_log(messages=False))) as url,
+            running(Server(with_log(messages="off"))) as url,
             connect(url) as a,
             connect(url) as b,
         ):
@@ -415,6 +417,75 @@ async def test_no_message_relay_events_when_messages_are_off() -> None:
     assert len(named(events, "connection.open")) == 2
     closes = named(events, "connection.close")
     assert sorted(e["messages_in"] for e in closes) == [0, 3]
+
+
+@pytest.mark.parametrize("messages", ["refusals", "sampled"])
+async def test_refusals_only_or_sampled_logs_every_refusal_and_counts_every_message(
+    messages: str,
+) -> None:
+    # sampled at 0: none of the deliveries is drawn, so the lines are the same as refusals'.
+    server = Server(with_log(messages=messages, messages_sample=0.0))
+    with structlog.testing.capture_logs() as events:
+        async with running(server) as url, connect(url) as a, connect(url) as b:
+            for n in range(5):
+                await a.send(b.id, n)
+                assert await b.recv() == str(n)
+            await a.send("nobody", "hello")
+            assert json.loads(await a.recv())["error"] == "unknown_recipient"
+            await a.ws.send_message("not json")
+            assert json.loads(await a.recv())["error"] == "invalid_json"
+    logged = [e["outcome"] for e in named(events, "message.relay")]
+    assert sorted(logged) == ["invalid_json", "unknown_recipient"]
+    assert server.stats.messages == {"delivered": 5, "unknown_recipient": 1, "invalid_json": 1}
+
+
+async def test_sampled_at_one_logs_every_delivery() -> None:
+    with structlog.testing.capture_logs() as events:
+        async with (
+            running(Server(with_log(messages="sampled", messages_sample=1.0))) as url,
+            connect(url) as a,
+            connect(url) as b,
+        ):
+            for n in range(5):
+                await a.send(b.id, n)
+                assert await b.recv() == str(n)
+    assert [e["outcome"] for e in named(events, "message.relay")] == ["delivered"] * 5
+
+
+def test_a_sample_logs_about_its_fraction_of_deliveries() -> None:
+    # 10,000 draws at 0.2: 2,000 expected, and outside 1,700..2,300 with a probability
+    # under 1e-12 (the binomial's standard deviation is 40).
+    stats = Stats()
+    events = MessageEvents(structlog.get_logger(), stats, messages="sampled", sample=0.2)
+    with structlog.testing.capture_logs() as logged:
+        record = events.recorder()
+        for _ in range(10_000):
+            record("a", "b", 1, "delivered")
+        record("a", "b", 1, "recipient_busy")
+    outcomes = [e["outcome"] for e in logged]
+    assert 1_700 <= outcomes.count("delivered") <= 2_300
+    assert outcomes.count("recipient_busy") == 1
+    assert stats.messages == {"delivered": 10_000, "recipient_busy": 1}
+
+
+async def test_a_reload_changes_which_messages_are_logged() -> None:
+    server = Server(settings())
+    with structlog.testing.capture_logs() as events:
+        async with running(server) as url, connect(url) as a, connect(url) as b:
+            await a.send(b.id, 1)
+            assert await b.recv() == "1"
+            server.reload(with_log(messages="refusals"), None)
+            await a.send(b.id, 2)
+            assert await b.recv() == "2"
+            await a.send("nobody", 3)
+            assert json.loads(await a.recv())["error"] == "unknown_recipient"
+    logged = [e["outcome"] for e in named(events, "message.relay")]
+    assert logged == ["delivered", "unknown_recipient"]
+
+
+@pytest.mark.parametrize(("spelling", "mode"), [(True, "all"), (False, "off")])
+def test_the_old_switch_still_reads(spelling: bool, mode: str) -> None:
+    assert LogSettings(messages=spelling).messages == mode  # type: ignore[arg-type]
 
 
 # -- the renderer ------------------------------------------------------------------

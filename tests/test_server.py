@@ -524,7 +524,7 @@ async def test_a_reload_turning_message_logging_off_reaches_refusals_of_open_con
             await a.ws.send_message("not json")
             assert json.loads(await a.recv())["error"] == "invalid_json"
             quiet = settings().model_copy(
-                update={"log": settings().log.model_copy(update={"messages": False})}
+                update={"log": settings().log.model_copy(update={"messages": "off"})}
             )
             server.reload(quiet, None)
             await a.ws.send_message("still not json")

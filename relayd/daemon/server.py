@@ -95,7 +95,11 @@ class Server:
         self.stats = Stats()
         #: Where every message's outcome is counted and logged.
         self.events = MessageEvents(
-            self._log, self.stats, messages=settings.log.messages, bodies=settings.log.bodies
+            self._log,
+            self.stats,
+            messages=settings.log.messages,
+            sample=settings.log.messages_sample,
+            bodies=settings.log.bodies,
         )
         make_router = router or functools.partial(build_router, settings)
         self._router = make_router(self.events, self.stats)
@@ -216,7 +220,11 @@ class Server:
             allowed_origins=settings.server.allowed_origins,
             authenticator=authenticator,
         )
-        self.events.reconfigure(messages=settings.log.messages, bodies=settings.log.bodies)
+        self.events.reconfigure(
+            messages=settings.log.messages,
+            sample=settings.log.messages_sample,
+            bodies=settings.log.bodies,
+        )
         # What is in force now: the keys that need a restart keep the values
         # relayd started with, so the next reload compares against those.
         self._settings = _in_force(self._settings, settings)
@@ -336,6 +344,7 @@ _RELOADABLE: Final = (
     "auth.",
     "log.level",
     "log.messages",
+    "log.messages_sample",
     "log.bodies",
 )
 

@@ -19,8 +19,9 @@ is the one configured.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 import structlog
@@ -31,6 +32,9 @@ from relayd.telemetry.metrics import Stats
 __all__ = ["MessageEvents", "Recorder"]
 
 Body = msgspec.Raw | None
+
+#: The one outcome that is not a refusal (an echo is counted apart and never logged).
+_DELIVERED: Final = "delivered"
 
 
 class Recorder(Protocol):
@@ -56,34 +60,43 @@ class MessageEvents:
     Args:
         log: where ``message.relay`` events go when the fast path declines.
         stats: the counters (``messages`` by outcome).
-        messages: log one ``message.relay`` event per message (``log.messages``).
+        messages: which outcomes get a ``message.relay`` event (``log.messages``):
+            ``all``, ``refusals``, ``sampled`` or ``off``.
+        sample: with ``sampled``, the fraction of deliveries logged (``log.messages_sample``).
         bodies: include the body (``log.bodies``).
     """
 
-    __slots__ = ("_log", "_stats", "bodies", "messages")
+    __slots__ = ("_log", "_stats", "bodies", "messages", "sample")
 
     def __init__(
         self,
         log: structlog.typing.FilteringBoundLogger,
         stats: Stats,
         *,
-        messages: bool = True,
+        messages: str = "all",
+        sample: float = 1.0,
         bodies: bool = False,
     ) -> None:
         self._log = log
         self._stats = stats
         self.messages = messages
+        self.sample = sample
         self.bodies = bodies
 
-    def reconfigure(self, *, messages: bool, bodies: bool) -> None:
+    def reconfigure(self, *, messages: str, sample: float, bodies: bool) -> None:
         """Apply reloaded ``[log]`` settings to outcomes recorded from now on."""
         self.messages = messages
+        self.sample = sample
         self.bodies = bodies
 
     def recorder(self) -> Recorder:
-        """A function that records outcomes as the settings are now; make one per batch."""
+        """A function that records outcomes as the settings are now; make one per batch.
+
+        Every outcome is counted; which are logged is ``messages``: all of them, the
+        refusals, the refusals and a random ``sample`` of the deliveries, or none.
+        """
         counts = self._stats.messages
-        if not self.messages:
+        if self.messages == "off":
 
             def count(
                 sender: str, to: str | None, size: int, outcome: str, body: Body = None
@@ -93,9 +106,17 @@ class MessageEvents:
             return count
         write = self._writer()
         bodies = self.bodies
+        # Deliveries are thinned out unless all are logged: one is logged when a draw from
+        # [0, 1) falls below `sample`, never for "refusals". One test of a local per
+        # message when all are logged.
+        thinned = self.messages != "all"
+        sample = self.sample if self.messages == "sampled" else 0.0
+        draw = random.random
 
         def record(sender: str, to: str | None, size: int, outcome: str, body: Body = None) -> None:
             counts[outcome] += 1
+            if thinned and outcome == _DELIVERED and draw() >= sample:
+                return
             fields: dict[str, Any] = {"from": sender, "to": to, "bytes": size, "outcome": outcome}
             if bodies and body is not None:
                 fields["body"] = bytes(body).decode()
