@@ -30,7 +30,7 @@ RULE_TESTS: Final = MONITORING / "prometheus" / "relayd-alerts.test.yml"
 DASHBOARD: Final = MONITORING / "grafana" / "relayd.json"
 PROMTOOL_TIMEOUT_S: Final = 60.0
 #: Metrics only a relayd with ``[cluster] enabled`` has.
-CLUSTER_ONLY: Final = frozenset({"relayd_broker_up"})
+CLUSTER_ONLY: Final = frozenset({"relayd_cluster_broker_up"})
 #: Every alert the issue asks for, by name.
 ALERTS: Final = {
     "RelaydDown",
