@@ -410,3 +410,49 @@ def test_emfile_itself_is_retried_quietly_and_summarised(tmp_path: Path) -> None
         ("library.log", "trio.serve_listeners")
     }
     assert all(e["count"] > 0 for e in suppressed)
+
+
+# -- a reload never weakens security by accident ----------------------------------------------
+
+TOKENS_CONFIG: Final = """\
+[server]
+allowed_origins = ["https://chat.example"]
+[auth]
+mode = "token"
+tokens = { alice = "alice-secret-token-0123" }
+"""
+
+
+def test_an_emptied_config_is_refused_and_an_explicit_weakening_applied_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "relayd.toml"
+    config.write_text(TOKENS_CONFIG)
+    daemon = Daemon([*MODULE, "--config", str(config), "--port", "0", "--host", "127.0.0.1"])
+    try:
+        port = daemon.wait_event("server.ready")["port"]
+        assert _handshake_status(port, "") == b"HTTP/1.1 401 Unauthorized"
+        # A partial write: the file is empty when relayd reads it.
+        config.write_text("")
+        daemon.signal(signal.SIGHUP)
+        refused = daemon.wait_event("config.reload")
+        assert (refused["level"], refused["applied"]) == ("error", False)
+        assert refused["reason"].startswith(
+            "auth.mode: authentication turned off, but no source sets auth.mode"
+        )
+        assert "server.allowed_origins: every origin allowed" in refused["reason"]
+        assert _handshake_status(port, "") == b"HTTP/1.1 401 Unauthorized"  # still on
+        # Stated on purpose: applied, and said at warning level.
+        config.write_text('[auth]\nmode = "off"\n[server]\nallowed_origins = []\n')
+        daemon.signal(signal.SIGHUP)
+        applied = daemon.wait_event("config.reload")
+        assert (applied["level"], applied["applied"]) == ("warning", True)
+        assert applied["weakened"] == [
+            "auth.mode: authentication turned off",
+            "server.allowed_origins: every origin allowed (the list emptied)",
+        ]
+        assert _handshake_status(port, "") == b"HTTP/1.1 101 Switching Protocols"
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    finally:
+        daemon.close()

@@ -34,6 +34,7 @@ from relayd.daemon.server import Server
 from relayd.daemon.systemd import Notifier
 from relayd.errors import ConfigError
 from relayd.policy.auth import Authenticator
+from relayd.policy.weakening import Weakening, weakenings
 from relayd.telemetry.log import configure, get_logger
 
 __all__ = ["STATUS_INTERVAL_S", "run_daemon"]
@@ -150,6 +151,9 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
             settings, authenticator = reload_settings()
         except ConfigError as exc:
             refused = str(exc)
+        else:
+            weakened = weakenings(server.settings, settings)
+            refused = _unstated(weakened)
         if refused is not None:  # the old settings stay
             server.stats.count_reload(applied=False)
             log.error("config.reload", applied=False, reason=refused)
@@ -160,14 +164,28 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
         if level_changed:
             # The format stays: changing it needs a restart (and is reported so).
             configure(settings.log.model_copy(update={"format": server.log_format}))
-        log.info(
+        # Stated on purpose, and still worth an operator's second look.
+        (log.warning if weakened else log.info)(
             "config.reload",
             applied=True,
             changed=result.changed,
             restart_required=result.restart_required,
+            weakened=[str(weakening) for weakening in weakened],
         )
     finally:
         notifier.ready(_status_line(server, 0.0))
+
+
+def _unstated(weakened: list[Weakening]) -> str | None:
+    """Why a reload that weakens security without saying so is refused, or None."""
+    unstated = [weakening for weakening in weakened if not weakening.stated]
+    if not unstated:
+        return None
+    return "; ".join(
+        f"{weakening}, but no source sets {weakening.key} (a file emptied or cut short?);"
+        " set it explicitly to apply this"
+        for weakening in unstated
+    )
 
 
 async def _watchdog(notifier: Notifier, interval_s: float) -> None:
