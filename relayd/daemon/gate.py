@@ -274,7 +274,13 @@ class Gate:
         attempt.answered = True
         with trio.move_on_after(CLOSE_TIMEOUT_S) as responding:
             try:
-                await transport.send_all(accept_response(request.key, decision.subprotocol))
+                await transport.send_all(
+                    accept_response(
+                        request.key,
+                        decision.subprotocol,
+                        max_message_bytes=limits.max_message_bytes,
+                    )
+                )
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 responding.cancel()
         if responding.cancelled_caught:

@@ -209,10 +209,19 @@ def validate(request: h11.Request) -> UpgradeRequest | Refusal:
     )
 
 
-def accept_response(key: str, subprotocol: str | None) -> bytes:
-    """The ``101 Switching Protocols`` response that opens the WebSocket."""
+def accept_response(
+    key: str, subprotocol: str | None, *, max_message_bytes: int | None = None
+) -> bytes:
+    """The ``101 Switching Protocols`` response that opens the WebSocket.
+
+    ``max_message_bytes``, the connection's message limit, is announced in a
+    ``Relayd-Max-Message-Bytes`` header, so that a client can refuse a larger
+    message itself rather than lose the connection to a 1009.
+    """
     accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
     protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    if max_message_bytes is not None:
+        protocol += f"Relayd-Max-Message-Bytes: {max_message_bytes}\r\n"
     return (
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"

@@ -1,0 +1,455 @@
+"""The client a program uses: :func:`connect` and the :class:`Client` it yields.
+
+Task layout: ``async with connect(...) as client`` opens a nursery that the
+block owns. One task runs in it, the supervisor, which runs one connection
+(:func:`~relayd.client.link.run_link`, and the tasks under it) at a time and,
+when reconnecting is on, the waits between them. Leaving the block, however
+it is left, closes the connection with 1000 (within ``close_timeout``) and
+then cancels the supervisor; nothing of the client outlives the block. Once
+connected, the supervisor is shielded from cancellation coming from outside
+the block: that cancellation reaches the block's own task, whose exit closes
+the client, and the closing handshake needs the supervisor's reader running.
+
+Who raises what, where:
+
+* entering the block: :class:`~relayd.client.errors.ConnectError` and its
+  subclasses;
+* :meth:`Client.send`: :class:`~relayd.client.errors.SendError` subclasses (the
+  connection stays open), :class:`~relayd.client.errors.ConnectionClosed`
+  subclasses;
+* receiving: :class:`~relayd.client.errors.ConnectionClosed` subclasses, once
+  every message that arrived before the close has been read;
+* after the program's own :meth:`Client.aclose`: ``send`` raises
+  :class:`trio.ClosedResourceError`, iteration ends.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Final, Literal, NoReturn
+
+import trio
+
+from relayd.client.backoff import Backoff
+from relayd.client.endpoint import Endpoint, check_token, parse_url
+from relayd.client.errors import ConnectError, closed_error
+from relayd.client.link import CloseInfo, Link, LinkOptions, run_link
+from relayd.client.messages import Message, encode_body
+from relayd.wire.dialects import Dialect
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "CONNECT_TIMEOUT_S",
+    "KEEPALIVE_S",
+    "MAX_IN_FLIGHT",
+    "MAX_MESSAGE_CHARS",
+    "RECEIVE_QUEUE",
+    "Client",
+    "CloseInfo",
+    "connect",
+]
+
+#: Bound on connecting: TCP, TLS, the HTTP upgrade and the welcome. relayd
+#: answers an incomplete handshake with 408 after ``handshake_timeout_s`` (10 s
+#: by default); waiting a little longer lets that answer be seen.
+CONNECT_TIMEOUT_S: Final = 15.0
+#: Bound on the closing handshake: relayd waits as long for a client's.
+CLOSE_TIMEOUT_S: Final = 5.0
+#: Messages sent and not yet answered, per client. relayd keeps 16 replies
+#: per connection before it stops reading (``outbox_messages``); more in flight
+#: would only wait in TCP buffers.
+MAX_IN_FLIGHT: Final = 16
+#: Messages received and not yet read by the program, per client.
+RECEIVE_QUEUE: Final = 16
+#: Largest message accepted from relayd, in characters (trio-websocket counts
+#: ``len()`` of the text). relayd's own limit is 64 KiB by default; a delivery
+#: adds its sender's id and ``"type"`` to the sender's envelope.
+MAX_MESSAGE_CHARS: Final = 2**20
+#: Keepalive ping interval, and how long its pong may take: as relayd's own.
+KEEPALIVE_S: Final = 30.0
+
+
+class Client:
+    """A connection to relayd; made by :func:`connect`, usable inside its block.
+
+    Attributes are read-only. Everything that waits takes its bound from the
+    caller's cancel scope (``with trio.fail_after(5): await client.send(...)``);
+    the client adds no timeout of its own to sending or receiving.
+
+    Resource handling: the client holds at most ``max_in_flight`` messages
+    being sent and ``receive_queue`` messages received but not read (plus the
+    buffers of one connection, see :mod:`relayd.client.link`). A program that
+    stops reading stops the socket: relayd then refuses messages to it with
+    ``recipient_busy`` and, after ``slow_consumer_timeout_s``, drops it.
+    """
+
+    def __init__(
+        self, endpoint: Endpoint, options: LinkOptions, *, receive_queue: int, close_timeout: float
+    ) -> None:
+        self._endpoint = endpoint
+        self._options = options
+        self._close_timeout = close_timeout
+        self._slots = trio.Semaphore(options.max_in_flight)
+        self._deliveries_in, self._deliveries = trio.open_memory_channel[Message](receive_queue)
+        self._link: Link | None = None
+        self._id = ""
+        self._changed = trio.Event()  # set, and replaced, whenever the link changes
+        self._closing = False
+        self._final: Callable[[], BaseException] | None = None  # raised once all is read
+        self._supervisor = trio.CancelScope()
+        self._finished = trio.Event()
+
+    @property
+    def id(self) -> str:
+        """The id relayd assigned to this client (the latest, after a reconnect)."""
+        return self._id
+
+    @property
+    def url(self) -> str:
+        """The URL this client connects to."""
+        return self._endpoint.url
+
+    @property
+    def dialect(self) -> Dialect:
+        """The dialect spoken: :attr:`Dialect.V1` or :attr:`Dialect.SEED`."""
+        return self._options.dialect
+
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The largest envelope relayd takes on this connection, as it announced; None if not.
+
+        :meth:`send` refuses a larger one without sending it.
+        """
+        return self._link.max_message_bytes if self._link is not None else None
+
+    @property
+    def closed(self) -> CloseInfo | None:
+        """How the latest connection ended; None while it is open."""
+        return self._link.ended() if self._link is not None else None
+
+    async def send(self, to: str, message: object) -> None:
+        """Send ``message`` to the client ``to`` and wait for its outcome.
+
+        In relayd.v1, returns once relayd has put the message in the
+        recipient's queue (its ``ack``). In the seed dialect, which has no
+        acks, returns once the message is written to the connection; relayd's
+        errors then arrive as messages (:meth:`Message.as_error`).
+
+        Up to ``max_in_flight`` calls may wait at once, from as many tasks;
+        each outcome is matched to its message. A further call waits for a
+        slot. While reconnecting, calls wait for the new connection.
+
+        Args:
+            to: the recipient's id.
+            message: any value JSON can hold (``dict``, ``list``, ``str``,
+                numbers, ``bool``, ``None``, dataclasses...); a
+                :class:`msgspec.Raw` is sent as the JSON text it holds.
+
+        Cancellation: cancelled before the message reached the socket, it is
+        not sent. After that it cannot be taken back: relayd may deliver it,
+        and its ``ack`` or error is discarded.
+
+        Raises:
+            SendError: relayd did not relay it; the subclass names the reason
+                (:class:`UnknownRecipient`, :class:`RecipientBusy`,
+                :class:`RateLimited`...). :class:`MessageTooLarge` is also
+                raised without sending when the envelope is over the
+                :attr:`max_message_bytes` relayd announced.
+            ConnectionClosed: the connection ended before relayd answered (the
+                message may or may not have been delivered), or it had ended
+                and reconnecting, if on, gave up (``__cause__`` says why).
+            trio.ClosedResourceError: the program closed this client.
+            TypeError: ``message`` is not something JSON can hold.
+        """
+        body = encode_body(message)
+        await self._slots.acquire()
+        try:
+            link = await self._usable_link()
+            sending = link.submit(to, body, self._slots.release)
+        except BaseException:
+            self._slots.release()
+            raise
+        try:
+            await sending.done.wait()
+        except BaseException:
+            link.abandon(sending)
+            raise
+        if sending.error is not None:
+            raise sending.error
+
+    async def receive(self) -> Message:
+        """The next message, waiting for one if none is queued.
+
+        Raises:
+            ConnectionClosed: the connection ended, and reconnecting, if on,
+                gave up (``__cause__`` says why); every message that arrived
+                before is read first.
+            trio.ClosedResourceError: the program closed this client and every
+                message received before has been read.
+        """
+        try:
+            return await self._deliveries.receive()
+        except trio.EndOfChannel:
+            final = self._final
+        raise trio.ClosedResourceError("the client was closed") if final is None else final()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        """Every message, in the order relayd sent them; see :meth:`receive`.
+
+        The iteration ends when the program closed the client; it raises
+        :class:`ConnectionClosed` when relayd or the network ended it.
+        """
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                message = await self.receive()
+            except trio.ClosedResourceError:
+                return
+            yield message
+
+    async def ids(self) -> AsyncIterator[str]:
+        """This client's id now, then its new one after each reconnect.
+
+        A reader that falls behind skips to the latest id. Ends when the
+        client is closed for good.
+        """
+        last = None
+        while True:
+            changed = self._changed
+            if self._id != last:
+                last = self._id
+                yield last
+                continue  # it may have changed again while the caller held it
+            if self._finished.is_set():
+                return
+            await changed.wait()
+
+    async def aclose(self) -> None:
+        """Close with 1000, stop reconnecting, and stop every task of the client.
+
+        Idempotent. The closing handshake is bounded by ``close_timeout`` and
+        shielded from the caller's cancellation, so that relayd sees a 1000
+        even from a program that is being cancelled.
+        """
+        self._closing = True
+        self._notify()  # sends waiting for a reconnect give up
+        link = self._link
+        if link is not None and link.open:
+            with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout):
+                await link.close()
+        self._supervisor.cancel()
+        with trio.CancelScope(shield=True):
+            await self._finished.wait()
+
+    # -- the supervisor ------------------------------------------------------------------
+
+    async def _run(self, backoff: Backoff | None, *, task_status: trio.TaskStatus[None]) -> None:
+        """Connect, then keep the client connected as ``backoff`` allows.
+
+        Started by :func:`connect` with ``nursery.start``: the first
+        connection's :class:`ConnectError` is raised from there.
+        """
+        try:
+            with self._supervisor:
+                closed = await self._connection(task_status)
+                while True:
+                    self._lost(closed)
+                    if self._closing or backoff is None or not _retryable(closed):
+                        self._final = _final_error(closed)
+                        break
+                    outcome = await self._reconnect(backoff)
+                    if isinstance(outcome, ConnectError):
+                        self._final = _final_error(closed, outcome)
+                        break
+                    closed = outcome
+        finally:
+            self._deliveries_in.close()
+            self._finished.set()
+            self._notify()
+
+    async def _reconnect(self, backoff: Backoff) -> CloseInfo | ConnectError:
+        """Connect again; the new connection's end, or why there was none."""
+        failure = ConnectError(self.url, "no attempt made")
+        for delay in backoff.delays():
+            await trio.sleep(delay)
+            try:
+                return await self._connection(None)
+            except ConnectError as exc:
+                failure = exc
+                if not exc.retryable:
+                    break
+        return failure
+
+    async def _connection(self, task_status: trio.TaskStatus[None] | None) -> CloseInfo:
+        """One connection, from connecting to its end."""
+
+        def opened(link: Link) -> None:
+            self._link = link
+            self._id = link.id
+            self._notify()
+            if task_status is not None:
+                # From now on only aclose() stops the supervisor: a cancelled
+                # block reaches aclose() in connect(), whose closing handshake
+                # needs trio-websocket's reader, under this scope, still running.
+                self._supervisor.shield = True
+                task_status.started()
+
+        return await run_link(self._endpoint, self._options, self._deliveries_in, opened)
+
+    def _lost(self, closed: CloseInfo) -> None:
+        self._closing = self._closing or closed.by_client
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _usable_link(self) -> Link:
+        """The open connection; waits while reconnecting.
+
+        Raises:
+            trio.ClosedResourceError: the program closed the client.
+            ConnectionClosed: the client is closed for good.
+        """
+        while True:
+            if self._closing:
+                raise trio.ClosedResourceError("the client was closed")
+            link = self._link
+            if link is not None and link.open:
+                return link
+            if self._final is not None:
+                raise self._final()
+            await self._changed.wait()
+
+
+def _retryable(closed: CloseInfo) -> bool:
+    return not closed.by_client and closed_error(closed.code).retryable
+
+
+def _final_error(
+    closed: CloseInfo, cause: ConnectError | None = None
+) -> Callable[[], BaseException]:
+    """What sending and receiving raise once nothing more can come.
+
+    A new exception for each raise: one instance raised in several tasks would
+    collect all their tracebacks.
+    """
+
+    def error() -> BaseException:
+        if closed.by_client:
+            return trio.ClosedResourceError("the client was closed")
+        exc = closed_error(closed.code, closed.reason)
+        exc.__cause__ = cause
+        exc.__suppress_context__ = True
+        return exc
+
+    return error
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    dialect: Dialect | Literal["relayd.v1", "seed"] = Dialect.V1,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+    close_timeout: float = CLOSE_TIMEOUT_S,
+    reconnect: Backoff | None = None,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    receive_queue: int = RECEIVE_QUEUE,
+    max_message_chars: int = MAX_MESSAGE_CHARS,
+    keepalive_s: float | None = KEEPALIVE_S,
+) -> AsyncIterator[Client]:
+    """Connect to relayd; the block is the connection's lifetime.
+
+    Args:
+        url: ``ws://HOST:PORT/`` or ``wss://HOST:PORT/``.
+        token: sent as ``Authorization: Bearer TOKEN`` (when relayd's
+            ``auth.mode`` is on, its subject becomes the client's id).
+        ssl_context: for ``wss://``: how to verify the server (default: the
+            system's trust store, hostname checked).
+        dialect: ``relayd.v1`` (acks, sender ids) or ``seed`` (the original
+            post's protocol: no acks, no sender ids).
+        connect_timeout: seconds for TCP, TLS, the upgrade and the welcome,
+            for the first connection and for each reconnect attempt.
+        close_timeout: seconds for the closing handshake when the block ends.
+        reconnect: reconnect with this :class:`Backoff` when the connection is
+            lost for a reason that may pass (1001, 1006, 1011, 1013, 1000, a
+            503...); None (the default) to raise instead. The first connection
+            is never retried: its failure is raised here.
+        max_in_flight: how many :meth:`Client.send` calls may wait for their
+            outcome at once.
+        receive_queue: how many received messages wait for the program to
+            read them before the client stops reading the socket.
+        max_message_chars: the largest message accepted from relayd, in
+            characters; a larger one closes the connection with 1009.
+        keepalive_s: ping relayd this often, and drop the connection (1006)
+            when the pong is as late; None for no pings.
+
+    Yields:
+        The connected client; its :attr:`Client.id` is set.
+
+    Raises:
+        ValueError: a bad URL, token or figure, or an ``ssl_context`` with a
+            ``ws://`` URL; nothing was connected.
+        ConnectError: no connection: :class:`HandshakeRefused` (an HTTP
+            status: 401, 403, 503...), :class:`ConnectTimeout`,
+            :class:`TLSError`, or the network.
+    """
+    endpoint = parse_url(url)
+    if token is not None:
+        check_token(token)
+    if ssl_context is not None and not endpoint.tls:
+        raise ValueError("an ssl_context needs a wss:// URL")
+    for name, value in [("connect_timeout", connect_timeout), ("close_timeout", close_timeout)]:
+        if not value > 0:
+            raise ValueError(f"{name} must be positive")
+    if keepalive_s is not None and not 0 < keepalive_s < math.inf:
+        raise ValueError("keepalive_s must be positive, or None")
+    if max_in_flight < 1 or receive_queue < 0 or max_message_chars < 1:
+        raise ValueError("need max_in_flight >= 1, receive_queue >= 0, max_message_chars >= 1")
+    options = LinkOptions(
+        dialect=Dialect(dialect),
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout=connect_timeout,
+        keepalive_s=keepalive_s,
+        max_in_flight=max_in_flight,
+        max_message_chars=max_message_chars,
+    )
+    client = Client(endpoint, options, receive_queue=receive_queue, close_timeout=close_timeout)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run, reconnect)
+            try:
+                yield client
+            finally:
+                await client.aclose()
+    except BaseExceptionGroup as group:
+        _raise_alone(group)
+
+
+def _raise_alone(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise what the block raised as itself, not inside a group.
+
+    The client's own tasks raise nothing but bugs, so a group from its
+    nursery holds the block's exception (or the first connection's
+    :class:`ConnectError`), perhaps beside the ``Cancelled`` of tasks that were
+    stopped for it.
+    """
+    leaves = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(leaves) > 1 or any(isinstance(e, BaseExceptionGroup) for e in leaves):
+        raise group
+    alone = leaves[0] if leaves else group.exceptions[0]
+    context = alone.__context__
+    try:
+        raise alone
+    finally:
+        alone.__context__ = context  # not the group: it only wrapped this one
+        del alone, context

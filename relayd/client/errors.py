@@ -1,0 +1,333 @@
+"""What :mod:`relayd.client` raises: one class per outcome a program can act on.
+
+Every exception here is a :class:`ClientError`, itself a
+:class:`~relayd.errors.RelaydError`::
+
+    ClientError
+    ├── ConnectError          no connection was made (.url; __cause__ says why)
+    │   ├── HandshakeRefused  relayd answered the upgrade with an HTTP status
+    │   │                     (.status, .body): 401/403 auth, 503 at capacity...
+    │   ├── ConnectTimeout    no welcome within ``connect_timeout``
+    │   └── TLSError          the TLS handshake failed (a hint when the server
+    │                         answered in plain text: a ws:// server)
+    ├── SendError             relayd did not relay a message (.code, .detail);
+    │   │                     the connection stays open
+    │   ├── InvalidJSON          invalid_json
+    │   ├── InvalidEnvelope      invalid_envelope
+    │   ├── UnknownRecipient     unknown_recipient
+    │   ├── RecipientBusy        recipient_busy
+    │   ├── RateLimited          rate_limited
+    │   ├── UnsupportedData      unsupported_data
+    │   └── MessageTooLarge      message_too_large (also refused locally,
+    │                            before sending, over the server's limit)
+    └── ConnectionClosed      the connection ended (.code, .reason)
+        ├── NormalClosure        1000, e.g. relayd's idle timeout
+        ├── ServerShuttingDown   1001
+        ├── ProtocolViolation    1002
+        ├── InvalidData          1007
+        ├── PolicyViolation      1008, e.g. sustained rate-limit abuse
+        ├── MessageTooBig        1009
+        ├── InternalError        1011, e.g. no keepalive pong
+        ├── TryAgainLater        1013, e.g. a slow consumer
+        └── ConnectionLost       1006: no close frame (the network, or
+                                 relayd dropping a slow consumer)
+
+``retryable`` on a :class:`ConnectError` or :class:`ConnectionClosed` says
+whether connecting again can help; the client's reconnect uses it.
+
+Nothing here does I/O; :func:`send_error` and :func:`closed_error` build the
+exception for a code read off the wire.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Final
+
+from relayd.errors import CloseCode, ErrorCode, RelaydError
+
+__all__ = [
+    "ClientError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionClosed",
+    "ConnectionLost",
+    "HandshakeRefused",
+    "InternalError",
+    "InvalidData",
+    "InvalidEnvelope",
+    "InvalidJSON",
+    "MessageTooBig",
+    "MessageTooLarge",
+    "NormalClosure",
+    "PolicyViolation",
+    "ProtocolViolation",
+    "RateLimited",
+    "RecipientBusy",
+    "SendError",
+    "ServerShuttingDown",
+    "TLSError",
+    "TryAgainLater",
+    "UnknownRecipient",
+    "UnsupportedData",
+    "closed_error",
+    "send_error",
+]
+
+
+class ClientError(RelaydError):
+    """Base of everything :mod:`relayd.client` raises about relayd or the network."""
+
+
+# -- connecting ------------------------------------------------------------------------
+
+
+class ConnectError(ClientError):
+    """No connection: the network, TLS, or relayd's answer to the handshake.
+
+    Attributes:
+        url: the URL that was being connected to.
+        retryable: whether trying again later can help (a refused TCP
+            connection or a 503 can; a bad token or certificate cannot).
+    """
+
+    def __init__(self, url: str, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.url = url
+        self.retryable = retryable
+
+
+class HandshakeRefused(ConnectError):
+    """relayd answered the WebSocket upgrade with an HTTP status instead of ``101``.
+
+    Attributes:
+        status: the HTTP status, e.g. 401 (no or a bad token), 403 (origin or
+            token refused), 503 (at capacity, or shutting down).
+        body: relayd's reason, the response body as text.
+    """
+
+    def __init__(self, url: str, status: int, body: str) -> None:
+        # 503 (capacity, shutting down), 408 and other 5xx pass; a 4xx will be
+        # answered the same way next time.
+        retryable = status >= 500 or status == 408
+        super().__init__(
+            url, f"{url} refused the handshake: HTTP {status} {body}".rstrip(), retryable=retryable
+        )
+        self.status = status
+        self.body = body
+
+
+class ConnectTimeout(ConnectError):
+    """No connection and welcome within ``connect_timeout`` seconds."""
+
+
+class TLSError(ConnectError):
+    """The TLS handshake failed; ``__cause__`` is the :class:`ssl.SSLError`.
+
+    Not retryable: a certificate that did not verify will not verify next time.
+    """
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(url, message, retryable=False)
+
+
+# -- sending ---------------------------------------------------------------------------
+
+
+class SendError(ClientError):
+    """relayd did not relay a message; the connection stays open.
+
+    Attributes:
+        code: the error code relayd sent (an :class:`~relayd.errors.ErrorCode`
+            value, or a newer code this client does not know).
+        detail: relayd's text for people; do not parse it.
+        ref: the ``ref`` relayd echoed (None when it did not read it).
+    """
+
+    #: The error code this class stands for; None for the base class.
+    error_code: ClassVar[ErrorCode | None] = None
+
+    def __init__(self, code: str, detail: str, ref: str | int | None = None) -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+        self.ref = ref
+
+
+class InvalidJSON(SendError):
+    """The message was not JSON (only a :class:`msgspec.Raw` body can cause it)."""
+
+    error_code = ErrorCode.INVALID_JSON
+
+
+class InvalidEnvelope(SendError):
+    """JSON but not an envelope, e.g. an empty ``to`` or one over 256 characters."""
+
+    error_code = ErrorCode.INVALID_ENVELOPE
+
+
+class UnknownRecipient(SendError):
+    """No connection holds that id: it never existed or has closed."""
+
+    error_code = ErrorCode.UNKNOWN_RECIPIENT
+
+
+class RecipientBusy(SendError):
+    """The recipient's queue at relayd is full; retry later, with backoff."""
+
+    error_code = ErrorCode.RECIPIENT_BUSY
+
+
+class RateLimited(SendError):
+    """Over the connection's rate limit; keep it up and relayd closes with 1008."""
+
+    error_code = ErrorCode.RATE_LIMITED
+
+
+class UnsupportedData(SendError):
+    """A binary message; this client sends text only, so relayd never says it to it."""
+
+    error_code = ErrorCode.UNSUPPORTED_DATA
+
+
+class MessageTooLarge(SendError):
+    """Over relayd's ``max_message_bytes``.
+
+    Raised without sending when the message is over the limit relayd
+    announced at the handshake (sending it would close the connection with
+    1009), and when relayd answers ``message_too_large`` (its limit was lowered
+    by a reload while connected).
+    """
+
+    error_code = ErrorCode.MESSAGE_TOO_LARGE
+
+
+_SEND_ERRORS: Final[dict[str, type[SendError]]] = {
+    cls.error_code: cls
+    for cls in (
+        InvalidJSON,
+        InvalidEnvelope,
+        UnknownRecipient,
+        RecipientBusy,
+        RateLimited,
+        UnsupportedData,
+        MessageTooLarge,
+    )
+    if cls.error_code is not None
+}
+
+
+def send_error(code: str, detail: str, ref: str | int | None = None) -> SendError:
+    """The exception for an error frame: its own class, else :class:`SendError`."""
+    return _SEND_ERRORS.get(code, SendError)(code, detail, ref)
+
+
+# -- closes ----------------------------------------------------------------------------
+
+
+class ConnectionClosed(ClientError):
+    """The connection ended.
+
+    Raised by :meth:`~relayd.client.Client.send` for a message whose outcome
+    relayd had not told (it may or may not have been delivered), and by
+    receiving once the messages that arrived before the close are read.
+
+    Attributes:
+        code: the close code (1006 when no close frame came).
+        reason: the close reason relayd gave, or text saying what happened.
+        retryable: whether connecting again can help.
+    """
+
+    #: The close code this class stands for; None for the base class.
+    close_code: ClassVar[CloseCode | None] = None
+    #: Whether reconnecting can help after this close.
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"closed: {code} {reason}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+class NormalClosure(ConnectionClosed):
+    """1000: relayd closed an idle connection (``idle_timeout_s``)."""
+
+    close_code = CloseCode.NORMAL
+    retryable = True
+
+
+class ServerShuttingDown(ConnectionClosed):
+    """1001: relayd is shutting down, after flushing what it had for this client."""
+
+    close_code = CloseCode.GOING_AWAY
+    retryable = True
+
+
+class ProtocolViolation(ConnectionClosed):
+    """1002: relayd saw a frame that breaks RFC 6455 (a bug in the client stack)."""
+
+    close_code = CloseCode.PROTOCOL_ERROR
+
+
+class InvalidData(ConnectionClosed):
+    """1007: invalid UTF-8 in a text message."""
+
+    close_code = CloseCode.INVALID_DATA
+
+
+class PolicyViolation(ConnectionClosed):
+    """1008: sustained rate-limit abuse; reconnecting would be refused the same way."""
+
+    close_code = CloseCode.POLICY
+
+
+class MessageTooBig(ConnectionClosed):
+    """1009: a message over ``max_message_bytes`` (either side's limit)."""
+
+    close_code = CloseCode.TOO_BIG
+
+
+class InternalError(ConnectionClosed):
+    """1011: no pong to relayd's keepalive ping in time, or a bug in relayd."""
+
+    close_code = CloseCode.INTERNAL_ERROR
+    retryable = True
+
+
+class TryAgainLater(ConnectionClosed):
+    """1013: relayd dropped a slow consumer, or is overloaded."""
+
+    close_code = CloseCode.TRY_AGAIN_LATER
+    retryable = True
+
+
+class ConnectionLost(ConnectionClosed):
+    """1006: the connection ended without a close frame.
+
+    The network dropped, relayd dropped a slow consumer without one, or this
+    client's keepalive ping went unanswered.
+    """
+
+    close_code = CloseCode.ABNORMAL
+    retryable = True
+
+
+_CLOSES: Final[dict[int, type[ConnectionClosed]]] = {
+    cls.close_code: cls
+    for cls in (
+        NormalClosure,
+        ServerShuttingDown,
+        ProtocolViolation,
+        InvalidData,
+        PolicyViolation,
+        MessageTooBig,
+        InternalError,
+        TryAgainLater,
+        ConnectionLost,
+    )
+    if cls.close_code is not None
+}
+
+
+def closed_error(code: int, reason: str = "") -> ConnectionClosed:
+    """The exception for a close code: its own class, else :class:`ConnectionClosed`."""
+    return _CLOSES.get(code, ConnectionClosed)(code, reason)

@@ -1,0 +1,122 @@
+"""One connection's frames, without I/O: the envelopes sent, the frames received.
+
+The server's frames are the structs declared once in
+:mod:`relayd.wire.dialects` (:class:`~relayd.wire.dialects.Welcome`,
+:class:`~relayd.wire.dialects.Delivery`, :class:`~relayd.wire.dialects.Ack`,
+:class:`~relayd.wire.dialects.Error`, :class:`~relayd.wire.dialects.SeedError`),
+and what the client sends is an :class:`~relayd.wire.dialects.Envelope`; this
+module only turns them into what a program uses, a :class:`Message`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from relayd.client.errors import SendError, send_error
+from relayd.wire.dialects import Dialect, Envelope, SeedError, ServerMessage, Welcome
+
+__all__ = [
+    "Message",
+    "decode_v1",
+    "encode_body",
+    "encode_envelope",
+    "seed_message",
+    "welcome_id",
+]
+
+_encoder: Final = msgspec.json.Encoder()
+_v1_decoder: Final[msgspec.json.Decoder[ServerMessage]] = msgspec.json.Decoder(ServerMessage)
+_welcome_decoder: Final = msgspec.json.Decoder(Welcome)
+_seed_error_decoder: Final = msgspec.json.Decoder(SeedError)
+_raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
+_any_decoder: Final = msgspec.json.Decoder()
+_str_decoder: Final = msgspec.json.Decoder(str)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message relayed to this client.
+
+    Attributes:
+        sender: the sender's id as relayd knows it (never something the sender
+            wrote); None in the seed dialect, which does not say.
+        raw: the message as JSON text (UTF-8), exactly as its sender wrote it
+            in relayd.v1. The seed dialect delivers a JSON string as its bare
+            text, so there ``raw`` is the frame if it is JSON, else the frame
+            as a JSON string: a seed client cannot tell ``"42"`` from ``42``.
+    """
+
+    sender: str | None
+    raw: bytes
+
+    @property
+    def data(self) -> Any:
+        """The message as a Python value (decoded from :attr:`raw` on each access)."""
+        return _any_decoder.decode(self.raw)
+
+    @property
+    def text(self) -> str:
+        """A string message's text; any other JSON value as its JSON text."""
+        if self.raw[:1] == b'"':
+            return _str_decoder.decode(self.raw)
+        return self.raw.decode()
+
+    def as_error(self) -> SendError | None:
+        """In the seed dialect, the error a relayd error frame stands for; else None.
+
+        The seed dialect sends errors (``{"error": ..., "detail": ...}``) on the
+        same channel as messages, so they arrive as messages. A peer can send a
+        message of the same shape: only relayd.v1 tells them apart.
+        """
+        try:
+            error = _seed_error_decoder.decode(self.raw)
+        except (msgspec.DecodeError, RecursionError):
+            return None
+        return send_error(error.error, error.detail, error.ref)
+
+
+def encode_body(message: object) -> bytes:
+    """A message as JSON text; a :class:`msgspec.Raw` is sent as the JSON it holds.
+
+    Raises:
+        TypeError: ``message`` is not something JSON can hold.
+    """
+    return _encoder.encode(message)
+
+
+def encode_envelope(to: str, body: bytes, ref: int | None) -> bytes:
+    """The frame that asks relayd to relay ``body`` (JSON text) to ``to``."""
+    return _encoder.encode(Envelope(to, msgspec.Raw(body), ref))
+
+
+def welcome_id(dialect: Dialect, frame: str | bytes) -> str | None:
+    """The id in the first frame: a v1 welcome, or a bare string; None if there is none."""
+    if isinstance(frame, bytes) or not frame:
+        return None
+    if dialect is Dialect.SEED:
+        return frame
+    try:
+        return _welcome_decoder.decode(frame).id
+    except msgspec.DecodeError:
+        return None
+
+
+def decode_v1(frame: str) -> ServerMessage | None:
+    """A relayd.v1 server frame; None for text that is not one (never sent by relayd)."""
+    try:
+        return _v1_decoder.decode(frame)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def seed_message(frame: str) -> Message:
+    """A seed-dialect frame as a message (see :attr:`Message.raw`)."""
+    raw = frame.encode()
+    try:
+        _raw_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return Message(None, _encoder.encode(frame))
+    return Message(None, raw)

@@ -1,0 +1,662 @@
+"""``relayd.client`` against a real relayd through loopback: every outcome a program sees.
+
+Each test runs relayd in-process (:class:`~relayd.daemon.server.Server` on port 0) and
+drives it with the client as a program would. Nothing sleeps to wait for something:
+waits are on the client's own calls under the test's trio-clock deadline; tests about
+timeouts (idle, slow consumer, keepalive, connect) run on trio's autojump clock, where
+waiting for a server's timer is virtual time. Reconnecting is in test_client_reconnect.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import random
+import re
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+import pytest
+import structlog
+import trio
+import trio.testing
+import trustme
+from pydantic import SecretStr
+from trio_websocket import ConnectionClosed as WebSocketClosed
+from trio_websocket import WebSocketRequest, serve_websocket
+
+import relayd.client
+from relayd.client import (
+    Client,
+    ConnectError,
+    ConnectionClosed,
+    ConnectionLost,
+    ConnectTimeout,
+    HandshakeRefused,
+    InvalidEnvelope,
+    InvalidJSON,
+    MessageTooBig,
+    MessageTooLarge,
+    NormalClosure,
+    PolicyViolation,
+    RateLimited,
+    RecipientBusy,
+    SendError,
+    ServerShuttingDown,
+    TLSError,
+    TryAgainLater,
+    UnknownRecipient,
+    connect,
+)
+from relayd.config import AuthSettings, TLSSettings
+from relayd.daemon.credentials import load_authenticator, load_tls
+from relayd.daemon.server import Server
+from relayd.wire.frames import text_frame
+from relayd.wire.handshake import accept_response
+from tests.client import running, settings
+
+UNKNOWN_DETAIL: Final = "no client with that id is connected"
+#: A body of this many bytes keeps its envelope under relayd's default 64 KiB limit.
+BIG: Final = 60_000
+
+
+@asynccontextmanager
+async def relay(**limits: Any) -> AsyncIterator[str]:
+    """An in-process relayd with these limits; its URL."""
+    async with running(Server(settings(**limits))) as url:
+        yield url
+
+
+async def outcome(send: Awaitable[None]) -> str:
+    """What a send came to: ``ack``, or the error code it raised."""
+    try:
+        await send
+    except SendError as error:
+        return error.code
+    return "ack"
+
+
+# -- connecting -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect", ["relayd.v1", "seed"])
+async def test_connecting_gives_the_id_relayd_assigned_and_others_reach_it(
+    dialect: Literal["relayd.v1", "seed"],
+) -> None:
+    async with relay() as url, connect(url) as peer, connect(url, dialect=dialect) as client:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", client.id)
+        assert client.id != peer.id
+        assert client.dialect == dialect
+        assert client.url == url
+        assert client.max_message_bytes == 65536  # announced by relayd at the handshake
+        assert client.closed is None
+        await peer.send(client.id, {"hello": [1, 2]})
+        message = await client.receive()
+        assert message.data == {"hello": [1, 2]}
+        assert message.sender == (peer.id if dialect == "relayd.v1" else None)
+    assert client.closed == relayd.client.CloseInfo(1000, "", by_client=True)
+
+
+async def test_the_received_message_is_the_json_its_sender_wrote() -> None:
+    async with relay() as url, connect(url) as a, connect(url) as b:
+        await a.send(b.id, msgspec.Raw(b'{"k":\n [1,  2]}'))
+        await a.send(b.id, "two\nlines ☃")
+        await a.send(b.id, 42)
+        await a.send(b.id, "42")
+        received = [await b.receive() for _ in range(4)]
+    assert [m.raw for m in received] == [
+        b'{"k":\n [1,  2]}',
+        '"two\\nlines ☃"'.encode(),
+        b"42",
+        b'"42"',
+    ]
+    assert [m.data for m in received] == [{"k": [1, 2]}, "two\nlines ☃", 42, "42"]
+    assert [m.text for m in received] == ['{"k":\n [1,  2]}', "two\nlines ☃", "42", "42"]
+    assert {m.sender for m in received} == {a.id}
+
+
+async def test_a_token_is_sent_as_a_bearer_header_and_its_subject_is_the_id() -> None:
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token")})
+    server = Server(
+        settings().model_copy(update={"auth": auth}), authenticator=load_authenticator(auth)
+    )
+    async with running(server) as url:
+        async with connect(url, token="alice-token") as alice:
+            assert alice.id == "alice"
+            await alice.send("alice", "hi me")
+            assert (await alice.receive()).text == "hi me"
+        for token in (None, "wrong-token"):
+            with pytest.raises(HandshakeRefused) as refused:
+                async with connect(url, token=token):
+                    pytest.fail("connected without a good token")
+            assert refused.value.status == 401
+            assert not refused.value.retryable
+            assert refused.value.body  # relayd's reason
+            assert "wrong-token" not in str(refused.value)
+
+
+async def test_a_server_at_capacity_is_a_retryable_503() -> None:
+    async with relay(max_connections=1) as url, connect(url):
+        with pytest.raises(HandshakeRefused) as refused:
+            async with connect(url):
+                pytest.fail("connected past max_connections")
+    assert (refused.value.status, refused.value.body) == (503, "server at capacity")
+    assert refused.value.retryable
+    assert str(refused.value) == f"{url} refused the handshake: HTTP 503 server at capacity"
+
+
+async def test_nothing_listening_is_a_connect_error_naming_the_reason() -> None:
+    with trio.socket.socket() as bound:  # bound, never listening: connections are refused
+        await bound.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{bound.getsockname()[1]}/"
+        with pytest.raises(ConnectError) as failed:
+            async with connect(url):
+                pytest.fail("connected to nothing")
+    assert type(failed.value) is ConnectError
+    assert str(failed.value).startswith(f"cannot connect to {url}: ")
+    assert "Connection refused" in str(failed.value)
+    assert failed.value.retryable
+
+
+async def test_a_server_that_never_answers_times_out(autojump_clock: trio.abc.Clock) -> None:
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, _never_answer)
+        started = trio.current_time()
+        with pytest.raises(ConnectTimeout) as timed_out:
+            async with connect(url, connect_timeout=7):
+                pytest.fail("connected to a server that never answers")
+        assert trio.current_time() - started == pytest.approx(7)
+        assert str(timed_out.value) == f"no WebSocket handshake with {url} within 7 s"
+        nursery.cancel_scope.cancel()
+
+
+async def serve_tcp(
+    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> str:
+    """Serve ``handler`` on a loopback port in ``nursery``; the ``ws://`` URL to it."""
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
+    return f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+
+
+async def _never_answer(stream: trio.SocketStream) -> None:
+    async with stream:
+        await trio.sleep_forever()
+
+
+async def test_a_server_without_relayd_v1_is_refused_for_v1_and_fine_for_seed() -> None:
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()  # selects no subprotocol, as the seed post's server
+        with contextlib.suppress(WebSocketClosed):  # one client's end must not stop the server
+            await ws.send_message("an-id")
+            await ws.get_message()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+        url = f"ws://127.0.0.1:{server.port}/"
+        with pytest.raises(ConnectError, match=r"does not speak relayd\.v1; try the seed dialect"):
+            async with connect(url):
+                pytest.fail("v1 without the subprotocol")
+        async with connect(url, dialect="seed") as client:
+            assert client.id == "an-id"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("url", "kwargs", "message"),
+    [
+        ("http://127.0.0.1/", {}, "must start with ws://"),
+        ("ws://127.0.0.1/", {"token": "two words"}, "printable ASCII"),
+        ("ws://127.0.0.1/", {"ssl_context": "context"}, "needs a wss:// URL"),
+        ("ws://127.0.0.1/", {"connect_timeout": 0}, "connect_timeout must be positive"),
+        ("ws://127.0.0.1/", {"keepalive_s": math.inf}, "keepalive_s must be positive"),
+        ("ws://127.0.0.1/", {"max_in_flight": 0}, "max_in_flight >= 1"),
+        ("ws://127.0.0.1/", {"dialect": "chat"}, "is not a valid Dialect"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_connecting(
+    url: str, kwargs: dict[str, Any], message: str
+) -> None:
+    if kwargs.get("ssl_context") == "context":
+        kwargs["ssl_context"] = ssl.create_default_context()
+    with pytest.raises(ValueError, match=message):
+        async with connect(url, **kwargs):
+            pytest.fail("connected with bad arguments")
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def tls_relay(tmp_path: Path) -> AsyncIterator[tuple[str, trustme.CA]]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = TLSSettings(cert_file=str(tmp_path / "both.pem"), key_file=str(tmp_path / "key.pem"))
+    async with running(Server(settings(), tls=load_tls(tls)), scheme="wss") as url:
+        yield url, ca
+
+
+async def test_wss_verifies_the_server_with_the_context_given(tmp_path: Path) -> None:
+    async with tls_relay(tmp_path) as (url, ca):
+        trusting = ssl.create_default_context()
+        ca.configure_trust(trusting)
+        async with connect(url, ssl_context=trusting) as client:
+            await client.send(client.id, "over TLS")
+            assert (await client.receive()).text == "over TLS"
+        with pytest.raises(TLSError) as refused:
+            async with connect(url, ssl_context=ssl.create_default_context()):
+                pytest.fail("connected to a server it cannot verify")
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+    assert not refused.value.retryable
+
+
+async def test_wss_to_a_plain_server_hints_at_ws() -> None:
+    async with relay() as url:
+        tls_url = url.replace("ws://", "wss://")
+        with pytest.raises(TLSError) as refused:
+            async with connect(tls_url):
+                pytest.fail("a TLS session with a plain server")
+    assert str(refused.value).startswith(f"TLS handshake with {tls_url} failed: ")
+    assert str(refused.value).endswith(
+        f"(the server answered in plain text: it may speak {url}, not wss://)"
+    )
+
+
+# -- sending: every outcome ----------------------------------------------------------------
+
+
+async def test_send_returns_once_relayd_acked_and_raises_each_error_with_its_detail() -> None:
+    async with relay() as url, connect(url) as client, connect(url) as peer:
+        await client.send(peer.id, "delivered")
+        assert (await peer.receive()).text == "delivered"
+
+        with pytest.raises(UnknownRecipient) as unknown:
+            await client.send("nobody", "x")
+        assert (unknown.value.code, unknown.value.detail) == ("unknown_recipient", UNKNOWN_DETAIL)
+        assert isinstance(unknown.value.ref, int)  # relayd echoed this client's ref
+
+        with pytest.raises(InvalidEnvelope) as bad_to:
+            await client.send("", "x")
+        assert bad_to.value.detail.startswith("Expected `str` of length >= 1")
+
+        with pytest.raises(InvalidJSON) as bad_json:
+            await client.send(peer.id, msgspec.Raw(b"{bad"))
+        assert bad_json.value.detail.startswith("JSON is malformed")
+        assert bad_json.value.ref is None  # relayd reads no ref from what is not JSON
+
+        await client.send(client.id, "the connection is still open")
+        assert (await client.receive()).sender == client.id
+
+
+async def test_a_rate_limited_send_raises_and_sustained_abuse_closes_with_1008() -> None:
+    async with (
+        relay(messages_per_second=0.001, message_burst=2) as url,
+        connect(url) as client,
+        connect(url) as peer,
+    ):
+        assert [await outcome(client.send(peer.id, n)) for n in range(4)] == [
+            "ack",
+            "ack",
+            "rate_limited",
+            "rate_limited",
+        ]
+        with pytest.raises((RateLimited, PolicyViolation)):
+            await client.send(peer.id, "and one more")
+        with pytest.raises(PolicyViolation) as closed:
+            await client.receive()
+        with pytest.raises(PolicyViolation):
+            await client.send(peer.id, "after the close")
+    assert (closed.value.code, closed.value.reason) == (1008, "rate limit exceeded")
+    assert not closed.value.retryable
+
+
+async def test_a_message_over_the_announced_limit_is_refused_without_sending() -> None:
+    async with relay(max_message_bytes=300) as url, connect(url) as client, connect(url) as peer:
+        overhead = len(b'{"to":"","message":"","ref":1}') + len(peer.id)
+        await client.send(peer.id, "x" * (300 - overhead))  # exactly at the limit
+        with pytest.raises(MessageTooLarge) as refused:
+            await client.send(peer.id, "y" * (301 - overhead))
+        assert refused.value.detail == (
+            "the message is 301 bytes with its envelope, over the server's limit of 300 bytes;"
+            " not sent"
+        )
+        await client.send(peer.id, "z")
+        assert [(await peer.receive()).text[0] for _ in range(2)] == ["x", "z"]  # no "y"
+
+
+async def test_a_limit_lowered_by_a_reload_is_relayds_message_too_large() -> None:
+    server = Server(settings())
+    async with running(server) as url, connect(url) as client:
+        server.reload(settings(max_message_bytes=100), None)
+        with pytest.raises(MessageTooLarge) as refused:
+            await client.send(client.id, "x" * 200)  # within the limit announced at connect
+        assert refused.value.detail == "message is larger than 100 bytes"
+        await client.send(client.id, "small")
+        assert (await client.receive()).text == "small"
+
+
+async def test_unsupported_data_cannot_come_from_this_client() -> None:
+    # relayd answers unsupported_data to binary messages; the client sends text only, so
+    # the exception exists for completeness and maps from the code like every other.
+    assert relayd.client.UnsupportedData.error_code == "unsupported_data"
+    assert not hasattr(Client, "send_bytes")
+
+
+# -- many sends in flight ------------------------------------------------------------------
+
+
+async def test_every_send_gets_its_own_outcome_when_many_are_in_flight() -> None:
+    # Three kinds interleaved at random: acked, unknown_recipient (relayd echoes the ref)
+    # and invalid_json (relayd answers with "ref": null, so the client must give it to the
+    # oldest message still waiting). If a reply were matched to the wrong send, a task
+    # would see another kind's outcome, or the peer would get a message whose send failed.
+    kinds = ["ack", "unknown_recipient", "invalid_json"] * 30
+    random.Random(12).shuffle(kinds)
+    results: dict[int, str] = {}
+    async with relay() as url, connect(url) as client, connect(url) as peer:
+
+        async def send(n: int, kind: str) -> None:
+            if kind == "ack":
+                sent = client.send(peer.id, n)
+            elif kind == "unknown_recipient":
+                sent = client.send(f"nobody-{n}", n)
+            else:
+                sent = client.send(peer.id, msgspec.Raw(b"{not json %d" % n))
+            results[n] = await outcome(sent)
+
+        async with trio.open_nursery() as nursery:
+            for n, kind in enumerate(kinds):
+                nursery.start_soon(send, n, kind)
+        received = [(await peer.receive()).data for _ in range(kinds.count("ack"))]
+        await client.send(peer.id, "last")
+        assert (await peer.receive()).data == "last"  # nothing else arrived before it
+    assert results == dict(enumerate(kinds))
+    assert sorted(received) == [n for n, kind in enumerate(kinds) if kind == "ack"]
+
+
+async def cancelled_once_blocked(call: Callable[[], Awaitable[object]]) -> bool:
+    """Run ``call`` until every task waits, then cancel it; True if it was still waiting."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_when_blocked() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+
+            nursery.start_soon(cancel_when_blocked)
+            await call()
+    return scope.cancelled_caught
+
+
+@asynccontextmanager
+async def acks_held(url: str, **options: Any) -> AsyncIterator[tuple[Client, Client]]:
+    """A client whose replies wait unread behind a message it has not read, and its peer.
+
+    The client reads nothing from its socket while the peer's message waits for the
+    program (``receive_queue=0``), so acks to what it sends stay unread: its sends stay
+    in flight until :meth:`Client.receive` takes that message.
+    """
+    async with connect(url, receive_queue=0, **options) as client, connect(url) as peer:
+        await peer.send(client.id, "read me to let the acks through")
+        yield client, peer
+
+
+async def test_sends_in_flight_are_bounded_and_a_cancelled_waiting_send_is_never_sent() -> None:
+    async with relay() as url, acks_held(url, max_in_flight=2) as (client, peer):
+        outcomes: list[str] = []
+
+        async def send(n: int) -> None:
+            outcomes.append(await outcome(client.send(peer.id, n)))
+
+        async with trio.open_nursery() as nursery:
+            for n in (1, 2):
+                nursery.start_soon(send, n)
+                await trio.testing.wait_all_tasks_blocked()  # written, waiting for its ack
+            # The third finds no free slot; cancelled there, it is never sent.
+            assert await cancelled_once_blocked(lambda: client.send(peer.id, 3))
+            assert (await client.receive()).text == "read me to let the acks through"
+        await client.send(peer.id, 4)
+        assert [(await peer.receive()).data for _ in range(3)] == [1, 2, 4]  # 3 never sent
+        assert outcomes == ["ack", "ack"]
+
+
+async def test_a_send_cancelled_after_writing_leaves_the_others_matched() -> None:
+    async with relay() as url, acks_held(url) as (client, peer):
+        assert await cancelled_once_blocked(
+            lambda: client.send("nobody", "its error comes after the cancel")
+        )
+        async with trio.open_nursery() as nursery:
+            results: list[str] = []
+
+            async def send(to: str) -> None:
+                results.append(await outcome(client.send(to, to)))
+
+            nursery.start_soon(send, peer.id)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await client.receive()).data == "read me to let the acks through"
+        with pytest.raises(UnknownRecipient):
+            await client.send("nobody", "matched to its own error")
+        assert results == ["ack"]
+        assert (await peer.receive()).data == peer.id
+
+
+# -- receiving: backpressure ---------------------------------------------------------------
+
+
+def _kernel_buffer_bytes() -> int:
+    """The most loopback TCP can hold for one connection, both ways: buffers at their maximum."""
+    rmem = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    wmem = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    return rmem + wmem
+
+
+async def fill(sender: Client, to: str, *, most: int = 2000) -> list[int]:
+    """Send big messages to ``to`` until relayd answers ``recipient_busy``; the acked ones."""
+    acked: list[int] = []
+    for n in range(most):
+        try:
+            await sender.send(to, {"n": n, "pad": "x" * BIG})
+        except RecipientBusy:
+            return acked
+        acked.append(n)
+    pytest.fail(f"{most} messages of {BIG} bytes went to a client that reads nothing")
+
+
+async def test_a_client_that_does_not_read_slows_relayd_and_loses_nothing() -> None:
+    fast = {"messages_per_second": 100_000.0, "message_burst": 100_000}
+    async with (
+        relay(**fast) as url,
+        connect(url, receive_queue=4) as slow,
+        connect(url) as sender,
+    ):
+        acked = await fill(sender, slow.id)
+        # What can hold them: relayd's outbox (16), the client's queue (4) and the message
+        # it is handing over, and TCP's buffers. A client that buffered without bound
+        # would have taken all of them.
+        bound = 16 + 4 + 2 + math.ceil(_kernel_buffer_bytes() / BIG)
+        assert 16 + 4 <= len(acked) <= bound
+        with pytest.raises(RecipientBusy) as busy:
+            await sender.send(slow.id, "still busy")
+        assert busy.value.detail == "the recipient is not reading fast enough; try again later"
+        received = [(await slow.receive()).data["n"] for _ in acked]
+        assert received == acked  # every one acked arrives, once, in order
+        await sender.send(slow.id, {"n": "after"})
+        assert (await slow.receive()).data == {"n": "after"}
+
+
+async def test_a_message_over_max_message_chars_closes_with_1009() -> None:
+    async with relay() as url, connect(url, max_message_chars=1000) as small, connect(url) as peer:
+        await peer.send(small.id, "x" * 2000)
+        with pytest.raises(MessageTooBig) as closed:
+            await small.receive()
+    assert closed.value.code == 1009
+    assert closed.value.reason == "Exceeded maximum message size: 1000 bytes"
+
+
+# -- closes relayd makes, surfaced as exceptions --------------------------------------------
+
+
+async def test_a_shutdown_is_1001_after_the_messages_already_sent() -> None:
+    server = Server(settings())
+    async with running(server) as url, connect(url) as client, connect(url) as peer:
+        await peer.send(client.id, "before the shutdown")
+        server.shutdown("test")
+        assert (await client.receive()).text == "before the shutdown"
+        with pytest.raises(ServerShuttingDown) as closed:
+            await client.receive()
+        with pytest.raises(ServerShuttingDown):
+            await client.send(peer.id, "too late")
+        assert client.closed == relayd.client.CloseInfo(1001, "server shutting down")
+    assert (closed.value.code, closed.value.reason) == (1001, "server shutting down")
+    assert closed.value.retryable
+
+
+async def test_iteration_yields_every_message_then_raises_the_close() -> None:
+    server = Server(settings())
+    received: list[Any] = []
+    async with running(server) as url, connect(url) as client, connect(url) as peer:
+        for n in range(5):
+            await peer.send(client.id, n)
+        server.shutdown("test")
+        with pytest.raises(ServerShuttingDown):
+            await read_all(client, received)
+    assert received == [0, 1, 2, 3, 4]
+
+
+async def read_all(client: Client, into: list[Any]) -> None:
+    """Iterate over ``client``, keeping each message's data, until the iteration stops."""
+    async for message in client:
+        into.append(message.data)
+
+
+async def test_an_idle_connection_is_closed_with_1000(autojump_clock: trio.abc.Clock) -> None:
+    async with relay(idle_timeout_s=60) as url, connect(url, keepalive_s=None) as client:
+        with pytest.raises(NormalClosure) as closed:
+            await client.receive()
+    assert (closed.value.code, closed.value.reason) == (1000, "idle timeout")
+    assert closed.value.retryable
+
+
+async def test_a_slow_consumer_is_dropped_and_told_when_it_reads_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fast = {"messages_per_second": 100_000.0, "message_burst": 100_000}
+    async with (
+        relay(slow_consumer_timeout_s=2, **fast) as url,
+        connect(url, receive_queue=0, keepalive_s=None) as slow,
+        connect(url) as sender,
+    ):
+        acked = await fill(sender, slow.id)
+        await trio.sleep(10)  # virtual: relayd's slow-consumer clock runs out meanwhile
+        with pytest.raises(UnknownRecipient):
+            await sender.send(slow.id, "gone")
+        received: list[Any] = []
+        with pytest.raises((ConnectionLost, TryAgainLater)) as closed:
+            await read_all(slow, received)
+        assert [data["n"] for data in received] == acked[: len(received)]  # in order
+        assert closed.value.retryable
+
+
+async def test_a_missing_pong_drops_the_connection(autojump_clock: trio.abc.Clock) -> None:
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, _deaf_server)
+        async with connect(url, keepalive_s=20) as client:
+            assert client.id == "deaf"
+            started = trio.current_time()
+            with pytest.raises(ConnectionLost) as lost:
+                await client.receive()
+            assert trio.current_time() - started == pytest.approx(40)
+        nursery.cancel_scope.cancel()
+    assert (lost.value.code, lost.value.reason) == (1006, "no pong within 20 s")
+
+
+async def _deaf_server(stream: trio.SocketStream) -> None:
+    """Accepts a v1 handshake, sends a welcome, then never reads again (no pongs)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some(4096)
+    match = re.search(rb"Sec-WebSocket-Key: *(\S+)", head, re.IGNORECASE)
+    assert match is not None
+    await stream.send_all(accept_response(match[1].decode(), "relayd.v1"))
+    await stream.send_all(text_frame(b'{"type":"welcome","id":"deaf"}'))
+    await trio.sleep_forever()
+
+
+# -- structured concurrency -----------------------------------------------------------------
+
+
+async def test_an_exception_in_the_block_comes_out_as_itself_after_a_1000_close() -> None:
+    with structlog.testing.capture_logs() as events:
+        async with relay() as url:
+            with pytest.raises(KeyError, match="the program's own"):
+                async with connect(url) as client:
+                    raise KeyError("the program's own")
+    closes = [e for e in events if e["event"] == "connection.close" and e["id"] == client.id]
+    assert [(e["code"], e["closed_by"]) for e in closes] == [(1000, "client")]
+
+
+async def test_a_cancelled_block_closes_with_1000_and_leaves_nothing_running() -> None:
+    with structlog.testing.capture_logs() as events:
+        async with relay() as url:
+            clients: list[Client] = []
+
+            async def block() -> None:
+                async with connect(url) as client:
+                    clients.append(client)
+                    await client.receive()  # nothing comes
+
+            assert await cancelled_once_blocked(block)
+            [client] = clients
+            with pytest.raises(trio.ClosedResourceError):
+                await client.send(client.id, "after the block")
+    closes = [e for e in events if e["event"] == "connection.close" and e["id"] == client.id]
+    assert [(e["code"], e["closed_by"]) for e in closes] == [(1000, "client")]
+
+
+async def test_aclose_from_another_task_ends_the_iteration_quietly() -> None:
+    async with relay() as url, connect(url) as client:
+        received = []
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                async for message in client:
+                    received.append(message.text)
+
+            nursery.start_soon(read)
+            await client.send(client.id, "one")
+            await trio.testing.wait_all_tasks_blocked()
+            await client.aclose()
+        await client.aclose()  # idempotent
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send(client.id, "closed")
+    assert received == ["one"]
+
+
+async def test_connection_closed_is_one_base_for_every_close() -> None:
+    assert issubclass(ServerShuttingDown, ConnectionClosed)
+    assert issubclass(ConnectionClosed, relayd.client.ClientError)
+    assert issubclass(SendError, relayd.client.ClientError)
+    assert issubclass(ConnectError, relayd.client.ClientError)
+
+
+# -- seed dialect --------------------------------------------------------------------------
+
+
+async def test_seed_sends_are_not_acked_and_errors_arrive_as_messages() -> None:
+    async with relay() as url, connect(url, dialect="seed") as seed, connect(url) as v1:
+        await seed.send("nobody", "x")  # returns once written: no ack, no error raised
+        error = (await seed.receive()).as_error()
+        assert isinstance(error, UnknownRecipient)
+        assert error.detail == UNKNOWN_DETAIL
+        await seed.send(v1.id, {"k": "seed obj"})
+        message = await v1.receive()
+        assert (message.sender, message.data) == (seed.id, {"k": "seed obj"})
+        await v1.send(seed.id, "v1 to seed")
+        message = await seed.receive()
+        assert (message.sender, message.text, message.as_error()) == (None, "v1 to seed", None)
