@@ -8,14 +8,18 @@ fails the test; children still running at the end are killed, by their own handl
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import signal
 import socket
+import struct
 import subprocess
+import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import structlog
@@ -23,6 +27,7 @@ import trio
 import trustme
 from pydantic import SecretStr
 
+from relayd.client.chat import TOKEN_VARIABLE
 from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
@@ -33,6 +38,8 @@ from tests.test_cli import MODULE, SCRIPT, clean_env
 #: so this only catches a hang (a child's start-up, imports included, is within it).
 WAIT_S: Final = 15.0
 UNKNOWN: Final = "unknown_recipient: no client with that id is connected"
+#: alice's token: relayd refuses static tokens under 16 characters.
+ALICE: Final = "alice-token-0123456789"
 CONNECTED: Final = re.compile(r"connected to (?P<url>\S+) as (?P<id>\S+) \((?P<dialect>[^)]+)\)")
 
 
@@ -100,6 +107,13 @@ class Chat:
         return status, rest, stderr
 
 
+def _environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without relayd's settings or a token, plus ``extra``."""
+    env = clean_env()
+    env.pop(TOKEN_VARIABLE, None)
+    return env | extra
+
+
 @asynccontextmanager
 async def started(
     url: str, *args: str, command: list[str] = MODULE, env: dict[str, str] | None = None
@@ -110,7 +124,7 @@ async def started(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=clean_env(**(env or {})),
+        env=_environment(env or {}),
     )
     try:
         yield Chat(proc)
@@ -134,7 +148,7 @@ async def chatting(
         match = CONNECTED.fullmatch(first)
         assert match is not None, (first, await chat.rest_of_stderr())
         assert match["url"] == url
-        assert match["dialect"] == ("relayd.v1" if "--v1" in args else "seed")
+        assert match["dialect"] == ("seed" if "--seed" in args else "relayd.v1")
         chat.id = match["id"]
         yield chat
 
@@ -154,8 +168,8 @@ async def run_to_exit(
 async def test_a_seed_and_a_v1_client_talk_both_ways(command: list[str]) -> None:
     async with (
         running(Server(settings())) as url,
-        chatting(url, command=command) as seed,
-        chatting(url, "--v1", command=command) as v1,
+        chatting(url, "--seed", command=command) as seed,
+        chatting(url, command=command) as v1,
     ):
         assert len(seed.id) == len(v1.id) == 22
         assert seed.id != v1.id
@@ -201,7 +215,7 @@ async def test_typed_json_is_sent_as_json_as_typed_anything_else_as_a_string() -
     async with (
         running(Server(settings())) as url,
         connect(url, v1=True) as peer,
-        chatting(url, "--v1") as chat,
+        chatting(url) as chat,
     ):
         for ref, (typed, sent) in enumerate(cases, start=1):
             await chat.send(f"{peer.id}   {typed}")
@@ -217,8 +231,8 @@ async def test_each_arrival_is_one_line_and_control_characters_are_escaped() -> 
     async with (
         running(Server(settings())) as url,
         connect(url, v1=True) as peer,
-        chatting(url, "--v1") as v1,
-        chatting(url) as seed,
+        chatting(url) as v1,
+        chatting(url, "--seed") as seed,
     ):
         for chat in (v1, seed):
             prefix = f"< {peer.id}: " if chat is v1 else "< "
@@ -233,15 +247,15 @@ async def test_each_arrival_is_one_line_and_control_characters_are_escaped() -> 
 async def test_an_unknown_id_is_an_error_line_matched_to_its_ref_in_v1() -> None:
     async with (
         running(Server(settings())) as url,
-        chatting(url, "--v1") as v1,
-        chatting(url) as seed,
+        chatting(url) as v1,
+        chatting(url, "--seed") as seed,
     ):
         await v1.send("nobody hello")
-        await v1.expect(f"! {UNKNOWN} (ref 1 to nobody)")
+        await v1.expect(f"! {UNKNOWN} (message 1 to nobody)")
         await v1.send(f"{v1.id} to myself")  # delivered first, then acked
         await v1.expect(f"< {v1.id}: to myself", "ack 2")
         await v1.send("nobody again")
-        await v1.expect(f"! {UNKNOWN} (ref 3 to nobody)")
+        await v1.expect(f"! {UNKNOWN} (message 3 to nobody)")
 
         await seed.send("nobody hello")
         await seed.expect(f"! {UNKNOWN}")
@@ -253,7 +267,7 @@ async def test_an_unknown_id_is_an_error_line_matched_to_its_ref_in_v1() -> None
 
 
 async def test_commands_blank_lines_and_mistakes() -> None:
-    async with running(Server(settings())) as url, chatting(url) as chat:
+    async with running(Server(settings())) as url, chatting(url, "--seed") as chat:
         await chat.send("")
         await chat.send("   \t")
         await chat.send("/id")
@@ -266,7 +280,7 @@ async def test_commands_blank_lines_and_mistakes() -> None:
         assert await chat.stderr_line() == "relayd chat: unknown command /nope; /help lists them"
         await chat.send(chat.id)
         assert await chat.stderr_line() == (
-            "relayd chat: nothing to send: type ID MESSAGE (/help for more)"
+            "relayd chat: nothing to send: type ID MESSAGE, or /to ID first (/help)"
         )
         await chat.send(f"{chat.id} still here\r")
         while (line := await chat.line()) != "< still here":
@@ -282,7 +296,7 @@ async def test_quit_end_of_input_and_ctrl_c_close_with_1000_and_exit_0(ending: s
         async with (
             running(Server(settings())) as url,
             connect(url) as peer,
-            chatting(url, "--v1") as chat,
+            chatting(url) as chat,
         ):
             await chat.send("/id")  # the session is reading input
             await chat.expect(f"id: {chat.id}")
@@ -306,20 +320,62 @@ async def test_quit_end_of_input_and_ctrl_c_close_with_1000_and_exit_0(ending: s
 
 async def test_a_server_shutdown_prints_1001_and_exits_0() -> None:
     server = Server(settings())
-    async with running(server) as url, chatting(url) as chat:
+    async with running(server) as url, chatting(url, "--seed") as chat:
         server.shutdown("test")
         assert await chat.finish() == (0, ["closed: 1001 server shutting down"], "")
 
 
 async def test_any_other_close_exits_1() -> None:
     async with (
-        running(Server(settings(max_message_bytes=100))) as url,
-        chatting(url, "--v1") as chat,
+        running(Server(settings(messages_per_second=0.001, message_burst=1))) as url,
+        chatting(url) as chat,
     ):
-        await chat.send(f"{chat.id} {'x' * 200}")
+        for n in range(3):  # acked, rate_limited, and the one that closes the connection
+            await chat.send(f"{chat.id} {n}")
+        await chat.expect(f"< {chat.id}: 0", "ack 1")
+        await chat.expect(f"! rate_limited: too many messages; slow down (message 2 to {chat.id})")
         status, rest, stderr = await chat.finish()
     assert (status, stderr) == (1, "")
-    assert rest == ["closed: 1009 message over 100 bytes"]
+    assert rest == ["closed: 1008 rate limit exceeded"]
+
+
+async def test_a_line_over_the_servers_limit_is_refused_here_and_the_chat_goes_on() -> None:
+    async with (
+        running(Server(settings(max_message_bytes=100))) as url,
+        chatting(url) as chat,
+    ):
+        await chat.send(f"{chat.id} {'x' * 200}")
+        assert await chat.stderr_line() == (
+            "relayd chat: not sent: the message is 252 bytes with its envelope, over the"
+            " server's limit of 100 bytes"
+        )
+        await chat.send(f"{chat.id} short")
+        await chat.expect(f"< {chat.id}: short", "ack 1")
+        await chat.send("/quit")
+        assert await chat.finish() == (0, ["closed: 1000"], "")
+
+
+async def test_to_sets_a_default_recipient_for_whole_lines() -> None:
+    async with (
+        running(Server(settings())) as url,
+        connect(url, v1=True) as peer,
+        chatting(url) as chat,
+    ):
+        await chat.send(f"/to {peer.id}")
+        await chat.send("hello there, all of this line")
+        assert await peer.recv_json() == {
+            "type": "message",
+            "from": chat.id,
+            "message": "hello there, all of this line",
+        }
+        await chat.expect("ack 1")
+        await chat.send('{"n": 1}')
+        assert (await peer.recv_json())["message"] == {"n": 1}
+        await chat.expect("ack 2")
+        await chat.send("/to")  # back to ID MESSAGE
+        await chat.send(f"{peer.id} addressed again")
+        assert (await peer.recv_json())["message"] == "addressed again"
+        await chat.expect("ack 3")
 
 
 # -- connection failures: one line on stderr, exit 1 ------------------------------------
@@ -330,13 +386,13 @@ async def test_a_server_at_capacity_is_a_503_on_stderr() -> None:
         running(Server(settings(max_connections=1))) as url,
         connect(url),  # the one connection allowed
     ):
-        status, out, err = await run_to_exit(url, "--v1")
+        status, out, err = await run_to_exit(url)
     assert (status, out) == (1, [])
     assert err == f"relayd chat: {url} refused the handshake: HTTP 503 server at capacity\n"
 
 
 def _with_tokens() -> Server:
-    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token-0123456789")})
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr(ALICE)})
     return Server(
         settings().model_copy(update={"auth": auth}), authenticator=load_authenticator(auth)
     )
@@ -345,8 +401,8 @@ def _with_tokens() -> Server:
 @pytest.mark.parametrize("token", [None, "wrong-token"])
 async def test_a_missing_or_bad_token_is_a_401_on_stderr(token: str | None) -> None:
     async with running(_with_tokens()) as url:
-        args = [] if token is None else ["--token", token]
-        status, out, err = await run_to_exit(url, *args)
+        env = {} if token is None else {TOKEN_VARIABLE: token}
+        status, out, err = await run_to_exit(url, env=env)
     assert (status, out) == (1, [])
     lines = err.splitlines()
     assert len(lines) == 1, err
@@ -355,14 +411,26 @@ async def test_a_missing_or_bad_token_is_a_401_on_stderr(token: str | None) -> N
     assert "wrong-token" not in err
 
 
-async def test_a_good_token_is_sent_as_a_bearer_header() -> None:
-    async with (
-        running(_with_tokens()) as url,
-        chatting(url, "--v1", "--token", "alice-token-0123456789") as chat,
-    ):
-        assert chat.id == "alice"
-        await chat.send("alice hi me")
-        await chat.expect("< alice: hi me", "ack 1")
+async def test_the_token_comes_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{ALICE}\n", encoding="utf-8")
+    async with running(_with_tokens()) as url:
+        async with chatting(url, env={TOKEN_VARIABLE: ALICE}) as chat:
+            assert chat.id == "alice"
+            await chat.send("alice hi me")
+            await chat.expect("< alice: hi me", "ack 1")
+        async with chatting(url, "--token-file", str(token_file)) as chat:
+            assert chat.id == "alice"
+
+
+async def test_a_token_on_the_command_line_is_refused_with_the_reason() -> None:
+    status, out, err = await run_to_exit("ws://127.0.0.1:9/", "--token", ALICE)
+    assert (status, out) == (2, [])
+    assert err.endswith(
+        f"relayd chat: error: --token is not accepted: `ps` shows it to every user; set"
+        f" {TOKEN_VARIABLE} or use --token-file PATH\n"
+    )
+    assert ALICE not in err
 
 
 async def test_nothing_listening_is_one_line_on_stderr() -> None:
@@ -383,8 +451,7 @@ async def test_nothing_listening_is_one_line_on_stderr() -> None:
         (["ws:///path"], "bad URL 'ws:///path': the URL has no host"),
         (["ws://127.0.0.1:99999/"], "bad URL 'ws://127.0.0.1:99999/': Port out of range"),
         (["ws://u:p@127.0.0.1/"], "bad URL 'ws://u:p@127.0.0.1/': no user or password"),
-        (["ws://127.0.0.1/", "--token", "two words"], "bad token: "),
-        (["ws://127.0.0.1/", "--token", ""], "bad token: "),
+        (["ws://127.0.0.1/", "--token-file", "/nonexistent/token"], "bad token: cannot read"),
     ],
 )
 async def test_a_bad_url_or_token_exits_2(args: list[str], message: str) -> None:
@@ -392,7 +459,12 @@ async def test_a_bad_url_or_token_exits_2(args: list[str], message: str) -> None
     assert (status, out) == (2, [])
     assert err.startswith(f"relayd chat: {message}"), err
     assert err.count("\n") == 1, err
-    assert "two words" not in err
+
+
+async def test_a_token_that_cannot_be_a_header_exits_2_without_showing_it() -> None:
+    status, out, err = await run_to_exit("ws://127.0.0.1/", env={TOKEN_VARIABLE: "two words"})
+    assert (status, out) == (2, [])
+    assert err == "relayd chat: bad token: the token must be printable ASCII without spaces\n"
 
 
 # -- TLS -------------------------------------------------------------------------------
@@ -407,7 +479,7 @@ async def test_wss_verifies_against_the_system_trust_store(tmp_path: Path) -> No
     tls = TLSSettings(cert_file=str(tmp_path / "both.pem"), key_file=str(tmp_path / "key.pem"))
     async with running(Server(settings(), tls=load_tls(tls)), scheme="wss") as url:
         # SSL_CERT_FILE replaces OpenSSL's default trust store, as an operator's CA would.
-        async with chatting(url, "--v1", env={"SSL_CERT_FILE": str(tmp_path / "ca.pem")}) as chat:
+        async with chatting(url, env={"SSL_CERT_FILE": str(tmp_path / "ca.pem")}) as chat:
             await chat.send(f"{chat.id} over TLS")
             await chat.expect(f"< {chat.id}: over TLS", "ack 1")
         status, out, err = await run_to_exit(
@@ -418,12 +490,147 @@ async def test_wss_verifies_against_the_system_trust_store(tmp_path: Path) -> No
     assert "CERTIFICATE_VERIFY_FAILED" in err
 
 
+async def test_wss_to_a_plain_server_says_it_may_speak_ws() -> None:
+    async with running(Server(settings())) as url:
+        tls_url = url.replace("ws://", "wss://")
+        status, out, err = await run_to_exit(tls_url)
+    assert (status, out) == (1, [])
+    assert err.startswith(f"relayd chat: TLS handshake with {tls_url} failed: "), err
+    assert err.endswith(f"(the server answered in plain text: it may speak {url}, not wss://)\n")
+
+
 # -- no daemon configuration -------------------------------------------------------------
 
 
 async def test_chat_reads_no_daemon_configuration() -> None:
     # Each of these makes `relayd serve` and `relayd check-config` exit 78 (tests/test_cli.py).
     bad = {"RELAYD_LIMITS__MAX_CONNECTIONS": "lots", "PORT": "-1"}
-    async with running(Server(settings())) as url, chatting(url, env=bad) as chat:
+    async with running(Server(settings())) as url, chatting(url, "--seed", env=bad) as chat:
         await chat.send("/quit")
         assert await chat.finish() == (0, ["closed: 1000"], "")
+
+
+# -- at a terminal: a prompt, line editing, history, Ctrl-C ---------------------------------
+
+#: CSI sequences (cursor moves, clears, bracketed paste), carriage returns and backspaces:
+#: what readline draws with, taken out to compare the text a person sees.
+_DRAWING: Final = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\x08")
+
+
+class Terminal:
+    """``relayd chat`` on a pseudo-terminal whose controlling terminal it is."""
+
+    def __init__(self, proc: trio.Process, master: trio.lowlevel.FdStream) -> None:
+        self.proc = proc
+        self.master = master
+        self.raw = ""  # everything the program drew, escape sequences and all
+        self._seen = 0  # how much of the screen expect() has gone past
+
+    @property
+    def screen(self) -> str:
+        """What it drew, as text: one entry per line, drawing sequences removed."""
+        return _DRAWING.sub("", self.raw)
+
+    async def expect(self, text: str) -> None:
+        """Read until ``text`` has been drawn after what the last expect found."""
+        with trio.fail_after(WAIT_S):
+            while (found := self.screen.find(text, self._seen)) < 0:
+                try:
+                    chunk = await self.master.receive_some(65536)
+                except trio.BrokenResourceError:  # EIO: the program exited, the tty is gone
+                    chunk = b""
+                if not chunk:
+                    raise AssertionError(f"{text!r} never drawn; screen: {self.screen!r}")
+                self.raw += chunk.decode(errors="replace")
+        self._seen = found + len(text)
+
+    async def type(self, keys: str) -> None:
+        await self.master.send_all(keys.encode())
+
+    async def rest(self) -> str:
+        """Everything drawn until the program exits."""
+        with trio.fail_after(WAIT_S):
+            while True:
+                try:
+                    chunk = await self.master.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                self.raw += chunk.decode(errors="replace")
+        return self.screen
+
+
+@asynccontextmanager
+async def at_a_terminal(url: str) -> AsyncIterator[tuple[Terminal, list[Any]]]:
+    """``relayd chat URL`` on a new terminal, and the terminal's modes before it started."""
+    master, slave = os.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+    modes = termios.tcgetattr(slave)
+    env = _environment({"TERM": "xterm", "INPUTRC": "/dev/null"})
+    try:
+        proc = await trio.lowlevel.open_process(
+            ["setsid", "--ctty", *MODULE, "chat", url],  # Ctrl-C on it is SIGINT to chat
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+        )
+    finally:
+        os.close(slave)
+    stream = trio.lowlevel.FdStream(master)
+    try:
+        yield Terminal(proc, stream), modes
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.poll() is None:
+                proc.kill()
+            await proc.wait()
+            await stream.aclose()
+
+
+async def test_at_a_terminal_lines_are_edited_recalled_and_never_torn() -> None:
+    async with (
+        running(Server(settings())) as url,
+        connect(url, v1=True) as peer,
+        at_a_terminal(url) as (terminal, modes),
+    ):
+        await terminal.expect("connected to ")
+        await terminal.expect("> ")
+        await terminal.type(f"/to {peer.id}\r")
+        prompt = f"to {peer.id}> "
+        await terminal.expect(prompt)
+
+        await terminal.type("hello\r")
+        assert (await peer.recv_json())["message"] == "hello"
+        await terminal.expect(f"ack 1\n{prompt}")  # a person types once it is there
+        await terminal.type("\x1b[A\r")  # up arrow: the last line again
+        assert (await peer.recv_json())["message"] == "hello"
+        await terminal.expect(f"ack 2\n{prompt}")
+        await terminal.type("wrld\x1b[D\x1b[D\x1b[Do\r")  # three times left, then a typo fixed
+        assert (await peer.recv_json())["message"] == "world"
+        await terminal.expect(f"ack 3\n{prompt}")
+
+        await terminal.type("half a li")
+        await terminal.expect("half a li")
+        await peer.send(_chat_id(terminal), "an arrival while typing")
+        # Drawn on a line of its own, and the prompt with the half-typed line drawn again.
+        await terminal.expect(f"< {peer.id}: an arrival while typing\nto {peer.id}> half a li")
+        await terminal.type("ne\r")
+        assert (await peer.recv_json())["message"] == "half a line"
+        await terminal.expect(f"ack 4\n{prompt}")
+
+        await terminal.type("half typed, then Ctrl-C")
+        await terminal.expect("half typed, then Ctrl-C")
+        await terminal.type("\x03")
+        screen = await terminal.rest()
+        assert await terminal.proc.wait() == 0
+        assert screen.endswith(f"to {peer.id}> half typed, then Ctrl-C\nclosed: 1000\n"), screen
+        # readline's modes (no echo, no line buffering) are gone with it.
+        assert termios.tcgetattr(terminal.master.fileno()) == modes
+
+
+def _chat_id(terminal: Terminal) -> str:
+    match = CONNECTED.search(terminal.screen)
+    assert match is not None, terminal.screen
+    return match["id"]

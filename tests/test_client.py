@@ -576,15 +576,20 @@ async def test_a_missing_pong_drops_the_connection(autojump_clock: trio.abc.Cloc
     assert (lost.value.code, lost.value.reason) == (1006, "no pong within 20 s")
 
 
-async def _deaf_server(stream: trio.SocketStream) -> None:
-    """Accepts a v1 handshake, sends a welcome, then never reads again (no pongs)."""
+async def accept_v1(stream: trio.SocketStream, client_id: str) -> None:
+    """Play relayd's part of a v1 handshake on ``stream``, up to its welcome."""
     head = b""
     while b"\r\n\r\n" not in head:
         head += await stream.receive_some(4096)
     match = re.search(rb"Sec-WebSocket-Key: *(\S+)", head, re.IGNORECASE)
     assert match is not None
     await stream.send_all(accept_response(match[1].decode(), "relayd.v1"))
-    await stream.send_all(text_frame(b'{"type":"welcome","id":"deaf"}'))
+    await stream.send_all(text_frame(b'{"type":"welcome","id":"%s"}' % client_id.encode()))
+
+
+async def _deaf_server(stream: trio.SocketStream) -> None:
+    """Accepts a v1 handshake, sends a welcome, then never reads again (no pongs)."""
+    await accept_v1(stream, "deaf")
     await trio.sleep_forever()
 
 

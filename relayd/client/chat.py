@@ -1,13 +1,17 @@
-"""``relayd chat``: a terminal client, for a person checking an install or for a script.
+"""``relayd chat``: a terminal client on :mod:`relayd.client`, for a person or a script.
 
-``relayd chat ws://HOST:9030/ [--v1] [--token TOKEN]`` connects, prints
+``relayd chat ws://HOST:9030/ [--seed] [--token-file PATH]`` connects, prints
 ``connected to URL as ID (DIALECT)``, then reads commands on stdin and prints
 one line on stdout for each thing that happens; :data:`HELP` (``relayd chat
---help``, or ``/help`` once connected) describes both.
+--help``, or ``/help`` once connected) describes both. At a terminal it edits
+lines with readline, keeps this session's history, and shows a prompt.
 
-In v1 the Nth message sent carries the integer ``ref`` N, so its ``ack`` or
-error can be matched to it. Ctrl-C closes like ``/quit``; a second Ctrl-C
-stops waiting for the server's close reply (exit status 130).
+The token comes from the environment (:data:`TOKEN_VARIABLE`) or a file, never
+the command line, where ``ps`` shows it to every user of the machine.
+
+In relayd.v1 the Nth message sent is numbered N in its ``ack`` or error line.
+Ctrl-C closes like ``/quit``; a second Ctrl-C stops waiting for the server's
+close reply (exit status 130).
 
 ``wss://`` verifies the server's certificate against the system trust store
 (``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are honoured); there is no way to turn
@@ -17,170 +21,79 @@ verification off.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import signal
-import ssl
 import sys
-import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import msgspec
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    WebSocketConnection,
-    wrap_client_stream,
-)
 
-from relayd.wire.dialects import (
-    V1_SUBPROTOCOL,
-    Ack,
-    Delivery,
-    Dialect,
-    Error,
-    SeedError,
-    ServerMessage,
-    Welcome,
-)
+from relayd.client.client import Client, connect
+from relayd.client.endpoint import check_token, parse_url
+from relayd.client.errors import ConnectError, ConnectionClosed, MessageTooLarge, SendError
+from relayd.client.messages import Message
+from relayd.client.terminal import Console
+from relayd.wire.dialects import Dialect
 
-__all__ = ["EX_USAGE", "HELP", "main", "run"]
+__all__ = ["EX_USAGE", "HELP", "TOKEN_VARIABLE", "main", "run"]
 
 #: Exit status for a bad URL or token, as argparse uses for bad arguments.
 EX_USAGE: Final = 2
+#: The environment variable holding the token. Not ``RELAYD_...``: relayd reads
+#: every one of those as a setting of its own, and refuses unknown ones.
+TOKEN_VARIABLE: Final = "RELAY_TOKEN"
 
-#: Bound on connecting: TCP, TLS, the HTTP upgrade and the first frame. relayd
-#: answers an incomplete handshake with 408 after ``handshake_timeout_s`` (10 s
-#: by default); waiting a little longer lets that answer be shown.
-HANDSHAKE_TIMEOUT_S: Final = 15.0
-#: Bound on the closing handshake after /quit: relayd waits as long for ours.
-CLOSE_TIMEOUT_S: Final = 5.0
-#: Bytes asked of stdin per read.
-READ_BYTES: Final = 65536
-#: Longest input line kept, the most stdin can make this process buffer. It is
-#: trio-websocket's largest message; relayd refuses far smaller ones by default
-#: (``max_message_bytes``, 64 KiB), so a longer line is skipped with a warning.
-MAX_LINE_BYTES: Final = 2**20
-
-HELP: Final = """\
+HELP: Final = f"""\
 Type a line to send a message:
   ID MESSAGE   send MESSAGE to the client ID. If MESSAGE is valid JSON it is
-               sent as that JSON value, exactly as typed ({"n": 1}, [1, 2], 42,
+               sent as that JSON value, exactly as typed ({{"n": 1}}, [1, 2], 42,
                true, null, "42"); anything else is sent as a string, so
                `ID hello there` sends "hello there". Quote text to force a
                string: `ID "42"`.
+  /to ID       send every line after this to ID: a line is then all MESSAGE
+               (the prompt shows the recipient). `/to` alone goes back to
+               ID MESSAGE.
   /id          print your id
   /help        print this help
   /quit        close the connection and exit (so does end of input, Ctrl-D,
                or Ctrl-C)
-Blank lines are ignored.
+Blank lines are ignored. A message longer than the server's limit (it says
+which at connect, 64 KiB by default) is not sent: you get a warning instead.
+At a terminal, lines can be edited, and the up arrow recalls this session's
+earlier lines (they are not kept after it).
 
 Each line printed is one event:
-  < FROM: MESSAGE      a message (relayd.v1, --v1)
-  < MESSAGE            a message (seed dialect: it does not say who sent it)
-  ack REF              relayd.v1: your message number REF is in the
-                       recipient's queue at the server
+  < FROM: MESSAGE      a message (relayd.v1, the default)
+  < MESSAGE            a message (--seed: the seed dialect does not say who
+                       sent it)
+  ack N                relayd.v1: your Nth message is in the recipient's
+                       queue at the server
   ! CODE: DETAIL       a message was not relayed (relayd.v1 adds
-                       "(ref REF to ID)"); in the seed dialect a message that
-                       looks like {"error": ..., "detail": ...} shows as one
+                       "(message N to ID)"); in the seed dialect a message
+                       that looks like {{"error": ..., "detail": ...}} shows as one
   closed: CODE REASON  the connection is over
 MESSAGE is a string's text, or any other JSON as its sender wrote it. Control
 characters from the network (line breaks, terminal escapes) are shown escaped,
 as \\n or \\x1b: one line is one event, and a peer cannot drive your terminal.
+
+The token, when the server wants one, comes from the {TOKEN_VARIABLE} environment
+variable or from --token-file, never from the command line, where `ps` shows
+it to everyone on the machine.
 
 Exit status: 0 after /quit, end of input, Ctrl-C, or a server close with 1000
 or 1001; 1 after any other close, or if the connection cannot be made (one
 line on stderr: a refused handshake's HTTP status and body, or the network or
 TLS error); 2 for a bad URL or token."""
 
-_DIALECT_NAMES: Final = {Dialect.SEED: "seed", Dialect.V1: V1_SUBPROTOCOL}
+_DIALECT_NAMES: Final = {Dialect.SEED: "seed", Dialect.V1: "relayd.v1"}
 #: Close codes after which the server's close is not a failure.
 _NORMAL_CLOSES: Final = frozenset({1000, 1001})
 
-#: C0 controls, DEL and C1 controls, made visible; applied to every line
-#: printed, whose only control characters can come from the network.
-_ESCAPES: Final[dict[int, str]] = {
-    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]},
-    ord("\n"): "\\n",
-    ord("\r"): "\\r",
-    ord("\t"): "\\t",
-}
-
-
-_v1_decoder: Final = msgspec.json.Decoder(ServerMessage)
-_seed_error_decoder: Final = msgspec.json.Decoder(SeedError)
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
-_encoder: Final = msgspec.json.Encoder()
-
-
-@dataclass(frozen=True)
-class _Target:
-    """Where to connect, from a ``ws://`` or ``wss://`` URL."""
-
-    url: str
-    host: str
-    port: int
-    host_header: str
-    resource: str
-    tls: bool
-
-
-def _target(url: str) -> _Target:
-    """Parse the URL given on the command line.
-
-    Raises:
-        ValueError: the URL is not one this client can connect to.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("ws", "wss"):
-        raise ValueError("the URL must start with ws:// or wss://")
-    if not parts.hostname:
-        raise ValueError("the URL has no host")
-    if parts.username is not None:
-        raise ValueError("no user or password in the URL: give a token with --token")
-    tls = parts.scheme == "wss"
-    port = parts.port or (443 if tls else 80)  # ValueError for a bad port
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(url, parts.hostname, port, parts.netloc, resource, tls)
-
-
-def _check_token(token: str) -> None:
-    """Refuse a token that cannot be one HTTP header value.
-
-    Raises:
-        ValueError: the token is empty, or has spaces or non-ASCII characters.
-    """
-    if not (token.isascii() and token.isprintable() and token) or " " in token:
-        raise ValueError("the token must be printable ASCII without spaces")
-
-
-def _say(line: str) -> None:
-    print(line.translate(_ESCAPES), flush=True)
-
-
-def _warn(line: str) -> None:
-    print(f"relayd chat: {line}".translate(_ESCAPES), file=sys.stderr, flush=True)
-
-
-def _fail(line: str) -> int:
-    _warn(line)
-    return 1
-
-
-def _client_id(first: str | bytes, dialect: Dialect) -> str | None:
-    """The id in the first frame (a bare string, or a v1 welcome); None if there is none."""
-    if isinstance(first, bytes):
-        return None
-    if dialect is Dialect.SEED:
-        return first
-    try:
-        return msgspec.json.decode(first, type=Welcome).id
-    except msgspec.DecodeError:
-        return None
 
 
 def _outgoing(text: str) -> msgspec.Raw | str:
@@ -191,106 +104,34 @@ def _outgoing(text: str) -> msgspec.Raw | str:
         return text
 
 
-def _shown(message: msgspec.Raw) -> str:
-    """A relayed message as printed: a string's text, other JSON as it was sent."""
-    raw = bytes(message)
-    if raw[:1] == b'"':
-        return msgspec.json.decode(raw, type=str)
-    return raw.decode()
+class _Session:
+    """One connected session: lines out as messages, messages in as lines."""
 
-
-class _LineReader:
-    """Lines from a file descriptor, read in a worker thread.
-
-    A thread works for every kind of stdin (terminal, pipe, regular file, which
-    trio's own streams cannot wait on) and reads with ``os.read``, which holds
-    no lock of ``sys.stdin``'s: the thread, abandoned blocking in it at exit,
-    stops nothing.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buffer = bytearray()
-        self._eof = False
-        self._skipping = False  # the rest of an over-long line
-
-    async def readline(self) -> str | None:
-        """The next line without its line break; None at end of input."""
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 1]
-                if not self._skipping:
-                    return line.decode(errors="replace")
-                self._skipping = False
-            elif self._eof:
-                line, skipped = bytes(self._buffer), self._skipping
-                self._buffer.clear()
-                return line.decode(errors="replace") if line and not skipped else None
-            elif len(self._buffer) > MAX_LINE_BYTES:
-                if not self._skipping:
-                    _warn(f"a line over {MAX_LINE_BYTES} bytes was skipped")
-                self._skipping = True
-                self._buffer.clear()
-            else:
-                await self._fill()
-
-    async def _fill(self) -> None:
-        try:
-            chunk = await trio.to_thread.run_sync(
-                os.read, self._fd, READ_BYTES, abandon_on_cancel=True
-            )
-        except OSError as exc:  # e.g. stdin closed by the caller: no more input
-            _warn(f"cannot read stdin: {exc}")
-            chunk = b""
-        self._eof = not chunk
-        self._buffer += chunk
-
-
-class _Chat:
-    """One connected session: stdin lines out as messages, frames in as lines."""
-
-    def __init__(self, ws: WebSocketConnection, dialect: Dialect, client_id: str) -> None:
-        self._ws = ws
-        self._dialect = dialect
-        self._id = client_id
-        self._next_ref = 1
-        self._pending: dict[int, str] = {}  # v1 ref -> recipient, until its ack or error
-        self._settled = trio.Event()  # set whenever nothing is pending
-        self._settled.set()
+    def __init__(self, client: Client, console: Console) -> None:
+        self._client = client
+        self._console = console
+        self._sent = 0
+        self._to: str | None = None  # the default recipient, after /to ID
         self._quitting = False
 
-    async def run(self, lines: _LineReader) -> int:
-        """Chat until the user quits or the server closes; returns the exit status."""
+    async def run(self) -> bool:
+        """Chat until the person quits or the server closes; True if the person quit."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive, nursery.cancel_scope)
             async with trio.open_nursery() as inputs:
-                inputs.start_soon(self._read_commands, lines, inputs.cancel_scope)
+                inputs.start_soon(self._read_commands, inputs.cancel_scope)
                 inputs.start_soon(self._quit_on_interrupt, inputs.cancel_scope)
             self._quitting = True
-            # Piped input ends right after its last message: report what became
-            # of each one (ack or error) before closing, as a person would see.
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await self._settled.wait()
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await self._ws.aclose(1000)
-        closed = self._ws.closed
-        code = closed.code if closed is not None else 1006
-        reason = closed.reason if closed is not None and closed.reason else ""
-        _say(f"closed: {code} {reason}".rstrip())
-        return 0 if self._quitting or code in _NORMAL_CLOSES else 1
+            nursery.cancel_scope.cancel()
+        return self._quitting
 
     async def _receive(self, session: trio.CancelScope) -> None:
-        while True:
-            try:
-                frame = await self._ws.get_message()
-            except ConnectionClosed:
-                break
-            self._show(frame)
-        self._settled.set()  # no answer can come any more
-        if not self._quitting:  # the server closed first: stop reading stdin
-            session.cancel()
+        try:
+            async for message in self._client:
+                self._show(message)
+        except ConnectionClosed:
+            pass  # the caller prints the close
+        session.cancel()  # the server closed first: stop reading stdin
 
     async def _quit_on_interrupt(self, inputs: trio.CancelScope) -> None:
         # Ctrl-C closes like /quit; a second one, once this receiver is gone,
@@ -300,9 +141,11 @@ class _Chat:
                 inputs.cancel()
                 return
 
-    async def _read_commands(self, lines: _LineReader, inputs: trio.CancelScope) -> None:
-        while (line := await lines.readline()) is not None:
-            if not await self._command(line.strip()):
+    async def _read_commands(self, inputs: trio.CancelScope) -> None:
+        while True:
+            prompt = f"to {self._to}> " if self._to is not None else "> "
+            line = await self._console.readline(prompt)
+            if line is None or not await self._command(line.strip()):
                 break
         inputs.cancel()
 
@@ -311,198 +154,134 @@ class _Chat:
         if not line:
             return True
         if line.startswith("/"):
-            name = line.split()[0]
-            if name == "/quit":
-                return False
-            if name == "/id":
-                _say(f"id: {self._id}")
-            elif name == "/help":
-                print(HELP, flush=True)
-            else:
-                _warn(f"unknown command {name}; /help lists them")
+            return self._slash(line)
+        if self._to is not None:
+            await self._send(self._to, _outgoing(line))
             return True
         words = line.split(maxsplit=1)
         if len(words) < 2:
-            _warn("nothing to send: type ID MESSAGE (/help for more)")
+            self._console.warn("nothing to send: type ID MESSAGE, or /to ID first (/help)")
             return True
         await self._send(words[0], _outgoing(words[1]))
         return True
 
-    async def _send(self, to: str, message: msgspec.Raw | str) -> None:
-        envelope: dict[str, object] = {"to": to, "message": message}
-        if self._dialect is Dialect.V1:
-            envelope["ref"] = ref = self._next_ref
-            self._next_ref += 1
-            self._pending[ref] = to
-            self._settled = trio.Event()
-        with contextlib.suppress(ConnectionClosed):  # _receive reports the close
-            await self._ws.send_message(_encoder.encode(envelope).decode())
-
-    def _show(self, frame: str | bytes) -> None:
-        if isinstance(frame, bytes):
-            _say(f"? a binary frame of {len(frame)} bytes")
-        elif self._dialect is Dialect.V1:
-            self._show_v1(frame)
+    def _slash(self, line: str) -> bool:
+        name, *args = line.split()
+        if name == "/quit":
+            return False
+        if name == "/id":
+            self._console.say(f"id: {self._client.id}")
+        elif name == "/to":
+            self._to = args[0] if args else None
+        elif name == "/help":
+            for help_line in HELP.splitlines():
+                self._console.say(help_line)
         else:
-            try:
-                error = _seed_error_decoder.decode(frame)
-            except (msgspec.DecodeError, RecursionError):
-                _say(f"< {frame}")
-            else:
-                self._show_error(error.error, error.detail, error.ref)
+            self._console.warn(f"unknown command {name}; /help lists them")
+        return True
 
-    def _show_v1(self, frame: str) -> None:
+    async def _send(self, to: str, message: msgspec.Raw | str) -> None:
+        """Send and print the outcome: one at a time, so lines print in order."""
+        v1 = self._client.dialect is Dialect.V1
         try:
-            event = _v1_decoder.decode(frame)
-        except (msgspec.DecodeError, RecursionError):
-            _say(f"? {frame}")
-            return
-        match event:
-            case Delivery(sender=sender, message=message):
-                _say(f"< {sender}: {_shown(message)}")
-            case Ack(ref=ref):
-                self._answered(ref)
-                _say(f"ack {ref}")
-            case Error(error=code, detail=detail, ref=ref):
-                self._show_error(code, detail, ref)
-            case Welcome():
-                _say(f"? {frame}")
+            await self._client.send(to, message)
+        except MessageTooLarge as error:
+            if not error.sent:
+                self._console.warn(f"not sent: {error.detail.removesuffix('; not sent')}")
+                return
+            self._sent += 1
+            self._show_error(error, f"message {self._sent} to {to}")
+        except SendError as error:
+            self._sent += 1
+            self._show_error(error, f"message {self._sent} to {to}")
+        except (ConnectionClosed, trio.ClosedResourceError):
+            pass  # _receive reports the close
+        else:
+            self._sent += 1
+            if v1:
+                self._console.say(f"ack {self._sent}")
 
-    def _answered(self, ref: str | int | None) -> str | None:
-        """Forget a pending ref once answered; returns its recipient."""
-        to = self._pending.pop(ref, None) if isinstance(ref, int) else None
-        if not self._pending:
-            self._settled.set()
-        return to
+    def _show(self, message: Message) -> None:
+        if message.sender is not None:
+            self._console.say(f"< {message.sender}: {message.text}")
+        elif (error := message.as_error()) is not None:
+            self._show_error(error, None)
+        else:
+            self._console.say(f"< {message.text}")
 
-    def _show_error(self, code: str, detail: str, ref: str | int | None) -> None:
-        to = self._answered(ref)
-        where = f" (ref {ref} to {to})" if to is not None else ""
-        _say(f"! {code}: {detail}{where}")
+    def _show_error(self, error: SendError, which: str | None) -> None:
+        where = f" ({which})" if which is not None else ""
+        self._console.say(f"! {error.code}: {error.detail}{where}")
 
 
-async def _open_stream(target: _Target) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-    """TCP, and for ``wss://`` a verified TLS session, before any WebSocket byte.
+async def _chat(url: str, dialect: Dialect, token: str | None, console: Console) -> int:
+    try:
+        async with connect(url, token=token, dialect=dialect) as client:
+            name = _DIALECT_NAMES[dialect]
+            console.say(f"connected to {url} as {client.id} ({name})")
+            quit_ = await _Session(client, console).run()
+    except ConnectError as exc:
+        console.warn(str(exc))
+        return 1
+    closed = client.closed
+    code, reason = (closed.code, closed.reason) if closed is not None else (1006, "")
+    console.say(f"closed: {code} {reason}".rstrip())
+    return 0 if quit_ or code in _NORMAL_CLOSES else 1
 
-    The TLS handshake is done here so that a bad certificate is reported as
-    such: inside trio-websocket it would only be a silent stall.
+
+def _token(token_file: Path | None) -> str | None:
+    """The token from ``--token-file``, else from the environment; None if neither.
 
     Raises:
-        OSError: no TCP connection.
-        trio.BrokenResourceError: the TLS handshake failed; its ``__cause__``
-            says why.
+        ValueError: the file cannot be read, or the token cannot be a header.
     """
-    tcp = await trio.open_tcp_stream(target.host, target.port)
-    if not target.tls:
-        return tcp
-    tls = trio.SSLStream(
-        tcp, ssl.create_default_context(), server_hostname=target.host, https_compatible=True
-    )
-    try:
-        await tls.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(tcp)
-        raise
-    return tls
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {token_file}: {exc}") from exc
+    else:
+        token = os.environ.get(TOKEN_VARIABLE, "").strip()
+        if not token:
+            return None
+    check_token(token)
+    return token
 
 
-async def _connected(
-    nursery: trio.Nursery,
-    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
-    target: _Target,
-    *,
-    v1: bool,
-    token: str | None,
-    deadline: float,
-) -> int:
-    """Upgrade ``stream``, read the welcome, and chat; returns the exit status."""
-    headers = [] if token is None else [(b"Authorization", f"Bearer {token}".encode())]
-    try:
-        with trio.fail_at(deadline):
-            ws = await wrap_client_stream(
-                nursery,
-                stream,
-                target.host_header,
-                target.resource,
-                subprotocols=[V1_SUBPROTOCOL] if v1 else [],
-                extra_headers=headers,
-            )
-            first = await ws.get_message()
-    except trio.TooSlowError:
-        return _fail(f"no WebSocket handshake with {target.url} within {HANDSHAKE_TIMEOUT_S:g} s")
-    except ConnectionClosed as exc:
-        return _fail(f"{target.url} closed the connection before sending an id: {exc.reason}")
-    dialect = Dialect.V1 if v1 else Dialect.SEED
-    if v1 and ws.subprotocol != V1_SUBPROTOCOL:
-        return _fail(f"{target.url} does not speak {V1_SUBPROTOCOL}; try without --v1")
-    client_id = _client_id(first, dialect)
-    if not client_id:
-        return _fail(f"{target.url} sent {first!r} where relayd sends the id")
-    _say(f"connected to {target.url} as {client_id} ({_DIALECT_NAMES[dialect]})")
-    return await _Chat(ws, dialect, client_id).run(_LineReader(sys.stdin.fileno()))
-
-
-async def _chat(target: _Target, *, v1: bool, token: str | None) -> int:
-    deadline = trio.current_time() + HANDSHAKE_TIMEOUT_S
-    try:
-        with trio.fail_at(deadline):
-            stream = await _open_stream(target)
-    except trio.TooSlowError:
-        return _fail(f"no connection to {target.url} within {HANDSHAKE_TIMEOUT_S:g} s")
-    except OSError as exc:
-        # trio's "all attempts to connect failed" holds each address's reason.
-        causes = exc.__cause__.exceptions if isinstance(exc.__cause__, ExceptionGroup) else [exc]
-        return _fail(f"cannot connect to {target.url}: {'; '.join(map(str, causes))}")
-    except trio.BrokenResourceError as exc:
-        return _fail(f"TLS handshake with {target.url} failed: {exc.__cause__ or exc}")
-    status = 1
-    rejected: list[ConnectionRejected] = []
-    try:
-        async with stream, trio.open_nursery() as nursery:
-            status = await _connected(
-                nursery, stream, target, v1=v1, token=token, deadline=deadline
-            )
-            nursery.cancel_scope.cancel()  # trio-websocket's reader
-    except* ConnectionRejected as group:  # raised by the reader task, hence the group
-        rejected = [exc for exc in group.exceptions if isinstance(exc, ConnectionRejected)]
-    if rejected:
-        body = (rejected[0].body or b"").decode(errors="replace").strip()
-        return _fail(f"{target.url} refused the handshake: HTTP {rejected[0].status_code} {body}")
-    return status
-
-
-def main(url: str, *, v1: bool = False, token: str | None = None) -> int:
+def main(url: str, *, dialect: Dialect = Dialect.V1, token_file: Path | None = None) -> int:
     """Run ``relayd chat``: connect to ``url`` and chat on stdin and stdout.
 
     Args:
         url: ``ws://HOST:PORT/PATH`` or ``wss://...``.
-        v1: speak relayd.v1 (acks, sender ids) instead of the seed dialect.
-        token: sent as ``Authorization: Bearer TOKEN``.
+        dialect: relayd.v1 (acks, sender ids), or the seed dialect.
+        token_file: a file holding the token; without it, :data:`TOKEN_VARIABLE`.
 
     Returns:
-        The exit status: 0, 1 or :data:`EX_USAGE` (see the module docstring);
-        130 when a second Ctrl-C cut the closing handshake short.
+        The exit status: 0, 1 or :data:`EX_USAGE` (see :data:`HELP`); 130
+        when a second Ctrl-C cut the closing handshake short.
     """
+    console = Console("relayd chat")
     try:
-        target = _target(url)
+        parse_url(url)
     except ValueError as exc:
-        _warn(f"bad URL {url!r}: {exc}")
+        console.warn(f"bad URL {url!r}: {exc}")
         return EX_USAGE
     try:
-        if token is not None:
-            _check_token(token)
+        token = _token(token_file)
     except ValueError as exc:
-        _warn(f"bad token: {exc}")  # never the token itself: it may be nearly right
+        console.warn(f"bad token: {exc}")  # never the token itself: it may be nearly right
         return EX_USAGE
     status = 128 + signal.SIGINT
     try:
-        status = trio.run(functools.partial(_chat, target, v1=v1, token=token))
+        status = trio.run(functools.partial(_chat, url, dialect, token, console))
     except* KeyboardInterrupt:  # Ctrl-C while connecting, or a second one while closing
         pass
     except* BrokenPipeError:  # whoever read stdout stopped, e.g. `relayd chat URL | head -1`
         # Python's own flush at exit would fail again, with a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 1
+    finally:
+        console.close()
     return status
 
 
@@ -516,9 +295,28 @@ def run(argv: Sequence[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("url", metavar="URL", help="ws://HOST:PORT/ or wss://HOST:PORT/")
-    parser.add_argument(
-        "--v1", action="store_true", help="speak relayd.v1 (acks, sender ids), not the seed dialect"
+    dialects = parser.add_mutually_exclusive_group()
+    dialects.add_argument(
+        "--seed", action="store_true", help="speak the seed dialect (no acks, no sender ids)"
     )
-    parser.add_argument("--token", help="sent as 'Authorization: Bearer TOKEN'")
+    dialects.add_argument(
+        "--v1", action="store_true", help="speak relayd.v1 (the default; kept for scripts)"
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help=f"read the token from PATH (default: the {TOKEN_VARIABLE} environment variable)",
+    )
+    # Refused, with the reason: a token on the command line is readable by every
+    # user of the machine (ps, /proc/PID/cmdline).
+    parser.add_argument("--token", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    return main(args.url, v1=args.v1, token=args.token)
+    if args.token is not None:
+        parser.error(
+            f"--token is not accepted: `ps` shows it to every user; set {TOKEN_VARIABLE}"
+            " or use --token-file PATH"
+        )
+    return main(
+        args.url, dialect=Dialect.SEED if args.seed else Dialect.V1, token_file=args.token_file
+    )

@@ -196,38 +196,27 @@ class Client:
             final = self._final
         raise trio.ClosedResourceError("the client was closed") if final is None else final()
 
-    def __aiter__(self) -> AsyncIterator[Message]:
+    def __aiter__(self) -> Client:
         """Every message, in the order relayd sent them; see :meth:`receive`.
 
         The iteration ends when the program closed the client; it raises
         :class:`ConnectionClosed` when relayd or the network ended it.
         """
-        return self._messages()
+        return self
 
-    async def _messages(self) -> AsyncIterator[Message]:
-        while True:
-            try:
-                message = await self.receive()
-            except trio.ClosedResourceError:
-                return
-            yield message
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except trio.ClosedResourceError:
+            raise StopAsyncIteration from None
 
-    async def ids(self) -> AsyncIterator[str]:
+    def ids(self) -> AsyncIterator[str]:
         """This client's id now, then its new one after each reconnect.
 
-        A reader that falls behind skips to the latest id. Ends when the
-        client is closed for good.
+        A reader that falls behind skips to the latest id. The iteration ends
+        when the client is closed for good.
         """
-        last = None
-        while True:
-            changed = self._changed
-            if self._id != last:
-                last = self._id
-                yield last
-                continue  # it may have changed again while the caller held it
-            if self._finished.is_set():
-                return
-            await changed.wait()
+        return _Ids(self)
 
     async def aclose(self) -> None:
         """Close with 1000, stop reconnecting, and stop every task of the client.
@@ -325,6 +314,32 @@ class Client:
             if self._final is not None:
                 raise self._final()
             await self._changed.wait()
+
+
+class _Ids:
+    """The iterator of :meth:`Client.ids`.
+
+    A plain object, not an async generator: leaving a loop over it early
+    needs no clean-up.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._last: str | None = None
+
+    def __aiter__(self) -> _Ids:
+        return self
+
+    async def __anext__(self) -> str:
+        client = self._client
+        while True:
+            changed = client._changed
+            if client._id != self._last:
+                self._last = client._id
+                return self._last
+            if client._finished.is_set():
+                raise StopAsyncIteration
+            await changed.wait()
 
 
 def _retryable(closed: CloseInfo) -> bool:

@@ -200,6 +200,13 @@ class MessageTooLarge(SendError):
 
     error_code = ErrorCode.MESSAGE_TOO_LARGE
 
+    def __init__(
+        self, code: str, detail: str, ref: str | int | None = None, *, sent: bool = True
+    ) -> None:
+        super().__init__(code, detail, ref)
+        #: False when this client refused it without sending it.
+        self.sent = sent
+
 
 _SEND_ERRORS: Final[dict[str, type[SendError]]] = {
     cls.error_code: cls

@@ -187,6 +187,7 @@ class Link:
                 "message_too_large",
                 f"the message is {len(frame)} bytes with its envelope, over the server's "
                 f"limit of {self.max_message_bytes} bytes; not sent",
+                sent=False,
             )
         sending = Sending(frame.decode(), ref, release)
         if ref is not None:

@@ -1,0 +1,223 @@
+"""``relayd.client`` reconnecting: after a restart of an in-process relayd and of a real one.
+
+A relayd that restarts closes its clients with 1001; a client with ``reconnect=Backoff(...)``
+connects again, gets a new id (reported by ``Client.ids()``), and its program goes on
+sending and iterating. What cannot pass (1008, a 401) is raised, never retried. The real
+relayd is the installed ``relayd`` command, started and stopped as an operator would
+(tests/e2e/harness.py). Nothing sleeps: each wait is on the client or on relayd's log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Final
+
+import pytest
+import trio
+from pydantic import SecretStr
+
+from relayd.client import (
+    Backoff,
+    Client,
+    ConnectError,
+    HandshakeRefused,
+    PolicyViolation,
+    ServerShuttingDown,
+    connect,
+)
+from relayd.config import AuthSettings, ServerSettings, Settings
+from relayd.daemon.credentials import load_authenticator
+from relayd.daemon.server import Server
+from relayd.wire.frames import OP_TEXT, FrameParser, close_frame
+from tests.client import settings
+from tests.e2e.harness import RelaydProcess, relayd_command, relayd_env
+from tests.test_client import accept_v1, serve_tcp
+
+#: Quick retries: the restarts here take milliseconds (in-process) to a second or two.
+QUICK: Final = Backoff(first_s=0.05, max_s=0.5)
+
+
+class Served:
+    """One in-process relayd run in a nursery: its URL, and an event set once it stopped."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.url = ""
+        self.stopped = trio.Event()
+
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await self.server.run(task_status=task_status)
+        finally:
+            self.stopped.set()
+
+    async def stop(self) -> None:
+        self.server.shutdown("restart")
+        await self.stopped.wait()
+
+
+def on_port(base: Settings, url: str) -> Settings:
+    """``base`` listening on the port of ``url`` (a restart on the same address)."""
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    return base.model_copy(
+        update={"server": ServerSettings(host="127.0.0.1", port=port, shutdown_grace_s=5.0)}
+    )
+
+
+async def serve(nursery: trio.Nursery, server: Server) -> Served:
+    """Start ``server`` in ``nursery``; once it listens, what the test needs of it."""
+    served = Served(server)
+    host, port = (await nursery.start(served.run))[0]
+    served.url = f"ws://{host}:{port}/"
+    return served
+
+
+async def test_a_restart_gives_a_new_id_and_the_program_goes_on() -> None:
+    async with trio.open_nursery() as servers:
+        first = await serve(servers, Server(settings()))
+        async with connect(first.url, reconnect=QUICK) as client:
+            ids = aiter(client.ids())
+            first_id = await anext(ids)
+            assert first_id == client.id
+            await client.send(client.id, "before")
+            await first.stop()  # 1001 to the client, which starts reconnecting
+            second = await serve(servers, Server(on_port(settings(), first.url)))
+            second_id = await anext(ids)
+            assert second_id != first_id
+            assert client.id == second_id
+            await client.send(second_id, "after")
+            received = [(await client.receive()).text for _ in range(2)]
+            await second.stop()
+        assert received == ["before", "after"]  # one iteration across both connections
+
+
+async def test_reconnecting_gives_up_after_its_attempts_and_says_why() -> None:
+    async with trio.open_nursery() as servers:
+        only = await serve(servers, Server(settings()))
+        async with connect(only.url, reconnect=Backoff(first_s=0.01, attempts=3)) as client:
+            await only.stop()
+            with pytest.raises(ServerShuttingDown) as closed:
+                await client.receive()
+            with pytest.raises(ServerShuttingDown):
+                await client.send(client.id, "nowhere to go")
+            assert [i async for i in client.ids()] == [client.id]  # no new id; it ended
+    assert isinstance(closed.value.__cause__, ConnectError)
+    assert "Connection refused" in str(closed.value.__cause__)
+
+
+async def test_a_refusal_that_cannot_pass_is_not_retried() -> None:
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token")})
+    with_auth = settings().model_copy(update={"auth": auth})
+    async with trio.open_nursery() as servers:
+        first = await serve(servers, Server(settings()))
+        async with connect(first.url, reconnect=Backoff(first_s=0.01)) as client:
+            await first.stop()
+            # It comes back requiring a token this client does not have: 401, for good.
+            await serve(
+                servers,
+                Server(on_port(with_auth, first.url), authenticator=load_authenticator(auth)),
+            )
+            with pytest.raises(ServerShuttingDown) as closed:
+                await client.receive()
+        servers.cancel_scope.cancel()
+    refused = closed.value.__cause__
+    assert isinstance(refused, HandshakeRefused)
+    assert (refused.status, refused.retryable) == (401, False)
+
+
+async def test_a_policy_close_is_not_retried() -> None:
+    abuse = settings(messages_per_second=0.001, message_burst=1)
+    async with trio.open_nursery() as servers:
+        only = await serve(servers, Server(abuse))
+        async with connect(only.url, reconnect=Backoff(first_s=0.01)) as client:
+            async with trio.open_nursery() as senders:
+                for n in range(3):  # 1 acked, 1 rate_limited, 1 closes the connection
+                    senders.start_soon(_quietly, client.send(client.id, n))
+            with pytest.raises(PolicyViolation):
+                await _receive_until_closed(client)
+            assert client.closed is not None
+            assert client.closed.code == 1008
+        await only.stop()
+
+
+async def _receive_until_closed(client: Client) -> None:
+    while True:
+        await client.receive()
+
+
+async def _quietly(send: Awaitable[None]) -> None:
+    try:
+        await send
+    except Exception as exc:  # what each send came to is not this test's point
+        del exc
+
+
+async def test_a_send_outstanding_at_the_close_raises_the_close() -> None:
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, _closes_after_one_message)
+        async with connect(url) as client:
+            with pytest.raises(ServerShuttingDown) as closed:
+                await client.send("anyone", "read but never answered")
+            assert closed.value.reason == "server shutting down"
+        nursery.cancel_scope.cancel()
+
+
+async def _closes_after_one_message(stream: trio.SocketStream) -> None:
+    """A relayd that reads one message, does not answer it, and shuts down."""
+    async with stream:
+        await accept_v1(stream, "the-id")
+        parser = FrameParser(65536)
+        frames: list[tuple[int, bytes]] = []
+        while not any(op == OP_TEXT for op, _ in frames):
+            frames += parser.feed(await stream.receive_some(4096))
+        await stream.send_all(close_frame(1001, "server shutting down"))
+        while await stream.receive_some(4096):  # the client's close frame, then its FIN
+            pass
+
+
+# -- a real relayd process ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def relayd_process(config_dir: Path, port: int = 0) -> AsyncIterator[RelaydProcess]:
+    """The installed ``relayd`` on loopback; stopped with SIGTERM, which must exit 0."""
+    config = config_dir / "relayd.toml"
+    config.write_text("[admin]\nport = 0\n", encoding="utf-8")
+    argv = [*relayd_command(), "--host", "127.0.0.1", "--port", str(port), "--config", str(config)]
+    process = RelaydProcess(argv, relayd_env())
+    try:
+        await trio.to_thread.run_sync(process.wait_ready)
+        yield process
+    finally:
+        code = await trio.to_thread.run_sync(process.stop)
+    process.assert_clean_stop(code)
+
+
+@pytest.mark.e2e
+async def test_a_client_reconnects_after_a_real_relayd_restarts(tmp_path: Path) -> None:
+    async with relayd_process(tmp_path) as first:
+        port = first.port
+        async with connect(first.url, reconnect=QUICK) as client:
+            ids = aiter(client.ids())
+            first_id = await anext(ids)
+            await client.send(first_id, "before the restart")
+            assert (await client.receive()).text == "before the restart"
+            await trio.to_thread.run_sync(first.stop)  # SIGTERM: relayd closes with 1001
+            async with relayd_process(tmp_path, port) as second:
+                second_id = await anext(ids)
+                await client.send(second_id, "after the restart")
+                assert (await client.receive()).text == "after the restart"
+                await client.aclose()
+                opened = second.wait_for_event("connection.open", id=second_id)
+                closed = second.wait_for_event("connection.close", id=second_id)
+    assert first_id != second_id
+    assert opened["dialect"] == "relayd.v1"
+    assert (closed["code"], closed["closed_by"]) == (1000, "client")
+    shut = first.wait_for_event("connection.close", id=first_id)
+    assert (shut["code"], shut["closed_by"]) == (1001, "server")
