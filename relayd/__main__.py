@@ -1,5 +1,32 @@
-"""``python -m relayd``: the same as the ``relayd`` command."""
+"""``python -m relayd`` and the ``relayd`` command.
 
-from relayd.cli import main
+``relayd chat`` is the client side (:mod:`relayd.client.chat`): it is handed its
+arguments here, before anything of the daemon, its settings or their
+dependencies (pydantic, structlog, prometheus_client, PyJWT) is imported, so
+the client starts quickly and runs where only its own dependencies are
+installed. Every other command is :func:`relayd.cli.main`'s, which imports no
+client code.
+"""
 
-raise SystemExit(main())
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``relayd`` command line; returns the process exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["chat"]:
+        from relayd.client.chat import run  # imported only for chat
+
+        return run(args[1:])
+    from relayd.cli import main as serve  # imports the daemon
+
+    return serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

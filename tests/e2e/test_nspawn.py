@@ -877,7 +877,7 @@ def test_install_leaves_relayd_enabled_serving_and_hardened(relayd: Installed) -
     chat = box.run(
         "/opt/relayd/bin/relayd", "chat", f"ws://127.0.0.1:{relayd.port}/", input="/quit\n"
     )
-    assert re.search(r"^connected to \S+ as \S{22,} \(seed\)$", chat.stdout, re.MULTILINE), (
+    assert re.search(r"^connected to \S+ as \S{22} \(relayd\.v1\)$", chat.stdout, re.MULTILINE), (
         chat.stdout + chat.stderr
     )
 
