@@ -121,12 +121,12 @@ async def test_the_received_message_is_the_json_its_sender_wrote() -> None:
 
 
 async def test_a_token_is_sent_as_a_bearer_header_and_its_subject_is_the_id() -> None:
-    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token")})
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token-0123456789")})
     server = Server(
         settings().model_copy(update={"auth": auth}), authenticator=load_authenticator(auth)
     )
     async with running(server) as url:
-        async with connect(url, token="alice-token") as alice:
+        async with connect(url, token="alice-token-0123456789") as alice:
             assert alice.id == "alice"
             await alice.send("alice", "hi me")
             assert (await alice.receive()).text == "hi me"
@@ -604,6 +604,18 @@ async def test_an_exception_in_the_block_comes_out_as_itself_after_a_1000_close(
                     raise KeyError("the program's own")
     closes = [e for e in events if e["event"] == "connection.close" and e["id"] == client.id]
     assert [(e["code"], e["closed_by"]) for e in closes] == [(1000, "client")]
+
+
+async def test_a_group_raised_in_the_block_comes_out_unwrapped() -> None:
+    async with relay() as url:
+        with pytest.raises(ExceptionGroup) as raised:
+            async with connect(url), trio.open_nursery() as nursery:
+                nursery.start_soon(_raise, KeyError("from a task of the program's"))
+    assert raised.group_contains(KeyError, depth=1)  # the program's group, not one around it
+
+
+async def _raise(error: Exception) -> None:
+    raise error
 
 
 async def test_a_cancelled_block_closes_with_1000_and_leaves_nothing_running() -> None:

@@ -112,7 +112,7 @@ async def test_reconnecting_gives_up_after_its_attempts_and_says_why() -> None:
 
 
 async def test_a_refusal_that_cannot_pass_is_not_retried() -> None:
-    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token")})
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr("alice-token-0123456789")})
     with_auth = settings().model_copy(update={"auth": auth})
     async with trio.open_nursery() as servers:
         first = await serve(servers, Server(settings()))

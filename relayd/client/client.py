@@ -458,10 +458,10 @@ def _raise_alone(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     :class:`ConnectError`), perhaps beside the ``Cancelled`` of tasks that were
     stopped for it.
     """
-    leaves = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-    if len(leaves) > 1 or any(isinstance(e, BaseExceptionGroup) for e in leaves):
+    others = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(others) > 1:
         raise group
-    alone = leaves[0] if leaves else group.exceptions[0]
+    alone = others[0] if others else group.exceptions[0]  # a group the block raised, too
     context = alone.__context__
     try:
         raise alone
