@@ -64,12 +64,31 @@ _ENV_NESTED_DELIMITER: Final = "__"
 _DEFAULTS_SOURCE: Final = "from built-in defaults"
 
 # The variables Kubernetes injects for a Service named relayd (or relayd-<anything>), per
-# "Discovering services: environment variables" in its documentation: {SVC}_SERVICE_HOST,
-# {SVC}_SERVICE_PORT[_{PORTNAME}], {SVC}_PORT and {SVC}_PORT_{port}_{PROTO}[_PROTO|_PORT|_ADDR].
-_SERVICE_LINK: Final = re.compile(
-    r"RELAYD(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
-    r"|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+# "Discovering services: environment variables" in its documentation, each with the shape
+# of its value: {SVC}_SERVICE_HOST, {SVC}_SERVICE_PORT[_{PORTNAME}], {SVC}_PORT and
+# {SVC}_PORT_{port}_{PROTO}[_PROTO|_PORT|_ADDR]. The value is checked too, so that an
+# operator's RELAYD_SERVER_PORT=8080 (one underscore short) is warned about, not taken for
+# a link to a Service named relayd-server, whose RELAYD_SERVER_PORT would be tcp://...
+_SVC: Final = r"RELAYD(?:_[A-Z0-9_]+?)?"
+_LINK: Final = rf"{_SVC}_PORT_[0-9]+_(?:TCP|UDP|SCTP)"
+_ADDRESS: Final = r"[0-9A-Fa-f.:]+"
+_NUMBER: Final = r"[0-9]+"
+_SERVICE_LINKS: Final = tuple(
+    (re.compile(name), re.compile(value))
+    for name, value in [
+        (rf"{_SVC}_SERVICE_HOST", _ADDRESS),
+        (rf"{_SVC}_SERVICE_PORT(?:_[A-Z0-9_]+)?", _NUMBER),
+        (rf"{_SVC}_PORT|{_LINK}", r"(?:tcp|udp|sctp)://\S+"),
+        (rf"{_LINK}_PROTO", r"tcp|udp|sctp"),
+        (rf"{_LINK}_PORT", _NUMBER),
+        (rf"{_LINK}_ADDR", _ADDRESS),
+    ]
 )
+
+
+def _service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is one of Kubernetes' service-link variables."""
+    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINKS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -207,7 +226,7 @@ class _Gathering:
             key = name.removeprefix(_ENV_PREFIX).lower().replace(_ENV_NESTED_DELIMITER, ".")
             if key in _TYPES and key not in _SECTIONS:
                 self.set(key, self._typed(key, text, name), f"from environment {name}")
-            elif not _SERVICE_LINK.fullmatch(name):
+            elif not _service_link(name, text):
                 nearest = _nearest(key)
                 ignored.append(IgnoredVariable(name, nearest and _variable(nearest)))
         return ignored

@@ -258,25 +258,36 @@ def test_unknown_env_var_is_ignored_and_reported(name: str, suggestion: str | No
 
 
 @pytest.mark.parametrize(
-    "name",
+    ("name", "value"),
     [
-        # What Kubernetes injects for a Service named relayd, and one named relayd-admin.
-        "RELAYD_PORT",
-        "RELAYD_SERVICE_HOST",
-        "RELAYD_SERVICE_PORT",
-        "RELAYD_SERVICE_PORT_WS",
-        "RELAYD_PORT_9030_TCP",
-        "RELAYD_PORT_9030_TCP_PROTO",
-        "RELAYD_PORT_9030_TCP_PORT",
-        "RELAYD_PORT_9030_TCP_ADDR",
-        "RELAYD_ADMIN_SERVICE_HOST",
-        "RELAYD_ADMIN_PORT_9031_TCP_ADDR",
+        *KUBERNETES_SERVICE_LINKS.items(),
+        # A named port, a Service named relayd-admin, IPv6, UDP.
+        ("RELAYD_SERVICE_PORT_WS", "9030"),
+        ("RELAYD_ADMIN_SERVICE_HOST", "10.0.0.9"),
+        ("RELAYD_ADMIN_PORT", "tcp://10.0.0.9:9031"),
+        ("RELAYD_ADMIN_PORT_9031_TCP_ADDR", "fd00::9"),
+        ("RELAYD_PORT_9030_UDP", "udp://[fd00::1]:9030"),
     ],
 )
-def test_kubernetes_service_links_are_ignored_without_a_warning(name: str) -> None:
-    loaded = load_config(environ={name: "tcp://10.0.0.1:9030"})
+def test_kubernetes_service_links_are_ignored_without_a_warning(name: str, value: str) -> None:
+    loaded = load_config(environ={name: value})
     assert loaded.ignored == ()
     assert loaded.settings == Settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "suggestion"),
+    [
+        # One underscore short: a link to a Service named relayd-server would be tcp://...
+        ("RELAYD_SERVER_PORT", "8080", "RELAYD_SERVER__PORT"),
+        ("RELAYD_ADMIN_PORT", "9100", "RELAYD_ADMIN__PORT"),
+        ("RELAYD_SERVICE_PORT", "http", "RELAYD_SERVER__PORT"),
+    ],
+)
+def test_a_typo_shaped_like_a_service_link_is_still_warned_about(
+    name: str, value: str, suggestion: str | None
+) -> None:
+    assert load_config(environ={name: value}).ignored == (IgnoredVariable(name, suggestion),)
 
 
 def test_a_kubernetes_pod_environment_starts_with_the_defaults() -> None:
