@@ -1,0 +1,377 @@
+"""``./dev mutation [MODULE ...]``: mutation testing of the I/O-free core, on one core.
+
+For each module of :data:`~tests.mutation.plan.MODULES` (or those named:
+``frames``, ``relayd/wire/frames.py`` or ``relayd.wire.frames``):
+
+1. mutmut 3 mutates the module's functions and methods and runs, for each
+   mutant, the tests of the module's own test file that call the mutated
+   function (``mutmut run --max-children 1``);
+2. the mutants mutmut does not make (:mod:`tests.mutation.skipped`) are run
+   one by one against the same test file, in a process each;
+3. the score is killed / (all - equivalent), equivalent mutants being those
+   listed in ``tests/mutation/equivalents.toml``; every other survivor is printed
+   with its file, line, scope and the lines it changes.
+
+A mutant counts as killed when a test fails, errors or times out; one that no
+test reaches counts as a survivor. Hypothesis runs with a fixed seed, so the
+figures are the same from run to run.
+
+The work happens in ``.mutation/<module>/`` (a copy of ``relayd/`` and
+``tests/``), made afresh every time: mutmut's own cache would keep verdicts
+from before a test changed. The exit status is 1 if a module scores under
+95% or an equivalents entry is stale (it matches no mutant, or a killed one).
+
+Resource handling: the one child process at a time (mutmut, or pytest for one
+mutant) is waited for; a pytest run that outlives its timeout is killed by
+:func:`subprocess.run`, and the mutant counts as killed by timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Final
+
+from tests.mutation.plan import (
+    MIN_SCORE,
+    MODULES,
+    Equivalent,
+    MutantId,
+    load_equivalents,
+)
+from tests.mutation.skipped import skipped_mutants
+
+ROOT: Final = Path(__file__).resolve().parents[2]
+WORK: Final = ROOT / ".mutation"
+
+#: mutmut's exit codes for a mutant that a test caught: failed, errored, timed
+#: out (its own marker, or SIGXCPU in any of its spellings), killed by a signal.
+_CAUGHT: Final = frozenset({1, 3, 36, 24, -24, 152, 255, -9, -11})
+#: mutmut's "no tests" (33) and "survived" (0): nothing failed.
+_UNCAUGHT: Final = frozenset({0, 5, 33})
+_PYTEST_ARGS: Final = ("-p", "no:cacheprovider", "--hypothesis-seed=0")
+#: A mutant's pytest run may take this many times as long as the clean run,
+#: plus the constant, before it counts as killed by timeout (mutmut's own rule).
+_TIMEOUT_FACTOR: Final = 15.0
+_TIMEOUT_CONSTANT_S: Final = 10.0
+_SEPARATOR: Final = "ǁ"  # mutmut's, between class and method in a mutant's name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    """One mutant's fate; ``line`` is where it is in the original module."""
+
+    mutant: MutantId
+    line: int
+    caught: bool
+    by_mutmut: bool
+
+
+@dataclasses.dataclass(slots=True)
+class ModuleResult:
+    """Every verdict for one module, and how the equivalents file applies to them."""
+
+    path: str
+    verdicts: list[Verdict]
+    equivalent: list[Verdict] = dataclasses.field(default_factory=list)
+    survivors: list[Verdict] = dataclasses.field(default_factory=list)
+
+    @property
+    def killed(self) -> int:
+        """Mutants a test caught."""
+        return sum(v.caught for v in self.verdicts)
+
+    @property
+    def score(self) -> float:
+        """Killed over all mutants less the equivalent ones."""
+        counted = len(self.verdicts) - len(self.equivalent)
+        return self.killed / counted if counted else 1.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns its exit status."""
+    parser = argparse.ArgumentParser(
+        prog="./dev mutation", description="Mutation testing of relayd's I/O-free core."
+    )
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help="default: every module")
+    args = parser.parse_args(argv)
+    try:
+        paths = select(args.modules)
+    except ValueError as exc:
+        parser.error(str(exc))
+    equivalents = load_equivalents()
+    results = []
+    for path in paths:
+        result = run_module(path, MODULES[path])
+        judge(result, equivalents)
+        print_module(result)
+        results.append(result)
+    stale = stale_equivalents(results, equivalents)
+    print_summary(results, stale)
+    return 0 if all(r.score >= MIN_SCORE for r in results) and not stale else 1
+
+
+def select(names: Iterable[str]) -> list[str]:
+    """The module paths named, in :data:`MODULES` order; all of them if none.
+
+    A module is named by its path, dotted name or last part: ``relayd/wire/frames.py``,
+    ``relayd.wire.frames`` or ``frames``.
+
+    Raises:
+        ValueError: a name matches no module.
+    """
+    wanted = list(names)
+    if not wanted:
+        return list(MODULES)
+    chosen = set()
+    for name in wanted:
+        matches = [
+            path
+            for path in MODULES
+            if name in {path, path.removesuffix(".py").replace("/", "."), Path(path).stem}
+        ]
+        if not matches:
+            raise ValueError(f"no such module: {name} (choose from {', '.join(MODULES)})")
+        chosen.update(matches)
+    return [path for path in MODULES if path in chosen]
+
+
+# -- running -----------------------------------------------------------------------
+
+
+def run_module(path: str, test_file: str) -> ModuleResult:
+    """Mutate ``path`` and run ``test_file`` against each mutant: mutmut's, then ours."""
+    work = WORK / path.removesuffix(".py").replace("/", ".")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"==> {path} against {test_file}", flush=True)
+    verdicts = _run_mutmut(work / "mutmut", path, test_file)
+    verdicts += _run_skipped(work / "skipped", path, test_file)
+    return ModuleResult(path, verdicts)
+
+
+def _copy_project(into: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "relayd", into / "relayd", ignore=ignore)
+    (into / "tests").mkdir(parents=True)
+    # The unit tests and the helpers they import; not the e2e or conformance trees.
+    for module in (ROOT / "tests").glob("*.py"):
+        shutil.copy2(module, into / "tests" / module.name)
+    shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
+
+
+def _run_mutmut(work: Path, path: str, test_file: str) -> list[Verdict]:
+    _copy_project(work)
+    # pyproject.toml has no [tool.mutmut], so mutmut reads setup.cfg.
+    lines = [
+        "[mutmut]",
+        "source_paths = relayd",
+        f"only_mutate = {path}",
+        f"pytest_add_cli_args_test_selection = {test_file}",
+        "pytest_add_cli_args =",
+        *(f"    {arg}" for arg in _PYTEST_ARGS),
+        "use_git_change_detection = false",
+    ]
+    (work / "setup.cfg").write_text("\n".join(lines) + "\n")
+    mutmut = Path(sys.executable).with_name("mutmut")
+    log = work / "mutmut.log"
+    started = time.monotonic()
+    with log.open("w") as out:
+        status = subprocess.run(
+            [str(mutmut), "run", "--max-children", "1"],
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
+    if status != 0:
+        tail = log.read_text(errors="replace").splitlines()[-30:]
+        raise SystemExit(f"mutmut failed ({status}); the end of {log}:\n" + "\n".join(tail))
+    meta = json.loads((work / "mutants" / f"{path}.meta").read_text())
+    codes: dict[str, int | None] = meta["exit_code_by_key"]
+    ids = mutmut_mutant_ids(
+        path, (ROOT / path).read_text(), (work / "mutants" / path).read_text(), list(codes)
+    )
+    verdicts = []
+    for key, code in codes.items():
+        if code not in _CAUGHT and code not in _UNCAUGHT:
+            raise SystemExit(f"{key}: mutmut left it {code!r} (not run or suspicious); see {log}")
+        mutant, line = ids[key]
+        verdicts.append(Verdict(mutant, line, code in _CAUGHT, by_mutmut=True))
+    _print_counts("mutmut", verdicts, time.monotonic() - started)
+    return verdicts
+
+
+def _run_skipped(work: Path, path: str, test_file: str) -> list[Verdict]:
+    _copy_project(work)
+    target = work / path
+    source = target.read_text()
+    command = [sys.executable, "-m", "pytest", "-x", "-q", *_PYTEST_ARGS, test_file]
+    env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def passes(timeout: float | None) -> bool:
+        try:
+            run = subprocess.run(command, cwd=work, env=env, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return run.returncode == 0
+
+    started = time.monotonic()
+    if not passes(None):
+        raise SystemExit(f"{test_file} fails on the unmutated code (in {work})")
+    timeout = (time.monotonic() - started) * _TIMEOUT_FACTOR + _TIMEOUT_CONSTANT_S
+    verdicts = []
+    for mutant in skipped_mutants(path, source):
+        target.write_text(mutant.apply(source))
+        verdicts.append(Verdict(mutant.id, mutant.line, not passes(timeout), by_mutmut=False))
+    target.write_text(source)
+    _print_counts("skipped by mutmut", verdicts, time.monotonic() - started)
+    return verdicts
+
+
+# -- naming mutmut's mutants ---------------------------------------------------------
+
+
+def mutmut_mutant_ids(
+    path: str, source: str, mutated_source: str, keys: Iterable[str]
+) -> dict[str, tuple[MutantId, int]]:
+    """Name each of mutmut's mutants by what it changes, with its line in ``source``.
+
+    Args:
+        path: the module, relative to the repository.
+        source: the module as written.
+        mutated_source: the module as mutmut rewrote it, every mutant a function
+            named ``x_<function>__mutmut_<n>`` or ``xǁ<Class>ǁ<method>__mutmut_<n>``
+            beside the unmutated ``...__mutmut_orig``.
+        keys: mutmut's names of the mutants, ``<module>.<function name>``.
+    """
+    generated = _functions(ast.parse(mutated_source))
+    originals = _functions(ast.parse(source))
+    ids = {}
+    for key in keys:
+        name = key.rpartition(".")[2]
+        stem = name.partition("__mutmut_")[0]
+        if stem.startswith("x" + _SEPARATOR):
+            cls, _, function = stem[2:].partition(_SEPARATOR)
+            scope = f"{cls}.{function}"
+        else:
+            scope = function = stem.removeprefix("x_")
+        before = _body_lines(mutated_source, generated[stem + "__mutmut_orig"], function)
+        after = _body_lines(mutated_source, generated[name], function)
+        matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
+        removed, added, first = [], [], None
+        for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+            if tag != "equal":
+                removed += before[a0:a1]
+                added += after[b0:b1]
+                first = a0 if first is None else first
+        assert first is not None, f"{key} changes nothing"
+        mutant = MutantId(path, scope, _join(removed), _join(added))
+        ids[key] = (mutant, originals[scope.replace(".", _SEPARATOR)].lineno + first)
+    return ids
+
+
+def _functions(tree: ast.Module) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
+    """Functions by name, methods as ``Classǁmethod``."""
+    found: dict[str, ast.FunctionDef | ast.AsyncFunctionDef] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            found[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            for member in node.body:
+                if isinstance(member, ast.FunctionDef | ast.AsyncFunctionDef):
+                    found[member.name] = member
+                    found[f"{node.name}{_SEPARATOR}{member.name}"] = member
+    return found
+
+
+def _body_lines(
+    source: str, function: ast.FunctionDef | ast.AsyncFunctionDef, name: str
+) -> list[str]:
+    segment = ast.get_source_segment(source, function)
+    assert segment is not None
+    # The generated functions differ from the original only in their names.
+    return segment.replace(function.name, name, 1).splitlines()
+
+
+def _join(lines: Iterable[str]) -> str:
+    return " ".join(line.strip() for line in lines if line.strip())
+
+
+# -- judging and reporting -----------------------------------------------------------
+
+
+def judge(result: ModuleResult, equivalents: Sequence[Equivalent]) -> None:
+    """Split ``result``'s survivors into equivalent ones and the rest."""
+    listed = {e.mutant for e in equivalents}
+    for verdict in result.verdicts:
+        if not verdict.caught:
+            (result.equivalent if verdict.mutant in listed else result.survivors).append(verdict)
+
+
+def stale_equivalents(
+    results: Sequence[ModuleResult], equivalents: Sequence[Equivalent]
+) -> list[tuple[Equivalent, str]]:
+    """Entries for the modules run that match no mutant, or only killed ones."""
+    run = {r.path for r in results}
+    caught = {v.mutant: v.caught for r in results for v in r.verdicts}
+    stale = []
+    for entry in equivalents:
+        if entry.mutant.path not in run:
+            continue
+        if entry.mutant not in caught:
+            stale.append((entry, "matches no mutant"))
+        elif caught[entry.mutant]:
+            stale.append((entry, "is killed by a test: not equivalent"))
+    return stale
+
+
+def _print_counts(kind: str, verdicts: Sequence[Verdict], seconds: float) -> None:
+    killed = sum(v.caught for v in verdicts)
+    print(
+        f"    {kind}: {len(verdicts)} mutants, {killed} killed, "
+        f"{len(verdicts) - killed} survived ({seconds:.0f} s)",
+        flush=True,
+    )
+
+
+def print_module(result: ModuleResult) -> None:
+    """The module's score and each survivor not listed as equivalent."""
+    print(
+        f"    score {result.score:.1%}: {result.killed} of {len(result.verdicts)} killed, "
+        f"{len(result.equivalent)} equivalent, {len(result.survivors)} survived"
+    )
+    for v in sorted(result.survivors, key=lambda v: v.line):
+        origin = "" if v.by_mutmut else "  (skipped by mutmut)"
+        print(f"    survived: {v.mutant.path}:{v.line} in {v.mutant.scope}{origin}")
+        print(f"        - {v.mutant.original}")
+        print(f"        + {v.mutant.mutated}")
+    print(flush=True)
+
+
+def print_summary(results: Sequence[ModuleResult], stale: Sequence[tuple[Equivalent, str]]) -> None:
+    """One line per module, then the stale equivalents entries."""
+    width = max(len(r.path) for r in results)
+    print(f"{'module':{width}}  mutants  killed  equivalent  survived   score")
+    for r in results:
+        mark = "" if r.score >= MIN_SCORE else f"  (under {MIN_SCORE:.0%})"
+        print(
+            f"{r.path:{width}}  {len(r.verdicts):7}  {r.killed:6}  {len(r.equivalent):10}  "
+            f"{len(r.survivors):8}  {r.score:6.1%}{mark}"
+        )
+    for entry, why in stale:
+        m = entry.mutant
+        print(f"stale entry in equivalents.toml ({m.path}, {m.scope}: {m.mutated!r}) {why}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
