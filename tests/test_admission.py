@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Sequence
 
 import pytest
@@ -190,3 +191,93 @@ def test_handshakes_never_count_against_established_connections() -> None:
         handshakes.admit(IP)
     capacity.opened(IP)  # the one being decided
     assert decide_for(capacity) == Accept(Dialect.SEED)
+
+
+def test_a_relay_accept_is_not_the_echo_route() -> None:
+    # Compared with echo=False spelled out: Accept's own default must be the relay.
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    decision = decide_for(capacity)
+    assert decision == Accept(Dialect.SEED, echo=False)
+    assert isinstance(decision, Accept)
+    assert decision.echo is False
+
+
+def test_the_echo_route_is_off_unless_asked_for() -> None:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    decision = decide(
+        draining=False, capacity=capacity, client_ip=IP, offered_subprotocols=(), path="/echo"
+    )
+    assert decision == Accept(Dialect.SEED, echo=False)
+
+
+ALLOWED = ("https://chat.example", "https://example.org")
+
+
+def decide_origin(origin: str | None, allowed: Sequence[str] = ALLOWED) -> Accept | Refusal:
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    return decide(
+        draining=False,
+        capacity=capacity,
+        client_ip=IP,
+        offered_subprotocols=(),
+        origin=origin,
+        allowed_origins=allowed,
+    )
+
+
+@pytest.mark.parametrize("origin", ALLOWED)
+def test_an_allowed_origin_is_accepted(origin: str) -> None:
+    assert decide_origin(origin) == Accept(Dialect.SEED, echo=False)
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://evil.example", "http://chat.example", "https://chat.example:8443", ""]
+)
+def test_an_origin_not_in_the_list_is_refused_with_403(origin: str) -> None:
+    assert decide_origin(origin) == Refusal(403, "origin not allowed")
+
+
+def test_a_client_without_origin_is_not_a_browser_and_is_accepted() -> None:
+    assert decide_origin(None) == Accept(Dialect.SEED, echo=False)
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", None])
+def test_an_empty_list_allows_every_origin(origin: str | None) -> None:
+    assert decide_origin(origin, allowed=()) == Accept(Dialect.SEED, echo=False)
+
+
+def test_the_origin_check_comes_after_capacity() -> None:
+    capacity = Capacity(max_total=0, max_per_ip=0)
+    capacity.opened(IP)
+    decision = decide(
+        draining=False,
+        capacity=capacity,
+        client_ip=IP,
+        offered_subprotocols=(),
+        origin="https://evil.example",
+        allowed_origins=ALLOWED,
+    )
+    assert decision == Refusal(503, "server at capacity")
+
+
+def test_addresses_that_came_and_went_hold_no_memory() -> None:
+    # A public port sees a stream of source addresses; counting them must not
+    # keep an entry for each one once its connections are closed.
+    capacity = Capacity(max_total=10, max_per_ip=3)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for n in range(10_000):
+            ip = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+            capacity.opened(ip)
+            capacity.opened(ip)
+            capacity.closed(ip)
+            capacity.closed(ip)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert capacity.total == 0
+    assert held < 16_384  # bytes; an entry per address seen would be about a megabyte

@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 
 from relayd.errors import EnvelopeError, ErrorCode
 from relayd.wire.dialects import (
-    MAX_ID_CHARS,
-    MAX_REF_CHARS,
     Dialect,
     Envelope,
     ack_payload,
@@ -22,6 +20,11 @@ from relayd.wire.dialects import (
     welcome_payload,
 )
 
+#: docs/protocol.md, "Connecting": ``to`` is 1 to 256 characters, a string ``ref`` up
+#: to 256, an integer ``ref`` within ±(2^53 - 1). Written out, not imported, so
+#: that a changed limit in relayd fails these tests.
+MAX_ID_CHARS = 256
+MAX_REF_CHARS = 256
 MAX_SAFE_INT = 2**53 - 1
 
 JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]

@@ -867,3 +867,112 @@ def test_the_frame_budget_counts_frames_not_messages_or_reads() -> None:
     with pytest.raises(ProtocolError) as info:
         parser.feed(frame(OP_PONG, b""), max_frames=0)
     assert info.value.code == 1008
+
+
+# --- what the client is told --------------------------------------------------------------------
+
+#: Every violation and the close code and reason relayd sends for it, as
+#: docs/security.md ("Protocol violations") documents them.
+DOCUMENTED_VIOLATIONS = [
+    pytest.param(
+        frame(OP_TEXT, b"x", mask=False), 1002, "client frames must be masked", id="unmasked"
+    ),
+    pytest.param(
+        frame(OP_TEXT, b"x", rsv=4), 1002, "reserved bits set (no extension agreed)", id="rsv1"
+    ),
+    pytest.param(frame(0x3, b""), 1002, "unknown opcode 3", id="opcode-3"),
+    pytest.param(frame(0xB, b""), 1002, "unknown opcode 11", id="opcode-11"),
+    pytest.param(frame(OP_PING, b"", fin=False), 1002, "fragmented control frame", id="frag-ping"),
+    pytest.param(
+        frame(OP_PING, b"x" * 126), 1002, "control frame over 125 bytes", id="ping-126-bytes"
+    ),
+    pytest.param(
+        frame(OP_TEXT, b"a", fin=False) + frame(OP_TEXT, b"b"),
+        1002,
+        "new message before the last one ended",
+        id="new-message-inside-one",
+    ),
+    pytest.param(
+        frame(OP_CONTINUATION, b"a"), 1002, "continuation frame with no message", id="lone-cont"
+    ),
+    pytest.param(
+        frame(OP_BINARY, b"", length=1 << 63),
+        1002,
+        "frame length has its top bit set",
+        id="64-bit-top-bit",
+    ),
+    pytest.param(
+        frame(OP_CLOSE, b"\x03"), 1002, "close frame with a 1-byte payload", id="close-1-byte"
+    ),
+    pytest.param(
+        frame(OP_CLOSE, b"\x03\xed"), 1002, "close frame with invalid code 1005", id="close-1005"
+    ),
+    pytest.param(
+        frame(OP_TEXT, b"\xff"),
+        1007,
+        "invalid UTF-8 in a text message: invalid start byte",
+        id="utf8-frame",
+    ),
+    pytest.param(
+        fragments(OP_TEXT, [b"ok", b"\xff"]),
+        1007,
+        "invalid UTF-8 in a text message: invalid start byte",
+        id="utf8-fragment",
+    ),
+    pytest.param(
+        frame(OP_CLOSE, b"\x03\xe8\xff"),
+        1007,
+        "invalid UTF-8 in a close reason: invalid start byte",
+        id="utf8-close-reason",
+    ),
+    pytest.param(frame(OP_TEXT, b"m" * 1001), 1009, "message over 1000 bytes", id="1009-frame"),
+    pytest.param(
+        fragments(OP_BINARY, [b"m" * 600, b"m" * 401]),
+        1009,
+        "message over 1000 bytes",
+        id="1009-fragments",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "code", "reason"), DOCUMENTED_VIOLATIONS)
+def test_each_violation_closes_with_its_documented_code_and_reason(
+    data: bytes, code: int, reason: str
+) -> None:
+    error = violation(data, 1000)
+    assert (error.code, error.reason) == (code, reason)
+
+
+def test_a_64_bit_length_split_after_another_frame_waits_for_its_last_byte() -> None:
+    # Nine of the ten header bytes hold a length whose top bit is set: the
+    # parser must wait for the tenth, not judge the length from the first seven.
+    parser = FrameParser(MAX)
+    header = frame(OP_BINARY, b"", length=1 << 63)[:10]
+    assert parser.feed(frame(OP_TEXT, b"hi") + header[:9]) == [(OP_TEXT, b"hi")]
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(header[9:])
+    assert (info.value.code, info.value.reason) == (1002, "frame length has its top bit set")
+
+
+@pytest.mark.parametrize(
+    ("number", "payload", "opcode"),
+    [
+        (0x1, b"t", OP_TEXT),
+        (0x2, b"b", OP_BINARY),
+        (0x8, b"\x03\xe8", OP_CLOSE),
+        (0x9, b"p", OP_PING),
+        (0xA, b"p", OP_PONG),
+    ],
+)
+def test_frames_come_out_under_the_opcode_names_of_rfc_6455(
+    number: int, payload: bytes, opcode: int
+) -> None:
+    # RFC 6455 §5.2 numbers, written out: the connection tells a ping from a pong
+    # by these names, so each must be the number on the wire.
+    assert parse(frame(number, payload)) == [(opcode, payload)]
+    assert opcode == number
+
+
+def test_a_continuation_is_opcode_0() -> None:
+    assert OP_CONTINUATION == 0x0
+    assert parse(frame(OP_TEXT, b"a", fin=False) + frame(0x0, b"b")) == [(OP_TEXT, b"ab")]

@@ -518,3 +518,88 @@ def test_refusal_response_carries_extra_headers() -> None:
     assert header_values(response.headers, b"x-relayd") == [b"1"]
     assert header_values(response.headers, b"www-authenticate") == []
     assert body == b"draining"
+
+
+# --- what the client is told --------------------------------------------------------------------
+
+
+def test_request_without_a_websocket_version_is_refused_with_426() -> None:
+    reject = refusal(head({"Sec-WebSocket-Version": None}))
+    assert reject == Refusal(426, "unsupported WebSocket version; this server speaks 13")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        pytest.param(
+            head(request_line="GET / HTTP/1.0"), "a WebSocket handshake needs HTTP/1.1", id="1.0"
+        ),
+        pytest.param(
+            head(request_line="POST / HTTP/1.1"),
+            "a WebSocket handshake is a GET request",
+            id="post",
+        ),
+        pytest.param(head({"Upgrade": None}), "not a WebSocket upgrade request", id="no-upgrade"),
+        pytest.param(
+            head({"Connection": "keep-alive"}), "not a WebSocket upgrade request", id="no-conn"
+        ),
+        pytest.param(
+            head({"Sec-WebSocket-Key": None}),
+            "Sec-WebSocket-Key is not 16 bytes in base64",
+            id="no-key",
+        ),
+        pytest.param(
+            head({"Sec-WebSocket-Key": "not base64 at all!"}),
+            "Sec-WebSocket-Key is not 16 bytes in base64",
+            id="key-not-base64",
+        ),
+    ],
+)
+def test_each_refusal_of_validate_gives_its_documented_reason(data: bytes, reason: str) -> None:
+    assert refusal(data) == Refusal(400, reason)
+
+
+def test_a_request_with_a_body_is_told_so() -> None:
+    result = read(head(extra=[("Content-Length", "5")]) + b"hello")
+    assert result == Refusal(400, "a WebSocket handshake has no body")
+
+
+def test_malformed_http_is_told_it_is_malformed() -> None:
+    result = read(b"GARBAGE\r\n\r\n")
+    assert isinstance(result, Refusal)
+    assert result.reason.startswith("malformed HTTP request: ")
+
+
+@pytest.mark.parametrize("how", ["whole", "byte-by-byte"])
+def test_a_head_over_the_limit_is_told_the_limit_in_bytes(how: str) -> None:
+    endless = head()[:-2] + b"X-Pad: " + b"p" * 2000
+    reader = RequestReader(1024)
+    chunks = [endless] if how == "whole" else [endless[i : i + 1] for i in range(len(endless))]
+    result = None
+    for chunk in chunks:
+        result = reader.feed(chunk)
+        if result is not None:
+            break
+    assert result == Refusal(431, "request head over 1024 bytes")
+
+
+def test_a_head_at_the_limit_with_early_frames_in_the_same_read_is_accepted() -> None:
+    # Only the head counts against max_header_bytes; frames a client sends in the
+    # same segment are bounded as frames, later.
+    data = head()
+    early = frame(OP_TEXT, b'{"to": "bob", "message": "hi"}') * 20
+    result = read(data + early, len(data))
+    assert isinstance(result, tuple), result
+    assert result[1] == early
+
+
+@pytest.mark.parametrize(
+    ("status", "own_header"),
+    [(426, b"sec-websocket-version"), (401, b"www-authenticate")],
+)
+def test_extra_headers_go_out_beside_a_refusals_own(status: int, own_header: bytes) -> None:
+    data = refusal_response(status, "refused", [("Retry-After", "5")])
+    response, _, _ = read_response(data)
+    assert response.status_code == status
+    assert header_values(response.headers, b"retry-after") == [b"5"]
+    assert len(header_values(response.headers, own_header)) == 1

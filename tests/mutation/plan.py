@@ -52,6 +52,10 @@ MODULES: Final = {
     "relayd/policy/ratelimit.py": "tests/test_ratelimit.py",
     "relayd/policy/auth.py": "tests/test_auth.py",
     "relayd/routing/table.py": "tests/test_routing_table.py",
+    # The cluster's pure parts share one test file (broker codec, back-off, pending answers).
+    "relayd/routing/cluster/codec.py": "tests/test_cluster_codec.py",
+    "relayd/routing/cluster/backoff.py": "tests/test_cluster_codec.py",
+    "relayd/routing/cluster/pending.py": "tests/test_cluster_codec.py",
 }
 
 #: Trio-free modules in :data:`PURE_PACKAGES` that are not mutated, and why.
@@ -130,7 +134,7 @@ def pure_modules_on_disk(root: Path) -> set[str]:
     """The modules of :data:`PURE_PACKAGES` under ``root`` that import no trio."""
     found = set()
     for package in PURE_PACKAGES:
-        for module in sorted((root / package).glob("*.py")):
+        for module in sorted((root / package).rglob("*.py")):
             if module.name != "__init__.py" and not _imports_trio(module.read_text()):
                 found.add(module.relative_to(root).as_posix())
     return found

@@ -256,6 +256,7 @@ def mutmut_mutant_ids(
     """
     generated = _functions(ast.parse(mutated_source))
     originals = _functions(ast.parse(source))
+    lines = mutated_source.splitlines()
     ids = {}
     for key in keys:
         name = key.rpartition(".")[2]
@@ -265,8 +266,8 @@ def mutmut_mutant_ids(
             scope = f"{cls}.{function}"
         else:
             scope = function = stem.removeprefix("x_")
-        before = _body_lines(mutated_source, generated[stem + "__mutmut_orig"], function)
-        after = _body_lines(mutated_source, generated[name], function)
+        before = _lines_of(lines, generated[stem + "__mutmut_orig"], function)
+        after = _lines_of(lines, generated[name], function)
         matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
         removed, added, first = [], [], None
         for tag, a0, a1, b0, b1 in matcher.get_opcodes():
@@ -294,13 +295,13 @@ def _functions(tree: ast.Module) -> dict[str, ast.FunctionDef | ast.AsyncFunctio
     return found
 
 
-def _body_lines(
-    source: str, function: ast.FunctionDef | ast.AsyncFunctionDef, name: str
+def _lines_of(
+    lines: list[str], function: ast.FunctionDef | ast.AsyncFunctionDef, name: str
 ) -> list[str]:
-    segment = ast.get_source_segment(source, function)
-    assert segment is not None
+    assert function.end_lineno is not None
+    found = lines[function.lineno - 1 : function.end_lineno]
     # The generated functions differ from the original only in their names.
-    return segment.replace(function.name, name, 1).splitlines()
+    return [found[0].replace(function.name, name, 1), *found[1:]]
 
 
 def _join(lines: Iterable[str]) -> str:
