@@ -349,3 +349,57 @@ def test_tls_needs_both_files_and_loadable_ones(tmp_path: Path) -> None:
             TLSSettings(cert_file=str(tmp_path / "cert.pem"), key_file=str(tmp_path / "key.pem"))
         )
     assert error.value.key == "tls.cert_file"
+
+
+# -- what the client is told --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "authenticator",
+    [StaticTokens({"alice": "a-secret"}), JWTVerifier(SECRET, "HS256")],
+    ids=["static", "jwt"],
+)
+def test_a_handshake_without_a_token_is_told_where_to_put_one(authenticator: Any) -> None:
+    assert authenticator.authenticate(None) == Refusal(
+        401, "no bearer token (Authorization header or ?token=)"
+    )
+
+
+def test_a_token_for_another_audience_is_told_so() -> None:
+    verifier = JWTVerifier(SECRET, "HS256", audience="relayd")
+    result = verifier.authenticate(jwt.encode(claims(aud="other"), SECRET, "HS256"))
+    assert isinstance(result, Refusal)
+    assert result.status == 403
+    assert result.reason.startswith("token not for this server: ")
+
+
+def test_a_token_with_a_bad_signature_is_told_it_is_invalid() -> None:
+    forged = jwt.encode(claims(), "another-secret-of-at-least-32-bytes!!", "HS256")
+    result = JWTVerifier(SECRET, "HS256").authenticate(forged)
+    assert isinstance(result, Refusal)
+    assert result.status == 401
+    assert result.reason.startswith("invalid token")
+
+
+@pytest.mark.parametrize("length", [1, 22, 256])
+def test_a_subject_of_1_to_256_characters_is_the_id(length: int) -> None:
+    token = jwt.encode(claims(sub="s" * length), SECRET, "HS256")
+    assert JWTVerifier(SECRET, "HS256").authenticate(token) == Identity("s" * length)
+
+
+@pytest.mark.parametrize("sub", ["", "s" * 257], ids=["empty", "257-characters"])
+def test_a_subject_that_cannot_be_an_id_is_refused(sub: str) -> None:
+    token = jwt.encode(claims(sub=sub), SECRET, "HS256")
+    assert JWTVerifier(SECRET, "HS256").authenticate(token) == Refusal(
+        401, "invalid token: sub must be a string of 1 to 256 characters"
+    )
+
+
+def test_without_leeway_a_token_is_expired_from_its_exp_second_on() -> None:
+    token = jwt.encode(claims(exp=int(time.time())), SECRET, "HS256")
+    assert JWTVerifier(SECRET, "HS256").authenticate(token) == Refusal(401, "token expired")
+
+
+def test_a_comment_may_hold_a_hash_sign() -> None:
+    text = "alice a-secret  # rotated 2024-05 # see ticket #12\n"
+    assert parse_tokens_file(text) == {"alice": "a-secret"}

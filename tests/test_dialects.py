@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relayd.errors import EnvelopeError, ErrorCode
 from relayd.wire.dialects import (
+    Ack,
+    Delivery,
     Dialect,
     Envelope,
+    Error,
+    SeedError,
+    ServerMessage,
+    Welcome,
     ack_payload,
     choose_dialect,
     decode_envelope,
@@ -348,3 +355,81 @@ def test_choose_dialect(offered: list[str], dialect: Dialect) -> None:
 
 def test_dialect_values_are_the_subprotocol_names() -> None:
     assert (Dialect.SEED.value, Dialect.V1.value) == ("seed", "relayd.v1")
+
+
+# --- what the sender is told ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "detail"),
+    [
+        # The captured examples of docs/protocol.md, "Connecting".
+        pytest.param(
+            "hello from client",
+            ErrorCode.INVALID_JSON,
+            "JSON is malformed: invalid character (byte 0)",
+            id="not-json",
+        ),
+        pytest.param(
+            "{bad",
+            ErrorCode.INVALID_JSON,
+            "JSON is malformed: object keys must be strings (byte 1)",
+            id="bad-key",
+        ),
+        pytest.param(
+            '{"to": "laTLJKA4qbtfI9B5gOVycA", "ref": "c-3"}',
+            ErrorCode.INVALID_ENVELOPE,
+            "Object missing required field `message`",
+            id="missing-message",
+        ),
+        pytest.param(
+            "[" * 100_000, ErrorCode.INVALID_JSON, "JSON is nested too deeply", id="too-deep"
+        ),
+        # Wrong in shape and then cut short: the syntax error is the one reported.
+        pytest.param(
+            '{"to": 5, "message": 1', ErrorCode.INVALID_JSON, "Input data was truncated", id="cut"
+        ),
+    ],
+)
+def test_the_sender_is_told_what_is_wrong_with_its_frame(
+    frame: str, code: ErrorCode, detail: str
+) -> None:
+    error = envelope_error(frame)
+    assert (error.code, error.detail) == (code, detail)
+
+
+# --- the values themselves --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        decode_envelope('{"to": "bob", "message": 1}'),
+        Welcome("id-1"),
+        Delivery("id-1", msgspec.Raw(b"1")),
+        Ack("r"),
+        Error("unknown_recipient", "r", "no client with that id is connected"),
+        SeedError("unknown_recipient", "no client with that id is connected"),
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_messages_are_immutable_values(value: object) -> None:
+    # Decoded once and shared (a delivery goes to every connection of an id).
+    field = next(iter(type(value).__struct_fields__))  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        setattr(value, field, "changed")
+
+
+def test_a_v1_error_without_detail_reads_as_an_empty_detail() -> None:
+    decoder = msgspec.json.Decoder(ServerMessage)
+    error = decoder.decode(b'{"type": "error", "error": "rate_limited", "ref": null}')
+    assert error == Error("rate_limited", None, "")
+
+
+def test_a_seed_message_that_only_looks_like_an_error_is_not_one() -> None:
+    # Seed messages are any JSON a client sent; one with keys beyond an error's
+    # is a message, and `relayd chat` must show it as one.
+    decoder = msgspec.json.Decoder(SeedError)
+    assert decoder.decode(b'{"error": "e", "detail": "d"}') == SeedError("e", "d")
+    with pytest.raises(msgspec.ValidationError):
+        decoder.decode(b'{"error": "e", "detail": "d", "from": "mallory"}')

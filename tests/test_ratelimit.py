@@ -51,7 +51,7 @@ def test_failed_take_keeps_partial_tokens() -> None:
     [(0.0, 5), (-1.0, 5), (1.0, 0), (1.0, 0.5), (1.0, -3)],
 )
 def test_bucket_rejects_invalid_arguments(rate: float, capacity: float) -> None:
-    with pytest.raises(ValueError, match="rate must be > 0 and capacity >= 1"):
+    with pytest.raises(ValueError, match=r"^rate must be > 0 and capacity >= 1$"):
         TokenBucket(rate, capacity, now=0.0)
 
 

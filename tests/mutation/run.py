@@ -160,12 +160,10 @@ def run_module(path: str, test_file: str) -> ModuleResult:
 
 
 def _copy_project(into: Path) -> None:
-    ignore = shutil.ignore_patterns("__pycache__")
+    ignore = shutil.ignore_patterns("__pycache__", "node_modules", ".hypothesis")
     shutil.copytree(ROOT / "relayd", into / "relayd", ignore=ignore)
-    (into / "tests").mkdir(parents=True)
-    # The unit tests and the helpers they import; not the e2e or conformance trees.
-    for module in (ROOT / "tests").glob("*.py"):
-        shutil.copy2(module, into / "tests" / module.name)
+    # All of tests/, for the helpers conftest.py and the test files import.
+    shutil.copytree(ROOT / "tests", into / "tests", ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
 
 
