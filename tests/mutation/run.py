@@ -59,7 +59,13 @@ WORK: Final = ROOT / ".mutation"
 _CAUGHT: Final = frozenset({1, 3, 36, 24, -24, 152, 255, -9, -11})
 #: mutmut's "no tests" (33) and "survived" (0): nothing failed.
 _UNCAUGHT: Final = frozenset({0, 5, 33})
-_PYTEST_ARGS: Final = ("-p", "no:cacheprovider", "--hypothesis-seed=0")
+_PYTEST_ARGS: Final = (
+    "-p",
+    "no:cacheprovider",
+    "-p",
+    "tests.mutation.pytest_plugin",
+    "--hypothesis-seed=0",
+)
 #: A mutant's pytest run may take this many times as long as the clean run,
 #: plus the constant, before it counts as killed by timeout (mutmut's own rule).
 _TIMEOUT_FACTOR: Final = 15.0
