@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -21,8 +22,19 @@ def decide_for(
     ip: str = IP,
     draining: bool = False,
     offered: Sequence[str] = (),
+    **request: Any,
 ) -> Accept | Refusal:
-    return decide(draining=draining, capacity=capacity, client_ip=ip, offered_subprotocols=offered)
+    """``decide`` for a request from ``ip``; ``request`` holds path, origin and the like."""
+    return decide(
+        draining=draining, capacity=capacity, client_ip=ip, offered_subprotocols=offered, **request
+    )
+
+
+def with_room() -> Capacity:
+    """Counts with this connection in, and room for it."""
+    capacity = Capacity(max_total=1, max_per_ip=1)
+    capacity.opened(IP)
+    return capacity
 
 
 def test_capacity_counts_total_and_per_ip() -> None:
@@ -149,17 +161,7 @@ def test_accept_subprotocol(dialect: Dialect, subprotocol: str | None) -> None:
 def test_decide_serves_the_echo_route_only_when_enabled(
     path: str, enabled: bool, expected: Accept
 ) -> None:
-    capacity = Capacity(max_total=1, max_per_ip=1)
-    capacity.opened(IP)
-    decision = decide(
-        draining=False,
-        capacity=capacity,
-        client_ip=IP,
-        offered_subprotocols=(),
-        path=path,
-        echo_route=enabled,
-    )
-    assert decision == expected
+    assert decide_for(with_room(), path=path, echo_route=enabled) == expected
 
 
 # -- handshakes in progress -----------------------------------------------------------
@@ -195,37 +197,21 @@ def test_handshakes_never_count_against_established_connections() -> None:
 
 def test_a_relay_accept_is_not_the_echo_route() -> None:
     # Compared with echo=False spelled out: Accept's own default must be the relay.
-    capacity = Capacity(max_total=1, max_per_ip=1)
-    capacity.opened(IP)
-    decision = decide_for(capacity)
+    decision = decide_for(with_room())
     assert decision == Accept(Dialect.SEED, echo=False)
     assert isinstance(decision, Accept)
     assert decision.echo is False
 
 
 def test_the_echo_route_is_off_unless_asked_for() -> None:
-    capacity = Capacity(max_total=1, max_per_ip=1)
-    capacity.opened(IP)
-    decision = decide(
-        draining=False, capacity=capacity, client_ip=IP, offered_subprotocols=(), path="/echo"
-    )
-    assert decision == Accept(Dialect.SEED, echo=False)
+    assert decide_for(with_room(), path="/echo") == Accept(Dialect.SEED, echo=False)
 
 
 ALLOWED = ("https://chat.example", "https://example.org")
 
 
 def decide_origin(origin: str | None, allowed: Sequence[str] = ALLOWED) -> Accept | Refusal:
-    capacity = Capacity(max_total=1, max_per_ip=1)
-    capacity.opened(IP)
-    return decide(
-        draining=False,
-        capacity=capacity,
-        client_ip=IP,
-        offered_subprotocols=(),
-        origin=origin,
-        allowed_origins=allowed,
-    )
+    return decide_for(with_room(), origin=origin, allowed_origins=allowed)
 
 
 @pytest.mark.parametrize("origin", ALLOWED)
@@ -252,14 +238,7 @@ def test_an_empty_list_allows_every_origin(origin: str | None) -> None:
 def test_the_origin_check_comes_after_capacity() -> None:
     capacity = Capacity(max_total=0, max_per_ip=0)
     capacity.opened(IP)
-    decision = decide(
-        draining=False,
-        capacity=capacity,
-        client_ip=IP,
-        offered_subprotocols=(),
-        origin="https://evil.example",
-        allowed_origins=ALLOWED,
-    )
+    decision = decide_for(capacity, origin="https://evil.example", allowed_origins=ALLOWED)
     assert decision == Refusal(503, "server at capacity")
 
 
