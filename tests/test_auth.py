@@ -356,7 +356,7 @@ def test_tls_needs_both_files_and_loadable_ones(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "authenticator",
-    [StaticTokens({"alice": "a-secret"}), JWTVerifier(SECRET, "HS256")],
+    [StaticTokens({"alice": "a-secret-of-16-chars"}), JWTVerifier(SECRET, "HS256")],
     ids=["static", "jwt"],
 )
 def test_a_handshake_without_a_token_is_told_where_to_put_one(authenticator: Any) -> None:

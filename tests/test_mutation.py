@@ -26,7 +26,7 @@ from tests.mutation.run import (
     ModuleResult,
     Verdict,
     judge,
-    mutmut_mutant_ids,
+    mutmut_mutants,
     select,
     stale_equivalents,
 )
@@ -262,19 +262,26 @@ class Gate:
 
 def test_mutmut_mutants_are_named_by_scope_and_change_with_their_line() -> None:
     keys = ["m.x_check__mutmut_1", "m.xǁGateǁopen__mutmut_1", "m.xǁGateǁopen__mutmut_2"]
-    ids = mutmut_mutant_ids("m.py", _ORIGINAL, _GENERATED, keys)
-    assert ids["m.x_check__mutmut_1"] == (
+    mutants = mutmut_mutants("m.py", _ORIGINAL, _GENERATED, keys)
+    found = {key: (m.id, m.line) for key, m in mutants.items()}
+    assert found["m.x_check__mutmut_1"] == (
         MutantId("m.py", "check", "return n < 3", "return n <= 3"),
         2,
     )
-    assert ids["m.xǁGateǁopen__mutmut_1"] == (
+    assert found["m.xǁGateǁopen__mutmut_1"] == (
         MutantId("m.py", "Gate.open", "if origin is not None:", "if origin is None:"),
         7,
     )
-    assert ids["m.xǁGateǁopen__mutmut_2"] == (
+    assert found["m.xǁGateǁopen__mutmut_2"] == (
         MutantId("m.py", "Gate.open", "return 403", "return 404"),
         8,
     )
+
+
+def test_a_mutmut_mutant_applies_to_the_module_as_written() -> None:
+    keys = ["m.xǁGateǁopen__mutmut_2"]
+    applied = mutmut_mutants("m.py", _ORIGINAL, _GENERATED, keys)[keys[0]].apply(_ORIGINAL)
+    assert applied == _ORIGINAL.replace("return 403", "return 404")
 
 
 # -- scoring -------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from tests.mutation.plan import (
     MutantId,
     load_equivalents,
 )
-from tests.mutation.skipped import skipped_mutants
+from tests.mutation.skipped import SkippedMutant, skipped_mutants
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 WORK: Final = ROOT / ".mutation"
@@ -160,9 +160,17 @@ def run_module(path: str, test_file: str) -> ModuleResult:
     work = WORK / path.removesuffix(".py").replace("/", ".")
     shutil.rmtree(work, ignore_errors=True)
     print(f"==> {path} against {test_file}", flush=True)
-    verdicts = _run_mutmut(work / "mutmut", path, test_file)
-    verdicts += _run_skipped(work / "skipped", path, test_file)
-    return ModuleResult(path, verdicts)
+    started = time.monotonic()
+    caught, survivors = _run_mutmut(work / "mutmut", path, test_file)
+    # Tests that measure memory are skipped under mutmut's trampolines (see
+    # tests/mutation/pytest_plugin.py); each survivor gets a plain run too.
+    plain = PlainRunner(work / "plain", path, test_file)
+    verdicts = caught + plain.judge(survivors)
+    _print_counts("mutmut", verdicts, time.monotonic() - started)
+    started = time.monotonic()
+    skipped = plain.judge(skipped_mutants(path, plain.source))
+    _print_counts("skipped by mutmut", skipped, time.monotonic() - started)
+    return ModuleResult(path, verdicts + skipped)
 
 
 def _copy_project(into: Path) -> None:
@@ -173,7 +181,10 @@ def _copy_project(into: Path) -> None:
     shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
 
 
-def _run_mutmut(work: Path, path: str, test_file: str) -> list[Verdict]:
+def _run_mutmut(
+    work: Path, path: str, test_file: str
+) -> tuple[list[Verdict], list[FunctionMutant]]:
+    """Run mutmut; the mutants it saw caught, and the others, to be run plainly."""
     _copy_project(work)
     # pyproject.toml has no [tool.mutmut], so mutmut reads setup.cfg.
     lines = [
@@ -188,7 +199,6 @@ def _run_mutmut(work: Path, path: str, test_file: str) -> list[Verdict]:
     (work / "setup.cfg").write_text("\n".join(lines) + "\n")
     mutmut = Path(sys.executable).with_name("mutmut")
     log = work / "mutmut.log"
-    started = time.monotonic()
     with log.open("w") as out:
         status = subprocess.run(
             [str(mutmut), "run", "--max-children", "1"],
@@ -202,53 +212,100 @@ def _run_mutmut(work: Path, path: str, test_file: str) -> list[Verdict]:
         raise SystemExit(f"mutmut failed ({status}); the end of {log}:\n" + "\n".join(tail))
     meta = json.loads((work / "mutants" / f"{path}.meta").read_text())
     codes: dict[str, int | None] = meta["exit_code_by_key"]
-    ids = mutmut_mutant_ids(
+    mutants = mutmut_mutants(
         path, (ROOT / path).read_text(), (work / "mutants" / path).read_text(), list(codes)
     )
-    verdicts = []
+    caught, survivors = [], []
     for key, code in codes.items():
         if code not in _CAUGHT and code not in _UNCAUGHT:
             raise SystemExit(f"{key}: mutmut left it {code!r} (not run or suspicious); see {log}")
-        mutant, line = ids[key]
-        verdicts.append(Verdict(mutant, line, code in _CAUGHT, by_mutmut=True))
-    _print_counts("mutmut", verdicts, time.monotonic() - started)
-    return verdicts
+        mutant = mutants[key]
+        if code in _CAUGHT:
+            caught.append(Verdict(mutant.id, mutant.line, caught=True, by_mutmut=True))
+        else:
+            survivors.append(mutant)
+    return caught, survivors
 
 
-def _run_skipped(work: Path, path: str, test_file: str) -> list[Verdict]:
-    _copy_project(work)
-    target = work / path
-    source = target.read_text()
-    command = [sys.executable, "-m", "pytest", "-x", "-q", *_PYTEST_ARGS, test_file]
-    env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
+class PlainRunner:
+    """Runs the test file against mutants applied to a copy of the module, a process each.
 
-    def passes(timeout: float | None) -> bool:
+    Args:
+        work: where the copy of relayd/ and tests/ goes.
+        path: the module to mutate.
+        test_file: the tests to run.
+
+    Raises:
+        SystemExit: the tests fail on the unmutated copy.
+    """
+
+    def __init__(self, work: Path, path: str, test_file: str) -> None:
+        _copy_project(work)
+        self._target = work / path
+        self.source = self._target.read_text()
+        self._command = [sys.executable, "-m", "pytest", "-x", "-q", *_PYTEST_ARGS, test_file]
+        self._cwd = work
+        self._env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
+        started = time.monotonic()
+        if not self._passes(None):
+            raise SystemExit(f"{test_file} fails on the unmutated code (in {work})")
+        clean_s = time.monotonic() - started
+        self._timeout = clean_s * _TIMEOUT_FACTOR + _TIMEOUT_CONSTANT_S
+
+    def judge(self, mutants: Iterable[SkippedMutant | FunctionMutant]) -> list[Verdict]:
+        """A verdict for each mutant; the module is left as it was."""
+        verdicts = []
         try:
-            run = subprocess.run(command, cwd=work, env=env, capture_output=True, timeout=timeout)
+            for mutant in mutants:
+                self._target.write_text(mutant.apply(self.source))
+                caught = not self._passes(self._timeout)
+                by_mutmut = isinstance(mutant, FunctionMutant)
+                verdicts.append(Verdict(mutant.id, mutant.line, caught, by_mutmut))
+        finally:
+            self._target.write_text(self.source)
+        return verdicts
+
+    def _passes(self, timeout: float | None) -> bool:
+        try:
+            run = subprocess.run(
+                self._command, cwd=self._cwd, env=self._env, capture_output=True, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
             return False
         return run.returncode == 0
-
-    started = time.monotonic()
-    if not passes(None):
-        raise SystemExit(f"{test_file} fails on the unmutated code (in {work})")
-    timeout = (time.monotonic() - started) * _TIMEOUT_FACTOR + _TIMEOUT_CONSTANT_S
-    verdicts = []
-    for mutant in skipped_mutants(path, source):
-        target.write_text(mutant.apply(source))
-        verdicts.append(Verdict(mutant.id, mutant.line, not passes(timeout), by_mutmut=False))
-    target.write_text(source)
-    _print_counts("skipped by mutmut", verdicts, time.monotonic() - started)
-    return verdicts
 
 
 # -- naming mutmut's mutants ---------------------------------------------------------
 
 
-def mutmut_mutant_ids(
+@dataclasses.dataclass(frozen=True, slots=True)
+class FunctionMutant:
+    """One of mutmut's mutants, as a function to put in place of the original.
+
+    Attributes:
+        id: what and where, as named in ``equivalents.toml``.
+        line: the first line it changes in the original module.
+        first: the original function's first line (its ``def``), 1-based.
+        last: its last line.
+        lines: the mutated function, named like the original.
+    """
+
+    id: MutantId
+    line: int
+    first: int
+    last: int
+    lines: tuple[str, ...]
+
+    def apply(self, source: str) -> str:
+        """The module with this mutant in place of its function."""
+        lines = source.splitlines()
+        return "\n".join([*lines[: self.first - 1], *self.lines, *lines[self.last :]]) + "\n"
+
+
+def mutmut_mutants(
     path: str, source: str, mutated_source: str, keys: Iterable[str]
-) -> dict[str, tuple[MutantId, int]]:
-    """Name each of mutmut's mutants by what it changes, with its line in ``source``.
+) -> dict[str, FunctionMutant]:
+    """Each of mutmut's mutants, named by what it changes, ready to apply to ``source``.
 
     Args:
         path: the module, relative to the repository.
@@ -261,7 +318,7 @@ def mutmut_mutant_ids(
     generated = _functions(ast.parse(mutated_source))
     originals = _functions(ast.parse(source))
     lines = mutated_source.splitlines()
-    ids = {}
+    mutants = {}
     for key in keys:
         name = key.rpartition(".")[2]
         stem = name.partition("__mutmut_")[0]
@@ -280,9 +337,16 @@ def mutmut_mutant_ids(
                 added += after[b0:b1]
                 first = a0 if first is None else first
         assert first is not None, f"{key} changes nothing"
-        mutant = MutantId(path, scope, _join(removed), _join(added))
-        ids[key] = (mutant, originals[scope.replace(".", _SEPARATOR)].lineno + first)
-    return ids
+        original = originals[scope.replace(".", _SEPARATOR)]
+        assert original.end_lineno is not None
+        mutants[key] = FunctionMutant(
+            MutantId(path, scope, _join(removed), _join(added)),
+            original.lineno + first,
+            original.lineno,
+            original.end_lineno,
+            tuple(after),
+        )
+    return mutants
 
 
 def _functions(tree: ast.Module) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
