@@ -54,6 +54,7 @@ MODULES: Final = {
     "relayd/policy/auth.py": "tests/test_auth.py",
     "relayd/policy/timers.py": "tests/test_timers.py",
     "relayd/policy/failures.py": "tests/test_failures.py",
+    "relayd/policy/weakening.py": "tests/test_weakening.py",
     "relayd/routing/table.py": "tests/test_routing_table.py",
     "relayd/routing/outbox.py": "tests/test_outbox.py",
     "relayd/routing/replies.py": "tests/test_replies.py",
