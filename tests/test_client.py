@@ -268,6 +268,21 @@ async def test_wss_to_a_plain_server_hints_at_ws() -> None:
     )
 
 
+async def test_ws_to_a_tls_server_says_at_once_it_may_speak_wss(tmp_path: Path) -> None:
+    async with tls_relay(tmp_path) as (url, _):
+        plain = url.replace("wss://", "ws://")
+        with pytest.raises(ConnectError) as refused:
+            # Without the hint the client would wait out connect_timeout, past this
+            # test's deadline: relayd closes a plain request on its TLS port at once.
+            async with connect(plain, connect_timeout=3600):
+                pytest.fail("a WebSocket over plain TCP with a TLS server")
+    assert str(refused.value) == (
+        f"{plain} closed the connection without answering the WebSocket handshake"
+        f" (it may speak {url}, not ws://)"
+    )
+    assert not refused.value.retryable
+
+
 # -- sending: every outcome ----------------------------------------------------------------
 
 

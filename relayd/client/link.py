@@ -35,7 +35,7 @@ import enum
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import trio
 from trio_websocket import ConnectionClosed as WebSocketClosed
@@ -423,38 +423,103 @@ async def _handshake(
 ) -> tuple[Link | None, ConnectError | None]:
     """The upgrade and the welcome, by ``deadline``: the link, or why there is none."""
     url = endpoint.url
-    v1 = options.dialect is Dialect.V1
-    headers = []
-    if options.token is not None:
-        headers.append((b"Authorization", f"Bearer {options.token}".encode()))
+    watched = _Watched(stream)
+    upgraded: tuple[WebSocketConnection, str | bytes] | ConnectError | None = None
     with trio.move_on_at(deadline) as waiting:
-        ws = await wrap_client_stream(
-            nursery,
-            stream,
-            endpoint.host_header,
-            endpoint.resource,
-            subprotocols=[V1_SUBPROTOCOL] if v1 else [],
-            extra_headers=headers,
-            message_queue_size=0,
-            max_message_size=options.max_message_chars,
-        )
-        try:
-            first: str | bytes | None = await ws.get_message()
-        except WebSocketClosed as exc:
-            reason = exc.reason.reason if exc.reason is not None else None
-            why = f"{url} closed the connection before sending an id: {reason or 'no reason'}"
-            return None, ConnectError(url, why)
-    if waiting.cancelled_caught:
+        async with trio.open_nursery() as racing:
+            racing.start_soon(_cancel_when_set, watched.silent, racing.cancel_scope)
+            upgraded = await _upgrade(nursery, watched, endpoint, options)
+            racing.cancel_scope.cancel()
+    if isinstance(upgraded, ConnectError):
+        return None, upgraded
+    if upgraded is None and watched.silent.is_set():
+        why = f"{url} closed the connection without answering the WebSocket handshake"
+        if not endpoint.tls:  # what a TLS server does with a plain request
+            why += f" (it may speak wss://{endpoint.host_header}{endpoint.resource}, not ws://)"
+        return None, ConnectError(url, why, retryable=False)
+    if upgraded is None or waiting.cancelled_caught:
         timeout = options.connect_timeout
         return None, ConnectTimeout(url, f"no WebSocket handshake with {url} within {timeout:g} s")
-    if v1 and ws.subprotocol != V1_SUBPROTOCOL:
+    ws, first = upgraded
+    if options.dialect is Dialect.V1 and ws.subprotocol != V1_SUBPROTOCOL:
         return None, ConnectError(
             url, f"{url} does not speak {V1_SUBPROTOCOL}; try the seed dialect", retryable=False
         )
-    assert first is not None
     client_id = welcome_id(options.dialect, first)
     if client_id is None:
         return None, ConnectError(
             url, f"{url} sent {first!r} where relayd sends the id", retryable=False
         )
     return Link(ws, stream, client_id=client_id, options=options, deliveries=deliveries), None
+
+
+async def _upgrade(
+    nursery: trio.Nursery, stream: _Watched, endpoint: Endpoint, options: LinkOptions
+) -> tuple[WebSocketConnection, str | bytes] | ConnectError:
+    """The WebSocket upgrade on ``stream`` and the first frame, or why it closed before one."""
+    headers = []
+    if options.token is not None:
+        headers.append((b"Authorization", f"Bearer {options.token}".encode()))
+    ws = await wrap_client_stream(
+        nursery,
+        # trio-websocket uses only the trio.abc.Stream methods of what it wraps (its
+        # annotation is narrower than that).
+        cast(trio.SocketStream, stream),
+        endpoint.host_header,
+        endpoint.resource,
+        subprotocols=[V1_SUBPROTOCOL] if options.dialect is Dialect.V1 else [],
+        extra_headers=headers,
+        message_queue_size=0,
+        max_message_size=options.max_message_chars,
+    )
+    try:
+        return ws, await ws.get_message()
+    except WebSocketClosed as exc:
+        reason = exc.reason.reason if exc.reason is not None else None
+        why = f"{endpoint.url} closed the connection before sending an id: {reason or 'no reason'}"
+        return ConnectError(endpoint.url, why)
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+class _Watched(trio.abc.Stream):
+    """A connection's stream that notices a server closing it without a word.
+
+    trio-websocket waits for the answer to its upgrade request even after the
+    server closed the connection, as a TLS server does when a plain request
+    arrives: :attr:`silent` is set when the stream ends before any byte came
+    back, so that the wait can stop there.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.silent = trio.Event()
+        self._heard = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            self._ended()
+            raise
+        if data:
+            self._heard = True
+        else:
+            self._ended()
+        return data
+
+    def _ended(self) -> None:
+        if not self._heard:
+            self.silent.set()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
