@@ -15,7 +15,9 @@ Task layout, all owned by :meth:`Connection.run`::
     │             (:class:`~relayd.policy.timers.Timers`: keepalive, idle, slow
     │             consumer) as deadlines on its wait for the socket
     └── writer    outbox -> socket (:class:`~relayd.daemon.writer.Writer`), while
-                  there is something to write
+                  there is more to write than the socket takes at once; a lone
+                  message for an idle connection is written without a task, by
+                  the task that queued it
 
 An idle connection is one task in one nursery (docs/benchmarks.md has its cost
 in bytes).
@@ -270,19 +272,23 @@ class Connection:
                 self._io = io
                 io.cancel_scope.deadline = self._io_deadline
                 self._writer.attach(io)
-                if lifecycle.reading:
-                    await self._reader.run()
-                lifecycle.end()  # if still open, the stream ended without a close frame
-                if lifecycle.flushing:
-                    self._writer.wake()  # a writer stays until the outbox settles
-                else:
-                    # Nobody left to write to: drop what is queued and let a
-                    # write in progress finish, briefly.
-                    self._leave()
-                    self.outbox.discard()
-                    self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
-                    self._writer.wake()
-                self._writer.detach()
+                try:
+                    if lifecycle.reading:
+                        await self._reader.run()
+                    lifecycle.end()  # if still open, the stream ended without a close frame
+                    if lifecycle.flushing:
+                        self._writer.wake()  # a writer stays until the outbox settles
+                    else:
+                        # Nobody left to write to: drop what is queued and let a
+                        # write in progress finish, briefly.
+                        self._leave()
+                        self.outbox.discard()
+                        self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
+                        self._writer.wake()
+                finally:
+                    # A writer still flushing goes on; none is started from now
+                    # on, whatever the router still answers (the nursery closes).
+                    self._writer.detach()
             # Written out, or given up: what the router still answers is dropped.
             self.outbox.discard()
             await self._closing_handshake()

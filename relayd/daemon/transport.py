@@ -15,15 +15,23 @@ response to a request that came with more bytes). :meth:`Transport.close`
 sends FIN, reads and discards until the client's EOF, then closes; bounded by
 :data:`LINGER_S`.
 
-Resource handling: the listener's per-stream task owns the transport and
-calls :meth:`Transport.close` in its ``finally``; the connection's reader
-receives from :attr:`Transport.stream` and its writer sends through
-:meth:`Transport.send_all`, one writer at a time.
+**Writing without waiting.** :meth:`Transport.try_send` writes what the
+kernel takes at once, without a checkpoint: for a plain TCP socket it is one
+``send`` on its (non-blocking) file descriptor; for TLS it declines (the TLS
+layer must see every byte), and so do streams that are not sockets (tests).
+It lets a connection with nothing else to write send a lone message without
+waking a task for it.
+
+Resource handling: the gate's per-stream task owns the transport and calls
+:meth:`Transport.close` in its ``finally``; the connection's reader receives
+from :attr:`Transport.stream` and its writer sends through
+:meth:`Transport.send_all` or :meth:`Transport.try_send`, one write at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Final
 
 import trio
@@ -44,7 +52,7 @@ class Transport:
         stream: the accepted stream; this object closes it.
     """
 
-    __slots__ = ("_closed", "broken", "close_sent", "stream")
+    __slots__ = ("_closed", "_fd", "broken", "close_sent", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -53,6 +61,8 @@ class Transport:
         #: True once a write failed or was cut short: write nothing more.
         self.broken = False
         self._closed = False
+        # A plain TCP socket's descriptor, for try_send; -1 for anything else.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
 
     async def send_all(self, data: bytes) -> None:
         """Write ``data`` whole.
@@ -68,6 +78,33 @@ class Transport:
         except BaseException:
             self.broken = True
             raise
+
+    @property
+    def direct(self) -> bool:
+        """True if :meth:`try_send` can write (a plain TCP socket, still open and whole)."""
+        return self._fd >= 0 and not self.broken
+
+    def try_send(self, data: bytes) -> int | None:
+        """Write as much of ``data`` as the socket takes now, without waiting or a checkpoint.
+
+        Returns:
+            The bytes written (0 when the socket is full); None when this
+            stream cannot be written without waiting (TLS, not a socket): use
+            :meth:`send_all`.
+
+        Raises:
+            trio.BrokenResourceError: the client has gone (the transport is
+                then broken).
+        """
+        if self._fd < 0 or self.broken:
+            return None
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
+            self.broken = True
+            raise trio.BrokenResourceError(f"the client is gone: {exc}") from exc
 
     async def send_close(self, code: int | None, reason: str = "") -> int:
         """Send a close frame, unless one was sent or the stream is broken.
@@ -96,6 +133,7 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        self._fd = -1  # the descriptor may be reused once closed: never write to it again
         stream = self.stream
         with (
             trio.move_on_after(LINGER_S),

@@ -7,6 +7,14 @@ side. :class:`Writer` owns
   them, gone after :data:`WRITER_IDLE_S` without any (an idle connection does
   without a task of its own); it takes everything waiting and writes it with
   one ``send_all``;
+* the **write without a task**: when frames arrive for an open connection
+  whose writer is not running, they are written at once, from the task that
+  queued them (the router, mostly), with :meth:`Transport.try_send
+  <relayd.daemon.transport.Transport.try_send>`, which never waits. Chat
+  traffic is mostly that: a lone message for a connection with nothing else
+  to write, which then costs no task, no scheduling round and no timeout. What
+  the socket does not take at once is written by a writer task, before
+  anything else;
 * the **reader's wait for reply slots** (:meth:`Writer.wait_for_room`), which
   frames taken, and replies that turn out to be none, end.
 
@@ -67,6 +75,8 @@ class Writer:
         "_nursery",
         "_on_gone",
         "_outbox",
+        "_pending",
+        "_pending_messages",
         "_room",
         "_running",
         "_timers",
@@ -95,6 +105,10 @@ class Writer:
         self._wake = trio.lowlevel.ParkingLot()  # the writer, waiting for frames
         # The reader, waiting for reply slots: rare, so made when first needed.
         self._room: trio.lowlevel.ParkingLot | None = None
+        # What a write without a task left unwritten: the rest of its frames,
+        # and how many messages they hold. Written first by the next writer task.
+        self._pending = b""
+        self._pending_messages = 0
         self.messages_out = self.bytes_out = self.dropped = 0
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -108,12 +122,39 @@ class Writer:
         self._nursery = None
 
     def wake(self) -> None:
-        """Frames were queued, or the lifecycle moved on: wake the writer, or start one."""
+        """Frames were queued, or the lifecycle moved on: write them, wake the writer, or start one.
+
+        Never raises and never waits.
+        """
         if self._wake:
             self._wake.unpark()
         elif not self._running and self._nursery is not None:
+            if self._lifecycle.reading and self._transport.direct and self._write_now():
+                return
             self._running = True
             self._nursery.start_soon(self._run)
+
+    def _write_now(self) -> bool:
+        """Write what waits without a task; True unless a writer task must finish it."""
+        frames = self._outbox.take()
+        if not frames:
+            return True
+        self._timers.progress()  # taking is progress
+        self.slots_freed()
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        messages = _messages_in(frames)
+        try:
+            sent = self._transport.try_send(data) or 0
+        except trio.BrokenResourceError:
+            self.dropped += messages
+            self._on_gone()
+            return True
+        if sent == len(data):
+            self._written(messages, sent)
+            return True
+        self.bytes_out += sent
+        self._pending, self._pending_messages = data[sent:], messages
+        return False
 
     def slots_freed(self) -> None:
         """Reply slots came free, or none will be filled: wake whoever waits for that."""
@@ -140,21 +181,35 @@ class Writer:
             trio.BrokenResourceError, trio.ClosedResourceError: the client is gone.
         """
         data = frames[0] if len(frames) == 1 else b"".join(frames)
-        messages = _messages_in(frames)
+        await self._send(data, _messages_in(frames))
+
+    async def _send(self, data: bytes, messages: int) -> None:
         try:
             await self._transport.send_all(data)
         except BaseException:
             # Not known to have reached the client: counted as undelivered.
             self.dropped += messages
             raise
+        self._written(messages, len(data))
+
+    def _written(self, messages: int, size: int) -> None:
         if messages:
             self._timers.active(trio.current_time())
             self.messages_out += messages
-        self.bytes_out += len(data)
+        self.bytes_out += size
 
     async def _run(self) -> None:
         outbox, lifecycle = self._outbox, self._lifecycle
         try:
+            if self._pending:
+                # Part of a frame is on the wire already: the rest goes first,
+                # whatever happens next (a write cut short breaks the transport).
+                pending, self._pending = self._pending, b""
+                try:
+                    await self._send(pending, self._pending_messages)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._on_gone()
+                    return
             while True:
                 frames = outbox.take()
                 if frames:

@@ -1,0 +1,116 @@
+"""relayd.daemon.writer over a real socket pair: writes without a task, and what they leave over.
+
+A connected pair of Unix sockets stands for the client's TCP connection: the
+server's end is a :class:`trio.SocketStream`, so :meth:`Transport.try_send
+<relayd.daemon.transport.Transport.try_send>` can write to it without waiting,
+and a small send buffer makes the kernel take only part of a large frame.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+import trio.testing
+
+from relayd.config import LimitsSettings
+from relayd.daemon.transport import Transport
+from relayd.daemon.writer import Writer
+from relayd.policy.timers import Timers
+from relayd.routing.outbox import Offer, Outbox
+from relayd.wire.frames import OP_PONG, encode_frame, text_frame
+from relayd.wire.lifecycle import Lifecycle
+from tests.wire import server_frames
+
+
+@dataclass
+class Rig:
+    writer: Writer
+    outbox: Outbox
+    client: trio.SocketStream
+    transport: Transport
+    gone: list[bool]
+    nursery: trio.Nursery
+
+    def queue(self, *frames: bytes) -> None:
+        for frame in frames:
+            assert self.outbox.offer(frame) is Offer.QUEUED
+        self.writer.wake()
+
+    async def read(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            data += await self.client.receive_some(size - len(data))
+        return bytes(data)
+
+    def tasks(self) -> int:
+        """Writer tasks running now."""
+        return len(self.nursery.child_tasks)
+
+
+@asynccontextmanager
+async def rig(send_buffer: int = 0) -> AsyncIterator[Rig]:
+    a, b = socket.socketpair()
+    if send_buffer:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    server = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    client = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    transport = Transport(server)
+    outbox = Outbox(8)
+    lifecycle = Lifecycle()
+    timers = Timers(LimitsSettings(), trio.current_time())
+    gone: list[bool] = []
+    writer = Writer(transport, outbox, lifecycle, timers, lambda: gone.append(True))
+    async with server, client, trio.open_nursery() as nursery:
+        writer.attach(nursery)
+        yield Rig(writer, outbox, client, transport, gone, nursery)
+        writer.detach()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lone_message_is_written_at_once_without_a_task() -> None:
+    async with rig() as r:
+        frame = text_frame(b'{"type":"message"}')
+        r.queue(frame)
+        # Written before anything yields: no writer task was needed for it.
+        assert (r.writer.messages_out, r.writer.bytes_out) == (1, len(frame))
+        assert r.tasks() == 0
+        assert await r.read(len(frame)) == frame
+
+
+async def test_pongs_and_messages_waiting_together_go_in_one_write_pongs_first() -> None:
+    async with rig() as r:
+        assert r.outbox.offer(text_frame(b"m1")) is Offer.QUEUED
+        assert r.outbox.control(encode_frame(OP_PONG, b"p"))
+        r.writer.wake()
+        assert r.writer.messages_out == 1  # the pong is not a message
+        data = await r.read(2 + 1 + 2 + 2)
+        assert server_frames(data, after_head=False) == [(OP_PONG, b"p"), (0x1, b"m1")]
+
+
+async def test_what_the_socket_does_not_take_is_finished_by_a_task_before_anything_else() -> None:
+    async with rig(send_buffer=4096) as r:
+        big = text_frame(b"x" * 200_000)
+        small = text_frame(b"after")
+        r.queue(big)
+        assert 0 < r.writer.bytes_out < len(big)  # the kernel took part of it
+        assert r.writer.messages_out == 0  # not whole yet
+        assert r.tasks() == 1  # a writer task finishes it
+        r.queue(small)  # queued behind the rest of the big frame
+        data = await r.read(len(big) + len(small))
+        assert server_frames(data, after_head=False) == [(0x1, b"x" * 200_000), (0x1, b"after")]
+        await trio.testing.wait_all_tasks_blocked()
+        assert (r.writer.messages_out, r.writer.bytes_out) == (2, len(big) + len(small))
+
+
+async def test_a_client_gone_before_a_write_without_a_task_is_reported_and_counted() -> None:
+    async with rig() as r:
+        await r.client.aclose()
+        r.queue(text_frame(b"too late"))
+        assert r.gone == [True]
+        assert (r.writer.dropped, r.writer.messages_out) == (1, 0)
+        assert r.transport.broken
+        assert not r.transport.direct
