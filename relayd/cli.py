@@ -76,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         ("check-config", "print the effective settings as JSON and exit"),
     ]:
         add_flags(commands.add_parser(name, help=text, description=text), argparse.SUPPRESS)
-    # `relayd chat` is the client side: cli.main hands it its arguments before
-    # this parser runs, so serving never imports client code. Listed for --help.
+    # `relayd chat` is the client side: relayd.__main__ hands it its arguments
+    # before this module is imported, so serving never imports client code and
+    # the client none of the daemon. Listed here for --help only.
     commands.add_parser(
         "chat",
         help="connect to a relayd as a client (relayd chat --help)",
@@ -87,12 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit status."""
+    """Run the daemon's commands (``relayd chat`` never reaches here); the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["chat"]:  # a client: no daemon settings, no /etc/relayd
-        from relayd.client import chat
-
-        return chat.run(argv[1:])
     args = _parser().parse_args(argv)
     overrides = {
         "server.host": args.host,
