@@ -494,7 +494,7 @@ def relayd_under(
     argv += ("--host", "127.0.0.1", "--port", "0")
     wrapped, env = tool.wrap(argv)
     if not log_messages:
-        env["RELAYD_LOG__MESSAGES"] = "false"
+        env["RELAYD_LOG__MESSAGES"] = "off"
     spec = ServerSpec("relayd", wrapped, tuple(env.items()))
     logs = plan.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -583,7 +583,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="counts: also count the bytecodes executed, by place (relayd ~100 times slower)",
     )
-    p.add_argument("--no-log", action="store_true", help="message logging off")
+    p.add_argument("--no-log", action="store_true", help="message logging off (log.messages = off)")
     p.add_argument("--server-cpu", type=int, default=1, help="relayd's core (default 1)")
     p.add_argument("--gen-cpu", type=int, default=0, help="the generator's core (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="where profile.json goes")
