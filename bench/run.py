@@ -2,7 +2,7 @@
 
 Usage (from the repository root, after ``npm ci --prefix bench``, which ``./dev test`` runs)::
 
-    .venv/bin/python bench/run.py              # the full run, about 35 minutes
+    .venv/bin/python bench/run.py              # the full run, about 40 minutes
     .venv/bin/python bench/run.py --quick      # a smoke run of about 30 s
     .venv/bin/python bench/run.py --dry-run    # print the full run's plan, run nothing
 
@@ -761,7 +761,7 @@ def parser() -> argparse.ArgumentParser:
     full, _ = full_scenarios([1000, 10000, 50000], 1 << 20)
     wrap = "\n    "
     epilog = (
-        "The full run takes about 35 minutes and wants a quiet machine with two cores.\n\n"
+        "The full run takes about 40 minutes and wants a quiet machine with two cores.\n\n"
         f"servers (--servers):{wrap}{', '.join(s.name for s in server_specs())}\n\n"
         f"scenarios of the full run (--scenarios takes keys or kinds; chat runs against"
         f" {', '.join(CHAT_SERVERS)} only):{wrap}"
