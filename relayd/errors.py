@@ -12,6 +12,8 @@ misbehaved" errors carry the reply)::
     ├── EnvelopeError      a client message relayd cannot relay: answered with an
     │                      error frame (.code, .detail, .ref); the connection stays
     ├── RouterClosed       the router is shutting down: the connection drains
+    ├── BrokerUnavailable  a cluster-wide question (presence, a page of ids)
+    │                      cannot be asked: the node is cut off from Redis
     └── ConfigError        bad settings, files or keys: one line per problem for the
                            operator, every problem at once; exit status 78
                            (EX_CONFIG) before anything listens, or a refused reload
@@ -29,6 +31,7 @@ import enum
 from collections.abc import Sequence
 
 __all__ = [
+    "BrokerUnavailable",
     "CloseCode",
     "ConfigError",
     "EnvelopeError",
@@ -64,6 +67,9 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     UNSUPPORTED_DATA = "unsupported_data"
     MESSAGE_TOO_LARGE = "message_too_large"
+    # Cluster only (docs/protocol.md, "Across nodes"):
+    RECIPIENT_UNREACHABLE = "recipient_unreachable"
+    DELIVERY_UNCONFIRMED = "delivery_unconfirmed"
 
 
 class RelaydError(Exception):
@@ -108,6 +114,10 @@ class EnvelopeError(RelaydError):
 
 class RouterClosed(RelaydError):
     """The router is shutting down and takes no more connections or messages."""
+
+
+class BrokerUnavailable(RelaydError):
+    """The node cannot reach the cluster's broker now; a cluster-wide answer cannot be had."""
 
 
 class ConfigError(RelaydError):

@@ -177,4 +177,10 @@ def test_outcome_error(outcome: Outcome, error: ErrorCode | None) -> None:
 
 
 def test_outcome_values_are_the_logged_strings() -> None:
-    assert [o.value for o in Outcome] == ["delivered", "unknown_recipient", "recipient_busy"]
+    assert [o.value for o in Outcome] == [
+        "delivered",
+        "unknown_recipient",
+        "recipient_busy",
+        "recipient_unreachable",
+        "delivery_unconfirmed",
+    ]

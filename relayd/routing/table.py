@@ -28,6 +28,10 @@ class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
     UNKNOWN_RECIPIENT = "unknown_recipient"
     RECIPIENT_BUSY = "recipient_busy"
+    # Cluster only: the recipient may be on a node this one cannot reach now
+    # (not sent), or the node holding it did not answer in time (maybe delivered).
+    RECIPIENT_UNREACHABLE = "recipient_unreachable"
+    DELIVERY_UNCONFIRMED = "delivery_unconfirmed"
 
     @property
     def error(self) -> ErrorCode | None:
@@ -39,6 +43,8 @@ _ERRORS = {
     Outcome.DELIVERED: None,
     Outcome.UNKNOWN_RECIPIENT: ErrorCode.UNKNOWN_RECIPIENT,
     Outcome.RECIPIENT_BUSY: ErrorCode.RECIPIENT_BUSY,
+    Outcome.RECIPIENT_UNREACHABLE: ErrorCode.RECIPIENT_UNREACHABLE,
+    Outcome.DELIVERY_UNCONFIRMED: ErrorCode.DELIVERY_UNCONFIRMED,
 }
 
 

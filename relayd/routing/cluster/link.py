@@ -103,5 +103,8 @@ class Link(Protocol):
         down.
         """
 
+    async def leave(self) -> None:
+        """Tell the cluster this node is going (its heartbeat removed); bounded, never raises."""
+
     def close(self) -> None:
-        """Leave the cluster (the heartbeat first), disconnect, and end :meth:`run`."""
+        """Disconnect, and end :meth:`run`."""

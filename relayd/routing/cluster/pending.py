@@ -47,6 +47,7 @@ class Decided(enum.Enum):
     """How a relay question was decided, besides by an answer."""
 
     UNCONFIRMED = "unconfirmed"  # deadline passed, or the link was lost
+    UNREACHABLE = "unreachable"  # not sent: nobody holds it, but some node is cut off
 
 
 class _Question(Generic[T]):
@@ -102,6 +103,16 @@ class Waiting(Generic[T]):
             return None
         question.expected = receivers
         return self._decide(seq, question)
+
+    def withdraw(self, seq: int) -> T | None:
+        """Close question ``seq`` unanswered (it was never sent); its asker, if it was open."""
+        question = self._open.pop(seq, None)
+        return None if question is None else question.asker
+
+    def peek(self, seq: int) -> T | None:
+        """The asker of open question ``seq``, or None."""
+        question = self._open.get(seq)
+        return None if question is None else question.asker
 
     def answer(self, seq: int, value: int) -> tuple[T, Verdict | int] | None:
         """Take one node's answer; the asker and the outcome if this decides the question.

@@ -1,0 +1,297 @@
+"""The cluster router across two nodes sharing a real redis-server: what senders hear.
+
+Two :class:`ClusterRouter` instances in one trio run stand for two nodes;
+connections are real outboxes, as in tests/test_local_router.py. Each test
+waits for the frames it expects (an outbox's writer side parks until frames
+arrive), bounded by a trio-clock ``fail_after``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import structlog
+import trio
+
+from relayd.config import ClusterSettings
+from relayd.routing.cluster import codec
+from relayd.routing.cluster.link import Health
+from relayd.routing.cluster.redis import RedisLink
+from relayd.routing.cluster.router import ClusterRouter
+from relayd.routing.interface import Peer, Relay
+from relayd.routing.outbox import Outbox
+from relayd.routing.table import Outcome
+from relayd.wire.dialects import Dialect, decode_envelope
+from tests.redis_server import RedisServer
+from tests.wire import text_of
+
+FAST: dict[str, Any] = {
+    "probe_interval_s": 0.05,
+    "probe_timeout_s": 0.3,
+    "node_timeout_s": 0.5,
+    "reconnect_max_s": 0.2,
+    "connect_timeout_s": 1.0,
+    "reply_timeout_s": 0.5,
+}
+LIMIT_S = 10.0
+UNREACHABLE = "the recipient may be on a node this one cannot reach now; not delivered, try again"
+CONN_NUMBERS = itertools.count(1)
+
+
+class Conn:
+    """One connection's peer and outbox, on one node."""
+
+    def __init__(self, client_id: str, dialect: Dialect = Dialect.V1, capacity: int = 8) -> None:
+        self.peer = Peer(
+            client_id, dialect, Outbox(capacity, 5.0, lambda _: None), next(CONN_NUMBERS)
+        )
+
+    async def frames(self, count: int = 1) -> list[Any]:
+        """Wait for ``count`` frames and return them decoded (JSON, or the text)."""
+        got: list[Any] = []
+        while len(got) < count:
+            for frame in await self.peer.outbox.take():
+                text = text_of(frame)
+                try:
+                    got.append(json.loads(text))
+                except ValueError:
+                    got.append(text)
+        return got
+
+
+def up(health: Health) -> bool:
+    return health.up
+
+
+class Node:
+    """A cluster router running in a nursery, with a handle on its link."""
+
+    def __init__(self, router: ClusterRouter) -> None:
+        self.router = router
+        link = router.link
+        assert isinstance(link, RedisLink)
+        self.link = link
+
+    async def connect(self, conn: Conn) -> Conn:
+        await self.router.register(conn.peer)
+        return conn
+
+    async def send(
+        self, sender: Conn, to: str, message: Any = "hi", ref: str | None = "r1"
+    ) -> None:
+        envelope: dict[str, Any] = {"to": to, "message": message}
+        if ref is not None:
+            envelope["ref"] = ref
+        frame = json.dumps(envelope)
+        assert sender.peer.outbox.reserve(1)
+        await self.router.route(
+            [Relay(sender.peer, decode_envelope(frame), len(frame), trio.current_time())]
+        )
+
+
+@asynccontextmanager
+async def node(
+    url: str, name: str, *, shared_ids: bool = False, **settings: Any
+) -> AsyncIterator[Node]:
+    config = ClusterSettings(enabled=True, broker_url=url, **{**FAST, **settings})
+    log = structlog.get_logger()
+
+    def link(router: ClusterRouter, channels: codec.Channels) -> RedisLink:
+        return RedisLink(config, node=name, channels=channels, receiver=router, log=log)
+
+    router = ClusterRouter(
+        config, node=name, link_factory=link, log=log, shared_ids=lambda: shared_ids
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.run)
+        running = Node(router)
+        await running.link.wait_for(up)
+        yield running
+        router.close()
+
+
+@asynccontextmanager
+async def two_nodes(
+    redis: RedisServer, *, shared_ids: bool = False
+) -> AsyncIterator[tuple[Node, Node]]:
+    async with (
+        node(redis.url, "n1", shared_ids=shared_ids) as one,
+        node(redis.url, "n2", shared_ids=shared_ids) as two,
+    ):
+        yield one, two
+
+
+async def test_a_message_to_another_node_is_delivered_and_acked(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            alice = await one.connect(Conn("alice"))
+            bob = await two.connect(Conn("bob"))
+            seed = await two.connect(Conn("carol", Dialect.SEED))
+            await one.send(alice, "bob", {"text": "hello"}, ref="m1")
+            await one.send(alice, "carol", "plain text", ref=None)
+            assert await bob.frames() == [
+                {"type": "message", "from": "alice", "message": {"text": "hello"}}
+            ]
+            assert await seed.frames() == ["plain text"]
+            assert await alice.frames() == [{"type": "ack", "ref": "m1"}]
+            assert one.router.stats.messages[Outcome.DELIVERED] == 2
+            assert one.router.waiting == 0
+
+
+async def test_nobody_holds_the_id(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, _):
+            alice = await one.connect(Conn("alice"))
+            await one.send(alice, "nobody", ref="m1")
+            [error] = await alice.frames()
+            assert error["error"] == "unknown_recipient"
+            assert error["ref"] == "m1"
+
+
+async def test_every_holder_full_is_recipient_busy(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            alice = await one.connect(Conn("alice", Dialect.SEED))
+            bob = await two.connect(Conn("bob", capacity=1))
+            await one.send(alice, "bob", "first")
+            await one.send(alice, "bob", "second", ref="m2")
+            assert await alice.frames() == [
+                {
+                    "error": "recipient_busy",
+                    "detail": "the recipient is not reading fast enough; try again later",
+                    "ref": "m2",
+                }
+            ]
+            assert await bob.frames() == [{"type": "message", "from": "alice", "message": "first"}]
+
+
+async def test_the_holders_own_node_first(redis_server: RedisServer) -> None:
+    """A message between two clients of one node never leaves it."""
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, _):
+            alice = await one.connect(Conn("alice"))
+            bob = await one.connect(Conn("bob"))
+            published = one.link.health.published
+            await one.send(alice, "bob", ref="m1")
+            assert await alice.frames() == [{"type": "ack", "ref": "m1"}]
+            assert await bob.frames() == [{"type": "message", "from": "alice", "message": "hi"}]
+            assert one.link.health.published == published
+
+
+async def test_redis_down_local_delivery_goes_on_and_remote_ids_are_unreachable(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            alice = await one.connect(Conn("alice"))
+            bob = await one.connect(Conn("bob"))
+            await two.connect(Conn("carol"))
+            redis_server.stop()
+            await one.link.wait_for(lambda health: not health.up)
+            await one.send(alice, "carol", ref="far")
+            await one.send(alice, "bob", ref="near")
+            assert await alice.frames(2) == [
+                {
+                    "type": "error",
+                    "error": "recipient_unreachable",
+                    "ref": "far",
+                    "detail": UNREACHABLE,
+                },
+                {"type": "ack", "ref": "near"},
+            ]
+            assert await bob.frames() == [{"type": "message", "from": "alice", "message": "hi"}]
+            redis_server.start()
+            await one.link.wait_for(up)
+            await two.link.wait_for(up)
+            await one.send(alice, "carol", ref="again")
+            assert await alice.frames() == [{"type": "ack", "ref": "again"}]
+
+
+async def test_a_holder_that_never_answers_leaves_it_unconfirmed(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            alice = await one.connect(Conn("alice"))
+            await two.connect(Conn("bob"))
+            # n2 stops answering (as a frozen process would): its answers go nowhere.
+            two.router.link.publish = lambda pairs, done: True  # type: ignore[method-assign]
+            started = trio.current_time()
+            await one.send(alice, "bob", ref="m1")
+            [error] = await alice.frames()
+            assert error["error"] == "delivery_unconfirmed"
+            assert trio.current_time() - started >= FAST["reply_timeout_s"]
+
+
+async def test_presence_and_ids_across_nodes(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server, shared_ids=True) as (one, two):
+            await one.connect(Conn("subject"))
+            await two.connect(Conn("subject"))
+            await two.connect(Conn("subject"))
+            await two.connect(Conn("other"))
+            assert await one.router.presence("subject") == 3
+            assert await two.router.presence("nobody") == 0
+            assert await one.router.list_ids(after=None, limit=10) == ["other", "subject"]
+            assert await one.router.list_ids(after="other", limit=10) == ["subject"]
+            assert await two.router.list_ids(after=None, limit=1) == ["other"]
+
+
+async def test_with_authentication_every_connection_of_a_subject_receives(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server, shared_ids=True) as (one, two):
+            here = await one.connect(Conn("subject"))
+            there = await two.connect(Conn("subject", Dialect.SEED))
+            sender = await one.connect(Conn("sender"))
+            await one.send(sender, "subject", "to all of them", ref="m1")
+            assert await sender.frames() == [{"type": "ack", "ref": "m1"}]
+            expected = {"type": "message", "from": "sender", "message": "to all of them"}
+            assert await here.frames() == [expected]
+            assert await there.frames() == ["to all of them"]
+
+
+async def test_the_server_api_publishes(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            bob = await two.connect(Conn("bob"))
+            outcome = await one.router.publish("bob", msgspec.Raw(b'{"n": 1}'), sender="server")
+            assert outcome is Outcome.DELIVERED
+            assert await bob.frames() == [
+                {"type": "message", "from": "server", "message": {"n": 1}}
+            ]
+            assert await one.router.publish("x", msgspec.Raw(b"1"), sender="s") is (
+                Outcome.UNKNOWN_RECIPIENT
+            )
+
+
+async def test_a_vanished_nodes_ids_are_unreachable_then_unknown(redis_server: RedisServer) -> None:
+    """A node that dies without leaving: recipient_unreachable, then unknown_recipient.
+
+    Its ids answer recipient_unreachable until its heartbeat is older than
+    node_timeout_s.
+    """
+    with trio.fail_after(LIMIT_S):
+        async with node(redis_server.url, "n1") as one:
+            alice = await one.connect(Conn("alice"))
+            async with node(redis_server.url, "n2") as two:
+                await two.connect(Conn("bob"))
+                two.link.leave = _no_leave  # type: ignore[method-assign]
+            died = trio.current_time()
+            await one.send(alice, "bob", ref="m1")
+            [first] = await alice.frames()
+            assert first["error"] == "recipient_unreachable"
+            # The documented bound: node_timeout_s after its last heartbeat (and
+            # a probe interval for the heartbeat it may have refreshed first).
+            await trio.sleep_until(died + FAST["node_timeout_s"] + FAST["probe_interval_s"])
+            await one.send(alice, "bob", ref="m2")
+            [second] = await alice.frames()
+            assert second["error"] == "unknown_recipient"
+
+
+async def _no_leave() -> None:
+    """Stand-in for RedisLink.leave: the node dies without removing its heartbeat."""
