@@ -143,6 +143,23 @@ async def test_a_message_to_another_node_is_delivered_and_acked(redis_server: Re
             assert one.router.waiting == 0
 
 
+async def test_replies_keep_the_order_their_messages_were_sent_in(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            alice = await one.connect(Conn("alice"))
+            await one.connect(Conn("near"))
+            await two.connect(Conn("far"))
+            await one.send(alice, "far", ref="1")  # answered after a round trip
+            await one.send(alice, "near", ref="2")  # answered at once, held behind 1
+            await one.send(alice, "nobody-here", ref="3")
+            await one.send(alice, "near", ref="4")
+            replies = await alice.frames(4)
+            assert [reply["ref"] for reply in replies] == ["1", "2", "3", "4"]
+            assert [reply["type"] for reply in replies] == ["ack", "ack", "error", "ack"]
+
+
 async def test_nobody_holds_the_id(redis_server: RedisServer) -> None:
     with trio.fail_after(LIMIT_S):
         async with two_nodes(redis_server) as (one, _):

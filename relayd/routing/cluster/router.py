@@ -42,6 +42,7 @@ the link, and returns.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 from typing import Any, Final
@@ -99,6 +100,15 @@ class _Relayed:
     body: msgspec.Raw
     done: trio.Event | None = None
     outcome: Outcome | None = None
+    slot: _Slot | None = None  # its place among its sender's replies, once it waits
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Slot:
+    """One reply owed to a sender that has messages waiting for other nodes."""
+
+    frame: bytes | None = None
+    decided: bool = False
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -159,6 +169,9 @@ class ClusterRouter:
         # question number of each (0: nobody waits for an answer).
         self._pairs: list[tuple[bytes, bytes]] = []
         self._seqs: list[int] = []
+        # Senders with messages waiting for other nodes, and the replies they
+        # are owed in order (replies reach a sender in the order it sent).
+        self._held: dict[Peer, collections.deque[_Slot]] = {}
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[list[Inbound]](INBOX_SIZE)
         self._closed = False
         self.link = link_factory(self, self.channels)
@@ -320,7 +333,7 @@ class ClusterRouter:
                         if isinstance(item, Relay):
                             self._relay(item)
                         else:
-                            item.recipient.outbox.reply(item.frame)
+                            self._reply(item.recipient, item.frame)
                     try:
                         items = inbox.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
@@ -367,6 +380,13 @@ class ClusterRouter:
             return
         seq = self._waiting.ask(asker, Kind.RELAY, trio.current_time())
         self._asked.unpark_all()
+        sender = asker.sender
+        if sender is not None:
+            asker.slot = _Slot()
+            held = self._held.get(sender)
+            if held is None:
+                held = self._held[sender] = collections.deque()
+            held.append(asker.slot)
         if holders:  # all busy here: this node's own verdict, as its subscription counts it
             self._waiting.answer(seq, codec.Verdict.BUSY)
         self._queue(asker, seq)
@@ -471,7 +491,7 @@ class ClusterRouter:
             else:
                 stats.errors[code.value] += 1
                 reply = error_payload(sender.dialect, code, _DETAILS[outcome], asker.ref)
-            sender.outbox.reply(None if reply is None else text_frame(reply))
+            self._reply(sender, None if reply is None else text_frame(reply), asker.slot)
         if asker.done is not None:
             asker.outcome = outcome
             asker.done.set()
@@ -489,6 +509,26 @@ class ClusterRouter:
                 write(fields)
             else:
                 self._log.info("message.relay", **fields)
+
+    def _reply(self, sender: Peer, frame: bytes | None, slot: _Slot | None = None) -> None:
+        """Fill ``sender``'s next reply slot, keeping its replies in the order it sent.
+
+        A reply decided now waits behind the sender's earlier messages that
+        still wait for other nodes; ``slot`` is the place of a reply decided
+        late, which releases every reply behind it that is decided too.
+        """
+        held = self._held.get(sender)
+        if held is None:
+            sender.outbox.reply(frame)
+            return
+        if slot is None:
+            held.append(_Slot(frame, decided=True))
+            return
+        slot.frame, slot.decided = frame, True
+        while held and held[0].decided:
+            sender.outbox.reply(held.popleft().frame)
+        if not held:
+            del self._held[sender]
 
     async def _expire(self) -> None:
         """Decide questions whose deadline passed, as it passes."""
