@@ -3,6 +3,7 @@
 # this script lives in:
 #
 #   sudo systemd/install.sh             install, or upgrade and restart
+#   sudo systemd/install.sh --nodes N   the same as a cluster of N nodes on this machine
 #   systemd/install.sh --dry-run        print every step and command, change nothing
 #
 # What it does, each step printed as it goes ("==>" a step, "+" a command):
@@ -19,6 +20,12 @@
 #      connection starts relayd); the service is enabled too so that relayd starts at
 #      boot, ready and watched by the watchdog with its admin listener up, instead of
 #      making the first client wait for Python to start.
+#
+# With --nodes N (docs/scaling.md): also Debian's redis-server, and instead of
+# relayd.service the N instances relayd@9031 ... relayd@(9030+N) of relayd@.service,
+# each a node of one cluster ([cluster] switched on by the unit; the instance name is the
+# node's admin port), all serving relayd.socket's one port. relayd.socket then starts
+# relayd@9031 on activation. --nodes 0 (or no --nodes) goes back to the single daemon.
 #
 # Idempotent: run it again after `git pull` to upgrade. An upgrade restarts
 # relayd.service only; relayd.socket keeps the port open meanwhile, so clients see a
@@ -37,18 +44,33 @@ EX_CONFIG=78
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DRY_RUN=0
+NODES=0
 
 usage() {
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
 }
 
-for arg in "$@"; do
-    case $arg in
+while [ "$#" -gt 0 ]; do
+    case $1 in
         -n | --dry-run) DRY_RUN=1 ;;
+        --nodes)
+            [ "$#" -ge 2 ] || { printf 'install.sh: --nodes needs a number\n' >&2; exit 2; }
+            NODES=$2
+            shift
+            ;;
+        --nodes=*) NODES=${1#--nodes=} ;;
         -h | --help) usage; exit 0 ;;
-        *) printf 'install.sh: unknown argument %s (try --help)\n' "$arg" >&2; exit 2 ;;
+        *) printf 'install.sh: unknown argument %s (try --help)\n' "$1" >&2; exit 2 ;;
     esac
+    shift
 done
+case $NODES in
+    '' | *[!0-9]*) printf 'install.sh: --nodes takes a number, not %s\n' "$NODES" >&2; exit 2 ;;
+esac
+[ "$NODES" -le 64 ] || { printf 'install.sh: --nodes %s: at most 64\n' "$NODES" >&2; exit 2; }
+# The instances, named by their admin ports: relayd@9031 ... relayd@(9030+N).
+INSTANCES=()
+for ((i = 1; i <= NODES; i++)); do INSTANCES+=("relayd@$((9030 + i)).service"); done
 
 step() { printf '==> %s\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
@@ -61,7 +83,7 @@ run() {
 
 [ "$DRY_RUN" -eq 0 ] || step "dry run: printing what would be done; nothing is changed"
 for file in pyproject.toml relayd/__init__.py config/relayd.toml systemd/relayd.service \
-    systemd/relayd.socket systemd/sysusers.d/relayd.conf; do
+    systemd/relayd@.service systemd/relayd.socket systemd/sysusers.d/relayd.conf; do
     [ -f "$SRC/$file" ] || die "$SRC/$file is missing: run this script from a relayd checkout"
 done
 if [ "$(id -u)" -ne 0 ]; then
@@ -81,6 +103,8 @@ step "checking packages: python3 >= 3.11 with venv, procps"
 missing=()
 python_ok || missing+=(python3 python3-venv)
 [ -x /bin/kill ] || missing+=(procps)
+# A cluster on this machine shares the local Redis (the default cluster.broker_url).
+[ "$NODES" -eq 0 ] || command -v redis-server >/dev/null || missing+=(redis-server)
 if [ "${#missing[@]}" -gt 0 ]; then
     command -v apt-get >/dev/null || die "need ${missing[*]} and apt-get is missing: is this Debian?"
     run env DEBIAN_FRONTEND=noninteractive apt-get update -q
@@ -115,9 +139,10 @@ else
 fi
 run cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/relayd" "$build/"
 run find "$build" -name __pycache__ -prune -exec rm -rf {} +
-# An absolute path: a bare name would be looked up on the package index.
+# An absolute path: a bare name would be looked up on the package index. With the
+# cluster extra (the Redis client) always, so that [cluster] is a config change away.
 run "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
-    --upgrade "$build"
+    --upgrade "${build}[cluster]"
 # The units' Documentation= points here.
 run install -d -m 0755 "$PREFIX/share/doc/relayd"
 run install -m 0644 "$SRC/README.md" "$PREFIX/share/doc/relayd/"
@@ -154,28 +179,66 @@ if [ "$DRY_RUN" -eq 0 ]; then
 fi
 
 # -- 5. the units -------------------------------------------------------------------
-step "units relayd.service and relayd.socket in $UNIT_DIR"
+step "units relayd.service, relayd@.service and relayd.socket in $UNIT_DIR"
 # A changed relayd.socket (say, a new port) only takes effect when the socket is
 # re-created, which closes the port for a moment; an unchanged one is left listening.
 socket_changed=0
 cmp -s "$SRC/systemd/relayd.socket" "$UNIT_DIR/relayd.socket" || socket_changed=1
-run install -m 0644 "$SRC/systemd/relayd.service" "$SRC/systemd/relayd.socket" "$UNIT_DIR/"
+run install -m 0644 "$SRC/systemd/relayd.service" "$SRC/systemd/relayd@.service" \
+    "$SRC/systemd/relayd.socket" "$UNIT_DIR/"
+# Which service relayd.socket starts on activation: the single daemon, or node 9031.
+DROPIN=$UNIT_DIR/relayd.socket.d/nodes.conf
+if [ "$NODES" -gt 0 ]; then
+    if [ "$DRY_RUN" -eq 1 ] || ! grep -qs '^Service=relayd@9031.service$' "$DROPIN"; then
+        socket_changed=1
+    fi
+    run install -d -m 0755 "$UNIT_DIR/relayd.socket.d"
+    printf '+ %s\n' "write $DROPIN: [Socket] Service=relayd@9031.service"
+    if [ "$DRY_RUN" -eq 0 ]; then
+        printf '# Written by systemd/install.sh --nodes %s\n[Socket]\nService=relayd@9031.service\n' \
+            "$NODES" >"$DROPIN"
+    fi
+elif [ -e "$DROPIN" ]; then
+    socket_changed=1
+    run rm -f "$DROPIN"
+fi
 run systemctl daemon-reload
-run systemctl enable relayd.socket relayd.service
+# Instances left from an earlier, larger --nodes (or from a cluster, going back to one).
+for unit in $(systemctl list-units --plain --no-legend 'relayd@*.service' 2>/dev/null |
+    awk '{print $1}'); do
+    case " ${INSTANCES[*]} " in
+        *" $unit "*) ;;
+        *) run systemctl disable --now "$unit" ;;
+    esac
+done
+if [ "$NODES" -gt 0 ]; then
+    services=("${INSTANCES[@]}")
+    run systemctl disable --now relayd.service
+    run systemctl enable --now redis-server.service
+else
+    services=(relayd.service)
+fi
+run systemctl enable relayd.socket "${services[@]}"
 if [ "$socket_changed" -eq 1 ] && systemctl --quiet is-active relayd.socket 2>/dev/null; then
-    run systemctl stop relayd.service relayd.socket
+    run systemctl stop "${services[@]}" relayd.socket
 fi
 # A unit that hit its start limit (say, on a bad config now fixed) refuses to start
 # until its failed state is cleared.
-printf '+ %s\n' "systemctl reset-failed relayd.socket relayd.service"
-[ "$DRY_RUN" -eq 1 ] || systemctl reset-failed relayd.socket relayd.service 2>/dev/null || true
+printf '+ %s\n' "systemctl reset-failed relayd.socket ${services[*]}"
+[ "$DRY_RUN" -eq 1 ] || systemctl reset-failed relayd.socket "${services[@]}" 2>/dev/null || true
 run systemctl start relayd.socket
 # Starts relayd, or restarts it on the new code; waits for READY=1 (Type=notify).
-if ! run systemctl restart relayd.service; then
-    die "relayd.service did not start; see: journalctl -u relayd -n 50 --no-pager"
+if ! run systemctl restart "${services[@]}"; then
+    die "${services[*]} did not start; see: journalctl -u 'relayd*' -n 50 --no-pager"
 fi
 
 step "done"
-note "status:  systemctl status relayd        logs: journalctl -u relayd -f"
-note "config:  $CONFIG, then: systemctl reload relayd"
+if [ "$NODES" -gt 0 ]; then
+    note "status:  systemctl status 'relayd@*'    logs: journalctl -u 'relayd@*' -f"
+    note "config:  $CONFIG, then: systemctl reload 'relayd@*'"
+    note "health:  curl http://127.0.0.1:9031/readyz (node 9031; each node on its own port)"
+else
+    note "status:  systemctl status relayd        logs: journalctl -u relayd -f"
+    note "config:  $CONFIG, then: systemctl reload relayd"
+fi
 note "remove:  $SRC/systemd/uninstall.sh [--purge]"

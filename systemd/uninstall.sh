@@ -17,7 +17,7 @@ CONFIG_DIR=/etc/relayd
 UNIT_DIR=/etc/systemd/system
 SYSUSERS_FILE=/etc/sysusers.d/relayd.conf
 SERVICE_USER=relayd
-UNITS=(relayd.socket relayd.service)
+UNITS=(relayd.socket relayd.service relayd@.service)
 
 DRY_RUN=0
 PURGE=0
@@ -64,12 +64,18 @@ if [ "$systemd_running" -eq 1 ]; then
             note "$unit is not installed"
         fi
     done
+    # The cluster's nodes (install.sh --nodes), instances of relayd@.service.
+    while read -r instance _; do
+        if [ -n "$instance" ]; then installed+=("$instance"); fi
+    done < <(systemctl list-units --all --plain --no-legend 'relayd@*.service' 2>/dev/null)
     if [ "${#installed[@]}" -gt 0 ]; then run systemctl disable --now "${installed[@]}"; fi
 else
     note "systemd is not running here: nothing to stop"
 fi
 
 step "removing the units"
+# install.sh --nodes points relayd.socket at the first node with this drop-in.
+if [ -e "$UNIT_DIR/relayd.socket.d/nodes.conf" ]; then run rm -f "$UNIT_DIR/relayd.socket.d/nodes.conf"; fi
 for unit in "${UNITS[@]}"; do
     if [ -e "$UNIT_DIR/$unit" ]; then run rm -f "$UNIT_DIR/$unit"; else note "no $UNIT_DIR/$unit"; fi
 done

@@ -34,6 +34,7 @@ from tests.e2e.harness import require_tool
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 SYSTEMD_DIR: Final = REPO_ROOT / "systemd"
 SERVICE: Final = SYSTEMD_DIR / "relayd.service"
+TEMPLATE: Final = SYSTEMD_DIR / "relayd@.service"
 SOCKET: Final = SYSTEMD_DIR / "relayd.socket"
 SYSUSERS: Final = SYSTEMD_DIR / "sysusers.d" / "relayd.conf"
 INSTALL: Final = SYSTEMD_DIR / "install.sh"
@@ -171,12 +172,16 @@ def test_parse_exposure_refuses_output_without_a_score(output: str) -> None:
         parse_exposure(output, "relayd.service")
 
 
-def test_service_exposure_is_at_most_1_2() -> None:
+@pytest.mark.parametrize("instance", ["relayd.service", "relayd@9031.service"])
+def test_service_exposure_is_at_most_1_2(tmp_path: Path, instance: str) -> None:
     analyze = require_tool("systemd-analyze")
     # --threshold is in tenths: the command itself fails above 1.2, whatever the text says.
     threshold = round(MAX_EXPOSURE * 10)
-    result = run_tool([analyze, "security", "--offline=true", f"--threshold={threshold}", SERVICE])
-    exposure = parse_exposure(result.stdout, SERVICE.name)
+    # A template is rated as one of its instances.
+    unit = tmp_path / instance
+    unit.write_text((TEMPLATE if "@" in instance else SERVICE).read_text(encoding="utf-8"))
+    result = run_tool([analyze, "security", "--offline=true", f"--threshold={threshold}", unit])
+    exposure = parse_exposure(result.stdout, instance)
     summary = "\n".join(
         line for line in result.stdout.splitlines() if line.lstrip().startswith(("✗", "→", "->"))
     )
@@ -230,6 +235,32 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     status, complaints = verify(verifiable_copies(tmp_path))
     assert complaints == [], "\n".join(complaints)
     assert status == 0
+
+
+def test_node_template_passes_verify_as_an_instance(tmp_path: Path) -> None:
+    [template, socket, service] = verifiable_copies(tmp_path, (TEMPLATE, SOCKET, SERVICE))
+    instance = template.with_name("relayd@9031.service")
+    template.rename(instance)
+    status, complaints = verify([instance, socket, service])
+    assert complaints == [], "\n".join(complaints)
+    assert status == 0
+
+
+def test_node_template_is_a_cluster_node_serving_the_shared_socket() -> None:
+    unit = unit_settings(TEMPLATE)
+    assert only(unit, "Service", "Sockets") == "relayd.socket"
+    assert only(unit, "Service", "ExecStart").endswith("--admin-port %i")
+    environment = " ".join(unit[("Service", "Environment")])
+    assert "RELAYD_CLUSTER__ENABLED=true" in environment
+    assert "RELAYD_CLUSTER__NODE_NAME=%H-%i" in environment
+    # Redis is wanted, never required: a node serves its own clients without it.
+    assert "redis-server.service" in only(unit, "Unit", "Wants")
+    assert ("Unit", "Requires") in unit
+    assert "redis" not in only(unit, "Unit", "Requires")
+    # Everything else as the single daemon's unit.
+    single = unit_settings(SERVICE)
+    for key in ("Type", "User", "WatchdogSec", "TimeoutStopSec", "RestartPreventExitStatus"):
+        assert unit[("Service", key)] == single[("Service", key)], key
 
 
 @pytest.mark.parametrize(
@@ -383,7 +414,7 @@ def test_install_dry_run_prints_each_step_and_changes_nothing() -> None:
     else:
         assert f"+ install -m 0640 -o root -g relayd {CONFIG} {ETC_CONFIG}" in out
     assert f"check-config --config {ETC_CONFIG}" in out
-    assert f"+ install -m 0644 {SERVICE} {SOCKET} /etc/systemd/system/" in out
+    assert f"+ install -m 0644 {SERVICE} {TEMPLATE} {SOCKET} /etc/systemd/system/" in out
     commands = [line for line in out.splitlines() if line.startswith("+ systemctl")]
     assert commands[0] == "+ systemctl daemon-reload"
     assert "+ systemctl enable relayd.socket relayd.service" in commands
@@ -404,6 +435,29 @@ def test_the_install_transcript_in_operations_md_shows_every_command_the_script_
     documented = commands(install.split("```", 1)[0])
     ran = commands(result.stdout.replace(str(REPO_ROOT), "/home/admin/relayd"))
     assert documented == ran
+
+
+def test_install_dry_run_of_a_cluster_on_this_machine() -> None:
+    before = existing(INSTALLED_PATHS)
+    result = run_script(INSTALL, "--dry-run", "--nodes", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert existing(INSTALLED_PATHS) == before
+    out = result.stdout
+    assert_only_step_lines(out)
+    assert "Service=relayd@9031.service" in out
+    commands = [line for line in out.splitlines() if line.startswith("+ systemctl")]
+    assert "+ systemctl disable --now relayd.service" in commands
+    assert "+ systemctl enable --now redis-server.service" in commands
+    nodes = "relayd@9031.service relayd@9032.service relayd@9033.service"
+    assert f"+ systemctl enable relayd.socket {nodes}" in commands
+    assert commands[-1] == f"+ systemctl restart {nodes}"
+
+
+@pytest.mark.parametrize("nodes", ["x", "-1", "65"])
+def test_install_refuses_a_bad_node_count(nodes: str) -> None:
+    result = run_script(INSTALL, "--dry-run", "--nodes", nodes)
+    assert result.returncode == 2
+    assert "--nodes" in result.stderr
 
 
 def test_install_keeps_the_operators_config() -> None:
