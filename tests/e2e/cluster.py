@@ -43,7 +43,7 @@ class Node(RelaydProcess):
     def readyz(self) -> int:
         """The HTTP status of ``GET /readyz`` on the node's admin listener."""
         try:
-            with urllib.request.urlopen(  # noqa: S310 - loopback, a port we chose
+            with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.admin_port}/readyz", timeout=5
             ) as response:
                 status: int = response.status
@@ -53,11 +53,18 @@ class Node(RelaydProcess):
 
     def metrics(self) -> str:
         """The text of ``GET /metrics``."""
-        with urllib.request.urlopen(  # noqa: S310
+        with urllib.request.urlopen(
             f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5
         ) as response:
             text: str = response.read().decode()
             return text
+
+    def wait_connected(self, times: int = 1) -> None:
+        """Wait until the node has logged ``broker.connected`` ``times`` times."""
+        self.wait_for(
+            lambda _event: sum(e.get("event") == "broker.connected" for e in self.events) >= times,
+            what=f"broker.connected {times} times",
+        )
 
     def kill(self) -> None:
         """SIGKILL by PID: the node vanishes without a word, as a crash would."""
@@ -111,7 +118,7 @@ def cluster(
         for number in range(1, count + 1):
             nodes.append(start_node(config_dir, broker_url, f"n{number}", **settings))
         for node in nodes:
-            node.wait_for_event("broker.connected")
+            node.wait_connected()
         yield nodes
     finally:
         for node in nodes:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 
 async def _v1_pair(one: Node, two: Node, to_unknown: bool = False) -> list[Any]:
-    """alice on n1 sends to bob on n2 (and to nobody); what alice and bob got."""
+    """Alice on n1 sends to Bob on n2 (and to nobody); what Alice and Bob got."""
     async with client(one.url, v1=True) as alice, client(two.url, v1=True) as bob:
         await v1_id(alice)
         bob_id = await v1_id(bob)
@@ -108,13 +108,7 @@ def test_redis_restart_mid_traffic_recovers_on_its_own(
         for node in (one, two):
             node.wait_for_event("broker.lost")
         for node in (one, two):
-            node.wait_for(
-                lambda e: (
-                    e.get("event") == "broker.connected"
-                    and sum(x.get("event") == "broker.connected" for x in node.events) >= 2
-                ),
-                what="a second broker.connected",
-            )
+            node.wait_connected(2)
         assert run(_v1_pair(one, two))[0] == {"type": "ack", "ref": "m1"}
 
 
@@ -129,13 +123,7 @@ def test_frozen_redis_makes_nodes_not_ready_until_it_thaws(
             assert one.readyz() == 503
         finally:
             redis_server.thaw()
-        one.wait_for(
-            lambda e: (
-                e.get("event") == "broker.connected"
-                and sum(x.get("event") == "broker.connected" for x in one.events) >= 2
-            ),
-            what="a second broker.connected",
-        )
+        one.wait_connected(2)
         assert one.readyz() == 200
         assert run(_v1_pair(one, two))[0]["type"] == "ack"
 
@@ -172,13 +160,7 @@ def test_a_subscription_silently_delivering_nothing_is_found_and_replaced(
             proxy.mute(2)  # n1's subscriber: its second connection to Redis
             lost = one.wait_for_event("broker.lost")
             assert "probe did not come back" in lost["reason"]
-            one.wait_for(
-                lambda e: (
-                    e.get("event") == "broker.connected"
-                    and sum(x.get("event") == "broker.connected" for x in one.events) >= 2
-                ),
-                what="a second broker.connected",
-            )
+            one.wait_connected(2)
             assert run(_v1_pair(two, one))[0]["type"] == "ack"
     finally:
         two.stop()
