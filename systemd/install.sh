@@ -4,6 +4,7 @@
 #
 #   sudo systemd/install.sh             install, or upgrade and restart
 #   sudo systemd/install.sh --nodes N   the same as a cluster of N nodes on this machine
+#        [--first-admin-port P]         (their admin ports: P, P+1, ...; 9031 by default)
 #   systemd/install.sh --dry-run        print every step and command, change nothing
 #
 # What it does, each step printed as it goes ("==>" a step, "+" a command):
@@ -45,6 +46,7 @@ EX_CONFIG=78
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DRY_RUN=0
 NODES=0
+FIRST_ADMIN_PORT=9031
 
 usage() {
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
@@ -59,6 +61,11 @@ while [ "$#" -gt 0 ]; do
             shift
             ;;
         --nodes=*) NODES=${1#--nodes=} ;;
+        --first-admin-port)
+            [ "$#" -ge 2 ] || { printf 'install.sh: --first-admin-port needs a port\n' >&2; exit 2; }
+            FIRST_ADMIN_PORT=$2
+            shift
+            ;;
         -h | --help) usage; exit 0 ;;
         *) printf 'install.sh: unknown argument %s (try --help)\n' "$1" >&2; exit 2 ;;
     esac
@@ -68,9 +75,16 @@ case $NODES in
     '' | *[!0-9]*) printf 'install.sh: --nodes takes a number, not %s\n' "$NODES" >&2; exit 2 ;;
 esac
 [ "$NODES" -le 64 ] || { printf 'install.sh: --nodes %s: at most 64\n' "$NODES" >&2; exit 2; }
-# The instances, named by their admin ports: relayd@9031 ... relayd@(9030+N).
+case $FIRST_ADMIN_PORT in
+    '' | *[!0-9]*) printf 'install.sh: --first-admin-port takes a port number\n' >&2; exit 2 ;;
+esac
+if [ "$FIRST_ADMIN_PORT" -lt 1 ] || [ $((FIRST_ADMIN_PORT + NODES)) -gt 65536 ]; then
+    printf 'install.sh: --first-admin-port %s is out of range\n' "$FIRST_ADMIN_PORT" >&2
+    exit 2
+fi
+# The instances, named by their admin ports: relayd@9031 ... relayd@(9030+N) by default.
 INSTANCES=()
-for ((i = 1; i <= NODES; i++)); do INSTANCES+=("relayd@$((9030 + i)).service"); done
+for ((i = 0; i < NODES; i++)); do INSTANCES+=("relayd@$((FIRST_ADMIN_PORT + i)).service"); done
 
 step() { printf '==> %s\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
@@ -186,17 +200,17 @@ socket_changed=0
 cmp -s "$SRC/systemd/relayd.socket" "$UNIT_DIR/relayd.socket" || socket_changed=1
 run install -m 0644 "$SRC/systemd/relayd.service" "$SRC/systemd/relayd@.service" \
     "$SRC/systemd/relayd.socket" "$UNIT_DIR/"
-# Which service relayd.socket starts on activation: the single daemon, or node 9031.
+# Which service relayd.socket starts on activation: the single daemon, or the first node.
 DROPIN=$UNIT_DIR/relayd.socket.d/nodes.conf
 if [ "$NODES" -gt 0 ]; then
-    if [ "$DRY_RUN" -eq 1 ] || ! grep -qs '^Service=relayd@9031.service$' "$DROPIN"; then
+    if [ "$DRY_RUN" -eq 1 ] || ! grep -qs "^Service=${INSTANCES[0]}\$" "$DROPIN"; then
         socket_changed=1
     fi
     run install -d -m 0755 "$UNIT_DIR/relayd.socket.d"
-    printf '+ %s\n' "write $DROPIN: [Socket] Service=relayd@9031.service"
+    printf '+ %s\n' "write $DROPIN: [Socket] Service=${INSTANCES[0]}"
     if [ "$DRY_RUN" -eq 0 ]; then
-        printf '# Written by systemd/install.sh --nodes %s\n[Socket]\nService=relayd@9031.service\n' \
-            "$NODES" >"$DROPIN"
+        printf '# Written by systemd/install.sh --nodes %s\n[Socket]\nService=%s\n' \
+            "$NODES" "${INSTANCES[0]}" >"$DROPIN"
     fi
 elif [ -e "$DROPIN" ]; then
     socket_changed=1
@@ -236,7 +250,7 @@ step "done"
 if [ "$NODES" -gt 0 ]; then
     note "status:  systemctl status 'relayd@*'    logs: journalctl -u 'relayd@*' -f"
     note "config:  $CONFIG, then: systemctl reload 'relayd@*'"
-    note "health:  curl http://127.0.0.1:9031/readyz (node 9031; each node on its own port)"
+    note "health:  curl http://127.0.0.1:$FIRST_ADMIN_PORT/readyz (each node on its own port)"
 else
     note "status:  systemctl status relayd        logs: journalctl -u relayd -f"
     note "config:  $CONFIG, then: systemctl reload relayd"

@@ -86,7 +86,16 @@ SUITE: Final = "bookworm"
 #: Packages debootstrap adds to minbase: systemd as init with D-Bus, and what install.sh
 #: would otherwise apt-get (python3-venv; procps for the unit's /bin/kill). Installing
 #: them here keeps the test off the Debian mirror after the first run.
-PACKAGES: Final = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps")
+PACKAGES: Final = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "python3-venv",
+    "procps",
+    # install.sh --nodes: the cluster's Redis (tests off the mirror after the first run).
+    "redis-server",
+)
 #: Bump to rebuild every cached rootfs when the recipe changes in a way the key misses.
 ROOTFS_RECIPE: Final = 1
 
@@ -313,7 +322,11 @@ def _requirements() -> list[str]:
     """The dependencies of relayd and its build backend, from pyproject.toml."""
     with (REPO_ROOT / "pyproject.toml").open("rb") as f:
         pyproject = tomllib.load(f)
-    return [*pyproject["project"]["dependencies"], *pyproject["build-system"]["requires"]]
+    return [
+        *pyproject["project"]["dependencies"],
+        *pyproject["project"]["optional-dependencies"]["cluster"],  # install.sh installs it
+        *pyproject["build-system"]["requires"],
+    ]
 
 
 def _platforms(glibc: tuple[int, int], arch: str) -> list[str]:
@@ -396,7 +409,7 @@ class Journal:
     wait can ignore what came before the action it is about.
     """
 
-    def __init__(self, leader: int) -> None:
+    def __init__(self, leader: int, unit: str = "relayd.service") -> None:
         # Every namespace, the PID one included: journalctl -f watches the journal through
         # /proc/self/fd, which in the container's /proc exists only for its own processes.
         # nsenter then forks journalctl and waits for it (see close()).
@@ -411,7 +424,7 @@ class Journal:
             *CONTAINER_ENV,
             "journalctl",
             "-u",
-            "relayd.service",
+            unit,
             "-o",
             "cat",
             "-f",
@@ -738,6 +751,7 @@ class Installed:
     admin_port: int
     install: subprocess.CompletedProcess[str]
     config: str  # /etc/relayd/relayd.toml as installed
+    redis_port: int  # the container's redis-server, kept off 6379 (the host's network)
 
     @property
     def url(self) -> str:
@@ -783,6 +797,34 @@ def _free_port() -> int:
         return port
 
 
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports free on the host's loopback now."""
+    for _ in range(50):
+        first = _free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    probe = held.enter_context(socket.socket())
+                    probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return first
+    pytest.fail(f"no {count} consecutive free ports on 127.0.0.1", pytrace=False)
+
+
+def _quiet_redis(container_root: Path, port: int) -> None:
+    """Keep the container's Redis off at boot and off port 6379 (the network is the host's).
+
+    The package enables redis-server.service; install.sh --nodes enables and starts it,
+    on ``port``.
+    """
+    wants = container_root / "etc/systemd/system/multi-user.target.wants/redis-server.service"
+    wants.unlink(missing_ok=True)
+    conf = container_root / "etc/redis/redis.conf"
+    text = re.sub(r"^port \d+$", f"port {port}", conf.read_text(encoding="utf-8"), flags=re.M)
+    conf.write_text(text, encoding="utf-8")
+
+
 def _write_drop_ins(container_root: Path, port: int, admin_port: int) -> None:
     """The drop-ins ``systemctl edit`` would write (see the module docstring for why)."""
     units = container_root / "etc" / "systemd" / "system"
@@ -819,8 +861,9 @@ def relayd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
             what="copying the rootfs",
         )
         wheels = relayd_wheels(root)
-        port, admin_port = _free_port(), _free_port()
+        port, admin_port, redis_port = _free_port(), _free_port(), _free_port()
         _write_drop_ins(root, port, admin_port)
+        _quiet_redis(root, redis_port)
         with booted(root, [(REPO_ROOT, SRC), (wheels, WHEELS)], workdir) as box:
             journal = Journal(box.leader)
             try:
@@ -835,7 +878,7 @@ def relayd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
                     f"\n--- journal ---\n{journal.tail()}"
                 )
                 config = box.path(CONFIG).read_text(encoding="utf-8")
-                yield Installed(box, journal, port, admin_port, install, config)
+                yield Installed(box, journal, port, admin_port, install, config, redis_port)
             finally:
                 journal.close()
     finally:
@@ -1154,3 +1197,103 @@ def test_the_socket_starts_relayd_for_the_first_client(relayd: Installed) -> Non
     start = relayd.journal.wait_event("server.start", after=mark)
     assert start["sockets"] == "inherited", start
     assert box.systemctl("is-active", "relayd.service").stdout.strip() == "active"
+
+
+def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
+    relayd: Installed,
+) -> None:
+    """install.sh --nodes 2: Redis and two relayd@ instances serving relayd.socket's port.
+
+    Clients land on either node (the kernel picks the accepting process); a message
+    crosses between nodes through Redis; restarting one node leaves the other's clients
+    connected and relaying. Runs last: it turns the container's single daemon into nodes.
+    """
+    box = relayd.box
+    first = _free_ports(2)
+    nodes = [f"relayd@{first}.service", f"relayd@{first + 1}.service"]
+    default_url = 'broker_url = "redis://127.0.0.1:6379/0"'
+    assert default_url in relayd.config
+    relayd.write_config(
+        relayd.config.replace(
+            default_url, f'broker_url = "redis://127.0.0.1:{relayd.redis_port}/0"'
+        )
+    )
+    journal = Journal(box.leader, "relayd@*")
+    try:
+        install = box.run(
+            f"{SRC}/systemd/install.sh",
+            "--nodes",
+            "2",
+            "--first-admin-port",
+            str(first),
+            env=("PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEELS}"),
+            timeout=INSTALL_TIMEOUT_S,
+            check=False,
+        )
+        assert install.returncode == 0, f"{install.stdout}\n{install.stderr}\n{journal.tail()}"
+        assert box.systemctl("is-active", *nodes, "redis-server").stdout.split() == ["active"] * 3
+        assert box.systemctl("is-active", "relayd.service", check=False).stdout.strip() != "active"
+        host = box.run("hostname").stdout.strip()
+        connected = [
+            journal.wait_event("broker.connected", after=0, node=f"{host}-{port}")
+            for port in (first, first + 1)
+        ]
+        assert all(event["resubscribed"] == 0 for event in connected)
+
+        def admin(port: int, path: str) -> tuple[int, str]:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            url = f"http://127.0.0.1:{port}{path}"
+            try:
+                with opener.open(url, timeout=COMMAND_TIMEOUT_S) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        assert admin(first, "/readyz") == (200, "ready\n")
+        assert admin(first + 1, "/readyz") == (200, "ready\n")
+
+        def open_on(port: int) -> float:
+            text = admin(port, "/metrics")[1]
+            match = re.search(r"^relayd_connections_open (\S+)$", text, re.MULTILINE)
+            return float(match.group(1)) if match else -1.0
+
+        async def scenario() -> tuple[list[Any], list[int | None]]:
+            # Open clients until both nodes hold one; the kernel spreads them.
+            held: dict[int, tuple[Any, str]] = {}
+            spare = []
+            counts = await asyncio.to_thread(lambda: [open_on(first), open_on(first + 1)])
+            for _ in range(40):
+                ws = await client(relayd.url, v1=True)
+                ident = await v1_id(ws)
+                before = counts
+                counts = await asyncio.to_thread(lambda: [open_on(first), open_on(first + 1)])
+                node = next((i for i in (0, 1) if counts[i] > before[i]), None)
+                if node is None or node in held:
+                    spare.append(ws)
+                else:
+                    held[node] = (ws, ident)
+                if len(held) == 2:
+                    break
+            assert len(held) == 2, "40 clients all landed on one node"
+            (a, _), (b, b_id) = held[0], held[1]
+            await send_json(a, {"to": b_id, "message": "across nodes", "ref": 1})
+            got = [await recv_json(b), await recv_json(a)]
+            # Node 2 restarts; node 1's client stays and still reaches a new client.
+            await asyncio.to_thread(box.systemctl, "restart", nodes[1])
+            await b.wait_closed()
+            async with client(relayd.url, v1=True) as c:
+                c_id = await v1_id(c)
+                await send_json(a, {"to": c_id, "message": "after the restart", "ref": 2})
+                got += [await recv_json(c), await recv_json(a)]
+            for ws in [a, *spare]:
+                await ws.close()
+            return got, [a.close_code, b.close_code]
+
+        got, codes = run(scenario(), timeout=COMMAND_TIMEOUT_S + 30)
+        assert got[0]["message"] == "across nodes"
+        assert got[1] == {"type": "ack", "ref": 1}
+        assert got[2]["message"] == "after the restart"
+        assert got[3] == {"type": "ack", "ref": 2}
+        assert codes == [1000, 1001]  # node 1's client closed by us, node 2's drained
+    finally:
+        journal.close()
