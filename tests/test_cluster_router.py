@@ -73,9 +73,13 @@ class Node:
 
     def __init__(self, router: ClusterRouter) -> None:
         self.router = router
-        link = router.link
+
+    @property
+    def link(self) -> RedisLink:
+        """The node's link, when it is the real one."""
+        link = self.router.link
         assert isinstance(link, RedisLink)
-        self.link = link
+        return link
 
     async def connect(self, conn: Conn) -> Conn:
         await self.router.register(conn.peer)
