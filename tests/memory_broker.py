@@ -14,6 +14,7 @@ swallow everything it would publish. Time is trio's, so ``autojump_clock`` tests
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable
 
 import trio
@@ -108,8 +109,8 @@ class MemoryBroker:
             holders = [link for link in self.links if not link.cut and channel in link.channels]
             counts.append(len(holders) or (-1 if cut_off else 0))
             for holder in holders:
-                self._queue.append(lambda h=holder, c=channel, d=data: _deliver(h, c, d))
-        self._queue.append(lambda: done(counts))
+                self._queue.append(functools.partial(_deliver, holder, channel, data))
+        self._queue.append(functools.partial(done, counts))
         self._lot.unpark()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
