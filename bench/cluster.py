@@ -18,7 +18,7 @@ port, persistence off):
 Cells (the issue's targets in brackets):
 
 * ``cross/throughput``: 10 pairs x 32 B, every sender on node 1 and its receiver on node 2,
-  closed loop (``bench/loadgen.mjs`` with ``receiver_port``) [relayd >= 0.5x the Node
+  closed loop (``bench/loadgen.mjs`` with ``port2``) [relayd >= 0.5x the Node
   cluster];
 * ``cross/latency``: 10 pairs, 2,000 messages/s across the nodes, open loop [relayd's p99
   <= 2x the Node cluster's];
