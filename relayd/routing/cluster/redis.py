@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
 import ssl
 from collections.abc import Callable, Iterator
@@ -163,6 +164,9 @@ class RedisLink:
         log: structlog.typing.FilteringBoundLogger,
         password: str | None = None,
     ) -> None:
+        # coredis logs each failed attempt to connect with a traceback, and each lost
+        # connection; the broker.* events say it once, with what relayd does next.
+        logging.getLogger("coredis").setLevel(logging.CRITICAL)
         self._settings = settings
         self._node = node
         self._channels = channels
