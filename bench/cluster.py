@@ -22,7 +22,9 @@ Cells (the issue's targets in brackets):
   cluster];
 * ``cross/latency``: 10 pairs, 2,000 messages/s across the nodes, open loop [relayd's p99
   <= 2x the Node cluster's];
-* ``same/throughput``: 10 pairs x 32 B on one node, cluster on and off [on >= 0.9x off].
+* ``same/throughput``: 10 pairs x 32 B on one node, cluster on and off [on >= 0.9x off];
+* ``idle``: 5,000 idle connections on one node, cluster on and off: the node's RSS growth
+  per connection, its id's subscription included [cluster on <= 12 KiB].
 
 For every cell: messages/s or latency percentiles, and the CPU of each node and of Redis
 over the measured window as a share of one core (``/proc/<pid>/stat``). Rounds are
@@ -46,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +79,12 @@ class Cell:
     cross: bool  # receivers on node 2 (else both ends on node 1)
 
 
+#: Local addresses the generator connects from (limits.max_connections_per_ip is 256).
+SOURCES: Final = [f"127.0.0.{i}" for i in range(2, 252)]
+#: Seconds after the generator reports its idle connections open before RSS is read.
+IDLE_SETTLE_S: Final = 1.0
+
+
 def cells(quick: bool) -> list[Cell]:
     """The cells of a run."""
     timing = {"warmup_s": 0.3, "duration_s": 1.0} if quick else {"warmup_s": 0.5, "duration_s": 3.0}
@@ -84,6 +93,7 @@ def cells(quick: bool) -> list[Cell]:
         Cell("cross/throughput", "throughput", throughput, cross=True),
         Cell("cross/latency", "latency", {"pairs": 10, "size": 32, "rate": 2000, **timing}, True),
         Cell("same/throughput", "throughput", throughput, cross=False),
+        Cell("idle", "idle", {"count": 1000 if quick else 5000, "concurrency": 100}, False),
     ]
 
 
@@ -174,6 +184,14 @@ def node_peer(stack: ExitStack, redis: RedisServer) -> tuple[int, int]:
     return proc.pid, _ready_port(proc, "the node peer")
 
 
+def rss_kib(pid: int) -> int:
+    """The resident set of ``pid``, KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def measure(cell: Cell, ports: tuple[int, int], pids: dict[str, int]) -> dict[str, Any]:
     """Run the generator for ``cell``; its result and each process's CPU share."""
     config = {
@@ -181,15 +199,22 @@ def measure(cell: Cell, ports: tuple[int, int], pids: dict[str, int]) -> dict[st
         "host": "127.0.0.1",
         "port": ports[0],
         "port2": ports[1] if cell.cross else ports[0],
-        "deadline_s": 60,
+        "sources": SOURCES,
+        "deadline_s": 120,
+        "hold_s": 60,
         **cell.config,
     }
     proc = subprocess.Popen(
-        ["node", str(LOADGEN), json.dumps(config)], stdout=subprocess.PIPE, text=True
+        ["node", str(LOADGEN), json.dumps(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    rss_before = rss_kib(pids["node1"])
     start: dict[str, float] = {}
     cpu: dict[str, float] = {}
     result: dict[str, Any] = {}
+    idle: dict[str, Any] = {}
     t0 = 0.0
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -200,13 +225,21 @@ def measure(cell: Cell, ports: tuple[int, int], pids: dict[str, int]) -> dict[st
         elif event["event"] == "measure.end":
             wall = _now() - t0
             cpu = {name: round((cpu_s(pid) - start[name]) / wall, 3) for name, pid in pids.items()}
+        elif event["event"] == "held":
+            time.sleep(IDLE_SETTLE_S)  # let the allocator settle, as bench/run.py does
+            held = int(event["open"])
+            grown = rss_kib(pids["node1"]) - rss_before
+            idle = {"held": held, "rss_delta_kib": grown, "bytes_per_conn": grown * 1024 / held}
+            assert proc.stdin is not None
+            proc.stdin.write("release\n")
+            proc.stdin.flush()
         elif event["event"] == "result":
             result = event
         elif event["event"] == "error":
             raise RuntimeError(f"loadgen: {event['detail']}")
     proc.wait(60)
     result["cpu"] = cpu
-    return result
+    return result | idle
 
 
 def _now() -> float:
@@ -243,6 +276,8 @@ def run_round(results: Results, quick: bool, logs: Path) -> None:
     """Every cell of every cluster once."""
     for cell in cells(quick):
         clusters = ["relayd", "node-ws-redis"] + (["relayd-cluster-off"] if not cell.cross else [])
+        if cell.mode == "idle":
+            clusters = ["relayd", "relayd-cluster-off"]
         for cluster in clusters:
             with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="relayd-redis-") as d:
                 redis = None
@@ -269,6 +304,8 @@ def run_round(results: Results, quick: bool, logs: Path) -> None:
 
 
 def _summary(result: dict[str, Any]) -> str:
+    if "bytes_per_conn" in result:
+        return f"{result['held']} held, {result['bytes_per_conn'] / 1024:.1f} KiB each"
     if "p99_us" in result:
         text = (
             f"p50 {result['p50_us']:.0f} us, p99 {result['p99_us']:.0f} us, lost {result['lost']}"
@@ -287,7 +324,10 @@ def report(results: Results) -> str:
         for cluster in ("relayd", "node-ws-redis", "relayd-cluster-off"):
             if cell.name not in results.runs.get(cluster, {}):
                 continue
-            if cell.mode == "latency":
+            if cell.mode == "idle":
+                per = results.median(cluster, cell.name, "bytes_per_conn")
+                value = f"{per / 1024:.1f} KiB per idle connection"
+            elif cell.mode == "latency":
                 p50 = results.median(cluster, cell.name, "p50_us")
                 p99 = results.median(cluster, cell.name, "p99_us")
                 value = f"p50 {p50:,.0f} µs, p99 {p99:,.0f} µs"
@@ -312,6 +352,9 @@ def report(results: Results) -> str:
     off = results.median("relayd-cluster-off", "same/throughput", "msgs_per_s")
     if on and off:
         ratios.append(f"same-node throughput, cluster on / off: {on / off:.2f} (target >= 0.9)")
+    idle = results.median("relayd", "idle", "bytes_per_conn")
+    if idle:
+        ratios.append(f"idle connection, cluster on: {idle / 1024:.1f} KiB (target <= 12 KiB)")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in ratios) + "\n"
 
 
