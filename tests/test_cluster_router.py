@@ -23,9 +23,11 @@ from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
 from relayd.routing.cluster.redis import RedisLink
 from relayd.routing.cluster.router import ClusterRouter
-from relayd.routing.interface import Peer, Relay
+from relayd.routing.interface import Relay
 from relayd.routing.outbox import Outbox
 from relayd.routing.table import Outcome
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, decode_envelope
 from tests.redis_server import RedisServer
 from tests.wire import text_of
@@ -44,18 +46,44 @@ CONN_NUMBERS = itertools.count(1)
 
 
 class Conn:
-    """One connection's peer and outbox, on one node."""
+    """One connection as the router sees it (a Peer) around a real outbox, awaitable."""
 
     def __init__(self, client_id: str, dialect: Dialect = Dialect.V1, capacity: int = 8) -> None:
-        self.peer = Peer(
-            client_id, dialect, Outbox(capacity, 5.0, lambda _: None), next(CONN_NUMBERS)
-        )
+        self.client_id = client_id
+        self.dialect = dialect
+        self.conn = next(CONN_NUMBERS)
+        self.outbox = Outbox(capacity)
+        self.disconnected: list[tuple[int, str]] = []
+        self._arrived = trio.lowlevel.ParkingLot()
+
+    @property
+    def peer(self) -> Conn:
+        return self
+
+    def deliver(self, frame: bytes) -> bool:
+        taken = self.outbox.offer(frame)
+        self._arrived.unpark_all()
+        return taken
+
+    def reply(self, frame: bytes | None) -> None:
+        self.outbox.reply(frame)
+        self._arrived.unpark_all()
+
+    def detach(self) -> None:
+        self.outbox.close()
+
+    def disconnect(self, code: int, reason: str) -> None:
+        self.disconnected.append((code, reason))
+        self._arrived.unpark_all()
 
     async def frames(self, count: int = 1) -> list[Any]:
         """Wait for ``count`` frames and return them decoded (JSON, or the text)."""
         got: list[Any] = []
         while len(got) < count:
-            for frame in await self.peer.outbox.take():
+            taken = self.outbox.take()
+            if not taken:
+                await self._arrived.park()
+            for frame in taken:
                 text = text_of(frame)
                 try:
                     got.append(json.loads(text))
@@ -108,8 +136,14 @@ async def node(
     def link(router: ClusterRouter, channels: codec.Channels) -> RedisLink:
         return RedisLink(config, node=name, channels=channels, receiver=router, log=log)
 
+    stats = Stats()
     router = ClusterRouter(
-        config, node=name, link_factory=link, log=log, shared_ids=lambda: shared_ids
+        config,
+        node=name,
+        link_factory=link,
+        events=MessageEvents(log, stats),
+        stats=stats,
+        shared_ids=lambda: shared_ids,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(router.run)

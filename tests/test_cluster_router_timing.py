@@ -16,6 +16,8 @@ import trio.testing
 
 from relayd.config import ClusterSettings
 from relayd.routing.cluster.router import ClusterRouter
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
 from tests.memory_broker import MemoryBroker, MemoryLink
 from tests.test_cluster_router import Conn, Node
 
@@ -29,8 +31,15 @@ async def nodes(count: int) -> AsyncIterator[list[Node]]:
     log = structlog.get_logger()
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.run)
+        stats = Stats()
         routers = [
-            ClusterRouter(SETTINGS, node=f"n{i}", link_factory=broker.link, log=log)
+            ClusterRouter(
+                SETTINGS,
+                node=f"n{i}",
+                link_factory=broker.link,
+                events=MessageEvents(log, stats),
+                stats=stats,
+            )
             for i in range(1, count + 1)
         ]
         for router in routers:

@@ -146,6 +146,11 @@ class Gate:
         self._allowed_origins = frozenset(allowed_origins)
         self._authenticator = authenticator
 
+    @property
+    def authenticating(self) -> bool:
+        """Whether handshakes are authenticated now (ids are then subjects, maybe shared)."""
+        return self._authenticator is not None
+
     def open_totals(self) -> tuple[int, int, int]:
         """Open connections, and the bytes they have received and sent so far."""
         connections = self.connections

@@ -75,6 +75,8 @@ class Server:
             None serves the API without one (the config allows that on loopback only).
     """
 
+    _gate: Gate
+
     def __init__(
         self,
         settings: Settings,
@@ -101,7 +103,9 @@ class Server:
             sample=settings.log.messages_sample,
             bodies=settings.log.bodies,
         )
-        make_router = router or functools.partial(build_router, settings)
+        make_router = router or functools.partial(
+            build_router, settings, shared_ids=lambda: self._gate.authenticating
+        )
         self._router = make_router(self.events, self.stats)
         self._gate = Gate(
             self._router,
@@ -125,6 +129,9 @@ class Server:
             StatsCollector(self.stats, self._gate.open_totals, lambda: self.ready)
         )
         ProcessCollector(registry=self.registry)
+        extra = self._router.collector()
+        if extra is not None:
+            self.registry.register(extra)
 
     @property
     def settings(self) -> Settings:
@@ -195,8 +202,11 @@ class Server:
 
     @property
     def ready(self) -> bool:
-        """True while relayd accepts connections (``/readyz``)."""
-        return self._accepting and not self._stop.is_set()
+        """True while relayd accepts connections and its router reaches everyone (``/readyz``).
+
+        A cluster node is not ready while its link to the cluster is down.
+        """
+        return self._accepting and not self._stop.is_set() and self._router.ready
 
     @property
     def admin_address(self) -> tuple[str, int] | None:

@@ -1,11 +1,14 @@
 """The one place the daemon's router is chosen: the daemon knows routers only by the interface.
 
 :func:`build_router` returns the :class:`~relayd.routing.local.LocalRouter` for a
-single process; a broker-backed router for a cluster is chosen here too, and
-imported only when the settings ask for it.
+single process, and with ``cluster.enabled`` a
+:class:`~relayd.routing.cluster.router.ClusterRouter`, imported only then: with the
+cluster off, neither :mod:`relayd.routing.cluster` nor the Redis client is loaded.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from relayd.config import Settings
 from relayd.routing.interface import Router
@@ -16,7 +19,28 @@ from relayd.telemetry.metrics import Stats
 __all__ = ["build_router"]
 
 
-def build_router(settings: Settings, events: MessageEvents, stats: Stats) -> Router:
-    """The router ``settings`` ask for, recording outcomes in ``events`` and ``stats``."""
-    del settings  # one process: nothing to choose yet
+def build_router(
+    settings: Settings,
+    events: MessageEvents,
+    stats: Stats,
+    *,
+    shared_ids: Callable[[], bool] = lambda: False,
+) -> Router:
+    """The router ``settings`` ask for, recording outcomes in ``events`` and ``stats``.
+
+    Args:
+        settings: the effective settings.
+        events: where message outcomes are counted and logged.
+        stats: the counters.
+        shared_ids: whether an id may now be held by several connections
+            (authentication is on): a cluster node then fans a message out to
+            the other nodes even when it holds the id itself.
+
+    Raises:
+        ConfigError: the cluster's password file cannot be read.
+    """
+    if settings.cluster.enabled:
+        from relayd.routing.cluster.build import cluster_router  # only now: it loads coredis
+
+        return cluster_router(settings.cluster, events, stats, shared_ids=shared_ids)
     return LocalRouter(events, stats)

@@ -19,6 +19,7 @@ from typing import NamedTuple, Protocol
 
 import msgspec
 import trio
+from prometheus_client.registry import Collector
 
 from relayd.routing.table import Outcome
 from relayd.wire.dialects import Dialect, Envelope
@@ -85,6 +86,17 @@ Inbound = Relay | Reply
 
 class Router(Protocol):
     """The routing service as connections, the server and its API see it."""
+
+    @property
+    def ready(self) -> bool:
+        """True while messages reach every recipient they could (``/readyz``).
+
+        Always, for one process; for a cluster node, while its link to the
+        cluster is up.
+        """
+
+    def collector(self) -> Collector | None:
+        """The router's own metrics for ``/metrics`` (the cluster's), or None."""
 
     async def register(self, peer: Peer) -> None:
         """Start routing messages for ``peer.client_id`` to ``peer``.

@@ -25,14 +25,13 @@ import msgspec
 import trio
 
 from relayd.errors import RouterClosed
+from relayd.routing.fanout import offer
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
-from relayd.routing.table import Outcome, RoutingTable, outcome_of
+from relayd.routing.table import Outcome, RoutingTable
 from relayd.telemetry.log import batched
 from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
-from relayd.wire.dialects import Dialect, delivery_payload
-from relayd.wire.frames import text_frame
 
 __all__ = ["DEFAULT_INBOX_SIZE", "LocalRouter"]
 
@@ -61,6 +60,13 @@ class LocalRouter:
         self._table: RoutingTable[Peer] = RoutingTable()
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[list[Inbound]](inbox_size)
         self._closed = False
+
+    @property
+    def ready(self) -> bool:  # noqa: D102 - documented on Router
+        return True
+
+    def collector(self) -> None:  # noqa: D102
+        return None
 
     @property
     def routes(self) -> int:
@@ -155,22 +161,6 @@ class LocalRouter:
         self, sender: str, to: str, message: msgspec.Raw, size: int, record: Recorder
     ) -> Outcome:
         """Offer ``message`` to every connection holding ``to``; record and return the outcome."""
-        recipients = self._table.lookup(to)
-        if len(recipients) == 1:  # the common case, without the general one's containers
-            peer = recipients[0]
-            outcome = (
-                Outcome.DELIVERED
-                if peer.deliver(text_frame(delivery_payload(peer.dialect, sender, message)))
-                else Outcome.RECIPIENT_BUSY
-            )
-        else:
-            frames: dict[Dialect, bytes] = {}
-            accepted = []
-            for peer in recipients:
-                frame = frames.get(peer.dialect) or frames.setdefault(
-                    peer.dialect, text_frame(delivery_payload(peer.dialect, sender, message))
-                )
-                accepted.append(peer.deliver(frame))
-            outcome = outcome_of(accepted)
+        outcome = offer(self._table.lookup(to), sender, message)
         record(sender, to, size, outcome, message)
         return outcome

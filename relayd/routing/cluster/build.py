@@ -13,13 +13,13 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-import structlog
-
 from relayd.config import ClusterSettings
 from relayd.errors import ConfigError
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.redis import RedisLink
 from relayd.routing.cluster.router import ClusterRouter
+from relayd.telemetry.log import get_logger
+from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 
 __all__ = ["cluster_router", "node_name", "read_password"]
@@ -55,11 +55,9 @@ def read_password(settings: ClusterSettings) -> str | None:
 
 def cluster_router(
     settings: ClusterSettings,
-    *,
-    log: structlog.typing.FilteringBoundLogger,
+    events: MessageEvents,
     stats: Stats,
-    log_messages: bool,
-    log_bodies: bool,
+    *,
     shared_ids: Callable[[], bool],
 ) -> ClusterRouter:
     """The router of a cluster node, with its link to Redis (not connected yet).
@@ -69,6 +67,7 @@ def cluster_router(
     """
     password = read_password(settings)
     name = node_name(settings)
+    log = get_logger()
 
     def link(router: ClusterRouter, channels: codec.Channels) -> RedisLink:
         return RedisLink(
@@ -79,9 +78,7 @@ def cluster_router(
         settings,
         node=name,
         link_factory=link,
-        log=log,
-        log_messages=log_messages,
-        log_bodies=log_bodies,
-        shared_ids=shared_ids,
+        events=events,
         stats=stats,
+        shared_ids=shared_ids,
     )

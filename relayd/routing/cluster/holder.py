@@ -15,17 +15,24 @@ dropped: the origin's deadline then tells its sender ``delivery_unconfirmed``.
 from __future__ import annotations
 
 import heapq
+from typing import Final
 
 import msgspec
 
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Link
+from relayd.routing.fanout import offer
 from relayd.routing.interface import Peer
-from relayd.routing.table import RoutingTable
-from relayd.wire.dialects import Dialect, delivery_payload
-from relayd.wire.frames import text_frame
+from relayd.routing.table import Outcome, RoutingTable
 
 __all__ = ["Holder"]
+
+#: What a holding node answers for each outcome of its own offer.
+_VERDICTS: Final = {
+    Outcome.DELIVERED: codec.Verdict.DELIVERED,
+    Outcome.RECIPIENT_BUSY: codec.Verdict.BUSY,
+    Outcome.UNKNOWN_RECIPIENT: codec.Verdict.GONE,  # the id left between publish and here
+}
 
 
 class Holder:
@@ -84,19 +91,9 @@ class Holder:
     def _deliver(self, channel: bytes, message: codec.Deliver) -> None:
         client_id = self._channels.id_of(channel)
         holders = self._table.lookup(client_id) if client_id is not None else ()
-        verdict = codec.Verdict.GONE
-        if holders:
-            body = msgspec.Raw(message.message)
-            frames: dict[Dialect, bytes] = {}
-            verdict = codec.Verdict.BUSY
-            for peer in holders:
-                frame = frames.get(peer.dialect) or frames.setdefault(
-                    peer.dialect, text_frame(delivery_payload(peer.dialect, message.sender, body))
-                )
-                if peer.outbox.offer(frame):
-                    verdict = codec.Verdict.DELIVERED
+        outcome = offer(holders, message.sender, msgspec.Raw(message.message))
         if message.seq:
-            self._owe(message.origin, message.seq, verdict)
+            self._owe(message.origin, message.seq, _VERDICTS[outcome])
 
     def _query(self, channel: bytes, message: codec.Query) -> None:
         client_id = self._channels.id_of(channel)

@@ -112,13 +112,19 @@ return counts
 
 #: A node's heartbeat and probe: records the node (ARGV[1]) as alive now in
 #: the sorted set KEYS[1], forgets nodes silent for ten node timeouts (ARGV[4]
-#: ms), and publishes the probe ARGV[3] on the node's own channel ARGV[2].
+#: ms), publishes the probe ARGV[3] on the node's own channel ARGV[2], and
+#: returns every heartbeat (name, ms, name, ms...). The node keeps them: after
+#: a Redis restart, which forgets them all, it puts them back as they were
+#: (``ZADD GT``), so that ids of nodes not yet resubscribed answer
+#: ``recipient_unreachable``, not ``unknown_recipient``, until those nodes are
+#: back or their heartbeat ages past node_timeout_s.
 HEARTBEAT_SCRIPT: Final = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 10 * tonumber(ARGV[4]))
-return redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 """
 
 #: Channels per SUBSCRIBE or UNSUBSCRIBE command: resubscribing 100,000 ids
@@ -193,6 +199,8 @@ class RedisLink:
         self._heartbeat_sha = b""
         self._probe_number = 0
         self._probe_back = trio.Event()
+        # Every node's last heartbeat (ms of Redis's clock), as the last probe saw them.
+        self._heartbeats: dict[bytes, bytes] = {}
         self._changed = trio.lowlevel.ParkingLot()  # up or down
 
     # -- the router's side ------------------------------------------------------------
@@ -215,9 +223,14 @@ class RedisLink:
         ]
         for channel, data in pairs:
             arguments += (channel, data)
-        request = publisher.create_request(
-            b"EVALSHA", self._publish_sha, 1, self._channels.heartbeats, *arguments
-        )
+        try:
+            request = publisher.create_request(
+                b"EVALSHA", self._publish_sha, 1, self._channels.heartbeats, *arguments
+            )
+        except RedisConnectionError:
+            # The connection broke and the session has not ended yet: nothing was sent.
+            health.publish_failures += 1
+            return False
         health.inflight_bytes += size
         health.published += len(pairs)
         self._answers.append((request, size, done))
@@ -293,6 +306,7 @@ class RedisLink:
                 nursery.start_soon(self._read, subscriber)
                 nursery.start_soon(self._answer, publisher)
                 nursery.start_soon(self._send_orders, subscriber)
+                await self._restore_heartbeats(publisher)
                 await self._resubscribe(subscriber)
                 await self._first_probe(publisher)
                 self._up(len(self._wanted))
@@ -352,6 +366,17 @@ class RedisLink:
             socket_keepalive=True,
             **common,  # type: ignore[arg-type]
         )
+
+    async def _restore_heartbeats(self, publisher: BaseConnection) -> None:
+        """Put back the other nodes' heartbeats as last seen (a restarted Redis has none)."""
+        others = [
+            value
+            for node, ms in self._heartbeats.items()
+            if node != self._node.encode()
+            for value in (ms, node)
+        ]
+        if others:
+            await publisher.create_request(b"ZADD", self._channels.heartbeats, b"GT", *others)
 
     async def _resubscribe(self, subscriber: BaseConnection) -> None:
         """Subscribe the node's channels and every wanted id; wait for the last confirmation."""
@@ -467,7 +492,7 @@ class RedisLink:
         self._probe_back = trio.Event()
         probe = codec.encode(codec.Probe(self._node, self._probe_number))
         started = trio.current_time()
-        await publisher.create_request(
+        heartbeats = await publisher.create_request(
             b"EVALSHA",
             self._heartbeat_sha,
             1,
@@ -477,6 +502,9 @@ class RedisLink:
             probe,
             _ms(self._settings.node_timeout_s),
         )
+        if isinstance(heartbeats, list):
+            pairs = [value for value in heartbeats if isinstance(value, bytes)]
+            self._heartbeats = dict(zip(pairs[::2], pairs[1::2], strict=False))
         await self._probe_back.wait()
         self.health.probe_rtt_s = trio.current_time() - started
 

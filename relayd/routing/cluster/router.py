@@ -43,12 +43,12 @@ the link, and returns.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Iterator
+from typing import Final
 
 import msgspec
-import structlog
 import trio
 
 from relayd.config import ClusterSettings
@@ -56,29 +56,20 @@ from relayd.errors import BrokerUnavailable, RouterClosed
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.holder import Holder
 from relayd.routing.cluster.link import Link
+from relayd.routing.cluster.metrics import ClusterCollector
 from relayd.routing.cluster.pending import Decided, Kind, Waiting
+from relayd.routing.fanout import offer
 from relayd.routing.interface import Inbound, Peer, Relay
-from relayd.routing.table import Outcome, RoutingTable, outcome_of
-from relayd.telemetry.log import batched, line_writer
+from relayd.routing.replies import DETAILS, ack_frame, error_frame
+from relayd.routing.table import Outcome, RoutingTable
+from relayd.telemetry.log import batched
+from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
-from relayd.wire.dialects import ack_payload, delivery_payload, error_payload
-from relayd.wire.frames import text_frame
 
 __all__ = ["ClusterRouter"]
 
 #: Batches the router's inbox holds before readers wait (as the local router's).
 INBOX_SIZE: Final = 256
-
-_DETAILS: Final = {
-    Outcome.UNKNOWN_RECIPIENT: "no client with that id is connected",
-    Outcome.RECIPIENT_BUSY: "the recipient is not reading fast enough; try again later",
-    Outcome.RECIPIENT_UNREACHABLE: (
-        "the recipient may be on a node this one cannot reach now; not delivered, try again"
-    ),
-    Outcome.DELIVERY_UNCONFIRMED: (
-        "the recipient's node did not confirm delivery in time; it may or may not have it"
-    ),
-}
 
 _VERDICTS: Final = {
     codec.Verdict.DELIVERED: Outcome.DELIVERED,
@@ -132,12 +123,10 @@ class ClusterRouter:
         node: this node's name.
         link_factory: makes the link to the broker, given the receiver
             (this router) and the channel names.
-        log: where ``message.relay`` events go.
-        log_messages: emit one ``message.relay`` event per message.
-        log_bodies: include the message body in those events.
+        events: where message outcomes are counted and logged.
+        stats: the counters to add to (errors, relay latency).
         shared_ids: whether ids may now be held on several nodes (authentication
             is on), read at each message to an id held here.
-        stats: the counters to add to.
     """
 
     def __init__(
@@ -146,19 +135,16 @@ class ClusterRouter:
         *,
         node: str,
         link_factory: Callable[[ClusterRouter, codec.Channels], Link],
-        log: structlog.typing.FilteringBoundLogger,
-        log_messages: bool = True,
-        log_bodies: bool = False,
+        events: MessageEvents,
+        stats: Stats,
         shared_ids: Callable[[], bool] = lambda: False,
-        stats: Stats | None = None,
     ) -> None:
         self.node = node
         self._settings = settings
-        self._log = log
-        self._log_messages = log_messages
-        self._log_bodies = log_bodies
+        self._events = events
+        self._record: Recorder = events.recorder()  # made afresh per batch: see _batch
         self._shared_ids = shared_ids
-        self.stats = stats or Stats()
+        self.stats = stats
         self.channels = codec.Channels(settings.channel_prefix)
         self._own = self.channels.of_node(node)
         self._table: RoutingTable[Peer] = RoutingTable()
@@ -189,9 +175,14 @@ class ClusterRouter:
         """Messages and questions waiting for other nodes' answers."""
         return len(self._waiting)
 
-    def reconfigure(self, *, log_messages: bool, log_bodies: bool) -> None:  # noqa: D102
-        self._log_messages = log_messages
-        self._log_bodies = log_bodies
+    @property
+    def ready(self) -> bool:
+        """True while the link to the cluster is up (``/readyz``)."""
+        return self.link.health.up
+
+    def collector(self) -> ClusterCollector:
+        """The ``relayd_cluster_*`` metrics."""
+        return ClusterCollector(self.link.health, lambda: len(self._waiting))
 
     async def register(self, peer: Peer) -> None:
         """Route ``peer.client_id`` to ``peer``, cluster-wide once this returns.
@@ -220,7 +211,6 @@ class ClusterRouter:
             self._table.discard(peer.client_id, peer)
             if len(holders) == 1:
                 self.link.unsubscribe(self.channels.of_id(peer.client_id))
-        peer.outbox.close()
 
     async def route(self, items: list[Inbound]) -> None:  # noqa: D102
         try:
@@ -253,6 +243,7 @@ class ClusterRouter:
             finally:
                 for peer in self._table.handles():
                     self.unregister(peer)
+                    peer.detach()
                 self.link.close()
                 nursery.cancel_scope.cancel()
 
@@ -302,8 +293,9 @@ class ClusterRouter:
         """Relay ``message`` to ``to`` from the server (``sender`` as its ``from``)."""
         asker = _Relayed(None, sender, to, None, len(message), trio.current_time(), message)
         asker.done = trio.Event()
-        self._send(asker)
-        self._flush()
+        with self._batch():
+            self._send(asker)
+            self._flush()
         await asker.done.wait()
         assert asker.outcome is not None
         return asker.outcome
@@ -326,7 +318,7 @@ class ClusterRouter:
         async for first in inbox:
             # Everything queued is routed before the router yields, then
             # published in one batch (as the local router's pass).
-            with batched():
+            with self._batch():
                 items: list[Inbound] | None = first
                 while items is not None:
                     for item in items:
@@ -357,15 +349,7 @@ class ClusterRouter:
         """Deliver here, or publish, or both; answer now when the answer is known."""
         holders = self._table.lookup(asker.to)
         if holders:
-            frames: dict[Any, bytes] = {}
-            accepted = []
-            for peer in holders:
-                frame = frames.get(peer.dialect) or frames.setdefault(
-                    peer.dialect,
-                    text_frame(delivery_payload(peer.dialect, asker.sender_id, asker.body)),
-                )
-                accepted.append(peer.outbox.offer(frame))
-            outcome = outcome_of(accepted)
+            outcome = offer(holders, asker.sender_id, asker.body)
             if not self._shared_ids():
                 self._decide(asker, outcome)
                 return
@@ -410,7 +394,7 @@ class ClusterRouter:
 
     def _expected(self, seqs: list[int]) -> Callable[[list[int] | None], None]:
         def published(counts: list[int] | None) -> None:
-            with batched():
+            with self._batch():
                 for index, seq in enumerate(seqs):
                     if not seq:
                         continue
@@ -430,7 +414,7 @@ class ClusterRouter:
 
     def received(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Take what the link received (the :class:`~relayd.routing.cluster.link.Receiver` side)."""
-        with batched():
+        with self._batch():
             for channel, data in messages:
                 try:
                     message = codec.decode(data)
@@ -455,7 +439,7 @@ class ClusterRouter:
 
     def link_down(self) -> None:
         """The link broke: every open question is decided now (the Receiver side)."""
-        with batched():
+        with self._batch():
             for asker, result in self._waiting.abandon():
                 if isinstance(asker, _Counted):
                     asker.complete = False
@@ -477,38 +461,32 @@ class ClusterRouter:
             self._settled.unpark_all()
 
     def _decide(self, asker: _Relayed, outcome: Outcome) -> None:
-        """Tell the sender (or the server API) what became of its message, and log it."""
-        stats = self.stats
-        stats.messages[outcome] += 1
+        """Tell the sender (or the server API) what became of its message, and record it."""
         code = outcome.error
         if code is None:
-            stats.observe_latency(trio.current_time() - asker.received)
+            self.stats.observe_latency(trio.current_time() - asker.received)
         sender = asker.sender
         if sender is not None:
-            reply: bytes | None
-            if code is None:
-                reply = None if asker.ref is None else ack_payload(sender.dialect, asker.ref)
-            else:
-                stats.errors[code.value] += 1
-                reply = error_payload(sender.dialect, code, _DETAILS[outcome], asker.ref)
-            self._reply(sender, None if reply is None else text_frame(reply), asker.slot)
+            frame = (
+                ack_frame(sender.dialect, asker.ref)
+                if code is None
+                else error_frame(sender.dialect, code, DETAILS[code], asker.ref, self.stats)
+            )
+            self._reply(sender, frame, asker.slot)
         if asker.done is not None:
             asker.outcome = outcome
             asker.done.set()
-        if self._log_messages:
-            fields: dict[str, Any] = {
-                "from": asker.sender_id,
-                "to": asker.to,
-                "bytes": asker.size,
-                "outcome": outcome.value,
-            }
-            if self._log_bodies:
-                fields["body"] = bytes(asker.body).decode()
-            write = line_writer("message.relay")
-            if write is not None:
-                write(fields)
-            else:
-                self._log.info("message.relay", **fields)
+        self._record(asker.sender_id, asker.to, asker.size, outcome, asker.body)
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """One batch of decisions: log lines written together, a recorder as settings are now.
+
+        The block must not await (see :func:`relayd.telemetry.log.batched`).
+        """
+        with batched():
+            self._record = self._events.recorder()
+            yield
 
     def _reply(self, sender: Peer, frame: bytes | None, slot: _Slot | None = None) -> None:
         """Fill ``sender``'s next reply slot, keeping its replies in the order it sent.
@@ -519,14 +497,14 @@ class ClusterRouter:
         """
         held = self._held.get(sender)
         if held is None:
-            sender.outbox.reply(frame)
+            sender.reply(frame)
             return
         if slot is None:
             held.append(_Slot(frame, decided=True))
             return
         slot.frame, slot.decided = frame, True
         while held and held[0].decided:
-            sender.outbox.reply(held.popleft().frame)
+            sender.reply(held.popleft().frame)
         if not held:
             del self._held[sender]
 
@@ -539,7 +517,7 @@ class ClusterRouter:
                 await self._asked.park()
                 continue
             await trio.sleep_until(deadline)
-            with batched():
+            with self._batch():
                 for asker, result in waiting.expire(trio.current_time()):
                     if isinstance(asker, _Counted):
                         asker.complete = False
