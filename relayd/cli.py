@@ -115,6 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = load_tls(settings.tls)
         api_key = load_api_key(settings.admin)
         activated = listen_sockets()
+        if args.command != "check-config":
+            configure(settings.log)
+            # Building the server builds its router, which reads the cluster's password.
+            server = Server(
+                settings,
+                authenticator=authenticator,
+                tls=tls,
+                config_file=loaded.path,
+                api_key=api_key,
+            )
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"relayd: config error: {problem.line}", file=sys.stderr)
@@ -124,14 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "check-config":
         return _check_config(loaded)
-    configure(settings.log)
     for variable in loaded.ignored:
         get_logger().warning(
             "config.ignored", variable=variable.name, did_you_mean=variable.suggestion
         )
-    server = Server(
-        settings, authenticator=authenticator, tls=tls, config_file=loaded.path, api_key=api_key
-    )
     return trio.run(
         functools.partial(
             run_daemon,

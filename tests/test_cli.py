@@ -766,3 +766,16 @@ def test_a_port_in_use_exits_1_with_a_message(config: Path) -> None:
     assert lines[0].startswith("relayd: cannot listen"), lines[0]
     assert "in use" in lines[0]
     assert "set server.port (--port)" in lines[0]
+
+
+def test_an_unreadable_cluster_password_file_stops_relayd_before_it_listens(
+    config: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-password"
+    config.write_text(
+        f'[cluster]\nenabled = true\npassword_file = "{missing}"\n[admin]\nport = 0\n',
+        encoding="utf-8",
+    )
+    result = run([*MODULE, "--config", str(config), "--port", "0"], env=clean_env())
+    line = assert_config_error(result, "cluster.password_file", str(missing))
+    assert "No such file" in line

@@ -15,7 +15,9 @@ of the way in, Redis is restarted: every node loses its link, reconnects and res
    or to a ref never sent, is an offence.
 2. A message is received at most once, only by the id it was sent to, with ``from``
    naming its sender; never when its sender was told ``unknown_recipient``,
-   ``recipient_busy`` or ``recipient_unreachable`` (those were not delivered).
+   ``recipient_busy`` or ``recipient_unreachable`` (those were not delivered); and
+   ``unknown_recipient`` never answers a message to an id that was connected from before
+   it was sent until after the answer (Redis restart included).
 3. An acked message was received, unless its recipient's connection ended first; those
    are covered, per recipient, by the ``undelivered`` its node's ``connection.close``
    reports. Anything else is *lost*, and lost must be 0.
@@ -69,6 +71,7 @@ NOT_DELIVERED = {"unknown_recipient", "recipient_busy", "recipient_unreachable"}
 class Sent:
     sender: str
     to: str
+    to_was_live: bool  # the recipient was connected when this was sent
     reply: str | None = None  # "ack" or the error code
     replies: int = 0
 
@@ -105,6 +108,10 @@ async def _read(ws: ClientConnection, me: str, outstanding: set[str], ledger: Le
             sent.replies += 1
             sent.reply = "ack" if kind == "ack" else frame["error"]
             outstanding.discard(ref)
+            if sent.reply == "unknown_recipient" and sent.to_was_live and sent.to in ledger.live:
+                ledger.offences.append(
+                    f"{ref}: unknown_recipient for {sent.to}, connected all along"
+                )
 
 
 async def _slot(number: int, nodes: list[Node], ledger: Ledger, deadline: float) -> None:
@@ -130,7 +137,7 @@ async def _slot(number: int, nodes: list[Node], ledger: Ledger, deadline: float)
                     to = me
                 serial += 1
                 ref = f"s{number}-{serial}"
-                ledger.sent[ref] = Sent(me, to)
+                ledger.sent[ref] = Sent(me, to, to in ledger.live)
                 outstanding.add(ref)
                 await send_json(ws, {"to": to, "message": ref, "ref": ref})
                 await asyncio.sleep(rng.uniform(*PAUSE_S))  # pacing the load, not a wait
