@@ -123,7 +123,8 @@ def test_frozen_redis_makes_nodes_not_ready_until_it_thaws(
             assert one.readyz() == 503
         finally:
             redis_server.thaw()
-        one.wait_connected(2)
+        for node in (one, two):
+            node.wait_connected(2)
         assert one.readyz() == 200
         assert run(_v1_pair(one, two))[0]["type"] == "ack"
 

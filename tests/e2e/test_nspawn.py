@@ -1218,19 +1218,21 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
             default_url, f'broker_url = "redis://127.0.0.1:{relayd.redis_port}/0"'
         )
     )
+    install = box.run(
+        f"{SRC}/systemd/install.sh",
+        "--nodes",
+        "2",
+        "--first-admin-port",
+        str(first),
+        env=("PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEELS}"),
+        timeout=INSTALL_TIMEOUT_S,
+        check=False,
+    )
+    assert install.returncode == 0, f"{install.stdout}\n{install.stderr}"
+    # Followed from here (journalctl refuses a pattern no unit matches yet), from the
+    # first line on (-n all), so nothing the nodes logged while starting is missed.
     journal = Journal(box.leader, "relayd@*")
     try:
-        install = box.run(
-            f"{SRC}/systemd/install.sh",
-            "--nodes",
-            "2",
-            "--first-admin-port",
-            str(first),
-            env=("PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEELS}"),
-            timeout=INSTALL_TIMEOUT_S,
-            check=False,
-        )
-        assert install.returncode == 0, f"{install.stdout}\n{install.stderr}\n{journal.tail()}"
         assert box.systemctl("is-active", *nodes, "redis-server").stdout.split() == ["active"] * 3
         assert box.systemctl("is-active", "relayd.service", check=False).stdout.strip() != "active"
         host = box.run("hostname").stdout.strip()
