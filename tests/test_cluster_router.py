@@ -24,7 +24,7 @@ from relayd.routing.cluster.link import Health
 from relayd.routing.cluster.redis import RedisLink
 from relayd.routing.cluster.router import ClusterRouter
 from relayd.routing.interface import Relay
-from relayd.routing.outbox import Outbox
+from relayd.routing.outbox import Offer, Outbox
 from relayd.routing.table import Outcome
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -61,7 +61,7 @@ class Conn:
         return self
 
     def deliver(self, frame: bytes) -> bool:
-        taken = self.outbox.offer(frame)
+        taken = self.outbox.offer(frame) is Offer.QUEUED
         self._arrived.unpark_all()
         return taken
 
