@@ -8,7 +8,7 @@ uses 6379: another Redis may be running on the machine. Readiness is Redis's own
 :meth:`RedisServer.restart` (same port, empty: a restart loses every
 subscription), :meth:`RedisServer.kill`, :meth:`RedisServer.freeze` and
 :meth:`RedisServer.thaw` (SIGSTOP/SIGCONT), :meth:`RedisServer.cli` (a command
-through a fresh connection, for assertions).
+through a fresh connection, for assertions), :meth:`RedisServer.forget_clients`.
 
 A missing ``redis-server`` fails the test under ``CI=true`` and skips it
 elsewhere (``require_tool``).
@@ -179,6 +179,18 @@ class RedisServer:
             check=True,
         )
         return result.stdout.strip()
+
+    def forget_clients(self, name_prefix: str) -> None:
+        """Make sure Redis has dropped the connections named ``name_prefix...``.
+
+        A process that just closed them may be ahead of Redis, which sees a close
+        at its next turn; ``CLIENT KILL`` returns once Redis has dropped the
+        client (an error when it already had, which is as good).
+        """
+        for line in self.cli("CLIENT", "LIST").splitlines():
+            fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+            if fields.get("name", "").startswith(name_prefix):
+                self.cli("CLIENT", "KILL", "ID", fields["id"])
 
     @property
     def output(self) -> str:

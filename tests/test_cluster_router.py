@@ -337,6 +337,7 @@ async def test_a_vanished_nodes_ids_are_unreachable_then_unknown(redis_server: R
                 await two.connect(Conn("bob"))
                 two.link.leave = _no_leave  # type: ignore[method-assign]
             died = trio.current_time()
+            redis_server.forget_clients("relayd:n2:")
             await one.send(alice, "bob", ref="m1")
             [first] = await alice.frames()
             assert first["error"] == "recipient_unreachable"
