@@ -67,6 +67,11 @@ MODULES: Final = {
 #: Trio-free modules in :data:`PURE_PACKAGES` that are not mutated, and why.
 NOT_MUTATED: Final = {
     "relayd/routing/factory.py": "composition, not logic: it builds the LocalRouter (on trio)",
+    "relayd/routing/cluster/build.py": "composition, not logic: it builds the ClusterRouter",
+    "relayd/routing/cluster/metrics.py": "exposition of the link's counters, not logic",
+    # Not yet in the run (issue 10 added them after it was set up); each has tests:
+    "relayd/routing/fanout.py": "not yet run; tests/test_local_router.py covers it",
+    "relayd/routing/cluster/holder.py": "not yet run; tests/test_cluster_router.py covers it",
 }
 
 EQUIVALENTS_FILE: Final = Path(__file__).with_name("equivalents.toml")
