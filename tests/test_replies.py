@@ -18,6 +18,12 @@ DOCUMENTED_DETAILS = {
     ErrorCode.RECIPIENT_BUSY: "the recipient is not reading fast enough; try again later",
     ErrorCode.RATE_LIMITED: "too many messages; slow down",
     ErrorCode.UNSUPPORTED_DATA: "binary frames are not supported; send JSON text frames",
+    ErrorCode.RECIPIENT_UNREACHABLE: (
+        "the recipient may be on a node this one cannot reach now; not delivered, try again"
+    ),
+    ErrorCode.DELIVERY_UNCONFIRMED: (
+        "the recipient's node did not confirm delivery in time; it may or may not have it"
+    ),
 }
 
 

@@ -18,8 +18,11 @@ Every exception here is a :class:`ClientError`, itself a
     │   ├── RecipientBusy        recipient_busy
     │   ├── RateLimited          rate_limited
     │   ├── UnsupportedData      unsupported_data
-    │   └── MessageTooLarge      message_too_large (also refused locally,
-    │                            before sending, over the server's limit)
+    │   ├── MessageTooLarge      message_too_large (also refused locally,
+    │   │                        before sending, over the server's limit)
+    │   ├── RecipientUnreachable recipient_unreachable (a cluster: not sent)
+    │   └── DeliveryUnconfirmed  delivery_unconfirmed (a cluster: maybe
+    │                            delivered, maybe not)
     └── ConnectionClosed      the connection ended (.code, .reason)
         ├── NormalClosure        1000, e.g. relayd's idle timeout
         ├── ServerShuttingDown   1001
@@ -51,6 +54,7 @@ __all__ = [
     "ConnectTimeout",
     "ConnectionClosed",
     "ConnectionLost",
+    "DeliveryUnconfirmed",
     "HandshakeRefused",
     "InternalError",
     "InvalidData",
@@ -63,6 +67,7 @@ __all__ = [
     "ProtocolViolation",
     "RateLimited",
     "RecipientBusy",
+    "RecipientUnreachable",
     "SendError",
     "ServerShuttingDown",
     "TLSError",
@@ -208,6 +213,24 @@ class MessageTooLarge(SendError):
         self.sent = sent
 
 
+class RecipientUnreachable(SendError):
+    """A relayd cluster could not reach the node that may hold the recipient: not delivered.
+
+    Retrying later is safe (docs/protocol.md, "Across nodes").
+    """
+
+    error_code = ErrorCode.RECIPIENT_UNREACHABLE
+
+
+class DeliveryUnconfirmed(SendError):
+    """A relayd cluster sent it to the recipient's node, which did not confirm in time.
+
+    It may or may not have been delivered; relayd never sends it twice.
+    """
+
+    error_code = ErrorCode.DELIVERY_UNCONFIRMED
+
+
 _SEND_ERRORS: Final[dict[str, type[SendError]]] = {
     cls.error_code: cls
     for cls in (
@@ -218,6 +241,8 @@ _SEND_ERRORS: Final[dict[str, type[SendError]]] = {
         RateLimited,
         UnsupportedData,
         MessageTooLarge,
+        RecipientUnreachable,
+        DeliveryUnconfirmed,
     )
     if cls.error_code is not None
 }
