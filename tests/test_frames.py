@@ -976,3 +976,23 @@ def test_frames_come_out_under_the_opcode_names_of_rfc_6455(
 def test_a_continuation_is_opcode_0() -> None:
     assert OP_CONTINUATION == 0x0
     assert parse(frame(OP_TEXT, b"a", fin=False) + frame(0x0, b"b")) == [(OP_TEXT, b"ab")]
+
+
+@pytest.mark.parametrize("cut", [7, 8, 12])
+def test_a_close_frame_split_inside_its_payload_is_checked_whole(cut: int) -> None:
+    data = frame(OP_CLOSE, b"\x03\xe8" + b"bye now")
+    parser = FrameParser(MAX)
+    assert parser.feed(data[:cut]) == []
+    assert parser.feed(data[cut:]) == [(OP_CLOSE, b"\x03\xe8bye now")]
+    bad = frame(OP_CLOSE, b"\x03\xed" + b"bye now")  # 1005 may not be sent
+    parser = FrameParser(MAX)
+    assert parser.feed(bad[:cut]) == []
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(bad[cut:])
+    assert (info.value.code, info.value.reason) == (1002, "close frame with invalid code 1005")
+
+
+def test_a_message_whose_last_fragment_fits_the_room_already_made_is_exact() -> None:
+    # The second fragment grows the buffer by an eighth; the third fits in it.
+    data = fragments(OP_BINARY, [b"a" * 100, b"b" * 5, b"c"])
+    assert parse(data) == [(OP_BINARY, b"a" * 100 + b"b" * 5 + b"c")]
