@@ -996,3 +996,13 @@ def test_a_message_whose_last_fragment_fits_the_room_already_made_is_exact() -> 
     # The second fragment grows the buffer by an eighth; the third fits in it.
     data = fragments(OP_BINARY, [b"a" * 100, b"b" * 5, b"c"])
     assert parse(data) == [(OP_BINARY, b"a" * 100 + b"b" * 5 + b"c")]
+
+
+def test_the_documented_bound_beyond_the_message_is_139_bytes() -> None:
+    # docs/security.md: a parser holds at most M + 139 bytes (the largest
+    # header, 14 bytes, or a control frame, 125 bytes of payload).
+    assert MAX_HELD_RAW_BYTES == 139
+    parser = FrameParser(MAX)
+    ping = frame(OP_PING, b"p" * 125)
+    assert parser.feed(ping[:-1]) == []
+    assert parser.buffered <= 139

@@ -603,3 +603,63 @@ def test_extra_headers_go_out_beside_a_refusals_own(status: int, own_header: byt
     assert response.status_code == status
     assert header_values(response.headers, b"retry-after") == [b"5"]
     assert len(header_values(response.headers, own_header)) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        pytest.param(b"hello there\r\n\r\n", "illegal request line", id="request-line"),
+        pytest.param(
+            head(extra=[("X-Pad", "v")])[:-4] + b"\r\nno colon\r\n\r\n",
+            "illegal header line",
+            id="header-line",
+        ),
+        pytest.param(head(extra=[("Content-Length", "abc")]), "bad Content-Length", id="cl"),
+        pytest.param(
+            head(extra=[("Content-Length", "1"), ("Content-Length", "2")]),
+            "conflicting Content-Length headers",
+            id="cl-twice",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "Missing mandatory Host: header",
+            id="no-host",
+        ),
+        pytest.param(
+            head(extra=[("Host", "b.example")]), "Found multiple Host: headers", id="two-hosts"
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\n X: y\r\n\r\n",
+            "continuation line at start of headers",
+            id="leading-continuation",
+        ),
+        pytest.param(b"\r\n\r\n", "no request line received", id="no-request-line"),
+        pytest.param(
+            head(extra=[("Transfer-Encoding", "gzip")]),
+            "Only Transfer-Encoding: chunked is supported",
+            id="te-gzip",
+        ),
+    ],
+)
+def test_a_malformed_request_is_told_the_kind_of_fault_and_never_its_bytes(
+    data: bytes, kind: str
+) -> None:
+    assert read(data) == Refusal(400, f"malformed HTTP request: {kind}")
+
+
+def test_a_fault_of_no_known_kind_is_told_only_that_the_request_is_malformed() -> None:
+    data = head(extra=[("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")])
+    assert read(data) == Refusal(400, "malformed HTTP request")
+
+
+@pytest.mark.parametrize("how", ["whole", "split-after-the-head"])
+def test_a_space_right_after_the_head_is_a_frame_byte_not_a_folded_line(how: str) -> None:
+    data, early = head(), b" not a header"
+    reader = RequestReader(LIMIT)
+    if how == "whole":
+        result = reader.feed(data + early)
+    else:
+        assert reader.feed(data[:-1]) is None
+        result = reader.feed(data[-1:] + early)
+    assert isinstance(result, tuple), result
+    assert result[1] == early
