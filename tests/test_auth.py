@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -403,3 +404,100 @@ def test_without_leeway_a_token_is_expired_from_its_exp_second_on() -> None:
 def test_a_comment_may_hold_a_hash_sign() -> None:
     text = "alice a-secret  # rotated 2024-05 # see ticket #12\n"
     assert parse_tokens_file(text) == {"alice": "a-secret"}
+
+
+# -- what the operator is told about a key ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "material", "message"),
+    [
+        pytest.param(
+            "HS256", lambda: "s" * 31, "the HS256 secret is shorter than 32 bytes", id="hs256-31"
+        ),
+        pytest.param(
+            "HS256",
+            lambda: pem_public(rsa_key()),
+            "the HS256 secret is a PEM key; RS256 or ES256 take a public key",
+            id="hs256-pem",
+        ),
+        pytest.param(
+            "RS256",
+            lambda: pem_private(rsa_key()),
+            "not a PEM public key (a private key: give the issuer's public key)",
+            id="private",
+        ),
+        pytest.param(
+            "RS256",
+            lambda: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            "not a PEM public key (a certificate: give the public key it holds)",
+            id="certificate",
+        ),
+        pytest.param(
+            "ES256",
+            lambda: "-----BEGIN FOO-----\nabcd\n-----END FOO-----\n",
+            "not a PEM public key (a PEM block of another kind)",
+            id="other-pem",
+        ),
+        pytest.param(
+            "ES256",
+            lambda: SECRET,
+            "not a PEM public key (no PEM block: a secret or another file?)",
+            id="secret",
+        ),
+        pytest.param(
+            "RS256",
+            lambda: pem_public(ec_key()),
+            "RS256 needs an RSA public key; this is another kind of key",
+            id="rs256-ec",
+        ),
+        pytest.param(
+            "ES256",
+            lambda: pem_public(rsa_key()),
+            "ES256 needs an EC public key; this is another kind of key",
+            id="es256-rsa",
+        ),
+        pytest.param(
+            "PS256", lambda: pem_public(rsa_key()), "unsupported algorithm PS256", id="ps256"
+        ),
+    ],
+)
+def test_each_unusable_key_is_told_exactly_what_is_wrong(
+    algorithm: str, material: Callable[[], str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        jwt_key(algorithm, material())
+
+
+def test_an_hs256_secret_of_32_bytes_is_enough() -> None:
+    assert jwt_key("HS256", "s" * 32) == "s" * 32
+
+
+def test_a_verifier_takes_a_public_key_already_parsed() -> None:
+    private = rsa_key()
+    verifier = JWTVerifier(private.public_key(), "RS256")
+    token = jwt.encode(claims(), private, "RS256")
+    assert verifier.authenticate(token) == Identity("alice")
+
+
+@pytest.mark.parametrize(
+    ("token", "refusal"),
+    [
+        pytest.param(
+            lambda: jwt.encode(claims(iss="https://other.example"), SECRET, "HS256"),
+            Refusal(403, "token not for this server: wrong issuer"),
+            id="issuer",
+        ),
+        pytest.param(lambda: "not.a.token", Refusal(401, "invalid token: malformed"), id="junk"),
+        pytest.param(
+            lambda: jwt.encode(claims(iat="yesterday"), SECRET, "HS256"),
+            Refusal(401, "invalid token: iat is not a number"),
+            id="iat",
+        ),
+    ],
+)
+def test_each_kind_of_bad_jwt_is_told_its_reason(
+    token: Callable[[], str], refusal: Refusal
+) -> None:
+    verifier = JWTVerifier(SECRET, "HS256", issuer="https://idp.example")
+    assert verifier.authenticate(token()) == refusal

@@ -87,3 +87,12 @@ def test_the_same_limits_again_keep_what_was_counted() -> None:
     fail(failures, IP, 10)
     failures.configure(10, 60.0)
     assert failures.blocked(IP, 0.0)
+
+
+def test_new_limits_set_the_new_pace() -> None:
+    # 5 failures over 30 s: one more try every 6 s, as with the defaults' 10 over 60.
+    failures = AuthFailures(10, 60.0)
+    failures.configure(5, 30.0)
+    fail(failures, IP, 5)
+    assert failures.blocked(IP, 5.99)
+    assert not failures.blocked(IP, 6.01)

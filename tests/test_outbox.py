@@ -345,3 +345,13 @@ def test_a_reply_without_a_reserved_slot_is_dropped_and_upsets_no_bound() -> Non
     box.reply(None)
     box.reply(None)
     assert box.settled
+
+
+def test_a_take_is_64_kib_exactly_and_not_a_byte_more() -> None:
+    box = make(capacity=4)
+    half = b"h" * 32768
+    for frame in (half, half, half, b"h" * 32769):
+        assert box.offer(frame) is Offer.QUEUED
+    assert box.take() == [half, half]  # 65,536 bytes: both
+    assert box.take() == [half]  # 65,537 bytes would be one too many
+    assert box.take() == [b"h" * 32769]

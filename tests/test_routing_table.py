@@ -184,3 +184,15 @@ def test_outcome_values_are_the_logged_strings() -> None:
         "recipient_unreachable",
         "delivery_unconfirmed",
     ]
+
+
+def test_ids_lists_each_routable_id_once() -> None:
+    table: RoutingTable[object] = RoutingTable()
+    a, b = object(), object()
+    table.add("alice", a)
+    table.add("alice", b)
+    table.add("bob", b)
+    assert sorted(table.ids()) == ["alice", "bob"]
+    table.discard("alice", a)
+    table.discard("alice", b)
+    assert table.ids() == ["bob"]
