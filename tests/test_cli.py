@@ -566,12 +566,19 @@ class RawClient:
 
     def __init__(self, port: int, *, v1: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S)
-        extra = [("Sec-WebSocket-Protocol", "relayd.v1")] if v1 else []
-        self.sock.sendall(wire.upgrade_request(extra=extra))
         self._buffer = b""
-        head = self._read_until(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        welcome = self.recv_text()
+        try:
+            extra = [("Sec-WebSocket-Protocol", "relayd.v1")] if v1 else []
+            self.sock.sendall(wire.upgrade_request(extra=extra))
+            head = self._read_until(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            welcome = self.recv_text()
+        except BaseException:
+            # Nobody gets this client to close: a failed handshake (relayd gone,
+            # a refusal) would leave the socket to the garbage collector, whose
+            # ResourceWarning then fails whichever later test it lands in.
+            self.sock.close()
+            raise
         self.id: str = json.loads(welcome)["id"] if v1 else welcome
 
     def _read_until(self, marker: bytes) -> bytes:
