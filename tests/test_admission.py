@@ -260,3 +260,8 @@ def test_addresses_that_came_and_went_hold_no_memory() -> None:
         tracemalloc.stop()
     assert capacity.total == 0
     assert held < 16_384  # bytes; an entry per address seen would be about a megabyte
+
+
+def test_a_share_of_one_handshake_per_address_admits_the_first() -> None:
+    handshakes = Handshakes(max_total=10, max_per_ip=1)
+    assert [handshakes.admit(IP) for _ in range(2)] == [None, "max_handshakes_per_ip"]

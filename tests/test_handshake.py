@@ -663,3 +663,18 @@ def test_a_space_right_after_the_head_is_a_frame_byte_not_a_folded_line(how: str
         result = reader.feed(data[-1:] + early)
     assert isinstance(result, tuple), result
     assert result[1] == early
+
+
+@pytest.mark.parametrize("subprotocol", [None, "relayd.v1"])
+def test_the_accept_announces_the_message_limit_beside_the_subprotocol(
+    subprotocol: str | None,
+) -> None:
+    # docs/protocol.md: `Relayd-Max-Message-Bytes: 65536` at the defaults.
+    event, _ = websocket_client_reads(
+        accept_response(RFC_KEY, subprotocol, max_message_bytes=65536)
+    )
+    assert header_values(event.headers, b"relayd-max-message-bytes") == [b"65536"]
+    expected = [] if subprotocol is None else [subprotocol.encode()]
+    assert header_values(event.headers, b"sec-websocket-protocol") == expected
+    event, _ = websocket_client_reads(accept_response(RFC_KEY, subprotocol))
+    assert header_values(event.headers, b"relayd-max-message-bytes") == []
