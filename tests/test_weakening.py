@@ -116,3 +116,13 @@ def test_a_value_from_the_environment_is_stated(locked: Settings, tmp_path: Path
     settings = load(config_path=path, environ={"RELAYD_AUTH__MODE": "off"}).settings
     [mode] = [w for w in weakenings(locked, settings) if w.key == "auth.mode"]
     assert mode.stated
+
+
+def test_several_origins_added_are_listed_with_commas(locked: Settings, tmp_path: Path) -> None:
+    wider = LOCKED.replace(
+        '["https://chat.example"]',
+        '["https://chat.example", "https://x.example", "https://y.example"]',
+    )
+    assert [w.what for w in weakenings(locked, read(tmp_path, wider))] == [
+        "origins added: https://x.example, https://y.example"
+    ]
