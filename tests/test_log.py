@@ -584,11 +584,15 @@ def test_configure_then_reset_leaves_capture_logs_working(configured: io.StringI
     assert configured.getvalue() == ""
 
 
-async def test_batched_lines_are_held_briefly_then_written_in_order(
+async def test_batched_lines_are_written_at_once_when_sparse_else_held_briefly_in_order(
     configured: io.StringIO, autojump_clock: trio.testing.MockClock
 ) -> None:
     configure(LogSettings(format="json"), stream=configured)
     log = get_logger()
+
+    def events() -> list[str]:
+        return [json.loads(line)["event"] for line in lines_of(configured)]
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flush_held_lines)
         await trio.testing.wait_all_tasks_blocked()
@@ -597,21 +601,25 @@ async def test_batched_lines_are_held_briefly_then_written_in_order(
             write = line_writer("message.relay")
             assert write is not None  # the JSON processors are configured
             write({"from": "a", "to": "b", "bytes": 3, "outcome": "delivered"})
-        assert lines_of(configured) == []  # held
+        # Nothing was written lately: the batch goes out as it ends.
+        assert events() == ["in.batch", "message.relay"]
         await trio.sleep(FLUSH_DELAY_S / 2)
-        assert lines_of(configured) == []
-        await trio.sleep(FLUSH_DELAY_S)
-        assert [json.loads(line)["event"] for line in lines_of(configured)] == [
-            "in.batch",
-            "message.relay",
-        ]
         with batched():
-            log.info("held.first", n=2)
-        log.info("outside", n=3)  # a line outside a batch takes the held ones with it
-        assert [json.loads(line)["event"] for line in lines_of(configured)][2:] == [
-            "held.first",
-            "outside",
-        ]
+            log.info("soon.after", n=2)
+        assert events()[2:] == []  # held: a batch was written less than FLUSH_DELAY_S ago
+        await trio.sleep(FLUSH_DELAY_S / 4)
+        assert events()[2:] == []
+        await trio.sleep(FLUSH_DELAY_S / 4)  # FLUSH_DELAY_S after the first write
+        await trio.testing.wait_all_tasks_blocked()
+        assert events()[2:] == ["soon.after"]
+        with batched():
+            log.info("held.first", n=3)
+        log.info("outside", n=4)  # a line outside a batch takes the held ones with it
+        assert events()[3:] == ["held.first", "outside"]
+        await trio.sleep(FLUSH_DELAY_S)
+        with batched():
+            log.info("later", n=5)  # quiet again: written at once
+        assert events()[5:] == ["later"]
         nursery.cancel_scope.cancel()
 
 

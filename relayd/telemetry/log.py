@@ -10,12 +10,16 @@ the JSON path is kept short: three processors (the line budget below, which
 looks at the event's name only, exception formatting, then one that stamps,
 orders and encodes with msgspec straight to bytes), and a sink
 that writes lines rather than printing them. Code that logs many events at
-once (the router, for one batch of messages) wraps them in :func:`batched`:
-their lines are held, and go out with the next line logged outside a batch,
-or when :data:`MAX_HELD_BYTES` are held, or :data:`FLUSH_DELAY_S` after the
-batch when :func:`flush_held_lines` runs (the server runs it), whichever
-comes first; without it, at the end of the batch. Lines keep their order.
-Within
+once (the router, for one batch of messages) wraps them in :func:`batched`.
+A batch's lines are written at its end when no batch's lines were written in
+the last :data:`FLUSH_DELAY_S` (sparse traffic: a lone message's line costs one
+``write`` and no task wakes up for it); otherwise they are held, and go out
+with the next line logged outside a batch, or when :data:`MAX_HELD_BYTES` are
+held, or :data:`FLUSH_DELAY_S` after the last write when
+:func:`flush_held_lines` runs (the server runs it), whichever comes first:
+under load, one ``write`` per :data:`FLUSH_DELAY_S`. Without the flusher
+running, every batch is written at its end. Lines keep their order and are
+never held longer than :data:`FLUSH_DELAY_S`. Within
 such a block, :func:`line_writer` writes one event's lines with the very
 bytes the JSON processors would produce, without structlog's per-call
 dispatch, whenever the JSON processors are the ones configured (under
@@ -39,6 +43,7 @@ from __future__ import annotations
 import datetime
 import io
 import logging
+import math
 import os
 import sys
 import time
@@ -64,9 +69,10 @@ __all__ = [
     "report_suppressed_lines",
 ]
 
-#: The longest a batch's lines are held before they are written. Under load a
-#: write per batch is a system call per few messages; this makes it one per
-#: 10 ms, and a person tailing the log does not notice.
+#: The longest a batch's lines are held before they are written, and the
+#: shortest time between two writes of batches' lines. Under load a write per
+#: batch is a system call per few messages; this makes it one per 10 ms, and a
+#: person tailing the log does not notice.
 FLUSH_DELAY_S: Final = 0.01
 #: Held lines are written at once when they reach this size.
 MAX_HELD_BYTES: Final = 65536
@@ -269,6 +275,9 @@ class _LineSink:
         self._lines: list[bytes] = []
         self._bytes = 0
         self.held = False
+        #: Until when (trio's clock) a batch's lines are held rather than
+        #: written at its end: :data:`FLUSH_DELAY_S` after the last such write.
+        self.quiet_until = -math.inf
 
     def msg(self, line: str | bytes) -> None:
         """Write one rendered event (held while in a :func:`batched` block)."""
@@ -279,22 +288,31 @@ class _LineSink:
             self.flush()
 
     def release(self) -> None:
-        """End a batch: its lines go out soon (see the module docstring)."""
+        """End a batch: its lines go out now, or soon (see the module docstring)."""
         self.held = False
         if not self._lines:
             return
-        if _flush_due is None:
+        flusher = _flusher
+        if flusher is None:
             self.flush()
-        else:
-            _flush_due.set()
+            return
+        # The flusher runs, so this runs in trio (batches never await).
+        now = trio.current_time()
+        if now >= self.quiet_until:
+            # Sparse: written now, which costs one write and no task's wake-up.
+            self.quiet_until = now + FLUSH_DELAY_S
+            self.flush()
+        elif flusher.deadline > self.quiet_until:
+            # The flusher wakes once, when the quiet time ends, and writes them.
+            flusher.deadline = self.quiet_until
 
     # structlog calls the method named like the level; they all write a line.
     debug = info = warning = warn = error = critical = exception = log = msg
 
-    def flush(self) -> None:
-        """Write the lines held so far."""
+    def flush(self) -> bool:
+        """Write the lines held so far; False if there were none."""
         if not self._lines:
-            return
+            return False
         data = b"\n".join(self._lines) + b"\n"
         self._lines.clear()
         self._bytes = 0
@@ -304,30 +322,35 @@ class _LineSink:
         else:
             self._stream.write(data.decode())
             self._stream.flush()
+        return True
 
 
 _sink: _LineSink | None = None
 _level = logging.INFO
-#: Set by a batch that held lines, while :func:`flush_held_lines` runs.
-_flush_due: trio.Event | None = None
+#: The flusher's wait, while :func:`flush_held_lines` runs: a batch that holds
+#: lines sets its deadline to when they are due.
+_flusher: trio.CancelScope | None = None
 
 
 async def flush_held_lines() -> None:
-    """Write the lines batches hold, :data:`FLUSH_DELAY_S` after they are held; run forever.
+    """Write the lines batches hold, :data:`FLUSH_DELAY_S` after the last write; run forever.
+
+    It wakes only when held lines are due: a batch that holds lines sets the
+    deadline of its wait (one task step per write, however many lines).
 
     Resource handling: run it in a nursery that lives as long as the logging
     does; when cancelled, it writes what is held and batches flush at once again.
     """
-    global _flush_due  # the module's one flusher, like its one sink
+    global _flusher  # the module's one flusher, like its one sink
     try:
         while True:
-            _flush_due = due = trio.Event()
-            await due.wait()
-            await trio.sleep(FLUSH_DELAY_S)
-            if _sink is not None:
-                _sink.flush()
+            with trio.CancelScope() as _flusher:
+                await trio.sleep_forever()
+            sink = _sink
+            if sink is not None and sink.flush():
+                sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
     finally:
-        _flush_due = None
+        _flusher = None
         if _sink is not None:
             _sink.flush()
 
