@@ -1,7 +1,7 @@
 """One accepted WebSocket connection: its reader, writer and timers.
 
 Data path through here: the reader (:class:`~relayd.daemon.reader.Reader`)
-takes what one ``receive_some`` brought, parses every frame in it, judges each
+takes what one read brought, parses every frame in it, judges each
 message (:class:`~relayd.daemon.intake.Intake`) and hands the lot to the
 router as one batch; the router offers other clients' messages to this
 connection with :meth:`Connection.deliver`, into its outbox

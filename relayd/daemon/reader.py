@@ -1,6 +1,7 @@
 """One connection's reader: its socket to the router, and its timers.
 
-The reader takes what one ``receive_some`` brought, parses every frame in it
+The reader takes what one read brought (:meth:`Transport.receive
+<relayd.daemon.transport.Transport.receive>`), parses every frame in it
 (:class:`~relayd.wire.frames.FrameParser`), judges each message
 (:class:`~relayd.daemon.intake.Intake`) and hands the lot to the router as one
 batch, with a reply slot reserved for each item in the outbox. A client that
@@ -135,7 +136,7 @@ class Reader:
         self._live = limits
         self._log = log
         self._receive_scope: trio.CancelScope | None = None  # the wait for the socket
-        self._waiting_for_socket = False  # in receive_some
+        self._waiting_for_socket = False  # in Transport.receive
         self.messages_in = self.bytes_in = 0
 
     def stop(self) -> None:
@@ -156,7 +157,7 @@ class Reader:
 
     async def run(self) -> None:
         """Read until the connection stops reading: a close, a stop, a timer, or the end."""
-        receive = self._transport.stream.receive_some
+        receive = self._transport.receive
         early, self._early = self._early, b""
         if early and not await self._handle(early):
             return
@@ -173,8 +174,6 @@ class Reader:
                     self._waiting_for_socket = True
                     try:
                         data = await receive(RECEIVE_BYTES)
-                    except trio.BrokenResourceError:  # reset by the client
-                        data = b""
                     finally:
                         self._waiting_for_socket = False
                     scope.deadline = math.inf
@@ -293,13 +292,13 @@ class Reader:
         """After relayd's close frame: wait for the client's (bounded by the caller)."""
         # After relayd's close frame, the client's messages are not read
         # (RFC 6455 §1.4); only its close frame, or the end of the stream.
-        receive = self._transport.stream.receive_some
+        receive = self._transport.receive
         while True:
+            data = await receive(RECEIVE_BYTES)
+            self.bytes_in += len(data)
             try:
-                data = await receive(RECEIVE_BYTES)
-                self.bytes_in += len(data)
                 events = self._feed(data) if data else [(OP_CLOSE, b"")]
-            except (trio.BrokenResourceError, ProtocolError):
+            except ProtocolError:
                 return
             if any(opcode == OP_CLOSE for opcode, _ in events):
                 return

@@ -22,9 +22,17 @@ layer must see every byte), and so do streams that are not sockets (tests).
 It lets a connection with nothing else to write send a lone message without
 waking a task for it.
 
+**Reading.** :meth:`Transport.receive` waits for a plain TCP socket to be
+readable, then reads it once: one ``read`` per arrival. (trio's
+``receive_some`` reads first and waits only if that fails, which suits a
+stream that is usually ahead; a chat client's socket is usually empty when
+its reader comes back to it, so that first read fails, once per message.)
+TLS and other streams read through ``receive_some``.
+
 Resource handling: the gate's per-stream task owns the transport and calls
 :meth:`Transport.close` in its ``finally``; the connection's reader receives
-from :attr:`Transport.stream` and its writer sends through
+with :meth:`Transport.receive` (or from :attr:`Transport.stream`) and its
+writer sends through
 :meth:`Transport.send_all` or :meth:`Transport.try_send`, one write at a time.
 """
 
@@ -78,6 +86,34 @@ class Transport:
         except BaseException:
             self.broken = True
             raise
+
+    async def receive(self, max_bytes: int) -> bytes | bytearray:
+        """Wait for data and return what one read brings, at most ``max_bytes``.
+
+        Cancellation: only the wait is a checkpoint; once the read is made its
+        bytes are returned.
+
+        Returns:
+            The bytes read; empty once the client has closed its side or gone
+            (reset).
+
+        Raises:
+            trio.ClosedResourceError: the stream was closed meanwhile.
+        """
+        fd = self._fd
+        if fd < 0:
+            try:
+                return await self.stream.receive_some(max_bytes)
+            except trio.BrokenResourceError:  # reset by the client
+                return b""
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, max_bytes)
+            except BlockingIOError:  # readable, then not: wait again
+                continue
+            except OSError:  # ECONNRESET, ETIMEDOUT: the client is gone
+                return b""
 
     @property
     def direct(self) -> bool:
