@@ -23,7 +23,7 @@ from trio_websocket import wrap_client_stream
 from relayd.config import LimitsSettings
 from relayd.daemon.gate import Gate
 from relayd.daemon.writer import WRITER_IDLE_S
-from relayd.routing.local import LocalRouter
+from relayd.routing.local import DEFAULT_INBOX_SIZE, LocalRouter
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from tests import wire
@@ -62,14 +62,18 @@ class Relay:
 
 
 @asynccontextmanager
-async def serving(**limits: Any) -> AsyncIterator[Relay]:
+async def serving(
+    *, inbox_size: int = DEFAULT_INBOX_SIZE, routing: bool = True, **limits: Any
+) -> AsyncIterator[Relay]:
+    """A gate and its router; with ``routing=False`` the router's task is the test's to start."""
     log = structlog.get_logger("test")
     stats = Stats()
     events = MessageEvents(log, stats)
-    router = LocalRouter(events, stats)
+    router = LocalRouter(events, stats, inbox_size=inbox_size)
     gate = Gate(router, LimitsSettings(**limits), log, events=events, stats=stats)
     async with trio.open_nursery() as nursery:
-        await nursery.start(router.run)
+        if routing:
+            await nursery.start(router.run)
         yield Relay(nursery, gate, router)
         gate.drain()
         router.close()
@@ -159,6 +163,26 @@ async def test_a_live_peer_answers_pings_and_stays(autojump_clock: trio.testing.
         assert await b.recv() == "hello"
 
 
+async def test_a_timer_due_while_a_reader_waits_for_the_router_loses_none_of_what_it_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The router's inbox holds one batch and its task has not started: the
+    # sender's second read waits for the router, across a keepalive ping due.
+    async with (
+        serving(inbox_size=1, routing=False, ping_interval_s=5.0, pong_timeout_s=60.0) as relay,
+        relay.client(v1=True) as a,
+        relay.client() as b,
+    ):
+        await a.send(b.id, "first", ref=1)
+        await trio.testing.wait_all_tasks_blocked()  # in the inbox
+        await a.send(b.id, "second", ref=2)
+        await trio.testing.wait_all_tasks_blocked()  # waiting for room in the inbox
+        await trio.sleep(12)  # two pings due meanwhile
+        await relay.nursery.start(relay.router.run)
+        assert [await b.recv(), await b.recv()] == ["first", "second"]
+        assert [(await a.recv_json())["ref"] for _ in range(2)] == [1, 2]
+
+
 async def test_a_slow_consumer_gets_senders_busy_then_1013_unless_it_catches_up(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -222,7 +246,11 @@ async def test_a_client_reading_big_messages_steadily_is_not_a_slow_consumer(
     # 60 KB messages read at 60 KB/s, with a 2 s timeout: every 60 KB written
     # is progress, even though four of them (4 s of reading) wait at once.
     big, count = "m" * 60_000, 12
-    limits = {"outbox_messages": 4, "slow_consumer_timeout_s": 2.0, "max_message_bytes": 70_000}
+    limits: dict[str, Any] = {
+        "outbox_messages": 4,
+        "slow_consumer_timeout_s": 2.0,
+        "max_message_bytes": 70_000,
+    }
     with structlog.testing.capture_logs() as events:
         async with serving(**limits) as relay, relay.client(v1=True) as sender:
             reader = relay.stream(lockstep=True)

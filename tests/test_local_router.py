@@ -338,6 +338,22 @@ async def test_route_waiting_on_a_full_inbox_raises_when_closed(logs: list[Event
     assert raised == [RouterClosed]
 
 
+async def test_try_route_takes_what_the_inbox_has_room_for_and_never_waits(
+    logs: list[EventDict],
+) -> None:
+    router = new_router(inbox_size=1)
+    alice = Conn("alice", Dialect.V1)
+    assert alice.outbox.reserve(2)
+    assert router.try_route([Reply(alice.peer, text_frame(b"one"))])
+    assert not router.try_route([Reply(alice.peer, text_frame(b"two"))])  # full: not taken
+    router.close()
+    with pytest.raises(RouterClosed):
+        router.try_route([Reply(alice.peer, text_frame(b"late"))])
+    with trio.fail_after(TEST_LIMIT_S):
+        await router.run()
+    assert alice.frames() == ["one"]
+
+
 async def test_register_after_close_raises(logs: list[EventDict]) -> None:
     router = new_router()
     router.close()

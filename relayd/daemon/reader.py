@@ -164,19 +164,22 @@ class Reader:
         lifecycle = self._lifecycle
         while lifecycle.reading:
             # One cancel scope for a stretch of reads: its deadline is the next
-            # timer while the reader waits for the socket, and off while it
-            # handles what it read; a timer, or a stop, cancels only the wait
-            # for the socket, and ends the stretch.
+            # timer; a timer, or a stop, cancels only the wait for the socket,
+            # and ends the stretch. Handling what was read waits for nothing
+            # but in the rare slow paths of _route, which lift the deadline
+            # first; so the deadline is set only when it changes (a change
+            # costs trio a heap entry and a context manager).
             with trio.CancelScope() as scope:
                 self._receive_scope = scope
                 while True:
-                    scope.deadline = self._timers.deadline(self._live.current)
+                    deadline = self._timers.deadline(self._live.current)
+                    if deadline != scope.deadline:
+                        scope.deadline = deadline
                     self._waiting_for_socket = True
                     try:
                         data = await receive(RECEIVE_BYTES)
                     finally:
                         self._waiting_for_socket = False
-                    scope.deadline = math.inf
                     if not data or not await self._handle(data):
                         return
             self._receive_scope = None
@@ -255,19 +258,31 @@ class Reader:
         for start in range(0, len(items), chunk):
             part = items if len(items) <= chunk else items[start : start + chunk]
             if not outbox.reserve(len(part)):
+                self._lift_deadline()
                 with trio.move_on_after(self._timers.slow_consumer_timeout_s) as waiting:
                     await self._writer.wait_for_room(len(part))
                 if waiting.cancelled_caught:
                     self._stuck()
                     return False
             try:
-                await self._router.route(part)
+                if not self._router.try_route(part):
+                    self._lift_deadline()
+                    await self._router.route(part)
             except BaseException:  # RouterClosed, or cancelled: the router took nothing
                 for _ in part:
                     outbox.reply(None)
                 self._writer.slots_freed()
                 raise
         return True
+
+    def _lift_deadline(self) -> None:
+        """Before a wait other than for the socket: no timer may cut it short.
+
+        What was read is then routed whatever the timers say; they are seen
+        to once the reader next waits for the socket.
+        """
+        if self._receive_scope is not None:
+            self._receive_scope.deadline = math.inf
 
     def _due(self) -> bool:
         """See to the timers that are due; False if the connection closes for one."""

@@ -111,6 +111,20 @@ class Router(Protocol):
     def unregister(self, peer: Peer) -> None:
         """Stop routing to ``peer``; idempotent. Its connection closes its own outbox."""
 
+    def try_route(self, items: list[Inbound]) -> bool:
+        """Queue ``items`` for routing as :meth:`route` does, if that needs no wait.
+
+        Never waits and is no checkpoint, so a caller under a deadline can hand
+        over without that deadline cutting the hand-over short.
+
+        Returns:
+            True if the router took ``items``; False if it is behind (nothing
+            was taken: :meth:`route` waits for room).
+
+        Raises:
+            RouterClosed: the router is shutting down; the items were not taken.
+        """
+
     async def route(self, items: list[Inbound]) -> None:
         """Queue ``items`` for routing, in order; waits while the router is behind.
 

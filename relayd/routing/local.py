@@ -26,6 +26,7 @@ import trio
 
 from relayd.errors import RouterClosed
 from relayd.routing.fanout import offer
+from relayd.routing.inbox import hand_over, try_hand_over
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import Outcome, RoutingTable
@@ -81,19 +82,11 @@ class LocalRouter:
     def unregister(self, peer: Peer) -> None:  # noqa: D102
         self._table.discard(peer.client_id, peer)
 
+    def try_route(self, items: list[Inbound]) -> bool:  # noqa: D102
+        return try_hand_over(self._inbox_send, items)
+
     async def route(self, items: list[Inbound]) -> None:  # noqa: D102
-        try:
-            # Without a wait when there is room: the reader's next read is a
-            # checkpoint anyway, and a yield here would cost a scheduling
-            # round per read.
-            self._inbox_send.send_nowait(items)
-        except trio.WouldBlock:
-            try:
-                await self._inbox_send.send(items)
-            except trio.ClosedResourceError:
-                raise RouterClosed("router is shutting down") from None
-        except trio.ClosedResourceError:
-            raise RouterClosed("router is shutting down") from None
+        await hand_over(self._inbox_send, items)
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:  # noqa: D102
         with batched():

@@ -59,6 +59,7 @@ from relayd.routing.cluster.link import Link
 from relayd.routing.cluster.metrics import ClusterCollector
 from relayd.routing.cluster.pending import Decided, Kind, Waiting
 from relayd.routing.fanout import offer
+from relayd.routing.inbox import hand_over, try_hand_over
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import Outcome, RoutingTable
@@ -212,16 +213,11 @@ class ClusterRouter:
             if len(holders) == 1:
                 self.link.unsubscribe(self.channels.of_id(peer.client_id))
 
+    def try_route(self, items: list[Inbound]) -> bool:  # noqa: D102
+        return try_hand_over(self._inbox_send, items)
+
     async def route(self, items: list[Inbound]) -> None:  # noqa: D102
-        try:
-            self._inbox_send.send_nowait(items)
-        except trio.WouldBlock:
-            try:
-                await self._inbox_send.send(items)
-            except trio.ClosedResourceError:
-                raise RouterClosed("router is shutting down") from None
-        except trio.ClosedResourceError:
-            raise RouterClosed("router is shutting down") from None
+        await hand_over(self._inbox_send, items)
 
     def close(self) -> None:  # noqa: D102
         self._closed = True
