@@ -34,6 +34,8 @@ from relayd.wire.frames import (
     encode_frame,
     parse_close,
     text_frame,
+    unmask,
+    unmask_in_python,
 )
 from tests.wire import frame, server_frames
 
@@ -130,6 +132,15 @@ def test_payload_is_unmasked_with_its_key(key: bytes, size: int) -> None:
 @given(payload=st.binary(max_size=300), key=st.binary(min_size=4, max_size=4))
 def test_masking_round_trips_for_any_key_and_payload(payload: bytes, key: bytes) -> None:
     assert parse(keyed(OP_BINARY, payload, key)) == [(OP_BINARY, payload)]
+
+
+@given(payload=st.binary(max_size=300), key=st.binary(min_size=4, max_size=4))
+def test_both_unmasks_xor_each_byte_with_its_byte_of_the_key(payload: bytes, key: bytes) -> None:
+    # The parser uses websockets' C unmask, or the Python one where that is missing.
+    expected = bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
+    assert unmask(payload, key) == expected
+    assert unmask_in_python(payload, key) == expected
+    assert unmask_in_python(bytearray(payload), bytearray(key)) == expected
 
 
 def test_many_frames_in_one_feed_come_out_in_order() -> None:
