@@ -156,6 +156,10 @@ def relayd_node(
         str(ROOT / ".venv" / "bin" / "relayd"),
         "--config", str(RELAYD_CONFIG), "--host", "127.0.0.1", "--port", "0",
     ]  # fmt: skip
+    drains: list[subprocess.Popen[bytes]] = []
+    # Registered before the node: the stack unwinds last in, first out, so the node is
+    # stopped first and its log drain then sees the end of its output.
+    stack.callback(lambda: [drain.wait(STOP_TIMEOUT_S) for drain in drains])
     proc = stack.enter_context(child(argv, f"relayd {name}", env))
     # Ready once serving; with the cluster on, once its link is up too (broker.connected).
     assert proc.stdout is not None
@@ -171,8 +175,7 @@ def relayd_node(
     if not port:
         raise RuntimeError(f"relayd {name} did not become ready")
     # Its log lines from here on go nowhere but the pipe: drain it in the background.
-    drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=log.open("ab"))
-    stack.callback(drain.wait)
+    drains.append(subprocess.Popen(["cat"], stdin=proc.stdout, stdout=log.open("ab")))
     return proc.pid, port
 
 
