@@ -32,6 +32,7 @@ from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
 from tests.client import connect, running, settings
+from tests.test_api import call
 from tests.test_cli import MODULE, SCRIPT, clean_env
 
 #: Bound on one wait for a line or an exit; relayd answers on loopback in milliseconds,
@@ -242,6 +243,17 @@ async def test_each_arrival_is_one_line_and_control_characters_are_escaped() -> 
             await chat.expect(prefix + '{"k":\\n [1,  2]}')
             await peer.send(chat.id, 42)
             await chat.expect(prefix + "42")
+
+
+async def test_a_message_from_the_server_api_shows_as_from_the_server() -> None:
+    server = Server(settings())
+    async with running(server) as url, chatting(url) as v1, chatting(url, "--seed") as seed:
+        admin = server.admin_address
+        assert admin is not None
+        await call(admin, "/api/publish", {"to": v1.id, "message": {"kind": "notice"}})
+        await v1.expect('< (server): {"kind": "notice"}')
+        await call(admin, "/api/publish", {"to": seed.id, "message": "deploy at 18:00"})
+        await seed.expect("< deploy at 18:00")  # the seed dialect does not say who
 
 
 async def test_an_unknown_id_is_an_error_line_matched_to_its_ref_in_v1() -> None:

@@ -59,6 +59,7 @@ from relayd.daemon.server import Server
 from relayd.wire.frames import text_frame
 from relayd.wire.handshake import accept_response
 from tests.client import running, settings
+from tests.test_api import call
 
 UNKNOWN_DETAIL: Final = "no client with that id is connected"
 #: A body of this many bytes keeps its envelope under relayd's default 64 KiB limit.
@@ -118,6 +119,30 @@ async def test_the_received_message_is_the_json_its_sender_wrote() -> None:
     assert [m.data for m in received] == [{"k": [1, 2]}, "two\nlines ☃", 42, "42"]
     assert [m.text for m in received] == ['{"k":\n [1,  2]}', "two\nlines ☃", "42", "42"]
     assert {m.sender for m in received} == {a.id}
+
+
+async def test_a_message_from_the_server_api_says_so_and_cannot_be_answered() -> None:
+    server = Server(settings())
+    async with (
+        running(server) as url,
+        connect(url) as v1,
+        connect(url, dialect="seed") as seed,
+        connect(url) as peer,
+    ):
+        admin = server.admin_address
+        assert admin is not None
+        for client in (v1, seed):
+            answer = await call(admin, "/api/publish", {"to": client.id, "message": "deploy"})
+            assert answer[2] == {"outcome": "delivered"}
+        from_api, from_api_seed = await v1.receive(), await seed.receive()
+        assert (from_api.sender, from_api.from_server, from_api.text) == ("", True, "deploy")
+        # The seed dialect does not say who sent a message, the server API included.
+        assert (from_api_seed.sender, from_api_seed.from_server) == (None, False)
+        await peer.send(v1.id, "hi")
+        assert (await v1.receive()).from_server is False
+        # The echo pattern of docs/client.md: "" is no one to answer.
+        with pytest.raises(InvalidEnvelope):
+            await v1.send("", "thanks")
 
 
 async def test_a_token_is_sent_as_a_bearer_header_and_its_subject_is_the_id() -> None:
@@ -215,7 +240,11 @@ async def test_a_server_without_relayd_v1_is_refused_for_v1_and_fine_for_seed() 
         ("ws://127.0.0.1/", {"connect_timeout": 0}, "connect_timeout must be positive"),
         ("ws://127.0.0.1/", {"keepalive_s": math.inf}, "keepalive_s must be positive"),
         ("ws://127.0.0.1/", {"max_in_flight": 0}, "max_in_flight >= 1"),
-        ("ws://127.0.0.1/", {"dialect": "chat"}, "is not a valid Dialect"),
+        (
+            "ws://127.0.0.1/",
+            {"dialect": "v2"},
+            r"^dialect must be one of relayd\.v1, seed, not 'v2'$",
+        ),
     ],
 )
 async def test_bad_arguments_are_refused_before_connecting(

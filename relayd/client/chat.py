@@ -68,6 +68,9 @@ earlier lines (they are not kept after it).
 
 Each line printed is one event:
   < FROM: MESSAGE      a message (relayd.v1, the default)
+  < (server): MESSAGE  a message from the application's backend, sent
+                       through relayd's server API (relayd.v1); it cannot
+                       be answered
   < MESSAGE            a message (--seed: the seed dialect does not say who
                        sent it)
   ack N                relayd.v1: your Nth message is in the recipient's
@@ -202,7 +205,9 @@ class _Session:
                 self._console.say(f"ack {self._sent}")
 
     def _show(self, message: Message) -> None:
-        if message.sender is not None:
+        if message.from_server:  # its sender is "", which would print as "< : ..."
+            self._console.say(f"< (server): {message.text}")
+        elif message.sender is not None:
             self._console.say(f"< {message.sender}: {message.text}")
         elif (error := message.as_error()) is not None:
             self._show_error(error, None)

@@ -70,6 +70,8 @@ RECEIVE_QUEUE: Final = 16
 MAX_MESSAGE_CHARS: Final = 2**20
 #: Keepalive ping interval, and how long its pong may take: as relayd's own.
 KEEPALIVE_S: Final = 30.0
+#: The dialects ``connect`` speaks, by the names it takes.
+_DIALECTS: Final = tuple(dialect.value for dialect in (Dialect.V1, Dialect.SEED))
 
 
 class Client:
@@ -411,8 +413,8 @@ async def connect(
         The connected client; its :attr:`Client.id` is set.
 
     Raises:
-        ValueError: a bad URL, token or figure, or an ``ssl_context`` with a
-            ``ws://`` URL; nothing was connected.
+        ValueError: a bad URL, token, dialect or figure, or an ``ssl_context``
+            with a ``ws://`` URL; nothing was connected.
         ConnectError: no connection: :class:`HandshakeRefused` (an HTTP
             status: 401, 403, 503...), :class:`ConnectTimeout`,
             :class:`TLSError`, or the network.
@@ -429,6 +431,8 @@ async def connect(
         raise ValueError("keepalive_s must be positive, or None")
     if max_in_flight < 1 or receive_queue < 0 or max_message_chars < 1:
         raise ValueError("need max_in_flight >= 1, receive_queue >= 0, max_message_chars >= 1")
+    if dialect not in _DIALECTS:
+        raise ValueError(f"dialect must be one of {', '.join(_DIALECTS)}, not {dialect!r}")
     options = LinkOptions(
         dialect=Dialect(dialect),
         token=token,

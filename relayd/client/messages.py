@@ -16,7 +16,14 @@ from typing import Any, Final
 import msgspec
 
 from relayd.client.errors import SendError, send_error
-from relayd.wire.dialects import Dialect, Envelope, SeedError, ServerMessage, Welcome
+from relayd.wire.dialects import (
+    SERVER_SENDER,
+    Dialect,
+    Envelope,
+    SeedError,
+    ServerMessage,
+    Welcome,
+)
 
 __all__ = [
     "Message",
@@ -42,7 +49,9 @@ class Message:
 
     Attributes:
         sender: the sender's id as relayd knows it (never something the sender
-            wrote); None in the seed dialect, which does not say.
+            wrote); ``""`` for a message the application's backend published
+            through relayd's server API (:attr:`from_server`), which no client
+            can answer; None in the seed dialect, which does not say.
         raw: the message as JSON text (UTF-8), exactly as its sender wrote it
             in relayd.v1. The seed dialect delivers a JSON string as its bare
             text, so there ``raw`` is the frame if it is JSON, else the frame
@@ -51,6 +60,17 @@ class Message:
 
     sender: str | None
     raw: bytes
+
+    @property
+    def from_server(self) -> bool:
+        """Whether the application's backend sent this through relayd's server API.
+
+        relayd.v1 says so with the empty sender id ``""``, which no client can hold
+        (docs/api.md): there is no one to answer, and a send to ``""`` is refused
+        with :class:`~relayd.client.InvalidEnvelope`. Always False in the seed
+        dialect, which does not say who sent a message.
+        """
+        return self.sender == SERVER_SENDER
 
     @property
     def data(self) -> Any:

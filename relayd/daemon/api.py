@@ -36,7 +36,7 @@ import msgspec
 
 from relayd.daemon.admin import Request, Response, Routes
 from relayd.routing.table import Outcome
-from relayd.wire.dialects import MAX_ID_CHARS
+from relayd.wire.dialects import MAX_ID_CHARS, SERVER_SENDER
 
 __all__ = [
     "DEFAULT_PAGE",
@@ -46,9 +46,6 @@ __all__ = [
     "api_routes",
 ]
 
-#: The sender id of messages published through the API: the empty string, which no client
-#: can hold (ids are 1 to 256 characters), so no client can pass for the server.
-SERVER_SENDER: Final = ""
 #: Ids per ``/api/ids`` page unless ``limit`` says otherwise, and the most it may say:
 #: a page of 1000 ids of 256 characters is at most about 260 KB of JSON.
 DEFAULT_PAGE: Final = 100

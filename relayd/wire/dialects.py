@@ -32,6 +32,7 @@ from relayd.errors import EnvelopeError, ErrorCode
 __all__ = [
     "MAX_ID_CHARS",
     "MAX_REF_CHARS",
+    "SERVER_SENDER",
     "V1_SUBPROTOCOL",
     "Ack",
     "Delivery",
@@ -55,6 +56,10 @@ V1_SUBPROTOCOL: Final = "relayd.v1"
 #: Longest ``to`` accepted. Server ids are 22 characters; the bound leaves room
 #: for authenticated subjects while refusing absurd keys before any lookup.
 MAX_ID_CHARS: Final = 256
+#: The ``from`` of a message the application's backend published through the server
+#: API (docs/api.md): empty, which no id is (``to`` must be 1 to 256 characters), so no
+#: client can pass for the backend, and a reply to it is refused as ``invalid_envelope``.
+SERVER_SENDER: Final = ""
 #: Longest string ``ref``; it is echoed back, so it is bounded like the id.
 MAX_REF_CHARS: Final = 256
 #: Integer refs stay within what a JavaScript number holds exactly.
