@@ -388,6 +388,14 @@ async def test_to_sets_a_default_recipient_for_whole_lines() -> None:
         await chat.send(f"{peer.id} addressed again")
         assert (await peer.recv_json())["message"] == "addressed again"
         await chat.expect("ack 3")
+        # Two words are no id: refused, and the recipient stays as it was (none).
+        await chat.send(f"/to {peer.id} hello")
+        assert await chat.stderr_line() == (
+            "relayd chat: /to takes one ID (/to alone goes back to ID MESSAGE)"
+        )
+        await chat.send(f"{peer.id} still addressed")
+        assert (await peer.recv_json())["message"] == "still addressed"
+        await chat.expect("ack 4")
 
 
 # -- connection failures: one line on stderr, exit 1 ------------------------------------
@@ -421,6 +429,19 @@ async def test_a_missing_or_bad_token_is_a_401_on_stderr(token: str | None) -> N
     assert lines[0].startswith(f"relayd chat: {url} refused the handshake: HTTP 401 "), err
     assert len(lines[0]) > len(f"relayd chat: {url} refused the handshake: HTTP 401 "), "no body"
     assert "wrong-token" not in err
+    # Only a chat that sent no token is told where one goes.
+    hint = f" (the server wants a token: set {TOKEN_VARIABLE} or use --token-file PATH)"
+    assert lines[0].endswith(hint) == (token is None), err
+
+
+async def test_relayd_token_is_not_read_and_says_so() -> None:
+    async with running(_with_tokens()) as url:
+        status, out, err = await run_to_exit(url, env={"RELAYD_TOKEN": ALICE})
+    assert (status, out) == (1, [])
+    first, refused = err.splitlines()
+    assert first == f"relayd chat: RELAYD_TOKEN is not read: the token comes from {TOKEN_VARIABLE}"
+    assert "HTTP 401" in refused
+    assert ALICE not in err
 
 
 async def test_the_token_comes_from_the_environment_or_a_file(tmp_path: Path) -> None:
@@ -443,6 +464,16 @@ async def test_a_token_on_the_command_line_is_refused_with_the_reason() -> None:
         f" {TOKEN_VARIABLE} or use --token-file PATH\n"
     )
     assert ALICE not in err
+
+
+async def test_a_token_in_the_url_is_refused_like_token_without_showing_it() -> None:
+    async with running(_with_tokens()) as url:
+        status, out, err = await run_to_exit(f"{url}?x=1&token={ALICE}")
+    assert (status, out) == (2, [])
+    assert err == (
+        "relayd chat: ?token= in the URL is not accepted: `ps` shows it to every user;"
+        f" set {TOKEN_VARIABLE} or use --token-file PATH\n"
+    )
 
 
 async def test_nothing_listening_is_one_line_on_stderr() -> None:
@@ -482,7 +513,7 @@ async def test_a_token_that_cannot_be_a_header_exits_2_without_showing_it() -> N
 # -- TLS -------------------------------------------------------------------------------
 
 
-async def test_wss_verifies_against_the_system_trust_store(tmp_path: Path) -> None:
+async def test_wss_verifies_against_the_system_trust_store_or_a_ca_file(tmp_path: Path) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
@@ -497,9 +528,27 @@ async def test_wss_verifies_against_the_system_trust_store(tmp_path: Path) -> No
         status, out, err = await run_to_exit(
             url, env={"SSL_CERT_FILE": str(tmp_path / "empty.pem")}
         )
+        # A private CA without touching the process's trust store: --ca-file.
+        async with chatting(url, "--ca-file", str(tmp_path / "ca.pem")) as chat:
+            await chat.send(f"{chat.id} trusted")
+            await chat.expect(f"< {chat.id}: trusted", "ack 1")
     assert (status, out) == (1, [])
     assert err.startswith(f"relayd chat: TLS handshake with {url} failed: "), err
     assert "CERTIFICATE_VERIFY_FAILED" in err
+    assert err.endswith(" (for a private CA: --ca-file PATH)\n"), err
+
+
+async def test_a_ca_file_that_cannot_be_used_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "empty.pem").write_text("")
+    for args, message in [
+        (["wss://127.0.0.1/", "--ca-file", str(tmp_path / "none.pem")], "bad --ca-file: cannot"),
+        (["wss://127.0.0.1/", "--ca-file", str(tmp_path / "empty.pem")], "bad --ca-file: cannot"),
+        (["ws://127.0.0.1/", "--ca-file", str(tmp_path / "empty.pem")], "--ca-file is for a wss"),
+    ]:
+        status, out, err = await run_to_exit(*args)
+        assert (status, out) == (2, [])
+        assert err.startswith(f"relayd chat: {message}"), err
+        assert err.count("\n") == 1, err
 
 
 async def test_wss_to_a_plain_server_says_it_may_speak_ws() -> None:

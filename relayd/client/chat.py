@@ -14,7 +14,8 @@ Ctrl-C closes like ``/quit``; a second Ctrl-C stops waiting for the server's
 close reply (exit status 130).
 
 ``wss://`` verifies the server's certificate against the system trust store
-(``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are honoured); there is no way to turn
+(``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are honoured), or against the CA
+certificates of ``--ca-file PATH`` for a private CA; there is no way to turn
 verification off.
 """
 
@@ -24,7 +25,9 @@ import argparse
 import functools
 import os
 import signal
+import ssl
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -34,7 +37,14 @@ import trio
 
 from relayd.client.client import Client, connect
 from relayd.client.endpoint import check_token, parse_url
-from relayd.client.errors import ConnectError, ConnectionClosed, MessageTooLarge, SendError
+from relayd.client.errors import (
+    ConnectError,
+    ConnectionClosed,
+    HandshakeRefused,
+    MessageTooLarge,
+    SendError,
+    TLSError,
+)
 from relayd.client.messages import Message
 from relayd.client.terminal import Console
 from relayd.wire.dialects import Dialect
@@ -44,8 +54,13 @@ __all__ = ["EX_USAGE", "HELP", "TOKEN_VARIABLE", "main", "run"]
 #: Exit status for a bad URL or token, as argparse uses for bad arguments.
 EX_USAGE: Final = 2
 #: The environment variable holding the token. Not ``RELAYD_...``: relayd reads
-#: every one of those as a setting of its own, and refuses unknown ones.
+#: every one of those as a setting of its own, and warns about unknown ones.
 TOKEN_VARIABLE: Final = "RELAY_TOKEN"
+#: The name a person is likely to guess for :data:`TOKEN_VARIABLE`; never read,
+#: but its being set is worth a warning.
+_GUESSED_VARIABLE: Final = "RELAYD_TOKEN"
+#: Where the token may come from, as said in every message about it.
+_TOKEN_WAYS: Final = f"set {TOKEN_VARIABLE} or use --token-file PATH"
 
 HELP: Final = f"""\
 Type a line to send a message:
@@ -84,13 +99,16 @@ characters from the network (line breaks, terminal escapes) are shown escaped,
 as \\n or \\x1b: one line is one event, and a peer cannot drive your terminal.
 
 The token, when the server wants one, comes from the {TOKEN_VARIABLE} environment
-variable or from --token-file, never from the command line, where `ps` shows
-it to everyone on the machine.
+variable or from --token-file, never from the command line (--token, or
+?token= in the URL), where `ps` shows it to everyone on the machine.
+
+For wss://, the server's certificate is verified against the system's trust
+store, or against --ca-file PATH (PEM) for a private CA.
 
 Exit status: 0 after /quit, end of input, Ctrl-C, or a server close with 1000
 or 1001; 1 after any other close, or if the connection cannot be made (one
 line on stderr: a refused handshake's HTTP status and body, or the network or
-TLS error); 2 for a bad URL or token."""
+TLS error); 2 for a bad URL, token or --ca-file."""
 
 _DIALECT_NAMES: Final = {Dialect.SEED: "seed", Dialect.V1: "relayd.v1"}
 #: Close codes after which the server's close is not a failure.
@@ -175,7 +193,10 @@ class _Session:
         if name == "/id":
             self._console.say(f"id: {self._client.id}")
         elif name == "/to":
-            self._to = args[0] if args else None
+            if len(args) > 1:  # an id has no spaces: the rest would be lost
+                self._console.warn("/to takes one ID (/to alone goes back to ID MESSAGE)")
+            else:
+                self._to = args[0] if args else None
         elif name == "/help":
             for help_line in HELP.splitlines():
                 self._console.say(help_line)
@@ -219,19 +240,57 @@ class _Session:
         self._console.say(f"! {error.code}: {error.detail}{where}")
 
 
-async def _chat(url: str, dialect: Dialect, token: str | None, console: Console) -> int:
+async def _chat(
+    url: str,
+    dialect: Dialect,
+    token: str | None,
+    context: ssl.SSLContext | None,
+    console: Console,
+) -> int:
     try:
-        async with connect(url, token=token, dialect=dialect) as client:
+        async with connect(url, token=token, dialect=dialect, ssl_context=context) as client:
             name = _DIALECT_NAMES[dialect]
             console.say(f"connected to {url} as {client.id} ({name})")
             quit_ = await _Session(client, console).run()
     except ConnectError as exc:
-        console.warn(str(exc))
+        console.warn(str(exc) + _hint(exc, token))
         return 1
     closed = client.closed
     code, reason = (closed.code, closed.reason) if closed is not None else (1006, "")
     console.say(f"closed: {code} {reason}".rstrip())
     return 0 if quit_ or code in _NORMAL_CLOSES else 1
+
+
+def _hint(error: ConnectError, token: str | None) -> str:
+    """What to do about ``error``, to end its line; "" when there is nothing to add."""
+    if isinstance(error, HandshakeRefused) and error.status == 401 and token is None:
+        return f" (the server wants a token: {_TOKEN_WAYS})"
+    if isinstance(error, TLSError) and isinstance(error.__cause__, ssl.SSLCertVerificationError):
+        return " (for a private CA: --ca-file PATH)"
+    return ""
+
+
+def _token_in(url: str) -> bool:
+    """Whether ``url``'s query has a ``token``, as a browser would send it."""
+    try:
+        query = urllib.parse.urlsplit(url).query
+    except ValueError:
+        return False  # not a URL: parse_url says why
+    return any(name == "token" for name, _ in urllib.parse.parse_qsl(query, True))
+
+
+def _context(ca_file: Path | None) -> ssl.SSLContext | None:
+    """A client TLS context that trusts ``ca_file``; None for the system's trust store.
+
+    Raises:
+        ValueError: the file cannot be read, or holds no CA certificate.
+    """
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load {ca_file}: {exc}") from exc
 
 
 def _token(token_file: Path | None) -> str | None:
@@ -253,21 +312,37 @@ def _token(token_file: Path | None) -> str | None:
     return token
 
 
-def main(url: str, *, dialect: Dialect = Dialect.V1, token_file: Path | None = None) -> int:
+def main(
+    url: str,
+    *,
+    dialect: Dialect = Dialect.V1,
+    token_file: Path | None = None,
+    ca_file: Path | None = None,
+) -> int:
     """Run ``relayd chat``: connect to ``url`` and chat on stdin and stdout.
 
     Args:
-        url: ``ws://HOST:PORT/PATH`` or ``wss://...``.
+        url: ``ws://HOST:PORT/PATH`` or ``wss://...``, without a ``token`` in its
+            query (refused: it would be printed, and ``ps`` shows it).
         dialect: relayd.v1 (acks, sender ids), or the seed dialect.
         token_file: a file holding the token; without it, :data:`TOKEN_VARIABLE`.
+        ca_file: PEM certificates of the CAs to trust for ``wss://``; None for
+            the system's trust store.
 
     Returns:
         The exit status: 0, 1 or :data:`EX_USAGE` (see :data:`HELP`); 130
         when a second Ctrl-C cut the closing handshake short.
     """
     console = Console("relayd chat")
+    if _token_in(url):
+        # Refused rather than taken out: by now `ps` and the shell's history hold it, and
+        # the way that keeps it out of both is the one to learn. The URL is not repeated.
+        console.warn(
+            f"?token= in the URL is not accepted: `ps` shows it to every user; {_TOKEN_WAYS}"
+        )
+        return EX_USAGE
     try:
-        parse_url(url)
+        endpoint = parse_url(url)
     except ValueError as exc:
         console.warn(f"bad URL {url!r}: {exc}")
         return EX_USAGE
@@ -276,9 +351,19 @@ def main(url: str, *, dialect: Dialect = Dialect.V1, token_file: Path | None = N
     except ValueError as exc:
         console.warn(f"bad token: {exc}")  # never the token itself: it may be nearly right
         return EX_USAGE
+    if token is None and os.environ.get(_GUESSED_VARIABLE):
+        console.warn(f"{_GUESSED_VARIABLE} is not read: the token comes from {TOKEN_VARIABLE}")
+    if ca_file is not None and not endpoint.tls:
+        console.warn("--ca-file is for a wss:// URL")
+        return EX_USAGE
+    try:
+        context = _context(ca_file)
+    except ValueError as exc:
+        console.warn(f"bad --ca-file: {exc}")
+        return EX_USAGE
     status = 128 + signal.SIGINT
     try:
-        status = trio.run(functools.partial(_chat, url, dialect, token, console))
+        status = trio.run(functools.partial(_chat, url, dialect, token, context, console))
     except* KeyboardInterrupt:  # Ctrl-C while connecting, or a second one while closing
         pass
     except* BrokenPipeError:  # whoever read stdout stopped, e.g. `relayd chat URL | head -1`
@@ -313,15 +398,21 @@ def run(argv: Sequence[str]) -> int:
         metavar="PATH",
         help=f"read the token from PATH (default: the {TOKEN_VARIABLE} environment variable)",
     )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PATH",
+        help="for wss://: trust the CA certificates in PATH (PEM) instead of the system's",
+    )
     # Refused, with the reason: a token on the command line is readable by every
     # user of the machine (ps, /proc/PID/cmdline).
     parser.add_argument("--token", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.token is not None:
-        parser.error(
-            f"--token is not accepted: `ps` shows it to every user; set {TOKEN_VARIABLE}"
-            " or use --token-file PATH"
-        )
+        parser.error(f"--token is not accepted: `ps` shows it to every user; {_TOKEN_WAYS}")
     return main(
-        args.url, dialect=Dialect.SEED if args.seed else Dialect.V1, token_file=args.token_file
+        args.url,
+        dialect=Dialect.SEED if args.seed else Dialect.V1,
+        token_file=args.token_file,
+        ca_file=args.ca_file,
     )
