@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -26,12 +27,14 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+import structlog
 import trio
+import trio.testing
 from packaging.requirements import Requirement
 
 import relayd.client
 from relayd.daemon.server import Server
-from tests.client import running, settings
+from tests.client import connect, running, settings
 
 REPO: Final = Path(__file__).resolve().parents[1]
 DOCS: Final = REPO / "docs" / "client.md"
@@ -259,8 +262,14 @@ def test_every_program_type_checks_under_mypy_strict(installed: Installed) -> No
     )
 
 
+#: Programs that run until Ctrl-C, each run by a test of its own.
+UNTIL_INTERRUPTED: Final = frozenset({"reconnect.py"})
+
+
 @pytest.mark.parametrize(
-    "program", [p for p in PROGRAMS if p.output is not None], ids=lambda p: p.name
+    "program",
+    [p for p in PROGRAMS if p.output is not None and p.name not in UNTIL_INTERRUPTED],
+    ids=lambda p: p.name,
 )
 async def test_every_program_prints_what_the_page_shows(
     program: Program, installed: Installed
@@ -280,3 +289,54 @@ async def test_every_program_prints_what_the_page_shows(
     assert done.returncode == 0, stderr
     assert program.output is not None
     assert ID.sub("<id>", stdout) == ID.sub("<id>", program.output), stdout
+
+
+async def test_the_reconnecting_program_ends_on_ctrl_c_with_a_line_not_a_traceback(
+    installed: Installed,
+) -> None:
+    [program] = [p for p in PROGRAMS if p.name == "reconnect.py"]
+    path = installed.home / program.name
+    path.write_text(program.code, encoding="utf-8")
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings())) as url, connect(url) as peer:
+            proc = await trio.lowlevel.open_process(
+                [str(installed.python), str(path), url],
+                cwd=installed.home,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                # Ctrl-C as at a terminal: a child of a shell without job control would
+                # inherit SIGINT ignored, and Python would leave it so.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            try:
+                with trio.fail_after(60):
+                    out = bytearray()
+                    while b"\n" not in out:
+                        out += await proc.stdout.receive_some()
+                    announced = ID.search(out.decode())
+                    assert announced is not None, out
+                    await peer.send(announced[0], "hello")
+                    while out.count(b"\n") < 2:
+                        out += await proc.stdout.receive_some()
+                    proc.send_signal(signal.SIGINT)
+                    while chunk := await proc.stdout.receive_some():
+                        out += chunk
+                    err = bytearray()
+                    while chunk := await proc.stderr.receive_some():
+                        err += chunk
+                    status = await proc.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    if proc.poll() is None:
+                        proc.kill()
+                    await proc.wait()
+                    await proc.stdout.aclose()
+                    await proc.stderr.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+    assert (status, err.decode()) == (0, "")
+    assert program.output is not None
+    assert ID.sub("<id>", out.decode()) == ID.sub("<id>", program.output)
+    closes = [e for e in events if e["event"] == "connection.close" and e["id"] == announced[0]]
+    assert [(e["code"], e["closed_by"]) for e in closes] == [(1000, "client")]
