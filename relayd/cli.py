@@ -4,12 +4,15 @@ Exit statuses: 0 after a graceful shutdown or a good ``check-config`` (also when
 whoever reads its output stops early, as ``head`` does: relayd then exits quietly);
 78 (``EX_CONFIG``) when the settings are bad, with one line on stderr per problem
 naming the key and where its value came from, so systemd's
-``RestartPreventExitStatus=78`` keeps a bad config from restart-looping; 1 when a
-port cannot be bound; 128 + the signal number when a second SIGTERM/SIGINT cut the
-drain short.
+``RestartPreventExitStatus=78`` keeps a bad config from restart-looping; 74
+(``EX_IOERR``) when ``check-config`` cannot write the settings (``> /dev/full``);
+1 when a port cannot be bound; 128 + the signal number when a second SIGTERM/SIGINT
+cut the drain short.
 
 Unknown ``RELAYD_*`` variables are warnings (``config.ignored`` events when serving,
 lines on stderr for ``check-config``), never errors: orchestrators set their own.
+``check-config`` says which file it read, and those warnings, whether the settings
+are good or not: a misnamed variable is often why they are not.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import trio
 
 from relayd import __version__
 from relayd.config import DEFAULT_CONFIG_PATH, Settings, settings_as_json
-from relayd.config_sources import CONFIG_VARIABLE, Loaded, load
+from relayd.config_sources import CONFIG_VARIABLE, IgnoredVariable, Loaded, LoadError, load
 from relayd.daemon.credentials import load_api_key, load_authenticator, load_tls
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
@@ -35,9 +38,12 @@ from relayd.errors import ConfigError
 from relayd.policy.auth import Authenticator
 from relayd.telemetry.log import configure, get_logger
 
-__all__ = ["EX_CONFIG", "main"]
+__all__ = ["EX_CONFIG", "EX_IOERR", "main"]
 
+#: sysexits.h: bad settings; systemd's RestartPreventExitStatus=78 keeps it from looping.
 EX_CONFIG: Final = 78
+#: sysexits.h: an error writing output.
+EX_IOERR: Final = 74
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,15 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return load(config_path=args.config, overrides=overrides)
 
     def read_settings() -> tuple[Settings, Authenticator | None]:
-        settings = read().settings
-        return settings, load_authenticator(settings.auth)
+        again = read()
+        return again.settings, load_authenticator(again.settings.auth, again.source)
 
+    loaded: Loaded | None = None
     try:
         loaded = read()
         settings = loaded.settings
-        authenticator = load_authenticator(settings.auth)
-        tls = load_tls(settings.tls)
-        api_key = load_api_key(settings.admin)
+        authenticator = load_authenticator(settings.auth, loaded.source)
+        tls = load_tls(settings.tls, loaded.source)
+        api_key = load_api_key(settings.admin, loaded.source)
         activated = listen_sockets()
         if args.command != "check-config":
             configure(settings.log)
@@ -126,6 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 api_key=api_key,
             )
     except ConfigError as exc:
+        if args.command == "check-config":
+            if isinstance(exc, LoadError):
+                _how_read(exc.path, exc.ignored)
+            elif loaded is not None:  # the settings were good; a credential they name is not
+                _how_read(loaded.path, loaded.ignored)
         for problem in exc.problems:
             print(f"relayd: config error: {problem.line}", file=sys.stderr)
         return EX_CONFIG
@@ -150,22 +162,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
 
+def _how_read(path: Path | None, ignored: tuple[IgnoredVariable, ...]) -> None:
+    """Say on stderr which file was read, and which ``RELAYD_*`` variables were not."""
+    read = "none" if path is None else str(path)
+    print(f"relayd: config file: {read}", file=sys.stderr)
+    for variable in ignored:
+        hint = "" if variable.suggestion is None else f"; did you mean {variable.suggestion}?"
+        print(f"relayd: warning: {variable.name} is not a setting: ignored{hint}", file=sys.stderr)
+
+
 def _check_config(loaded: Loaded) -> int:
     """Print the effective settings on stdout, and how they were read on stderr.
 
     A reader that closes the pipe early (``relayd check-config | head``) ends the
-    output quietly: the check itself passed.
+    output quietly: the check itself passed. Any other failure to write (a full
+    disk, ``> /dev/full``) is one line on stderr and :data:`EX_IOERR`.
     """
-    read = "none" if loaded.path is None else str(loaded.path)
-    print(f"relayd: config file: {read}", file=sys.stderr)
-    for variable in loaded.ignored:
-        hint = "" if variable.suggestion is None else f"; did you mean {variable.suggestion}?"
-        print(f"relayd: warning: {variable.name} is not a setting: ignored{hint}", file=sys.stderr)
+    _how_read(loaded.path, loaded.ignored)
+    status = 0
     try:
         print(settings_as_json(loaded.settings), flush=True)
     except BrokenPipeError:
-        # Python would report the failed flush again at exit: point stdout at
-        # /dev/null first (the recipe in the signal module's documentation).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    return 0
+        pass
+    except OSError as exc:
+        print(f"relayd: cannot write the settings: {exc.strerror or exc}", file=sys.stderr)
+        status = EX_IOERR
+    else:
+        return status
+    # Python would flush what is left again at exit and report it with a traceback:
+    # point stdout at /dev/null first (the recipe in the signal module's documentation).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return status

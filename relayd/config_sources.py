@@ -45,7 +45,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeGuard, get_args, get_origin
 
@@ -54,7 +54,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from relayd.config import DEFAULT_CONFIG_PATH, Settings
 from relayd.errors import ConfigError
 
-__all__ = ["CONFIG_VARIABLE", "IgnoredVariable", "Loaded", "load"]
+__all__ = ["CONFIG_VARIABLE", "IgnoredVariable", "LoadError", "Loaded", "load"]
 
 #: The environment variable naming the config file, when ``--config`` is not given.
 CONFIG_VARIABLE: Final = "RELAYD_CONFIG"
@@ -112,11 +112,43 @@ class Loaded:
         settings: the frozen, validated settings.
         path: the file read, or None when none was.
         ignored: unknown ``RELAYD_*`` variables, to warn about.
+        sources: where each setting a source gave came from, by dotted key, as an error
+            names it (``in PATH``, ``from environment NAME``, ``from command line``); see
+            :meth:`source`.
     """
 
     settings: Settings
     path: Path | None
     ignored: tuple[IgnoredVariable, ...] = ()
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+    def source(self, key: str) -> str:
+        """Where ``key``'s value came from, for an error about what it names (a file...)."""
+        return self.sources.get(key, _DEFAULTS_SOURCE)
+
+
+class LoadError(ConfigError):
+    """Bad settings, and how they were read: what ``check-config`` reports beside the problems.
+
+    A :class:`~relayd.errors.ConfigError` of every problem found (its attributes are the
+    first one's), with the two things :class:`Loaded` would have said.
+
+    Attributes:
+        path: the file read or tried, or None when none was.
+        ignored: unknown ``RELAYD_*`` variables, to warn about.
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[ConfigError],
+        *,
+        path: Path | None,
+        ignored: Sequence[IgnoredVariable],
+    ) -> None:
+        first = problems[0]
+        super().__init__(first.reason, source=first.source, key=first.key, problems=problems)
+        self.path = path
+        self.ignored = tuple(ignored)
 
 
 # -- the keys ------------------------------------------------------------------------------
@@ -138,6 +170,9 @@ def _is_section(annotation: object) -> TypeGuard[type[BaseModel]]:
 _TYPES: Final = dict(_fields(Settings))
 _SECTIONS: Final = frozenset(key for key, annotation in _TYPES.items() if _is_section(annotation))
 _SETTINGS: Final = sorted(key for key in _TYPES if key not in _SECTIONS)
+#: Where a key without its section (``port``, ``RELAYD_HOST``) most likely belongs when
+#: several sections have one of that name: the public listener's.
+_FIRST_SECTION: Final = "server"
 
 
 def _is_text(annotation: object) -> bool:
@@ -159,14 +194,28 @@ def _variable(key: str) -> str:
 
 
 def _nearest(key: str) -> str | None:
-    """The setting a mistyped ``key`` most likely meant, or None when none is close."""
+    """The setting a mistyped ``key`` most likely meant, or None when none is close.
+
+    A key without a section (``port``) may mean the setting of that name in one; where
+    several have one (``server.port``, ``admin.port``), the public listener's.
+    """
     matches = difflib.get_close_matches(key, _SETTINGS, n=1, cutoff=0.75)
-    return matches[0] if matches else None
+    if matches:
+        return matches[0]
+    if "." in key:
+        return None
+    named = [setting for setting in _SETTINGS if setting.partition(".")[2] == key]
+    named.sort(key=lambda setting: setting.partition(".")[0] != _FIRST_SECTION)
+    return named[0] if named else None
 
 
-def _unknown(key: str) -> str:
+def _unknown(key: str, value: object = None) -> str:
     if key in _SECTIONS:
         return "is a section, not a setting"
+    if "." not in key and isinstance(value, Mapping):  # a [table] at the top: a section
+        sections = sorted(name for name in _SECTIONS if "." not in name)
+        matches = difflib.get_close_matches(key, sections, n=1, cutoff=0.75)
+        return f"unknown section; did you mean [{matches[0]}]?" if matches else "unknown section"
     nearest = _nearest(key)
     return "unknown key" if nearest is None else f"unknown key; did you mean {nearest}?"
 
@@ -191,16 +240,18 @@ class _Gathering:
     def set(self, key: str, value: object, source: str) -> None:
         """Record ``value`` for ``key``, or a problem when ``key`` names no setting."""
         if key in _SECTIONS or key not in _TYPES:
-            self.problem(_unknown(key), key=key, source=source)
+            self.problem(_unknown(key, value), key=key, source=source)
         else:
             self.values[key] = (value, source)
 
-    def read_file(self, path: Path) -> None:
+    def read_file(self, path: Path, named_by: str | None) -> None:
+        """Record the settings in the TOML file ``path``; ``named_by``: the source naming it."""
         source = f"in {path}"
         try:
             raw = path.read_bytes()
         except OSError as error:
-            self.problem(f"cannot read {path}: {error.strerror or error}", source=source)
+            named = "" if named_by is None else f" ({named_by})"
+            self.problem(f"cannot read {path}{named}: {error.strerror or error}", source=source)
             return
         try:
             table = tomllib.loads(raw.decode())
@@ -218,32 +269,35 @@ class _Gathering:
         """Record the settings ``env`` holds; return the ``RELAYD_*`` names that are none."""
         ignored = []
         if env.get("PORT"):
-            port = self._typed("server.port", env["PORT"], "PORT")
-            self.set("server.port", port, "from environment PORT")
+            self._set_variable("server.port", env["PORT"], "PORT")
         for name, text in sorted(env.items()):
             if not name.startswith(_ENV_PREFIX) or name == CONFIG_VARIABLE or not text:
                 continue
             key = name.removeprefix(_ENV_PREFIX).lower().replace(_ENV_NESTED_DELIMITER, ".")
             if key in _TYPES and key not in _SECTIONS:
-                self.set(key, self._typed(key, text, name), f"from environment {name}")
+                self._set_variable(key, text, name)
             elif not _service_link(name, text):
                 nearest = _nearest(key)
                 ignored.append(IgnoredVariable(name, nearest and _variable(nearest)))
         return ignored
 
-    def _typed(self, key: str, text: str, name: str) -> object:
-        """An environment variable's text as a value of ``key``'s type (strictly checked later)."""
-        annotation = _TYPES[key]
-        if _is_text(annotation):
-            return text
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            if _is_structured(annotation):
-                self.problem(
-                    f"expected JSON ({error.msg})", key=key, source=f"from environment {name}"
-                )
-            return text  # not a number or true/false: refused with the type's own message
+    def _set_variable(self, key: str, text: str, name: str) -> None:
+        """Record the variable ``name``'s text as a value of ``key``'s type, checked later.
+
+        A list or table that is not JSON is one problem, recorded here; its text is not
+        recorded, so that the type check does not report the same key a second time.
+        """
+        annotation, source = _TYPES[key], f"from environment {name}"
+        value: object = text
+        if not _is_text(annotation):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                if _is_structured(annotation):
+                    self.problem(f"expected JSON ({error.msg})", key=key, source=source)
+                    return
+                # not a number or true/false: refused with the type's own message
+        self.set(key, value, source)
 
 
 def _flatten(table: Mapping[str, object], prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -318,15 +372,31 @@ def _wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::")
 
 
+def _addresses(host: str) -> frozenset[str]:
+    """The addresses a listener on ``host`` binds, as far as can be told without DNS.
+
+    ``localhost`` binds both loopback addresses (``trio.open_tcp_listeners`` binds each
+    address the name resolves to); an address is written one way (``::0001`` is ``::1``);
+    any other name stands for itself.
+    """
+    if host.lower() == "localhost":
+        return frozenset({"127.0.0.1", "::1"})
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        return frozenset({host.lower()})
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether listeners on hosts ``one`` and ``other`` would bind an address in common."""
+    return _wildcard(one) or _wildcard(other) or bool(_addresses(one) & _addresses(other))
+
+
 def _conflicts(settings: Settings, values: _Values) -> list[ConfigError]:
     """What no single setting is wrong about, but the settings together are."""
     problems = []
     server, admin = settings.server, settings.admin
-    if (
-        admin.enabled
-        and admin.port == server.port != 0
-        and (admin.host == server.host or _wildcard(admin.host) or _wildcard(server.host))
-    ):
+    if admin.enabled and admin.port == server.port != 0 and _overlap(admin.host, server.host):
         _key, source = _source_of(values, ("admin", "port"))
         _key, server_source = _source_of(values, ("server", "port"))
         problems.append(
@@ -376,19 +446,20 @@ def load(
         The settings, the file read, and the unknown ``RELAYD_*`` variables.
 
     Raises:
-        ConfigError: every problem found: a file that cannot be read or parsed, keys that
+        LoadError: every problem found: a file that cannot be read or parsed, keys that
             name no setting, values of the wrong type or out of bounds, settings that
-            conflict. Each line names the key and the source of its value.
+            conflict. Each line names the key and the source of its value. The error
+            also says which file was read and which variables were ignored.
     """
     env = os.environ if environ is None else environ
     gathering = _Gathering()
-    path = config_path
+    path, named_by = config_path, None if config_path is None else "from command line"
     if path is None and env.get(CONFIG_VARIABLE):
-        path = Path(env[CONFIG_VARIABLE])
+        path, named_by = Path(env[CONFIG_VARIABLE]), f"from environment {CONFIG_VARIABLE}"
     if path is None and default_path.exists():
         path = default_path
     if path is not None:
-        gathering.read_file(path)
+        gathering.read_file(path, named_by)
     ignored = gathering.read_environment(env)
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -399,6 +470,7 @@ def load(
     if settings is not None:
         problems.extend(_conflicts(settings, gathering.values))
     if problems:
-        raise ConfigError.of(problems)
+        raise LoadError(problems, path=path, ignored=ignored)
     assert settings is not None
-    return Loaded(settings, path, tuple(ignored))
+    sources = {key: source for key, (_value, source) in gathering.values.items()}
+    return Loaded(settings, path, tuple(ignored), sources)

@@ -29,7 +29,7 @@ from typing import Any, Final
 import pytest
 
 import relayd
-from relayd.cli import EX_CONFIG, main
+from relayd.cli import EX_CONFIG, EX_IOERR, main
 from relayd.config import Settings
 from tests import wire
 from tests.deployments import KUBERNETES_SERVICE_LINKS
@@ -247,21 +247,26 @@ def test_unknown_variables_are_warnings_with_the_nearest_name(config: Path) -> N
     assert json.loads(result.stdout) == DEFAULTS
 
 
+def check_config_into(stdout: int, config: Path) -> subprocess.CompletedProcess[str]:
+    """``relayd check-config`` with its output into the file descriptor ``stdout``."""
+    return subprocess.run(
+        [*MODULE, "--config", str(config), "check-config"],
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+
+
 def test_check_config_exits_quietly_when_its_reader_is_gone(config: Path) -> None:
     # As `relayd check-config | head -c0`: the reading end is closed before relayd writes.
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        result = subprocess.run(
-            [*MODULE, "--config", str(config), "check-config"],
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-            check=False,
-        )
+        result = check_config_into(write_end, config)
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (0, f"relayd: config file: {config}\n")
@@ -270,14 +275,23 @@ def test_check_config_exits_quietly_when_its_reader_is_gone(config: Path) -> Non
 # -- bad configuration: exit 78, one line on stderr, nothing on stdout ---------------
 
 
-def test_every_problem_is_a_line_of_its_own(config: Path) -> None:
+def test_every_problem_is_a_line_of_its_own_after_the_file_and_the_warnings(
+    config: Path,
+) -> None:
     config.write_text('[limits]\nmax_conections = 5\n[log]\nbodies = "yes"\n', encoding="utf-8")
-    env = clean_env(RELAYD_LIMITS__MAX_CONNECTIONS="5.0")
+    env = clean_env(RELAYD_LIMITS__MAX_CONNECTIONS="5.0", RELAYD_PORT="9040")
     result = run(
         [*MODULE, "--config", str(config), "check-config", "--admin-port", "9030"], env=env
     )
     assert (result.returncode, result.stdout) == (EX_CONFIG, "")
-    assert sorted(result.stderr.splitlines()) == [
+    lines = result.stderr.splitlines()
+    # How the settings were read comes first, as when they are good: a variable relayd
+    # did not read may be why they are not.
+    assert lines[:2] == [
+        f"relayd: config file: {config}",
+        "relayd: warning: RELAYD_PORT is not a setting: ignored; did you mean RELAYD_SERVER__PORT?",
+    ]
+    assert sorted(lines[2:]) == [
         "relayd: config error: limits.max_conections: unknown key; "
         f"did you mean limits.max_connections? (in {config})",
         "relayd: config error: limits.max_connections: Input should be a valid integer "
@@ -292,10 +306,14 @@ def test_an_admin_port_equal_to_the_public_one_is_refused(config: Path) -> None:
 
 
 def assert_config_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """One config error on stderr (check-config also says which file it read); the line."""
     assert result.returncode == EX_CONFIG == 78, (result.returncode, result.stderr)
     assert result.stdout == ""
     lines = result.stderr.splitlines()
+    if lines[0].startswith("relayd: config file: "):
+        del lines[0]
     assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("relayd: config error: "), lines[0]
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
@@ -349,12 +367,33 @@ def test_invalid_toml_is_a_config_error(config: Path) -> None:
         ('[tls]\ncert_file = "/nonexistent/cert.pem"\nkey_file = "/x/key.pem"\n', "tls.cert_file"),
     ],
 )
-def test_unreadable_or_missing_credentials_are_config_errors(
+def test_unreadable_or_missing_credentials_are_config_errors_naming_the_file(
     text: str, key: str, config: Path
 ) -> None:
     config.write_text(text, encoding="utf-8")
     result = run([*MODULE, "--config", str(config), "check-config"])
-    assert_config_error(result, key)
+    assert_config_error(result, key, f"(in {config})")
+    assert result.stderr.startswith(f"relayd: config file: {config}\n")
+
+
+def test_a_credential_named_in_the_environment_is_blamed_on_its_variable(config: Path) -> None:
+    env = clean_env(RELAYD_ADMIN__API_KEY_FILE="/nonexistent/api.key")
+    result = run([*MODULE, "--config", str(config), "check-config"], env=env)
+    assert_config_error(
+        result,
+        "admin.api_key_file: cannot read /nonexistent/api.key",
+        "(from environment RELAYD_ADMIN__API_KEY_FILE)",
+    )
+
+
+def test_check_config_says_when_it_cannot_write_the_settings(config: Path) -> None:
+    with open("/dev/full", "w") as full:
+        result = check_config_into(full.fileno(), config)
+    assert (result.returncode, result.stderr) == (
+        EX_IOERR,
+        f"relayd: config file: {config}\n"
+        "relayd: cannot write the settings: No space left on device\n",
+    )
 
 
 WEAK_SECRET = "short-secret-xyz"  # 16 characters: a fine token, a weak HS256 secret
@@ -431,9 +470,11 @@ def test_config_error_in_process(
     assert main(["--config", str(config), "check-config"]) == EX_CONFIG
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.count("\n") == 1
-    assert "log.bodies" in err
-    assert "RELAYD_LOG__BODIES" in err
+    assert err.splitlines() == [
+        f"relayd: config file: {config}",
+        "relayd: config error: log.bodies: Input should be a valid boolean"
+        " (from environment RELAYD_LOG__BODIES)",
+    ]
 
 
 # -- serving -------------------------------------------------------------------------

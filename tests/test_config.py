@@ -221,17 +221,30 @@ def test_unknown_key_far_from_any_setting_gets_no_suggestion(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    ("text", "key"),
+    ("text", "line"),
     [
-        ("[clustre]\ntoken = 'x'\n", "clustre"),
-        ("[limits.extra]\nx = 1\n", "limits.extra"),
-        ("port = 9030\n", "port"),
+        # One problem for a whole section, called one, with the section it most likely is.
+        (
+            "[limit]\nmax_connections = 5\nbananas = 1\n",
+            "limit: unknown section; did you mean [limits]?",
+        ),
+        ("[clustre]\ntoken = 'x'\n", "clustre: unknown section; did you mean [cluster]?"),
+        ("limt.max_connections = 5\n", "limt: unknown section; did you mean [limits]?"),
+        ("[bananas]\nx = 1\n", "bananas: unknown section"),
+        ("[limits.extra]\nx = 1\n", "limits.extra: unknown key"),
+        # A key without its section: the setting of that name (the public listener's).
+        ("port = 9030\n", "port: unknown key; did you mean server.port?"),
+        (
+            "max_connections = 5\n",
+            "max_connections: unknown key; did you mean limits.max_connections?",
+        ),
     ],
 )
-def test_unknown_toml_section_or_top_level_key(tmp_path: Path, text: str, key: str) -> None:
+def test_unknown_toml_section_or_top_level_key(tmp_path: Path, text: str, line: str) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(ConfigError, match=rf"^{key}: unknown key \(in .*relayd\.toml\)$"):
+    with pytest.raises(ConfigError) as info:
         load(config_path=path)
+    assert str(info.value) == f"{line} (in {path})"
 
 
 def test_section_given_a_value(tmp_path: Path) -> None:
@@ -247,6 +260,10 @@ def test_section_given_a_value(tmp_path: Path) -> None:
         ("RELAYD_LIMITS__MAX_CONECTIONS", "RELAYD_LIMITS__MAX_CONNECTIONS"),
         ("RELAYD_LIMITS_MAX_CONNECTIONS", "RELAYD_LIMITS__MAX_CONNECTIONS"),
         ("RELAYD_SERVER__PORT__X", "RELAYD_SERVER__PORT"),
+        # The section left out: the setting of that name, the public listener's first.
+        ("RELAYD_PORT", "RELAYD_SERVER__PORT"),
+        ("RELAYD_HOST", "RELAYD_SERVER__HOST"),
+        ("RELAYD_MAX_CONNECTIONS", "RELAYD_LIMITS__MAX_CONNECTIONS"),
         ("RELAYD_FOO", None),
         ("RELAYD_LOG", None),  # a section, not a setting
     ],
@@ -370,7 +387,7 @@ def test_explicit_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(config_path=path)
     assert info.value.key is None
-    assert str(info.value) == f"cannot read {path}: No such file or directory"
+    assert str(info.value) == f"cannot read {path} (from command line): No such file or directory"
 
 
 def test_malformed_toml(tmp_path: Path) -> None:
@@ -434,6 +451,21 @@ def test_environment_text_of_the_wrong_type_is_refused(name: str, text: str, key
     assert info.value.source == f"from environment {name}"
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("RELAYD_SERVER__ALLOWED_ORIGINS", "https://a.example"),
+        ("RELAYD_AUTH__TOKENS", "alice=x"),
+    ],
+)
+def test_a_list_or_table_variable_that_is_not_json_is_one_problem(name: str, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(environ={name: text})
+    [problem] = info.value.problems
+    assert problem.reason.startswith("expected JSON (")
+    assert problem.source == f"from environment {name}"
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -485,9 +517,40 @@ def test_config_flag_beats_relayd_config(tmp_path: Path) -> None:
     assert (loaded.path, loaded.settings.server.port) == (given_path, 7003)
 
 
-def test_relayd_config_naming_a_missing_file_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^cannot read .*missing\.toml: No such file"):
-        load_config(environ={"RELAYD_CONFIG": str(tmp_path / "missing.toml")})
+def test_relayd_config_naming_a_missing_file_is_an_error_that_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"RELAYD_CONFIG": str(missing)})
+    assert str(info.value) == (
+        f"cannot read {missing} (from environment RELAYD_CONFIG): No such file or directory"
+    )
+
+
+def test_a_failed_load_still_says_which_file_and_which_variables(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\nmax_connections = 0\n")
+    with pytest.raises(config_sources.LoadError) as info:
+        load_config(config_path=path, environ={"RELAYD_PORT": "9040"})
+    assert (info.value.path, info.value.ignored) == (
+        path,
+        (IgnoredVariable("RELAYD_PORT", "RELAYD_SERVER__PORT"),),
+    )
+    assert str(info.value) == f"limits.max_connections: Input should be greater than 0 (in {path})"
+
+
+def test_each_setting_says_where_its_value_came_from(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[auth]\nmode = "token"\n[tls]\ncert_file = "c.pem"\nkey_file = "k.pem"\n'
+    )
+    loaded = config_sources.load(
+        config_path=path,
+        environ={"RELAYD_AUTH__TOKENS_FILE": "/t"},
+        overrides={"admin.port": 0},
+        default_path=NO_FILE,
+    )
+    assert loaded.source("auth.mode") == loaded.source("tls.cert_file") == f"in {path}"
+    assert loaded.source("auth.tokens_file") == "from environment RELAYD_AUTH__TOKENS_FILE"
+    assert loaded.source("admin.port") == "from command line"
+    assert loaded.source("admin.api_key_file") == "from built-in defaults"
 
 
 def test_empty_relayd_config_is_unset(tmp_path: Path) -> None:
@@ -501,7 +564,17 @@ def test_empty_relayd_config_is_unset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("server_host", "admin_host"),
-    [("", "127.0.0.1"), ("127.0.0.1", "127.0.0.1"), ("127.0.0.1", "0.0.0.0"), ("::1", "::")],
+    [
+        ("", "127.0.0.1"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("127.0.0.1", "0.0.0.0"),
+        ("::1", "::"),
+        # localhost binds both loopback addresses; an address may be written two ways.
+        ("localhost", "127.0.0.1"),
+        ("::1", "localhost"),
+        ("::0001", "::1"),
+        ("LocalHost", "localhost"),
+    ],
 )
 def test_the_admin_listener_cannot_take_the_public_address(
     tmp_path: Path, server_host: str, admin_host: str

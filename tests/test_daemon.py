@@ -113,13 +113,16 @@ def test_ready_watchdog_reload_and_stopping_are_notified(
         assert event["restart_required"] == []  # --port 0 on the command line still wins
         assert _reloads(admin) == (1, 0, 1)
 
-        # An invalid one is refused and the old settings stay.
-        config.write_text("[limits]\nmessages_per_second = -1\n")
+        # An invalid one is refused and the old settings stay; its problems on one line.
+        config.write_text("[limits]\nmessages_per_second = -1\nmessage_burst = 0\n")
         daemon.signal(signal.SIGHUP)
         _until(listener, "READY=1")
         refused = daemon.wait_event("config.reload")
         assert refused["applied"] is False
-        assert "limits.messages_per_second" in refused["reason"]
+        assert sorted(refused["reason"].split("; ")) == [
+            f"limits.message_burst: Input should be greater than 0 (in {config})",
+            f"limits.messages_per_second: Input should be greater than 0 (in {config})",
+        ]
         assert _reloads(admin) == (1, 1, 0)  # what an alert on a failed reload reads
 
         daemon.signal(signal.SIGTERM)

@@ -4,6 +4,11 @@ Called once at start-up, before anything listens, so that an unreadable key
 or a malformed tokens file stops relayd with exit status 78 and a line naming
 the setting, like any other bad setting, instead of failing the first client.
 Nothing read here is ever logged.
+
+Each function takes ``source``, which says where a setting's value came from
+(:meth:`relayd.config_sources.Loaded.source`: ``in PATH``, ``from environment
+NAME``...), so that its errors name the file or variable to fix; without it
+they say ``in settings``.
 """
 
 from __future__ import annotations
@@ -23,24 +28,37 @@ from relayd.policy.auth import (
     parse_tokens_file,
 )
 
-__all__ = ["MIN_API_KEY_CHARS", "load_api_key", "load_authenticator", "load_tls"]
+__all__ = ["MIN_API_KEY_CHARS", "Sources", "load_api_key", "load_authenticator", "load_tls"]
 
 #: The shortest server API key accepted: 32 characters of base64 are 192 bits.
 MIN_API_KEY_CHARS = 32
 
 _T = TypeVar("_T")
 
+#: Where a setting's value came from, by dotted key: ``in PATH``, ``from environment NAME``...
+Sources = Callable[[str], str]
 
-def _read(key: str, path: str) -> str:
+
+def _in_settings(_key: str) -> str:
+    """The source of every key when none is known (settings built in code)."""
+    return "in settings"
+
+
+def _read(key: str, path: str, source: Sources) -> str:
     try:
         return Path(path).read_text()
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or str(error)
-        raise ConfigError(f"cannot read {path}: {reason}", key=key, source="in settings") from error
+        raise ConfigError(f"cannot read {path}: {reason}", key=key, source=source(key)) from error
 
 
-def load_authenticator(settings: AuthSettings) -> Authenticator | None:
+def load_authenticator(
+    settings: AuthSettings, source: Sources = _in_settings
+) -> Authenticator | None:
     """The authenticator for ``[auth]``, or None when authentication is off.
+
+    A credential that is missing is blamed on where ``auth.mode`` was set; one that
+    is bad, on where it (or its file's name) was.
 
     Every credential is parsed and checked here, at start and at each reload, so
     that a bad one is a config error (exit status 78, or a refused reload)
@@ -58,19 +76,20 @@ def load_authenticator(settings: AuthSettings) -> Authenticator | None:
         return None
     if settings.mode == "token":
         tokens = {subject: token.get_secret_value() for subject, token in settings.tokens.items()}
-        _checked("auth.tokens", lambda: StaticTokens(tokens))
+        _checked("auth.tokens", lambda: StaticTokens(tokens), source)
         if settings.tokens_file:
+            text = _read("auth.tokens_file", settings.tokens_file, source)
             try:
-                from_file = parse_tokens_file(_read("auth.tokens_file", settings.tokens_file))
+                from_file = parse_tokens_file(text)
             except ValueError as error:
                 raise ConfigError(
-                    str(error), key="auth.tokens_file", source="in settings"
+                    str(error), key="auth.tokens_file", source=source("auth.tokens_file")
                 ) from error
-            _checked("auth.tokens_file", lambda: StaticTokens(from_file))
+            _checked("auth.tokens_file", lambda: StaticTokens(from_file), source)
             tokens |= from_file
         if not tokens:
             raise ConfigError(
-                "no tokens: set tokens or tokens_file", key="auth.mode", source="in settings"
+                "no tokens: set tokens or tokens_file", key="auth.mode", source=source("auth.mode")
             )
         return StaticTokens(tokens)
     algorithm = settings.jwt_algorithm
@@ -78,22 +97,22 @@ def load_authenticator(settings: AuthSettings) -> Authenticator | None:
         material, key_name = settings.jwt_secret.get_secret_value(), "auth.jwt_secret"
         if settings.jwt_secret_file:
             key_name = "auth.jwt_secret_file"
-            material = _read(key_name, settings.jwt_secret_file).strip()
+            material = _read(key_name, settings.jwt_secret_file, source).strip()
         if not material:
             raise ConfigError(
                 "HS256 needs jwt_secret or jwt_secret_file",
                 key="auth.jwt_secret",
-                source="in settings",
+                source=source("auth.mode"),
             )
     else:
         key_name = "auth.jwt_public_key_file"
         if not settings.jwt_public_key_file:
             raise ConfigError(
-                f"{algorithm} needs jwt_public_key_file", key=key_name, source="in settings"
+                f"{algorithm} needs jwt_public_key_file", key=key_name, source=source("auth.mode")
             )
-        material = _read(key_name, settings.jwt_public_key_file)
+        material = _read(key_name, settings.jwt_public_key_file, source)
     return JWTVerifier(
-        _checked(key_name, lambda: jwt_key(algorithm, material)),
+        _checked(key_name, lambda: jwt_key(algorithm, material), source),
         algorithm,
         audience=settings.jwt_audience or None,
         issuer=settings.jwt_issuer or None,
@@ -101,15 +120,15 @@ def load_authenticator(settings: AuthSettings) -> Authenticator | None:
     )
 
 
-def _checked(key: str, make: Callable[[], _T]) -> _T:
+def _checked(key: str, make: Callable[[], _T], source: Sources) -> _T:
     """What ``make`` makes of the credential ``key``; a config error if it raises ValueError."""
     try:
         return make()
     except ValueError as error:
-        raise ConfigError(str(error), key=key, source="in settings") from None
+        raise ConfigError(str(error), key=key, source=source(key)) from None
 
 
-def load_tls(settings: TLSSettings) -> ssl.SSLContext | None:
+def load_tls(settings: TLSSettings, source: Sources = _in_settings) -> ssl.SSLContext | None:
     """A server TLS context from ``[tls]``, or None for plain ``ws://``.
 
     TLS 1.2 at least, the ssl module's default ciphers; no client certificates.
@@ -128,12 +147,12 @@ def load_tls(settings: TLSSettings) -> ssl.SSLContext | None:
         raise ConfigError(
             f"cannot load {settings.cert_file} with {settings.key_file}: {reason}",
             key="tls.cert_file",
-            source="in settings",
+            source=source("tls.cert_file"),
         ) from error
     return context
 
 
-def load_api_key(settings: AdminSettings) -> bytes | None:
+def load_api_key(settings: AdminSettings, source: Sources = _in_settings) -> bytes | None:
     """The server API's key from ``api_key_file``, or None when there is none.
 
     The file holds the key on one line; surrounding whitespace (a final newline) is not
@@ -145,12 +164,12 @@ def load_api_key(settings: AdminSettings) -> bytes | None:
     """
     if not settings.api_key_file:
         return None
-    key = _read("admin.api_key_file", settings.api_key_file).strip()
+    key = _read("admin.api_key_file", settings.api_key_file, source).strip()
     if len(key) < MIN_API_KEY_CHARS or any(character.isspace() for character in key):
         raise ConfigError(
             f"the key in {settings.api_key_file} must be one word of at least "
             f"{MIN_API_KEY_CHARS} characters (e.g. from `openssl rand -base64 32`)",
             key="admin.api_key_file",
-            source="in settings",
+            source=source("admin.api_key_file"),
         )
     return key.encode()

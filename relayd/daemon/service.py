@@ -150,7 +150,8 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
         try:
             settings, authenticator = reload_settings()
         except ConfigError as exc:
-            refused = str(exc)
+            # One line, as logging.md promises: str(exc) has a line per problem.
+            refused = "; ".join(problem.line for problem in exc.problems)
         else:
             weakened = weakenings(server.settings, settings)
             refused = _unstated(weakened)
