@@ -102,7 +102,9 @@ class Writer:
         self._on_gone = on_gone
         self._nursery: trio.Nursery | None = None
         self._running = False
-        self._wake = trio.lowlevel.ParkingLot()  # the writer, waiting for frames
+        # The writer task, waiting for frames: made by each writer task, so that
+        # an idle connection (no writer) holds none.
+        self._wake: trio.lowlevel.ParkingLot | None = None
         # The reader, waiting for reply slots: rare, so made when first needed.
         self._room: trio.lowlevel.ParkingLot | None = None
         # What a write without a task left unwritten: the rest of its frames,
@@ -126,7 +128,7 @@ class Writer:
 
         Never raises and never waits.
         """
-        if self._wake:
+        if self._wake:  # a writer task waits
             self._wake.unpark()
         elif not self._running and self._nursery is not None:
             if self._lifecycle.reading and self._transport.direct and self._write_now():
@@ -160,7 +162,7 @@ class Writer:
         """Reply slots came free, or none will be filled: wake whoever waits for that."""
         if self._room:
             self._room.unpark_all()
-        if self._outbox.settled:
+        if self._outbox.settled and self._wake:
             self._wake.unpark_all()  # a flushing writer is done
 
     async def wait_for_room(self, n: int) -> None:
@@ -200,6 +202,7 @@ class Writer:
 
     async def _run(self) -> None:
         outbox, lifecycle = self._outbox, self._lifecycle
+        self._wake = wake = trio.lowlevel.ParkingLot()
         try:
             if self._pending:
                 # Part of a frame is on the wire already: the rest goes first,
@@ -226,17 +229,18 @@ class Writer:
                 elif outbox.settled or not (lifecycle.reading or lifecycle.flushing):
                     return
                 elif lifecycle.flushing:
-                    await self._wake.park()  # until frames come or the outbox settles
+                    await wake.park()  # until frames come or the outbox settles
                 else:
                     # The idle wait has a scope of its own, so that frames it
                     # wakes for are never taken under a deadline that could cut
                     # their write short.
                     with trio.move_on_after(WRITER_IDLE_S):
-                        await self._wake.park()
+                        await wake.park()
                     if not outbox.has_frames() and lifecycle.reading:
                         return  # idle: the next frame starts a writer again
         finally:
             self._running = False
+            self._wake = None
 
 
 def _messages_in(frames: list[bytes]) -> int:
