@@ -32,6 +32,7 @@ class Rig:
     outbox: Outbox
     client: trio.SocketStream
     transport: Transport
+    lifecycle: Lifecycle
     gone: list[bool]
     nursery: trio.Nursery
 
@@ -66,7 +67,7 @@ async def rig(send_buffer: int = 0) -> AsyncIterator[Rig]:
     writer = Writer(transport, outbox, lifecycle, timers, lambda: gone.append(True))
     async with server, client, trio.open_nursery() as nursery:
         writer.attach(nursery)
-        yield Rig(writer, outbox, client, transport, gone, nursery)
+        yield Rig(writer, outbox, client, transport, lifecycle, gone, nursery)
         writer.detach()
         nursery.cancel_scope.cancel()
 
@@ -114,3 +115,12 @@ async def test_a_client_gone_before_a_write_without_a_task_is_reported_and_count
         assert (r.writer.dropped, r.writer.messages_out) == (1, 0)
         assert r.transport.broken
         assert not r.transport.direct
+
+
+async def test_a_connection_ending_with_nothing_to_write_starts_no_writer() -> None:
+    async with rig() as r:
+        r.lifecycle.receive_close(1000, "")  # dropping: nothing more is written
+        r.outbox.discard()
+        r.writer.wake()
+        assert r.tasks() == 0
+        assert not r.writer.running

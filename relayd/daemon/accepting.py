@@ -174,9 +174,16 @@ async def _serve(handler: Handler, stream: trio.abc.Stream, sockets: Sockets) ->
         await handler(stream)
     finally:
         try:
-            await trio.aclose_forcefully(stream)
+            if not _closed(stream):  # the handler should have closed it
+                await trio.aclose_forcefully(stream)
         finally:
             sockets.closed()
+
+
+def _closed(stream: trio.abc.Stream) -> bool:
+    # A socket the handler closed needs no second close: aclose would still
+    # cost two scheduling rounds (its checkpoint, in a cancelled scope).
+    return isinstance(stream, trio.SocketStream) and stream.socket.fileno() < 0
 
 
 def _paused(log: structlog.typing.FilteringBoundLogger, reason: str, sockets: Sockets) -> None:

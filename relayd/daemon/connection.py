@@ -283,8 +283,9 @@ class Connection:
                         # write in progress finish, briefly.
                         self._leave()
                         self.outbox.discard()
-                        self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
-                        self._writer.wake()
+                        if self._writer.running:
+                            self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
+                            self._writer.wake()
                 finally:
                     # A writer still flushing goes on; none is started from now
                     # on, whatever the router still answers (the nursery closes).
@@ -326,10 +327,11 @@ class Connection:
         frame = self._lifecycle.close_frame
         if frame is None:
             return  # the client vanished without a close frame
-        with trio.move_on_after(CLOSE_TIMEOUT_S):
-            sent = await self._transport.send_close(*frame)
-            self._writer.bytes_out += sent
-            if sent and self._lifecycle.awaits_client_close:
+        deadline = trio.current_time() + CLOSE_TIMEOUT_S
+        sent = await self._transport.send_close(*frame, timeout_s=CLOSE_TIMEOUT_S)
+        self._writer.bytes_out += sent
+        if sent and self._lifecycle.awaits_client_close:
+            with trio.move_on_at(deadline):  # what is left of the same bound
                 await self._reader.await_close()
 
     # -- logs ------------------------------------------------------------------

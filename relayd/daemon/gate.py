@@ -34,6 +34,7 @@ the stream is always closed in ``finally``.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import secrets
 from collections.abc import Callable, Collection
@@ -225,29 +226,18 @@ class Gate:
             summary=f"{type(leaf).__name__}: {leaf}",
             exc_info=group,
         )
-        with trio.move_on_after(CLOSE_TIMEOUT_S):
-            if attempt.accepted:
-                await transport.send_close(CloseCode.INTERNAL_ERROR, "internal error")
-            elif not attempt.answered:
-                await transport.send_response(refusal_response(500, "internal error"))
+        if attempt.accepted:
+            await transport.send_close(
+                CloseCode.INTERNAL_ERROR, "internal error", timeout_s=CLOSE_TIMEOUT_S
+            )
+        elif not attempt.answered:
+            await transport.send_within(refusal_response(500, "internal error"), CLOSE_TIMEOUT_S)
 
     async def _handshake(self, transport: Transport, attempt: _Attempt) -> Connection | None:
         """Read, decide and answer the handshake; the connection to run if accepted."""
         conn, address = attempt.conn, attempt.address
         limits = self.limits.current
-        with trio.move_on_after(limits.handshake_timeout_s) as waiting:
-            self._reading.add(waiting)  # drain() stops the wait too
-            try:
-                read = await self._read_request(transport, attempt)
-            finally:
-                self._reading.discard(waiting)
-        if waiting.cancelled_caught:
-            if self.draining:
-                await self._refuse(transport, attempt, Refusal(503, "server shutting down"))
-            else:
-                reason = "no complete request within handshake_timeout_s"
-                await self._refuse(transport, attempt, Refusal(408, reason))
-            return None
+        read = await self._read_request(transport, attempt, limits)
         if read is None:
             return None
         request, early = read
@@ -277,18 +267,10 @@ class Gate:
             await self._refuse(transport, attempt, decision)
             return None
         attempt.answered = True
-        with trio.move_on_after(CLOSE_TIMEOUT_S) as responding:
-            try:
-                await transport.send_all(
-                    accept_response(
-                        request.key,
-                        decision.subprotocol,
-                        max_message_bytes=limits.max_message_bytes,
-                    )
-                )
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                responding.cancel()
-        if responding.cancelled_caught:
+        response = accept_response(
+            request.key, decision.subprotocol, max_message_bytes=limits.max_message_bytes
+        )
+        if not await transport.send_within(response, CLOSE_TIMEOUT_S):
             self._gone(conn, address, "the client went away during the handshake response")
             return None
         attempt.accepted = True
@@ -333,37 +315,66 @@ class Gate:
         return identity
 
     async def _read_request(
-        self, transport: Transport, attempt: _Attempt
+        self, transport: Transport, attempt: _Attempt, limits: LimitsSettings
     ) -> tuple[UpgradeRequest, bytes] | None:
-        """The request and the bytes after it, or None once the client was answered or left."""
-        reader = RequestReader(self.limits.current.max_header_bytes)
-        while True:
-            try:
-                data = await transport.stream.receive_some(_HEAD_READ_BYTES)
-            except trio.BrokenResourceError:  # reset, or a failed TLS handshake
-                self._gone(attempt.conn, attempt.address, _BROKE)
-                return None
-            if not data:
-                self._gone(attempt.conn, attempt.address, _LEFT)
-                return None
-            result = reader.feed(data)
-            if result is None:
-                continue
-            if isinstance(result, Refusal):
-                await self._refuse(transport, attempt, result)
-                return None
-            request, early = result
-            upgrade = validate(request)
-            if isinstance(upgrade, Refusal):
-                await self._refuse(transport, attempt, upgrade)
-                return None
-            return upgrade, early
+        """The request and the bytes after it, or None once the client was answered or left.
+
+        Waits for the request's bytes within ``handshake_timeout_s`` (408), or
+        until a drain (503).
+        """
+        reader = RequestReader(limits.max_header_bytes)
+        # Usually the whole request is there by the time the stream is served:
+        # read without a wait, and without the timeout's cancel scope.
+        first = transport.read_nowait(_HEAD_READ_BYTES)
+        read = _MORE if first is None else self._feed(reader, first, attempt)
+        if read is _MORE:
+            with trio.move_on_after(limits.handshake_timeout_s) as waiting:
+                self._reading.add(waiting)  # drain() stops the wait too
+                try:
+                    while read is _MORE:
+                        try:
+                            data = await transport.stream.receive_some(_HEAD_READ_BYTES)
+                        except trio.BrokenResourceError:  # reset, or a failed TLS handshake
+                            self._gone(attempt.conn, attempt.address, _BROKE)
+                            return None
+                        read = self._feed(reader, data, attempt)
+                finally:
+                    self._reading.discard(waiting)
+            if waiting.cancelled_caught:
+                if self.draining:
+                    read = Refusal(503, "server shutting down")
+                else:
+                    read = Refusal(408, "no complete request within handshake_timeout_s")
+        if isinstance(read, Refusal):
+            await self._refuse(transport, attempt, read)
+            return None
+        assert read is not _MORE  # the loop above ends only with a result
+        return read
+
+    def _feed(
+        self, reader: RequestReader, data: bytes | bytearray, attempt: _Attempt
+    ) -> tuple[UpgradeRequest, bytes] | Refusal | _More | None:
+        """Give the client's next bytes to ``reader``: the request, a refusal, more, or gone."""
+        if not data:
+            self._gone(attempt.conn, attempt.address, _LEFT)
+            return None
+        result = reader.feed(data)
+        if result is None:
+            return _MORE
+        if isinstance(result, Refusal):
+            return result
+        request, early = result
+        upgrade = validate(request)
+        if isinstance(upgrade, Refusal):
+            return upgrade
+        return upgrade, early
 
     async def _refuse(self, transport: Transport, attempt: _Attempt, refusal: Refusal) -> None:
         self._rejected(attempt.conn, attempt.address, refusal.status, refusal.reason)
         attempt.answered = True
-        with trio.move_on_after(CLOSE_TIMEOUT_S):
-            await transport.send_response(refusal_response(refusal.status, refusal.reason))
+        await transport.send_within(
+            refusal_response(refusal.status, refusal.reason), CLOSE_TIMEOUT_S
+        )
 
     def _gone(self, conn: int, address: str, reason: str) -> None:
         # Port probes and health checks do this all day: count it, log it
@@ -382,6 +393,13 @@ class Gate:
         self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
 
 
+class _More(enum.Enum):
+    """What :meth:`Gate._feed` says while a request is incomplete."""
+
+    MORE = "more"
+
+
+_MORE: Final = _More.MORE
 _BROKE: Final = "the connection broke before a complete request"
 _TOO_MANY_FAILURES: Final = Refusal(429, "too many failed authentications from this address")
 _LEFT: Final = "the client closed before a complete request"

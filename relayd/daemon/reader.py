@@ -236,6 +236,7 @@ class Reader:
             elif opcode == OP_PONG:
                 self._timers.pong()
             else:
+                self._transport.close_received = True
                 self._lifecycle.receive_close(*parse_close(payload))
                 return True
         return False
@@ -316,6 +317,7 @@ class Reader:
             except ProtocolError:
                 return
             if any(opcode == OP_CLOSE for opcode, _ in events):
+                self._transport.close_received = bool(data)
                 return
 
     def _limit_exceeded(self, limit: str) -> None:

@@ -20,7 +20,11 @@ kernel takes at once, without a checkpoint: for a plain TCP socket it is one
 ``send`` on its (non-blocking) file descriptor; for TLS it declines (the TLS
 layer must see every byte), and so do streams that are not sockets (tests).
 It lets a connection with nothing else to write send a lone message without
-waking a task for it.
+waking a task for it. :meth:`Transport.send_all` and
+:meth:`Transport.send_within` (a write with a timeout: the handshake's
+response, a close frame) begin the same way, and wait, through the stream,
+only for what the socket did not take: a write that fits costs no scheduling
+round and no cancel scope.
 
 **Reading.** :meth:`Transport.receive` waits for a plain TCP socket to be
 readable, then reads it once: one ``read`` per arrival. (trio's
@@ -60,12 +64,14 @@ class Transport:
         stream: the accepted stream; this object closes it.
     """
 
-    __slots__ = ("_closed", "_fd", "broken", "close_sent", "stream")
+    __slots__ = ("_closed", "_fd", "broken", "close_received", "close_sent", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         #: True once a close frame went out.
         self.close_sent = False
+        #: True once the client's close frame was read (it may send nothing after it).
+        self.close_received = False
         #: True once a write failed or was cut short: write nothing more.
         self.broken = False
         self._closed = False
@@ -75,15 +81,51 @@ class Transport:
     async def send_all(self, data: bytes) -> None:
         """Write ``data`` whole.
 
+        What a plain TCP socket takes at once is written without a checkpoint
+        (:meth:`try_send`); only the rest waits for room, through the stream.
+
         Raises:
             trio.BrokenResourceError: the client has gone (the transport is
                 then broken).
-            trio.Cancelled: as usual; the write may have been cut short, so the
-                transport is broken.
+            trio.Cancelled: while waiting for room; the write may have been
+                cut short, so the transport is broken.
+        """
+        rest = self._send_now(data)
+        if rest:
+            await self._send_rest(rest)
+
+    async def send_within(self, data: bytes, timeout_s: float) -> bool:
+        """Write ``data`` whole, waiting at most ``timeout_s`` for room.
+
+        The timeout costs nothing when the socket takes ``data`` at once.
+
+        Returns:
+            True once written; False if the client is gone, or did not take
+            it in time (the transport is then broken).
         """
         try:
-            await self.stream.send_all(data)
+            rest = self._send_now(data)
+            if not rest:
+                return True
+            with trio.move_on_after(timeout_s):
+                await self._send_rest(rest)
+                return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return False
+
+    def _send_now(self, data: bytes) -> bytes | memoryview:
+        """Write what a plain TCP socket takes now; what is left to send (all, for others)."""
+        if self._fd < 0 or self.broken:
+            return data
+        sent = self.try_send(data) or 0
+        return memoryview(data)[sent:] if sent else data
+
+    async def _send_rest(self, rest: bytes | memoryview) -> None:
+        try:
+            await self.stream.send_all(rest)
         except BaseException:
+            # Cut short, perhaps half-way through a frame: nothing more may follow.
             self.broken = True
             raise
 
@@ -100,7 +142,26 @@ class Transport:
         Raises:
             trio.ClosedResourceError: the stream was closed meanwhile.
         """
-        fd = self._fd
+        return await self._receive(self._fd, max_bytes)
+
+    def read_nowait(self, max_bytes: int) -> bytes | None:
+        """What one read of a plain TCP socket brings now, at most ``max_bytes``.
+
+        Returns:
+            The bytes read, empty once the client has closed its side or gone;
+            None when nothing is there yet, or this stream cannot be read
+            without waiting (TLS, not a socket): use :meth:`receive`.
+        """
+        if self._fd < 0:
+            return None
+        try:
+            return os.read(self._fd, max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError:  # ECONNRESET, ETIMEDOUT: the client is gone
+            return b""
+
+    async def _receive(self, fd: int, max_bytes: int) -> bytes | bytearray:
         if fd < 0:
             try:
                 return await self.stream.receive_some(max_bytes)
@@ -142,10 +203,8 @@ class Transport:
             self.broken = True
             raise trio.BrokenResourceError(f"the client is gone: {exc}") from exc
 
-    async def send_close(self, code: int | None, reason: str = "") -> int:
-        """Send a close frame, unless one was sent or the stream is broken.
-
-        The caller bounds the wait (a client that reads nothing never takes it).
+    async def send_close(self, code: int | None, reason: str = "", *, timeout_s: float) -> int:
+        """Send a close frame within ``timeout_s``, unless one was sent or the stream is broken.
 
         Returns:
             The bytes this call sent: the frame's size, or 0.
@@ -154,31 +213,55 @@ class Transport:
             return 0
         self.close_sent = True
         frame = close_frame(code, reason)
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.send_all(frame)
-            return len(frame)
-        return 0
-
-    async def send_response(self, response: bytes) -> None:
-        """Write an HTTP response; a client already gone is not an error."""
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.send_all(response)
+        return len(frame) if await self.send_within(frame, timeout_s) else 0
 
     async def close(self) -> None:
-        """Close gracefully within :data:`LINGER_S`; idempotent, and closes even if cancelled."""
+        """Close gracefully within :data:`LINGER_S`; idempotent, and closes even if cancelled.
+
+        A plain TCP socket is closed without a wait when nothing more can come
+        that the close would answer with a reset: the client's end of stream
+        is there, or its close frame came (:attr:`close_received`) and nothing
+        after it.
+        """
         if self._closed:
             return
         self._closed = True
-        self._fd = -1  # the descriptor may be reused once closed: never write to it again
+        # The descriptor may be reused once closed: never write to it again.
+        fd, self._fd = self._fd, -1
         stream = self.stream
+        if fd >= 0:
+            if not self.broken:
+                # A plain socket's FIN needs no wait (send_eof would checkpoint).
+                with contextlib.suppress(OSError):  # ENOTCONN: the client is gone already
+                    self._socket().shutdown(trio.socket.SHUT_WR)
+            if self._done_sending(fd):
+                self._socket().close()
+                return
         with (
             trio.move_on_after(LINGER_S),
             contextlib.suppress(
                 trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
             ),
         ):
-            if not self.broken and isinstance(stream, trio.abc.HalfCloseableStream):
+            if fd < 0 and not self.broken and isinstance(stream, trio.abc.HalfCloseableStream):
                 await stream.send_eof()
-            while await stream.receive_some(_LINGER_READ):
+            while await self._receive(fd, _LINGER_READ):
                 pass
-        await trio.aclose_forcefully(stream)
+        if fd >= 0:
+            self._socket().close()  # at once, as aclose would, without its checkpoint
+        else:
+            await trio.aclose_forcefully(stream)
+
+    def _done_sending(self, fd: int) -> bool:
+        """True if the client can send nothing more, as one read without a wait shows."""
+        try:
+            data = os.read(fd, _LINGER_READ)
+        except BlockingIOError:
+            return self.close_received  # nothing unread, and nothing more may follow
+        except OSError:  # ECONNRESET: gone
+            return True
+        return not data  # its end of stream; else it still sends: linger
+
+    def _socket(self) -> trio.socket.SocketType:
+        assert isinstance(self.stream, trio.SocketStream)  # only when _fd was set
+        return self.stream.socket

@@ -119,6 +119,11 @@ class Writer:
         if self._outbox.has_frames() or self._lifecycle.flushing:
             self.wake()
 
+    @property
+    def running(self) -> bool:
+        """True while a writer task runs (or is about to)."""
+        return self._running
+
     def detach(self) -> None:
         """Start no more writer tasks: the nursery they ran in is closing."""
         self._nursery = None
@@ -133,8 +138,13 @@ class Writer:
         elif not self._running and self._nursery is not None:
             if self._lifecycle.reading and self._transport.direct and self._write_now():
                 return
-            self._running = True
-            self._nursery.start_soon(self._run)
+            if self._pending or self._outbox.has_frames() or self._flushes_still():
+                self._running = True
+                self._nursery.start_soon(self._run)
+
+    def _flushes_still(self) -> bool:
+        """True while a flushing connection's outbox may still get frames to write."""
+        return self._lifecycle.flushing and not self._outbox.settled
 
     def _write_now(self) -> bool:
         """Write what waits without a task; True unless a writer task must finish it."""
