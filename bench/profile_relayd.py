@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/profile_relayd.py TOOL [--op message|handshake] [--size BYTES]
+    .venv/bin/python bench/profile_relayd.py TOOL [--op message|handshake|fanin] [--size BYTES]
                                       [--pairs N] [--rate PER_S] [--duration S] [--no-log]
 
 It starts relayd as ``bench/run.py`` does (``bench/relayd-bench.toml``, message events
@@ -11,7 +11,9 @@ with ``bench/loadgen.mjs`` (the generator pinned to ``--gen-cpu``), has the tool
 at the generator's measured window, and prints figures per operation: per message for
 ``--op message`` (the chat mode: ``--pairs`` pairs, ``--rate`` messages/s in all, evenly
 spaced, so each arrives alone while relayd keeps up), per connection for ``--op handshake``
-(connrate, ``--concurrency`` at a time: handshake, welcome, close). Everything also goes to
+(connrate, ``--concurrency`` at a time: handshake, welcome, close), per message delivered for
+``--op fanin`` (the bench's fan-in: 100 senders keep 128 messages in flight to one
+receiver, closed loop, as fast as relayd goes). Everything also goes to
 ``OUT/profile.json`` (``--out``, default ``bench/results/profile-<tool>-<UTC time>/``).
 
 Tools, and what they hold to on a busy machine:
@@ -91,19 +93,20 @@ SLOW_TOOLS: Final = frozenset({"callgrind", "strace", "counts"})
 class Load:
     """What the generator does, and what one operation is."""
 
-    op: str  # "message" or "handshake"
+    op: str  # "message", "handshake" or "fanin"
     params: dict[str, Any]
 
     @property
     def scenario(self) -> Scenario:
         """The load as a bench scenario (the generator's mode is its kind)."""
-        kind = "chat" if self.op == "message" else "connrate"
+        kind = {"message": "chat", "handshake": "connrate"}.get(self.op, self.op)
         return Scenario(f"profile/{self.op}", kind, self.params)
 
     def operations(self, cell: Cell) -> int:
         """How many operations the measured window held."""
         result = cell.result or {}
-        return int(result.get("sent" if self.op == "message" else "opened", 0))
+        counted = {"message": "sent", "handshake": "opened", "fanin": "received"}[self.op]
+        return int(result.get(counted, 0))
 
 
 def load_of(args: argparse.Namespace) -> Load:
@@ -114,6 +117,8 @@ def load_of(args: argparse.Namespace) -> Load:
     timing["duration_s"] = args.duration or (30.0 if very_slow else 10.0)
     if args.op == "handshake":
         return Load("handshake", {"concurrency": args.concurrency, **timing})
+    if args.op == "fanin":
+        return Load("fanin", {"senders": 100, "size": args.size, "window": 128, **timing})
     rate = args.rate or (20 if very_slow else 200 if slow else 500)
     pairs = args.pairs or (50 if very_slow else 500)
     params = {"pairs": pairs, "rate": rate, "size": args.size, "concurrency": 50, **timing}
@@ -559,7 +564,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="See the module docstring (or docs/benchmarks.md) for what each tool measures.",
     )
     p.add_argument("tool", choices=sorted(TOOLS))
-    p.add_argument("--op", choices=("message", "handshake"), default="message")
+    p.add_argument("--op", choices=("message", "handshake", "fanin"), default="message")
     p.add_argument("--size", type=int, default=32, help="message body bytes (default 32)")
     p.add_argument(
         "--pairs", type=int, help="connection pairs (default 500; callgrind and --opcodes 50)"
