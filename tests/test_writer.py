@@ -20,6 +20,7 @@ from relayd.config import LimitsSettings
 from relayd.daemon.transport import Transport
 from relayd.daemon.writer import Writer
 from relayd.policy.timers import Timers
+from relayd.routing.batch import routing_batch
 from relayd.routing.outbox import Offer, Outbox
 from relayd.wire.frames import OP_PONG, encode_frame, text_frame
 from relayd.wire.lifecycle import Lifecycle
@@ -124,3 +125,20 @@ async def test_a_connection_ending_with_nothing_to_write_starts_no_writer() -> N
         r.writer.wake()
         assert r.tasks() == 0
         assert not r.writer.running
+
+
+async def test_what_a_routing_batch_gives_a_connection_is_written_as_the_batch_ends() -> None:
+    async with rig() as r:
+        frames = [text_frame(b"one"), text_frame(b"two"), text_frame(b"three")]
+        with routing_batch():
+            r.queue(*frames[:2])
+            r.queue(frames[2])
+            assert r.writer.bytes_out == 0  # held while the router hands out its batch
+        # Then written at once, together, without a writer task.
+        assert (r.writer.messages_out, r.tasks()) == (3, 0)
+        data = await r.read(sum(map(len, frames)))
+        assert server_frames(data, after_head=False) == [
+            (0x1, b"one"),
+            (0x1, b"two"),
+            (0x1, b"three"),
+        ]

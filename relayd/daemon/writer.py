@@ -12,9 +12,12 @@ side. :class:`Writer` owns
   queued them (the router, mostly), with :meth:`Transport.try_send
   <relayd.daemon.transport.Transport.try_send>`, which never waits. Chat
   traffic is mostly that: a lone message for a connection with nothing else
-  to write, which then costs no task, no scheduling round and no timeout. What
-  the socket does not take at once is written by a writer task, before
-  anything else;
+  to write, which then costs no task, no scheduling round and no timeout.
+  Frames the router hands out within one batch
+  (:func:`~relayd.routing.batch.routing_batch`) go out together as the batch
+  ends: a hundred senders' messages to one receiver in one write. What the
+  socket does not take at once is written by a writer task, before anything
+  else;
 * the **reader's wait for reply slots** (:meth:`Writer.wait_for_room`), which
   frames taken, and replies that turn out to be none, end.
 
@@ -42,6 +45,7 @@ import trio
 
 from relayd.daemon.transport import Transport
 from relayd.policy.timers import Timers
+from relayd.routing.batch import at_batch_end
 from relayd.routing.outbox import Outbox
 from relayd.wire.frames import OP_CLOSE
 from relayd.wire.lifecycle import Lifecycle
@@ -71,6 +75,7 @@ class Writer:
     """
 
     __slots__ = (
+        "_deferred",
         "_lifecycle",
         "_nursery",
         "_on_gone",
@@ -102,6 +107,7 @@ class Writer:
         self._on_gone = on_gone
         self._nursery: trio.Nursery | None = None
         self._running = False
+        self._deferred = False  # a write is due as the router's batch ends
         # The writer task, waiting for frames: made by each writer task, so that
         # an idle connection (no writer) holds none.
         self._wake: trio.lowlevel.ParkingLot | None = None
@@ -135,12 +141,24 @@ class Writer:
         """
         if self._wake:  # a writer task waits
             self._wake.unpark()
-        elif not self._running and self._nursery is not None:
-            if self._lifecycle.reading and self._transport.direct and self._write_now():
-                return
-            if self._pending or self._outbox.has_frames() or self._flushes_still():
-                self._running = True
-                self._nursery.start_soon(self._run)
+        elif not (self._running or self._deferred) and self._nursery is not None:
+            if self._lifecycle.reading and self._transport.direct and at_batch_end(self._flush):
+                # The router is handing out a batch: everything it gives this
+                # connection goes out in one write, as the batch ends.
+                self._deferred = True
+            else:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write what waits at once if the socket takes it, else start a writer task."""
+        self._deferred = False
+        if self._running or self._nursery is None:
+            return
+        if self._lifecycle.reading and self._transport.direct and self._write_now():
+            return
+        if self._pending or self._outbox.has_frames() or self._flushes_still():
+            self._running = True
+            self._nursery.start_soon(self._run)
 
     def _flushes_still(self) -> bool:
         """True while a flushing connection's outbox may still get frames to write."""

@@ -25,6 +25,7 @@ import msgspec
 import trio
 
 from relayd.errors import RouterClosed
+from relayd.routing.batch import routing_batch
 from relayd.routing.fanout import offer
 from relayd.routing.inbox import hand_over, try_hand_over
 from relayd.routing.interface import Inbound, Peer, Relay
@@ -89,7 +90,7 @@ class LocalRouter:
         await hand_over(self._inbox_send, items)
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:  # noqa: D102
-        with batched():
+        with batched(), routing_batch():
             return self._deliver(sender, to, message, len(message), self._events.recorder())
 
     async def disconnect(self, client_id: str, code: int, reason: str) -> int:  # noqa: D102
@@ -121,7 +122,7 @@ class LocalRouter:
                 # wait for the inbox costs a whole scheduling round, in which
                 # every reader may add a batch. One log write for all of it;
                 # the recorder is made afresh each time, so a reload applies.
-                with batched():
+                with batched(), routing_batch():
                     record = self._events.recorder()
                     items: list[Inbound] | None = first
                     while items is not None:

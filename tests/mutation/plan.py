@@ -58,6 +58,7 @@ MODULES: Final = {
     "relayd/routing/table.py": "tests/test_routing_table.py",
     "relayd/routing/outbox.py": "tests/test_outbox.py",
     "relayd/routing/replies.py": "tests/test_replies.py",
+    "relayd/routing/batch.py": "tests/test_batch.py",
     # The cluster's pure parts share one test file (broker codec, back-off, pending answers).
     "relayd/routing/cluster/codec.py": "tests/test_cluster_codec.py",
     "relayd/routing/cluster/backoff.py": "tests/test_cluster_codec.py",

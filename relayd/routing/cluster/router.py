@@ -53,6 +53,7 @@ import trio
 
 from relayd.config import ClusterSettings
 from relayd.errors import BrokerUnavailable, RouterClosed
+from relayd.routing.batch import routing_batch
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.holder import Holder
 from relayd.routing.cluster.link import Link
@@ -476,11 +477,13 @@ class ClusterRouter:
 
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:
-        """One batch of decisions: log lines written together, a recorder as settings are now.
+        """One batch of decisions: log lines, and each connection's frames, written together.
+
+        Its recorder logs as the settings are now.
 
         The block must not await (see :func:`relayd.telemetry.log.batched`).
         """
-        with batched():
+        with batched(), routing_batch():
             self._record = self._events.recorder()
             yield
 
