@@ -2,7 +2,8 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/profile_relayd.py TOOL [--op message|handshake|fanin] [--size BYTES]
+    .venv/bin/python bench/profile_relayd.py TOOL [--op message|handshake|fanin|throughput]
+                                      [--size BYTES]
                                       [--pairs N] [--rate PER_S] [--duration S] [--no-log]
 
 It starts relayd as ``bench/run.py`` does (``bench/relayd-bench.toml``, message events
@@ -13,7 +14,9 @@ at the generator's measured window, and prints figures per operation: per messag
 spaced, so each arrives alone while relayd keeps up), per connection for ``--op handshake``
 (connrate, ``--concurrency`` at a time: handshake, welcome, close), per message delivered for
 ``--op fanin`` (the bench's fan-in: 100 senders keep 128 messages in flight to one
-receiver, closed loop, as fast as relayd goes). Everything also goes to
+receiver, closed loop, as fast as relayd goes) and ``--op throughput`` (the bench's
+throughput: ``--pairs`` pairs, default 10, each sender keeping 128 in flight). Everything
+also goes to
 ``OUT/profile.json`` (``--out``, default ``bench/results/profile-<tool>-<UTC time>/``).
 
 Tools, and what they hold to on a busy machine:
@@ -93,7 +96,7 @@ SLOW_TOOLS: Final = frozenset({"callgrind", "strace", "counts"})
 class Load:
     """What the generator does, and what one operation is."""
 
-    op: str  # "message", "handshake" or "fanin"
+    op: str  # "message", "handshake", "fanin" or "throughput"
     params: dict[str, Any]
 
     @property
@@ -105,7 +108,7 @@ class Load:
     def operations(self, cell: Cell) -> int:
         """How many operations the measured window held."""
         result = cell.result or {}
-        counted = {"message": "sent", "handshake": "opened", "fanin": "received"}[self.op]
+        counted = {"message": "sent", "handshake": "opened"}.get(self.op, "received")
         return int(result.get(counted, 0))
 
 
@@ -119,6 +122,9 @@ def load_of(args: argparse.Namespace) -> Load:
         return Load("handshake", {"concurrency": args.concurrency, **timing})
     if args.op == "fanin":
         return Load("fanin", {"senders": 100, "size": args.size, "window": 128, **timing})
+    if args.op == "throughput":
+        closed = {"pairs": args.pairs or 10, "size": args.size, "window": 128, **timing}
+        return Load("throughput", closed)
     rate = args.rate or (20 if very_slow else 200 if slow else 500)
     pairs = args.pairs or (50 if very_slow else 500)
     params = {"pairs": pairs, "rate": rate, "size": args.size, "concurrency": 50, **timing}
@@ -564,10 +570,14 @@ def parser() -> argparse.ArgumentParser:
         epilog="See the module docstring (or docs/benchmarks.md) for what each tool measures.",
     )
     p.add_argument("tool", choices=sorted(TOOLS))
-    p.add_argument("--op", choices=("message", "handshake", "fanin"), default="message")
+    p.add_argument(
+        "--op", choices=("message", "handshake", "fanin", "throughput"), default="message"
+    )
     p.add_argument("--size", type=int, default=32, help="message body bytes (default 32)")
     p.add_argument(
-        "--pairs", type=int, help="connection pairs (default 500; callgrind and --opcodes 50)"
+        "--pairs",
+        type=int,
+        help="connection pairs (default 500; callgrind and --opcodes 50; --op throughput 10)",
     )
     p.add_argument(
         "--rate",
