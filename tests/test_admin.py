@@ -12,18 +12,12 @@ import relayd
 from relayd.daemon.server import Server
 from tests import wire
 from tests.client import connect, open_raw, read_until_closed, read_welcome, running, settings
+from tests.test_api import raw
 
 
 async def _exchange(address: tuple[str, int], request: bytes) -> tuple[str, dict[str, str], str]:
     """Send a raw request; return the status line, the headers (names lower-cased), the body."""
-    async with await trio.open_tcp_stream(*address) as stream:
-        await stream.send_all(request)
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (h.partition(":") for h in lines)}
+    status_line, headers, body = await raw(address, request)
     return status_line, headers, body.decode()
 
 

@@ -20,11 +20,12 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from relayd.config import AdminSettings
-from relayd.daemon.admin import MAX_BODY_BYTES, serve_admin
-from relayd.daemon.api import MAX_PAGE, SERVER_SENDER, api_routes
+from relayd.daemon.admin import MAX_BODY_BYTES, REQUEST_TIMEOUT_S, serve_admin
+from relayd.daemon.api import MAX_PAGE, SERVER_SENDER, api_area
 from relayd.daemon.credentials import load_api_key
 from relayd.errors import ConfigError
 from relayd.routing.table import Outcome
+from relayd.telemetry.metrics import Stats
 
 KEY = b"k" * 32
 
@@ -58,20 +59,49 @@ class Recording:
 
 @asynccontextmanager
 async def api(
-    router: Recording, *, key: bytes | None = None, max_message_bytes: int = 65536
+    router: Recording,
+    *,
+    key: bytes | None = None,
+    max_message_bytes: int = 65536,
+    stats: Stats | None = None,
 ) -> AsyncIterator[tuple[str, int]]:
     """The admin listener with the API on a free loopback port; yields its address."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     host, port, *_ = listeners[0].socket.getsockname()
-    routes = api_routes(router, max_message_bytes=lambda: max_message_bytes, key=key)
+    area = api_area(
+        router,
+        max_message_bytes=lambda: max_message_bytes,
+        key=key,
+        stats=Stats() if stats is None else stats,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_admin(
-                listeners, CollectorRegistry(), lambda: True, routes=routes, task_status=task_status
+                listeners, CollectorRegistry(), lambda: True, areas=[area], task_status=task_status
             )
         )
         yield host, port
         nursery.cancel_scope.cancel()
+
+
+async def raw(address: tuple[str, int], data: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send ``data`` as it is, and read until relayd closes: status line, headers, body.
+
+    Header names are lower-cased.
+    """
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(data)
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    top, _, payload = received.partition(b"\r\n\r\n")
+    status_line, *lines = top.decode().split("\r\n")
+    headers = {n.lower(): v.strip() for n, _, v in (line.partition(":") for line in lines)}
+    return status_line, headers, payload
+
+
+def status_of(status_line: str) -> int:
+    return int(status_line.split()[1])
 
 
 async def call(
@@ -86,18 +116,13 @@ async def call(
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     fields = {"Host": "relayd", "Content-Length": str(len(data)), **(headers or {})}
     head = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
-    async with await trio.open_tcp_stream(*address) as stream:
-        await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode() + data)
-        received = b""
-        while chunk := await stream.receive_some(65536):
-            received += chunk
-    top, _, payload = received.partition(b"\r\n\r\n")
-    status_line, *lines = top.decode().split("\r\n")
-    answer_headers = {n.lower(): v.strip() for n, _, v in (line.partition(":") for line in lines)}
+    status_line, answer_headers, payload = await raw(
+        address, ("\r\n".join(head) + "\r\n\r\n").encode() + data
+    )
     parsed = (
         json.loads(payload) if answer_headers["content-type"] == "application/json" else payload
     )
-    return int(status_line.split()[1]), answer_headers, parsed
+    return status_of(status_line), answer_headers, parsed
 
 
 async def test_publish_hands_the_raw_message_to_the_router_from_the_server() -> None:
@@ -139,13 +164,13 @@ async def test_a_message_over_the_limit_is_refused_before_the_router() -> None:
 async def test_a_body_over_the_bound_is_refused_unread() -> None:
     router = Recording()
     async with api(router) as address:
-        status, _headers, _body = await call(
+        status, _headers, body = await call(
             address,
             "/api/publish",
             b"",
             headers={"Content-Length": str(MAX_BODY_BYTES + 1)},
         )
-    assert status == 413
+    assert (status, body["error"]) == (413, "request_too_large")
     assert router.calls == []
 
 
@@ -227,10 +252,103 @@ async def test_presence_and_pages_of_ids() -> None:
     assert default[2]["ids"] == sorted(router.connections)
 
 
-async def test_the_api_is_post_only_and_says_so() -> None:
+async def test_a_full_last_page_says_it_is_the_last() -> None:
+    router = Recording()
+    router.connections.update({f"id{n}": 1 for n in range(4)})
+    async with api(router) as address:
+        first = await call(address, "/api/ids", {"limit": 2})
+        last = await call(address, "/api/ids", {"after": first[2]["next"], "limit": 2})
+        whole = await call(address, "/api/ids", {"limit": 4})
+    assert first[2] == {"ids": ["id0", "id1"], "next": "id1"}
+    assert last[2] == {"ids": ["id2", "id3"], "next": None}
+    assert whole[2] == {"ids": ["id0", "id1", "id2", "id3"], "next": None}
+
+
+async def test_the_api_is_post_only_and_says_so_in_json() -> None:
     async with api(Recording()) as address:
-        status, headers, _body = await call(address, "/api/ids", b"", method="GET")
-    assert (status, headers["allow"]) == (405, "POST")
+        status, headers, body = await call(address, "/api/ids", b"", method="GET")
+    assert (status, headers["allow"], body["error"]) == (405, "POST", "method_not_allowed")
+    assert headers["content-type"] == "application/json"
+
+
+async def test_a_path_that_is_no_call_is_a_json_404() -> None:
+    async with api(Recording()) as address:
+        status, headers, body = await call(address, "/api/nope", {})
+    assert (status, headers["content-type"]) == (404, "application/json")
+    assert body == {"error": "not_found", "detail": "nothing at /api/nope"}
+
+
+async def test_a_request_that_is_not_http_is_a_400_and_one_without_a_path_is_plain_text() -> None:
+    async with api(Recording()) as address:
+        garbage = await raw(address, b"\x16\x03\x01 not a request line\r\n\r\n")
+        # The path is read, the body's framing is broken: the API's JSON.
+        framing = await raw(
+            address,
+            b"POST /api/ids HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        )
+    assert (status_of(garbage[0]), garbage[1]["content-type"]) == (
+        400,
+        "text/plain; charset=utf-8",
+    )
+    assert garbage[2].startswith(b"not a request relayd can read: ")
+    assert (status_of(framing[0]), framing[1]["content-type"]) == (400, "application/json")
+    assert json.loads(framing[2])["error"] == "invalid_request"
+
+
+async def test_a_request_that_does_not_arrive_in_time_is_a_408(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    stats = Stats()
+    async with api(Recording(), stats=stats) as address:
+        start = trio.current_time()
+        # The head arrived, the body never does: under /api/, JSON.
+        half = await raw(
+            address, b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 10\r\n\r\n{}"
+        )
+        assert trio.current_time() - start == pytest.approx(REQUEST_TIMEOUT_S)
+        # Not even the head: relayd cannot tell it was for the API.
+        headless = await raw(address, b"POST /api/pu")
+    assert (half[0], half[1]["content-type"]) == (
+        "HTTP/1.1 408 Request Timeout",
+        "application/json",
+    )
+    assert json.loads(half[2]) == {
+        "error": "request_timeout",
+        "detail": "the request did not arrive whole within 5 s",
+    }
+    assert (status_of(headless[0]), headless[1]["content-type"]) == (
+        408,
+        "text/plain; charset=utf-8",
+    )
+    assert stats.api_requests == {("/api/ids", 408): 1}
+
+
+async def test_every_request_is_counted_and_logged_by_route_and_status() -> None:
+    stats = Stats()
+    router = Recording()
+    router.connections["bob"] = 1
+    with structlog.testing.capture_logs() as events:
+        async with api(router, stats=stats) as address:
+            await call(address, "/api/presence", {"id": "bob"})
+            await call(address, "/api/presence", {"id": "bob"})
+            await call(address, "/api/publish", {"to": "bob"})
+            await call(address, "/api/nope/../../etc", {})
+            await call(address, "/metrics", method="GET")  # not the API's
+    assert stats.api_requests == {
+        ("/api/presence", 200): 2,
+        ("/api/publish", 400): 1,
+        ("other", 404): 1,  # what a client puts in a path is never a label
+    }
+    logged = [event for event in events if event["event"] == "api.request"]
+    assert [(e["route"], e["method"], e["status"]) for e in logged] == [
+        ("/api/presence", "POST", 200),
+        ("/api/presence", "POST", 200),
+        ("/api/publish", "POST", 400),
+        ("other", "POST", 404),
+    ]
+    for event in logged:
+        assert event["peer"].startswith("127.0.0.1:")
+        assert event["duration_s"] >= 0
 
 
 async def test_a_router_that_raises_is_a_500_and_an_error_event_not_a_dead_listener() -> None:
@@ -241,7 +359,10 @@ async def test_a_router_that_raises_is_a_500_and_an_error_event_not_a_dead_liste
             router.fail = True
             status, _headers, _body = await call(address, "/api/publish", {"to": "b", "message": 1})
             still = await call(address, "/api/presence", {"id": "bob"})
-    assert status == 500
+    assert (status, _body) == (
+        500,
+        {"error": "internal_error", "detail": "a bug in relayd; it is logged"},
+    )
     assert still[0] == 200
     [error] = [event for event in events if event["event"] == "error"]
     assert error["route"] == "POST /api/publish"

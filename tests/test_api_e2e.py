@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 
+import structlog
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from relayd.config import AuthSettings
@@ -75,6 +77,18 @@ async def test_presence_counts_every_connection_of_an_id_and_ids_lists_them() ->
 
 async def test_a_disconnect_closes_every_connection_of_the_id_with_the_code_given() -> None:
     server = with_tokens()
+    with structlog.testing.capture_logs() as events:
+        await _disconnect_alice(server)
+    closes = [e for e in events if e["event"] == "connection.close"]
+    # Who closed: the backend, through the API; not relayd for a policy of its own.
+    assert sorted((e["id"], e["code"], e["closed_by"]) for e in closes) == [
+        ("alice", 4001, "api"),
+        ("alice", 4001, "api"),
+        ("bob", 1000, "client"),
+    ]
+
+
+async def _disconnect_alice(server: Server) -> None:
     async with running(server) as url:
         admin = server.admin_address
         assert admin is not None
@@ -83,12 +97,17 @@ async def test_a_disconnect_closes_every_connection_of_the_id_with_the_code_give
             connect(url, headers=bearer("alice"), v1=True) as two,
             connect(url, headers=bearer("bob")) as bob,
         ):
+            # What is already queued for a connection reaches it before the close frame.
+            await call(admin, "/api/publish", {"to": "alice", "message": "last words"})
             answer = await call(
                 admin, "/api/disconnect", {"id": "alice", "code": 4001, "reason": "suspended"}
             )
             assert answer[2] == {"id": "alice", "disconnected": 2}
-            for client in (one, two):
-                assert await client.until_closed() == ([], 4001)
+            assert await one.until_closed() == (["last words"], 4001)
+            assert await two.until_closed() == (
+                ['{"type":"message","from":"","message":"last words"}'],
+                4001,
+            )
             closed = getattr(one.ws.closed, "reason", None)
             assert closed == "suspended"
             await trio.testing.wait_all_tasks_blocked()
@@ -97,6 +116,31 @@ async def test_a_disconnect_closes_every_connection_of_the_id_with_the_code_give
             # Others are untouched.
             await bob.send("bob", "still here")
             assert await bob.recv() == "still here"
+
+
+async def test_the_apis_messages_are_counted_apart_from_clients_messages() -> None:
+    server = Server(settings())
+    async with running(server) as url, connect(url) as a, connect(url) as b:
+        admin = server.admin_address
+        assert admin is not None
+        await call(admin, "/api/publish", {"to": "gone", "message": 1})
+        await call(admin, "/api/publish", {"to": a.id, "message": 1})
+        await a.recv()
+        await b.send("gone", 1)
+        await b.recv()
+        _status, _headers, text = await call(admin, "/metrics", method="GET")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+    }
+    # A backend pushing to an id that left is not a client refused (RelaydRefusingMessages).
+    assert samples[("relayd_messages_total", (("outcome", "unknown_recipient"),))] == 1
+    assert ("relayd_messages_total", (("outcome", "delivered"),)) not in samples
+    assert samples[("relayd_api_messages_total", (("outcome", "unknown_recipient"),))] == 1
+    assert samples[("relayd_api_messages_total", (("outcome", "delivered"),))] == 1
+    requests = ("relayd_api_requests_total", (("route", "/api/publish"), ("status", "404")))
+    assert samples[requests] == 1
 
 
 async def test_a_server_with_a_key_refuses_calls_without_it() -> None:

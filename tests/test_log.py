@@ -708,6 +708,8 @@ def test_a_librarys_log_record_becomes_a_json_line(configured: io.StringIO) -> N
         ("limit.exceeded", {"limit": "frames_per_second", "action": "close"}),
         ("library.log", {"logger": "trio.serve_listeners", "message": "accept returned EMFILE"}),
         ("error", {"summary": "RuntimeError: x"}),
+        # A backend's, not a client's: one per server API request.
+        ("api.request", {"route": "/api/publish", "method": "POST", "status": 200}),
     ],
 )
 def test_a_flood_of_an_event_a_client_causes_is_cut_to_its_budget_and_counted(

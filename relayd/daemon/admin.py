@@ -13,17 +13,30 @@ and nothing a client sends can reach the relay except through a route.
   serving and once it is draining, so a load balancer stops sending clients.
 
 Every ``GET`` route answers ``HEAD`` too. A path no route has is 404; a method
-its route lacks is 405 with ``Allow``; every answer carries its standard reason
-phrase. Other routes (the server API, :mod:`relayd.daemon.api`) come in as a
-:data:`Routes` table.
+its route lacks is 405 with ``Allow``; a request h11 cannot parse is 400 (431
+for a head over :data:`MAX_HEAD_BYTES`); one that has not arrived whole within
+:data:`REQUEST_TIMEOUT_S` is 408; every answer carries its standard reason
+phrase. These refusals are plain text, but under the prefix of an
+:class:`Area` (the server API's ``/api/``, :mod:`relayd.daemon.api`), whose
+routes come in with it, they are the area's own (JSON there), and each request
+there is reported to the area once it is over (:class:`Exchange`). A request
+relayd could not read a path from belongs to no area: its 400 or 408 is plain
+text.
 
 Resource handling: at most :data:`MAX_HEAD_BYTES` of request head and
 :data:`MAX_BODY_BYTES` of body are held per connection, for at most
 :data:`REQUEST_TIMEOUT_S`; a longer body is refused with 413 before it is read.
+An answer that the client does not take is given up after
+:data:`ANSWER_TIMEOUT_S` more.
+
+Error handling: nothing a client sends raises out of a connection's task: a
+broken or closed stream ends the exchange without an answer (``status`` 0), and
+a bug in a handler is logged and answered 500.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import http
@@ -34,12 +47,18 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from relayd.daemon.addresses import peer_address
 from relayd.telemetry.log import get_logger
 
 __all__ = [
+    "ANSWER_TIMEOUT_S",
+    "ERRORS",
     "MAX_BODY_BYTES",
     "MAX_HEAD_BYTES",
     "REQUEST_TIMEOUT_S",
+    "Area",
+    "Exchange",
+    "Refuse",
     "Request",
     "Response",
     "Routes",
@@ -49,6 +68,9 @@ __all__ = [
 
 #: A whole request must arrive and be answered within this many seconds.
 REQUEST_TIMEOUT_S: Final = 5.0
+#: How long a 408 (or a 400) may take to be written once the request's time is up: a
+#: client that sends too slowly may read too slowly as well.
+ANSWER_TIMEOUT_S: Final = 1.0
 #: The largest request head accepted; admin requests are a line and a few headers.
 MAX_HEAD_BYTES: Final = 8192
 #: The largest request body accepted: a server API call carries one message of at most
@@ -57,6 +79,19 @@ MAX_HEAD_BYTES: Final = 8192
 MAX_BODY_BYTES: Final = 1024 * 1024
 
 _TEXT: Final = "text/plain; charset=utf-8"
+
+#: The error name of each status the listener answers by itself, for an area's answers
+#: (the server API's ``"error"``); the handlers' own errors are theirs.
+ERRORS: Final[Mapping[int, str]] = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    431: "request_too_large",
+    500: "internal_error",
+    501: "invalid_request",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +131,65 @@ def text(status: int, body: str) -> Response:
 Handler = Callable[[Request], Awaitable[Response]]
 #: Path -> method -> handler.
 Routes = Mapping[str, Mapping[str, Handler]]
+#: The answer to a request relayd refuses by itself: (status, its name in
+#: :data:`ERRORS`, a sentence for a person) -> the response.
+Refuse = Callable[[int, str, str], Response]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request under an :class:`Area`'s prefix, once it is over.
+
+    Attributes:
+        route: the path, if the area has a route for it; else ``"other"`` (a 404), so
+            that what a client can put in a path is never a label of a metric.
+        method: the request's method.
+        status: the status answered; 0 when there was none (the client left, or did not
+            take the answer in time).
+        duration_s: from the connection's accept to the end of the answer.
+        peer: the client's address, ``host:port``; None if it was gone.
+    """
+
+    route: str
+    method: str
+    status: int
+    duration_s: float
+    peer: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Area:
+    """Routes under one path prefix that refuse in a format of their own, and are observed.
+
+    Attributes:
+        prefix: the paths the area holds, e.g. ``/api/``.
+        routes: its routes, each path under ``prefix``.
+        refuse: the answer to a request under ``prefix`` the listener refuses itself
+            (400, 404, 405, 408, 413, 431, 500; a 405 gets ``Allow`` added).
+        observe: told of every request under ``prefix`` once it is over; it must not
+            raise or wait.
+    """
+
+    prefix: str
+    routes: Routes
+    refuse: Refuse
+    observe: Callable[[Exchange], None]
+
+
+def _plain_refusal(status: int, _error: str, detail: str) -> Response:
+    return text(status, f"{detail}\n")
+
+
+@dataclasses.dataclass(slots=True)
+class _Progress:
+    """How far one connection's exchange got: what is known of its request, what was sent."""
+
+    accepted: float
+    peer: str | None
+    method: str = ""
+    path: str | None = None  # None until the request's head is parsed
+    read: bool = False  # the whole request has arrived
+    status: int = 0  # the status sent, once it is
 
 
 async def serve_admin(
@@ -103,7 +197,7 @@ async def serve_admin(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     *,
-    routes: Routes | None = None,
+    areas: Sequence[Area] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer admin requests on ``listeners`` until cancelled.
@@ -112,11 +206,14 @@ async def serve_admin(
         listeners: where to accept; closed when this returns.
         registry: the metrics to expose.
         ready: whether relayd accepts connections now.
-        routes: more routes, beside ``/metrics``, ``/healthz`` and ``/readyz``.
+        areas: more routes, beside ``/metrics``, ``/healthz`` and ``/readyz``, each
+            under its prefix with its own refusals and observer.
         task_status: started once accepting.
     """
-    table = {**_built_in(registry, ready), **(routes or {})}
-    handler = functools.partial(_handle, routes=table)
+    table: dict[str, Mapping[str, Handler]] = dict(_built_in(registry, ready))
+    for area in areas:
+        table.update(area.routes)
+    handler = functools.partial(_handle, routes=table, areas=tuple(areas))
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, list(listeners))
         task_status.started()
@@ -137,46 +234,103 @@ def _built_in(
     return {"/metrics": {"GET": metrics}, "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
 
 
-async def _handle(stream: trio.SocketStream, *, routes: Routes) -> None:
-    async with stream:
-        with trio.move_on_after(REQUEST_TIMEOUT_S):
-            try:
-                await _answer(stream, routes)
-            except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-
-
-async def _answer(stream: trio.SocketStream, routes: Routes) -> None:
+async def _handle(stream: trio.SocketStream, *, routes: Routes, areas: tuple[Area, ...]) -> None:
+    progress = _Progress(trio.current_time(), peer_address(stream))
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    async with stream:
+        refusal: tuple[int, str] | None = None
+        with trio.move_on_after(REQUEST_TIMEOUT_S) as deadline:
+            try:
+                await _answer(connection, stream, routes, areas, progress)
+            except h11.RemoteProtocolError as exc:
+                refusal = (exc.error_status_hint, f"not a request relayd can read: {exc}")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        if deadline.cancelled_caught and not progress.read:
+            refusal = (408, f"the request did not arrive whole within {REQUEST_TIMEOUT_S:g} s")
+        if refusal is not None and not progress.status:
+            with trio.move_on_after(ANSWER_TIMEOUT_S):
+                status, detail = refusal
+                await _send_refusal(connection, stream, progress, areas, status, detail)
+    area = _area_of(progress.path, areas)
+    if area is not None:
+        assert progress.path is not None
+        area.observe(
+            Exchange(
+                progress.path if progress.path in area.routes else "other",
+                progress.method,
+                progress.status,
+                trio.current_time() - progress.accepted,
+                progress.peer,
+            )
+        )
+
+
+def _area_of(path: str | None, areas: tuple[Area, ...]) -> Area | None:
+    if path is None:
+        return None
+    return next((area for area in areas if path.startswith(area.prefix)), None)
+
+
+async def _send_refusal(
+    connection: h11.Connection,
+    stream: trio.SocketStream,
+    progress: _Progress,
+    areas: tuple[Area, ...],
+    status: int,
+    detail: str,
+) -> None:
+    """Answer ``status`` if h11 still can; a stream that broke meanwhile is given up."""
+    area = _area_of(progress.path, areas)
+    refuse = _plain_refusal if area is None else area.refuse
+    response = refuse(status, ERRORS.get(status, ERRORS[400]), detail)
+    # The client may be gone, or h11 have no answer left to give at this point.
+    with contextlib.suppress(
+        h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
+    ):
+        await _send(connection, stream, response, progress)
+
+
+async def _answer(
+    connection: h11.Connection,
+    stream: trio.SocketStream,
+    routes: Routes,
+    areas: tuple[Area, ...],
+    progress: _Progress,
+) -> None:
     event = await _next(connection, stream)
     if not isinstance(event, h11.Request):
         return  # ConnectionClosed before a request
     method = event.method.decode("ascii", "replace")
     target = event.target.decode("ascii", "replace")
     path, _, query = target.partition("?")
+    progress.method, progress.path = method, path
+    area = _area_of(path, areas)
+    refuse = _plain_refusal if area is None else area.refuse
     headers = {
         name.decode("ascii").lower(): value.decode("latin-1") for name, value in event.headers
     }
     methods = routes.get(path)
     handler = None if methods is None else methods.get("GET" if method == "HEAD" else method)
+    body = None if handler is None else await _body(connection, stream, headers)
+    progress.read = True  # of a request refused now, the rest is never read
     response: Response
     if methods is None:
-        response = text(404, "not found\n")
+        response = refuse(404, ERRORS[404], f"nothing at {path}")
     elif handler is None:
         allowed = sorted({*methods, *(("HEAD",) if "GET" in methods else ())})
         response = dataclasses.replace(
-            text(405, "method not allowed\n"), headers=(("allow", ", ".join(allowed)),)
+            refuse(405, ERRORS[405], f"{path} takes {', '.join(allowed)}"),
+            headers=(("allow", ", ".join(allowed)),),
         )
+    elif body is None:
+        response = refuse(413, ERRORS[413], f"the body is over {MAX_BODY_BYTES} bytes")
     else:
-        body = await _body(connection, stream, headers)
-        if body is None:
-            response = text(413, f"the body is over {MAX_BODY_BYTES} bytes\n")
-        else:
-            response = await _call(handler, Request(method, path, query, headers, body))
-    await _send(connection, stream, response, head_only=method == "HEAD")
+        response = await _call(handler, Request(method, path, query, headers, body), refuse)
+    await _send(connection, stream, response, progress, head_only=method == "HEAD")
 
 
-async def _call(handler: Handler, request: Request) -> Response:
+async def _call(handler: Handler, request: Request, refuse: Refuse) -> Response:
     """``handler``'s answer; a bug in it is logged and answered 500, never raised.
 
     An exception escaping here would reach the admin listener's nursery and stop relayd.
@@ -190,7 +344,7 @@ async def _call(handler: Handler, request: Request) -> Response:
             summary=f"{type(exc).__name__}: {exc}",
             exc_info=exc,
         )
-        return text(500, "internal error\n")
+        return refuse(500, ERRORS[500], "a bug in relayd; it is logged")
 
 
 async def _next(connection: h11.Connection, stream: trio.SocketStream) -> object:
@@ -225,8 +379,14 @@ async def _body(
 
 
 async def _send(
-    connection: h11.Connection, stream: trio.SocketStream, response: Response, *, head_only: bool
+    connection: h11.Connection,
+    stream: trio.SocketStream,
+    response: Response,
+    progress: _Progress,
+    *,
+    head_only: bool = False,
 ) -> None:
+    """Write ``response`` whole; ``progress.status`` says so once it is written."""
     headers = [
         ("content-type", response.content_type),
         ("content-length", str(len(response.body))),
@@ -241,3 +401,4 @@ async def _send(
         data += connection.send(h11.Data(data=response.body)) or b""
     data += connection.send(h11.EndOfMessage()) or b""
     await stream.send_all(data or b"")
+    progress.status = response.status

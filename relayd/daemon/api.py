@@ -13,7 +13,14 @@ The calls go to the router (:class:`ApiRouter`: the methods of
 :class:`~relayd.routing.interface.Router` the API uses), so they mean the same on one node
 and on a cluster. Nothing here does I/O but through the router: the admin listener
 (:mod:`relayd.daemon.admin`) owns the sockets, the bounds on a request, and the 500 for a
-bug.
+bug; this module gives it the API as an :class:`~relayd.daemon.admin.Area` under
+``/api/``, so that every answer there is JSON, the listener's own refusals included.
+
+What the operator sees: every request under ``/api/`` is counted in
+``relayd_api_requests_total{route,status}`` and logged as an ``api.request`` event (at
+most a burst and then a line a second per route: :data:`relayd.telemetry.log.THROTTLED`;
+the count is whole). A publish's message is counted apart from clients' messages, in
+``relayd_api_messages_total{outcome}`` (:mod:`relayd.telemetry.messages`).
 
 Authentication: with an API key (``[admin] api_key_file``), every call must carry
 ``Authorization: Bearer <key>``; a missing or wrong key is 401, compared in constant time.
@@ -22,7 +29,8 @@ loopback, any local process may call.
 
 Error handling: a request relayd cannot take is answered, never raised: 400
 ``invalid_request`` (not JSON, a field missing or of the wrong type), 401
-``unauthorized``, 413 ``message_too_large``; each with a ``detail`` for a person.
+``unauthorized``, 413 ``message_too_large``; each with a ``detail`` for a person. The
+listener's refusals (404, 405, 408, 413 ``request_too_large``, 500) are the same JSON.
 """
 
 from __future__ import annotations
@@ -34,17 +42,23 @@ from typing import Annotated, Final, Protocol, TypeVar
 
 import msgspec
 
-from relayd.daemon.admin import Request, Response, Routes
+from relayd.daemon.admin import Area, Exchange, Request, Response, Routes
 from relayd.routing.table import Outcome
+from relayd.telemetry.log import get_logger
+from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import MAX_ID_CHARS, SERVER_SENDER
 
 __all__ = [
     "DEFAULT_PAGE",
     "MAX_PAGE",
+    "PREFIX",
     "SERVER_SENDER",
     "ApiRouter",
-    "api_routes",
+    "api_area",
 ]
+
+#: The paths of the API on the admin listener.
+PREFIX: Final = "/api/"
 
 #: Ids per ``/api/ids`` page unless ``limit`` says otherwise, and the most it may say:
 #: a page of 1000 ids of 256 characters is at most about 260 KB of JSON.
@@ -73,7 +87,10 @@ class ApiRouter(Protocol):
         """How many connections hold ``client_id``."""
 
     async def list_ids(self, *, after: str | None, limit: int) -> list[str]:
-        """Connected ids in sorted order, at most ``limit``, each greater than ``after``."""
+        """Connected ids in sorted order, at most ``limit``, each greater than ``after``.
+
+        The API asks for one more than a page, to tell whether another page follows.
+        """
 
 
 ClientId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
@@ -181,26 +198,54 @@ class _Api:
         call = self._decode(request, _Ids)
         if isinstance(call, Response):
             return call
-        ids = await self._router.list_ids(after=call.after, limit=call.limit)
-        following = ids[-1] if len(ids) == call.limit else None
-        return _answer(200, {"ids": ids, "next": following})
+        # One id more than the page: only if it is there does another page follow, so the
+        # last page says so itself (a full last page used to point at an empty one).
+        ids = await self._router.list_ids(after=call.after, limit=call.limit + 1)
+        page = ids[: call.limit]
+        following = page[-1] if len(ids) > call.limit else None
+        return _answer(200, {"ids": page, "next": following})
 
 
-def api_routes(
-    router: ApiRouter, *, max_message_bytes: Callable[[], int], key: bytes | None
-) -> Routes:
-    """The API's routes, for :func:`relayd.daemon.admin.serve_admin`.
+def _observer(stats: Stats) -> Callable[[Exchange], None]:
+    """Counts and logs each request under :data:`PREFIX` once it is over."""
+    counts = stats.api_requests
+    log = get_logger()
+
+    def observe(exchange: Exchange) -> None:
+        counts[exchange.route, exchange.status] += 1
+        log.info(
+            "api.request",
+            route=exchange.route,
+            method=exchange.method,
+            status=exchange.status,
+            duration_s=round(exchange.duration_s, 3),
+            peer=exchange.peer,
+        )
+
+    return observe
+
+
+def api_area(
+    router: ApiRouter,
+    *,
+    max_message_bytes: Callable[[], int],
+    key: bytes | None,
+    stats: Stats,
+) -> Area:
+    """The API under :data:`PREFIX`, for :func:`relayd.daemon.admin.serve_admin`.
 
     Args:
         router: where the calls go.
         max_message_bytes: the largest message a publish may carry now
             (``limits.max_message_bytes``, as a reload leaves it).
         key: the API key every call must present; None: no key (loopback only).
+        stats: where requests are counted (``api_requests``).
     """
     api = _Api(router, max_message_bytes, key)
-    return {
-        "/api/publish": {"POST": api.publish},
-        "/api/disconnect": {"POST": api.disconnect},
-        "/api/presence": {"POST": api.presence},
-        "/api/ids": {"POST": api.ids},
+    routes: Routes = {
+        f"{PREFIX}publish": {"POST": api.publish},
+        f"{PREFIX}disconnect": {"POST": api.disconnect},
+        f"{PREFIX}presence": {"POST": api.presence},
+        f"{PREFIX}ids": {"POST": api.ids},
     }
+    return Area(PREFIX, routes, _refuse, _observer(stats))

@@ -209,8 +209,8 @@ class Connection:
         self._writer.slots_freed()
 
     def disconnect(self, code: int, reason: str) -> None:
-        """Close for policy at the server API's request."""
-        self.close_soon(code, reason)
+        """Close for policy at the server API's request (logged as ``closed_by: "api"``)."""
+        self.close_soon(code, reason, closed_by="api")
 
     # -- control, from other tasks ---------------------------------------------
 
@@ -225,9 +225,9 @@ class Connection:
             if self._echo:  # never routed, so no router detaches it
                 self.detach()
 
-    def close_soon(self, code: int, reason: str) -> None:
+    def close_soon(self, code: int, reason: str, *, closed_by: str = "server") -> None:
         """Close for policy: read no more, flush what is decided, then close with ``code``."""
-        if not self._lifecycle.close_for_policy(code, reason):
+        if not self._lifecycle.close_for_policy(code, reason, closed_by):
             return
         self._reader.stop()
         self._leave()

@@ -42,7 +42,7 @@ from relayd.config import Settings
 from relayd.daemon.accepting import Sockets, descriptor_budget, serve_public
 from relayd.daemon.addresses import show
 from relayd.daemon.admin import serve_admin
-from relayd.daemon.api import api_routes
+from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
@@ -285,11 +285,12 @@ class Server:
                 root.start_soon(report_suppressed_lines)
                 await root.start(self._router.run)
                 if admin_listeners:
-                    api = api_routes(
+                    api = api_area(
                         self._router,
                         # As in force now: a reload may change it.
                         max_message_bytes=lambda: self._settings.limits.max_message_bytes,
                         key=self._api_key,
+                        stats=self.stats,
                     )
                     await root.start(
                         functools.partial(
@@ -297,7 +298,7 @@ class Server:
                             admin_listeners,
                             self.registry,
                             lambda: self.ready,
-                            routes=api,
+                            areas=[api],
                         )
                     )
                 async with trio.open_nursery() as connections:

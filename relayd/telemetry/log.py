@@ -172,6 +172,9 @@ THROTTLED: Final[dict[str, str | None]] = {
     "library.log": "logger",
     "listener.paused": "reason",
     "error": None,
+    # Not a client's doing, but a backend's: one per request would double the lines of
+    # a backend that publishes as fast as clients send (each message has its own line).
+    "api.request": "route",
 }
 #: The budget of those lines, process-wide like the sink.
 _budget = LineBudget()

@@ -4,7 +4,10 @@ Every outcome of a client's message goes through one :class:`MessageEvents`,
 wherever it was decided: by the connection that refused it on arrival
 (``invalid_json``, ``rate_limited``, ...), or by the router (``delivered``,
 ``unknown_recipient``, ``recipient_busy``). (Messages on the diagnostic echo
-route are only counted, as ``echoed``.) The server owns the one instance,
+route are only counted, as ``echoed``.) A message the server API published
+(its sender is :data:`~relayd.wire.dialects.SERVER_SENDER`, ``""``) is logged
+the same way but counted apart, in ``relayd_api_messages_total``: a backend
+publishing to ids that have left is not clients being refused. The server owns the one instance,
 hands it to both, and a reload reconfigures it in this one place
 (:meth:`MessageEvents.reconfigure`), so the two can never disagree about
 whether ``log.messages`` is on.
@@ -46,7 +49,7 @@ class Recorder(Protocol):
         """Count and log one outcome.
 
         Args:
-            sender: the sender's id.
+            sender: the sender's id; ``""`` for the server API.
             to: the recipient id it asked for; None if its message could not be read.
             size: the client frame's size in bytes.
             outcome: ``delivered``, ``echoed`` or an error code.
@@ -95,13 +98,15 @@ class MessageEvents:
         Every outcome is counted; which are logged is ``messages``: all of them, the
         refusals, the refusals and a random ``sample`` of the deliveries, or none.
         """
-        counts = self._stats.messages
+        # Client messages, or the server API's (sender ""): one test of a string's
+        # truth per message picks the counter.
+        counts, api_counts = self._stats.messages, self._stats.api_messages
         if self.messages == "off":
 
             def count(
                 sender: str, to: str | None, size: int, outcome: str, body: Body = None
             ) -> None:
-                counts[outcome] += 1
+                (counts if sender else api_counts)[outcome] += 1
 
             return count
         write = self._writer()
@@ -114,7 +119,7 @@ class MessageEvents:
         draw = random.random
 
         def record(sender: str, to: str | None, size: int, outcome: str, body: Body = None) -> None:
-            counts[outcome] += 1
+            (counts if sender else api_counts)[outcome] += 1
             if thinned and outcome == _DELIVERED and draw() >= sample:
                 return
             fields: dict[str, Any] = {"from": sender, "to": to, "bytes": size, "outcome": outcome}

@@ -21,6 +21,13 @@ auth_failures_total                 counter  handshakes whose token was refused 
                                              often are under handshakes_rejected)
 messages_total{outcome}             counter  client messages, by outcome (delivered,
                                              unknown_recipient, recipient_busy, invalid_json…)
+api_messages_total{outcome}         counter  messages published through the server API, by
+                                             outcome (delivered, unknown_recipient…): apart
+                                             from clients', so that a backend pushing to ids
+                                             that left is not a refusal rate of clients
+api_requests_total{route,status}    counter  server API requests, by route (``other`` for
+                                             paths that are none) and HTTP status (0: no
+                                             answer was sent)
 bytes_received_total                counter  bytes of client frames (closed connections
                                              and open ones)
 bytes_sent_total                    counter  bytes of frames sent to clients
@@ -42,7 +49,7 @@ from __future__ import annotations
 import bisect
 import collections
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client.core import (
@@ -73,6 +80,8 @@ class Stats:
     """Counters since start; every field is plain, updated in place."""
 
     __slots__ = (
+        "api_messages",
+        "api_requests",
         "auth_failures",
         "bytes_received",
         "bytes_sent",
@@ -95,6 +104,8 @@ class Stats:
         self.auth_failures = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.messages: collections.Counter[str] = collections.Counter()
+        self.api_messages: collections.Counter[str] = collections.Counter()
+        self.api_requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.closes: collections.Counter[int] = collections.Counter()
         self.bytes_received = 0  # of connections that have closed; open ones add theirs
@@ -147,31 +158,38 @@ class StatsCollector(Collector):
         yield CounterMetricFamily(
             "relayd_connections", "WebSocket connections accepted", value=stats.connections_total
         )
-        rejected = CounterMetricFamily(
-            "relayd_handshakes_rejected", "Handshakes refused, by HTTP status", labels=["status"]
+        yield _by_label(
+            "relayd_handshakes_rejected",
+            "Handshakes refused, by HTTP status",
+            "status",
+            {str(status): count for status, count in stats.rejected.items()},
         )
-        for status, count in sorted(stats.rejected.items()):
-            rejected.add_metric([str(status)], count)
-        yield rejected
-        dropped = CounterMetricFamily(
+        yield _by_label(
             "relayd_handshakes_dropped",
             "Connections closed unread when accepted, by the handshake limit they were over",
-            labels=["limit"],
+            "limit",
+            stats.dropped,
         )
-        for limit, count in sorted(stats.dropped.items()):
-            dropped.add_metric([limit], count)
-        yield dropped
         yield CounterMetricFamily(
             "relayd_auth_failures",
             "Handshakes whose token was refused with 401",
             value=stats.auth_failures,
         )
-        messages = CounterMetricFamily(
-            "relayd_messages", "Client messages, by outcome", labels=["outcome"]
+        yield _by_label("relayd_messages", "Client messages, by outcome", "outcome", stats.messages)
+        yield _by_label(
+            "relayd_api_messages",
+            "Messages published through the server API, by outcome",
+            "outcome",
+            stats.api_messages,
         )
-        for outcome, count in sorted(stats.messages.items()):
-            messages.add_metric([outcome], count)
-        yield messages
+        api_requests = CounterMetricFamily(
+            "relayd_api_requests",
+            "Server API requests, by route and HTTP status (0: not answered)",
+            labels=["route", "status"],
+        )
+        for (route, status), count in sorted(stats.api_requests.items()):
+            api_requests.add_metric([route, str(status)], count)
+        yield api_requests
         yield CounterMetricFamily(
             "relayd_bytes_received",
             "Bytes of client frames",
@@ -182,12 +200,9 @@ class StatsCollector(Collector):
             "Bytes of frames sent to clients",
             value=stats.bytes_sent + bytes_out,
         )
-        errors = CounterMetricFamily(
-            "relayd_errors", "Error frames sent to clients, by code", labels=["code"]
+        yield _by_label(
+            "relayd_errors", "Error frames sent to clients, by code", "code", stats.errors
         )
-        for code, count in sorted(stats.errors.items()):
-            errors.add_metric([code], count)
-        yield errors
         closes = CounterMetricFamily(
             "relayd_closes", "Closed connections, by close code", labels=["code"]
         )
@@ -229,3 +244,11 @@ class StatsCollector(Collector):
             "0 if the last reload was refused (the running settings stay), else 1",
             value=stats.last_reload_applied,
         )
+
+
+def _by_label(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> Metric:
+    """A counter family with one series per value of ``label``, in order."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family

@@ -15,8 +15,8 @@ phase              what decided it            the outbox      close frame sent  
                                               go of it
 ``CLOSING``        relayd, for policy (1008   flushed: what   the policy's code   yes
                    abuse, 1013 slow consumer, is queued and
-                   1000 idle, 1011 no pong)   replies already
-                                              decided
+                   1000 idle, 1011 no pong),  replies already
+                   or the server API          decided
 ``FAILED``         the client broke RFC 6455  dropped         1002, 1007, 1009,   no (RFC 6455
                    (1002, 1007, 1009), sent                   1008 (1011 is sent  §7.1.7)
                    frames too fast (1008),                    by the gate)
@@ -87,7 +87,8 @@ class Close:
     Attributes:
         code: the close code logged; for ``GONE``, 1006, which is never sent.
         reason: the close reason.
-        closed_by: ``"server"`` or ``"client"``.
+        closed_by: ``"server"``, ``"client"``, or ``"api"`` when the application's
+            backend closed it through the server API.
     """
 
     code: int
@@ -125,9 +126,12 @@ class Lifecycle:
         """The server is shutting down: flush, then close with 1001."""
         return self._move(Event.DRAIN, _DRAIN)
 
-    def close_for_policy(self, code: int, reason: str) -> bool:
-        """The server closes the connection for policy with ``code``."""
-        return self._move(Event.POLICY, Close(code, reason, "server"))
+    def close_for_policy(self, code: int, reason: str, closed_by: str = "server") -> bool:
+        """The server closes the connection for policy with ``code``.
+
+        ``closed_by`` is ``"api"`` when the server API asked for it.
+        """
+        return self._move(Event.POLICY, Close(code, reason, closed_by))
 
     def violate(self, code: int, reason: str) -> bool:
         """The client broke the protocol: fail the connection with ``code``."""
