@@ -38,6 +38,7 @@ ALERTS: Final = {
     "RelaydRefusingMessages",
     "RelaydSlowConsumers",
     "RelaydHandshakesRefused",
+    "RelaydHandshakesDropped",
     "RelaydAtCapacity",
     "RelaydFileDescriptorsNearLimit",
     "RelaydReloadFailed",
