@@ -23,7 +23,7 @@ from relayd.config import AdminSettings
 from relayd.daemon.admin import MAX_BODY_BYTES, REQUEST_TIMEOUT_S, serve_admin
 from relayd.daemon.api import MAX_PAGE, SERVER_SENDER, api_area
 from relayd.daemon.credentials import load_api_key
-from relayd.errors import ConfigError
+from relayd.errors import BrokerUnavailable, ConfigError
 from relayd.routing.table import Outcome
 from relayd.telemetry.metrics import Stats
 
@@ -38,6 +38,7 @@ class Recording:
         self.outcome = Outcome.DELIVERED
         self.connections: dict[str, int] = {}
         self.fail = False
+        self.cut_off = False  # as a cluster node that cannot reach Redis
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
         if self.fail:
@@ -46,15 +47,22 @@ class Recording:
         return self.outcome
 
     async def disconnect(self, client_id: str, code: int, reason: str) -> int:
+        self._reach()
         self.calls.append(("disconnect", client_id, code, reason))
         return self.connections.pop(client_id, 0)
 
     async def presence(self, client_id: str) -> int:
+        self._reach()
         return self.connections.get(client_id, 0)
 
     async def list_ids(self, *, after: str | None, limit: int) -> list[str]:
+        self._reach()
         ids = sorted(i for i in self.connections if after is None or i > after)
         return ids[:limit]
+
+    def _reach(self) -> None:
+        if self.cut_off:
+            raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
 
 
 @asynccontextmanager
@@ -367,6 +375,22 @@ async def test_a_router_that_raises_is_a_500_and_an_error_event_not_a_dead_liste
     [error] = [event for event in events if event["event"] == "error"]
     assert error["route"] == "POST /api/publish"
     assert error["summary"] == "RuntimeError: injected fault"
+
+
+async def test_a_node_cut_off_from_the_cluster_is_a_503_to_ask_again_not_a_bug() -> None:
+    router = Recording()
+    router.cut_off = True
+    with structlog.testing.capture_logs() as events:
+        async with api(router) as address:
+            answers = [
+                await call(address, "/api/presence", {"id": "bob"}),
+                await call(address, "/api/disconnect", {"id": "bob"}),
+                await call(address, "/api/ids", {}),
+            ]
+    for status, _headers, body in answers:
+        assert (status, body["error"]) == (503, "broker_unavailable")
+        assert body["detail"].startswith("the cluster's broker cannot be reached")
+    assert [event for event in events if event["event"] == "error"] == []
 
 
 def test_the_key_is_read_from_its_file_without_the_newline(tmp_path: Path) -> None:

@@ -29,8 +29,10 @@ loopback, any local process may call.
 
 Error handling: a request relayd cannot take is answered, never raised: 400
 ``invalid_request`` (not JSON, a field missing or of the wrong type), 401
-``unauthorized``, 413 ``message_too_large``; each with a ``detail`` for a person. The
-listener's refusals (404, 405, 408, 413 ``request_too_large``, 500) are the same JSON.
+``unauthorized``, 413 ``message_too_large``, and in a cluster 503
+``broker_unavailable`` for presence, disconnect and ids while the node cannot reach
+Redis; each with a ``detail`` for a person. The listener's refusals (404, 405, 408, 413
+``request_too_large``, 500) are the same JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Annotated, Final, Protocol, TypeVar
 import msgspec
 
 from relayd.daemon.admin import Area, Exchange, Request, Response, Routes
+from relayd.errors import BrokerUnavailable
 from relayd.routing.table import Outcome
 from relayd.telemetry.log import get_logger
 from relayd.telemetry.metrics import Stats
@@ -127,6 +130,14 @@ def _refuse(status: int, error: str, detail: str, *headers: tuple[str, str]) -> 
     return _answer(status, {"error": error, "detail": detail}, *headers)
 
 
+def _unavailable(error: BrokerUnavailable) -> Response:
+    """A cluster-wide question this node cannot ask now: the broker is out of its reach.
+
+    Not a bug (no ``error`` event, no 500): another node may answer, or this one later.
+    """
+    return _refuse(503, "broker_unavailable", f"{error}; ask another node, or again later")
+
+
 class _Api:
     """The four calls, bound to a router, the limits in force and the key."""
 
@@ -182,14 +193,20 @@ class _Api:
             )
         if len(call.reason.encode()) > _MAX_REASON_BYTES:
             return _refuse(400, "invalid_request", "reason is over 123 bytes of UTF-8")
-        closed = await self._router.disconnect(call.id, call.code, call.reason)
+        try:
+            closed = await self._router.disconnect(call.id, call.code, call.reason)
+        except BrokerUnavailable as error:
+            return _unavailable(error)
         return _answer(200, {"id": call.id, "disconnected": closed})
 
     async def presence(self, request: Request) -> Response:
         call = self._decode(request, _Presence)
         if isinstance(call, Response):
             return call
-        connections = await self._router.presence(call.id)
+        try:
+            connections = await self._router.presence(call.id)
+        except BrokerUnavailable as error:
+            return _unavailable(error)
         return _answer(
             200, {"id": call.id, "connected": connections > 0, "connections": connections}
         )
@@ -200,7 +217,10 @@ class _Api:
             return call
         # One id more than the page: only if it is there does another page follow, so the
         # last page says so itself (a full last page used to point at an empty one).
-        ids = await self._router.list_ids(after=call.after, limit=call.limit + 1)
+        try:
+            ids = await self._router.list_ids(after=call.after, limit=call.limit + 1)
+        except BrokerUnavailable as error:
+            return _unavailable(error)
         page = ids[: call.limit]
         following = page[-1] if len(ids) > call.limit else None
         return _answer(200, {"ids": page, "next": following})
