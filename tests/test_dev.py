@@ -16,8 +16,9 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEV: Final = REPO_ROOT / "dev"
@@ -72,7 +73,26 @@ def test_serve_installs_only_what_serving_needs_and_quietly(tmp_path: Path) -> N
     assert installed.isdisjoint(TEST_TOOLS)
 
 
-def test_serve_listens_on_loopback_and_says_so() -> None:
+def _lines(stream: IO[str]) -> queue.Queue[str | None]:
+    """The lines of ``stream`` as a reader thread gets them; None once it ends."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _next(lines: queue.Queue[str | None], what: str) -> str:
+    line = lines.get(timeout=WAIT_TIMEOUT_S)
+    assert line is not None, f"the output ended before {what}"
+    return line
+
+
+def test_serve_listens_on_loopback_and_says_where_even_on_ports_the_kernel_picks() -> None:
     proc = subprocess.Popen(
         [str(DEV), "serve", "--port", "0", "--admin-port", "0"],
         env=dev_env(),
@@ -81,39 +101,42 @@ def test_serve_listens_on_loopback_and_says_so() -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    out, err = _lines(proc.stdout), _lines(proc.stderr)
     try:
         ready = None
         while ready is None:
-            line = lines.get(timeout=WAIT_TIMEOUT_S)
-            assert line is not None, "relayd stopped before server.ready"
-            event = json.loads(line)
+            event = json.loads(_next(out, "server.ready"))
             if event["event"] == "server.ready":
                 ready = event
         assert ready["listeners"] == [f"127.0.0.1:{ready['port']}"]
+        admin = ready["admin"]
+        # The ports relayd bound, not the 0 it was given, and URLs that answer.
+        banner = [_next(err, "the banner") for _ in range(4)]
+        assert banner == [
+            f"==> relayd on ws://127.0.0.1:{ready['port']}/: loopback, only this machine can"
+            " connect",
+            '    (--host "" listens on every interface, as an installed relayd does)',
+            f"==> metrics on http://{admin}/metrics (health: /healthz, readiness: /readyz)",
+            f"==> server API on http://{admin}/api/: no key, any process on this machine may"
+            " call it (docs/api.md)",
+        ]
+        with urllib.request.urlopen(f"http://{admin}/metrics", timeout=WAIT_TIMEOUT_S) as answer:
+            assert b"relayd_connections_open" in answer.read()
+        ids = urllib.request.Request(f"http://{admin}/api/ids", data=b"{}", method="POST")
+        with urllib.request.urlopen(ids, timeout=WAIT_TIMEOUT_S) as answer:
+            assert json.loads(answer.read()) == {"ids": [], "next": None}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=WAIT_TIMEOUT_S) == 0
+        # relayd's own lines still come through after the banner, to the last one.
+        rest = []
+        while (line := out.get(timeout=WAIT_TIMEOUT_S)) is not None:
+            rest.append(json.loads(line)["event"])
+        assert rest[-1] == "server.stop"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=WAIT_TIMEOUT_S)
-        reader.join(timeout=WAIT_TIMEOUT_S)
-    assert proc.stderr is not None
-    banner = proc.stderr.read().splitlines()
-    proc.stderr.close()
-    assert proc.stdout is not None
-    proc.stdout.close()
-    assert banner[:3] == [
-        "==> relayd on ws://127.0.0.1:0/: loopback, only this machine can connect",
-        '    (--host "" listens on every interface, as an installed relayd does)',
-        "==> metrics and health on http://127.0.0.1:0/",
-    ]
+        proc.stdout.close()
+        proc.stderr.close()
