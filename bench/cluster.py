@@ -59,6 +59,8 @@ BENCH: Final = Path(__file__).resolve().parent
 ROOT: Final = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+from run import WindowHooks  # noqa: E402
+
 from tests.redis_server import RedisServer  # noqa: E402
 
 LOADGEN: Final = BENCH / "loadgen.mjs"
@@ -142,10 +144,21 @@ def child(
 
 
 def relayd_node(
-    stack: ExitStack, redis: RedisServer | None, name: str, log: Path
+    stack: ExitStack,
+    redis: RedisServer | None,
+    name: str,
+    log: Path,
+    *,
+    command: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[int, int]:
-    """Start a relayd node (cluster off without ``redis``); (pid, port)."""
+    """Start a relayd node (cluster off without ``redis``); (pid, port).
+
+    ``command`` replaces ``.venv/bin/relayd`` (bench/profile_cluster.py runs the counted
+    relayd), ``extra_env`` is added to its environment.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_") and k != "PORT"}
+    env |= extra_env or {}
     if redis is not None:
         env |= {
             "RELAYD_CLUSTER__ENABLED": "true",
@@ -153,7 +166,7 @@ def relayd_node(
             "RELAYD_CLUSTER__NODE_NAME": name,
         }
     argv = [
-        str(ROOT / ".venv" / "bin" / "relayd"),
+        *(command or [str(ROOT / ".venv" / "bin" / "relayd")]),
         "--config", str(RELAYD_CONFIG), "--host", "127.0.0.1", "--port", "0",
     ]  # fmt: skip
     drains: list[subprocess.Popen[bytes]] = []
@@ -195,8 +208,14 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def measure(cell: Cell, ports: tuple[int, int], pids: dict[str, int]) -> dict[str, Any]:
-    """Run the generator for ``cell``; its result and each process's CPU share."""
+def measure(
+    cell: Cell, ports: tuple[int, int], pids: dict[str, int], hooks: WindowHooks | None = None
+) -> dict[str, Any]:
+    """Run the generator for ``cell``; its result and each process's CPU share.
+
+    ``hooks`` (bench/profile_cluster.py's profilers) are called as the measured window
+    opens and closes.
+    """
     config = {
         "mode": cell.mode,
         "host": "127.0.0.1",
@@ -225,7 +244,11 @@ def measure(cell: Cell, ports: tuple[int, int], pids: dict[str, int]) -> dict[st
         if event["event"] == "measure.start":
             start = {name: cpu_s(pid) for name, pid in pids.items()}
             t0 = _now()
+            if hooks is not None:
+                hooks.started()
         elif event["event"] == "measure.end":
+            if hooks is not None:
+                hooks.ended()
             wall = _now() - t0
             cpu = {name: round((cpu_s(pid) - start[name]) / wall, 3) for name, pid in pids.items()}
         elif event["event"] == "held":

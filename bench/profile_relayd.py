@@ -623,12 +623,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.sched_setaffinity(0, {args.gen_cpu})
     measured_on = machine()  # relayd's commit and tree, versions, the load average
     found = profile(args, out)
+    report(found, out, "bench/profile_relayd.py", argv, measured_on)
+    return 0
+
+
+def report(
+    found: dict[str, Any],
+    out: Path,
+    script: str,
+    argv: Sequence[str] | None,
+    measured_on: dict[str, Any],
+) -> None:
+    """Add the command and the machine to ``found``; write it to OUT/profile.json and print it."""
     typed = sys.argv[1:] if argv is None else list(argv)
-    found["command"] = shlex.join([".venv/bin/python", "bench/profile_relayd.py", *typed])
+    found["command"] = shlex.join([".venv/bin/python", script, *typed])
     found["machine"] = measured_on | {"loadavg_end": machine()["loadavg_start"]}
     (out / "profile.json").write_text(json.dumps(found, indent=1) + "\n")
     print(json.dumps(found, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

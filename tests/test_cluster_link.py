@@ -10,21 +10,24 @@ are found in well under a second.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 import trio
 import trio.testing
+import trustme
 from structlog.typing import EventDict
 
 from relayd.config import ClusterSettings
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
 from relayd.routing.cluster.redis import RedisLink
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port, running_redis
 from tests.tcp_proxy import TcpProxy
 
 #: Short timeouts: a probe every 50 ms, late after 300 ms; retries within 200 ms.
@@ -157,8 +160,6 @@ async def test_subscriptions_are_counted_holds(redis_server: RedisServer) -> Non
 async def test_unreachable_at_start_then_connects(
     tmp_path_factory: pytest.TempPathFactory, logs: list[EventDict]
 ) -> None:
-    from tests.redis_server import free_port
-
     port = free_port()
     server = RedisServer(tmp_path_factory.mktemp("r"), port=port)
     with trio.fail_after(LIMIT_S):
@@ -259,3 +260,135 @@ async def test_a_node_cut_off_from_redis_makes_absent_ids_unreachable(
             # n2 is gone without removing its heartbeat (as a crash would).
             redis_server.forget_clients("relayd:n2:")
             assert await publish(one, (CHANNELS.of_id("nobody"), b"x")) == [-1]
+
+
+async def test_a_batch_larger_than_the_socket_takes_is_written_whole_and_in_order(
+    redis_server: RedisServer,
+) -> None:
+    """A unix socket takes about 200 KiB at once: the rest of each batch is written as it drains."""
+    big = 1 << 20
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(
+            redis_server.unix_url, redis_server.url, publish_buffer_bytes=8 * big
+        ) as (one, two, inbox2):
+            channel = CHANNELS.of_id("big")
+            two.subscribe(channel)
+            await two.subscribed(channel)
+            bodies = [bytes([65 + n]) * big for n in range(3)]
+            counts: list[list[int] | None] = []
+            for body in bodies:  # all three before any is answered
+                assert one.publish([(channel, body)], counts.append)
+            one.send([(channel, b"then an answer")])
+            assert await publish(one, (channel, b"and a small one")) == [1]
+            assert counts == [[1], [1], [1]]
+            received = await inbox2.wait_for(5)
+            assert [data for _, data in received] == [
+                *bodies,
+                b"then an answer",
+                b"and a small one",
+            ]
+            assert one.health.inflight_bytes == 0
+
+
+async def test_answers_ask_for_no_reply_and_replies_still_meet_their_batches(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server.url, redis_server.url) as (one, two, inbox2):
+            channel = CHANNELS.of_id("answers")
+            two.subscribe(channel)
+            await two.subscribed(channel)
+            for n in range(3):
+                assert one.send([(channel, b"answer %d" % n), (CHANNELS.of_id("nobody"), b"x")])
+                assert await publish(one, (channel, b"message %d" % n)) == [1]
+            received = [data for _, data in await inbox2.wait_for(6)]
+            assert received == [
+                b"answer 0", b"message 0", b"answer 1", b"message 1", b"answer 2", b"message 2"
+            ]  # fmt: skip
+            assert one.health.published == 9
+            assert one.health.publish_failures == 0
+
+
+async def test_sending_while_down_is_refused(tmp_path: Path) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with link_to(f"redis://127.0.0.1:{free_port()}/0", up=False) as (link, _):
+            await link.wait_for(lambda health: health.failed_attempts >= 1)
+            assert not link.send([(b"c", b"d")])
+            assert link.health.publish_failures == 1
+
+
+async def test_over_tls_commands_go_through_the_tls_layer(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    tls_port = free_port()
+    tls = [
+        "--tls-port", str(tls_port),
+        "--tls-cert-file", str(tmp_path / "cert.pem"),
+        "--tls-key-file", str(tmp_path / "key.pem"),
+        "--tls-ca-cert-file", str(tmp_path / "ca.pem"),
+        "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    url = f"rediss://127.0.0.1:{tls_port}/0"
+    with (
+        tempfile.TemporaryDirectory(prefix="relayd-redis-") as directory,  # a short socket path
+        running_redis(Path(directory), extra=tls),
+        trio.fail_after(LIMIT_S),
+    ):
+        async with (
+            link_to(url, tls_ca_file=str(tmp_path / "ca.pem")) as (one, _),
+            link_to(url, "n2", tls_ca_file=str(tmp_path / "ca.pem")) as (two, inbox2),
+        ):
+            channel = CHANNELS.of_id("private")
+            two.subscribe(channel)
+            await two.subscribed(channel)
+            assert one.send([(channel, b"an answer")])
+            assert await publish(one, (channel, b"over TLS"), (CHANNELS.of_id("nobody"), b"x")) == [
+                1,
+                0,
+            ]
+            received = [data for _, data in await inbox2.wait_for(2)]
+            assert received == [b"an answer", b"over TLS"]
+
+
+class Faulty(Inbox):
+    """A receiver with a bug: it raises on the first message."""
+
+    def received(self, messages: list[tuple[bytes, bytes]]) -> None:
+        if not self.messages:
+            self.messages += messages
+            raise RuntimeError("a bug in the receiver")
+        super().received(messages)
+
+
+async def test_a_receiver_that_raises_is_logged_and_the_link_reconnects(
+    redis_server: RedisServer, logs: list[EventDict]
+) -> None:
+    faulty = Faulty()
+    link = RedisLink(
+        ClusterSettings(enabled=True, broker_url=redis_server.url, **FAST),
+        node="n2",
+        channels=CHANNELS,
+        receiver=faulty,
+        log=structlog.get_logger(),
+    )
+    channel = CHANNELS.of_id("trap")
+    with trio.fail_after(LIMIT_S):
+        async with link_to(redis_server.url) as (one, _), trio.open_nursery() as nursery:
+            await nursery.start(link.run)
+            await link.wait_for(UP)
+            link.subscribe(channel)
+            await link.subscribed(channel)
+            assert await publish(one, (channel, b"first")) == [1]
+            await link.wait_for(DOWN)
+            await link.wait_for(UP)
+            assert await publish(one, (channel, b"second")) == [1]
+            assert await faulty.wait_for(2) == [(channel, b"first"), (channel, b"second")]
+            link.close()
+    error = next(e for e in logs if e["event"] == "error")
+    assert error["summary"] == "broker link: RuntimeError: a bug in the receiver"
+    assert error["exc_info"] is not None
+    lost = next(e for e in logs if e["event"] == "broker.lost" and e["node"] == "n2")
+    assert "RuntimeError" in lost["reason"]

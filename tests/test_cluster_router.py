@@ -273,7 +273,7 @@ async def test_a_holder_that_never_answers_leaves_it_unconfirmed(redis_server: R
             alice = await one.connect(Conn("alice"))
             await two.connect(Conn("bob"))
             # n2 stops answering (as a frozen process would): its answers go nowhere.
-            two.router.link.publish = lambda pairs, done: True  # type: ignore[method-assign]
+            two.router.link.send = lambda pairs: True  # type: ignore[method-assign]
             started = trio.current_time()
             await one.send(alice, "bob", ref="m1")
             [error] = await alice.frames()

@@ -86,7 +86,7 @@ class Holder:
         pairs += [(self._channels.of_node(origin), codec.encode(ids)) for origin, ids in self._ids]
         self._owed.clear()
         self._ids.clear()
-        self._link.publish(pairs, _ignore)
+        self._link.send(pairs)  # refused when the link is down: see the module docstring
 
     def _deliver(self, channel: bytes, message: codec.Deliver) -> None:
         client_id = self._channels.id_of(channel)
@@ -108,7 +108,3 @@ class Holder:
         if answers is None:
             answers = self._owed[origin] = []
         answers.append(codec.Answer(seq, value))
-
-
-def _ignore(counts: list[int] | None) -> None:
-    """Answers need no answer: a lost one shows at the origin's deadline."""

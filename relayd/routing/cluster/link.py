@@ -4,8 +4,8 @@
 needs of a broker: publish a batch without waiting, keep a set of
 subscriptions (across reconnections), hand over what arrives. Two
 implementations: :class:`~relayd.routing.cluster.redis.RedisLink` (the real
-one) and :class:`~relayd.routing.cluster.memory.MemoryBroker`'s links (in
-memory, for fast tests of the router).
+one) and ``tests/memory_broker.py``'s links (in memory, for fast tests of the
+router).
 
 :class:`Health` is the link's state in plain fields, for ``/readyz``,
 ``/metrics`` and ``systemctl status``.
@@ -82,6 +82,15 @@ class Link(Protocol):
             False, without calling ``done``, when the link is down or the
             publish buffer is full: nothing was sent. True: ``done`` will be
             called exactly once.
+        """
+
+    def send(self, pairs: list[tuple[bytes, bytes]]) -> bool:
+        """Publish ``(channel, data)`` pairs and ask for no counts (answers); never waits.
+
+        Returns:
+            False when the link is down or the publish buffer is full: nothing
+            was sent. True: written, or queued to be; whether it arrives is
+            never known (a lost answer shows at its origin's deadline).
         """
 
     def subscribe(self, channel: bytes) -> None:
