@@ -10,7 +10,7 @@ Channels (all under the configured prefix, ``relayd:`` by default)::
 
 and one key, ``relayd:heartbeats``: a sorted set of node names scored by the
 time of their last probe, so that a node that vanished is known to be gone
-(:mod:`relayd.routing.cluster.redis`).
+(:mod:`relayd.routing.cluster.redis_probe`).
 
 Messages are msgpack arrays, a tag first (:data:`Message`). A relayed body
 travels as the raw JSON bytes the sender's envelope held; nothing re-encodes it.
