@@ -1,0 +1,92 @@
+"""The server API's questions to every node: presence, disconnect, a page of ids.
+
+Each is published once (on the id's channel, or on the nodes channel for a
+page of ids) and answered by every node that holds something
+(:class:`~relayd.routing.cluster.holder.Holder`); the answers are summed or
+gathered by :class:`~relayd.routing.cluster.awaited.Awaited`, and what came
+within ``reply_timeout_s`` is the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from relayd.errors import BrokerUnavailable
+from relayd.routing.cluster import codec
+from relayd.routing.cluster.awaited import Awaited, Counted
+from relayd.routing.cluster.link import Link
+
+__all__ = ["Queries"]
+
+
+class Queries:
+    """Asks every node, for the server API: presence, disconnect, a page of ids.
+
+    Args:
+        node: this node's name (where the answers come back).
+        channels: the cluster's channel names.
+        link: where questions are published.
+        awaited: where they wait for their answers.
+    """
+
+    __slots__ = ("_awaited", "_channels", "_link", "_node")
+
+    def __init__(self, node: str, channels: codec.Channels, link: Link, awaited: Awaited) -> None:
+        self._node = node
+        self._channels = channels
+        self._link = link
+        self._awaited = awaited
+
+    async def presence(self, client_id: str) -> int:
+        """How many connections hold ``client_id`` on every node that answers in time.
+
+        Raises:
+            BrokerUnavailable: the node is cut off from Redis.
+        """
+        asker = await self._ask(
+            lambda seq: (
+                self._channels.of_id(client_id),
+                codec.Query(self._node, seq, codec.QueryKind.PRESENCE),
+            )
+        )
+        return asker.total
+
+    async def disconnect(self, client_id: str, code: int, reason: str) -> int:
+        """Close every connection holding ``client_id``, on every node; how many were closed.
+
+        Raises:
+            BrokerUnavailable: the node is cut off from Redis.
+        """
+        query = codec.QueryKind.DISCONNECT
+        asker = await self._ask(
+            lambda seq: (
+                self._channels.of_id(client_id),
+                codec.Query(self._node, seq, query, code, reason),
+            )
+        )
+        return asker.total
+
+    async def list_ids(self, *, after: str | None, limit: int) -> list[str]:
+        """Ids connected anywhere in the cluster, sorted, after ``after``, at most ``limit``.
+
+        Raises:
+            BrokerUnavailable: the node is cut off from Redis.
+        """
+        asker = await self._ask(
+            lambda seq: (self._channels.nodes, codec.ListIds(self._node, seq, after, limit))
+        )
+        return sorted(set(asker.ids))[:limit]
+
+    async def _ask(self, question: Callable[[int], tuple[bytes, codec.Message]]) -> Counted:
+        asker = Counted(trio.Event())
+        seq = self._awaited.count(asker)
+        channel, message = question(seq)
+        if not self._link.publish(
+            [(channel, codec.encode(message))], self._awaited.published([seq])
+        ):
+            self._awaited.waiting.withdraw(seq)
+            raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
+        await asker.done.wait()
+        return asker
