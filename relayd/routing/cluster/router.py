@@ -250,6 +250,7 @@ class ClusterRouter:
         """Deliver here, or publish, or both; answer now when the answer is known."""
         holders = self._table.lookup(asker.to)
         awaited = self._awaited
+        seq = None  # the number of its question to other nodes (0: nobody waits)
         if holders:
             outcome = offer(holders, asker.sender_id, asker.body)
             if not self._shared_ids():
@@ -257,17 +258,15 @@ class ClusterRouter:
                 return
             if outcome is Outcome.DELIVERED:
                 awaited.decide(asker, outcome)
-                self._queue(asker, 0)  # a copy for the subject's other nodes
+                seq = 0  # a copy for the subject's other nodes
+        if seq is None:
+            if not self.link.health.up:  # answered now, so in the order it came
+                awaited.decide(
+                    asker, Outcome.RECIPIENT_BUSY if holders else Outcome.RECIPIENT_UNREACHABLE
+                )
                 return
-        if not self.link.health.up:  # answered now, so in the order it came
-            awaited.decide(
-                asker, Outcome.RECIPIENT_BUSY if holders else Outcome.RECIPIENT_UNREACHABLE
-            )
-            return
-        # Holders here but all busy: that is this node's own verdict (its subscription counted it).
-        self._queue(asker, awaited.relay(asker, busy_here=bool(holders)))
-
-    def _queue(self, asker: Relayed, seq: int) -> None:
+            # Holders here but all busy: that is this node's own verdict.
+            seq = awaited.relay(asker, busy_here=bool(holders))
         deliver = codec.Deliver(self.node, seq, asker.sender_id, bytes(asker.body))
         self._pairs.append((self.channels.of_id(asker.to), codec.encode(deliver)))
         self._seqs.append(seq)
