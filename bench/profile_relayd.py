@@ -311,6 +311,8 @@ PLACES: Final = (
     ("relayd/telemetry/", "logging"),
     ("structlog/", "logging"),
     ("relayd/wire/frames.py", "framing: parse, unmask, check UTF-8, encode"),
+    ("relayd/wire/masking.py", "framing: parse, unmask, check UTF-8, encode"),
+    ("relayd/wire/server_frames.py", "framing: parse, unmask, check UTF-8, encode"),
     ("relayd/wire/dialects.py", "envelope JSON and payloads (msgspec)"),
     ("relayd/wire/handshake.py", "handshake: HTTP request (h11) and response"),
     ("h11/", "handshake: HTTP request (h11) and response"),

@@ -56,8 +56,8 @@ from relayd.client import (
 from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
-from relayd.wire.frames import text_frame
 from relayd.wire.handshake import accept_response
+from relayd.wire.server_frames import text_frame
 from tests.client import running, settings
 from tests.test_api import call
 

@@ -30,7 +30,8 @@ from relayd.client import (
 from relayd.config import AuthSettings, ServerSettings, Settings
 from relayd.daemon.credentials import load_authenticator
 from relayd.daemon.server import Server
-from relayd.wire.frames import OP_TEXT, FrameParser, close_frame
+from relayd.wire.frames import OP_TEXT, FrameParser
+from relayd.wire.server_frames import close_frame
 from tests.client import settings
 from tests.e2e.harness import RelaydProcess, relayd_command, relayd_env
 from tests.test_client import accept_v1, serve_tcp

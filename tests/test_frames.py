@@ -30,13 +30,10 @@ from relayd.wire.frames import (
     OP_TEXT,
     VALID_CLOSE_CODES,
     FrameParser,
-    close_frame,
-    encode_frame,
     parse_close,
-    text_frame,
-    unmask,
-    unmask_in_python,
 )
+from relayd.wire.masking import unmask, unmask_in_python
+from relayd.wire.server_frames import close_frame, encode_frame, text_frame
 from tests.wire import frame, server_frames
 
 MAX = 1 << 20

@@ -28,7 +28,7 @@ from relayd.routing.outbox import Offer, Outbox
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, decode_envelope
-from relayd.wire.frames import text_frame
+from relayd.wire.server_frames import text_frame
 from tests.wire import text_of
 
 TEST_LIMIT_S = 10.0  # trio-clock limit on anything that could hang

@@ -22,8 +22,9 @@ from relayd.daemon.writer import Writer
 from relayd.policy.timers import Timers
 from relayd.routing.batch import routing_batch
 from relayd.routing.outbox import Offer, Outbox
-from relayd.wire.frames import OP_PONG, encode_frame, text_frame
+from relayd.wire.frames import OP_PONG
 from relayd.wire.lifecycle import Lifecycle
+from relayd.wire.server_frames import encode_frame, text_frame
 from tests.wire import server_frames
 
 

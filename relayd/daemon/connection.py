@@ -57,8 +57,9 @@ from relayd.routing.outbox import Offer, Outbox
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, welcome_payload
-from relayd.wire.frames import FrameParser, text_frame
+from relayd.wire.frames import FrameParser
 from relayd.wire.lifecycle import Lifecycle
+from relayd.wire.server_frames import text_frame
 
 __all__ = ["CLOSE_TIMEOUT_S", "Connection"]
 

@@ -28,7 +28,8 @@ from relayd.routing.replies import DETAILS, error_frame, too_large_detail
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import decode_envelope, read_ref
-from relayd.wire.frames import OP_TEXT, encode_frame
+from relayd.wire.frames import OP_TEXT
+from relayd.wire.server_frames import encode_frame
 
 __all__ = ["Intake"]
 

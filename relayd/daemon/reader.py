@@ -44,10 +44,10 @@ from relayd.wire.frames import (
     OP_PING,
     OP_PONG,
     FrameParser,
-    encode_frame,
     parse_close,
 )
 from relayd.wire.lifecycle import Lifecycle
+from relayd.wire.server_frames import encode_frame
 
 if TYPE_CHECKING:
     from relayd.daemon.connection import Connection

@@ -48,7 +48,7 @@ from typing import Final
 
 import trio
 
-from relayd.wire.frames import close_frame
+from relayd.wire.server_frames import close_frame
 
 __all__ = ["LINGER_S", "Transport"]
 

@@ -14,7 +14,7 @@ import msgspec
 from relayd.routing.interface import Peer
 from relayd.routing.table import Outcome, outcome_of
 from relayd.wire.dialects import Dialect, delivery_payload
-from relayd.wire.frames import text_frame
+from relayd.wire.server_frames import text_frame
 
 __all__ = ["offer"]
 

@@ -13,7 +13,7 @@ from typing import Final
 from relayd.errors import ErrorCode
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, ack_payload, error_payload
-from relayd.wire.frames import text_frame
+from relayd.wire.server_frames import text_frame
 
 __all__ = ["DETAILS", "ack_frame", "error_frame", "too_large_detail"]
 

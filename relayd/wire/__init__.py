@@ -4,7 +4,9 @@ Nothing in this package touches a socket, a clock or trio (a test reads the
 imports to keep it so); each module is tested with plain values, like h11 and
 wsproto test theirs.
 
-* :mod:`~relayd.wire.frames`: RFC 6455 framing, server side.
+* :mod:`~relayd.wire.frames`: RFC 6455 framing, server side: client frames parsed.
+* :mod:`~relayd.wire.masking`: a client frame's payload unmasked.
+* :mod:`~relayd.wire.server_frames`: the frames a server writes.
 * :mod:`~relayd.wire.handshake`: the HTTP opening handshake, on h11.
 * :mod:`~relayd.wire.dialects`: relayd's two dialects, the seed post's and
   ``relayd.v1``: what a client sends, what it receives.

@@ -41,16 +41,17 @@ the frame past it is refused with 1008 ``too many frames`` before it is
 parsed, so a flood of empty frames or tiny fragments costs a bounded amount of
 work per read and is closed.
 
-The encoders build unmasked server frames (RFC 6455 §5.1: servers never mask).
+The frames a server writes are built in :mod:`relayd.wire.server_frames`; a
+payload is unmasked by :mod:`relayd.wire.masking`.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
 from typing import Final
 
 from relayd.errors import CloseCode, ProtocolError
+from relayd.wire.masking import unmask
 
 __all__ = [
     "MAX_HELD_RAW_BYTES",
@@ -64,12 +65,7 @@ __all__ = [
     "UNLIMITED",
     "VALID_CLOSE_CODES",
     "FrameParser",
-    "close_frame",
-    "encode_frame",
     "parse_close",
-    "text_frame",
-    "unmask",
-    "unmask_in_python",
 ]
 
 OP_CONTINUATION: Final = 0x0
@@ -84,8 +80,6 @@ _RSV: Final = 0x70
 _MASKED: Final = 0x80
 #: A control frame's payload is at most 125 bytes (RFC 6455 §5.5).
 _MAX_CONTROL_PAYLOAD: Final = 125
-#: The close reason fits in a control frame after its 2-byte code.
-_MAX_CLOSE_REASON: Final = _MAX_CONTROL_PAYLOAD - 2
 
 #: Close codes a client may send (RFC 6455 §7.4, and the IANA registry up to
 #: 1013); 1004-1006 and 1015 are reserved or never sent on the wire.
@@ -109,32 +103,6 @@ UNLIMITED: Final = 1 << 62
 MAX_HELD_RAW_BYTES: Final = 14 + _MAX_CONTROL_PAYLOAD
 #: The close reason when a connection sends frames faster than it may.
 _TOO_MANY_FRAMES: Final = "too many frames"
-
-
-def unmask_in_python(payload: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
-    """``payload`` XORed with the 4-byte ``mask`` repeated (RFC 6455 §5.3), in Python.
-
-    The fallback for :data:`unmask` where websockets' C version is missing.
-    """
-    # XOR as one big integer: a few C-level passes over the payload instead of
-    # a Python-level loop over its bytes.
-    n = len(payload)
-    if not n:
-        return b""
-    key = (mask * ((n + 3) >> 2))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
-
-
-#: ``payload`` XORed with the 4-byte ``mask`` repeated: websockets' C
-#: ``apply_mask`` (one pass; 75 times faster than :func:`unmask_in_python` at
-#: 4 KiB, 5 times at 32 bytes), or that function where the C extension is
-#: missing (websockets built from source without a compiler, or with
-#: ``BUILD_EXTENSION=no``).
-unmask: Callable[[bytes | bytearray | memoryview, bytes | bytearray], bytes]
-try:
-    from websockets.speedups import apply_mask as unmask
-except ImportError:  # pragma: no cover - every wheel of websockets has it
-    unmask = unmask_in_python
 
 
 def _check_utf8(payload: bytes) -> None:
@@ -402,41 +370,3 @@ class FrameParser:
             del self._buffer[:i]
         elif i < len(buf):
             self._buffer = bytearray(buf[i:])
-
-
-def encode_frame(opcode: int, payload: bytes) -> bytes:
-    """One unfragmented, unmasked server frame."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((_FIN | opcode, n))
-    elif n < 65536:
-        head = bytes((_FIN | opcode, 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((_FIN | opcode, 127)) + n.to_bytes(8, "big")
-    return head + payload
-
-
-_TEXT_HEADS: Final = tuple(bytes((_FIN | OP_TEXT, n)) for n in range(126))
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A server text frame holding ``payload`` (UTF-8); the hot path's encoder."""
-    n = len(payload)
-    if n < 126:
-        return _TEXT_HEADS[n] + payload
-    return encode_frame(OP_TEXT, payload)
-
-
-def close_frame(code: int | None, reason: str = "") -> bytes:
-    """A server close frame; ``reason`` is cut (on a character boundary) to fit.
-
-    Args:
-        code: the close code, or None for a close frame with no payload.
-        reason: the human-readable reason.
-    """
-    if code is None:
-        return encode_frame(OP_CLOSE, b"")
-    data = reason.encode()
-    if len(data) > _MAX_CLOSE_REASON:
-        data = data[:_MAX_CLOSE_REASON].decode(errors="ignore").encode()
-    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + data)

@@ -46,6 +46,8 @@ PURE_PACKAGES: Final = ("relayd/wire", "relayd/policy", "relayd/routing")
 #: Each mutated module, and the one test file its mutants are tested against.
 MODULES: Final = {
     "relayd/wire/frames.py": "tests/test_frames.py",
+    "relayd/wire/masking.py": "tests/test_frames.py",
+    "relayd/wire/server_frames.py": "tests/test_frames.py",
     "relayd/wire/handshake.py": "tests/test_handshake.py",
     "relayd/wire/dialects.py": "tests/test_dialects.py",
     "relayd/wire/lifecycle.py": "tests/test_lifecycle.py",
