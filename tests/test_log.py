@@ -29,12 +29,10 @@ import relayd
 from relayd.config import LogSettings, Settings
 from relayd.daemon.connection import CLOSE_TIMEOUT_S
 from relayd.daemon.server import Server
+from relayd.telemetry.line_sink import FLUSH_DELAY_S, batched, flush_held_lines
 from relayd.telemetry.log import (
-    FLUSH_DELAY_S,
     THROTTLED,
-    batched,
     configure,
-    flush_held_lines,
     get_logger,
     line_writer,
     report_suppressed_lines,

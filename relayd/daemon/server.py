@@ -47,7 +47,8 @@ from relayd.daemon.gate import Gate
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
 from relayd.routing.interface import Router
-from relayd.telemetry.log import flush_held_lines, get_logger, report_suppressed_lines
+from relayd.telemetry.line_sink import flush_held_lines
+from relayd.telemetry.log import get_logger, report_suppressed_lines
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats, StatsCollector
 

@@ -31,7 +31,7 @@ from relayd.routing.inbox import hand_over, try_hand_over
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import Outcome, RoutingTable
-from relayd.telemetry.log import batched
+from relayd.telemetry.line_sink import batched
 from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
 

@@ -9,22 +9,13 @@ message string.
 the JSON path is kept short: three processors (the line budget below, which
 looks at the event's name only, exception formatting, then one that stamps,
 orders and encodes with msgspec straight to bytes), and a sink
-that writes lines rather than printing them. Code that logs many events at
-once (the router, for one batch of messages) wraps them in :func:`batched`.
-A batch's lines are written at its end when no batch's lines were written in
-the last :data:`FLUSH_DELAY_S` (sparse traffic: a lone message's line costs one
-``write`` and no task wakes up for it); otherwise they are held, and go out
-with the next line logged outside a batch, or when :data:`MAX_HELD_BYTES` are
-held, or :data:`FLUSH_DELAY_S` after the last write when
-:func:`flush_held_lines` runs (the server runs it), whichever comes first:
-under load, one ``write`` per :data:`FLUSH_DELAY_S`. Without the flusher
-running, every batch is written at its end. Lines keep their order and are
-never held longer than :data:`FLUSH_DELAY_S`. Within
-such a block, :func:`line_writer` writes one event's lines with the very
-bytes the JSON processors would produce, without structlog's per-call
-dispatch, whenever the JSON processors are the ones configured (under
-``capture_logs`` in tests, or with the console format, it declines and the
-caller logs through structlog as usual).
+(:mod:`relayd.telemetry.line_sink`) that writes lines rather than printing
+them, and holds those of a :func:`~relayd.telemetry.line_sink.batched` block
+to write them together. Within such a block, :func:`line_writer` writes one
+event's lines with the very bytes the JSON processors would produce, without
+structlog's per-call dispatch, whenever the JSON processors are the ones
+configured (under ``capture_logs`` in tests, or with the console format, it
+declines and the caller logs through structlog as usual).
 
 **What a client can make relayd write.** The events a client can cause at will
 (:data:`THROTTLED`: a refused handshake, a limit that closes its connection,
@@ -33,9 +24,8 @@ an ``error`` contained at the connection boundary, a library's warning) pass a
 burst and then a steady trickle; what is left out is counted and written as a
 ``log.suppressed`` line by :func:`report_suppressed_lines` (the server runs
 it). In the console format, every string value has its control and format
-characters escaped (an escape character is written as the four characters
-backslash, ``x``, ``1``, ``b``), so a ``User-Agent`` of escape sequences
-cannot drive the operator's terminal; JSON escapes them by itself.
+characters escaped (:mod:`relayd.telemetry.console`), so a ``User-Agent`` of
+escape sequences cannot drive the operator's terminal; JSON escapes them by itself.
 """
 
 from __future__ import annotations
@@ -43,7 +33,6 @@ from __future__ import annotations
 import datetime
 import io
 import logging
-import math
 import os
 import sys
 import time
@@ -55,27 +44,17 @@ import structlog
 import trio
 
 from relayd.config import LogSettings
+from relayd.telemetry import line_sink
+from relayd.telemetry.console import escape_for_terminal
 from relayd.telemetry.throttle import SUMMARY_INTERVAL_S, LineBudget
 
 __all__ = [
-    "FLUSH_DELAY_S",
-    "MAX_HELD_BYTES",
     "THROTTLED",
-    "batched",
     "configure",
-    "flush_held_lines",
     "get_logger",
     "line_writer",
     "report_suppressed_lines",
 ]
-
-#: The longest a batch's lines are held before they are written, and the
-#: shortest time between two writes of batches' lines. Under load a write per
-#: batch is a system call per few messages; this makes it one per 10 ms, and a
-#: person tailing the log does not notice.
-FLUSH_DELAY_S: Final = 0.01
-#: Held lines are written at once when they reach this size.
-MAX_HELD_BYTES: Final = 65536
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -219,44 +198,6 @@ def _write_suppressed(interval_s: float) -> None:
         )
 
 
-def _printable(text: str, keep: str = "") -> str:
-    """``text`` with every control, format or separator character but a space escaped."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == " " or c in keep else _escaped(c) for c in text)
-
-
-def _escaped(char: str) -> str:
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def _inert(value: object) -> object:
-    if isinstance(value, str):
-        return _printable(value)
-    if isinstance(value, list | tuple):
-        return [_inert(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _inert(item) for key, item in value.items()}
-    return value
-
-
-def _escape_for_terminal(
-    _logger: object, _method: str, event_dict: structlog.typing.EventDict
-) -> structlog.typing.EventDict:
-    # A client chooses some values (user_agent, origin, a close reason, `to`):
-    # in the console format they reach a terminal, which obeys escape
-    # sequences. A traceback keeps its line breaks.
-    return {
-        key: _printable(value, keep="\n")
-        if key == "exception" and isinstance(value, str)
-        else _inert(value)
-        for key, value in event_dict.items()
-    }
-
-
 _JSON_PROCESSORS: Final[list[structlog.typing.Processor]] = [
     _throttle,
     structlog.processors.format_exc_info,
@@ -264,102 +205,12 @@ _JSON_PROCESSORS: Final[list[structlog.typing.Processor]] = [
 ]
 
 
-class _LineSink:
-    """structlog's logger for relayd: writes each rendered line, or holds it in a batch.
-
-    Args:
-        stream: where lines go; bytes are written to its binary buffer when
-            it has one (stdout does), else as text.
-    """
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._binary = getattr(stream, "buffer", None)
-        self._lines: list[bytes] = []
-        self._bytes = 0
-        self.held = False
-        #: Until when (trio's clock) a batch's lines are held rather than
-        #: written at its end: :data:`FLUSH_DELAY_S` after the last such write.
-        self.quiet_until = -math.inf
-
-    def msg(self, line: str | bytes) -> None:
-        """Write one rendered event (held while in a :func:`batched` block)."""
-        data = line.encode() if isinstance(line, str) else line
-        self._lines.append(data)
-        self._bytes += len(data)
-        if not self.held or self._bytes >= MAX_HELD_BYTES:
-            self.flush()
-
-    def release(self) -> None:
-        """End a batch: its lines go out now, or soon (see the module docstring)."""
-        self.held = False
-        if not self._lines:
-            return
-        flusher = _flusher
-        if flusher is None:
-            self.flush()
-            return
-        # The flusher runs, so this runs in trio (batches never await).
-        now = trio.current_time()
-        if now >= self.quiet_until:
-            # Sparse: written now, which costs one write and no task's wake-up.
-            self.quiet_until = now + FLUSH_DELAY_S
-            self.flush()
-        elif flusher.deadline > self.quiet_until:
-            # The flusher wakes once, when the quiet time ends, and writes them.
-            flusher.deadline = self.quiet_until
-
-    # structlog calls the method named like the level; they all write a line.
-    debug = info = warning = warn = error = critical = exception = log = msg
-
-    def flush(self) -> bool:
-        """Write the lines held so far; False if there were none."""
-        if not self._lines:
-            return False
-        data = b"\n".join(self._lines) + b"\n"
-        self._lines.clear()
-        self._bytes = 0
-        if self._binary is not None:
-            self._binary.write(data)
-            self._binary.flush()
-        else:
-            self._stream.write(data.decode())
-            self._stream.flush()
-        return True
-
-
-_sink: _LineSink | None = None
+#: The level configured last (line_writer writes at info only when it is shown).
 _level = logging.INFO
-#: The flusher's wait, while :func:`flush_held_lines` runs: a batch that holds
-#: lines sets its deadline to when they are due.
-_flusher: trio.CancelScope | None = None
-
-
-async def flush_held_lines() -> None:
-    """Write the lines batches hold, :data:`FLUSH_DELAY_S` after the last write; run forever.
-
-    It wakes only when held lines are due: a batch that holds lines sets the
-    deadline of its wait (one task step per write, however many lines).
-
-    Resource handling: run it in a nursery that lives as long as the logging
-    does; when cancelled, it writes what is held and batches flush at once again.
-    """
-    global _flusher  # the module's one flusher, like its one sink
-    try:
-        while True:
-            with trio.CancelScope() as _flusher:
-                await trio.sleep_forever()
-            sink = _sink
-            if sink is not None and sink.flush():
-                sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
-    finally:
-        _flusher = None
-        if _sink is not None:
-            _sink.flush()
 
 
 def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
-    """A fast writer of ``event`` at info level for one :func:`batched` block, if possible.
+    """A fast writer of ``event`` at info level for one ``batched`` block, if possible.
 
     Every line it writes is stamped with the time of this call.
 
@@ -369,7 +220,7 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
         JSON format is not the one configured, info is below the level, or
         another set of processors is in place (``capture_logs``).
     """
-    sink = _sink
+    sink = line_sink.current()
     processors = structlog.get_config()["processors"]
     if sink is None or _level > logging.INFO or list(processors) != _JSON_PROCESSORS:
         return None
@@ -383,32 +234,6 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
     return write_line
 
 
-class _Batched:
-    """The context manager :func:`batched` returns (a class: it is entered per batch)."""
-
-    __slots__ = ("_sink",)
-
-    def __enter__(self) -> None:
-        sink = _sink
-        if sink is None or sink.held:  # not configured, or already in a batch
-            self._sink = None
-            return
-        self._sink = sink
-        sink.held = True
-
-    def __exit__(self, *_: object) -> None:
-        if self._sink is not None:
-            self._sink.release()
-
-
-def batched() -> _Batched:
-    """Hold the lines logged in the ``with`` block, to write them with others soon after.
-
-    The block must not await (another task's line would be held with them).
-    """
-    return _Batched()
-
-
 def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
     """Configure structlog process-wide from the ``[log]`` settings.
 
@@ -416,11 +241,9 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
         settings: level and format.
         stream: where lines go; stdout (journald keeps it) by default.
     """
-    global _sink, _level  # one logging set-up per process, like structlog's own
+    global _level  # one logging set-up per process, like structlog's own
     stream = stream or sys.stdout
-    if _sink is not None:
-        _sink.flush()
-    sink = _sink = _LineSink(stream)
+    sink = line_sink.install(stream)
     _level = _LEVELS[settings.level]
     _budget.refill()  # a fresh start for each set-up; what was left out is still reported
     _priority.clear()
@@ -440,7 +263,7 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
-            _escape_for_terminal,
+            escape_for_terminal,
             structlog.dev.ConsoleRenderer(colors=stream.isatty()),
         ]
     structlog.configure(

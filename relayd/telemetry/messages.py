@@ -14,7 +14,7 @@ whether ``log.messages`` is on.
 
 Cost: relayd records an outcome for every message, so the router makes a
 recorder once per batch (:meth:`MessageEvents.recorder`), inside
-:func:`relayd.telemetry.log.batched` (a refusal, rarer, makes one of its
+:func:`relayd.telemetry.line_sink.batched` (a refusal, rarer, makes one of its
 own): it then writes each line with :func:`~relayd.telemetry.log.line_writer`'s
 prebuilt head, without structlog's per-call dispatch, whenever the JSON format
 is the one configured.

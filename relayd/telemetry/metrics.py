@@ -41,6 +41,8 @@ ready                               gauge    1 while relayd accepts connections 
 build_info{version,python}          gauge    always 1; the labels say what runs
 config_reloads_total{result}        counter  reloads (SIGHUP), ``applied`` or ``refused``
 config_last_reload_successful       gauge    0 if the last reload was refused, else 1
+log_lines_dropped_total             counter  log lines dropped because nobody reads them
+                                             (stdout closed: see telemetry.line_sink)
 ==================================  =======  ===========================================
 """
 
@@ -61,6 +63,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from relayd import __version__
+from relayd.telemetry.line_sink import dropped_lines
 
 __all__ = ["LATENCY_BUCKETS_S", "Stats", "StatsCollector"]
 
@@ -243,6 +246,11 @@ class StatsCollector(Collector):
             "relayd_config_last_reload_successful",
             "0 if the last reload was refused (the running settings stay), else 1",
             value=stats.last_reload_applied,
+        )
+        yield CounterMetricFamily(
+            "relayd_log_lines_dropped",
+            "Log lines dropped because nobody reads them (stdout closed)",
+            value=dropped_lines(),
         )
 
 

@@ -34,7 +34,7 @@ from relayd.routing.cluster.pending import Decided, Kind, Waiting
 from relayd.routing.interface import Peer
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import Outcome
-from relayd.telemetry.log import batched
+from relayd.telemetry.line_sink import batched
 from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
 
@@ -119,7 +119,7 @@ class Awaited:
 
         Its recorder logs as the settings are now.
 
-        The block must not await (see :func:`relayd.telemetry.log.batched`).
+        The block must not await (see :func:`relayd.telemetry.line_sink.batched`).
         """
         with batched(), routing_batch():
             self._record = self._events.recorder()

@@ -1,0 +1,238 @@
+"""Where rendered log lines go: written to stdout, or held in a batch and written together.
+
+:func:`relayd.telemetry.log.configure` installs one :class:`LineSink` per
+process (structlog's logger for relayd); code that logs many events at once
+(the router, for one batch of messages) wraps them in :func:`batched`. A
+batch's lines are written at its end when no batch's lines were written in
+the last :data:`FLUSH_DELAY_S` (sparse traffic: a lone message's line costs
+one ``write`` and no task wakes up for it); otherwise they are held, and go
+out with the next line logged outside a batch, or when :data:`MAX_HELD_BYTES`
+are held, or :data:`FLUSH_DELAY_S` after the last write when
+:func:`flush_held_lines` runs (the server runs it), whichever comes first:
+under load, one ``write`` per :data:`FLUSH_DELAY_S`. Without the flusher
+running, every batch is written at its end. Lines keep their order and are
+never held longer than :data:`FLUSH_DELAY_S`.
+
+**When nobody reads the lines** (stdout is a pipe whose reader exited, as in
+``relayd serve | head -1``, or a journal stream that was closed), writing
+fails with ``EPIPE``. relayd then keeps serving: its clients' connections
+matter more than its log. The sink says so once on stderr, writes no line
+again to that stream, and counts each line it drops in
+:func:`dropped_lines` (``relayd_log_lines_dropped_total``), so the loss is
+visible on ``/metrics`` and an operator can alert on it. The stream's file
+descriptor is pointed at ``/dev/null``, so that Python's own flush of stdout
+at exit does not print a ``BrokenPipeError`` either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import sys
+from typing import Final, TextIO
+
+import trio
+
+__all__ = [
+    "FLUSH_DELAY_S",
+    "MAX_HELD_BYTES",
+    "LineSink",
+    "batched",
+    "current",
+    "dropped_lines",
+    "flush_held_lines",
+    "install",
+]
+
+#: The longest a batch's lines are held before they are written, and the
+#: shortest time between two writes of batches' lines. Under load a write per
+#: batch is a system call per few messages; this makes it one per 10 ms, and a
+#: person tailing the log does not notice.
+FLUSH_DELAY_S: Final = 0.01
+#: Held lines are written at once when they reach this size.
+MAX_HELD_BYTES: Final = 65536
+
+#: What stderr says, once, when the reader of the log has gone.
+_GONE_NOTICE: Final = (
+    "relayd: the log's reader has gone (stdout is closed); relayd keeps serving, "
+    "and counts the log lines it drops in relayd_log_lines_dropped_total\n"
+)
+
+
+class LineSink:
+    """structlog's logger for relayd: writes each rendered line, or holds it in a batch.
+
+    Args:
+        stream: where lines go; bytes are written to its binary buffer when
+            it has one (stdout does), else as text.
+        gone: whether the stream's reader is already known to be gone (a sink
+            installed again on the same stream), so that nothing is written.
+
+    Error handling: a write that finds the reader gone (``EPIPE``,
+    ``ECONNRESET``) is not raised; the lines are dropped and counted, see the
+    module docstring. Any other ``OSError`` is raised to the code that logged.
+    """
+
+    def __init__(self, stream: TextIO, *, gone: bool = False) -> None:
+        self.stream = stream
+        self._binary = getattr(stream, "buffer", None)
+        self._lines: list[bytes] = []
+        self._bytes = 0
+        self.held = False
+        #: Whether the stream's reader has gone: lines are then dropped, counted.
+        self.gone = gone
+        #: Until when (trio's clock) a batch's lines are held rather than
+        #: written at its end: :data:`FLUSH_DELAY_S` after the last such write.
+        self.quiet_until = -math.inf
+
+    def msg(self, line: str | bytes) -> None:
+        """Write one rendered event (held while in a :func:`batched` block)."""
+        data = line.encode() if isinstance(line, str) else line
+        self._lines.append(data)
+        self._bytes += len(data)
+        if not self.held or self._bytes >= MAX_HELD_BYTES:
+            self.flush()
+
+    def release(self) -> None:
+        """End a batch: its lines go out now, or soon (see the module docstring)."""
+        self.held = False
+        if not self._lines:
+            return
+        flusher = _flusher
+        if flusher is None:
+            self.flush()
+            return
+        # The flusher runs, so this runs in trio (batches never await).
+        now = trio.current_time()
+        if now >= self.quiet_until:
+            # Sparse: written now, which costs one write and no task's wake-up.
+            self.quiet_until = now + FLUSH_DELAY_S
+            self.flush()
+        elif flusher.deadline > self.quiet_until:
+            # The flusher wakes once, when the quiet time ends, and writes them.
+            flusher.deadline = self.quiet_until
+
+    # structlog calls the method named like the level; they all write a line.
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+    def flush(self) -> bool:
+        """Write the lines held so far; False if there were none."""
+        if not self._lines:
+            return False
+        lines, self._lines = self._lines, []
+        self._bytes = 0
+        if self.gone:
+            _count_dropped(len(lines))
+            return True
+        data = b"\n".join(lines) + b"\n"
+        try:
+            if self._binary is not None:
+                self._binary.write(data)
+                self._binary.flush()
+            else:
+                self.stream.write(data.decode())
+                self.stream.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self._reader_gone(len(lines))
+        return True
+
+    def _reader_gone(self, lines: int) -> None:
+        self.gone = True
+        _count_dropped(lines)
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            # What the stream's buffer still holds would be flushed again at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):  # stderr may have gone with it
+            sys.stderr.write(_GONE_NOTICE)
+            sys.stderr.flush()
+
+
+#: The sink :func:`install` put in place last; None before.
+_sink: LineSink | None = None
+#: The lines dropped for want of a reader since the process started (every sink's).
+_dropped = 0
+#: The flusher's wait, while :func:`flush_held_lines` runs: a batch that holds
+#: lines sets its deadline to when they are due.
+_flusher: trio.CancelScope | None = None
+
+
+def _count_dropped(lines: int) -> None:
+    global _dropped  # process-wide, like the sink: a counter never goes down
+    _dropped += lines
+
+
+def dropped_lines() -> int:
+    """How many log lines were dropped since the process started, their reader gone."""
+    return _dropped
+
+
+def install(stream: TextIO) -> LineSink:
+    """Put a new sink on ``stream`` in place of the last one, whose lines are written first.
+
+    A stream whose reader the last sink found gone stays gone (its file
+    descriptor now leads to ``/dev/null``): its lines are still counted, not written.
+    """
+    global _sink  # one sink per process, like structlog's one configuration
+    old = _sink
+    if old is not None:
+        old.flush()
+    _sink = LineSink(stream, gone=old is not None and old.gone and old.stream is stream)
+    return _sink
+
+
+def current() -> LineSink | None:
+    """The sink in place, or None before :func:`install`."""
+    return _sink
+
+
+async def flush_held_lines() -> None:
+    """Write the lines batches hold, :data:`FLUSH_DELAY_S` after the last write; run forever.
+
+    It wakes only when held lines are due: a batch that holds lines sets the
+    deadline of its wait (one task step per write, however many lines).
+
+    Resource handling: run it in a nursery that lives as long as the logging
+    does; when cancelled, it writes what is held and batches flush at once again.
+    """
+    global _flusher  # the module's one flusher, like its one sink
+    try:
+        while True:
+            with trio.CancelScope() as _flusher:
+                await trio.sleep_forever()
+            sink = _sink
+            if sink is not None and sink.flush():
+                sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
+    finally:
+        _flusher = None
+        if _sink is not None:
+            _sink.flush()
+
+
+class _Batched:
+    """The context manager :func:`batched` returns (a class: it is entered per batch)."""
+
+    __slots__ = ("_sink",)
+
+    def __enter__(self) -> None:
+        sink = _sink
+        if sink is None or sink.held:  # not configured, or already in a batch
+            self._sink = None
+            return
+        self._sink = sink
+        sink.held = True
+
+    def __exit__(self, *_: object) -> None:
+        if self._sink is not None:
+            self._sink.release()
+
+
+def batched() -> _Batched:
+    """Hold the lines logged in the ``with`` block, to write them with others soon after.
+
+    The block must not await (another task's line would be held with them).
+    """
+    return _Batched()
