@@ -39,19 +39,30 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import ipaddress
 import json
 import os
-import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, TypeGuard, get_args, get_origin
+from typing import Final
 
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from relayd.config import DEFAULT_CONFIG_PATH, Settings
+from relayd.config_keys import (
+    ENV_NESTED_DELIMITER,
+    ENV_PREFIX,
+    SECTIONS,
+    TYPES,
+    is_section,
+    is_service_link,
+    is_structured,
+    is_text,
+    nearest_key,
+    unknown,
+    variable_of,
+)
 from relayd.errors import ConfigError
 
 __all__ = ["CONFIG_VARIABLE", "IgnoredVariable", "LoadError", "Loaded", "load"]
@@ -59,36 +70,7 @@ __all__ = ["CONFIG_VARIABLE", "IgnoredVariable", "LoadError", "Loaded", "load"]
 #: The environment variable naming the config file, when ``--config`` is not given.
 CONFIG_VARIABLE: Final = "RELAYD_CONFIG"
 
-_ENV_PREFIX: Final = "RELAYD_"
-_ENV_NESTED_DELIMITER: Final = "__"
 _DEFAULTS_SOURCE: Final = "from built-in defaults"
-
-# The variables Kubernetes injects for a Service named relayd (or relayd-<anything>), per
-# "Discovering services: environment variables" in its documentation, each with the shape
-# of its value: {SVC}_SERVICE_HOST, {SVC}_SERVICE_PORT[_{PORTNAME}], {SVC}_PORT and
-# {SVC}_PORT_{port}_{PROTO}[_PROTO|_PORT|_ADDR]. The value is checked too, so that an
-# operator's RELAYD_SERVER_PORT=8080 (one underscore short) is warned about, not taken for
-# a link to a Service named relayd-server, whose RELAYD_SERVER_PORT would be tcp://...
-_SVC: Final = r"RELAYD(?:_[A-Z0-9_]+?)?"
-_LINK: Final = rf"{_SVC}_PORT_[0-9]+_(?:TCP|UDP|SCTP)"
-_ADDRESS: Final = r"[0-9A-Fa-f.:]+"
-_NUMBER: Final = r"[0-9]+"
-_SERVICE_LINKS: Final = tuple(
-    (re.compile(name), re.compile(value))
-    for name, value in [
-        (rf"{_SVC}_SERVICE_HOST", _ADDRESS),
-        (rf"{_SVC}_SERVICE_PORT(?:_[A-Z0-9_]+)?", _NUMBER),
-        (rf"{_SVC}_PORT|{_LINK}", r"(?:tcp|udp|sctp)://\S+"),
-        (rf"{_LINK}_PROTO", r"tcp|udp|sctp"),
-        (rf"{_LINK}_PORT", _NUMBER),
-        (rf"{_LINK}_ADDR", _ADDRESS),
-    ]
-)
-
-
-def _service_link(name: str, value: str) -> bool:
-    """Whether ``name=value`` is one of Kubernetes' service-link variables."""
-    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINKS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,75 +133,6 @@ class LoadError(ConfigError):
         self.ignored = tuple(ignored)
 
 
-# -- the keys ------------------------------------------------------------------------------
-
-
-def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield ``(dotted key, annotation)`` for every field of ``model``, sections included."""
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        yield prefix + name, annotation
-        if _is_section(annotation):
-            yield from _fields(annotation, f"{prefix}{name}.")
-
-
-def _is_section(annotation: object) -> TypeGuard[type[BaseModel]]:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-_TYPES: Final = dict(_fields(Settings))
-_SECTIONS: Final = frozenset(key for key, annotation in _TYPES.items() if _is_section(annotation))
-_SETTINGS: Final = sorted(key for key in _TYPES if key not in _SECTIONS)
-#: Where a key without its section (``port``, ``RELAYD_HOST``) most likely belongs when
-#: several sections have one of that name: the public listener's.
-_FIRST_SECTION: Final = "server"
-
-
-def _is_text(annotation: object) -> bool:
-    """Whether a setting of this type takes an environment variable's text as it is."""
-    if annotation in (str, SecretStr):
-        return True
-    if get_origin(annotation) is not Literal:
-        return False
-    return all(isinstance(choice, str) for choice in get_args(annotation))
-
-
-def _is_structured(annotation: object) -> bool:
-    return get_origin(annotation) in (list, tuple, dict)
-
-
-def _variable(key: str) -> str:
-    """The variable of a dotted key: ``limits.port`` -> ``RELAYD_LIMITS__PORT``."""
-    return _ENV_PREFIX + key.upper().replace(".", _ENV_NESTED_DELIMITER)
-
-
-def _nearest(key: str) -> str | None:
-    """The setting a mistyped ``key`` most likely meant, or None when none is close.
-
-    A key without a section (``port``) may mean the setting of that name in one; where
-    several have one (``server.port``, ``admin.port``), the public listener's.
-    """
-    matches = difflib.get_close_matches(key, _SETTINGS, n=1, cutoff=0.75)
-    if matches:
-        return matches[0]
-    if "." in key:
-        return None
-    named = [setting for setting in _SETTINGS if setting.partition(".")[2] == key]
-    named.sort(key=lambda setting: setting.partition(".")[0] != _FIRST_SECTION)
-    return named[0] if named else None
-
-
-def _unknown(key: str, value: object = None) -> str:
-    if key in _SECTIONS:
-        return "is a section, not a setting"
-    if "." not in key and isinstance(value, Mapping):  # a [table] at the top: a section
-        sections = sorted(name for name in _SECTIONS if "." not in name)
-        matches = difflib.get_close_matches(key, sections, n=1, cutoff=0.75)
-        return f"unknown section; did you mean [{matches[0]}]?" if matches else "unknown section"
-    nearest = _nearest(key)
-    return "unknown key" if nearest is None else f"unknown key; did you mean {nearest}?"
-
-
 # -- gathering the values ----------------------------------------------------------------------
 
 # Dotted key -> (value, source phrase). Sources are applied in precedence order, so a later one
@@ -239,8 +152,8 @@ class _Gathering:
 
     def set(self, key: str, value: object, source: str) -> None:
         """Record ``value`` for ``key``, or a problem when ``key`` names no setting."""
-        if key in _SECTIONS or key not in _TYPES:
-            self.problem(_unknown(key, value), key=key, source=source)
+        if key in SECTIONS or key not in TYPES:
+            self.problem(unknown(key, value), key=key, source=source)
         else:
             self.values[key] = (value, source)
 
@@ -271,14 +184,14 @@ class _Gathering:
         if env.get("PORT"):
             self._set_variable("server.port", env["PORT"], "PORT")
         for name, text in sorted(env.items()):
-            if not name.startswith(_ENV_PREFIX) or name == CONFIG_VARIABLE or not text:
+            if not name.startswith(ENV_PREFIX) or name == CONFIG_VARIABLE or not text:
                 continue
-            key = name.removeprefix(_ENV_PREFIX).lower().replace(_ENV_NESTED_DELIMITER, ".")
-            if key in _TYPES and key not in _SECTIONS:
+            key = name.removeprefix(ENV_PREFIX).lower().replace(ENV_NESTED_DELIMITER, ".")
+            if key in TYPES and key not in SECTIONS:
                 self._set_variable(key, text, name)
-            elif not _service_link(name, text):
-                nearest = _nearest(key)
-                ignored.append(IgnoredVariable(name, nearest and _variable(nearest)))
+            elif not is_service_link(name, text):
+                nearest = nearest_key(key)
+                ignored.append(IgnoredVariable(name, nearest and variable_of(nearest)))
         return ignored
 
     def _set_variable(self, key: str, text: str, name: str) -> None:
@@ -287,13 +200,13 @@ class _Gathering:
         A list or table that is not JSON is one problem, recorded here; its text is not
         recorded, so that the type check does not report the same key a second time.
         """
-        annotation, source = _TYPES[key], f"from environment {name}"
+        annotation, source = TYPES[key], f"from environment {name}"
         value: object = text
-        if not _is_text(annotation):
+        if not is_text(annotation):
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as error:
-                if _is_structured(annotation):
+                if is_structured(annotation):
                     self.problem(f"expected JSON ({error.msg})", key=key, source=source)
                     return
                 # not a number or true/false: refused with the type's own message
@@ -304,7 +217,7 @@ def _flatten(table: Mapping[str, object], prefix: str = "") -> Iterator[tuple[st
     """Yield ``(dotted key, value)`` for a parsed TOML document, descending into sections."""
     for name, value in table.items():
         key = prefix + name
-        if key in _SECTIONS and isinstance(value, Mapping):
+        if key in SECTIONS and isinstance(value, Mapping):
             yield from _flatten(value, key + ".")
         else:
             yield key, value
@@ -340,7 +253,7 @@ def _validate(values: _Values, problems: list[ConfigError]) -> Settings | None:
     sections: dict[str, BaseModel] = {}
     for section, model in Settings.model_fields.items():
         annotation = model.annotation
-        assert _is_section(annotation)
+        assert is_section(annotation)
         try:
             sections[section] = annotation.model_validate_json(
                 json.dumps(tree.get(section, {})), strict=True

@@ -3,7 +3,8 @@
 relayd's layers, lowest first (README, "Layout")::
 
     errors, config,         what everything may import (config_sources: where
-    config_sources          the settings come from)
+    config_keys,            the settings come from; config_keys: their names)
+    config_sources
     wire                    the I/O-free wire protocol
     policy                  I/O-free decisions: admission, auth, rate, timers
     telemetry               logs and metrics
@@ -31,6 +32,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "relayd"
 LAYERS = [
     "errors",
     "config",
+    "config_keys",
     "config_sources",
     "wire",
     "policy",
@@ -39,7 +41,15 @@ LAYERS = [
     "daemon",
     "cli",
 ]
-RANK = {"errors": 0, "config": 0, "config_sources": 0, "wire": 1, "policy": 2, "telemetry": 3}
+RANK = {
+    "errors": 0,
+    "config": 0,
+    "config_keys": 0,
+    "config_sources": 0,
+    "wire": 1,
+    "policy": 2,
+    "telemetry": 3,
+}
 RANK |= {"routing": 4}
 RANK |= {"daemon": 5, "cli": 6, "__main__": 7, "__init__": 0}
 
@@ -92,7 +102,11 @@ def test_nothing_imports_a_layer_above_its_own(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    sorted(n for n in ALL if layer(n) in {"wire", "policy", "errors", "config", "config_sources"}),
+    sorted(
+        n
+        for n in ALL
+        if layer(n) in {"wire", "policy", "errors", "config", "config_keys", "config_sources"}
+    ),
 )
 def test_the_wire_protocol_and_policies_import_no_trio(name: str) -> None:
     assert not {t for t in imports(ALL[name]) if t.split(".")[0] in {"trio", "trio_websocket"}}
