@@ -20,13 +20,17 @@ only talks to relayd needs trio, trio-websocket and msgspec. A program::
 The public API is what this module exports (docs/client.md); it is built from:
 
 * :mod:`~relayd.client.client`: :func:`connect` and the :class:`Client`;
+* :mod:`~relayd.client.options`: what ``connect`` takes, its defaults, checked;
+* :mod:`~relayd.client.endings`: what follows when a connection ends;
 * :mod:`~relayd.client.errors`: every exception, one per error and close code;
 * :mod:`~relayd.client.messages`: :class:`Message`, and the frames, without I/O;
 * :mod:`~relayd.client.backoff`: :class:`Backoff`, when to reconnect;
 * :mod:`~relayd.client.link`: one WebSocket connection, on trio-websocket;
+* :mod:`~relayd.client.opening`: a connection opened: TCP, TLS, upgrade, welcome;
 * :mod:`~relayd.client.outstanding`, :mod:`~relayd.client.endpoint`: reply
   matching and URLs, without I/O;
-* :mod:`~relayd.client.chat` and :mod:`~relayd.client.terminal`: ``relayd chat``.
+* :mod:`~relayd.client.chat`, :mod:`~relayd.client.chat_session` and
+  :mod:`~relayd.client.terminal`: ``relayd chat``.
 """
 
 from relayd.client.backoff import Backoff

@@ -32,20 +32,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-import msgspec
 import trio
 
-from relayd.client.client import Client, connect
+from relayd.client.chat_session import Session
+from relayd.client.client import connect
 from relayd.client.endpoint import check_token, parse_url
 from relayd.client.errors import (
     ConnectError,
-    ConnectionClosed,
     HandshakeRefused,
-    MessageTooLarge,
-    SendError,
     TLSError,
 )
-from relayd.client.messages import Message
 from relayd.client.terminal import Console
 from relayd.wire.dialects import Dialect
 
@@ -114,131 +110,6 @@ _DIALECT_NAMES: Final = {Dialect.SEED: "seed", Dialect.V1: "relayd.v1"}
 #: Close codes after which the server's close is not a failure.
 _NORMAL_CLOSES: Final = frozenset({1000, 1001})
 
-_raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
-
-
-def _outgoing(text: str) -> msgspec.Raw | str:
-    """The ``message`` for typed text: its JSON value if it is JSON, else the text."""
-    try:
-        return _raw_decoder.decode(text)
-    except (msgspec.DecodeError, RecursionError):
-        return text
-
-
-class _Session:
-    """One connected session: lines out as messages, messages in as lines."""
-
-    def __init__(self, client: Client, console: Console) -> None:
-        self._client = client
-        self._console = console
-        self._sent = 0
-        self._to: str | None = None  # the default recipient, after /to ID
-        self._quitting = False
-
-    async def run(self) -> bool:
-        """Chat until the person quits or the server closes; True if the person quit."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._receive, nursery.cancel_scope)
-            async with trio.open_nursery() as inputs:
-                inputs.start_soon(self._read_commands, inputs.cancel_scope)
-                inputs.start_soon(self._quit_on_interrupt, inputs.cancel_scope)
-            self._quitting = True
-            nursery.cancel_scope.cancel()
-        return self._quitting
-
-    async def _receive(self, session: trio.CancelScope) -> None:
-        try:
-            async for message in self._client:
-                self._show(message)
-        except ConnectionClosed:
-            pass  # the caller prints the close
-        session.cancel()  # the server closed first: stop reading stdin
-
-    async def _quit_on_interrupt(self, inputs: trio.CancelScope) -> None:
-        # Ctrl-C closes like /quit; a second one, once this receiver is gone,
-        # interrupts the closing handshake (exit status 130).
-        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
-            async for _ in interrupts:
-                inputs.cancel()
-                return
-
-    async def _read_commands(self, inputs: trio.CancelScope) -> None:
-        while True:
-            prompt = f"to {self._to}> " if self._to is not None else "> "
-            line = await self._console.readline(prompt)
-            if line is None or not await self._command(line.strip()):
-                break
-        inputs.cancel()
-
-    async def _command(self, line: str) -> bool:
-        """Carry out one input line; False for /quit."""
-        if not line:
-            return True
-        if line.startswith("/"):
-            return self._slash(line)
-        if self._to is not None:
-            await self._send(self._to, _outgoing(line))
-            return True
-        words = line.split(maxsplit=1)
-        if len(words) < 2:
-            self._console.warn("nothing to send: type ID MESSAGE, or /to ID first (/help)")
-            return True
-        await self._send(words[0], _outgoing(words[1]))
-        return True
-
-    def _slash(self, line: str) -> bool:
-        name, *args = line.split()
-        if name == "/quit":
-            return False
-        if name == "/id":
-            self._console.say(f"id: {self._client.id}")
-        elif name == "/to":
-            if len(args) > 1:  # an id has no spaces: the rest would be lost
-                self._console.warn("/to takes one ID (/to alone goes back to ID MESSAGE)")
-            else:
-                self._to = args[0] if args else None
-        elif name == "/help":
-            for help_line in HELP.splitlines():
-                self._console.say(help_line)
-        else:
-            self._console.warn(f"unknown command {name}; /help lists them")
-        return True
-
-    async def _send(self, to: str, message: msgspec.Raw | str) -> None:
-        """Send and print the outcome: one at a time, so lines print in order."""
-        v1 = self._client.dialect is Dialect.V1
-        try:
-            await self._client.send(to, message)
-        except MessageTooLarge as error:
-            if not error.sent:
-                self._console.warn(f"not sent: {error.detail.removesuffix('; not sent')}")
-                return
-            self._sent += 1
-            self._show_error(error, f"message {self._sent} to {to}")
-        except SendError as error:
-            self._sent += 1
-            self._show_error(error, f"message {self._sent} to {to}")
-        except (ConnectionClosed, trio.ClosedResourceError):
-            pass  # _receive reports the close
-        else:
-            self._sent += 1
-            if v1:
-                self._console.say(f"ack {self._sent}")
-
-    def _show(self, message: Message) -> None:
-        if message.from_server:  # its sender is "", which would print as "< : ..."
-            self._console.say(f"< (server): {message.text}")
-        elif message.sender is not None:
-            self._console.say(f"< {message.sender}: {message.text}")
-        elif (error := message.as_error()) is not None:
-            self._show_error(error, None)
-        else:
-            self._console.say(f"< {message.text}")
-
-    def _show_error(self, error: SendError, which: str | None) -> None:
-        where = f" ({which})" if which is not None else ""
-        self._console.say(f"! {error.code}: {error.detail}{where}")
-
 
 async def _chat(
     url: str,
@@ -251,7 +122,7 @@ async def _chat(
         async with connect(url, token=token, dialect=dialect, ssl_context=context) as client:
             name = _DIALECT_NAMES[dialect]
             console.say(f"connected to {url} as {client.id} ({name})")
-            quit_ = await _Session(client, console).run()
+            quit_ = await Session(client, console, HELP).run()
     except ConnectError as exc:
         console.warn(str(exc) + _hint(exc, token))
         return 1

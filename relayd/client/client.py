@@ -25,53 +25,32 @@ Who raises what, where:
 
 from __future__ import annotations
 
-import math
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Final, Literal, NoReturn
+from typing import Literal
 
 import trio
 
 from relayd.client.backoff import Backoff
-from relayd.client.endpoint import Endpoint, check_token, parse_url
-from relayd.client.errors import ConnectError, closed_error
-from relayd.client.link import CloseInfo, Link, LinkOptions, run_link
+from relayd.client.endings import final_error, raise_alone, retryable
+from relayd.client.endpoint import Endpoint
+from relayd.client.errors import ConnectError
+from relayd.client.link import CloseInfo, Link, run_link
 from relayd.client.messages import Message, encode_body
+from relayd.client.options import (
+    CLOSE_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    KEEPALIVE_S,
+    MAX_IN_FLIGHT,
+    MAX_MESSAGE_CHARS,
+    RECEIVE_QUEUE,
+    LinkOptions,
+    check_options,
+)
 from relayd.wire.dialects import Dialect
 
-__all__ = [
-    "CLOSE_TIMEOUT_S",
-    "CONNECT_TIMEOUT_S",
-    "KEEPALIVE_S",
-    "MAX_IN_FLIGHT",
-    "MAX_MESSAGE_CHARS",
-    "RECEIVE_QUEUE",
-    "Client",
-    "CloseInfo",
-    "connect",
-]
-
-#: Bound on connecting: TCP, TLS, the HTTP upgrade and the welcome. relayd
-#: answers an incomplete handshake with 408 after ``handshake_timeout_s`` (10 s
-#: by default); waiting a little longer lets that answer be seen.
-CONNECT_TIMEOUT_S: Final = 15.0
-#: Bound on the closing handshake: relayd waits as long for a client's.
-CLOSE_TIMEOUT_S: Final = 5.0
-#: Messages sent and not yet answered, per client. relayd keeps 16 replies
-#: per connection before it stops reading (``outbox_messages``); more in flight
-#: would only wait in TCP buffers.
-MAX_IN_FLIGHT: Final = 16
-#: Messages received and not yet read by the program, per client.
-RECEIVE_QUEUE: Final = 16
-#: Largest message accepted from relayd, in characters (trio-websocket counts
-#: ``len()`` of the text). relayd's own limit is 64 KiB by default; a delivery
-#: adds its sender's id and ``"type"`` to the sender's envelope.
-MAX_MESSAGE_CHARS: Final = 2**20
-#: Keepalive ping interval, and how long its pong may take: as relayd's own.
-KEEPALIVE_S: Final = 30.0
-#: The dialects ``connect`` speaks, by the names it takes.
-_DIALECTS: Final = tuple(dialect.value for dialect in (Dialect.V1, Dialect.SEED))
+__all__ = ["Client", "CloseInfo", "connect"]
 
 
 class Client:
@@ -250,12 +229,12 @@ class Client:
                 closed = await self._connection(task_status)
                 while True:
                     self._lost(closed)
-                    if self._closing or backoff is None or not _retryable(closed):
-                        self._final = _final_error(closed)
+                    if self._closing or backoff is None or not retryable(closed):
+                        self._final = final_error(closed)
                         break
                     outcome = await self._reconnect(backoff)
                     if isinstance(outcome, ConnectError):
-                        self._final = _final_error(closed, outcome)
+                        self._final = final_error(closed, outcome)
                         break
                     closed = outcome
         finally:
@@ -344,30 +323,6 @@ class _Ids:
             await changed.wait()
 
 
-def _retryable(closed: CloseInfo) -> bool:
-    return not closed.by_client and closed_error(closed.code).retryable
-
-
-def _final_error(
-    closed: CloseInfo, cause: ConnectError | None = None
-) -> Callable[[], BaseException]:
-    """What sending and receiving raise once nothing more can come.
-
-    A new exception for each raise: one instance raised in several tasks would
-    collect all their tracebacks.
-    """
-
-    def error() -> BaseException:
-        if closed.by_client:
-            return trio.ClosedResourceError("the client was closed")
-        exc = closed_error(closed.code, closed.reason)
-        exc.__cause__ = cause
-        exc.__suppress_context__ = True
-        return exc
-
-    return error
-
-
 @asynccontextmanager
 async def connect(
     url: str,
@@ -419,28 +374,17 @@ async def connect(
             status: 401, 403, 503...), :class:`ConnectTimeout`,
             :class:`TLSError`, or the network.
     """
-    endpoint = parse_url(url)
-    if token is not None:
-        check_token(token)
-    if ssl_context is not None and not endpoint.tls:
-        raise ValueError("an ssl_context needs a wss:// URL")
-    for name, value in [("connect_timeout", connect_timeout), ("close_timeout", close_timeout)]:
-        if not value > 0:
-            raise ValueError(f"{name} must be positive")
-    if keepalive_s is not None and not 0 < keepalive_s < math.inf:
-        raise ValueError("keepalive_s must be positive, or None")
-    if max_in_flight < 1 or receive_queue < 0 or max_message_chars < 1:
-        raise ValueError("need max_in_flight >= 1, receive_queue >= 0, max_message_chars >= 1")
-    if dialect not in _DIALECTS:
-        raise ValueError(f"dialect must be one of {', '.join(_DIALECTS)}, not {dialect!r}")
-    options = LinkOptions(
-        dialect=Dialect(dialect),
+    endpoint, options = check_options(
+        url,
         token=token,
         ssl_context=ssl_context,
+        dialect=dialect,
         connect_timeout=connect_timeout,
-        keepalive_s=keepalive_s,
+        close_timeout=close_timeout,
         max_in_flight=max_in_flight,
+        receive_queue=receive_queue,
         max_message_chars=max_message_chars,
+        keepalive_s=keepalive_s,
     )
     client = Client(endpoint, options, receive_queue=receive_queue, close_timeout=close_timeout)
     try:
@@ -451,24 +395,4 @@ async def connect(
             finally:
                 await client.aclose()
     except BaseExceptionGroup as group:
-        _raise_alone(group)
-
-
-def _raise_alone(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Raise what the block raised as itself, not inside a group.
-
-    The client's own tasks raise nothing but bugs, so a group from its
-    nursery holds the block's exception (or the first connection's
-    :class:`ConnectError`), perhaps beside the ``Cancelled`` of tasks that were
-    stopped for it.
-    """
-    others = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-    if len(others) > 1:
-        raise group
-    alone = others[0] if others else group.exceptions[0]  # a group the block raised, too
-    context = alone.__context__
-    try:
-        raise alone
-    finally:
-        alone.__context__ = context  # not the group: it only wrapped this one
-        del alone, context
+        raise_alone(group)

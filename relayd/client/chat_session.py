@@ -1,0 +1,156 @@
+"""A ``relayd chat`` session once connected: lines typed become messages, events become lines.
+
+:class:`Session` reads commands from the console (``ID MESSAGE``, ``/to``,
+``/id``, ``/help``, ``/quit``; :data:`relayd.client.chat.HELP` describes them)
+and prints one line per event: a message, an ``ack``, an error, in the order
+they happen. It sends one message at a time, so that each outcome's line
+follows its message. :mod:`relayd.client.chat` connects, and prints the close.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Final
+
+import msgspec
+import trio
+
+from relayd.client.client import Client
+from relayd.client.errors import ConnectionClosed, MessageTooLarge, SendError
+from relayd.client.messages import Message
+from relayd.client.terminal import Console
+from relayd.wire.dialects import Dialect
+
+__all__ = ["Session"]
+
+_raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
+
+
+def _outgoing(text: str) -> msgspec.Raw | str:
+    """The ``message`` for typed text: its JSON value if it is JSON, else the text."""
+    try:
+        return _raw_decoder.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return text
+
+
+class Session:
+    """One connected session: lines out as messages, messages in as lines.
+
+    Args:
+        client: the connected client; the caller owns it (and closes it).
+        console: where lines are read and printed.
+        help_text: what ``/help`` prints.
+    """
+
+    def __init__(self, client: Client, console: Console, help_text: str) -> None:
+        self._client = client
+        self._console = console
+        self._help = help_text
+        self._sent = 0
+        self._to: str | None = None  # the default recipient, after /to ID
+        self._quitting = False
+
+    async def run(self) -> bool:
+        """Chat until the person quits or the server closes; True if the person quit."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive, nursery.cancel_scope)
+            async with trio.open_nursery() as inputs:
+                inputs.start_soon(self._read_commands, inputs.cancel_scope)
+                inputs.start_soon(self._quit_on_interrupt, inputs.cancel_scope)
+            self._quitting = True
+            nursery.cancel_scope.cancel()
+        return self._quitting
+
+    async def _receive(self, session: trio.CancelScope) -> None:
+        try:
+            async for message in self._client:
+                self._show(message)
+        except ConnectionClosed:
+            pass  # the caller prints the close
+        session.cancel()  # the server closed first: stop reading stdin
+
+    async def _quit_on_interrupt(self, inputs: trio.CancelScope) -> None:
+        # Ctrl-C closes like /quit; a second one, once this receiver is gone,
+        # interrupts the closing handshake (exit status 130).
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+            async for _ in interrupts:
+                inputs.cancel()
+                return
+
+    async def _read_commands(self, inputs: trio.CancelScope) -> None:
+        while True:
+            prompt = f"to {self._to}> " if self._to is not None else "> "
+            line = await self._console.readline(prompt)
+            if line is None or not await self._command(line.strip()):
+                break
+        inputs.cancel()
+
+    async def _command(self, line: str) -> bool:
+        """Carry out one input line; False for /quit."""
+        if not line:
+            return True
+        if line.startswith("/"):
+            return self._slash(line)
+        if self._to is not None:
+            await self._send(self._to, _outgoing(line))
+            return True
+        words = line.split(maxsplit=1)
+        if len(words) < 2:
+            self._console.warn("nothing to send: type ID MESSAGE, or /to ID first (/help)")
+            return True
+        await self._send(words[0], _outgoing(words[1]))
+        return True
+
+    def _slash(self, line: str) -> bool:
+        name, *args = line.split()
+        if name == "/quit":
+            return False
+        if name == "/id":
+            self._console.say(f"id: {self._client.id}")
+        elif name == "/to":
+            if len(args) > 1:  # an id has no spaces: the rest would be lost
+                self._console.warn("/to takes one ID (/to alone goes back to ID MESSAGE)")
+            else:
+                self._to = args[0] if args else None
+        elif name == "/help":
+            for help_line in self._help.splitlines():
+                self._console.say(help_line)
+        else:
+            self._console.warn(f"unknown command {name}; /help lists them")
+        return True
+
+    async def _send(self, to: str, message: msgspec.Raw | str) -> None:
+        """Send and print the outcome: one at a time, so lines print in order."""
+        v1 = self._client.dialect is Dialect.V1
+        try:
+            await self._client.send(to, message)
+        except MessageTooLarge as error:
+            if not error.sent:
+                self._console.warn(f"not sent: {error.detail.removesuffix('; not sent')}")
+                return
+            self._sent += 1
+            self._show_error(error, f"message {self._sent} to {to}")
+        except SendError as error:
+            self._sent += 1
+            self._show_error(error, f"message {self._sent} to {to}")
+        except (ConnectionClosed, trio.ClosedResourceError):
+            pass  # _receive reports the close
+        else:
+            self._sent += 1
+            if v1:
+                self._console.say(f"ack {self._sent}")
+
+    def _show(self, message: Message) -> None:
+        if message.from_server:  # its sender is "", which would print as "< : ..."
+            self._console.say(f"< (server): {message.text}")
+        elif message.sender is not None:
+            self._console.say(f"< {message.sender}: {message.text}")
+        elif (error := message.as_error()) is not None:
+            self._show_error(error, None)
+        else:
+            self._console.say(f"< {message.text}")
+
+    def _show_error(self, error: SendError, which: str | None) -> None:
+        where = f" ({which})" if which is not None else ""
+        self._console.say(f"! {error.code}: {error.detail}{where}")

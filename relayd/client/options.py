@@ -1,0 +1,107 @@
+"""What :func:`relayd.client.connect` takes: its defaults, each bound explained, checked.
+
+Without I/O: :func:`check_options` turns ``connect``'s arguments into the
+:class:`~relayd.client.endpoint.Endpoint` and the :class:`LinkOptions` every
+connection of the client is opened with, or raises :class:`ValueError` before
+anything is connected.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from relayd.client.endpoint import Endpoint, check_token, parse_url
+from relayd.wire.dialects import Dialect
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "CONNECT_TIMEOUT_S",
+    "KEEPALIVE_S",
+    "MAX_IN_FLIGHT",
+    "MAX_MESSAGE_CHARS",
+    "RECEIVE_QUEUE",
+    "LinkOptions",
+    "check_options",
+]
+
+#: Bound on connecting: TCP, TLS, the HTTP upgrade and the welcome. relayd
+#: answers an incomplete handshake with 408 after ``handshake_timeout_s`` (10 s
+#: by default); waiting a little longer lets that answer be seen.
+CONNECT_TIMEOUT_S: Final = 15.0
+#: Bound on the closing handshake: relayd waits as long for a client's.
+CLOSE_TIMEOUT_S: Final = 5.0
+#: Messages sent and not yet answered, per client. relayd keeps 16 replies
+#: per connection before it stops reading (``outbox_messages``); more in flight
+#: would only wait in TCP buffers.
+MAX_IN_FLIGHT: Final = 16
+#: Messages received and not yet read by the program, per client.
+RECEIVE_QUEUE: Final = 16
+#: Largest message accepted from relayd, in characters (trio-websocket counts
+#: ``len()`` of the text). relayd's own limit is 64 KiB by default; a delivery
+#: adds its sender's id and ``"type"`` to the sender's envelope.
+MAX_MESSAGE_CHARS: Final = 2**20
+#: Keepalive ping interval, and how long its pong may take: as relayd's own.
+KEEPALIVE_S: Final = 30.0
+#: The dialects ``connect`` speaks, by the names it takes.
+_DIALECTS: Final = tuple(dialect.value for dialect in (Dialect.V1, Dialect.SEED))
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """What every connection of one client is opened with (see :func:`relayd.client.connect`)."""
+
+    dialect: Dialect
+    token: str | None
+    ssl_context: ssl.SSLContext | None
+    connect_timeout: float
+    keepalive_s: float | None
+    max_in_flight: int
+    max_message_chars: int
+
+
+def check_options(
+    url: str,
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    dialect: Dialect | Literal["relayd.v1", "seed"],
+    connect_timeout: float,
+    close_timeout: float,
+    max_in_flight: int,
+    receive_queue: int,
+    max_message_chars: int,
+    keepalive_s: float | None,
+) -> tuple[Endpoint, LinkOptions]:
+    """The endpoint and the connections' options, from ``connect``'s arguments (its Args).
+
+    Raises:
+        ValueError: a bad URL, token, dialect or figure, or an ``ssl_context``
+            with a ``ws://`` URL.
+    """
+    endpoint = parse_url(url)
+    if token is not None:
+        check_token(token)
+    if ssl_context is not None and not endpoint.tls:
+        raise ValueError("an ssl_context needs a wss:// URL")
+    for name, value in [("connect_timeout", connect_timeout), ("close_timeout", close_timeout)]:
+        if not value > 0:
+            raise ValueError(f"{name} must be positive")
+    if keepalive_s is not None and not 0 < keepalive_s < math.inf:
+        raise ValueError("keepalive_s must be positive, or None")
+    if max_in_flight < 1 or receive_queue < 0 or max_message_chars < 1:
+        raise ValueError("need max_in_flight >= 1, receive_queue >= 0, max_message_chars >= 1")
+    if dialect not in _DIALECTS:
+        raise ValueError(f"dialect must be one of {', '.join(_DIALECTS)}, not {dialect!r}")
+    options = LinkOptions(
+        dialect=Dialect(dialect),
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout=connect_timeout,
+        keepalive_s=keepalive_s,
+        max_in_flight=max_in_flight,
+        max_message_chars=max_message_chars,
+    )
+    return endpoint, options
