@@ -320,6 +320,7 @@ PLACES: Final = (
     ("relayd/routing/", "routing: router task, table, outbox"),
     ("relayd/daemon/connection.py", "connection: reader, writer, timers"),
     ("relayd/daemon/transport.py", "connection: reader, writer, timers"),
+    ("relayd/daemon/closing.py", "connection: reader, writer, timers"),
     ("relayd/daemon/gate.py", "gate: accept, handshake steps, connection boundary"),
     ("relayd/daemon/", "daemon: other"),
     ("trio/", "trio: scheduling, checkpoints, cancel scopes, channels"),

@@ -12,7 +12,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from relayd.config import AdminSettings, LimitsSettings, LogSettings, ServerSettings, Settings
-from relayd.daemon.connection import CLOSE_TIMEOUT_S
+from relayd.daemon.closing import CLOSE_TIMEOUT_S
 from relayd.daemon.server import Server
 
 

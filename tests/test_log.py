@@ -27,7 +27,7 @@ from trio_websocket import wrap_client_stream
 
 import relayd
 from relayd.config import LogSettings, Settings
-from relayd.daemon.connection import CLOSE_TIMEOUT_S
+from relayd.daemon.closing import CLOSE_TIMEOUT_S
 from relayd.daemon.server import Server
 from relayd.telemetry.line_sink import FLUSH_DELAY_S, batched, flush_held_lines
 from relayd.telemetry.log import (

@@ -11,6 +11,8 @@ The data path reads one way through it::
 * :mod:`~relayd.daemon.connection`: one connection, as the router's Peer; its
   lifecycle carried out.
 * :mod:`~relayd.daemon.reader`: its socket to the router, and its timers.
+* :mod:`~relayd.daemon.closing`: its end: the closing handshake and
+  ``connection.close``.
 * :mod:`~relayd.daemon.intake`: what each message becomes as it arrives (pure).
 * :mod:`~relayd.daemon.writer`: its outbox to its socket.
 * :mod:`~relayd.daemon.transport`: its stream, written to and closed gracefully.

@@ -28,8 +28,9 @@ which close frame goes out, and whether relayd then waits for the client's.
 This class carries those answers out: it stops the reader, leaves the routing
 table, flushes or discards the outbox, and bounds each step: a flush for a
 policy close, a write in progress and a closing handshake each get
-:data:`CLOSE_TIMEOUT_S`; the server bounds a whole drain with
-``shutdown_grace_s``.
+:data:`~relayd.daemon.closing.CLOSE_TIMEOUT_S`; the server bounds a whole drain
+with ``shutdown_grace_s``. The closing handshake and the ``connection.close``
+event are :mod:`relayd.daemon.closing`'s.
 
 Error handling: :meth:`Connection.run` raises only what is a bug in relayd;
 the gate catches that at the connection boundary, logs it and closes with
@@ -39,11 +40,11 @@ the gate catches that at the connection boundary, logs it and closes with
 from __future__ import annotations
 
 import math
-from typing import Final
 
 import structlog
 import trio
 
+from relayd.daemon.closing import CLOSE_TIMEOUT_S, closing_handshake, log_close
 from relayd.daemon.intake import Intake
 from relayd.daemon.live import LiveLimits
 from relayd.daemon.reader import Reader
@@ -61,13 +62,7 @@ from relayd.wire.frames import FrameParser
 from relayd.wire.lifecycle import Lifecycle
 from relayd.wire.server_frames import text_frame
 
-__all__ = ["CLOSE_TIMEOUT_S", "Connection"]
-
-#: How long relayd gives a flush before a policy close, a write in progress
-#: once it stops writing, and the closing handshake. A peer that is still
-#: reading answers in milliseconds; one that is not would hold the connection
-#: forever.
-CLOSE_TIMEOUT_S: Final = 5.0
+__all__ = ["Connection"]
 
 
 class Connection:
@@ -92,6 +87,9 @@ class Connection:
         events: where the outcomes of messages refused here are recorded.
         log: a logger already bound with nothing connection-specific.
         stats: the counters to add to (refusals, closes, bytes).
+
+    Attributes:
+        started: when it opened, on trio's clock.
     """
 
     __slots__ = (
@@ -104,7 +102,6 @@ class Connection:
         "_reader",
         "_registered",
         "_router",
-        "_started",
         "_stats",
         "_timers",
         "_transport",
@@ -113,6 +110,7 @@ class Connection:
         "conn",
         "dialect",
         "outbox",
+        "started",
     )
 
     def __init__(
@@ -145,7 +143,7 @@ class Connection:
         # Sized once, for the connection's life.
         self.outbox = Outbox(current.outbox_messages)
         self._lifecycle = Lifecycle()
-        now = self._started = trio.current_time()
+        now = self.started = trio.current_time()
         self._timers = Timers(current, now)
         self._writer = Writer(transport, self.outbox, self._lifecycle, self._timers, self._gone)
         self._reader = Reader(
@@ -293,7 +291,7 @@ class Connection:
                     self._writer.detach()
             # Written out, or given up: what the router still answers is dropped.
             self.outbox.discard()
-            await self._closing_handshake()
+            await closing_handshake(self._transport, lifecycle, self._reader, self._writer)
         except Exception:
             # The caller's boundary logs the error and sends this close code;
             # the close event must already say so.
@@ -303,7 +301,7 @@ class Connection:
             lifecycle.end()  # still open here: it was cut short (the client left, or a forced stop)
             self._leave()
             self.outbox.discard()
-            self._log_close()
+            log_close(self, lifecycle, self._reader, self._writer, self._log, self._stats)
 
     async def _announce(self) -> bool:
         """Become routable, then send the welcome frame; False if the client is gone."""
@@ -320,42 +318,3 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False  # gone already: logged as 1006
         return True
-
-    # -- the end ---------------------------------------------------------------
-
-    async def _closing_handshake(self) -> None:
-        """Send the close frame this end owes, and for a close relayd began, await the client's."""
-        frame = self._lifecycle.close_frame
-        if frame is None:
-            return  # the client vanished without a close frame
-        deadline = trio.current_time() + CLOSE_TIMEOUT_S
-        sent = await self._transport.send_close(*frame, timeout_s=CLOSE_TIMEOUT_S)
-        self._writer.bytes_out += sent
-        if sent and self._lifecycle.awaits_client_close:
-            with trio.move_on_at(deadline):  # what is left of the same bound
-                await self._reader.await_close()
-
-    # -- logs ------------------------------------------------------------------
-
-    def _log_close(self) -> None:
-        close = self._lifecycle.close
-        assert close is not None  # run() always decides how it ended
-        code = int(close.code)  # a CloseCode member logs as its name otherwise
-        writer, stats = self._writer, self._stats
-        stats.closes[code] += 1
-        stats.bytes_received += self._reader.bytes_in
-        stats.bytes_sent += writer.bytes_out
-        self._log.info(
-            "connection.close",
-            conn=self.conn,
-            id=self.client_id,
-            code=code,
-            reason=close.reason,
-            closed_by=close.closed_by,
-            duration_s=round(trio.current_time() - self._started, 3),
-            messages_in=self._reader.messages_in,
-            messages_out=writer.messages_out,
-            bytes_in=self._reader.bytes_in,
-            bytes_out=writer.bytes_out,
-            undelivered=self.outbox.dropped + writer.dropped,
-        )

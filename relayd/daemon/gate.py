@@ -46,7 +46,8 @@ import trio
 
 from relayd.config import LimitsSettings
 from relayd.daemon.addresses import ip_of, peer_address
-from relayd.daemon.connection import CLOSE_TIMEOUT_S, Connection
+from relayd.daemon.closing import CLOSE_TIMEOUT_S
+from relayd.daemon.connection import Connection
 from relayd.daemon.live import LiveLimits
 from relayd.daemon.transport import Transport
 from relayd.errors import CloseCode

@@ -18,7 +18,8 @@ there, and asks its connection to close for policy (rate, timers) or to drain
 (the router closed); anything else stops it through :meth:`Reader.stop`.
 
 Runs in :meth:`~relayd.daemon.connection.Connection.run`'s own task; raises
-only on a bug.
+only on a bug. Once relayd has sent its close frame, the closing handshake
+(:mod:`relayd.daemon.closing`) reads the client's through :meth:`Reader.feed`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from relayd.routing.interface import Inbound, Router
 from relayd.routing.outbox import Outbox
 from relayd.wire.frames import (
     OP_BINARY,
-    OP_CLOSE,
     OP_PING,
     OP_PONG,
     FrameParser,
@@ -191,7 +191,7 @@ class Reader:
         self.bytes_in += len(data)
         violation: ProtocolError | None = None
         try:
-            events = self._feed(data)
+            events = self.feed(data)
         except ProtocolError as exc:
             events, violation = exc.parsed, exc
         batch: list[Inbound] = []
@@ -212,7 +212,7 @@ class Reader:
             return False
         return not ended and self._lifecycle.reading
 
-    def _feed(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
         """Parse ``data`` within the frames the connection may still send."""
         parser = self._parser
         return parser.feed(data, self._pacer.allowance(trio.current_time(), parser.frames))
@@ -303,22 +303,6 @@ class Reader:
     def _stuck(self) -> None:
         self._limit_exceeded("slow_consumer_timeout_s")
         self._owner.close_soon(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbox stayed full")
-
-    async def await_close(self) -> None:
-        """After relayd's close frame: wait for the client's (bounded by the caller)."""
-        # After relayd's close frame, the client's messages are not read
-        # (RFC 6455 §1.4); only its close frame, or the end of the stream.
-        receive = self._transport.receive
-        while True:
-            data = await receive(RECEIVE_BYTES)
-            self.bytes_in += len(data)
-            try:
-                events = self._feed(data) if data else [(OP_CLOSE, b"")]
-            except ProtocolError:
-                return
-            if any(opcode == OP_CLOSE for opcode, _ in events):
-                self._transport.close_received = bool(data)
-                return
 
     def _limit_exceeded(self, limit: str) -> None:
         self._log.warning(
