@@ -322,6 +322,8 @@ PLACES: Final = (
     ("relayd/daemon/transport.py", "connection: reader, writer, timers"),
     ("relayd/daemon/closing.py", "connection: reader, writer, timers"),
     ("relayd/daemon/gate.py", "gate: accept, handshake steps, connection boundary"),
+    ("relayd/daemon/request_head.py", "gate: accept, handshake steps, connection boundary"),
+    ("relayd/daemon/authentication.py", "gate: accept, handshake steps, connection boundary"),
     ("relayd/daemon/", "daemon: other"),
     ("trio/", "trio: scheduling, checkpoints, cancel scopes, channels"),
     ("outcome/", "trio: scheduling, checkpoints, cancel scopes, channels"),

@@ -7,7 +7,11 @@ The data path reads one way through it::
 
 * :mod:`~relayd.daemon.server`: the composition root; start, serve, drain.
 * :mod:`~relayd.daemon.gate`: accepted streams to connections: handshake,
-  admission, authentication, and the connection boundary.
+  admission, and the connection boundary.
+* :mod:`~relayd.daemon.request_head`: a handshake's request head, read within
+  its time and size bounds.
+* :mod:`~relayd.daemon.authentication`: a handshake's token checked, within
+  the limit on failures.
 * :mod:`~relayd.daemon.connection`: one connection, as the router's Peer; its
   lifecycle carried out.
 * :mod:`~relayd.daemon.reader`: its socket to the router, and its timers.

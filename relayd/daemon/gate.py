@@ -8,11 +8,12 @@ stream it:
    (:class:`~relayd.policy.admission.Handshakes`), or, over ``max_handshakes``
    or ``max_handshakes_per_ip``, closes it at once without reading from it;
 2. reads the HTTP request head within ``handshake_timeout_s`` and at most
-   ``max_header_bytes`` long (:class:`~relayd.wire.handshake.RequestReader`);
+   ``max_header_bytes`` long (:class:`~relayd.daemon.request_head.HeadReading`);
 3. counts it against the established connections
    (:class:`~relayd.policy.admission.Capacity`), and accepts it in the chosen
    dialect, or refuses it with an HTTP status (:func:`~relayd.wire.handshake.validate`,
-   :func:`~relayd.policy.admission.decide`, authentication), logging
+   :func:`~relayd.policy.admission.decide`,
+   :class:`~relayd.daemon.authentication.Authentication`), logging
    ``handshake.rejected``; once the ``101`` is out it is no longer a handshake;
 4. runs the :class:`~relayd.daemon.connection.Connection` until it ends;
 5. closes the TCP connection gracefully (:class:`~relayd.daemon.transport.Transport`),
@@ -34,11 +35,9 @@ the stream is always closed in ``finally``.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
 import secrets
 from collections.abc import Callable, Collection
-from http import HTTPStatus
 from typing import Final
 
 import structlog
@@ -46,33 +45,24 @@ import trio
 
 from relayd.config import LimitsSettings
 from relayd.daemon.addresses import ip_of, peer_address
+from relayd.daemon.authentication import Authentication
 from relayd.daemon.closing import CLOSE_TIMEOUT_S
 from relayd.daemon.connection import Connection
 from relayd.daemon.live import LiveLimits
+from relayd.daemon.request_head import HeadReading
 from relayd.daemon.transport import Transport
 from relayd.errors import CloseCode
 from relayd.policy.admission import Accept, Capacity, Handshakes, decide
-from relayd.policy.auth import Authenticator, Identity, token_from
-from relayd.policy.failures import AuthFailures
+from relayd.policy.auth import Authenticator
 from relayd.routing.interface import Router
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
-from relayd.wire.handshake import (
-    Refusal,
-    RequestReader,
-    UpgradeRequest,
-    accept_response,
-    refusal_response,
-    validate,
-)
+from relayd.wire.handshake import Refusal, accept_response, refusal_response
 
 __all__ = ["Gate", "new_client_id"]
 
 #: Bits of randomness in a client id: unguessable, so ids cannot be forged.
 _ID_BYTES: Final = 16
-#: Bytes asked of the socket per read while the request head is incomplete: a
-#: head is small, and a large read would only hold more early frames.
-_HEAD_READ_BYTES: Final = 16384
 
 
 def new_client_id() -> str:
@@ -111,7 +101,6 @@ class Gate:
     ) -> None:
         self.stats = stats or Stats()
         self._allowed_origins = frozenset(allowed_origins)
-        self._authenticator = authenticator
         self._echo_route = echo_route
         self._router = router
         self.limits = LiveLimits(limits)
@@ -121,12 +110,9 @@ class Gate:
         self._numbers = itertools.count(1)
         self.capacity = Capacity(limits.max_connections, limits.max_connections_per_ip)
         self.handshakes = Handshakes(limits.max_handshakes, limits.max_handshakes_per_ip)
-        self._auth_failures = AuthFailures(
-            limits.max_auth_failures_per_ip, limits.auth_failure_window_s
-        )
+        self._auth = Authentication(authenticator, limits, self.stats)
         self.connections: set[Connection] = set()
-        self._reading: set[trio.CancelScope] = set()  # handshakes not yet read in full
-        self.draining = False
+        self._heads = HeadReading()
 
     def reconfigure(
         self,
@@ -144,14 +130,13 @@ class Gate:
         self.capacity.max_per_ip = limits.max_connections_per_ip
         self.handshakes.max_total = limits.max_handshakes
         self.handshakes.max_per_ip = limits.max_handshakes_per_ip
-        self._auth_failures.configure(limits.max_auth_failures_per_ip, limits.auth_failure_window_s)
+        self._auth.reconfigure(authenticator, limits)
         self._allowed_origins = frozenset(allowed_origins)
-        self._authenticator = authenticator
 
     @property
     def authenticating(self) -> bool:
         """Whether handshakes are authenticated now (ids are then subjects, maybe shared)."""
-        return self._authenticator is not None
+        return self._auth.authenticator is not None
 
     def open_totals(self) -> tuple[int, int, int]:
         """Open connections, and the bytes they have received and sent so far."""
@@ -164,9 +149,7 @@ class Gate:
 
     def drain(self) -> None:
         """Refuse handshakes with 503, in progress or new, and drain every open connection."""
-        self.draining = True
-        for waiting in self._reading:
-            waiting.cancel()
+        self._heads.drain()
         for connection in self.connections:
             connection.drain()
 
@@ -195,7 +178,7 @@ class Gate:
                     self.connections.add(connection)
                     self.stats.connections_total += 1
                     try:
-                        if self.draining:
+                        if self._heads.draining:
                             connection.drain()
                         await connection.run()
                     finally:
@@ -238,15 +221,19 @@ class Gate:
         """Read, decide and answer the handshake; the connection to run if accepted."""
         conn, address = attempt.conn, attempt.address
         limits = self.limits.current
-        read = await self._read_request(transport, attempt, limits)
-        if read is None:
+        read = await self._heads.read(transport, limits)
+        if isinstance(read, str):
+            self._gone(conn, address, read)
+            return None
+        if isinstance(read, Refusal):
+            await self._refuse(transport, attempt, read)
             return None
         request, early = read
         headers = request.headers
         self.capacity.opened(attempt.ip)  # decide() counts this connection in
         attempt.counted = True
         decision: Accept | Refusal = decide(
-            draining=self.draining,
+            draining=self._heads.draining,
             capacity=self.capacity,
             client_ip=attempt.ip,
             offered_subprotocols=request.subprotocols,
@@ -256,8 +243,9 @@ class Gate:
             allowed_origins=self._allowed_origins,
         )
         client_id = None
-        if isinstance(decision, Accept) and self._authenticator is not None:
-            identity = self._authenticate(self._authenticator, attempt.ip, request)
+        authenticator = self._auth.authenticator
+        if isinstance(decision, Accept) and authenticator is not None:
+            identity = self._auth.identify(authenticator, attempt.ip, request)
             if isinstance(identity, Refusal):
                 decision = identity
             else:
@@ -301,75 +289,6 @@ class Gate:
             stats=self.stats,
         )
 
-    def _authenticate(
-        self, authenticator: Authenticator, ip: str, request: UpgradeRequest
-    ) -> Identity | Refusal:
-        """Check the request's token, unless its address has failed too often."""
-        now = trio.current_time()
-        failures = self._auth_failures
-        if failures.blocked(ip, now):
-            return _TOO_MANY_FAILURES
-        identity = authenticator.authenticate(token_from(request.headers, request.target))
-        if isinstance(identity, Refusal) and identity.status == HTTPStatus.UNAUTHORIZED:
-            failures.failed(ip, now)
-            self.stats.auth_failures += 1
-        return identity
-
-    async def _read_request(
-        self, transport: Transport, attempt: _Attempt, limits: LimitsSettings
-    ) -> tuple[UpgradeRequest, bytes] | None:
-        """The request and the bytes after it, or None once the client was answered or left.
-
-        Waits for the request's bytes within ``handshake_timeout_s`` (408), or
-        until a drain (503).
-        """
-        reader = RequestReader(limits.max_header_bytes)
-        # Usually the whole request is there by the time the stream is served:
-        # read without a wait, and without the timeout's cancel scope.
-        first = transport.read_nowait(_HEAD_READ_BYTES)
-        read = _MORE if first is None else self._feed(reader, first, attempt)
-        if read is _MORE:
-            with trio.move_on_after(limits.handshake_timeout_s) as waiting:
-                self._reading.add(waiting)  # drain() stops the wait too
-                try:
-                    while read is _MORE:
-                        try:
-                            data = await transport.stream.receive_some(_HEAD_READ_BYTES)
-                        except trio.BrokenResourceError:  # reset, or a failed TLS handshake
-                            self._gone(attempt.conn, attempt.address, _BROKE)
-                            return None
-                        read = self._feed(reader, data, attempt)
-                finally:
-                    self._reading.discard(waiting)
-            if waiting.cancelled_caught:
-                if self.draining:
-                    read = Refusal(503, "server shutting down")
-                else:
-                    read = Refusal(408, "no complete request within handshake_timeout_s")
-        if isinstance(read, Refusal):
-            await self._refuse(transport, attempt, read)
-            return None
-        assert read is not _MORE  # the loop above ends only with a result
-        return read
-
-    def _feed(
-        self, reader: RequestReader, data: bytes | bytearray, attempt: _Attempt
-    ) -> tuple[UpgradeRequest, bytes] | Refusal | _More | None:
-        """Give the client's next bytes to ``reader``: the request, a refusal, more, or gone."""
-        if not data:
-            self._gone(attempt.conn, attempt.address, _LEFT)
-            return None
-        result = reader.feed(data)
-        if result is None:
-            return _MORE
-        if isinstance(result, Refusal):
-            return result
-        request, early = result
-        upgrade = validate(request)
-        if isinstance(upgrade, Refusal):
-            return upgrade
-        return upgrade, early
-
     async def _refuse(self, transport: Transport, attempt: _Attempt, refusal: Refusal) -> None:
         self._rejected(attempt.conn, attempt.address, refusal.status, refusal.reason)
         attempt.answered = True
@@ -394,16 +313,6 @@ class Gate:
         self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
 
 
-class _More(enum.Enum):
-    """What :meth:`Gate._feed` says while a request is incomplete."""
-
-    MORE = "more"
-
-
-_MORE: Final = _More.MORE
-_BROKE: Final = "the connection broke before a complete request"
-_TOO_MANY_FAILURES: Final = Refusal(429, "too many failed authentications from this address")
-_LEFT: Final = "the client closed before a complete request"
 _DROPPED: Final = {
     "max_handshakes": "too many handshakes in progress",
     "max_handshakes_per_ip": "too many handshakes in progress from this address",
