@@ -6,6 +6,12 @@ The data path reads one way through it::
         -> router (relayd.routing) -> recipient's outbox -> writer -> socket
 
 * :mod:`~relayd.daemon.server`: the composition root; start, serve, drain.
+* :mod:`~relayd.daemon.listeners`: the sockets relayd listens on, bound from
+  the settings, wrapped in TLS.
+* :mod:`~relayd.daemon.reload`: what a reload changes, and what is in force
+  after it (pure).
+* :mod:`~relayd.daemon.accepting`: the public accept loops, within the
+  open-file budget.
 * :mod:`~relayd.daemon.gate`: accepted streams to connections: handshake,
   admission, and the connection boundary.
 * :mod:`~relayd.daemon.request_head`: a handshake's request head, read within
@@ -22,6 +28,7 @@ The data path reads one way through it::
 * :mod:`~relayd.daemon.transport`: its stream, written to and closed gracefully.
 * :mod:`~relayd.daemon.service`: the process: signals, reload, systemd.
 * :mod:`~relayd.daemon.admin`: ``/metrics``, ``/healthz``, ``/readyz``.
+* :mod:`~relayd.daemon.api`: the server API's routes on the admin listener.
 * :mod:`~relayd.daemon.systemd`: sd_notify and socket activation.
 * :mod:`~relayd.daemon.live`: the settings a reload may replace.
 * :mod:`~relayd.daemon.credentials`: reading keys, tokens and certificates.

@@ -39,7 +39,16 @@ from typing import Final
 import structlog
 import trio
 
-__all__ = ["ACCEPT_RETRY_S", "RESERVED_DESCRIPTORS", "Sockets", "descriptor_budget", "serve_public"]
+from relayd.config import LimitsSettings
+
+__all__ = [
+    "ACCEPT_RETRY_S",
+    "RESERVED_DESCRIPTORS",
+    "Sockets",
+    "descriptor_budget",
+    "public_sockets",
+    "serve_public",
+]
 
 #: Descriptors the public listeners leave for the rest of relayd: the admin
 #: listener's connections (a scraper, a health check, an operator's curl),
@@ -74,6 +83,19 @@ def descriptor_budget(reserved: int = RESERVED_DESCRIPTORS) -> tuple[int, int]:
     except OSError:  # no /proc: count nothing rather than guess
         in_use = 0
     return max(1, limit - in_use - reserved), limit
+
+
+def public_sockets(limits: LimitsSettings, log: structlog.typing.FilteringBoundLogger) -> Sockets:
+    """The public sockets' budget, from the open-file limit; a warning if it is short.
+
+    Call it once the listening sockets are open, as :func:`descriptor_budget`.
+    """
+    budget, limit = descriptor_budget()
+    needed = limits.max_connections + limits.max_handshakes
+    if budget < needed:
+        # Accepting pauses at the budget; the caps would never be reached.
+        log.warning("server.descriptors", open_files_limit=limit, budget=budget, needed=needed)
+    return Sockets(budget)
 
 
 class Sockets:

@@ -24,26 +24,26 @@ so that nothing already accepted is dropped:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
 
 import structlog
 import trio
 from prometheus_client import CollectorRegistry, ProcessCollector
-from pydantic import SecretStr
+from prometheus_client.registry import Collector
 
 from relayd import __version__
 from relayd.config import Settings
-from relayd.daemon.accepting import Sockets, descriptor_budget, serve_public
+from relayd.daemon.accepting import Sockets, public_sockets, serve_public
 from relayd.daemon.addresses import show
 from relayd.daemon.admin import serve_admin
 from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
+from relayd.daemon.listeners import address, bind, bind_admin, with_tls
+from relayd.daemon.reload import Reload, changes, in_force
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
 from relayd.routing.interface import Router
@@ -52,9 +52,7 @@ from relayd.telemetry.log import get_logger, report_suppressed_lines
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats, StatsCollector
 
-__all__ = ["Reload", "Server"]
-
-Listener = trio.SocketListener | trio.SSLListener[trio.SocketStream]
+__all__ = ["Server"]
 
 
 class Server:
@@ -125,14 +123,10 @@ class Server:
         #: The public sockets open and their budget, once :meth:`run` serves.
         self.sockets = Sockets(budget=1)
         #: What ``/metrics`` exposes.
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(
-            StatsCollector(self.stats, self._gate.open_totals, lambda: self.ready)
+        self.registry = _registry(
+            StatsCollector(self.stats, self._gate.open_totals, lambda: self.ready),
+            self._router.collector(),
         )
-        ProcessCollector(registry=self.registry)
-        extra = self._router.collector()
-        if extra is not None:
-            self.registry.register(extra)
 
     @property
     def settings(self) -> Settings:
@@ -176,30 +170,7 @@ class Server:
         Raises:
             OSError: the address is in use, or binding it is not permitted.
         """
-        server = self._settings.server
-        return await trio.open_tcp_listeners(server.port, host=server.host or None)
-
-    def _public_sockets(self) -> Sockets:
-        """The public sockets' budget, from the open-file limit; a warning if it is short."""
-        budget, limit = descriptor_budget()
-        self.sockets = Sockets(budget)
-        limits = self._settings.limits
-        needed = limits.max_connections + limits.max_handshakes
-        if budget < needed:
-            # Accepting pauses at the budget; the caps would never be reached.
-            self._log.warning(
-                "server.descriptors", open_files_limit=limit, budget=budget, needed=needed
-            )
-        return self.sockets
-
-    def _serving(self, listeners: Sequence[trio.SocketListener]) -> list[Listener]:
-        # TLS wraps each accepted stream; its handshake runs inside the
-        # WebSocket handshake's timeout, in the connection's own task.
-        if self._tls is None:
-            return list(listeners)
-        return [
-            trio.SSLListener(listener, self._tls, https_compatible=True) for listener in listeners
-        ]
+        return await bind(self._settings.server.host, self._settings.server.port)
 
     @property
     def ready(self) -> bool:
@@ -217,15 +188,11 @@ class Server:
     def reload(self, settings: Settings, authenticator: Authenticator | None) -> Reload:
         """Apply the reloadable part of ``settings``; report what changed.
 
-        Reloadable: ``limits.*`` (see :mod:`relayd.daemon.live` for which reach open
-        connections), ``server.allowed_origins``, ``server.shutdown_grace_s``,
-        ``auth.*`` and ``log.messages``/``log.bodies`` (``log.level`` is
-        applied by the caller, which owns logging). Everything else needs a
+        :mod:`relayd.daemon.reload` says which keys are reloadable; ``log.level``
+        is applied by the caller, which owns logging. Everything else needs a
         restart and is only reported.
         """
-        before, after = _flat(self._settings), _flat(settings)
-        changed = sorted(key for key in after if after[key] != before.get(key))
-        restart = [key for key in changed if not key.startswith(_RELOADABLE)]
+        result = changes(self._settings, settings)
         self._gate.reconfigure(
             settings.limits,
             allowed_origins=settings.server.allowed_origins,
@@ -238,8 +205,8 @@ class Server:
         )
         # What is in force now: the keys that need a restart keep the values
         # relayd started with, so the next reload compares against those.
-        self._settings = _in_force(self._settings, settings)
-        return Reload(changed=changed, restart_required=restart)
+        self._settings = in_force(self._settings, settings)
+        return result
 
     async def run(
         self,
@@ -273,12 +240,10 @@ class Server:
         )
         if listeners is None:
             listeners = await self.listen()
-        addresses = [_address(listener) for listener in listeners]
-        admin = self._settings.admin
-        admin_listeners = []
-        if admin.enabled:
-            admin_listeners = await trio.open_tcp_listeners(admin.port, host=admin.host or None)
-            self._admin_address = _address(admin_listeners[0])
+        addresses = [address(listener) for listener in listeners]
+        admin_listeners = await bind_admin(self._settings.admin)
+        if admin_listeners:
+            self._admin_address = address(admin_listeners[0])
         forced = True
         try:
             async with trio.open_nursery() as root:
@@ -304,13 +269,15 @@ class Server:
                     )
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as accepting:
+                        # Counted now that every listening socket is open.
+                        self.sockets = public_sockets(self._settings.limits, self._log)
                         await accepting.start(
                             functools.partial(
                                 serve_public,
                                 self._gate,
-                                self._serving(listeners),
+                                with_tls(listeners, self._tls),
                                 handler_nursery=connections,
-                                sockets=self._public_sockets(),
+                                sockets=self.sockets,
                                 log=self._log,
                             )
                         )
@@ -341,50 +308,11 @@ class Server:
             )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reload:
-    """What a reload changed: every changed key, and those that need a restart."""
-
-    changed: list[str]
-    restart_required: list[str]
-
-
-_RELOADABLE: Final = (
-    "limits.",
-    "server.allowed_origins",
-    "server.shutdown_grace_s",
-    "auth.",
-    "log.level",
-    "log.messages",
-    "log.messages_sample",
-    "log.bodies",
-)
-
-
-def _in_force(running: Settings, reloaded: Settings) -> Settings:
-    """``reloaded``, but with the values of ``running`` for every key a reload cannot change."""
-    sections: dict[str, object] = {}
-    for name in type(reloaded).model_fields:
-        old, new = getattr(running, name), getattr(reloaded, name)
-        kept = {
-            key: getattr(old, key)
-            for key in type(new).model_fields
-            if not f"{name}.{key}".startswith(_RELOADABLE)
-        }
-        sections[name] = new.model_copy(update=kept)
-    return reloaded.model_copy(update=sections)
-
-
-def _flat(settings: Settings) -> dict[str, object]:
-    # Secrets compare by value (the dump masks them) without being stored.
-    dumped = settings.model_dump()
-    return {
-        f"{section}.{key}": value.get_secret_value() if isinstance(value, SecretStr) else value
-        for section, table in dumped.items()
-        for key, value in table.items()
-    }
-
-
-def _address(listener: trio.SocketListener) -> tuple[str, int]:
-    host, port, *_ = listener.socket.getsockname()
-    return host, port
+def _registry(stats: Collector, router: Collector | None) -> CollectorRegistry:
+    """The metrics: relayd's counters, the process's (CPU, memory, descriptors), the router's."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(stats)
+    ProcessCollector(registry=registry)
+    if router is not None:
+        registry.register(router)
+    return registry

@@ -1,0 +1,78 @@
+"""What a reload changes: the keys it may change, what is in force after it, and its report.
+
+A reload (SIGHUP, :mod:`relayd.daemon.service`) hands the server new settings
+(:meth:`relayd.daemon.server.Server.reload`). Reloadable: ``limits.*`` (see
+:mod:`relayd.daemon.live` for which reach open connections),
+``server.allowed_origins``, ``server.shutdown_grace_s``, ``auth.*`` and
+``log.level``/``log.messages``/``log.messages_sample``/``log.bodies``.
+Every other key needs a restart: a reload reports it (:class:`Reload`) and
+keeps the value relayd started with in force (:func:`in_force`), so that the
+next reload compares against what is really running.
+
+Pure: settings in, settings and a report out; nothing here applies anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Final
+
+from pydantic import SecretStr
+
+from relayd.config import Settings
+
+__all__ = ["Reload", "changes", "in_force"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reload:
+    """What a reload changed: every changed key, and those that need a restart."""
+
+    changed: list[str]
+    restart_required: list[str]
+
+
+#: The keys (``section.key``), or the prefixes of keys, a reload changes in place.
+_RELOADABLE: Final = (
+    "limits.",
+    "server.allowed_origins",
+    "server.shutdown_grace_s",
+    "auth.",
+    "log.level",
+    "log.messages",
+    "log.messages_sample",
+    "log.bodies",
+)
+
+
+def changes(running: Settings, reloaded: Settings) -> Reload:
+    """Every key whose value ``reloaded`` changes, and those among them that need a restart."""
+    before, after = _flat(running), _flat(reloaded)
+    changed = sorted(key for key in after if after[key] != before.get(key))
+    return Reload(
+        changed=changed, restart_required=[k for k in changed if not k.startswith(_RELOADABLE)]
+    )
+
+
+def in_force(running: Settings, reloaded: Settings) -> Settings:
+    """``reloaded``, but with the values of ``running`` for every key a reload cannot change."""
+    sections: dict[str, object] = {}
+    for name in type(reloaded).model_fields:
+        old, new = getattr(running, name), getattr(reloaded, name)
+        kept = {
+            key: getattr(old, key)
+            for key in type(new).model_fields
+            if not f"{name}.{key}".startswith(_RELOADABLE)
+        }
+        sections[name] = new.model_copy(update=kept)
+    return reloaded.model_copy(update=sections)
+
+
+def _flat(settings: Settings) -> dict[str, object]:
+    # Secrets compare by value (the dump masks them) without being stored.
+    dumped = settings.model_dump()
+    return {
+        f"{section}.{key}": value.get_secret_value() if isinstance(value, SecretStr) else value
+        for section, table in dumped.items()
+        for key, value in table.items()
+    }

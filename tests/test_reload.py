@@ -1,0 +1,38 @@
+"""What a reload changes (:mod:`relayd.daemon.reload`), without a server: settings in, a report out.
+
+The server applying a reload to open connections is tested in ``test_server.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import SecretStr
+
+from relayd.config import Settings
+from relayd.daemon.reload import Reload, changes, in_force
+
+
+def _with(base: Settings, section: str, **values: Any) -> Settings:
+    return base.model_copy(update={section: getattr(base, section).model_copy(update=values)})
+
+
+def test_the_same_settings_change_nothing() -> None:
+    assert changes(Settings(), Settings()) == Reload(changed=[], restart_required=[])
+
+
+def test_a_new_secret_is_a_change_that_needs_no_restart() -> None:
+    running = _with(Settings(), "auth", jwt_secret=SecretStr("old secret"))
+    reloaded = _with(Settings(), "auth", jwt_secret=SecretStr("new secret"))
+    assert changes(running, reloaded) == Reload(changed=["auth.jwt_secret"], restart_required=[])
+
+
+def test_keys_needing_a_restart_are_reported_and_keep_their_running_values() -> None:
+    running = Settings()
+    reloaded = _with(_with(running, "admin", port=19999), "limits", max_message_bytes=100)
+    assert changes(running, reloaded) == Reload(
+        changed=["admin.port", "limits.max_message_bytes"], restart_required=["admin.port"]
+    )
+    now = in_force(running, reloaded)
+    assert now.admin.port == running.admin.port
+    assert now.limits.max_message_bytes == 100
