@@ -42,6 +42,7 @@ ALERTS: Final = {
     "RelaydAtCapacity",
     "RelaydFileDescriptorsNearLimit",
     "RelaydReloadFailed",
+    "RelaydLogLinesDropped",
     "RelaydBrokerDown",
 }
 _METRIC: Final = re.compile(r"\b(?:relayd|process)_[a-z_]+\b")
