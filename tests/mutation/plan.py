@@ -61,10 +61,12 @@ MODULES: Final = {
     "relayd/routing/outbox.py": "tests/test_outbox.py",
     "relayd/routing/replies.py": "tests/test_replies.py",
     "relayd/routing/batch.py": "tests/test_batch.py",
+    "relayd/routing/fanout.py": "tests/test_fanout.py",
     # The cluster's pure parts share one test file (broker codec, back-off, pending answers).
     "relayd/routing/cluster/codec.py": "tests/test_cluster_codec.py",
     "relayd/routing/cluster/backoff.py": "tests/test_cluster_codec.py",
     "relayd/routing/cluster/pending.py": "tests/test_cluster_codec.py",
+    "relayd/routing/cluster/holder.py": "tests/test_cluster_holder.py",
 }
 
 #: Trio-free modules in :data:`PURE_PACKAGES` that are not mutated, and why.
@@ -76,9 +78,6 @@ NOT_MUTATED: Final = {
     # tests them against a real Redis.
     "relayd/routing/cluster/redis_connection.py": "coredis connections from the settings",
     "relayd/routing/cluster/redis_publisher.py": "publishing on a coredis connection",
-    # Not yet in the run (issue 10 added them after it was set up); each has tests:
-    "relayd/routing/fanout.py": "not yet run; tests/test_local_router.py covers it",
-    "relayd/routing/cluster/holder.py": "not yet run; tests/test_cluster_router.py covers it",
 }
 
 EQUIVALENTS_FILE: Final = Path(__file__).with_name("equivalents.toml")
