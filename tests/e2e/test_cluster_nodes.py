@@ -176,10 +176,10 @@ def test_a_killed_nodes_clients_reconnect_elsewhere_and_its_ids_become_unknown(
         async def scenario() -> list[Any]:
             async with client(one.url, v1=True) as alice:
                 await v1_id(alice)
-                victim = await client(three.url, v1=True)
-                old_id = await v1_id(victim)
-                await asyncio.to_thread(three.kill)
-                await victim.wait_closed()  # the TCP connection dies with the node
+                async with client(three.url, v1=True) as victim:  # closed whatever happens
+                    old_id = await v1_id(victim)
+                    await asyncio.to_thread(three.kill)
+                    await victim.wait_closed()  # the TCP connection dies with the node
                 async with client(two.url, v1=True) as again:
                     new_id = await v1_id(again)
                     await send_json(alice, {"to": new_id, "message": "found", "ref": "new"})
