@@ -18,8 +18,8 @@
 //               receipt letting the next sender (round-robin) send one more.
 //               Both closed-loop modes stop sending after the measured window; `lost`
 //               counts the messages sent that neither arrived nor drew an error frame within
-//               1 s, `error_kinds` every error frame senders got before the clients closed
-//               (warm-up included), `errors` those inside the measured window.
+//               drain_s (default 1 s), `error_kinds` every error frame senders got before the
+//               clients closed (warm-up included), `errors` those inside the measured window.
 //   latency     pairs, rate, size, warmup_s, duration_s, concurrency, settle_s, drain_s, close_s
 //   chat        the same keys: open loop, `rate` messages per second in all, evenly spaced,
 //               each from one client of a pair to the other (round-robin over the pairs,
@@ -37,6 +37,13 @@
 //               whole life: connect, handshake, wait for the id (the welcome), start the
 //               closing handshake, wait until the server has closed; reports those cycles
 //               per second, and the time to the welcome.
+//
+// min_count and max_duration_s (every mode but idle; bench/run.py --quick sets them): the
+// measured window, duration_s long, stays open until min_count operations (messages
+// received, in the closed-loop modes; sent, in the paced ones; connection cycles) have
+// completed in it, and at most max_duration_s: a window of a fraction of a second can
+// otherwise hold nothing on a busy machine, where a server (or this process) may not run
+// at all for that long. Rates stay per second of the window as it was.
 //
 // Output, JSON lines on stdout: {"event":"measure.start"} and {"event":"measure.end"} as the
 // measured window opens and closes (run.py samples the server's CPU time there), {"event":
@@ -302,6 +309,38 @@ class Window {
   }
 }
 
+// The measured window's length: duration_s, then until min_count operations have been
+// counted in it (add()), for max_duration_s in all at most. Only what is added after
+// window() began counts.
+class Counted {
+  constructor() {
+    this.count = 0;
+    this.wanted = Infinity;
+    this.reached = null;
+  }
+
+  add(n) {
+    this.count += n;
+    if (this.count >= this.wanted) this.reached?.();
+  }
+
+  async window() {
+    const began = performance.now();
+    this.count = 0;
+    await sleep(cfg.duration_s);
+    const min = cfg.min_count ?? 0;
+    const left = (cfg.max_duration_s ?? cfg.duration_s) - (performance.now() - began) / 1000;
+    if (this.count >= min || left <= 0) return;
+    const enough = new Promise((resolve) => {
+      this.reached = resolve;
+      this.wanted = min;
+    });
+    await Promise.race([enough, sleep(left)]);
+    this.wanted = Infinity;
+    this.reached = null;
+  }
+}
+
 function percentile(sorted, q) {
   if (sorted.length === 0) return null;
   return sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)];
@@ -319,6 +358,7 @@ async function closedLoop({ receivers: nReceivers, feeders, window, size }) {
   let received = 0;
   let errors = 0;
   let stopped = false;
+  const counted = new Counted();
   const errorKinds = {};
   // Per receiver: the senders that feed it, a round-robin cursor and unspent credits.
   const routes = [];
@@ -337,6 +377,7 @@ async function closedLoop({ receivers: nReceivers, feeders, window, size }) {
     (i) => ({
       onMessage() {
         received++;
+        counted.add(1);
         routes[i].credit++;
       },
       onData() {
@@ -371,14 +412,15 @@ async function closedLoop({ receivers: nReceivers, feeders, window, size }) {
   const w = new Window();
   const before = [received, errors];
   w.start();
-  await sleep(cfg.duration_s);
+  await counted.window();
   w.stop();
   const count = received - before[0];
   const windowErrors = errors - before[1];
   stopped = true;
   // No more sends: once every message in flight has arrived (or been answered with an error
-  // frame) each route's credit is back to the full window. What is missing 1 s later is lost.
-  const settle = performance.now() + 1000;
+  // frame) each route's credit is back to the full window. What is missing drain_s later is
+  // lost.
+  const settle = performance.now() + (cfg.drain_s ?? 1) * 1000;
   while (routes.some((r) => r.credit < window) && performance.now() < settle) await sleep(0.005);
   const lost = routes.reduce((n, r) => n + window - r.credit, 0);
   const lostConnections = [...receivers, ...senders].filter((c) => !c.open).length;
@@ -415,24 +457,27 @@ async function closedLoop({ receivers: nReceivers, feeders, window, size }) {
 //
 // The measured window is [from, to) on the send clock; a message belongs to it by its stamp.
 // After it, deliveries are awaited as long as they keep coming (see `drain_s`, `settle_s`).
+//
+// flag[0] is 1 while a wake-up is pending; flag[1] becomes 1 when the main thread ends the
+// window before `end` (min_count reached): the pacer sleeps on it, so it stops at once.
 const PACER = `
 const { parentPort, workerData } = require('node:worker_threads');
 const { epoch, begin, intervalNs, end, pending } = workerData;
 const flag = new Int32Array(pending);
-const sleeper = new Int32Array(new SharedArrayBuffer(4));
 const nowNs = () => Number(process.hrtime.bigint() - BigInt(epoch));
+const stopped = () => Atomics.load(flag, 1) !== 0;
 let due = begin;
-while (due < end) {
+while (due < end && !stopped()) {
   const gap = due - nowNs();
   if (gap > 0) {
-    Atomics.wait(sleeper, 0, 0, gap / 1e6);
+    Atomics.wait(flag, 1, 0, gap / 1e6);
     continue;
   }
   // One wake-up at a time: while one is pending, the main thread will send what is due anyway.
   if (Atomics.compareExchange(flag, 0, 0, 1) === 0) parentPort.postMessage(0);
   due += intervalNs;
 }
-while (nowNs() < end) Atomics.wait(sleeper, 0, 0, (end - nowNs()) / 1e6);
+while (nowNs() < end && !stopped()) Atomics.wait(flag, 1, 0, (end - nowNs()) / 1e6);
 parentPort.postMessage(1);
 `;
 
@@ -481,7 +526,10 @@ async function paced() {
   const intervalNs = 1e9 / cfg.rate;
   const begin = nowNs() + 1e6; // the pacer thread starts meanwhile
   const from = begin + cfg.warmup_s * 1e9;
-  const to = from + cfg.duration_s * 1e9;
+  // The window ends at `least`, or later once min_count messages were sent in it: `to` is
+  // its latest end until the main thread closes it (below).
+  const least = from + cfg.duration_s * 1e9;
+  let to = from + Math.max(cfg.duration_s, cfg.max_duration_s ?? 0) * 1e9;
   span = [from, to];
   const lags = [];
   const w = new Window();
@@ -491,7 +539,7 @@ async function paced() {
   const done = new Promise((resolve) => {
     finished = resolve;
   });
-  const pending = new SharedArrayBuffer(4);
+  const pending = new SharedArrayBuffer(8);
   const flag = new Int32Array(pending);
   const pacer = new Worker(PACER, {
     eval: true,
@@ -513,6 +561,12 @@ async function paced() {
       }
       k++;
       now = nowNs();
+    }
+    if (!last && to > least && now >= least && sent >= (cfg.min_count ?? 0)) {
+      to = now; // nothing sent from here on is in the window, or sent at all
+      span[1] = to;
+      Atomics.store(flag, 1, 1);
+      Atomics.notify(flag, 1);
     }
     if (last) {
       if (w.t0 === undefined) w.start(); // nothing was sent: an empty window
@@ -599,6 +653,7 @@ async function connrate() {
   const lifetimes = [];
   let running = true;
   let measuring = false;
+  const counted = new Counted();
   const failure = (why) => {
     failed++;
     failures[why] = (failures[why] ?? 0) + 1;
@@ -625,6 +680,7 @@ async function connrate() {
       }
       if (measuring) {
         cycles++;
+        counted.add(1);
         handshakes.push((welcomed - t) * 1000);
         lifetimes.push((performance.now() - t) * 1000);
       }
@@ -635,7 +691,7 @@ async function connrate() {
   const w = new Window();
   measuring = true;
   w.start();
-  await sleep(cfg.duration_s);
+  await counted.window();
   w.stop();
   measuring = false;
   running = false;
