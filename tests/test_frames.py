@@ -10,7 +10,9 @@ do anything but return messages or raise :class:`ProtocolError`.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import sys
 import tracemalloc
 from collections.abc import Iterable, Sequence
 
@@ -19,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relayd.errors import ProtocolError
+from relayd.wire import masking
 from relayd.wire.frames import (
     MAX_HELD_RAW_BYTES,
     NO_STATUS,
@@ -129,6 +132,21 @@ def test_payload_is_unmasked_with_its_key(key: bytes, size: int) -> None:
 @given(payload=st.binary(max_size=300), key=st.binary(min_size=4, max_size=4))
 def test_masking_round_trips_for_any_key_and_payload(payload: bytes, key: bytes) -> None:
     assert parse(keyed(OP_BINARY, payload, key)) == [(OP_BINARY, payload)]
+
+
+def test_without_websockets_c_extension_frames_are_unmasked_in_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # websockets built without its C extension: masking.py loaded afresh, apart
+    # from the module relayd uses, with the extension's import failing.
+    monkeypatch.setitem(sys.modules, "websockets.speedups", None)
+    spec = importlib.util.spec_from_file_location("masking_without_c", masking.__file__)
+    assert spec is not None
+    assert spec.loader is not None
+    fallback = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fallback)
+    assert fallback.unmask is fallback.unmask_in_python
+    assert fallback.unmask(b"\x01\x02\x03\x04\x05", b"\xff\x00\xff\x00") == b"\xfe\x02\xfc\x04\xfa"
 
 
 @given(payload=st.binary(max_size=300), key=st.binary(min_size=4, max_size=4))

@@ -35,5 +35,5 @@ def unmask_in_python(payload: bytes | bytearray | memoryview, mask: bytes | byte
 unmask: Callable[[bytes | bytearray | memoryview, bytes | bytearray], bytes]
 try:
     from websockets.speedups import apply_mask as unmask
-except ImportError:  # pragma: no cover - every wheel of websockets has it
+except ImportError:  # pragma: no cover - every wheel of websockets has it (tested apart)
     unmask = unmask_in_python
