@@ -61,6 +61,9 @@ class MemoryLink:
     async def subscribed(self, channel: bytes) -> None:
         await trio.lowlevel.checkpoint()
 
+    async def first_attempt(self) -> None:
+        return
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.health.up = True
         task_status.started()

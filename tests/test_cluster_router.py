@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -351,3 +352,73 @@ async def test_a_vanished_nodes_ids_are_unreachable_then_unknown(redis_server: R
 
 async def _no_leave() -> None:
     """Stand-in for RedisLink.leave: the node dies without removing its heartbeat."""
+
+
+@asynccontextmanager
+async def started_alone(url: str) -> AsyncIterator[ClusterRouter]:
+    """A node's router, started as the server starts it; yields once ``start`` returned."""
+    config = ClusterSettings(enabled=True, broker_url=url, **FAST)
+    log = structlog.get_logger()
+    stats = Stats()
+    router = ClusterRouter(
+        config,
+        node="starting",
+        link_factory=lambda router, channels: RedisLink(
+            config, node="starting", channels=channels, receiver=router, log=log
+        ),
+        events=MessageEvents(log, stats),
+        stats=stats,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.run)
+        yield router
+        router.close()
+
+
+def health_of(router: ClusterRouter) -> Health:
+    link = router.link
+    assert isinstance(link, RedisLink)
+    return link.health
+
+
+async def test_a_node_starts_once_its_broker_link_is_up(redis_server: RedisServer) -> None:
+    # Started is when the server accepts clients and tells systemd READY=1: an id
+    # given out from then on is reachable from every node.
+    with trio.fail_after(LIMIT_S):
+        async with started_alone(redis_server.url) as router:
+            assert health_of(router).up
+            assert health_of(router).connects == 1
+
+
+async def test_a_node_whose_redis_refuses_starts_after_its_first_attempt() -> None:
+    with socket.socket() as bound:  # bound, not listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        with trio.fail_after(LIMIT_S):
+            async with started_alone(f"redis://127.0.0.1:{port}/0") as router:
+                assert not health_of(router).up
+                assert health_of(router).failed_attempts == 1
+
+
+async def test_a_node_whose_redis_hangs_starts_within_its_connect_timeout() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    held: list[trio.SocketStream] = []
+
+    async def accept_and_say_nothing() -> None:
+        while True:
+            held.append(await listeners[0].accept())
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_and_say_nothing)
+            # The bound: 2 x connect_timeout_s + probe_timeout_s, here 2.3 s.
+            with trio.fail_after(LIMIT_S):
+                async with started_alone(f"redis://127.0.0.1:{port}/0") as router:
+                    assert not health_of(router).up
+                    assert health_of(router).failed_attempts == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        for stream in held:
+            await stream.aclose()
+        await listeners[0].aclose()

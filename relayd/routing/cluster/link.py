@@ -105,6 +105,12 @@ class Link(Protocol):
         The caller bounds the wait.
         """
 
+    async def first_attempt(self) -> None:
+        """Return once the first connection to the broker is up, or has failed.
+
+        Never raises; the caller bounds the wait.
+        """
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and reconnect whenever the link breaks, until :meth:`close`.
 

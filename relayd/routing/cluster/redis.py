@@ -105,6 +105,7 @@ class RedisLink:
         self._closed = False
         self._stop = trio.CancelScope()
         self._changed = trio.lowlevel.ParkingLot()  # up or down, or the subscriptions' count
+        self._attempted = trio.Event()  # the first session is up, or has failed
         own = channels.of_node(node)
         self._publisher = Publisher(settings, channels, health)
         self._prober = Prober(settings, node, channels, health)
@@ -125,6 +126,9 @@ class RedisLink:
 
     async def subscribed(self, channel: bytes) -> None:  # noqa: D102
         await self._subscriptions.subscribed(channel)
+
+    async def first_attempt(self) -> None:  # noqa: D102
+        await self._attempted.wait()
 
     def close(self) -> None:  # noqa: D102
         self._closed = True
@@ -194,6 +198,7 @@ class RedisLink:
             if not was_up:
                 self.health.failed_attempts += 1
             self._changed.unpark_all()
+            self._attempted.set()
         return f"lost: {reason}" if was_up else reason
 
     async def _connect(self, nursery: trio.Nursery) -> tuple[Wire, Wire]:
@@ -246,6 +251,7 @@ class RedisLink:
         health.up = True
         health.connects += 1
         self._changed.unpark_all()
+        self._attempted.set()
         self._backoff.reset()
         self._log.info(
             "broker.connected",

@@ -96,6 +96,9 @@ class ClusterRouter:
         self.node = node
         self._settings = settings
         self._shared_ids = shared_ids
+        # The longest a first session takes to be up or fail: its connection and its
+        # resubscription each within connect_timeout_s, then the first probe.
+        self._first_attempt_s = 2 * settings.connect_timeout_s + settings.probe_timeout_s
         self.stats = stats
         self.channels = codec.Channels(settings.channel_prefix)
         self._own = self.channels.of_node(node)
@@ -176,6 +179,12 @@ class ClusterRouter:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.link.run)
             nursery.start_soon(self._awaited.expire)
+            # Started (then the accept loops, READY=1) once the broker is reached or the
+            # first try failed: a restarted node's new clients are then reachable from
+            # other nodes as soon as systemd hears it is ready. A broker that is down
+            # fails fast (connection refused); one that hangs, within this bound.
+            with trio.move_on_after(self._first_attempt_s):
+                await self.link.first_attempt()
             task_status.started()
             try:
                 await self._route_all()
