@@ -74,6 +74,9 @@ class FakeLink:
     def subscribe(self, channel: bytes) -> None:
         raise AssertionError("the holder subscribes to nothing")
 
+    async def first_attempt(self) -> None:
+        raise AssertionError("the holder does not start the link")
+
     def unsubscribe(self, channel: bytes) -> None:
         raise AssertionError("the holder subscribes to nothing")
 
