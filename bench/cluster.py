@@ -176,14 +176,16 @@ def relayd_node(
     proc = stack.enter_context(child(argv, f"relayd {name}", env))
     # Ready once serving; with the cluster on, once its link is up too (broker.connected).
     assert proc.stdout is not None
+    # A cluster node logs broker.connected before server.ready (it says it is ready once
+    # its first connection to Redis is up), a node on its own only server.ready.
     port = 0
+    connected = redis is None
     for line in proc.stdout:
         event = json.loads(line) if line.startswith("{") else {}
         if event.get("event") == "server.ready":
             port = int(event["port"])
-            if redis is None:
-                break
-        if event.get("event") == "broker.connected":
+        connected = connected or event.get("event") == "broker.connected"
+        if port and connected:
             break
     if not port:
         raise RuntimeError(f"relayd {name} did not become ready")

@@ -79,8 +79,9 @@ Json = dict[str, Any]
 
 @dataclass(frozen=True)
 class QuickRun:
-    """What one ``bench/run.py --quick`` left behind."""
+    """What one quick run of a bench script left behind."""
 
+    what: str
     returncode: int
     stdout: str
     stderr: str
@@ -90,7 +91,7 @@ class QuickRun:
     def describe(self) -> str:
         """The ends of its output, for assertion messages."""
         return (
-            f"bench/run.py --quick exited {self.returncode} after {self.seconds:.0f} s\n"
+            f"{self.what} exited {self.returncode} after {self.seconds:.0f} s\n"
             f"--- stderr (tail) ---\n{self.stderr[-4000:]}\n"
             f"--- stdout (tail) ---\n{self.stdout[-2000:]}"
         )
@@ -131,19 +132,13 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.communicate(timeout=STOP_TIMEOUT_S)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
-    """Run ``bench/run.py --quick`` once for the module."""
-    require_tool("node")
-    require_tool("bench-ws")
-    require_tool("taskset")
-    out = tmp_path_factory.mktemp("bench") / "out"
-    server_cpu, gen_cpu = _cores()
-    argv = [sys.executable, str(RUN_PY), "--quick", "--out", str(out)]
-    argv += ["--server-cpu", str(server_cpu), "--gen-cpu", str(gen_cpu)]
+def _run_quick(script: Path, argv: list[str], out: Path) -> QuickRun:
+    """Run ``script --quick --out out`` plus ``argv`` in a session of its own; what it left."""
+    what = f"bench/{script.name} --quick"
+    command = [sys.executable, str(script), "--quick", "--out", str(out), *argv]
     began = time.monotonic()
     proc = subprocess.Popen(
-        argv,
+        command,
         cwd=REPO_ROOT,
         env=_env(),
         stdin=subprocess.DEVNULL,
@@ -156,11 +151,22 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
         stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         _stop(proc)
-        pytest.fail(f"bench/run.py --quick did not finish within {RUN_TIMEOUT_S:.0f} s")
+        pytest.fail(f"{what} did not finish within {RUN_TIMEOUT_S:.0f} s")
     except BaseException:  # ^C: the run and its servers do not outlive the session
         _stop(proc)
         raise
-    return QuickRun(proc.returncode, stdout, stderr, out, time.monotonic() - began)
+    return QuickRun(what, proc.returncode, stdout, stderr, out, time.monotonic() - began)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """Run ``bench/run.py --quick`` once for the module."""
+    require_tool("node")
+    require_tool("bench-ws")
+    require_tool("taskset")
+    server_cpu, gen_cpu = _cores()
+    out = tmp_path_factory.mktemp("bench") / "out"
+    return _run_quick(RUN_PY, ["--server-cpu", str(server_cpu), "--gen-cpu", str(gen_cpu)], out)
 
 
 def _servers_of(scenario: Json) -> tuple[str, ...]:
@@ -749,3 +755,57 @@ def test_profiler_places_a_sample_by_its_innermost_known_frame(
 ) -> None:
     profiler = _profiler_module(monkeypatch)
     assert profiler.place_of(stack) == place
+
+
+# -- the cluster benchmark ----------------------------------------------------------------
+
+CLUSTER_PY: Final = BENCH_DIR / "cluster.py"
+#: The cells bench/cluster.py measures on each cluster it compares.
+CLUSTER_CELLS: Final = {
+    "relayd": ("cross/throughput", "cross/latency", "same/throughput", "idle"),
+    "node-ws-redis": ("cross/throughput", "cross/latency", "same/throughput"),
+    "relayd-cluster-off": ("same/throughput", "idle"),
+}
+
+
+@pytest.fixture(scope="module")
+def cluster_quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """Run ``bench/cluster.py --quick`` once for the module: two nodes and a Redis per cell."""
+    require_tool("node")
+    require_tool("bench-ws")
+    require_tool("redis-server")
+    return _run_quick(CLUSTER_PY, [], tmp_path_factory.mktemp("bench-cluster") / "out")
+
+
+def test_cluster_quick_run_measures_every_cell_of_every_cluster_without_loss(
+    cluster_quick_run: QuickRun,
+) -> None:
+    assert cluster_quick_run.returncode == 0, cluster_quick_run.describe()
+    runs = cluster_quick_run.result()
+    assert set(runs) == set(CLUSTER_CELLS), cluster_quick_run.describe()
+    for cluster, names in CLUSTER_CELLS.items():
+        assert sorted(runs[cluster]) == sorted(names), cluster
+        for name in names:
+            [result] = runs[cluster][name]
+            where = f"{cluster} {name}: {result}"
+            if name == "idle":
+                assert result["held"] == result["requested"] > 0, where
+                assert result["bytes_per_conn"] > 0, where
+                continue
+            assert result["received"] > 0, where
+            assert result["lost"] == result["errors"] == result["lost_connections"] == 0, where
+            # CPU is reported per node, and Redis's beside them when there is one.
+            nodes = {"node1"} if cluster == "relayd-cluster-off" else {"node1", "node2", "redis"}
+            assert set(result["cpu"]) == nodes, where
+
+
+def test_cluster_report_gives_each_target_as_a_ratio(cluster_quick_run: QuickRun) -> None:
+    report = cluster_quick_run.report()
+    for target in (
+        r"cross-node throughput, relayd / Node cluster: \d+\.\d\d \(target >= 0\.5\)",
+        r"cross-node p99 at 2,000/s, relayd / Node cluster: \d+\.\d\d \(target <= 2\)",
+        r"same-node throughput, cluster on / off: \d+\.\d\d \(target >= 0\.9\)",
+        r"idle connection, cluster on: \d+\.\d KiB \(target <= 12 KiB\)",
+    ):
+        assert re.search(target, report), f"{target!r} not in\n{report}"
+    assert report.count("| relayd |") == len(CLUSTER_CELLS["relayd"]), report
