@@ -23,7 +23,7 @@ from structlog.typing import EventDict
 
 from relayd.errors import RouterClosed
 from relayd.routing.interface import Relay, Reply
-from relayd.routing.local import LocalRouter
+from relayd.routing.local import PROBE_EVERY, LocalRouter
 from relayd.routing.outbox import Offer, Outbox
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -352,6 +352,81 @@ async def test_try_route_takes_what_the_inbox_has_room_for_and_never_waits(
     with trio.fail_after(TEST_LIMIT_S):
         await router.run()
     assert alice.frames() == ["one"]
+
+
+def reserve_and_try(router: LocalRouter, sender: Conn, text: str) -> bool:
+    """A reader's hand-over of one message without a wait: its reply slot, then try_route."""
+    assert sender.outbox.reserve(1)
+    return router.try_route([relay(sender, f'{{"to": "bob", "message": "{text}"}}')])
+
+
+async def test_sparse_batches_are_routed_at_once_in_order_and_probed(
+    logs: list[EventDict],
+) -> None:
+    router = new_router()
+    alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED, capacity=64)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
+    async with running(router):
+        # Before any pass the router does not know traffic is sparse: queued.
+        assert reserve_and_try(router, alice, "queued")
+        assert bob.frames() == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert bob.frames() == ["queued"]  # a pass of one batch: traffic is sparse
+        # Routed at once, in this task: delivered before any checkpoint.
+        for n in range(PROBE_EVERY):
+            assert reserve_and_try(router, alice, f"now {n}")
+            assert bob.frames() == [f"now {n}"]
+            assert [e["to"] for e in logs if e["event"] == "message.relay"][-1] == "bob"
+        # One in PROBE_EVERY goes through the routing task, and a batch handed
+        # after it is never routed ahead of it.
+        assert reserve_and_try(router, alice, "probe")
+        assert reserve_and_try(router, alice, "behind the probe")
+        assert bob.frames() == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert bob.frames() == ["probe", "behind the probe"]
+        # That pass took two batches: no longer sparse, so the next is queued.
+        assert reserve_and_try(router, alice, "queued again")
+        assert bob.frames() == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert bob.frames() == ["queued again"]
+        # ... and, its pass alone, the one after that is routed at once again.
+        assert reserve_and_try(router, alice, "at once again")
+        assert bob.frames() == ["at once again"]
+    assert every_item_answered(alice)
+    delivered = [e for e in logs if e["event"] == "message.relay"]
+    assert len(delivered) == PROBE_EVERY + 5
+    assert {e["outcome"] for e in delivered} == {"delivered"}
+
+
+async def test_a_batch_waiting_for_a_full_inbox_is_not_overtaken(logs: list[EventDict]) -> None:
+    router = new_router(inbox_size=1)
+    alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED, capacity=64)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
+    async with running(router):
+        await route(router, relay(alice, '{"to": "bob", "message": "first"}'))
+        assert bob.frames() == ["first"]  # sparse from here
+        assert alice.outbox.reserve(1)
+        await router.route([relay(alice, '{"to": "bob", "message": "handed over"}')])
+        # The routing task has it but has not run: nothing is routed ahead of it.
+        assert reserve_and_try(router, alice, "after it")
+        await trio.testing.wait_all_tasks_blocked()
+        assert bob.frames() == ["handed over", "after it"]
+    assert every_item_answered(alice)
+
+
+async def test_try_route_after_close_raises_even_when_sparse(logs: list[EventDict]) -> None:
+    router = new_router()
+    alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
+    async with running(router):
+        await route(router, relay(alice, '{"to": "bob", "message": "first"}'))
+        router.close()
+        with pytest.raises(RouterClosed):
+            reserve_and_try(router, alice, "late")
+    assert bob.frames() == ["first"]
 
 
 async def test_register_after_close_raises(logs: list[EventDict]) -> None:

@@ -112,10 +112,13 @@ class Router(Protocol):
         """Stop routing to ``peer``; idempotent. Its connection closes its own outbox."""
 
     def try_route(self, items: list[Inbound]) -> bool:
-        """Queue ``items`` for routing as :meth:`route` does, if that needs no wait.
+        """Route ``items`` as :meth:`route` does, if that needs no wait.
 
-        Never waits and is no checkpoint, so a caller under a deadline can hand
-        over without that deadline cutting the hand-over short.
+        A router may route them at once, in the caller's task, where that keeps
+        their order (the local router does while traffic is sparse); else it
+        queues them. Never waits and is no checkpoint, so a caller under a
+        deadline can hand over without that deadline cutting the hand-over
+        short.
 
         Returns:
             True if the router took ``items``; False if it is behind (nothing
