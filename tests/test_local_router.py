@@ -373,11 +373,11 @@ async def test_sparse_batches_are_routed_at_once_in_order_and_probed(
         assert bob.frames() == []
         await trio.testing.wait_all_tasks_blocked()
         assert bob.frames() == ["queued"]  # a pass of one batch: traffic is sparse
-        # Routed at once, in this task: delivered before any checkpoint.
-        for n in range(PROBE_EVERY):
+        # Routed at once, in this task: delivered and logged before any checkpoint.
+        for n in range(PROBE_EVERY - 1):
             assert reserve_and_try(router, alice, f"now {n}")
             assert bob.frames() == [f"now {n}"]
-            assert [e["to"] for e in logs if e["event"] == "message.relay"][-1] == "bob"
+            assert len([e for e in logs if e["event"] == "message.relay"]) == n + 2
         # One in PROBE_EVERY goes through the routing task, and a batch handed
         # after it is never routed ahead of it.
         assert reserve_and_try(router, alice, "probe")
@@ -395,12 +395,12 @@ async def test_sparse_batches_are_routed_at_once_in_order_and_probed(
         assert bob.frames() == ["at once again"]
     assert every_item_answered(alice)
     delivered = [e for e in logs if e["event"] == "message.relay"]
-    assert len(delivered) == PROBE_EVERY + 5
+    assert len(delivered) == PROBE_EVERY + 4
     assert {e["outcome"] for e in delivered} == {"delivered"}
 
 
-async def test_a_batch_waiting_for_a_full_inbox_is_not_overtaken(logs: list[EventDict]) -> None:
-    router = new_router(inbox_size=1)
+async def test_a_batch_handed_over_by_route_is_not_overtaken(logs: list[EventDict]) -> None:
+    router = new_router()
     alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.SEED, capacity=64)
     await router.register(alice.peer)
     await router.register(bob.peer)
@@ -414,6 +414,34 @@ async def test_a_batch_waiting_for_a_full_inbox_is_not_overtaken(logs: list[Even
         await trio.testing.wait_all_tasks_blocked()
         assert bob.frames() == ["handed over", "after it"]
     assert every_item_answered(alice)
+
+
+async def test_readers_in_one_round_queue_behind_the_probe_and_end_sparse_routing(
+    logs: list[EventDict],
+) -> None:
+    router = new_router()
+    bob = Conn("bob", Dialect.SEED, capacity=64)
+    senders = [Conn(f"s{n}", Dialect.V1) for n in range(3)]
+    for conn in (bob, *senders):
+        await router.register(conn.peer)
+    async with running(router):
+        await route(router, relay(senders[0], '{"to": "bob", "message": "first"}'))
+        for n in range(PROBE_EVERY - 1):  # sparse: each routed at once
+            assert reserve_and_try(router, senders[0], f"alone {n}")
+        assert len(bob.frames()) == PROBE_EVERY
+        # Three readers with a batch each in one scheduling round: the first is
+        # the probe, the others queue behind it, all routed in one pass, in order.
+        for sender in senders:
+            assert reserve_and_try(router, sender, sender.client_id)
+        assert bob.frames() == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert bob.frames() == ["s0", "s1", "s2"]
+        # Traffic is no longer sparse: the next batch is queued, not routed at once.
+        assert reserve_and_try(router, senders[1], "queued")
+        assert bob.frames() == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert bob.frames() == ["queued"]
+    assert all(every_item_answered(sender) for sender in senders)
 
 
 async def test_try_route_after_close_raises_even_when_sparse(logs: list[EventDict]) -> None:

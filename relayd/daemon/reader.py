@@ -269,7 +269,11 @@ class Reader:
                 if not self._router.try_route(part):
                     self._lift_deadline()
                     await self._router.route(part)
-            except BaseException:  # RouterClosed, or cancelled: the router took nothing
+            except BaseException:
+                # RouterClosed, or cancelled: the router took nothing. (A bug raised
+                # while routing at once may come after some items were answered; a
+                # None beyond the slots reserved is ignored, and the connection
+                # closes with 1011.)
                 for _ in part:
                     outbox.reply(None)
                 self._writer.slots_freed()

@@ -9,7 +9,8 @@ side. :class:`Writer` owns
   one ``send_all``;
 * the **write without a task**: when frames arrive for an open connection
   whose writer is not running, they are written at once, from the task that
-  queued them (the router, mostly), with :meth:`Transport.try_send
+  queued them (the routing task, or while traffic is sparse the sender's
+  reader routing its batch at once), with :meth:`Transport.try_send
   <relayd.daemon.transport.Transport.try_send>`, which never waits. Chat
   traffic is mostly that: a lone message for a connection with nothing else
   to write, which then costs no task, no scheduling round and no timeout.

@@ -115,8 +115,10 @@ class Router(Protocol):
         """Route ``items`` as :meth:`route` does, if that needs no wait.
 
         A router may route them at once, in the caller's task, where that keeps
-        their order (the local router does while traffic is sparse); else it
-        queues them. Never waits and is no checkpoint, so a caller under a
+        their order (the local router does while traffic is sparse): the
+        deliveries, writes and log lines are then done in that task, and a bug
+        in routing is raised there, possibly after some items were answered.
+        Else it queues them. Never waits and is no checkpoint, so a caller under a
         deadline can hand over without that deadline cutting the hand-over
         short.
 

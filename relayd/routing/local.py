@@ -1,28 +1,33 @@
 """The router of one process: one routing task, fed by a bounded channel.
 
-Data path: a connection's reader awaits :meth:`LocalRouter.route` with the
-items of one read from its socket, which puts them on one bounded memory
-channel (the router's inbox; a full inbox makes readers wait, which is TCP
-backpressure on the senders). The single routing task takes batches off it in
-order, looks recipients up in the :class:`~relayd.routing.table.RoutingTable`,
-encodes each recipient's frame once per dialect and offers it with
-:meth:`~relayd.routing.interface.Peer.deliver`, which never waits. Replies to a
-sender (acks, errors) go through the sender's own reply slots, so each client
-sees every reply, in the order it sent.
+Data path: a connection's reader hands the items of one read from its socket
+to :meth:`LocalRouter.try_route` (or awaits :meth:`LocalRouter.route`), which
+puts them on one bounded memory channel (the router's inbox; a full inbox
+makes readers wait, which is TCP backpressure on the senders), or, while
+traffic is sparse, routes them at once (below). The single routing task takes
+batches off the inbox in order, looks recipients up in the
+:class:`~relayd.routing.table.RoutingTable`, encodes each recipient's frame
+once per dialect and offers it with
+:meth:`~relayd.routing.interface.Peer.deliver`, which never waits. Replies to
+a sender (acks, errors) go through the sender's own reply slots, so each
+client sees every reply, in the order it sent.
 
 **A lone batch is routed at once.** While traffic is sparse (the routing
-task's last pass took one reader's batch alone) and the routing task waits
-for its inbox with nothing handed to it, :meth:`LocalRouter.try_route` routes
-a reader's batch in the reader's own task, with the same code and in the
-same order: the chat regime's lone message then costs one task step, not
-two. Batching across readers buys nothing there (each message has a
-recipient of its own), and everything else is as when the routing task
-routes it: nothing is routed ahead of a batch already queued, and the block
-does not await. One batch in :data:`PROBE_EVERY` goes through the routing
-task all the same, so that readers with batches in the same scheduling round
-queue behind it and the pass sees that traffic is no longer sparse; from
-then on batches go through the inbox, and a fan-in's hundred senders are
-written to their receiver in one write again.
+task's last pass took one reader's batch alone) and the routing task waits for
+its inbox with nothing handed to it, :meth:`LocalRouter.try_route` routes a
+reader's batch in the reader's own task, with the same code and in the same
+order: the chat regime's lone message then costs one task step, not two.
+Batching across readers buys nothing there (each message has a recipient of
+its own), and everything else is as when the routing task routes it: nothing
+is routed ahead of a batch already queued, and the block does not await. One
+batch in :data:`PROBE_EVERY` goes through the routing task all the same (the
+others are routed at once), so that readers with batches in the same
+scheduling round queue behind it and the pass sees that traffic is no longer
+sparse; from then on batches go through the inbox, and a fan-in's hundred
+senders are written to their receiver in one write again. Routing at once puts
+the deliveries, the socket writes of the batch's end and the log lines in the
+reader's task, and a bug in routing is raised there (the reader's connection
+closes with 1011) rather than in the routing task.
 
 Shutdown: :meth:`LocalRouter.close` refuses new items; :meth:`LocalRouter.run`
 then delivers what is already queued, detaches every registered peer (so
@@ -82,9 +87,9 @@ class LocalRouter:
         # The routing task waits for its inbox and nothing was handed to it since.
         self._idle = False
         # Its last pass took one reader's batch alone; batches are then routed at
-        # once, but for one in PROBE_EVERY (the countdown).
+        # once, but for one in PROBE_EVERY (the countdown to it).
         self._sparse = False
-        self._probe = PROBE_EVERY
+        self._probe = PROBE_EVERY - 1
 
     @property
     def ready(self) -> bool:  # noqa: D102 - documented on Router
@@ -153,13 +158,21 @@ class LocalRouter:
         inbox = self._inbox_receive
         try:
             while True:
-                self._idle = not self._closed
                 try:
-                    first = await inbox.receive()
+                    first = inbox.receive_nowait()
+                except trio.WouldBlock:
+                    # Idle only while parked with nothing queued: receive() takes a
+                    # queued batch and then yields, and no batch may be routed at
+                    # once ahead of it.
+                    self._idle = not self._closed
+                    try:
+                        first = await inbox.receive()
+                    except trio.EndOfChannel:
+                        break
+                    finally:
+                        self._idle = False
                 except trio.EndOfChannel:
                     break
-                finally:
-                    self._idle = False
                 # Everything queued is routed before the router yields: each
                 # wait for the inbox costs a whole scheduling round, in which
                 # every reader may add a batch. One log write for all of it;
@@ -175,7 +188,7 @@ class LocalRouter:
                             items = inbox.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             items = None
-                self._sparse, self._probe = taken == 1, PROBE_EVERY
+                self._sparse, self._probe = taken == 1, PROBE_EVERY - 1
         finally:
             for peer in self._table.handles():
                 self._table.discard(peer.client_id, peer)
