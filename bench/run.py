@@ -337,11 +337,15 @@ def quick_scenarios() -> list[Scenario]:
     timing = {"warmup_s": 0.1, "duration_s": 0.3}
     counted = {**timing, "min_count": QUICK_MIN_COUNT, "max_duration_s": QUICK_MAX_WINDOW_S}
     closed = {"size": 32, "window": 16, "drain_s": QUICK_DRAIN_S, **counted}
+    big = {**closed, "size": 4096, "window": 32}
     # Paced: drain_s bounds the wait for late deliveries, settle_s a gap without any.
     paced = {"size": 32, "drain_s": QUICK_DRAIN_S, "settle_s": QUICK_DRAIN_S, **counted}
     chat = {"pairs": 50, "rate": 500, "concurrency": 50, **paced}
     return [
         Scenario("throughput/1x32", "throughput", {"pairs": 1, **closed}),
+        # More than one take of the writer (64 KiB) in flight to one receiver at a
+        # time: what a write without a task must finish in more than one write.
+        Scenario("throughput/1x4096", "throughput", {**big, "pairs": 1}),
         Scenario("latency/1000", "latency", {"pairs": 2, "rate": 1000, **paced}),
         Scenario("chat/500", "chat", chat, CHAT_SERVERS),
         Scenario("fanin/5x32", "fanin", {"senders": 5, **closed}),

@@ -21,7 +21,7 @@ from relayd.daemon.transport import Transport
 from relayd.daemon.writer import Writer
 from relayd.policy.timers import Timers
 from relayd.routing.batch import routing_batch
-from relayd.routing.outbox import Offer, Outbox
+from relayd.routing.outbox import TAKE_BYTES, Offer, Outbox
 from relayd.wire.frames import OP_PONG
 from relayd.wire.lifecycle import Lifecycle
 from relayd.wire.server_frames import encode_frame, text_frame
@@ -143,3 +143,35 @@ async def test_what_a_routing_batch_gives_a_connection_is_written_as_the_batch_e
             (0x1, b"two"),
             (0x1, b"three"),
         ]
+
+
+async def test_more_than_one_take_of_frames_waiting_is_all_written_without_a_task() -> None:
+    # Eight 10 KB frames are more than one take (TAKE_BYTES): the write without a
+    # task used to send the first take only and leave the rest in the outbox, with
+    # no writer task to write them, until the connection's next frame.
+    async with rig() as r:
+        payloads = [bytes([0x61 + i]) * 10_000 for i in range(8)]
+        frames = [text_frame(p) for p in payloads]
+        assert sum(map(len, frames)) > TAKE_BYTES
+        with routing_batch():
+            r.queue(*frames)
+        assert (r.writer.messages_out, r.writer.bytes_out) == (8, sum(map(len, frames)))
+        assert len(r.outbox) == 0
+        with trio.fail_after(10):
+            data = await r.read(sum(map(len, frames)))
+        assert server_frames(data, after_head=False) == [(0x1, p) for p in payloads]
+
+
+async def test_frames_left_after_a_partial_write_without_a_task_are_all_written_by_a_task() -> None:
+    async with rig(send_buffer=4096) as r:
+        payloads = [bytes([0x61 + i]) * 30_000 for i in range(8)]
+        frames = [text_frame(p) for p in payloads]
+        with routing_batch():
+            r.queue(*frames)
+        assert r.writer.messages_out < 8  # the kernel took only part
+        assert r.tasks() == 1  # a writer task finishes the rest, every take of it
+        with trio.fail_after(10):
+            data = await r.read(sum(map(len, frames)))
+        assert server_frames(data, after_head=False) == [(0x1, p) for p in payloads]
+        await trio.testing.wait_all_tasks_blocked()
+        assert (r.writer.messages_out, len(r.outbox)) == (8, 0)

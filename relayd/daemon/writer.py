@@ -166,26 +166,30 @@ class Writer:
         return self._lifecycle.flushing and not self._outbox.settled
 
     def _write_now(self) -> bool:
-        """Write what waits without a task; True unless a writer task must finish it."""
-        frames = self._outbox.take()
-        if not frames:
-            return True
-        self._timers.progress()  # taking is progress
-        self.slots_freed()
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        messages = _messages_in(frames)
-        try:
-            sent = self._transport.try_send(data) or 0
-        except trio.BrokenResourceError:
-            self.dropped += messages
-            self._on_gone()
-            return True
-        if sent == len(data):
+        """Write what waits without a task; True unless a writer task must finish it.
+
+        Takes until the outbox is empty: one take holds at most
+        :data:`~relayd.routing.outbox.TAKE_BYTES`, and whatever a write without
+        a task leaves in the outbox has no writer to write it. Bounded by the
+        outbox's bounds.
+        """
+        while frames := self._outbox.take():
+            self._timers.progress()  # taking is progress
+            self.slots_freed()
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            messages = _messages_in(frames)
+            try:
+                sent = self._transport.try_send(data) or 0
+            except trio.BrokenResourceError:
+                self.dropped += messages
+                self._on_gone()
+                return True
+            if sent != len(data):
+                self.bytes_out += sent
+                self._pending, self._pending_messages = data[sent:], messages
+                return False
             self._written(messages, sent)
-            return True
-        self.bytes_out += sent
-        self._pending, self._pending_messages = data[sent:], messages
-        return False
+        return True
 
     def slots_freed(self) -> None:
         """Reply slots came free, or none will be filled: wake whoever waits for that."""
