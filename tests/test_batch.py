@@ -48,3 +48,21 @@ def test_a_batch_that_fails_still_runs_what_it_was_asked() -> None:
         route_with_a_bug()
     assert ran == ["written"]
     assert not at_batch_end(lambda: None)  # and the batch is over
+
+
+def test_one_that_raises_does_not_keep_the_others_from_running() -> None:
+    ran: list[str] = []
+
+    def buggy() -> None:
+        raise RuntimeError("bug in a connection's write")
+
+    def route() -> None:
+        with routing_batch():
+            at_batch_end(lambda: ran.append("before"))
+            at_batch_end(buggy)
+            at_batch_end(lambda: ran.append("after"))
+
+    with pytest.raises(RuntimeError, match="bug in a connection"):
+        route()
+    assert ran == ["before", "after"]
+    assert not at_batch_end(lambda: None)  # and the batch is over

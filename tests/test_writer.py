@@ -55,13 +55,15 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(send_buffer: int = 0) -> AsyncIterator[Rig]:
+async def rig(
+    send_buffer: int = 0, transport_class: type[Transport] = Transport
+) -> AsyncIterator[Rig]:
     a, b = socket.socketpair()
     if send_buffer:
         a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     server = trio.SocketStream(trio.socket.from_stdlib_socket(a))
     client = trio.SocketStream(trio.socket.from_stdlib_socket(b))
-    transport = Transport(server)
+    transport = transport_class(server)
     outbox = Outbox(8)
     lifecycle = Lifecycle()
     timers = Timers(LimitsSettings(), trio.current_time())
@@ -148,30 +150,77 @@ async def test_what_a_routing_batch_gives_a_connection_is_written_as_the_batch_e
 async def test_more_than_one_take_of_frames_waiting_is_all_written_without_a_task() -> None:
     # Eight 10 KB frames are more than one take (TAKE_BYTES): the write without a
     # task used to send the first take only and leave the rest in the outbox, with
-    # no writer task to write them, until the connection's next frame.
-    async with rig() as r:
+    # no writer task to write them, until the connection's next frame. The send
+    # buffer is set large enough for all of them, whatever the platform's default.
+    async with rig(send_buffer=1 << 20) as r:
         payloads = [bytes([0x61 + i]) * 10_000 for i in range(8)]
         frames = [text_frame(p) for p in payloads]
         assert sum(map(len, frames)) > TAKE_BYTES
         with routing_batch():
             r.queue(*frames)
         assert (r.writer.messages_out, r.writer.bytes_out) == (8, sum(map(len, frames)))
-        assert len(r.outbox) == 0
+        assert (len(r.outbox), r.tasks()) == (0, 0)
         with trio.fail_after(10):
             data = await r.read(sum(map(len, frames)))
         assert server_frames(data, after_head=False) == [(0x1, p) for p in payloads]
 
 
-async def test_frames_left_after_a_partial_write_without_a_task_are_all_written_by_a_task() -> None:
-    async with rig(send_buffer=4096) as r:
-        payloads = [bytes([0x61 + i]) * 30_000 for i in range(8)]
+class ScriptedTransport(Transport):
+    """A transport whose k-th ``try_send`` takes at most ``script[k]`` bytes, or raises it."""
+
+    __slots__ = ("calls", "script")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        super().__init__(stream)
+        self.script: list[int | Exception] = []
+        self.calls = 0
+
+    def try_send(self, data: bytes) -> int | None:
+        step = self.script[self.calls] if self.calls < len(self.script) else len(data)
+        self.calls += 1
+        if isinstance(step, Exception):
+            self.broken = True
+            raise step
+        return super().try_send(data[:step])
+
+
+async def test_a_later_take_the_socket_takes_in_part_is_finished_by_a_task() -> None:
+    # The first take goes whole, the second only in part: its rest, and the
+    # frames behind it, are the writer task's, in order.
+    async with rig(send_buffer=1 << 20, transport_class=ScriptedTransport) as r:
+        assert isinstance(r.transport, ScriptedTransport)
+        payloads = [bytes([0x61 + i]) * 10_000 for i in range(8)]
         frames = [text_frame(p) for p in payloads]
+        first_take = sum(map(len, frames[:6]))  # six frames fit one take of 64 KiB
+        r.transport.script = [first_take, 5_000]
         with routing_batch():
             r.queue(*frames)
-        assert r.writer.messages_out < 8  # the kernel took only part
-        assert r.tasks() == 1  # a writer task finishes the rest, every take of it
+        assert r.transport.calls == 2
+        assert (r.writer.messages_out, r.writer.bytes_out) == (6, first_take + 5_000)
+        assert r.tasks() == 1  # a writer task finishes it
+        pong = encode_frame(OP_PONG, b"p")
+        assert r.outbox.control(pong)  # queued while the rest waits: goes after it
+        r.writer.wake()
         with trio.fail_after(10):
-            data = await r.read(sum(map(len, frames)))
-        assert server_frames(data, after_head=False) == [(0x1, p) for p in payloads]
+            data = await r.read(sum(map(len, frames)) + len(pong))
+        assert server_frames(data, after_head=False) == [(0x1, p) for p in payloads] + [
+            (OP_PONG, b"p")
+        ]
         await trio.testing.wait_all_tasks_blocked()
-        assert (r.writer.messages_out, len(r.outbox)) == (8, 0)
+        assert (r.writer.messages_out, r.writer.dropped, len(r.outbox)) == (8, 0, 0)
+
+
+async def test_a_client_gone_between_two_takes_counts_each_message_once() -> None:
+    async with rig(send_buffer=1 << 20, transport_class=ScriptedTransport) as r:
+        assert isinstance(r.transport, ScriptedTransport)
+        frames = [text_frame(bytes([0x61 + i]) * 10_000) for i in range(8)]
+        first_take = sum(map(len, frames[:6]))
+        r.transport.script = [first_take, trio.BrokenResourceError("gone")]
+        with routing_batch():
+            r.queue(*frames)
+        # The first take went out; the second take's two messages are dropped,
+        # counted once, and the client is reported gone once.
+        assert r.transport.calls == 2
+        assert r.gone == [True]
+        assert (r.writer.messages_out, r.writer.dropped) == (6, 2)
+        assert r.tasks() == 0

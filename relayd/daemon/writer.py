@@ -170,8 +170,8 @@ class Writer:
 
         Takes until the outbox is empty: one take holds at most
         :data:`~relayd.routing.outbox.TAKE_BYTES`, and whatever a write without
-        a task leaves in the outbox has no writer to write it. Bounded by the
-        outbox's bounds.
+        a task leaves in the outbox has no writer to write it. Bounded by what
+        the outbox holds, and ends early when the socket's send buffer is full.
         """
         while frames := self._outbox.take():
             self._timers.progress()  # taking is progress

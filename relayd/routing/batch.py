@@ -44,12 +44,19 @@ class _RoutingBatch:
         global _at_end
         if not self._outer:
             return
-        # Each connection asked once; run even when the batch failed, so that
-        # none is left waiting for a write that never comes.
+        # Each connection asked once; run even when the batch failed, and every
+        # one even when one raises (a bug), so that none is left waiting for a
+        # write that never comes. The first such error is raised after.
         pending, _at_end = _at_end, None
         assert pending is not None
+        failed: BaseException | None = None
         for then in pending:
-            then()
+            try:
+                then()
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 def routing_batch() -> _RoutingBatch:
@@ -63,7 +70,8 @@ def routing_batch() -> _RoutingBatch:
 def at_batch_end(then: Callable[[], None]) -> bool:
     """Run ``then`` when the batch being routed ends; False if none is (run it now).
 
-    ``then`` must not raise.
+    ``then`` must not raise; if it does (a bug), the others still run and the
+    batch's ``with`` block raises the first error as it ends.
     """
     if _at_end is None:
         return False
