@@ -169,6 +169,49 @@ def test_a_lost_link_decides_everything_open() -> None:
     assert waiting.next_deadline is None
 
 
+# Steps of a node's life: ask at the clock's time, decide the i-th open question (an
+# answer, or a withdrawal), move the clock on, expire what is due.
+steps = st.lists(
+    st.one_of(
+        st.just(("ask", 0)),
+        st.tuples(st.sampled_from(["deliver", "withdraw"]), st.integers(0, 20)),
+        st.tuples(st.just("tick"), st.integers(1, 1500)),  # milliseconds
+        st.just(("expire", 0)),
+    ),
+    max_size=80,
+)
+
+
+@given(steps)
+def test_questions_expire_oldest_first_at_their_deadlines_whatever_was_answered(
+    script: list[tuple[str, int]],
+) -> None:
+    waiting: Waiting[int] = Waiting(2.0)
+    now_ms = 0
+    model: dict[int, tuple[float, int]] = {}  # seq -> (deadline, asker), oldest first
+    for kind, value in script:
+        now = now_ms / 1000
+        if kind == "ask":
+            seq = waiting.ask(len(model) + now_ms * 100, Kind.RELAY, now)
+            model[seq] = (now + 2.0, len(model) + now_ms * 100)
+        elif kind in ("deliver", "withdraw") and model:
+            seq = list(model)[value % len(model)]
+            _, asker = model.pop(seq)
+            if kind == "deliver":
+                assert waiting.answer(seq, Verdict.DELIVERED) == (asker, Verdict.DELIVERED)
+            else:
+                assert waiting.withdraw(seq) == asker
+        elif kind == "tick":
+            now_ms += value
+        elif kind == "expire":
+            due = [seq for seq, (deadline, _) in model.items() if deadline <= now]
+            expected = [(model.pop(seq)[1], Decided.UNCONFIRMED) for seq in due]
+            assert list(waiting.expire(now)) == expected
+        assert len(waiting) == len(model)
+        oldest = min((deadline for deadline, _ in model.values()), default=None)
+        assert waiting.next_deadline == oldest
+
+
 # --- Backoff ------------------------------------------------------------------------------------
 
 

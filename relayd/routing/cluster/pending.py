@@ -23,7 +23,6 @@ the server API, one at a time per request.
 
 from __future__ import annotations
 
-import collections
 import enum
 import itertools
 from collections.abc import Iterator
@@ -70,14 +69,14 @@ class Waiting(Generic[T]):
         timeout_s: how long a question waits for its answers.
     """
 
-    __slots__ = ("_by_deadline", "_numbers", "_open", "timeout_s")
+    __slots__ = ("_numbers", "_open", "timeout_s")
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
+        # Every question gets the same timeout and the clock only goes forward, so
+        # the dict's order (the order questions were asked) is their deadlines' order:
+        # the oldest open question is the first, and an answered one leaves nothing.
         self._open: dict[int, _Question[T]] = {}
-        # Every question gets the same timeout, so deadlines come in the
-        # order questions were asked: a deque, not a heap.
-        self._by_deadline: collections.deque[tuple[float, int]] = collections.deque()
         self._numbers = itertools.count(1)
 
     def ask(self, asker: T, kind: Kind, now: float) -> int:
@@ -87,9 +86,7 @@ class Waiting(Generic[T]):
         publish (:meth:`expect`); answers may come before that.
         """
         seq = next(self._numbers)
-        deadline = now + self.timeout_s
-        self._open[seq] = _Question(asker, kind, deadline)
-        self._by_deadline.append((deadline, seq))
+        self._open[seq] = _Question(asker, kind, now + self.timeout_s)
         return seq
 
     def expect(self, seq: int, receivers: int) -> tuple[T, Verdict | int] | None:
@@ -151,27 +148,26 @@ class Waiting(Generic[T]):
             ``(asker, Decided.UNCONFIRMED)`` for relay questions, ``(asker,
             sum so far)`` for count questions.
         """
-        by_deadline = self._by_deadline
-        while by_deadline and by_deadline[0][0] <= now:
-            _, seq = by_deadline.popleft()
-            question = self._open.pop(seq, None)
-            if question is not None:
-                yield question.asker, _timed_out(question)
+        questions = self._open
+        while questions:
+            seq, question = next(iter(questions.items()))
+            if question.deadline > now:
+                return
+            del questions[seq]
+            yield question.asker, _timed_out(question)
 
     def abandon(self) -> Iterator[tuple[T, Decided | int]]:
         """Decide every open question now (the link was lost), as :meth:`expire` would."""
         questions, self._open = self._open, {}
-        self._by_deadline.clear()
         for question in questions.values():
             yield question.asker, _timed_out(question)
 
     @property
     def next_deadline(self) -> float | None:
         """When :meth:`expire` next has something to do; None when nothing waits."""
-        by_deadline = self._by_deadline
-        while by_deadline and by_deadline[0][1] not in self._open:
-            by_deadline.popleft()  # answered already
-        return by_deadline[0][0] if by_deadline else None
+        for question in self._open.values():
+            return question.deadline  # the oldest's (see __init__)
+        return None
 
     def __len__(self) -> int:
         """How many questions are open."""
