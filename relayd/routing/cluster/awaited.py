@@ -97,12 +97,13 @@ class Awaited:
             hands what they decide to :meth:`answered`.
     """
 
-    __slots__ = ("_asked", "_events", "_held", "_record", "_settled", "stats", "waiting")
+    __slots__ = ("_asked", "_events", "_held", "_now", "_record", "_settled", "stats", "waiting")
 
     def __init__(self, timeout_s: float, events: MessageEvents, stats: Stats) -> None:
         self.stats = stats
         self._events = events
         self._record: Recorder = events.recorder()  # made afresh per batch: see batch
+        self._now = 0.0  # trio's clock, read afresh per batch: see batch
         self.waiting: Waiting[Asker] = Waiting(timeout_s)
         self._asked = trio.lowlevel.ParkingLot()  # the expiry task, when nothing waits
         self._settled = trio.lowlevel.ParkingLot()  # who waits for every answer owed
@@ -117,12 +118,15 @@ class Awaited:
     def batch(self) -> Iterator[None]:
         """One batch of decisions: log lines, and each connection's frames, written together.
 
-        Its recorder logs as the settings are now.
+        Its recorder logs as the settings are now, and it reads trio's clock
+        once: the block does not await, so no time passes in it that a
+        question's deadline or a relay's latency could see.
 
         The block must not await (see :func:`relayd.telemetry.line_sink.batched`).
         """
         with batched(), routing_batch():
             self._record = self._events.recorder()
+            self._now = trio.current_time()
             yield
 
     def relay(self, asker: Relayed, *, busy_here: bool) -> int:
@@ -130,10 +134,12 @@ class Awaited:
 
         Its reply keeps its place among its sender's. ``busy_here``: every
         holder on this node was full (this node's own verdict, as its
-        subscription counts it).
+        subscription counts it). Called in a :meth:`batch`.
         """
-        seq = self.waiting.ask(asker, Kind.RELAY, trio.current_time())
-        self._asked.unpark_all()
+        waiting = self.waiting
+        if not waiting:  # the expiry task parks only when no question is open
+            self._asked.unpark_all()
+        seq = waiting.ask(asker, Kind.RELAY, self._now)
         sender = asker.sender
         if sender is not None:
             asker.slot = Slot()
@@ -147,9 +153,10 @@ class Awaited:
 
     def count(self, asker: Counted) -> int:
         """Make ``asker`` wait for other nodes' counts; its question's number."""
-        seq = self.waiting.ask(asker, Kind.COUNT, trio.current_time())
-        self._asked.unpark_all()
-        return seq
+        waiting = self.waiting
+        if not waiting:  # as in relay
+            self._asked.unpark_all()
+        return waiting.ask(asker, Kind.COUNT, trio.current_time())
 
     def refused(self, seqs: list[int]) -> None:
         """The link refused the batch asking ``seqs`` (0: nobody waits): nothing was sent."""
@@ -202,10 +209,13 @@ class Awaited:
             self._settled.unpark_all()
 
     def decide(self, asker: Relayed, outcome: Outcome) -> None:
-        """Tell the sender (or the server API) what became of its message, and record it."""
+        """Tell the sender (or the server API) what became of its message, and record it.
+
+        Called in a :meth:`batch`.
+        """
         code = outcome.error
         if code is None:
-            self.stats.observe_latency(trio.current_time() - asker.received)
+            self.stats.observe_latency(self._now - asker.received)
         sender = asker.sender
         if sender is not None:
             frame = (
@@ -254,7 +264,7 @@ class Awaited:
                 continue
             await trio.sleep_until(deadline)
             with self.batch():
-                for asker, result in waiting.expire(trio.current_time()):
+                for asker, result in waiting.expire(self._now):
                     if isinstance(asker, Counted):
                         asker.complete = False
                     self.answered(asker, result)
