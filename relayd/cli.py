@@ -30,6 +30,7 @@ import trio
 from relayd import __version__
 from relayd.config import DEFAULT_CONFIG_PATH, Settings, settings_as_json
 from relayd.config_sources import CONFIG_VARIABLE, IgnoredVariable, Loaded, LoadError, load
+from relayd.daemon import heap
 from relayd.daemon.credentials import load_api_key, load_authenticator, load_tls
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
@@ -150,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_logger().warning(
             "config.ignored", variable=variable.name, did_you_mean=variable.suggestion
         )
+    heap.settle()  # start-up is done: what it made lives as long as the process
     return trio.run(
         functools.partial(
             run_daemon,

@@ -27,6 +27,7 @@ The data path reads one way through it::
 * :mod:`~relayd.daemon.writer`: its outbox to its socket.
 * :mod:`~relayd.daemon.transport`: its stream, written to and closed gracefully.
 * :mod:`~relayd.daemon.service`: the process: signals, reload, systemd.
+* :mod:`~relayd.daemon.heap`: the garbage collector, set for serving.
 * :mod:`~relayd.daemon.admin`: ``/metrics``, ``/healthz``, ``/readyz``.
 * :mod:`~relayd.daemon.api`: the server API's routes on the admin listener.
 * :mod:`~relayd.daemon.systemd`: sd_notify and socket activation.
