@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_logger().warning(
             "config.ignored", variable=variable.name, did_you_mean=variable.suggestion
         )
-    heap.settle()  # start-up is done: what it made lives as long as the process
+    heap.settle()  # start-up is done: what it made is frozen out of the collector
     return trio.run(
         functools.partial(
             run_daemon,

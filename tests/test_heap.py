@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 import relayd.cli
 from relayd.daemon import heap
@@ -73,7 +74,7 @@ def test_the_daemon_settles_the_heap_once_after_start_up_and_before_serving(
         calls.append("serve")
         return 0
 
-    monkeypatch.setattr(relayd.cli.trio, "run", run)
+    monkeypatch.setattr(trio, "run", run)
     config = tmp_path / "relayd.toml"
     config.write_text("")
     assert relayd.cli.main(["--config", str(config), "--port", "0"]) == 0

@@ -119,8 +119,10 @@ class Awaited:
         """One batch of decisions: log lines, and each connection's frames, written together.
 
         Its recorder logs as the settings are now, and it reads trio's clock
-        once: the block does not await, so no time passes in it that a
-        question's deadline or a relay's latency could see.
+        once, as it begins: the questions it asks and the latencies it observes
+        use that time, early by at most the time one pass takes (microseconds,
+        a few milliseconds for a large pass: nothing next to
+        ``reply_timeout_s``), for one clock read per pass, not per message.
 
         The block must not await (see :func:`relayd.telemetry.line_sink.batched`).
         """

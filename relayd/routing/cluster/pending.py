@@ -18,21 +18,28 @@ decided when all came or at the deadline, with what came.
 
 Bound: a relay question holds the reply slot its sender's reader reserved, so
 at most ``outbox_messages`` per connection wait; a count question is asked by
-the server API, one at a time per request.
+the server API, one at a time per request. The order questions were asked in
+is kept as their numbers, at most twice the open questions plus
+:data:`ORDER_SLACK`, about 40 bytes each (the number and its slot).
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from relayd.routing.cluster.codec import Verdict
 
 __all__ = ["Decided", "Kind", "Waiting"]
 
 T = TypeVar("T")
+
+#: Numbers of answered questions :class:`Waiting` may keep beyond twice the open ones
+#: (about 40 bytes each: the number and its slot in a deque) before it drops them all.
+ORDER_SLACK: Final = 1024
 
 
 class Kind(enum.Enum):
@@ -69,24 +76,37 @@ class Waiting(Generic[T]):
         timeout_s: how long a question waits for its answers.
     """
 
-    __slots__ = ("_numbers", "_open", "timeout_s")
+    __slots__ = ("_numbers", "_open", "_order", "timeout_s")
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        # Every question gets the same timeout and the clock only goes forward, so
-        # the dict's order (the order questions were asked) is their deadlines' order:
-        # the oldest open question is the first, and an answered one leaves nothing.
         self._open: dict[int, _Question[T]] = {}
+        # Every question gets the same timeout and the clock only goes forward, so
+        # the order questions were asked in is their deadlines' order. Numbers
+        # only (the dict's keys: nothing allocated); answered ones are skipped
+        # when met at the front, and dropped all at once when they outnumber the
+        # open ones (see ask). Not the dict's own order: finding its first key
+        # steps over every deleted entry before it, which made expiry quadratic.
+        self._order: collections.deque[int] = collections.deque()
         self._numbers = itertools.count(1)
 
     def ask(self, asker: T, kind: Kind, now: float) -> int:
         """Open a question; its number, to publish with it.
 
+        ``now`` must never be less than at the call before (trio's clock).
         How many nodes will answer is known only once Redis answers the
         publish (:meth:`expect`); answers may come before that.
         """
         seq = next(self._numbers)
-        self._open[seq] = _Question(asker, kind, now + self.timeout_s)
+        questions, order = self._open, self._order
+        questions[seq] = _Question(asker, kind, now + self.timeout_s)
+        order.append(seq)
+        if len(order) > 2 * len(questions) + ORDER_SLACK:
+            # Mostly answered: O(n), once per n questions asked. In place: an
+            # expire() under way holds this deque.
+            kept = [seq for seq in order if seq in questions]
+            order.clear()
+            order.extend(kept)
         return seq
 
     def expect(self, seq: int, receivers: int) -> tuple[T, Verdict | int] | None:
@@ -148,25 +168,33 @@ class Waiting(Generic[T]):
             ``(asker, Decided.UNCONFIRMED)`` for relay questions, ``(asker,
             sum so far)`` for count questions.
         """
-        questions = self._open
-        while questions:
-            seq, question = next(iter(questions.items()))
-            if question.deadline > now:
-                return
-            del questions[seq]
-            yield question.asker, _timed_out(question)
+        questions, order = self._open, self._order
+        while order:
+            question = questions.get(order[0])
+            if question is not None:
+                if question.deadline > now:
+                    return
+                del questions[order[0]]
+            order.popleft()
+            if question is not None:
+                yield question.asker, _timed_out(question)
 
     def abandon(self) -> Iterator[tuple[T, Decided | int]]:
         """Decide every open question now (the link was lost), as :meth:`expire` would."""
         questions, self._open = self._open, {}
+        self._order.clear()
         for question in questions.values():
             yield question.asker, _timed_out(question)
 
     @property
     def next_deadline(self) -> float | None:
         """When :meth:`expire` next has something to do; None when nothing waits."""
-        for question in self._open.values():
-            return question.deadline  # the oldest's (see __init__)
+        questions, order = self._open, self._order
+        while order:
+            question = questions.get(order[0])
+            if question is not None:
+                return question.deadline  # the oldest's (see __init__)
+            order.popleft()  # answered already
         return None
 
     def __len__(self) -> int:
