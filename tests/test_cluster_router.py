@@ -239,6 +239,27 @@ async def test_the_holders_own_node_first(redis_server: RedisServer) -> None:
             assert one.link.health.published == published
 
 
+async def test_a_full_holder_on_the_senders_own_node_is_busy_counted_and_never_published(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, _):
+            alice = await one.connect(Conn("alice"))
+            bob = await one.connect(Conn("bob", capacity=1))
+            published = one.link.health.published
+            await one.send(alice, "bob", "first", ref="m1")
+            await one.send(alice, "bob", "second", ref="m2")
+            ack, busy = await alice.frames(2)
+            assert ack == {"type": "ack", "ref": "m1"}
+            assert (busy["type"], busy["error"], busy["ref"]) == ("error", "recipient_busy", "m2")
+            assert await bob.frames() == [{"type": "message", "from": "alice", "message": "first"}]
+            stats = one.router.stats
+            assert (stats.messages["delivered"], stats.messages["recipient_busy"]) == (1, 1)
+            assert stats.latency_count == 1  # the delivery's
+            assert one.link.health.published == published
+            assert one.router.waiting == 0
+
+
 async def test_redis_down_local_delivery_goes_on_and_remote_ids_are_unreachable(
     redis_server: RedisServer,
 ) -> None:

@@ -215,21 +215,41 @@ class Awaited:
 
         Called in a :meth:`batch`.
         """
-        code = outcome.error
-        if code is None:
-            self.stats.observe_latency(self._now - asker.received)
-        sender = asker.sender
-        if sender is not None:
-            frame = (
-                ack_frame(sender.dialect, asker.ref)
-                if code is None
-                else error_frame(sender.dialect, code, DETAILS[code], asker.ref, self.stats)
-            )
-            self.reply(sender, frame, asker.slot)
+        self.tell(asker.sender, asker.ref, asker.received, outcome, asker.slot)
         if asker.done is not None:
             asker.outcome = outcome
             asker.done.set()
         self._record(asker.sender_id, asker.to, asker.size, outcome, asker.body)
+
+    def tell(
+        self,
+        sender: Peer | None,
+        ref: str | int | None,
+        received: float,
+        outcome: Outcome,
+        slot: Slot | None = None,
+    ) -> None:
+        """Count a delivery's latency and give ``sender`` (if any) its ack or error, in order.
+
+        Without recording the outcome (:meth:`decide` does, and so does the
+        caller with :attr:`record`, for a message decided before it was a
+        question). Called in a :meth:`batch`.
+        """
+        code = outcome.error
+        if code is None:
+            self.stats.observe_latency(self._now - received)
+        if sender is not None:
+            frame = (
+                ack_frame(sender.dialect, ref)
+                if code is None
+                else error_frame(sender.dialect, code, DETAILS[code], ref, self.stats)
+            )
+            self.reply(sender, frame, slot)
+
+    @property
+    def record(self) -> Recorder:
+        """Records outcomes as the settings were when the current :meth:`batch` began."""
+        return self._record
 
     def reply(self, sender: Peer, frame: bytes | None, slot: Slot | None = None) -> None:
         """Fill ``sender``'s next reply slot, keeping its replies in the order it sent.

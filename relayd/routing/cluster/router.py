@@ -42,7 +42,7 @@ the link, and returns.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import msgspec
@@ -214,7 +214,7 @@ class ClusterRouter:
         asker = Relayed(None, sender, to, None, len(message), trio.current_time(), message)
         asker.done = trio.Event()
         with self._awaited.batch():
-            self._send(asker)
+            self._send(asker, self._table.lookup(to))
             self._flush()
         await asker.done.wait()
         assert asker.outcome is not None
@@ -223,26 +223,39 @@ class ClusterRouter:
     # -- sending -------------------------------------------------------------------------
 
     async def _route_all(self) -> None:
-        inbox, awaited = self._inbox_receive, self._awaited
+        inbox, awaited, lookup = self._inbox_receive, self._awaited, self._table.lookup
         reply = awaited.reply
         async for first in inbox:
             # Everything queued is routed before the router yields, then
-            # published in one batch (as the local router's pass).
+            # published in one batch (as the local router's pass). The pass does
+            # not await, so whether ids are shared cannot change within it.
             with awaited.batch():
+                shared, record = self._shared_ids(), awaited.record
                 items: list[Inbound] | None = first
                 while items is not None:
                     for item in items:
-                        if isinstance(item, Relay):
-                            self._relay(item)
-                        else:
+                        if not isinstance(item, Relay):
                             reply(item.recipient, item.frame)
+                            continue
+                        envelope = item.envelope
+                        to, body = envelope.to, envelope.message
+                        holders = lookup(to)
+                        if holders and not shared:
+                            # Held here and nowhere else: decided now, as on one node,
+                            # with no question to other nodes made for it.
+                            sender = item.sender
+                            outcome = offer(holders, sender.client_id, body)
+                            awaited.tell(sender, envelope.ref, item.received, outcome)
+                            record(sender.client_id, to, item.size, outcome, body)
+                        else:
+                            self._relay(item, holders)
                     try:
                         items = inbox.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         items = None
                 self._flush()
 
-    def _relay(self, item: Relay) -> None:
+    def _relay(self, item: Relay, holders: Sequence[Peer]) -> None:
         envelope = item.envelope
         asker = Relayed(
             item.sender,
@@ -253,11 +266,13 @@ class ClusterRouter:
             item.received,
             envelope.message,
         )
-        self._send(asker)
+        self._send(asker, holders)
 
-    def _send(self, asker: Relayed) -> None:
-        """Deliver here, or publish, or both; answer now when the answer is known."""
-        holders = self._table.lookup(asker.to)
+    def _send(self, asker: Relayed, holders: Sequence[Peer]) -> None:
+        """Deliver to ``holders`` (``asker.to``'s here), or publish, or both.
+
+        Answers now when the answer is known.
+        """
         awaited = self._awaited
         seq = None  # the number of its question to other nodes (0: nobody waits)
         if holders:
