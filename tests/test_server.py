@@ -18,6 +18,8 @@ from trio_websocket import wrap_client_stream
 
 from relayd.config import DiagnosticsSettings
 from relayd.daemon.server import Server
+from relayd.daemon.transport import Transport
+from relayd.daemon.writer import Writer
 from relayd.routing.interface import Inbound, Relay
 from relayd.routing.local import LocalRouter
 from tests import wire
@@ -223,6 +225,34 @@ async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest()
     errors = [e for e in events if e["event"] == "error"]
     assert len(errors) == 1
     assert errors[0]["summary"] == "RuntimeError: bug in routing"
+
+
+async def test_a_bug_in_a_writer_task_closes_its_connection_with_1011_and_spares_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Writer tasks run in the server's connections nursery, beside every
+    # other connection's task: a bug in one must end its connection only.
+    monkeypatch.setattr(Transport, "direct", property(lambda _: False))  # every write by a task
+    send = Writer._send
+
+    async def faulty(self: Writer, data: bytes, messages: int) -> None:
+        if b"boom" in data:
+            raise RuntimeError("bug in writing")
+        await send(self, data, messages)
+
+    monkeypatch.setattr(Writer, "_send", faulty)
+    with structlog.testing.capture_logs() as events:
+        async with running(Server(settings())) as url:
+            async with connect(url) as victim, connect(url) as a, connect(url) as b:
+                await a.send(victim.id, "boom")
+                assert await victim.until_closed() == ([], 1011)
+                await a.send(b.id, "fine")
+                assert await b.recv() == "fine"
+            await _exchange(url)
+    errors = [e for e in events if e["event"] == "error"]
+    assert [e["summary"] for e in errors] == ["RuntimeError: bug in writing"]
+    [closed] = [e for e in events if e["event"] == "connection.close" and e["code"] == 1011]
+    assert closed["id"] == victim.id
 
 
 @pytest.mark.parametrize(

@@ -70,3 +70,18 @@ async def test_without_the_clients_close_frame_the_socket_lingers_until_its_end(
             assert not closed.is_set()  # it might still send: relayd waits for its end
             await client.send_eof()
         assert closed.is_set()
+
+
+async def test_a_close_cancelled_while_it_lingers_still_closes_the_socket() -> None:
+    async with pair() as (transport, client):
+        await client.send_all(b"still sending")  # unread: the close must linger
+        with trio.CancelScope() as forced:
+            async with trio.open_nursery() as nursery:
+                closing(nursery, transport)
+                assert await client.receive_some(100) == b""  # its FIN: it lingers now
+                await trio.testing.wait_all_tasks_blocked()
+                forced.cancel()  # a forced stop, as shutdown_grace_s ends
+        assert transport.fd == -1
+        assert isinstance(transport.stream, trio.SocketStream)
+        assert transport.stream.socket.fileno() == -1  # closed, not left to the collector
+        assert transport.broken  # and nothing more may be written

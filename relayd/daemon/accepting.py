@@ -24,8 +24,8 @@ of descriptors too, answers nothing. Here:
 
 Task layout: :func:`serve_public` runs one accept loop per listener and starts
 each handler in the caller's nursery. Resource handling: it closes the
-listeners when cancelled; each accepted stream is closed (forcefully, if its
-handler did not) before it stops counting.
+listeners when cancelled; each accepted stream is the handler's to close, and
+counts until the handler says it is closed.
 """
 
 from __future__ import annotations
@@ -60,8 +60,13 @@ ACCEPT_RETRY_S: Final = 0.1
 #: The errors that say "no resources for a new socket now", not "the listener is broken".
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _BUDGET: Final = "open-file budget"
+#: The name of every connection's task: one string for all (trio would
+#: otherwise make one per task from the handler's repr).
+CONNECTION_TASK: Final = "relayd.connection"
 
-Handler = Callable[[trio.abc.Stream], Awaitable[object]]
+#: Serves one accepted stream, closes it, then calls the function it is given
+#: (the socket counts until then); it must not raise but Cancelled.
+Handler = Callable[[trio.abc.Stream, Callable[[], None]], Awaitable[object]]
 Listener = trio.abc.Listener[trio.abc.Stream]
 
 
@@ -144,7 +149,8 @@ async def serve_public(
     """Accept on every listener, within ``sockets``' budget, until cancelled.
 
     Args:
-        handler: serves one accepted stream (the gate); it should close it.
+        handler: serves one accepted stream (the gate), closes it, then calls
+            the function it is given.
         listeners: where to accept; closed when this is cancelled.
         handler_nursery: where handlers run.
         sockets: the public sockets' count and budget, shared by the loops.
@@ -188,24 +194,9 @@ async def _accept_loop(
                 continue
             paused = None
             sockets.opened()
-            handler_nursery.start_soon(_serve, handler, stream, sockets)
-
-
-async def _serve(handler: Handler, stream: trio.abc.Stream, sockets: Sockets) -> None:
-    try:
-        await handler(stream)
-    finally:
-        try:
-            if not _closed(stream):  # the handler should have closed it
-                await trio.aclose_forcefully(stream)
-        finally:
-            sockets.closed()
-
-
-def _closed(stream: trio.abc.Stream) -> bool:
-    # A socket the handler closed needs no second close: aclose would still
-    # cost two scheduling rounds (its checkpoint, in a cancelled scope).
-    return isinstance(stream, trio.SocketStream) and stream.socket.fileno() < 0
+            # The handler's task is the connection's for as long as it lasts:
+            # no wrapper's frame waits with it.
+            handler_nursery.start_soon(handler, stream, sockets.closed, name=CONNECTION_TASK)
 
 
 def _paused(log: structlog.typing.FilteringBoundLogger, reason: str, sockets: Sockets) -> None:

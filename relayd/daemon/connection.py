@@ -8,7 +8,8 @@ connection with :meth:`Connection.deliver`, into its outbox
 (:class:`~relayd.routing.outbox.Outbox`); the writer takes everything waiting
 since its last write and writes it with one ``send_all``.
 
-Task layout, all owned by :meth:`Connection.run`::
+Task layout: :meth:`Connection.run` runs in the task its owner (the gate)
+started it in, and waits for everything it starts::
 
     run
     ├── reader    socket -> router (runs in run's own task); also the timers
@@ -19,8 +20,12 @@ Task layout, all owned by :meth:`Connection.run`::
                   message for an idle connection is written without a task, by
                   the task that queued it
 
-An idle connection is one task in one nursery (docs/benchmarks.md has its cost
-in bytes).
+The writer task runs in the nursery ``run``'s own task runs in (``tasks``: the
+server's connections nursery), not in a nursery of its own, which would cost
+every idle connection a cancel scope (about 1.1 KB); ``run`` bounds it, cancels
+it if it ends early, waits for it before it returns, and raises its bugs as its
+own. An idle connection is one task and one cancel scope (docs/benchmarks.md
+has its cost in bytes).
 
 How it ends is decided once, by :class:`~relayd.wire.lifecycle.Lifecycle`, whose
 table says, for each way of ending, whether the outbox is flushed or dropped,
@@ -38,8 +43,6 @@ the gate catches that at the connection boundary, logs it and closes with
 """
 
 from __future__ import annotations
-
-import math
 
 import structlog
 import trio
@@ -83,6 +86,7 @@ class Connection:
         echo: serve the diagnostic echo route: no id, not routable, every
             message comes back to its sender through the router and writer.
         router: where messages go.
+        tasks: the nursery :meth:`run` is called in; its writer tasks run there too.
         limits: the limits in force, read at each use (a reload may replace them).
         events: where the outcomes of messages refused here are recorded.
         log: a logger already bound with nothing connection-specific.
@@ -94,8 +98,6 @@ class Connection:
 
     __slots__ = (
         "_echo",
-        "_io",
-        "_io_deadline",
         "_lifecycle",
         "_live",
         "_log",
@@ -103,6 +105,7 @@ class Connection:
         "_registered",
         "_router",
         "_stats",
+        "_tasks",
         "_timers",
         "_transport",
         "_writer",
@@ -123,6 +126,7 @@ class Connection:
         dialect: Dialect,
         echo: bool = False,
         router: Router,
+        tasks: trio.Nursery,
         limits: LiveLimits,
         events: MessageEvents,
         log: structlog.typing.FilteringBoundLogger,
@@ -130,6 +134,7 @@ class Connection:
     ) -> None:
         self._transport = transport
         self._router = router
+        self._tasks = tasks
         # Routable once registered; the echo route never is (it has no id to announce).
         self._registered = False
         self._echo = echo
@@ -165,10 +170,6 @@ class Connection:
             limits=limits,
             log=log,
         )
-        # The nursery the writer runs in, once it is open, and the deadline for
-        # the writer to finish once relayd has decided to close.
-        self._io: trio.Nursery | None = None
-        self._io_deadline = math.inf
 
     @property
     def bytes_in(self) -> int:
@@ -249,9 +250,10 @@ class Connection:
             self._router.unregister(self)
 
     def _finish_writing_by(self, deadline: float) -> None:
-        self._io_deadline = deadline
-        if self._io is not None:
-            self._io.cancel_scope.deadline = deadline
+        # What a close bounds: the writer's task, and the reader's wait to
+        # hand off what it read.
+        self._writer.finish_by(deadline)
+        self._reader.finish_by(deadline)
 
     # -- the connection's life -------------------------------------------------
 
@@ -267,28 +269,31 @@ class Connection:
         try:
             if not self._echo and not await self._announce():
                 return
-            async with trio.open_nursery() as io:
-                self._io = io
-                io.cancel_scope.deadline = self._io_deadline
-                self._writer.attach(io)
-                try:
-                    if lifecycle.reading:
-                        await self._reader.run()
-                    lifecycle.end()  # if still open, the stream ended without a close frame
-                    if lifecycle.flushing:
-                        self._writer.wake()  # a writer stays until the outbox settles
-                    else:
-                        # Nobody left to write to: drop what is queued and let a
-                        # write in progress finish, briefly.
-                        self._leave()
-                        self.outbox.discard()
-                        if self._writer.running:
-                            self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
-                            self._writer.wake()
-                finally:
-                    # A writer still flushing goes on; none is started from now
-                    # on, whatever the router still answers (the nursery closes).
-                    self._writer.detach()
+            writer = self._writer
+            writer.attach(self._tasks)
+            try:
+                if lifecycle.reading:
+                    await self._reader.run()
+                lifecycle.end()  # if still open, the stream ended without a close frame
+                if lifecycle.flushing:
+                    writer.wake()  # a writer stays until the outbox settles
+                else:
+                    # Nobody left to write to: drop what is queued and let a
+                    # write in progress finish, briefly.
+                    self._leave()
+                    self.outbox.discard()
+                    if writer.running:
+                        self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
+                        writer.wake()
+            except BaseException:
+                writer.stop()  # as its own nursery would have: it ends with its connection
+                raise
+            finally:
+                # A writer still flushing goes on; none is started from now
+                # on, whatever the router still answers.
+                writer.detach()
+                await self._writer_ended()
+            writer.raise_crash()
             # Written out, or given up: what the router still answers is dropped.
             self.outbox.discard()
             await closing_handshake(self._transport, lifecycle, self._reader, self._writer)
@@ -302,6 +307,19 @@ class Connection:
             self._leave()
             self.outbox.discard()
             log_close(self, lifecycle, self._reader, self._writer, self._log, self._stats)
+
+    async def _writer_ended(self) -> None:
+        """Wait for the writer task to end, within its bounds; at once if cancelled meanwhile."""
+        writer = self._writer
+        try:
+            await writer.join()
+        except BaseException:
+            writer.stop()
+            # Cancelled, it ends at its next checkpoint: the transport is not
+            # closed under it.
+            with trio.CancelScope(shield=True):
+                await writer.join()
+            raise
 
     async def _announce(self) -> bool:
         """Become routable, then send the welcome frame; False if the client is gone."""

@@ -65,6 +65,10 @@ __all__ = ["Gate", "new_client_id"]
 _ID_BYTES: Final = 16
 
 
+def _nothing() -> None:
+    pass
+
+
 def new_client_id() -> str:
     """A fresh, unguessable, URL-safe client id (128 random bits, 22 characters)."""
     return secrets.token_urlsafe(_ID_BYTES)
@@ -153,23 +157,27 @@ class Gate:
         for connection in self.connections:
             connection.drain()
 
-    async def __call__(self, stream: trio.abc.Stream) -> None:
-        """Serve one accepted stream to the end; never raises (but Cancelled)."""
-        address = peer_address(stream)
-        if address is None:  # reset before it could be looked at: nobody to serve
-            await trio.aclose_forcefully(stream)
-            return
-        conn, ip = next(self._numbers), ip_of(address)
-        over = self.handshakes.admit(ip)
-        if over is not None:
-            # Unread and at once: one address (or all of them) sending
-            # nothing or half a request holds no more than its share.
-            self._dropped(conn, address, over)
-            await trio.aclose_forcefully(stream)
-            return
-        transport = Transport(stream)
-        attempt = _Attempt(conn=conn, address=address, ip=ip)
+    async def __call__(
+        self, stream: trio.abc.Stream, released: Callable[[], None] = _nothing
+    ) -> None:
+        """Serve one accepted stream to the end and close it; never raises (but Cancelled).
+
+        One coroutine from the accept to the close: an open connection waits
+        in it (and in the frames under it) for as long as it lasts, and each
+        frame costs some 300 bytes.
+
+        Args:
+            stream: the accepted stream; closed here, whatever happens.
+            released: called once ``stream`` is closed (the accept loops count
+                the socket until then).
+        """
+        transport: Transport | None = None
+        attempt: _Attempt | None = None
         try:
+            attempt = self._admit(stream)
+            if attempt is None:
+                return
+            transport = Transport(stream)
             try:
                 # The handshake's request, headers and reader are gone (with
                 # its frame) by the time the connection runs, possibly for days.
@@ -187,9 +195,28 @@ class Gate:
                 await self._fail(transport, attempt, group)
         finally:
             try:
-                await transport.close()
+                if transport is None:
+                    await trio.aclose_forcefully(stream)
+                else:
+                    await transport.close()
             finally:
-                self._release(attempt)
+                if attempt is not None:
+                    self._release(attempt)
+                released()
+
+    def _admit(self, stream: trio.abc.Stream) -> _Attempt | None:
+        """Count ``stream`` as a handshake in progress; None if it is not to be served."""
+        address = peer_address(stream)
+        if address is None:  # reset before it could be looked at: nobody to serve
+            return None
+        conn, ip = next(self._numbers), ip_of(address)
+        over = self.handshakes.admit(ip)
+        if over is not None:
+            # Unread and at once: one address (or all of them) sending
+            # nothing or half a request holds no more than its share.
+            self._dropped(conn, address, over)
+            return None
+        return _Attempt(conn=conn, address=address, ip=ip)
 
     def _release(self, attempt: _Attempt) -> None:
         # After the close: a socket lingering for its last bytes still holds
@@ -283,6 +310,7 @@ class Gate:
             dialect=decision.dialect,
             echo=decision.echo,
             router=self._router,
+            tasks=_nursery_of_this_task(),
             limits=self.limits,
             events=self._events,
             log=self._log,
@@ -330,6 +358,14 @@ class _Attempt:
     accepted: bool = False  # the 101 went out: the WebSocket is open
     handshaking: bool = True  # counted in Gate.handshakes
     counted: bool = False  # counted in Gate.capacity
+
+
+def _nursery_of_this_task() -> trio.Nursery:
+    # The gate runs as a task of the server's connections nursery (or a
+    # test's): the connection's writer tasks run there beside it.
+    nursery = trio.lowlevel.current_task().parent_nursery
+    assert nursery is not None  # only trio.run's first task has none
+    return nursery
 
 
 def _first_leaf(error: BaseException) -> BaseException:

@@ -1,7 +1,8 @@
 """One connection's reader: its socket to the router, and its timers.
 
-The reader takes what one read brought (:meth:`Transport.receive
-<relayd.daemon.transport.Transport.receive>`), parses every frame in it
+The reader takes what one read brought (it waits for the socket and reads
+it once, as :meth:`Transport.receive
+<relayd.daemon.transport.Transport.receive>` does), parses every frame in it
 (:class:`~relayd.wire.frames.FrameParser`), judges each message
 (:class:`~relayd.daemon.intake.Intake`) and hands the lot to the router as one
 batch, with a reply slot reserved for each item in the outbox. A client that
@@ -86,6 +87,7 @@ class Reader:
     """
 
     __slots__ = (
+        "_bound",
         "_early",
         "_intake",
         "_lifecycle",
@@ -136,7 +138,9 @@ class Reader:
         self._live = limits
         self._log = log
         self._receive_scope: trio.CancelScope | None = None  # the wait for the socket
-        self._waiting_for_socket = False  # in Transport.receive
+        # The deadline of waits other than for the socket: none, until a close bounds them.
+        self._bound = math.inf
+        self._waiting_for_socket = False  # waiting for the socket to be readable
         self.messages_in = self.bytes_in = 0
 
     def stop(self) -> None:
@@ -149,6 +153,13 @@ class Reader:
         if self._waiting_for_socket and self._receive_scope is not None:
             self._receive_scope.cancel()
 
+    def finish_by(self, deadline: float) -> None:
+        """Cut short a hand-off to the router still waiting at ``deadline`` (a close's bound)."""
+        self._bound = deadline
+        scope = self._receive_scope
+        if not self._waiting_for_socket and scope is not None:
+            scope.deadline = deadline
+
     def alarm(self, deadline: float) -> None:
         """Wake by ``deadline`` to see to a timer that has just started."""
         scope = self._receive_scope
@@ -157,30 +168,44 @@ class Reader:
 
     async def run(self) -> None:
         """Read until the connection stops reading: a close, a stop, a timer, or the end."""
-        receive = self._transport.receive
-        early, self._early = self._early, b""
-        if early and not await self._handle(early):
-            return
+        transport = self._transport
+        # A plain socket's descriptor is waited on in this frame: an idle
+        # connection waits here for days, and a frame of the transport's
+        # under it would cost some 220 bytes more.
+        fd = transport.fd
+        data: bytes | bytearray | None = self._early  # what came with the handshake first
+        self._early = b""
         lifecycle = self._lifecycle
         while lifecycle.reading:
             # One cancel scope for a stretch of reads: its deadline is the next
             # timer; a timer, or a stop, cancels only the wait for the socket,
             # and ends the stretch. Handling what was read waits for nothing
-            # but in the rare slow paths of _route, which lift the deadline
-            # first; so the deadline is set only when it changes (a change
-            # costs trio a heap entry and a context manager).
+            # but in the rare slow paths of _route, which first put the
+            # deadline at a close's bound (none while open); so the deadline
+            # is set only when it changes (a change costs trio a heap entry
+            # and a context manager). It is the connection's only cancel
+            # scope while it is idle.
             with trio.CancelScope() as scope:
                 self._receive_scope = scope
                 while True:
+                    if data and not await self._handle(data):
+                        return
+                    data = b""  # handled: a timer's cancel must not see it again
                     deadline = self._timers.deadline(self._live.current)
                     if deadline != scope.deadline:
                         scope.deadline = deadline
                     self._waiting_for_socket = True
                     try:
-                        data = await receive(RECEIVE_BYTES)
+                        if fd < 0:
+                            data = await transport.receive(RECEIVE_BYTES)
+                        else:
+                            await trio.lowlevel.wait_readable(fd)
+                            data = transport.read_nowait(RECEIVE_BYTES)
                     finally:
                         self._waiting_for_socket = False
-                    if not data or not await self._handle(data):
+                    if data is None:
+                        continue  # readable, then not: wait again
+                    if not data:
                         return
             self._receive_scope = None
             if not lifecycle.reading or not self._due():
@@ -281,13 +306,14 @@ class Reader:
         return True
 
     def _lift_deadline(self) -> None:
-        """Before a wait other than for the socket: no timer may cut it short.
+        """Before a wait other than for the socket: no timer may cut it short, only a close.
 
         What was read is then routed whatever the timers say; they are seen
-        to once the reader next waits for the socket.
+        to once the reader next waits for the socket. A close for policy
+        bounds the wait (:meth:`finish_by`).
         """
         if self._receive_scope is not None:
-            self._receive_scope.deadline = math.inf
+            self._receive_scope.deadline = self._bound
 
     def _due(self) -> bool:
         """See to the timers that are due; False if the connection closes for one."""

@@ -28,17 +28,22 @@ nothing once it is dropping its outbox; a flushing writer stays until the
 outbox is settled (closed, empty, no reply still to come).
 
 Resource handling: the connection calls :meth:`Writer.attach` with the nursery
-the writer task runs in, bounds it (the nursery's deadline), and calls
-:meth:`Writer.detach` before that nursery closes: from then on nothing starts
-a writer, whatever the router still answers. The transport is the connection's
-owner's. Nothing here raises into a caller but :meth:`Writer.write`.
-Cancellation in the middle of a write breaks the transport
-(:class:`~relayd.daemon.transport.Transport` records it), and what was taken is
-counted as undelivered.
+the writer task runs in (the one its own task runs in: a nursery of its own
+would cost an idle connection a cancel scope, some 1.1 KB), bounds the task
+(:meth:`Writer.finish_by`, :meth:`Writer.stop`), calls :meth:`Writer.detach`
+once it stops writing (from then on nothing starts a writer, whatever the
+router still answers), and waits in :meth:`Writer.join` for the task to end
+before it returns. The transport is the connection's owner's. Nothing here
+raises into a caller but :meth:`Writer.write`; a bug in the writer task is kept
+in :attr:`Writer.crash` for the connection to raise in its own task, so that it
+never reaches the shared nursery. Cancellation in the middle of a write breaks
+the transport (:class:`~relayd.daemon.transport.Transport` records it), and
+what was taken is counted as undelivered.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Final
 
@@ -76,7 +81,9 @@ class Writer:
     """
 
     __slots__ = (
+        "_deadline",
         "_deferred",
+        "_ended",
         "_lifecycle",
         "_nursery",
         "_on_gone",
@@ -85,10 +92,12 @@ class Writer:
         "_pending_messages",
         "_room",
         "_running",
+        "_scope",
         "_timers",
         "_transport",
         "_wake",
         "bytes_out",
+        "crash",
         "dropped",
         "messages_out",
     )
@@ -118,6 +127,14 @@ class Writer:
         # and how many messages they hold. Written first by the next writer task.
         self._pending = b""
         self._pending_messages = 0
+        # When a writer task, running or to come, must be done by (a close's
+        # bound), and the running one's scope that enforces it.
+        self._deadline = math.inf
+        self._scope: trio.CancelScope | None = None
+        # The connection, waiting for the writer task to end: made when first needed.
+        self._ended: trio.lowlevel.ParkingLot | None = None
+        #: The bug a writer task raised, for the connection to raise in its own task.
+        self.crash: Exception | None = None
         self.messages_out = self.bytes_out = self.dropped = 0
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -132,8 +149,34 @@ class Writer:
         return self._running
 
     def detach(self) -> None:
-        """Start no more writer tasks: the nursery they ran in is closing."""
+        """Start no more writer tasks; a running one goes on (see :meth:`join`)."""
         self._nursery = None
+
+    def finish_by(self, deadline: float) -> None:
+        """Cancel the writer task, running or to come, if it still runs at ``deadline``."""
+        self._deadline = deadline
+        if self._scope is not None:
+            self._scope.deadline = deadline
+
+    def stop(self) -> None:
+        """Cancel the writer task now, if one runs: what it took is counted as dropped."""
+        self.finish_by(-math.inf)
+
+    def raise_crash(self) -> None:
+        """Raise the bug a writer task raised, if one did (in the connection's own task)."""
+        if self.crash is not None:
+            raise self.crash
+
+    async def join(self) -> None:
+        """Wait until no writer task runs.
+
+        The caller bounds the wait (:meth:`finish_by`, :meth:`stop`), or is
+        cancelled with the writer: both run in the same nursery.
+        """
+        while self._running:
+            if self._ended is None:
+                self._ended = trio.lowlevel.ParkingLot()
+            await self._ended.park()
 
     def wake(self) -> None:
         """Frames were queued, or the lifecycle moved on: write them, wake the writer, or start one.
@@ -234,46 +277,61 @@ class Writer:
         self.bytes_out += size
 
     async def _run(self) -> None:
+        """The writer task, in the connection's owner's nursery: it must raise nothing there.
+
+        A bug is kept in :attr:`crash` and reported like a client gone; the
+        connection raises it once the task has ended. Cancelled at
+        :meth:`finish_by`'s deadline, or with the nursery.
+        """
+        try:
+            with trio.CancelScope(deadline=self._deadline) as self._scope:
+                await self._write_out()
+        except Exception as exc:
+            self.crash = exc
+            self._on_gone()
+        finally:
+            self._running = False
+            self._wake = self._scope = None
+            if self._ended:
+                self._ended.unpark_all()
+
+    async def _write_out(self) -> None:
         outbox, lifecycle = self._outbox, self._lifecycle
         self._wake = wake = trio.lowlevel.ParkingLot()
-        try:
-            if self._pending:
-                # Part of a frame is on the wire already: the rest goes first,
-                # whatever happens next (a write cut short breaks the transport).
-                pending, self._pending = self._pending, b""
+        if self._pending:
+            # Part of a frame is on the wire already: the rest goes first,
+            # whatever happens next (a write cut short breaks the transport).
+            pending, self._pending = self._pending, b""
+            try:
+                await self._send(pending, self._pending_messages)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._on_gone()
+                return
+        while True:
+            frames = outbox.take()
+            if frames:
+                self._timers.progress()  # taking is progress
+                self.slots_freed()
+                if not (lifecycle.reading or lifecycle.flushing):
+                    self.dropped += _messages_in(frames)
+                    return
                 try:
-                    await self._send(pending, self._pending_messages)
+                    await self.write(frames)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._on_gone()
                     return
-            while True:
-                frames = outbox.take()
-                if frames:
-                    self._timers.progress()  # taking is progress
-                    self.slots_freed()
-                    if not (lifecycle.reading or lifecycle.flushing):
-                        self.dropped += _messages_in(frames)
-                        return
-                    try:
-                        await self.write(frames)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        self._on_gone()
-                        return
-                elif outbox.settled or not (lifecycle.reading or lifecycle.flushing):
-                    return
-                elif lifecycle.flushing:
-                    await wake.park()  # until frames come or the outbox settles
-                else:
-                    # The idle wait has a scope of its own, so that frames it
-                    # wakes for are never taken under a deadline that could cut
-                    # their write short.
-                    with trio.move_on_after(WRITER_IDLE_S):
-                        await wake.park()
-                    if not outbox.has_frames() and lifecycle.reading:
-                        return  # idle: the next frame starts a writer again
-        finally:
-            self._running = False
-            self._wake = None
+            elif outbox.settled or not (lifecycle.reading or lifecycle.flushing):
+                return
+            elif lifecycle.flushing:
+                await wake.park()  # until frames come or the outbox settles
+            else:
+                # The idle wait has a scope of its own, so that frames it
+                # wakes for are never taken under a deadline that could cut
+                # their write short.
+                with trio.move_on_after(WRITER_IDLE_S):
+                    await wake.park()
+                if not outbox.has_frames() and lifecycle.reading:
+                    return  # idle: the next frame starts a writer again
 
 
 def _messages_in(frames: list[bytes]) -> int:
