@@ -9,6 +9,7 @@ Each test takes the ``autojump_clock`` fixture, which pytest-trio runs it on.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,8 +22,10 @@ import trio.testing
 from trio_websocket import wrap_client_stream
 
 from relayd.config import LimitsSettings
+from relayd.daemon.connection import Connection
 from relayd.daemon.gate import Gate
-from relayd.daemon.writer import WRITER_IDLE_S
+from relayd.daemon.reader import Reader
+from relayd.daemon.writer import WRITER_IDLE_S, Writer
 from relayd.routing.local import DEFAULT_INBOX_SIZE, LocalRouter
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -396,3 +399,28 @@ async def test_frames_that_wake_the_writer_as_its_idle_time_runs_out_are_written
         assert wire.server_frames(bytes(received), after_head=False) == [(0xA, b"two")]
         mock_clock.autojump_threshold = 0  # let the teardown's timers run
         await client.aclose()
+
+
+async def test_a_closed_connection_is_freed_at_once_not_by_the_cyclic_collector(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A connection's parts point back to it; once it has ended those links
+    # are cut, so that reference counting frees it and its socket at once,
+    # with no cycle left for the collector to find.
+    gc.collect()
+    gc.disable()
+    try:
+        async with serving() as relay:
+            async with relay.client() as a, relay.client() as b:
+                await a.send(b.id, "hello")  # its reader, router and writer all take part
+                assert await b.recv() == "hello"
+            await trio.testing.wait_all_tasks_blocked()
+            assert not relay.gate.connections
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept, to be looked at
+            gc.collect()
+            left = [type(thing) for thing in gc.garbage]
+            assert (left.count(Connection), left.count(Reader), left.count(Writer)) == (0, 0, 0)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

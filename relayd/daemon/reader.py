@@ -160,6 +160,14 @@ class Reader:
         if not self._waiting_for_socket and scope is not None:
             scope.deadline = deadline
 
+    def forget_owner(self) -> None:
+        """Drop the links back to the connection (its own and its intake's), once it has ended.
+
+        Nothing may be read after this; :meth:`stop`, :meth:`alarm` and
+        :meth:`finish_by` may still be called, and do nothing.
+        """
+        del self._owner, self._intake
+
     def alarm(self, deadline: float) -> None:
         """Wake by ``deadline`` to see to a timer that has just started."""
         scope = self._receive_scope

@@ -162,6 +162,10 @@ class Writer:
         """Cancel the writer task now, if one runs: what it took is counted as dropped."""
         self.finish_by(-math.inf)
 
+    def forget_owner(self) -> None:
+        """Drop the link back to the connection (``on_gone``), once it has ended and joined this."""
+        self._on_gone = _nothing
+
     def raise_crash(self) -> None:
         """Raise the bug a writer task raised, if one did (in the connection's own task)."""
         if self.crash is not None:
@@ -332,6 +336,10 @@ class Writer:
                     await wake.park()
                 if not outbox.has_frames() and lifecycle.reading:
                     return  # idle: the next frame starts a writer again
+
+
+def _nothing() -> None:
+    pass
 
 
 def _messages_in(frames: list[bytes]) -> int:
