@@ -63,7 +63,7 @@ async def _client_close(transport: Transport, reader: Reader) -> None:
         data = await receive(RECEIVE_BYTES)
         reader.bytes_in += len(data)
         try:
-            events = reader.feed(data) if data else [(OP_CLOSE, b"")]
+            events = reader.feed(data, trio.current_time()) if data else [(OP_CLOSE, b"")]
         except ProtocolError:
             return
         if any(opcode == OP_CLOSE for opcode, _ in events):

@@ -8,8 +8,8 @@ connection with :meth:`Connection.deliver`, into its outbox
 (:class:`~relayd.routing.outbox.Outbox`); the writer takes everything waiting
 since its last write and writes it with one ``send_all``.
 
-Task layout: :meth:`Connection.run` runs in the task its owner (the gate)
-started it in, and waits for everything it starts::
+Task layout: :meth:`Connection.run` runs in the connection's task (the accept
+loop starts it; the gate runs in it), and waits for everything it starts::
 
     run
     ├── reader    socket -> router (runs in run's own task); also the timers
@@ -271,6 +271,7 @@ class Connection:
                 return
             writer = self._writer
             writer.attach(self._tasks)
+            failure: BaseException | None = None
             try:
                 if lifecycle.reading:
                     await self._reader.run()
@@ -285,7 +286,8 @@ class Connection:
                     if writer.running:
                         self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
                         writer.wake()
-            except BaseException:
+            except BaseException as exc:
+                failure = exc
                 writer.stop()  # as its own nursery would have: it ends with its connection
                 raise
             finally:
@@ -293,14 +295,15 @@ class Connection:
                 # on, whatever the router still answers.
                 writer.detach()
                 await self._writer_ended()
-            writer.raise_crash()
+                writer.raise_crash(failure)
             # Written out, or given up: what the router still answers is dropped.
             self.outbox.discard()
             await closing_handshake(self._transport, lifecycle, self._reader, self._writer)
-        except Exception:
-            # The caller's boundary logs the error and sends this close code;
-            # the close event must already say so.
-            lifecycle.crash()
+        except BaseException as exc:
+            if _holds_a_bug(exc):
+                # The caller's boundary logs the error and sends this close
+                # code; the close event must already say so.
+                lifecycle.crash()
             raise
         finally:
             lifecycle.end()  # still open here: it was cut short (the client left, or a forced stop)
@@ -342,3 +345,10 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False  # gone already: logged as 1006
         return True
+
+
+def _holds_a_bug(error: BaseException) -> bool:
+    """True if ``error`` is, or holds, an Exception: not only a cancellation."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.subgroup(Exception) is not None
+    return isinstance(error, Exception)

@@ -200,9 +200,11 @@ class Gate:
                 else:
                     await transport.close()
             finally:
-                if attempt is not None:
-                    self._release(attempt)
-                released()
+                try:
+                    if attempt is not None:
+                        self._release(attempt)
+                finally:
+                    released()
 
     def _admit(self, stream: trio.abc.Stream) -> _Attempt | None:
         """Count ``stream`` as a handshake in progress; None if it is not to be served."""

@@ -137,7 +137,9 @@ class Reader:
         self._lifecycle = lifecycle
         self._live = limits
         self._log = log
-        self._receive_scope: trio.CancelScope | None = None  # the wait for the socket
+        # The stretch's scope: its deadline is the next timer's while the
+        # reader waits for the socket, a close's bound while it hands off.
+        self._receive_scope: trio.CancelScope | None = None
         # The deadline of waits other than for the socket: none, until a close bounds them.
         self._bound = math.inf
         self._waiting_for_socket = False  # waiting for the socket to be readable
@@ -186,19 +188,27 @@ class Reader:
         lifecycle = self._lifecycle
         while lifecycle.reading:
             # One cancel scope for a stretch of reads: its deadline is the next
-            # timer; a timer, or a stop, cancels only the wait for the socket,
-            # and ends the stretch. Handling what was read waits for nothing
-            # but in the rare slow paths of _route, which first put the
-            # deadline at a close's bound (none while open); so the deadline
-            # is set only when it changes (a change costs trio a heap entry
-            # and a context manager). It is the connection's only cancel
-            # scope while it is idle.
+            # timer; a timer, or a stop, cancels the wait for the socket, and
+            # ends the stretch. Handling what was read waits for nothing but
+            # in the rare slow paths of _route, which first put the deadline
+            # at a close's bound (none while open); so the deadline is set
+            # only when it changes (a change costs trio a heap entry and a
+            # context manager). It is the connection's only cancel scope
+            # while it is idle.
             with trio.CancelScope() as scope:
                 self._receive_scope = scope
                 while True:
-                    if data and not await self._handle(data):
-                        return
-                    data = b""  # handled: a timer's cancel must not see it again
+                    if data:
+                        now = trio.current_time()
+                        if now >= scope.deadline:
+                            # A timer came due as the read did: trio may have
+                            # cancelled the stretch already, and any wait of the
+                            # hand-off would end at once. The timer is seen to
+                            # first; the read is handled first in the next stretch.
+                            break
+                        pending, data = data, b""  # handled once, whatever happens
+                        if not await self._handle(pending, now):
+                            return
                     deadline = self._timers.deadline(self._live.current)
                     if deadline != scope.deadline:
                         scope.deadline = deadline
@@ -219,16 +229,16 @@ class Reader:
             if not lifecycle.reading or not self._due():
                 return
 
-    async def _handle(self, data: bytes | bytearray) -> bool:
-        """Parse one read and route what it held; False once reading must stop."""
+    async def _handle(self, data: bytes | bytearray, now: float) -> bool:
+        """Parse one read, made at ``now``, and route what it held; False once reading must stop."""
         self.bytes_in += len(data)
         violation: ProtocolError | None = None
         try:
-            events = self.feed(data)
+            events = self.feed(data, now)
         except ProtocolError as exc:
             events, violation = exc.parsed, exc
         batch: list[Inbound] = []
-        ended = self._take(events, batch)
+        ended = self._take(events, batch, now)
         if batch:
             try:
                 if not await self._route(batch):
@@ -245,14 +255,13 @@ class Reader:
             return False
         return not ended and self._lifecycle.reading
 
-    def feed(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
-        """Parse ``data`` within the frames the connection may still send."""
+    def feed(self, data: bytes | bytearray, now: float) -> list[tuple[int, bytes]]:
+        """Parse ``data``, read at ``now``, within the frames the connection may still send."""
         parser = self._parser
-        return parser.feed(data, self._pacer.allowance(trio.current_time(), parser.frames))
+        return parser.feed(data, self._pacer.allowance(now, parser.frames))
 
-    def _take(self, events: list[tuple[int, bytes]], batch: list[Inbound]) -> bool:
-        """Turn one read's frames into router items; True if the connection ends here."""
-        now = trio.current_time()
+    def _take(self, events: list[tuple[int, bytes]], batch: list[Inbound], now: float) -> bool:
+        """Turn one read's frames (read at ``now``) into router items; True if it ends here."""
         for opcode, payload in events:
             if opcode <= OP_BINARY:
                 self._timers.active(now)

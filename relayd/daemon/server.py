@@ -4,7 +4,10 @@ Task tree of one daemon (each box owns what is under it)::
 
     Server.run
     ├── router          Router.run: the routing task (relayd.routing)
-    └── connections     one task per accepted stream (daemon.gate.Gate)
+    └── connections     one task per accepted stream (daemon.gate.Gate), and
+        │               beside it, while it has more to write than its socket
+        │               takes, its writer task (daemon.writer.Writer), which
+        │               the connection bounds and waits for
         └── accepting   accepting.serve_public: the accept loops, within the
                         open-file budget
 

@@ -34,15 +34,17 @@ would cost an idle connection a cancel scope, some 1.1 KB), bounds the task
 once it stops writing (from then on nothing starts a writer, whatever the
 router still answers), and waits in :meth:`Writer.join` for the task to end
 before it returns. The transport is the connection's owner's. Nothing here
-raises into a caller but :meth:`Writer.write`; a bug in the writer task is kept
-in :attr:`Writer.crash` for the connection to raise in its own task, so that it
-never reaches the shared nursery. Cancellation in the middle of a write breaks
-the transport (:class:`~relayd.daemon.transport.Transport` records it), and
-what was taken is counted as undelivered.
+raises into a caller but :meth:`Writer.write` and :meth:`Writer.raise_crash`: a
+bug in the writer task is kept in :attr:`Writer.crash` for the connection to
+raise in its own task, so that it never reaches the shared nursery.
+Cancellation in the middle of a write breaks the transport
+(:class:`~relayd.daemon.transport.Transport` records it), and what was taken is
+counted as undelivered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Final
@@ -153,23 +155,39 @@ class Writer:
         self._nursery = None
 
     def finish_by(self, deadline: float) -> None:
-        """Cancel the writer task, running or to come, if it still runs at ``deadline``."""
-        self._deadline = deadline
-        if self._scope is not None:
-            self._scope.deadline = deadline
+        """Cancel the writer task, running or to come, if it still runs at ``deadline``.
+
+        The earliest deadline given holds: a later one never extends it.
+        """
+        if deadline < self._deadline:
+            self._deadline = deadline
+            if self._scope is not None:
+                self._scope.deadline = deadline
 
     def stop(self) -> None:
         """Cancel the writer task now, if one runs: what it took is counted as dropped."""
-        self.finish_by(-math.inf)
+        self._deadline = -math.inf
+        if self._scope is not None:
+            self._scope.cancel()  # at once, not at the next round's deadline check
 
     def forget_owner(self) -> None:
         """Drop the link back to the connection (``on_gone``), once it has ended and joined this."""
         self._on_gone = _nothing
 
-    def raise_crash(self) -> None:
-        """Raise the bug a writer task raised, if one did (in the connection's own task)."""
-        if self.crash is not None:
-            raise self.crash
+    def raise_crash(self, failure: BaseException | None = None) -> None:
+        """Raise the bug a writer task raised, if one did (in the connection's own task).
+
+        Args:
+            failure: what the connection is ending with already, if anything
+                (a bug of its own, a cancellation): both are raised then, in
+                one group, so that neither is lost.
+        """
+        crash = self.crash
+        if crash is None:
+            return
+        if failure is None:
+            raise crash
+        raise BaseExceptionGroup("the connection and its writer task both failed", [failure, crash])
 
     async def join(self) -> None:
         """Wait until no writer task runs.
@@ -281,7 +299,7 @@ class Writer:
         self.bytes_out += size
 
     async def _run(self) -> None:
-        """The writer task, in the connection's owner's nursery: it must raise nothing there.
+        """The writer task, in its connection's owner's nursery: it raises only Cancelled there.
 
         A bug is kept in :attr:`crash` and reported like a client gone; the
         connection raises it once the task has ended. Cancelled at
@@ -292,7 +310,12 @@ class Writer:
                 await self._write_out()
         except Exception as exc:
             self.crash = exc
-            self._on_gone()
+            # The connection stops reading and raises it; if stopping meets
+            # a bug too (the same one, met again), that must not escape
+            # either: the connection then raises the first once its reader
+            # ends anyway, at the latest at one of its timers.
+            with contextlib.suppress(Exception):
+                self._on_gone()
         finally:
             self._running = False
             self._wake = self._scope = None
