@@ -605,9 +605,10 @@ async def test_batched_lines_are_written_at_once_when_sparse_else_held_briefly_i
         with batched():
             log.info("soon.after", n=2)
         assert events()[2:] == []  # held: a batch was written less than FLUSH_DELAY_S ago
-        await trio.sleep(FLUSH_DELAY_S / 4)
-        assert events()[2:] == []
-        await trio.sleep(FLUSH_DELAY_S / 4)  # FLUSH_DELAY_S after the first write
+        await trio.sleep(FLUSH_DELAY_S / 2)  # FLUSH_DELAY_S after the first write
+        await trio.testing.wait_all_tasks_blocked()
+        assert events()[2:] == []  # no batch ended since: the flusher waits until it is due
+        await trio.sleep(FLUSH_DELAY_S / 2)  # FLUSH_DELAY_S after it was held
         await trio.testing.wait_all_tasks_blocked()
         assert events()[2:] == ["soon.after"]
         with batched():
@@ -618,6 +619,25 @@ async def test_batched_lines_are_written_at_once_when_sparse_else_held_briefly_i
         with batched():
             log.info("later", n=5)  # quiet again: written at once
         assert events()[5:] == ["later"]
+        await trio.sleep(FLUSH_DELAY_S / 2)
+        with batched():
+            log.info("held.again", n=6)
+        await trio.sleep(FLUSH_DELAY_S / 2)
+        with batched():
+            # FLUSH_DELAY_S after the last write: this batch writes the held line with its own.
+            log.info("takes.them", n=7)
+        assert events()[6:] == ["held.again", "takes.them"]
+        await trio.sleep(FLUSH_DELAY_S / 4)
+        with batched():
+            log.info("held.last", n=8)
+        # The flusher's wake-up for "held.again", FLUSH_DELAY_S / 4 from now, was called
+        # off with the write: this line waits its own due, FLUSH_DELAY_S from now.
+        await trio.sleep(FLUSH_DELAY_S * 0.9)
+        await trio.testing.wait_all_tasks_blocked()
+        assert events()[8:] == []
+        await trio.sleep(FLUSH_DELAY_S * 0.1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert events()[8:] == ["held.last"]
         nursery.cancel_scope.cancel()
 
 

@@ -6,12 +6,15 @@ process (structlog's logger for relayd); code that logs many events at once
 batch's lines are written at its end when no batch's lines were written in
 the last :data:`FLUSH_DELAY_S` (sparse traffic: a lone message's line costs
 one ``write`` and no task wakes up for it); otherwise they are held, and go
-out with the next line logged outside a batch, or when :data:`MAX_HELD_BYTES`
-are held, or :data:`FLUSH_DELAY_S` after the last write when
-:func:`flush_held_lines` runs (the server runs it), whichever comes first:
-under load, one ``write`` per :data:`FLUSH_DELAY_S`. Without the flusher
-running, every batch is written at its end. Lines keep their order and are
-never held longer than :data:`FLUSH_DELAY_S`.
+out with the lines of the first batch to end :data:`FLUSH_DELAY_S` or more
+after the last write, or with the next line logged outside a batch, or when
+:data:`MAX_HELD_BYTES` are held, or :data:`FLUSH_DELAY_S` after the first of
+them was held when :func:`flush_held_lines` runs (the server runs it),
+whichever comes first: under load, one ``write`` per :data:`FLUSH_DELAY_S`,
+and under steady traffic a batch writes them before the flusher has to wake
+(a wake-up is a task step, a scheduling round and a ``Cancelled`` raised and
+caught). Without the flusher running, every batch is written at its end.
+Lines keep their order and are never held longer than :data:`FLUSH_DELAY_S`.
 
 **When nobody reads the lines** (stdout is a pipe whose reader exited, as in
 ``relayd serve | head -1``, or a journal stream that was closed), writing
@@ -31,6 +34,7 @@ import io
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Final, TextIO
 
 import trio
@@ -104,15 +108,22 @@ class LineSink:
         if flusher is None:
             self.flush()
             return
-        # The flusher runs, so this runs in trio (batches never await).
-        now = trio.current_time()
+        global _due  # the one flusher's, which batches set and call off
+        # The flusher runs, so this runs in trio (batches never await), whose clock
+        # the flusher keeps: read straight, not through trio.current_time()'s three calls.
+        now = _now()
         if now >= self.quiet_until:
-            # Sparse: written now, which costs one write and no task's wake-up.
+            # Sparse: written now, which costs one write and no task's wake-up; so do
+            # the lines held since the last write, and the flusher need not wake for them.
             self.quiet_until = now + FLUSH_DELAY_S
             self.flush()
-        elif flusher.deadline > self.quiet_until:
-            # The flusher wakes once, when the quiet time ends, and writes them.
-            flusher.deadline = self.quiet_until
+            if _due != math.inf:
+                _due = flusher.deadline = math.inf
+        elif _due == math.inf:
+            # The first line held since the last write: the flusher wakes when it is
+            # due, unless a batch that ends after the quiet time writes it first (under
+            # steady traffic one does, and the flusher never wakes).
+            _due = flusher.deadline = now + FLUSH_DELAY_S
 
     # structlog calls the method named like the level; they all write a line.
     debug = info = warning = warn = error = critical = exception = log = msg
@@ -156,8 +167,13 @@ _sink: LineSink | None = None
 #: The lines dropped for want of a reader since the process started (every sink's).
 _dropped = 0
 #: The flusher's wait, while :func:`flush_held_lines` runs: a batch that holds
-#: lines sets its deadline to when they are due.
+#: the first line since the last write sets its deadline to when that is due.
 _flusher: trio.CancelScope | None = None
+#: The deadline of the flusher's wait, kept apart because reading a cancel scope's
+#: deadline is a Python call; inf when it waits for no line.
+_due = math.inf
+#: trio's time, read from the clock of the run the flusher runs in while it runs.
+_now: Callable[[], float] = trio.current_time
 
 
 def _count_dropped(lines: int) -> None:
@@ -190,24 +206,28 @@ def current() -> LineSink | None:
 
 
 async def flush_held_lines() -> None:
-    """Write the lines batches hold, :data:`FLUSH_DELAY_S` after the last write; run forever.
+    """Write the lines batches hold, :data:`FLUSH_DELAY_S` after the first was held; forever.
 
-    It wakes only when held lines are due: a batch that holds lines sets the
-    deadline of its wait (one task step per write, however many lines).
+    It wakes only when held lines are due: the batch that holds the first of
+    them sets the deadline of its wait, and a batch that writes them first
+    calls it off (one task step per write it makes, however many lines).
 
     Resource handling: run it in a nursery that lives as long as the logging
     does; when cancelled, it writes what is held and batches flush at once again.
     """
-    global _flusher  # the module's one flusher, like its one sink
+    global _flusher, _now, _due  # the module's one flusher, like its one sink
+    _now = trio.lowlevel.current_clock().current_time
     try:
         while True:
+            _due = math.inf
             with trio.CancelScope() as _flusher:
                 await trio.sleep_forever()
             sink = _sink
             if sink is not None and sink.flush():
                 sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
     finally:
-        _flusher = None
+        _flusher, _now = None, trio.current_time
+        _due = math.inf
         if _sink is not None:
             _sink.flush()
 

@@ -207,6 +207,18 @@ _JSON_PROCESSORS: Final[list[structlog.typing.Processor]] = [
 
 #: The level configured last (line_writer writes at info only when it is shown).
 _level = logging.INFO
+#: What comes before and after the timestamp in an info line of each event
+#: line_writer has written: the JSON processors' very bytes, made once per event
+#: (not per batch); emptied by :func:`configure`, which may change the priority prefix.
+_heads: dict[str, tuple[bytes, bytes]] = {}
+
+
+def _head_around_ts(event: str) -> tuple[bytes, bytes]:
+    # `{"ts":"<ts>","level":"info","event":<event>,` as msgspec writes it: no spaces, and
+    # the timestamp needs no escaping (digits, "-", ":", ".", "T", "Z").
+    before = _priority.get("info", b"") + b'{"ts":"'
+    after = b'","level":"info","event":' + _json.encode(event) + b","
+    return before, after
 
 
 def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
@@ -221,11 +233,17 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
         another set of processors is in place (``capture_logs``).
     """
     sink = line_sink.current()
-    processors = structlog.get_config()["processors"]
-    if sink is None or _level > logging.INFO or list(processors) != _JSON_PROCESSORS:
+    # capture_logs changes the configured list in place: compare its contents.
+    if (
+        sink is None
+        or _level > logging.INFO
+        or structlog.get_config()["processors"] != _JSON_PROCESSORS
+    ):
         return None
-    head = _json.encode({"ts": _clock.now(), "level": "info", "event": event})[:-1] + b","
-    head = _priority.get("info", b"") + head
+    around = _heads.get(event)
+    if around is None:
+        around = _heads[event] = _head_around_ts(event)
+    head = around[0] + _clock.now().encode() + around[1]
     write, encode = sink.msg, _json.encode
 
     def write_line(fields: dict[str, Any]) -> None:
@@ -247,6 +265,7 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
     _level = _LEVELS[settings.level]
     _budget.refill()  # a fresh start for each set-up; what was left out is still reported
     _priority.clear()
+    _heads.clear()
     if _to_journal(stream):
         _priority.update(_PRIORITIES)
     # Libraries log through the standard library (trio when accept() fails

@@ -69,7 +69,7 @@ class MessageEvents:
         bodies: include the body (``log.bodies``).
     """
 
-    __slots__ = ("_log", "_stats", "bodies", "messages", "sample")
+    __slots__ = ("_count", "_log", "_stats", "bodies", "messages", "sample")
 
     def __init__(
         self,
@@ -85,6 +85,14 @@ class MessageEvents:
         self.messages = messages
         self.sample = sample
         self.bodies = bodies
+        # Client messages, or the server API's (sender ""): one test of a string's
+        # truth per message picks the counter. Made once: it depends on no setting.
+        counts, api_counts = stats.messages, stats.api_messages
+
+        def count(sender: str, to: str | None, size: int, outcome: str, body: Body = None) -> None:
+            (counts if sender else api_counts)[outcome] += 1
+
+        self._count: Recorder = count
 
     def reconfigure(self, *, messages: str, sample: float, bodies: bool) -> None:
         """Apply reloaded ``[log]`` settings to outcomes recorded from now on."""
@@ -98,24 +106,26 @@ class MessageEvents:
         Every outcome is counted; which are logged is ``messages``: all of them, the
         refusals, the refusals and a random ``sample`` of the deliveries, or none.
         """
-        # Client messages, or the server API's (sender ""): one test of a string's
-        # truth per message picks the counter.
+        messages = self.messages
+        if messages == "off":
+            return self._count
         counts, api_counts = self._stats.messages, self._stats.api_messages
-        if self.messages == "off":
-
-            def count(
+        write = line_writer("message.relay") or self._slow_writer()
+        if messages == "all" and not self.bodies:
+            # The default, and a lone message makes a recorder for its one line:
+            # nothing here but the count and the line.
+            def record_all(
                 sender: str, to: str | None, size: int, outcome: str, body: Body = None
             ) -> None:
                 (counts if sender else api_counts)[outcome] += 1
+                write({"from": sender, "to": to, "bytes": size, "outcome": outcome})
 
-            return count
-        write = self._writer()
+            return record_all
         bodies = self.bodies
         # Deliveries are thinned out unless all are logged: one is logged when a draw from
-        # [0, 1) falls below `sample`, never for "refusals". One test of a local per
-        # message when all are logged.
-        thinned = self.messages != "all"
-        sample = self.sample if self.messages == "sampled" else 0.0
+        # [0, 1) falls below `sample`, never for "refusals".
+        thinned = messages != "all"
+        sample = self.sample if messages == "sampled" else 0.0
         draw = random.random
 
         def record(sender: str, to: str | None, size: int, outcome: str, body: Body = None) -> None:
@@ -129,9 +139,7 @@ class MessageEvents:
 
         return record
 
-    def _writer(self) -> Callable[[dict[str, Any]], None]:
-        fast = line_writer("message.relay")
-        if fast is not None:
-            return fast
+    def _slow_writer(self) -> Callable[[dict[str, Any]], None]:
+        # Through structlog, when line_writer declines (console format, capture_logs).
         log = self._log.bind()
         return lambda fields: log.info("message.relay", **fields)
