@@ -34,6 +34,7 @@ from relayd.telemetry.log import (
     THROTTLED,
     configure,
     get_logger,
+    info_line,
     line_writer,
     report_suppressed_lines,
 )
@@ -652,6 +653,23 @@ def test_the_fast_line_is_the_line_structlog_writes(configured: io.StringIO) -> 
     slow, fast = (json.loads(line) for line in lines_of(configured))
     assert list(fast) == list(slow)  # ts, level, event first, then the fields in order
     assert {**fast, "ts": None} == {**slow, "ts": None}
+
+
+def test_a_connections_line_is_the_line_structlog_writes_and_bound_context_is_kept(
+    configured: io.StringIO,
+) -> None:
+    configure(LogSettings(format="json"), stream=configured)
+    fields = {"conn": 1, "id": 'x"\u00e9', "origin": None, "user_agent": "ua\x1b[31m"}
+    get_logger().info("connection.open", **fields)
+    info_line(get_logger(), "connection.open", **fields)
+    info_line(get_logger().bind(node="n1"), "connection.open", **fields)  # structlog's way
+    slow, fast, bound = (json.loads(line) for line in lines_of(configured))
+    assert list(fast) == list(slow)  # ts, level, event first, then the fields in order
+    assert {**fast, "ts": None} == {**slow, "ts": None}
+    assert {**bound, "ts": None} == {**slow, "ts": None, "node": "n1"}
+    with structlog.testing.capture_logs() as captured:
+        info_line(get_logger(), "connection.open", **fields)
+    assert captured == [{"event": "connection.open", "log_level": "info", **fields}]
 
 
 def test_no_fast_line_under_capture_logs_or_above_info(configured: io.StringIO) -> None:

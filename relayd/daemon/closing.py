@@ -23,6 +23,7 @@ from relayd.daemon.reader import RECEIVE_BYTES, Reader
 from relayd.daemon.transport import Transport
 from relayd.daemon.writer import Writer
 from relayd.errors import ProtocolError
+from relayd.telemetry.log import info_line
 from relayd.telemetry.metrics import Stats
 from relayd.wire.frames import OP_CLOSE
 from relayd.wire.lifecycle import Lifecycle
@@ -86,7 +87,8 @@ def log_close(
     stats.closes[code] += 1
     stats.bytes_received += reader.bytes_in
     stats.bytes_sent += writer.bytes_out
-    log.info(
+    info_line(
+        log,
         "connection.close",
         conn=connection.conn,
         id=connection.client_id,

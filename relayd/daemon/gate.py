@@ -55,6 +55,7 @@ from relayd.errors import CloseCode
 from relayd.policy.admission import Accept, Capacity, Handshakes, decide
 from relayd.policy.auth import Authenticator
 from relayd.routing.interface import Router
+from relayd.telemetry.log import info_line
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from relayd.wire.handshake import Refusal, accept_response, refusal_response
@@ -295,7 +296,8 @@ class Gate:
         self.handshakes.closed(attempt.ip)
         attempt.handshaking = False
         client_id = client_id or self._new_id()
-        self._log.info(
+        info_line(
+            self._log,
             "connection.open",
             conn=conn,
             id=client_id,

@@ -93,6 +93,9 @@ class LineSink:
 
     def msg(self, line: str | bytes) -> None:
         """Write one rendered event (held while in a :func:`batched` block)."""
+        if self.gone and not self._lines:
+            _count_dropped(1)  # nobody reads: dropped now, not held to be dropped later
+            return
         data = line.encode() if isinstance(line, str) else line
         self._lines.append(data)
         self._bytes += len(data)

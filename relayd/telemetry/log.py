@@ -52,6 +52,7 @@ __all__ = [
     "THROTTLED",
     "configure",
     "get_logger",
+    "info_line",
     "line_writer",
     "report_suppressed_lines",
 ]
@@ -250,6 +251,24 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
         write(head + encode(fields)[1:])
 
     return write_line
+
+
+def info_line(log: structlog.typing.FilteringBoundLogger, event: str, **fields: Any) -> None:
+    """Log ``event`` at info level, as ``log.info(event, **fields)`` would, in fewer steps.
+
+    For the events of every connection (``connection.open``, ``connection.close``):
+    the line is :func:`line_writer`'s, the very bytes structlog would write, held
+    with other lines in a :func:`~relayd.telemetry.line_sink.batched` block (so
+    written within :data:`~relayd.telemetry.line_sink.FLUSH_DELAY_S`, with other
+    lines under connection churn); through structlog when that declines, or
+    ``log`` carries context of its own.
+    """
+    with line_sink.batched():
+        write = None if structlog.get_context(log) else line_writer(event)
+        if write is None:
+            log.info(event, **fields)
+        else:
+            write(fields)
 
 
 def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
