@@ -702,6 +702,40 @@ def test_any_bytes_give_the_same_messages_and_error_however_they_are_split(
     assert outcome(chunks, max_message_bytes) == outcome([raw], max_message_bytes)
 
 
+def feeds(
+    parser: FrameParser, chunks: Iterable[bytes], budgets: Sequence[int]
+) -> tuple[list[Message], tuple[int, str] | None, int, int]:
+    """Everything ``parser`` says about ``chunks`` fed one by one, each within its frame budget."""
+    out: list[Message] = []
+    for chunk, budget in zip(chunks, itertools.cycle(budgets), strict=False):
+        try:
+            out += parser.feed(chunk, budget)
+        except ProtocolError as exc:
+            return out + exc.parsed, (exc.code, exc.reason), parser.frames, parser.buffered
+    return out, None, parser.frames, parser.buffered
+
+
+@settings(max_examples=300)
+@given(
+    raw=frame_like_bytes() | st.binary(max_size=200),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+    budgets=st.lists(st.integers(0, 8), min_size=1, max_size=4),
+    max_message_bytes=st.integers(0, 300),
+)
+@example(raw=frame(OP_TEXT, b"ab") * 3, cuts=[], budgets=[2], max_message_bytes=300)
+@example(
+    raw=frame(OP_TEXT, b"abc") + frame(OP_TEXT, b"\xff"), cuts=[], budgets=[8], max_message_bytes=9
+)
+def test_the_short_path_parses_as_the_general_loop_does(
+    raw: bytes, cuts: list[int], budgets: list[int], max_message_bytes: int
+) -> None:
+    """Whole short text frames take feed's short path: the same messages, errors and counts."""
+    chunks = split_at(raw, [c for c in cuts if c <= len(raw)])
+    general = FrameParser(max_message_bytes)
+    general._short_top = 0  # no second header byte is this low: never the short path
+    assert feeds(FrameParser(max_message_bytes), chunks, budgets) == feeds(general, chunks, budgets)
+
+
 # --- encoders -----------------------------------------------------------------------------------
 
 
