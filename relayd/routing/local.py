@@ -49,7 +49,7 @@ from relayd.routing.fanout import offer
 from relayd.routing.inbox import hand_over, try_hand_over
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
-from relayd.routing.table import Outcome, RoutingTable
+from relayd.routing.table import DELIVERED, Outcome, RoutingTable
 from relayd.telemetry.line_sink import batched
 from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
@@ -206,8 +206,11 @@ class LocalRouter:
 
     def _relay(self, item: Relay, record: Recorder, now: float) -> None:
         sender, envelope = item.sender, item.envelope
-        outcome = self._deliver(sender.client_id, envelope.to, envelope.message, item.size, record)
-        if outcome is Outcome.DELIVERED:
+        # _deliver's two lines, without its call: this runs for every message.
+        client_id, to, message = sender.client_id, envelope.to, envelope.message
+        outcome = offer(self._table.lookup(to), client_id, message)
+        record(client_id, to, item.size, outcome, message)
+        if outcome is DELIVERED:
             self.stats.observe_latency(now - item.received)
             sender.reply(ack_frame(sender.dialect, envelope.ref))
         else:
