@@ -206,7 +206,8 @@ class LocalRouter:
             record(client_id, to, size, outcome, message)
             if outcome is DELIVERED:
                 self.stats.observe_latency(now - received)
-                sender.reply(ack_frame(sender.dialect, envelope.ref))
+                ref = envelope.ref  # without one there is no ack: no call to say so
+                sender.reply(None if ref is None else ack_frame(sender.dialect, ref))
             else:
                 code = outcome.error
                 assert code is not None  # every outcome but DELIVERED is an error
