@@ -56,17 +56,13 @@ class TokenBucket:
         return False
 
     def available(self, now: float, spent: int = 0) -> int:
-        """Whole tokens there are at ``now``, once ``spent`` are taken (as :meth:`spend` does)."""
+        """Whole tokens there are at ``now``, once ``spent`` tokens (taken since) are paid for."""
         tokens = self._tokens - spent + (now - self._stamp) * self._rate
         if tokens >= self._capacity:
             tokens = self._capacity
         self._tokens = tokens
         self._stamp = now
         return int(tokens)
-
-    def spend(self, tokens: int) -> None:
-        """Take ``tokens`` that :meth:`available` said were there."""
-        self._tokens -= tokens
 
 
 class Verdict(enum.Enum):
