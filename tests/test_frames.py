@@ -702,6 +702,72 @@ def test_any_bytes_give_the_same_messages_and_error_however_they_are_split(
     assert outcome(chunks, max_message_bytes) == outcome([raw], max_message_bytes)
 
 
+def test_the_short_path_keeps_to_the_frame_budget_and_counts_every_frame() -> None:
+    parser = FrameParser(MAX)
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(frame(OP_TEXT, b"x"), max_frames=0)
+    assert (info.value.code, info.value.parsed) == (1008, [])
+    parser = FrameParser(MAX)
+    assert parser.feed(frame(OP_TEXT, b"a") + frame(OP_TEXT, b"b"), max_frames=2) == [
+        (OP_TEXT, b"a"),
+        (OP_TEXT, b"b"),
+    ]
+    assert parser.feed(frame(OP_TEXT, b"c"), max_frames=1) == [(OP_TEXT, b"c")]
+    assert parser.frames == 3
+
+
+def test_a_header_held_from_the_last_read_is_finished_first() -> None:
+    """Even when the next read begins with bytes that look like a short text frame."""
+    # 81 81 | 80 00 00 00 | payload: past its first byte, a whole empty text frame
+    data = keyed(OP_TEXT, b"a", b"\x80\x00\x00\x00")
+    parser = FrameParser(MAX)
+    assert parser.feed(data[:1]) == []  # 0x81 held
+    assert parser.feed(data[1:]) == [(OP_TEXT, b"a")]
+
+
+def test_frames_that_finish_a_held_header_count_against_the_budget() -> None:
+    data = frame(OP_TEXT, b"a")
+    parser = FrameParser(MAX)
+    assert parser.feed(data[:1], max_frames=1) == []
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(data[1:], max_frames=0)
+    assert info.value.code == 1008
+
+
+def feeds(
+    parser: FrameParser, chunks: Iterable[bytes], budgets: Sequence[int]
+) -> tuple[list[Message], tuple[int, str] | None, int, int]:
+    """Everything ``parser`` says about ``chunks`` fed one by one, each within its frame budget."""
+    out: list[Message] = []
+    for chunk, budget in zip(chunks, itertools.cycle(budgets), strict=False):
+        try:
+            out += parser.feed(chunk, budget)
+        except ProtocolError as exc:
+            return out + exc.parsed, (exc.code, exc.reason), parser.frames, parser.buffered
+    return out, None, parser.frames, parser.buffered
+
+
+@settings(max_examples=300)
+@given(
+    raw=frame_like_bytes() | st.binary(max_size=200),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+    budgets=st.lists(st.integers(0, 8), min_size=1, max_size=4),
+    max_message_bytes=st.integers(0, 300),
+)
+@example(raw=frame(OP_TEXT, b"ab") * 3, cuts=[], budgets=[2], max_message_bytes=300)
+@example(
+    raw=frame(OP_TEXT, b"abc") + frame(OP_TEXT, b"\xff"), cuts=[], budgets=[8], max_message_bytes=9
+)
+def test_the_short_path_parses_as_the_general_loop_does(
+    raw: bytes, cuts: list[int], budgets: list[int], max_message_bytes: int
+) -> None:
+    """Whole short text frames take feed's short path: the same messages, errors and counts."""
+    chunks = split_at(raw, [c for c in cuts if c <= len(raw)])
+    general = FrameParser(max_message_bytes)
+    general._short_top = 0  # no second header byte is this low: never the short path
+    assert feeds(FrameParser(max_message_bytes), chunks, budgets) == feeds(general, chunks, budgets)
+
+
 # --- encoders -----------------------------------------------------------------------------------
 
 

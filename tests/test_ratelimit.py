@@ -118,3 +118,10 @@ def test_frame_pacer_counts_frames_once() -> None:
     pacer = FramePacer(rate=1.0, burst=10, now=0.0)
     for _ in range(5):  # asking again without new frames spends nothing
         assert pacer.allowance(0.0, frames=4) == 6
+
+
+def test_asking_what_is_available_takes_nothing() -> None:
+    bucket = TokenBucket(rate=1.0, capacity=3, now=0.0)
+    assert [bucket.available(0.0), bucket.available(0.0)] == [3, 3]
+    assert bucket.available(0.0, spent=2) == 1
+    assert bucket.available(0.5) == 1  # half a token more: not yet a whole one

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from relayd.daemon.live import LiveLimits
 from relayd.errors import EnvelopeError, ErrorCode
-from relayd.policy.ratelimit import RateLimiter, Verdict
+from relayd.policy.ratelimit import ALLOW, CLOSE, REFUSE, RateLimiter
 from relayd.routing.interface import Inbound, Peer, Relay, Reply
 from relayd.routing.replies import DETAILS, error_frame, too_large_detail
 from relayd.telemetry.messages import MessageEvents
@@ -79,11 +79,24 @@ class Intake:
             self._limiter_limits = limits
             self._limiter = RateLimiter(limits.messages_per_second, limits.message_burst, now)
         verdict = self._limiter.check(now)
-        if verdict is Verdict.CLOSE:
-            return None
         peer = self._peer
         size = len(payload)
-        if verdict is Verdict.REFUSE:
+        if (
+            verdict is ALLOW
+            and size <= limits.max_message_bytes
+            and not self._echo
+            and opcode == OP_TEXT
+        ):
+            # What nearly every message is: passed each check below, to be decoded.
+            try:
+                # tuple.__new__ as NamedTuple's own __new__ calls it, without
+                # that generated function's Python frame: one per message.
+                return tuple.__new__(Relay, (peer, decode_envelope(payload), size, now))
+            except EnvelopeError as exc:
+                error = exc
+        elif verdict is CLOSE:
+            return None
+        elif verdict is REFUSE:
             # Read for its ref alone (the abuse bucket bounds how many), so a
             # client can match the refusal to what it sent.
             ref = read_ref(payload) if opcode == OP_TEXT else None
@@ -95,13 +108,8 @@ class Intake:
         elif self._echo:
             self._stats.messages["echoed"] += 1
             return Reply(peer, encode_frame(opcode, payload))
-        elif opcode != OP_TEXT:
+        else:  # allowed, within the limit, no echo: not text
             error = EnvelopeError(ErrorCode.UNSUPPORTED_DATA, DETAILS[ErrorCode.UNSUPPORTED_DATA])
-        else:
-            try:
-                return Relay(peer, decode_envelope(payload), size, now)
-            except EnvelopeError as exc:
-                error = exc
         self._events.recorder()(peer.client_id, None, size, error.code)
         frame = error_frame(peer.dialect, error.code, error.detail, error.ref, self._stats)
         return Reply(peer, frame)

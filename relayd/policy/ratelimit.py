@@ -20,8 +20,9 @@ Time is passed in (trio's clock in the daemon, plain floats in tests).
 from __future__ import annotations
 
 import enum
+from typing import Final
 
-__all__ = ["FramePacer", "RateLimiter", "TokenBucket", "Verdict"]
+__all__ = ["ALLOW", "CLOSE", "REFUSE", "FramePacer", "RateLimiter", "TokenBucket", "Verdict"]
 
 
 class TokenBucket:
@@ -42,7 +43,11 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Take one token if there is one; True if taken."""
-        tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        # A comparison, not min(): this runs for every message, and a call to a
+        # builtin costs more than the arithmetic.
+        tokens = self._tokens + (now - self._stamp) * self._rate
+        if tokens >= self._capacity:
+            tokens = self._capacity
         self._stamp = now
         if tokens >= 1:
             self._tokens = tokens - 1
@@ -50,15 +55,14 @@ class TokenBucket:
         self._tokens = tokens
         return False
 
-    def available(self, now: float) -> int:
-        """Whole tokens there are at ``now`` (none taken)."""
-        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+    def available(self, now: float, spent: int = 0) -> int:
+        """Whole tokens there are at ``now``, once ``spent`` tokens (taken since) are paid for."""
+        tokens = self._tokens - spent + (now - self._stamp) * self._rate
+        if tokens >= self._capacity:
+            tokens = self._capacity
+        self._tokens = tokens
         self._stamp = now
-        return int(self._tokens)
-
-    def spend(self, tokens: int) -> None:
-        """Take ``tokens`` that :meth:`available` said were there."""
-        self._tokens -= tokens
+        return int(tokens)
 
 
 class Verdict(enum.Enum):
@@ -67,6 +71,14 @@ class Verdict(enum.Enum):
     ALLOW = "allow"
     REFUSE = "refuse"  # answer rate_limited, keep the connection
     CLOSE = "close"  # sustained abuse: close with 1008
+
+
+#: The verdicts as module globals, for code that judges every message: an
+#: attribute of an enum class (``Verdict.ALLOW``) is looked up through
+#: ``EnumType.__getattr__``'s slot, several times a global's cost.
+ALLOW: Final = Verdict.ALLOW
+REFUSE: Final = Verdict.REFUSE
+CLOSE: Final = Verdict.CLOSE
 
 
 class RateLimiter:
@@ -81,10 +93,10 @@ class RateLimiter:
     def check(self, now: float) -> Verdict:
         """Judge a message arriving at ``now``."""
         if self._messages.take(now):
-            return Verdict.ALLOW
+            return ALLOW
         if self._abuse.take(now):
-            return Verdict.REFUSE
-        return Verdict.CLOSE
+            return REFUSE
+        return CLOSE
 
 
 class FramePacer:
@@ -110,6 +122,6 @@ class FramePacer:
             frames: every frame the connection has sent so far (the parser's
                 count); those not yet paid for are taken from the bucket.
         """
-        self._bucket.spend(frames - self._counted)
+        allowed = self._bucket.available(now, frames - self._counted)
         self._counted = frames
-        return self._bucket.available(now)
+        return allowed

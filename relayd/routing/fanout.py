@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import msgspec
 
 from relayd.routing.interface import Peer
-from relayd.routing.table import Outcome, outcome_of
+from relayd.routing.table import DELIVERED, RECIPIENT_BUSY, Outcome, outcome_of
 from relayd.wire.dialects import Dialect, delivery_payload
 from relayd.wire.server_frames import text_frame
 
@@ -29,8 +29,8 @@ def offer(peers: Sequence[Peer], sender: str, message: msgspec.Raw) -> Outcome:
     if len(peers) == 1:  # the common case, without the general one's containers
         peer = peers[0]
         if peer.deliver(text_frame(delivery_payload(peer.dialect, sender, message))):
-            return Outcome.DELIVERED
-        return Outcome.RECIPIENT_BUSY
+            return DELIVERED
+        return RECIPIENT_BUSY
     frames: dict[Dialect, bytes] = {}
     accepted = []
     for peer in peers:

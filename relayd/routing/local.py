@@ -1,9 +1,10 @@
-"""The router of one process: one routing task, fed by a bounded channel.
+"""The router of one process: one routing task, fed by a bounded inbox.
 
 Data path: a connection's reader hands the items of one read from its socket
 to :meth:`LocalRouter.try_route` (or awaits :meth:`LocalRouter.route`), which
-puts them on one bounded memory channel (the router's inbox; a full inbox
-makes readers wait, which is TCP backpressure on the senders), or, while
+puts them on one bounded queue (the router's inbox,
+:class:`~relayd.routing.inbox.Inbox`; a full inbox makes readers wait, which
+is TCP backpressure on the senders), or, while
 traffic is sparse, routes them at once (below). The single routing task takes
 batches off the inbox in order, looks recipients up in the
 :class:`~relayd.routing.table.RoutingTable`, encodes each recipient's frame
@@ -46,10 +47,10 @@ import trio
 from relayd.errors import RouterClosed
 from relayd.routing.batch import routing_batch
 from relayd.routing.fanout import offer
-from relayd.routing.inbox import hand_over, try_hand_over
+from relayd.routing.inbox import Inbox
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
-from relayd.routing.table import Outcome, RoutingTable
+from relayd.routing.table import DELIVERED, Outcome, RoutingTable
 from relayd.telemetry.line_sink import batched
 from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
@@ -82,7 +83,7 @@ class LocalRouter:
         self._events = events
         self.stats = stats
         self._table: RoutingTable[Peer] = RoutingTable()
-        self._inbox_send, self._inbox_receive = trio.open_memory_channel[list[Inbound]](inbox_size)
+        self._inbox: Inbox[list[Inbound]] = Inbox(inbox_size)
         self._closed = False
         # The routing task waits for its inbox and nothing was handed to it since.
         self._idle = False
@@ -119,14 +120,14 @@ class LocalRouter:
             with batched(), routing_batch():
                 self._route_items(items, self._events.recorder(), trio.current_time())
             return True
-        if try_hand_over(self._inbox_send, items):
+        if self._inbox.put_nowait(items):
             self._idle = False
             return True
         return False
 
     async def route(self, items: list[Inbound]) -> None:  # noqa: D102
         self._idle = False  # nothing may be routed at once ahead of these
-        await hand_over(self._inbox_send, items)
+        await self._inbox.put(items)
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:  # noqa: D102
         with batched(), routing_batch():
@@ -149,30 +150,28 @@ class LocalRouter:
     def close(self) -> None:  # noqa: D102
         self._closed = True
         self._idle = False
-        self._inbox_send.close()
+        self._inbox.close()
 
     async def run(  # noqa: D102
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
-        inbox = self._inbox_receive
+        inbox = self._inbox
         try:
             while True:
-                try:
-                    first = inbox.receive_nowait()
-                except trio.WouldBlock:
-                    # Idle only while parked with nothing queued: receive() takes a
-                    # queued batch and then yields, and no batch may be routed at
-                    # once ahead of it.
+                first = inbox.take()
+                if first is None:
+                    if inbox.closed:
+                        break
+                    # Idle only while parked with nothing queued: the batch that
+                    # wakes the task is queued, and no batch may be routed at once
+                    # ahead of it.
                     self._idle = not self._closed
                     try:
-                        first = await inbox.receive()
-                    except trio.EndOfChannel:
-                        break
+                        await inbox.wait()
                     finally:
                         self._idle = False
-                except trio.EndOfChannel:
-                    break
+                    continue
                 # Everything queued is routed before the router yields: each
                 # wait for the inbox costs a whole scheduling round, in which
                 # every reader may add a batch. One log write for all of it;
@@ -186,10 +185,7 @@ class LocalRouter:
                     while items is not None:
                         taken += 1
                         self._route_items(items, record, now)
-                        try:
-                            items = inbox.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            items = None
+                        items = inbox.take()
                 self._sparse, self._probe = taken == 1, PROBE_EVERY - 1
         finally:
             for peer in self._table.handles():
@@ -198,22 +194,26 @@ class LocalRouter:
 
     def _route_items(self, items: list[Inbound], record: Recorder, now: float) -> None:
         """Route one reader's batch, in a routing batch; ``now`` is trio's clock."""
+        # One function for the whole of a message's routing (and _deliver's two
+        # lines written out), without a call per message in between.
         for item in items:
-            if isinstance(item, Relay):
-                self._relay(item, record, now)
-            else:
+            if not isinstance(item, Relay):
                 item.recipient.reply(item.frame)
-
-    def _relay(self, item: Relay, record: Recorder, now: float) -> None:
-        sender, envelope = item.sender, item.envelope
-        outcome = self._deliver(sender.client_id, envelope.to, envelope.message, item.size, record)
-        if outcome is Outcome.DELIVERED:
-            self.stats.observe_latency(now - item.received)
-            sender.reply(ack_frame(sender.dialect, envelope.ref))
-        else:
-            code = outcome.error
-            assert code is not None  # every outcome but DELIVERED is an error
-            sender.reply(error_frame(sender.dialect, code, DETAILS[code], envelope.ref, self.stats))
+                continue
+            sender, envelope, size, received = item
+            client_id, to, message = sender.client_id, envelope.to, envelope.message
+            outcome = offer(self._table.lookup(to), client_id, message)
+            record(client_id, to, size, outcome, message)
+            if outcome is DELIVERED:
+                self.stats.observe_latency(now - received)
+                ref = envelope.ref  # without one there is no ack: no call to say so
+                sender.reply(None if ref is None else ack_frame(sender.dialect, ref))
+            else:
+                code = outcome.error
+                assert code is not None  # every outcome but DELIVERED is an error
+                sender.reply(
+                    error_frame(sender.dialect, code, DETAILS[code], envelope.ref, self.stats)
+                )
 
     def _deliver(
         self, sender: str, to: str, message: msgspec.Raw, size: int, record: Recorder

@@ -78,6 +78,10 @@ TRANSITIONS: Final[dict[tuple[Phase, Event], Phase]] = {
 }
 
 _FLUSHING: Final = frozenset({Phase.DRAINING, Phase.CLOSING})
+# Phase.OPEN as a module global for `reading`, asked at every read: an attribute
+# of an enum class is looked up through EnumType.__getattr__'s slot, several
+# times a global's cost.
+_OPEN: Final = Phase.OPEN
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -152,7 +156,7 @@ class Lifecycle:
     @property
     def reading(self) -> bool:
         """True while the client's messages are read."""
-        return self.phase is Phase.OPEN
+        return self.phase is _OPEN
 
     @property
     def flushing(self) -> bool:
