@@ -1,10 +1,9 @@
-"""The router of one process: one routing task, fed by a bounded inbox.
+"""The router of one process: one routing task, fed by a bounded channel.
 
 Data path: a connection's reader hands the items of one read from its socket
 to :meth:`LocalRouter.try_route` (or awaits :meth:`LocalRouter.route`), which
-puts them on one bounded queue (the router's inbox,
-:class:`~relayd.routing.inbox.Inbox`; a full inbox makes readers wait, which
-is TCP backpressure on the senders), or, while
+puts them on one bounded memory channel (the router's inbox; a full inbox
+makes readers wait, which is TCP backpressure on the senders), or, while
 traffic is sparse, routes them at once (below). The single routing task takes
 batches off the inbox in order, looks recipients up in the
 :class:`~relayd.routing.table.RoutingTable`, encodes each recipient's frame
@@ -47,7 +46,7 @@ import trio
 from relayd.errors import RouterClosed
 from relayd.routing.batch import routing_batch
 from relayd.routing.fanout import offer
-from relayd.routing.inbox import Inbox
+from relayd.routing.inbox import hand_over, try_hand_over
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import DELIVERED, Outcome, RoutingTable
@@ -83,7 +82,7 @@ class LocalRouter:
         self._events = events
         self.stats = stats
         self._table: RoutingTable[Peer] = RoutingTable()
-        self._inbox: Inbox[list[Inbound]] = Inbox(inbox_size)
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[list[Inbound]](inbox_size)
         self._closed = False
         # The routing task waits for its inbox and nothing was handed to it since.
         self._idle = False
@@ -120,14 +119,14 @@ class LocalRouter:
             with batched(), routing_batch():
                 self._route_items(items, self._events.recorder(), trio.current_time())
             return True
-        if self._inbox.put_nowait(items):
+        if try_hand_over(self._inbox_send, items):
             self._idle = False
             return True
         return False
 
     async def route(self, items: list[Inbound]) -> None:  # noqa: D102
         self._idle = False  # nothing may be routed at once ahead of these
-        await self._inbox.put(items)
+        await hand_over(self._inbox_send, items)
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:  # noqa: D102
         with batched(), routing_batch():
@@ -150,28 +149,30 @@ class LocalRouter:
     def close(self) -> None:  # noqa: D102
         self._closed = True
         self._idle = False
-        self._inbox.close()
+        self._inbox_send.close()
 
     async def run(  # noqa: D102
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
-        inbox = self._inbox
+        inbox = self._inbox_receive
         try:
             while True:
-                first = inbox.take()
-                if first is None:
-                    if inbox.closed:
-                        break
-                    # Idle only while parked with nothing queued: the batch that
-                    # wakes the task is queued, and no batch may be routed at once
-                    # ahead of it.
+                try:
+                    first = inbox.receive_nowait()
+                except trio.WouldBlock:
+                    # Idle only while parked with nothing queued: receive() takes a
+                    # queued batch and then yields, and no batch may be routed at
+                    # once ahead of it.
                     self._idle = not self._closed
                     try:
-                        await inbox.wait()
+                        first = await inbox.receive()
+                    except trio.EndOfChannel:
+                        break
                     finally:
                         self._idle = False
-                    continue
+                except trio.EndOfChannel:
+                    break
                 # Everything queued is routed before the router yields: each
                 # wait for the inbox costs a whole scheduling round, in which
                 # every reader may add a batch. One log write for all of it;
@@ -185,7 +186,10 @@ class LocalRouter:
                     while items is not None:
                         taken += 1
                         self._route_items(items, record, now)
-                        items = inbox.take()
+                        try:
+                            items = inbox.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            items = None
                 self._sparse, self._probe = taken == 1, PROBE_EVERY - 1
         finally:
             for peer in self._table.handles():
