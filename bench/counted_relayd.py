@@ -21,7 +21,12 @@ What is counted, each a figure per message once divided by the messages of the w
 * ``gc``: collections per generation, their total and longest pause (s), and the objects
   they freed (garbage in reference cycles, which reference counting alone cannot free);
   ``gc_tracked_objects``: the objects a full collection walks, at the window's end;
-* ``cpu_s``: this process's user + system time (inflated by the counting itself).
+* ``cpu_s``: this process's user + system time (inflated by the counting itself);
+* ``busy_stretches``: how long trio ran tasks between two waits for I/O (wall time, so
+  time the process was descheduled counts too): their percentiles, and the share of the
+  busy time spent in stretches of at least 0.5, 1, 2 and 4 ms. A message that arrives
+  while relayd is busy waits for the rest of that stretch, then for its place in the
+  next one: these bound what relayd's own run loop adds to a message's latency.
 
 Resource handling: the signal handlers run in the main thread, between two bytecodes of
 whatever trio is running; they only flip flags and write one file.
@@ -50,6 +55,8 @@ import trio
 #: _BY_MODULE, to the module.
 _PACKAGES: Final = ("relayd", "trio", "structlog", "msgspec", "h11", "outcome", "sniffio")
 _BY_MODULE: Final = frozenset({"relayd", "trio"})
+#: A busy stretch this long is listed, with its task steps and GC pause.
+_LONG_STRETCH_S: Final = 0.002
 
 
 class Counts(trio.abc.Instrument):
@@ -67,6 +74,11 @@ class Counts(trio.abc.Instrument):
         self.task_steps: Counter[str] = Counter()
         self.tasks_spawned: Counter[str] = Counter()
         self.gc: dict[int, dict[str, float]] = {}
+        self.stretches: list[float] = []
+        self.longest: list[tuple[float, int, float]] = []  # (stretch, task steps, GC pause)
+        self._busy_since: float | None = None
+        self._stretch_steps = 0
+        self._stretch_gc = 0.0
         self._cpu0 = _cpu_s()
         self._profiler: cProfile.Profile | None = None
 
@@ -91,6 +103,11 @@ class Counts(trio.abc.Instrument):
             "tasks_spawned": dict(self.tasks_spawned.most_common()),
             "gc": {str(g): v for g, v in sorted(self.gc.items())},
             "gc_tracked_objects": len(gc.get_objects()),
+            "busy_stretches": _stretches(self.stretches),
+            "long_stretches": [
+                {"ms": round(s * 1e3, 3), "task_steps": n, "gc_ms": round(g * 1e3, 3)}
+                for s, n, g in sorted(self.longest, reverse=True)[:20]
+            ],
         }
         if self._profiler is not None:
             self._profiler.disable()
@@ -118,10 +135,20 @@ class Counts(trio.abc.Instrument):
         if self.on:
             self.rounds += 1
             self.blocking_rounds += timeout > 0
+            if self._busy_since is not None:
+                stretch = time.perf_counter() - self._busy_since
+                self.stretches.append(stretch)
+                if stretch >= _LONG_STRETCH_S:
+                    self.longest.append((stretch, self._stretch_steps, self._stretch_gc))
+
+    def after_io_wait(self, timeout: float) -> None:  # noqa: D102
+        self._busy_since = time.perf_counter() if self.on else None
+        self._stretch_steps, self._stretch_gc = 0, 0.0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:  # noqa: D102
         if self.on:
             self.task_steps[task.name] += 1
+            self._stretch_steps += 1
 
     def task_spawned(self, task: trio.lowlevel.Task) -> None:  # noqa: D102
         if self.on:
@@ -144,11 +171,29 @@ class Counts(trio.abc.Instrument):
         mine["total_s"] += pause
         mine["max_s"] = max(mine["max_s"], pause)
         mine["collected"] += info["collected"]
+        self._stretch_gc += pause
 
 
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _stretches(stretches: list[float]) -> dict[str, float]:
+    """Percentiles of the busy stretches (µs), and the busy time's share in long ones."""
+    if not stretches:
+        return {"count": 0}
+    ordered = sorted(stretches)
+    busy = sum(ordered)
+    found: dict[str, float] = {"count": len(ordered), "busy_s": busy}
+    for name, q in (("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)):
+        found[name] = ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+    found["max_us"] = ordered[-1] * 1e6
+    for ms in (0.5, 1, 2, 4):
+        found[f"busy_share_in_stretches_over_{ms}ms"] = (
+            sum(s for s in ordered if s >= ms / 1000) / busy if busy else 0.0
+        )
+    return found
 
 
 def _where(filename: str, function: str) -> str:

@@ -24,7 +24,9 @@ Tools, and what they hold to on a busy machine:
 * ``cpu``: relayd's CPU time per operation (``perf stat``'s task-clock, nanoseconds) and
   its context switches. Time depends on what else runs: say so when quoting it.
 * ``counts``: trio scheduling rounds, task switches and tasks spawned per operation, per
-  task function; garbage collections and their pauses (``bench/counted_relayd.py``).
+  task function; garbage collections and their pauses (``bench/counted_relayd.py``);
+  and the busy stretches, how long trio ran tasks between two waits for I/O (wall
+  time: like ``cpu``'s, they depend on what else runs).
   ``--calls`` counts every Python function call and call into C instead, by place
   (cProfile); ``--opcodes`` every bytecode executed, by place and function. The counts
   are exact and do not depend on load.
@@ -265,6 +267,8 @@ class CountsTool(Tool):
                 "task_steps_per_op_by_task": {k: per(v) for k, v in steps.items()},
                 "tasks_spawned_per_op": per(sum(spawned.values())),
                 "tasks_spawned_per_op_by_task": {k: per(v) for k, v in spawned.items()},
+                "busy_stretches": counts["busy_stretches"],
+                "long_stretches": counts["long_stretches"],
             }
         if "calls" in counts:
             calls = counts["calls"]

@@ -30,6 +30,7 @@ BASELINE: Final = "node-ws"
 #: connections) are the same generator mode at different sizes.
 _PACED: Final = (
     "server_us_per_msg",
+    "server_us_per_msg_system",
     "p99_us",
     "p50_us",
     "p999_us",
@@ -57,6 +58,7 @@ METRICS: Final[dict[str, tuple[str, ...]]] = {
         "handshake_p99_us",
         "cycle_p50_us",
         "server_us_per_conn",
+        "server_us_per_conn_system",
         "gen_cpu",
         "gen_loop_busy",
         "server_cpu",
@@ -450,7 +452,8 @@ _RATE_TABLES: Final = (
     ("fanin", "Fan-in, messages/s delivered to one receiver (ratio to node-ws)", "msgs_per_s"),
     (
         "connrate",
-        "Connections per second: handshake to welcome, then close (ratio to node-ws)",
+        "Connections per second: handshake to welcome, then close (ratio to node-ws)"
+        " · server CPU per connection, µs [in the kernel]",
         "opens_per_s",
     ),
 )
@@ -471,12 +474,21 @@ def _rate_tables(
             for server in servers:
                 cell = medians[s.key].get(server, {})
                 shown = _num(cell.get(metric)) + _ratio(cell.get("ratio"))
+                if kind == "connrate" and cell.get("server_us_per_conn") is not None:
+                    # What a connection costs the server, and the kernel's part of it.
+                    shown += f" · {_num(cell['server_us_per_conn'])} µs"
+                    shown += _kernel(cell.get("server_us_per_conn_system"))
                 row.append(shown if s.runs_on(server) else NOT_RUN)
             gen = [float(c["gen_cpu"]) for c in medians[s.key].values() if c.get("gen_cpu")]
             row.append(f"{max(gen):.0%}" if gen else "-")
             rows.append(row)
         out += _table(["scenario", *servers, "generator CPU (max)"], rows)
     return out
+
+
+def _kernel(system_us: object) -> str:
+    """`` [N]``: the server's system time per operation, µs; nothing where not measured."""
+    return f" [{_num(system_us, 1)}]" if isinstance(system_us, int | float) else ""
 
 
 def _paced_table(
@@ -503,7 +515,9 @@ def _paced_table(
                     s.key,
                     server,
                     _num(c.get("connections")),
-                    _num(c.get("server_us_per_msg"), 1) + _ratio(ratios.get("server_us_per_msg")),
+                    _num(c.get("server_us_per_msg"), 1)
+                    + _ratio(ratios.get("server_us_per_msg"))
+                    + _kernel(c.get("server_us_per_msg_system")),
                     _num(c.get("p50_us")),
                     _num(c.get("p99_us")) + _ratio(ratios.get("p99_us")),
                     _num(c.get("p999_us")),
@@ -519,7 +533,7 @@ def _paced_table(
             "scenario",
             "server",
             "connections",
-            "server CPU per message, µs (ratio)",
+            "server CPU per message, µs (ratio) [in the kernel]",
             "p50 µs",
             "p99 µs (ratio)",
             "p99.9 µs",
@@ -535,7 +549,8 @@ def _paced_table(
         "",
         "Latency is one way, sender to receiver, both in the generator (one clock). Server CPU"
         " per message is its user + system time (/proc/PID/stat) over the measured window"
-        " divided by the messages sent in it; RSS is read at the window's end.",
+        " divided by the messages sent in it, the system time alone in brackets (system calls"
+        " and the loopback TCP work they do); RSS is read at the window's end.",
     ]
     return out
 

@@ -373,13 +373,15 @@ class Probe:
 
     t: float
     server_cpu_s: float
+    server_system_s: float
     core_busy_s: float
     rss_kib: int
 
     @classmethod
     def take(cls, server: ServerProcess, cpu: int) -> Probe:
         """Read the clocks now."""
-        return cls(time.monotonic(), server.cpu_s(), _core_busy(cpu)[0], server.rss_kib())
+        user, system = server.cpu_times()
+        return cls(time.monotonic(), user + system, system, _core_busy(cpu)[0], server.rss_kib())
 
 
 def connections_of(params: dict[str, Any]) -> int:
@@ -391,18 +393,23 @@ def connections_of(params: dict[str, Any]) -> int:
     return 2 * int(params.get("pairs", 0)) or int(params.get("concurrency", 0))
 
 
-def per_operation(kind: str, result: dict[str, Any], cpu_s: float) -> dict[str, float]:
+def per_operation(
+    kind: str, result: dict[str, Any], cpu_s: float, system_s: float
+) -> dict[str, float]:
     """Server CPU per message (or per connection, for connrate) in µs, from the window's CPU.
 
     The messages are those sent in the window for the paced kinds (open loop: what was
-    asked of the server) and those delivered in it for the closed-loop ones.
+    asked of the server) and those delivered in it for the closed-loop ones. The
+    ``_system`` figure is the part of it spent in the kernel (system calls, and the
+    loopback's TCP work they do), which a server's own code can change only by making
+    fewer or cheaper calls.
     """
     count = {"chat": "sent", "latency": "sent", "connrate": "opened"}.get(kind, "received")
     done = result.get(count)
     if not isinstance(done, int | float) or done <= 0:
         return {}
     name = "server_us_per_conn" if kind == "connrate" else "server_us_per_msg"
-    return {name: cpu_s / done * 1e6}
+    return {name: cpu_s / done * 1e6, f"{name}_system": system_s / done * 1e6}
 
 
 class WindowHooks(Protocol):
@@ -521,7 +528,8 @@ def run_cell(
             0.0, (end.core_busy_s - start.core_busy_s) / wall - cell.server_cpu
         )
         if result is not None:
-            cell.extra.update(per_operation(scenario.kind, result, cpu_s))
+            system_s = end.server_system_s - start.server_system_s
+            cell.extra.update(per_operation(scenario.kind, result, cpu_s, system_s))
         if scenario.kind in ("chat", "latency"):
             cell.extra["rss_before_kib"] = rss_before
             cell.extra["rss_end_kib"] = end.rss_kib

@@ -203,6 +203,11 @@ def _table(tables: dict[str, list[list[str]]], prefix: str) -> list[list[str]]:
     return found[0]
 
 
+def _float(figure: str) -> float:
+    """A figure as the report prints it (``1,234.5``)."""
+    return float(figure.replace(",", ""))
+
+
 # -- the quick run ------------------------------------------------------------------------
 
 
@@ -361,6 +366,11 @@ def test_report_has_every_table_with_every_server(quick_run: QuickRun) -> None:
         assert header[1:-1] == list(SERVERS), header
         assert sorted(row[0] for row in rows) == by_kind[kind]
         assert all("-" not in row[1:-1] for row in rows), rows  # "-": no median for a server
+        if kind == "connrate":  # the rate, then what a connection cost and the kernel's part
+            for cell in (cell for row in rows for cell in row[1:-1]):
+                found = re.fullmatch(r"[\d,]+ \(\d+\.\d\dx\) · ([\d,]+) µs \[([\d,.]+)\]", cell)
+                assert found, cell
+                assert _float(found[2]) <= _float(found[1]) + 1, cell
     runs = {s["key"]: _servers_of(s) for s in document["scenarios"]}
     for title, kinds in [
         ("One message at a time", ("latency", "chat")),
@@ -371,8 +381,10 @@ def test_report_has_every_table_with_every_server(quick_run: QuickRun) -> None:
         keys = [key for kind in kinds for key in by_kind[kind]]
         assert pairs == sorted((key, server) for key in keys for server in runs[key])
     _, *rows = _table(tables, "One message at a time")
-    for row in rows:  # CPU per message and p99 have a figure and a ratio to node-ws
-        assert re.fullmatch(r"[\d,.]+ \(\d+\.\d\dx\)", row[3]), row
+    for row in rows:  # CPU per message (with the kernel's part) and p99: a figure and a ratio
+        found = re.fullmatch(r"([\d,.]+) \(\d+\.\d\dx\) \[([\d,.]+)\]", row[3])
+        assert found, row
+        assert _float(found[2]) <= _float(found[1]) + 0.1, row
         assert re.fullmatch(r"[\d,]+ \(\d+\.\d\dx\)", row[5]), row
     header, *targets = _table(tables, "Targets")
     assert header == ["target", "scenario", "wanted", "measured", "met"]
@@ -611,18 +623,26 @@ def test_relayd_without_message_logging_gets_reference_rows_where_measured(
         pytest.param(
             "chat",
             {"sent": 2000, "received": 1000},
-            {"server_us_per_msg": 250.0},
+            {"server_us_per_msg": 250.0, "server_us_per_msg_system": 50.0},
             id="paced-by-sent",
         ),
-        pytest.param("latency", {"sent": 500}, {"server_us_per_msg": 1000.0}, id="latency-by-sent"),
+        pytest.param(
+            "latency",
+            {"sent": 500},
+            {"server_us_per_msg": 1000.0, "server_us_per_msg_system": 200.0},
+            id="latency-by-sent",
+        ),
         pytest.param(
             "throughput",
             {"received": 5000, "msgs_per_s": 1},
-            {"server_us_per_msg": 100.0},
+            {"server_us_per_msg": 100.0, "server_us_per_msg_system": 20.0},
             id="closed-loop-by-received",
         ),
         pytest.param(
-            "connrate", {"opened": 1000}, {"server_us_per_conn": 500.0}, id="per-connection"
+            "connrate",
+            {"opened": 1000},
+            {"server_us_per_conn": 500.0, "server_us_per_conn_system": 100.0},
+            id="per-connection",
         ),
         pytest.param("chat", {"sent": 0}, {}, id="nothing-sent"),
         pytest.param("idle", {"held": 100}, {}, id="idle-has-no-operations"),
@@ -632,7 +652,8 @@ def test_server_cpu_is_divided_by_the_operations_of_the_window(
     monkeypatch: pytest.MonkeyPatch, kind: str, result: Json, expected: dict[str, float]
 ) -> None:
     _, run = _bench_modules(monkeypatch)
-    assert run.per_operation(kind, result, 0.5) == pytest.approx(expected)
+    # 0.5 s of CPU in the window, 0.1 s of it in the kernel.
+    assert run.per_operation(kind, result, 0.5, 0.1) == pytest.approx(expected)
 
 
 # -- bench/profile_relayd.py ---------------------------------------------------------------
