@@ -517,6 +517,18 @@ def test_full_plan_replaces_an_unreachable_idle_count_by_the_largest_reachable(
     assert why in skipped["idle/50000"]
 
 
+def test_chat_rates_are_chosen_on_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, run = _bench_modules(monkeypatch)
+    args = run.parser().parse_args(["--chat-rates", "5500,10000"])
+    scenarios, _ = run.full_scenarios([1000], 20_000, None, 5000, args.chat_rates)
+    chat = {s.key: s.params for s in scenarios if s.kind == "chat"}
+    assert list(chat) == ["chat/5500", "chat/10000"]
+    assert [p["rate"] for p in chat.values()] == [5500, 10000]
+    assert all(p["pairs"] == 2500 for p in chat.values())
+    default, _ = run.full_scenarios([1000], 20_000)
+    assert [s.key for s in default if s.kind == "chat"] == ["chat/2000", "chat/10000"]
+
+
 def test_rss_growth_within_noise_gives_no_per_connection_figure(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
