@@ -20,7 +20,6 @@ the reason logged as ``handshake.rejected`` and sent as the response body.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Collection, Sequence
 
@@ -55,19 +54,25 @@ class _Counts:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.total = 0
-        self._by_ip: collections.Counter[str] = collections.Counter()
+        # A plain dict, not a Counter: Counter's __missing__ and __delitem__ are
+        # Python calls, and every connection opens and closes two of these.
+        self._by_ip: dict[str, int] = {}
 
     def opened(self, ip: str) -> None:
         """Count a connection from ``ip``."""
         self.total += 1
-        self._by_ip[ip] += 1
+        by_ip = self._by_ip
+        by_ip[ip] = by_ip.get(ip, 0) + 1
 
     def closed(self, ip: str) -> None:
-        """Count a connection from ``ip`` as gone."""
+        """Count a connection from ``ip`` (counted by :meth:`opened`) as gone."""
         self.total -= 1
-        self._by_ip[ip] -= 1
-        if self._by_ip[ip] <= 0:
-            del self._by_ip[ip]
+        by_ip = self._by_ip
+        left = by_ip[ip] - 1
+        if left > 0:
+            by_ip[ip] = left
+        else:  # no entry for an address with nothing open: they come and go all day
+            del by_ip[ip]
 
     def from_ip(self, ip: str) -> int:
         """Connections from ``ip`` counted now."""
