@@ -50,6 +50,11 @@ __all__ = ["Close", "Event", "Lifecycle", "Phase"]
 class Phase(enum.Enum):
     """Where a connection is in its life; see the module docstring's table."""
 
+    # Members are singletons, equal only to themselves: hashed by identity, in C,
+    # rather than by Enum.__hash__'s Python call (the transitions' table and
+    # _FLUSHING hash a phase some nine times per connection).
+    __hash__ = object.__hash__
+
     OPEN = "open"
     DRAINING = "draining"
     CLOSING = "closing"
@@ -60,6 +65,8 @@ class Phase(enum.Enum):
 
 class Event(enum.Enum):
     """What can decide how a connection ends."""
+
+    __hash__ = object.__hash__  # as Phase's
 
     DRAIN = "drain"  # the server shuts down
     POLICY = "policy"  # relayd closes it: abuse, slow consumer, idle, no pong
