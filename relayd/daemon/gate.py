@@ -34,9 +34,10 @@ the stream is always closed in ``finally``.
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
 import itertools
-import secrets
+import os
 from collections.abc import Callable, Collection
 from typing import Final
 
@@ -62,17 +63,59 @@ from relayd.wire.handshake import Refusal, accept_response, refusal_response
 
 __all__ = ["Gate", "new_client_id"]
 
-#: Bits of randomness in a client id: unguessable, so ids cannot be forged.
+#: Bytes of randomness in a client id (128 bits): unguessable, so ids cannot be forged.
 _ID_BYTES: Final = 16
+#: Random bytes read from the kernel at once, 256 ids' worth: one ``getrandom``
+#: system call per 256 connections, rather than one per connection.
+_RANDOM_BLOCK: Final = 256 * _ID_BYTES
+#: base64's alphabet to the URL-safe one, as base64.urlsafe_b64encode translates it.
+_URL_SAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 
 def _nothing() -> None:
     pass
 
 
+class _RandomBytes:
+    """The kernel's random bytes (``os.urandom``, what ``secrets`` reads), read in blocks.
+
+    Each byte is handed out once, in the order read: ids drawn from here are as
+    unguessable as ``secrets.token_urlsafe``'s. Only the trio thread draws
+    (the gate's); a forked child forgets the parent's block rather than hand
+    out the same bytes.
+    """
+
+    __slots__ = ("_at", "_block")
+
+    def __init__(self) -> None:
+        self._block = b""
+        self._at = 0
+
+    def take(self, n: int) -> bytes:
+        """``n`` random bytes never handed out before (``n`` at most :data:`_RANDOM_BLOCK`)."""
+        at = self._at
+        if at + n > len(self._block):
+            self._block, at = os.urandom(_RANDOM_BLOCK), 0
+        self._at = at + n
+        return self._block[at : at + n]
+
+    def forget(self) -> None:
+        """Drop the bytes read but not handed out."""
+        self._block, self._at = b"", 0
+
+
+_random: Final = _RandomBytes()
+os.register_at_fork(after_in_child=_random.forget)
+
+
 def new_client_id() -> str:
-    """A fresh, unguessable, URL-safe client id (128 random bits, 22 characters)."""
-    return secrets.token_urlsafe(_ID_BYTES)
+    """A fresh, unguessable, URL-safe client id (128 random bits, 22 characters).
+
+    What ``secrets.token_urlsafe(16)`` makes, from a block of random bytes read
+    for many ids at once.
+    """
+    encoded = binascii.b2a_base64(_random.take(_ID_BYTES), newline=False)
+    return encoded.translate(_URL_SAFE).rstrip(b"=").decode()
 
 
 class Gate:
