@@ -243,13 +243,15 @@ class Transport:
         whole, self.broken = not self.broken, True
         fd, stream = self._fd, self.stream
         if fd >= 0:
+            if self._done_sending(fd):
+                # Nothing unread: close() itself sends the FIN (no reset), and a
+                # shutdown() first would be one system call more for the same bytes.
+                self._close_socket()
+                return
             if whole:
                 # A plain socket's FIN needs no wait (send_eof would checkpoint).
                 with contextlib.suppress(OSError):  # ENOTCONN: the client is gone already
                     self._socket().shutdown(trio.socket.SHUT_WR)
-            if self._done_sending(fd):
-                self._close_socket()
-                return
         try:
             with (
                 trio.move_on_after(LINGER_S),
