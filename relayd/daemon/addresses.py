@@ -7,10 +7,11 @@ IPv6, and IPv4 clients of a dual-stack socket as IPv4.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import trio
 
-__all__ = ["ip_of", "peer_address", "show"]
+__all__ = ["ip_of", "peer_address", "show", "socket_address"]
 
 
 def show(host: str, port: int) -> str:
@@ -28,9 +29,19 @@ def peer_address(stream: trio.abc.Stream) -> str | None:
     if type(stream) is not trio.SocketStream:
         return "memory:0"
     try:
-        host, port, *_ = stream.socket.getpeername()
+        peer = stream.socket.getpeername()
     except OSError:
         return None
+    return socket_address(peer)
+
+
+def socket_address(peer: Any) -> str:
+    """``host:port`` (``[v6]:port``) of an IP socket address as the socket module gives it.
+
+    ``peer`` is ``(host, port)``, or ``(host, port, flowinfo, scope_id)`` for IPv6:
+    what ``accept()`` and ``getpeername()`` return.
+    """
+    host, port, *_ = peer
     # A dual-stack socket (relayd.socket's BindIPv6Only=both) shows IPv4
     # clients as ::ffff:a.b.c.d; name them as themselves, for logs and limits.
     mapped = ipaddress.ip_address(host.split("%", 1)[0]) if ":" in host else None

@@ -39,13 +39,13 @@ import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Collection
-from typing import Final
+from typing import Any, Final
 
 import structlog
 import trio
 
 from relayd.config import LimitsSettings
-from relayd.daemon.addresses import ip_of, peer_address
+from relayd.daemon.addresses import ip_of, peer_address, socket_address
 from relayd.daemon.authentication import Authentication
 from relayd.daemon.closing import CLOSE_TIMEOUT_S
 from relayd.daemon.connection import Connection
@@ -202,7 +202,7 @@ class Gate:
             connection.drain()
 
     async def __call__(
-        self, stream: trio.abc.Stream, released: Callable[[], None] = _nothing
+        self, stream: trio.abc.Stream, released: Callable[[], None] = _nothing, peer: Any = None
     ) -> None:
         """Serve one accepted stream to the end and close it; never raises (but Cancelled).
 
@@ -214,11 +214,13 @@ class Gate:
             stream: the accepted stream; closed here, whatever happens.
             released: called once ``stream`` is closed (the accept loops count
                 the socket until then).
+            peer: the client's address as ``accept()`` gave it, if it did (a
+                plain TCP socket); else it is asked of the stream.
         """
         transport: Transport | None = None
         attempt: _Attempt | None = None
         try:
-            attempt = self._admit(stream)
+            attempt = self._admit(stream, peer)
             if attempt is None:
                 return
             transport = Transport(stream)
@@ -250,9 +252,9 @@ class Gate:
                 finally:
                     released()
 
-    def _admit(self, stream: trio.abc.Stream) -> _Attempt | None:
+    def _admit(self, stream: trio.abc.Stream, peer: Any) -> _Attempt | None:
         """Count ``stream`` as a handshake in progress; None if it is not to be served."""
-        address = peer_address(stream)
+        address = peer_address(stream) if peer is None else socket_address(peer)
         if address is None:  # reset before it could be looked at: nobody to serve
             return None
         conn, ip = next(self._numbers), ip_of(address)
