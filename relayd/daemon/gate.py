@@ -348,7 +348,8 @@ class Gate:
             id=client_id,
             peer=address,
             origin=headers.get("origin"),
-            dialect="echo" if decision.echo else decision.dialect.value,
+            # A StrEnum member's str() is its value, without Enum.value's Python property.
+            dialect="echo" if decision.echo else str(decision.dialect),
             user_agent=headers.get("user-agent"),
         )
         return Connection(
