@@ -77,6 +77,12 @@ def refusal(data: bytes) -> Refusal:
     return result
 
 
+def answer(data: bytes) -> UpgradeRequest | Refusal | None:
+    """What the daemon makes of ``data``: read, then validated if it is a request."""
+    result = read(data)
+    return validate(result[0]) if isinstance(result, tuple) else result
+
+
 def read_response(data: bytes) -> tuple[h11.Response, bytes, h11.Connection]:
     """Parse ``data`` as the answer to a GET, as an HTTP/1.1 client."""
     client = h11.Connection(h11.CLIENT)
@@ -320,7 +326,7 @@ def test_no_malformation_brings_a_token_into_a_reason(
     ],
 )
 def test_request_with_a_body_is_refused_with_400(extra: list[tuple[str, str]]) -> None:
-    result = read(head(extra=extra) + b"hello")
+    result = answer(head(extra=extra) + b"hello")
     assert isinstance(result, Refusal), result
     assert result.status == 400
 
@@ -560,7 +566,7 @@ def test_each_refusal_of_validate_gives_its_documented_reason(data: bytes, reaso
 
 
 def test_a_request_with_a_body_is_told_so() -> None:
-    result = read(head(extra=[("Content-Length", "5")]) + b"hello")
+    result = answer(head(extra=[("Content-Length", "5")]) + b"hello")
     assert result == Refusal(400, "a WebSocket handshake has no body")
 
 

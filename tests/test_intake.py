@@ -42,7 +42,7 @@ def intake(**limits: float) -> tuple[Intake, LiveLimits, Stats]:
     live = LiveLimits(LimitsSettings.model_validate(limits))
     stats = Stats()
     events = MessageEvents(structlog.get_logger(), stats)
-    return Intake(FakePeer(), live, events, stats, 0.0), live, stats
+    return Intake(FakePeer(), live, events, stats), live, stats
 
 
 def reply_of(item: object) -> dict[str, object]:
@@ -120,7 +120,7 @@ def test_the_echo_route_sends_text_and_binary_back_unjudged() -> None:
     live = LiveLimits(LimitsSettings())
     stats = Stats()
     events = MessageEvents(structlog.get_logger(), stats)
-    echo = Intake(FakePeer(), live, events, stats, 0.0, echo=True)
+    echo = Intake(FakePeer(), live, events, stats, echo=True)
     item = echo.judge(OP_BINARY, b"\x00raw", 0.0)
     assert isinstance(item, Reply)
     assert item.frame == b"\x82\x04\x00raw"
@@ -131,7 +131,7 @@ def test_refusals_are_not_logged_with_message_logging_off_but_still_counted() ->
     live = LiveLimits(LimitsSettings())
     stats = Stats()
     events = MessageEvents(structlog.get_logger(), stats, messages="off")
-    judge = Intake(FakePeer(), live, events, stats, 0.0)
+    judge = Intake(FakePeer(), live, events, stats)
     with structlog.testing.capture_logs() as logs:
         judge.judge(OP_TEXT, b"not json", 0.0)
     empty: list[EventDict] = []

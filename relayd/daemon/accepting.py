@@ -34,7 +34,7 @@ import errno
 import os
 import resource
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import structlog
 import trio
@@ -65,8 +65,9 @@ _BUDGET: Final = "open-file budget"
 CONNECTION_TASK: Final = "relayd.connection"
 
 #: Serves one accepted stream, closes it, then calls the function it is given
-#: (the socket counts until then); it must not raise but Cancelled.
-Handler = Callable[[trio.abc.Stream, Callable[[], None]], Awaitable[object]]
+#: (the socket counts until then); it must not raise but Cancelled. Its third
+#: argument is the peer's address as accept() gave it, when it did (plain TCP).
+Handler = Callable[[trio.abc.Stream, Callable[[], None], Any], Awaitable[object]]
 Listener = trio.abc.Listener[trio.abc.Stream]
 
 
@@ -182,7 +183,7 @@ async def _accept_loop(
                     _paused(log, paused, sockets)
                 await sockets.wait_for_room()
             try:
-                stream = await listener.accept()
+                stream, peer = await _accept(listener)
             except OSError as exc:
                 if exc.errno not in _OUT_OF_RESOURCES:
                     raise
@@ -196,7 +197,26 @@ async def _accept_loop(
             sockets.opened()
             # The handler's task is the connection's for as long as it lasts:
             # no wrapper's frame waits with it.
-            handler_nursery.start_soon(handler, stream, sockets.closed, name=CONNECTION_TASK)
+            handler_nursery.start_soon(handler, stream, sockets.closed, peer, name=CONNECTION_TASK)
+
+
+async def _accept(listener: Listener) -> tuple[trio.abc.Stream, Any]:
+    """The next stream, and the peer's address if accept() gave it (a plain TCP listener).
+
+    trio's SocketListener.accept drops the address accept() returns, and the
+    gate would ask the kernel for it again (getpeername). For a plain TCP
+    listener the socket is accepted here as SocketListener.accept accepts it; a
+    failure is left to SocketListener.accept, which accepts again and retries,
+    or raises, as trio does (the connection that failed is gone either way).
+    """
+    if type(listener) is trio.SocketListener:  # final in trio: no subclass to miss
+        try:
+            sock, peer = await listener.socket.accept()
+        except OSError:
+            pass
+        else:
+            return trio.SocketStream(sock), peer
+    return await listener.accept(), None
 
 
 def _paused(log: structlog.typing.FilteringBoundLogger, reason: str, sockets: Sockets) -> None:

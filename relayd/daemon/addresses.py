@@ -7,10 +7,11 @@ IPv6, and IPv4 clients of a dual-stack socket as IPv4.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import trio
 
-__all__ = ["ip_of", "peer_address", "show"]
+__all__ = ["ip_of", "peer_address", "show", "socket_address"]
 
 
 def show(host: str, port: int) -> str:
@@ -20,15 +21,27 @@ def show(host: str, port: int) -> str:
 
 def peer_address(stream: trio.abc.Stream) -> str | None:
     """``host:port`` of the client (``[v6]:port``), or None if it already reset."""
-    if isinstance(stream, trio.SSLStream):
+    # trio forbids subclassing either class: their types say it, without
+    # isinstance's pass through the stream ABC's __instancecheck__.
+    if type(stream) is trio.SSLStream:
         stream = stream.transport_stream
     # In-memory streams (tests) have no socket; they all count as one address.
-    if not isinstance(stream, trio.SocketStream):
+    if type(stream) is not trio.SocketStream:
         return "memory:0"
     try:
-        host, port, *_ = stream.socket.getpeername()
+        peer = stream.socket.getpeername()
     except OSError:
         return None
+    return socket_address(peer)
+
+
+def socket_address(peer: Any) -> str:
+    """``host:port`` (``[v6]:port``) of an IP socket address as the socket module gives it.
+
+    ``peer`` is ``(host, port)``, or ``(host, port, flowinfo, scope_id)`` for IPv6:
+    what ``accept()`` and ``getpeername()`` return.
+    """
+    host, port, *_ = peer
     # A dual-stack socket (relayd.socket's BindIPv6Only=both) shows IPv4
     # clients as ::ffff:a.b.c.d; name them as themselves, for logs and limits.
     mapped = ipaddress.ip_address(host.split("%", 1)[0]) if ":" in host else None

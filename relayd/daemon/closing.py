@@ -14,6 +14,7 @@ but cancellation.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -47,10 +48,13 @@ async def closing_handshake(
     frame = lifecycle.close_frame
     if frame is None:
         return  # the client vanished without a close frame
-    deadline = trio.current_time() + CLOSE_TIMEOUT_S
+    # The clock is read only for a close that waits for the client's (an echo
+    # of the client's close, the usual ending, waits for nothing).
+    awaits = lifecycle.awaits_client_close
+    deadline = trio.current_time() + CLOSE_TIMEOUT_S if awaits else math.inf
     sent = await transport.send_close(*frame, timeout_s=CLOSE_TIMEOUT_S)
     writer.bytes_out += sent
-    if sent and lifecycle.awaits_client_close:
+    if sent and awaits:
         with trio.move_on_at(deadline):  # what is left of the same bound
             await _client_close(transport, reader)
 

@@ -167,7 +167,7 @@ class Connection:
             parser=FrameParser(current.max_message_bytes),
             # Fixed for the connection's life, like the parser it paces.
             pacer=FramePacer(current.frames_per_second, current.frame_burst, now),
-            intake=Intake(self, limits, events, stats, now, echo=echo),
+            intake=Intake(self, limits, events, stats, echo=echo),
             router=router,
             outbox=self.outbox,
             writer=self._writer,

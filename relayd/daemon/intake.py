@@ -20,6 +20,7 @@ Time is passed in; nothing here waits. Tested through ``tests/test_intake.py``.
 
 from __future__ import annotations
 
+from relayd.config import LimitsSettings
 from relayd.daemon.live import LiveLimits
 from relayd.errors import EnvelopeError, ErrorCode
 from relayd.policy.ratelimit import ALLOW, CLOSE, REFUSE, RateLimiter
@@ -42,11 +43,13 @@ class Intake:
         limits: the limits in force, read at each message (a reload may swap them).
         events: where refusals are recorded.
         stats: the counters (error frames, echoes).
-        now: when the connection opened (the rate limiter starts full).
         echo: the diagnostic echo route: every message comes back to its sender.
     """
 
     __slots__ = ("_echo", "_events", "_limiter", "_limiter_limits", "_live", "_peer", "_stats")
+
+    #: The connection's rate limiter, made for :attr:`_limiter_limits` at the first message.
+    _limiter: RateLimiter
 
     def __init__(
         self,
@@ -54,7 +57,6 @@ class Intake:
         limits: LiveLimits,
         events: MessageEvents,
         stats: Stats,
-        now: float,
         *,
         echo: bool = False,
     ) -> None:
@@ -63,9 +65,12 @@ class Intake:
         self._events = events
         self._stats = stats
         self._echo = echo
-        current = limits.current
-        self._limiter_limits = current
-        self._limiter = RateLimiter(current.messages_per_second, current.message_burst, now)
+        # No rate limiter until the first message makes it (judge): its buckets
+        # start full, and buckets made as the connection opened would be full
+        # again by then (their level never passes the burst), so the first
+        # message meets the same limiter either way; a connection that sends
+        # nothing makes none.
+        self._limiter_limits: LimitsSettings | None = None
 
     def judge(self, opcode: int, payload: bytes, now: float) -> Inbound | None:
         """What the message ``payload`` (of ``opcode``, text or binary) arriving at ``now`` becomes.
@@ -75,7 +80,8 @@ class Intake:
             close for flooding (1008).
         """
         limits = self._live.current
-        if self._limiter_limits is not limits:  # reloaded: the new rate starts now
+        # The first message, or the limits were reloaded: the new rate starts now.
+        if self._limiter_limits is not limits:
             self._limiter_limits = limits
             self._limiter = RateLimiter(limits.messages_per_second, limits.message_burst, now)
         verdict = self._limiter.check(now)

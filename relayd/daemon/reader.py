@@ -194,8 +194,10 @@ class Reader:
             # at a close's bound (none while open); so the deadline is set
             # only when it changes (a change costs trio a heap entry and a
             # context manager). It is the connection's only cancel scope
-            # while it is idle.
-            with trio.CancelScope() as scope:
+            # while it is idle. A stretch with no read to handle first begins
+            # with its deadline: given to the scope, it costs no change after.
+            first = math.inf if data else self._timers.deadline(self._live.current)
+            with trio.CancelScope(deadline=first) as scope:
                 self._receive_scope = scope
                 while True:
                     if data:

@@ -79,7 +79,9 @@ class Transport:
         self.broken = False
         self._closed = False
         # A plain TCP socket's descriptor, for try_send; -1 for anything else.
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        # (trio forbids subclassing SocketStream: its type says it, without
+        # isinstance's pass through the stream ABC's __instancecheck__.)
+        self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
 
     async def send_all(self, data: bytes) -> None:
         """Write ``data`` whole.
@@ -122,6 +124,8 @@ class Transport:
         if self._fd < 0 or self.broken:
             return data
         sent = self.try_send(data) or 0
+        if sent == len(data):
+            return b""  # the usual case: all of it, no view to make
         return memoryview(data)[sent:] if sent else data
 
     async def _send_rest(self, rest: bytes | memoryview) -> None:
@@ -243,13 +247,15 @@ class Transport:
         whole, self.broken = not self.broken, True
         fd, stream = self._fd, self.stream
         if fd >= 0:
+            if self._done_sending(fd):
+                # Nothing unread: close() itself sends the FIN (no reset), and a
+                # shutdown() first would be one system call more for the same bytes.
+                self._close_socket()
+                return
             if whole:
                 # A plain socket's FIN needs no wait (send_eof would checkpoint).
                 with contextlib.suppress(OSError):  # ENOTCONN: the client is gone already
                     self._socket().shutdown(trio.socket.SHUT_WR)
-            if self._done_sending(fd):
-                self._close_socket()
-                return
         try:
             with (
                 trio.move_on_after(LINGER_S),

@@ -220,6 +220,10 @@ class Outbox:
 
     def discard(self) -> None:
         """Close, and drop every frame, now and from now on, counting the messages."""
+        if self._discarded:
+            # Nothing has been queued since (offer, reply and control refuse
+            # once discarded): a closing connection calls this up to three times.
+            return
         self._closed = self._discarded = True
         self.dropped += len(self._frames)
         self._frames, self._is_reply, self._control = [], [], []

@@ -110,6 +110,10 @@ class RoutingTable(Generic[H]):
         handles = self._routes.get(client_id)
         if handles is None:
             return
+        if len(handles) == 1:  # the usual id, one connection's: no tuple to rebuild
+            if handles[0] is handle:
+                del self._routes[client_id]
+            return
         rest = tuple(h for h in handles if h is not handle)
         if rest:
             self._routes[client_id] = rest

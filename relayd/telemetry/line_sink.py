@@ -102,6 +102,19 @@ class LineSink:
         if not self.held or self._bytes >= MAX_HELD_BYTES:
             self.flush()
 
+    def msg_batched(self, line: bytes) -> None:
+        """Write one rendered event as ``with batched(): sink.msg(line)`` would.
+
+        In a batch, it is held with the batch's lines; else it is a batch of its
+        own: written now, or soon (see the module docstring).
+        """
+        if self.held:
+            self.msg(line)
+            return
+        self.held = True
+        self.msg(line)
+        self.release()
+
     def release(self) -> None:
         """End a batch: its lines go out now, or soon (see the module docstring)."""
         self.held = False

@@ -234,17 +234,9 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
         another set of processors is in place (``capture_logs``).
     """
     sink = line_sink.current()
-    # capture_logs changes the configured list in place: compare its contents.
-    if (
-        sink is None
-        or _level > logging.INFO
-        or structlog.get_config()["processors"] != _JSON_PROCESSORS
-    ):
+    head = None if sink is None else _line_head(event)
+    if sink is None or head is None:
         return None
-    around = _heads.get(event)
-    if around is None:
-        around = _heads[event] = _head_around_ts(event)
-    head = around[0] + _clock.now().encode() + around[1]
     write, encode = sink.msg, _json.encode
 
     def write_line(fields: dict[str, Any]) -> None:
@@ -253,22 +245,40 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
     return write_line
 
 
+def _line_head(event: str) -> bytes | None:
+    """An info line of ``event`` up to its fields, stamped now.
+
+    None when structlog must render the event instead: info is below the level,
+    or the processors configured are not the JSON ones (``capture_logs`` swaps
+    them in, the console format has others).
+    """
+    # capture_logs changes the configured list in place: compare its contents.
+    if _level > logging.INFO or structlog.get_config()["processors"] != _JSON_PROCESSORS:
+        return None
+    around = _heads.get(event)
+    if around is None:
+        around = _heads[event] = _head_around_ts(event)
+    return around[0] + _clock.now().encode() + around[1]
+
+
 def info_line(log: structlog.typing.FilteringBoundLogger, event: str, **fields: Any) -> None:
     """Log ``event`` at info level, as ``log.info(event, **fields)`` would, in fewer steps.
 
     For the events of every connection (``connection.open``, ``connection.close``):
     the line is :func:`line_writer`'s, the very bytes structlog would write, held
-    with other lines in a :func:`~relayd.telemetry.line_sink.batched` block (so
-    written within :data:`~relayd.telemetry.line_sink.FLUSH_DELAY_S`, with other
-    lines under connection churn); through structlog when that declines, or
-    ``log`` carries context of its own.
+    with other lines as a :func:`~relayd.telemetry.line_sink.batched` block of
+    its own holds it (so written within
+    :data:`~relayd.telemetry.line_sink.FLUSH_DELAY_S`, with other lines under
+    connection churn); through structlog, in such a block, when that declines,
+    or ``log`` carries context of its own.
     """
-    with line_sink.batched():
-        write = None if structlog.get_context(log) else line_writer(event)
-        if write is None:
+    sink = line_sink.current()
+    head = None if sink is None or structlog.get_context(log) else _line_head(event)
+    if sink is None or head is None:
+        with line_sink.batched():
             log.info(event, **fields)
-        else:
-            write(fields)
+    else:
+        sink.msg_batched(head + _json.encode(fields)[1:])
 
 
 def configure(settings: LogSettings, stream: TextIO | None = None) -> None:

@@ -21,7 +21,7 @@ and the reason sent as the response body and logged as ``handshake.rejected``:
 
 from __future__ import annotations
 
-import base64
+import binascii
 import dataclasses
 import hashlib
 import re
@@ -132,19 +132,10 @@ class RequestReader:
             # h11 joins a folded line to the one before: a header could then
             # carry another's value (a token into User-Agent, which is logged).
             return Refusal(400, "malformed HTTP request: obsolete line folding")
-        if self._has_body(event):
-            return Refusal(400, "a WebSocket handshake has no body")
         return event, rest
 
     def _too_large(self) -> Refusal:
         return Refusal(431, f"request head over {self._max} bytes")
-
-    @staticmethod
-    def _has_body(request: h11.Request) -> bool:
-        for name, value in request.headers:
-            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-                return True
-        return False
 
 
 #: A folded header line (RFC 9112 §5.2, obs-fold): a line break, then a space or tab.
@@ -175,29 +166,40 @@ def _malformed(error: h11.RemoteProtocolError) -> str:
     return "malformed HTTP request" if kind is None else f"malformed HTTP request: {kind}"
 
 
-def _tokens(value: str) -> list[str]:
-    return [token.strip().lower() for token in value.split(",")]
+def _has_token(value: str, token: str) -> bool:
+    """Whether the comma-separated ``value`` lists ``token`` (lower case), in any case."""
+    value = value.lower()
+    # The usual value is the token alone: no list to make.
+    return value == token or token in [item.strip() for item in value.split(",")]
 
 
 def validate(request: h11.Request) -> UpgradeRequest | Refusal:
     """Check that ``request`` asks for a WebSocket connection (RFC 6455 §4.2.1)."""
     headers: dict[str, str] = {}
-    for raw_name, raw_value in request.headers:
-        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+    # raw_items() is one list, made in a comprehension; iterating h11's Headers
+    # itself goes through the Sequence ABC's iterator and a __getitem__ call
+    # per header. Names are tokens (h11 checks), so ASCII: lower() here is h11's.
+    for raw_name, raw_value in request.headers.raw_items():
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    # h11 leaves at most one Content-Length, its digits only, and refuses every
+    # Transfer-Encoding but chunked.
+    if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
+        return Refusal(400, "a WebSocket handshake has no body")
     if request.http_version != b"1.1":
         return Refusal(400, "a WebSocket handshake needs HTTP/1.1")
     if request.method != b"GET":
         return Refusal(400, "a WebSocket handshake is a GET request")
-    if "websocket" not in _tokens(headers.get("upgrade", "")) or "upgrade" not in _tokens(
-        headers.get("connection", "")
+    if not _has_token(headers.get("upgrade", ""), "websocket") or not _has_token(
+        headers.get("connection", ""), "upgrade"
     ):
         return Refusal(400, "not a WebSocket upgrade request")
     if headers.get("sec-websocket-version", "").strip() != _VERSION:
         return Refusal(426, "unsupported WebSocket version; this server speaks 13")
     key = headers.get("sec-websocket-key", "").strip()
     try:
-        nonce = base64.b64decode(key, validate=True)
+        # What base64.b64decode(key, validate=True) does, without its Python layers.
+        nonce = binascii.a2b_base64(key.encode("ascii"), strict_mode=True)
     except ValueError:  # binascii.Error, or a key that is not ASCII at all
         nonce = b""
     if len(nonce) != _NONCE_BYTES:
@@ -218,7 +220,8 @@ def accept_response(
     ``Relayd-Max-Message-Bytes`` header, so that a client can refuse a larger
     message itself rather than lose the connection to a 1009.
     """
-    accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+    digest = hashlib.sha1(key.encode() + _GUID).digest()
+    accept = binascii.b2a_base64(digest, newline=False).decode()  # base64.b64encode's own call
     protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
     if max_message_bytes is not None:
         protocol += f"Relayd-Max-Message-Bytes: {max_message_bytes}\r\n"

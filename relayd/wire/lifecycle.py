@@ -50,6 +50,11 @@ __all__ = ["Close", "Event", "Lifecycle", "Phase"]
 class Phase(enum.Enum):
     """Where a connection is in its life; see the module docstring's table."""
 
+    # Members are singletons, equal only to themselves: hashed by identity, in C,
+    # rather than by Enum.__hash__'s Python call (the transitions' table and
+    # _FLUSHING hash a phase some nine times per connection).
+    __hash__ = object.__hash__
+
     OPEN = "open"
     DRAINING = "draining"
     CLOSING = "closing"
@@ -60,6 +65,8 @@ class Phase(enum.Enum):
 
 class Event(enum.Enum):
     """What can decide how a connection ends."""
+
+    __hash__ = object.__hash__  # as Phase's
 
     DRAIN = "drain"  # the server shuts down
     POLICY = "policy"  # relayd closes it: abuse, slow consumer, idle, no pong
@@ -80,8 +87,15 @@ TRANSITIONS: Final[dict[tuple[Phase, Event], Phase]] = {
 _FLUSHING: Final = frozenset({Phase.DRAINING, Phase.CLOSING})
 # Phase.OPEN as a module global for `reading`, asked at every read: an attribute
 # of an enum class is looked up through EnumType.__getattr__'s slot, several
-# times a global's cost.
+# times a global's cost. So too the members every connection reads once or twice.
 _OPEN: Final = Phase.OPEN
+_PHASE_GONE: Final = Phase.GONE
+_ON_DRAIN: Final = Event.DRAIN
+_ON_POLICY: Final = Event.POLICY
+_ON_VIOLATION: Final = Event.VIOLATION
+_ON_CLOSE_FRAME: Final = Event.CLOSE_FRAME
+_ON_END: Final = Event.END
+_NO_STATUS: Final = CloseCode.NO_STATUS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,7 +129,7 @@ class Lifecycle:
     __slots__ = ("close", "phase")
 
     def __init__(self) -> None:
-        self.phase = Phase.OPEN
+        self.phase = _OPEN
         #: How the connection ends; None while it is open.
         self.close: Close | None = None
 
@@ -128,26 +142,26 @@ class Lifecycle:
 
     def drain(self) -> bool:
         """The server is shutting down: flush, then close with 1001."""
-        return self._move(Event.DRAIN, _DRAIN)
+        return self._move(_ON_DRAIN, _DRAIN)
 
     def close_for_policy(self, code: int, reason: str, closed_by: str = "server") -> bool:
         """The server closes the connection for policy with ``code``.
 
         ``closed_by`` is ``"api"`` when the server API asked for it.
         """
-        return self._move(Event.POLICY, Close(code, reason, closed_by))
+        return self._move(_ON_POLICY, Close(code, reason, closed_by))
 
     def violate(self, code: int, reason: str) -> bool:
         """The client broke the protocol: fail the connection with ``code``."""
-        return self._move(Event.VIOLATION, Close(code, reason, "server"))
+        return self._move(_ON_VIOLATION, Close(code, reason, "server"))
 
     def receive_close(self, code: int, reason: str) -> bool:
         """The client's close frame arrived with ``code`` (1005: none) and ``reason``."""
-        return self._move(Event.CLOSE_FRAME, Close(code, reason, "client"))
+        return self._move(_ON_CLOSE_FRAME, Close(code, reason, "client"))
 
     def end(self) -> bool:
         """The stream ended without a close frame."""
-        return self._move(Event.END, _GONE)
+        return self._move(_ON_END, _GONE)
 
     def crash(self) -> None:
         """A bug in relayd ended the connection: whatever the phase, it fails with 1011."""
@@ -170,9 +184,9 @@ class Lifecycle:
         None while open and when the stream ended without a close frame.
         """
         close = self.close
-        if close is None or self.phase is Phase.GONE:
+        if close is None or self.phase is _PHASE_GONE:
             return None
-        if close.closed_by == "client" and close.code == CloseCode.NO_STATUS:
+        if close.closed_by == "client" and close.code == _NO_STATUS:
             return None, ""  # a close without a code is answered without one
         if close.closed_by == "client":
             return close.code, ""  # echoed (RFC 6455 §5.5.1)
