@@ -238,13 +238,18 @@ class Writer:
         a task leaves in the outbox has no writer to write it. Bounded by what
         the outbox holds, and ends early when the socket's send buffer is full.
         """
-        while frames := self._outbox.take():
+        outbox, transport = self._outbox, self._transport
+        while frames := outbox.take():
             self._timers.progress()  # taking is progress
-            self.slots_freed()
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            messages = _messages_in(frames)
+            if self._room is not None or self._wake is not None:  # else nobody to wake
+                self.slots_freed()
+            if len(frames) == 1:  # a lone message, nearly always, with nothing else to write
+                data = frames[0]
+                messages = 0 if data[0] & OP_CLOSE else 1  # (_messages_in, written out)
+            else:
+                data, messages = b"".join(frames), _messages_in(frames)
             try:
-                sent = self._transport.try_send(data) or 0
+                sent = transport.try_send(data) or 0
             except trio.BrokenResourceError:
                 self.dropped += messages
                 self._on_gone()
