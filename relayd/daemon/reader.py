@@ -233,8 +233,10 @@ class Reader:
         """Parse one read, made at ``now``, and route what it held; False once reading must stop."""
         self.bytes_in += len(data)
         violation: ProtocolError | None = None
+        parser = self._parser
         try:
-            events = self.feed(data, now)
+            # self.feed(data, now), without a call between: this runs for every read.
+            events = parser.feed(data, self._pacer.allowance(now, parser.frames))
         except ProtocolError as exc:
             events, violation = exc.parsed, exc
         batch: list[Inbound] = []
@@ -298,8 +300,12 @@ class Reader:
         """
         outbox = self._outbox
         chunk = outbox.capacity
-        for start in range(0, len(items), chunk):
-            part = items if len(items) <= chunk else items[start : start + chunk]
+        parts: tuple[list[Inbound], ...]
+        if len(items) <= chunk:  # one read's items nearly always fit
+            parts = (items,)
+        else:
+            parts = tuple(items[start : start + chunk] for start in range(0, len(items), chunk))
+        for part in parts:
             if not outbox.reserve(len(part)):
                 self._lift_deadline()
                 with trio.move_on_after(self._timers.slow_consumer_timeout_s) as waiting:
