@@ -40,6 +40,7 @@ from relayd.policy.ratelimit import FramePacer
 from relayd.policy.timers import Due, Timers
 from relayd.routing.interface import Inbound, Router
 from relayd.routing.outbox import Outbox
+from relayd.telemetry import clock
 from relayd.wire.frames import (
     OP_BINARY,
     OP_PING,
@@ -199,7 +200,7 @@ class Reader:
                 self._receive_scope = scope
                 while True:
                     if data:
-                        now = trio.current_time()
+                        now = clock.now()
                         if now >= scope.deadline:
                             # A timer came due as the read did: trio may have
                             # cancelled the stretch already, and any wait of the

@@ -55,6 +55,7 @@ from relayd.daemon.transport import Transport
 from relayd.policy.timers import Timers
 from relayd.routing.batch import at_batch_end
 from relayd.routing.outbox import Outbox
+from relayd.telemetry import clock
 from relayd.wire.frames import OP_CLOSE
 from relayd.wire.lifecycle import Lifecycle
 
@@ -299,7 +300,7 @@ class Writer:
 
     def _written(self, messages: int, size: int) -> None:
         if messages:
-            self._timers.active(trio.current_time())
+            self._timers.active(clock.now())
             self.messages_out += messages
         self.bytes_out += size
 

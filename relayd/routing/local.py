@@ -50,6 +50,7 @@ from relayd.routing.inbox import hand_over, try_hand_over
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import DELIVERED, Outcome, RoutingTable
+from relayd.telemetry import clock
 from relayd.telemetry.line_sink import batched
 from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
@@ -117,7 +118,7 @@ class LocalRouter:
             # here keeps the order, and saves that task a step.
             self._probe -= 1
             with batched(), routing_batch():
-                self._route_items(items, self._events.recorder(), trio.current_time())
+                self._route_items(items, self._events.recorder(), clock.now())
             return True
         if try_hand_over(self._inbox_send, items):
             self._idle = False
@@ -181,7 +182,7 @@ class LocalRouter:
                 # time one pass takes: a clock read per message cost more).
                 taken = 0
                 with batched(), routing_batch():
-                    record, now = self._events.recorder(), trio.current_time()
+                    record, now = self._events.recorder(), clock.now()
                     items: list[Inbound] | None = first
                     while items is not None:
                         taken += 1

@@ -34,10 +34,11 @@ import io
 import math
 import os
 import sys
-from collections.abc import Callable
 from typing import Final, TextIO
 
 import trio
+
+from relayd.telemetry import clock
 
 __all__ = [
     "FLUSH_DELAY_S",
@@ -112,9 +113,8 @@ class LineSink:
             self.flush()
             return
         global _due  # the one flusher's, which batches set and call off
-        # The flusher runs, so this runs in trio (batches never await), whose clock
-        # the flusher keeps: read straight, not through trio.current_time()'s three calls.
-        now = _now()
+        # The flusher runs, so this runs in trio (batches never await).
+        now = clock.now()
         if now >= self.quiet_until:
             # Sparse: written now, which costs one write and no task's wake-up; so do
             # the lines held since the last write, and the flusher need not wake for them.
@@ -175,8 +175,6 @@ _flusher: trio.CancelScope | None = None
 #: The deadline of the flusher's wait, kept apart because reading a cancel scope's
 #: deadline is a Python call; inf when it waits for no line.
 _due = math.inf
-#: trio's time, read from the clock of the run the flusher runs in while it runs.
-_now: Callable[[], float] = trio.current_time
 
 
 def _count_dropped(lines: int) -> None:
@@ -218,8 +216,7 @@ async def flush_held_lines() -> None:
     Resource handling: run it in a nursery that lives as long as the logging
     does; when cancelled, it writes what is held and batches flush at once again.
     """
-    global _flusher, _now, _due  # the module's one flusher, like its one sink
-    _now = trio.lowlevel.current_clock().current_time
+    global _flusher, _due  # the module's one flusher, like its one sink
     try:
         while True:
             _due = math.inf
@@ -229,7 +226,7 @@ async def flush_held_lines() -> None:
             if sink is not None and sink.flush():
                 sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
     finally:
-        _flusher, _now = None, trio.current_time
+        _flusher = None
         _due = math.inf
         if _sink is not None:
             _sink.flush()
