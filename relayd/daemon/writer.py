@@ -209,23 +209,28 @@ class Writer:
         if self._wake:  # a writer task waits
             self._wake.unpark()
         elif not (self._running or self._deferred) and self._nursery is not None:
-            if self._lifecycle.reading and self._transport.direct and at_batch_end(self._flush):
+            if not (self._lifecycle.reading and self._transport.direct):
+                self._start(self._nursery)
+            elif at_batch_end(self._flush):
                 # The router is handing out a batch: everything it gives this
                 # connection goes out in one write, as the batch ends.
                 self._deferred = True
-            else:
-                self._flush()
+            elif not self._write_now():  # (what _flush does, its checks made just now)
+                self._start(self._nursery)
 
     def _flush(self) -> None:
         """Write what waits at once if the socket takes it, else start a writer task."""
         self._deferred = False
         if self._running or self._nursery is None:
             return
-        if self._lifecycle.reading and self._transport.direct and self._write_now():
-            return
+        if not (self._lifecycle.reading and self._transport.direct and self._write_now()):
+            self._start(self._nursery)
+
+    def _start(self, nursery: trio.Nursery) -> None:
+        """Start a writer task in ``nursery`` if anything is left for one to write."""
         if self._pending or self._outbox.has_frames() or self._flushes_still():
             self._running = True
-            self._nursery.start_soon(self._run)
+            nursery.start_soon(self._run)
 
     def _flushes_still(self) -> bool:
         """True while a flushing connection's outbox may still get frames to write."""
