@@ -271,7 +271,9 @@ class Writer:
         """Reply slots came free, or none will be filled: wake whoever waits for that."""
         if self._room:
             self._room.unpark_all()
-        if self._outbox.settled and self._wake:
+        # A writer task first: every reply a connection's router answers with none
+        # comes here, nearly always with no writer task to wake.
+        if self._wake and self._outbox.settled:
             self._wake.unpark_all()  # a flushing writer is done
 
     async def wait_for_room(self, n: int) -> None:
