@@ -94,10 +94,13 @@ class LineSink:
 
     def msg(self, line: str | bytes) -> None:
         """Write one rendered event (held while in a :func:`batched` block)."""
+        self.line(line.encode() if isinstance(line, str) else line)
+
+    def line(self, data: bytes) -> None:
+        """Write one line already in bytes, as :meth:`msg` does; line_writer's lines come here."""
         if self.gone and not self._lines:
             _count_dropped(1)  # nobody reads: dropped now, not held to be dropped later
             return
-        data = line.encode() if isinstance(line, str) else line
         self._lines.append(data)
         self._bytes += len(data)
         if not self.held or self._bytes >= MAX_HELD_BYTES:

@@ -245,7 +245,7 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
     if around is None:
         around = _heads[event] = _head_around_ts(event)
     head = around[0] + _clock.now().encode() + around[1]
-    write, encode = sink.msg, _json.encode
+    write, encode = sink.line, _json.encode
 
     def write_line(fields: dict[str, Any]) -> None:
         write(head + encode(fields)[1:])
