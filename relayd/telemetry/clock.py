@@ -21,7 +21,7 @@ import trio
 
 __all__ = ["now", "reading_clock"]
 
-#: trio's time now, in the run that called :func:`reading_clock` (else any run's, slower).
+#: trio's time now: the clock's own method within :func:`reading_clock`, else trio.current_time.
 now: Callable[[], float] = trio.current_time
 
 
