@@ -191,7 +191,7 @@ def test_a_partial_take_frees_the_slots_of_the_replies_it_took_and_no_more() -> 
     assert box.take() == [big]
     assert box.reserve(1)  # the reply taken freed its slot, the other still holds one
     assert not box.reserve(1)
-    assert box.offer(b"d2")  # one delivery of two queued: room for another
+    assert box.offer(b"d2") is Offer.QUEUED  # one delivery of two queued: room for another
     assert box.offer(b"d3") is Offer.FULL
     assert box.take() == [big]
     assert box.take() == [b"d1", b"d2"]
@@ -207,7 +207,7 @@ def test_a_partial_take_of_deliveries_leaves_replies_counted_as_replies() -> Non
     box.reply(b"r1")
     box.reply(b"r2")
     assert box.take() == [big]
-    assert box.offer(b"d3")  # a delivery's room came back
+    assert box.offer(b"d3") is Offer.QUEUED  # a delivery's room came back (an Offer is true)
     assert not box.reserve(1)  # both reply slots are still held by queued replies
 
 

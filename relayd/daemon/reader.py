@@ -40,6 +40,7 @@ from relayd.policy.ratelimit import FramePacer
 from relayd.policy.timers import Due, Timers
 from relayd.routing.interface import Inbound, Router
 from relayd.routing.outbox import Outbox
+from relayd.telemetry import clock
 from relayd.wire.frames import (
     OP_BINARY,
     OP_PING,
@@ -201,7 +202,7 @@ class Reader:
                 self._receive_scope = scope
                 while True:
                     if data:
-                        now = trio.current_time()
+                        now = clock.now()
                         if now >= scope.deadline:
                             # A timer came due as the read did: trio may have
                             # cancelled the stretch already, and any wait of the
@@ -235,8 +236,10 @@ class Reader:
         """Parse one read, made at ``now``, and route what it held; False once reading must stop."""
         self.bytes_in += len(data)
         violation: ProtocolError | None = None
+        parser = self._parser
         try:
-            events = self.feed(data, now)
+            # self.feed(data, now), without a call between: this runs for every read.
+            events = parser.feed(data, self._pacer.allowance(now, parser.frames))
         except ProtocolError as exc:
             events, violation = exc.parsed, exc
         batch: list[Inbound] = []
@@ -300,8 +303,12 @@ class Reader:
         """
         outbox = self._outbox
         chunk = outbox.capacity
-        for start in range(0, len(items), chunk):
-            part = items if len(items) <= chunk else items[start : start + chunk]
+        parts: tuple[list[Inbound], ...]
+        if len(items) <= chunk:  # one read's items nearly always fit
+            parts = (items,)
+        else:
+            parts = tuple(items[start : start + chunk] for start in range(0, len(items), chunk))
+        for part in parts:
             if not outbox.reserve(len(part)):
                 self._lift_deadline()
                 with trio.move_on_after(self._timers.slow_consumer_timeout_s) as waiting:

@@ -50,6 +50,7 @@ from relayd.daemon.reload import Reload, changes, in_force
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
 from relayd.routing.interface import Router
+from relayd.telemetry.clock import reading_clock
 from relayd.telemetry.line_sink import flush_held_lines
 from relayd.telemetry.log import get_logger, report_suppressed_lines
 from relayd.telemetry.messages import MessageEvents
@@ -249,59 +250,61 @@ class Server:
             self._admin_address = address(admin_listeners[0])
         forced = True
         try:
-            async with trio.open_nursery() as root:
-                root.start_soon(flush_held_lines)
-                root.start_soon(report_suppressed_lines)
-                await root.start(self._router.run)
-                if admin_listeners:
-                    api = api_area(
-                        self._router,
-                        # As in force now: a reload may change it.
-                        max_message_bytes=lambda: self._settings.limits.max_message_bytes,
-                        key=self._api_key,
-                        stats=self.stats,
-                    )
-                    await root.start(
-                        functools.partial(
-                            serve_admin,
-                            admin_listeners,
-                            self.registry,
-                            lambda: self.ready,
-                            areas=[api],
+            # Connections read trio's clock straight (relayd.telemetry.clock).
+            with reading_clock():
+                async with trio.open_nursery() as root:
+                    root.start_soon(flush_held_lines)
+                    root.start_soon(report_suppressed_lines)
+                    await root.start(self._router.run)
+                    if admin_listeners:
+                        api = api_area(
+                            self._router,
+                            # As in force now: a reload may change it.
+                            max_message_bytes=lambda: self._settings.limits.max_message_bytes,
+                            key=self._api_key,
+                            stats=self.stats,
                         )
-                    )
-                async with trio.open_nursery() as connections:
-                    async with trio.open_nursery() as accepting:
-                        # Counted now that every listening socket is open.
-                        self.sockets = public_sockets(self._settings.limits, self._log)
-                        await accepting.start(
+                        await root.start(
                             functools.partial(
-                                serve_public,
-                                self._gate,
-                                with_tls(listeners, self._tls),
-                                handler_nursery=connections,
-                                sockets=self.sockets,
-                                log=self._log,
+                                serve_admin,
+                                admin_listeners,
+                                self.registry,
+                                lambda: self.ready,
+                                areas=[api],
                             )
                         )
-                        self._accepting = True
-                        task_status.started(addresses)
-                        self._log.info(
-                            "server.ready",
-                            listeners=[show(h, p) for h, p in addresses],
-                            port=addresses[0][1],
-                            admin=show(*self._admin_address) if self._admin_address else None,
+                    async with trio.open_nursery() as connections:
+                        async with trio.open_nursery() as accepting:
+                            # Counted now that every listening socket is open.
+                            self.sockets = public_sockets(self._settings.limits, self._log)
+                            await accepting.start(
+                                functools.partial(
+                                    serve_public,
+                                    self._gate,
+                                    with_tls(listeners, self._tls),
+                                    handler_nursery=connections,
+                                    sockets=self.sockets,
+                                    log=self._log,
+                                )
+                            )
+                            self._accepting = True
+                            task_status.started(addresses)
+                            self._log.info(
+                                "server.ready",
+                                listeners=[show(h, p) for h, p in addresses],
+                                port=addresses[0][1],
+                                admin=show(*self._admin_address) if self._admin_address else None,
+                            )
+                            await self._stop.wait()
+                            accepting.cancel_scope.cancel()
+                            self._accepting = False
+                        self._router.close()
+                        connections.cancel_scope.deadline = (
+                            # As in force now: a reload may have changed it.
+                            trio.current_time() + self._settings.server.shutdown_grace_s
                         )
-                        await self._stop.wait()
-                        accepting.cancel_scope.cancel()
-                        self._accepting = False
-                    self._router.close()
-                    connections.cancel_scope.deadline = (
-                        # As in force now: a reload may have changed it.
-                        trio.current_time() + self._settings.server.shutdown_grace_s
-                    )
-                forced = connections.cancel_scope.cancelled_caught
-                root.cancel_scope.cancel()  # the admin listener
+                    forced = connections.cancel_scope.cancelled_caught
+                    root.cancel_scope.cancel()  # the admin listener
         finally:
             self._log.info(
                 "server.stop",

@@ -55,6 +55,7 @@ from relayd.daemon.transport import Transport
 from relayd.policy.timers import Timers
 from relayd.routing.batch import at_batch_end
 from relayd.routing.outbox import Outbox
+from relayd.telemetry import clock
 from relayd.wire.frames import OP_CLOSE
 from relayd.wire.lifecycle import Lifecycle
 
@@ -208,23 +209,28 @@ class Writer:
         if self._wake:  # a writer task waits
             self._wake.unpark()
         elif not (self._running or self._deferred) and self._nursery is not None:
-            if self._lifecycle.reading and self._transport.direct and at_batch_end(self._flush):
+            if not (self._lifecycle.reading and self._transport.direct):
+                self._start(self._nursery)
+            elif at_batch_end(self._flush):
                 # The router is handing out a batch: everything it gives this
                 # connection goes out in one write, as the batch ends.
                 self._deferred = True
-            else:
-                self._flush()
+            elif not self._write_now():  # (what _flush does, its checks made just now)
+                self._start(self._nursery)
 
     def _flush(self) -> None:
         """Write what waits at once if the socket takes it, else start a writer task."""
         self._deferred = False
         if self._running or self._nursery is None:
             return
-        if self._lifecycle.reading and self._transport.direct and self._write_now():
-            return
+        if not (self._lifecycle.reading and self._transport.direct and self._write_now()):
+            self._start(self._nursery)
+
+    def _start(self, nursery: trio.Nursery) -> None:
+        """Start a writer task in ``nursery`` if anything is left for one to write."""
         if self._pending or self._outbox.has_frames() or self._flushes_still():
             self._running = True
-            self._nursery.start_soon(self._run)
+            nursery.start_soon(self._run)
 
     def _flushes_still(self) -> bool:
         """True while a flushing connection's outbox may still get frames to write."""
@@ -238,13 +244,18 @@ class Writer:
         a task leaves in the outbox has no writer to write it. Bounded by what
         the outbox holds, and ends early when the socket's send buffer is full.
         """
-        while frames := self._outbox.take():
+        outbox, transport = self._outbox, self._transport
+        while frames := outbox.take():
             self._timers.progress()  # taking is progress
-            self.slots_freed()
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            messages = _messages_in(frames)
+            if self._room is not None or self._wake is not None:  # else nobody to wake
+                self.slots_freed()
+            if len(frames) == 1:  # a lone message, nearly always, with nothing else to write
+                data = frames[0]
+                messages = 0 if data[0] & OP_CLOSE else 1  # (_messages_in, written out)
+            else:
+                data, messages = b"".join(frames), _messages_in(frames)
             try:
-                sent = self._transport.try_send(data) or 0
+                sent = transport.try_send(data) or 0
             except trio.BrokenResourceError:
                 self.dropped += messages
                 self._on_gone()
@@ -260,7 +271,9 @@ class Writer:
         """Reply slots came free, or none will be filled: wake whoever waits for that."""
         if self._room:
             self._room.unpark_all()
-        if self._outbox.settled and self._wake:
+        # A writer task first: every reply a connection's router answers with none
+        # comes here, nearly always with no writer task to wake.
+        if self._wake and self._outbox.settled:
             self._wake.unpark_all()  # a flushing writer is done
 
     async def wait_for_room(self, n: int) -> None:
@@ -294,7 +307,7 @@ class Writer:
 
     def _written(self, messages: int, size: int) -> None:
         if messages:
-            self._timers.active(trio.current_time())
+            self._timers.active(clock.now())
             self.messages_out += messages
         self.bytes_out += size
 

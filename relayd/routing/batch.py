@@ -6,7 +6,7 @@ block (deliveries, replies) wait in that connection's outbox until the block
 ends, and the connection then writes them with one system call: a hundred
 senders' messages to one receiver in one write, not a hundred. A connection
 asks for that with :func:`at_batch_end`; outside a batch (a reader's pong, a
-timer's ping) it writes at once.
+timer's ping, a lone item the local router routes at once) it writes at once.
 
 Process-wide, like the routing task itself: batches do not nest (an inner
 block joins the outer one) and never await, so no other task's frames are

@@ -25,9 +25,11 @@ others are routed at once), so that readers with batches in the same
 scheduling round queue behind it and the pass sees that traffic is no longer
 sparse; from then on batches go through the inbox, and a fan-in's hundred
 senders are written to their receiver in one write again. Routing at once puts
-the deliveries, the socket writes of the batch's end and the log lines in the
-reader's task, and a bug in routing is raised there (the reader's connection
-closes with 1011) rather than in the routing task.
+the deliveries, the socket writes and the log lines in the reader's task, and a
+bug in routing is raised there (the reader's connection closes with 1011) rather
+than in the routing task. A batch of one item is routed at once without a
+routing batch (:func:`~relayd.routing.batch.routing_batch`), which would only
+hold the one frame it gives each connection until its end.
 
 Shutdown: :meth:`LocalRouter.close` refuses new items; :meth:`LocalRouter.run`
 then delivers what is already queued, detaches every registered peer (so
@@ -50,6 +52,7 @@ from relayd.routing.inbox import hand_over, try_hand_over
 from relayd.routing.interface import Inbound, Peer, Relay
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import DELIVERED, Outcome, RoutingTable
+from relayd.telemetry import clock
 from relayd.telemetry.line_sink import batched
 from relayd.telemetry.messages import MessageEvents, Recorder
 from relayd.telemetry.metrics import Stats
@@ -116,8 +119,16 @@ class LocalRouter:
             # Nothing is queued and the routing task is not about to run: routing
             # here keeps the order, and saves that task a step.
             self._probe -= 1
-            with batched(), routing_batch():
-                self._route_items(items, self._events.recorder(), trio.current_time())
+            with batched():
+                if len(items) == 1:
+                    # No routing batch for one item (a lone message, as a rule): it
+                    # gives each connection one frame, written at once, as the batch's
+                    # end would write it. (But for a message to the sender's own id with
+                    # a ref: its delivery and its ack then go in two writes, not one.)
+                    self._route_items(items, self._events.recorder(), clock.now())
+                else:
+                    with routing_batch():
+                        self._route_items(items, self._events.recorder(), clock.now())
             return True
         if try_hand_over(self._inbox_send, items):
             self._idle = False
@@ -181,7 +192,7 @@ class LocalRouter:
                 # time one pass takes: a clock read per message cost more).
                 taken = 0
                 with batched(), routing_batch():
-                    record, now = self._events.recorder(), trio.current_time()
+                    record, now = self._events.recorder(), clock.now()
                     items: list[Inbound] | None = first
                     while items is not None:
                         taken += 1

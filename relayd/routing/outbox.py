@@ -75,13 +75,14 @@ class Outbox:
         capacity: how many deliveries may wait, and how many replies.
 
     Attributes:
+        capacity: as given, for the outbox's life (an attribute: its reader
+            reads it for every batch it routes).
         dropped: message frames that were queued or decided for this
             connection but will never be written (:meth:`discard`), and
             replies that came without a reserved slot.
     """
 
     __slots__ = (
-        "_capacity",
         "_closed",
         "_control",
         "_deliveries",
@@ -90,11 +91,12 @@ class Outbox:
         "_is_reply",
         "_replies",
         "_reserved",
+        "capacity",
         "dropped",
     )
 
     def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
+        self.capacity: Final = capacity
         self._frames: list[bytes] = []
         self._is_reply: list[bool] = []  # for each of _frames
         self._deliveries = 0  # of _frames
@@ -111,7 +113,7 @@ class Outbox:
         """Queue a delivery if there is room; say what became of it."""
         if self._closed:
             return _CLOSED
-        if self._deliveries >= self._capacity:
+        if self._deliveries >= self.capacity:
             return _FULL
         self._deliveries += 1
         self._frames.append(frame)
@@ -165,7 +167,7 @@ class Outbox:
         Always succeeds once the outbox is closed: what the replies become is
         then the closing connection's business, not a reason to wait.
         """
-        if self._reserved + self._replies + n > self._capacity and not self._closed:
+        if self._reserved + self._replies + n > self.capacity and not self._closed:
             return False
         self._reserved += n
         return True
@@ -181,8 +183,15 @@ class Outbox:
             The frames, oldest first; empty if none wait.
         """
         frames = self._frames
+        if not frames:
+            # Writers take until a take finds nothing: that take comes as often as
+            # the one before it, and costs the least here.
+            taken, self._control = self._control, []
+            return taken
         if sum(map(len, frames)) <= TAKE_BYTES:  # all of them, the usual case: one C pass
-            count = len(frames)
+            taken = frames
+            self._frames, self._is_reply = [], []
+            self._deliveries = self._replies = 0
         else:
             count, size = 0, 0
             for frame in frames:
@@ -190,14 +199,10 @@ class Outbox:
                 if count and size > TAKE_BYTES:
                     break
                 count += 1
-        if count == len(frames):
-            taken, replies = frames, self._replies
-            self._frames, self._is_reply = [], []
-        else:
             taken, replies = frames[:count], sum(self._is_reply[:count])
             del frames[:count], self._is_reply[:count]
-        self._deliveries -= count - replies
-        self._replies -= replies
+            self._deliveries -= count - replies
+            self._replies -= replies
         if self._control:
             taken = self._control + taken
             self._control = []
@@ -228,11 +233,6 @@ class Outbox:
         self.dropped += len(self._frames)
         self._frames, self._is_reply, self._control = [], [], []
         self._deliveries = self._replies = 0
-
-    @property
-    def capacity(self) -> int:
-        """How many deliveries may wait, and how many replies."""
-        return self._capacity
 
     @property
     def closed(self) -> bool:

@@ -34,10 +34,11 @@ import io
 import math
 import os
 import sys
-from collections.abc import Callable
 from typing import Final, TextIO
 
 import trio
+
+from relayd.telemetry import clock
 
 __all__ = [
     "FLUSH_DELAY_S",
@@ -93,10 +94,13 @@ class LineSink:
 
     def msg(self, line: str | bytes) -> None:
         """Write one rendered event (held while in a :func:`batched` block)."""
+        self.line(line.encode() if isinstance(line, str) else line)
+
+    def line(self, data: bytes) -> None:
+        """Write one line already in bytes, as :meth:`msg` does; line_writer's lines come here."""
         if self.gone and not self._lines:
             _count_dropped(1)  # nobody reads: dropped now, not held to be dropped later
             return
-        data = line.encode() if isinstance(line, str) else line
         self._lines.append(data)
         self._bytes += len(data)
         if not self.held or self._bytes >= MAX_HELD_BYTES:
@@ -109,10 +113,10 @@ class LineSink:
         own: written now, or soon (see the module docstring).
         """
         if self.held:
-            self.msg(line)
+            self.line(line)
             return
         self.held = True
-        self.msg(line)
+        self.line(line)
         self.release()
 
     def release(self) -> None:
@@ -125,9 +129,8 @@ class LineSink:
             self.flush()
             return
         global _due  # the one flusher's, which batches set and call off
-        # The flusher runs, so this runs in trio (batches never await), whose clock
-        # the flusher keeps: read straight, not through trio.current_time()'s three calls.
-        now = _now()
+        # The flusher runs, so this runs in trio (batches never await).
+        now = clock.now()
         if now >= self.quiet_until:
             # Sparse: written now, which costs one write and no task's wake-up; so do
             # the lines held since the last write, and the flusher need not wake for them.
@@ -188,8 +191,6 @@ _flusher: trio.CancelScope | None = None
 #: The deadline of the flusher's wait, kept apart because reading a cancel scope's
 #: deadline is a Python call; inf when it waits for no line.
 _due = math.inf
-#: trio's time, read from the clock of the run the flusher runs in while it runs.
-_now: Callable[[], float] = trio.current_time
 
 
 def _count_dropped(lines: int) -> None:
@@ -231,8 +232,7 @@ async def flush_held_lines() -> None:
     Resource handling: run it in a nursery that lives as long as the logging
     does; when cancelled, it writes what is held and batches flush at once again.
     """
-    global _flusher, _now, _due  # the module's one flusher, like its one sink
-    _now = trio.lowlevel.current_clock().current_time
+    global _flusher, _due  # the module's one flusher, like its one sink
     try:
         while True:
             _due = math.inf
@@ -242,7 +242,7 @@ async def flush_held_lines() -> None:
             if sink is not None and sink.flush():
                 sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
     finally:
-        _flusher, _now = None, trio.current_time
+        _flusher = None
         _due = math.inf
         if _sink is not None:
             _sink.flush()

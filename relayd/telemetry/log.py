@@ -237,7 +237,7 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
     head = None if sink is None else _line_head(event)
     if sink is None or head is None:
         return None
-    write, encode = sink.msg, _json.encode
+    write, encode = sink.line, _json.encode
 
     def write_line(fields: dict[str, Any]) -> None:
         write(head + encode(fields)[1:])
