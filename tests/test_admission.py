@@ -61,6 +61,15 @@ def test_capacity_closed_removes() -> None:
     assert (capacity.total, capacity.from_ip(IP), capacity.from_ip(OTHER_IP)) == (0, 0, 0)
 
 
+def test_closing_an_address_never_counted_does_not_raise() -> None:
+    # The gate calls closed() in a finally: a miscount there must not take the
+    # connections' nursery down with a KeyError.
+    capacity = Capacity(max_total=10, max_per_ip=3)
+    capacity.opened(IP)
+    capacity.closed(OTHER_IP)
+    assert (capacity.from_ip(IP), capacity.from_ip(OTHER_IP)) == (1, 0)
+
+
 def test_capacity_within_limits_has_no_refusal() -> None:
     capacity = Capacity(max_total=2, max_per_ip=2)
     capacity.opened(IP)

@@ -255,7 +255,10 @@ class Gate:
     def _admit(self, stream: trio.abc.Stream, peer: Any) -> _Attempt | None:
         """Count ``stream`` as a handshake in progress; None if it is not to be served."""
         address = peer_address(stream) if peer is None else socket_address(peer)
-        if address is None:  # reset before it could be looked at: nobody to serve
+        # A TLS stream reset before its address could be looked at: nobody to serve.
+        # (A plain TCP one comes with accept()'s address, even if reset in the queue:
+        # it is counted like any client that leaves before its request.)
+        if address is None:
             return None
         conn, ip = next(self._numbers), ip_of(address)
         over = self.handshakes.admit(ip)

@@ -73,11 +73,13 @@ class _Counts:
         """Count a connection from ``ip`` (counted by :meth:`opened`) as gone."""
         self.total -= 1
         by_ip = self._by_ip
-        left = by_ip[ip] - 1
+        # .get: an address never counted must not raise here (the gate's finally calls
+        # this); as the Counter this replaces, it then leaves no entry.
+        left = by_ip.get(ip, 0) - 1
         if left > 0:
             by_ip[ip] = left
         else:  # no entry for an address with nothing open: they come and go all day
-            del by_ip[ip]
+            by_ip.pop(ip, None)
 
     def from_ip(self, ip: str) -> int:
         """Connections from ``ip`` counted now."""

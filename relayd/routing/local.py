@@ -208,7 +208,7 @@ class LocalRouter:
                 peer.detach()
 
     def _route_items(self, items: list[Inbound], record: Recorder, now: float) -> None:
-        """Route one reader's batch, in a routing batch; ``now`` is trio's clock."""
+        """Route one reader's batch (in a routing batch unless one item); ``now``: trio's clock."""
         # One function for the whole of a message's routing (and _deliver's two
         # lines written out), without a call per message in between.
         for item in items:

@@ -107,7 +107,7 @@ class LineSink:
             self.flush()
 
     def msg_batched(self, line: bytes) -> None:
-        """Write one rendered event as ``with batched(): sink.msg(line)`` would.
+        """Write one rendered event as ``with batched(): sink.msg(line)`` would, errors included.
 
         In a batch, it is held with the batch's lines; else it is a batch of its
         own: written now, or soon (see the module docstring).
@@ -116,8 +116,10 @@ class LineSink:
             self.line(line)
             return
         self.held = True
-        self.line(line)
-        self.release()
+        try:
+            self.line(line)
+        finally:  # a write that failed (disk full) must not leave every later line held
+            self.release()
 
     def release(self) -> None:
         """End a batch: its lines go out now, or soon (see the module docstring)."""

@@ -1,0 +1,94 @@
+"""Review of 8404d96/d88fc9d: info_line writes through LineSink.msg_batched.
+
+``msg_batched`` sets ``held``, writes, then releases; unlike the ``batched()`` block
+it replaces, nothing releases the sink when the write raises. The sink documents
+that an OSError other than EPIPE/ECONNRESET (a full disk, EAGAIN on a non-blocking
+stdout, EIO) is raised to the code that logged; the gate catches it (its
+``except* Exception``) and serves on. From then on the sink stays ``held``: every
+later line, the gate's own ``error`` line included, is kept in memory and written
+only when 64 KiB have piled up (no batch ever releases it again, and the flusher's
+deadline is never set), instead of at once as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+import structlog
+import trio
+import trio.testing
+
+from relayd.config import LogSettings
+from relayd.telemetry import line_sink
+from relayd.telemetry.line_sink import FLUSH_DELAY_S, flush_held_lines
+from relayd.telemetry.log import configure, get_logger, info_line
+
+
+class _FailingOnce(io.StringIO):
+    """A log stream whose next write fails with ENOSPC once ``fail`` is set."""
+
+    fail = False
+
+    def write(self, s: str) -> int:
+        if self.fail:
+            self.fail = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(s)
+
+
+@pytest.fixture
+def stream() -> Iterator[_FailingOnce]:
+    structlog.reset_defaults()
+    try:
+        yield _FailingOnce()
+    finally:
+        structlog.reset_defaults()
+
+
+def test_a_log_write_that_failed_once_does_not_hold_every_later_line(
+    stream: _FailingOnce,
+) -> None:
+    configure(LogSettings(format="json"), stream=stream)
+    log = get_logger()
+    # A line that fills the sink's hold (MAX_HELD_BYTES) is written as it comes;
+    # that write fails, and the failure reaches the caller, as documented.
+    stream.fail = True
+    with pytest.raises(OSError, match="No space left"):
+        info_line(log, "connection.open", conn=1, user_agent="x" * line_sink.MAX_HELD_BYTES)
+    # The disk has room again: the next lines are written at once, as before.
+    info_line(log, "connection.open", conn=2, user_agent="ua")
+    log.error("error", conn=2, summary="OSError: No space left on device")
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert events == ["connection.open", "error"]
+
+
+def _churn(log: structlog.typing.FilteringBoundLogger) -> None:
+    for conn in range(1, 10_000):  # some 300 lines fill the hold
+        info_line(log, "connection.open", conn=conn, user_agent="u" * 200)
+
+
+async def test_under_the_flusher_a_failed_write_leaves_later_lines_written_within_the_delay(
+    stream: _FailingOnce, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The same with lines of every day's size, held by a busy server: later lines never go out."""
+    configure(LogSettings(format="json"), stream=stream)
+    log = get_logger()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush_held_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        info_line(log, "connection.open", conn=0, user_agent="ua")  # sparse: written at once
+        # Connection churn within FLUSH_DELAY_S: lines are held, to be written
+        # together; the one that fills the hold writes them, and that write fails.
+        stream.fail = True
+        with pytest.raises(OSError, match="No space left"):
+            _churn(log)
+        await trio.sleep(10 * FLUSH_DELAY_S)  # whatever the flusher was due to do, done
+        info_line(log, "connection.close", conn=1, code=1000)
+        await trio.sleep(10 * FLUSH_DELAY_S)
+        events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+        assert events == ["connection.open", "connection.close"]
+        nursery.cancel_scope.cancel()
