@@ -500,10 +500,13 @@ def _kernel_buffer_bytes() -> int:
     return rmem + wmem
 
 
-async def fill(sender: Client, to: str, *, most: int = 2000) -> list[int]:
-    """Send big messages to ``to`` until relayd answers ``recipient_busy``; the acked ones."""
+async def fill(sender: Client, to: str, *, most: int = 2000, first: int = 0) -> list[int]:
+    """Send big messages to ``to`` until relayd answers ``recipient_busy``; the acked ones.
+
+    The messages are numbered from ``first``.
+    """
     acked: list[int] = []
-    for n in range(most):
+    for n in range(first, first + most):
         try:
             await sender.send(to, {"n": n, "pad": "x" * BIG})
         except RecipientBusy:
@@ -520,6 +523,12 @@ async def test_a_client_that_does_not_read_slows_relayd_and_loses_nothing() -> N
         connect(url) as sender,
     ):
         acked = await fill(sender, slow.id)
+        # The slow client may still be taking in what relayd wrote when its outbox first
+        # filled (a busy machine runs it late): once every task here waits, nothing more
+        # moves; top the outbox up again then, and from there it stays full.
+        await trio.testing.wait_all_tasks_blocked()
+        acked += await fill(sender, slow.id, first=len(acked))
+        await trio.testing.wait_all_tasks_blocked()
         # What can hold them: relayd's outbox (16), the client's queue (4) and the message
         # it is handing over, and TCP's buffers. A client that buffered without bound
         # would have taken all of them.
