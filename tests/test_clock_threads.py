@@ -1,13 +1,10 @@
-"""Review of ca1697c: relayd.telemetry.clock is process-wide, trio's runs are per thread.
+"""relayd.telemetry.clock with servers in two threads at once (two trio runs).
 
-``clock.now`` says "the value is the same either way" as ``trio.current_time()``.
-That holds for one trio run at a time (nested or sequential servers are fine), but
-not for two runs at once in two threads (two servers embedded in one process, each
-with its own ``trio.run``): whichever entered ``reading_clock()`` last decides the
-clock every other run's readers, router, writers and log sink read. trio's clocks
-differ between runs (SystemClock has a random offset of up to 10,000 s; here two
-MockClocks), so timers, rate limits and latencies of one server would be judged
-by the other's time.
+``clock.now`` must read the same time as ``trio.current_time()`` in each run. One
+process-wide fast path cannot serve two runs whose clocks differ (trio's
+SystemClock has a random offset per run; here two MockClocks), so while runs in two
+threads overlap, ``now`` is ``trio.current_time`` for both (review of d88fc9d found
+the later run's clock read by the other).
 """
 
 from __future__ import annotations

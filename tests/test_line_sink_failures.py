@@ -1,13 +1,11 @@
-"""Review of 8404d96/d88fc9d: info_line writes through LineSink.msg_batched.
+"""A log write that fails leaves the sink writing later lines as before.
 
-``msg_batched`` sets ``held``, writes, then releases; unlike the ``batched()`` block
-it replaces, nothing releases the sink when the write raises. The sink documents
-that an OSError other than EPIPE/ECONNRESET (a full disk, EAGAIN on a non-blocking
-stdout, EIO) is raised to the code that logged; the gate catches it (its
-``except* Exception``) and serves on. From then on the sink stays ``held``: every
-later line, the gate's own ``error`` line included, is kept in memory and written
-only when 64 KiB have piled up (no batch ever releases it again, and the flusher's
-deadline is never set), instead of at once as before.
+``info_line`` writes a connection's line through ``LineSink.msg_batched``, a batch
+of one line. The sink raises an OSError other than EPIPE/ECONNRESET (a full disk,
+EAGAIN on a non-blocking stdout, EIO) to the code that logged, and the gate catches
+it and serves on; the batch must still end then. Before the fix (review of d88fc9d)
+it did not: the sink stayed ``held``, and every later line, the gate's own ``error``
+line included, was kept in memory until 64 KiB had piled up.
 """
 
 from __future__ import annotations
