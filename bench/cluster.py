@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +345,11 @@ def _summary(result: dict[str, Any]) -> str:
     return f"{text}; cpu {result['cpu']}"
 
 
+def _figure(value: float | None, show: Callable[[float], str]) -> str:
+    """``show(value)``, or "not measured" for a cell no round measured."""
+    return "not measured" if value is None else show(value)
+
+
 def report(results: Results) -> str:
     """The tables of docs/benchmarks.md's cluster section."""
     lines = ["| cell | cluster | result | CPU (share of a core) |", "|---|---|---|---|"]
@@ -354,13 +359,18 @@ def report(results: Results) -> str:
                 continue
             if cell.mode == "idle":
                 per = results.median(cluster, cell.name, "bytes_per_conn")
-                value = f"{per / 1024:.1f} KiB per idle connection"
+                value = _figure(per, lambda v: f"{v / 1024:.1f} KiB per idle connection")
             elif cell.mode == "latency":
                 p50 = results.median(cluster, cell.name, "p50_us")
                 p99 = results.median(cluster, cell.name, "p99_us")
-                value = f"p50 {p50:,.0f} µs, p99 {p99:,.0f} µs"
+                value = (
+                    "not measured"
+                    if p50 is None or p99 is None
+                    else f"p50 {p50:,.0f} µs, p99 {p99:,.0f} µs"
+                )
             else:
-                value = f"{results.median(cluster, cell.name, 'msgs_per_s'):,.0f} msg/s"
+                rate = results.median(cluster, cell.name, "msgs_per_s")
+                value = _figure(rate, lambda v: f"{v:,.0f} msg/s")
             cpu = ", ".join(f"{n} {v:.2f}" for n, v in results.cpu(cluster, cell.name).items())
             lines.append(f"| {cell.name} | {cluster} | {value} | {cpu} |")
     ratios = []

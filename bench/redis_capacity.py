@@ -31,6 +31,7 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,15 @@ class Counter:
     def link_down(self) -> None:
         """Note a broken link: the measurement is then void."""
         self.downs += 1
+
+
+def _setter(done: trio.Event) -> Callable[[list[int] | None], None]:
+    """A publish callback that sets ``done`` once the batch is published (or given up)."""
+
+    def published(_counts: list[int] | None) -> None:
+        done.set()
+
+    return published
 
 
 def up(health: Health) -> bool:
@@ -117,7 +127,7 @@ async def measure(url: str, pid: int, info: Any, ids: int, messages: int) -> dic
                     for i in range(batch)
                 ]
                 done = trio.Event()
-                assert sender.publish(pairs, lambda counts, done=done: done.set())
+                assert sender.publish(pairs, _setter(done))
                 await done.wait()
                 sent += batch
             await holder_inbox.reached.wait()
