@@ -40,7 +40,9 @@ from typing import Any, Final
 
 import pytest
 
+from relayd.config import LimitsSettings
 from relayd.daemon.accepting import CONNECTION_TASK
+from relayd.policy.timers import Due, Timers
 from tests.e2e.harness import BENCH_DIR, REPO_ROOT, require_tool
 
 RUN_PY: Final = BENCH_DIR / "run.py"
@@ -709,6 +711,33 @@ def test_profiler_counts_trio_rounds_and_tasks_of_lone_messages(tmp_path: Path) 
         assert count == pytest.approx(round(count), abs=1e-6), (figure, operations)
     assert found["gc_tracked_objects"] > 0
     assert found["command"].startswith(".venv/bin/python bench/profile_relayd.py counts")
+    assert found["pings"] is False
+
+
+def test_profiler_keeps_keepalive_from_moving_the_readers_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The profile's lone message must cost what the bench's chat cell sees: no ping in
+    # the window, and no deadline that a message moves (each move is a trio heap entry).
+    profiler = _profiler_module(monkeypatch)
+    env = profiler.NO_KEEPALIVE_ENV
+    limits = LimitsSettings(
+        ping_interval_s=float(env["RELAYD_LIMITS__PING_INTERVAL_S"]),
+        idle_timeout_s=float(env["RELAYD_LIMITS__IDLE_TIMEOUT_S"]),
+    )
+    timers = Timers(limits, now=0.0)
+    first = timers.deadline(limits)
+    for now in (1.0, 60.0, 3600.0):
+        timers.active(now)
+        assert timers.deadline(limits) == first
+        assert timers.due(now, limits) is Due.NOTHING
+    # Pings off alone would not do: the idle timeout is then the next deadline, and
+    # every message moves it.
+    pings_off = LimitsSettings(ping_interval_s=0.0)
+    busy = Timers(pings_off, now=0.0)
+    before = busy.deadline(pings_off)
+    busy.active(1.0)
+    assert busy.deadline(pings_off) != before
 
 
 def test_profiler_reads_perf_stat_strace_and_callgrind_output(
