@@ -20,14 +20,13 @@ throughput: ``--pairs`` pairs, default 10, each sender keeping 128 in flight). E
 also goes to
 ``OUT/profile.json`` (``--out``, default ``bench/results/profile-<tool>-<UTC time>/``).
 
-**Keepalive is kept out of the window** unless ``--pings``: relayd runs with
-``ping_interval_s`` of a day and ``idle_timeout_s`` of two, so that no ping falls in the
-window and a connection's next deadline stays where it is, as in the bench's chat cells,
-whose windows end before a connection's first ping (30 s after it opened). With the
-defaults, a profile whose window begins near 30 s after the connections opened would
-count every connection's ping, its pong and the two moves of its reader's deadline
-among the messages' work: at 20 messages/s over 100 connections, 12.6% of a lone
-message's bytecodes. ``--pings`` keeps the configured defaults, to measure that.
+**Keepalive is kept out of the window** unless ``--pings``: relayd runs with pings off
+(``ping_interval_s = 0``), as the bench's chat cells see it, whose windows end before a
+connection's first ping (30 s after it opened). With the defaults, a profile whose window
+begins near 30 s after the connections opened would count every connection's ping, its
+pong and the two moves of its reader's deadline among the messages' work: at 20
+messages/s over 100 connections, 12.6% of a lone message's bytecodes. ``--pings`` keeps
+the configured defaults, to measure that.
 
 Tools, and what they hold to on a busy machine:
 
@@ -95,12 +94,8 @@ from run import (
 #: Seconds a tool gets to write its output after SIGINT, and relayd to start under valgrind.
 TOOL_STOP_S: Final = 60.0
 VALGRIND_READY_S: Final = 600.0
-#: relayd's keepalive, out of every run's reach (see the module docstring): the idle
-#: timeout past the ping, so that neither moves the reader's deadline per message.
-NO_KEEPALIVE_ENV: Final = {
-    "RELAYD_LIMITS__PING_INTERVAL_S": "86400",
-    "RELAYD_LIMITS__IDLE_TIMEOUT_S": "172800",
-}
+#: relayd's keepalive, off for the run (see the module docstring).
+NO_KEEPALIVE_ENV: Final = {"RELAYD_LIMITS__PING_INTERVAL_S": "0"}
 #: Samples per second py-spy takes.
 PYSPY_RATE: Final = 250
 #: The tools whose overhead makes relayd far slower: their default load is smaller.

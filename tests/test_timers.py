@@ -45,14 +45,49 @@ def test_a_second_ping_does_not_move_an_unanswered_pongs_deadline() -> None:
     assert t.due(25.0, limits) is Due.NO_PONG  # 10 + 15, not 20 + 15
 
 
-def test_silence_for_the_idle_timeout_is_due_and_activity_moves_it() -> None:
+def test_silence_for_the_idle_timeout_is_due_and_activity_postpones_it() -> None:
     limits = LimitsSettings(idle_timeout_s=100.0, ping_interval_s=0)
     t = timers(limits)
     assert t.deadline(limits) == 100.0
     t.active(70.0)
+    # Activity does not move the deadline (a move costs the reader's cancel scope a
+    # heap entry per message); the check at 100 finds it and arms for 170.
+    assert t.deadline(limits) == 100.0
+    assert t.due(100.0, limits) is Due.NOTHING
     assert t.deadline(limits) == 170.0
     assert t.due(169.0, limits) is Due.NOTHING
     assert t.due(170.0, limits) is Due.IDLE
+
+
+def test_a_busy_connection_closes_exactly_one_idle_timeout_after_its_last_message() -> None:
+    limits = LimitsSettings(idle_timeout_s=100.0, ping_interval_s=0)
+    t = timers(limits)
+    deadlines = []
+    for second in range(1, 251):  # a message a second for 250 s, as the reader sees them
+        now = float(second)
+        if now >= t.deadline(limits):
+            assert t.due(now, limits) is Due.NOTHING
+        t.active(now)
+        if t.deadline(limits) not in deadlines:
+            deadlines.append(t.deadline(limits))
+    # What the reader waits for moved at the checks only, not with each message.
+    assert deadlines == [100.0, 199.0, 298.0]
+    # The reader wakes at each deadline it was given until the last message's timeout.
+    now = t.deadline(limits)
+    while (due := t.due(now, limits)) is Due.NOTHING:
+        assert t.deadline(limits) > now
+        now = t.deadline(limits)
+    assert (due, now) == (Due.IDLE, 350.0)
+
+
+def test_a_reload_of_the_idle_timeout_after_activity_counts_from_the_last_message() -> None:
+    limits = LimitsSettings(idle_timeout_s=100.0, ping_interval_s=0)
+    t = timers(limits)
+    t.active(70.0)
+    shorter = LimitsSettings(idle_timeout_s=5.0, ping_interval_s=0)
+    assert t.deadline(shorter) == 75.0
+    assert t.due(74.0, shorter) is Due.NOTHING
+    assert t.due(75.0, shorter) is Due.IDLE
 
 
 def test_zero_turns_pings_and_idle_off() -> None:
