@@ -829,3 +829,9 @@ def test_the_accept_announces_the_message_limit_beside_the_subprotocol(
     assert header_values(event.headers, b"sec-websocket-protocol") == expected
     event, _ = websocket_client_reads(accept_response(RFC_KEY, subprotocol))
     assert header_values(event.headers, b"relayd-max-message-bytes") == []
+
+
+def test_http_2s_preface_is_told_only_that_the_request_is_malformed() -> None:
+    # No fault of a kind relayd names: llhttp reads the preface's head whole,
+    # and it is not a request's.
+    assert read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == Refusal(400, "malformed HTTP request")
