@@ -665,6 +665,29 @@ def test_extra_headers_go_out_beside_a_refusals_own(status: int, own_header: byt
             "conflicting Content-Length headers",
             id="cl-twice-the-same",
         ),
+        # The faults llhttp names, each once.
+        pytest.param(head(request_line="GET / XTTP/1.1"), "illegal request line", id="protocol"),
+        pytest.param(head(request_line="GET / HTTP/1.1 "), "illegal request line", id="after-1.1"),
+        pytest.param(head(request_line="GET / HTTP/11.1"), "illegal request line", id="no-dot"),
+        pytest.param(head(request_line="GET / HTTP/.1"), "illegal request line", id="no-major"),
+        pytest.param(head(request_line="GET / HTTP/1.a"), "illegal request line", id="no-minor"),
+        pytest.param(head(request_line="HEAD / RTSP/1.1"), "illegal request line", id="rtsp-head"),
+        pytest.param(head(request_line="GET / ICE/1.0"), "illegal request line", id="ice"),
+        pytest.param(head(request_line="GET /\xff HTTP/1.1"), "illegal request line", id="url"),
+        pytest.param(
+            head().replace(b"Upgrade: websocket", b"Upgrade websocket"),
+            "illegal header line",
+            id="upgrade-without-colon",
+        ),
+        pytest.param(head(extra=[("X-A", "b\rc")]), "illegal header line", id="cr-in-value"),
+        pytest.param(head(extra=[("X-A", "\rb")]), "illegal header line", id="cr-before-value"),
+        pytest.param(
+            head()[:-2] + b"\rX\r\n\r\n", "illegal header line", id="cr-in-the-blank-line"
+        ),
+        pytest.param(head(extra=[("Content-Length", "")]), "bad Content-Length", id="cl-empty"),
+        pytest.param(
+            head(extra=[("Content-Length", "9" * 30)]), "bad Content-Length", id="cl-overflow"
+        ),
     ],
 )
 def test_a_malformed_request_is_told_the_kind_of_fault_and_never_its_bytes(
@@ -759,6 +782,14 @@ def test_a_well_formed_request_line_is_told_what_the_handshake_needs(
     assert answer(head(request_line=request_line)) == Refusal(400, reason)
 
 
+def test_a_request_line_may_begin_with_any_token_character() -> None:
+    # h11 refused a head at once when its first byte could not begin a method.
+    assert RequestReader(LIMIT).feed(b"!") is None
+    assert answer(head(request_line="! / HTTP/1.1")) == Refusal(
+        400, "a WebSocket handshake is a GET request"
+    )
+
+
 def test_an_http_1_0_request_needs_no_host_to_be_told_it_needs_http_1_1() -> None:
     data = head({"Host": None}, request_line="GET / HTTP/1.0")
     assert answer(data) == Refusal(400, "a WebSocket handshake needs HTTP/1.1")
@@ -771,13 +802,14 @@ def test_a_complete_head_over_the_limit_is_431_before_it_is_parsed() -> None:
 
 
 def test_values_are_read_without_the_white_space_around_them() -> None:
-    data = head(extra=[("X-A", " \t a  b \t "), ("X-B", ""), ("X-C", "a\tb")])
+    data = head(extra=[("X-A", " \t a  b \t "), ("X-B", ""), ("X-C", "a\tb"), ("X-D", "aXX")])
     valid = upgrade(data)
-    assert (valid.headers["x-a"], valid.headers["x-b"], valid.headers["x-c"]) == (
+    assert [valid.headers[name] for name in ("x-a", "x-b", "x-c", "x-d")] == [
         "a  b",
         "",
         "a\tb",
-    )
+        "aXX",
+    ]
 
 
 def test_request_fed_two_bytes_at_a_time_is_returned_with_the_feed_that_ends_its_head() -> None:
@@ -835,3 +867,10 @@ def test_http_2s_preface_is_told_only_that_the_request_is_malformed() -> None:
     # No fault of a kind relayd names: llhttp reads the preface's head whole,
     # and it is not a request's.
     assert read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == Refusal(400, "malformed HTTP request")
+
+
+def test_a_fault_of_no_kind_relayd_names_is_told_only_that_the_request_is_malformed() -> None:
+    # PRI is a method llhttp knows, for HTTP/2's preface only; with two spaces
+    # after it the line is no request line relayd can name the method of.
+    data = head(request_line="PRI  / HTTP/1.1")
+    assert read(data) == Refusal(400, "malformed HTTP request")
