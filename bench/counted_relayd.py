@@ -53,7 +53,16 @@ import trio
 
 #: Package directories a call's file is attributed to, outermost name first; in those of
 #: _BY_MODULE, to the module.
-_PACKAGES: Final = ("relayd", "trio", "structlog", "msgspec", "h11", "outcome", "sniffio")
+_PACKAGES: Final = (
+    "relayd",
+    "trio",
+    "structlog",
+    "msgspec",
+    "httptools",
+    "h11",
+    "outcome",
+    "sniffio",
+)
 _BY_MODULE: Final = frozenset({"relayd", "trio"})
 #: A busy stretch this long is listed, with its task steps and GC pause.
 _LONG_STRETCH_S: Final = 0.002

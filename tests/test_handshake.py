@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from relayd.wire.handshake import (
     Refusal,
+    RequestHead,
     RequestReader,
     UpgradeRequest,
     accept_response,
@@ -55,11 +56,11 @@ def head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def read(data: bytes, max_head_bytes: int = LIMIT) -> tuple[h11.Request, bytes] | Refusal | None:
+def read(data: bytes, max_head_bytes: int = LIMIT) -> tuple[RequestHead, bytes] | Refusal | None:
     return RequestReader(max_head_bytes).feed(data)
 
 
-def request(data: bytes) -> h11.Request:
+def request(data: bytes) -> RequestHead:
     result = read(data)
     assert isinstance(result, tuple), result
     return result[0]
@@ -115,7 +116,7 @@ def test_request_fed_byte_by_byte_is_returned_once_its_head_ends() -> None:
     result = reader.feed(data[-1:])
     assert isinstance(result, tuple)
     req, rest = result
-    assert (req.method, req.target, req.http_version) == (b"GET", b"/?token=t", b"1.1")
+    assert (req.method, req.target, req.http_version) == (b"GET", "/?token=t", "1.1")
     assert rest == b""
 
 
@@ -151,7 +152,7 @@ def test_any_split_gives_the_same_request_and_the_early_bytes_in_order(
         else:
             after += data[a:b]
     assert isinstance(result, tuple)
-    assert result[0].target == b"/?token=t"
+    assert result[0].target == "/?token=t"
     assert result[1] + after == early
 
 
@@ -190,7 +191,7 @@ def test_complete_head_over_the_limit_is_refused_with_431(how: str, over: int) -
     limit = len(padded) - over
     assert limit >= len(base)
     reader = RequestReader(limit)
-    result: tuple[h11.Request, bytes] | Refusal | None = None
+    result: tuple[RequestHead, bytes] | Refusal | None = None
     if how == "whole":
         result = reader.feed(padded)
     else:
@@ -640,10 +641,52 @@ def test_extra_headers_go_out_beside_a_refusals_own(status: int, own_header: byt
             id="leading-continuation",
         ),
         pytest.param(b"\r\n\r\n", "no request line received", id="no-request-line"),
+        pytest.param(b"\nGET / HTTP/1.1", "no request line received", id="leading-lf"),
+        pytest.param(b" GET", "illegal request line", id="leading-space-before-the-head-ends"),
+        pytest.param(head(request_line="GET / RTSP/1.1"), "illegal request line", id="rtsp"),
+        pytest.param(head(request_line="GET  / HTTP/1.1"), "illegal request line", id="two-spaces"),
         pytest.param(
-            head(extra=[("Transfer-Encoding", "gzip")]),
-            "Only Transfer-Encoding: chunked is supported",
-            id="te-gzip",
+            head(request_line="GET ?token=t HTTP/1.1"), "illegal request line", id="no-path"
+        ),
+        pytest.param(
+            head(request_line="GET /a b HTTP/1.1"), "illegal request line", id="space-in-target"
+        ),
+        pytest.param(head(extra=[("X-A", "a\x7fb")]), "illegal header line", id="del-in-value"),
+        pytest.param(head(extra=[("X-A", "a\x01b")]), "illegal header line", id="ctl-in-value"),
+        pytest.param(head(extra=[("X-\xe9", "b")]), "illegal header line", id="non-token-name"),
+        pytest.param(head().replace(b"\r\n", b"\n"), "illegal request line", id="bare-lf"),
+        pytest.param(
+            head().replace(b"relay.example\r\n", b"relay.example\n"),
+            "illegal header line",
+            id="bare-lf-after-a-header",
+        ),
+        pytest.param(
+            head(extra=[("Content-Length", "0"), ("Content-Length", "0")]),
+            "conflicting Content-Length headers",
+            id="cl-twice-the-same",
+        ),
+        # The faults llhttp names, each once.
+        pytest.param(head(request_line="GET / XTTP/1.1"), "illegal request line", id="protocol"),
+        pytest.param(head(request_line="GET / HTTP/1.1 "), "illegal request line", id="after-1.1"),
+        pytest.param(head(request_line="GET / HTTP/11.1"), "illegal request line", id="no-dot"),
+        pytest.param(head(request_line="GET / HTTP/.1"), "illegal request line", id="no-major"),
+        pytest.param(head(request_line="GET / HTTP/1.a"), "illegal request line", id="no-minor"),
+        pytest.param(head(request_line="HEAD / RTSP/1.1"), "illegal request line", id="rtsp-head"),
+        pytest.param(head(request_line="GET / ICE/1.0"), "illegal request line", id="ice"),
+        pytest.param(head(request_line="GET /\xff HTTP/1.1"), "illegal request line", id="url"),
+        pytest.param(
+            head().replace(b"Upgrade: websocket", b"Upgrade websocket"),
+            "illegal header line",
+            id="upgrade-without-colon",
+        ),
+        pytest.param(head(extra=[("X-A", "b\rc")]), "illegal header line", id="cr-in-value"),
+        pytest.param(head(extra=[("X-A", "\rb")]), "illegal header line", id="cr-before-value"),
+        pytest.param(
+            head()[:-2] + b"\rX\r\n\r\n", "illegal header line", id="cr-in-the-blank-line"
+        ),
+        pytest.param(head(extra=[("Content-Length", "")]), "bad Content-Length", id="cl-empty"),
+        pytest.param(
+            head(extra=[("Content-Length", "9" * 30)]), "bad Content-Length", id="cl-overflow"
         ),
     ],
 )
@@ -653,9 +696,143 @@ def test_a_malformed_request_is_told_the_kind_of_fault_and_never_its_bytes(
     assert read(data) == Refusal(400, f"malformed HTTP request: {kind}")
 
 
-def test_a_fault_of_no_known_kind_is_told_only_that_the_request_is_malformed() -> None:
-    data = head(extra=[("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")])
-    assert read(data) == Refusal(400, "malformed HTTP request")
+#: Every reason a request can be refused with by RequestReader and validate.
+REASONS = {
+    "a WebSocket handshake has no body",
+    "a WebSocket handshake needs HTTP/1.1",
+    "a WebSocket handshake is a GET request",
+    "not a WebSocket upgrade request",
+    "unsupported WebSocket version; this server speaks 13",
+    "Sec-WebSocket-Key is not 16 bytes in base64",
+    f"request head over {LIMIT} bytes",
+    "malformed HTTP request",
+    *(
+        f"malformed HTTP request: {kind}"
+        for kind in (
+            "illegal request line",
+            "illegal header line",
+            "bad Content-Length",
+            "conflicting Content-Length headers",
+            "Missing mandatory Host: header",
+            "Found multiple Host: headers",
+            "continuation line at start of headers",
+            "no request line received",
+            "obsolete line folding",
+        )
+    ),
+}
+
+
+@given(
+    junk=st.lists(
+        st.tuples(st.integers(0, 300), st.binary(min_size=1, max_size=3)), min_size=1, max_size=4
+    ),
+    cut=st.integers(0, 300),
+)
+def test_every_refusal_gives_one_of_the_documented_reasons(
+    junk: list[tuple[int, bytes]], cut: int
+) -> None:
+    data = bytearray(head(extra=[("User-Agent", "ua"), ("Content-Length", "0")]))
+    for at, piece in sorted(junk, reverse=True):
+        data[at:at] = piece
+    reader = RequestReader(LIMIT)
+    result = reader.feed(bytes(data[:cut])) if cut else None
+    if result is None and cut < len(data):
+        result = reader.feed(bytes(data[cut:]))
+    answered = validate(result[0]) if isinstance(result, tuple) else result
+    if isinstance(answered, Refusal):
+        assert answered.reason in REASONS
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([("Transfer-Encoding", "gzip")], id="gzip"),
+        pytest.param([("Transfer-Encoding", "chunked")] * 2, id="chunked-twice"),
+        pytest.param([("Transfer-Encoding", "chunked"), ("Content-Length", "0")], id="and-cl"),
+        pytest.param([("Content-Length", "0"), ("Transfer-Encoding", "chunked")], id="after-cl"),
+        pytest.param([("Transfer-Encoding", "")], id="empty"),
+    ],
+)
+@pytest.mark.parametrize("upgrade", [True, False], ids=["upgrade", "plain-get"])
+def test_any_transfer_encoding_is_told_the_handshake_has_no_body(
+    extra: list[tuple[str, str]], upgrade: bool
+) -> None:
+    # llhttp checks a request's Transfer-Encoding only when it is no upgrade.
+    data = head(None if upgrade else {"Connection": "close"}, extra=extra)
+    assert answer(data) == Refusal(400, "a WebSocket handshake has no body")
+
+
+@pytest.mark.parametrize(
+    ("request_line", "reason"),
+    [
+        pytest.param("get / HTTP/1.1", "a WebSocket handshake is a GET request", id="lower-case"),
+        pytest.param("FOO / HTTP/1.1", "a WebSocket handshake is a GET request", id="unknown"),
+        pytest.param("PRI / HTTP/1.1", "a WebSocket handshake is a GET request", id="pri"),
+        pytest.param(
+            "SETUP / HTTP/1.1", "a WebSocket handshake is a GET request", id="rtsp-method"
+        ),
+        pytest.param("GET / HTTP/1.2", "a WebSocket handshake needs HTTP/1.1", id="http-1.2"),
+        pytest.param("GET / HTTP/2.0", "a WebSocket handshake needs HTTP/1.1", id="http-2.0"),
+    ],
+)
+def test_a_well_formed_request_line_is_told_what_the_handshake_needs(
+    request_line: str, reason: str
+) -> None:
+    assert answer(head(request_line=request_line)) == Refusal(400, reason)
+
+
+def test_a_request_line_may_begin_with_any_token_character() -> None:
+    # h11 refused a head at once when its first byte could not begin a method.
+    assert RequestReader(LIMIT).feed(b"!") is None
+    assert answer(head(request_line="! / HTTP/1.1")) == Refusal(
+        400, "a WebSocket handshake is a GET request"
+    )
+
+
+def test_an_http_1_0_request_needs_no_host_to_be_told_it_needs_http_1_1() -> None:
+    data = head({"Host": None}, request_line="GET / HTTP/1.0")
+    assert answer(data) == Refusal(400, "a WebSocket handshake needs HTTP/1.1")
+
+
+def test_a_complete_head_over_the_limit_is_431_before_it_is_parsed() -> None:
+    data = b"GET / HTTP/1.1\r\nno colon\r\n\r\n"  # malformed: 400 within the limit
+    assert read(data, len(data)) == Refusal(400, "malformed HTTP request: illegal header line")
+    assert read(data, len(data) - 1) == Refusal(431, f"request head over {len(data) - 1} bytes")
+
+
+def test_values_are_read_without_the_white_space_around_them() -> None:
+    data = head(extra=[("X-A", " \t a  b \t "), ("X-B", ""), ("X-C", "a\tb"), ("X-D", "aXX")])
+    valid = upgrade(data)
+    assert [valid.headers[name] for name in ("x-a", "x-b", "x-c", "x-d")] == [
+        "a  b",
+        "",
+        "a\tb",
+        "aXX",
+    ]
+
+
+def test_request_fed_two_bytes_at_a_time_is_returned_with_the_feed_that_ends_its_head() -> None:
+    early = frame(OP_TEXT, b"hi")
+    data = head() + early
+    pieces = [data[i : i + 2] for i in range(0, len(data), 2)]
+    reader = RequestReader(LIMIT)
+    ends_in = (len(head()) - 1) // 2  # the piece holding the head's last byte
+    results = [reader.feed(piece) for piece in pieces[: ends_in + 1]]
+    assert results[:ends_in] == [None] * ends_in
+    result = results[ends_in]
+    assert isinstance(result, tuple), result
+    assert result[0].target == "/?token=t"
+    assert result[1] + b"".join(pieces[ends_in + 1 :]) == early
+
+
+def test_a_pipelined_request_after_the_head_is_kept_as_early_bytes() -> None:
+    # Not parsed as HTTP: after an accepted handshake these are frame bytes
+    # (and here not valid ones, which the frame parser refuses).
+    second = b"GET /other HTTP/1.1\r\nHost: relay.example\r\n\r\n"
+    result = read(head() + second)
+    assert isinstance(result, tuple), result
+    assert result[1] == second
 
 
 @pytest.mark.parametrize("how", ["whole", "split-after-the-head"])
@@ -684,3 +861,16 @@ def test_the_accept_announces_the_message_limit_beside_the_subprotocol(
     assert header_values(event.headers, b"sec-websocket-protocol") == expected
     event, _ = websocket_client_reads(accept_response(RFC_KEY, subprotocol))
     assert header_values(event.headers, b"relayd-max-message-bytes") == []
+
+
+def test_http_2s_preface_is_told_only_that_the_request_is_malformed() -> None:
+    # No fault of a kind relayd names: llhttp reads the preface's head whole,
+    # and it is not a request's.
+    assert read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == Refusal(400, "malformed HTTP request")
+
+
+def test_a_fault_of_no_kind_relayd_names_is_told_only_that_the_request_is_malformed() -> None:
+    # PRI is a method llhttp knows, for HTTP/2's preface only; with two spaces
+    # after it the line is no request line relayd can name the method of.
+    data = head(request_line="PRI  / HTTP/1.1")
+    assert read(data) == Refusal(400, "malformed HTTP request")

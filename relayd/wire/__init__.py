@@ -7,7 +7,7 @@ wsproto test theirs.
 * :mod:`~relayd.wire.frames`: RFC 6455 framing, server side: client frames parsed.
 * :mod:`~relayd.wire.masking`: a client frame's payload unmasked.
 * :mod:`~relayd.wire.server_frames`: the frames a server writes.
-* :mod:`~relayd.wire.handshake`: the HTTP opening handshake, on h11.
+* :mod:`~relayd.wire.handshake`: the HTTP opening handshake, on httptools (llhttp).
 * :mod:`~relayd.wire.dialects`: relayd's two dialects, the seed post's and
   ``relayd.v1``: what a client sends, what it receives.
 * :mod:`~relayd.wire.lifecycle`: one connection's states, from open to closed,

@@ -1,22 +1,28 @@
 """The WebSocket opening handshake (RFC 6455 §4.2), without I/O.
 
-:class:`RequestReader` feeds the bytes of a client's request to h11 and yields
-the request once its head is complete, with the bytes that came after it (a
-client may send its first frames in the same TCP segment; they are kept and
-parsed as frames once the handshake is accepted, under the same limits as any
-other frame). :func:`validate` checks that the request is a WebSocket upgrade
-relayd can accept; :func:`accept_response` and :func:`refusal_response` are the
-two ways to answer it.
+:class:`RequestReader` collects the bytes of a client's request head and has
+httptools (llhttp, the parser uvicorn and Node use) parse it once it is
+complete, yielding the request with the bytes that came after it (a client may
+send its first frames in the same TCP segment; they are kept and parsed as
+frames once the handshake is accepted, under the same limits as any other
+frame). :func:`validate` checks that the request is a WebSocket upgrade relayd
+can accept; :func:`accept_response` and :func:`refusal_response` are the two
+ways to answer it.
 
 Every refusal is a :class:`Refusal` carrying its HTTP status
 and the reason sent as the response body and logged as ``handshake.rejected``:
 
 * 400: not HTTP/1.1, not a GET, not a WebSocket upgrade, a bad
   ``Sec-WebSocket-Key``, a request with a body, bytes that are not HTTP, a
-  folded header line (obs-fold);
+  folded header line (obs-fold), an HTTP/1.1 request without exactly one
+  ``Host`` header;
 * 426 with ``Sec-WebSocket-Version: 13``: another WebSocket version;
 * 431: a request head over ``max_header_bytes``, found as soon as the limit is
   passed, before the rest is read.
+
+llhttp parses strictly: every line of the head ends in CRLF (a bare LF is
+refused, as Node refuses it), header names are tokens and values hold no
+control character but a tab.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Final
 
-import h11
+import httptools
 
 __all__ = [
     "Refusal",
+    "RequestHead",
     "RequestReader",
     "UpgradeRequest",
     "accept_response",
@@ -53,12 +60,30 @@ class Refusal:
 
     The reason is the response's body and the ``handshake.rejected`` event's
     ``reason``; it never holds anything the client sent: every reason is one
-    of a fixed set (a malformed request is named by the kind of fault h11
-    found, never by the line it found it in).
+    of a fixed set (a malformed request is named by the kind of fault the
+    parser found, never by the line it found it in).
     """
 
     status: int
     reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A request head as HTTP/1.1 allows it, not yet checked as a WebSocket upgrade.
+
+    Attributes:
+        method: the method, as sent (``b"GET"``).
+        target: the request target, path and query (``/?token=…``), latin-1.
+        http_version: ``"1.1"``, ``"1.0"``…
+        headers: header names in lower case; values without the white space
+            around them; repeated headers joined by ``", "``.
+    """
+
+    method: bytes
+    target: str
+    http_version: str
+    headers: Mapping[str, str]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,22 +106,20 @@ class UpgradeRequest:
 class RequestReader:
     """Collects one HTTP request head from a client's bytes.
 
+    The head is parsed once, when its blank line has come: a request sent in
+    one segment, as clients send it, is one call into llhttp.
+
     Args:
         max_head_bytes: the largest request line and headers accepted.
     """
 
-    __slots__ = ("_fed", "_fold_at", "_h11", "_last", "_max")
+    __slots__ = ("_buffer", "_max")
 
     def __init__(self, max_head_bytes: int) -> None:
         self._max = max_head_bytes
-        self._fed = 0
-        self._last = b""  # the last byte fed, for a line break split across feeds
-        self._fold_at: int | None = None  # where the first folded line begins
-        # h11 refuses a head that grows past the limit while incomplete; one
-        # that completes within the read that passes it is measured below.
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self._buffer = bytearray()  # what came before the head's end, when it came in pieces
 
-    def feed(self, data: bytes | bytearray) -> tuple[h11.Request, bytes] | Refusal | None:
+    def feed(self, data: bytes | bytearray) -> tuple[RequestHead, bytes] | Refusal | None:
         """Add bytes from the client (never ``b""``: the caller handles its end).
 
         Returns:
@@ -104,66 +127,180 @@ class RequestReader:
             the client sent after it; a :class:`Refusal` if the bytes cannot be
             a request relayd answers; None while more bytes are needed.
         """
-        chunk = bytes(data)
-        if self._fold_at is None:
-            # A line break, then a space or tab: where the head ends is known
-            # only once it has, so the place is kept and judged then.
-            found = _FOLD.search(self._last + chunk)
-            if found is not None:
-                self._fold_at = self._fed - len(self._last) + found.end() - 1
-            self._last = chunk[-1:]
-        self._fed += len(chunk)
-        self._h11.receive_data(chunk)
-        try:
-            event = self._h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            if exc.error_status_hint == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+        buffer = self._buffer
+        if buffer:
+            # The blank line may begin in the bytes before: look from two back.
+            start = max(len(buffer) - 2, 0)
+            buffer += data
+            data = buffer
+        else:
+            start = 0
+            # What h11, relayd's parser before httptools, refused at the first
+            # byte: llhttp would skip blank lines before the request line.
+            if data[0] == _LF or data[:2] == b"\r\n":
+                return Refusal(400, "malformed HTTP request: no request line received")
+            if data[0] < _FIRST_PRINTABLE:  # a TLS client on a plain port, for one
+                return Refusal(400, _BAD_LINE)
+        end = _HEAD_END.search(data, start)
+        if end is None:
+            if len(data) > self._max:
                 return self._too_large()
-            # Everything else h11 refuses (including a transfer coding it does
-            # not know, its 501) is a request relayd cannot take: 400.
-            return Refusal(400, _malformed(exc))
-        if not isinstance(event, h11.Request):
+            if data is not buffer:
+                buffer += data
             return None
-        rest = self._h11.trailing_data[0]
-        head = self._fed - len(rest)
-        if head > self._max:
+        size = end.end()
+        if size > self._max:
             return self._too_large()
-        if self._fold_at is not None and self._fold_at < head:
-            # h11 joins a folded line to the one before: a header could then
-            # carry another's value (a token into User-Agent, which is logged).
-            return Refusal(400, "malformed HTTP request: obsolete line folding")
-        return event, rest
+        head = bytes(data[:size])
+        result = _parse(head)
+        return result if isinstance(result, Refusal) else (result, bytes(data[size:]))
 
     def _too_large(self) -> Refusal:
         return Refusal(431, f"request head over {self._max} bytes")
 
 
+#: Where a request head ends: a line break, then an empty line (as h11 finds it;
+#: llhttp then refuses a head whose lines do not all end in CRLF).
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
+_LF: Final = ord("\n")
+#: A request line begins with a method, a token: never a control byte or a space.
+_FIRST_PRINTABLE: Final = 0x21
 #: A folded header line (RFC 9112 §5.2, obs-fold): a line break, then a space or tab.
 _FOLD: Final = re.compile(rb"\n[ \t]")
 
-#: What h11 says of a request it cannot parse, as far as relayd repeats it: each
-#: of these begins h11's message, and what follows in the message (the line or
-#: the value, quoted) is the client's own bytes, which may hold a token.
-_H11_REASONS: Final = (
-    "illegal request line",
-    "illegal header line",
-    "Illegal header name",
-    "Illegal header value",
-    "bad Content-Length",
-    "conflicting Content-Length headers",
-    "Missing mandatory Host: header",
-    "Found multiple Host: headers",
-    "continuation line at start of headers",
-    "no request line received",
-    "Only Transfer-Encoding: chunked is supported",
+
+class _Collector:
+    """Receives what llhttp finds in a head (httptools' callback protocol)."""
+
+    __slots__ = ("complete", "headers", "repeated_host", "target")
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: dict[str, str] = {}
+        self.repeated_host = False
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.target = url  # in one piece: llhttp is given the whole head at once
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Names are tokens (llhttp checks), so ASCII; llhttp leaves out the
+        # white space before a value, not the white space after it.
+        key, text = name.decode("latin-1").lower(), value.rstrip(b" \t").decode("latin-1")
+        headers = self.headers
+        if key in headers:
+            headers[key] = f"{headers[key]}, {text}"
+            if key == "host":
+                self.repeated_host = True
+        else:
+            headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _parse(head: bytes) -> RequestHead | Refusal:
+    """The request in ``head``, a whole request head, if HTTP/1.x allows it."""
+    fold = _FOLD.search(head)
+    if fold is not None:
+        # h11 joined a folded line to the one before, llhttp refuses it: either
+        # way a header could carry another's value, so it is refused first.
+        if fold.start() == head.index(b"\n"):
+            return Refusal(400, "malformed HTTP request: continuation line at start of headers")
+        return Refusal(400, "malformed HTTP request: obsolete line folding")
+    collector = _Collector()
+    parser = httptools.HttpRequestParser(collector)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass  # an upgrade: llhttp stops where the head ends, as it does here anyway
+    except httptools.HttpParserError as exc:
+        return _malformed(exc, head)
+    if not collector.complete:  # HTTP/2's preface, whose head is not a request's
+        return _MALFORMED
+    line_end = head.index(b"\r\n")  # llhttp has checked that lines end so
+    if (
+        not head.startswith(b"HTTP/", line_end - 8)  # llhttp reads RTSP/ and ICE/ too
+        or b"  " in head[:line_end]  # and more than one space between parts
+    ):
+        return Refusal(400, _BAD_LINE)
+    version = parser.get_http_version()
+    headers = collector.headers
+    if collector.repeated_host:
+        return Refusal(400, "malformed HTTP request: Found multiple Host: headers")
+    if "host" not in headers and version == "1.1":  # RFC 9112 §3.2
+        return Refusal(400, "malformed HTTP request: Missing mandatory Host: header")
+    return RequestHead(
+        method=parser.get_method(),
+        target=collector.target.decode("latin-1"),
+        http_version=version,
+        headers=headers,
+    )
+
+
+_MALFORMED: Final = Refusal(400, "malformed HTTP request")
+_BAD_LINE: Final = "malformed HTTP request: illegal request line"
+_BAD_HEADER: Final = "malformed HTTP request: illegal header line"
+_BAD_LENGTH: Final = "malformed HTTP request: bad Content-Length"
+_HAS_BODY: Final = "a WebSocket handshake has no body"
+
+#: What relayd answers a head llhttp refused, by the reason llhttp gives (a fixed
+#: string of its own, never the client's bytes): the kind of fault, named as h11
+#: named it before; a reason of its own where the head is well-formed HTTP that a
+#: handshake cannot be. Any other reason is told only that the request is malformed.
+_REFUSALS: Final = {
+    message: Refusal(400, reason)
+    for message, reason in (
+        ("Expected HTTP/, RTSP/ or ICE/", _BAD_LINE),
+        ("Expected CRLF after version", _BAD_LINE),
+        ("Expected dot", _BAD_LINE),
+        ("Invalid major version", _BAD_LINE),
+        ("Invalid minor version", _BAD_LINE),
+        ("Invalid method for RTSP/x.x request", _BAD_LINE),
+        ("Expected SOURCE method for ICE/x.x request", _BAD_LINE),
+        ("Invalid HTTP version", "a WebSocket handshake needs HTTP/1.1"),  # HTTP/1.2, say
+        ("Invalid header token", _BAD_HEADER),
+        ("Invalid header field char", _BAD_HEADER),
+        ("Invalid header value char", _BAD_HEADER),
+        ("Missing expected CR after header value", _BAD_HEADER),
+        ("Missing expected LF after header value", _BAD_HEADER),
+        ("Expected LF after CR", _BAD_HEADER),  # a CR before a value
+        ("Expected LF after headers", _BAD_HEADER),
+        ("Invalid character in Content-Length", _BAD_LENGTH),
+        ("Empty Content-Length", _BAD_LENGTH),
+        ("Content-Length overflow", _BAD_LENGTH),
+        ("Duplicate Content-Length", "malformed HTTP request: conflicting Content-Length headers"),
+        ("Request has invalid `Transfer-Encoding`", _HAS_BODY),
+        ("Invalid `Transfer-Encoding` header value", _HAS_BODY),
+        ("Empty Transfer-Encoding", _HAS_BODY),
+        ("Content-Length can't be present with Transfer-Encoding", _HAS_BODY),
+        ("Transfer-Encoding can't be present with Content-Length", _HAS_BODY),
+    )
+}
+#: What llhttp says of a method it knows, but not in an HTTP/1.x request line
+#: (RTSP's, and PRI, HTTP/2's preface), besides its "Invalid method".
+_METHOD_FAULTS: Final = frozenset(
+    {"Invalid method for HTTP/x.x request", "Expected HTTP/2 Connection Preface"}
+)
+#: A request line as HTTP has it (RFC 9112 §3): a method llhttp does not know
+#: there is still a method, and relayd says which one it wants.
+_REQUEST_LINE: Final = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r?\n"
 )
 
 
-def _malformed(error: h11.RemoteProtocolError) -> str:
-    """The reason for a request h11 refused: its kind, never the client's bytes."""
+def _malformed(error: httptools.HttpParserError, head: bytes) -> Refusal:
+    """The refusal of a head llhttp refused: the kind of fault, never the client's bytes."""
     message = str(error)
-    kind = next((reason for reason in _H11_REASONS if message.startswith(reason)), None)
-    return "malformed HTTP request" if kind is None else f"malformed HTTP request: {kind}"
+    if (
+        isinstance(error, httptools.HttpParserInvalidMethodError) or message in _METHOD_FAULTS
+    ) and _REQUEST_LINE.match(head):
+        return Refusal(400, "a WebSocket handshake is a GET request")
+    if isinstance(
+        error, httptools.HttpParserInvalidMethodError | httptools.HttpParserInvalidURLError
+    ):
+        return Refusal(400, _BAD_LINE)
+    return _REFUSALS.get(message, _MALFORMED)
 
 
 def _has_token(value: str, token: str) -> bool:
@@ -173,20 +310,14 @@ def _has_token(value: str, token: str) -> bool:
     return value == token or token in [item.strip() for item in value.split(",")]
 
 
-def validate(request: h11.Request) -> UpgradeRequest | Refusal:
+def validate(request: RequestHead) -> UpgradeRequest | Refusal:
     """Check that ``request`` asks for a WebSocket connection (RFC 6455 §4.2.1)."""
-    headers: dict[str, str] = {}
-    # raw_items() is one list, made in a comprehension; iterating h11's Headers
-    # itself goes through the Sequence ABC's iterator and a __getitem__ call
-    # per header. Names are tokens (h11 checks), so ASCII: lower() here is h11's.
-    for raw_name, raw_value in request.headers.raw_items():
-        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    # h11 leaves at most one Content-Length, its digits only, and refuses every
-    # Transfer-Encoding but chunked.
+    headers = request.headers
+    # llhttp leaves at most one Content-Length, its digits only, and refuses a
+    # Transfer-Encoding whose last coding is not chunked.
     if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
-        return Refusal(400, "a WebSocket handshake has no body")
-    if request.http_version != b"1.1":
+        return Refusal(400, _HAS_BODY)
+    if request.http_version != "1.1":
         return Refusal(400, "a WebSocket handshake needs HTTP/1.1")
     if request.method != b"GET":
         return Refusal(400, "a WebSocket handshake is a GET request")
@@ -207,7 +338,7 @@ def validate(request: h11.Request) -> UpgradeRequest | Refusal:
     offered = headers.get("sec-websocket-protocol", "")
     subprotocols = tuple(p.strip() for p in offered.split(",") if p.strip())
     return UpgradeRequest(
-        target=request.target.decode("latin-1"), headers=headers, key=key, subprotocols=subprotocols
+        target=request.target, headers=headers, key=key, subprotocols=subprotocols
     )
 
 
