@@ -89,7 +89,8 @@ class LimitsSettings(BaseModel):
         max_header_bytes: largest HTTP request head (request line and headers) of a
             handshake; larger ones are answered 431.
         idle_timeout_s: close a connection silent this long; 0 turns it off.
-        ping_interval_s: seconds between server pings; 0 turns pings off.
+        ping_interval_s: seconds of silence from a client before the server pings it, and
+            between its pings while the silence lasts; 0 turns pings off.
         pong_timeout_s: time allowed for the pong to a ping.
     """
 

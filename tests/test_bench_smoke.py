@@ -726,7 +726,7 @@ def test_profiler_keeps_keepalive_from_moving_the_readers_deadline(
     timers = Timers(limits, now=0.0)
     first = timers.deadline(limits)
     for now in (1.0, 60.0, 3599.0):
-        timers.active(now)
+        timers.received(now)
         assert timers.deadline(limits) == first
         assert timers.due(now, limits) is Due.NOTHING
 

@@ -166,6 +166,41 @@ async def test_a_live_peer_answers_pings_and_stays(autojump_clock: trio.testing.
         assert await b.recv() == "hello"
 
 
+async def test_a_client_that_keeps_talking_is_not_pinged_and_one_gone_quiet_is(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Keepalive pings a client only once nothing has come from it for an interval:
+    # what it sends shows it is there (docs/protocol.md, "Keepalive pings").
+    async with serving(ping_interval_s=30.0, pong_timeout_s=10.0, idle_timeout_s=0) as relay:
+        stream = relay.stream()
+        own_id = await silent_client(stream)
+        pings: list[float] = []
+        data = b""
+
+        async def read() -> None:
+            nonlocal data
+            seen = 0
+            while chunk := await stream.receive_some():
+                data += chunk
+                frames = wire.server_frames(data, after_head=False)
+                pings.extend(trio.current_time() for op, _ in frames[seen:] if op == 0x9)
+                seen = len(frames)
+
+        began = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            for n in range(12):  # a message to itself every 20 s for 4 minutes
+                await trio.sleep(20)
+                payload = json.dumps({"to": own_id, "message": n}).encode()
+                await stream.send_all(wire.frame(0x1, payload))
+            await trio.sleep(29)
+            assert pings == []  # heard from every 20 s: never pinged
+            await trio.sleep(2)
+            assert [t - began for t in pings] == [pytest.approx(270.0)]  # 30 s after the last
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
+
+
 async def test_a_timer_due_while_a_reader_waits_for_the_router_loses_none_of_what_it_read(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -10,6 +10,8 @@ from relayd.config import LimitsSettings
 from relayd.policy.timers import Due, Timers
 
 LIMITS = LimitsSettings(idle_timeout_s=100.0, ping_interval_s=30.0, pong_timeout_s=15.0)
+#: Keepalive alone: no idle timeout's check among the deadlines.
+KEEPALIVE = LimitsSettings(idle_timeout_s=0, ping_interval_s=30.0, pong_timeout_s=15.0)
 
 
 def timers(limits: LimitsSettings = LIMITS, slow_s: float = 10.0) -> Timers:
@@ -35,6 +37,51 @@ def test_a_pong_stops_the_pong_clock() -> None:
     t.pong()
     assert t.deadline(LIMITS) == 60.0
     assert t.due(60.0, LIMITS) is Due.PING
+
+
+def test_a_client_heard_from_within_the_interval_is_not_pinged() -> None:
+    t = timers(KEEPALIVE)
+    t.received(20.0)  # a message from the client
+    assert t.due(30.0, KEEPALIVE) is Due.NOTHING  # heard 10 s ago: no ping
+    assert t.deadline(KEEPALIVE) == 50.0  # one interval after it was last heard
+    t.heard(45.0)  # a ping of its own
+    assert t.due(50.0, KEEPALIVE) is Due.NOTHING
+    assert t.deadline(KEEPALIVE) == 75.0
+    assert t.due(75.0, KEEPALIVE) is Due.PING  # silent for an interval
+    assert t.deadline(KEEPALIVE) == 90.0  # its pong's deadline
+    t.pong()
+    assert t.deadline(KEEPALIVE) == 105.0  # the next ping an interval after this one
+
+
+def test_a_talking_clients_ping_is_put_off_at_most_twice_an_interval_and_never_due() -> None:
+    t = timers(KEEPALIVE)
+    deadlines = []
+    for tenth in range(1, 3001):  # a message every 0.1 s for 300 s
+        now = tenth / 10
+        assert now < t.deadline(KEEPALIVE)  # the reader is never woken for keepalive
+        t.received(now)
+        if t.deadline(KEEPALIVE) not in deadlines:
+            deadlines.append(t.deadline(KEEPALIVE))
+    # Put off once half an interval has passed since it was armed: at 15, 30, ... 300 s.
+    assert deadlines == [30.0 + 15.0 * n for n in range(21)]
+    assert t.due(330.0, KEEPALIVE) is Due.PING  # silent since 300 s: pinged at 330
+
+
+def test_messages_to_the_client_do_not_put_off_its_ping() -> None:
+    t = timers(KEEPALIVE)
+    for now in (10.0, 20.0, 29.0):
+        t.active(now)  # relayd wrote to it: that says nothing of the client
+    assert t.due(30.0, KEEPALIVE) is Due.PING
+
+
+def test_a_client_gone_silent_is_closed_within_an_interval_and_a_pong_timeout() -> None:
+    t = timers(KEEPALIVE)
+    t.received(100.0)  # its last frame
+    now = t.deadline(KEEPALIVE)
+    while (due := t.due(now, KEEPALIVE)) is not Due.NO_PONG:
+        assert due in (Due.NOTHING, Due.PING)
+        now = t.deadline(KEEPALIVE)
+    assert now == 100.0 + 30.0 + 15.0
 
 
 def test_a_second_ping_does_not_move_an_unanswered_pongs_deadline() -> None:

@@ -269,7 +269,7 @@ class Reader:
         """Turn one read's frames (read at ``now``) into router items; True if it ends here."""
         for opcode, payload in events:
             if opcode <= OP_BINARY:
-                self._timers.active(now)
+                self._timers.received(now)
                 self.messages_in += 1
                 item = self._intake.judge(opcode, payload, now)
                 if item is None:
@@ -278,6 +278,7 @@ class Reader:
                     return True
                 batch.append(item)
             elif opcode == OP_PING:
+                self._timers.heard(now)
                 if self._outbox.control(encode_frame(OP_PONG, payload)):
                     self._writer.wake()
             elif opcode == OP_PONG:
