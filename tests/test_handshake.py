@@ -874,3 +874,54 @@ def test_a_fault_of_no_kind_relayd_names_is_told_only_that_the_request_is_malfor
     # after it the line is no request line relayd can name the method of.
     data = head(request_line="PRI  / HTTP/1.1")
     assert read(data) == Refusal(400, "malformed HTTP request")
+
+
+# -- a head split anywhere -----------------------------------------------------------------
+# TCP may cut a request at any byte; the answer (its status, and its reason, logged and
+# sent as the body) must not depend on where. Found in review: a head beginning with a
+# blank line was told "no request line received" whole, "illegal request line" when its
+# first read ended after the CR.
+
+SPLIT_HEADS = (
+    head(),
+    b"\r\n" + head(),
+    b"\n" + head(),
+    b"\r\r\n" + head(),
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on a plain port
+    b" GET / HTTP/1.1\r\n\r\n",
+    head({"Host": None}),
+    head().replace(b"\r\nUpgrade", b"\r\n Upgrade"),  # a folded line
+    head() + frame(OP_TEXT, b"early"),  # a frame in the same segment
+    b"G" * (LIMIT + 1),
+)
+
+
+def answer_in_reads(*reads: bytes) -> tuple[int, str] | tuple[str, bytes] | None:
+    """The refusal, or the target and every byte after the head (later reads too)."""
+    reader = RequestReader(LIMIT)
+    for n, data in enumerate(reads):
+        result = reader.feed(data)
+        if isinstance(result, Refusal):
+            return result.status, result.reason
+        if result is not None:
+            request, rest = result
+            return request.target, rest + b"".join(reads[n + 1 :])
+    return None
+
+
+def test_a_leading_crlf_split_after_its_cr_gets_the_answer_it_gets_whole() -> None:
+    data = b"\r\n" + head()
+    whole = answer_in_reads(data)
+    assert whole == (400, "malformed HTTP request: no request line received")
+    assert answer_in_reads(data[:1], data[1:]) == whole
+
+
+@given(
+    st.sampled_from(SPLIT_HEADS),
+    # Cuts among the first bytes, judged apart from the parser, as often as anywhere else.
+    st.lists(st.integers(1, 3) | st.integers(1, len(head())), max_size=6),
+)
+def test_any_split_gets_the_answer_the_whole_head_gets(data: bytes, cuts: list[int]) -> None:
+    points = sorted({c for c in cuts if c < len(data)})
+    reads = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert answer_in_reads(*reads) == answer_in_reads(data)

@@ -26,7 +26,7 @@ pushed back: :meth:`Timers.deadline` gives the time it was last armed for, and
 activity if there was any since (it is then :attr:`Due.NOTHING`). Each move
 of the reader's deadline costs trio a heap entry and a context manager; with
 pings off, the idle timeout is the next deadline, and every message would move
-it (about 9% of a lone message's bytecodes). Armed lazily, it costs one wake-up
+it (8.3% of a lone message's bytecodes). Armed lazily, it costs one wake-up
 per ``idle_timeout_s`` of a busy connection, and the connection still closes
 exactly ``idle_timeout_s`` after its last message.
 """

@@ -128,6 +128,7 @@ class RequestReader:
             a request relayd answers; None while more bytes are needed.
         """
         buffer = self._buffer
+        opening = len(buffer) < 2  # the first two bytes are judged once both have come
         if buffer:
             # The blank line may begin in the bytes before: look from two back.
             start = max(len(buffer) - 2, 0)
@@ -135,11 +136,14 @@ class RequestReader:
             data = buffer
         else:
             start = 0
+        if opening:
             # What h11, relayd's parser before httptools, refused at the first
-            # byte: llhttp would skip blank lines before the request line.
+            # byte: llhttp would skip blank lines before the request line. A lone
+            # CR waits for the next byte, so that a blank line split after its CR
+            # gets the answer it gets whole.
             if data[0] == _LF or data[:2] == b"\r\n":
                 return Refusal(400, "malformed HTTP request: no request line received")
-            if data[0] < _FIRST_PRINTABLE:  # a TLS client on a plain port, for one
+            if data[0] < _FIRST_PRINTABLE and data != b"\r":  # a TLS client on a plain port
                 return Refusal(400, _BAD_LINE)
         end = _HEAD_END.search(data, start)
         if end is None:
@@ -172,11 +176,14 @@ _FOLD: Final = re.compile(rb"\n[ \t]")
 class _Collector:
     """Receives what llhttp finds in a head (httptools' callback protocol)."""
 
-    __slots__ = ("complete", "headers", "repeated_host", "target")
+    __slots__ = ("complete", "headers", "repeated", "repeated_host", "target")
 
     def __init__(self) -> None:
         self.target = b""
         self.headers: dict[str, str] = {}
+        # The values of a repeated header, joined once the head is parsed: joined
+        # as they come, a head of one header repeated would take quadratic time.
+        self.repeated: dict[str, list[str]] | None = None
         self.repeated_host = False
         self.complete = False
 
@@ -189,11 +196,20 @@ class _Collector:
         key, text = name.decode("latin-1").lower(), value.rstrip(b" \t").decode("latin-1")
         headers = self.headers
         if key in headers:
-            headers[key] = f"{headers[key]}, {text}"
+            if self.repeated is None:
+                self.repeated = {}
+            self.repeated.setdefault(key, [headers[key]]).append(text)
             if key == "host":
                 self.repeated_host = True
         else:
             headers[key] = text
+
+    def joined(self) -> dict[str, str]:
+        """The headers, a repeated one's values joined by ``", "`` in the order they came."""
+        headers = self.headers
+        for key, values in (self.repeated or {}).items():
+            headers[key] = ", ".join(values)
+        return headers
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -225,7 +241,7 @@ def _parse(head: bytes) -> RequestHead | Refusal:
     ):
         return Refusal(400, _BAD_LINE)
     version = parser.get_http_version()
-    headers = collector.headers
+    headers = collector.joined()
     if collector.repeated_host:
         return Refusal(400, "malformed HTTP request: Found multiple Host: headers")
     if "host" not in headers and version == "1.1":  # RFC 9112 §3.2
