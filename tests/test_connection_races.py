@@ -118,15 +118,15 @@ async def test_a_timer_due_as_a_read_ending_mid_frame_arrives_leaves_the_stream_
 async def test_a_bug_met_again_by_the_writer_tasks_crash_handler_never_reaches_the_shared_nursery(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # One bug: Connection._gone raises (or anything it calls: Lifecycle.end,
+    # One bug: Connection.client_gone raises (or anything it calls: Lifecycle.end,
     # Reader.stop, Outbox.discard, Writer.slots_freed). The writer task meets
     # it when it finds its client gone, keeps it as `crash`, and meets it
     # again when it asks its connection to stop reading: neither may reach
     # the connections nursery, which every other connection runs in.
     def buggy_gone(self: Connection) -> None:
-        raise RuntimeError("bug in _gone")
+        raise RuntimeError("bug in client_gone")
 
-    monkeypatch.setattr(Connection, "_gone", buggy_gone)
+    monkeypatch.setattr(Connection, "client_gone", buggy_gone)
     escaped: list[BaseException] = []
     try:
         async with scene() as s:

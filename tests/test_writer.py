@@ -29,6 +29,16 @@ from tests.wire import server_frames
 
 
 @dataclass
+class _Owner:
+    """Records each time the writer says the client is gone."""
+
+    gone: list[bool]
+
+    def client_gone(self) -> None:
+        self.gone.append(True)
+
+
+@dataclass
 class Rig:
     writer: Writer
     outbox: Outbox
@@ -68,7 +78,7 @@ async def rig(
     lifecycle = Lifecycle()
     timers = Timers(LimitsSettings(), trio.current_time())
     gone: list[bool] = []
-    writer = Writer(transport, outbox, lifecycle, timers, lambda: gone.append(True))
+    writer = Writer(transport, outbox, lifecycle, timers, _Owner(gone))
     async with server, client, trio.open_nursery() as nursery:
         writer.attach(nursery)
         yield Rig(writer, outbox, client, transport, lifecycle, gone, nursery)

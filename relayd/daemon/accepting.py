@@ -175,6 +175,9 @@ async def _accept_loop(
     log: structlog.typing.FilteringBoundLogger,
 ) -> None:
     paused: str | None = None  # why the loop is not accepting, once it has said so
+    # One bound method for every handler: each connection's task holds it for
+    # as long as it lasts, and a method bound afresh would be 64 bytes each.
+    closed = sockets.closed
     async with listener:
         while True:
             if sockets.full:
@@ -197,7 +200,7 @@ async def _accept_loop(
             sockets.opened()
             # The handler's task is the connection's for as long as it lasts:
             # no wrapper's frame waits with it.
-            handler_nursery.start_soon(handler, stream, sockets.closed, peer, name=CONNECTION_TASK)
+            handler_nursery.start_soon(handler, stream, closed, peer, name=CONNECTION_TASK)
 
 
 async def _accept(listener: Listener) -> tuple[trio.abc.Stream, Any]:

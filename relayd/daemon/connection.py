@@ -156,7 +156,7 @@ class Connection:
         self._lifecycle = Lifecycle()
         now = self.started = trio.current_time()
         self._timers = Timers(current, now)
-        self._writer = Writer(transport, self.outbox, self._lifecycle, self._timers, self._gone)
+        self._writer = Writer(transport, self.outbox, self._lifecycle, self._timers, self)
         self._reader = Reader(
             self,
             transport=transport,
@@ -241,8 +241,8 @@ class Connection:
         self._finish_writing_by(trio.current_time() + CLOSE_TIMEOUT_S)
         self._writer.wake()  # a writer flushes, or ends at once if nothing is left
 
-    def _gone(self) -> None:
-        # The writer found the client gone: nothing more is read or written.
+    def client_gone(self) -> None:
+        """The writer found the client gone: nothing more is read or written."""
         # The reader may be waiting for the socket, or for room to route what
         # it read (that goes on to the router; its replies are dropped).
         self._lifecycle.end()

@@ -46,8 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -59,12 +58,19 @@ from relayd.telemetry import clock
 from relayd.wire.frames import OP_CLOSE
 from relayd.wire.lifecycle import Lifecycle
 
-__all__ = ["WRITER_IDLE_S", "Writer"]
+__all__ = ["WRITER_IDLE_S", "Writer", "WriterOwner"]
 
 #: How long a writer with nothing to write waits for more before its task
 #: ends. Under traffic it stays; an idle connection does without one (its
 #: task and frames are a good part of an idle connection's memory).
 WRITER_IDLE_S: Final = 1.0
+
+
+class WriterOwner(Protocol):
+    """What a writer tells its connection."""
+
+    def client_gone(self) -> None:
+        """A write found the client gone: nothing more is to be read or written."""
 
 
 class Writer:
@@ -75,7 +81,9 @@ class Writer:
         outbox: the connection's outbox.
         lifecycle: the connection's lifecycle, read to know whether to write.
         timers: told of progress (a take) and activity (a message written).
-        on_gone: called when a write finds the client gone.
+        owner: told when a write finds the client gone (the owner itself,
+            not a callback bound to it: an idle connection holds no bound
+            method for it).
 
     Attributes:
         messages_out: message frames written.
@@ -89,8 +97,8 @@ class Writer:
         "_ended",
         "_lifecycle",
         "_nursery",
-        "_on_gone",
         "_outbox",
+        "_owner",
         "_pending",
         "_pending_messages",
         "_room",
@@ -111,13 +119,13 @@ class Writer:
         outbox: Outbox,
         lifecycle: Lifecycle,
         timers: Timers,
-        on_gone: Callable[[], None],
+        owner: WriterOwner,
     ) -> None:
         self._transport = transport
         self._outbox = outbox
         self._lifecycle = lifecycle
         self._timers = timers
-        self._on_gone = on_gone
+        self._owner = owner
         self._nursery: trio.Nursery | None = None
         self._running = False
         self._deferred = False  # a write is due as the router's batch ends
@@ -172,8 +180,8 @@ class Writer:
             self._scope.cancel()  # at once, not at the next round's deadline check
 
     def forget_owner(self) -> None:
-        """Drop the link back to the connection (``on_gone``), once it has ended and joined this."""
-        self._on_gone = _nothing
+        """Drop the link back to the connection, once it has ended and joined this."""
+        self._owner = _NO_OWNER
 
     def raise_crash(self, failure: BaseException | None = None) -> None:
         """Raise the bug a writer task raised, if one did (in the connection's own task).
@@ -258,7 +266,7 @@ class Writer:
                 sent = transport.try_send(data) or 0
             except trio.BrokenResourceError:
                 self.dropped += messages
-                self._on_gone()
+                self._owner.client_gone()
                 return True
             if sent != len(data):
                 self.bytes_out += sent
@@ -328,7 +336,7 @@ class Writer:
             # either: the connection then raises the first once its reader
             # ends anyway, at the latest at one of its timers.
             with contextlib.suppress(Exception):
-                self._on_gone()
+                self._owner.client_gone()
         finally:
             self._running = False
             self._wake = self._scope = None
@@ -345,7 +353,7 @@ class Writer:
             try:
                 await self._send(pending, self._pending_messages)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._on_gone()
+                self._owner.client_gone()
                 return
         while True:
             frames = outbox.take()
@@ -358,7 +366,7 @@ class Writer:
                 try:
                     await self.write(frames)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._on_gone()
+                    self._owner.client_gone()
                     return
             elif outbox.settled or not (lifecycle.reading or lifecycle.flushing):
                 return
@@ -374,8 +382,16 @@ class Writer:
                     return  # idle: the next frame starts a writer again
 
 
-def _nothing() -> None:
-    pass
+class _NoOwner:
+    """The owner of a writer whose connection has ended: told nothing."""
+
+    __slots__ = ()
+
+    def client_gone(self) -> None:
+        pass
+
+
+_NO_OWNER: Final = _NoOwner()
 
 
 def _messages_in(frames: list[bytes]) -> int:
