@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.routing.outbox import Offer, Outbox
+from relayd.routing.outbox import TAKE_BYTES, Offer, Outbox
 
 CAPACITY = 3
 
@@ -211,6 +211,29 @@ def test_a_partial_take_of_deliveries_leaves_replies_counted_as_replies() -> Non
     assert not box.reserve(1)  # both reply slots are still held by queued replies
 
 
+def test_a_partial_take_frees_a_delivery_room_for_every_delivery_it_took() -> None:
+    # Frames queued behind others (not only the first of a take) are told apart too.
+    box = make(capacity=3)
+    big = b"d" * (TAKE_BYTES // 2)
+    for frame in (b"d0", big, big):
+        assert box.offer(frame) is Offer.QUEUED
+    assert box.take() == [b"d0", big]
+    assert box.offer(b"d3") is Offer.QUEUED
+    assert box.offer(b"d4") is Offer.QUEUED
+    assert box.offer(b"d5") is Offer.FULL
+
+
+def test_a_partial_take_frees_a_reply_slot_for_every_reply_it_took() -> None:
+    box = make(capacity=2)
+    big = b"r" * (TAKE_BYTES // 2)
+    assert box.reserve(2)
+    box.reply(b"r0")
+    box.reply(big)
+    assert box.offer(big) is Offer.QUEUED
+    assert box.take() == [b"r0", big]
+    assert box.reserve(2)  # both replies taken: both slots free
+
+
 # --- close and discard --------------------------------------------------------------------------
 
 
@@ -270,9 +293,9 @@ def test_a_reply_of_none_after_discard_drops_nothing() -> None:
 
 operations = st.lists(
     st.one_of(
-        st.just(("offer", 0)),
+        st.tuples(st.just("offer"), st.integers(1, 2)),  # 1: a small frame, 2: a big one
         st.tuples(st.just("reserve"), st.integers(1, CAPACITY)),
-        st.tuples(st.just("reply"), st.integers(0, 1)),  # 0: reply(None), 1: a frame
+        st.tuples(st.just("reply"), st.integers(0, 2)),  # 0: reply(None), else a frame
         st.just(("control", 0)),
         st.just(("take", 0)),
         st.just(("close", 0)),
@@ -285,20 +308,24 @@ operations = st.lists(
 @settings(max_examples=300)
 @given(ops=operations)
 def test_outbox_matches_a_model_of_its_bounds(ops: list[tuple[str, int]]) -> None:
+    # Big frames (more than half a take's bytes) make takes partial: the
+    # model then knows which frames taken were replies and which deliveries.
     box = make()
-    frames: list[bytes] = []
+    queue: list[tuple[bytes, bool]] = []  # frames, and whether each is a reply
     control: list[bytes] = []
     deliveries = replies = reserved = dropped = 0
     closed = discarded = False
     for i, (op, arg) in enumerate(ops):
         frame = b"%s-%d" % (op.encode(), i)
+        if arg == 2:
+            frame = frame.ljust(TAKE_BYTES // 2 + 1, b".")
         if op == "offer":
             expected = (
                 Offer.CLOSED if closed else Offer.FULL if deliveries >= CAPACITY else Offer.QUEUED
             )
             assert box.offer(frame) is expected
             if expected is Offer.QUEUED:
-                frames.append(frame)
+                queue.append((frame, False))
                 deliveries += 1
         elif op == "reserve":
             room = closed or reserved + replies + arg <= CAPACITY
@@ -309,7 +336,7 @@ def test_outbox_matches_a_model_of_its_bounds(ops: list[tuple[str, int]]) -> Non
             queued = bool(arg) and bool(reserved) and not discarded
             assert box.reply(frame if arg else None) is queued
             if queued:
-                frames.append(frame)
+                queue.append((frame, True))
                 replies += 1
             elif arg:
                 dropped += 1
@@ -319,19 +346,28 @@ def test_outbox_matches_a_model_of_its_bounds(ops: list[tuple[str, int]]) -> Non
             if not discarded:
                 control = [*control, frame][-16:]
         elif op == "take":
-            assert box.take() == control + frames
-            frames, control, deliveries, replies = [], [], 0, 0
+            count, size = 0, 0
+            for queued_frame, _ in queue:
+                size += len(queued_frame)
+                if count and size > TAKE_BYTES:
+                    break
+                count += 1
+            taken, queue = queue[:count], queue[count:]
+            assert box.take() == control + [f for f, _ in taken]
+            control = []
+            deliveries -= sum(not is_reply for _, is_reply in taken)
+            replies -= sum(is_reply for _, is_reply in taken)
         elif op == "close":
             box.close()
             closed = True
         elif op == "discard":
             box.discard()
-            dropped += len(frames)
-            frames, control, deliveries, replies = [], [], 0, 0
+            dropped += len(queue)
+            queue, control, deliveries, replies = [], [], 0, 0
             closed = discarded = True
-        assert len(box) == len(frames)
+        assert len(box) == len(queue)
         assert box.dropped == dropped
-        assert box.settled is (closed and not reserved and not frames and not control)
+        assert box.settled is (closed and not reserved and not queue and not control)
 
 
 def test_a_reply_without_a_reserved_slot_is_dropped_and_upsets_no_bound() -> None:

@@ -97,12 +97,14 @@ class Outbox:
 
     def __init__(self, capacity: int) -> None:
         self.capacity: Final = capacity
-        self._frames: list[bytes] = []
-        self._is_reply: list[bool] = []  # for each of _frames
+        # The three lists are made when their first frame comes, and let go
+        # when taken: an idle connection's outbox holds none (168 bytes).
+        self._frames: list[bytes] | None = None
+        self._is_reply: list[bool] | None = None  # for each of _frames
         self._deliveries = 0  # of _frames
         self._replies = 0  # of _frames
         self._reserved = 0  # reply slots taken by the reader, not yet filled by the router
-        self._control: list[bytes] = []
+        self._control: list[bytes] | None = None
         self._closed = False
         self._discarded = False
         self.dropped = 0
@@ -116,8 +118,14 @@ class Outbox:
         if self._deliveries >= self.capacity:
             return _FULL
         self._deliveries += 1
-        self._frames.append(frame)
-        self._is_reply.append(False)
+        # Inline, not a shared helper: once per message, and a call would be
+        # most of what this costs.
+        frames, is_reply = self._frames, self._is_reply
+        if frames is None or is_reply is None:
+            self._frames, self._is_reply = [frame], [False]
+        else:
+            frames.append(frame)
+            is_reply.append(False)
         return _QUEUED
 
     def reply(self, frame: bytes | None) -> bool:
@@ -141,8 +149,12 @@ class Outbox:
             self.dropped += 1
             return False
         self._replies += 1
-        self._frames.append(frame)
-        self._is_reply.append(True)
+        frames, is_reply = self._frames, self._is_reply
+        if frames is None or is_reply is None:
+            self._frames, self._is_reply = [frame], [True]
+        else:
+            frames.append(frame)
+            is_reply.append(True)
         return True
 
     # -- the reader's side ---------------------------------------------------------
@@ -156,9 +168,12 @@ class Outbox:
         if self._discarded:
             return False
         control = self._control
-        control.append(frame)
-        if len(control) > MAX_CONTROL_FRAMES:
-            del control[0]
+        if control is None:
+            self._control = [frame]
+        else:
+            control.append(frame)
+            if len(control) > MAX_CONTROL_FRAMES:
+                del control[0]
         return True
 
     def reserve(self, n: int) -> bool:
@@ -182,15 +197,17 @@ class Outbox:
         Returns:
             The frames, oldest first; empty if none wait.
         """
-        frames = self._frames
-        if not frames:
+        frames, control = self._frames, self._control
+        if frames is None:
             # Writers take until a take finds nothing: that take comes as often as
             # the one before it, and costs the least here.
-            taken, self._control = self._control, []
-            return taken
+            if control is None:
+                return []
+            self._control = None
+            return control
         if sum(map(len, frames)) <= TAKE_BYTES:  # all of them, the usual case: one C pass
             taken = frames
-            self._frames, self._is_reply = [], []
+            self._frames = self._is_reply = None
             self._deliveries = self._replies = 0
         else:
             count, size = 0, 0
@@ -199,13 +216,15 @@ class Outbox:
                 if count and size > TAKE_BYTES:
                     break
                 count += 1
-            taken, replies = frames[:count], sum(self._is_reply[:count])
-            del frames[:count], self._is_reply[:count]
+            is_reply = self._is_reply
+            assert is_reply is not None  # made and let go with _frames
+            taken, replies = frames[:count], sum(is_reply[:count])
+            del frames[:count], is_reply[:count]
             self._deliveries -= count - replies
             self._replies -= replies
-        if self._control:
-            taken = self._control + taken
-            self._control = []
+        if control is not None:
+            taken = control + taken
+            self._control = None
         return taken
 
     def has_frames(self) -> bool:
@@ -230,8 +249,8 @@ class Outbox:
             # once discarded): a closing connection calls this up to three times.
             return
         self._closed = self._discarded = True
-        self.dropped += len(self._frames)
-        self._frames, self._is_reply, self._control = [], [], []
+        self.dropped += len(self)
+        self._frames = self._is_reply = self._control = None
         self._deliveries = self._replies = 0
 
     @property
@@ -241,4 +260,5 @@ class Outbox:
 
     def __len__(self) -> int:
         """Message frames waiting (control frames not counted)."""
-        return len(self._frames)
+        frames = self._frames
+        return 0 if frames is None else len(frames)
