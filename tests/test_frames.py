@@ -196,6 +196,20 @@ def test_feed_accepts_a_bytearray() -> None:
     assert FrameParser(MAX).feed(bytearray(frame(OP_TEXT, b"hi"))) == [(OP_TEXT, b"hi")]
 
 
+@pytest.mark.parametrize("cut", [1, 3, 5])  # inside the next frame's 6-byte header
+def test_a_bytearray_fed_with_a_frame_cut_short_is_kept_as_it_was_given(cut: int) -> None:
+    # The tail is copied for the next feed, never taken out of the caller's buffer.
+    parser = FrameParser(MAX)
+    whole = frame(OP_TEXT, b"one") + frame(OP_TEXT, b"two")
+    given = bytearray(whole[: len(whole) - len(frame(OP_TEXT, b"two")) + cut])
+    copy = bytes(given)
+    assert parser.feed(given) == [(OP_TEXT, b"one")]
+    assert given == copy
+    assert parser.buffered == cut
+    assert parser.feed(whole[len(copy) :]) == [(OP_TEXT, b"two")]
+    assert parser.buffered == 0
+
+
 def test_incomplete_frame_is_buffered_then_completed() -> None:
     parser = FrameParser(MAX)
     data = frame(OP_BINARY, b"z" * 1000)

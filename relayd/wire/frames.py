@@ -182,13 +182,15 @@ class FrameParser:
         # that is within the limit: such frames take feed's short path.
         self._short_top = _MASKED + min(max_message_bytes, _MAX_SHORT_LENGTH)
         # An incomplete header, or an incomplete control frame: at most
-        # MAX_HELD_RAW_BYTES. A data frame's payload never waits here.
-        self._buffer = bytearray()
+        # MAX_HELD_RAW_BYTES. A data frame's payload never waits here. While
+        # nothing is held, both buffers are the empty bytes: an idle
+        # connection's parser holds no bytearray (56 bytes each).
+        self._buffer: bytes | bytearray = b""
         self._message_op = 0  # OP_TEXT/OP_BINARY while a message is being collected
         # The message being collected (fragments, or a frame still arriving),
         # unmasked, in its first _size bytes; allocated by this parser, never
         # past max_message_bytes (see _collect).
-        self._message = bytearray()
+        self._message: bytes | bytearray = b""
         self._size = 0
         self._utf8: codecs.IncrementalDecoder | None = None  # for a text message
         # A data frame whose payload is still arriving:
@@ -389,7 +391,8 @@ class FrameParser:
                 ) from None
         held, size = self._size, self._size + len(chunk)
         message = self._message
-        if size > len(message):
+        # (Only the empty bytes is no bytearray, and it is grown from.)
+        if size > len(message) or not isinstance(message, bytearray):
             # Grown by an eighth at least, as CPython's bytearray grows
             # (amortised copying, and never much more held than received), but
             # never past the message's known end or the limit: this allocation
@@ -403,13 +406,15 @@ class FrameParser:
         if done:
             whole = bytes(message) if size == len(message) else bytes(memoryview(message)[:size])
             out.append((self._message_op, whole))
-            self._message_op, self._message, self._size, self._utf8 = 0, bytearray(), 0, None
+            self._message_op, self._message, self._size, self._utf8 = 0, b"", 0, None
 
     def _keep(self, buf: bytes | bytearray, i: int) -> None:
         # Keep the incomplete tail (a header or a control frame) for the next
         # feed; the common case (every frame complete, nothing held before)
         # allocates nothing.
-        if buf is self._buffer:
-            del self._buffer[:i]
-        elif i < len(buf):
+        if i >= len(buf):
+            self._buffer = b""
+        elif buf is self._buffer and isinstance(buf, bytearray):
+            del buf[:i]
+        else:
             self._buffer = bytearray(buf[i:])
