@@ -197,7 +197,7 @@ async def scene(**limits: Any) -> AsyncIterator[Scene]:
 def _assert_nothing_left(
     gate: Gate, router: LocalRouter, events: list[MutableMapping[str, Any]]
 ) -> None:
-    assert gate.connections == set()
+    assert not gate.connections
     assert gate.capacity.total == 0
     assert gate.handshakes.total == 0
     assert router.routes == 0
@@ -370,7 +370,7 @@ async def memory_scene(**limits: Any) -> AsyncIterator[tuple[MemoryRelay, Bystan
             await pair.exchange()
         gate.drain()
         router.close()
-    assert gate.connections == set()
+    assert not gate.connections
     assert gate.capacity.total == 0
     assert router.routes == 0
 

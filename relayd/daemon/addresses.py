@@ -7,6 +7,7 @@ IPv6, and IPv4 clients of a dual-stack socket as IPv4.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from typing import Any
 
 import trio
@@ -51,5 +52,9 @@ def socket_address(peer: Any) -> str:
 
 
 def ip_of(address: str) -> str:
-    """The host part of a ``host:port`` or ``[v6]:port`` address."""
-    return address.rpartition(":")[0].strip("[]")
+    """The host part of a ``host:port`` or ``[v6]:port`` address.
+
+    Interned: every connection from one address holds the same string for as
+    long as any does (clients behind one NAT, a proxy, a load generator).
+    """
+    return sys.intern(address.rpartition(":")[0].strip("[]"))

@@ -99,8 +99,11 @@ class RateLimiter:
         return CLOSE
 
 
-class FramePacer:
+class FramePacer(TokenBucket):
     """The frames one connection may send: a token bucket over its parser's count.
+
+    A token bucket itself rather than an owner of one: one object less for
+    every connection (some 40 bytes).
 
     Args:
         rate: frames per second, on average.
@@ -108,10 +111,10 @@ class FramePacer:
         now: the time the connection opened.
     """
 
-    __slots__ = ("_bucket", "_counted")
+    __slots__ = ("_counted",)
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
-        self._bucket = TokenBucket(rate, burst, now)
+        super().__init__(rate, burst, now)
         self._counted = 0
 
     def allowance(self, now: float, frames: int) -> int:
@@ -122,6 +125,6 @@ class FramePacer:
             frames: every frame the connection has sent so far (the parser's
                 count); those not yet paid for are taken from the bucket.
         """
-        allowed = self._bucket.available(now, frames - self._counted)
+        allowed = self.available(now, frames - self._counted)
         self._counted = frames
         return allowed
