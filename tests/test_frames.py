@@ -10,6 +10,7 @@ do anything but return messages or raise :class:`ProtocolError`.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import itertools
 import sys
@@ -208,6 +209,25 @@ def test_a_bytearray_fed_with_a_frame_cut_short_is_kept_as_it_was_given(cut: int
     assert parser.buffered == cut
     assert parser.feed(whole[len(copy) :]) == [(OP_TEXT, b"two")]
     assert parser.buffered == 0
+
+
+def _bytearrays_held(parser: FrameParser) -> list[object]:
+    return [o for o in gc.get_referents(parser) if isinstance(o, bytearray)]
+
+
+def test_a_parser_with_nothing_held_holds_no_bytearray() -> None:
+    # An idle connection's parser: its memory is part of every idle connection's.
+    parser = FrameParser(MAX)
+    assert _bytearrays_held(parser) == []
+    assert parser.feed(frame(OP_TEXT, b"whole")) == [(OP_TEXT, b"whole")]
+    assert _bytearrays_held(parser) == []
+    data = frame(OP_TEXT, b"one") + frame(OP_TEXT, b"two", fin=False)
+    data += frame(OP_CONTINUATION, b"!")
+    for cut in (len(data) - 2, len(data) - 9):  # in a header; in a fragmented message
+        assert parser.feed(data[:cut])
+        assert _bytearrays_held(parser)
+        assert parser.feed(data[cut:])
+        assert _bytearrays_held(parser) == []
 
 
 def test_incomplete_frame_is_buffered_then_completed() -> None:

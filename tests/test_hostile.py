@@ -197,7 +197,7 @@ async def scene(**limits: Any) -> AsyncIterator[Scene]:
 def _assert_nothing_left(
     gate: Gate, router: LocalRouter, events: list[MutableMapping[str, Any]]
 ) -> None:
-    assert not gate.connections
+    assert gate.connections == set()
     assert gate.capacity.total == 0
     assert gate.handshakes.total == 0
     assert router.routes == 0

@@ -9,6 +9,8 @@ reader, and the slow-consumer clock, belong to the connection
 
 from __future__ import annotations
 
+import gc
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -232,6 +234,29 @@ def test_a_partial_take_frees_a_reply_slot_for_every_reply_it_took() -> None:
     assert box.offer(big) is Offer.QUEUED
     assert box.take() == [b"r0", big]
     assert box.reserve(2)  # both replies taken: both slots free
+
+
+def _lists_held(box: Outbox) -> list[object]:
+    return [o for o in gc.get_referents(box) if isinstance(o, list)]
+
+
+def test_an_outbox_with_nothing_waiting_holds_no_list() -> None:
+    # An idle connection's outbox: its memory is part of every idle connection's.
+    box = make(capacity=2)
+    assert _lists_held(box) == []
+    assert box.offer(b"d0") is Offer.QUEUED
+    assert box.control(b"pong")
+    assert _lists_held(box)
+    assert box.take() == [b"pong", b"d0"]
+    assert _lists_held(box) == []
+    huge = b"h" * (TAKE_BYTES + 1)
+    assert box.offer(huge) is Offer.QUEUED
+    assert box.take() == [huge]  # a partial take, of one frame
+    assert _lists_held(box) == []
+    assert box.reserve(1)
+    box.reply(b"ack")
+    box.discard()
+    assert _lists_held(box) == []
 
 
 # --- close and discard --------------------------------------------------------------------------

@@ -615,7 +615,7 @@ async def _soak() -> tuple[Figures, list[str]]:
         await _quiesce(tally)
         figures.seconds = round(trio.current_time() - began, 1)
         figures.rss_peak = _rss_bytes("VmHWM")
-        assert not server.gate.connections
+        assert server.gate.connections == set()
         assert server.gate.capacity.total == 0
         assert router.routes == 0
         offences = _reconcile(ledger, tally, figures)

@@ -7,7 +7,6 @@ IPv6, and IPv4 clients of a dual-stack socket as IPv4.
 from __future__ import annotations
 
 import ipaddress
-import sys
 from typing import Any
 
 import trio
@@ -52,9 +51,8 @@ def socket_address(peer: Any) -> str:
 
 
 def ip_of(address: str) -> str:
-    """The host part of a ``host:port`` or ``[v6]:port`` address.
-
-    Interned: every connection from one address holds the same string for as
-    long as any does (clients behind one NAT, a proxy, a load generator).
-    """
-    return sys.intern(address.rpartition(":")[0].strip("[]"))
+    """The host part of a ``host:port`` or ``[v6]:port`` address."""
+    # Not interned, though connections from one address would share a string:
+    # from Python 3.12 an interned string is immortal, and a client choosing
+    # among an IPv6 /64's addresses would grow the process for good.
+    return address.rpartition(":")[0].strip("[]")

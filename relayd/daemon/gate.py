@@ -159,9 +159,7 @@ class Gate:
         self.capacity = Capacity(limits.max_connections, limits.max_connections_per_ip)
         self.handshakes = Handshakes(limits.max_handshakes, limits.max_handshakes_per_ip)
         self._auth = Authentication(authenticator, limits, self.stats)
-        # Open connections, in the order they opened (a dict as an ordered
-        # set: about half a set's bytes per entry at these sizes).
-        self.connections: dict[Connection, None] = {}
+        self.connections: set[Connection] = set()
         self._heads = HeadReading()
 
     def reconfigure(
@@ -231,14 +229,14 @@ class Gate:
                 # its frame) by the time the connection runs, possibly for days.
                 connection = await self._handshake(transport, attempt)
                 if connection is not None:
-                    self.connections[connection] = None
+                    self.connections.add(connection)
                     self.stats.connections_total += 1
                     try:
                         if self._heads.draining:
                             connection.drain()
                         await connection.run()
                     finally:
-                        self.connections.pop(connection, None)
+                        self.connections.discard(connection)
             except* Exception as group:
                 await self._fail(transport, attempt, group)
         finally:

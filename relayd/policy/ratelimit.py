@@ -103,7 +103,8 @@ class FramePacer(TokenBucket):
     """The frames one connection may send: a token bucket over its parser's count.
 
     A token bucket itself rather than an owner of one: one object less for
-    every connection (some 40 bytes).
+    every connection (some 40 bytes). Its users call :meth:`allowance` only
+    (``take`` and ``available`` would skip the count it keeps).
 
     Args:
         rate: frames per second, on average.

@@ -119,7 +119,8 @@ class Outbox:
             return _FULL
         self._deliveries += 1
         # Inline, not a shared helper: once per message, and a call would be
-        # most of what this costs.
+        # most of what this costs. (_frames and _is_reply are made and let go
+        # together; the second test is for the type checker.)
         frames, is_reply = self._frames, self._is_reply
         if frames is None or is_reply is None:
             self._frames, self._is_reply = [frame], [False]
@@ -149,6 +150,7 @@ class Outbox:
             self.dropped += 1
             return False
         self._replies += 1
+        # Inline, as in offer: once per message.
         frames, is_reply = self._frames, self._is_reply
         if frames is None or is_reply is None:
             self._frames, self._is_reply = [frame], [True]
@@ -220,6 +222,8 @@ class Outbox:
             assert is_reply is not None  # made and let go with _frames
             taken, replies = frames[:count], sum(is_reply[:count])
             del frames[:count], is_reply[:count]
+            if not frames:  # it was one frame over TAKE_BYTES alone
+                self._frames = self._is_reply = None
             self._deliveries -= count - replies
             self._replies -= replies
         if control is not None:

@@ -391,7 +391,8 @@ class FrameParser:
                 ) from None
         held, size = self._size, self._size + len(chunk)
         message = self._message
-        # (Only the empty bytes is no bytearray, and it is grown from.)
+        # Between messages _message is b"", which takes no slice assignment:
+        # a bytearray is made first, even for an empty chunk.
         if size > len(message) or not isinstance(message, bytearray):
             # Grown by an eighth at least, as CPython's bytearray grows
             # (amortised copying, and never much more held than received), but
