@@ -123,6 +123,21 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_") and k != "PORT"}
 
 
+def _bench_tool(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``bench/SCRIPT ARGS`` to its end (2 minutes at most) and check it exited 0."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH_DIR / script), *args],
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def _stop(proc: subprocess.Popen[str]) -> None:
     """SIGTERM to the run (it stops its own children), then SIGKILL to its process group."""
     if proc.poll() is None:
@@ -464,17 +479,22 @@ def _profiler_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return _load(monkeypatch, "profile_relayd", "bench_profile_relayd")
 
 
+def test_idle_memory_charges_an_idle_connections_bytes_to_the_lines_that_hold_them() -> None:
+    # bench/idle_memory.py explains the idle row (docs/benchmarks.md, "An idle
+    # connection, counted"): it must keep measuring real connections.
+    done = _bench_tool("idle_memory.py", "--count=60", "--warm=5", "--json")
+    figures = json.loads(done.stdout)
+    assert figures["connections"] == 60
+    # A connection's objects, task and socket wrappers: kilobytes, not noise.
+    assert 2_000 < figures["bytes_per_connection"] < 20_000, figures
+    files = figures["by_file"]
+    for held_by in ("relayd/daemon/connection.py", "relayd/daemon/gate.py", "trio/_core/_run.py"):
+        assert any(path.endswith(held_by) and files[path] > 50 for path in files), files
+    assert figures["by_line"][0]["bytes"] >= figures["by_line"][-1]["bytes"]
+
+
 def test_dry_run_plans_every_full_scenario_within_the_fd_limit() -> None:
-    done = subprocess.run(
-        [sys.executable, str(RUN_PY), "--dry-run"],
-        cwd=REPO_ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = _bench_tool("run.py", "--dry-run")
     plan = done.stdout
     planned = re.findall(r"^  (\S+) +\{", plan, re.MULTILINE)
     for key in [
@@ -682,13 +702,9 @@ def test_profiler_counts_trio_rounds_and_tasks_of_lone_messages(tmp_path: Path) 
     require_tool("taskset")
     server_cpu, gen_cpu = _cores()
     out = tmp_path / "profile"
-    argv = [sys.executable, str(PROFILE_PY), "counts", "--pairs", "5", "--rate", "50"]
-    argv += ["--duration", "1", "--out", str(out)]
+    argv = ["counts", "--pairs", "5", "--rate", "50", "--duration", "1", "--out", str(out)]
     argv += ["--server-cpu", str(server_cpu), "--gen-cpu", str(gen_cpu)]
-    done = subprocess.run(
-        argv, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _bench_tool(PROFILE_PY.name, *argv)
     found = json.loads((out / "profile.json").read_text())
     assert found == json.loads(done.stdout), "the figures printed are not profile.json's"
     assert found["op"] == "message"
