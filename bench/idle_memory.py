@@ -101,15 +101,23 @@ async def _hold(host: str, port: int, count: int) -> trio.Process:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
+    try:
+        with trio.fail_after(OPEN_TIMEOUT_S):
+            await _ready(process)
+    except BaseException:
+        process.kill()  # not left holding connections to a server that is going away
+        raise
+    return process
+
+
+async def _ready(process: trio.Process) -> None:
     assert process.stdout is not None
     received = b""
-    with trio.fail_after(OPEN_TIMEOUT_S):
-        while b"ready" not in received:
-            chunk = await process.stdout.receive_some()
-            if not chunk:
-                raise RuntimeError(f"the client process ended early ({await process.wait()})")
-            received += chunk
-    return process
+    while b"ready" not in received:
+        chunk = await process.stdout.receive_some()
+        if not chunk:
+            raise RuntimeError(f"the client process ended early ({await process.wait()})")
+        received += chunk
 
 
 async def _release(process: trio.Process) -> None:
