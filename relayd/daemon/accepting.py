@@ -40,6 +40,7 @@ import structlog
 import trio
 
 from relayd.config import LimitsSettings
+from relayd.daemon.transport import Accepted, tune
 
 __all__ = [
     "ACCEPT_RETRY_S",
@@ -64,10 +65,11 @@ _BUDGET: Final = "open-file budget"
 #: otherwise make one per task from the handler's repr).
 CONNECTION_TASK: Final = "relayd.connection"
 
-#: Serves one accepted stream, closes it, then calls the function it is given
-#: (the socket counts until then); it must not raise but Cancelled. Its third
-#: argument is the peer's address as accept() gave it, when it did (plain TCP).
-Handler = Callable[[trio.abc.Stream, Callable[[], None], Any], Awaitable[object]]
+#: Serves one accepted client (a plain TCP socket, or a TLS stream), closes it,
+#: then calls the function it is given (the socket counts until then); it must
+#: not raise but Cancelled. Its third argument is the peer's address as accept()
+#: gave it, when it did (plain TCP).
+Handler = Callable[[Accepted, Callable[[], None], Any], Awaitable[object]]
 Listener = trio.abc.Listener[trio.abc.Stream]
 
 
@@ -203,14 +205,16 @@ async def _accept_loop(
             handler_nursery.start_soon(handler, stream, closed, peer, name=CONNECTION_TASK)
 
 
-async def _accept(listener: Listener) -> tuple[trio.abc.Stream, Any]:
-    """The next stream, and the peer's address if accept() gave it (a plain TCP listener).
+async def _accept(listener: Listener) -> tuple[Accepted, Any]:
+    """The next client, and the peer's address if accept() gave it (a plain TCP listener).
 
     trio's SocketListener.accept drops the address accept() returns, and the
-    gate would ask the kernel for it again (getpeername). For a plain TCP
-    listener the socket is accepted here as SocketListener.accept accepts it; a
-    failure is left to SocketListener.accept, which accepts again and retries,
-    or raises, as trio does (the connection that failed is gone either way).
+    gate would ask the kernel for it again (getpeername); it also wraps the
+    socket in a ``SocketStream``, which the transport does without. For a plain
+    TCP listener the socket is accepted here and given ``SocketStream``'s
+    options (:func:`~relayd.daemon.transport.tune`); a failure is left to
+    SocketListener.accept, which accepts again and retries, or raises, as trio
+    does (the connection that failed is gone either way).
     """
     if type(listener) is trio.SocketListener:  # final in trio: no subclass to miss
         try:
@@ -218,7 +222,8 @@ async def _accept(listener: Listener) -> tuple[trio.abc.Stream, Any]:
         except OSError:
             pass
         else:
-            return trio.SocketStream(sock), peer
+            tune(sock)
+            return sock, peer
     return await listener.accept(), None
 
 

@@ -19,17 +19,22 @@ def show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def peer_address(stream: trio.abc.Stream) -> str | None:
-    """``host:port`` of the client (``[v6]:port``), or None if it already reset."""
-    # trio forbids subclassing either class: their types say it, without
+def peer_address(client: trio.socket.SocketType | trio.abc.Stream) -> str | None:
+    """``host:port`` of the client (``[v6]:port``), or None if it already reset.
+
+    ``client`` is a plain socket or a stream, as the accept loops hand them over.
+    """
+    # trio forbids subclassing these classes: their types say it, without
     # isinstance's pass through the stream ABC's __instancecheck__.
-    if type(stream) is trio.SSLStream:
-        stream = stream.transport_stream
+    if type(client) is trio.SSLStream:
+        client = client.transport_stream
+    if type(client) is trio.SocketStream:
+        client = client.socket
     # In-memory streams (tests) have no socket; they all count as one address.
-    if type(stream) is not trio.SocketStream:
+    if not isinstance(client, trio.socket.SocketType):
         return "memory:0"
     try:
-        peer = stream.socket.getpeername()
+        peer = client.getpeername()
     except OSError:
         return None
     return socket_address(peer)

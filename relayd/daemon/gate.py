@@ -51,7 +51,7 @@ from relayd.daemon.closing import CLOSE_TIMEOUT_S
 from relayd.daemon.connection import Connection
 from relayd.daemon.live import LiveLimits
 from relayd.daemon.request_head import HeadReading
-from relayd.daemon.transport import Transport
+from relayd.daemon.transport import Accepted, Transport, discard
 from relayd.errors import CloseCode
 from relayd.policy.admission import Accept, Capacity, Handshakes, decide
 from relayd.policy.auth import Authenticator
@@ -202,7 +202,7 @@ class Gate:
             connection.drain()
 
     async def __call__(
-        self, stream: trio.abc.Stream, released: Callable[[], None] = _nothing, peer: Any = None
+        self, stream: Accepted, released: Callable[[], None] = _nothing, peer: Any = None
     ) -> None:
         """Serve one accepted stream to the end and close it; never raises (but Cancelled).
 
@@ -211,7 +211,8 @@ class Gate:
         frame costs some 300 bytes.
 
         Args:
-            stream: the accepted stream; closed here, whatever happens.
+            stream: the accepted client, a plain TCP socket or a stream;
+                closed here, whatever happens.
             released: called once ``stream`` is closed (the accept loops count
                 the socket until then).
             peer: the client's address as ``accept()`` gave it, if it did (a
@@ -242,7 +243,7 @@ class Gate:
         finally:
             try:
                 if transport is None:
-                    await trio.aclose_forcefully(stream)
+                    await discard(stream)
                 else:
                     await transport.close()
             finally:
@@ -252,7 +253,7 @@ class Gate:
                 finally:
                     released()
 
-    def _admit(self, stream: trio.abc.Stream, peer: Any) -> _Attempt | None:
+    def _admit(self, stream: Accepted, peer: Any) -> _Attempt | None:
         """Count ``stream`` as a handshake in progress; None if it is not to be served."""
         address = peer_address(stream) if peer is None else socket_address(peer)
         # A TLS stream reset before its address could be looked at: nobody to serve.

@@ -77,7 +77,7 @@ class HeadReading:
             try:
                 while read is _MORE:
                     try:
-                        data = await transport.stream.receive_some(_HEAD_READ_BYTES)
+                        data = await transport.receive_some(_HEAD_READ_BYTES)
                     except trio.BrokenResourceError:  # reset, or a failed TLS handshake
                         return _BROKE
                     read = _feed(reader, data)

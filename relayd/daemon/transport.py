@@ -1,8 +1,9 @@
 """The client's byte stream as relayd writes to it and closes it.
 
-:class:`Transport` wraps one accepted stream (TCP, or TLS over TCP) for its
-whole life, from the handshake to the last byte, and remembers two things
-that decide how the connection can end:
+:class:`Transport` wraps one accepted client (a plain TCP socket as
+``accept()`` gave it, or a stream: TLS over TCP) for its whole life, from the
+handshake to the last byte, and remembers two things that decide how the
+connection can end:
 
 * whether a close frame was sent (it is sent at most once);
 * whether a write was cut short (cancelled half-way: the client then holds
@@ -14,6 +15,14 @@ send a reset, which destroys the client's copy of what relayd sent last (a
 response to a request that came with more bytes). :meth:`Transport.close`
 sends FIN, reads and discards until the client's EOF, then closes; bounded by
 :data:`LINGER_S`.
+
+**A plain TCP socket is used as it is.** trio's ``SocketStream`` around it
+would cost every connection an object, two conflict detectors and, at each
+accept, two context managers and an enum conversion; the transport reads and
+writes the socket's descriptor itself, sets the two options ``SocketStream``
+sets (:func:`tune`), and waits with trio's ``wait_readable`` and
+``wait_writable``, so trio still wakes it and its ``close`` still wakes
+whoever waits.
 
 **Writing without waiting.** :meth:`Transport.try_send` writes what the
 kernel takes at once, without a checkpoint: for a plain TCP socket it is one
@@ -46,30 +55,77 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Final
+from typing import Final, TypeAlias
 
 import trio
 
 from relayd.wire.server_frames import close_frame
 
-__all__ = ["LINGER_S", "Transport"]
+__all__ = ["LINGER_S", "NOTSENT_LOWAT", "Accepted", "Transport", "discard", "tune"]
+
+#: What an accept loop hands over: a plain TCP socket, or a stream (TLS; in tests,
+#: in-memory streams and trio's ``SocketStream``).
+Accepted: TypeAlias = trio.socket.SocketType | trio.abc.Stream
 
 #: How long a closing connection may keep sending before relayd resets it.
 LINGER_S: Final = 2.0
 _LINGER_READ: Final = 65536
+#: The bytes a socket's kernel buffer holds that are not sent yet before it stops
+#: taking more (``TCP_NOTSENT_LOWAT``, trio's ``SocketStream`` value): what a slow
+#: client has not taken waits in the connection's outbox, bounded and counted, not in
+#: the kernel. (Bytes sent and not yet acknowledged are bounded by the TCP window.)
+NOTSENT_LOWAT: Final = 1 << 14
+_OPTIONS: Final = ((trio.socket.TCP_NODELAY, 1), (trio.socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT))
+
+
+def tune(sock: trio.socket.SocketType) -> None:
+    """Set on an accepted TCP socket what trio's ``SocketStream`` sets.
+
+    ``TCP_NODELAY``: a lone message goes out at once, not after the client's
+    acknowledgement of the last one; ``TCP_NOTSENT_LOWAT``: :data:`NOTSENT_LOWAT`.
+    A socket that refuses either (reset already, or not TCP) is served as it is:
+    its next read or write tells.
+    """
+    for option, value in _OPTIONS:
+        # Not contextlib.suppress: a context manager per option, per connection.
+        try:  # noqa: SIM105
+            sock.setsockopt(trio.socket.IPPROTO_TCP, option, value)
+        except OSError:
+            pass
+
+
+async def discard(accepted: Accepted) -> None:
+    """Close a client that is not to be served, at once (a checkpoint, even if cancelled)."""
+    if isinstance(accepted, trio.socket.SocketType):
+        accepted.close()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    else:
+        await trio.aclose_forcefully(accepted)
 
 
 class Transport:
-    """One client's stream; see the module docstring.
+    """One client's socket or stream; see the module docstring.
 
     Args:
-        stream: the accepted stream; this object closes it.
+        accepted: the accepted client, a plain TCP socket (:func:`tune` it
+            first) or a stream; this object closes it. trio's ``SocketStream``
+            is taken apart: its socket is used as it is.
     """
 
-    __slots__ = ("_closed", "_fd", "broken", "close_received", "close_sent", "stream")
+    __slots__ = ("_closed", "_fd", "_socket", "_stream", "broken", "close_received", "close_sent")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+    def __init__(self, accepted: Accepted) -> None:
+        # (trio forbids subclassing SocketStream: its type says it, without
+        # isinstance's pass through the stream ABC's __instancecheck__.)
+        if type(accepted) is trio.SocketStream:
+            accepted = accepted.socket
+        if isinstance(accepted, trio.socket.SocketType):
+            self._socket: trio.socket.SocketType | None = accepted
+            self._stream: trio.abc.Stream | None = None
+            # Its descriptor, for reads and writes without a checkpoint.
+            self._fd = accepted.fileno()
+        else:
+            self._socket, self._stream, self._fd = None, accepted, -1
         #: True once a close frame went out.
         self.close_sent = False
         #: True once the client's close frame was read (it may send nothing after it).
@@ -78,16 +134,12 @@ class Transport:
         #: close: write nothing more.
         self.broken = False
         self._closed = False
-        # A plain TCP socket's descriptor, for try_send; -1 for anything else.
-        # (trio forbids subclassing SocketStream: its type says it, without
-        # isinstance's pass through the stream ABC's __instancecheck__.)
-        self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
 
     async def send_all(self, data: bytes) -> None:
         """Write ``data`` whole.
 
         What a plain TCP socket takes at once is written without a checkpoint
-        (:meth:`try_send`); only the rest waits for room, through the stream.
+        (:meth:`try_send`); only the rest waits for room.
 
         Raises:
             trio.BrokenResourceError: the client has gone (the transport is
@@ -130,11 +182,28 @@ class Transport:
 
     async def _send_rest(self, rest: bytes | memoryview) -> None:
         try:
-            await self.stream.send_all(rest)
+            if self._stream is not None:
+                await self._stream.send_all(rest)
+            else:
+                await self._send_to_socket(memoryview(rest))
         except BaseException:
             # Cut short, perhaps half-way through a frame: nothing more may follow.
             self.broken = True
             raise
+
+    async def _send_to_socket(self, rest: memoryview) -> None:
+        """Write ``rest`` to the plain socket as it takes it, waiting for room each time."""
+        while rest:
+            fd = self._fd
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            await trio.lowlevel.wait_writable(fd)
+            try:
+                rest = rest[os.write(fd, rest) :]
+            except BlockingIOError:  # writable, then not: wait again
+                continue
+            except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
+                raise trio.BrokenResourceError(f"the client is gone: {exc}") from exc
 
     async def receive(self, max_bytes: int) -> bytes | bytearray:
         """Wait for data and return what one read brings, at most ``max_bytes``.
@@ -147,19 +216,34 @@ class Transport:
             (reset).
 
         Raises:
-            trio.ClosedResourceError: the stream was closed meanwhile.
+            trio.ClosedResourceError: the transport was closed meanwhile.
+        """
+        try:
+            return await self.receive_some(max_bytes)
+        except trio.BrokenResourceError:  # reset by the client
+            return b""
+
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray:
+        """As :meth:`receive`, but a connection that broke raises rather than ends.
+
+        Raises:
+            trio.BrokenResourceError: the client reset the connection, or its
+                TLS handshake failed.
+            trio.ClosedResourceError: the transport was closed meanwhile.
         """
         fd = self._fd
         if fd < 0:
-            return await self._receive_stream(max_bytes)
+            if self._stream is None:
+                raise trio.ClosedResourceError("the transport is closed")
+            return await self._stream.receive_some(max_bytes)
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
                 return os.read(fd, max_bytes)
             except BlockingIOError:  # readable, then not: wait again
                 continue
-            except OSError:  # ECONNRESET, ETIMEDOUT: the client is gone
-                return b""
+            except OSError as exc:  # ECONNRESET, ETIMEDOUT: the client is gone
+                raise trio.BrokenResourceError(f"the client is gone: {exc}") from exc
 
     @property
     def fd(self) -> int:
@@ -185,12 +269,6 @@ class Transport:
         except BlockingIOError:
             return None
         except OSError:  # ECONNRESET, ETIMEDOUT: the client is gone
-            return b""
-
-    async def _receive_stream(self, max_bytes: int) -> bytes | bytearray:
-        try:
-            return await self.stream.receive_some(max_bytes)
-        except trio.BrokenResourceError:  # reset by the client
             return b""
 
     @property
@@ -245,7 +323,7 @@ class Transport:
         self._closed = True
         # Nothing more is written from here on, a close frame included.
         whole, self.broken = not self.broken, True
-        fd, stream = self._fd, self.stream
+        fd, stream = self._fd, self._stream
         if fd >= 0:
             if self._done_sending(fd):
                 # Nothing unread: close() itself sends the FIN (no reset), and a
@@ -255,7 +333,7 @@ class Transport:
             if whole:
                 # A plain socket's FIN needs no wait (send_eof would checkpoint).
                 with contextlib.suppress(OSError):  # ENOTCONN: the client is gone already
-                    self._socket().shutdown(trio.socket.SHUT_WR)
+                    self._plain_socket().shutdown(trio.socket.SHUT_WR)
         try:
             with (
                 trio.move_on_after(LINGER_S),
@@ -268,15 +346,16 @@ class Transport:
                 while await self.receive(_LINGER_READ):
                     pass
         finally:  # cancelled too: a forced stop closes at once
-            if fd >= 0:
+            if stream is None:
                 self._close_socket()
             else:
                 await trio.aclose_forcefully(stream)
 
     def _close_socket(self) -> None:
         """Close the plain TCP socket at once, as aclose would, without its checkpoint."""
-        socket = self._socket()
+        socket = self._plain_socket()
         # The descriptor may be reused once closed: never read or write it again.
+        # (trio's close first wakes whoever waits for it, with ClosedResourceError.)
         self._fd = -1
         socket.close()
 
@@ -290,6 +369,6 @@ class Transport:
             return True
         return not data  # its end of stream; else it still sends: linger
 
-    def _socket(self) -> trio.socket.SocketType:
-        assert isinstance(self.stream, trio.SocketStream)  # only when _fd was set
-        return self.stream.socket
+    def _plain_socket(self) -> trio.socket.SocketType:
+        assert self._socket is not None  # only when _fd was set
+        return self._socket
