@@ -119,9 +119,46 @@ async def test_a_write_to_a_client_that_has_gone_is_refused_and_breaks_the_trans
     async with pair() as (transport, client, _):
         await client.aclose()
         with pytest.raises(trio.BrokenResourceError):
-            await transport.send_all(b"x" * (4 << 20))  # more than fits: it waits, then fails
+            await transport.send_all(b"x")  # refused at once
         assert transport.broken
         assert await transport.send_close(1000, timeout_s=PROMPT_S) == 0  # nothing more
+
+
+async def test_a_client_that_goes_while_a_write_waits_for_room_breaks_the_transport() -> None:
+    async with pair() as (transport, client, _):
+        failed: list[BaseException] = []
+
+        async def send() -> None:
+            try:
+                await transport.send_all(b"x" * (4 << 20))  # more than fits: it waits
+            except trio.BrokenResourceError as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not failed  # waiting for room
+            assert not transport.broken
+            await client.aclose()  # gone, with relayd's bytes unread
+        assert len(failed) == 1  # as a client gone, not a crash (a bare OSError would be)
+        assert transport.broken
+
+
+async def test_a_close_wakes_a_read_waiting_for_the_socket() -> None:
+    woken: list[BaseException] = []
+
+    async def read(transport: Transport) -> None:
+        try:
+            await transport.receive_some(100)
+        except trio.ClosedResourceError as exc:
+            woken.append(exc)
+
+    async with pair() as (transport, client, _), trio.open_nursery() as nursery:
+        nursery.start_soon(read, transport)
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send_eof()  # nothing unread: the close is at once
+        await transport.close()
+    assert len(woken) == 1  # told the transport is closed, not left waiting
 
 
 async def test_a_write_cut_short_by_a_cancel_breaks_the_transport(
@@ -146,6 +183,50 @@ async def test_a_reset_is_an_end_to_receive_and_an_error_to_receive_some() -> No
                 else:
                     with pytest.raises(trio.BrokenResourceError):
                         await transport.receive_some(100)
+
+
+async def test_a_read_woken_as_its_socket_closes_never_reads_the_next_socket_there() -> None:
+    # A round may wake a read and, before it runs, a close; a socket opened then
+    # takes the closed one's descriptor number, which the read must not touch.
+    # trio runs a round's tasks in either order: forty tries see both.
+    seen = {await _read_as_the_socket_closes() for _ in range(40)}
+    assert seen <= {b"", "closed"}  # its client's end of stream, or told it closed
+    assert "closed" in seen  # the close did come first, at least once
+
+
+async def _read_as_the_socket_closes() -> object:
+    """One try: what a read woken in the round of its socket's close returns."""
+    async with pair() as (transport, client, server):
+        number = server.fileno()
+        result: list[object] = []
+        later: list[socket.socket] = []
+        go, went = socket.socketpair()
+
+        async def read() -> None:
+            try:
+                result.append(await transport.receive_some(100))
+            except trio.ClosedResourceError:
+                result.append("closed")
+
+        async def close_and_open_another() -> None:
+            await trio.lowlevel.wait_readable(went)
+            await transport.close()  # at once: the client's end of stream is there
+            later.extend(socket.socketpair())
+            for mine, theirs in (later, later[::-1]):
+                if mine.fileno() == number:
+                    theirs.send(b"another client's bytes")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            nursery.start_soon(close_and_open_another)
+            await trio.testing.wait_all_tasks_blocked()
+            # Both readable before trio looks again: no checkpoint between.
+            client.socket.shutdown(socket.SHUT_WR)
+            go.send(b"!")
+        for sock in (go, went, *later):
+            sock.close()
+        [only] = result
+        return only
 
 
 async def test_a_closed_transport_refuses_reads_and_writes() -> None:

@@ -31,8 +31,9 @@ layer must see every byte), and so do streams that are not sockets (tests).
 It lets a connection with nothing else to write send a lone message without
 waking a task for it. :meth:`Transport.send_all` and
 :meth:`Transport.send_within` (a write with a timeout: the handshake's
-response, a close frame) begin the same way, and wait, through the stream,
-only for what the socket did not take: a write that fits costs no scheduling
+response, a close frame) begin the same way, and wait (for a plain socket,
+with ``wait_writable``; else through the stream) only for what the socket did
+not take: a write that fits costs no scheduling
 round and no cancel scope.
 
 **Reading.** :meth:`Transport.receive` waits for a plain TCP socket to be
@@ -49,6 +50,11 @@ Resource handling: the gate's per-stream task owns the transport and calls
 cancelled); the connection's reader receives with :meth:`Transport.receive` or
 :meth:`Transport.read_nowait` and its writer sends through
 :meth:`Transport.send_all` or :meth:`Transport.try_send`, one write at a time.
+A closed socket's descriptor number may soon be another socket's, so it is never
+used after the close: the transport reads it again after every wait of its own,
+and the reader, which waits on :attr:`Transport.fd` itself, runs in the gate's
+task, which closes the transport only once the reader has returned and the
+writer has ended.
 """
 
 from __future__ import annotations
@@ -194,16 +200,22 @@ class Transport:
     async def _send_to_socket(self, rest: memoryview) -> None:
         """Write ``rest`` to the plain socket as it takes it, waiting for room each time."""
         while rest:
-            fd = self._fd
-            if fd < 0:
-                raise trio.ClosedResourceError("the transport is closed")
-            await trio.lowlevel.wait_writable(fd)
+            await trio.lowlevel.wait_writable(self._open_fd())
+            # Read again after the wait: closed meanwhile, its number may be another socket's.
+            fd = self._open_fd()
             try:
                 rest = rest[os.write(fd, rest) :]
             except BlockingIOError:  # writable, then not: wait again
                 continue
             except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
                 raise trio.BrokenResourceError(f"the client is gone: {exc}") from exc
+
+    def _open_fd(self) -> int:
+        """The plain socket's descriptor; ClosedResourceError once it is closed."""
+        fd = self._fd
+        if fd < 0:
+            raise trio.ClosedResourceError("the transport is closed")
+        return fd
 
     async def receive(self, max_bytes: int) -> bytes | bytearray:
         """Wait for data and return what one read brings, at most ``max_bytes``.
@@ -231,15 +243,14 @@ class Transport:
                 TLS handshake failed.
             trio.ClosedResourceError: the transport was closed meanwhile.
         """
-        fd = self._fd
-        if fd < 0:
-            if self._stream is None:
-                raise trio.ClosedResourceError("the transport is closed")
+        if self._stream is not None:
             return await self._stream.receive_some(max_bytes)
         while True:
-            await trio.lowlevel.wait_readable(fd)
+            await trio.lowlevel.wait_readable(self._open_fd())
             try:
-                return os.read(fd, max_bytes)
+                # Read again after the wait: closed meanwhile, its number may be
+                # another socket's.
+                return os.read(self._open_fd(), max_bytes)
             except BlockingIOError:  # readable, then not: wait again
                 continue
             except OSError as exc:  # ECONNRESET, ETIMEDOUT: the client is gone
