@@ -206,6 +206,54 @@ async def test_a_client_found_gone_by_its_writer_stops_being_routed_to(
     assert (gone["code"], gone["undelivered"]) == (1006, 1)
 
 
+class Recording(Breakable):
+    """A :class:`Breakable` that keeps each write made to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        await super().send_all(data)
+
+
+async def test_the_101_and_the_welcome_go_out_in_one_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One TCP segment: the client has its id with the answer to its handshake.
+    async with scene() as s:
+        recording = Recording()
+        _, client_id = await s.open(recording)
+    head, _, rest = recording.writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    [(opcode, payload)] = wire.server_frames(rest, after_head=False)
+    assert opcode == OP_TEXT
+    assert json.loads(payload) == {"type": "welcome", "id": client_id}
+
+
+async def test_a_client_gone_before_its_101_is_written_is_not_left_routable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The connection is routable before the 101 goes out (a message to its id
+    # must find it the moment the client learns it): if that write fails, the
+    # id must not stay routed to a connection that never ran.
+    with structlog.testing.capture_logs() as logs:
+        async with scene() as s:
+            gone = Breakable()
+            gone.broken = True
+            s.nursery.start_soon(s.gate, gone)
+            await gone.client.send_all(
+                wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
+            )
+            assert await gone.client.receive_some() == b""  # closed, nothing written
+            await trio.testing.wait_all_tasks_blocked()
+            assert s.router.routes == 0
+            # Counted as "the client went away during the handshake response".
+            assert s.gate.stats.rejected[0] == 1
+    assert not [e for e in logs if e["event"] in ("connection.open", "connection.close")]
+
+
 async def test_a_drain_closes_echo_connections_with_1001_too(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

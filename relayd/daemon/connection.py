@@ -266,15 +266,14 @@ class Connection:
     async def run(self) -> None:
         """Serve the connection until either side closes it, then log ``connection.close``.
 
-        The gate has logged ``connection.open``.
+        The gate has made it routable (:meth:`greet`), written its ``101`` and
+        welcome, and logged ``connection.open``.
 
         Raises:
             Exception: only on a bug; the caller logs it and closes with 1011.
         """
         lifecycle = self._lifecycle
         try:
-            if not self._echo and not await self._announce():
-                return
             writer = self._writer
             writer.attach(self._tasks)
             failure: BaseException | None = None
@@ -336,21 +335,36 @@ class Connection:
                 await writer.join()
             raise
 
-    async def _announce(self) -> bool:
-        """Become routable, then send the welcome frame; False if the client is gone."""
-        # Routable first, then announced: a message sent to the id the moment
-        # the client learns it must find it (on any node).
+    async def greet(self) -> bytes:
+        """Become routable; the welcome frame the caller sends right after the ``101``.
+
+        Routable first, then announced: a message sent to the id the moment
+        the client learns it must find it (on any node). The caller writes the
+        ``101`` and this frame in one write, then calls :meth:`run`; or, if the
+        client is gone by then, :meth:`abandon`. The frame is counted as
+        written here. The echo route is not routable and has no welcome: ``b""``.
+        """
+        if self._echo:
+            return b""
+        frame = text_frame(welcome_payload(self.dialect, self.client_id))
         try:
             await self._router.register(self)
             self._registered = True
         except RouterClosed:  # accepted just as the server began draining
             self.drain()
             self.outbox.close()
-        try:
-            await self._writer.write([text_frame(welcome_payload(self.dialect, self.client_id))])
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False  # gone already: logged as 1006
-        return True
+        self._writer.count_written(frame)
+        return frame
+
+    def abandon(self) -> None:
+        """The client went away before its welcome was written: leave the routing table.
+
+        For a connection :meth:`greet` announced and that will never :meth:`run`;
+        it is not logged as a connection (the gate logs ``handshake.rejected``).
+        """
+        self._leave()
+        self._reader.forget_owner()
+        self._writer.forget_owner()
 
 
 def _holds_a_bug(error: BaseException) -> bool:

@@ -14,7 +14,10 @@ stream it:
    dialect, or refuses it with an HTTP status (:func:`~relayd.wire.handshake.validate`,
    :func:`~relayd.policy.admission.decide`,
    :class:`~relayd.daemon.authentication.Authentication`), logging
-   ``handshake.rejected``; once the ``101`` is out it is no longer a handshake;
+   ``handshake.rejected``; an accepted connection becomes routable first
+   (:meth:`~relayd.daemon.connection.Connection.greet`), then the ``101`` and
+   its welcome frame go out in one write; once they are out it is no longer a
+   handshake;
 4. runs the :class:`~relayd.daemon.connection.Connection` until it ends;
 5. closes the TCP connection gracefully (:class:`~relayd.daemon.transport.Transport`),
    and only then stops counting it, so that the limits bound descriptors too.
@@ -334,29 +337,8 @@ class Gate:
             attempt.counted = False
             await self._refuse(transport, attempt, decision)
             return None
-        attempt.answered = True
-        response = accept_response(
-            request.key, decision.subprotocol, max_message_bytes=limits.max_message_bytes
-        )
-        if not await transport.send_within(response, CLOSE_TIMEOUT_S):
-            self._gone(conn, address, "the client went away during the handshake response")
-            return None
-        attempt.accepted = True
-        self.handshakes.closed(attempt.ip)
-        attempt.handshaking = False
         client_id = client_id or self._new_id()
-        info_line(
-            self._log,
-            "connection.open",
-            conn=conn,
-            id=client_id,
-            peer=address,
-            origin=headers.get("origin"),
-            # A StrEnum member's str() is its value, without Enum.value's Python property.
-            dialect="echo" if decision.echo else str(decision.dialect),
-            user_agent=headers.get("user-agent"),
-        )
-        return Connection(
+        connection = Connection(
             transport,
             early=early,
             conn=conn,
@@ -370,6 +352,37 @@ class Gate:
             log=self._log,
             stats=self.stats,
         )
+        welcome = await connection.greet()
+        try:
+            response = accept_response(
+                request.key, decision.subprotocol, max_message_bytes=limits.max_message_bytes
+            )
+            attempt.answered = True
+            # The 101 and the welcome in one write: one TCP segment, and the
+            # client has its id with the handshake's answer.
+            sent = await transport.send_within(response + welcome, CLOSE_TIMEOUT_S)
+        except BaseException:
+            connection.abandon()  # cancelled while the socket was full (or a bug)
+            raise
+        if not sent:
+            connection.abandon()
+            self._gone(conn, address, "the client went away during the handshake response")
+            return None
+        attempt.accepted = True
+        self.handshakes.closed(attempt.ip)
+        attempt.handshaking = False
+        info_line(
+            self._log,
+            "connection.open",
+            conn=conn,
+            id=client_id,
+            peer=address,
+            origin=headers.get("origin"),
+            # A StrEnum member's str() is its value, without Enum.value's Python property.
+            dialect="echo" if decision.echo else str(decision.dialect),
+            user_agent=headers.get("user-agent"),
+        )
+        return connection
 
     async def _refuse(self, transport: Transport, attempt: _Attempt, refusal: Refusal) -> None:
         self._rejected(attempt.conn, attempt.address, refusal.status, refusal.reason)

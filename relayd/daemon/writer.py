@@ -313,6 +313,10 @@ class Writer:
             raise
         self._written(messages, len(data))
 
+    def count_written(self, frame: bytes) -> None:
+        """Count ``frame`` as one message written, by the gate (the welcome, with the ``101``)."""
+        self._written(1, len(frame))
+
     def _written(self, messages: int, size: int) -> None:
         if messages:
             self._timers.active(clock.now())
