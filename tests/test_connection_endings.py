@@ -9,7 +9,7 @@ moment that matters, and checks what the clients receive and what is logged.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,7 +19,7 @@ import trio.testing
 from structlog.typing import EventDict
 
 from relayd.config import LimitsSettings
-from relayd.daemon.gate import Gate
+from relayd.daemon.gate import Gate, new_client_id
 from relayd.routing.local import LocalRouter
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -31,7 +31,13 @@ OP_TEXT, OP_CLOSE = 0x1, 0x8
 class Scene:
     """A gate and a router whose task the test starts when it wants to."""
 
-    def __init__(self, nursery: trio.Nursery, inbox_size: int, **limits: Any) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        inbox_size: int,
+        new_id: Callable[[], str] = new_client_id,
+        **limits: Any,
+    ) -> None:
         log = structlog.get_logger("test")
         stats = Stats()
         events = MessageEvents(log, stats)
@@ -44,6 +50,7 @@ class Scene:
             events=events,
             stats=stats,
             echo_route=True,
+            new_id=new_id,
         )
 
     async def open(
@@ -95,9 +102,11 @@ def envelope(to: str, n: int) -> bytes:
 
 
 @asynccontextmanager
-async def scene(inbox_size: int = 256, **limits: Any) -> AsyncIterator[Scene]:
+async def scene(
+    inbox_size: int = 256, new_id: Callable[[], str] = new_client_id, **limits: Any
+) -> AsyncIterator[Scene]:
     async with trio.open_nursery() as nursery:
-        yield Scene(nursery, inbox_size, **limits)
+        yield Scene(nursery, inbox_size, new_id, **limits)
         nursery.cancel_scope.cancel()
 
 
@@ -252,6 +261,85 @@ async def test_a_client_gone_before_its_101_is_written_is_not_left_routable(
             # Counted as "the client went away during the handshake response".
             assert s.gate.stats.rejected[0] == 1
     assert not [e for e in logs if e["event"] in ("connection.open", "connection.close")]
+
+
+class Held(Breakable):
+    """A :class:`Breakable` whose writes wait until :attr:`let_go` is set, then fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.let_go = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.let_go.wait()
+        raise trio.BrokenResourceError("the client is gone")
+
+
+async def test_messages_routed_to_a_client_gone_before_its_101_are_logged_as_undelivered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Routable before its 101 goes out: a message for its id in between is
+    # acknowledged (queued for it); if the client then turns out gone, the loss
+    # must be in the log, as a closed connection's undelivered messages are.
+    ids = iter(["victim", "sender"])
+    with structlog.testing.capture_logs() as logs:
+        async with scene(new_id=lambda: next(ids)) as s:
+            await s.nursery.start(s.router.run)
+            held = Held()
+            s.nursery.start_soon(s.gate, held)
+            await held.client.send_all(
+                wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
+            )
+            await trio.testing.wait_all_tasks_blocked()  # routable, its 101 waiting
+            sender, _ = await s.open()
+            await sender.send_all(envelope("victim", 1))
+            [(_, payload)] = await frames_now(sender)
+            assert json.loads(payload) == {"type": "ack", "ref": 1}
+            held.let_go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert s.router.routes == 1  # the sender only
+    [rejected] = [e for e in logs if e["event"] == "handshake.rejected"]
+    assert rejected["reason"] == "the client went away during the handshake response"
+    assert (rejected["log_level"], rejected["undelivered"]) == ("info", 1)
+
+
+async def test_a_handshake_cut_short_while_its_101_waits_leaves_its_id_unrouted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A forced stop (the connections nursery cancelled) while the 101 waits for
+    # room: the connection never runs, so nothing else would unroute its id.
+    async with scene() as s:
+        held = Held()
+        async with trio.open_nursery() as own:
+            own.start_soon(s.gate, held)
+            await held.client.send_all(
+                wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            assert s.router.routes == 1  # routable, its 101 waiting
+            own.cancel_scope.cancel()
+        assert s.router.routes == 0
+
+
+async def test_an_accepted_handshake_frees_its_handshake_slot_before_its_101_goes_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The handshake limits bound reading and judging requests. A connection
+    # accepted and still being made routable (a cluster's wait for Redis), or
+    # whose 101 waits for room, counts as a connection, not as a handshake.
+    async with scene(max_handshakes_per_ip=1) as s:
+        held = Held()
+        s.nursery.start_soon(s.gate, held)
+        request = wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
+        await held.client.send_all(request)
+        await trio.testing.wait_all_tasks_blocked()  # accepted, its 101 waiting
+        client, server = trio.testing.memory_stream_pair()
+        s.nursery.start_soon(s.gate, server)
+        await client.send_all(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := await client.receive_some()):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 101 ")
 
 
 async def test_a_drain_closes_echo_connections_with_1001_too(

@@ -341,30 +341,43 @@ class Connection:
         Routable first, then announced: a message sent to the id the moment
         the client learns it must find it (on any node). The caller writes the
         ``101`` and this frame in one write, then calls :meth:`run`; or, if the
-        client is gone by then, :meth:`abandon`. The frame is counted as
-        written here. The echo route is not routable and has no welcome: ``b""``.
+        client is gone by then (or the wait was cut short), :meth:`abandon`,
+        also when this raises. The frame is counted as written here: an
+        abandoned connection's counts are never logged. The echo route is not
+        routable and has no welcome: ``b""``.
         """
         if self._echo:
             return b""
         frame = text_frame(welcome_payload(self.dialect, self.client_id))
+        # Marked before the wait: a router may hold the connection before it
+        # returns (the cluster's, while Redis answers), and abandon() must
+        # remove it if the wait is cut short. Unregistering is idempotent.
+        self._registered = True
         try:
             await self._router.register(self)
-            self._registered = True
         except RouterClosed:  # accepted just as the server began draining
+            self._registered = False
             self.drain()
             self.outbox.close()
         self._writer.count_written(frame)
         return frame
 
-    def abandon(self) -> None:
+    def abandon(self) -> int:
         """The client went away before its welcome was written: leave the routing table.
 
-        For a connection :meth:`greet` announced and that will never :meth:`run`;
-        it is not logged as a connection (the gate logs ``handshake.rejected``).
+        For a connection :meth:`greet` made routable and that will never
+        :meth:`run`; it is not logged as a connection (the gate logs
+        ``handshake.rejected``).
+
+        Returns:
+            The messages routed to it meanwhile (acknowledged to their senders
+            as delivered), now lost: the gate logs them as undelivered.
         """
         self._leave()
+        self.outbox.discard()
         self._reader.forget_owner()
         self._writer.forget_owner()
+        return self.outbox.dropped
 
 
 def _holds_a_bug(error: BaseException) -> bool:

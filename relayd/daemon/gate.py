@@ -14,10 +14,9 @@ stream it:
    dialect, or refuses it with an HTTP status (:func:`~relayd.wire.handshake.validate`,
    :func:`~relayd.policy.admission.decide`,
    :class:`~relayd.daemon.authentication.Authentication`), logging
-   ``handshake.rejected``; an accepted connection becomes routable first
-   (:meth:`~relayd.daemon.connection.Connection.greet`), then the ``101`` and
-   its welcome frame go out in one write; once they are out it is no longer a
-   handshake;
+   ``handshake.rejected``; once accepted it is no longer a handshake: it
+   becomes routable (:meth:`~relayd.daemon.connection.Connection.greet`), then
+   the ``101`` and its welcome frame go out in one write;
 4. runs the :class:`~relayd.daemon.connection.Connection` until it ends;
 5. closes the TCP connection gracefully (:class:`~relayd.daemon.transport.Transport`),
    and only then stops counting it, so that the limits bound descriptors too.
@@ -352,8 +351,13 @@ class Gate:
             log=self._log,
             stats=self.stats,
         )
-        welcome = await connection.greet()
+        # Decided: from here it counts as a connection (capacity), no longer as a
+        # handshake, whose limits bound reading and judging requests, not a
+        # router's wait to make it routable (the cluster's waits for Redis).
+        self.handshakes.closed(attempt.ip)
+        attempt.handshaking = False
         try:
+            welcome = await connection.greet()
             response = accept_response(
                 request.key, decision.subprotocol, max_message_bytes=limits.max_message_bytes
             )
@@ -362,15 +366,13 @@ class Gate:
             # client has its id with the handshake's answer.
             sent = await transport.send_within(response + welcome, CLOSE_TIMEOUT_S)
         except BaseException:
-            connection.abandon()  # cancelled while the socket was full (or a bug)
+            connection.abandon()  # cancelled while waiting (a forced stop), or a bug
             raise
         if not sent:
-            connection.abandon()
-            self._gone(conn, address, "the client went away during the handshake response")
+            lost = connection.abandon()
+            self._gone(conn, address, "the client went away during the handshake response", lost)
             return None
         attempt.accepted = True
-        self.handshakes.closed(attempt.ip)
-        attempt.handshaking = False
         info_line(
             self._log,
             "connection.open",
@@ -391,11 +393,24 @@ class Gate:
             refusal_response(refusal.status, refusal.reason), CLOSE_TIMEOUT_S
         )
 
-    def _gone(self, conn: int, address: str, reason: str) -> None:
-        # Port probes and health checks do this all day: count it, log it
-        # at debug level only.
+    def _gone(self, conn: int, address: str, reason: str, undelivered: int = 0) -> None:
+        # Port probes and health checks do this all day: count it, log it at
+        # debug level only; unless messages routed to the client meanwhile
+        # were lost with it (they were acknowledged as delivered).
         self.stats.rejected[0] += 1
-        self._log.debug("handshake.rejected", conn=conn, peer=address, status=None, reason=reason)
+        if undelivered:
+            self._log.info(
+                "handshake.rejected",
+                conn=conn,
+                peer=address,
+                status=None,
+                reason=reason,
+                undelivered=undelivered,
+            )
+        else:
+            self._log.debug(
+                "handshake.rejected", conn=conn, peer=address, status=None, reason=reason
+            )
 
     def _dropped(self, conn: int, address: str, limit: str) -> None:
         self.stats.dropped[limit] += 1
