@@ -69,8 +69,9 @@ class LimitsSettings(BaseModel):
         max_connections: established connections in total (handshakes in progress are
             counted apart, in max_handshakes).
         max_connections_per_ip: established connections per client IP address.
-        max_handshakes: TCP connections accepted whose WebSocket handshake is not done yet,
-            in total; over it, a new connection is closed at once, unread.
+        max_handshakes: TCP connections accepted whose WebSocket handshake is not decided
+            yet (an accepted one counts as a connection from then on), in total; over it,
+            a new connection is closed at once, unread.
         max_handshakes_per_ip: the same per client IP address.
         max_message_bytes: largest client message accepted.
         outbox_messages: messages queued per connection before it counts as slow.

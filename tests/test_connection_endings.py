@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import structlog
 import trio
 import trio.testing
@@ -20,6 +21,7 @@ from structlog.typing import EventDict
 
 from relayd.config import LimitsSettings
 from relayd.daemon.gate import Gate, new_client_id
+from relayd.routing.interface import Peer
 from relayd.routing.local import LocalRouter
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -275,40 +277,60 @@ class Held(Breakable):
         raise trio.BrokenResourceError("the client is gone")
 
 
-async def test_messages_routed_to_a_client_gone_before_its_101_are_logged_as_undelivered(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize(
+    ("ending", "reason"),
+    [
+        ("the client goes", "the client went away during the handshake response"),
+        ("a forced stop", "the handshake response was cut short"),
+    ],
+)
+async def test_messages_routed_to_a_client_whose_101_never_went_out_are_logged_as_undelivered(
+    autojump_clock: trio.testing.MockClock, ending: str, reason: str
 ) -> None:
     # Routable before its 101 goes out: a message for its id in between is
-    # acknowledged (queued for it); if the client then turns out gone, the loss
+    # acknowledged (queued for it); if the 101 then never goes out, the loss
     # must be in the log, as a closed connection's undelivered messages are.
     ids = iter(["victim", "sender"])
     with structlog.testing.capture_logs() as logs:
         async with scene(new_id=lambda: next(ids)) as s:
             await s.nursery.start(s.router.run)
             held = Held()
-            s.nursery.start_soon(s.gate, held)
-            await held.client.send_all(
-                wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
-            )
-            await trio.testing.wait_all_tasks_blocked()  # routable, its 101 waiting
-            sender, _ = await s.open()
-            await sender.send_all(envelope("victim", 1))
-            [(_, payload)] = await frames_now(sender)
-            assert json.loads(payload) == {"type": "ack", "ref": 1}
-            held.let_go.set()
-            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as own:
+                own.start_soon(s.gate, held)
+                await held.client.send_all(
+                    wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
+                )
+                await trio.testing.wait_all_tasks_blocked()  # routable, its 101 waiting
+                sender, _ = await s.open()
+                await sender.send_all(envelope("victim", 1))
+                [(_, payload)] = await frames_now(sender)
+                assert json.loads(payload) == {"type": "ack", "ref": 1}
+                if ending == "the client goes":
+                    held.let_go.set()
+                else:
+                    own.cancel_scope.cancel()
             assert s.router.routes == 1  # the sender only
     [rejected] = [e for e in logs if e["event"] == "handshake.rejected"]
-    assert rejected["reason"] == "the client went away during the handshake response"
+    assert rejected["reason"] == reason
     assert (rejected["log_level"], rejected["undelivered"]) == ("info", 1)
 
 
-async def test_a_handshake_cut_short_while_its_101_waits_leaves_its_id_unrouted(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize("where", ["while it becomes routable", "while its 101 waits"])
+async def test_a_handshake_cut_short_leaves_its_id_unrouted_and_nothing_counted(
+    autojump_clock: trio.testing.MockClock, where: str
 ) -> None:
-    # A forced stop (the connections nursery cancelled) while the 101 waits for
-    # room: the connection never runs, so nothing else would unroute its id.
+    # A forced stop (the connections nursery cancelled) before the connection
+    # runs: nothing else would unroute its id. A router may hold the connection
+    # before its register returns (the cluster's, while Redis answers).
     async with scene() as s:
+        if where == "while it becomes routable":
+            register = s.router.register
+
+            async def register_then_wait(peer: Peer) -> None:
+                await register(peer)
+                await trio.sleep_forever()
+
+            s.router.register = register_then_wait  # type: ignore[method-assign]
         held = Held()
         async with trio.open_nursery() as own:
             own.start_soon(s.gate, held)
@@ -316,9 +338,11 @@ async def test_a_handshake_cut_short_while_its_101_waits_leaves_its_id_unrouted(
                 wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
             )
             await trio.testing.wait_all_tasks_blocked()
-            assert s.router.routes == 1  # routable, its 101 waiting
+            assert s.router.routes == 1  # routable, its 101 not written
+            assert s.gate.handshakes.total == 0  # accepted: a connection now
             own.cancel_scope.cancel()
         assert s.router.routes == 0
+        assert s.gate.capacity.total == 0
 
 
 async def test_an_accepted_handshake_frees_its_handshake_slot_before_its_101_goes_out(

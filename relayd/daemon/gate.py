@@ -366,7 +366,10 @@ class Gate:
             # client has its id with the handshake's answer.
             sent = await transport.send_within(response + welcome, CLOSE_TIMEOUT_S)
         except BaseException:
-            connection.abandon()  # cancelled while waiting (a forced stop), or a bug
+            # Cancelled while waiting (a forced stop), or a bug: either way, what was
+            # routed to it meanwhile is lost, and said so.
+            if lost := connection.abandon():
+                self._gone(conn, address, "the handshake response was cut short", lost)
             raise
         if not sent:
             lost = connection.abandon()

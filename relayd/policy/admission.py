@@ -4,7 +4,7 @@ Two pools of TCP connections are counted, in total and per client IP, so that
 connections still in their handshake never take the room meant for
 established ones:
 
-* :class:`Handshakes`: accepted, no ``101`` sent yet. Checked the moment a
+* :class:`Handshakes`: accepted, not decided yet. Checked the moment a
   connection is accepted, before anything is read from it: over
   ``max_handshakes`` or ``max_handshakes_per_ip`` the socket is closed at once.
   A client that sends nothing, or half a request, holds a place here (until
@@ -106,7 +106,7 @@ class Capacity(_Counts):
 
 
 class Handshakes(_Counts):
-    """Handshakes in progress (accepted, no ``101`` yet), in total and by client IP.
+    """Handshakes in progress (accepted, not decided yet), in total and by client IP.
 
     Args:
         max_total: the most handshakes in progress at once.
