@@ -1,7 +1,7 @@
 """relayd.daemon.transport over real sockets: how a connection's socket is written, read and closed.
 
 A connected pair of Unix sockets stands for the client's TCP connection, the
-server's end a plain trio socket, as the accept loop hands it over
+server's end a plain socket, as the accept loop hands it over
 (``tests/test_writer.py`` gives it a :class:`trio.SocketStream`, which the
 transport takes apart). The options an accepted socket gets are checked over
 real TCP.
@@ -27,10 +27,14 @@ PROMPT_S = LINGER_S / 4
 
 
 @asynccontextmanager
-async def pair() -> AsyncIterator[tuple[Transport, trio.SocketStream, trio.socket.SocketType]]:
-    """A transport over the server's end, the client's end, and the server's socket."""
-    a, b = socket.socketpair()
-    server = trio.socket.from_stdlib_socket(a)
+async def pair() -> AsyncIterator[tuple[Transport, trio.SocketStream, socket.socket]]:
+    """A transport over the server's end, the client's end, and the server's socket.
+
+    The server's end is the standard library's socket, non-blocking, as the
+    accept loop hands it over.
+    """
+    server, b = socket.socketpair()
+    server.setblocking(False)
     client = trio.SocketStream(trio.socket.from_stdlib_socket(b))
     async with client:
         try:
@@ -276,8 +280,11 @@ async def test_an_accepted_tcp_socket_gets_what_trios_socket_stream_would_set() 
                 await served.wait()
         nursery.cancel_scope.cancel()
     [sock] = accepted
-    assert isinstance(sock, trio.socket.SocketType)  # no SocketStream around it
+    # The standard library's socket, as accept() made it: no trio wrapper, no
+    # SocketStream; non-blocking, and the listener's options inherited.
+    assert type(sock) is socket.socket
     with sock:
-        assert sock.getsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY) == 1
-        lowat = sock.getsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NOTSENT_LOWAT)
-        assert lowat == NOTSENT_LOWAT
+        assert not sock.getblocking()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
+    assert listeners[0].socket.fileno() == -1  # closed with the loop

@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
@@ -43,6 +44,7 @@ from relayd.config import LimitsSettings
 from relayd.daemon.transport import Accepted, tune
 
 __all__ = [
+    "ACCEPT_BURST",
     "ACCEPT_RETRY_S",
     "RESERVED_DESCRIPTORS",
     "Sockets",
@@ -58,8 +60,30 @@ RESERVED_DESCRIPTORS: Final = 64
 #: Seconds between accept attempts after the kernel refused one for want of
 #: resources: trio's own figure, short enough to notice a freed descriptor soon.
 ACCEPT_RETRY_S: Final = 0.1
+#: Clients accepted from a backlog without a wait before the loop yields to the
+#: scheduler once: the connections accepted so far start meanwhile.
+ACCEPT_BURST: Final = 32
 #: The errors that say "no resources for a new socket now", not "the listener is broken".
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: The errors by which accept() reports a client that failed in the backlog (reset,
+#: unreachable, refused by a firewall rule): Linux's accept(2) says to treat them as
+#: EAGAIN and accept again. The same list as trio's ``SocketListener.accept``.
+_CLIENT_FAILED: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
 _BUDGET: Final = "open-file budget"
 #: The name of every connection's task: one string for all (trio would
 #: otherwise make one per task from the handler's repr).
@@ -181,50 +205,87 @@ async def _accept_loop(
     # as long as it lasts, and a method bound afresh would be 64 bytes each.
     closed = sockets.closed
     async with listener:
-        while True:
-            if sockets.full:
-                if paused != _BUDGET:
-                    paused = _BUDGET
-                    _paused(log, paused, sockets)
-                await sockets.wait_for_room()
-            try:
-                stream, peer = await _accept(listener)
-            except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    raise
-                reason = f"accept failed: {errno.errorcode[exc.errno]}"
-                if paused != reason:
-                    paused = reason
-                    _paused(log, paused, sockets)
-                await trio.sleep(ACCEPT_RETRY_S)
-                continue
-            paused = None
-            sockets.opened()
-            # The handler's task is the connection's for as long as it lasts:
-            # no wrapper's frame waits with it.
-            handler_nursery.start_soon(handler, stream, closed, peer, name=CONNECTION_TASK)
-
-
-async def _accept(listener: Listener) -> tuple[Accepted, Any]:
-    """The next client, and the peer's address if accept() gave it (a plain TCP listener).
-
-    trio's SocketListener.accept drops the address accept() returns, and the
-    gate would ask the kernel for it again (getpeername); it also wraps the
-    socket in a ``SocketStream``, which the transport does without. For a plain
-    TCP listener the socket is accepted here and given ``SocketStream``'s
-    options (:func:`~relayd.daemon.transport.tune`); a failure is left to
-    SocketListener.accept, which accepts again and retries, or raises, as trio
-    does (the connection that failed is gone either way).
-    """
-    if type(listener) is trio.SocketListener:  # final in trio: no subclass to miss
+        plain = _borrowed(listener)
+        stream: Accepted | None
+        burst = 0  # accepted since the loop last let other tasks run
         try:
-            sock, peer = await listener.socket.accept()
-        except OSError:
-            pass
-        else:
-            tune(sock)
-            return sock, peer
-    return await listener.accept(), None
+            while True:
+                if sockets.full:
+                    if paused != _BUDGET:
+                        paused = _BUDGET
+                        _paused(log, paused, sockets)
+                    await sockets.wait_for_room()
+                try:
+                    if plain is None:
+                        stream, peer = await listener.accept(), None
+                    else:
+                        stream, peer = _accept_now(plain)
+                except BlockingIOError:  # nobody waiting in the backlog
+                    assert plain is not None
+                    burst = 0
+                    await trio.lowlevel.wait_readable(plain)
+                    continue
+                except OSError as exc:
+                    if exc.errno in _CLIENT_FAILED:
+                        stream = None
+                    elif exc.errno in _OUT_OF_RESOURCES:
+                        reason = f"accept failed: {errno.errorcode[exc.errno]}"
+                        if paused != reason:
+                            paused = reason
+                            _paused(log, paused, sockets)
+                        await trio.sleep(ACCEPT_RETRY_S)
+                        continue
+                    else:
+                        raise
+                if stream is not None:
+                    paused = None
+                    sockets.opened()
+                    # The handler's task is the connection's for as long as it lasts:
+                    # no wrapper's frame waits with it.
+                    handler_nursery.start_soon(handler, stream, closed, peer, name=CONNECTION_TASK)
+                burst += 1
+                if burst == ACCEPT_BURST:
+                    # A backlog that refills as fast as it is taken must not keep the
+                    # connections accepted so far (and everyone else) from running.
+                    burst = 0
+                    await trio.lowlevel.checkpoint()
+        finally:
+            if plain is not None:
+                plain.detach()  # the descriptor is the listener's, closed with it
+
+
+def _borrowed(listener: Listener) -> socket.socket | None:
+    """The standard library's socket on a plain TCP listener's descriptor, else None.
+
+    trio's ``SocketListener.accept`` drops the address ``accept()`` returns, so
+    the gate would ask the kernel for it again (``getpeername``); it wraps the
+    socket twice (trio's socket, a ``SocketStream``), which the transport does
+    without; and it yields to the scheduler after every accept, where a loop
+    that finds its next client waiting needs no wait. So the loop accepts on the
+    listener's descriptor itself, through a socket object that borrows it (the
+    caller detaches it before the listener is closed). The listener is
+    :func:`~relayd.daemon.transport.tune`'d here: every socket accepted from it
+    inherits its options.
+    """
+    if type(listener) is not trio.SocketListener:  # final in trio: no subclass to miss
+        return None
+    sock = listener.socket
+    tune(sock)
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+
+
+def _accept_now(plain: socket.socket) -> tuple[socket.socket, Any]:
+    """The next client in the backlog, non-blocking, and its address; no wait.
+
+    Raises:
+        BlockingIOError: nobody is waiting.
+        OSError: accept() failed: a client that failed in the backlog
+            (``_CLIENT_FAILED``: accept again), for want of resources
+            (``_OUT_OF_RESOURCES``), or the listener is broken.
+    """
+    client, peer = plain.accept()
+    client.setblocking(False)
+    return client, peer
 
 
 def _paused(log: structlog.typing.FilteringBoundLogger, reason: str, sockets: Sockets) -> None:

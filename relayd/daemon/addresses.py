@@ -7,6 +7,7 @@ IPv6, and IPv4 clients of a dual-stack socket as IPv4.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 import trio
@@ -19,7 +20,9 @@ def show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def peer_address(client: trio.socket.SocketType | trio.abc.Stream) -> str | None:
+def peer_address(
+    client: socket.socket | trio.socket.SocketType | trio.abc.Stream,
+) -> str | None:
     """``host:port`` of the client (``[v6]:port``), or None if it already reset.
 
     ``client`` is a plain socket or a stream, as the accept loops hand them over.
@@ -31,7 +34,7 @@ def peer_address(client: trio.socket.SocketType | trio.abc.Stream) -> str | None
     if type(client) is trio.SocketStream:
         client = client.socket
     # In-memory streams (tests) have no socket; they all count as one address.
-    if not isinstance(client, trio.socket.SocketType):
+    if not isinstance(client, (socket.socket, trio.socket.SocketType)):
         return "memory:0"
     try:
         peer = client.getpeername()

@@ -18,11 +18,13 @@ sends FIN, reads and discards until the client's EOF, then closes; bounded by
 
 **A plain TCP socket is used as it is.** trio's ``SocketStream`` around it
 would cost every connection an object, two conflict detectors and, at each
-accept, two context managers and an enum conversion; the transport reads and
-writes the socket's descriptor itself, sets the two options ``SocketStream``
-sets (:func:`tune`), and waits with trio's ``wait_readable`` and
-``wait_writable``, so trio still wakes it and its ``close`` still wakes
-whoever waits.
+accept, two context managers and an enum conversion, and trio's socket
+wrapper another object; the accept loop hands over the standard library's
+socket as ``accept()`` made it, with the two options ``SocketStream`` sets
+inherited from the listening socket (:func:`tune`). The transport reads and
+writes the socket's descriptor itself and waits with trio's ``wait_readable``
+and ``wait_writable``; its close tells trio first (``notify_closing``), so
+whoever waits on the descriptor is woken, as trio's own ``close`` would.
 
 **Writing without waiting.** :meth:`Transport.try_send` writes what the
 kernel takes at once, without a checkpoint: for a plain TCP socket it is one
@@ -61,17 +63,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Final, TypeAlias
 
 import trio
 
 from relayd.wire.server_frames import close_frame
 
-__all__ = ["LINGER_S", "NOTSENT_LOWAT", "Accepted", "Transport", "discard", "tune"]
+__all__ = [
+    "LINGER_S",
+    "NOTSENT_LOWAT",
+    "Accepted",
+    "PlainSocket",
+    "Transport",
+    "discard",
+    "tune",
+]
 
+#: A plain TCP socket: the standard library's, as the accept loop hands it over
+#: (non-blocking), or trio's (in tests, and inside a ``SocketStream``).
+PlainSocket: TypeAlias = socket.socket | trio.socket.SocketType
 #: What an accept loop hands over: a plain TCP socket, or a stream (TLS; in tests,
 #: in-memory streams and trio's ``SocketStream``).
-Accepted: TypeAlias = trio.socket.SocketType | trio.abc.Stream
+Accepted: TypeAlias = PlainSocket | trio.abc.Stream
 
 #: How long a closing connection may keep sending before relayd resets it.
 LINGER_S: Final = 2.0
@@ -81,29 +95,29 @@ _LINGER_READ: Final = 65536
 #: client has not taken waits in the connection's outbox, bounded and counted, not in
 #: the kernel. (Bytes sent and not yet acknowledged are bounded by the TCP window.)
 NOTSENT_LOWAT: Final = 1 << 14
-_OPTIONS: Final = ((trio.socket.TCP_NODELAY, 1), (trio.socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT))
+_OPTIONS: Final = ((socket.TCP_NODELAY, 1), (socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT))
+_PLAIN: Final = (socket.socket, trio.socket.SocketType)
 
 
-def tune(sock: trio.socket.SocketType) -> None:
-    """Set on an accepted TCP socket what trio's ``SocketStream`` sets.
+def tune(sock: PlainSocket) -> None:
+    """Set on a listening TCP socket what trio's ``SocketStream`` sets on each connection.
 
-    ``TCP_NODELAY``: a lone message goes out at once, not after the client's
+    Linux copies both options from a listening socket to every socket it
+    accepts, so they cost no system call per connection:
+    ``TCP_NODELAY``, a lone message goes out at once, not after the client's
     acknowledgement of the last one; ``TCP_NOTSENT_LOWAT``: :data:`NOTSENT_LOWAT`.
-    A socket that refuses either (reset already, or not TCP) is served as it is:
-    its next read or write tells.
+    (``tests/test_transport.py`` checks them on a socket accepted over real TCP.)
+    A socket that refuses either (not TCP) is served as it is.
     """
     for option, value in _OPTIONS:
-        # Not contextlib.suppress: a context manager per option, per connection.
-        try:  # noqa: SIM105
-            sock.setsockopt(trio.socket.IPPROTO_TCP, option, value)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 async def discard(accepted: Accepted) -> None:
     """Close a client that is not to be served, at once (a checkpoint, even if cancelled)."""
-    if isinstance(accepted, trio.socket.SocketType):
-        accepted.close()
+    if isinstance(accepted, _PLAIN):
+        accepted.close()  # never waited on: trio has nothing to be told
         await trio.lowlevel.cancel_shielded_checkpoint()
     else:
         await trio.aclose_forcefully(accepted)
@@ -113,9 +127,10 @@ class Transport:
     """One client's socket or stream; see the module docstring.
 
     Args:
-        accepted: the accepted client, a plain TCP socket (:func:`tune` it
-            first) or a stream; this object closes it. trio's ``SocketStream``
-            is taken apart: its socket is used as it is.
+        accepted: the accepted client, a plain TCP socket (non-blocking,
+            accepted from a :func:`tune`'d listener) or a stream; this object
+            closes it. trio's ``SocketStream`` is taken apart: its socket is
+            used as it is.
     """
 
     __slots__ = ("_closed", "_fd", "_socket", "_stream", "broken", "close_received", "close_sent")
@@ -125,8 +140,8 @@ class Transport:
         # isinstance's pass through the stream ABC's __instancecheck__.)
         if type(accepted) is trio.SocketStream:
             accepted = accepted.socket
-        if isinstance(accepted, trio.socket.SocketType):
-            self._socket: trio.socket.SocketType | None = accepted
+        if isinstance(accepted, _PLAIN):
+            self._socket: PlainSocket | None = accepted
             self._stream: trio.abc.Stream | None = None
             # Its descriptor, for reads and writes without a checkpoint.
             self._fd = accepted.fileno()
@@ -344,7 +359,7 @@ class Transport:
             if whole:
                 # A plain socket's FIN needs no wait (send_eof would checkpoint).
                 with contextlib.suppress(OSError):  # ENOTCONN: the client is gone already
-                    self._plain_socket().shutdown(trio.socket.SHUT_WR)
+                    self._plain_socket().shutdown(socket.SHUT_WR)
         try:
             with (
                 trio.move_on_after(LINGER_S),
@@ -364,11 +379,13 @@ class Transport:
 
     def _close_socket(self) -> None:
         """Close the plain TCP socket at once, as aclose would, without its checkpoint."""
-        socket = self._plain_socket()
+        plain, fd = self._plain_socket(), self._fd
         # The descriptor may be reused once closed: never read or write it again.
-        # (trio's close first wakes whoever waits for it, with ClosedResourceError.)
         self._fd = -1
-        socket.close()
+        # As trio's own close does: whoever waits on it is woken (ClosedResourceError),
+        # and trio forgets the descriptor before its number can be another socket's.
+        trio.lowlevel.notify_closing(fd)
+        plain.close()
 
     def _done_sending(self, fd: int) -> bool:
         """True if the client can send nothing more, as one read without a wait shows."""
@@ -380,6 +397,6 @@ class Transport:
             return True
         return not data  # its end of stream; else it still sends: linger
 
-    def _plain_socket(self) -> trio.socket.SocketType:
+    def _plain_socket(self) -> PlainSocket:
         assert self._socket is not None  # only when _fd was set
         return self._socket
