@@ -79,8 +79,9 @@ async def test_a_full_backlog_is_taken_in_bursts_and_the_first_clients_start_mea
         for client in clients:
             client.close()
     assert len(served.clients) == count
-    # The first burst's handlers ran before the second burst was accepted.
-    assert served.open_at_start[0] <= ACCEPT_BURST
+    # The first burst's handlers ran before the last burst was accepted. (trio runs a
+    # round's tasks in either order: the loop may take one more burst before they start.)
+    assert served.open_at_start[0] <= 2 * ACCEPT_BURST < count
     assert max(served.open_at_start) < count
     assert listeners[0].socket.fileno() == -1  # closed with the loop
 

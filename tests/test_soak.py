@@ -110,6 +110,11 @@ LIMITS: Final[dict[str, Any]] = {
     "max_message_bytes": 8192,
     "messages_per_second": 40.0,
     "message_burst": 40,
+    # Every simulated user comes from 127.0.0.1, and sends its request only when this
+    # one event loop runs it: relayd, which accepts a whole backlog at once, would find
+    # more than the default 16 handshakes from "one address" waiting for their requests
+    # and drop the rest (handshake.rejected), which users on their own addresses never see.
+    "max_handshakes_per_ip": CLIENTS,
 }
 #: A burst's messages: over the message bucket (its burst, 40), so some are refused
 #: ``rate_limited``; under it and the abuse bucket together (80), so relayd never closes
