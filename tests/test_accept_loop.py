@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,23 +23,38 @@ import trio.testing
 
 from relayd.daemon import accepting
 from relayd.daemon.accepting import ACCEPT_BURST, Sockets, serve_public
-from relayd.daemon.transport import Accepted
+from relayd.daemon.transport import NOTSENT_LOWAT, Accepted
 
 
 class Served:
-    """What the handler saw: each client, and how many were open when it started."""
+    """What the handler saw: each client, its options, how many were open when it started.
 
-    def __init__(self) -> None:
+    Args:
+        budget: the open sockets' budget.
+        hold: the handler keeps its client (and its place in the budget) until set.
+    """
+
+    def __init__(self, budget: int = 10_000, hold: trio.Event | None = None) -> None:
         self.clients: list[Accepted] = []
+        self.options: list[tuple[int, int]] = []
         self.open_at_start: list[int] = []
-        self.sockets = Sockets(budget=10_000)
+        self.sockets = Sockets(budget=budget)
         self.first = trio.Event()
+        self._hold = hold
 
     async def handler(self, client: Accepted, released: Any, peer: object) -> None:
         self.open_at_start.append(self.sockets.open)
         self.clients.append(client)
-        self.first.set()
         assert isinstance(client, socket.socket)
+        self.options.append(
+            (
+                client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT),
+            )
+        )
+        self.first.set()
+        if self._hold is not None:
+            await self._hold.wait()
         client.close()
         released()
 
@@ -79,10 +95,14 @@ async def test_a_full_backlog_is_taken_in_bursts_and_the_first_clients_start_mea
         for client in clients:
             client.close()
     assert len(served.clients) == count
-    # The first burst's handlers ran before the last burst was accepted. (trio runs a
-    # round's tasks in either order: the loop may take one more burst before they start.)
-    assert served.open_at_start[0] <= 2 * ACCEPT_BURST < count
+    # A whole burst was taken without a wait before the first client started, and
+    # that client started before the last burst was taken. (trio runs a round's tasks
+    # in either order: the loop may take one more burst before they start.)
+    assert ACCEPT_BURST <= served.open_at_start[0] <= 2 * ACCEPT_BURST < count
     assert max(served.open_at_start) < count
+    # Queued before the listener had its options, each was given them one by one.
+    assert set(served.options) == {(1, NOTSENT_LOWAT)}
+    assert ACCEPT_BURST >= 16  # many clients a round, where trio's accept takes one
     assert listeners[0].socket.fileno() == -1  # closed with the loop
 
 
@@ -94,10 +114,10 @@ async def test_a_client_that_failed_in_the_backlog_is_passed_over(
     real = accepting._accept_now
     failures = [OSError(errno.ECONNABORTED, "aborted"), OSError(errno.EPROTO, "protocol")]
 
-    def failing_first(plain: socket.socket) -> tuple[socket.socket, Any]:
+    def failing_first(plain: socket.socket, untuned: bool) -> tuple[socket.socket, Any]:
         if failures:
             raise failures.pop(0)
-        return real(plain)
+        return real(plain, untuned)
 
     monkeypatch.setattr(accepting, "_accept_now", failing_first)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -114,7 +134,7 @@ async def test_a_client_that_failed_in_the_backlog_is_passed_over(
 async def test_a_broken_listener_stops_the_loop_with_its_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(plain: socket.socket) -> tuple[socket.socket, Any]:
+    def broken(plain: socket.socket, untuned: bool) -> tuple[socket.socket, Any]:
         raise OSError(errno.EINVAL, "not listening")
 
     monkeypatch.setattr(accepting, "_accept_now", broken)
@@ -126,3 +146,71 @@ async def test_a_broken_listener_stops_the_loop_with_its_error(
                 await trio.sleep_forever()
     assert raised.group_contains(OSError, match="not listening")
     assert listeners[0].socket.fileno() == -1
+
+
+async def test_a_run_of_failed_clients_still_lets_others_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each failed client counts toward the burst: however many fail in a row, the
+    # loop yields at least every burst (two, as trio may order a round).
+    failures = [OSError(errno.ECONNABORTED, "aborted")] * (5 * ACCEPT_BURST)
+
+    def failing(plain: socket.socket, untuned: bool) -> tuple[socket.socket, Any]:
+        if failures:
+            raise failures.pop()
+        raise BlockingIOError
+
+    monkeypatch.setattr(accepting, "_accept_now", failing)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    left: list[int] = []
+    async with accepting_on(listeners, Served()):
+        while failures:
+            left.append(len(failures))
+            await trio.lowlevel.checkpoint()
+        await trio.testing.wait_all_tasks_blocked()  # the loop waits for a client
+    steps = [a - b for a, b in itertools.pairwise([5 * ACCEPT_BURST, *left, 0])]
+    assert max(steps) <= 2 * ACCEPT_BURST
+
+
+async def test_a_listener_closed_while_the_loop_waits_for_room_ends_it() -> None:
+    # Closed behind the loop's back (not during its wait for a client, which the
+    # close wakes), the listener's descriptor number may be another socket's by
+    # the time there is room: the loop must not accept on it.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    hold = trio.Event()
+    served = Served(budget=1, hold=hold)
+    with pytest.raises(ExceptionGroup) as raised:  # noqa: PT012
+        async with accepting_on(listeners, served):
+            with socket.create_connection(("127.0.0.1", port)):
+                await served.first.wait()
+                await trio.testing.wait_all_tasks_blocked()  # waiting for room
+                listeners[0].socket.close()
+                with socket.socket() as other:  # takes the number, if it is free
+                    other.bind(("127.0.0.1", 0))
+                    other.listen()
+                    other.setblocking(False)
+                    with socket.create_connection(other.getsockname()), trio.fail_after(10):
+                        hold.set()  # room again: the loop ends, cancelling this
+                        await trio.sleep_forever()
+    assert raised.group_contains(trio.ClosedResourceError)
+    assert len(served.clients) == 1
+
+
+async def test_a_default_socket_timeout_does_not_make_the_loop_wait_in_accept() -> None:
+    # socket.setdefaulttimeout() (any imported library may call it) would give the
+    # borrowed socket a timeout: accept() on an empty backlog would then block every
+    # task for that long, and end the loop with TimeoutError.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    served = Served()
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(2.0)
+    try:
+        async with accepting_on(listeners, served):
+            with socket.create_connection(("127.0.0.1", port)), trio.fail_after(10):
+                await served.first.wait()
+                await trio.testing.wait_all_tasks_blocked()  # the loop waits, not blocks
+    finally:
+        socket.setdefaulttimeout(before)
+    assert len(served.clients) == 1

@@ -21,6 +21,20 @@ of descriptors too, answers nothing. Here:
   (and again if the reason changes), not for each retry, and again only after
   it has accepted; the line budget of :mod:`relayd.telemetry.log` bounds even
   that.
+* **A backlog taken at once.** On a plain TCP listener the loop accepts on
+  the listener's descriptor itself (:func:`_borrowed`), every client waiting
+  in the backlog without a wait in between (trio's ``SocketListener.accept``
+  yields to the scheduler after each), and yields once every
+  :data:`ACCEPT_BURST` clients so that a backlog that refills as fast as it
+  is taken cannot keep everyone else from running; it waits for the listener
+  only once the backlog is empty. A client that failed in the backlog
+  (``ECONNABORTED`` and the others Linux's accept(2) says to retry) is passed
+  over and counts toward the burst. ``TCP_NODELAY`` and ``TCP_NOTSENT_LOWAT``
+  are set on the listener, and every client that connects after that inherits
+  them; the clients already waiting when the loop starts (socket activation's
+  first, or anyone who connected while relayd started) get them one by one,
+  until the loop first finds the backlog empty. TLS listeners go through
+  trio's ``accept``.
 
 Task layout: :func:`serve_public` runs one accept loop per listener and starts
 each handler in the caller's nursery. Resource handling: it closes the
@@ -35,7 +49,7 @@ import os
 import resource
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 import trio
@@ -61,7 +75,8 @@ RESERVED_DESCRIPTORS: Final = 64
 #: resources: trio's own figure, short enough to notice a freed descriptor soon.
 ACCEPT_RETRY_S: Final = 0.1
 #: Clients accepted from a backlog without a wait before the loop yields to the
-#: scheduler once: the connections accepted so far start meanwhile.
+#: scheduler once: the connections accepted so far start in the next round (with,
+#: as trio may order a round, the loop's next burst).
 ACCEPT_BURST: Final = 32
 #: The errors that say "no resources for a new socket now", not "the listener is broken".
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -206,6 +221,9 @@ async def _accept_loop(
     closed = sockets.closed
     async with listener:
         plain = _borrowed(listener)
+        # Clients queued before the listener was tuned did not inherit its options:
+        # the loop tunes each until it first finds the backlog empty.
+        untuned = plain is not None
         stream: Accepted | None
         burst = 0  # accepted since the loop last let other tasks run
         try:
@@ -215,14 +233,17 @@ async def _accept_loop(
                         paused = _BUDGET
                         _paused(log, paused, sockets)
                     await sockets.wait_for_room()
+                    _still_open(listener, plain)
                 try:
                     if plain is None:
                         stream, peer = await listener.accept(), None
                     else:
-                        stream, peer = _accept_now(plain)
+                        stream, peer = _accept_now(plain, untuned)
                 except BlockingIOError:  # nobody waiting in the backlog
                     assert plain is not None
                     burst = 0
+                    untuned = False
+                    # A close of the listener wakes this wait (ClosedResourceError).
                     await trio.lowlevel.wait_readable(plain)
                     continue
                 except OSError as exc:
@@ -234,6 +255,7 @@ async def _accept_loop(
                             paused = reason
                             _paused(log, paused, sockets)
                         await trio.sleep(ACCEPT_RETRY_S)
+                        _still_open(listener, plain)
                         continue
                     else:
                         raise
@@ -243,12 +265,13 @@ async def _accept_loop(
                     # The handler's task is the connection's for as long as it lasts:
                     # no wrapper's frame waits with it.
                     handler_nursery.start_soon(handler, stream, closed, peer, name=CONNECTION_TASK)
-                burst += 1
+                burst += 1  # a failed client too: a run of them must not keep the loop going
                 if burst == ACCEPT_BURST:
                     # A backlog that refills as fast as it is taken must not keep the
                     # connections accepted so far (and everyone else) from running.
                     burst = 0
                     await trio.lowlevel.checkpoint()
+                    _still_open(listener, plain)
         finally:
             if plain is not None:
                 plain.detach()  # the descriptor is the listener's, closed with it
@@ -264,18 +287,41 @@ def _borrowed(listener: Listener) -> socket.socket | None:
     that finds its next client waiting needs no wait. So the loop accepts on the
     listener's descriptor itself, through a socket object that borrows it (the
     caller detaches it before the listener is closed). The listener is
-    :func:`~relayd.daemon.transport.tune`'d here: every socket accepted from it
-    inherits its options.
+    :func:`~relayd.daemon.transport.tune`'d here: every client that connects
+    from now on inherits its options (the loop tunes those queued before).
     """
     if type(listener) is not trio.SocketListener:  # final in trio: no subclass to miss
         return None
     sock = listener.socket
     tune(sock)
-    return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+    plain = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+    # Non-blocking whatever socket.setdefaulttimeout() says: an accept() that waited
+    # would stop every task.
+    plain.setblocking(False)
+    return plain
 
 
-def _accept_now(plain: socket.socket) -> tuple[socket.socket, Any]:
+def _still_open(listener: Listener, plain: socket.socket | None) -> None:
+    """Raise if the listener was closed while the loop waited for something else.
+
+    A close during the wait for a client wakes that wait; one during a wait for
+    room, a retry's pause or the burst's yield does not, and the descriptor's
+    number may be another socket's by now: the borrowed socket must not accept on it.
+
+    Raises:
+        trio.ClosedResourceError: the listener is closed (as trio's accept raises).
+    """
+    if plain is not None and cast(trio.SocketListener, listener).socket.fileno() != plain.fileno():
+        raise trio.ClosedResourceError("the listener was closed")
+
+
+def _accept_now(plain: socket.socket, untuned: bool) -> tuple[socket.socket, Any]:
     """The next client in the backlog, non-blocking, and its address; no wait.
+
+    Args:
+        plain: the borrowed listening socket.
+        untuned: give the client the listener's options (it may have been queued
+            before the listener had them).
 
     Raises:
         BlockingIOError: nobody is waiting.
@@ -285,6 +331,8 @@ def _accept_now(plain: socket.socket) -> tuple[socket.socket, Any]:
     """
     client, peer = plain.accept()
     client.setblocking(False)
+    if untuned:
+        tune(client)
     return client, peer
 
 

@@ -21,7 +21,8 @@ would cost every connection an object, two conflict detectors and, at each
 accept, two context managers and an enum conversion, and trio's socket
 wrapper another object; the accept loop hands over the standard library's
 socket as ``accept()`` made it, with the two options ``SocketStream`` sets
-inherited from the listening socket (:func:`tune`). The transport reads and
+(:func:`tune`): inherited from the listening socket, or, for a client queued
+before the listener had them, set by the accept loop. The transport reads and
 writes the socket's descriptor itself and waits with trio's ``wait_readable``
 and ``wait_writable``; its close tells trio first (``notify_closing``), so
 whoever waits on the descriptor is woken, as trio's own ``close`` would.
@@ -102,8 +103,9 @@ _PLAIN: Final = (socket.socket, trio.socket.SocketType)
 def tune(sock: PlainSocket) -> None:
     """Set on a listening TCP socket what trio's ``SocketStream`` sets on each connection.
 
-    Linux copies both options from a listening socket to every socket it
-    accepts, so they cost no system call per connection:
+    Linux copies both options from a listening socket to every connection
+    established after they were set, so they cost no system call per
+    connection (the accept loop tunes the clients queued before, one by one):
     ``TCP_NODELAY``, a lone message goes out at once, not after the client's
     acknowledgement of the last one; ``TCP_NOTSENT_LOWAT``: :data:`NOTSENT_LOWAT`.
     (``tests/test_transport.py`` checks them on a socket accepted over real TCP.)
