@@ -18,7 +18,8 @@ Scenarios (docs/benchmarks.md, "What the bench measures"): closed-loop throughpu
 fan-in; open-loop "one message at a time" loads, few pairs (latency) and thousands of
 connections (chat), with the server's CPU per message; connections per second, each a
 whole life from handshake to welcome to close; idle connections' memory. The chat
-scenarios run against relayd, relayd-nolog and node-ws only (:data:`CHAT_SERVERS`).
+scenarios run against relayd, relayd-nolog, node-ws and trio-floor only
+(:data:`CHAT_SERVERS`).
 
 Servers:
 
@@ -29,7 +30,10 @@ Servers:
   under this load), ``sampled`` (every refusal and 1% of deliveries, the default
   ``log.messages_sample``) and ``off``: what each of the operator's log volumes costs;
 * ``node-ws``, ``websockets-asyncio``, ``websockets-trio``, ``trio-websocket``: the peers in
-  ``bench/peers/``.
+  ``bench/peers/``;
+* ``trio-floor``: the least a relay on trio can do for this traffic
+  (``bench/peers/trio_floor_relay.py``: no limits, logs or router), so that relayd's
+  ratio to node-ws splits into trio's and CPython's floor and relayd's own part.
 
 Idle scenarios need one file descriptor per connection in the server and in the generator.
 The open-file limit (RLIMIT_NOFILE) is raised as far as this process may; an idle count it
@@ -110,10 +114,12 @@ RT_PRIORITY: Final = 10
 CHAT_CONNECTIONS: Final = 5000
 #: The chat scenarios' rates, messages/s in all (issue 13 asks for 2,000 and 10,000).
 CHAT_RATES: Final = (2000, 10000)
-#: The servers the chat scenarios run against: issue 13's targets compare relayd with node-ws.
-#: The Python peers are left out: they cannot carry 10,000 lone messages a second (at 10
-#: pairs their p99 is already 0.26-1.7 s) and each cell opens thousands of connections.
-CHAT_SERVERS: Final = ("relayd", "relayd-nolog", "node-ws")
+#: The servers the chat scenarios run against: issue 13's targets compare relayd with node-ws;
+#: trio-floor shows how much of the difference trio and CPython leave to relayd.
+#: The Python libraries' peers are left out: they cannot carry 10,000 lone messages a
+#: second (at 10 pairs their p99 is already 0.26-1.7 s) and each cell opens thousands of
+#: connections.
+CHAT_SERVERS: Final = ("relayd", "relayd-nolog", "node-ws", "trio-floor")
 #: Handshakes the generator keeps in progress while it opens many connections.
 OPEN_CONCURRENCY: Final = 200
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
@@ -149,6 +155,7 @@ def server_specs() -> list[ServerSpec]:
         ServerSpec("websockets-asyncio", (py, str(PEERS / "websockets_asyncio_relay.py"))),
         ServerSpec("websockets-trio", (py, str(PEERS / "websockets_trio_relay.py"))),
         ServerSpec("trio-websocket", (py, str(PEERS / "trio_websocket_relay.py"))),
+        ServerSpec("trio-floor", (py, str(PEERS / "trio_floor_relay.py"))),
     ]
 
 

@@ -56,9 +56,10 @@ SERVERS: Final = (
     "websockets-asyncio",
     "websockets-trio",
     "trio-websocket",
+    "trio-floor",
 )
 #: The servers the chat scenarios run against (bench/run.py's CHAT_SERVERS).
-CHAT_SERVERS: Final = ("relayd", "relayd-nolog", "node-ws")
+CHAT_SERVERS: Final = ("relayd", "relayd-nolog", "node-ws", "trio-floor")
 #: Every kind of scenario; the quick run goes through each.
 KINDS: Final = frozenset({"throughput", "fanin", "latency", "chat", "idle", "connrate"})
 #: Issue 13's targets, as the report names them.
