@@ -8,6 +8,7 @@ docs/benchmarks.md quotes.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -253,7 +254,7 @@ def summarize(
             row["ratios"] = {m: _ratio_of(row.get(m), base.get(m)) for m in metrics}
             row["ratio"] = row["ratios"][metrics[0]]
         medians[scenario.key] = per_server
-    return {"medians": medians, "targets": targets(medians, skipped or {})}
+    return {"medians": medians, "targets": targets(medians, skipped or {}, cells)}
 
 
 def _ratio_of(mine: float | None, base: float | None) -> float | None:
@@ -270,7 +271,31 @@ NOT_MEASURED: Final = "not measured"
 NOT_MEASURABLE: Final = "not measurable here"
 
 
-def targets(medians: dict[str, Any], skipped: dict[str, str]) -> list[dict[str, Any]]:
+def round_ratios(cells: Sequence[Cell], scenario: str, server: str, metric: str) -> list[float]:
+    """``server``'s ``metric`` over node-ws's in each round that measured both, by round.
+
+    The verdict is the ratio of the medians; these show how far single rounds stray from
+    it (a machine that slows for a minute slows one round of every server).
+    """
+
+    def by_round(name: str) -> dict[int, float]:
+        return {
+            c.round: v
+            for c in cells
+            if c.scenario == scenario
+            and c.server == name
+            and c.error is None
+            and (v := c.value(metric)) is not None
+        }
+
+    mine, base = by_round(server), by_round(BASELINE)
+    ratios = (_ratio_of(mine[r], base.get(r)) for r in sorted(mine))
+    return [ratio for ratio in ratios if ratio is not None]
+
+
+def targets(
+    medians: dict[str, Any], skipped: dict[str, str], cells: Sequence[Cell] = ()
+) -> list[dict[str, Any]]:
     """Issue 13's targets (:data:`TARGETS`) for relayd, each met, missed or unmeasured.
 
     Every target has a row for ``relayd`` whether or not this run measured it (a quick run
@@ -279,11 +304,12 @@ def targets(medians: dict[str, Any], skipped: dict[str, str]) -> list[dict[str, 
     Args:
         medians: :func:`summarize`'s medians.
         skipped: scenario keys the machine could not run, and why.
+        cells: the run's cells, for each row's ratios round by round (none without them).
 
     Returns:
         One dict per row: target, scenario, wanted, measured, ratio, met (True, False or
-        None) and, where met is None, ``unmeasured``: :data:`NOT_MEASURED` or
-        :data:`NOT_MEASURABLE`.
+        None), ``rounds`` (:func:`round_ratios`) and, where met is None, ``unmeasured``:
+        :data:`NOT_MEASURED` or :data:`NOT_MEASURABLE`.
     """
     out: list[dict[str, Any]] = []
     for server in ("relayd", "relayd-nolog"):
@@ -300,6 +326,7 @@ def targets(medians: dict[str, Any], skipped: dict[str, str]) -> list[dict[str, 
                 "wanted": target.wanted,
                 "ratio": ratio,
                 "met": None,
+                "rounds": round_ratios(cells, target.scenario, server, target.metric),
             }
             if mine is not None and base is not None and ratio is not None:
                 row["met"] = ratio <= target.ratio if target.at_most else ratio >= target.ratio
@@ -437,13 +464,18 @@ def _instead(scenarios: list[Scenario]) -> str:
 def _targets_table(document: dict[str, Any]) -> list[str]:
     out = ["", "### Targets (relayd, default config, ratios to node-ws in this run)", ""]
     out += _table(
-        ["target", "scenario", "wanted", "measured", "met"],
+        ["target", "scenario", "wanted", "measured", "round by round", "met"],
         [
-            [t["target"], t["scenario"], t["wanted"], t["measured"], _met(t)]
+            [t["target"], t["scenario"], t["wanted"], t["measured"], _rounds(t), _met(t)]
             for t in document["targets"]
         ],
     )
     return out
+
+
+def _rounds(target: dict[str, Any]) -> str:
+    # result.json files written before the ratios round by round have none.
+    return ", ".join(f"{r:.2f}x" for r in target.get("rounds", ())) or "-"
 
 
 #: The closed-loop tables (and connrate's): kind, title, metric shown.
