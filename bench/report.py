@@ -582,7 +582,9 @@ def _paced_table(
         "Latency is one way, sender to receiver, both in the generator (one clock). Server CPU"
         " per message is its user + system time (/proc/PID/stat) over the measured window"
         " divided by the messages sent in it, the system time alone in brackets (system calls"
-        " and the loopback TCP work they do); RSS is read at the window's end.",
+        " and the loopback TCP work they do), which the kernel samples tick by tick: it moves"
+        " between runs far more than the total does, so compare totals; RSS is read at the"
+        " window's end.",
     ]
     return out
 
