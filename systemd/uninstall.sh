@@ -57,11 +57,17 @@ if [ "$systemd_running" -eq 1 ]; then
     # Both in one job: a service stopped while its socket still listens would be started
     # again by the next connection.
     installed=()
+    templates=()
     for unit in "${UNITS[@]}"; do
-        if [ -n "$(systemctl list-unit-files --no-legend "$unit" 2>/dev/null)" ]; then
-            installed+=("$unit")
-        else
+        if [ -z "$(systemctl list-unit-files --no-legend "$unit" 2>/dev/null)" ]; then
             note "$unit is not installed"
+        elif [[ $unit == *@.service ]]; then
+            # Before systemd 256 (Debian 12 has 252) `disable --now` refuses a template
+            # ("missing the instance name") and would stop this script half way: its
+            # instances are stopped by name below, the template only disabled.
+            templates+=("$unit")
+        else
+            installed+=("$unit")
         fi
     done
     # The cluster's nodes (install.sh --nodes), instances of relayd@.service.
@@ -69,6 +75,7 @@ if [ "$systemd_running" -eq 1 ]; then
         if [ -n "$instance" ]; then installed+=("$instance"); fi
     done < <(systemctl list-units --all --plain --no-legend 'relayd@*.service' 2>/dev/null)
     if [ "${#installed[@]}" -gt 0 ]; then run systemctl disable --now "${installed[@]}"; fi
+    if [ "${#templates[@]}" -gt 0 ]; then run systemctl disable "${templates[@]}"; fi
 else
     note "systemd is not running here: nothing to stop"
 fi

@@ -1209,7 +1209,8 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
 
     Clients land on either node (the kernel picks the accepting process); a message
     crosses between nodes through Redis; restarting one node leaves the other's clients
-    connected and relaying. Runs last: it turns the container's single daemon into nodes.
+    connected and relaying. Runs after every test of the single daemon, which it turns
+    into nodes; only the uninstall test comes after it.
     """
     box = relayd.box
     first = _free_ports(2)
@@ -1324,3 +1325,52 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
         assert [a_code, b_code] == [1000, 1001]  # node 1's client closed by us, node 2's drained
     finally:
         journal.close()
+
+
+def test_uninstall_stops_the_nodes_removes_relayd_and_purge_removes_the_rest(
+    relayd: Installed,
+) -> None:
+    """uninstall.sh for real, on the nodes the test before left running; then --purge, twice.
+
+    Runs last: it removes what the fixture installed. On Debian 12 (systemd 252) a
+    template unit given to ``systemctl disable --now`` fails the whole call ("missing the
+    instance name"), which stopped the script before it removed anything.
+    """
+    box = relayd.box
+    units = ("relayd.socket", "relayd.service", "relayd@.service")
+    running = box.run("systemctl", "list-units", "--plain", "--no-legend", "relayd@*.service")
+    assert running.stdout.strip(), "the nodes test left no relayd@ instance to stop"
+
+    first = box.run(f"{SRC}/systemd/uninstall.sh", timeout=RESTART_TIMEOUT_S, check=False)
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out
+    assert "==> done" in first.stdout.splitlines(), out
+    active = box.run(
+        "systemctl", "list-units", "--state=active,activating", "--plain", "--no-legend", "relayd*"
+    )
+    assert active.stdout.strip() == "", active.stdout  # every node and the socket stopped
+    for unit in units:
+        assert not box.path(f"/etc/systemd/system/{unit}").exists(), unit
+    wants = box.path("/etc/systemd/system/multi-user.target.wants")
+    assert not [link.name for link in wants.iterdir() if link.name.startswith("relayd")]
+    assert not box.path("/opt/relayd").exists()
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on the socket's port
+        socket.create_connection(("127.0.0.1", relayd.port), timeout=STATUS_TIMEOUT_S).close()
+    # Kept without --purge: the config, the drop-ins, the user.
+    assert box.path(CONFIG).read_text(encoding="utf-8") == relayd.config.replace(
+        'broker_url = "redis://127.0.0.1:6379/0"',
+        f'broker_url = "redis://127.0.0.1:{relayd.redis_port}/0"',
+    )
+    assert box.path("/etc/systemd/system/relayd.service.d/test.conf").exists()
+    assert box.run("getent", "passwd", "relayd", check=False).returncode == 0
+
+    for attempt in (1, 2):  # safe to run twice
+        purge = box.run(
+            f"{SRC}/systemd/uninstall.sh", "--purge", timeout=RESTART_TIMEOUT_S, check=False
+        )
+        assert purge.returncode == 0, f"run {attempt}\n{purge.stdout}{purge.stderr}"
+        assert not box.path("/etc/relayd").exists()
+        assert not box.path("/etc/systemd/system/relayd.service.d").exists()
+        assert not box.path("/etc/systemd/system/relayd.socket.d").exists()
+        assert not box.path("/etc/sysusers.d/relayd.conf").exists()
+        assert box.run("getent", "passwd", "relayd", check=False).returncode != 0
