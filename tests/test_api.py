@@ -17,14 +17,23 @@ import msgspec
 import pytest
 import structlog
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 
 from relayd.config import AdminSettings
-from relayd.daemon.admin import MAX_BODY_BYTES, REQUEST_TIMEOUT_S, serve_admin
+from relayd.daemon.admin import (
+    ANSWER_TIMEOUT_S,
+    MAX_BODY_BYTES,
+    MAX_CONNECTIONS,
+    MAX_HEAD_BYTES,
+    REQUEST_TIMEOUT_S,
+    serve_admin,
+)
 from relayd.daemon.api import MAX_PAGE, SERVER_SENDER, api_area
 from relayd.daemon.credentials import load_api_key
 from relayd.errors import BrokerUnavailable, ConfigError
 from relayd.routing.table import Outcome
+from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 
 KEY = b"k" * 32
@@ -76,11 +85,13 @@ async def api(
     """The admin listener with the API on a free loopback port; yields its address."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     host, port, *_ = listeners[0].socket.getsockname()
+    stats = Stats() if stats is None else stats
     area = api_area(
         router,
         max_message_bytes=lambda: max_message_bytes,
         key=key,
-        stats=Stats() if stats is None else stats,
+        stats=stats,
+        events=MessageEvents(structlog.get_logger(), stats),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(
@@ -161,12 +172,27 @@ async def test_publish_says_when_nobody_holds_the_id_or_it_is_busy() -> None:
 
 async def test_a_message_over_the_limit_is_refused_before_the_router() -> None:
     router = Recording()
-    async with api(router, max_message_bytes=10) as address:
-        status, _headers, body = await call(
-            address, "/api/publish", {"to": "bob", "message": "x" * 20}
-        )
+    stats = Stats()
+    with structlog.testing.capture_logs() as logs:
+        async with api(router, max_message_bytes=10, stats=stats) as address:
+            status, _headers, body = await call(
+                address, "/api/publish", {"to": "bob", "message": "x" * 20}
+            )
     assert (status, body["error"]) == (413, "message_too_large")
     assert router.calls == []
+    # Logged and counted as any publish's outcome is (a client's over the limit is too).
+    assert stats.api_messages == {"message_too_large": 1}
+    assert stats.messages == {}
+    assert [e for e in logs if e["event"] == "message.relay"] == [
+        {
+            "event": "message.relay",
+            "log_level": "info",
+            "from": "",
+            "to": "bob",
+            "bytes": 22,
+            "outcome": "message_too_large",
+        }
+    ]
 
 
 async def test_a_body_over_the_bound_is_refused_unread() -> None:
@@ -199,6 +225,110 @@ async def test_requests_relayd_cannot_take_are_400_with_a_reason() -> None:
         assert body["error"] == "invalid_request"
         assert body["detail"]
     assert router.calls == []
+
+
+async def test_a_body_that_is_not_utf8_or_nested_too_deeply_is_a_400_not_a_delivery() -> None:
+    # A published message goes out in text frames, which must be UTF-8: a client
+    # would close with 1007 on one that is not, and lose what else was queued.
+    router = Recording()
+    async with api(router) as address:
+        answers = [
+            await call(address, "/api/publish", b'{"to": "bob", "message": "caf\xe9"}'),
+            await call(address, "/api/publish", b'{"to": "b\xffb", "message": 1}'),
+            await call(address, "/api/presence", b'{"id": "\xc3"}'),
+            await call(
+                address,
+                "/api/publish",
+                b'{"to": "bob", "message": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            ),
+        ]
+        ok = await call(address, "/api/publish", '{"to": "bob", "message": "café ✓"}'.encode())
+    for status, _headers, body in answers:
+        assert (status, body["error"]) == (400, "invalid_request"), body
+        assert body["detail"].startswith("not JSON: ")
+    assert "invalid UTF-8 at byte 29" in answers[0][2]["detail"]
+    assert answers[3][2]["detail"] == "not JSON: JSON is nested too deeply"
+    assert ok[0] == 200
+    assert router.calls == [("publish", "bob", '"café ✓"'.encode(), SERVER_SENDER)]
+
+
+async def test_without_the_key_a_call_is_refused_before_its_body_is_read() -> None:
+    # The body never comes: were relayd reading it, the answer would be a 408 after
+    # REQUEST_TIMEOUT_S; it is the 401 at once, so a caller without the key makes
+    # relayd hold nothing of a body, however large it says it is.
+    router = Recording()
+    async with api(router, key=KEY) as address:
+        with trio.fail_after(REQUEST_TIMEOUT_S / 2):
+            status_line, headers, payload = await raw(
+                address,
+                b"POST /api/publish HTTP/1.1\r\nHost: r\r\n"
+                + f"Content-Length: {MAX_BODY_BYTES}\r\n\r\n".encode()
+                + b'{"to": "bob", ',
+            )
+    assert status_of(status_line) == 401
+    assert headers["www-authenticate"] == 'Bearer realm="relayd"'
+    assert json.loads(payload)["error"] == "unauthorized"
+    assert router.calls == []
+
+
+async def test_a_refused_body_still_being_sent_gets_the_answer_not_a_reset() -> None:
+    # relayd refuses the body by its length before reading it, then reads and drops
+    # what the client still sends until it closes: closing with bytes unread would
+    # reset the connection, and the client would see the reset, not the 413.
+    router = Recording()
+    body = b"x" * (2 * MAX_BODY_BYTES)
+    async with api(router) as address:
+        status_line, _headers, payload = await raw(
+            address,
+            b"POST /api/publish HTTP/1.1\r\nHost: r\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body,
+        )
+    assert status_of(status_line) == 413
+    assert json.loads(payload)["error"] == "request_too_large"
+    assert router.calls == []
+
+
+@pytest.mark.parametrize("writes", [1, 7])
+async def test_the_head_bound_holds_however_the_head_is_split(writes: int) -> None:
+    def head(size: int) -> bytes:
+        start = b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\nX-Pad: "
+        return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    async def send(address: tuple[str, int], data: bytes) -> int:
+        async with await trio.open_tcp_stream(*address) as stream:
+            step = -(-len(data) // writes)
+            for start in range(0, len(data), step):
+                await stream.send_all(data[start : start + step])
+            received = b""
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        return int(received.split(b" ", 2)[1])
+
+    async with api(Recording()) as address:
+        at_bound = await send(address, head(MAX_HEAD_BYTES) + b"{}")
+        over = await send(address, head(MAX_HEAD_BYTES + 1) + b"{}")
+        twice = await send(address, head(2 * MAX_HEAD_BYTES - 100) + b"{}")
+    assert (at_bound, over, twice) == (200, 431, 431)
+
+
+async def test_connections_past_the_bound_wait_unaccepted_until_one_ends(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # MAX_CONNECTIONS clients that send nothing hold every slot; the next one waits
+    # in the listen backlog, answered only once a slot is free. Its wait is bounded
+    # by theirs: each is refused 408 after REQUEST_TIMEOUT_S, and given
+    # ANSWER_TIMEOUT_S more to take the answer and close.
+    async with api(Recording()) as address:
+        idle = [await trio.open_tcp_stream(*address) for _ in range(MAX_CONNECTIONS)]
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        answer = await raw(address, b"POST /api/ids HTTP/1.1\r\nHost: r\r\n\r\n")
+        waited = trio.current_time() - start
+        for stream in idle:
+            await stream.aclose()
+    assert status_of(answer[0]) == 200
+    assert waited == pytest.approx(REQUEST_TIMEOUT_S + ANSWER_TIMEOUT_S)
 
 
 async def test_with_a_key_every_call_must_present_it() -> None:

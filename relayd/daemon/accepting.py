@@ -60,6 +60,7 @@ from relayd.daemon.transport import Accepted, tune
 __all__ = [
     "ACCEPT_BURST",
     "ACCEPT_RETRY_S",
+    "OUT_OF_RESOURCES",
     "RESERVED_DESCRIPTORS",
     "Sockets",
     "descriptor_budget",
@@ -79,7 +80,7 @@ ACCEPT_RETRY_S: Final = 0.1
 #: as trio may order a round, the loop's next burst).
 ACCEPT_BURST: Final = 32
 #: The errors that say "no resources for a new socket now", not "the listener is broken".
-_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: The errors by which accept() reports a client that failed in the backlog (reset,
 #: unreachable, refused by a firewall rule): Linux's accept(2) says to treat them as
 #: EAGAIN and accept again. The same list as trio's ``SocketListener.accept``.
@@ -249,7 +250,7 @@ async def _accept_loop(
                 except OSError as exc:
                     if exc.errno in _CLIENT_FAILED:
                         stream = None
-                    elif exc.errno in _OUT_OF_RESOURCES:
+                    elif exc.errno in OUT_OF_RESOURCES:
                         reason = f"accept failed: {errno.errorcode[exc.errno]}"
                         if paused != reason:
                             paused = reason
@@ -327,7 +328,7 @@ def _accept_now(plain: socket.socket, untuned: bool) -> tuple[socket.socket, Any
         BlockingIOError: nobody is waiting.
         OSError: accept() failed: a client that failed in the backlog
             (``_CLIENT_FAILED``: accept again), for want of resources
-            (``_OUT_OF_RESOURCES``), or the listener is broken.
+            (``OUT_OF_RESOURCES``), or the listener is broken.
     """
     client, peer = plain.accept()
     client.setblocking(False)

@@ -23,11 +23,19 @@ there is reported to the area once it is over (:class:`Exchange`). A request
 relayd could not read a path from belongs to no area: its 400 or 408 is plain
 text.
 
-Resource handling: at most :data:`MAX_HEAD_BYTES` of request head and
-:data:`MAX_BODY_BYTES` of body are held per connection, for at most
-:data:`REQUEST_TIMEOUT_S`; a longer body is refused with 413 before it is read.
-An answer that the client does not take is given up after
-:data:`ANSWER_TIMEOUT_S` more.
+Resource handling: at most :data:`MAX_CONNECTIONS` connections are served at
+once; more wait in the kernel's listen backlog, unaccepted, until one ends. Each
+holds at most :data:`MAX_HEAD_BYTES` of request head (however the head is split
+across reads) and :data:`MAX_BODY_BYTES` of body, for at most
+:data:`REQUEST_TIMEOUT_S`; a longer body is refused with 413 before it is read,
+and an area's ``authorize`` (the server API's key) refuses a request before its
+body is read too. So the listener holds at most about
+``MAX_CONNECTIONS * 2 * MAX_BODY_BYTES`` (64 MiB; a body is joined from its
+chunks once), whoever connects. An answer that the client does not take is
+given up after :data:`ANSWER_TIMEOUT_S` more; after an answer that leaves part
+of a request unread, relayd closes its side and reads what the client still
+sends, for that long at most, so that the client reads the answer instead of a
+reset.
 
 Error handling: nothing a client sends raises out of a connection's task: a
 broken or closed stream ends the exchange without an answer (``status`` 0), and
@@ -47,6 +55,7 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from relayd.daemon.accepting import ACCEPT_RETRY_S, OUT_OF_RESOURCES, Sockets
 from relayd.daemon.addresses import peer_address
 from relayd.telemetry.log import get_logger
 
@@ -54,6 +63,7 @@ __all__ = [
     "ANSWER_TIMEOUT_S",
     "ERRORS",
     "MAX_BODY_BYTES",
+    "MAX_CONNECTIONS",
     "MAX_HEAD_BYTES",
     "REQUEST_TIMEOUT_S",
     "Area",
@@ -73,12 +83,17 @@ REQUEST_TIMEOUT_S: Final = 5.0
 ANSWER_TIMEOUT_S: Final = 1.0
 #: The largest request head accepted; admin requests are a line and a few headers.
 MAX_HEAD_BYTES: Final = 8192
+#: Connections served at once: scrapes, health checks and a backend's API calls, each
+#: answered within :data:`REQUEST_TIMEOUT_S`; more wait in the listen backlog unaccepted.
+MAX_CONNECTIONS: Final = 32
 #: The largest request body accepted: a server API call carries one message of at most
 #: ``limits.max_message_bytes`` (64 KiB by default) escaped in JSON, which at worst
 #: (every byte a ``\\u00XX``) is six times as long; a larger body is answered 413.
 MAX_BODY_BYTES: Final = 1024 * 1024
 
 _TEXT: Final = "text/plain; charset=utf-8"
+#: What a lingering close reads at a time, and throws away.
+_LINGER_READ: Final = 65536
 
 #: The error name of each status the listener answers by itself, for an area's answers
 #: (the server API's ``"error"``); the handlers' own errors are theirs.
@@ -168,12 +183,17 @@ class Area:
             (400, 404, 405, 408, 413, 431, 500; a 405 gets ``Allow`` added).
         observe: told of every request under ``prefix`` once it is over; it must not
             raise or wait.
+        authorize: given the headers (names lower-cased) of a request for one of
+            ``routes``, before its body is read: the answer that refuses it (the
+            server API's 401), or None to read the body and call the route. It must
+            not raise or wait.
     """
 
     prefix: str
     routes: Routes
     refuse: Refuse
     observe: Callable[[Exchange], None]
+    authorize: Callable[[Mapping[str, str]], Response | None] = lambda _headers: None
 
 
 def _plain_refusal(status: int, _error: str, detail: str) -> Response:
@@ -214,9 +234,59 @@ async def serve_admin(
     for area in areas:
         table.update(area.routes)
     handler = functools.partial(_handle, routes=table, areas=tuple(areas))
+    slots = Sockets(MAX_CONNECTIONS)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, list(listeners))
-        task_status.started()
+        try:
+            for listener in listeners:
+                nursery.start_soon(_accept, listener, slots, handler, nursery)
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+
+async def _accept(
+    listener: trio.SocketListener,
+    slots: Sockets,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """Accept from ``listener`` while a slot is free; each connection holds one until it ends.
+
+    A connection waiting for a slot stays in the kernel's backlog: relayd holds
+    nothing for it, and the admin listener can never take more descriptors than
+    the public listeners leave it (:data:`~relayd.daemon.accepting.RESERVED_DESCRIPTORS`).
+    An accept that fails for want of descriptors or memory is retried after a
+    pause, without a line: the public listener's ``listener.paused`` says the
+    process is out of them.
+    """
+    while True:
+        await slots.wait_for_room()
+        stream = await _accepted(listener)
+        slots.opened()
+        nursery.start_soon(_serve_one, stream, slots, handler)
+
+
+async def _accepted(listener: trio.SocketListener) -> trio.SocketStream:
+    while True:
+        try:
+            return await listener.accept()
+        except OSError as exc:
+            if exc.errno not in OUT_OF_RESOURCES:
+                raise
+            await trio.sleep(ACCEPT_RETRY_S)
+
+
+async def _serve_one(
+    stream: trio.SocketStream,
+    slots: Sockets,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    try:
+        await handler(stream)
+    finally:
+        slots.closed()
 
 
 def _built_in(
@@ -248,10 +318,12 @@ async def _handle(stream: trio.SocketStream, *, routes: Routes, areas: tuple[Are
                 pass
         if deadline.cancelled_caught and not progress.read:
             refusal = (408, f"the request did not arrive whole within {REQUEST_TIMEOUT_S:g} s")
-        if refusal is not None and not progress.status:
-            with trio.move_on_after(ANSWER_TIMEOUT_S):
+        with trio.move_on_after(ANSWER_TIMEOUT_S):
+            if refusal is not None and not progress.status:
                 status, detail = refusal
                 await _send_refusal(connection, stream, progress, areas, status, detail)
+            if progress.status and connection.their_state is not h11.DONE:
+                await _linger(stream)
     area = _area_of(progress.path, areas)
     if area is not None:
         assert progress.path is not None
@@ -264,6 +336,21 @@ async def _handle(stream: trio.SocketStream, *, routes: Routes, areas: tuple[Are
                 progress.peer,
             )
         )
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """After an answer that left part of the request unread: close gracefully.
+
+    Closing a socket with unread bytes makes the kernel reset the connection,
+    and a client still sending its body (refused 401, 413 or 431) would read the
+    reset instead of the answer. So relayd ends its side and reads, throwing it
+    away, what the client still sends until it closes too; the caller bounds how
+    long (:data:`ANSWER_TIMEOUT_S`).
+    """
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_eof()
+        while await stream.receive_some(_LINGER_READ):
+            pass
 
 
 def _area_of(path: str | None, areas: tuple[Area, ...]) -> Area | None:
@@ -298,7 +385,7 @@ async def _answer(
     areas: tuple[Area, ...],
     progress: _Progress,
 ) -> None:
-    event = await _next(connection, stream)
+    event = await _head(connection, stream)
     if not isinstance(event, h11.Request):
         return  # ConnectionClosed before a request
     method = event.method.decode("ascii", "replace")
@@ -312,10 +399,16 @@ async def _answer(
     }
     methods = routes.get(path)
     handler = None if methods is None else methods.get("GET" if method == "HEAD" else method)
-    body = None if handler is None else await _body(connection, stream, headers)
+    # Refused on its headers (a wrong key) before a byte of its body is held.
+    denied = None if handler is None or area is None else area.authorize(headers)
+    body = (
+        None if handler is None or denied is not None else await _body(connection, stream, headers)
+    )
     progress.read = True  # of a request refused now, the rest is never read
     response: Response
-    if methods is None:
+    if denied is not None:
+        response = denied
+    elif methods is None:
         response = refuse(404, ERRORS[404], f"nothing at {path}")
     elif handler is None:
         allowed = sorted({*methods, *(("HEAD",) if "GET" in methods else ())})
@@ -345,6 +438,31 @@ async def _call(handler: Handler, request: Request, refuse: Refuse) -> Response:
             exc_info=exc,
         )
         return refuse(500, ERRORS[500], "a bug in relayd; it is logged")
+
+
+async def _head(connection: h11.Connection, stream: trio.SocketStream) -> object:
+    """The request's head (or the end of the stream before one).
+
+    Raises:
+        h11.RemoteProtocolError: 431 for a head over :data:`MAX_HEAD_BYTES`. h11's own
+            bound applies only while a head is incomplete, so a head that arrived whole
+            in the reads that hold it could be up to twice as long; this one does not
+            depend on how the head was split.
+    """
+    received = 0
+    while True:
+        event = connection.next_event()
+        if event is not h11.NEED_DATA:
+            break
+        data = await stream.receive_some(MAX_HEAD_BYTES)
+        received += len(data)
+        connection.receive_data(data)
+    unread, _closed = connection.trailing_data
+    if isinstance(event, h11.Request) and received - len(unread) > MAX_HEAD_BYTES:
+        raise h11.RemoteProtocolError(
+            f"the request head is over {MAX_HEAD_BYTES} bytes", error_status_hint=431
+        )
+    return event
 
 
 async def _next(connection: h11.Connection, stream: trio.SocketStream) -> object:

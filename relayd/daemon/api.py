@@ -23,12 +23,14 @@ the count is whole). A publish's message is counted apart from clients' messages
 ``relayd_api_messages_total{outcome}`` (:mod:`relayd.telemetry.messages`).
 
 Authentication: with an API key (``[admin] api_key_file``), every call must carry
-``Authorization: Bearer <key>``; a missing or wrong key is 401, compared in constant time.
+``Authorization: Bearer <key>``; a missing or wrong key is 401, compared in constant time,
+and answered before the request's body is read (:attr:`Area.authorize`).
 Without one, which ``relayd check-config`` allows only while the admin listener is on
 loopback, any local process may call.
 
 Error handling: a request relayd cannot take is answered, never raised: 400
-``invalid_request`` (not JSON, a field missing or of the wrong type), 401
+``invalid_request`` (not JSON: not UTF-8, not JSON's syntax, nested too deeply; a
+field missing or of the wrong type), 401
 ``unauthorized``, 413 ``message_too_large``, and in a cluster 503
 ``broker_unavailable`` for presence, disconnect and ids while the node cannot reach
 Redis; each with a ``detail`` for a person. The listener's refusals (404, 405, 408, 413
@@ -45,11 +47,12 @@ from typing import Annotated, Final, Protocol, TypeVar
 import msgspec
 
 from relayd.daemon.admin import Area, Exchange, Request, Response, Routes
-from relayd.errors import BrokerUnavailable
+from relayd.errors import BrokerUnavailable, ErrorCode
 from relayd.routing.table import Outcome
 from relayd.telemetry.log import get_logger
+from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
-from relayd.wire.dialects import MAX_ID_CHARS, SERVER_SENDER
+from relayd.wire.dialects import MAX_ID_CHARS, SERVER_SENDER, TOO_DEEP
 
 __all__ = [
     "DEFAULT_PAGE",
@@ -142,31 +145,54 @@ class _Api:
     """The four calls, bound to a router, the limits in force and the key."""
 
     def __init__(
-        self, router: ApiRouter, max_message_bytes: Callable[[], int], key: bytes | None
+        self,
+        router: ApiRouter,
+        max_message_bytes: Callable[[], int],
+        key: bytes | None,
+        events: MessageEvents,
     ) -> None:
         self._router = router
         self._max_message_bytes = max_message_bytes
         self._key = key
+        self._events = events
+
+    def authorize(self, headers: Mapping[str, str]) -> Response | None:
+        """The 401 for a call without the key, if there is one; asked before the body is read."""
+        if self._key is None:
+            return None
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._key):
+            return None
+        return _refuse(
+            401,
+            "unauthorized",
+            "send the API key as Authorization: Bearer <key>",
+            ("www-authenticate", 'Bearer realm="relayd"'),
+        )
 
     def _decode(self, request: Request, kind: type[_Call]) -> _Call | Response:
-        """The request's body as ``kind``, or the answer that refuses it."""
-        if self._key is not None:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), self._key
-            ):
+        """The request's body as ``kind``, or the 400 that refuses it."""
+        body = request.body or b"{}"
+        # JSON is UTF-8 (RFC 8259 §8.1), and a published message goes out in text
+        # frames, which must be: msgspec passes over a Raw field's strings without
+        # checking their bytes, so check the body whole.
+        if not body.isascii():
+            try:
+                body.decode()
+            except UnicodeDecodeError as error:
                 return _refuse(
-                    401,
-                    "unauthorized",
-                    "send the API key as Authorization: Bearer <key>",
-                    ("www-authenticate", 'Bearer realm="relayd"'),
+                    400,
+                    "invalid_request",
+                    f"not JSON: invalid UTF-8 at byte {error.start} ({error.reason})",
                 )
         try:
-            return msgspec.json.decode(request.body or b"{}", type=kind)
+            return msgspec.json.decode(body, type=kind)
         except msgspec.ValidationError as error:
             return _refuse(400, "invalid_request", str(error))
         except msgspec.DecodeError as error:
             return _refuse(400, "invalid_request", f"not JSON: {error}")
+        except RecursionError:
+            return _refuse(400, "invalid_request", f"not JSON: {TOO_DEEP}")
 
     async def publish(self, request: Request) -> Response:
         call = self._decode(request, _Publish)
@@ -174,6 +200,11 @@ class _Api:
             return call
         limit = self._max_message_bytes()
         if len(call.message) > limit:
+            # Refused here, not by the router: logged and counted as the router's
+            # outcomes are, as a client's message over the limit is.
+            self._events.recorder()(
+                SERVER_SENDER, call.to, len(call.message), ErrorCode.MESSAGE_TOO_LARGE
+            )
             return _refuse(413, "message_too_large", f"message is larger than {limit} bytes")
         outcome = await self._router.publish(call.to, call.message, sender=SERVER_SENDER)
         if outcome.error is None:
@@ -251,6 +282,7 @@ def api_area(
     max_message_bytes: Callable[[], int],
     key: bytes | None,
     stats: Stats,
+    events: MessageEvents,
 ) -> Area:
     """The API under :data:`PREFIX`, for :func:`relayd.daemon.admin.serve_admin`.
 
@@ -260,12 +292,14 @@ def api_area(
             (``limits.max_message_bytes``, as a reload leaves it).
         key: the API key every call must present; None: no key (loopback only).
         stats: where requests are counted (``api_requests``).
+        events: where a publish refused here (``message_too_large``) is logged and
+            counted, as the router's outcomes are.
     """
-    api = _Api(router, max_message_bytes, key)
+    api = _Api(router, max_message_bytes, key, events)
     routes: Routes = {
         f"{PREFIX}publish": {"POST": api.publish},
         f"{PREFIX}disconnect": {"POST": api.disconnect},
         f"{PREFIX}presence": {"POST": api.presence},
         f"{PREFIX}ids": {"POST": api.ids},
     }
-    return Area(PREFIX, routes, _refuse, _observer(stats))
+    return Area(PREFIX, routes, _refuse, _observer(stats), api.authorize)

@@ -263,6 +263,7 @@ class Server:
                             max_message_bytes=lambda: self._settings.limits.max_message_bytes,
                             key=self._api_key,
                             stats=self.stats,
+                            events=self.events,
                         )
                         await root.start(
                             functools.partial(

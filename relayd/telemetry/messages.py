@@ -134,7 +134,10 @@ class MessageEvents:
                 return
             fields: dict[str, Any] = {"from": sender, "to": to, "bytes": size, "outcome": outcome}
             if bodies and body is not None:
-                fields["body"] = bytes(body).decode()
+                # Never raises after a delivery: a body that reached here is UTF-8
+                # (text frames and the server API check), and one that were not
+                # would be logged with U+FFFD, not turn a delivery into an error.
+                fields["body"] = bytes(body).decode(errors="replace")
             write(fields)
 
         return record

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_ID_CHARS",
     "MAX_REF_CHARS",
     "SERVER_SENDER",
+    "TOO_DEEP",
     "V1_SUBPROTOCOL",
     "Ack",
     "Delivery",
@@ -161,8 +162,9 @@ _envelope_decoder: Final = msgspec.json.Decoder(Envelope)
 _ref_decoder: Final = msgspec.json.Decoder(_RefOnly)
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
 #: msgspec's decoder recurses, so JSON nested about a thousand levels deep
-#: exhausts Python's recursion limit; that is reported as invalid_json.
-_TOO_DEEP: Final = "JSON is nested too deeply"
+#: exhausts Python's recursion limit; that is reported as invalid_json (and by
+#: the server API as invalid_request) with this detail.
+TOO_DEEP: Final = "JSON is nested too deeply"
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -192,12 +194,12 @@ def decode_envelope(frame: bytes | str) -> Envelope:
         except msgspec.DecodeError as syntax:
             raise EnvelopeError(ErrorCode.INVALID_JSON, str(syntax)) from None
         except RecursionError:
-            raise EnvelopeError(ErrorCode.INVALID_JSON, _TOO_DEEP) from None
+            raise EnvelopeError(ErrorCode.INVALID_JSON, TOO_DEEP) from None
         raise EnvelopeError(ErrorCode.INVALID_ENVELOPE, str(exc), read_ref(frame)) from None
     except msgspec.DecodeError as exc:
         raise EnvelopeError(ErrorCode.INVALID_JSON, str(exc)) from None
     except RecursionError:
-        raise EnvelopeError(ErrorCode.INVALID_JSON, _TOO_DEEP) from None
+        raise EnvelopeError(ErrorCode.INVALID_JSON, TOO_DEEP) from None
 
 
 def read_ref(frame: bytes | str) -> str | int | None:
