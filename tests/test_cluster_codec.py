@@ -78,6 +78,16 @@ def test_an_id_comes_back_from_its_channel(client_id: str) -> None:
 # --- Waiting: the outcome a sender hears ------------------------------------------------------
 
 
+def test_questions_are_numbered_on_from_the_first_number_given_never_from_0() -> None:
+    waiting: Waiting[str] = Waiting(2.0, first=7)
+    assert [waiting.ask(asker, Kind.RELAY, 0.0) for asker in "abc"] == [7, 8, 9]
+    # An answer to a number this Waiting never gave (another process's) decides nothing.
+    assert waiting.answer(1, Verdict.DELIVERED) is None
+    assert len(waiting) == 3
+    with pytest.raises(ValueError, match="above 0"):
+        Waiting(2.0, first=0)  # 0 means "nobody waits" on the wire
+
+
 def test_the_first_delivered_answer_decides_at_once() -> None:
     waiting: Waiting[str] = Waiting(2.0)
     seq = waiting.ask("alice", Kind.RELAY, 0.0)

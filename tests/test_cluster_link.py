@@ -81,7 +81,7 @@ CHANNELS = codec.Channels("test:")
 
 @asynccontextmanager
 async def link_to(
-    url: str, node: str = "n1", *, up: bool = True, **settings: Any
+    url: str, node: str = "n1", *, up: bool = True, log: Any = None, **settings: Any
 ) -> AsyncIterator[tuple[RedisLink, Inbox]]:
     inbox = Inbox()
     link = RedisLink(
@@ -89,7 +89,7 @@ async def link_to(
         node=node,
         channels=CHANNELS,
         receiver=inbox,
-        log=structlog.get_logger(),
+        log=structlog.get_logger() if log is None else log,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(link.run)
@@ -260,6 +260,78 @@ async def test_a_node_cut_off_from_redis_makes_absent_ids_unreachable(
             # n2 is gone without removing its heartbeat (as a crash would).
             redis_server.forget_clients("relayd:n2:")
             assert await publish(one, (CHANNELS.of_id("nobody"), b"x")) == [-1]
+
+
+async def test_after_a_redis_restart_longer_than_node_timeout_the_others_are_not_gone(
+    redis_server: RedisServer,
+) -> None:
+    """A restarted Redis has no heartbeats; the first node back puts the others' back.
+
+    The outage (and the reconnection wait after it) must not count against them:
+    n2, alive until Redis stopped and not yet back, still holds bob as far as
+    anyone knows, so a message to bob is "unreachable, try again" (-1), not
+    "nobody holds it" (0), although Redis was away longer than node_timeout_s.
+    """
+    timeout_s = 2.0
+    with trio.fail_after(LIMIT_S):
+        # n2 first: n1's first probe, before it is up, sees n2's heartbeat.
+        async with (
+            link_to(redis_server.url, "n2", node_timeout_s=timeout_s) as (two, _),
+            link_to(redis_server.url, node_timeout_s=timeout_s) as (one, _),
+        ):
+            channel = CHANNELS.of_id("bob")
+            two.subscribe(channel)
+            await two.subscribed(channel)
+            redis_server.stop()
+            await one.wait_for(DOWN)
+            two.close()  # n2 stays away (as a node still in its backoff would)
+            await trio.sleep(timeout_s + 0.5)  # the outage itself, longer than node_timeout_s
+            redis_server.start()
+            await one.wait_for(UP)
+            assert await publish(one, (channel, b"for bob")) == [-1]
+
+
+class Errors:
+    """A logger for one link that keeps its error events and wakes whoever waits for one."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.seen = trio.Event()
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+        self.seen.set()
+
+    def warning(self, event: str, **fields: Any) -> None:
+        pass
+
+    def info(self, event: str, **fields: Any) -> None:
+        pass
+
+
+async def test_two_nodes_with_one_name_are_each_told_once(
+    redis_server: RedisServer, logs: list[EventDict]
+) -> None:
+    # Each sees the other's probes on the channel of their one name.
+    first, second = Errors(), Errors()
+    with trio.fail_after(LIMIT_S):
+        async with (
+            link_to(redis_server.url, "twin", log=first),
+            link_to(redis_server.url, "twin", log=second),
+        ):
+            await first.seen.wait()
+            await second.seen.wait()
+            # Neither takes the other's probe for its own: both stay up.
+            for link_log in (first, second):
+                [(event, fields)] = link_log.events
+                assert (event, fields["node"]) == ("broker.duplicate_name", "twin")
+    # A node restarted under its name, one after the other, is not a twin.
+    with trio.fail_after(LIMIT_S):
+        async with link_to(redis_server.url, "again"):
+            pass
+        async with link_to(redis_server.url, "again") as (link, _):
+            await link.wait_for(UP)
+    assert [e for e in logs if e["event"] == "broker.duplicate_name"] == []
 
 
 async def test_a_batch_larger_than_the_socket_takes_is_written_whole_and_in_order(

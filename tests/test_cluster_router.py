@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import structlog
 import trio
+import trio.testing
 
 from relayd.config import ClusterSettings
 from relayd.routing.cluster import codec
@@ -301,6 +302,48 @@ async def test_a_holder_that_never_answers_leaves_it_unconfirmed(redis_server: R
             [error] = await alice.frames()
             assert error["error"] == "delivery_unconfirmed"
             assert trio.current_time() - started >= FAST["reply_timeout_s"]
+
+
+async def test_a_late_answer_meant_for_a_restarted_node_decides_nothing_of_its_successor(
+    redis_server: RedisServer,
+) -> None:
+    """A node restarted under its name (relayd@PORT) must not take its predecessor's answers.
+
+    Answers come back on the node's channel, named after the node, and find their
+    question by its number. n2 stalls, so n1's question goes unanswered; n1 restarts
+    under the same name and asks n3, which stalls too; then n2 answers its old
+    question. That answer must not ack the new sender: its message never arrived.
+    """
+    with trio.fail_after(LIMIT_S):
+        async with node(redis_server.url, "n2") as two, node(redis_server.url, "n3") as three:
+            held: list[list[tuple[bytes, bytes]]] = []
+            answer_later = two.router.link.send
+
+            def hold(pairs: list[tuple[bytes, bytes]]) -> bool:
+                held.append(pairs)
+                return True
+
+            two.router.link.send = hold  # type: ignore[method-assign]
+            three.router.link.send = lambda pairs: True  # type: ignore[method-assign]
+            await two.connect(Conn("bob"))
+            await three.connect(Conn("dave"))
+            async with node(redis_server.url, "n1") as one:
+                alice = await one.connect(Conn("alice"))
+                await one.send(alice, "bob", ref="old")
+                assert [e["error"] for e in await alice.frames()] == ["delivery_unconfirmed"]
+            assert held  # n2 delivered to bob and owes n1 its answer
+            async with node(redis_server.url, "n1") as successor:
+                carol = await successor.connect(Conn("carol"))
+                await successor.send(carol, "dave", ref="new")
+                await trio.testing.wait_all_tasks_blocked()
+                for pairs in held:  # n2 wakes up and answers
+                    assert answer_later(pairs)
+                [reply] = await carol.frames()
+    assert (reply["type"], reply.get("error"), reply["ref"]) == (
+        "error",
+        "delivery_unconfirmed",
+        "new",
+    )
 
 
 async def test_presence_and_ids_across_nodes(redis_server: RedisServer) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import secrets
 from collections.abc import Iterator
 from typing import Final
 
@@ -45,6 +46,11 @@ _VERDICTS: Final = {
     codec.Verdict.BUSY: Outcome.RECIPIENT_BUSY,
     codec.Verdict.GONE: Outcome.UNKNOWN_RECIPIENT,
 }
+
+
+def _first_number() -> int:
+    """Where this process's question numbers start: at random, never 0, within msgpack's uint64."""
+    return secrets.randbelow(1 << 62) + 1
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -104,7 +110,13 @@ class Awaited:
         self._events = events
         self._record: Recorder = events.recorder()  # made afresh per batch: see batch
         self._now = 0.0  # trio's clock, read afresh per batch: see batch
-        self.waiting: Waiting[Asker] = Waiting(timeout_s)
+        # Answers find their question by its number alone, on the node's channel,
+        # which is the node's name: a late answer meant for an earlier process of
+        # the same name (a restart, under systemd's relayd@PORT name) or for
+        # another node given the same name by mistake must match none of this
+        # process's questions, or it would decide one (a false ack). So each
+        # process numbers from its own random start, one of 2**62.
+        self.waiting: Waiting[Asker] = Waiting(timeout_s, first=_first_number())
         self._asked = trio.lowlevel.ParkingLot()  # the expiry task, when nothing waits
         self._settled = trio.lowlevel.ParkingLot()  # who waits for every answer owed
         # Senders with messages waiting for other nodes, and the replies they

@@ -74,11 +74,15 @@ class Waiting(Generic[T]):
 
     Args:
         timeout_s: how long a question waits for its answers.
+        first: the first question's number; the next are numbered on from it. 0 is
+            never a question's number (it means "nobody waits"), so it must be > 0.
     """
 
     __slots__ = ("_numbers", "_open", "_order", "timeout_s")
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, first: int = 1) -> None:
+        if first <= 0:
+            raise ValueError(f"question numbers start above 0, not at {first}")
         self.timeout_s = timeout_s
         self._open: dict[int, _Question[T]] = {}
         # Every question gets the same timeout and the clock only goes forward, so
@@ -88,7 +92,7 @@ class Waiting(Generic[T]):
         # open ones (see ask). Not the dict's own order: finding its first key
         # steps over every deleted entry before it, which made expiry quadratic.
         self._order: collections.deque[int] = collections.deque()
-        self._numbers = itertools.count(1)
+        self._numbers = itertools.count(first)
 
     def ask(self, asker: T, kind: Kind, now: float) -> int:
         """Open a question; its number, to publish with it.

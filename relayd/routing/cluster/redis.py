@@ -108,7 +108,7 @@ class RedisLink:
         self._attempted = trio.Event()  # the first session is up, or has failed
         own = channels.of_node(node)
         self._publisher = Publisher(settings, channels, health)
-        self._prober = Prober(settings, node, channels, health)
+        self._prober = Prober(settings, node, channels, health, self._twin_found)
         self._subscriptions = Subscriptions([channels.nodes, own], health)
         self._reader = Reader(
             own, receiver, self._subscriptions, self._prober, health, self._changed
@@ -147,6 +147,15 @@ class RedisLink:
         await self._prober.leave(publisher)
 
     # -- the connection's life ---------------------------------------------------------
+
+    def _twin_found(self) -> None:
+        # Said once: the names stay the same until an operator changes one.
+        self._log.error(
+            "broker.duplicate_name",
+            url=redact(self._settings.broker_url),
+            node=self._node,
+            detail="another node uses this node's name: give each node its own node_name",
+        )
 
     async def run(  # noqa: D102
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

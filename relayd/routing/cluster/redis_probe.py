@@ -16,6 +16,8 @@ The heartbeats (a sorted set: node name, Redis's clock in ms) are how
 from __future__ import annotations
 
 import contextlib
+import secrets
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -54,10 +56,18 @@ class Prober:
         node: this node's name.
         channels: the cluster's channel names.
         health: the link's health (the probe's round trip kept there).
+        twin_found: called once, from a probe's round, when :attr:`twin` is first seen.
 
     Error handling: the probe's methods raise :class:`~.redis_wire.Lost`
     (or :class:`RedisError`) for the session to end; :meth:`is_probe` runs
     in coredis's reader and never raises.
+
+    Another node with this node's name (a misconfiguration: two machines with one
+    hostname under the ``relayd@PORT`` units, a copied ``node_name``) publishes its
+    probes on this node's channel too. Probes are numbered from a random start in
+    each process, so such a probe is told from this node's own: it is never taken
+    for this node's (which would hide a subscription that stopped delivering),
+    and :attr:`twin` says one came, for the link to log ``broker.duplicate_name``.
     """
 
     __slots__ = (
@@ -70,10 +80,18 @@ class Prober:
         "_own",
         "_settings",
         "_sha",
+        "_since",
+        "_twin_found",
+        "twin",
     )
 
     def __init__(
-        self, settings: ClusterSettings, node: str, channels: codec.Channels, health: Health
+        self,
+        settings: ClusterSettings,
+        node: str,
+        channels: codec.Channels,
+        health: Health,
+        twin_found: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._node = node
@@ -81,7 +99,12 @@ class Prober:
         self._own = channels.of_node(node)
         self._health = health
         self._sha = b""
-        self._number = 0
+        # This process's probes are numbered from a random start (see above); the
+        # numbers since it are its own.
+        self._since = self._number = secrets.randbelow(1 << 62)
+        #: A probe on this node's channel that this process did not send has come.
+        self.twin = False
+        self._twin_found: Callable[[], None] | None = twin_found
         self._back = trio.Event()
         # Every node's last heartbeat (ms of Redis's clock), as the last probe saw them.
         self._heartbeats: dict[bytes, bytes] = {}
@@ -91,15 +114,34 @@ class Prober:
         self._sha = as_bytes(await call(publisher, b"SCRIPT", b"LOAD", HEARTBEAT_SCRIPT))
 
     async def restore_heartbeats(self, publisher: Wire) -> None:
-        """Put back the other nodes' heartbeats as last seen (a restarted Redis has none)."""
-        others = [
-            value
-            for node, at in self._heartbeats.items()
-            if node != self._node.encode()
-            for value in (at, node)
-        ]
-        if others:
-            await call(publisher, b"ZADD", self._channels.heartbeats, b"GT", *others)
+        """Put back the other nodes' heartbeats (a restarted Redis has none), outage not counted.
+
+        A node that was alive at this node's last probe gets back its heartbeat
+        moved on by the time since that probe (Redis's clock): a Redis restart, or
+        this node's own time cut off with the backoff after it, does not age the
+        others' heartbeats. Otherwise a restart that outlasts ``node_timeout_s``
+        with the reconnection wait (5 s each by default) would make every other
+        node look gone until it is back itself, and their clients' ids answer
+        ``unknown_recipient`` ("drop the message") instead of
+        ``recipient_unreachable`` ("try again"). A node that really died
+        meanwhile then counts as alive for ``node_timeout_s`` more at most: its
+        ids answer ``recipient_unreachable`` that long. One already silent at
+        the last probe is put back as it was. ``ZADD GT`` never moves a
+        heartbeat back.
+        """
+        own = self._node.encode()
+        last = self._heartbeats.get(own)
+        others = [(node, int(at)) for node, at in self._heartbeats.items() if node != own]
+        if not others:
+            return
+        shift, alive_since = 0, 0
+        if last is not None:
+            shift = max(0, _redis_ms(await call(publisher, b"TIME")) - int(last))
+            alive_since = int(last) - ms(self._settings.node_timeout_s)
+        values: list[bytes] = []
+        for node, at in others:
+            values += (str(at + shift if at >= alive_since else at).encode(), node)
+        await call(publisher, b"ZADD", self._channels.heartbeats, b"GT", *values)
 
     def is_probe(self, data: bytes) -> bool:
         """Whether ``data``, on this node's channel, is a probe (noting the awaited one)."""
@@ -111,6 +153,8 @@ class Prober:
             return False
         if message.number == self._number:
             self._back.set()
+        elif not self._since < message.number < self._number:  # a late one of its own
+            self.twin = True
         return True
 
     async def first(self, publisher: Wire) -> None:
@@ -153,6 +197,9 @@ class Prober:
             self._heartbeats = dict(zip(pairs[::2], pairs[1::2], strict=False))
         await self._back.wait()
         self._health.probe_rtt_s = trio.current_time() - started
+        if self.twin and self._twin_found is not None:
+            told, self._twin_found = self._twin_found, None
+            told()
 
     async def leave(self, publisher: Wire) -> None:
         """Remove this node's heartbeat, so that its ids answer ``unknown_recipient`` at once."""
@@ -161,3 +208,15 @@ class Prober:
             contextlib.suppress(RedisError, Lost),
         ):
             await call(publisher, b"ZREM", self._channels.heartbeats, self._node)
+
+
+def _redis_ms(reply: object) -> int:
+    """Redis's ``TIME`` reply in milliseconds.
+
+    Raises:
+        Lost: it is not one.
+    """
+    if isinstance(reply, list) and len(reply) == 2:
+        seconds, micros = (int(as_bytes(part)) for part in reply)
+        return seconds * 1000 + micros // 1000
+    raise Lost(f"TIME answered {reply!r}")
