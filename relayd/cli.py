@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 import trio
 
@@ -45,6 +45,19 @@ __all__ = ["EX_CONFIG", "EX_IOERR", "main"]
 EX_CONFIG: Final = 78
 #: sysexits.h: an error writing output.
 EX_IOERR: Final = 74
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a command line it cannot read is bad settings: exit 78.
+
+    A flag is a setting like any other (``--port abc`` is ``server.port = "abc"``),
+    and argparse's own status, 2, is not one systemd's RestartPreventExitStatus
+    knows: a unit with a mistyped flag would be restarted in a loop.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_CONFIG, f"{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,9 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--log-format", choices=["json", "console"], default=default)
 
-    parser = argparse.ArgumentParser(
-        prog="relayd", description="WebSocket relay daemon. Serves by default."
-    )
+    parser = _Parser(prog="relayd", description="WebSocket relay daemon. Serves by default.")
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
     add_flags(parser, None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

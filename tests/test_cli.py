@@ -102,6 +102,23 @@ def test_version_prints_name_and_version(command: list[str]) -> None:
     assert relayd.__version__[0].isdigit()  # the installed distribution's version
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--port", "abc"], ["check-config", "--admin-port", "x"], ["--log-level", "loud"], ["--nope"]],
+)
+def test_a_command_line_relayd_cannot_read_is_bad_settings(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 78, not argparse's 2: the units' RestartPreventExitStatus=78 stops a unit with a
+    # mistyped flag instead of restarting it in a loop.
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == EX_CONFIG == 78
+    err = capsys.readouterr().err
+    assert err.startswith("usage: relayd")
+    assert ": error: " in err.splitlines()[-1]
+
+
 def test_version_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
