@@ -331,6 +331,61 @@ async def test_connections_past_the_bound_wait_unaccepted_until_one_ends(
     assert waited == pytest.approx(REQUEST_TIMEOUT_S + ANSWER_TIMEOUT_S)
 
 
+async def test_the_bound_holds_across_listeners(autojump_clock: trio.abc.Clock) -> None:
+    # An address with IPv4 and IPv6 is two listeners. Twice the bound of clients that
+    # send nothing, on both: exactly MAX_CONNECTIONS are served (each answered 408 at
+    # REQUEST_TIMEOUT_S), the rest only once those are gone.
+    listeners = [
+        *await trio.open_tcp_listeners(0, host="127.0.0.1"),
+        *await trio.open_tcp_listeners(0, host="127.0.0.1"),
+    ]
+    addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+    answered = 0
+
+    async def first_wave(stream: trio.SocketStream, by: float) -> None:
+        nonlocal answered
+        with trio.move_on_at(by):
+            if await stream.receive_some(1):
+                answered += 1
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: serve_admin(
+                listeners, CollectorRegistry(), lambda: True, task_status=task_status
+            )
+        )
+        idle = [
+            await trio.open_tcp_stream(*address)
+            for address in addresses
+            for _ in range(MAX_CONNECTIONS)
+        ]
+        by = trio.current_time() + REQUEST_TIMEOUT_S + ANSWER_TIMEOUT_S / 2
+        async with trio.open_nursery() as readers:
+            for stream in idle:
+                readers.start_soon(first_wave, stream, by)
+        for stream in idle:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert answered == MAX_CONNECTIONS
+
+
+async def test_a_client_that_keeps_its_socket_after_a_whole_answer_holds_no_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The request was read whole: relayd closes at once, lingers for nothing, and the
+    # exchange's duration is the answer's, whatever the client does with its socket.
+    with structlog.testing.capture_logs() as logs:
+        async with api(Recording()) as address, await trio.open_tcp_stream(*address) as stream:
+            await stream.send_all(
+                b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            while await stream.receive_some(65536):
+                pass  # to relayd's end of the stream
+            await trio.sleep(3 * ANSWER_TIMEOUT_S)  # held open, idle
+    [exchange] = [e for e in logs if e["event"] == "api.request"]
+    assert (exchange["status"], exchange["duration_s"]) == (200, 0.0)
+
+
 async def test_with_a_key_every_call_must_present_it() -> None:
     router = Recording()
     router.connections["bob"] = 1

@@ -30,7 +30,7 @@ across reads) and :data:`MAX_BODY_BYTES` of body, for at most
 :data:`REQUEST_TIMEOUT_S`; a longer body is refused with 413 before it is read,
 and an area's ``authorize`` (the server API's key) refuses a request before its
 body is read too. So the listener holds at most about
-``MAX_CONNECTIONS * 2 * MAX_BODY_BYTES`` (64 MiB; a body is joined from its
+``MAX_CONNECTIONS * 2 * MAX_BODY_BYTES`` (96 MiB; a body is joined from its
 chunks once), whoever connects. An answer that the client does not take is
 given up after :data:`ANSWER_TIMEOUT_S` more; after an answer that leaves part
 of a request unread, relayd closes its side and reads what the client still
@@ -55,7 +55,7 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relayd.daemon.accepting import ACCEPT_RETRY_S, OUT_OF_RESOURCES, Sockets
+from relayd.daemon.accepting import ACCEPT_RETRY_S, OUT_OF_RESOURCES
 from relayd.daemon.addresses import peer_address
 from relayd.telemetry.log import get_logger
 
@@ -84,14 +84,19 @@ ANSWER_TIMEOUT_S: Final = 1.0
 #: The largest request head accepted; admin requests are a line and a few headers.
 MAX_HEAD_BYTES: Final = 8192
 #: Connections served at once: scrapes, health checks and a backend's API calls, each
-#: answered within :data:`REQUEST_TIMEOUT_S`; more wait in the listen backlog unaccepted.
-MAX_CONNECTIONS: Final = 32
+#: over within REQUEST_TIMEOUT_S + ANSWER_TIMEOUT_S; more wait in the listen backlog,
+#: unaccepted. Within the descriptors the public listeners leave the rest of relayd
+#: (RESERVED_DESCRIPTORS, 64), with room for the files a reload reads and the
+#: cluster's two connections to Redis.
+MAX_CONNECTIONS: Final = 48
 #: The largest request body accepted: a server API call carries one message of at most
 #: ``limits.max_message_bytes`` (64 KiB by default) escaped in JSON, which at worst
 #: (every byte a ``\\u00XX``) is six times as long; a larger body is answered 413.
 MAX_BODY_BYTES: Final = 1024 * 1024
 
 _TEXT: Final = "text/plain; charset=utf-8"
+#: The client's states in which its whole request has been read.
+_READ_WHOLE: Final = (h11.DONE, h11.MUST_CLOSE)
 #: What a lingering close reads at a time, and throws away.
 _LINGER_READ: Final = 65536
 
@@ -210,6 +215,7 @@ class _Progress:
     path: str | None = None  # None until the request's head is parsed
     read: bool = False  # the whole request has arrived
     status: int = 0  # the status sent, once it is
+    ended: float = 0.0  # when the answer was written (or given up), before any lingering
 
 
 async def serve_admin(
@@ -232,9 +238,15 @@ async def serve_admin(
     """
     table: dict[str, Mapping[str, Handler]] = dict(_built_in(registry, ready))
     for area in areas:
+        # A route is found its area (its refusals, its key) by its path's prefix.
+        outside = [path for path in area.routes if not path.startswith(area.prefix)]
+        if outside:
+            raise ValueError(f"routes {outside} are not under their area's {area.prefix}")
         table.update(area.routes)
     handler = functools.partial(_handle, routes=table, areas=tuple(areas))
-    slots = Sockets(MAX_CONNECTIONS)
+    # One token per connection, taken before the accept: with several listeners
+    # (an address with IPv4 and IPv6) no accept may be under way without one.
+    slots = trio.Semaphore(MAX_CONNECTIONS)
     async with trio.open_nursery() as nursery:
         try:
             for listener in listeners:
@@ -242,13 +254,15 @@ async def serve_admin(
             task_status.started()
             await trio.sleep_forever()
         finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+            # Cancelled, each close's checkpoint would raise before the next close.
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
 
 
 async def _accept(
     listener: trio.SocketListener,
-    slots: Sockets,
+    slots: trio.Semaphore,
     handler: Callable[[trio.SocketStream], Awaitable[None]],
     nursery: trio.Nursery,
 ) -> None:
@@ -262,9 +276,12 @@ async def _accept(
     process is out of them.
     """
     while True:
-        await slots.wait_for_room()
-        stream = await _accepted(listener)
-        slots.opened()
+        await slots.acquire()
+        try:
+            stream = await _accepted(listener)
+        except BaseException:
+            slots.release()
+            raise
         nursery.start_soon(_serve_one, stream, slots, handler)
 
 
@@ -280,13 +297,13 @@ async def _accepted(listener: trio.SocketListener) -> trio.SocketStream:
 
 async def _serve_one(
     stream: trio.SocketStream,
-    slots: Sockets,
+    slots: trio.Semaphore,
     handler: Callable[[trio.SocketStream], Awaitable[None]],
 ) -> None:
     try:
         await handler(stream)
     finally:
-        slots.closed()
+        slots.release()
 
 
 def _built_in(
@@ -322,7 +339,10 @@ async def _handle(stream: trio.SocketStream, *, routes: Routes, areas: tuple[Are
             if refusal is not None and not progress.status:
                 status, detail = refusal
                 await _send_refusal(connection, stream, progress, areas, status, detail)
-            if progress.status and connection.their_state is not h11.DONE:
+            progress.ended = trio.current_time()
+            # Read whole, the client's state is DONE (MUST_CLOSE once the answer said
+            # "connection: close"): nothing is left to read, and nothing to wait for.
+            if progress.status and connection.their_state not in _READ_WHOLE:
                 await _linger(stream)
     area = _area_of(progress.path, areas)
     if area is not None:
@@ -332,7 +352,7 @@ async def _handle(stream: trio.SocketStream, *, routes: Routes, areas: tuple[Are
                 progress.path if progress.path in area.routes else "other",
                 progress.method,
                 progress.status,
-                trio.current_time() - progress.accepted,
+                (progress.ended or trio.current_time()) - progress.accepted,
                 progress.peer,
             )
         )
@@ -449,29 +469,28 @@ async def _head(connection: h11.Connection, stream: trio.SocketStream) -> object
             in the reads that hold it could be up to twice as long; this one does not
             depend on how the head was split.
     """
-    received = 0
-    while True:
-        event = connection.next_event()
-        if event is not h11.NEED_DATA:
-            break
-        data = await stream.receive_some(MAX_HEAD_BYTES)
-        received += len(data)
-        connection.receive_data(data)
+    received = [0]
+    event = await _next(connection, stream, received)
     unread, _closed = connection.trailing_data
-    if isinstance(event, h11.Request) and received - len(unread) > MAX_HEAD_BYTES:
+    if isinstance(event, h11.Request) and received[0] - len(unread) > MAX_HEAD_BYTES:
         raise h11.RemoteProtocolError(
             f"the request head is over {MAX_HEAD_BYTES} bytes", error_status_hint=431
         )
     return event
 
 
-async def _next(connection: h11.Connection, stream: trio.SocketStream) -> object:
-    """The next h11 event, reading from ``stream`` as it needs."""
+async def _next(
+    connection: h11.Connection, stream: trio.SocketStream, received: list[int] | None = None
+) -> object:
+    """The next h11 event, reading from ``stream`` as it needs (counted in ``received``)."""
     while True:
         event = connection.next_event()
         if event is not h11.NEED_DATA:
             return event
-        connection.receive_data(await stream.receive_some(MAX_HEAD_BYTES))
+        data = await stream.receive_some(MAX_HEAD_BYTES)
+        if received is not None:
+            received[0] += len(data)
+        connection.receive_data(data)
 
 
 async def _body(
