@@ -28,16 +28,13 @@ from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
 from relayd.routing.cluster.redis_wire import Lost, Wire, as_bytes, call, ms
 
-__all__ = ["HEARTBEAT_SCRIPT", "Prober"]
+__all__ = ["HEARTBEAT_SCRIPT", "RESTORE_SCRIPT", "Prober"]
 
 #: A node's heartbeat and probe: records the node (ARGV[1]) as alive now in
 #: the sorted set KEYS[1], forgets nodes silent for ten node timeouts (ARGV[4]
 #: ms), publishes the probe ARGV[3] on the node's own channel ARGV[2], and
-#: returns every heartbeat (name, ms, name, ms...). The node keeps them: after
-#: a Redis restart, which forgets them all, it puts them back as they were
-#: (``ZADD GT``), so that ids of nodes not yet resubscribed answer
-#: ``recipient_unreachable``, not ``unknown_recipient``, until those nodes are
-#: back or their heartbeat ages past node_timeout_s.
+#: returns every heartbeat (name, ms, name, ms...). The node keeps them for
+#: :data:`RESTORE_SCRIPT`.
 HEARTBEAT_SCRIPT: Final = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -45,6 +42,28 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 10 * tonumber(ARGV[4]))
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+"""
+
+#: After a Redis restart, which forgets every heartbeat: the first node back puts
+#: back the others' (ARGV: name, age, score, ...), so that the ids of nodes not yet
+#: resubscribed answer ``recipient_unreachable``, not ``unknown_recipient``, until
+#: those nodes are back or their heartbeat ages past node_timeout_s. Only into an
+#: empty set (ZCOUNT, not EXISTS: the commands the ACL grants): a Redis that kept
+#: it, or a node back before this one, knows better, and a node that left or died
+#: meanwhile must stay gone. A node alive at the last probe (age >= 0: ms before
+#: that probe it was last seen) gets Redis's now less its age, the outage not
+#: counted; the others (age -1) their last heartbeat (score), as it was.
+RESTORE_SCRIPT: Final = b"""
+if redis.call('ZCOUNT', KEYS[1], '-inf', '+inf') > 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #ARGV, 3 do
+  local age = tonumber(ARGV[i + 1])
+  local score = tonumber(ARGV[i + 2])
+  if age >= 0 then score = now - age end
+  redis.call('ZADD', KEYS[1], 'GT', score, ARGV[i])
+end
+return 1
 """
 
 
@@ -78,6 +97,7 @@ class Prober:
         "_node",
         "_number",
         "_own",
+        "_restore_sha",
         "_settings",
         "_sha",
         "_since",
@@ -98,7 +118,7 @@ class Prober:
         self._channels = channels
         self._own = channels.of_node(node)
         self._health = health
-        self._sha = b""
+        self._sha = self._restore_sha = b""
         # This process's probes are numbered from a random start (see above); the
         # numbers since it are its own.
         self._since = self._number = secrets.randbelow(1 << 62)
@@ -110,38 +130,37 @@ class Prober:
         self._heartbeats: dict[bytes, bytes] = {}
 
     async def load(self, publisher: Wire) -> None:
-        """Load :data:`HEARTBEAT_SCRIPT` (each session: a restarted Redis has forgotten it)."""
+        """Load the scripts (each session: a restarted Redis has forgotten them)."""
         self._sha = as_bytes(await call(publisher, b"SCRIPT", b"LOAD", HEARTBEAT_SCRIPT))
+        self._restore_sha = as_bytes(await call(publisher, b"SCRIPT", b"LOAD", RESTORE_SCRIPT))
 
     async def restore_heartbeats(self, publisher: Wire) -> None:
-        """Put back the other nodes' heartbeats (a restarted Redis has none), outage not counted.
+        """Put back the others' heartbeats if Redis has none (it restarted): :data:`RESTORE_SCRIPT`.
 
-        A node that was alive at this node's last probe gets back its heartbeat
-        moved on by the time since that probe (Redis's clock): a Redis restart, or
-        this node's own time cut off with the backoff after it, does not age the
-        others' heartbeats. Otherwise a restart that outlasts ``node_timeout_s``
-        with the reconnection wait (5 s each by default) would make every other
-        node look gone until it is back itself, and their clients' ids answer
+        Ages are counted back from this node's last probe, so neither Redis's
+        restart nor this node's time cut off (the reconnection wait after it)
+        ages the others: otherwise a restart that outlasts ``node_timeout_s`` with
+        that wait (5 s each by default) would make every other node look gone
+        until it is back itself, and their clients' ids answer
         ``unknown_recipient`` ("drop the message") instead of
-        ``recipient_unreachable`` ("try again"). A node that really died
-        meanwhile then counts as alive for ``node_timeout_s`` more at most: its
-        ids answer ``recipient_unreachable`` that long. One already silent at
-        the last probe is put back as it was. ``ZADD GT`` never moves a
-        heartbeat back.
+        ``recipient_unreachable`` ("try again"). A node that died meanwhile counts
+        as alive for ``node_timeout_s`` after this at most: while it does, a
+        message to an id nobody holds answers ``recipient_unreachable``.
         """
         own = self._node.encode()
         last = self._heartbeats.get(own)
-        others = [(node, int(at)) for node, at in self._heartbeats.items() if node != own]
-        if not others:
+        if last is None:
             return
-        shift, alive_since = 0, 0
-        if last is not None:
-            shift = max(0, _redis_ms(await call(publisher, b"TIME")) - int(last))
-            alive_since = int(last) - ms(self._settings.node_timeout_s)
+        alive_since = int(last) - ms(self._settings.node_timeout_s)
         values: list[bytes] = []
-        for node, at in others:
-            values += (str(at + shift if at >= alive_since else at).encode(), node)
-        await call(publisher, b"ZADD", self._channels.heartbeats, b"GT", *values)
+        for node, at in self._heartbeats.items():
+            if node != own:
+                age = max(0, int(last) - int(at)) if int(at) >= alive_since else -1
+                values += (node, str(age).encode(), at)
+        if values:
+            await call(
+                publisher, b"EVALSHA", self._restore_sha, 1, self._channels.heartbeats, *values
+            )
 
     def is_probe(self, data: bytes) -> bool:
         """Whether ``data``, on this node's channel, is a probe (noting the awaited one)."""
@@ -208,15 +227,3 @@ class Prober:
             contextlib.suppress(RedisError, Lost),
         ):
             await call(publisher, b"ZREM", self._channels.heartbeats, self._node)
-
-
-def _redis_ms(reply: object) -> int:
-    """Redis's ``TIME`` reply in milliseconds.
-
-    Raises:
-        Lost: it is not one.
-    """
-    if isinstance(reply, list) and len(reply) == 2:
-        seconds, micros = (int(as_bytes(part)) for part in reply)
-        return seconds * 1000 + micros // 1000
-    raise Lost(f"TIME answered {reply!r}")
