@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import resource
 import signal
 import subprocess
 import sys
@@ -92,6 +93,16 @@ def _next(lines: queue.Queue[str | None], what: str) -> str:
     return line
 
 
+#: A shell's usual soft open-file limit, and the units' LimitNOFILE that ./dev serve raises it to.
+SHELL_OPEN_FILES, UNIT_OPEN_FILES = 1024, 16384
+
+
+def _shell_open_files() -> None:
+    """In the child: the soft open-file limit a login shell usually has."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (SHELL_OPEN_FILES, hard))
+
+
 def test_serve_listens_on_loopback_and_says_where_even_on_ports_the_kernel_picks() -> None:
     proc = subprocess.Popen(
         [str(DEV), "serve", "--port", "0", "--admin-port", "0"],
@@ -100,17 +111,27 @@ def test_serve_listens_on_loopback_and_says_where_even_on_ports_the_kernel_picks
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_shell_open_files,
     )
     assert proc.stdout is not None
     assert proc.stderr is not None
     out, err = _lines(proc.stdout), _lines(proc.stderr)
     try:
         ready = None
+        before: list[str] = []
         while ready is None:
             event = json.loads(_next(out, "server.ready"))
+            before.append(event["event"])
             if event["event"] == "server.ready":
                 ready = event
         assert ready["listeners"] == [f"127.0.0.1:{ready['port']}"]
+        # From a shell's 1024 to the units' limit, where the hard limit allows (here
+        # 20,000): no warning that the limit is below what the default caps need.
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[1] >= UNIT_OPEN_FILES:
+            assert "server.descriptors" not in before
+            with open(f"/proc/{proc.pid}/limits") as limits:  # proc.pid: dev became relayd
+                [line] = [line for line in limits if line.startswith("Max open files")]
+            assert line.split()[3] == str(UNIT_OPEN_FILES)
         admin = ready["admin"]
         # The ports relayd bound, not the 0 it was given, and URLs that answer.
         banner = [_next(err, "the banner") for _ in range(4)]
