@@ -130,8 +130,8 @@ def test_serve_listens_on_loopback_and_says_where_even_on_ports_the_kernel_picks
         if resource.getrlimit(resource.RLIMIT_NOFILE)[1] >= UNIT_OPEN_FILES:
             assert "server.descriptors" not in before
             with open(f"/proc/{proc.pid}/limits") as limits:  # proc.pid: dev became relayd
-                [line] = [line for line in limits if line.startswith("Max open files")]
-            assert line.split()[3] == str(UNIT_OPEN_FILES)
+                [open_files] = [row for row in limits if row.startswith("Max open files")]
+            assert open_files.split()[3] == str(UNIT_OPEN_FILES)
         admin = ready["admin"]
         # The ports relayd bound, not the 0 it was given, and URLs that answer.
         banner = [_next(err, "the banner") for _ in range(4)]
