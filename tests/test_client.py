@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import random
 import re
@@ -53,9 +54,14 @@ from relayd.client import (
     UnknownRecipient,
     connect,
 )
+from relayd.client import link as link_module
+from relayd.client.link import CloseInfo, Link
+from relayd.client.messages import Message
+from relayd.client.options import LinkOptions
 from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
+from relayd.wire.dialects import Dialect
 from relayd.wire.handshake import accept_response
 from relayd.wire.server_frames import text_frame
 from tests.client import running, settings
@@ -470,6 +476,70 @@ async def test_sends_in_flight_are_bounded_and_a_cancelled_waiting_send_is_never
         assert outcomes == ["ack", "ack"]
 
 
+class _StuckSocket:
+    """A trio-websocket connection whose sends wait until ``through`` is set, and are kept."""
+
+    handshake_headers: tuple[tuple[bytes, bytes], ...] = ()
+    closed = None
+
+    def __init__(self) -> None:
+        self.through = trio.Event()
+        self.written: list[str] = []
+
+    async def send_message(self, frame: str) -> None:
+        await self.through.wait()
+        self.written.append(frame)
+
+
+async def test_sends_withdrawn_while_queued_keep_their_slot_until_passed_over() -> None:
+    # The writer is stuck on the first message; two queued behind it are withdrawn by
+    # their senders (a timeout), and two new ones are sent. Freed at once, the slots
+    # of the withdrawn would let the new ones find the queue full (trio.WouldBlock),
+    # each leaving an entry waiting for a reply that never comes.
+    options = LinkOptions(Dialect.V1, None, None, 1.0, None, max_in_flight=3, max_message_chars=1)
+    slots = trio.Semaphore(options.max_in_flight)
+    ws = _StuckSocket()
+    deliveries, _ = trio.open_memory_channel[Message](0)
+    link = Link(ws, None, client_id="me", options=options, deliveries=deliveries)  # type: ignore[arg-type]
+
+    async def send(to: str, scope: trio.CancelScope | None = None) -> None:
+        await slots.acquire()
+        sending = link.submit(to, b"1", slots.release)
+        try:
+            with scope or trio.CancelScope():
+                await sending.done.wait()
+        finally:
+            if sending.state is not link_module._State.SETTLED:
+                link.abandon(sending)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.write)
+        scopes = [trio.CancelScope(), trio.CancelScope()]
+        nursery.start_soon(send, "first")
+        await trio.testing.wait_all_tasks_blocked()  # the writer is stuck on it
+        for to, scope in zip(("withdrawn-1", "withdrawn-2"), scopes, strict=True):
+            nursery.start_soon(send, to, scope)
+            await trio.testing.wait_all_tasks_blocked()
+        for scope in scopes:
+            scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        late = [trio.CancelScope(), trio.CancelScope()]
+        for to, scope in zip(("late-1", "late-2"), late, strict=True):
+            nursery.start_soon(send, to, scope)
+            await trio.testing.wait_all_tasks_blocked()  # in this order for the slots
+        ws.through.set()
+        await trio.testing.wait_all_tasks_blocked()
+        written = [json.loads(frame)["to"] for frame in ws.written]
+        assert written == ["first", "late-1", "late-2"]  # the withdrawn never written
+        for scope in late:
+            scope.cancel()  # their acks will not come: nobody answers here
+        await trio.testing.wait_all_tasks_blocked()
+        link.fail_all(CloseInfo(1000, "", by_client=True))
+        await trio.testing.wait_all_tasks_blocked()
+        assert slots.value == options.max_in_flight  # every slot back
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_send_cancelled_after_writing_leaves_the_others_matched() -> None:
     async with relay() as url, acks_held(url) as (client, peer):
         assert await cancelled_once_blocked(
@@ -649,6 +719,41 @@ async def _deaf_server(stream: trio.SocketStream) -> None:
     """Accepts a v1 handshake, sends a welcome, then never reads again (no pongs)."""
     await accept_v1(stream, "deaf")
     await trio.sleep_forever()
+
+
+async def _pings_across_the_close(stream: trio.SocketStream) -> None:
+    """Welcomes, then answers the client's close frame with a ping first, as relayd may.
+
+    relayd's keepalive ping can cross the client's close frame on the wire: the
+    client then reads a ping after it sent its close.
+    """
+    await accept_v1(stream, "pinged")
+    received = b""
+    while b"\x88" not in received:  # a masked close frame's first byte
+        received += await stream.receive_some(4096)
+    await stream.send_all(b"\x89\x06relayd" + b"\x88\x02\x03\xe8")  # ping, close 1000
+    with trio.move_on_after(5):
+        while await stream.receive_some(4096):
+            pass
+    await stream.aclose()
+
+
+async def test_a_ping_crossing_the_clients_close_frame_is_left_unanswered(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # trio-websocket 0.12 answers it with a pong that wsproto refuses once the client
+    # has sent its close (trio-websocket#184); RFC 6455 lets it go unanswered. Leaving
+    # the block must still be a plain 1000 close, not an ExceptionGroup, and must not
+    # wait out close_timeout for a close frame that the failed reader cannot read.
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, _pings_across_the_close)
+        async with connect(url, close_timeout=5) as client:
+            assert client.id == "pinged"
+            left = trio.current_time()
+        assert trio.current_time() - left < 1
+        assert client.closed is not None
+        assert (client.closed.code, client.closed.by_client) == (1000, True)
+        nursery.cancel_scope.cancel()
 
 
 # -- structured concurrency -----------------------------------------------------------------

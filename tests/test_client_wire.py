@@ -179,6 +179,10 @@ def test_a_seed_error_frame_reads_as_its_error_and_a_plain_message_as_none() -> 
     assert (error.code, error.detail, error.ref) == ("unknown_recipient", "no client", 5)
     assert seed_message('{"error": "x", "detail": "y", "extra": 1}').as_error() is None
     assert seed_message("hello").as_error() is None
+    # In relayd.v1 relayd's errors come as error replies: a message shaped like one is a
+    # peer's (or the server API's), whatever it says.
+    assert Message("peer", frame.encode()).as_error() is None
+    assert Message("", frame.encode()).as_error() is None
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -33,13 +33,15 @@ those messages.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
 import trio
 from trio_websocket import ConnectionClosed as WebSocketClosed
 from trio_websocket import ConnectionRejected, WebSocketConnection
+from wsproto.utilities import LocalProtocolError
 
 from relayd.client.endpoint import Endpoint
 from relayd.client.errors import (
@@ -82,12 +84,13 @@ class CloseInfo:
 
 class _State(enum.Enum):
     QUEUED = enum.auto()  # waiting for the writer: can still be withdrawn
+    WITHDRAWN = enum.auto()  # its sender stopped waiting: still in the queue, never written
     WRITTEN = enum.auto()  # on the socket, or being written: waiting for a reply
     SETTLED = enum.auto()  # its outcome is known (or nobody waits for it any more)
 
 
 class Sending:
-    """One message on its way: queued, written, then settled exactly once.
+    """One message on its way: queued, written (or withdrawn), then settled exactly once.
 
     Whoever settles it calls ``release`` once: the in-flight slot the sender
     took is free again.
@@ -104,7 +107,7 @@ class Sending:
         self._release = release
 
     def settle(self, error: BaseException | None) -> None:
-        """Record the outcome (None: delivered, or written in the seed dialect)."""
+        """Record the outcome (None: delivered, written in the seed dialect, or withdrawn)."""
         if self.state is _State.SETTLED:
             return
         self.state = _State.SETTLED
@@ -139,11 +142,15 @@ class Link:
         self._next_ref = 1
         self._outstanding: Outstanding[Sending] = Outstanding()
         self._sendings: set[Sending] = set()  # every one not settled yet
+        # Withdrawn while queued: each still takes its place in the queue, and so
+        # keeps its sender's slot until the writer passes over it.
+        self._withdrawn: set[Sending] = set()
         # Never blocks: each queued envelope holds one of max_in_flight slots.
         self._queue_in, self._queue_out = trio.open_memory_channel[Sending](options.max_in_flight)
         self._closing = False  # this client started the closing handshake
         self._gone = False  # the connection is over: nothing more is sent
         self._closed = trio.Event()  # set when close() is over
+        self._over = trio.Event()  # set when run_link is done with the link
         self._lost_reason = ""  # why this client dropped the connection itself
 
     @property
@@ -170,30 +177,48 @@ class Link:
                 sent=False,
             )
         sending = Sending(frame.decode(), ref, release)
+        # Room is certain: every envelope in the queue, withdrawn ones too, holds one
+        # of the max_in_flight slots. Queued first, so that nothing is recorded for a
+        # message that is not.
+        self._queue_in.send_nowait(sending)
         if ref is not None:
             self._next_ref += 1
             self._outstanding.add(ref, sending)
         self._sendings.add(sending)
-        self._queue_in.send_nowait(sending)
         return sending
 
     def abandon(self, sending: Sending) -> None:
         """Its sender stopped waiting: withdraw it if it is still queued.
 
-        A message already written stays outstanding, so that its reply is
-        matched to it and not to another; the reply then frees its slot.
+        A withdrawn message is never written; its slot is freed once the writer
+        passes over it, since until then it takes a place in the queue (freed at
+        once, a new message could find the queue full). A message already written
+        stays outstanding, so that its reply is matched to it and not to another;
+        the reply then frees its slot.
         """
         if sending.state is _State.QUEUED:
             if sending.ref is not None:
                 self._outstanding.forget(sending.ref)
             self._sendings.discard(sending)
-            sending.settle(None)
+            sending.state = _State.WITHDRAWN
+            self._withdrawn.add(sending)
 
     async def close(self) -> None:
-        """Close with 1000 and wait for relayd's close frame; the caller bounds the wait."""
+        """Close with 1000 and wait for relayd's close frame; the caller bounds the wait.
+
+        The wait ends early if the link ends first: trio-websocket's reader, which
+        would read that close frame, is gone (see :func:`_late_pong`).
+        """
         self._closing = True
         try:
-            await self._ws.aclose(CloseCode.NORMAL)
+            async with trio.open_nursery() as nursery:
+
+                async def first_done(wait: Callable[[], Awaitable[object]]) -> None:
+                    await wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(first_done, functools.partial(self._ws.aclose, CloseCode.NORMAL))
+                nursery.start_soon(first_done, self._over.wait)
         finally:
             self._closed.set()
 
@@ -242,8 +267,12 @@ class Link:
     async def write(self) -> None:
         """Write queued envelopes in order until the connection ends."""
         async for sending in self._queue_out:
+            if sending.state is _State.WITHDRAWN:
+                self._withdrawn.discard(sending)
+                sending.settle(None)  # nobody waits: this frees its slot
+                continue
             if sending.state is not _State.QUEUED:
-                continue  # withdrawn by its sender
+                continue  # settled as the connection ended
             sending.state = _State.WRITTEN
             try:
                 await self._ws.send_message(sending.frame)
@@ -279,6 +308,18 @@ class Link:
                 error = closed_error(closed.code, closed.reason)
             sending.settle(error)
         self._sendings.clear()
+        for sending in self._withdrawn:  # the writer will not pass over them now
+            sending.settle(None)
+        self._withdrawn.clear()
+        self._over.set()
+
+
+def _late_pong(error: BaseException) -> bool:
+    """Whether ``error`` is wsproto refusing a pong because this side sent its close."""
+    message = str(error)
+    return message.startswith("Event Pong(") and message.endswith(
+        "state ConnectionState.LOCAL_CLOSING."
+    )
 
 
 def _announced_limit(headers: tuple[tuple[bytes, bytes], ...]) -> int | None:
@@ -348,6 +389,14 @@ async def run_link(
         assert isinstance(rejected, ConnectionRejected)
         body = (rejected.body or b"").decode(errors="replace").strip()
         failure = HandshakeRefused(url, rejected.status_code, body)
+    except* LocalProtocolError as group:
+        # trio-websocket 0.12 answers a ping that crossed this client's close frame
+        # with a pong, which wsproto refuses once the close is sent, and its reader
+        # task raises (trio-websocket#184). RFC 6455 lets a closing endpoint leave the
+        # ping unanswered: the connection was closing by this client's choice.
+        if not all(_late_pong(error) for error in group.exceptions):
+            raise
+        closed = CloseInfo(CloseCode.NORMAL, "", by_client=True)
     finally:
         await trio.aclose_forcefully(stream)
     if failure is not None:

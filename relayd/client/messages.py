@@ -89,8 +89,11 @@ class Message:
 
         The seed dialect sends errors (``{"error": ..., "detail": ...}``) on the
         same channel as messages, so they arrive as messages. A peer can send a
-        message of the same shape: only relayd.v1 tells them apart.
+        message of the same shape: only relayd.v1 tells them apart, and there a
+        message (one with a ``sender``) is always a peer's, never relayd's error.
         """
+        if self.sender is not None:
+            return None
         try:
             error = _seed_error_decoder.decode(self.raw)
         except (msgspec.DecodeError, RecursionError):
