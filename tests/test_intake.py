@@ -47,6 +47,7 @@ def intake(**limits: float) -> tuple[Intake, LiveLimits, Stats]:
 
 def reply_of(item: object) -> dict[str, object]:
     assert isinstance(item, Reply)
+    assert item.frame is not None  # a refusal's frame: None is only a reader's marker
     result: dict[str, object] = json.loads(text_of(item.frame))
     return result
 

@@ -365,7 +365,44 @@ async def test_a_flood_closed_for_policy_still_gets_every_reply_decided_before_t
             assert [await friend.recv() for _ in range(burst)] == [str(n) for n in range(burst)]
     frames = wire.server_frames(data)
     replies = [json.loads(payload) for opcode, payload in frames[1:] if opcode == 0x1]
-    assert replies == [{"type": "ack", "ref": n} for n in range(burst)] + [
+    assert replies == _acked_then_refused(burst)
+    assert frames[-1] == (0x8, (1008).to_bytes(2, "big") + b"rate limit exceeded")
+    [close] = [e for e in events if e["event"] == "connection.close" and e["code"] == 1008]
+    assert close["undelivered"] == 0
+
+
+@pytest.mark.parametrize("burst", [3, 40])
+async def test_messages_to_itself_before_the_one_over_the_rate_are_delivered_before_the_close(
+    burst: int,
+) -> None:
+    # As above, to the sender's own id, in one write: the messages within the rate
+    # are delivered to it, as when each comes in a read of its own; the connection
+    # leaves the routing table only once they are routed, not as the read that closes
+    # it is taken (they were answered unknown_recipient).
+    server = Server(settings(messages_per_second=0.001, message_burst=burst, outbox_messages=128))
+    async with running(server) as url:
+        request = wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
+        stream, welcome = await _silent_client(url, request)
+        me = json.loads(welcome)["id"]
+        await stream.send_all(
+            b"".join(
+                wire.frame(0x1, json.dumps({"to": me, "message": n, "ref": n}).encode())
+                for n in range(2 * burst + 1)
+            )
+        )
+        async with stream:
+            frames = wire.server_frames(await _read_until_closed(stream), after_head=False)
+    texts = [json.loads(payload) for opcode, payload in frames if opcode == 0x1]
+    assert [t for t in texts if t["type"] == "message"] == [
+        {"type": "message", "from": me, "message": n} for n in range(burst)
+    ]
+    assert [t for t in texts if t["type"] != "message"] == _acked_then_refused(burst)
+    assert frames[-1] == (0x8, (1008).to_bytes(2, "big") + b"rate limit exceeded")
+
+
+def _acked_then_refused(burst: int) -> list[dict[str, object]]:
+    """The replies to 2 x ``burst`` messages with refs 0, 1, ... sent at once."""
+    return [{"type": "ack", "ref": n} for n in range(burst)] + [
         {
             "type": "error",
             "error": "rate_limited",
@@ -374,14 +411,14 @@ async def test_a_flood_closed_for_policy_still_gets_every_reply_decided_before_t
         }
         for n in range(burst, 2 * burst)
     ]
-    assert frames[-1] == (0x8, (1008).to_bytes(2, "big") + b"rate limit exceeded")
-    [close] = [e for e in events if e["event"] == "connection.close" and e["code"] == 1008]
-    assert close["undelivered"] == 0
 
 
-async def _silent_client(url: str) -> tuple[trio.SocketStream, str]:
-    """A raw client that completes the handshake, reads its id, then never reads again."""
-    stream = await _raw(url, wire.upgrade_request())
+async def _silent_client(url: str, request: bytes | None = None) -> tuple[trio.SocketStream, str]:
+    """A raw client that completes the handshake, reads its welcome, then never reads again.
+
+    The welcome is its id in the seed dialect (the default ``request``).
+    """
+    stream = await _raw(url, wire.upgrade_request() if request is None else request)
     data = b""
     while (end := data.find(b"\r\n\r\n")) < 0 or len(data) < end + 6:
         data += await stream.receive_some(4096)

@@ -38,7 +38,7 @@ from relayd.daemon.writer import Writer
 from relayd.errors import CloseCode, ProtocolError, RouterClosed
 from relayd.policy.ratelimit import FramePacer
 from relayd.policy.timers import Due, Timers
-from relayd.routing.interface import Inbound, Router
+from relayd.routing.interface import Inbound, Reply, Router
 from relayd.routing.outbox import Outbox
 from relayd.telemetry import clock
 from relayd.wire.frames import (
@@ -62,6 +62,32 @@ __all__ = ["RECEIVE_BYTES", "Reader"]
 RECEIVE_BYTES: Final = 65536
 
 _PING: Final = encode_frame(OP_PING, b"relayd")
+#: What :meth:`Reader._take` returns when a message went over the rate limit (True,
+#: 1, is any other end of the read).
+_OVER_RATE: Final = 2
+#: How long the reader waits for the router to pass a read's items before closing
+#: for the rate limit anyway: a router that far behind is shutting down or stuck.
+_ROUTED_WITHIN_S: Final = 5.0
+
+
+class _Routed:
+    """The last item of a read that ends over the rate limit: routed, it says so.
+
+    The router takes a reader's items in order and "replies" to this one once it
+    has routed those before it; only then does the connection close and leave the
+    routing table, so that a message it sent to its own id just before is
+    delivered to it, as it would have been in a read of its own.
+    """
+
+    __slots__ = ("_owner", "done")
+
+    def __init__(self, owner: Connection) -> None:
+        self._owner = owner
+        self.done = trio.Event()
+
+    def reply(self, frame: bytes | None) -> None:
+        self._owner.reply(None)  # the slot the reader reserved for it
+        self.done.set()
 
 
 class Reader:
@@ -244,13 +270,10 @@ class Reader:
             events, violation = exc.parsed, exc
         batch: list[Inbound] = []
         ended = self._take(events, batch, now)
-        if batch:
-            try:
-                if not await self._route(batch):
-                    return False
-            except RouterClosed:
-                self._owner.drain()
-                return False
+        if ended == _OVER_RATE:
+            return await self._close_over_rate(batch)
+        if batch and not await self._route(batch):
+            return False
         if violation is not None and not ended:
             if violation.code == CloseCode.TOO_BIG:
                 self._limit_exceeded("max_message_bytes")
@@ -260,13 +283,38 @@ class Reader:
             return False
         return not ended and self._lifecycle.reading
 
+    async def _close_over_rate(self, batch: list[Inbound]) -> bool:
+        """Route what came before the message over the rate limit, then close with 1008.
+
+        The connection leaves the routing table only once the router has passed
+        over ``batch`` (:class:`_Routed`), or :data:`_ROUTED_WITHIN_S` has gone by.
+
+        Returns:
+            False: reading is over.
+        """
+        if batch:
+            routed = _Routed(self._owner)
+            batch.append(Reply(routed, None))
+            if not await self._route(batch):
+                return False
+            if not routed.done.is_set():  # handed to the router's task, not routed at once
+                self._lift_deadline()
+                with trio.move_on_after(_ROUTED_WITHIN_S):
+                    await routed.done.wait()
+        self._owner.close_soon(CloseCode.POLICY, "rate limit exceeded")
+        return False
+
     def feed(self, data: bytes | bytearray, now: float) -> list[tuple[int, bytes]]:
         """Parse ``data``, read at ``now``, within the frames the connection may still send."""
         parser = self._parser
         return parser.feed(data, self._pacer.allowance(now, parser.frames))
 
-    def _take(self, events: list[tuple[int, bytes]], batch: list[Inbound], now: float) -> bool:
-        """Turn one read's frames (read at ``now``) into router items; True if it ends here."""
+    def _take(self, events: list[tuple[int, bytes]], batch: list[Inbound], now: float) -> int:
+        """Turn one read's frames (read at ``now``) into router items; true if it ends here.
+
+        :data:`_OVER_RATE` when a message went over the rate limit: the caller
+        closes the connection once the items before it are routed.
+        """
         for opcode, payload in events:
             if opcode <= OP_BINARY:
                 self._timers.received(now)
@@ -274,8 +322,7 @@ class Reader:
                 item = self._intake.judge(opcode, payload, now)
                 if item is None:
                     self._limit_exceeded("messages_per_second")
-                    self._owner.close_soon(CloseCode.POLICY, "rate limit exceeded")
-                    return True
+                    return _OVER_RATE
                 batch.append(item)
             elif opcode == OP_PING:
                 self._timers.heard(now)
@@ -297,10 +344,8 @@ class Reader:
         at most, after which the connection closes with 1013.
 
         Returns:
-            False if the connection is closing as a slow consumer.
-
-        Raises:
-            RouterClosed: the router is shutting down.
+            False if the connection is closing: as a slow consumer, or because the
+            router is shutting down (the connection drains).
         """
         outbox = self._outbox
         chunk = outbox.capacity
@@ -321,7 +366,7 @@ class Reader:
                 if not self._router.try_route(part):
                     self._lift_deadline()
                     await self._router.route(part)
-            except BaseException:
+            except BaseException as exc:
                 # RouterClosed, or cancelled: the router took nothing. (A bug raised
                 # while routing at once may come after some items were answered; a
                 # None beyond the slots reserved is ignored, and the connection
@@ -329,6 +374,9 @@ class Reader:
                 for _ in part:
                     outbox.reply(None)
                 self._writer.slots_freed()
+                if isinstance(exc, RouterClosed):
+                    self._owner.drain()
+                    return False
                 raise
         return True
 

@@ -24,7 +24,14 @@ from prometheus_client.registry import Collector
 from relayd.routing.table import Outcome
 from relayd.wire.dialects import Dialect, Envelope
 
-__all__ = ["Inbound", "Peer", "Relay", "Reply", "Router"]
+__all__ = ["Inbound", "Peer", "Relay", "Replied", "Reply", "Router"]
+
+
+class Replied(Protocol):
+    """Whoever a :class:`Reply` is for: a connection, or its reader's marker."""
+
+    def reply(self, frame: bytes | None) -> None:
+        """Fill the reply slot reserved for this item (None frees it)."""
 
 
 class Peer(Protocol):
@@ -75,10 +82,14 @@ class Relay(NamedTuple):
 
 
 class Reply(NamedTuple):
-    """An encoded frame for one connection that its own reader produced (an error, an echo)."""
+    """An encoded frame for one connection that its own reader produced (an error, an echo).
 
-    recipient: Peer
-    frame: bytes
+    Routed in turn with the reader's other items: its recipient's ``reply`` is
+    called once the items before it are routed (a reader's marker uses that).
+    """
+
+    recipient: Replied
+    frame: bytes | None
 
 
 Inbound = Relay | Reply

@@ -32,7 +32,7 @@ from relayd.routing.batch import routing_batch
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Published
 from relayd.routing.cluster.pending import Decided, Kind, Waiting
-from relayd.routing.interface import Peer
+from relayd.routing.interface import Peer, Replied
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
 from relayd.routing.table import Outcome
 from relayd.telemetry.line_sink import batched
@@ -121,7 +121,7 @@ class Awaited:
         self._settled = trio.lowlevel.ParkingLot()  # who waits for every answer owed
         # Senders with messages waiting for other nodes, and the replies they
         # are owed in order (replies reach a sender in the order it sent).
-        self._held: dict[Peer, collections.deque[Slot]] = {}
+        self._held: dict[Replied, collections.deque[Slot]] = {}
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -263,7 +263,7 @@ class Awaited:
         """Records outcomes as the settings were when the current :meth:`batch` began."""
         return self._record
 
-    def reply(self, sender: Peer, frame: bytes | None, slot: Slot | None = None) -> None:
+    def reply(self, sender: Replied, frame: bytes | None, slot: Slot | None = None) -> None:
         """Fill ``sender``'s next reply slot, keeping its replies in the order it sent.
 
         A reply decided now waits behind the sender's earlier messages that
