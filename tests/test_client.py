@@ -15,7 +15,9 @@ import json
 import math
 import random
 import re
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -753,6 +755,47 @@ async def test_a_ping_crossing_the_clients_close_frame_is_left_unanswered(
         assert trio.current_time() - left < 1
         assert client.closed is not None
         assert (client.closed.code, client.closed.by_client) == (1000, True)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ping_refused_after_a_failed_write_is_a_lost_connection_not_a_close() -> None:
+    # A write that fails (the connection reset) makes trio-websocket start closing
+    # too; a ping read after that is refused the same way as after a close. It is
+    # then the connection lost (1006), so the client reconnects, not a 1000 of the
+    # client's own, which would end it for good.
+    sent, reset = trio.Event(), trio.Event()
+    accepted = 0
+
+    async def server(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await accept_v1(stream, f"c{accepted}")
+        if accepted > 1:
+            await trio.sleep_forever()
+        await stream.send_all(
+            text_frame(b'{"type":"message","from":"p","message":1}')
+            + text_frame(b'{"type":"message","from":"p","message":2}')
+            + b"\x89\x06relayd"  # a ping behind them
+        )
+        sent.set()
+        await reset.wait()
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()  # a reset
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, server)
+        backoff = relayd.client.Backoff(first_s=0.01, attempts=3)
+        options: dict[str, Any] = {"receive_queue": 0, "keepalive_s": None, "close_timeout": 0.5}
+        async with connect(url, reconnect=backoff, **options) as client:
+            ids = client.ids()
+            assert await ids.__anext__() == "c1"
+            await sent.wait()
+            await trio.testing.wait_all_tasks_blocked()  # its reader holds message 1
+            reset.set()
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(ConnectionLost):
+                await client.send("x", 1)  # the write fails on the reset connection
+            assert await ids.__anext__() == "c2"  # reconnected: not closed for good
         nursery.cancel_scope.cancel()
 
 

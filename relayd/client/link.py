@@ -33,8 +33,7 @@ those messages.
 from __future__ import annotations
 
 import enum
-import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -150,8 +149,13 @@ class Link:
         self._closing = False  # this client started the closing handshake
         self._gone = False  # the connection is over: nothing more is sent
         self._closed = trio.Event()  # set when close() is over
-        self._over = trio.Event()  # set when run_link is done with the link
+        self._closing_scope: trio.CancelScope | None = None  # close()'s wait, while it waits
         self._lost_reason = ""  # why this client dropped the connection itself
+
+    @property
+    def closing(self) -> bool:
+        """This client started the closing handshake (:meth:`close`)."""
+        return self._closing
 
     @property
     def open(self) -> bool:
@@ -206,19 +210,15 @@ class Link:
     async def close(self) -> None:
         """Close with 1000 and wait for relayd's close frame; the caller bounds the wait.
 
-        The wait ends early if the link ends first: trio-websocket's reader, which
-        would read that close frame, is gone (see :func:`_late_pong`).
+        The wait ends early if the link ends first (:meth:`fail_all`): then
+        trio-websocket's reader, which would read that close frame, is gone
+        (see :func:`_late_pong`).
         """
         self._closing = True
         try:
-            async with trio.open_nursery() as nursery:
-
-                async def first_done(wait: Callable[[], Awaitable[object]]) -> None:
-                    await wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(first_done, functools.partial(self._ws.aclose, CloseCode.NORMAL))
-                nursery.start_soon(first_done, self._over.wait)
+            if not self._gone:
+                with trio.CancelScope() as self._closing_scope:
+                    await self._ws.aclose(CloseCode.NORMAL)
         finally:
             self._closed.set()
 
@@ -311,7 +311,8 @@ class Link:
         for sending in self._withdrawn:  # the writer will not pass over them now
             sending.settle(None)
         self._withdrawn.clear()
-        self._over.set()
+        if self._closing_scope is not None:
+            self._closing_scope.cancel()  # no reader is left to end close()'s wait
 
 
 def _late_pong(error: BaseException) -> bool:
@@ -365,6 +366,7 @@ async def run_link(
         raise ConnectTimeout(url, f"no connection to {url} within {timeout:g} s")
     failure: ConnectError | None = None
     closed = CloseInfo(CloseCode.ABNORMAL, "")
+    link: Link | None = None
     try:
         async with trio.open_nursery() as nursery:
             opened = await handshake(nursery, stream, endpoint, options, deadline)
@@ -390,13 +392,17 @@ async def run_link(
         body = (rejected.body or b"").decode(errors="replace").strip()
         failure = HandshakeRefused(url, rejected.status_code, body)
     except* LocalProtocolError as group:
-        # trio-websocket 0.12 answers a ping that crossed this client's close frame
-        # with a pong, which wsproto refuses once the close is sent, and its reader
-        # task raises (trio-websocket#184). RFC 6455 lets a closing endpoint leave the
-        # ping unanswered: the connection was closing by this client's choice.
-        if not all(_late_pong(error) for error in group.exceptions):
+        # trio-websocket 0.12 answers a ping that came after it started closing with
+        # a pong, which wsproto refuses, and its reader task raises
+        # (trio-websocket#184). RFC 6455 lets a closing endpoint leave the ping
+        # unanswered. Closing by this client's choice, that is a 1000; closing
+        # because a write failed (trio-websocket aborts), the connection is lost.
+        if link is None or not all(_late_pong(error) for error in group.exceptions):
             raise
-        closed = CloseInfo(CloseCode.NORMAL, "", by_client=True)
+        if link.closing:
+            closed = CloseInfo(CloseCode.NORMAL, "", by_client=True)
+        else:
+            closed = link.ended() or CloseInfo(CloseCode.ABNORMAL, "the connection failed")
     finally:
         await trio.aclose_forcefully(stream)
     if failure is not None:
