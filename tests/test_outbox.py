@@ -107,6 +107,17 @@ def test_take_frees_only_the_slots_its_replies_held() -> None:
     assert not box.reserve(1)
 
 
+def test_reserve_beyond_takes_slots_past_capacity_and_each_still_holds_its_reply() -> None:
+    box = Outbox(2)
+    assert box.reserve(2)
+    assert not box.reserve(1)
+    box.reserve_beyond(3)  # a closing connection's last read: no wait for room
+    for n in range(5):
+        box.reply(b"r%d" % n)
+    assert box.take() == [b"r0", b"r1", b"r2", b"r3", b"r4"]  # none dropped
+    assert box.reserve(2)  # the bound again, once they are taken
+
+
 def test_reserve_always_succeeds_once_closed() -> None:
     box = make()
     assert box.reserve(CAPACITY)

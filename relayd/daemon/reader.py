@@ -295,7 +295,7 @@ class Reader:
         if batch:
             routed = _Routed(self._owner)
             batch.append(Reply(routed, None))
-            if not await self._route(batch):
+            if not await self._route(batch, closing=True):
                 return False
             if not routed.done.is_set():  # handed to the router's task, not routed at once
                 self._lift_deadline()
@@ -336,12 +336,14 @@ class Reader:
                 return True
         return False
 
-    async def _route(self, items: list[Inbound]) -> bool:
+    async def _route(self, items: list[Inbound], *, closing: bool = False) -> bool:
         """Hand ``items`` to the router with a reply slot each, in chunks the outbox can hold.
 
         Waits (reading nothing more from the client) while the client has not
         read enough of its replies to make room; for ``slow_consumer_timeout_s``
-        at most, after which the connection closes with 1013.
+        at most, after which the connection closes with 1013. ``closing``: the
+        connection's last read (over the rate limit), whose slots are taken
+        without a wait (:meth:`~relayd.routing.outbox.Outbox.reserve_beyond`).
 
         Returns:
             False if the connection is closing: as a slow consumer, or because the
@@ -356,12 +358,15 @@ class Reader:
             parts = tuple(items[start : start + chunk] for start in range(0, len(items), chunk))
         for part in parts:
             if not outbox.reserve(len(part)):
-                self._lift_deadline()
-                with trio.move_on_after(self._timers.slow_consumer_timeout_s) as waiting:
-                    await self._writer.wait_for_room(len(part))
-                if waiting.cancelled_caught:
-                    self._stuck()
-                    return False
+                if closing:
+                    outbox.reserve_beyond(len(part))
+                else:
+                    self._lift_deadline()
+                    with trio.move_on_after(self._timers.slow_consumer_timeout_s) as waiting:
+                        await self._writer.wait_for_room(len(part))
+                    if waiting.cancelled_caught:
+                        self._stuck()
+                        return False
             try:
                 if not self._router.try_route(part):
                     self._lift_deadline()

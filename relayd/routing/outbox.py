@@ -189,6 +189,15 @@ class Outbox:
         self._reserved += n
         return True
 
+    def reserve_beyond(self, n: int) -> None:
+        """Take ``n`` reply slots whether or not they are free, as a closed outbox's reserve does.
+
+        For the last read of a connection that is closing (over the rate limit):
+        its replies are all that is left, so waiting for room would only delay
+        the close. The bound is then that read's items, as for a closed outbox.
+        """
+        self._reserved += n
+
     # -- the writer's side ---------------------------------------------------------
 
     def take(self) -> list[bytes]:
