@@ -60,6 +60,11 @@ def claims(**overrides: Any) -> dict[str, Any]:
         # ignored, so ?token= is read, as docs/security.md says.
         ({"authorization": "Basic dXNlcjpwYXNz"}, "/", None),
         ({"authorization": "Basic dXNlcjpwYXNz"}, "/?token=xyz", "xyz"),
+        # A token that is not ASCII: its UTF-8 bytes, which the header holds as
+        # latin-1 text, are the same token as in the query.
+        ({"authorization": "Bearer " + "jeton-é✓".encode().decode("latin-1")}, "/", "jeton-é✓"),
+        ({}, "/?token=jeton-%C3%A9%E2%9C%93", "jeton-é✓"),
+        ({"authorization": "Bearer caf\xe9"}, "/", "caf\xe9"),  # not UTF-8: as it came
     ],
 )
 def test_token_from(headers: dict[str, str], target: str, token: str | None) -> None:
@@ -388,7 +393,9 @@ def test_a_subject_of_1_to_256_characters_is_the_id(length: int) -> None:
     assert JWTVerifier(SECRET, "HS256").authenticate(token) == Identity("s" * length)
 
 
-@pytest.mark.parametrize("sub", ["", "s" * 257], ids=["empty", "257-characters"])
+@pytest.mark.parametrize(
+    "sub", ["", "s" * 257, "\ud800x"], ids=["empty", "257-characters", "lone-surrogate"]
+)
 def test_a_subject_that_cannot_be_an_id_is_refused(sub: str) -> None:
     token = jwt.encode(claims(sub=sub), SECRET, "HS256")
     assert JWTVerifier(SECRET, "HS256").authenticate(token) == Refusal(

@@ -95,12 +95,18 @@ def token_from(headers: Mapping[str, str], target: str) -> str | None:
     and is ignored, so ``?token=`` is read then.
 
     Args:
-        headers: request headers, names in lower case.
+        headers: request headers, names in lower case, values read as latin-1.
         target: the request target (path and query).
     """
     scheme, _, rest = headers.get("authorization", "").strip().partition(" ")
     if scheme.lower() == "bearer":
-        return rest.strip()
+        token = rest.strip()
+        # Read as latin-1, as HTTP reads header bytes; a token is text, in UTF-8 as
+        # ?token= is read, so a token that is not ASCII matches in either place.
+        try:
+            return token.encode("latin-1").decode()
+        except UnicodeDecodeError:
+            return token  # not UTF-8: it matches no token, and is refused as any other
     values = parse_qs(urlsplit(target).query).get("token")
     return values[0] if values else None
 
@@ -273,9 +279,22 @@ class JWTVerifier:
             # as a 500, for a token is only ever refused.
             return _INVALID
         subject = claims["sub"]
-        if not isinstance(subject, str) or not 0 < len(subject) <= MAX_ID_CHARS:
+        if (
+            not isinstance(subject, str)
+            or not 0 < len(subject) <= MAX_ID_CHARS
+            # JSON's \ud800 escapes decode to lone surrogates, which no frame can carry.
+            or not _utf8_encodable(subject)
+        ):
             return Refusal(401, "invalid token: sub must be a string of 1 to 256 characters")
         return Identity(subject)
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: PyJWT's errors, most specific first, and the refusal for each. The reasons
