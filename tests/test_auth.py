@@ -64,7 +64,8 @@ def claims(**overrides: Any) -> dict[str, Any]:
         # latin-1 text, are the same token as in the query.
         ({"authorization": "Bearer " + "jeton-é✓".encode().decode("latin-1")}, "/", "jeton-é✓"),
         ({}, "/?token=jeton-%C3%A9%E2%9C%93", "jeton-é✓"),
-        ({"authorization": "Bearer caf\xe9"}, "/", "caf\xe9"),  # not UTF-8: as it came
+        ({"authorization": "Bearer caf\xe9"}, "/", "caf\ufffd"),  # not UTF-8: as the query reads it
+        ({}, "/?token=caf%E9", "caf\ufffd"),
     ],
 )
 def test_token_from(headers: dict[str, str], target: str, token: str | None) -> None:

@@ -316,7 +316,11 @@ class Link:
 
 
 def _late_pong(error: BaseException) -> bool:
-    """Whether ``error`` is wsproto refusing a pong because this side sent its close."""
+    """Whether ``error`` is wsproto refusing a pong because this side is closing.
+
+    Closing by this client's choice (it sent its close frame), or because a
+    write failed and trio-websocket aborted the connection.
+    """
     message = str(error)
     return message.startswith("Event Pong(") and message.endswith(
         "state ConnectionState.LOCAL_CLOSING."
@@ -402,7 +406,11 @@ async def run_link(
         if link.closing:
             closed = CloseInfo(CloseCode.NORMAL, "", by_client=True)
         else:
-            closed = link.ended() or CloseInfo(CloseCode.ABNORMAL, "the connection failed")
+            ended = link.ended()  # trio-websocket's abort sets it: 1006, without a reason
+            closed = CloseInfo(
+                ended.code if ended else CloseCode.ABNORMAL,
+                (ended.reason if ended else "") or "the connection failed",
+            )
     finally:
         await trio.aclose_forcefully(stream)
     if failure is not None:

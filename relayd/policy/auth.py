@@ -100,13 +100,10 @@ def token_from(headers: Mapping[str, str], target: str) -> str | None:
     """
     scheme, _, rest = headers.get("authorization", "").strip().partition(" ")
     if scheme.lower() == "bearer":
-        token = rest.strip()
-        # Read as latin-1, as HTTP reads header bytes; a token is text, in UTF-8 as
-        # ?token= is read, so a token that is not ASCII matches in either place.
-        try:
-            return token.encode("latin-1").decode()
-        except UnicodeDecodeError:
-            return token  # not UTF-8: it matches no token, and is refused as any other
+        # Read as latin-1, as HTTP reads header bytes; a token is text, read from its
+        # UTF-8 bytes as ?token= is (parse_qs), so that one spelling of a token
+        # matches, in either place, and bytes that are not UTF-8 match no token.
+        return rest.strip().encode("latin-1").decode("utf-8", "replace")
     values = parse_qs(urlsplit(target).query).get("token")
     return values[0] if values else None
 

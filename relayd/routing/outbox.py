@@ -30,7 +30,10 @@ write to), counting what it dropped.
 
 Memory per connection is bounded by ``2 x capacity`` frames of at most
 ``max_message_bytes`` plus the envelope around them, plus
-:data:`MAX_CONTROL_FRAMES` control frames of at most 127 bytes.
+:data:`MAX_CONTROL_FRAMES` control frames of at most 127 bytes; once the
+connection is closing, its last read's replies may go past ``capacity``
+(:meth:`Outbox.reserve_beyond`, or :meth:`Outbox.reserve` once closed), one
+reply per frame of that read.
 
 Nothing here waits or reads a clock: the connection that owns the outbox
 (:mod:`relayd.daemon.connection`) wakes its writer and its reader, and keeps
