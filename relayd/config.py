@@ -211,7 +211,8 @@ class AuthSettings(BaseModel):
     Attributes:
         mode: ``off``; ``token``, static bearer tokens; ``jwt``, JSON Web Tokens.
         tokens: for ``token``: subject -> token.
-        tokens_file: for ``token``: a file of ``subject token`` lines, added to ``tokens``.
+        tokens_file: for ``token``: a file of ``subject token`` lines, added to ``tokens``
+            (a subject may have several tokens; see :func:`relayd.policy.auth.parse_tokens_file`).
         jwt_algorithm: for ``jwt``: HS256 (shared secret), RS256 or ES256 (public key).
         jwt_secret: for HS256: the shared secret.
         jwt_secret_file: for HS256: a file holding the shared secret instead.

@@ -22,6 +22,7 @@ from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.errors import ConfigError
 from relayd.policy.auth import (
     MIN_TOKEN_CHARS,
+    Authenticator,
     Identity,
     JWTVerifier,
     StaticTokens,
@@ -76,6 +77,7 @@ def test_token_from(headers: dict[str, str], target: str, token: str | None) -> 
 
 A_TOKEN = "a-secret-token-0123456789"
 B_TOKEN = "b-secret-token-0123456789"
+C_TOKEN = "c-secret-token-0123456789"
 
 
 def test_static_tokens_name_their_subject() -> None:
@@ -98,8 +100,8 @@ def test_static_tokens_shorter_than_the_minimum_are_refused() -> None:
 
 
 def test_tokens_file_format() -> None:
-    text = "# who token\nalice a-secret\n\n  bob   b-secret  # trailing comment\n"
-    assert parse_tokens_file(text) == {"alice": "a-secret", "bob": "b-secret"}
+    text = "# who token\nalice a-secret\n\n  bob   b-secret  # trailing comment\n\t# indented\n"
+    assert parse_tokens_file(text) == [("alice", "a-secret"), ("bob", "b-secret")]
     with pytest.raises(ValueError, match="line 2") as error:
         parse_tokens_file("alice a\nbob\n")
     assert "bob" not in str(error.value)  # never echo the file's content
@@ -267,14 +269,20 @@ def test_auth_off_needs_nothing() -> None:
     assert load_authenticator(AuthSettings()) is None
 
 
-def test_tokens_from_settings_and_file(tmp_path: Path) -> None:
+def static_tokens(tmp_path: Path, table: dict[str, str], file: str) -> Authenticator:
+    """What relayd loads from ``auth.tokens`` = ``table`` and a tokens file holding ``file``."""
     path = tmp_path / "tokens"
-    path.write_text(f"bob {B_TOKEN}\n")
-    settings = AuthSettings(
-        mode="token", tokens={"alice": SecretStr(A_TOKEN)}, tokens_file=str(path)
+    path.write_text(file)
+    tokens = {subject: SecretStr(token) for subject, token in table.items()}
+    authenticator = load_authenticator(
+        AuthSettings(mode="token", tokens=tokens, tokens_file=str(path))
     )
-    authenticator = load_authenticator(settings)
     assert authenticator is not None
+    return authenticator
+
+
+def test_tokens_from_settings_and_file(tmp_path: Path) -> None:
+    authenticator = static_tokens(tmp_path, {"alice": A_TOKEN}, f"bob {B_TOKEN}\n")
     assert authenticator.authenticate(A_TOKEN) == Identity("alice")
     assert authenticator.authenticate(B_TOKEN) == Identity("bob")
 
@@ -410,8 +418,37 @@ def test_without_leeway_a_token_is_expired_from_its_exp_second_on() -> None:
 
 
 def test_a_comment_may_hold_a_hash_sign() -> None:
-    text = "alice a-secret  # rotated 2024-05 # see ticket #12\n"
-    assert parse_tokens_file(text) == {"alice": "a-secret"}
+    text = "alice a-secret  # rotated 2024-05 # see ticket #12\nbob b-secret\t#tabbed\n"
+    assert parse_tokens_file(text) == [("alice", "a-secret"), ("bob", "b-secret")]
+
+
+def test_a_hash_sign_inside_a_token_is_part_of_it(tmp_path: Path) -> None:
+    # Cut at the "#", this token was 16 characters: long enough to load, and never
+    # the one the client sends.
+    token = "0123456789abcdef#ghij"
+    authenticator = static_tokens(tmp_path, {}, f"alice {token}\n")
+    assert authenticator.authenticate(token) == Identity("alice")
+    assert authenticator.authenticate(token.split("#")[0]) == Refusal(401, "invalid token")
+
+
+def test_a_subject_may_have_several_tokens_to_rotate_one(tmp_path: Path) -> None:
+    file = f"alice {A_TOKEN}  # the old one\nalice {B_TOKEN}\n"
+    authenticator = static_tokens(tmp_path, {"alice": C_TOKEN}, file)
+    for token in (A_TOKEN, B_TOKEN, C_TOKEN):
+        assert authenticator.authenticate(token) == Identity("alice")
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_one_token_for_two_subjects_is_a_config_error_naming_both(
+    table: bool, tmp_path: Path
+) -> None:
+    file = f"bob {A_TOKEN}\n" if table else f"alice {A_TOKEN}\nbob {A_TOKEN}\n"
+    with pytest.raises(ConfigError) as error:
+        static_tokens(tmp_path, {"alice": A_TOKEN} if table else {}, file)
+    assert error.value.key == "auth.tokens_file"
+    assert "'alice'" in str(error.value)
+    assert "'bob'" in str(error.value)
+    assert A_TOKEN not in str(error.value)
 
 
 # -- what the operator is told about a key ------------------------------------------

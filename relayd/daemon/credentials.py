@@ -75,23 +75,23 @@ def load_authenticator(
     if settings.mode == "off":
         return None
     if settings.mode == "token":
-        tokens = {subject: token.get_secret_value() for subject, token in settings.tokens.items()}
-        _checked("auth.tokens", lambda: StaticTokens(tokens), source)
+        tokens = [(subject, token.get_secret_value()) for subject, token in settings.tokens.items()]
+        static = _checked("auth.tokens", lambda: StaticTokens(tokens), source)
         if settings.tokens_file:
             text = _read("auth.tokens_file", settings.tokens_file, source)
             try:
-                from_file = parse_tokens_file(text)
+                tokens += parse_tokens_file(text)
             except ValueError as error:
                 raise ConfigError(
                     str(error), key="auth.tokens_file", source=source("auth.tokens_file")
                 ) from error
-            _checked("auth.tokens_file", lambda: StaticTokens(from_file), source)
-            tokens |= from_file
+            # Blamed on the file: the table alone passed.
+            static = _checked("auth.tokens_file", lambda: StaticTokens(tokens), source)
         if not tokens:
             raise ConfigError(
                 "no tokens: set tokens or tokens_file", key="auth.mode", source=source("auth.mode")
             )
-        return StaticTokens(tokens)
+        return static
     algorithm = settings.jwt_algorithm
     if algorithm == "HS256":
         material, key_name = settings.jwt_secret.get_secret_value(), "auth.jwt_secret"

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -120,24 +120,35 @@ def _digest(token: str) -> bytes:
 class StaticTokens:
     """Opaque bearer tokens, each naming one subject.
 
+    A subject may have several tokens (``auth.tokens_file`` may list it on
+    several lines, and beside ``auth.tokens``), so that a token can be
+    rotated without an outage: add the new one, move the clients over,
+    remove the old one, reloading after each step.
+
     Tokens are kept as SHA-256 digests and compared in constant time, so
     neither memory dumps nor response timing give a token away.
 
     Args:
-        tokens: subject -> token.
+        tokens: subject -> token, or (subject, token) pairs.
 
     Raises:
-        ValueError: a token is shorter than :data:`MIN_TOKEN_CHARS` (the message
-            names its subject, never the token).
+        ValueError: a token is shorter than :data:`MIN_TOKEN_CHARS`, or one token
+            is given to two subjects, which would make its holder's id depend on
+            the order of the lines (the message names the subjects, never the token).
     """
 
-    def __init__(self, tokens: Mapping[str, str]) -> None:
-        for subject, token in tokens.items():
+    def __init__(self, tokens: Mapping[str, str] | Iterable[tuple[str, str]]) -> None:
+        pairs = list(tokens.items() if isinstance(tokens, Mapping) else tokens)
+        owners: dict[bytes, str] = {}
+        for subject, token in pairs:
             if len(token) < MIN_TOKEN_CHARS:
                 raise ValueError(
                     f"the token for {subject!r} is shorter than {MIN_TOKEN_CHARS} characters"
                 )
-        self._subjects = [(_digest(token), subject) for subject, token in tokens.items()]
+            owner = owners.setdefault(_digest(token), subject)
+            if owner != subject:
+                raise ValueError(f"one token is given to both {owner!r} and {subject!r}")
+        self._subjects = list(owners.items())
 
     def authenticate(self, token: str | None) -> Identity | Refusal:  # noqa: D102
         if token is None:
@@ -152,23 +163,32 @@ class StaticTokens:
         return _INVALID if found is None else Identity(found)
 
 
-def parse_tokens_file(text: str) -> dict[str, str]:
-    """Parse a tokens file: one ``subject token`` pair per line; ``#`` starts a comment.
+def parse_tokens_file(text: str) -> list[tuple[str, str]]:
+    """Parse a tokens file: one ``subject token`` pair per line.
+
+    A ``#`` that begins a line or follows a space or tab begins a comment, as in
+    a shell; one inside a token is part of it, so that a token holding ``#`` is
+    never silently cut short. A subject may appear on several lines, each a
+    token of its own.
 
     Raises:
         ValueError: a line is not exactly two fields (the message gives its number
             but never its content, which holds a secret).
     """
-    tokens: dict[str, str] = {}
+    pairs: list[tuple[str, str]] = []
     for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
+        fields = line.split()
+        for i, field in enumerate(fields):
+            if field.startswith("#"):
+                del fields[i:]
+                break
         if not fields:
             continue
         if len(fields) != 2:
             raise ValueError(f"line {number}: expected 'subject token'")
         subject, token = fields
-        tokens[subject] = token
-    return tokens
+        pairs.append((subject, token))
+    return pairs
 
 
 #: What a verifier holds for each algorithm: the secret, or the parsed public key.
