@@ -409,6 +409,23 @@ async def test_with_a_key_every_call_must_present_it() -> None:
     assert right[0] == 200
 
 
+@pytest.mark.parametrize(
+    ("key", "separator"),
+    [("clé-secrète-de-l'api-0123456789", " "), (KEY.decode(), "\t"), (KEY.decode(), " \t ")],
+)
+async def test_a_key_is_read_as_its_utf8_after_a_space_or_tab(key: str, separator: str) -> None:
+    router = Recording()
+    router.connections["bob"] = 1
+    async with api(router, key=key.encode()) as address:
+        status, _, body = await call(
+            address,
+            "/api/presence",
+            {"id": "bob"},
+            headers={"Authorization": f"Bearer{separator}{key}"},  # sent as UTF-8
+        )
+    assert (status, body) == (200, {"id": "bob", "connected": True, "connections": 1})
+
+
 async def test_disconnect_closes_with_the_code_and_reason_given_or_1008() -> None:
     router = Recording()
     router.connections.update({"bob": 2, "carol": 1})

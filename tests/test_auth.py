@@ -57,6 +57,10 @@ def claims(**overrides: Any) -> dict[str, Any]:
         ({"authorization": "Bearer "}, "/", ""),
         ({"authorization": "Bearer"}, "/?token=xyz", ""),
         ({"authorization": "bearer \t "}, "/?token=xyz", ""),
+        ({"authorization": "Bearer\tabc"}, "/?token=xyz", "abc"),  # a tab ends the scheme too
+        # Only space and tab are HTTP's whitespace: "\xa0" ends a UTF-8 "à".
+        ({"authorization": "Bearer " + "voilà".encode().decode("latin-1")}, "/", "voilà"),
+        ({"authorization": "Bearer " + "à-la".encode().decode("latin-1")}, "/", "à-la"),
         # Another scheme is not relayd's (browsers resend HTTP basic credentials):
         # ignored, so ?token= is read, as docs/security.md says.
         ({"authorization": "Basic dXNlcjpwYXNz"}, "/", None),

@@ -48,6 +48,7 @@ import msgspec
 
 from relayd.daemon.admin import Area, Exchange, Request, Response, Routes
 from relayd.errors import BrokerUnavailable, ErrorCode
+from relayd.policy.auth import bearer
 from relayd.routing.table import Outcome
 from relayd.telemetry.log import get_logger
 from relayd.telemetry.messages import MessageEvents
@@ -160,8 +161,8 @@ class _Api:
         """The 401 for a call without the key, if there is one; asked before the body is read."""
         if self._key is None:
             return None
-        scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._key):
+        given = bearer(headers)
+        if given is not None and hmac.compare_digest(given.encode(), self._key):
             return None
         return _refuse(
             401,

@@ -55,6 +55,7 @@ __all__ = [
     "Identity",
     "JWTVerifier",
     "StaticTokens",
+    "bearer",
     "jwt_key",
     "parse_tokens_file",
     "token_from",
@@ -84,13 +85,39 @@ class Authenticator(Protocol):
         """Check ``token`` (None when the handshake carried none)."""
 
 
+#: HTTP's whitespace (RFC 9110's OWS).
+_HTTP_SPACE: Final = " \t"
+
+
+def bearer(headers: Mapping[str, str]) -> str | None:
+    """The credential of an ``Authorization: Bearer`` header; None for another scheme or none.
+
+    ``Bearer`` in any case; the scheme ends at the first space or tab (RFC 7235
+    asks for a space; a tab taken for part of the scheme would read as no token).
+    An empty credential is ``""``. The header's value, read as latin-1 as HTTP
+    reads header bytes, is read back from its bytes as UTF-8, as ``?token=`` is
+    (``parse_qs``), so that a credential has one spelling in either place; bytes
+    that are not UTF-8 become U+FFFD and match nothing.
+
+    Args:
+        headers: request headers, names in lower case, values read as latin-1.
+    """
+    # str.strip() would also take "\xa0", the last byte of a UTF-8 "à" read as latin-1.
+    value = headers.get("authorization", "").strip(_HTTP_SPACE)
+    scheme = value.split(" ", 1)[0].split("\t", 1)[0]
+    if scheme.lower() != "bearer":
+        return None
+    credential = value[len(scheme) :].strip(_HTTP_SPACE)
+    return credential.encode("latin-1").decode("utf-8", "replace")
+
+
 def token_from(headers: Mapping[str, str], target: str) -> str | None:
     """The bearer token of a handshake: the Authorization header, else ``?token=``.
 
-    ``Authorization: Bearer <token>`` (the scheme in any case) wins; an empty
-    bearer token is ``""``, which no authenticator accepts: relayd never falls
-    back to ``?token=`` from a bearer header. Any other scheme (``Basic``,
-    which browsers resend on every request to a site behind HTTP basic
+    ``Authorization: Bearer <token>`` (:func:`bearer`) wins; an empty bearer
+    token is ``""``, which no authenticator accepts: relayd never falls back to
+    ``?token=`` from a bearer header. Any other scheme (``Basic``, which
+    browsers resend on every request to a site behind HTTP basic
     authentication, WebSocket handshakes included) is not a relayd credential
     and is ignored, so ``?token=`` is read then.
 
@@ -98,12 +125,9 @@ def token_from(headers: Mapping[str, str], target: str) -> str | None:
         headers: request headers, names in lower case, values read as latin-1.
         target: the request target (path and query).
     """
-    scheme, _, rest = headers.get("authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer":
-        # Read as latin-1, as HTTP reads header bytes; a token is text, read from its
-        # UTF-8 bytes as ?token= is (parse_qs), so that one spelling of a token
-        # matches, in either place, and bytes that are not UTF-8 match no token.
-        return rest.strip().encode("latin-1").decode("utf-8", "replace")
+    token = bearer(headers)
+    if token is not None:
+        return token
     values = parse_qs(urlsplit(target).query).get("token")
     return values[0] if values else None
 
