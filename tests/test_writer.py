@@ -111,8 +111,8 @@ async def test_what_the_socket_does_not_take_is_finished_by_a_task_before_anythi
         big = text_frame(b"x" * 200_000)
         small = text_frame(b"after")
         r.queue(big)
-        assert 0 < r.writer.bytes_out < len(big)  # the kernel took part of it
-        assert r.writer.messages_out == 0  # not whole yet
+        # The kernel took part of it: not counted until the rest goes.
+        assert (r.writer.messages_out, r.writer.bytes_out) == (0, 0)
         assert r.tasks() == 1  # a writer task finishes it
         r.queue(small)  # queued behind the rest of the big frame
         data = await r.read(len(big) + len(small))
@@ -206,7 +206,8 @@ async def test_a_later_take_the_socket_takes_in_part_is_finished_by_a_task() -> 
         with routing_batch():
             r.queue(*frames)
         assert r.transport.calls == 2
-        assert (r.writer.messages_out, r.writer.bytes_out) == (6, first_take + 5_000)
+        # The second take's first 5,000 bytes went, and count once its rest has gone.
+        assert (r.writer.messages_out, r.writer.bytes_out) == (6, first_take)
         assert r.tasks() == 1  # a writer task finishes it
         pong = encode_frame(OP_PONG, b"p")
         assert r.outbox.control(pong)  # queued while the rest waits: goes after it
@@ -218,6 +219,20 @@ async def test_a_later_take_the_socket_takes_in_part_is_finished_by_a_task() -> 
         ]
         await trio.testing.wait_all_tasks_blocked()
         assert (r.writer.messages_out, r.writer.dropped, len(r.outbox)) == (8, 0, 0)
+        assert r.writer.bytes_out == len(data)
+
+
+async def test_a_write_cut_short_counts_none_of_its_bytes() -> None:
+    # As docs/logging.md says of bytes_out: the part the kernel took of a write that
+    # never finished (a slow consumer closed, here its writer cancelled) is not counted.
+    async with rig(send_buffer=4096) as r:
+        big = text_frame(b"x" * 200_000)
+        r.queue(big)
+        assert r.tasks() == 1  # the kernel took part of it; a writer task has the rest
+        await trio.testing.wait_all_tasks_blocked()  # ...and waits: nobody reads
+        r.writer.stop()
+        await r.writer.join()
+        assert (r.writer.messages_out, r.writer.dropped, r.writer.bytes_out) == (0, 1, 0)
 
 
 async def test_a_client_gone_between_two_takes_counts_each_message_once() -> None:

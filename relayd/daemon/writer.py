@@ -87,7 +87,10 @@ class Writer:
 
     Attributes:
         messages_out: message frames written.
-        bytes_out: bytes written by this writer (the connection adds its close frame).
+        bytes_out: bytes written by this writer (the connection adds its close frame),
+            counted once the write that holds them is whole: a write cut short (the
+            client gone, a slow consumer closed) counts none of its bytes, whichever
+            path wrote them, as docs/logging.md says of ``bytes_out``.
         dropped: message frames taken but never written.
     """
 
@@ -101,6 +104,7 @@ class Writer:
         "_owner",
         "_pending",
         "_pending_messages",
+        "_pending_sent",
         "_room",
         "_running",
         "_scope",
@@ -134,10 +138,11 @@ class Writer:
         self._wake: trio.lowlevel.ParkingLot | None = None
         # The reader, waiting for reply slots: rare, so made when first needed.
         self._room: trio.lowlevel.ParkingLot | None = None
-        # What a write without a task left unwritten: the rest of its frames,
-        # and how many messages they hold. Written first by the next writer task.
+        # What a write without a task left unwritten: the rest of its frames, how
+        # many messages they hold, and how many bytes of theirs went (counted with
+        # the rest). Written first by the next writer task.
         self._pending = b""
-        self._pending_messages = 0
+        self._pending_messages = self._pending_sent = 0
         # When a writer task, running or to come, must be done by (a close's
         # bound), and the running one's scope that enforces it.
         self._deadline = math.inf
@@ -269,8 +274,8 @@ class Writer:
                 self._owner.client_gone()
                 return True
             if sent != len(data):
-                self.bytes_out += sent
                 self._pending, self._pending_messages = data[sent:], messages
+                self._pending_sent = sent
                 return False
             self._written(messages, sent)
         return True
@@ -359,6 +364,7 @@ class Writer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._owner.client_gone()
                 return
+            self.bytes_out += self._pending_sent
         while True:
             frames = outbox.take()
             if frames:
