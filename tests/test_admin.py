@@ -136,4 +136,29 @@ async def test_close_codes_a_client_chooses_share_one_series() -> None:
     closes = {
         labels: value for (name, labels), value in samples.items() if name == "relayd_closes_total"
     }
-    assert closes == {(("code", "1000"),): 1, (("code", "other"),): 41}
+    assert {labels: value for labels, value in closes.items() if value} == {
+        (("code", "1000"),): 1,
+        (("code", "other"),): 41,
+    }
+    assert len(closes) == 15  # the codes relayd records, and "other"
+
+
+async def test_a_fresh_relayd_exports_the_series_its_alerts_read_at_0() -> None:
+    # increase() takes a series' first sample as its start: a 1013 series that first
+    # appeared with eleven closes would show no increase, and RelaydSlowConsumers
+    # would not fire (found by a tester with promtool).
+    server = Server(settings())
+    async with running(server):
+        samples = _samples(generate_latest(server.registry).decode())
+    for name, label, value in [
+        ("relayd_closes_total", "code", "1013"),
+        ("relayd_handshakes_rejected_total", "status", "503"),
+        ("relayd_handshakes_rejected_total", "status", "500"),
+        ("relayd_handshakes_dropped_total", "limit", "max_handshakes_per_ip"),
+        ("relayd_messages_total", "outcome", "rate_limited"),
+        ("relayd_messages_total", "outcome", "echoed"),
+        ("relayd_api_messages_total", "outcome", "unknown_recipient"),
+        ("relayd_errors_total", "code", "recipient_busy"),
+    ]:
+        assert samples[(name, ((label, value),))] == 0, (name, value)
+    assert ("relayd_internal_errors_total", ()) in samples

@@ -35,6 +35,7 @@ from relayd.telemetry.log import (
     configure,
     get_logger,
     info_line,
+    internal_errors,
     line_writer,
     report_suppressed_lines,
 )
@@ -789,3 +790,16 @@ def test_the_console_format_escapes_what_a_client_chose(configured: io.StringIO)
         assert char not in line
     assert "\\x1b]0;owned\\x07\\x1b[2J" in line
     assert "\\u202eevil" in line
+
+
+def test_every_error_event_is_counted_written_or_left_out(configured: io.StringIO) -> None:
+    # relayd_internal_errors_total: an operator alerts on relayd's own bugs by it,
+    # and a burst of them must count whole though the line budget leaves lines out.
+    configure(LogSettings(format="json"), stream=configured)
+    before = internal_errors()
+    for n in range(100):
+        get_logger().error("error", summary=f"RuntimeError: {n}")
+    get_logger().warning("limit.exceeded", limit="rate", id="x")  # not an error event
+    written = [line for line in lines_of(configured) if '"event":"error"' in line]
+    assert 0 < len(written) < 100  # the budget left some out
+    assert internal_errors() - before == 100

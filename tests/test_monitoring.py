@@ -43,6 +43,7 @@ ALERTS: Final = {
     "RelaydFileDescriptorsNearLimit",
     "RelaydReloadFailed",
     "RelaydLogLinesDropped",
+    "RelaydInternalErrors",
     "RelaydBrokerDown",
 }
 _METRIC: Final = re.compile(r"\b(?:relayd|process)_[a-z_]+\b")

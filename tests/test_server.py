@@ -20,8 +20,10 @@ from relayd.config import DiagnosticsSettings
 from relayd.daemon.server import Server
 from relayd.daemon.transport import Transport
 from relayd.daemon.writer import Writer
+from relayd.policy.auth import Identity
 from relayd.routing.interface import Inbound, Relay
 from relayd.routing.local import LocalRouter
+from relayd.wire.handshake import Refusal
 from tests import wire
 from tests.client import Client, connect, running, settings, split_url
 
@@ -225,6 +227,26 @@ async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest()
     errors = [e for e in events if e["event"] == "error"]
     assert len(errors) == 1
     assert errors[0]["summary"] == "RuntimeError: bug in routing"
+
+
+class _FaultyAuthenticator:
+    """An authenticator with a bug: every check raises."""
+
+    def authenticate(self, token: str | None) -> Identity | Refusal:
+        raise RuntimeError("bug in authentication")
+
+
+async def test_a_bug_in_a_handshake_is_a_500_counted_in_the_metrics() -> None:
+    # It was answered and logged, but no metric moved: a relayd that answered every
+    # handshake with 500 looked idle on its dashboard (found by a tester).
+    server = Server(settings(), authenticator=_FaultyAuthenticator())
+    with structlog.testing.capture_logs() as events:
+        async with running(server) as url:
+            reply = await _send_and_read(url, wire.upgrade_request())
+    assert reply.startswith(b"HTTP/1.1 500 ")
+    assert server.stats.rejected == {500: 1}
+    [error] = [e for e in events if e["event"] == "error"]
+    assert error["summary"] == "RuntimeError: bug in authentication"
 
 
 async def test_a_bug_in_a_writer_task_closes_its_connection_with_1011_and_spares_the_rest(

@@ -296,6 +296,7 @@ class Gate:
                 CloseCode.INTERNAL_ERROR, "internal error", timeout_s=CLOSE_TIMEOUT_S
             )
         elif not attempt.answered:
+            self.stats.rejected[500] += 1
             await transport.send_within(refusal_response(500, "internal error"), CLOSE_TIMEOUT_S)
 
     async def _handshake(self, transport: Transport, attempt: _Attempt) -> Connection | None:

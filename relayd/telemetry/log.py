@@ -53,6 +53,7 @@ __all__ = [
     "configure",
     "get_logger",
     "info_line",
+    "internal_errors",
     "line_writer",
     "report_suppressed_lines",
 ]
@@ -158,6 +159,17 @@ THROTTLED: Final[dict[str, str | None]] = {
 }
 #: The budget of those lines, process-wide like the sink.
 _budget = LineBudget()
+#: The ``error`` events since the process started, written or left out.
+_internal_errors = 0
+
+
+def internal_errors() -> int:
+    """How many ``error`` events (bugs relayd contained) were logged since the process started.
+
+    Counted as they are logged, so left out by the line budget or not, and
+    whoever logged them (a connection, an admin request, the cluster link).
+    """
+    return _internal_errors
 
 
 def _throttle(
@@ -165,6 +177,9 @@ def _throttle(
 ) -> structlog.typing.EventDict:
     # First of all processors: a line left out costs no formatting at all.
     event = event_dict.get("event")
+    if event == "error":
+        global _internal_errors  # process-wide, like the budget
+        _internal_errors += 1
     if event in THROTTLED:
         field = THROTTLED[event]
         kind = None if field is None else event_dict.get(field)

@@ -6,7 +6,8 @@ allocation, because trio runs it all on one thread. :class:`StatsCollector`
 turns those numbers into metric families when ``/metrics`` is scraped, so a
 scrape costs what it costs and a relayed message costs nothing more.
 
-Metrics (all prefixed ``relayd_``):
+Metrics (all prefixed ``relayd_``; the label values relayd knows are exported at 0
+from the start, so that ``increase()`` sees their first events):
 
 ==================================  =======  ===========================================
 name                                type     meaning
@@ -41,6 +42,9 @@ ready                               gauge    1 while relayd accepts connections 
 build_info{version,python}          gauge    always 1; the labels say what runs
 config_reloads_total{result}        counter  reloads (SIGHUP), ``applied`` or ``refused``
 config_last_reload_successful       gauge    0 if the last reload was refused, else 1
+internal_errors_total               counter  bugs relayd contained: ``error`` events (a
+                                             connection, an admin request or the cluster
+                                             link ended; everything else went on)
 log_lines_dropped_total             counter  log lines dropped because nobody reads them
                                              (stdout closed: see telemetry.line_sink)
 ==================================  =======  ===========================================
@@ -63,7 +67,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from relayd import __version__
+from relayd.errors import ErrorCode
 from relayd.telemetry.line_sink import dropped_lines
+from relayd.telemetry.log import internal_errors
 
 __all__ = ["LATENCY_BUCKETS_S", "Stats", "StatsCollector"]
 
@@ -77,6 +83,20 @@ LATENCY_BUCKETS_S: Final = (
 #: A client may close with any code from 3000 to 4999; each would be a series
 #: of its own, so they are counted together as "other".
 _NAMED_CLOSE_CODES: Final = frozenset(range(1000, 1016))
+
+# The label values exported at 0 before their first event. Prometheus's increase()
+# and rate() take a series' first sample as their start, so a series that appeared
+# with a burst (eleven 1013 closes between two scrapes) would never show it, and the
+# alerts on it would not fire. Other values appear with their first event.
+#: Every close code relayd records: its own, its clients', 1005 and 1006.
+_KNOWN_CLOSE_CODES: Final = ("1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008",
+                             "1009", "1010", "1011", "1012", "1013", "1014", "other")  # fmt: skip
+#: Every status a handshake is refused with (0: the client left before an answer).
+_KNOWN_REFUSALS: Final = ("0", "400", "401", "403", "408", "426", "429", "431", "500", "503")
+#: The limits of handshakes_dropped.
+_KNOWN_DROPS: Final = ("max_handshakes", "max_handshakes_per_ip")
+#: Every outcome of a message: delivered, or the error code it was answered with.
+_KNOWN_OUTCOMES: Final = ("delivered", *ErrorCode)
 
 
 class Stats:
@@ -166,24 +186,33 @@ class StatsCollector(Collector):
             "Handshakes refused, by HTTP status",
             "status",
             {str(status): count for status, count in stats.rejected.items()},
+            _KNOWN_REFUSALS,
         )
         yield _by_label(
             "relayd_handshakes_dropped",
             "Connections closed unread when accepted, by the handshake limit they were over",
             "limit",
             stats.dropped,
+            _KNOWN_DROPS,
         )
         yield CounterMetricFamily(
             "relayd_auth_failures",
             "Handshakes whose token was refused with 401",
             value=stats.auth_failures,
         )
-        yield _by_label("relayd_messages", "Client messages, by outcome", "outcome", stats.messages)
+        yield _by_label(
+            "relayd_messages",
+            "Client messages, by outcome",
+            "outcome",
+            stats.messages,
+            (*_KNOWN_OUTCOMES, "echoed"),
+        )
         yield _by_label(
             "relayd_api_messages",
             "Messages published through the server API, by outcome",
             "outcome",
             stats.api_messages,
+            _KNOWN_OUTCOMES,
         )
         api_requests = CounterMetricFamily(
             "relayd_api_requests",
@@ -204,17 +233,22 @@ class StatsCollector(Collector):
             value=stats.bytes_sent + bytes_out,
         )
         yield _by_label(
-            "relayd_errors", "Error frames sent to clients, by code", "code", stats.errors
-        )
-        closes = CounterMetricFamily(
-            "relayd_closes", "Closed connections, by close code", labels=["code"]
+            "relayd_errors",
+            "Error frames sent to clients, by code",
+            "code",
+            stats.errors,
+            tuple(ErrorCode),
         )
         by_label: collections.Counter[str] = collections.Counter()
         for close_code, count in stats.closes.items():
             by_label[str(close_code) if close_code in _NAMED_CLOSE_CODES else "other"] += count
-        for label, count in sorted(by_label.items()):
-            closes.add_metric([label], count)
-        yield closes
+        yield _by_label(
+            "relayd_closes",
+            "Closed connections, by close code",
+            "code",
+            by_label,
+            _KNOWN_CLOSE_CODES,
+        )
         cumulative = 0
         buckets = []
         for bound, count in zip(
@@ -248,15 +282,26 @@ class StatsCollector(Collector):
             value=stats.last_reload_applied,
         )
         yield CounterMetricFamily(
+            "relayd_internal_errors",
+            "Bugs relayd contained, each logged as an error event",
+            value=internal_errors(),
+        )
+        yield CounterMetricFamily(
             "relayd_log_lines_dropped",
             "Log lines dropped because nobody reads them (stdout closed)",
             value=dropped_lines(),
         )
 
 
-def _by_label(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> Metric:
-    """A counter family with one series per value of ``label``, in order."""
+def _by_label(
+    name: str,
+    documentation: str,
+    label: str,
+    counts: Mapping[str, int],
+    known: tuple[str, ...] = (),
+) -> Metric:
+    """A counter family with a series per value of ``label``, in order; ``known`` ones at 0 too."""
     family = CounterMetricFamily(name, documentation, labels=[label])
-    for value, count in sorted(counts.items()):
-        family.add_metric([value], count)
+    for value in sorted({*known, *counts}):
+        family.add_metric([value], counts.get(value, 0))
     return family
