@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from relayd.daemon.service import run_daemon
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.errors import ConfigError
 from relayd.policy.auth import Authenticator
+from relayd.routing.factory import check_router_files
 from relayd.telemetry.log import configure, get_logger
 
 __all__ = ["EX_CONFIG", "EX_IOERR", "main"]
@@ -123,16 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return load(config_path=args.config, overrides=overrides)
 
     def read_settings() -> tuple[Settings, Authenticator | None]:
+        # Every file a start reads is read and checked, those that only a restart
+        # applies too (TLS, the API key, the Redis password): a reload that says
+        # "applied" means the next start will come up.
         again = read()
-        return again.settings, load_authenticator(again.settings.auth, again.source)
+        authenticator, _tls, _api_key = _credentials(again)
+        return again.settings, authenticator
 
     loaded: Loaded | None = None
     try:
         loaded = read()
         settings = loaded.settings
-        authenticator = load_authenticator(settings.auth, loaded.source)
-        tls = load_tls(settings.tls, loaded.source)
-        api_key = load_api_key(settings.admin, loaded.source)
+        authenticator, tls, api_key = _credentials(loaded)
         activated = listen_sockets()
         if args.command != "check-config":
             configure(settings.log)
@@ -173,6 +177,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             listeners=[trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in activated],
         )
     )
+
+
+def _credentials(
+    loaded: Loaded,
+) -> tuple[Authenticator | None, ssl.SSLContext | None, bytes | None]:
+    """Read and check every file the settings name: the authenticator, TLS and the API key.
+
+    The Redis password file, with ``[cluster]`` on, is read and checked too (the
+    cluster's router reads it again when the server is built).
+
+    Raises:
+        ConfigError: a file cannot be read, or what it holds cannot be used.
+    """
+    settings, source = loaded.settings, loaded.source
+    authenticator = load_authenticator(settings.auth, source)
+    tls = load_tls(settings.tls, source)
+    api_key = load_api_key(settings.admin, source)
+    check_router_files(settings)
+    return authenticator, tls, api_key
 
 
 def _how_read(path: Path | None, ignored: tuple[IgnoredVariable, ...]) -> None:

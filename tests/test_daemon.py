@@ -22,6 +22,7 @@ from typing import Final
 
 import jwt
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.daemon.accepting import RESERVED_DESCRIPTORS
@@ -279,6 +280,54 @@ def test_a_reload_with_a_key_of_the_wrong_kind_is_refused_and_the_old_key_kept(
     finally:
         daemon.close()
     assert [e for e in daemon.events if e["event"] == "error"] == []
+
+
+@pytest.mark.parametrize(
+    ("broken", "key"),
+    [
+        ("a certificate renewed without its key", "tls.cert_file"),
+        ("a key file that is not a key", "key.pem"),  # load_cert_chain names both files
+        ("an API key too short", "admin.api_key_file"),
+    ],
+)
+def test_a_reload_refuses_a_file_the_next_start_could_not_use(
+    broken: str, key: str, tmp_path: Path
+) -> None:
+    # Files only a restart applies were not read on reload: it said "applied" (and
+    # relayd_config_last_reload_successful stayed 1), then the next start failed with
+    # 78, which the units do not restart (found by a tester).
+    ca = trustme.CA()
+    cert, key_pem, api_key = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "api.key"
+    issued = ca.issue_cert("127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key_pem))
+    api_key.write_text("k" * 32 + "\n")
+    config = tmp_path / "relayd.toml"
+    config.write_text(
+        f'[tls]\ncert_file = "{cert}"\nkey_file = "{key_pem}"\n'
+        f'[admin]\nport = 0\napi_key_file = "{api_key}"\n'
+    )
+    daemon = Daemon([*MODULE, "--config", str(config), "--port", "0", "--host", "127.0.0.1"])
+    try:
+        admin = daemon.wait_event("server.ready")["admin"]
+        if key == "tls.cert_file":
+            ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(cert))
+        elif key == "key.pem":
+            key_pem.write_text("not a key\n")
+        else:
+            api_key.write_text("short\n")
+        daemon.signal(signal.SIGHUP)
+        refused = daemon.wait_event("config.reload")
+        assert refused["applied"] is False, broken
+        assert key in refused["reason"]
+        _status, text = _get(admin, "/metrics")
+        assert "relayd_config_last_reload_successful 0.0" in text.decode()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    finally:
+        daemon.close()
+    checked = run([*MODULE, "check-config", "--config", str(config)])
+    assert checked.returncode == 78  # what the next start would do
 
 
 # -- out of file descriptors ------------------------------------------------------------

@@ -16,7 +16,7 @@ from relayd.routing.local import LocalRouter
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 
-__all__ = ["build_router"]
+__all__ = ["build_router", "check_router_files"]
 
 
 def build_router(
@@ -44,3 +44,15 @@ def build_router(
 
         return cluster_router(settings.cluster, events, stats, shared_ids=shared_ids)
     return LocalRouter(events, stats)
+
+
+def check_router_files(settings: Settings) -> None:
+    """Read and check the files the router ``settings`` ask for would read: at start and reload.
+
+    Raises:
+        ConfigError: the cluster's password file cannot be read.
+    """
+    if settings.cluster.enabled:
+        from relayd.routing.cluster.build import read_password  # only now: it loads coredis
+
+        read_password(settings.cluster)
