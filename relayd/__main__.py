@@ -10,6 +10,7 @@ client code.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,9 +24,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relayd.client.chat import run  # imported only for chat
 
         return run(args[1:])
+    # SIGHUP's default action ends the process, and relayd takes its own signals only
+    # once it is about to serve, after a few hundred milliseconds of imports and
+    # set-up: a reload asked for meanwhile is kept here and made then.
+    hangups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
     from relayd.cli import main as serve  # imports the daemon
 
-    return serve(args)
+    return serve(args, hangups=hangups)
 
 
 if __name__ == "__main__":

@@ -107,8 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the daemon's commands (``relayd chat`` never reaches here); the exit status."""
+def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> int:
+    """Run the daemon's commands (``relayd chat`` never reaches here); the exit status.
+
+    Args:
+        argv: the arguments, without the program's name; ``sys.argv``'s by default.
+        hangups: the SIGHUPs received before this process took its own signals
+            (:mod:`relayd.__main__` keeps them): relayd reloads once it does, if any came.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     overrides = {
@@ -174,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reload_settings=read_settings,
             notifier=Notifier.from_environment(),
             watchdog_s=watchdog_interval(),
+            reload_first=lambda: bool(hangups),
             listeners=[trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in activated],
         )
     )

@@ -59,6 +59,7 @@ async def run_daemon(
     notifier: Notifier,
     watchdog_s: float | None = None,
     listeners: Sequence[trio.SocketListener] | None = None,
+    reload_first: Callable[[], bool] = lambda: False,
 ) -> int:
     """Serve until a signal stops it; returns the exit status.
 
@@ -69,6 +70,8 @@ async def run_daemon(
         watchdog_s: seconds between WATCHDOG=1 pings; None when systemd has
             no watchdog for relayd.
         listeners: sockets handed over by socket activation; None binds.
+        reload_first: whether a SIGHUP came before relayd took its signals: it
+            reloads once serving (asked after it took them, so none falls between).
 
     Returns:
         0 after a graceful drain; 1 when the public or the admin port cannot be
@@ -125,6 +128,8 @@ async def run_daemon(
             nursery.cancel_scope.cancel()
         else:
             notifier.ready(_status_line(server, 0.0))
+            if reload_first():  # asked after the receiver took SIGHUP: none falls between
+                _reload(server, reload_settings, notifier)
             if watchdog_s is not None:
                 nursery.start_soon(_watchdog, notifier, watchdog_s)
             if notifier.enabled:
