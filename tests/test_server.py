@@ -9,6 +9,8 @@ frame, a close, or a log event, under the conftest deadline.
 from __future__ import annotations
 
 import json
+import socket
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -25,7 +27,7 @@ from relayd.routing.interface import Inbound, Relay
 from relayd.routing.local import LocalRouter
 from relayd.wire.handshake import Refusal
 from tests import wire
-from tests.client import Client, connect, running, settings, split_url
+from tests.client import Client, connect, read_welcome, running, settings, split_url
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -651,3 +653,35 @@ def test_keys_needing_a_restart_keep_their_running_values_across_reloads() -> No
     # ...and going back to the running admin port is no change at all.
     back = server.reload(_with(started, "server", shutdown_grace_s=2.0), None)
     assert (back.changed, back.restart_required) == ([], [])
+
+
+async def test_a_read_waiting_for_reply_slots_lets_its_frames_go() -> None:
+    # A read of 1,890 pings and 20 messages (within frame_burst and message_burst)
+    # from a client that reads nothing: the messages' replies wait for slots, and the
+    # read's 1,910 parsed frames were held the whole wait, some 240 KiB beyond the
+    # reader's bound in docs/security.md (found by a tester).
+    server = Server(settings(outbox_messages=2, slow_consumer_timeout_s=60.0))
+    async with running(server) as url:
+        host, port, _ = split_url(url)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((host, port))
+        async with trio.SocketStream(sock) as victim, connect(url) as sender:
+            await victim.send_all(wire.upgrade_request())
+            _, victim_id = await read_welcome(victim)
+            for _ in range(40):  # its socket and its outbox fill up
+                await sender.send(victim_id, "m" * 60_000)
+            await trio.testing.wait_all_tasks_blocked()
+            pings = wire.frame(0x9, b"p" * 26) * 1890
+            messages = wire.frame(wire.OP_TEXT, b'{"to":"nobody","message":0}') * 20
+            read = pings + messages
+            tracemalloc.start()
+            try:
+                await victim.send_all(read)
+                await trio.testing.wait_all_tasks_blocked()  # its reader waits for slots
+                held, _peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+    # relayd's copy of the read (64 KiB) and the messages waiting: about 75 KB; with
+    # the frames held too, about 200 KB.
+    assert held < 2 * len(read), held

@@ -270,6 +270,12 @@ class Reader:
             events, violation = exc.parsed, exc
         batch: list[Inbound] = []
         ended = self._take(events, batch, now)
+        # The frames are taken: what the router needs is in the batch. Held while it
+        # waits (for reply slots, up to slow_consumer_timeout_s), a read's 2,000 frames
+        # (frame_burst) would be some 240 KiB of objects beside its 64 KiB of bytes.
+        del events
+        if violation is not None:
+            violation.parsed = []
         if ended == _OVER_RATE:
             return await self._close_over_rate(batch)
         if batch and not await self._route(batch):
