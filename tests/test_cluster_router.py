@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from relayd.config import ClusterSettings
+from relayd.daemon.server import Server
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
 from relayd.routing.cluster.redis import RedisLink
@@ -31,6 +32,7 @@ from relayd.routing.table import Outcome
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, decode_envelope
+from tests.client import settings
 from tests.redis_server import RedisServer
 from tests.wire import text_of
 
@@ -56,6 +58,7 @@ class Conn:
         self.conn = next(CONN_NUMBERS)
         self.outbox = Outbox(capacity)
         self.disconnected: list[tuple[int, str]] = []
+        self.detached = trio.Event()
         self._arrived = trio.lowlevel.ParkingLot()
 
     @property
@@ -73,6 +76,7 @@ class Conn:
 
     def detach(self) -> None:
         self.outbox.close()
+        self.detached.set()
 
     def disconnect(self, code: int, reason: str) -> None:
         self.disconnected.append((code, reason))
@@ -439,6 +443,26 @@ async def started_alone(url: str) -> AsyncIterator[ClusterRouter]:
         router.close()
 
 
+async def test_a_stopping_node_lets_its_connections_go_before_it_leaves_a_hung_redis(
+    redis_server: RedisServer,
+) -> None:
+    # A node stopping leaves Redis (drops its heartbeat), which waits up to
+    # connect_timeout_s for a Redis that hangs. Its connections were let go only after
+    # that, so their drain (their queue, then 1001) waited too: with shutdown_grace_s
+    # under about 4 s, every client got 1006 instead (found by a tester).
+    with trio.fail_after(LIMIT_S):
+        async with node(redis_server.url, "n1", connect_timeout_s=5.0) as one:
+            conn = await one.connect(Conn("a"))
+            redis_server.freeze()
+            try:
+                one.router.close()
+                await conn.detached.wait()
+                leaving = not one.link._closed  # closed once it has left
+            finally:
+                redis_server.thaw()
+    assert leaving
+
+
 def health_of(router: ClusterRouter) -> Health:
     link = router.link
     assert isinstance(link, RedisLink)
@@ -486,3 +510,42 @@ async def test_a_node_whose_redis_hangs_starts_within_its_connect_timeout() -> N
         for stream in held:
             await stream.aclose()
         await listeners[0].aclose()
+
+
+async def test_a_node_asked_to_stop_while_its_redis_hangs_stops_without_serving() -> None:
+    # A SIGTERM while a node first tried a Redis that hangs waited for the attempt to
+    # end (up to 2 x connect_timeout_s + probe_timeout_s), then logged server.ready
+    # and told systemd READY=1 after STOPPING=1 (found by a tester).
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    held: list[trio.SocketStream] = []
+    trying = trio.Event()
+
+    async def accept_and_say_nothing() -> None:
+        while True:
+            held.append(await listeners[0].accept())
+            trying.set()
+
+    cluster = ClusterSettings(
+        enabled=True, broker_url=f"redis://127.0.0.1:{port}/0", connect_timeout_s=30.0
+    )
+    server = Server(settings().model_copy(update={"cluster": cluster}))
+    try:
+        with structlog.testing.capture_logs() as events:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accept_and_say_nothing)
+                # The first attempt alone would take over 60 s.
+                with trio.fail_after(LIMIT_S):
+                    async with trio.open_nursery() as running:
+                        running.start_soon(server.run)
+                        await trying.wait()  # the first attempt is under way, and hangs
+                        server.shutdown("test")
+                nursery.cancel_scope.cancel()
+    finally:
+        for stream in held:
+            await stream.aclose()
+        await listeners[0].aclose()
+    names = [e["event"] for e in events]
+    assert "server.ready" not in names
+    [stop] = [e for e in events if e["event"] == "server.stop"]
+    assert (stop["reason"], stop["forced"]) == ("test", False)

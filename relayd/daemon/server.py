@@ -123,6 +123,9 @@ class Server:
         self._stop = trio.Event()
         self._stop_reason = ""
         self._accepting = False
+        # The router's start, while run() waits for it: a cluster node's first attempt
+        # to reach Redis may take seconds, which a shutdown need not wait out.
+        self._starting: trio.CancelScope | None = None
         self._admin_address: tuple[str, int] | None = None
         #: The public sockets open and their budget, once :meth:`run` serves.
         self.sockets = Sockets(budget=1)
@@ -167,6 +170,8 @@ class Server:
             self._stop_reason = reason
             self._stop.set()
             self._gate.drain()
+            if self._starting is not None:
+                self._starting.cancel()
 
     async def listen(self) -> list[trio.SocketListener]:
         """Bind ``server.host``/``server.port``; all interfaces, IPv4 and IPv6, for "".
@@ -255,7 +260,21 @@ class Server:
                 async with trio.open_nursery() as root:
                     root.start_soon(flush_held_lines)
                     root.start_soon(report_suppressed_lines)
-                    await root.start(self._router.run)
+                    with trio.CancelScope() as self._starting:
+                        if self._stop.is_set():
+                            self._starting.cancel()
+                        await root.start(self._router.run)
+                    self._starting = None
+                    if self._stop.is_set():
+                        # Stopped before it served: no client to drain, nothing to
+                        # say ready (the caller hears of the listeners all the same).
+                        task_status.started(addresses)
+                        forced = False
+                        root.cancel_scope.cancel()
+                        with trio.CancelScope(shield=True):
+                            for listener in (*listeners, *admin_listeners):
+                                await listener.aclose()
+                        return
                     if admin_listeners:
                         api = api_area(
                             self._router,

@@ -127,7 +127,10 @@ async def run_daemon(
             admin_problem = f"cannot listen on {where} (the admin listener): {exc}; {_ADMIN_HINT}"
             nursery.cancel_scope.cancel()
         else:
-            notifier.ready(_status_line(server, 0.0))
+            # Not after STOPPING=1: a stop asked for while a cluster node first tried
+            # to reach Redis ended its start before it served.
+            if not server.stopping:
+                notifier.ready(_status_line(server, 0.0))
             if reload_first():  # asked after the receiver took SIGHUP: none falls between
                 _reload(server, reload_settings, notifier)
             if watchdog_s is not None:

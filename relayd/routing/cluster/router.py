@@ -190,13 +190,21 @@ class ClusterRouter:
                 await self._route_all()
                 with trio.move_on_after(self._settings.reply_timeout_s):
                     await self._awaited.settled()
+                # The connections first: each finishes its drain (its queue, then 1001)
+                # once nothing more can come for it, and leaving may wait for a Redis that
+                # hangs (up to connect_timeout_s), which is no reason to keep them.
+                self._detach_all()
                 await self.link.leave()
             finally:
-                for peer in self._table.handles():
-                    self.unregister(peer)
-                    peer.detach()
+                self._detach_all()
                 self.link.close()
                 nursery.cancel_scope.cancel()
+
+    def _detach_all(self) -> None:
+        """Unregister every connection and tell it nothing more will come; idempotent."""
+        for peer in self._table.handles():
+            self.unregister(peer)
+            peer.detach()
 
     # -- the server API (presence, disconnect, ids, publish) -----------------------------
 
