@@ -242,6 +242,7 @@ async def test_a_body_that_is_not_utf8_or_nested_too_deeply_is_a_400_not_a_deliv
                 "/api/publish",
                 b'{"to": "bob", "message": ' + b"[" * 5000 + b"]" * 5000 + b"}",
             ),
+            await call(address, "/api/publish", b'{"to": "bob", "message": "\\ud800"}'),
         ]
         ok = await call(address, "/api/publish", '{"to": "bob", "message": "café ✓"}'.encode())
     for status, _headers, body in answers:
@@ -249,6 +250,10 @@ async def test_a_body_that_is_not_utf8_or_nested_too_deeply_is_a_400_not_a_deliv
         assert body["detail"].startswith("not JSON: ")
     assert "invalid UTF-8 at byte 29" in answers[0][2]["detail"]
     assert answers[3][2]["detail"] == "not JSON: JSON is nested too deeply"
+    assert answers[4][2]["detail"] == (
+        "not JSON: JSON is malformed: \\ud800 is half of a UTF-16 surrogate pair (byte 26); "
+        "strings must be valid Unicode"
+    )
     assert ok[0] == 200
     assert router.calls == [("publish", "bob", '"café ✓"'.encode(), SERVER_SENDER)]
 

@@ -151,6 +151,14 @@ async def test_a_message_from_the_server_api_says_so_and_cannot_be_answered() ->
         # The echo pattern of docs/client.md: "" is no one to answer.
         with pytest.raises(InvalidEnvelope):
             await v1.send("", "thanks")
+        # Half an emoji, as a string cut by code units: UTF-8 has no spelling for it.
+        # It was a bare UnicodeEncodeError from the encoder (found by a tester).
+        for to, message in [(v1.id, "cut \ud83d"), ("cut \ud83d", "hi")]:
+            with pytest.raises(ValueError, match="not valid Unicode") as refused:
+                await v1.send(to, message)
+            assert not isinstance(refused.value, UnicodeError)
+        await peer.send(v1.id, "still fine")
+        assert (await v1.receive()).text == "still fine"
 
 
 async def test_a_token_is_sent_as_a_bearer_header_and_its_subject_is_the_id() -> None:

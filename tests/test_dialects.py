@@ -158,6 +158,31 @@ def test_invalid_json(frame: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("frame", "escape", "at"),
+    [
+        # What JSON.stringify writes for a string cut inside an emoji: msgspec said
+        # "Input data was truncated" (found by a tester with Chromium).
+        ('{"to": "bob", "message": "cut \\ud83d"}', "\\ud83d", 30),
+        ('{"to": "bob", "message": "x", "ref": "\\udc00"}', "\\udc00", 38),
+        ('{"to": "\\uD800", "message": 1}', "\\uD800", 8),
+        ('{"to": "bob", "message": "\\ude00\\ud83d"}', "\\ude00", 26),  # the wrong order
+    ],
+)
+def test_half_a_surrogate_pair_is_named_as_such(frame: str, escape: str, at: int) -> None:
+    error = envelope_error(frame)
+    assert error.code is ErrorCode.INVALID_JSON
+    assert error.detail == (
+        f"JSON is malformed: {escape} is half of a UTF-16 surrogate pair (byte {at}); "
+        "strings must be valid Unicode"
+    )
+
+
+def test_a_whole_surrogate_pair_is_an_emoji() -> None:
+    envelope = decode_envelope('{"to": "bob", "message": "\\ud83d\\ude00"}')
+    assert msgspec.json.decode(bytes(envelope.message)) == "\U0001f600"
+
+
+@pytest.mark.parametrize(
     "frame",
     [
         pytest.param("[]", id="array"),

@@ -37,7 +37,7 @@ from relayd.client.endings import final_error, raise_alone, retryable
 from relayd.client.endpoint import Endpoint
 from relayd.client.errors import ConnectError
 from relayd.client.link import CloseInfo, Link, run_link
-from relayd.client.messages import Message, encode_body
+from relayd.client.messages import Message, check_id, encode_body
 from relayd.client.options import (
     CLOSE_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
@@ -144,8 +144,11 @@ class Client:
                 and reconnecting, if on, gave up (``__cause__`` says why).
             trio.ClosedResourceError: the program closed this client.
             TypeError: ``message`` is not something JSON can hold.
+            ValueError: ``message`` or ``to`` holds a string that is not valid
+                Unicode (a lone surrogate, as half of an emoji cut in two).
         """
         body = encode_body(message)
+        check_id(to)
         await self._slots.acquire()
         try:
             link = await self._usable_link()

@@ -27,6 +27,7 @@ from relayd.wire.dialects import (
 
 __all__ = [
     "Message",
+    "check_id",
     "decode_v1",
     "encode_body",
     "encode_envelope",
@@ -106,8 +107,34 @@ def encode_body(message: object) -> bytes:
 
     Raises:
         TypeError: ``message`` is not something JSON can hold.
+        ValueError: a string in it is not valid Unicode: it holds a lone UTF-16
+            surrogate (half of an emoji cut in two, say), which relayd refuses.
     """
-    return _encoder.encode(message)
+    try:
+        return _encoder.encode(message)
+    except UnicodeEncodeError:
+        raise ValueError(_NOT_UNICODE.format("the message")) from None
+
+
+def check_id(client_id: str) -> None:
+    """Refuse a recipient id that no frame can carry.
+
+    Raises:
+        ValueError: ``client_id`` holds a lone UTF-16 surrogate.
+    """
+    if not client_id.isascii():
+        try:
+            client_id.encode()
+        except UnicodeEncodeError:
+            raise ValueError(_NOT_UNICODE.format("the recipient id")) from None
+
+
+#: Why a string cannot be sent: UTF-8, which WebSocket text frames carry, has no
+#: spelling for half a surrogate pair, and JSON's \ud800 escape is refused by relayd.
+_NOT_UNICODE: Final = (
+    "{} holds a string that is not valid Unicode (a lone UTF-16 surrogate, such as half "
+    "of an emoji cut in two)"
+)
 
 
 def encode_envelope(to: str, body: bytes, ref: int | None) -> bytes:

@@ -53,7 +53,7 @@ from relayd.routing.table import Outcome
 from relayd.telemetry.log import get_logger
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
-from relayd.wire.dialects import MAX_ID_CHARS, SERVER_SENDER, TOO_DEEP
+from relayd.wire.dialects import MAX_ID_CHARS, SERVER_SENDER, TOO_DEEP, syntax_error
 
 __all__ = [
     "DEFAULT_PAGE",
@@ -191,7 +191,7 @@ class _Api:
         except msgspec.ValidationError as error:
             return _refuse(400, "invalid_request", str(error))
         except msgspec.DecodeError as error:
-            return _refuse(400, "invalid_request", f"not JSON: {error}")
+            return _refuse(400, "invalid_request", f"not JSON: {syntax_error(error, body)}")
         except RecursionError:
             return _refuse(400, "invalid_request", f"not JSON: {TOO_DEEP}")
 

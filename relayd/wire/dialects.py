@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from collections.abc import Sequence
 from typing import Annotated, Final
 
@@ -49,6 +50,7 @@ __all__ = [
     "delivery_payload",
     "error_payload",
     "read_ref",
+    "syntax_error",
     "welcome_payload",
 ]
 
@@ -192,14 +194,40 @@ def decode_envelope(frame: bytes | str) -> Envelope:
         try:
             _raw_decoder.decode(frame)
         except msgspec.DecodeError as syntax:
-            raise EnvelopeError(ErrorCode.INVALID_JSON, str(syntax)) from None
+            raise EnvelopeError(ErrorCode.INVALID_JSON, syntax_error(syntax, frame)) from None
         except RecursionError:
             raise EnvelopeError(ErrorCode.INVALID_JSON, TOO_DEEP) from None
         raise EnvelopeError(ErrorCode.INVALID_ENVELOPE, str(exc), read_ref(frame)) from None
     except msgspec.DecodeError as exc:
-        raise EnvelopeError(ErrorCode.INVALID_JSON, str(exc)) from None
+        raise EnvelopeError(ErrorCode.INVALID_JSON, syntax_error(exc, frame)) from None
     except RecursionError:
         raise EnvelopeError(ErrorCode.INVALID_JSON, TOO_DEEP) from None
+
+
+#: A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the other way round.
+_LONE_SURROGATE: Final = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def syntax_error(error: msgspec.DecodeError, text: bytes | str) -> str:
+    r"""What is wrong with JSON ``text`` that msgspec could not decode, for the sender.
+
+    msgspec refuses a string holding half a UTF-16 surrogate pair (``"\ud83d"``,
+    which JavaScript's ``JSON.stringify`` writes for a string cut inside an emoji,
+    and which UTF-8 cannot spell) with a detail such as "Input data was truncated";
+    that case is named instead.
+    """
+    data = text.encode(errors="surrogatepass") if isinstance(text, str) else text
+    found = _LONE_SURROGATE.search(data)
+    if found is not None:
+        escape = found.group().decode()
+        return (
+            f"JSON is malformed: {escape} is half of a UTF-16 surrogate pair (byte "
+            f"{found.start()}); strings must be valid Unicode"
+        )
+    return str(error)
 
 
 def read_ref(frame: bytes | str) -> str | int | None:
