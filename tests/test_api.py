@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ async def api(
     key: bytes | None = None,
     max_message_bytes: int = 65536,
     stats: Stats | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> AsyncIterator[tuple[str, int]]:
     """The admin listener with the API on a free loopback port; yields its address."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -93,6 +94,7 @@ async def api(
         key=key,
         stats=stats,
         events=MessageEvents(structlog.get_logger(), stats),
+        stopping=stopping,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(
@@ -451,6 +453,34 @@ async def test_a_body_in_tiny_chunks_is_held_as_its_bytes_not_as_its_pieces() ->
     # The body twice (its buffer, then its bytes), its message, and what the test's own
     # client reads and writes; its 30,000 pieces alone would be some 1.3 MB.
     assert peak < 600_000, peak
+
+
+async def test_a_draining_relayd_refuses_every_call_with_503_shutting_down() -> None:
+    # A cluster node draining answered broker_unavailable with Redis up, and
+    # recipient_unreachable for a client still connected to it (found by a tester).
+    router = Recording()
+    router.connections["bob"] = 1
+    draining = [False]
+    async with api(router, key=KEY, stopping=lambda: draining[0]) as address:
+        authorized = {"Authorization": f"Bearer {KEY.decode()}"}
+        before = await call(address, "/api/presence", {"id": "bob"}, headers=authorized)
+        draining[0] = True
+        answers = [
+            await call(address, path, body, headers=authorized)
+            for path, body in [
+                ("/api/publish", {"to": "bob", "message": 1}),
+                ("/api/presence", {"id": "bob"}),
+                ("/api/ids", {}),
+                ("/api/disconnect", {"id": "bob"}),
+            ]
+        ]
+        keyless = await call(address, "/api/presence", {"id": "bob"})
+    assert before[0] == 200
+    for status, _headers, body in answers:
+        assert (status, body["error"]) == (503, "shutting_down")
+        assert body["detail"] == "this relayd is shutting down; ask another node"
+    assert keyless[0] == 401  # the key first: a caller without it learns nothing
+    assert router.calls == []  # neither the publish nor the disconnect reached the router
 
 
 async def test_disconnect_closes_with_the_code_and_reason_given_or_1008() -> None:

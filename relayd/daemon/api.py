@@ -151,25 +151,33 @@ class _Api:
         max_message_bytes: Callable[[], int],
         key: bytes | None,
         events: MessageEvents,
+        stopping: Callable[[], bool],
     ) -> None:
         self._router = router
         self._max_message_bytes = max_message_bytes
         self._key = key
         self._events = events
+        self._stopping = stopping
 
     def authorize(self, headers: Mapping[str, str]) -> Response | None:
-        """The 401 for a call without the key, if there is one; asked before the body is read."""
-        if self._key is None:
-            return None
-        given = bearer(headers)
-        if given is not None and hmac.compare_digest(given.encode(), self._key):
-            return None
-        return _refuse(
-            401,
-            "unauthorized",
-            "send the API key as Authorization: Bearer <key>",
-            ("www-authenticate", 'Bearer realm="relayd"'),
-        )
+        """The refusal of a call relayd will not take, if any; asked before the body is read.
+
+        401 without the key (if there is one); 503 ``shutting_down`` once relayd is
+        draining: its router is closed, and what it would answer (``unknown_recipient``
+        for ids still connected, ``broker_unavailable`` with Redis up) would mislead.
+        """
+        if self._key is not None:
+            given = bearer(headers)
+            if given is None or not hmac.compare_digest(given.encode(), self._key):
+                return _refuse(
+                    401,
+                    "unauthorized",
+                    "send the API key as Authorization: Bearer <key>",
+                    ("www-authenticate", 'Bearer realm="relayd"'),
+                )
+        if self._stopping():
+            return _refuse(503, "shutting_down", "this relayd is shutting down; ask another node")
+        return None
 
     def _decode(self, request: Request, kind: type[_Call]) -> _Call | Response:
         """The request's body as ``kind``, or the 400 that refuses it."""
@@ -284,6 +292,7 @@ def api_area(
     key: bytes | None,
     stats: Stats,
     events: MessageEvents,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> Area:
     """The API under :data:`PREFIX`, for :func:`relayd.daemon.admin.serve_admin`.
 
@@ -295,8 +304,9 @@ def api_area(
         stats: where requests are counted (``api_requests``).
         events: where a publish refused here (``message_too_large``) is logged and
             counted, as the router's outcomes are.
+        stopping: whether relayd is draining: every call is then refused with 503.
     """
-    api = _Api(router, max_message_bytes, key, events)
+    api = _Api(router, max_message_bytes, key, events, stopping)
     routes: Routes = {
         f"{PREFIX}publish": {"POST": api.publish},
         f"{PREFIX}disconnect": {"POST": api.disconnect},

@@ -283,6 +283,7 @@ class Server:
                             key=self._api_key,
                             stats=self.stats,
                             events=self.events,
+                            stopping=lambda: self.stopping,
                         )
                         await root.start(
                             functools.partial(
