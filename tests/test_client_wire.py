@@ -20,6 +20,7 @@ from relayd.client.errors import (
 )
 from relayd.client.messages import (
     Message,
+    check_id,
     decode_v1,
     encode_body,
     encode_envelope,
@@ -128,6 +129,12 @@ def test_an_envelope_is_what_relayd_decodes_with_the_message_as_written() -> Non
     assert bytes(decode_envelope(raw).message) == b'{"k":\n [1,  2]}'
     with pytest.raises(TypeError):
         encode_body(object())
+    with pytest.raises(ValueError, match="the message holds a string that is not valid"):
+        encode_body(["half \ud83d"])
+    with pytest.raises(ValueError, match="the recipient id holds a string that is not valid"):
+        check_id("half \ud83d")
+    check_id("émile")  # valid Unicode, not ASCII
+    check_id(5)  # type: ignore[arg-type]  # not a string: relayd answers invalid_envelope
 
 
 def test_v1_frames_decode_to_the_structs_relayd_encodes() -> None:

@@ -10,8 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from relayd.config import ClusterSettings, Settings
+from relayd.errors import ConfigError
+from relayd.routing.factory import check_router_files
 
 CLUSTER_MODULES = ("coredis", "anyio", "relayd.routing.cluster")
 
@@ -52,3 +57,35 @@ def test_cluster_on_brings_the_redis_client(enabled: str) -> None:
     assert isinstance(loaded, list)
     assert "coredis" in loaded
     assert "relayd.routing.cluster.redis" in loaded
+
+
+# -- what a start (and a reload) checks of [cluster] --------------------------------------
+
+
+def test_a_ca_file_that_is_none_is_a_config_error(tmp_path: Path) -> None:
+    # Not checked on reload, a broken CA file passed as "applied", and the next start
+    # failed with exit 1 and a message about systemd's sockets (found by a reviewer).
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    for path, reason in [
+        (bad, "NO_CERTIFICATE_OR_CRL_FOUND"),
+        (tmp_path / "absent.pem", "No such"),
+    ]:
+        cluster = ClusterSettings(
+            enabled=True, broker_url="rediss://127.0.0.1:6380/0", tls_ca_file=str(path)
+        )
+        with pytest.raises(ConfigError, match=reason) as error:
+            check_router_files(Settings(cluster=cluster))
+        assert error.value.key == "cluster.tls_ca_file"
+
+
+def test_the_cluster_without_its_redis_client_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The Redis client is an extra (relayd[cluster]): a reload turning the cluster on
+    # where it is not installed raised ImportError out of the signal task, and relayd
+    # stopped, every client cut (found by a reviewer).
+    monkeypatch.setitem(sys.modules, "relayd.routing.cluster.build", None)
+    with pytest.raises(ConfigError, match=r"install relayd\[cluster\]") as error:
+        check_router_files(Settings(cluster=ClusterSettings(enabled=True)))
+    assert error.value.key == "cluster.enabled"

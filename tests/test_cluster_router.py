@@ -8,8 +8,11 @@ arrive), bounded by a trio-clock ``fail_after``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,8 +23,10 @@ import structlog
 import trio
 import trio.testing
 
-from relayd.config import ClusterSettings
+from relayd.config import ClusterSettings, Settings
 from relayd.daemon.server import Server
+from relayd.daemon.service import run_daemon
+from relayd.policy.auth import Authenticator
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
 from relayd.routing.cluster.redis import RedisLink
@@ -34,6 +39,7 @@ from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, decode_envelope
 from tests.client import settings
 from tests.redis_server import RedisServer
+from tests.test_service import Notifications
 from tests.wire import text_of
 
 FAST: dict[str, Any] = {
@@ -489,33 +495,20 @@ async def test_a_node_whose_redis_refuses_starts_after_its_first_attempt() -> No
 
 
 async def test_a_node_whose_redis_hangs_starts_within_its_connect_timeout() -> None:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_say_nothing() -> None:
-        while True:
-            held.append(await listeners[0].accept())
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(accept_and_say_nothing)
-            # The bound: 2 x connect_timeout_s + probe_timeout_s, here 2.3 s.
-            with trio.fail_after(LIMIT_S):
-                async with started_alone(f"redis://127.0.0.1:{port}/0") as router:
-                    assert not health_of(router).up
-                    assert health_of(router).failed_attempts == 1
-            nursery.cancel_scope.cancel()
-    finally:
-        for stream in held:
-            await stream.aclose()
-        await listeners[0].aclose()
+    async with hanging_redis() as (url, _trying):
+        # The bound: 2 x connect_timeout_s + probe_timeout_s, here 2.3 s.
+        with trio.fail_after(LIMIT_S):
+            async with started_alone(url) as router:
+                assert not health_of(router).up
+                assert health_of(router).failed_attempts == 1
 
 
-async def test_a_node_asked_to_stop_while_its_redis_hangs_stops_without_serving() -> None:
-    # A SIGTERM while a node first tried a Redis that hangs waited for the attempt to
-    # end (up to 2 x connect_timeout_s + probe_timeout_s), then logged server.ready
-    # and told systemd READY=1 after STOPPING=1 (found by a tester).
+@asynccontextmanager
+async def hanging_redis() -> AsyncIterator[tuple[str, trio.Event]]:
+    """A "Redis" that accepts connections and says nothing.
+
+    Yields its URL, and an event set once a connection came.
+    """
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     held: list[trio.SocketStream] = []
@@ -526,26 +519,62 @@ async def test_a_node_asked_to_stop_while_its_redis_hangs_stops_without_serving(
             held.append(await listeners[0].accept())
             trying.set()
 
-    cluster = ClusterSettings(
-        enabled=True, broker_url=f"redis://127.0.0.1:{port}/0", connect_timeout_s=30.0
-    )
-    server = Server(settings().model_copy(update={"cluster": cluster}))
     try:
-        with structlog.testing.capture_logs() as events:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(accept_and_say_nothing)
-                # The first attempt alone would take over 60 s.
-                with trio.fail_after(LIMIT_S):
-                    async with trio.open_nursery() as running:
-                        running.start_soon(server.run)
-                        await trying.wait()  # the first attempt is under way, and hangs
-                        server.shutdown("test")
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_and_say_nothing)
+            yield f"redis://127.0.0.1:{port}/0", trying
+            nursery.cancel_scope.cancel()
     finally:
         for stream in held:
             await stream.aclose()
         await listeners[0].aclose()
+
+
+def node_behind(url: str) -> Server:
+    """A relayd whose cluster's first attempt at ``url`` would take over 60 s."""
+    cluster = ClusterSettings(enabled=True, broker_url=url, connect_timeout_s=30.0)
+    return Server(settings().model_copy(update={"cluster": cluster}))
+
+
+async def test_a_node_asked_to_stop_while_its_redis_hangs_stops_without_serving() -> None:
+    # A SIGTERM while a node first tried a Redis that hangs waited for the attempt to
+    # end (up to 2 x connect_timeout_s + probe_timeout_s), then logged server.ready
+    # and told systemd READY=1 after STOPPING=1 (found by a tester).
+    with structlog.testing.capture_logs() as events:
+        async with hanging_redis() as (url, trying):
+            server = node_behind(url)
+            with trio.fail_after(LIMIT_S):
+                async with trio.open_nursery() as running:
+                    running.start_soon(server.run)
+                    await trying.wait()  # the first attempt is under way, and hangs
+                    server.shutdown("test")
     names = [e["event"] for e in events]
     assert "server.ready" not in names
     [stop] = [e for e in events if e["event"] == "server.stop"]
     assert (stop["reason"], stop["forced"]) == ("test", False)
+
+
+async def test_a_node_stopped_before_it_served_never_says_ready_a_sighup_then_or_not() -> None:
+    # READY=1 after STOPPING=1 came back through a SIGHUP kept from the start-up: its
+    # reload's READY=1 (found by a reviewer).
+    notifications = Notifications()
+
+    def refuse_to_read() -> tuple[Settings, Authenticator | None]:
+        raise AssertionError("no reload once stopping")
+
+    async with hanging_redis() as (url, trying):
+        server = node_behind(url)
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as running:
+                running.start_soon(
+                    functools.partial(
+                        run_daemon,
+                        server,
+                        reload_settings=refuse_to_read,
+                        notifier=notifications,
+                        reload_first=lambda: True,
+                    )
+                )
+                await trying.wait()
+                os.kill(os.getpid(), signal.SIGTERM)  # as systemd stops it
+    assert notifications.sent == ["STOPPING=1"]

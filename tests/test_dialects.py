@@ -177,6 +177,22 @@ def test_half_a_surrogate_pair_is_named_as_such(frame: str, escape: str, at: int
     )
 
 
+@pytest.mark.parametrize(
+    "frame",
+    [
+        # A backslash escaped itself, then "ud800": no escape at all (a reviewer's).
+        '{"to": "bob", "message": "C:\\\\ud800 path"',
+        '{"to": "bob", "message": ["ok\\\\udc00",]}',
+        # Half a pair, and another fault: msgspec's detail stands.
+        '{"to": "bob", "message": ["\\ud800",]}',
+    ],
+)
+def test_only_a_text_whose_one_fault_is_half_a_pair_is_named_so(frame: str) -> None:
+    error = envelope_error(frame)
+    assert error.code is ErrorCode.INVALID_JSON
+    assert "surrogate" not in error.detail
+
+
 def test_a_whole_surrogate_pair_is_an_emoji() -> None:
     envelope = decode_envelope('{"to": "bob", "message": "\\ud83d\\ude00"}')
     assert msgspec.json.decode(bytes(envelope.message)) == "\U0001f600"

@@ -657,7 +657,16 @@ def test_keys_needing_a_restart_keep_their_running_values_across_reloads() -> No
     assert (back.changed, back.restart_required) == ([], [])
 
 
-async def test_a_read_waiting_for_reply_slots_lets_its_frames_go() -> None:
+@pytest.mark.parametrize(
+    "ending",
+    [
+        pytest.param(b"", id="a-read-of-whole-frames"),
+        # The violation's traceback held the parser's frames, and their list with
+        # them (found by a reviewer).
+        pytest.param(b"\xc1\x80" + b"mask", id="a-read-ending-in-a-violation"),
+    ],
+)
+async def test_a_read_waiting_for_reply_slots_lets_its_frames_go(ending: bytes) -> None:
     # A read of 1,890 pings and 20 messages (within frame_burst and message_burst)
     # from a client that reads nothing: the messages' replies wait for slots, and the
     # read's 1,910 parsed frames were held the whole wait, some 240 KiB beyond the
@@ -678,7 +687,7 @@ async def test_a_read_waiting_for_reply_slots_lets_its_frames_go() -> None:
             messages = wire.frame(wire.OP_TEXT, b'{"to":"nobody","message":0}') * 20
             tracemalloc.start()
             try:
-                await victim.send_all(pings + messages)
+                await victim.send_all(pings + messages + ending)
                 await trio.testing.wait_all_tasks_blocked()  # its reader waits for slots
                 snapshot = tracemalloc.take_snapshot()
             finally:

@@ -122,7 +122,7 @@ def check_id(client_id: str) -> None:
     Raises:
         ValueError: ``client_id`` holds a lone UTF-16 surrogate.
     """
-    if not client_id.isascii():
+    if isinstance(client_id, str) and not client_id.isascii():  # else relayd says what
         try:
             client_id.encode()
         except UnicodeEncodeError:

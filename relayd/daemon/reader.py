@@ -275,7 +275,9 @@ class Reader:
         # (frame_burst) would be some 240 KiB of objects beside its 64 KiB of bytes.
         del events
         if violation is not None:
+            # Its traceback holds the parser's frames, whose locals hold the list too.
             violation.parsed = []
+            violation.__traceback__ = None
         if ended == _OVER_RATE:
             return await self._close_over_rate(batch)
         if batch and not await self._route(batch):

@@ -131,7 +131,8 @@ async def run_daemon(
             # to reach Redis ended its start before it served.
             if not server.stopping:
                 notifier.ready(_status_line(server, 0.0))
-            if reload_first():  # asked after the receiver took SIGHUP: none falls between
+            # Asked after the receiver took SIGHUP, so none falls between.
+            if reload_first() and not server.stopping:
                 _reload(server, reload_settings, notifier)
             if watchdog_s is not None:
                 nursery.start_soon(_watchdog, notifier, watchdog_s)
@@ -152,7 +153,11 @@ def _cannot_start(problem: str) -> int:
 
 def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> None:
     log = get_logger()
-    notifier.reloading()
+    # While draining, systemd has been told STOPPING=1: RELOADING=1 and READY=1
+    # would tell it otherwise. The reload is made all the same (a shorter grace).
+    tell = not server.stopping
+    if tell:
+        notifier.reloading()
     try:
         refused: str | None = None
         try:
@@ -160,6 +165,9 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
         except ConfigError as exc:
             # One line, as logging.md promises: str(exc) has a line per problem.
             refused = "; ".join(problem.line for problem in exc.problems)
+        except Exception as exc:  # a bug in reading: refuse the reload, keep serving
+            log.exception("error", summary=f"{type(exc).__name__}: {exc}")
+            refused = f"relayd could not read its settings: {type(exc).__name__}: {exc}"
         else:
             weakened = weakenings(server.settings, settings)
             refused = _unstated(weakened)
@@ -182,7 +190,8 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
             weakened=[str(weakening) for weakening in weakened],
         )
     finally:
-        notifier.ready(_status_line(server, 0.0))
+        if tell:
+            notifier.ready(_status_line(server, 0.0))
 
 
 def _unstated(weakened: list[Weakening]) -> str | None:

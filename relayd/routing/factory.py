@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from relayd.config import Settings
+from relayd.errors import ConfigError
 from relayd.routing.interface import Router
 from relayd.routing.local import LocalRouter
 from relayd.telemetry.messages import MessageEvents
@@ -50,9 +51,17 @@ def check_router_files(settings: Settings) -> None:
     """Read and check the files the router ``settings`` ask for would read: at start and reload.
 
     Raises:
-        ConfigError: the cluster's password file cannot be read.
+        ConfigError: the cluster's password or CA file cannot be used, or the
+            cluster's Redis client is not installed.
     """
     if settings.cluster.enabled:
-        from relayd.routing.cluster.build import read_password  # only now: it loads coredis
-
-        read_password(settings.cluster)
+        try:
+            from relayd.routing.cluster.build import check_files  # only now: loads coredis
+        except ImportError as error:
+            raise ConfigError(
+                f"cluster.enabled needs the Redis client, not installed here ({error}): "
+                "install relayd[cluster]",
+                key="cluster.enabled",
+                source="in settings",
+            ) from None
+        check_files(settings.cluster)

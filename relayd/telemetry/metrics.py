@@ -95,8 +95,17 @@ _KNOWN_CLOSE_CODES: Final = ("1000", "1001", "1002", "1003", "1005", "1006", "10
 _KNOWN_REFUSALS: Final = ("0", "400", "401", "403", "408", "426", "429", "431", "500", "503")
 #: The limits of handshakes_dropped.
 _KNOWN_DROPS: Final = ("max_handshakes", "max_handshakes_per_ip")
-#: Every outcome of a message: delivered, or the error code it was answered with.
+#: Every outcome of a client's message: delivered, or the error code it was answered with.
 _KNOWN_OUTCOMES: Final = ("delivered", *ErrorCode)
+#: Every outcome of a server API publish (its other refusals are HTTP's, not outcomes).
+_KNOWN_API_OUTCOMES: Final = (
+    "delivered",
+    ErrorCode.UNKNOWN_RECIPIENT,
+    ErrorCode.RECIPIENT_BUSY,
+    ErrorCode.MESSAGE_TOO_LARGE,
+    ErrorCode.RECIPIENT_UNREACHABLE,
+    ErrorCode.DELIVERY_UNCONFIRMED,
+)
 
 
 class Stats:
@@ -212,7 +221,7 @@ class StatsCollector(Collector):
             "Messages published through the server API, by outcome",
             "outcome",
             stats.api_messages,
-            _KNOWN_OUTCOMES,
+            _KNOWN_API_OUTCOMES,
         )
         api_requests = CounterMetricFamily(
             "relayd_api_requests",

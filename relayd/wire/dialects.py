@@ -204,11 +204,15 @@ def decode_envelope(frame: bytes | str) -> Envelope:
         raise EnvelopeError(ErrorCode.INVALID_JSON, TOO_DEEP) from None
 
 
-#: A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the other way round.
+#: A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the other way round;
+#: a backslash escaped itself (an even run of them before the "u") starts no escape.
 _LONE_SURROGATE: Final = re.compile(
-    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"(?<!\\)((?:\\\\)*)"
+    rb"(\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2})"
 )
+#: Any JSON, to see whether a text is JSON once its lone surrogates are mended.
+_any_json: Final = msgspec.json.Decoder()
 
 
 def syntax_error(error: msgspec.DecodeError, text: bytes | str) -> str:
@@ -216,18 +220,22 @@ def syntax_error(error: msgspec.DecodeError, text: bytes | str) -> str:
 
     msgspec refuses a string holding half a UTF-16 surrogate pair (``"\ud83d"``,
     which JavaScript's ``JSON.stringify`` writes for a string cut inside an emoji,
-    and which UTF-8 cannot spell) with a detail such as "Input data was truncated";
-    that case is named instead.
+    and which UTF-8 cannot spell) with a detail such as "Input data was truncated".
+    When that is the text's only fault (it decodes with each half replaced), the
+    first half is named instead; otherwise msgspec's detail stands.
     """
     data = text.encode(errors="surrogatepass") if isinstance(text, str) else text
     found = _LONE_SURROGATE.search(data)
-    if found is not None:
-        escape = found.group().decode()
-        return (
-            f"JSON is malformed: {escape} is half of a UTF-16 surrogate pair (byte "
-            f"{found.start()}); strings must be valid Unicode"
-        )
-    return str(error)
+    if found is None:
+        return str(error)
+    try:
+        _any_json.decode(_LONE_SURROGATE.sub(rb"\1\\ufffd", data))
+    except (msgspec.DecodeError, RecursionError):
+        return str(error)
+    return (
+        f"JSON is malformed: {found.group(2).decode()} is half of a UTF-16 surrogate pair "
+        f"(byte {found.start(2)}); strings must be valid Unicode"
+    )
 
 
 def read_ref(frame: bytes | str) -> str | int | None:

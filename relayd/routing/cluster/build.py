@@ -17,12 +17,13 @@ from relayd.config import ClusterSettings
 from relayd.errors import ConfigError
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.redis import RedisLink
+from relayd.routing.cluster.redis_connection import tls_context
 from relayd.routing.cluster.router import ClusterRouter
 from relayd.telemetry.log import get_logger
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 
-__all__ = ["cluster_router", "node_name", "read_password"]
+__all__ = ["check_files", "cluster_router", "node_name", "read_password"]
 
 
 def node_name(settings: ClusterSettings) -> str:
@@ -51,6 +52,24 @@ def read_password(settings: ClusterSettings) -> str | None:
             source="in settings",
         ) from error
     return text.rstrip("\r\n")
+
+
+def check_files(settings: ClusterSettings) -> None:
+    """Read and check the files ``[cluster]`` names, as a start would: at start and reload.
+
+    Raises:
+        ConfigError: the password file cannot be read, or the CA file is not one.
+    """
+    read_password(settings)
+    try:
+        tls_context(settings)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(
+            f"cannot load {settings.tls_ca_file} as CA certificates: {reason}",
+            key="cluster.tls_ca_file",
+            source="in settings",
+        ) from None
 
 
 def cluster_router(

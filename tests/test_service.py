@@ -1,0 +1,72 @@
+"""The process around the server (relayd.daemon.service): signals, reloads, systemd's notifications.
+
+In process: :func:`~relayd.daemon.service.run_daemon` runs a real server on loopback,
+signals are sent to this process, and what relayd would tell systemd is kept by
+:class:`Notifications`. tests/test_daemon.py runs the real command.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+
+import structlog
+import trio
+
+from relayd.config import Settings
+from relayd.daemon.server import Server
+from relayd.daemon.service import run_daemon
+from relayd.daemon.systemd import Notifier
+from relayd.policy.auth import Authenticator
+from tests.client import connect, settings
+
+
+class Notifications(Notifier):
+    """What relayd tells systemd, kept instead of sent (without its status lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[str] = []
+        self.changed = trio.lowlevel.ParkingLot()
+
+    def notify(self, *assignments: str) -> None:
+        self.sent.extend(a for a in assignments if not a.startswith(("STATUS=", "MONOTONIC")))
+        self.changed.unpark_all()
+
+    async def until(self, *sent: str) -> None:
+        """Wait until exactly ``sent`` has been sent; the caller bounds the wait."""
+        while tuple(self.sent) != sent:
+            await self.changed.park()
+
+
+async def test_a_bug_in_reading_the_settings_refuses_the_reload_and_relayd_serves_on() -> None:
+    # Any exception but a ConfigError escaped the signal task and stopped relayd, every
+    # client cut (a reviewer's: the cluster turned on in a reload, its Redis client
+    # not installed).
+    def broken() -> tuple[Settings, Authenticator | None]:
+        raise RuntimeError("a bug in reading")
+
+    notifications = Notifications()
+    server = Server(settings())
+    with structlog.testing.capture_logs() as events, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    run_daemon, server, reload_settings=broken, notifier=notifications
+                )
+            )
+            await notifications.until("READY=1")
+            os.kill(os.getpid(), signal.SIGHUP)
+            await notifications.until("READY=1", "RELOADING=1", "READY=1")
+            [ready] = [e for e in events if e["event"] == "server.ready"]
+            async with connect(f"ws://127.0.0.1:{ready['port']}/") as a:
+                await a.send(a.id, "still serving")
+                assert await a.recv() == "still serving"
+            os.kill(os.getpid(), signal.SIGTERM)
+    [reload] = [e for e in events if e["event"] == "config.reload"]
+    assert reload["applied"] is False
+    assert reload["reason"] == "relayd could not read its settings: RuntimeError: a bug in reading"
+    [error] = [e for e in events if e["event"] == "error"]
+    assert error["summary"] == "RuntimeError: a bug in reading"
+    assert server.stats.reloads == {"refused": 1}
