@@ -58,6 +58,8 @@ def claims(**overrides: Any) -> dict[str, Any]:
         ({"authorization": "Bearer"}, "/?token=xyz", ""),
         ({"authorization": "bearer \t "}, "/?token=xyz", ""),
         ({"authorization": "Bearer\tabc"}, "/?token=xyz", "abc"),  # a tab ends the scheme too
+        ({"authorization": "Bearer\tabc\tdef"}, "/", "abc\tdef"),  # the first one does
+        ({"authorization": "Bearer X-token-X"}, "/", "X-token-X"),
         # Only space and tab are HTTP's whitespace: "\xa0" ends a UTF-8 "à".
         ({"authorization": "Bearer " + "voilà".encode().decode("latin-1")}, "/", "voilà"),
         ({"authorization": "Bearer " + "à-la".encode().decode("latin-1")}, "/", "à-la"),

@@ -24,6 +24,7 @@ from relayd.wire.dialects import (
     decode_envelope,
     delivery_payload,
     error_payload,
+    syntax_error,
     welcome_payload,
 )
 
@@ -190,7 +191,19 @@ def test_half_a_surrogate_pair_is_named_as_such(frame: str, escape: str, at: int
 def test_only_a_text_whose_one_fault_is_half_a_pair_is_named_so(frame: str) -> None:
     error = envelope_error(frame)
     assert error.code is ErrorCode.INVALID_JSON
-    assert "surrogate" not in error.detail
+    with pytest.raises(msgspec.DecodeError) as msgspec_says:
+        msgspec.json.decode(frame)
+    assert error.detail == str(msgspec_says.value)
+
+
+def test_the_detail_of_text_as_bytes_or_holding_lone_surrogates_itself() -> None:
+    # The server API's body comes as bytes; a str may hold a lone surrogate itself
+    # (not its escape), which UTF-8 cannot spell: neither may raise instead.
+    frame = '{"to": "bob", "message": "cut \\ud83d"}'
+    detail = syntax_error(msgspec.DecodeError("msgspec's"), frame.encode())
+    assert detail.startswith("JSON is malformed: \\ud83d is half of a UTF-16 surrogate pair")
+    text = '{"to": "bob", "message": "\ud800" '
+    assert syntax_error(msgspec.DecodeError("msgspec's"), text) == "msgspec's"
 
 
 def test_a_whole_surrogate_pair_is_an_emoji() -> None:

@@ -104,7 +104,7 @@ def bearer(headers: Mapping[str, str]) -> str | None:
     """
     # str.strip() would also take "\xa0", the last byte of a UTF-8 "à" read as latin-1.
     value = headers.get("authorization", "").strip(_HTTP_SPACE)
-    scheme = value.split(" ", 1)[0].split("\t", 1)[0]
+    scheme = value.partition(" ")[0].partition("\t")[0]
     if scheme.lower() != "bearer":
         return None
     credential = value[len(scheme) :].strip(_HTTP_SPACE)
