@@ -132,8 +132,8 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
 
     def read_settings() -> tuple[Settings, Authenticator | None]:
         # Every file a start reads is read and checked, those that only a restart
-        # applies too (TLS, the API key, the Redis password): a reload that says
-        # "applied" means the next start will come up.
+        # applies too (TLS, the API key, the cluster's files and its Redis client): a
+        # reload that says "applied" means the next start will come up.
         again = read()
         authenticator, _tls, _api_key = _credentials(again)
         return again.settings, authenticator
@@ -191,8 +191,9 @@ def _credentials(
 ) -> tuple[Authenticator | None, ssl.SSLContext | None, bytes | None]:
     """Read and check every file the settings name: the authenticator, TLS and the API key.
 
-    The Redis password file, with ``[cluster]`` on, is read and checked too (the
-    cluster's router reads it again when the server is built).
+    With ``[cluster]`` on, its password and CA files too, and whether its Redis client
+    is installed (:func:`~relayd.routing.factory.check_router_files`; the cluster's
+    router reads the files again when the server is built).
 
     Raises:
         ConfigError: a file cannot be read, or what it holds cannot be used.

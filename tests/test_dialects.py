@@ -200,10 +200,11 @@ def test_the_detail_of_text_as_bytes_or_holding_lone_surrogates_itself() -> None
     # The server API's body comes as bytes; a str may hold a lone surrogate itself
     # (not its escape), which UTF-8 cannot spell: neither may raise instead.
     frame = '{"to": "bob", "message": "cut \\ud83d"}'
-    detail = syntax_error(msgspec.DecodeError("msgspec's"), frame.encode())
+    truncated = msgspec.DecodeError("Input data was truncated")  # what msgspec says then
+    detail = syntax_error(truncated, frame.encode())
     assert detail.startswith("JSON is malformed: \\ud83d is half of a UTF-16 surrogate pair")
     text = '{"to": "bob", "message": "\ud800" '
-    assert syntax_error(msgspec.DecodeError("msgspec's"), text) == "msgspec's"
+    assert syntax_error(truncated, text) == "Input data was truncated"
 
 
 def test_a_whole_surrogate_pair_is_an_emoji() -> None:

@@ -664,6 +664,8 @@ def test_keys_needing_a_restart_keep_their_running_values_across_reloads() -> No
         # The violation's traceback held the parser's frames, and their list with
         # them (found by a reviewer).
         pytest.param(b"\xc1\x80" + b"mask", id="a-read-ending-in-a-violation"),
+        # ...and the UnicodeDecodeError that a 1007 was raised from held them too.
+        pytest.param(wire.frame(wire.OP_TEXT, b"\xff"), id="a-read-ending-in-invalid-utf8"),
     ],
 )
 async def test_a_read_waiting_for_reply_slots_lets_its_frames_go(ending: bytes) -> None:

@@ -275,9 +275,10 @@ class Reader:
         # (frame_burst) would be some 240 KiB of objects beside its 64 KiB of bytes.
         del events
         if violation is not None:
-            # Its traceback holds the parser's frames, whose locals hold the list too.
+            # Its traceback holds the parser's frames, whose locals hold the list too, and
+            # so does that of the error it was raised from (a UnicodeDecodeError: 1007).
             violation.parsed = []
-            violation.__traceback__ = None
+            violation.__traceback__ = violation.__context__ = violation.__cause__ = None
         if ended == _OVER_RATE:
             return await self._close_over_rate(batch)
         if batch and not await self._route(batch):

@@ -9,6 +9,7 @@ cluster off, neither :mod:`relayd.routing.cluster` nor the Redis client is loade
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from relayd.config import Settings
 from relayd.errors import ConfigError
@@ -18,6 +19,9 @@ from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
 
 __all__ = ["build_router", "check_router_files"]
+
+#: The cluster's Redis client and what it brings (the extra relayd[cluster]).
+_REDIS_CLIENT: Final = ("coredis", "anyio")
 
 
 def build_router(
@@ -58,8 +62,10 @@ def check_router_files(settings: Settings) -> None:
         try:
             from relayd.routing.cluster.build import check_files  # only now: loads coredis
         except ImportError as error:
+            if not (error.name or "").startswith(_REDIS_CLIENT):
+                raise  # a bug of relayd's, not a missing extra
             raise ConfigError(
-                f"cluster.enabled needs the Redis client, not installed here ({error}): "
+                f"needs the Redis client, which is not installed here ({error}): "
                 "install relayd[cluster]",
                 key="cluster.enabled",
                 source="in settings",

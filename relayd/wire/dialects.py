@@ -204,15 +204,21 @@ def decode_envelope(frame: bytes | str) -> Envelope:
         raise EnvelopeError(ErrorCode.INVALID_JSON, TOO_DEEP) from None
 
 
-#: A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the other way round;
-#: a backslash escaped itself (an even run of them before the "u") starts no escape.
-_LONE_SURROGATE: Final = re.compile(
-    rb"(?<!\\)((?:\\\\)*)"
-    rb"(\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+#: Half of a UTF-16 surrogate pair: a \uD800-\uDBFF escape not followed by a
+#: \uDC00-\uDFFF one, or one of those not preceded by the first kind. It begins with a
+#: literal, so that ``re`` skips ahead in C from one "\u" to the next, and only halves
+#: reach Python.
+_HALF_PAIR: Final = re.compile(
+    rb"\\u[dD](?:[89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD])[c-fC-F][0-9a-fA-F]{2})"
 )
-#: Any JSON, to see whether a text is JSON once its lone surrogates are mended.
-_any_json: Final = msgspec.json.Decoder()
+#: What msgspec says of half a pair (mid-string, at a string's end, in a Raw field).
+_SAID_OF_HALVES: Final = ("Input data was truncated", "hex escape", "surrogate pair")
+#: The halves looked at in one text, at most: the work on a bad frame stays bounded.
+_HALVES_LOOKED_AT: Final = 16
+#: JSON's syntax alone, checked in C without making its values.
+_json_syntax: Final = msgspec.json.Decoder(msgspec.Raw)
+_BACKSLASH: Final = ord("\\")
 
 
 def syntax_error(error: msgspec.DecodeError, text: bytes | str) -> str:
@@ -221,20 +227,36 @@ def syntax_error(error: msgspec.DecodeError, text: bytes | str) -> str:
     msgspec refuses a string holding half a UTF-16 surrogate pair (``"\ud83d"``,
     which JavaScript's ``JSON.stringify`` writes for a string cut inside an emoji,
     and which UTF-8 cannot spell) with a detail such as "Input data was truncated".
-    When that is the text's only fault (it decodes with each half replaced), the
-    first half is named instead; otherwise msgspec's detail stands.
+    When halves are the text's only fault (it is JSON once each is mended), the first
+    is named instead; otherwise msgspec's detail stands. Bounded: one scan in C, at
+    most :data:`_HALVES_LOOKED_AT` halves in Python, and one check of the syntax in C.
     """
+    detail = str(error)
+    if not any(said in detail for said in _SAID_OF_HALVES):
+        return detail
     data = text.encode(errors="surrogatepass") if isinstance(text, str) else text
-    found = _LONE_SURROGATE.search(data)
-    if found is None:
-        return str(error)
+    halves = []
+    for found in _HALF_PAIR.finditer(data):
+        start = before = found.start()
+        while before and data[before - 1] == _BACKSLASH:
+            before -= 1
+        if (start - before) % 2 == 0:  # else its backslash is escaped: no escape at all
+            halves.append(found)
+            if len(halves) == _HALVES_LOOKED_AT:
+                break
+    if not halves:
+        return detail
+    mended = bytearray(data)
+    for half in reversed(halves):
+        mended[half.start() : half.end()] = rb"\ufffd"
     try:
-        _any_json.decode(_LONE_SURROGATE.sub(rb"\1\\ufffd", data))
+        _json_syntax.decode(mended)
     except (msgspec.DecodeError, RecursionError):
-        return str(error)
+        return detail
+    first = halves[0]
     return (
-        f"JSON is malformed: {found.group(2).decode()} is half of a UTF-16 surrogate pair "
-        f"(byte {found.start(2)}); strings must be valid Unicode"
+        f"JSON is malformed: {first.group().decode()} is half of a UTF-16 surrogate pair "
+        f"(byte {first.start()}); strings must be valid Unicode"
     )
 
 
