@@ -167,6 +167,8 @@ def test_invalid_json(frame: str) -> None:
         ('{"to": "bob", "message": "x", "ref": "\\udc00"}', "\\udc00", 38),
         ('{"to": "\\uD800", "message": 1}', "\\uD800", 8),
         ('{"to": "bob", "message": "\\ude00\\ud83d"}', "\\ude00", 26),  # the wrong order
+        # Every half is mended to see whether the rest is JSON; the first is named.
+        ('{"to": "bob", "message": ["\\ud800\\ud800", "ok", "\\udfff"]}', "\\ud800", 27),
     ],
 )
 def test_half_a_surrogate_pair_is_named_as_such(frame: str, escape: str, at: int) -> None:
