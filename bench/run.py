@@ -155,7 +155,7 @@ def server_specs() -> list[ServerSpec]:
         ServerSpec("websockets-asyncio", (py, str(PEERS / "websockets_asyncio_relay.py"))),
         ServerSpec("websockets-trio", (py, str(PEERS / "websockets_trio_relay.py"))),
         ServerSpec("trio-websocket", (py, str(PEERS / "trio_websocket_relay.py"))),
-        ServerSpec("trio-floor", (py, str(PEERS / "trio_floor_relay.py"))),
+        ServerSpec("trio-floor", (py, str(PEERS / "trio_floor_relay.py"), "--poller")),
     ]
 
 

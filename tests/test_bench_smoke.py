@@ -41,7 +41,7 @@ from typing import Any, Final
 import pytest
 
 from relayd.config import LimitsSettings
-from relayd.daemon.accepting import CONNECTION_TASK
+from relayd.daemon.poller import POLLER_TASK
 from relayd.policy.timers import Due, Timers
 from tests.e2e.harness import BENCH_DIR, REPO_ROOT, require_tool
 
@@ -757,11 +757,12 @@ def test_profiler_counts_trio_rounds_and_tasks_of_lone_messages(tmp_path: Path) 
     # The counts are exact, but no figure per message is: the window's edges can cut a
     # message's steps in two (1.98 steps per message for 50), and on a busy machine one
     # read or routing pass can take several messages. So no figure is held to a bound;
-    # what holds whatever the load is that relayd's work was counted, in its connection
-    # tasks and its router, and that each figure is a whole count over the messages.
+    # what holds whatever the load is that relayd's work was counted, in its poller (which
+    # reads every plain TCP connection) and its router, and that each figure is a whole
+    # count over the messages.
     operations = found["operations"]
     steps = found["task_steps_per_op_by_task"]
-    assert steps.get(CONNECTION_TASK, 0) > 0, steps
+    assert steps.get(POLLER_TASK, 0) > 0, steps
     assert any(t.endswith("LocalRouter.run") and n > 0 for t, n in steps.items()), steps
     assert found["task_steps_per_op"] == pytest.approx(sum(steps.values())), found
     assert 0 <= found["blocking_rounds_per_op"] <= found["rounds_per_op"], found

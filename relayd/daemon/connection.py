@@ -52,6 +52,7 @@ import trio
 from relayd.daemon.closing import CLOSE_TIMEOUT_S, closing_handshake, log_close
 from relayd.daemon.intake import Intake
 from relayd.daemon.live import LiveLimits
+from relayd.daemon.poller import ReadPoller
 from relayd.daemon.reader import Reader
 from relayd.daemon.transport import Transport
 from relayd.daemon.writer import Writer
@@ -97,6 +98,8 @@ class Connection:
         events: where the outcomes of messages refused here are recorded.
         log: a logger already bound with nothing connection-specific.
         stats: the counters to add to (refusals, closes, bytes).
+        poller: the server's, which reads a plain TCP socket while the reader
+            waits for it; None: the reader waits itself.
 
     Attributes:
         started: when it opened, on trio's clock.
@@ -137,6 +140,7 @@ class Connection:
         events: MessageEvents,
         log: structlog.typing.FilteringBoundLogger,
         stats: Stats,
+        poller: ReadPoller | None = None,
     ) -> None:
         self._transport = transport
         self._router = router
@@ -175,6 +179,7 @@ class Connection:
             lifecycle=self._lifecycle,
             limits=limits,
             log=log,
+            poller=poller,
         )
 
     @property

@@ -52,6 +52,7 @@ from relayd.daemon.authentication import Authentication
 from relayd.daemon.closing import CLOSE_TIMEOUT_S
 from relayd.daemon.connection import Connection
 from relayd.daemon.live import LiveLimits
+from relayd.daemon.poller import ReadPoller
 from relayd.daemon.request_head import HeadReading
 from relayd.daemon.transport import Accepted, Transport, discard
 from relayd.errors import CloseCode
@@ -163,6 +164,9 @@ class Gate:
         self._auth = Authentication(authenticator, limits, self.stats)
         self.connections: set[Connection] = set()
         self._heads = HeadReading()
+        #: Reads the plain TCP connections' sockets, while the server runs it; None:
+        #: each reader waits for its socket itself.
+        self.poller: ReadPoller | None = None
 
     def reconfigure(
         self,
@@ -351,6 +355,7 @@ class Gate:
             events=self._events,
             log=self._log,
             stats=self.stats,
+            poller=self.poller,
         )
         # Decided: from here it counts as a connection (capacity), no longer as a
         # handshake, whose limits bound reading and judging requests, not a

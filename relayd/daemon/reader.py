@@ -19,14 +19,18 @@ there, and asks its connection to close for policy (rate, timers) or to drain
 (the router closed); anything else stops it through :meth:`Reader.stop`.
 
 Runs in :meth:`~relayd.daemon.connection.Connection.run`'s own task; raises
-only on a bug. Once relayd has sent its close frame, the closing handshake
-(:mod:`relayd.daemon.closing`) reads the client's through :meth:`Reader.feed`.
+only on a bug. A plain TCP connection's reads are taken, while it waits for its
+socket, by the server's :class:`~relayd.daemon.poller.ReadPoller` when there is
+one: the poller's task handles a read at once (:meth:`Reader.readable`) and
+wakes the reader's task only for what needs a wait. Once relayd has sent its
+close frame, the closing handshake (:mod:`relayd.daemon.closing`) reads the
+client's through :meth:`Reader.feed`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 import structlog
 import trio
@@ -53,8 +57,9 @@ from relayd.wire.server_frames import encode_frame
 
 if TYPE_CHECKING:
     from relayd.daemon.connection import Connection
+    from relayd.daemon.poller import ReadPoller
 
-__all__ = ["RECEIVE_BYTES", "Reader"]
+__all__ = ["RECEIVE_BYTES", "Handover", "Parsed", "Reader"]
 
 #: Bytes asked of the socket per read: under load one read takes a burst of
 #: small frames, which then cost one router hand-off between them. It bounds
@@ -68,6 +73,25 @@ _OVER_RATE: Final = 2
 #: How long the reader waits for the router to pass a read's items before closing
 #: for the rate limit anyway: a router that far behind is shutting down or stuck.
 _ROUTED_WITHIN_S: Final = 5.0
+
+
+class Parsed:
+    """A read parsed and judged, for the reader's task to route (see :meth:`Reader.readable`)."""
+
+    __slots__ = ("batch", "ended", "reserved", "violation")
+
+    def __init__(
+        self, batch: list[Inbound], ended: int, violation: ProtocolError | None, reserved: bool
+    ) -> None:
+        self.batch = batch
+        self.ended = ended
+        self.violation = violation
+        self.reserved = reserved  # the batch's reply slots are taken
+
+
+#: What a reader's task is woken with by the poller: a read to handle (empty:
+#: reading is over), one parsed already, or nothing (wait again).
+Handover: TypeAlias = bytes | bytearray | Parsed | None
 
 
 class _Routed:
@@ -107,6 +131,8 @@ class Reader:
         lifecycle: the connection's lifecycle.
         limits: the limits in force (a reload may replace them).
         log: for ``limit.exceeded``.
+        poller: reads a plain TCP socket while the reader waits for it; None:
+            the reader waits for its socket itself.
 
     Attributes:
         messages_in: messages read.
@@ -124,6 +150,7 @@ class Reader:
         "_owner",
         "_pacer",
         "_parser",
+        "_poller",
         "_receive_scope",
         "_router",
         "_timers",
@@ -150,8 +177,10 @@ class Reader:
         lifecycle: Lifecycle,
         limits: LiveLimits,
         log: structlog.typing.FilteringBoundLogger,
+        poller: ReadPoller | None = None,
     ) -> None:
         self._owner = owner
+        self._poller = poller
         self._transport = transport
         self._early = early
         self._parser = parser
@@ -210,7 +239,8 @@ class Reader:
         # connection waits here for days, and a frame of the transport's
         # under it would cost some 220 bytes more.
         fd = transport.fd
-        data: bytes | bytearray | None = self._early  # what came with the handshake first
+        poller = self._poller if fd >= 0 else None
+        data: Handover = self._early  # what came with the handshake first
         self._early = b""
         lifecycle = self._lifecycle
         while lifecycle.reading:
@@ -227,7 +257,11 @@ class Reader:
             with trio.CancelScope(deadline=first) as scope:
                 self._receive_scope = scope
                 while True:
-                    if data:
+                    if isinstance(data, Parsed):  # the poller's, to finish here
+                        parsed, data = data, None
+                        if not await self._finish(parsed):
+                            return
+                    elif data:
                         now = clock.now()
                         if now >= scope.deadline:
                             # A timer came due as the read did: trio may have
@@ -243,7 +277,9 @@ class Reader:
                         scope.deadline = deadline
                     self._waiting_for_socket = True
                     try:
-                        if fd < 0:
+                        if poller is not None:
+                            data = await poller.wait(fd, self)
+                        elif fd < 0:
                             data = await transport.receive(RECEIVE_BYTES)
                         else:
                             await trio.lowlevel.wait_readable(fd)
@@ -258,8 +294,66 @@ class Reader:
             if not lifecycle.reading or not self._due():
                 return
 
+    def readable(self) -> Handover:
+        """The poller's: read the socket, and handle the read at once if it needs no wait.
+
+        Runs in the poller's task while the reader's own waits for the socket
+        (:meth:`ReadPoller.wait <relayd.daemon.poller.ReadPoller.wait>`), and does
+        what the reader's task would do with the read, as far as it can without
+        a wait: parse, judge, take the reply slots and route at once.
+
+        Returns:
+            None if the read was handled, or there was nothing to read after all,
+            and the reader waits on; else what its task is woken to finish: the
+            read itself (a timer came due with it; empty: the client has gone,
+            or reading is over), or the read parsed (:class:`Parsed`: it closes
+            the connection, or its routing needs a wait).
+        """
+        data = self._transport.read_nowait(RECEIVE_BYTES)
+        if data is None:
+            return None
+        now = clock.now()
+        scope = self._receive_scope
+        if not data or scope is None or now >= scope.deadline:
+            return data  # the end, or a timer first: as the task's own loop sees to it
+        # As in the task's own handling: a stop from here on lets the read be
+        # handled (and reading then ends), and a close's bound applies at once.
+        self._waiting_for_socket = False
+        batch, ended, violation = self._parse(data, now)
+        reserved = False
+        if not ended and violation is None and batch:
+            outbox = self._outbox
+            if len(batch) <= outbox.capacity and outbox.reserve(len(batch)):
+                try:
+                    if self._router.try_route(batch):
+                        batch = []
+                except Exception as exc:
+                    if not self._unroute(batch, exc):
+                        return b""
+                    raise  # pragma: no cover - _unroute raises what is not RouterClosed
+                reserved = True
+        if batch or ended or violation is not None:
+            # For the task: no timer may cut its hand-off short, only a close (as
+            # _route sees to in the task; the deadline may pass before it runs).
+            self._lift_deadline()
+            return Parsed(batch, ended, violation, reserved)
+        if not self._lifecycle.reading:
+            return b""
+        deadline = self._timers.deadline(self._live.current)
+        if deadline != scope.deadline:
+            scope.deadline = deadline
+        self._waiting_for_socket = True  # it waits on
+        return None
+
     async def _handle(self, data: bytes | bytearray, now: float) -> bool:
         """Parse one read, made at ``now``, and route what it held; False once reading must stop."""
+        batch, ended, violation = self._parse(data, now)
+        return await self._finish(Parsed(batch, ended, violation, False))
+
+    def _parse(
+        self, data: bytes | bytearray, now: float
+    ) -> tuple[list[Inbound], int, ProtocolError | None]:
+        """One read, made at ``now``, parsed and judged: its items, how it ends, its violation."""
         self.bytes_in += len(data)
         violation: ProtocolError | None = None
         parser = self._parser
@@ -279,9 +373,14 @@ class Reader:
             # so does that of the error it was raised from (a UnicodeDecodeError: 1007).
             violation.parsed = []
             violation.__traceback__ = violation.__context__ = violation.__cause__ = None
+        return batch, ended, violation
+
+    async def _finish(self, parsed: Parsed) -> bool:
+        """Route a parsed read and end the reading as it says; False once reading must stop."""
+        batch, ended, violation = parsed.batch, parsed.ended, parsed.violation
         if ended == _OVER_RATE:
             return await self._close_over_rate(batch)
-        if batch and not await self._route(batch):
+        if batch and not await self._route(batch, reserved=parsed.reserved):
             return False
         if violation is not None and not ended:
             if violation.code == CloseCode.TOO_BIG:
@@ -345,7 +444,9 @@ class Reader:
                 return True
         return False
 
-    async def _route(self, items: list[Inbound], *, closing: bool = False) -> bool:
+    async def _route(
+        self, items: list[Inbound], *, closing: bool = False, reserved: bool = False
+    ) -> bool:
         """Hand ``items`` to the router with a reply slot each, in chunks the outbox can hold.
 
         Waits (reading nothing more from the client) while the client has not
@@ -353,6 +454,7 @@ class Reader:
         at most, after which the connection closes with 1013. ``closing``: the
         connection's last read (over the rate limit), whose slots are taken
         without a wait (:meth:`~relayd.routing.outbox.Outbox.reserve_beyond`).
+        ``reserved``: the slots of ``items`` (one part) are taken already.
 
         Returns:
             False if the connection is closing: as a slow consumer, or because the
@@ -366,7 +468,9 @@ class Reader:
         else:
             parts = tuple(items[start : start + chunk] for start in range(0, len(items), chunk))
         for part in parts:
-            if not outbox.reserve(len(part)):
+            if reserved:
+                reserved = False
+            elif not outbox.reserve(len(part)):
                 if closing:
                     outbox.reserve_beyond(len(part))
                 else:
@@ -381,18 +485,27 @@ class Reader:
                     self._lift_deadline()
                     await self._router.route(part)
             except BaseException as exc:
-                # RouterClosed, or cancelled: the router took nothing. (A bug raised
-                # while routing at once may come after some items were answered; a
-                # None beyond the slots reserved is ignored, and the connection
-                # closes with 1011.)
-                for _ in part:
-                    outbox.reply(None)
-                self._writer.slots_freed()
-                if isinstance(exc, RouterClosed):
-                    self._owner.drain()
+                if not self._unroute(part, exc):
                     return False
-                raise
+                raise  # pragma: no cover - _unroute raises what is not RouterClosed
         return True
+
+    def _unroute(self, part: list[Inbound], exc: BaseException) -> bool:
+        """Give back the slots of ``part``, whose routing raised ``exc``; False: the router closed.
+
+        Raises:
+            BaseException: ``exc``, unless it is :class:`RouterClosed` (the connection drains).
+        """
+        # RouterClosed, or cancelled: the router took nothing. (A bug raised while
+        # routing at once may come after some items were answered; a None beyond
+        # the slots reserved is ignored, and the connection closes with 1011.)
+        for _ in part:
+            self._outbox.reply(None)
+        self._writer.slots_freed()
+        if isinstance(exc, RouterClosed):
+            self._owner.drain()
+            return False
+        raise exc
 
     def _lift_deadline(self) -> None:
         """Before a wait other than for the socket: no timer may cut it short, only a close.

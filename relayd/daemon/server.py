@@ -46,6 +46,7 @@ from relayd.daemon.admin import serve_admin
 from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
 from relayd.daemon.listeners import address, bind, bind_admin, with_tls
+from relayd.daemon.poller import POLLER_TASK, ReadPoller
 from relayd.daemon.reload import Reload, changes, in_force
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
@@ -294,6 +295,10 @@ class Server:
                                 areas=[api],
                             )
                         )
+                    # Reads every plain TCP connection's socket while its reader
+                    # waits; it outlives the connections (cancelled with the root).
+                    poller = self._gate.poller = ReadPoller()
+                    root.start_soon(poller.run, name=POLLER_TASK)
                     async with trio.open_nursery() as connections:
                         async with trio.open_nursery() as accepting:
                             # Counted now that every listening socket is open.
@@ -325,8 +330,9 @@ class Server:
                             trio.current_time() + self._settings.server.shutdown_grace_s
                         )
                     forced = connections.cancel_scope.cancelled_caught
-                    root.cancel_scope.cancel()  # the admin listener
+                    root.cancel_scope.cancel()  # the admin listener and the poller
         finally:
+            self._gate.poller = None
             self._log.info(
                 "server.stop",
                 reason=self._stop_reason or "cancelled",
