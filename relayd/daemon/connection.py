@@ -12,7 +12,9 @@ Task layout: :meth:`Connection.run` runs in the connection's task (the accept
 loop starts it; the gate runs in it), and waits for everything it starts::
 
     run
-    ├── reader    socket -> router (runs in run's own task); also the timers
+    ├── reader    socket -> router (runs in run's own task; on plain TCP the
+    │             server's poller reads for it while it waits, and wakes it only
+    │             for what needs a wait); also the timers
     │             (:class:`~relayd.policy.timers.Timers`: keepalive, idle, slow
     │             consumer) as deadlines on its wait for the socket
     └── writer    outbox -> socket (:class:`~relayd.daemon.writer.Writer`), while

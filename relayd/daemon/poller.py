@@ -19,7 +19,11 @@ reader's own task, which is woken to finish it as it finishes a read of its own.
 
 Ownership: the server runs :meth:`run` in its root nursery for as long as it
 serves connections; a reader parks in :meth:`wait` only while it waits for its
-socket, and is registered in the epoll exactly as long as it is parked.
+socket, and is registered in the epoll exactly as long as it is parked. A
+reader waits for its socket itself while the poller does not run
+(:attr:`running`): before it starts, and after it ended, cancelled with the
+root nursery before the connections, or by a bug. When it ends it wakes every
+reader parked in it (with nothing: they wait again, themselves).
 
 Cancellation: a parked reader's wait is cancelled as trio's own would be (its
 cancel scope: a timer, a stop, the server's end), and its socket leaves the
@@ -63,10 +67,12 @@ class Readable(Protocol):
 class ReadPoller:
     """Waits for the sockets of parked readers; see the module docstring."""
 
-    __slots__ = ("_abort_after", "_epoll", "_handling", "_parked")
+    __slots__ = ("_abort_after", "_epoll", "_handling", "_parked", "running")
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
+        #: Whether :meth:`run` runs: readers may park in :meth:`wait` only then.
+        self.running = False
         # fd -> the reader parked on it and its task.
         self._parked: dict[int, tuple[Readable, trio.lowlevel.Task]] = {}
         # The fd whose read the poller is handling now (-1: none), and whether its
@@ -82,8 +88,11 @@ class ReadPoller:
     async def wait(self, fd: int, reader: Readable) -> Handover:
         """Park ``reader`` until its socket ``fd`` brings a read it cannot handle at once.
 
+        Call it only while the poller is :attr:`running`.
+
         Returns:
-            What :meth:`Reader.readable` handed over for the reader's task to finish.
+            What :meth:`Reader.readable` handed over for the reader's task to finish;
+            None if the poller ended meanwhile.
 
         Raises:
             trio.Cancelled: the wait was cancelled (the socket is out of the epoll).
@@ -112,12 +121,13 @@ class ReadPoller:
     async def run(self) -> None:
         """Handle the reads of ready sockets, round after round; until cancelled.
 
-        Resource handling: closes the epoll when it ends. Readers still parked
-        then are not woken by it: they end with their connections (the server
-        cancels those first).
+        Resource handling: when it ends (cancelled, or a bug), the readers still
+        parked are woken to wait for their sockets themselves, and the epoll is
+        closed. Run it once.
         """
         epoll, parked = self._epoll, self._parked
         poll, fileno = epoll.poll, epoll.fileno()
+        self.running = True
         try:
             while True:
                 await trio.lowlevel.wait_readable(fileno)
@@ -139,4 +149,7 @@ class ReadPoller:
                     if wake is not None:
                         trio.lowlevel.reschedule(self._unpark(fd), wake)
         finally:
+            self.running = False
+            for fd in list(parked):
+                trio.lowlevel.reschedule(self._unpark(fd), outcome.Value(None))
             epoll.close()

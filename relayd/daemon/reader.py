@@ -2,7 +2,8 @@
 
 The reader takes what one read brought (it waits for the socket and reads
 it once, as :meth:`Transport.receive
-<relayd.daemon.transport.Transport.receive>` does), parses every frame in it
+<relayd.daemon.transport.Transport.receive>` does; or the server's poller reads
+it, see below), parses every frame in it
 (:class:`~relayd.wire.frames.FrameParser`), judges each message
 (:class:`~relayd.daemon.intake.Intake`) and hands the lot to the router as one
 batch, with a reply slot reserved for each item in the outbox. A client that
@@ -20,9 +21,11 @@ there, and asks its connection to close for policy (rate, timers) or to drain
 
 Runs in :meth:`~relayd.daemon.connection.Connection.run`'s own task; raises
 only on a bug. A plain TCP connection's reads are taken, while it waits for its
-socket, by the server's :class:`~relayd.daemon.poller.ReadPoller` when there is
-one: the poller's task handles a read at once (:meth:`Reader.readable`) and
-wakes the reader's task only for what needs a wait. Once relayd has sent its
+socket, by the server's :class:`~relayd.daemon.poller.ReadPoller` when one runs:
+the poller's task handles a read at once (:meth:`Reader.readable`) and wakes
+the reader's task only for what needs a wait, ends the reading, or comes with
+a timer due; the rest of a read's handling is the reader's task's, as if it
+had read it itself. Once relayd has sent its
 close frame, the closing handshake (:mod:`relayd.daemon.closing`) reads the
 client's through :meth:`Reader.feed`.
 """
@@ -235,9 +238,10 @@ class Reader:
     async def run(self) -> None:
         """Read until the connection stops reading: a close, a stop, a timer, or the end."""
         transport = self._transport
-        # A plain socket's descriptor is waited on in this frame: an idle
-        # connection waits here for days, and a frame of the transport's
-        # under it would cost some 220 bytes more.
+        # A plain socket's descriptor is waited on in this frame (or in the
+        # poller's wait, called from it): an idle connection waits here for
+        # days, and a frame of the transport's under it would cost some 220
+        # bytes more.
         fd = transport.fd
         poller = self._poller if fd >= 0 else None
         data: Handover = self._early  # what came with the handshake first
@@ -277,7 +281,7 @@ class Reader:
                         scope.deadline = deadline
                     self._waiting_for_socket = True
                     try:
-                        if poller is not None:
+                        if poller is not None and poller.running:
                             data = await poller.wait(fd, self)
                         elif fd < 0:
                             data = await transport.receive(RECEIVE_BYTES)

@@ -44,9 +44,12 @@ readable, then reads it once: one ``read`` per arrival. (trio's
 ``receive_some`` reads first and waits only if that fails, which suits a
 stream that is usually ahead; a chat client's socket is usually empty when
 its reader comes back to it, so that first read fails, once per message.)
-TLS and other streams read through ``receive_some``. The connection's reader
-does the same itself, on :attr:`Transport.fd` with :meth:`Transport.read_nowait`,
-so that an idle connection waits in one coroutine frame less.
+TLS and other streams read through ``receive_some``. A plain socket's reads are
+:meth:`Transport.read_nowait` on :attr:`Transport.fd`, once it is readable: by
+the server's read poller (:mod:`relayd.daemon.poller`) while the connection's
+reader waits in it, or by the reader itself, which then waits for the
+descriptor in its own frame (an idle connection waits in one coroutine frame
+less).
 
 Resource handling: the gate's per-stream task owns the transport and calls
 :meth:`Transport.close` in its ``finally`` (it closes the socket even when
@@ -55,9 +58,9 @@ cancelled); the connection's reader receives with :meth:`Transport.receive` or
 :meth:`Transport.send_all` or :meth:`Transport.try_send`, one write at a time.
 A closed socket's descriptor number may soon be another socket's, so it is never
 used after the close: the transport reads it again after every wait of its own,
-and the reader, which waits on :attr:`Transport.fd` itself, runs in the gate's
-task, which closes the transport only once the reader has returned and the
-writer has ended.
+and the reader, which waits on :attr:`Transport.fd` (itself, or parked in the
+poller, whose epoll it leaves as its wait ends), runs in the gate's task, which
+closes the transport only once the reader has returned and the writer has ended.
 """
 
 from __future__ import annotations
