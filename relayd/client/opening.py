@@ -62,7 +62,11 @@ async def open_stream(endpoint: Endpoint, ssl_context: ssl.SSLContext | None) ->
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tcp)
-        raise TLSError(url, _tls_failure(endpoint, exc.__cause__)) from exc.__cause__
+        cause = exc.__cause__
+        # Closed or reset mid-handshake (a server shedding handshakes, or restarting)
+        # may pass; what OpenSSL itself refused will not.
+        transient = isinstance(cause, ssl.SSLEOFError) or not isinstance(cause, ssl.SSLError)
+        raise TLSError(url, _tls_failure(endpoint, cause), retryable=transient) from cause
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
@@ -100,10 +104,14 @@ async def handshake(
     if isinstance(upgraded, ConnectError):
         return upgraded
     if upgraded is None and watched.silent.is_set():
+        # What relayd does with a handshake over its limits, and the kernel with one
+        # in a restarting relayd's backlog (retryable, then), but also what a TLS
+        # server does with a plain request: the message names both.
         why = f"{url} closed the connection without answering the WebSocket handshake"
-        if not endpoint.tls:  # what a TLS server does with a plain request
-            why += f" (it may speak wss://{endpoint.host_header}{endpoint.resource}, not ws://)"
-        return ConnectError(url, why, retryable=False)
+        why += " (relayd at its handshake limit, or restarting"
+        if not endpoint.tls:
+            why += f"; or it speaks wss://{endpoint.host_header}{endpoint.resource}, not ws://"
+        return ConnectError(url, why + ")")
     if upgraded is None or waiting.cancelled_caught:
         timeout = options.connect_timeout
         return ConnectTimeout(url, f"no WebSocket handshake with {url} within {timeout:g} s")
