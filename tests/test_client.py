@@ -230,6 +230,41 @@ async def _never_answer(stream: trio.SocketStream) -> None:
         await trio.sleep_forever()
 
 
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        # Bytes, then the close: it was a ConnectTimeout after the whole connect_timeout.
+        (b"SSH-2.0-OpenSSH_9.0\r\n", "closed the connection in the middle of the WebSocket"),
+        (b"HTTP/1.1 5", "closed the connection in the middle of the WebSocket"),
+        # A 101 with a wrong key: it was an exception group from trio-websocket's task.
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n",
+            "answered the WebSocket upgrade as relayd never does",
+        ),
+    ],
+    ids=["not-http", "half-a-status-line", "bad-accept-key"],
+)
+async def test_a_server_that_is_not_relayd_is_a_connect_error_at_once(
+    answer: bytes, message: str
+) -> None:
+    # Found by a tester (a misbehaving proxy in front of relayd, say).
+    async def server(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(answer)
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, server)
+        with pytest.raises(ConnectError, match=message) as refused:
+            # Without the fix the first two waited this out, past the test's deadline.
+            async with connect(url, connect_timeout=3600):
+                pytest.fail("connected to a server that is not relayd")
+        nursery.cancel_scope.cancel()
+    assert type(refused.value) is ConnectError
+    assert not refused.value.retryable
+
+
 async def test_a_server_without_relayd_v1_is_refused_for_v1_and_fine_for_seed() -> None:
     async def handler(request: WebSocketRequest) -> None:
         ws = await request.accept()  # selects no subprotocol, as the seed post's server
