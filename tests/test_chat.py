@@ -493,7 +493,8 @@ async def test_nothing_listening_is_one_line_on_stderr() -> None:
         (["http://127.0.0.1:9030/"], "bad URL 'http://127.0.0.1:9030/': the URL must start with"),
         (["ws:///path"], "bad URL 'ws:///path': the URL has no host"),
         (["ws://127.0.0.1:99999/"], "bad URL 'ws://127.0.0.1:99999/': Port out of range"),
-        (["ws://u:p@127.0.0.1/"], "bad URL 'ws://u:p@127.0.0.1/': no user or password"),
+        (["ws://u:secret@127.0.0.1/"], "bad URL 'ws://***@127.0.0.1/': no user or password"),
+        (["ws://127.0.0.1/a b"], "bad URL 'ws://127.0.0.1/a b': the URL must be printable ASCII"),
         (["ws://127.0.0.1/", "--token-file", "/nonexistent/token"], "bad token: cannot read"),
     ],
 )
@@ -502,6 +503,23 @@ async def test_a_bad_url_or_token_exits_2(args: list[str], message: str) -> None
     assert (status, out) == (2, [])
     assert err.startswith(f"relayd chat: {message}"), err
     assert err.count("\n") == 1, err
+
+
+async def test_a_closed_stdin_is_no_input_and_the_chat_ends_as_at_its_end() -> None:
+    async with running(Server(settings())) as url:
+        proc = await trio.run_process(
+            [*MODULE, "chat", url],
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=_environment({}),
+            # The caller's `<&-`: the chat starts without a descriptor 0.
+            preexec_fn=lambda: os.close(0),
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert CONNECTED.fullmatch(proc.stdout.decode().splitlines()[0])
+    assert proc.stderr == b""
 
 
 async def test_a_token_that_cannot_be_a_header_exits_2_without_showing_it() -> None:

@@ -55,6 +55,7 @@ from relayd.client import (
     TryAgainLater,
     UnknownRecipient,
     connect,
+    messages,
 )
 from relayd.client import link as link_module
 from relayd.client.link import CloseInfo, Link
@@ -229,6 +230,41 @@ async def _never_answer(stream: trio.SocketStream) -> None:
         await trio.sleep_forever()
 
 
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        # Bytes, then the close: it was a ConnectTimeout after the whole connect_timeout.
+        (b"SSH-2.0-OpenSSH_9.0\r\n", "closed the connection in the middle of the WebSocket"),
+        (b"HTTP/1.1 5", "closed the connection in the middle of the WebSocket"),
+        # A 101 with a wrong key: it was an exception group from trio-websocket's task.
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n",
+            "answered the WebSocket upgrade as relayd never does",
+        ),
+    ],
+    ids=["not-http", "half-a-status-line", "bad-accept-key"],
+)
+async def test_a_server_that_is_not_relayd_is_a_connect_error_at_once(
+    answer: bytes, message: str
+) -> None:
+    # Found by a tester (a misbehaving proxy in front of relayd, say).
+    async def server(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(answer)
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, server)
+        with pytest.raises(ConnectError, match=message) as refused:
+            # Without the fix the first two waited this out, past the test's deadline.
+            async with connect(url, connect_timeout=3600):
+                pytest.fail("connected to a server that is not relayd")
+        nursery.cancel_scope.cancel()
+    assert type(refused.value) is ConnectError
+    assert not refused.value.retryable
+
+
 async def test_a_server_without_relayd_v1_is_refused_for_v1_and_fine_for_seed() -> None:
     async def handler(request: WebSocketRequest) -> None:
         ws = await request.accept()  # selects no subprotocol, as the seed post's server
@@ -256,6 +292,12 @@ async def test_a_server_without_relayd_v1_is_refused_for_v1_and_fine_for_seed() 
         ("ws://127.0.0.1/", {"connect_timeout": 0}, "connect_timeout must be positive"),
         ("ws://127.0.0.1/", {"keepalive_s": math.inf}, "keepalive_s must be positive"),
         ("ws://127.0.0.1/", {"max_in_flight": 0}, "max_in_flight >= 1"),
+        # Found by a tester: raised from trio's internals, or an unbounded receive buffer.
+        ("ws://127.0.0.1/", {"max_in_flight": 1.5}, "max_in_flight >= 1"),
+        ("ws://127.0.0.1/", {"receive_queue": math.inf}, "receive_queue >= 0"),
+        ("ws://127.0.0.1/", {"max_in_flight": "16"}, "max_in_flight >= 1"),
+        ("ws://127.0.0.1/", {"connect_timeout": "5"}, "connect_timeout must be positive"),
+        ("ws://127.0.0.1/", {"token": b"token-bytes"}, "the token must be a str"),
         (
             "ws://127.0.0.1/",
             {"dialect": "v2"},
@@ -323,9 +365,8 @@ async def test_ws_to_a_tls_server_says_at_once_it_may_speak_wss(tmp_path: Path) 
                 pytest.fail("a WebSocket over plain TCP with a TLS server")
     assert str(refused.value) == (
         f"{plain} closed the connection without answering the WebSocket handshake"
-        f" (it may speak {url}, not ws://)"
+        f" (relayd at its handshake limit, or restarting; or it speaks {url}, not ws://)"
     )
-    assert not refused.value.retryable
 
 
 # -- sending: every outcome ----------------------------------------------------------------
@@ -345,13 +386,35 @@ async def test_send_returns_once_relayd_acked_and_raises_each_error_with_its_det
             await client.send("", "x")
         assert bad_to.value.detail.startswith("Expected `str` of length >= 1")
 
-        with pytest.raises(InvalidJSON) as bad_json:
-            await client.send(peer.id, msgspec.Raw(b"{bad"))
-        assert bad_json.value.detail.startswith("JSON is malformed")
-        assert bad_json.value.ref is None  # relayd reads no ref from what is not JSON
+        # A Raw is pasted into the envelope as it is: one that is not one JSON value is
+        # refused before sending, or it could make another envelope (found by a tester:
+        # this one was acked and delivered to the client itself, not to the peer).
+        for raw in [b"{bad", b'"for the peer?","to":"%s"' % client.id.encode(), b"1}", b""]:
+            with pytest.raises(ValueError, match="not one JSON value"):
+                await client.send(peer.id, msgspec.Raw(raw))
 
         await client.send(client.id, "the connection is still open")
-        assert (await client.receive()).sender == client.id
+        assert (await client.receive()).text == "the connection is still open"
+        await client.send(peer.id, "the peer got nothing before this")
+        assert (await peer.receive()).text == "the peer got nothing before this"
+
+
+async def test_invalid_json_from_relayd_is_raised_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What only a client without the check above sends (an older one, or another
+    # program on the connection's behalf); relayd's answer must still reach the send.
+    monkeypatch.setattr(messages, "_raw_decoder", _Lenient())
+    async with relay() as url, connect(url) as client, connect(url) as peer:
+        with pytest.raises(InvalidJSON) as bad_json:
+            await client.send(peer.id, msgspec.Raw(b"{bad"))
+    assert bad_json.value.detail.startswith("JSON is malformed")
+    assert bad_json.value.ref is None  # relayd reads no ref from what is not JSON
+
+
+class _Lenient:
+    """A stand-in for the client's check of a Raw: takes anything."""
+
+    def decode(self, _: object) -> None:
+        return None
 
 
 async def test_a_rate_limited_send_raises_and_sustained_abuse_closes_with_1008() -> None:
@@ -411,11 +474,15 @@ async def test_unsupported_data_cannot_come_from_this_client() -> None:
 # -- many sends in flight ------------------------------------------------------------------
 
 
-async def test_every_send_gets_its_own_outcome_when_many_are_in_flight() -> None:
+async def test_every_send_gets_its_own_outcome_when_many_are_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Three kinds interleaved at random: acked, unknown_recipient (relayd echoes the ref)
     # and invalid_json (relayd answers with "ref": null, so the client must give it to the
-    # oldest message still waiting). If a reply were matched to the wrong send, a task
-    # would see another kind's outcome, or the peer would get a message whose send failed.
+    # oldest message still waiting; sent here past the client's own check of a Raw). If a
+    # reply were matched to the wrong send, a task would see another kind's outcome, or
+    # the peer would get a message whose send failed.
+    monkeypatch.setattr(messages, "_raw_decoder", _Lenient())
     kinds = ["ack", "unknown_recipient", "invalid_json"] * 30
     random.Random(12).shuffle(kinds)
     results: dict[int, str] = {}
@@ -714,7 +781,7 @@ async def test_a_missing_pong_drops_the_connection(autojump_clock: trio.abc.Cloc
     assert (lost.value.code, lost.value.reason) == (1006, "no pong within 20 s")
 
 
-async def accept_v1(stream: trio.SocketStream, client_id: str) -> None:
+async def accept_v1(stream: trio.abc.Stream, client_id: str) -> None:
     """Play relayd's part of a v1 handshake on ``stream``, up to its welcome."""
     head = b""
     while b"\r\n\r\n" not in head:

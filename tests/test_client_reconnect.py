@@ -9,6 +9,7 @@ relayd is the installed ``relayd`` command, started and stopped as an operator w
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Final
 
 import pytest
 import trio
+import trustme
 from pydantic import SecretStr
 
 from relayd.client import (
@@ -130,6 +132,69 @@ async def test_a_refusal_that_cannot_pass_is_not_retried() -> None:
     refused = closed.value.__cause__
     assert isinstance(refused, HandshakeRefused)
     assert (refused.status, refused.retryable) == (401, False)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_an_attempt_closed_before_any_answer_is_retried(tls: bool) -> None:
+    """An attempt closed before any answer may pass: reconnecting goes on.
+
+    relayd sheds a handshake over its limits so (and a restarting relayd's kernel
+    resets one in its backlog); over TLS it is an EOF during the TLS handshake.
+    """
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    attempts = 0
+    done = trio.Event()
+
+    async def scripted(stream: trio.SocketStream) -> None:
+        # The first connection is welcomed and closed 1001 (retryable); the next two
+        # attempts are closed at once, as relayd closes a shed handshake; the fourth is
+        # welcomed with a new id.
+        nonlocal attempts
+        attempts += 1
+        if attempts in (2, 3):
+            await trio.aclose_forcefully(stream)
+            return
+        wrapped: trio.abc.Stream = stream
+        if tls:
+            wrapped = trio.SSLStream(stream, server_context, server_side=True)
+        await accept_v1(wrapped, f"id-{attempts}")
+        if attempts == 1:
+            await wrapped.send_all(close_frame(1001, "restarting"))
+        await done.wait()
+        await trio.aclose_forcefully(wrapped)
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, scripted)
+        if tls:
+            url = url.replace("ws://", "wss://")
+        quick = Backoff(first_s=0.01, max_s=0.02, attempts=5)
+        context = client_context if tls else None
+        async with connect(url, reconnect=quick, ssl_context=context) as client:
+            ids = aiter(client.ids())
+            assert await anext(ids) == "id-1"
+            assert await anext(ids) == "id-4"
+            done.set()
+        nursery.cancel_scope.cancel()
+    assert attempts == 4
+
+
+async def test_a_first_connection_closed_unanswered_is_retryable_and_says_why() -> None:
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, trio.aclose_forcefully)
+        with pytest.raises(ConnectError) as refused:
+            async with connect(url):
+                pytest.fail("connected to a server that closes every connection")
+        nursery.cancel_scope.cancel()
+    assert refused.value.retryable
+    assert str(refused.value) == (
+        f"{url} closed the connection without answering the WebSocket handshake"
+        f" (relayd at its handshake limit, or restarting;"
+        f" or it speaks {url.replace('ws://', 'wss://')}, not ws://)"
+    )
 
 
 async def test_a_policy_close_is_not_retried() -> None:

@@ -107,6 +107,8 @@ def test_backoff_without_attempts_keeps_trying() -> None:
         {"first_s": 2.0, "max_s": 1.0},
         {"factor": 0.5},
         {"attempts": 0},
+        {"attempts": 1.5},
+        {"first_s": "1"},
     ],
 )
 def test_backoff_refuses_figures_that_cannot_work(figures: dict[str, float]) -> None:
@@ -133,6 +135,13 @@ def test_an_envelope_is_what_relayd_decodes_with_the_message_as_written() -> Non
         encode_body(["half \ud83d"])
     with pytest.raises(ValueError, match="the recipient id holds a string that is not valid"):
         check_id("half \ud83d")
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        encode_body(deep)
+    with pytest.raises(ValueError, match="not one JSON value"):
+        encode_body(msgspec.Raw(b'"x","to":"someone else"'))
     check_id("émile")  # valid Unicode, not ASCII
     check_id(5)  # type: ignore[arg-type]  # not a string: relayd answers invalid_envelope
 
@@ -253,6 +262,11 @@ def test_urls_parse_to_where_the_client_connects() -> None:
         ("ws:///path", "has no host"),
         ("ws://127.0.0.1:99999/", "out of range"),
         ("ws://u:p@127.0.0.1/", "no user or password"),
+        ("ws://127.0.0.1/a b", "printable ASCII without spaces"),
+        ("ws://127.0.0.1/?q=a b", "printable ASCII without spaces"),
+        ("ws://127.0.0.1/caf\u00e9", "printable ASCII without spaces"),
+        ("ws://127.0.0.1/\x00", "printable ASCII without spaces"),
+        ("ws://127.0.0.1/a\r\nX-Injected: 1", "printable ASCII without spaces"),
     ],
 )
 def test_bad_urls_are_refused(url: str, message: str) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from relayd.client.options import is_count
+
 __all__ = ["Backoff"]
 
 #: The first ceiling: a relayd restarted by systemd listens again within about
@@ -46,12 +48,15 @@ class Backoff:
     attempts: int | None = None
 
     def __post_init__(self) -> None:
+        figures = (self.first_s, self.max_s, self.factor)
+        if not all(isinstance(f, int | float) and not isinstance(f, bool) for f in figures):
+            raise ValueError("first_s, max_s and factor must be numbers")
         if not 0 < self.first_s <= self.max_s:
             raise ValueError("need 0 < first_s <= max_s")
         if self.factor < 1:
             raise ValueError("factor must be at least 1")
-        if self.attempts is not None and self.attempts < 1:
-            raise ValueError("attempts must be at least 1, or None to keep trying")
+        if self.attempts is not None and not is_count(self.attempts, 1):
+            raise ValueError("attempts must be a whole number, at least 1, or None to keep trying")
 
     def delays(self, uniform: Callable[[], float] = random.random) -> Iterator[float]:
         """The waits before each attempt, in seconds; ends after :attr:`attempts`.

@@ -141,6 +141,15 @@ def _hint(error: ConnectError, token: str | None) -> str:
     return ""
 
 
+def _without_password(url: str) -> str:
+    """``url`` as it may be printed: a user and password in it shown as ``***``."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def _token_in(url: str) -> bool:
     """Whether ``url``'s query has a ``token``, as a browser would send it."""
     try:
@@ -215,7 +224,7 @@ def main(
     try:
         endpoint = parse_url(url)
     except ValueError as exc:
-        console.warn(f"bad URL {url!r}: {exc}")
+        console.warn(f"bad URL {_without_password(url)!r}: {exc}")
         return EX_USAGE
     try:
         token = _token(token_file)

@@ -34,8 +34,14 @@ def parse_url(url: str) -> Endpoint:
 
     Raises:
         ValueError: not a URL this client can connect to: another scheme, no
-            host, a bad port, or a user and password (give a token instead).
+            host, a bad port, a user and password (give a token instead), or
+            a character a request line cannot hold (a space, a control
+            character, or one that is not ASCII: percent-encode it).
     """
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise ValueError(
+            "the URL must be printable ASCII without spaces (percent-encode the others)"
+        )
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss"):
         raise ValueError("the URL must start with ws:// or wss://")

@@ -126,13 +126,16 @@ class ConnectTimeout(ConnectError):
 
 
 class TLSError(ConnectError):
-    """The TLS handshake failed; ``__cause__`` is the :class:`ssl.SSLError`.
+    """The TLS handshake failed; ``__cause__`` is the :class:`ssl.SSLError`, or the ``OSError``.
 
-    Not retryable: a certificate that did not verify will not verify next time.
+    Retryable only when the connection ended or was reset during the handshake
+    (``__cause__`` is an :class:`ssl.SSLEOFError`, or not an :class:`ssl.SSLError`):
+    a server at its handshake limit, or restarting, does that. A certificate that
+    did not verify, or a server that does not speak TLS, answers the same next time.
     """
 
-    def __init__(self, url: str, message: str) -> None:
-        super().__init__(url, message, retryable=False)
+    def __init__(self, url: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(url, message, retryable=retryable)
 
 
 # -- sending ---------------------------------------------------------------------------

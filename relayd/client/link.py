@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+import h11
 import trio
 from trio_websocket import ConnectionClosed as WebSocketClosed
 from trio_websocket import ConnectionRejected, WebSocketConnection
@@ -395,15 +396,25 @@ async def run_link(
         assert isinstance(rejected, ConnectionRejected)
         body = (rejected.body or b"").decode(errors="replace").strip()
         failure = HandshakeRefused(url, rejected.status_code, body)
+    except* h11.ProtocolError as group:
+        # wsproto's HTTP parser refused relayd's answer to the upgrade: none is like
+        # that (a 101 with a body, say), so it is another server.
+        if link is not None:
+            raise
+        failure = _not_relayd(url, group.exceptions[0])
     except* LocalProtocolError as group:
         # trio-websocket 0.12 answers a ping that came after it started closing with
         # a pong, which wsproto refuses, and its reader task raises
         # (trio-websocket#184). RFC 6455 lets a closing endpoint leave the ping
         # unanswered. Closing by this client's choice, that is a 1000; closing
         # because a write failed (trio-websocket aborts), the connection is lost.
-        if link is None or not all(_late_pong(error) for error in group.exceptions):
+        if link is None:
+            # During the upgrade: wsproto refused the answer (a 101 with a wrong
+            # Sec-WebSocket-Accept, say), which no relayd sends.
+            failure = _not_relayd(url, group.exceptions[0])
+        elif not all(_late_pong(error) for error in group.exceptions):
             raise
-        if link.closing:
+        elif link.closing:
             closed = CloseInfo(CloseCode.NORMAL, "", by_client=True)
         else:
             ended = link.ended()  # trio-websocket's abort sets it: 1006, without a reason
@@ -416,3 +427,9 @@ async def run_link(
     if failure is not None:
         raise failure
     return closed
+
+
+def _not_relayd(url: str, error: BaseException) -> ConnectError:
+    """The error for an answer to the upgrade that wsproto or its HTTP parser refused."""
+    why = f"{url} answered the WebSocket upgrade as relayd never does: {error}"
+    return ConnectError(url, why, retryable=False)

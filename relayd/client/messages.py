@@ -105,15 +105,28 @@ class Message:
 def encode_body(message: object) -> bytes:
     """A message as JSON text; a :class:`msgspec.Raw` is sent as the JSON it holds.
 
+    msgspec's encoding: ``bytes`` go as base64 strings, sets as lists, NaN and
+    the infinities as ``null``.
+
     Raises:
         TypeError: ``message`` is not something JSON can hold.
         ValueError: a string in it is not valid Unicode: it holds a lone UTF-16
-            surrogate (half of an emoji cut in two, say), which relayd refuses.
+            surrogate (half of an emoji cut in two, say), which relayd refuses;
+            it is nested too deeply to encode; or it is a :class:`msgspec.Raw`
+            that is not one JSON value (pasted into the envelope as it is, it
+            could make another envelope: ``"x","to":"someone else"``).
     """
+    if isinstance(message, msgspec.Raw):
+        try:
+            _raw_decoder.decode(message)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise ValueError(f"the msgspec.Raw is not one JSON value: {exc}") from None
     try:
         return _encoder.encode(message)
     except UnicodeEncodeError:
         raise ValueError(_NOT_UNICODE.format("the message")) from None
+    except RecursionError:
+        raise ValueError("the message is nested too deeply to encode") from None
 
 
 def check_id(client_id: str) -> None:

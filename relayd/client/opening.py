@@ -62,7 +62,11 @@ async def open_stream(endpoint: Endpoint, ssl_context: ssl.SSLContext | None) ->
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tcp)
-        raise TLSError(url, _tls_failure(endpoint, exc.__cause__)) from exc.__cause__
+        cause = exc.__cause__
+        # Closed or reset mid-handshake (a server shedding handshakes, or restarting)
+        # may pass; what OpenSSL itself refused will not.
+        transient = isinstance(cause, ssl.SSLEOFError) or not isinstance(cause, ssl.SSLError)
+        raise TLSError(url, _tls_failure(endpoint, cause), retryable=transient) from cause
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
@@ -94,16 +98,26 @@ async def handshake(
     upgraded: tuple[WebSocketConnection, str | bytes] | ConnectError | None = None
     with trio.move_on_at(deadline) as waiting:
         async with trio.open_nursery() as racing:
-            racing.start_soon(_cancel_when_set, watched.silent, racing.cancel_scope)
+            racing.start_soon(_cancel_when_set, watched.ended, racing.cancel_scope)
             upgraded = await _upgrade(nursery, watched, endpoint, options)
             racing.cancel_scope.cancel()
     if isinstance(upgraded, ConnectError):
         return upgraded
-    if upgraded is None and watched.silent.is_set():
+    if upgraded is None and watched.ended.is_set():
+        if watched.heard:
+            # It answered, then closed before the upgrade was done: relayd never does
+            # (its refusals have a length), trio-websocket would wait for the rest.
+            answer = bytes(watched.heard[:80])
+            why = f"{url} closed the connection in the middle of the WebSocket handshake"
+            return ConnectError(url, f"{why}, after {answer!r}", retryable=False)
+        # What relayd does with a handshake over its limits, and the kernel with one
+        # in a restarting relayd's backlog (retryable, then), but also what a TLS
+        # server does with a plain request: the message names both.
         why = f"{url} closed the connection without answering the WebSocket handshake"
-        if not endpoint.tls:  # what a TLS server does with a plain request
-            why += f" (it may speak wss://{endpoint.host_header}{endpoint.resource}, not ws://)"
-        return ConnectError(url, why, retryable=False)
+        why += " (relayd at its handshake limit, or restarting"
+        if not endpoint.tls:
+            why += f"; or it speaks wss://{endpoint.host_header}{endpoint.resource}, not ws://"
+        return ConnectError(url, why + ")")
     if upgraded is None or waiting.cancelled_caught:
         timeout = options.connect_timeout
         return ConnectTimeout(url, f"no WebSocket handshake with {url} within {timeout:g} s")
@@ -151,18 +165,19 @@ async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
 
 
 class _Watched(trio.abc.Stream):
-    """A connection's stream that notices a server closing it without a word.
+    """A connection's stream that notices a server closing it during the upgrade.
 
     trio-websocket waits for the answer to its upgrade request even after the
-    server closed the connection, as a TLS server does when a plain request
-    arrives: :attr:`silent` is set when the stream ends before any byte came
-    back, so that the wait can stop there.
+    server closed the connection (as a TLS server does when a plain request
+    arrives, or a server that is not relayd after a partial answer):
+    :attr:`ended` is set when the stream ends, so that the wait can stop there,
+    and :attr:`heard` keeps the first bytes that came back, to say what it was.
     """
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
-        self.silent = trio.Event()
-        self._heard = False
+        self.ended = trio.Event()
+        self.heard = b""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
@@ -174,17 +189,13 @@ class _Watched(trio.abc.Stream):
         try:
             data = await self.stream.receive_some(max_bytes)
         except trio.BrokenResourceError:
-            self._ended()
+            self.ended.set()
             raise
-        if data:
-            self._heard = True
-        else:
-            self._ended()
+        if not data:
+            self.ended.set()
+        elif len(self.heard) < 80:
+            self.heard += data[:80]
         return data
-
-    def _ended(self) -> None:
-        if not self._heard:
-            self.silent.set()
 
     async def aclose(self) -> None:
         await self.stream.aclose()

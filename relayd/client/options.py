@@ -83,16 +83,22 @@ def check_options(
     """
     endpoint = parse_url(url)
     if token is not None:
+        if not isinstance(token, str):
+            raise ValueError("the token must be a str")
         check_token(token)
     if ssl_context is not None and not endpoint.tls:
         raise ValueError("an ssl_context needs a wss:// URL")
     for name, value in [("connect_timeout", connect_timeout), ("close_timeout", close_timeout)]:
-        if not value > 0:
+        if not _is_number(value) or not value > 0:
             raise ValueError(f"{name} must be positive")
-    if keepalive_s is not None and not 0 < keepalive_s < math.inf:
+    if keepalive_s is not None and not (_is_number(keepalive_s) and 0 < keepalive_s < math.inf):
         raise ValueError("keepalive_s must be positive, or None")
-    if max_in_flight < 1 or receive_queue < 0 or max_message_chars < 1:
-        raise ValueError("need max_in_flight >= 1, receive_queue >= 0, max_message_chars >= 1")
+    if not (
+        is_count(max_in_flight, 1) and is_count(receive_queue, 0) and is_count(max_message_chars, 1)
+    ):
+        raise ValueError(
+            "need max_in_flight >= 1, receive_queue >= 0, max_message_chars >= 1 (whole numbers)"
+        )
     if dialect not in _DIALECTS:
         raise ValueError(f"dialect must be one of {', '.join(_DIALECTS)}, not {dialect!r}")
     options = LinkOptions(
@@ -105,3 +111,12 @@ def check_options(
         max_message_chars=max_message_chars,
     )
     return endpoint, options
+
+
+def is_count(value: object, least: int) -> bool:
+    """Whether ``value`` is a whole number (an ``int``, not a ``bool``) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -61,10 +61,12 @@ class Console:
 
     def __init__(self, prog: str) -> None:
         self._prog = prog
-        self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
+        # None when the caller closed it (`relayd chat URL <&-`): no input, as at its end.
+        stdin = sys.stdin
+        self.interactive = stdin is not None and stdin.isatty() and sys.stdout.isatty()
         self._modes: list[Any] | None = None
         self._prompt: str | None = None  # on screen, waiting for a line
-        self._pipe = _LineReader(sys.stdin.fileno(), self.warn)
+        self._pipe = _LineReader(-1 if stdin is None else stdin.fileno(), self.warn)
         if self.interactive:
             import readline  # noqa: F401 - from here on, input() edits lines
 
@@ -132,7 +134,7 @@ class _LineReader:
         self._fd = fd
         self._warn = warn
         self._buffer = bytearray()
-        self._eof = False
+        self._eof = fd < 0  # no descriptor (stdin closed by the caller): no input at all
         self._skipping = False  # the rest of an over-long line
 
     async def readline(self) -> str | None:
