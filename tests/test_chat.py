@@ -492,8 +492,13 @@ async def test_nothing_listening_is_one_line_on_stderr() -> None:
     [
         (["http://127.0.0.1:9030/"], "bad URL 'http://127.0.0.1:9030/': the URL must start with"),
         (["ws:///path"], "bad URL 'ws:///path': the URL has no host"),
-        (["ws://127.0.0.1:99999/"], "bad URL 'ws://127.0.0.1:99999/': Port out of range"),
+        (["ws://127.0.0.1:99999/"], "bad URL 'ws://127.0.0.1:99999/': the URL's port must be"),
         (["ws://u:secret@127.0.0.1/"], "bad URL 'ws://***@127.0.0.1/': no user or password"),
+        # A password with a / or an @, or no scheme: none of it is shown, nor quoted by
+        # urllib as a port (found by a reviewer).
+        (["ws://u:pa/ss@127.0.0.1/"], "bad URL 'ws://***@127.0.0.1/': the URL's port must"),
+        (["ws://u:p@ss@127.0.0.1/"], "bad URL 'ws://***@127.0.0.1/': no user or password"),
+        (["u:secret@127.0.0.1:9"], "bad URL '***@127.0.0.1:9': the URL must start with"),
         (["ws://127.0.0.1/a b"], "bad URL 'ws://127.0.0.1/a b': the URL must be printable ASCII"),
         (["ws://127.0.0.1/", "--token-file", "/nonexistent/token"], "bad token: cannot read"),
     ],

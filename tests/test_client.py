@@ -265,6 +265,25 @@ async def test_a_server_that_is_not_relayd_is_a_connect_error_at_once(
     assert not refused.value.retryable
 
 
+async def test_an_http_answer_ended_by_the_close_is_a_refusal_with_its_status() -> None:
+    # HTTP/1.0 without a length, as older proxies send their 503 while relayd restarts:
+    # a refusal, retryable as its status says (found by a reviewer: it had become a
+    # final ConnectError, and a reconnecting client behind such a proxy gave up).
+    async def proxy(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.0 503 Service Unavailable\r\n\r\nbackend down")
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, proxy)
+        with pytest.raises(HandshakeRefused) as refused:
+            async with connect(url, connect_timeout=3600):
+                pytest.fail("connected through a proxy that answers 503")
+        nursery.cancel_scope.cancel()
+    assert refused.value.status == 503
+    assert refused.value.retryable
+
+
 async def test_a_server_without_relayd_v1_is_refused_for_v1_and_fine_for_seed() -> None:
     async def handler(request: WebSocketRequest) -> None:
         ws = await request.accept()  # selects no subprotocol, as the seed post's server
@@ -289,14 +308,14 @@ async def test_a_server_without_relayd_v1_is_refused_for_v1_and_fine_for_seed() 
         ("http://127.0.0.1/", {}, "must start with ws://"),
         ("ws://127.0.0.1/", {"token": "two words"}, "printable ASCII"),
         ("ws://127.0.0.1/", {"ssl_context": "context"}, "needs a wss:// URL"),
-        ("ws://127.0.0.1/", {"connect_timeout": 0}, "connect_timeout must be positive"),
-        ("ws://127.0.0.1/", {"keepalive_s": math.inf}, "keepalive_s must be positive"),
+        ("ws://127.0.0.1/", {"connect_timeout": 0}, "connect_timeout must be a positive number"),
+        ("ws://127.0.0.1/", {"keepalive_s": math.inf}, "keepalive_s must be a positive number"),
         ("ws://127.0.0.1/", {"max_in_flight": 0}, "max_in_flight >= 1"),
         # Found by a tester: raised from trio's internals, or an unbounded receive buffer.
         ("ws://127.0.0.1/", {"max_in_flight": 1.5}, "max_in_flight >= 1"),
         ("ws://127.0.0.1/", {"receive_queue": math.inf}, "receive_queue >= 0"),
         ("ws://127.0.0.1/", {"max_in_flight": "16"}, "max_in_flight >= 1"),
-        ("ws://127.0.0.1/", {"connect_timeout": "5"}, "connect_timeout must be positive"),
+        ("ws://127.0.0.1/", {"connect_timeout": "5"}, "connect_timeout must be a positive number"),
         ("ws://127.0.0.1/", {"token": b"token-bytes"}, "the token must be a str"),
         (
             "ws://127.0.0.1/",
@@ -389,9 +408,15 @@ async def test_send_returns_once_relayd_acked_and_raises_each_error_with_its_det
         # A Raw is pasted into the envelope as it is: one that is not one JSON value is
         # refused before sending, or it could make another envelope (found by a tester:
         # this one was acked and delivered to the client itself, not to the peer).
-        for raw in [b"{bad", b'"for the peer?","to":"%s"' % client.id.encode(), b"1}", b""]:
+        spliced = msgspec.Raw(b'"for the peer?","to":"%s"' % client.id.encode())
+        escaping = msgspec.Raw(b'1},"to":"%s","z":{"y":1' % client.id.encode())
+        bad: list[object] = [msgspec.Raw(b"{bad"), spliced, msgspec.Raw(b"1}"), msgspec.Raw(b"")]
+        # Inside a value too (found by a reviewer of the first fix: this dict's Raw closed
+        # it and made the envelope's "to" the client's own).
+        bad += [{"x": escaping}, [spliced], {"x": msgspec.Raw(b"")}]
+        for message in bad:
             with pytest.raises(ValueError, match="not one JSON value"):
-                await client.send(peer.id, msgspec.Raw(raw))
+                await client.send(peer.id, message)
 
         await client.send(client.id, "the connection is still open")
         assert (await client.receive()).text == "the connection is still open"

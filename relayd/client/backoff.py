@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,8 +50,11 @@ class Backoff:
 
     def __post_init__(self) -> None:
         figures = (self.first_s, self.max_s, self.factor)
-        if not all(isinstance(f, int | float) and not isinstance(f, bool) for f in figures):
-            raise ValueError("first_s, max_s and factor must be numbers")
+        if not all(
+            isinstance(f, int | float) and not isinstance(f, bool) and math.isfinite(f)
+            for f in figures
+        ):
+            raise ValueError("first_s, max_s and factor must be finite numbers")
         if not 0 < self.first_s <= self.max_s:
             raise ValueError("need 0 < first_s <= max_s")
         if self.factor < 1:

@@ -142,12 +142,17 @@ def _hint(error: ConnectError, token: str | None) -> str:
 
 
 def _without_password(url: str) -> str:
-    """``url`` as it may be printed: a user and password in it shown as ``***``."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if not sep or "@" not in authority:
+    """``url`` as it may be printed: all up to its last ``@`` shown as ``***``.
+
+    A password may hold ``/`` or ``@``, and the scheme may be missing or
+    misspelt: everything from after the scheme (if any) to the last ``@`` goes.
+    """
+    if "@" not in url:
         return url
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
 
 
 def _token_in(url: str) -> bool:

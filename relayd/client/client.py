@@ -145,7 +145,9 @@ class Client:
             trio.ClosedResourceError: the program closed this client.
             TypeError: ``message`` is not something JSON can hold.
             ValueError: ``message`` or ``to`` holds a string that is not valid
-                Unicode (a lone surrogate, as half of an emoji cut in two).
+                Unicode (a lone surrogate, as half of an emoji cut in two);
+                ``message`` is nested too deeply to encode, or a
+                :class:`msgspec.Raw` in it is not one JSON value.
         """
         body = encode_body(message)
         check_id(to)

@@ -40,7 +40,8 @@ def parse_url(url: str) -> Endpoint:
     """
     if not url.isascii() or not url.isprintable() or " " in url:
         raise ValueError(
-            "the URL must be printable ASCII without spaces (percent-encode the others)"
+            "the URL must be printable ASCII without spaces (percent-encode the others;"
+            " a host name in its xn-- form)"
         )
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss"):
@@ -50,7 +51,12 @@ def parse_url(url: str) -> Endpoint:
     if parts.username is not None:
         raise ValueError("no user or password in the URL: give a token instead")
     tls = parts.scheme == "wss"
-    port = parts.port or (443 if tls else 80)  # ValueError for a bad port
+    try:
+        port = parts.port or (443 if tls else 80)
+    except ValueError:
+        # urllib's message quotes the port as written, which may be part of a password
+        # (ws://user:pa/ss@host/ reads as host "user", port "pa").
+        raise ValueError("the URL's port must be a number from 1 to 65535") from None
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Endpoint(url, parts.hostname, port, parts.netloc, resource, tls)
 

@@ -431,5 +431,5 @@ async def run_link(
 
 def _not_relayd(url: str, error: BaseException) -> ConnectError:
     """The error for an answer to the upgrade that wsproto or its HTTP parser refused."""
-    why = f"{url} answered the WebSocket upgrade as relayd never does: {error}"
+    why = f"{url} answered the WebSocket upgrade as relayd never does (is it relayd?): {error}"
     return ConnectError(url, why, retryable=False)

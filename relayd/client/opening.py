@@ -12,6 +12,7 @@ says what the client saw and, where it is likely, what to try instead
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Final, cast
 
@@ -20,7 +21,7 @@ from trio_websocket import ConnectionClosed as WebSocketClosed
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from relayd.client.endpoint import Endpoint
-from relayd.client.errors import ConnectError, ConnectTimeout, TLSError
+from relayd.client.errors import ConnectError, ConnectTimeout, HandshakeRefused, TLSError
 from relayd.client.messages import welcome_id
 from relayd.client.options import LinkOptions
 from relayd.wire.dialects import V1_SUBPROTOCOL, Dialect
@@ -32,6 +33,10 @@ __all__ = ["Stream", "handshake", "open_stream"]
 _PLAIN_TEXT_REASONS: Final = frozenset(
     {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
 )
+
+
+#: The status line of an HTTP answer, as far as its status code.
+_STATUS_LINE: Final = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r]")
 
 
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -107,6 +112,11 @@ async def handshake(
         if watched.heard:
             # It answered, then closed before the upgrade was done: relayd never does
             # (its refusals have a length), trio-websocket would wait for the rest.
+            status = _STATUS_LINE.match(watched.heard)
+            if status is not None:
+                # An HTTP answer whose body ends at the close (HTTP/1.0, as older
+                # proxies send their 502 or 503): a refusal, retryable as its status says.
+                return HandshakeRefused(url, int(status[1]), "")
             answer = bytes(watched.heard[:80])
             why = f"{url} closed the connection in the middle of the WebSocket handshake"
             return ConnectError(url, f"{why}, after {answer!r}", retryable=False)

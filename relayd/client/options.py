@@ -90,9 +90,9 @@ def check_options(
         raise ValueError("an ssl_context needs a wss:// URL")
     for name, value in [("connect_timeout", connect_timeout), ("close_timeout", close_timeout)]:
         if not _is_number(value) or not value > 0:
-            raise ValueError(f"{name} must be positive")
+            raise ValueError(f"{name} must be a positive number")
     if keepalive_s is not None and not (_is_number(keepalive_s) and 0 < keepalive_s < math.inf):
-        raise ValueError("keepalive_s must be positive, or None")
+        raise ValueError("keepalive_s must be a positive number, or None")
     if not (
         is_count(max_in_flight, 1) and is_count(receive_queue, 0) and is_count(max_message_chars, 1)
     ):
