@@ -510,6 +510,17 @@ async def test_a_bad_url_or_token_exits_2(args: list[str], message: str) -> None
     assert err.count("\n") == 1, err
 
 
+async def test_input_that_is_not_utf8_is_sent_with_u_fffd_and_the_user_is_told() -> None:
+    # It was replaced without a word (found by a tester).
+    async with running(Server(settings())) as url, chatting(url) as chat:
+        assert chat.proc.stdin is not None
+        await chat.proc.stdin.send_all(f"{chat.id} caf".encode() + b"\xe9!\n")
+        assert await chat.stderr_line() == (
+            "relayd chat: a line was not UTF-8: its bad bytes are sent as U+FFFD"
+        )
+        await chat.expect(f"< {chat.id}: caf\ufffd!", "ack 1")
+
+
 async def test_a_closed_stdin_is_no_input_and_the_chat_ends_as_at_its_end() -> None:
     async with running(Server(settings())) as url:
         proc = await trio.run_process(

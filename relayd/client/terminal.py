@@ -145,12 +145,12 @@ class _LineReader:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
                 if not self._skipping:
-                    return line.decode(errors="replace")
+                    return self._text(line)
                 self._skipping = False
             elif self._eof:
                 line, skipped = bytes(self._buffer), self._skipping
                 self._buffer.clear()
-                return line.decode(errors="replace") if line and not skipped else None
+                return self._text(line) if line and not skipped else None
             elif len(self._buffer) > MAX_LINE_BYTES:
                 if not self._skipping:
                     self._warn(f"a line over {MAX_LINE_BYTES} bytes was skipped")
@@ -158,6 +158,14 @@ class _LineReader:
                 self._buffer.clear()
             else:
                 await self._fill()
+
+    def _text(self, line: bytes) -> str:
+        """A line as text; bytes that are not UTF-8 become U+FFFD, and the user is told."""
+        try:
+            return line.decode()
+        except UnicodeDecodeError:
+            self._warn("a line was not UTF-8: its bad bytes are sent as U+FFFD")
+            return line.decode(errors="replace")
 
     async def _fill(self) -> None:
         try:
