@@ -1,6 +1,6 @@
 """A log write that fails leaves the sink writing later lines as before.
 
-``info_line`` writes a connection's line through ``LineSink.msg_batched``, a batch
+``info_line`` writes a connection's line in a ``batched`` block of its own, a batch
 of one line. The sink raises an OSError other than EPIPE/ECONNRESET (a full disk,
 EAGAIN on a non-blocking stdout, EIO) to the code that logged, and the gate catches
 it and serves on; the batch must still end then. Before the fix (review of d88fc9d)

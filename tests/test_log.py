@@ -656,6 +656,50 @@ def test_the_fast_line_is_the_line_structlog_writes(configured: io.StringIO) -> 
     assert {**fast, "ts": None} == {**slow, "ts": None}
 
 
+def test_a_held_line_keeps_the_time_it_was_logged_and_its_place(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each line is stamped as it is logged (the writer is made once, not per batch),
+    # and held lines keep the order they were logged in.
+    configure(LogSettings(format="json"), stream=configured)
+    log = get_logger()
+    wall = iter([1_800_000_000.25, 1_800_000_000.75, 1_800_000_001.5])
+    monkeypatch.setattr("time.time", lambda: next(wall))
+    with batched():
+        write = line_writer("message.relay")
+        assert write is not None
+        write({"n": 1})
+        log.info("between", n=2)  # through structlog, rendered at once
+        write({"n": 3})
+        monkeypatch.setattr("time.time", lambda: 1_800_000_009.0)  # the time of writing
+        assert configured.getvalue() == ""
+    lines = [json.loads(line) for line in lines_of(configured)]
+    assert [line["n"] for line in lines] == [1, 2, 3]
+    assert [line["ts"] for line in lines] == [
+        "2027-01-15T08:00:00.250000Z",
+        "2027-01-15T08:00:00.750000Z",
+        "2027-01-15T08:00:01.500000Z",
+    ]
+
+
+def test_the_recorder_follows_the_log_configuration(configured: io.StringIO) -> None:
+    # The default recorder is made once, not per batch: it must still follow a new
+    # configuration (another stream), and capture_logs in tests.
+    configure(LogSettings(format="json"), stream=configured)
+    events = MessageEvents(get_logger(), Stats())
+    with batched():
+        events.recorder()("a", "b", 3, "delivered")
+    other = io.StringIO()
+    configure(LogSettings(format="json"), stream=other)
+    with batched():
+        events.recorder()("a", "c", 4, "delivered")
+    with structlog.testing.capture_logs() as captured, batched():
+        events.recorder()("a", "d", 5, "delivered")
+    assert [json.loads(line)["to"] for line in lines_of(configured)] == ["b"]
+    assert [json.loads(line)["to"] for line in lines_of(other)] == ["c"]
+    assert [event["to"] for event in captured] == ["d"]
+
+
 def test_a_connections_line_is_the_line_structlog_writes_and_bound_context_is_kept(
     configured: io.StringIO,
 ) -> None:

@@ -119,16 +119,16 @@ class LocalRouter:
             # Nothing is queued and the routing task is not about to run: routing
             # here keeps the order, and saves that task a step.
             self._probe -= 1
-            with batched():
-                if len(items) == 1:
-                    # No routing batch for one item (a lone message, as a rule): it
-                    # gives each connection one frame, written at once, as the batch's
-                    # end would write it. (But for a message to the sender's own id with
-                    # a ref: its delivery and its ack then go in two writes, not one.)
+            if len(items) == 1:
+                # No routing batch for one item (a lone message, as a rule): it
+                # gives each connection one frame, written at once, as the batch's
+                # end would write it. (But for a message to the sender's own id with
+                # a ref: its delivery and its ack then go in two writes, not one.)
+                # Nor a batch of log lines: its one line is held as such a batch's.
+                self._route_items(items, self._events.recorder(), clock.now())
+            else:
+                with batched(), routing_batch():
                     self._route_items(items, self._events.recorder(), clock.now())
-                else:
-                    with routing_batch():
-                        self._route_items(items, self._events.recorder(), clock.now())
             return True
         if try_hand_over(self._inbox_send, items):
             self._idle = False

@@ -97,7 +97,7 @@ class LineSink:
         self.line(line.encode() if isinstance(line, str) else line)
 
     def line(self, data: bytes) -> None:
-        """Write one line already in bytes, as :meth:`msg` does; line_writer's lines come here."""
+        """Write one line already in bytes, as :meth:`msg` does."""
         if self.gone and not self._lines:
             _count_dropped(1)  # nobody reads: dropped now, not held to be dropped later
             return
@@ -106,19 +106,22 @@ class LineSink:
         if not self.held or self._bytes >= MAX_HELD_BYTES:
             self.flush()
 
-    def msg_batched(self, line: bytes) -> None:
-        """Write one rendered event as ``with batched(): sink.msg(line)`` would, errors included.
+    def line_batched(self, data: bytes) -> None:
+        """Write one line as ``with batched(): sink.line(data)`` would; line_writer's come here.
 
         In a batch, it is held with the batch's lines; else it is a batch of its
-        own: written now, or soon (see the module docstring).
+        own: written now, or soon (see the module docstring). One call, as a lone
+        message's line needs: the ``with`` block would cost it a third of its
+        logging. Errors as :meth:`line`'s; none leaves the sink holding lines.
         """
-        if self.held:
-            self.line(line)
+        if self.held or (self.gone and not self._lines):
+            self.line(data)
             return
-        self.held = True
-        try:
-            self.line(line)
-        finally:  # a write that failed (disk full) must not leave every later line held
+        self._lines.append(data)
+        self._bytes += len(data)
+        if self._bytes >= MAX_HELD_BYTES:
+            self.flush()
+        else:
             self.release()
 
     def release(self) -> None:

@@ -15,7 +15,9 @@ to write them together. Within such a block, :func:`line_writer` writes one
 event's lines with the very bytes the JSON processors would produce, without
 structlog's per-call dispatch, whenever the JSON processors are the ones
 configured (under ``capture_logs`` in tests, or with the console format, it
-declines and the caller logs through structlog as usual).
+declines and the caller logs through structlog as usual). The writer is
+made once per event and configuration, and each line is stamped as it is
+written: a lone message's line costs no set-up of its own.
 
 **What a client can make relayd write.** The events a client can cause at will
 (:data:`THROTTLED`: a refused handshake, a limit that closes its connection,
@@ -79,16 +81,21 @@ class _Clock:
 
     def __init__(self) -> None:
         self._second = -1
-        self._prefix = ""
+        self._prefix = b""
 
     def now(self) -> str:
+        """The time now, for structlog's lines."""
+        return self.stamp().decode()
+
+    def stamp(self) -> bytes:
+        """The time now, in bytes, for the lines :func:`line_writer` writes."""
         t = time.time()
         second = int(t)
         if second != self._second:
             self._second = second
             moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
-            self._prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
+            self._prefix = moment.strftime("%Y-%m-%dT%H:%M:%S").encode()
+        return b"%s.%06dZ" % (self._prefix, int((t - second) * 1e6))
 
 
 _clock: Final = _Clock()
@@ -223,10 +230,10 @@ _JSON_PROCESSORS: Final[list[structlog.typing.Processor]] = [
 
 #: The level configured last (line_writer writes at info only when it is shown).
 _level = logging.INFO
-#: What comes before and after the timestamp in an info line of each event
-#: line_writer has written: the JSON processors' very bytes, made once per event
-#: (not per batch); emptied by :func:`configure`, which may change the priority prefix.
-_heads: dict[str, tuple[bytes, bytes]] = {}
+#: The writer :func:`line_writer` gave out for each event, with the sink it writes to:
+#: made once per event and sink; emptied by :func:`configure`, which may change the
+#: priority prefix its lines begin with.
+_writers: dict[str, tuple[line_sink.LineSink, Callable[[dict[str, Any]], None]]] = {}
 
 
 def _head_around_ts(event: str) -> tuple[bytes, bytes]:
@@ -238,42 +245,45 @@ def _head_around_ts(event: str) -> tuple[bytes, bytes]:
 
 
 def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
-    """A fast writer of ``event`` at info level for one ``batched`` block, if possible.
+    """A fast writer of ``event``'s lines at info level, if possible; the same one each time.
 
-    Every line it writes is stamped with the time of this call.
+    The function it returns takes an event's fields (not ``event``) and writes
+    their line, stamped with the time of that call, with the very bytes the
+    JSON processors would write: held with the lines of a
+    :func:`~relayd.telemetry.line_sink.batched` block, or else as such a block
+    of its own would hold it
+    (:meth:`~relayd.telemetry.line_sink.LineSink.line_batched`). It is made
+    once per event and sink, so a caller may keep what it built around it for
+    as long as it gets the same one.
 
     Returns:
-        A function taking an event's fields (not ``event``) that writes its
-        JSON line; or None when structlog must render the event instead: the
+        The writer; or None when structlog must render the event instead: the
         JSON format is not the one configured, info is below the level, or
-        another set of processors is in place (``capture_logs``).
+        another set of processors is in place (``capture_logs``). Ask again for
+        each batch of lines: the answer changes with the configuration.
     """
     sink = line_sink.current()
-    head = None if sink is None else _line_head(event)
-    if sink is None or head is None:
+    # capture_logs changes the configured list in place: compare its contents.
+    if (
+        sink is None
+        or _level > logging.INFO
+        or structlog.get_config()["processors"] != _JSON_PROCESSORS
+    ):
         return None
-    write, encode = sink.line, _json.encode
+    made = _writers.get(event)
+    if made is None or made[0] is not sink:
+        made = _writers[event] = (sink, _writer(sink, event))
+    return made[1]
+
+
+def _writer(sink: line_sink.LineSink, event: str) -> Callable[[dict[str, Any]], None]:
+    before, after = _head_around_ts(event)
+    write, encode, stamp = sink.line_batched, _json.encode, _clock.stamp
 
     def write_line(fields: dict[str, Any]) -> None:
-        write(head + encode(fields)[1:])
+        write(before + stamp() + after + encode(fields)[1:])
 
     return write_line
-
-
-def _line_head(event: str) -> bytes | None:
-    """An info line of ``event`` up to its fields, stamped now.
-
-    None when structlog must render the event instead: info is below the level,
-    or the processors configured are not the JSON ones (``capture_logs`` swaps
-    them in, the console format has others).
-    """
-    # capture_logs changes the configured list in place: compare its contents.
-    if _level > logging.INFO or structlog.get_config()["processors"] != _JSON_PROCESSORS:
-        return None
-    around = _heads.get(event)
-    if around is None:
-        around = _heads[event] = _head_around_ts(event)
-    return around[0] + _clock.now().encode() + around[1]
 
 
 def info_line(log: structlog.typing.FilteringBoundLogger, event: str, **fields: Any) -> None:
@@ -287,13 +297,12 @@ def info_line(log: structlog.typing.FilteringBoundLogger, event: str, **fields: 
     connection churn); through structlog, in such a block, when that declines,
     or ``log`` carries context of its own.
     """
-    sink = line_sink.current()
-    head = None if sink is None or structlog.get_context(log) else _line_head(event)
-    if sink is None or head is None:
-        with line_sink.batched():
-            log.info(event, **fields)
-    else:
-        sink.msg_batched(head + _json.encode(fields)[1:])
+    write = None if structlog.get_context(log) else line_writer(event)
+    if write is not None:
+        write(fields)
+        return
+    with line_sink.batched():
+        log.info(event, **fields)
 
 
 def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
@@ -309,7 +318,7 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
     _level = _LEVELS[settings.level]
     _budget.refill()  # a fresh start for each set-up; what was left out is still reported
     _priority.clear()
-    _heads.clear()
+    _writers.clear()
     if _to_journal(stream):
         _priority.update(_PRIORITIES)
     # Libraries log through the standard library (trio when accept() fails

@@ -12,12 +12,14 @@ hands it to both, and a reload reconfigures it in this one place
 (:meth:`MessageEvents.reconfigure`), so the two can never disagree about
 whether ``log.messages`` is on.
 
-Cost: relayd records an outcome for every message, so the router makes a
+Cost: relayd records an outcome for every message, so the router asks for a
 recorder once per batch (:meth:`MessageEvents.recorder`), inside
-:func:`relayd.telemetry.line_sink.batched` (a refusal, rarer, makes one of its
-own): it then writes each line with :func:`~relayd.telemetry.log.line_writer`'s
-prebuilt head, without structlog's per-call dispatch, whenever the JSON format
-is the one configured.
+:func:`relayd.telemetry.line_sink.batched` (a refusal, rarer, asks for one of
+its own; a lone message's line is held as such a block's would be): it then
+writes each line with :func:`~relayd.telemetry.log.line_writer`, without
+structlog's per-call dispatch, whenever the JSON format is the one configured.
+The default recorder is made once, not per batch, for as long as
+``line_writer`` gives the same writer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Final, Protocol
 import msgspec
 import structlog
 
+from relayd.telemetry.line_sink import batched
 from relayd.telemetry.log import line_writer
 from relayd.telemetry.metrics import Stats
 
@@ -69,7 +72,7 @@ class MessageEvents:
         bodies: include the body (``log.bodies``).
     """
 
-    __slots__ = ("_count", "_log", "_stats", "bodies", "messages", "sample")
+    __slots__ = ("_bodies", "_count", "_log", "_logged", "_messages", "_sample", "_stats")
 
     def __init__(
         self,
@@ -82,9 +85,9 @@ class MessageEvents:
     ) -> None:
         self._log = log
         self._stats = stats
-        self.messages = messages
-        self.sample = sample
-        self.bodies = bodies
+        self._messages = messages
+        self._sample = sample
+        self._bodies = bodies
         # Client messages, or the server API's (sender ""): one test of a string's
         # truth per message picks the counter. Made once: it depends on no setting.
         counts, api_counts = stats.messages, stats.api_messages
@@ -93,12 +96,16 @@ class MessageEvents:
             (counts if sender else api_counts)[outcome] += 1
 
         self._count: Recorder = count
+        # The default recorder and the line writer it writes with: the same while
+        # line_writer gives the same writer and the settings stay (reconfigure forgets it).
+        self._logged: tuple[Callable[[dict[str, Any]], None], Recorder] | None = None
 
     def reconfigure(self, *, messages: str, sample: float, bodies: bool) -> None:
         """Apply reloaded ``[log]`` settings to outcomes recorded from now on."""
-        self.messages = messages
-        self.sample = sample
-        self.bodies = bodies
+        self._messages = messages
+        self._sample = sample
+        self._bodies = bodies
+        self._logged = None
 
     def recorder(self) -> Recorder:
         """A function that records outcomes as the settings are now; make one per batch.
@@ -106,26 +113,32 @@ class MessageEvents:
         Every outcome is counted; which are logged is ``messages``: all of them, the
         refusals, the refusals and a random ``sample`` of the deliveries, or none.
         """
-        messages = self.messages
+        messages = self._messages
         if messages == "off":
             return self._count
+        fast = line_writer("message.relay")
+        logged = self._logged
+        if logged is not None and logged[0] is fast:
+            # The default, asked for by every lone message: made once, not per batch.
+            return logged[1]
         counts, api_counts = self._stats.messages, self._stats.api_messages
-        write = line_writer("message.relay") or self._slow_writer()
-        if messages == "all" and not self.bodies:
-            # The default, and a lone message makes a recorder for its one line:
-            # nothing here but the count and the line.
+        write = fast or self._slow_writer()
+        if messages == "all" and not self._bodies:
+            # Nothing here but the count and the line.
             def record_all(
                 sender: str, to: str | None, size: int, outcome: str, body: Body = None
             ) -> None:
                 (counts if sender else api_counts)[outcome] += 1
                 write({"from": sender, "to": to, "bytes": size, "outcome": outcome})
 
+            if fast is not None:
+                self._logged = (fast, record_all)
             return record_all
-        bodies = self.bodies
+        bodies = self._bodies
         # Deliveries are thinned out unless all are logged: one is logged when a draw from
         # [0, 1) falls below `sample`, never for "refusals".
         thinned = messages != "all"
-        sample = self.sample if messages == "sampled" else 0.0
+        sample = self._sample if messages == "sampled" else 0.0
         draw = random.random
 
         def record(sender: str, to: str | None, size: int, outcome: str, body: Body = None) -> None:
@@ -143,6 +156,12 @@ class MessageEvents:
         return record
 
     def _slow_writer(self) -> Callable[[dict[str, Any]], None]:
-        # Through structlog, when line_writer declines (console format, capture_logs).
+        # Through structlog, when line_writer declines (console format, capture_logs);
+        # held as line_writer's lines are, though a lone message is routed outside a batch.
         log = self._log.bind()
-        return lambda fields: log.info("message.relay", **fields)
+
+        def write(fields: dict[str, Any]) -> None:
+            with batched():
+                log.info("message.relay", **fields)
+
+        return write
