@@ -656,29 +656,34 @@ def test_the_fast_line_is_the_line_structlog_writes(configured: io.StringIO) -> 
     assert {**fast, "ts": None} == {**slow, "ts": None}
 
 
-def test_a_held_line_keeps_the_time_it_was_logged_and_its_place(
+def test_a_batchs_lines_carry_its_first_lines_time_and_a_lone_line_its_own(
     configured: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Each line is stamped as it is logged (the writer is made once, not per batch),
-    # and held lines keep the order they were logged in.
+    # The writer is made once, not per batch: it stamps a batch's lines with the time
+    # of the first (a batch does not await), a line outside a batch with its own, and
+    # held lines keep the order they were logged in.
     configure(LogSettings(format="json"), stream=configured)
     log = get_logger()
-    wall = iter([1_800_000_000.25, 1_800_000_000.75, 1_800_000_001.5])
+    wall = iter([1_800_000_000.25, 1_800_000_000.75, 1_800_000_001.5, 1_800_000_002.0])
     monkeypatch.setattr("time.time", lambda: next(wall))
+    write = line_writer("message.relay")
+    assert write is not None
     with batched():
-        write = line_writer("message.relay")
-        assert write is not None
         write({"n": 1})
-        log.info("between", n=2)  # through structlog, rendered at once
+        log.info("between", n=2)  # through structlog: its own time
         write({"n": 3})
-        monkeypatch.setattr("time.time", lambda: 1_800_000_009.0)  # the time of writing
         assert configured.getvalue() == ""
+    write({"n": 4})  # a batch of its own
+    with batched():
+        write({"n": 5})  # a new batch: a new time
     lines = [json.loads(line) for line in lines_of(configured)]
-    assert [line["n"] for line in lines] == [1, 2, 3]
+    assert [line["n"] for line in lines] == [1, 2, 3, 4, 5]
     assert [line["ts"] for line in lines] == [
         "2027-01-15T08:00:00.250000Z",
         "2027-01-15T08:00:00.750000Z",
+        "2027-01-15T08:00:00.250000Z",
         "2027-01-15T08:00:01.500000Z",
+        "2027-01-15T08:00:02.000000Z",
     ]
 
 

@@ -86,6 +86,9 @@ class LineSink:
         self._lines: list[bytes] = []
         self._bytes = 0
         self.held = False
+        #: The time stamp of the batch being held (line_writer's lines carry it), made
+        #: at its first such line; None outside a batch and before that line.
+        self.batch_stamp: bytes | None = None
         #: Whether the stream's reader has gone: lines are then dropped, counted.
         self.gone = gone
         #: Until when (trio's clock) a batch's lines are held rather than
@@ -114,19 +117,20 @@ class LineSink:
         message's line needs: the ``with`` block would cost it a third of its
         logging. Errors as :meth:`line`'s; none leaves the sink holding lines.
         """
-        if self.held or (self.gone and not self._lines):
-            self.line(data)
+        if self.gone and not self._lines:
+            _count_dropped(1)
             return
         self._lines.append(data)
         self._bytes += len(data)
         if self._bytes >= MAX_HELD_BYTES:
             self.flush()
-        else:
+        elif not self.held:
             self.release()
 
     def release(self) -> None:
         """End a batch: its lines go out now, or soon (see the module docstring)."""
         self.held = False
+        self.batch_stamp = None
         if not self._lines:
             return
         flusher = _flusher
