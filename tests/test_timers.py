@@ -151,6 +151,32 @@ def test_a_reload_of_the_idle_timeout_applies_at_once() -> None:
     assert t.due(5.0, shorter) is Due.IDLE
 
 
+def test_a_reload_that_turns_pings_on_reaches_an_open_connection() -> None:
+    # Opened with pings off, then a reload turns them on: the next ping is due an
+    # interval after the client was last heard from, as if they had been on then.
+    off = LimitsSettings(idle_timeout_s=0, ping_interval_s=0, pong_timeout_s=5.0)
+    t = timers(off)
+    t.received(20.0)
+    assert t.deadline(off) == math.inf
+    on = LimitsSettings(idle_timeout_s=0, ping_interval_s=30.0, pong_timeout_s=5.0)
+    assert t.deadline(on) == 50.0
+    assert t.due(49.0, on) is Due.NOTHING
+    assert t.due(50.0, on) is Due.PING
+    assert t.deadline(on) == 55.0  # the pong's deadline
+    assert t.due(55.0, on) is Due.NO_PONG
+
+
+def test_a_reload_of_the_ping_interval_applies_at_once() -> None:
+    t = timers(KEEPALIVE)
+    t.received(10.0)
+    shorter = LimitsSettings(idle_timeout_s=0, ping_interval_s=5.0, pong_timeout_s=15.0)
+    assert t.deadline(shorter) == 15.0  # not 40, the old interval's
+    assert t.due(15.0, shorter) is Due.PING
+    off = LimitsSettings(idle_timeout_s=0, ping_interval_s=0, pong_timeout_s=15.0)
+    t.pong()
+    assert t.deadline(off) == math.inf  # and pings turned off stop
+
+
 def test_the_slow_consumer_clock_starts_at_the_first_refusal_only() -> None:
     t = timers(slow_s=10.0)
     assert t.refused(3.0) == 13.0

@@ -139,11 +139,20 @@ class Timers:
         self.stuck_deadline = math.inf
 
     def deadline(self, limits: LimitsSettings) -> float:
-        """When to call :meth:`due` next: the next thing due, or the idle timeout's check."""
+        """When to call :meth:`due` next: the next thing due, or the idle timeout's check.
+
+        A reload's idle timeout and ping interval apply here, at once: the idle
+        check is armed for the last activity, the next ping for an interval
+        after the client was last heard from (pings turned on by a reload reach
+        a connection at its next read or timer, as they would have it then).
+        """
         idle = limits.idle_timeout_s or math.inf
         if idle != self._idle_s:  # a reload changed it: it applies at once
             self._idle_s = idle
             self._idle_at = self._last_activity + idle
+        ping = limits.ping_interval_s or math.inf
+        if ping != self._ping_s:  # so does a reload's ping interval
+            self._arm_ping(self._last_heard, ping)
         return min(self._next_ping, self._idle_at, self._pong_deadline, self.stuck_deadline)
 
     def due(self, now: float, limits: LimitsSettings) -> Due:
