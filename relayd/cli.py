@@ -22,7 +22,7 @@ import functools
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, NoReturn
 
@@ -107,6 +107,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_reader(
+    config: Path | None,
+    overrides: Mapping[str, object],
+    default_path: Path = DEFAULT_CONFIG_PATH,
+) -> Callable[[], Loaded]:
+    """What reads relayd's settings: at start, then again at every reload (SIGHUP).
+
+    A reload reads the sources the start read: the file it read, the default one
+    included, which must still be there, or none if it read none. A reload that
+    cannot is refused (:class:`~relayd.config_sources.LoadError`) and the running
+    settings stay; built-in defaults in place of a file that went away would undo
+    every setting in it.
+    """
+    started: Loaded | None = None
+
+    def read() -> Loaded:
+        nonlocal started
+        if started is None:
+            started = load(config_path=config, overrides=overrides, default_path=default_path)
+            return started
+        return load(
+            config_path=config, overrides=overrides, default_path=started.path, reloading=True
+        )
+
+    return read
+
+
 def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> int:
     """Run the daemon's commands (``relayd chat`` never reaches here); the exit status.
 
@@ -126,9 +153,7 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
         "log.format": args.log_format,
     }
 
-    def read() -> Loaded:
-        # The same sources at start and on every reload (SIGHUP).
-        return load(config_path=args.config, overrides=overrides)
+    read = settings_reader(args.config, overrides)
 
     def read_settings() -> tuple[Settings, Authenticator | None]:
         # Every file a start reads is read and checked, those that only a restart

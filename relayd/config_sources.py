@@ -341,7 +341,8 @@ def load(
     config_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
-    default_path: Path = DEFAULT_CONFIG_PATH,
+    default_path: Path | None = DEFAULT_CONFIG_PATH,
+    reloading: bool = False,
 ) -> Loaded:
     """Build the effective settings from every source, later wins.
 
@@ -353,7 +354,12 @@ def load(
         overrides: command-line flags as dotted keys, e.g. ``{"server.port": 0}``. A None
             value means the flag was not given and is skipped.
         default_path: the file read when neither ``config_path`` nor ``RELAYD_CONFIG`` names
-            one.
+            one (if it exists); None: no such file.
+        reloading: a reload, which must read again the file the start read: pass that
+            file as ``default_path`` (None if it read none), and it must exist now,
+            whoever named it. Built-in defaults in place of a default file that went
+            away would undo every setting in it. (A pipe is read again as it is: one
+            read at start by ``--config <(...)`` is empty at a reload.)
 
     Returns:
         The settings, the file read, and the unknown ``RELAYD_*`` variables.
@@ -369,7 +375,7 @@ def load(
     path, named_by = config_path, None if config_path is None else "from command line"
     if path is None and env.get(CONFIG_VARIABLE):
         path, named_by = Path(env[CONFIG_VARIABLE]), f"from environment {CONFIG_VARIABLE}"
-    if path is None and default_path.exists():
+    if path is None and default_path is not None and (reloading or default_path.exists()):
         path = default_path
     if path is not None:
         gathering.read_file(path, named_by)

@@ -29,8 +29,9 @@ from typing import Any, Final
 import pytest
 
 import relayd
-from relayd.cli import EX_CONFIG, EX_IOERR, main
+from relayd.cli import EX_CONFIG, EX_IOERR, main, settings_reader
 from relayd.config import Settings
+from relayd.config_sources import LoadError
 from tests import wire
 from tests.deployments import KUBERNETES_SERVICE_LINKS
 from tests.keys import ec_key, pem_private, pem_public, rsa_key
@@ -844,3 +845,33 @@ def test_an_unreadable_cluster_password_file_stops_relayd_before_it_listens(
     result = run([*MODULE, "--config", str(config), "--port", "0"], env=clean_env())
     line = assert_config_error(result, "cluster.password_file", str(missing))
     assert "No such file" in line
+
+
+# --- a reload reads what the start read --------------------------------------------------
+
+
+def test_a_reload_reads_the_default_file_the_start_read_and_is_refused_once_it_has_gone(
+    tmp_path: Path,
+) -> None:
+    # Started without --config, relayd read the default file; had a reload looked for it
+    # again and found none, it would have applied the built-in defaults, every limit
+    # in the file undone and logged as applied.
+    default = tmp_path / "relayd.toml"
+    default.write_text("[limits]\nmax_connections = 2\n")
+    read = settings_reader(None, {}, default_path=default)
+    assert read().settings.limits.max_connections == 2
+    default.write_text("[limits]\nmax_connections = 3\n")
+    assert read().settings.limits.max_connections == 3
+    default.unlink()
+    with pytest.raises(LoadError) as refused:
+        read()
+    [problem] = refused.value.problems
+    assert problem.line.startswith(f"cannot read {default}")
+
+
+def test_a_reload_after_a_start_without_a_file_reads_none(tmp_path: Path) -> None:
+    default = tmp_path / "relayd.toml"
+    read = settings_reader(None, {}, default_path=default)
+    assert read().path is None
+    default.write_text("[limits]\nmax_connections = 2\n")  # not the sources it started from
+    assert read().path is None
