@@ -14,11 +14,21 @@ everywhere, tests included.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
@@ -41,6 +51,38 @@ DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
 _SECTION_CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+#: A host name's labels: letters, digits, hyphens (and underscores, which /etc/hosts
+#: may hold), at most 63 each, no hyphen at either end; at most 253 characters in all.
+_HOST_NAME: Final = re.compile(
+    r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?"
+)
+
+
+def _listen_host(value: str) -> str:
+    """An address to listen on: ``""`` (every interface), an IP address, or a host name.
+
+    Checked here, not first when relayd binds: a typo (``999.1.1.1``, `` 127.0.0.1``,
+    ``[::1]``) is then a config error (exit 78, which stops systemd's restarts),
+    not a failure to listen that looks like a port in use.
+    """
+    if value == "":
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        last = value.rstrip(".").rsplit(".", 1)[-1]
+        # A name whose last label is all digits is a mistyped IPv4 address (RFC 3696 §2).
+        if not _HOST_NAME.fullmatch(value) or last.isdigit():
+            raise ValueError(
+                "not an IP address or a host name (an IPv6 address goes without brackets)"
+            ) from None
+    return value
+
+
+#: The host of a listener: see :func:`_listen_host`.
+ListenHost = Annotated[str, AfterValidator(_listen_host)]
+
+
 class ServerSettings(BaseModel):
     """The public listener.
 
@@ -56,7 +98,7 @@ class ServerSettings(BaseModel):
 
     model_config = _SECTION_CONFIG
 
-    host: str = ""
+    host: ListenHost = ""
     port: int = Field(default=9030, ge=0, le=65535)
     shutdown_grace_s: float = Field(default=10.0, gt=0)
     allowed_origins: tuple[str, ...] = ()
@@ -166,7 +208,7 @@ class AdminSettings(BaseModel):
     model_config = _SECTION_CONFIG
 
     enabled: bool = True
-    host: str = "127.0.0.1"
+    host: ListenHost = "127.0.0.1"
     port: int = Field(default=9031, ge=0, le=65535)
     api_key_file: str = ""
 

@@ -167,9 +167,22 @@ class _Gathering:
             self.problem(f"cannot read {path}{named}: {error.strerror or error}", source=source)
             return
         try:
-            table = tomllib.loads(raw.decode())
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+            # utf-8-sig: a byte-order mark, as some Windows editors save one, is no statement.
+            table = tomllib.loads(raw.decode("utf-8-sig"))
+        except UnicodeDecodeError as error:
+            line = raw.count(b"\n", 0, error.start) + 1
+            column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+            self.problem(
+                f"invalid TOML in {path}: not UTF-8: byte 0x{raw[error.start]:02x}"
+                f" (at line {line}, column {column})",
+                source=source,
+            )
+            return
+        except tomllib.TOMLDecodeError as error:
             self.problem(f"invalid TOML in {path}: {error}", source=source)
+            return
+        except RecursionError:  # tomllib's parser recurses once per nested array or table
+            self.problem(f"invalid TOML in {path}: nested too deeply", source=source)
             return
         for key, value in _flatten(table):
             if isinstance(value, datetime.date | datetime.time):
@@ -210,6 +223,9 @@ class _Gathering:
                     self.problem(f"expected JSON ({error.msg})", key=key, source=source)
                     return
                 # not a number or true/false: refused with the type's own message
+            except RecursionError:  # the decoder recurses once per nested list or object
+                self.problem("expected JSON (nested too deeply)", key=key, source=source)
+                return
         self.set(key, value, source)
 
 

@@ -397,11 +397,57 @@ def test_malformed_toml(tmp_path: Path) -> None:
     assert info.value.key is None
 
 
-def test_toml_that_is_not_utf8(tmp_path: Path) -> None:
+def test_toml_that_is_not_utf8_is_refused_where_it_is_not(tmp_path: Path) -> None:
     path = tmp_path / "relayd.toml"
     path.write_bytes(b'[server]\nhost = "\xff"\n')
-    with pytest.raises(ConfigError, match=rf"^invalid TOML in {path}: "):
+    with pytest.raises(ConfigError) as info:
         load(config_path=path)
+    assert str(info.value) == (
+        f"invalid TOML in {path}: not UTF-8: byte 0xff (at line 2, column 9)"
+    )
+
+
+@pytest.mark.parametrize("key", ["server.host", "admin.host"])
+@pytest.mark.parametrize("host", ["999.1.1.1", " 127.0.0.1", "[::1]", "a..b", "-relay", "x y"])
+def test_a_host_that_is_no_address_or_name_is_a_config_error(key: str, host: str) -> None:
+    # It passed check-config, and serve then failed to listen (exit 1, a hint about ports
+    # in use), so systemd restarted it over and over.
+    variable = "RELAYD_" + key.upper().replace(".", "__")
+    with pytest.raises(ConfigError) as info:
+        load(environ={variable: host})
+    assert info.value.key == key
+    assert "not an IP address or a host name" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "host", ["", "::", "::1", "0.0.0.0", "10.1.2.3", "localhost", "relay-1.example.com.", "a_b"]
+)
+def test_addresses_and_names_are_hosts(host: str) -> None:
+    assert load(environ={"RELAYD_SERVER__HOST": host}).server.host == host
+
+
+def test_a_byte_order_mark_is_no_statement(tmp_path: Path) -> None:
+    # Some Windows editors save UTF-8 with one; tomllib read it as an invalid statement.
+    path = tmp_path / "relayd.toml"
+    path.write_bytes(b"\xef\xbb\xbf[server]\nport = 7000\n")
+    assert load(config_path=path).server.port == 7000
+
+
+def test_toml_nested_too_deeply_is_a_config_error(tmp_path: Path) -> None:
+    # tomllib recurses per nested array: a RecursionError escaped as a traceback (exit 1,
+    # which systemd's RestartPreventExitStatus=78 does not stop).
+    path = write(tmp_path, "[server]\nallowed_origins = " + "[" * 2000 + "]" * 2000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load(config_path=path)
+    assert str(info.value) == f"invalid TOML in {path}: nested too deeply"
+
+
+def test_json_nested_too_deeply_in_a_variable_is_a_config_error() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ConfigError) as info:
+        load(environ={"RELAYD_SERVER__ALLOWED_ORIGINS": deep})
+    assert info.value.key == "server.allowed_origins"
+    assert "nested too deeply" in str(info.value)
 
 
 @pytest.mark.parametrize(

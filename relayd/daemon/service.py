@@ -22,6 +22,7 @@ restart are named in the event.
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -44,6 +45,8 @@ STATUS_INTERVAL_S: Final = 5.0
 
 #: What to change when a port cannot be bound, said with the error.
 _PUBLIC_HINT: Final = "set server.port (--port) or server.host (--host) to a free address"
+#: What to change when the host does not resolve (a name the resolver does not know, yet).
+_UNRESOLVED_HINT: Final = "set server.host (--host) to an address or name of this machine"
 _ADMIN_HINT: Final = (
     "set admin.port (--admin-port) or admin.host (--admin-host) to a free address, "
     "or admin.enabled = false"
@@ -86,7 +89,8 @@ async def run_daemon(
             listeners = await server.listen()
         except OSError as exc:
             where = show(settings.server.host or "*", settings.server.port)
-            problem = f"cannot listen on {where}: {exc}; {_PUBLIC_HINT}"
+            hint = _UNRESOLVED_HINT if isinstance(exc, socket.gaierror) else _PUBLIC_HINT
+            problem = f"cannot listen on {where}: {exc}; {hint}"
         if problem is not None:  # logged outside the except: no traceback, it says it all
             return _cannot_start(problem)
     status = 0
