@@ -108,6 +108,16 @@ def test_binary_and_bad_json_and_bad_envelopes_get_their_codes() -> None:
     ]
 
 
+def test_a_reload_that_keeps_the_rate_keeps_the_bucket() -> None:
+    # A reload that changed nothing (or only other limits) gave every connection a full
+    # bucket and a fresh abuse budget: a flooder's next burst went through.
+    judge, live, _ = intake(messages_per_second=1, message_burst=2)
+    envelope = b'{"to": "bob", "message": 1}'
+    assert [type(judge.judge(OP_TEXT, envelope, 0.0)) for _ in range(3)] == [Relay, Relay, Reply]
+    live.current = LimitsSettings(messages_per_second=1, message_burst=2, max_connections=5)
+    assert type(judge.judge(OP_TEXT, envelope, 0.0)) is Reply  # still empty
+
+
 def test_a_reload_of_the_rate_starts_a_fresh_bucket() -> None:
     judge, live, _ = intake(messages_per_second=1, message_burst=1)
     envelope = b'{"to": "bob", "message": 1}'

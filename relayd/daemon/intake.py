@@ -80,10 +80,17 @@ class Intake:
             close for flooding (1008).
         """
         limits = self._live.current
-        # The first message, or the limits were reloaded: the new rate starts now.
         if self._limiter_limits is not limits:
-            self._limiter_limits = limits
-            self._limiter = RateLimiter(limits.messages_per_second, limits.message_burst, now)
+            # The first message, or a reload: a new rate starts now, with a full bucket.
+            # The same rate keeps its bucket (a reload that changed nothing, or other
+            # limits, would have given every flooding connection a fresh burst).
+            old, self._limiter_limits = self._limiter_limits, limits
+            if (
+                old is None
+                or old.messages_per_second != limits.messages_per_second
+                or old.message_burst != limits.message_burst
+            ):
+                self._limiter = RateLimiter(limits.messages_per_second, limits.message_burst, now)
         verdict = self._limiter.check(now)
         peer = self._peer
         size = len(payload)

@@ -8,7 +8,7 @@ new :class:`~relayd.config.LimitsSettings` reaches them all at once:
 * on open connections, from their next message or timer: ``max_message_bytes``
   (lowered, it refuses messages with ``message_too_large``; the frame parser's
   cap, which bounds its memory, stays as the connection started),
-  ``messages_per_second`` and ``message_burst`` (a fresh bucket),
+  ``messages_per_second`` and ``message_burst`` (a fresh bucket, if they changed),
   ``idle_timeout_s``, ``ping_interval_s`` and ``pong_timeout_s``;
 * never on open connections: ``outbox_messages`` and ``slow_consumer_timeout_s``
   (an outbox is sized when it is made), ``frames_per_second`` and
