@@ -309,6 +309,28 @@ def test_a_short_token_is_a_config_error_naming_its_subject(where: str, tmp_path
     assert "short-secret" not in str(error.value)
 
 
+@pytest.mark.parametrize("where", ["tokens", "tokens_file"])
+def test_a_subject_longer_than_an_id_may_be_is_a_config_error(where: str, tmp_path: Path) -> None:
+    # A JWT's sub is held to 256 characters; a static token's subject was not, and its
+    # client's id could then not be named by the server API nor paged past in /api/ids.
+    subject = "u" * 257
+    path = tmp_path / "tokens"
+    path.write_text(f"{subject} {A_TOKEN}\n")
+    settings = (
+        AuthSettings(mode="token", tokens={subject: SecretStr(A_TOKEN)})
+        if where == "tokens"
+        else AuthSettings(mode="token", tokens_file=str(path))
+    )
+    with pytest.raises(ConfigError) as error:
+        load_authenticator(settings)
+    assert error.value.key == f"auth.{where}"
+    assert "is not 1 to 256 characters" in str(error.value)
+    assert A_TOKEN not in str(error.value)
+    assert static_tokens(tmp_path, {"u" * 256: A_TOKEN}, "").authenticate(A_TOKEN) == Identity(
+        "u" * 256
+    )
+
+
 @pytest.mark.parametrize(
     ("algorithm", "write", "key"),
     [

@@ -165,6 +165,13 @@ class StaticTokens:
         pairs = list(tokens.items() if isinstance(tokens, Mapping) else tokens)
         owners: dict[bytes, str] = {}
         for subject, token in pairs:
+            if not 0 < len(subject) <= MAX_ID_CHARS:
+                # An id a JWT could not give: the server API could not name it, and
+                # /api/ids could not page past it.
+                raise ValueError(
+                    f"the subject {subject[:40]!r}{'...' if len(subject) > 40 else ''}"
+                    f" is not 1 to {MAX_ID_CHARS} characters"
+                )
             if len(token) < MIN_TOKEN_CHARS:
                 raise ValueError(
                     f"the token for {subject!r} is shorter than {MIN_TOKEN_CHARS} characters"
