@@ -18,7 +18,9 @@ are good or not: a misnamed variable is often why they are not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import hashlib
 import os
 import ssl
 import sys
@@ -155,19 +157,25 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
 
     read = settings_reader(args.config, overrides)
 
-    def read_settings() -> tuple[Settings, Authenticator | None]:
+    def read_settings() -> tuple[Settings, Authenticator | None, list[str]]:
         # Every file a start reads is read and checked, those that only a restart
         # applies too (TLS, the API key, the cluster's files and its Redis client): a
-        # reload that says "applied" means the next start will come up.
+        # reload that says "applied" means the next start will come up; and one whose
+        # content is new though its path is not is reported as needing the restart.
         again = read()
         authenticator, _tls, _api_key = _credentials(again)
-        return again.settings, authenticator
+        now = _start_files(again.settings)
+        return again.settings, authenticator, [k for k in now if now[k] != started_files[k]]
+
+    # What the start-only files held when relayd started (filled once it has read them).
+    started_files: dict[str, tuple[str, bytes | None]] = {}
 
     loaded: Loaded | None = None
     try:
         loaded = read()
         settings = loaded.settings
         authenticator, tls, api_key = _credentials(loaded)
+        started_files.update(_start_files(settings))
         activated = listen_sockets()
         if args.command != "check-config":
             configure(settings.log)
@@ -229,6 +237,30 @@ def _credentials(
     api_key = load_api_key(settings.admin, source)
     check_router_files(settings)
     return authenticator, tls, api_key
+
+
+#: The settings naming a file that only a start reads (a reload checks it, and uses
+#: nothing in it): a new certificate or API key at the same path needs a restart.
+_START_FILES: Final = (
+    ("tls", "cert_file"),
+    ("tls", "key_file"),
+    ("admin", "api_key_file"),
+    ("cluster", "password_file"),
+    ("cluster", "tls_ca_file"),
+)
+
+
+def _start_files(settings: Settings) -> dict[str, tuple[str, bytes | None]]:
+    """Each start-only file's path and a digest of what it holds (None: unreadable or none)."""
+    files = {}
+    for section, name in _START_FILES:
+        path = getattr(getattr(settings, section), name)
+        digest = None
+        if path:
+            with contextlib.suppress(OSError):
+                digest = hashlib.sha256(Path(path).read_bytes()).digest()
+        files[f"{section}.{name}"] = (path, digest)
+    return files
 
 
 def _how_read(path: Path | None, ignored: tuple[IgnoredVariable, ...]) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -559,7 +559,7 @@ async def test_a_node_stopped_before_it_served_never_says_ready_a_sighup_then_or
     # reload's READY=1 (found by a reviewer).
     notifications = Notifications()
 
-    def refuse_to_read() -> tuple[Settings, Authenticator | None]:
+    def refuse_to_read() -> tuple[Settings, Authenticator | None, Sequence[str]]:
         raise AssertionError("no reload once stopping")
 
     async with hanging_redis() as (url, trying):

@@ -350,6 +350,43 @@ def _write_when_read(fifo: Path, data: bytes) -> None:
         raise failed[0]
 
 
+def test_a_new_certificate_or_api_key_at_the_same_path_is_reported_as_needing_a_restart(
+    tmp_path: Path,
+) -> None:
+    # Renewed in place and reloaded, they were checked and then not named at all: the
+    # reload said nothing changed while the old key and certificate stayed in use.
+    ca = trustme.CA()
+    cert, key_pem, api_key = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "api.key"
+    issued = ca.issue_cert("127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key_pem))
+    api_key.write_text("k" * 32 + "\n")
+    config = tmp_path / "relayd.toml"
+    config.write_text(
+        f'[tls]\ncert_file = "{cert}"\nkey_file = "{key_pem}"\n'
+        f'[admin]\nport = 0\napi_key_file = "{api_key}"\n'
+    )
+    daemon = Daemon([*MODULE, "--config", str(config), "--port", "0", "--host", "127.0.0.1"])
+    try:
+        daemon.wait_event("server.ready")
+        daemon.signal(signal.SIGHUP)
+        unchanged = daemon.wait_event("config.reload")
+        assert (unchanged["changed"], unchanged["restart_required"]) == ([], [])
+        renewed = ca.issue_cert("127.0.0.1")
+        renewed.cert_chain_pems[0].write_to_path(str(cert))
+        renewed.private_key_pem.write_to_path(str(key_pem))
+        api_key.write_text("n" * 32 + "\n")
+        daemon.signal(signal.SIGHUP)
+        reloaded = daemon.wait_event("config.reload")
+        assert reloaded["applied"] is True
+        files = ["admin.api_key_file", "tls.cert_file", "tls.key_file"]
+        assert (reloaded["changed"], reloaded["restart_required"]) == (files, files)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    finally:
+        daemon.close()
+
+
 def test_a_sighup_while_relayd_starts_is_a_reload_once_it_serves(tmp_path: Path) -> None:
     # SIGHUP's default action ends a process: relayd died of one sent while it was
     # importing and reading its config, before trio took its signals (found by a

@@ -36,3 +36,13 @@ def test_keys_needing_a_restart_are_reported_and_keep_their_running_values() -> 
     now = in_force(running, reloaded)
     assert now.admin.port == running.admin.port
     assert now.limits.max_message_bytes == 100
+
+
+def test_a_file_with_new_content_is_a_change_that_needs_a_restart() -> None:
+    # A certificate or API key renewed at the same path: its value (the path) is the
+    # same, what relayd would read from it is not, and only a start reads it.
+    running = _with(Settings(), "tls", cert_file="/etc/relayd/cert.pem", key_file="/k.pem")
+    reloaded = _with(running, "limits", max_message_bytes=100)
+    assert changes(running, reloaded, ["tls.cert_file"]) == Reload(
+        changed=["limits.max_message_bytes", "tls.cert_file"], restart_required=["tls.cert_file"]
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+from collections.abc import Sequence
 
 import structlog
 import trio
@@ -44,7 +45,7 @@ async def test_a_bug_in_reading_the_settings_refuses_the_reload_and_relayd_serve
     # Any exception but a ConfigError escaped the signal task and stopped relayd, every
     # client cut (a reviewer's: the cluster turned on in a reload, its Redis client
     # not installed).
-    def broken() -> tuple[Settings, Authenticator | None]:
+    def broken() -> tuple[Settings, Authenticator | None, Sequence[str]]:
         raise RuntimeError("a bug in reading")
 
     notifications = Notifications()

@@ -15,6 +15,7 @@ Pure: settings in, settings and a report out; nothing here applies anything.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Final
 
 from pydantic import SecretStr
@@ -45,10 +46,15 @@ _RELOADABLE: Final = (
 )
 
 
-def changes(running: Settings, reloaded: Settings) -> Reload:
-    """Every key whose value ``reloaded`` changes, and those among them that need a restart."""
+def changes(running: Settings, reloaded: Settings, files_changed: Sequence[str] = ()) -> Reload:
+    """Every key whose value ``reloaded`` changes, and those among them that need a restart.
+
+    ``files_changed``: keys naming a file that only a start reads (a TLS certificate,
+    the API key) whose content is new though its path is not; they are reported as
+    changed, and as needing a restart.
+    """
     before, after = _flat(running), _flat(reloaded)
-    changed = sorted(key for key in after if after[key] != before.get(key))
+    changed = sorted({key for key in after if after[key] != before.get(key)} | {*files_changed})
     return Reload(
         changed=changed, restart_required=[k for k in changed if not k.startswith(_RELOADABLE)]
     )

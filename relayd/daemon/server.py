@@ -195,14 +195,20 @@ class Server:
         """Where the admin listener listens, once :meth:`run` has started it."""
         return self._admin_address
 
-    def reload(self, settings: Settings, authenticator: Authenticator | None) -> Reload:
+    def reload(
+        self,
+        settings: Settings,
+        authenticator: Authenticator | None,
+        files_changed: Sequence[str] = (),
+    ) -> Reload:
         """Apply the reloadable part of ``settings``; report what changed.
 
         :mod:`relayd.daemon.reload` says which keys are reloadable; ``log.level``
         is applied by the caller, which owns logging. Everything else needs a
-        restart and is only reported.
+        restart and is only reported, as are ``files_changed``: keys naming a file
+        only a start reads, whose content is new.
         """
-        result = changes(self._settings, settings)
+        result = changes(self._settings, settings, files_changed)
         self._gate.reconfigure(
             settings.limits,
             allowed_origins=settings.server.allowed_origins,

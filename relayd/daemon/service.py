@@ -52,7 +52,9 @@ _ADMIN_HINT: Final = (
     "or admin.enabled = false"
 )
 
-Reloader = Callable[[], tuple[Settings, Authenticator | None]]
+#: Reads the settings anew for a reload: the settings, the authenticator, and the keys
+#: naming a file only a start reads whose content is new (reported as needing a restart).
+Reloader = Callable[[], tuple[Settings, Authenticator | None, Sequence[str]]]
 
 
 async def run_daemon(
@@ -165,7 +167,7 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
     try:
         refused: str | None = None
         try:
-            settings, authenticator = reload_settings()
+            settings, authenticator, files_changed = reload_settings()
         except ConfigError as exc:
             # One line, as logging.md promises: str(exc) has a line per problem.
             refused = "; ".join(problem.line for problem in exc.problems)
@@ -180,7 +182,7 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
             log.error("config.reload", applied=False, reason=refused)
             return
         level_changed = settings.log.level != server.settings.log.level
-        result = server.reload(settings, authenticator)
+        result = server.reload(settings, authenticator, files_changed)
         server.stats.count_reload(applied=True)
         if level_changed:
             # The format stays: changing it needs a restart (and is reported so).
