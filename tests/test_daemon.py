@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -439,8 +440,12 @@ def _daemon_with_open_files(tmp_path: Path, config_text: str) -> Daemon:
 
 
 def _get(admin: str, path: str) -> tuple[int, bytes]:
-    with urllib.request.urlopen(f"http://{admin}{path}", timeout=WAIT_TIMEOUT_S) as answer:
-        return answer.status, answer.read()
+    try:
+        with urllib.request.urlopen(f"http://{admin}{path}", timeout=WAIT_TIMEOUT_S) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as refused:  # an answer all the same (503 not ready)
+        with refused:
+            return refused.code, refused.read()
 
 
 def test_out_of_descriptors_the_admin_listener_still_answers_and_the_log_stays_short(
@@ -472,6 +477,8 @@ def test_out_of_descriptors_the_admin_listener_still_answers_and_the_log_stays_s
             status, metrics = _get(admin, "/metrics")
             assert status == 200
             assert b"process_open_fds" in metrics
+        # Not ready: a load balancer's new clients would wait in the backlog.
+        assert _get(admin, "/readyz") == (503, b"not ready\n")
         for sock in held:
             sock.close()
         held.clear()
@@ -479,6 +486,7 @@ def test_out_of_descriptors_the_admin_listener_still_answers_and_the_log_stays_s
         client = RawClient(port)
         assert len(client.id) == 22
         client.close()
+        assert _get(admin, "/readyz") == (200, b"ready\n")
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 0
     finally:

@@ -186,9 +186,16 @@ class Server:
     def ready(self) -> bool:
         """True while relayd accepts connections and its router reaches everyone (``/readyz``).
 
-        A cluster node is not ready while its link to the cluster is down.
+        Not while every public socket the open-file budget allows is open (the accept
+        loops pause, and a new client would wait in the backlog), nor, on a cluster
+        node, while its link to the cluster is down.
         """
-        return self._accepting and not self._stop.is_set() and self._router.ready
+        return (
+            self._accepting
+            and not self.sockets.full
+            and not self._stop.is_set()
+            and self._router.ready
+        )
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
