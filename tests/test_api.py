@@ -32,7 +32,7 @@ from relayd.daemon.admin import (
 )
 from relayd.daemon.api import MAX_PAGE, SERVER_SENDER, api_area
 from relayd.daemon.credentials import load_api_key
-from relayd.errors import BrokerUnavailable, ConfigError
+from relayd.errors import BrokerUnavailable, ConfigError, IncompleteAnswer
 from relayd.routing.table import Outcome
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -49,6 +49,7 @@ class Recording:
         self.connections: dict[str, int] = {}
         self.fail = False
         self.cut_off = False  # as a cluster node that cannot reach Redis
+        self.unanswered = False  # as a cluster node some other node did not answer
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
         if self.fail:
@@ -73,6 +74,8 @@ class Recording:
     def _reach(self) -> None:
         if self.cut_off:
             raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
+        if self.unanswered:
+            raise IncompleteAnswer("not every node answered in time")
 
 
 @asynccontextmanager
@@ -636,20 +639,37 @@ async def test_a_router_that_raises_is_a_500_and_an_error_event_not_a_dead_liste
     assert error["summary"] == "RuntimeError: injected fault"
 
 
+async def ask_every_node(router: Recording) -> list[tuple[int, dict[str, str], Any]]:
+    """The answers to the calls a cluster asks of every node: presence, disconnect, ids."""
+    async with api(router) as address:
+        return [
+            await call(address, "/api/presence", {"id": "bob"}),
+            await call(address, "/api/disconnect", {"id": "bob"}),
+            await call(address, "/api/ids", {}),
+        ]
+
+
 async def test_a_node_cut_off_from_the_cluster_is_a_503_to_ask_again_not_a_bug() -> None:
     router = Recording()
     router.cut_off = True
     with structlog.testing.capture_logs() as events:
-        async with api(router) as address:
-            answers = [
-                await call(address, "/api/presence", {"id": "bob"}),
-                await call(address, "/api/disconnect", {"id": "bob"}),
-                await call(address, "/api/ids", {}),
-            ]
+        answers = await ask_every_node(router)
     for status, _headers, body in answers:
         assert (status, body["error"]) == (503, "broker_unavailable")
         assert body["detail"].startswith("the cluster's broker cannot be reached")
     assert [event for event in events if event["event"] == "error"] == []
+
+
+async def test_a_question_not_every_node_answered_is_a_503_never_a_partial_200() -> None:
+    router = Recording()
+    router.connections["bob"] = 1
+    router.unanswered = True
+    answers = await ask_every_node(router)
+    for status, _headers, body in answers:
+        assert (status, body) == (
+            503,
+            {"error": "answer_incomplete", "detail": "not every node answered in time; ask again"},
+        )
 
 
 def test_the_key_is_read_from_its_file_without_the_newline(tmp_path: Path) -> None:

@@ -33,8 +33,9 @@ Error handling: a request relayd cannot take is answered, never raised: 400
 field missing or of the wrong type), 401
 ``unauthorized``, 413 ``message_too_large``, and in a cluster 503
 ``broker_unavailable`` for presence, disconnect and ids while the node cannot reach
-Redis; each with a ``detail`` for a person. The listener's refusals (404, 405, 408, 413
-``request_too_large``, 500) are the same JSON.
+Redis, and 503 ``answer_incomplete`` when not every node answered them (a part is
+never answered as the whole); each with a ``detail`` for a person. The listener's
+refusals (404, 405, 408, 413 ``request_too_large``, 500) are the same JSON.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from typing import Annotated, Final, Protocol, TypeVar
 import msgspec
 
 from relayd.daemon.admin import Area, Exchange, Request, Response, Routes
-from relayd.errors import BrokerUnavailable, ErrorCode
+from relayd.errors import BrokerUnavailable, ErrorCode, IncompleteAnswer
 from relayd.policy.auth import bearer
 from relayd.routing.table import Outcome
 from relayd.telemetry.log import get_logger
@@ -134,11 +135,15 @@ def _refuse(status: int, error: str, detail: str, *headers: tuple[str, str]) -> 
     return _answer(status, {"error": error, "detail": detail}, *headers)
 
 
-def _unavailable(error: BrokerUnavailable) -> Response:
-    """A cluster-wide question this node cannot ask now: the broker is out of its reach.
+def _unavailable(error: BrokerUnavailable | IncompleteAnswer) -> Response:
+    """A cluster-wide question this node cannot answer now.
 
-    Not a bug (no ``error`` event, no 500): another node may answer, or this one later.
+    ``broker_unavailable``: it could not ask (the broker is out of its reach);
+    ``answer_incomplete``: it asked, and not every node answered. Not a bug (no
+    ``error`` event, no 500): another node may answer, or this one later.
     """
+    if isinstance(error, IncompleteAnswer):
+        return _refuse(503, "answer_incomplete", f"{error}; ask again")
     return _refuse(503, "broker_unavailable", f"{error}; ask another node, or again later")
 
 
@@ -235,7 +240,7 @@ class _Api:
             return _refuse(400, "invalid_request", "reason is over 123 bytes of UTF-8")
         try:
             closed = await self._router.disconnect(call.id, call.code, call.reason)
-        except BrokerUnavailable as error:
+        except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         return _answer(200, {"id": call.id, "disconnected": closed})
 
@@ -245,7 +250,7 @@ class _Api:
             return call
         try:
             connections = await self._router.presence(call.id)
-        except BrokerUnavailable as error:
+        except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         return _answer(
             200, {"id": call.id, "connected": connections > 0, "connections": connections}
@@ -259,7 +264,7 @@ class _Api:
         # last page says so itself (a full last page used to point at an empty one).
         try:
             ids = await self._router.list_ids(after=call.after, limit=call.limit + 1)
-        except BrokerUnavailable as error:
+        except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         page = ids[: call.limit]
         following = page[-1] if len(ids) > call.limit else None
