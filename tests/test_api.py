@@ -8,6 +8,7 @@ recording stand-in, so each test states exactly what the backend asked of the ro
 from __future__ import annotations
 
 import json
+import math
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -30,7 +31,7 @@ from relayd.daemon.admin import (
     REQUEST_TIMEOUT_S,
     serve_admin,
 )
-from relayd.daemon.api import MAX_PAGE, SERVER_SENDER, api_area
+from relayd.daemon.api import MAX_PAGE, ROUTER_MARGIN_S, SERVER_SENDER, api_area
 from relayd.daemon.credentials import load_api_key
 from relayd.errors import BrokerUnavailable, ConfigError, IncompleteAnswer
 from relayd.routing.table import Outcome
@@ -50,28 +51,31 @@ class Recording:
         self.fail = False
         self.cut_off = False  # as a cluster node that cannot reach Redis
         self.unanswered = False  # as a cluster node some other node did not answer
+        self.delay_s = 0.0  # how long it takes to answer, as a cluster's other nodes do
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
         if self.fail:
             raise RuntimeError("injected fault")
         self.calls.append(("publish", to, bytes(message), sender))
+        await trio.sleep(self.delay_s)
         return self.outcome
 
     async def disconnect(self, client_id: str, code: int, reason: str) -> int:
-        self._reach()
+        await self._reach()
         self.calls.append(("disconnect", client_id, code, reason))
         return self.connections.pop(client_id, 0)
 
     async def presence(self, client_id: str) -> int:
-        self._reach()
+        await self._reach()
         return self.connections.get(client_id, 0)
 
     async def list_ids(self, *, after: str | None, limit: int) -> list[str]:
-        self._reach()
+        await self._reach()
         ids = sorted(i for i in self.connections if after is None or i > after)
         return ids[:limit]
 
-    def _reach(self) -> None:
+    async def _reach(self) -> None:
+        await trio.sleep(self.delay_s)
         if self.cut_off:
             raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
         if self.unanswered:
@@ -86,6 +90,7 @@ async def api(
     max_message_bytes: int = 65536,
     stats: Stats | None = None,
     stopping: Callable[[], bool] = lambda: False,
+    reply_timeout_s: float = 2.0,
 ) -> AsyncIterator[tuple[str, int]]:
     """The admin listener with the API on a free loopback port; yields its address."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -97,6 +102,7 @@ async def api(
         key=key,
         stats=stats,
         events=MessageEvents(structlog.get_logger(), stats),
+        reply_timeout_s=reply_timeout_s,
         stopping=stopping,
     )
     async with trio.open_nursery() as nursery:
@@ -591,6 +597,62 @@ async def test_a_request_that_does_not_arrive_in_time_is_a_408(
         "text/plain; charset=utf-8",
     )
     assert stats.api_requests == {("/api/ids", 408): 1}
+
+
+async def test_a_call_waiting_for_the_router_past_the_request_deadline_gets_its_answer(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The 5 s deadline bounded the handler too: a cluster call waiting for other nodes
+    # (reply_timeout_s may be 5 s or more) had its connection closed without an answer,
+    # while its publish could still be delivered, so a retry sent it twice.
+    router = Recording()
+    router.delay_s = REQUEST_TIMEOUT_S + 0.5
+    async with api(router, reply_timeout_s=REQUEST_TIMEOUT_S + 1) as address:
+        start = trio.current_time()
+        status, _headers, body = await call(address, "/api/publish", {"to": "b", "message": 1})
+        assert (status, body) == (200, {"outcome": "delivered"})
+        assert trio.current_time() - start == pytest.approx(router.delay_s)
+
+
+async def test_a_slow_body_leaves_the_router_its_whole_wait(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    router = Recording()
+    router.connections["bob"] = 1
+    router.delay_s = 2.0  # reply_timeout_s, for a node that does not answer
+    data = json.dumps({"id": "bob"}).encode()
+    head = f"POST /api/presence HTTP/1.1\r\nHost: r\r\nContent-Length: {len(data)}\r\n\r\n"
+    async with api(router) as address, await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(head.encode())
+        await trio.sleep(REQUEST_TIMEOUT_S - 1.5)  # the client's own slowness
+        await stream.send_all(data)
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert json.loads(received.partition(b"\r\n\r\n")[2])["connections"] == 1
+
+
+async def test_a_router_that_never_answers_is_a_503_not_a_closed_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    router = Recording()
+    router.delay_s = math.inf
+    async with api(router, reply_timeout_s=REQUEST_TIMEOUT_S) as address:
+        start = trio.current_time()
+        published = await call(address, "/api/publish", {"to": "b", "message": 1})
+        waited = trio.current_time() - start
+        presence = await call(address, "/api/presence", {"id": "b"})
+    assert waited == pytest.approx(REQUEST_TIMEOUT_S + ROUTER_MARGIN_S)
+    # Handed to the router, it may yet be delivered: the answer says it is not known.
+    assert published[::2] == (
+        503,
+        {"outcome": "delivery_unconfirmed", "error": "delivery_unconfirmed"},
+    )
+    assert presence[::2] == (
+        503,
+        {"error": "answer_incomplete", "detail": "no answer within 6 s; ask again"},
+    )
 
 
 async def test_every_request_is_counted_and_logged_by_route_and_status() -> None:

@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Final, Protocol, TypeVar
 
 import msgspec
+import trio
 
 from relayd.daemon.admin import Area, Exchange, Request, Response, Routes
 from relayd.errors import BrokerUnavailable, ErrorCode, IncompleteAnswer
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT_PAGE",
     "MAX_PAGE",
     "PREFIX",
+    "ROUTER_MARGIN_S",
     "SERVER_SENDER",
     "ApiRouter",
     "api_area",
@@ -78,6 +80,10 @@ _CLOSE_CODES: Final = frozenset({1000, 1001, 1008, 1011, 1013}) | frozenset(rang
 #: A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 §5.5).
 _MAX_REASON_BYTES: Final = 123
 _DEFAULT_CLOSE: Final = (1008, "disconnected by the server")
+#: How much longer than ``cluster.reply_timeout_s`` a call waits for the router: the
+#: cluster router decides every question by then, and its own answer (which it also
+#: logs and counts) should be the one given; this bound is for a router that does not.
+ROUTER_MARGIN_S: Final = 1.0
 
 _JSON: Final = "application/json"
 
@@ -125,6 +131,7 @@ class _Ids(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _Call = TypeVar("_Call", _Publish, _Disconnect, _Presence, _Ids)
+_T = TypeVar("_T")
 
 
 def _answer(status: int, body: Mapping[str, object], *headers: tuple[str, str]) -> Response:
@@ -157,8 +164,10 @@ class _Api:
         key: bytes | None,
         events: MessageEvents,
         stopping: Callable[[], bool],
+        wait_s: float,
     ) -> None:
         self._router = router
+        self._wait_s = wait_s
         self._max_message_bytes = max_message_bytes
         self._key = key
         self._events = events
@@ -183,6 +192,20 @@ class _Api:
         if self._stopping():
             return _refuse(503, "shutting_down", "this relayd is shutting down; ask another node")
         return None
+
+    async def _asked(self, question: Awaitable[_T]) -> _T:
+        """The router's answer to ``question``, waited for at most ``wait_s``.
+
+        The admin listener does not bound a handler (its deadline is for the request's
+        arrival), so this is the bound on every wait for the router; cancelling
+        ``question`` leaves the router's own deadline to decide it.
+
+        Raises:
+            IncompleteAnswer: no answer within ``wait_s``.
+        """
+        with trio.move_on_after(self._wait_s):
+            return await question
+        raise IncompleteAnswer(f"no answer within {self._wait_s:g} s")
 
     def _decode(self, request: Request, kind: type[_Call]) -> _Call | Response:
         """The request's body as ``kind``, or the 400 that refuses it."""
@@ -220,7 +243,14 @@ class _Api:
                 SERVER_SENDER, call.to, len(call.message), ErrorCode.MESSAGE_TOO_LARGE
             )
             return _refuse(413, "message_too_large", f"message is larger than {limit} bytes")
-        outcome = await self._router.publish(call.to, call.message, sender=SERVER_SENDER)
+        try:
+            outcome = await self._asked(
+                self._router.publish(call.to, call.message, sender=SERVER_SENDER)
+            )
+        except IncompleteAnswer:
+            # Handed to the router, so it may yet be delivered: unknown, as for a
+            # cluster node that did not answer; never answered by closing the socket.
+            outcome = Outcome.DELIVERY_UNCONFIRMED
         if outcome.error is None:
             return _answer(200, {"outcome": outcome.value})
         status = 404 if outcome is Outcome.UNKNOWN_RECIPIENT else 503
@@ -239,7 +269,7 @@ class _Api:
         if len(call.reason.encode()) > _MAX_REASON_BYTES:
             return _refuse(400, "invalid_request", "reason is over 123 bytes of UTF-8")
         try:
-            closed = await self._router.disconnect(call.id, call.code, call.reason)
+            closed = await self._asked(self._router.disconnect(call.id, call.code, call.reason))
         except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         return _answer(200, {"id": call.id, "disconnected": closed})
@@ -249,7 +279,7 @@ class _Api:
         if isinstance(call, Response):
             return call
         try:
-            connections = await self._router.presence(call.id)
+            connections = await self._asked(self._router.presence(call.id))
         except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         return _answer(
@@ -263,7 +293,7 @@ class _Api:
         # One id more than the page: only if it is there does another page follow, so the
         # last page says so itself (a full last page used to point at an empty one).
         try:
-            ids = await self._router.list_ids(after=call.after, limit=call.limit + 1)
+            ids = await self._asked(self._router.list_ids(after=call.after, limit=call.limit + 1))
         except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         page = ids[: call.limit]
@@ -297,6 +327,7 @@ def api_area(
     key: bytes | None,
     stats: Stats,
     events: MessageEvents,
+    reply_timeout_s: float,
     stopping: Callable[[], bool] = lambda: False,
 ) -> Area:
     """The API under :data:`PREFIX`, for :func:`relayd.daemon.admin.serve_admin`.
@@ -309,9 +340,13 @@ def api_area(
         stats: where requests are counted (``api_requests``).
         events: where a publish refused here (``message_too_large``) is logged and
             counted, as the router's outcomes are.
+        reply_timeout_s: how long the router may wait for other cluster nodes
+            (``cluster.reply_timeout_s``); a call waits for the router that long and
+            :data:`ROUTER_MARGIN_S` more, then answers 503 (``delivery_unconfirmed``
+            for a publish, ``answer_incomplete`` for the rest).
         stopping: whether relayd is draining: every call is then refused with 503.
     """
-    api = _Api(router, max_message_bytes, key, events, stopping)
+    api = _Api(router, max_message_bytes, key, events, stopping, reply_timeout_s + ROUTER_MARGIN_S)
     routes: Routes = {
         f"{PREFIX}publish": {"POST": api.publish},
         f"{PREFIX}disconnect": {"POST": api.disconnect},
