@@ -306,6 +306,32 @@ async def test_a_refused_body_still_being_sent_gets_the_answer_not_a_reset() -> 
     assert router.calls == []
 
 
+async def test_a_client_that_expects_100_continue_is_told_to_go_on_unless_refused() -> None:
+    # relayd never sent 100 Continue: a client waiting for it (.NET, Java's
+    # expectContinue, curl with a large body) got 408 after 5 s, nothing published.
+    router = Recording()
+    data = json.dumps({"to": "bob", "message": 1}).encode()
+    expect = "Host: r\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+    async with api(router) as address:
+        with trio.fail_after(REQUEST_TIMEOUT_S / 2):
+            async with await trio.open_tcp_stream(*address) as stream:
+                head = "POST /api/publish HTTP/1.1\r\n" + expect.format(len(data))
+                await stream.send_all(head.encode())
+                go_on = await stream.receive_some(65536)
+                await stream.send_all(data)
+                answer = b""
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+            too_large = await raw(
+                address,
+                ("POST /api/publish HTTP/1.1\r\n" + expect.format(MAX_BODY_BYTES + 1)).encode(),
+            )
+    assert go_on == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert router.calls == [("publish", "bob", b"1", SERVER_SENDER)]
+    assert status_of(too_large[0]) == 413  # at once, and not after a 100
+
+
 @pytest.mark.parametrize("writes", [1, 7])
 async def test_the_head_bound_holds_however_the_head_is_split(writes: int) -> None:
     def head(size: int) -> bytes:

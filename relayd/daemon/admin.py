@@ -525,10 +525,19 @@ async def _next(
 async def _body(
     connection: h11.Connection, stream: trio.SocketStream, headers: Mapping[str, str]
 ) -> bytes | None:
-    """The request's body, or None when it would be over :data:`MAX_BODY_BYTES`."""
+    """The request's body, or None when it would be over :data:`MAX_BODY_BYTES`.
+
+    A client that asked ``Expect: 100-continue`` is told ``100 Continue`` first: it
+    may wait for that before it sends the body (.NET, Java, curl with a large body).
+    One refused on its head (401, 404, 405, 413) gets the refusal instead, and keeps
+    its body.
+    """
     length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         return None  # refused before a byte of it is read
+    if connection.they_are_waiting_for_100_continue:
+        go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+        await stream.send_all(connection.send(go_on) or b"")
     # One buffer, not a list of pieces: h11 makes a piece of each HTTP chunk, and a
     # body sent in 2-byte chunks held 28 times its size as a list of them.
     body = bytearray()
