@@ -131,6 +131,12 @@ async def raw(address: tuple[str, int], data: bytes) -> tuple[str, dict[str, str
     return status_line, headers, payload
 
 
+def post_head(path: str, *fields: str) -> bytes:
+    """A call's head as a backend on relayd's machine sends it: to 127.0.0.1, in JSON."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    return ("\r\n".join([*lines, *fields]) + "\r\n\r\n").encode()
+
+
 def status_of(status_line: str) -> int:
     return int(status_line.split()[1])
 
@@ -145,7 +151,12 @@ async def call(
 ) -> tuple[int, dict[str, str], Any]:
     """One HTTP request; the status, the headers (lower-cased names) and the JSON body."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    fields = {"Host": "relayd", "Content-Length": str(len(data)), **(headers or {})}
+    fields = {
+        "Host": "127.0.0.1",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(data)),
+        **(headers or {}),
+    }
     head = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
     status_line, answer_headers, payload = await raw(
         address, ("\r\n".join(head) + "\r\n\r\n").encode() + data
@@ -278,9 +289,7 @@ async def test_without_the_key_a_call_is_refused_before_its_body_is_read() -> No
         with trio.fail_after(REQUEST_TIMEOUT_S / 2):
             status_line, headers, payload = await raw(
                 address,
-                b"POST /api/publish HTTP/1.1\r\nHost: r\r\n"
-                + f"Content-Length: {MAX_BODY_BYTES}\r\n\r\n".encode()
-                + b'{"to": "bob", ',
+                post_head("/api/publish", f"Content-Length: {MAX_BODY_BYTES}") + b'{"to": "bob", ',
             )
     assert status_of(status_line) == 401
     assert headers["www-authenticate"] == 'Bearer realm="relayd"'
@@ -297,9 +306,7 @@ async def test_a_refused_body_still_being_sent_gets_the_answer_not_a_reset() -> 
     async with api(router) as address:
         status_line, _headers, payload = await raw(
             address,
-            b"POST /api/publish HTTP/1.1\r\nHost: r\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body,
+            post_head("/api/publish", f"Content-Length: {len(body)}") + body,
         )
     assert status_of(status_line) == 413
     assert json.loads(payload)["error"] == "request_too_large"
@@ -311,12 +318,13 @@ async def test_a_client_that_expects_100_continue_is_told_to_go_on_unless_refuse
     # expectContinue, curl with a large body) got 408 after 5 s, nothing published.
     router = Recording()
     data = json.dumps({"to": "bob", "message": 1}).encode()
-    expect = "Host: r\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+    expect = "Expect: 100-continue"
     async with api(router) as address:
         with trio.fail_after(REQUEST_TIMEOUT_S / 2):
             async with await trio.open_tcp_stream(*address) as stream:
-                head = "POST /api/publish HTTP/1.1\r\n" + expect.format(len(data))
-                await stream.send_all(head.encode())
+                await stream.send_all(
+                    post_head("/api/publish", expect, f"Content-Length: {len(data)}")
+                )
                 go_on = await stream.receive_some(65536)
                 await stream.send_all(data)
                 answer = b""
@@ -324,7 +332,7 @@ async def test_a_client_that_expects_100_continue_is_told_to_go_on_unless_refuse
                     answer += chunk
             too_large = await raw(
                 address,
-                ("POST /api/publish HTTP/1.1\r\n" + expect.format(MAX_BODY_BYTES + 1)).encode(),
+                post_head("/api/publish", expect, f"Content-Length: {MAX_BODY_BYTES + 1}"),
             )
     assert go_on == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -335,7 +343,7 @@ async def test_a_client_that_expects_100_continue_is_told_to_go_on_unless_refuse
 @pytest.mark.parametrize("writes", [1, 7])
 async def test_the_head_bound_holds_however_the_head_is_split(writes: int) -> None:
     def head(size: int) -> bytes:
-        start = b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\nX-Pad: "
+        start = post_head("/api/ids", "Content-Length: 2")[:-2] + b"X-Pad: "
         return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
 
     async def send(address: tuple[str, int], data: bytes) -> int:
@@ -366,7 +374,10 @@ async def test_connections_past_the_bound_wait_unaccepted_until_one_ends(
         idle = [await trio.open_tcp_stream(*address) for _ in range(MAX_CONNECTIONS)]
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
-        answer = await raw(address, b"POST /api/ids HTTP/1.1\r\nHost: r\r\n\r\n")
+        answer = await raw(
+            address,
+            b"POST /api/ids HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
         waited = trio.current_time() - start
         for stream in idle:
             await stream.aclose()
@@ -419,14 +430,72 @@ async def test_a_client_that_keeps_its_socket_after_a_whole_answer_holds_no_slot
     # exchange's duration is the answer's, whatever the client does with its socket.
     with structlog.testing.capture_logs() as logs:
         async with api(Recording()) as address, await trio.open_tcp_stream(*address) as stream:
-            await stream.send_all(
-                b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}"
-            )
+            await stream.send_all(post_head("/api/ids", "Content-Length: 2") + b"{}")
             while await stream.receive_some(65536):
                 pass  # to relayd's end of the stream
             await trio.sleep(3 * ANSWER_TIMEOUT_S)  # held open, idle
     [exchange] = [e for e in logs if e["event"] == "api.request"]
     assert (exchange["status"], exchange["duration_s"]) == (200, 0.0)
+
+
+async def test_a_web_pages_cross_site_post_is_refused_unread() -> None:
+    # Without a key, a page in a browser on this machine could publish "server"
+    # messages and disconnect ids with a text/plain POST, which needs no preflight.
+    router = Recording()
+    router.connections["alice"] = 1
+    publish = {"to": "alice", "message": "your session expired"}
+    page = {"Origin": "https://evil.example", "Content-Type": "text/plain;charset=UTF-8"}
+    async with api(router) as address:
+        refused = [
+            await call(address, "/api/publish", publish, headers=page),
+            await call(address, "/api/disconnect", {"id": "alice"}, headers={"Content-Type": ""}),
+        ]
+        with_charset = await call(
+            address,
+            "/api/presence",
+            {"id": "alice"},
+            headers={"Content-Type": "Application/JSON; charset=utf-8"},
+        )
+        bodiless = await raw(address, b"POST /api/ids HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    for status, _headers, body in refused:
+        assert (status, body) == (
+            415,
+            {
+                "error": "unsupported_media_type",
+                "detail": "send the body as Content-Type: application/json",
+            },
+        )
+    assert router.calls == []
+    assert with_charset[0] == 200
+    assert json.loads(bodiless[2]) == {"ids": ["alice"], "next": None}
+
+
+@pytest.mark.parametrize(
+    ("host", "key", "status"),
+    [
+        ("rebound.evil.example", None, 403),
+        ("rebound.evil.example:9031", None, 403),
+        ("localhost.evil.example", None, 403),
+        ("relayd.internal:9031", KEY, 200),  # with a key, the key is the defence
+        ("localhost:9031", None, 200),
+        ("LOCALHOST", None, 200),
+        ("127.0.0.1:9031", None, 200),
+        ("[::1]:9031", None, 200),
+        ("10.1.2.3", None, 200),
+    ],
+)
+async def test_without_a_key_only_an_address_or_localhost_may_be_the_host(
+    host: str, key: bytes | None, status: int
+) -> None:
+    # DNS rebinding: a page's own name resolved to 127.0.0.1 let it read /api/ids.
+    router = Recording()
+    router.connections["alice"] = 1
+    fields = {"Host": host} | ({} if key is None else {"Authorization": f"Bearer {key.decode()}"})
+    async with api(router, key=key) as address:
+        answer = await call(address, "/api/ids", {}, headers=fields)
+    assert answer[0] == status
+    if status == 403:
+        assert answer[2]["error"] == "host_not_allowed"
 
 
 async def test_with_a_key_every_call_must_present_it() -> None:
@@ -476,7 +545,7 @@ async def test_a_body_in_tiny_chunks_is_held_as_its_bytes_not_as_its_pieces() ->
     router.connections["bob"] = 1
     body = json.dumps({"to": "bob", "message": "a" * 60_000}).encode()
     chunked = b"".join(b"2\r\n" + body[i : i + 2] + b"\r\n" for i in range(0, len(body), 2))
-    head = b"POST /api/publish HTTP/1.1\r\nHost: relayd\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = post_head("/api/publish", "Transfer-Encoding: chunked")
     async with api(router) as address:
         tracemalloc.start()
         try:
@@ -586,7 +655,7 @@ async def test_a_request_that_is_not_http_is_a_400_and_one_without_a_path_is_pla
         # The path is read, the body's framing is broken: the API's JSON.
         framing = await raw(
             address,
-            b"POST /api/ids HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            post_head("/api/ids", "Transfer-Encoding: chunked") + b"zz\r\n",
         )
     assert (status_of(garbage[0]), garbage[1]["content-type"]) == (
         400,
@@ -605,7 +674,8 @@ async def test_a_request_that_does_not_arrive_in_time_is_a_408(
         start = trio.current_time()
         # The head arrived, the body never does: under /api/, JSON.
         half = await raw(
-            address, b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 10\r\n\r\n{}"
+            address,
+            post_head("/api/ids", "Content-Length: 10") + b"{}",
         )
         assert trio.current_time() - start == pytest.approx(REQUEST_TIMEOUT_S)
         # Not even the head: relayd cannot tell it was for the API.
@@ -647,9 +717,9 @@ async def test_a_slow_body_leaves_the_router_its_whole_wait(
     router.connections["bob"] = 1
     router.delay_s = 2.0  # reply_timeout_s, for a node that does not answer
     data = json.dumps({"id": "bob"}).encode()
-    head = f"POST /api/presence HTTP/1.1\r\nHost: r\r\nContent-Length: {len(data)}\r\n\r\n"
+    head = post_head("/api/presence", f"Content-Length: {len(data)}")
     async with api(router) as address, await trio.open_tcp_stream(*address) as stream:
-        await stream.send_all(head.encode())
+        await stream.send_all(head)
         await trio.sleep(REQUEST_TIMEOUT_S - 1.5)  # the client's own slowness
         await stream.send_all(data)
         received = b""

@@ -26,7 +26,12 @@ Authentication: with an API key (``[admin] api_key_file``), every call must carr
 ``Authorization: Bearer <key>``; a missing or wrong key is 401, compared in constant time,
 and answered before the request's body is read (:attr:`Area.authorize`).
 Without one, which ``relayd check-config`` allows only while the admin listener is on
-loopback, any local process may call.
+loopback, any local process may call; but not a web page in a browser on the same
+machine, which is such a process acting for any site: a call with a body must say
+``Content-Type: application/json`` (415 otherwise), which a page can send to another
+origin only after a CORS preflight relayd never grants, and, without a key, its ``Host``
+must be an IP address or ``localhost`` (403 otherwise), which a page whose own name was
+rebound to 127.0.0.1 cannot send. Both before the body is read.
 
 Error handling: a request relayd cannot take is answered, never raised: 400
 ``invalid_request`` (not JSON: not UTF-8, not JSON's syntax, nested too deeply; a
@@ -41,6 +46,7 @@ refusals (404, 405, 408, 413 ``request_too_large``, 500) are the same JSON.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Final, Protocol, TypeVar
@@ -86,6 +92,8 @@ _DEFAULT_CLOSE: Final = (1008, "disconnected by the server")
 ROUTER_MARGIN_S: Final = 1.0
 
 _JSON: Final = "application/json"
+#: What HTTP allows around a header's value and its parameters (RFC 9110 §5.6.3).
+_HTTP_SPACE: Final = " \t"
 
 
 class ApiRouter(Protocol):
@@ -154,6 +162,39 @@ def _unavailable(error: BrokerUnavailable | IncompleteAnswer) -> Response:
     return _refuse(503, "broker_unavailable", f"{error}; ask another node, or again later")
 
 
+def _local_host(host: str) -> bool:
+    """Whether a ``Host`` header is an IP address or ``localhost``, not a DNS name.
+
+    A DNS name is what a page rebinds to 127.0.0.1 to read a loopback service as
+    its own origin; browsers resolve ``localhost`` themselves, and an address is
+    no name at all. The port, if any, is not looked at.
+    """
+    name = host.strip(_HTTP_SPACE).lower()
+    if name.startswith("["):  # an IPv6 address, with a port or not
+        name, closed, port = name[1:].partition("]")
+        if not closed or port[:1] not in ("", ":"):
+            return False
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _json_or_no_body(headers: Mapping[str, str]) -> bool:
+    """Whether a request either has no body or says it is JSON (``application/json``)."""
+    # h11 has checked Content-Length is digits, and refused a request with both.
+    bodiless = "transfer-encoding" not in headers and not int(
+        headers.get("content-length", "0") or "0"
+    )
+    media_type = headers.get("content-type", "").partition(";")[0].strip(_HTTP_SPACE)
+    return bodiless or media_type.lower() == _JSON
+
+
 class _Api:
     """The four calls, bound to a router, the limits in force and the key."""
 
@@ -176,9 +217,12 @@ class _Api:
     def authorize(self, headers: Mapping[str, str]) -> Response | None:
         """The refusal of a call relayd will not take, if any; asked before the body is read.
 
-        401 without the key (if there is one); 503 ``shutting_down`` once relayd is
-        draining: its router is closed, and what it would answer (``unknown_recipient``
-        for ids still connected, ``broker_unavailable`` with Redis up) would mislead.
+        401 without the key (if there is one); without a key, 403 for a ``Host`` that
+        is a DNS name other than ``localhost`` (a page using DNS rebinding); 415 for a
+        body not said to be JSON (a page's cross-site ``text/plain`` POST); 503
+        ``shutting_down`` once relayd is draining: its router is closed, and what it
+        would answer (``unknown_recipient`` for ids still connected,
+        ``broker_unavailable`` with Redis up) would mislead.
         """
         if self._key is not None:
             given = bearer(headers)
@@ -189,6 +233,16 @@ class _Api:
                     "send the API key as Authorization: Bearer <key>",
                     ("www-authenticate", 'Bearer realm="relayd"'),
                 )
+        elif not _local_host(headers.get("host", "localhost")):  # no Host: HTTP/1.0
+            return _refuse(
+                403,
+                "host_not_allowed",
+                "without an API key, call the server API at an IP address or localhost",
+            )
+        if not _json_or_no_body(headers):
+            return _refuse(
+                415, "unsupported_media_type", "send the body as Content-Type: application/json"
+            )
         if self._stopping():
             return _refuse(503, "shutting_down", "this relayd is shutting down; ask another node")
         return None
