@@ -14,6 +14,8 @@ misbehaved" errors carry the reply)::
     ├── RouterClosed       the router is shutting down: the connection drains
     ├── BrokerUnavailable  a cluster-wide question (presence, a page of ids)
     │                      cannot be asked: the node is cut off from Redis
+    ├── IncompleteAnswer   a cluster-wide question was asked, but not every node
+    │                      answered it in time: what came is not the answer
     └── ConfigError        bad settings, files or keys: one line per problem for the
                            operator, every problem at once; exit status 78
                            (EX_CONFIG) before anything listens, or a refused reload
@@ -36,6 +38,7 @@ __all__ = [
     "ConfigError",
     "EnvelopeError",
     "ErrorCode",
+    "IncompleteAnswer",
     "ProtocolError",
     "RelaydError",
     "RouterClosed",
@@ -118,6 +121,17 @@ class RouterClosed(RelaydError):
 
 class BrokerUnavailable(RelaydError):
     """The node cannot reach the cluster's broker now; a cluster-wide answer cannot be had."""
+
+
+class IncompleteAnswer(RelaydError):
+    """A cluster-wide question was asked, but not every node's answer came.
+
+    Some node did not answer within ``reply_timeout_s``, the link to the broker
+    broke while the question waited, or a node that may hold the id is cut off
+    from the broker. The answers that came are a part, not the answer: a connected id would look
+    offline, a disconnect that goes on later would look like none. Retrying is safe
+    (presence and ids ask; disconnect is idempotent).
+    """
 
 
 class ConfigError(RelaydError):

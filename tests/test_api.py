@@ -8,6 +8,7 @@ recording stand-in, so each test states exactly what the backend asked of the ro
 from __future__ import annotations
 
 import json
+import math
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -30,9 +31,9 @@ from relayd.daemon.admin import (
     REQUEST_TIMEOUT_S,
     serve_admin,
 )
-from relayd.daemon.api import MAX_PAGE, SERVER_SENDER, api_area
+from relayd.daemon.api import MAX_PAGE, ROUTER_MARGIN_S, SERVER_SENDER, api_area
 from relayd.daemon.credentials import load_api_key
-from relayd.errors import BrokerUnavailable, ConfigError
+from relayd.errors import BrokerUnavailable, ConfigError, IncompleteAnswer
 from relayd.routing.table import Outcome
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -49,30 +50,36 @@ class Recording:
         self.connections: dict[str, int] = {}
         self.fail = False
         self.cut_off = False  # as a cluster node that cannot reach Redis
+        self.unanswered = False  # as a cluster node some other node did not answer
+        self.delay_s = 0.0  # how long it takes to answer, as a cluster's other nodes do
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
         if self.fail:
             raise RuntimeError("injected fault")
         self.calls.append(("publish", to, bytes(message), sender))
+        await trio.sleep(self.delay_s)
         return self.outcome
 
     async def disconnect(self, client_id: str, code: int, reason: str) -> int:
-        self._reach()
+        await self._reach()
         self.calls.append(("disconnect", client_id, code, reason))
         return self.connections.pop(client_id, 0)
 
     async def presence(self, client_id: str) -> int:
-        self._reach()
+        await self._reach()
         return self.connections.get(client_id, 0)
 
     async def list_ids(self, *, after: str | None, limit: int) -> list[str]:
-        self._reach()
+        await self._reach()
         ids = sorted(i for i in self.connections if after is None or i > after)
         return ids[:limit]
 
-    def _reach(self) -> None:
+    async def _reach(self) -> None:
+        await trio.sleep(self.delay_s)
         if self.cut_off:
             raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
+        if self.unanswered:
+            raise IncompleteAnswer("not every node answered in time")
 
 
 @asynccontextmanager
@@ -83,6 +90,7 @@ async def api(
     max_message_bytes: int = 65536,
     stats: Stats | None = None,
     stopping: Callable[[], bool] = lambda: False,
+    reply_timeout_s: float = 2.0,
 ) -> AsyncIterator[tuple[str, int]]:
     """The admin listener with the API on a free loopback port; yields its address."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -94,6 +102,7 @@ async def api(
         key=key,
         stats=stats,
         events=MessageEvents(structlog.get_logger(), stats),
+        reply_timeout_s=reply_timeout_s,
         stopping=stopping,
     )
     async with trio.open_nursery() as nursery:
@@ -122,6 +131,12 @@ async def raw(address: tuple[str, int], data: bytes) -> tuple[str, dict[str, str
     return status_line, headers, payload
 
 
+def post_head(path: str, *fields: str) -> bytes:
+    """A call's head as a backend on relayd's machine sends it: to 127.0.0.1, in JSON."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    return ("\r\n".join([*lines, *fields]) + "\r\n\r\n").encode()
+
+
 def status_of(status_line: str) -> int:
     return int(status_line.split()[1])
 
@@ -136,7 +151,12 @@ async def call(
 ) -> tuple[int, dict[str, str], Any]:
     """One HTTP request; the status, the headers (lower-cased names) and the JSON body."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    fields = {"Host": "relayd", "Content-Length": str(len(data)), **(headers or {})}
+    fields = {
+        "Host": "127.0.0.1",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(data)),
+        **(headers or {}),
+    }
     head = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
     status_line, answer_headers, payload = await raw(
         address, ("\r\n".join(head) + "\r\n\r\n").encode() + data
@@ -269,9 +289,7 @@ async def test_without_the_key_a_call_is_refused_before_its_body_is_read() -> No
         with trio.fail_after(REQUEST_TIMEOUT_S / 2):
             status_line, headers, payload = await raw(
                 address,
-                b"POST /api/publish HTTP/1.1\r\nHost: r\r\n"
-                + f"Content-Length: {MAX_BODY_BYTES}\r\n\r\n".encode()
-                + b'{"to": "bob", ',
+                post_head("/api/publish", f"Content-Length: {MAX_BODY_BYTES}") + b'{"to": "bob", ',
             )
     assert status_of(status_line) == 401
     assert headers["www-authenticate"] == 'Bearer realm="relayd"'
@@ -288,19 +306,44 @@ async def test_a_refused_body_still_being_sent_gets_the_answer_not_a_reset() -> 
     async with api(router) as address:
         status_line, _headers, payload = await raw(
             address,
-            b"POST /api/publish HTTP/1.1\r\nHost: r\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body,
+            post_head("/api/publish", f"Content-Length: {len(body)}") + body,
         )
     assert status_of(status_line) == 413
     assert json.loads(payload)["error"] == "request_too_large"
     assert router.calls == []
 
 
+async def test_a_client_that_expects_100_continue_is_told_to_go_on_unless_refused() -> None:
+    # relayd never sent 100 Continue: a client waiting for it (.NET, Java's
+    # expectContinue, curl with a large body) got 408 after 5 s, nothing published.
+    router = Recording()
+    data = json.dumps({"to": "bob", "message": 1}).encode()
+    expect = "Expect: 100-continue"
+    async with api(router) as address:
+        with trio.fail_after(REQUEST_TIMEOUT_S / 2):
+            async with await trio.open_tcp_stream(*address) as stream:
+                await stream.send_all(
+                    post_head("/api/publish", expect, f"Content-Length: {len(data)}")
+                )
+                go_on = await stream.receive_some(65536)
+                await stream.send_all(data)
+                answer = b""
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+            too_large = await raw(
+                address,
+                post_head("/api/publish", expect, f"Content-Length: {MAX_BODY_BYTES + 1}"),
+            )
+    assert go_on == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert router.calls == [("publish", "bob", b"1", SERVER_SENDER)]
+    assert status_of(too_large[0]) == 413  # at once, and not after a 100
+
+
 @pytest.mark.parametrize("writes", [1, 7])
 async def test_the_head_bound_holds_however_the_head_is_split(writes: int) -> None:
     def head(size: int) -> bytes:
-        start = b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\nX-Pad: "
+        start = post_head("/api/ids", "Content-Length: 2")[:-2] + b"X-Pad: "
         return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
 
     async def send(address: tuple[str, int], data: bytes) -> int:
@@ -331,7 +374,10 @@ async def test_connections_past_the_bound_wait_unaccepted_until_one_ends(
         idle = [await trio.open_tcp_stream(*address) for _ in range(MAX_CONNECTIONS)]
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
-        answer = await raw(address, b"POST /api/ids HTTP/1.1\r\nHost: r\r\n\r\n")
+        answer = await raw(
+            address,
+            b"POST /api/ids HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
         waited = trio.current_time() - start
         for stream in idle:
             await stream.aclose()
@@ -384,14 +430,72 @@ async def test_a_client_that_keeps_its_socket_after_a_whole_answer_holds_no_slot
     # exchange's duration is the answer's, whatever the client does with its socket.
     with structlog.testing.capture_logs() as logs:
         async with api(Recording()) as address, await trio.open_tcp_stream(*address) as stream:
-            await stream.send_all(
-                b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}"
-            )
+            await stream.send_all(post_head("/api/ids", "Content-Length: 2") + b"{}")
             while await stream.receive_some(65536):
                 pass  # to relayd's end of the stream
             await trio.sleep(3 * ANSWER_TIMEOUT_S)  # held open, idle
     [exchange] = [e for e in logs if e["event"] == "api.request"]
     assert (exchange["status"], exchange["duration_s"]) == (200, 0.0)
+
+
+async def test_a_web_pages_cross_site_post_is_refused_unread() -> None:
+    # Without a key, a page in a browser on this machine could publish "server"
+    # messages and disconnect ids with a text/plain POST, which needs no preflight.
+    router = Recording()
+    router.connections["alice"] = 1
+    publish = {"to": "alice", "message": "your session expired"}
+    page = {"Origin": "https://evil.example", "Content-Type": "text/plain;charset=UTF-8"}
+    async with api(router) as address:
+        refused = [
+            await call(address, "/api/publish", publish, headers=page),
+            await call(address, "/api/disconnect", {"id": "alice"}, headers={"Content-Type": ""}),
+        ]
+        with_charset = await call(
+            address,
+            "/api/presence",
+            {"id": "alice"},
+            headers={"Content-Type": "Application/JSON; charset=utf-8"},
+        )
+        bodiless = await raw(address, b"POST /api/ids HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    for status, _headers, body in refused:
+        assert (status, body) == (
+            415,
+            {
+                "error": "unsupported_media_type",
+                "detail": "send the body as Content-Type: application/json",
+            },
+        )
+    assert router.calls == []
+    assert with_charset[0] == 200
+    assert json.loads(bodiless[2]) == {"ids": ["alice"], "next": None}
+
+
+@pytest.mark.parametrize(
+    ("host", "key", "status"),
+    [
+        ("rebound.evil.example", None, 403),
+        ("rebound.evil.example:9031", None, 403),
+        ("localhost.evil.example", None, 403),
+        ("relayd.internal:9031", KEY, 200),  # with a key, the key is the defence
+        ("localhost:9031", None, 200),
+        ("LOCALHOST", None, 200),
+        ("127.0.0.1:9031", None, 200),
+        ("[::1]:9031", None, 200),
+        ("10.1.2.3", None, 200),
+    ],
+)
+async def test_without_a_key_only_an_address_or_localhost_may_be_the_host(
+    host: str, key: bytes | None, status: int
+) -> None:
+    # DNS rebinding: a page's own name resolved to 127.0.0.1 let it read /api/ids.
+    router = Recording()
+    router.connections["alice"] = 1
+    fields = {"Host": host} | ({} if key is None else {"Authorization": f"Bearer {key.decode()}"})
+    async with api(router, key=key) as address:
+        answer = await call(address, "/api/ids", {}, headers=fields)
+    assert answer[0] == status
+    if status == 403:
+        assert answer[2]["error"] == "host_not_allowed"
 
 
 async def test_with_a_key_every_call_must_present_it() -> None:
@@ -441,7 +545,7 @@ async def test_a_body_in_tiny_chunks_is_held_as_its_bytes_not_as_its_pieces() ->
     router.connections["bob"] = 1
     body = json.dumps({"to": "bob", "message": "a" * 60_000}).encode()
     chunked = b"".join(b"2\r\n" + body[i : i + 2] + b"\r\n" for i in range(0, len(body), 2))
-    head = b"POST /api/publish HTTP/1.1\r\nHost: relayd\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = post_head("/api/publish", "Transfer-Encoding: chunked")
     async with api(router) as address:
         tracemalloc.start()
         try:
@@ -551,7 +655,7 @@ async def test_a_request_that_is_not_http_is_a_400_and_one_without_a_path_is_pla
         # The path is read, the body's framing is broken: the API's JSON.
         framing = await raw(
             address,
-            b"POST /api/ids HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            post_head("/api/ids", "Transfer-Encoding: chunked") + b"zz\r\n",
         )
     assert (status_of(garbage[0]), garbage[1]["content-type"]) == (
         400,
@@ -570,7 +674,8 @@ async def test_a_request_that_does_not_arrive_in_time_is_a_408(
         start = trio.current_time()
         # The head arrived, the body never does: under /api/, JSON.
         half = await raw(
-            address, b"POST /api/ids HTTP/1.1\r\nHost: r\r\nContent-Length: 10\r\n\r\n{}"
+            address,
+            post_head("/api/ids", "Content-Length: 10") + b"{}",
         )
         assert trio.current_time() - start == pytest.approx(REQUEST_TIMEOUT_S)
         # Not even the head: relayd cannot tell it was for the API.
@@ -588,6 +693,62 @@ async def test_a_request_that_does_not_arrive_in_time_is_a_408(
         "text/plain; charset=utf-8",
     )
     assert stats.api_requests == {("/api/ids", 408): 1}
+
+
+async def test_a_call_waiting_for_the_router_past_the_request_deadline_gets_its_answer(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The 5 s deadline bounded the handler too: a cluster call waiting for other nodes
+    # (reply_timeout_s may be 5 s or more) had its connection closed without an answer,
+    # while its publish could still be delivered, so a retry sent it twice.
+    router = Recording()
+    router.delay_s = REQUEST_TIMEOUT_S + 0.5
+    async with api(router, reply_timeout_s=REQUEST_TIMEOUT_S + 1) as address:
+        start = trio.current_time()
+        status, _headers, body = await call(address, "/api/publish", {"to": "b", "message": 1})
+        assert (status, body) == (200, {"outcome": "delivered"})
+        assert trio.current_time() - start == pytest.approx(router.delay_s)
+
+
+async def test_a_slow_body_leaves_the_router_its_whole_wait(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    router = Recording()
+    router.connections["bob"] = 1
+    router.delay_s = 2.0  # reply_timeout_s, for a node that does not answer
+    data = json.dumps({"id": "bob"}).encode()
+    head = post_head("/api/presence", f"Content-Length: {len(data)}")
+    async with api(router) as address, await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(head)
+        await trio.sleep(REQUEST_TIMEOUT_S - 1.5)  # the client's own slowness
+        await stream.send_all(data)
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert json.loads(received.partition(b"\r\n\r\n")[2])["connections"] == 1
+
+
+async def test_a_router_that_never_answers_is_a_503_not_a_closed_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    router = Recording()
+    router.delay_s = math.inf
+    async with api(router, reply_timeout_s=REQUEST_TIMEOUT_S) as address:
+        start = trio.current_time()
+        published = await call(address, "/api/publish", {"to": "b", "message": 1})
+        waited = trio.current_time() - start
+        presence = await call(address, "/api/presence", {"id": "b"})
+    assert waited == pytest.approx(REQUEST_TIMEOUT_S + ROUTER_MARGIN_S)
+    # Handed to the router, it may yet be delivered: the answer says it is not known.
+    assert published[::2] == (
+        503,
+        {"outcome": "delivery_unconfirmed", "error": "delivery_unconfirmed"},
+    )
+    assert presence[::2] == (
+        503,
+        {"error": "answer_incomplete", "detail": "no answer within 6 s; ask again"},
+    )
 
 
 async def test_every_request_is_counted_and_logged_by_route_and_status() -> None:
@@ -636,20 +797,37 @@ async def test_a_router_that_raises_is_a_500_and_an_error_event_not_a_dead_liste
     assert error["summary"] == "RuntimeError: injected fault"
 
 
+async def ask_every_node(router: Recording) -> list[tuple[int, dict[str, str], Any]]:
+    """The answers to the calls a cluster asks of every node: presence, disconnect, ids."""
+    async with api(router) as address:
+        return [
+            await call(address, "/api/presence", {"id": "bob"}),
+            await call(address, "/api/disconnect", {"id": "bob"}),
+            await call(address, "/api/ids", {}),
+        ]
+
+
 async def test_a_node_cut_off_from_the_cluster_is_a_503_to_ask_again_not_a_bug() -> None:
     router = Recording()
     router.cut_off = True
     with structlog.testing.capture_logs() as events:
-        async with api(router) as address:
-            answers = [
-                await call(address, "/api/presence", {"id": "bob"}),
-                await call(address, "/api/disconnect", {"id": "bob"}),
-                await call(address, "/api/ids", {}),
-            ]
+        answers = await ask_every_node(router)
     for status, _headers, body in answers:
         assert (status, body["error"]) == (503, "broker_unavailable")
         assert body["detail"].startswith("the cluster's broker cannot be reached")
     assert [event for event in events if event["event"] == "error"] == []
+
+
+async def test_a_question_not_every_node_answered_is_a_503_never_a_partial_200() -> None:
+    router = Recording()
+    router.connections["bob"] = 1
+    router.unanswered = True
+    answers = await ask_every_node(router)
+    for status, _headers, body in answers:
+        assert (status, body) == (
+            503,
+            {"error": "answer_incomplete", "detail": "not every node answered in time; ask again"},
+        )
 
 
 def test_the_key_is_read_from_its_file_without_the_newline(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
+import pytest
 import structlog
 import trio
 import trio.testing
@@ -26,6 +27,7 @@ import trio.testing
 from relayd.config import ClusterSettings, Settings
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
+from relayd.errors import IncompleteAnswer
 from relayd.policy.auth import Authenticator
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
@@ -368,6 +370,51 @@ async def test_presence_and_ids_across_nodes(redis_server: RedisServer) -> None:
             assert await one.router.list_ids(after=None, limit=10) == ["other", "subject"]
             assert await one.router.list_ids(after="other", limit=10) == ["subject"]
             assert await two.router.list_ids(after=None, limit=1) == ["other"]
+
+
+async def test_a_node_that_does_not_answer_makes_every_question_incomplete_not_a_smaller_answer(
+    redis_server: RedisServer,
+) -> None:
+    # Counted.complete was set and never read: presence said 0 for a connected id,
+    # disconnect 0 for a connection closed later, ids a page with a hole.
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server, shared_ids=True) as (one, two):
+            await one.connect(Conn("subject"))
+            held_there = await two.connect(Conn("subject"))
+            two.router.link.send = lambda pairs: True  # type: ignore[method-assign]
+            started = trio.current_time()
+            with pytest.raises(IncompleteAnswer):
+                await one.router.presence("subject")
+            assert trio.current_time() - started >= FAST["reply_timeout_s"]
+            with pytest.raises(IncompleteAnswer):
+                await one.router.list_ids(after=None, limit=10)
+            with pytest.raises(IncompleteAnswer, match="may still be closed"):
+                await one.router.disconnect("subject", 4001, "suspended")
+            assert held_there.disconnected == [(4001, "suspended")]
+
+
+async def test_a_question_waiting_when_redis_dies_is_incomplete(redis_server: RedisServer) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            await two.connect(Conn("bob"))
+            two.router.link.send = lambda pairs: True  # type: ignore[method-assign]
+            async with trio.open_nursery() as nursery:
+                asked: list[BaseException] = []
+
+                async def ask() -> None:
+                    try:
+                        await one.router.presence("bob")
+                    except IncompleteAnswer as error:
+                        asked.append(error)
+
+                nursery.start_soon(ask)
+                await trio.testing.wait_all_tasks_blocked()
+                started = trio.current_time()
+                redis_server.stop()
+            # Decided by the broken link, not by the deadline.
+            assert trio.current_time() - started < FAST["reply_timeout_s"]
+            redis_server.start()
+    assert len(asked) == 1
 
 
 async def test_with_authentication_every_connection_of_a_subject_receives(

@@ -145,7 +145,12 @@ def test_serve_listens_on_loopback_and_says_where_even_on_ports_the_kernel_picks
         ]
         with urllib.request.urlopen(f"http://{admin}/metrics", timeout=WAIT_TIMEOUT_S) as answer:
             assert b"relayd_connections_open" in answer.read()
-        ids = urllib.request.Request(f"http://{admin}/api/ids", data=b"{}", method="POST")
+        ids = urllib.request.Request(
+            f"http://{admin}/api/ids",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(ids, timeout=WAIT_TIMEOUT_S) as answer:
             assert json.loads(answer.read()) == {"ids": [], "next": None}
         proc.send_signal(signal.SIGTERM)

@@ -3,8 +3,12 @@
 It listens apart from the public port, on loopback by default (``[admin]``),
 so that metrics and health are for the operator's scraper and load balancer,
 never for the internet. One request per connection, answered and closed:
-h11 parses it, a deadline bounds it, its head and body are bounded in bytes,
-and nothing a client sends can reach the relay except through a route.
+h11 parses it, a deadline bounds its arrival, its head and body are bounded in
+bytes, and nothing a client sends can reach the relay except through a route.
+A route's handler bounds its own waits (the server API's, for other cluster
+nodes, by ``reply_timeout_s``): the request's deadline does not cut it short,
+since a call cut short gets no answer while what it did (a publish) may still
+happen.
 
 * ``GET /metrics``: Prometheus text format (:mod:`relayd.telemetry.metrics`, plus the
   process's CPU, memory and file descriptors).
@@ -27,13 +31,14 @@ Resource handling: at most :data:`MAX_CONNECTIONS` connections are served at
 once; more wait in the kernel's listen backlog, unaccepted, until one ends. Each
 holds at most :data:`MAX_HEAD_BYTES` of request head (however the head is split
 across reads) and :data:`MAX_BODY_BYTES` of body, for at most
-:data:`REQUEST_TIMEOUT_S`; a longer body is refused with 413 before it is read,
+:data:`REQUEST_TIMEOUT_S` while it arrives and then as long as its handler takes
+(bounded by the handler); a longer body is refused with 413 before it is read,
 and an area's ``authorize`` (the server API's key) refuses a request before its
 body is read too. So the listener holds at most about
 ``MAX_CONNECTIONS * 2 * MAX_BODY_BYTES`` (96 MiB; a body is read into one
 buffer, however it is chunked, and copied once at its end), whoever connects.
 An answer that the client does not take is given up after
-:data:`ANSWER_TIMEOUT_S` more; after an answer that leaves part of a request
+:data:`ANSWER_TIMEOUT_S`; after an answer that leaves part of a request
 unread, relayd closes its side and reads what the client still sends, for that
 long at most, so that the client reads the answer instead of a
 reset.
@@ -77,15 +82,16 @@ __all__ = [
     "text",
 ]
 
-#: A whole request must arrive and be answered within this many seconds.
+#: A whole request (head and body) must arrive within this many seconds.
 REQUEST_TIMEOUT_S: Final = 5.0
-#: How long a 408 (or a 400) may take to be written once the request's time is up: a
-#: client that sends too slowly may read too slowly as well.
+#: How long an answer may take to be written (and a refused request's rest to be read
+#: and thrown away): a client that sends too slowly may read too slowly as well.
 ANSWER_TIMEOUT_S: Final = 1.0
 #: The largest request head accepted; admin requests are a line and a few headers.
 MAX_HEAD_BYTES: Final = 8192
 #: Connections served at once: scrapes, health checks and a backend's API calls, each
-#: over within REQUEST_TIMEOUT_S + ANSWER_TIMEOUT_S; more wait in the listen backlog,
+#: over within REQUEST_TIMEOUT_S + ANSWER_TIMEOUT_S and its handler's own bound (in a
+#: cluster, the server API's reply_timeout_s and a margin); more wait in the listen backlog,
 #: unaccepted. Within the descriptors the public listeners leave the rest of relayd
 #: (RESERVED_DESCRIPTORS, 64), with room for the files a reload reads and the
 #: cluster's two connections to Redis.
@@ -184,7 +190,8 @@ class Area:
 
     Attributes:
         prefix: the paths the area holds, e.g. ``/api/``.
-        routes: its routes, each path under ``prefix``.
+        routes: its routes, each path under ``prefix``. Each handler bounds its own
+            waits and answers when they time out: the listener waits for it.
         refuse: the answer to a request under ``prefix`` the listener refuses itself
             (400, 404, 405, 408, 413, 431, 500; a 405 gets ``Allow`` added).
         observe: told of every request under ``prefix`` once it is over; it must not
@@ -322,22 +329,41 @@ def _built_in(
     return {"/metrics": {"GET": metrics}, "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Call:
+    """A request read whole, for its route's handler."""
+
+    handler: Handler
+    request: Request
+    refuse: Refuse
+
+
 async def _handle(stream: trio.SocketStream, *, routes: Routes, areas: tuple[Area, ...]) -> None:
     progress = _Progress(trio.current_time(), peer_address(stream))
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     async with stream:
+        read: Response | _Call | None = None
         refusal: tuple[int, str] | None = None
+        # The deadline is for the request's arrival only: a handler that waits
+        # (other cluster nodes) bounds its own wait and must still be answered.
         with trio.move_on_after(REQUEST_TIMEOUT_S) as deadline:
             try:
-                await _answer(connection, stream, routes, areas, progress)
+                read = await _read(connection, stream, routes, areas, progress)
             except h11.RemoteProtocolError as exc:
                 refusal = (exc.error_status_hint, f"not a request relayd can read: {exc}")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         if deadline.cancelled_caught and not progress.read:
             refusal = (408, f"the request did not arrive whole within {REQUEST_TIMEOUT_S:g} s")
+        if isinstance(read, _Call):
+            read = await _call(read.handler, read.request, read.refuse)
         with trio.move_on_after(ANSWER_TIMEOUT_S):
-            if refusal is not None and not progress.status:
+            if read is not None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await _send(
+                        connection, stream, read, progress, head_only=progress.method == "HEAD"
+                    )
+            elif refusal is not None:
                 status, detail = refusal
                 await _send_refusal(connection, stream, progress, areas, status, detail)
             progress.ended = trio.current_time()
@@ -399,16 +425,20 @@ async def _send_refusal(
         await _send(connection, stream, response, progress)
 
 
-async def _answer(
+async def _read(
     connection: h11.Connection,
     stream: trio.SocketStream,
     routes: Routes,
     areas: tuple[Area, ...],
     progress: _Progress,
-) -> None:
+) -> Response | _Call | None:
+    """Read the request: its route's call, the answer that refuses it, or None (no request).
+
+    A refusal (401, 404, 405, 413) is decided on the head, before the body is read.
+    """
     event = await _head(connection, stream)
     if not isinstance(event, h11.Request):
-        return  # ConnectionClosed before a request
+        return None  # ConnectionClosed before a request
     method = event.method.decode("ascii", "replace")
     target = event.target.decode("ascii", "replace")
     path, _, query = target.partition("?")
@@ -426,28 +456,26 @@ async def _answer(
         None if handler is None or denied is not None else await _body(connection, stream, headers)
     )
     progress.read = True  # of a request refused now, the rest is never read
-    response: Response
     if denied is not None:
-        response = denied
-    elif methods is None:
-        response = refuse(404, ERRORS[404], f"nothing at {path}")
-    elif handler is None:
+        return denied
+    if methods is None:
+        return refuse(404, ERRORS[404], f"nothing at {path}")
+    if handler is None:
         allowed = sorted({*methods, *(("HEAD",) if "GET" in methods else ())})
-        response = dataclasses.replace(
+        return dataclasses.replace(
             refuse(405, ERRORS[405], f"{path} takes {', '.join(allowed)}"),
             headers=(("allow", ", ".join(allowed)),),
         )
-    elif body is None:
-        response = refuse(413, ERRORS[413], f"the body is over {MAX_BODY_BYTES} bytes")
-    else:
-        response = await _call(handler, Request(method, path, query, headers, body), refuse)
-    await _send(connection, stream, response, progress, head_only=method == "HEAD")
+    if body is None:
+        return refuse(413, ERRORS[413], f"the body is over {MAX_BODY_BYTES} bytes")
+    return _Call(handler, Request(method, path, query, headers, body), refuse)
 
 
 async def _call(handler: Handler, request: Request, refuse: Refuse) -> Response:
     """``handler``'s answer; a bug in it is logged and answered 500, never raised.
 
     An exception escaping here would reach the admin listener's nursery and stop relayd.
+    Not bounded here: the handler bounds its own waits (see :class:`Area`).
     """
     try:
         return await handler(request)
@@ -497,10 +525,19 @@ async def _next(
 async def _body(
     connection: h11.Connection, stream: trio.SocketStream, headers: Mapping[str, str]
 ) -> bytes | None:
-    """The request's body, or None when it would be over :data:`MAX_BODY_BYTES`."""
+    """The request's body, or None when it would be over :data:`MAX_BODY_BYTES`.
+
+    A client that asked ``Expect: 100-continue`` is told ``100 Continue`` first: it
+    may wait for that before it sends the body (.NET, Java, curl with a large body).
+    One refused on its head (401, 404, 405, 413) gets the refusal instead, and keeps
+    its body.
+    """
     length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         return None  # refused before a byte of it is read
+    if connection.they_are_waiting_for_100_continue:
+        go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+        await stream.send_all(connection.send(go_on) or b"")
     # One buffer, not a list of pieces: h11 makes a piece of each HTTP chunk, and a
     # body sent in 2-byte chunks held 28 times its size as a list of them.
     body = bytearray()

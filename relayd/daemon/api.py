@@ -26,28 +26,36 @@ Authentication: with an API key (``[admin] api_key_file``), every call must carr
 ``Authorization: Bearer <key>``; a missing or wrong key is 401, compared in constant time,
 and answered before the request's body is read (:attr:`Area.authorize`).
 Without one, which ``relayd check-config`` allows only while the admin listener is on
-loopback, any local process may call.
+loopback, any local process may call; but not a web page in a browser on the same
+machine, which is such a process acting for any site: a call with a body must say
+``Content-Type: application/json`` (415 otherwise), which a page can send to another
+origin only after a CORS preflight relayd never grants, and, without a key, its ``Host``
+must be an IP address or ``localhost`` (403 otherwise), which a page whose own name was
+rebound to 127.0.0.1 cannot send. Both before the body is read.
 
 Error handling: a request relayd cannot take is answered, never raised: 400
 ``invalid_request`` (not JSON: not UTF-8, not JSON's syntax, nested too deeply; a
 field missing or of the wrong type), 401
 ``unauthorized``, 413 ``message_too_large``, and in a cluster 503
 ``broker_unavailable`` for presence, disconnect and ids while the node cannot reach
-Redis; each with a ``detail`` for a person. The listener's refusals (404, 405, 408, 413
-``request_too_large``, 500) are the same JSON.
+Redis, and 503 ``answer_incomplete`` when not every node answered them (a part is
+never answered as the whole); each with a ``detail`` for a person. The listener's
+refusals (404, 405, 408, 413 ``request_too_large``, 500) are the same JSON.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Final, Protocol, TypeVar
 
 import msgspec
+import trio
 
 from relayd.daemon.admin import Area, Exchange, Request, Response, Routes
-from relayd.errors import BrokerUnavailable, ErrorCode
+from relayd.errors import BrokerUnavailable, ErrorCode, IncompleteAnswer
 from relayd.policy.auth import bearer
 from relayd.routing.table import Outcome
 from relayd.telemetry.log import get_logger
@@ -59,6 +67,7 @@ __all__ = [
     "DEFAULT_PAGE",
     "MAX_PAGE",
     "PREFIX",
+    "ROUTER_MARGIN_S",
     "SERVER_SENDER",
     "ApiRouter",
     "api_area",
@@ -77,8 +86,14 @@ _CLOSE_CODES: Final = frozenset({1000, 1001, 1008, 1011, 1013}) | frozenset(rang
 #: A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 §5.5).
 _MAX_REASON_BYTES: Final = 123
 _DEFAULT_CLOSE: Final = (1008, "disconnected by the server")
+#: How much longer than ``cluster.reply_timeout_s`` a call waits for the router: the
+#: cluster router decides every question by then, and its own answer (which it also
+#: logs and counts) should be the one given; this bound is for a router that does not.
+ROUTER_MARGIN_S: Final = 1.0
 
 _JSON: Final = "application/json"
+#: What HTTP allows around a header's value and its parameters (RFC 9110 §5.6.3).
+_HTTP_SPACE: Final = " \t"
 
 
 class ApiRouter(Protocol):
@@ -124,6 +139,7 @@ class _Ids(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _Call = TypeVar("_Call", _Publish, _Disconnect, _Presence, _Ids)
+_T = TypeVar("_T")
 
 
 def _answer(status: int, body: Mapping[str, object], *headers: tuple[str, str]) -> Response:
@@ -134,12 +150,49 @@ def _refuse(status: int, error: str, detail: str, *headers: tuple[str, str]) -> 
     return _answer(status, {"error": error, "detail": detail}, *headers)
 
 
-def _unavailable(error: BrokerUnavailable) -> Response:
-    """A cluster-wide question this node cannot ask now: the broker is out of its reach.
+def _unavailable(error: BrokerUnavailable | IncompleteAnswer) -> Response:
+    """A cluster-wide question this node cannot answer now.
 
-    Not a bug (no ``error`` event, no 500): another node may answer, or this one later.
+    ``broker_unavailable``: it could not ask (the broker is out of its reach);
+    ``answer_incomplete``: it asked, and not every node answered. Not a bug (no
+    ``error`` event, no 500): another node may answer, or this one later.
     """
+    if isinstance(error, IncompleteAnswer):
+        return _refuse(503, "answer_incomplete", f"{error}; ask again")
     return _refuse(503, "broker_unavailable", f"{error}; ask another node, or again later")
+
+
+def _local_host(host: str) -> bool:
+    """Whether a ``Host`` header is an IP address or ``localhost``, not a DNS name.
+
+    A DNS name is what a page rebinds to 127.0.0.1 to read a loopback service as
+    its own origin; browsers resolve ``localhost`` themselves, and an address is
+    no name at all. The port, if any, is not looked at.
+    """
+    name = host.strip(_HTTP_SPACE).lower()
+    if name.startswith("["):  # an IPv6 address, with a port or not
+        name, closed, port = name[1:].partition("]")
+        if not closed or port[:1] not in ("", ":"):
+            return False
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _json_or_no_body(headers: Mapping[str, str]) -> bool:
+    """Whether a request either has no body or says it is JSON (``application/json``)."""
+    # h11 has checked Content-Length is digits, and refused a request with both.
+    bodiless = "transfer-encoding" not in headers and not int(
+        headers.get("content-length", "0") or "0"
+    )
+    media_type = headers.get("content-type", "").partition(";")[0].strip(_HTTP_SPACE)
+    return bodiless or media_type.lower() == _JSON
 
 
 class _Api:
@@ -152,8 +205,10 @@ class _Api:
         key: bytes | None,
         events: MessageEvents,
         stopping: Callable[[], bool],
+        wait_s: float,
     ) -> None:
         self._router = router
+        self._wait_s = wait_s
         self._max_message_bytes = max_message_bytes
         self._key = key
         self._events = events
@@ -162,9 +217,12 @@ class _Api:
     def authorize(self, headers: Mapping[str, str]) -> Response | None:
         """The refusal of a call relayd will not take, if any; asked before the body is read.
 
-        401 without the key (if there is one); 503 ``shutting_down`` once relayd is
-        draining: its router is closed, and what it would answer (``unknown_recipient``
-        for ids still connected, ``broker_unavailable`` with Redis up) would mislead.
+        401 without the key (if there is one); without a key, 403 for a ``Host`` that
+        is a DNS name other than ``localhost`` (a page using DNS rebinding); 415 for a
+        body not said to be JSON (a page's cross-site ``text/plain`` POST); 503
+        ``shutting_down`` once relayd is draining: its router is closed, and what it
+        would answer (``unknown_recipient`` for ids still connected,
+        ``broker_unavailable`` with Redis up) would mislead.
         """
         if self._key is not None:
             given = bearer(headers)
@@ -175,9 +233,33 @@ class _Api:
                     "send the API key as Authorization: Bearer <key>",
                     ("www-authenticate", 'Bearer realm="relayd"'),
                 )
+        elif not _local_host(headers.get("host", "localhost")):  # no Host: HTTP/1.0
+            return _refuse(
+                403,
+                "host_not_allowed",
+                "without an API key, call the server API at an IP address or localhost",
+            )
+        if not _json_or_no_body(headers):
+            return _refuse(
+                415, "unsupported_media_type", "send the body as Content-Type: application/json"
+            )
         if self._stopping():
             return _refuse(503, "shutting_down", "this relayd is shutting down; ask another node")
         return None
+
+    async def _asked(self, question: Awaitable[_T]) -> _T:
+        """The router's answer to ``question``, waited for at most ``wait_s``.
+
+        The admin listener does not bound a handler (its deadline is for the request's
+        arrival), so this is the bound on every wait for the router; cancelling
+        ``question`` leaves the router's own deadline to decide it.
+
+        Raises:
+            IncompleteAnswer: no answer within ``wait_s``.
+        """
+        with trio.move_on_after(self._wait_s):
+            return await question
+        raise IncompleteAnswer(f"no answer within {self._wait_s:g} s")
 
     def _decode(self, request: Request, kind: type[_Call]) -> _Call | Response:
         """The request's body as ``kind``, or the 400 that refuses it."""
@@ -215,7 +297,14 @@ class _Api:
                 SERVER_SENDER, call.to, len(call.message), ErrorCode.MESSAGE_TOO_LARGE
             )
             return _refuse(413, "message_too_large", f"message is larger than {limit} bytes")
-        outcome = await self._router.publish(call.to, call.message, sender=SERVER_SENDER)
+        try:
+            outcome = await self._asked(
+                self._router.publish(call.to, call.message, sender=SERVER_SENDER)
+            )
+        except IncompleteAnswer:
+            # Handed to the router, so it may yet be delivered: unknown, as for a
+            # cluster node that did not answer; never answered by closing the socket.
+            outcome = Outcome.DELIVERY_UNCONFIRMED
         if outcome.error is None:
             return _answer(200, {"outcome": outcome.value})
         status = 404 if outcome is Outcome.UNKNOWN_RECIPIENT else 503
@@ -234,8 +323,8 @@ class _Api:
         if len(call.reason.encode()) > _MAX_REASON_BYTES:
             return _refuse(400, "invalid_request", "reason is over 123 bytes of UTF-8")
         try:
-            closed = await self._router.disconnect(call.id, call.code, call.reason)
-        except BrokerUnavailable as error:
+            closed = await self._asked(self._router.disconnect(call.id, call.code, call.reason))
+        except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         return _answer(200, {"id": call.id, "disconnected": closed})
 
@@ -244,8 +333,8 @@ class _Api:
         if isinstance(call, Response):
             return call
         try:
-            connections = await self._router.presence(call.id)
-        except BrokerUnavailable as error:
+            connections = await self._asked(self._router.presence(call.id))
+        except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         return _answer(
             200, {"id": call.id, "connected": connections > 0, "connections": connections}
@@ -258,8 +347,8 @@ class _Api:
         # One id more than the page: only if it is there does another page follow, so the
         # last page says so itself (a full last page used to point at an empty one).
         try:
-            ids = await self._router.list_ids(after=call.after, limit=call.limit + 1)
-        except BrokerUnavailable as error:
+            ids = await self._asked(self._router.list_ids(after=call.after, limit=call.limit + 1))
+        except (BrokerUnavailable, IncompleteAnswer) as error:
             return _unavailable(error)
         page = ids[: call.limit]
         following = page[-1] if len(ids) > call.limit else None
@@ -292,6 +381,7 @@ def api_area(
     key: bytes | None,
     stats: Stats,
     events: MessageEvents,
+    reply_timeout_s: float,
     stopping: Callable[[], bool] = lambda: False,
 ) -> Area:
     """The API under :data:`PREFIX`, for :func:`relayd.daemon.admin.serve_admin`.
@@ -304,9 +394,13 @@ def api_area(
         stats: where requests are counted (``api_requests``).
         events: where a publish refused here (``message_too_large``) is logged and
             counted, as the router's outcomes are.
+        reply_timeout_s: how long the router may wait for other cluster nodes
+            (``cluster.reply_timeout_s``); a call waits for the router that long and
+            :data:`ROUTER_MARGIN_S` more, then answers 503 (``delivery_unconfirmed``
+            for a publish, ``answer_incomplete`` for the rest).
         stopping: whether relayd is draining: every call is then refused with 503.
     """
-    api = _Api(router, max_message_bytes, key, events, stopping)
+    api = _Api(router, max_message_bytes, key, events, stopping, reply_timeout_s + ROUTER_MARGIN_S)
     routes: Routes = {
         f"{PREFIX}publish": {"POST": api.publish},
         f"{PREFIX}disconnect": {"POST": api.disconnect},

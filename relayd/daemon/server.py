@@ -297,6 +297,7 @@ class Server:
                             key=self._api_key,
                             stats=self.stats,
                             events=self.events,
+                            reply_timeout_s=self._settings.cluster.reply_timeout_s,
                             stopping=lambda: self.stopping,
                         )
                         await root.start(

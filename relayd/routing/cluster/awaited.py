@@ -79,7 +79,11 @@ class Slot:
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Counted:
-    """A cluster-wide question (presence, disconnect, a page of ids) and what came back."""
+    """A cluster-wide question (presence, disconnect, a page of ids) and what came back.
+
+    ``complete`` is False once it was decided without every node's answer (its
+    deadline, a broken link, a node cut off): then ``total`` and ``ids`` are a part.
+    """
 
     done: trio.Event
     total: int = 0
@@ -212,6 +216,8 @@ class Awaited:
         if isinstance(asker, Counted):
             if isinstance(result, int) and not isinstance(result, codec.Verdict):
                 asker.total = result
+            else:  # the publish failed, or reached no node while some node is cut off
+                asker.complete = False
             asker.done.set()
         elif result is None or result is Decided.UNCONFIRMED:
             self.decide(asker, Outcome.DELIVERY_UNCONFIRMED)

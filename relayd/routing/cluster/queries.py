@@ -3,8 +3,11 @@
 Each is published once (on the id's channel, or on the nodes channel for a
 page of ids) and answered by every node that holds something
 (:class:`~relayd.routing.cluster.holder.Holder`); the answers are summed or
-gathered by :class:`~relayd.routing.cluster.awaited.Awaited`, and what came
-within ``reply_timeout_s`` is the answer.
+gathered by :class:`~relayd.routing.cluster.awaited.Awaited`. Every node's
+answer within ``reply_timeout_s`` is the answer; when one is missing (a node
+stalled, the link broke, a node is cut off) the asker hears
+:class:`~relayd.errors.IncompleteAnswer`, never the part that came as if it
+were the whole.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable
 
 import trio
 
-from relayd.errors import BrokerUnavailable
+from relayd.errors import BrokerUnavailable, IncompleteAnswer
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.awaited import Awaited, Counted
 from relayd.routing.cluster.link import Link
@@ -40,16 +43,18 @@ class Queries:
         self._awaited = awaited
 
     async def presence(self, client_id: str) -> int:
-        """How many connections hold ``client_id`` on every node that answers in time.
+        """How many connections hold ``client_id``, on every node.
 
         Raises:
             BrokerUnavailable: the node is cut off from Redis.
+            IncompleteAnswer: some node's count did not come.
         """
         asker = await self._ask(
             lambda seq: (
                 self._channels.of_id(client_id),
                 codec.Query(self._node, seq, codec.QueryKind.PRESENCE),
-            )
+            ),
+            "not every node answered in time, or the link to Redis broke meanwhile",
         )
         return asker.total
 
@@ -57,14 +62,18 @@ class Queries:
         """Close every connection holding ``client_id``, on every node; how many were closed.
 
         Raises:
-            BrokerUnavailable: the node is cut off from Redis.
+            BrokerUnavailable: the node is cut off from Redis; nothing was closed.
+            IncompleteAnswer: some node's count did not come; that node may
+                still close the id's connections, later.
         """
         query = codec.QueryKind.DISCONNECT
         asker = await self._ask(
             lambda seq: (
                 self._channels.of_id(client_id),
                 codec.Query(self._node, seq, query, code, reason),
-            )
+            ),
+            "not every node answered in time, or the link to Redis broke meanwhile:"
+            " connections on a node that did not answer may still be closed",
         )
         return asker.total
 
@@ -73,13 +82,23 @@ class Queries:
 
         Raises:
             BrokerUnavailable: the node is cut off from Redis.
+            IncompleteAnswer: some node's ids did not come.
         """
         asker = await self._ask(
-            lambda seq: (self._channels.nodes, codec.ListIds(self._node, seq, after, limit))
+            lambda seq: (self._channels.nodes, codec.ListIds(self._node, seq, after, limit)),
+            "not every node answered in time, or the link to Redis broke meanwhile",
         )
         return sorted(set(asker.ids))[:limit]
 
-    async def _ask(self, question: Callable[[int], tuple[bytes, codec.Message]]) -> Counted:
+    async def _ask(
+        self, question: Callable[[int], tuple[bytes, codec.Message]], incomplete: str
+    ) -> Counted:
+        """Publish ``question(seq)`` and wait for every answer, bounded by the router's expiry.
+
+        Raises:
+            BrokerUnavailable: the question could not be published.
+            IncompleteAnswer: (saying ``incomplete``) not every answer came.
+        """
         asker = Counted(trio.Event())
         seq = self._awaited.count(asker)
         channel, message = question(seq)
@@ -89,4 +108,6 @@ class Queries:
             self._awaited.waiting.withdraw(seq)
             raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
         await asker.done.wait()
+        if not asker.complete:
+            raise IncompleteAnswer(incomplete)
         return asker
