@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
@@ -51,11 +52,10 @@ DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
 _SECTION_CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-#: A host name's labels: letters, digits, hyphens (and underscores, which /etc/hosts
-#: may hold), at most 63 each, no hyphen at either end; at most 253 characters in all.
-_HOST_NAME: Final = re.compile(
-    r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?"
-)
+#: A host name: labels of letters (any script's: the resolver encodes them), digits,
+#: hyphens and underscores (which /etc/hosts may hold), none empty nor starting with a
+#: hyphen, joined by dots; a trailing dot allowed.
+_HOST_NAME: Final = re.compile(r"(?!-)[\w-]+(?:\.(?!-)[\w-]+)*\.?")
 
 
 def _listen_host(value: str) -> str:
@@ -63,16 +63,21 @@ def _listen_host(value: str) -> str:
 
     Checked here, not first when relayd binds: a typo (``999.1.1.1``, `` 127.0.0.1``,
     ``[::1]``) is then a config error (exit 78, which stops systemd's restarts),
-    not a failure to listen that looks like a port in use.
+    not a failure to listen that looks like a port in use. Digits and dots alone are
+    an IPv4 address in any form the resolver takes (``0``, ``127.1``), or a typo.
     """
     if value == "":
         return value
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        last = value.rstrip(".").rsplit(".", 1)[-1]
-        # A name whose last label is all digits is a mistyped IPv4 address (RFC 3696 §2).
-        if not _HOST_NAME.fullmatch(value) or last.isdigit():
+        mistyped = not _HOST_NAME.fullmatch(value)
+        if not mistyped and not value.strip("0123456789."):
+            try:
+                socket.inet_aton(value)
+            except OSError:
+                mistyped = True
+        if mistyped:
             raise ValueError(
                 "not an IP address or a host name (an IPv6 address goes without brackets)"
             ) from None

@@ -37,6 +37,7 @@ error is blamed on the source recorded for its key.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import datetime
 import ipaddress
@@ -166,14 +167,15 @@ class _Gathering:
             named = "" if named_by is None else f" ({named_by})"
             self.problem(f"cannot read {path}{named}: {error.strerror or error}", source=source)
             return
+        # A byte-order mark, as some Windows editors save one, is no statement.
+        text = raw.removeprefix(codecs.BOM_UTF8)
         try:
-            # utf-8-sig: a byte-order mark, as some Windows editors save one, is no statement.
-            table = tomllib.loads(raw.decode("utf-8-sig"))
+            table = tomllib.loads(text.decode())
         except UnicodeDecodeError as error:
-            line = raw.count(b"\n", 0, error.start) + 1
-            column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+            line = text.count(b"\n", 0, error.start) + 1
+            column = error.start - (text.rfind(b"\n", 0, error.start) + 1) + 1
             self.problem(
-                f"invalid TOML in {path}: not UTF-8: byte 0x{raw[error.start]:02x}"
+                f"invalid TOML in {path}: not UTF-8: byte 0x{text[error.start]:02x}"
                 f" (at line {line}, column {column})",
                 source=source,
             )

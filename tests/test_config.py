@@ -420,7 +420,12 @@ def test_a_host_that_is_no_address_or_name_is_a_config_error(key: str, host: str
 
 
 @pytest.mark.parametrize(
-    "host", ["", "::", "::1", "0.0.0.0", "10.1.2.3", "localhost", "relay-1.example.com.", "a_b"]
+    "host",
+    [
+        *("", "::", "::1", "0.0.0.0", "10.1.2.3", "localhost", "relay-1.example.com.", "a_b"),
+        # What the resolver takes too: short IPv4 forms, names in any script, digits last.
+        *("0", "127.1", "münchen.example", "host.123"),
+    ],
 )
 def test_addresses_and_names_are_hosts(host: str) -> None:
     assert load(environ={"RELAYD_SERVER__HOST": host}).server.host == host
@@ -431,6 +436,11 @@ def test_a_byte_order_mark_is_no_statement(tmp_path: Path) -> None:
     path = tmp_path / "relayd.toml"
     path.write_bytes(b"\xef\xbb\xbf[server]\nport = 7000\n")
     assert load(config_path=path).server.port == 7000
+    # And a bad byte after one is named where it is, not three bytes off.
+    path.write_bytes(b'\xef\xbb\xbf[server]\nhost = "\xff"\n')
+    with pytest.raises(ConfigError) as info:
+        load(config_path=path)
+    assert str(info.value).endswith("not UTF-8: byte 0xff (at line 2, column 9)")
 
 
 def test_toml_nested_too_deeply_is_a_config_error(tmp_path: Path) -> None:

@@ -21,9 +21,15 @@ import trio
 import trio.testing
 
 from relayd.config import LogSettings
+from relayd.routing.local import LocalRouter
 from relayd.telemetry import line_sink
 from relayd.telemetry.line_sink import FLUSH_DELAY_S, flush_held_lines
 from relayd.telemetry.log import configure, get_logger, info_line
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
+from relayd.wire.dialects import Dialect
+from tests.test_local_router import Conn, relay
+from tests.wire import text_of
 
 
 class _FailingOnce(io.StringIO):
@@ -90,3 +96,26 @@ async def test_under_the_flusher_a_failed_write_leaves_later_lines_written_withi
         events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
         assert events == ["connection.open", "connection.close"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lone_messages_failed_log_write_does_not_cost_its_ack(
+    stream: _FailingOnce,
+) -> None:
+    # A lone message is routed at once, its line written as it is recorded; the write
+    # failed before the ack was queued, so the recipient had the message and the
+    # sender never heard (a client that resends what is not acked sends it twice).
+    configure(LogSettings(format="json"), stream=stream)
+    stats = Stats()
+    router = LocalRouter(MessageEvents(get_logger(), stats), stats)
+    alice, bob = Conn("alice", Dialect.V1), Conn("bob", Dialect.V1)
+    await router.register(alice.peer)
+    await router.register(bob.peer)
+    router._idle = router._sparse = True  # as after a pass of one batch, the task idle
+    assert alice.outbox.reserve(1)
+    stream.fail = True
+    with pytest.raises(OSError, match="No space left"):
+        router.try_route([relay(alice, '{"to": "bob", "message": "hi", "ref": 7}')])
+    assert [json.loads(text_of(f)) for f in bob.outbox.take()] == [
+        {"type": "message", "from": "alice", "message": "hi"}
+    ]
+    assert [json.loads(text_of(f)) for f in alice.outbox.take()] == [{"type": "ack", "ref": 7}]

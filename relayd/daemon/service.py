@@ -47,6 +47,9 @@ STATUS_INTERVAL_S: Final = 5.0
 _PUBLIC_HINT: Final = "set server.port (--port) or server.host (--host) to a free address"
 #: What to change when the host does not resolve (a name the resolver does not know, yet).
 _UNRESOLVED_HINT: Final = "set server.host (--host) to an address or name of this machine"
+_ADMIN_UNRESOLVED_HINT: Final = (
+    "set admin.host (--admin-host) to an address or name of this machine"
+)
 _ADMIN_HINT: Final = (
     "set admin.port (--admin-port) or admin.host (--admin-host) to a free address, "
     "or admin.enabled = false"
@@ -130,7 +133,8 @@ async def run_daemon(
             # Server.run does before it reports started is the admin listener's.
             admin = settings.admin
             where = show(admin.host or "*", admin.port)
-            admin_problem = f"cannot listen on {where} (the admin listener): {exc}; {_ADMIN_HINT}"
+            hint = _ADMIN_UNRESOLVED_HINT if isinstance(exc, socket.gaierror) else _ADMIN_HINT
+            admin_problem = f"cannot listen on {where} (the admin listener): {exc}; {hint}"
             nursery.cancel_scope.cancel()
         else:
             # Not after STOPPING=1: a stop asked for while a cluster node first tried

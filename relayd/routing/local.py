@@ -218,7 +218,6 @@ class LocalRouter:
             sender, envelope, size, received = item
             client_id, to, message = sender.client_id, envelope.to, envelope.message
             outcome = offer(self._table.lookup(to), client_id, message)
-            record(client_id, to, size, outcome, message)
             if outcome is DELIVERED:
                 self.stats.observe_latency(now - received)
                 ref = envelope.ref  # without one there is no ack: no call to say so
@@ -229,6 +228,9 @@ class LocalRouter:
                 sender.reply(
                     error_frame(sender.dialect, code, DETAILS[code], envelope.ref, self.stats)
                 )
+            # After the reply: a lone message's line may be written here, and a write
+            # that fails (a full disk) must not cost a delivered message its ack.
+            record(client_id, to, size, outcome, message)
 
     def _deliver(
         self, sender: str, to: str, message: msgspec.Raw, size: int, record: Recorder
