@@ -52,6 +52,11 @@ DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
 _SECTION_CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+#: The longest ``cluster.reply_timeout_s``: a server API call in a cluster holds one of
+#: the admin listener's 48 connections for up to 5 s (its request) + this + 2 s (the
+#: router's margin, the answer), and a relayed message its sender's reply slot for this
+#: long. Another node's answer normally comes within milliseconds.
+MAX_REPLY_TIMEOUT_S: Final = 30.0
 #: A host name: labels of letters (any script's: the resolver encodes them), digits,
 #: hyphens and underscores (which /etc/hosts may hold), none empty nor starting with a
 #: hyphen, joined by dots; a trailing dot allowed.
@@ -302,7 +307,8 @@ class ClusterSettings(BaseModel):
         connect_timeout_s: time allowed to connect to Redis and complete its
             handshake.
         reply_timeout_s: how long a message sent to another node waits for that
-            node's answer before its sender is told ``delivery_unconfirmed``.
+            node's answer before its sender is told ``delivery_unconfirmed``; at
+            most :data:`MAX_REPLY_TIMEOUT_S`.
         probe_interval_s: seconds between probes: each node publishes to itself
             through Redis and expects the probe back on its subscription.
         probe_timeout_s: a probe not back within this many seconds means the
@@ -325,7 +331,7 @@ class ClusterSettings(BaseModel):
     node_name: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,64}$")
     channel_prefix: str = Field(default="relayd:", pattern=r"^[A-Za-z0-9._:{}-]{1,64}$")
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    reply_timeout_s: float = Field(default=2.0, gt=0)
+    reply_timeout_s: float = Field(default=2.0, gt=0, le=MAX_REPLY_TIMEOUT_S)
     probe_interval_s: float = Field(default=1.0, gt=0)
     probe_timeout_s: float = Field(default=3.0, gt=0)
     node_timeout_s: float = Field(default=5.0, gt=0)

@@ -127,10 +127,11 @@ class IncompleteAnswer(RelaydError):
     """A cluster-wide question was asked, but not every node's answer came.
 
     Some node did not answer within ``reply_timeout_s``, the link to the broker
-    broke while the question waited, or a node that may hold the id is cut off
-    from the broker. The answers that came are a part, not the answer: a connected id would look
-    offline, a disconnect that goes on later would look like none. Retrying is safe
-    (presence and ids ask; disconnect is idempotent).
+    broke while the question waited, or a node that counts as alive (its
+    heartbeat fresh) is cut off from the broker and did not receive it. The
+    answers that came are a part, not the answer: a connected id would look
+    offline, a disconnect that goes on later would look like none. Retrying is
+    safe (presence and ids ask; disconnect is idempotent).
     """
 
 

@@ -4,7 +4,8 @@
 :class:`~relayd.routing.cluster.router.ClusterRouter` instances in one trio run: its
 links implement :class:`~relayd.routing.cluster.link.Link`. What it keeps of Redis: a
 publish answers how many links hold the channel (-1 for nobody while some link is cut
-off), deliveries and answers arrive later, in publish order, from the broker's own task.
+off; for a question, -1 whenever some link is cut off), deliveries and answers arrive
+later, in publish order, from the broker's own task.
 What it lets a test do that Redis cannot: cut one link at a precise moment, or make one
 swallow everything it would publish. Time is trio's, so ``autojump_clock`` tests see
 ``reply_timeout_s`` pass in virtual time. The real thing is tested against
@@ -44,6 +45,15 @@ class MemoryLink:
             return False
         if not self.mute:
             self._broker.publish(pairs, done)
+        self.health.published += len(pairs)
+        return True
+
+    def ask(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
+        if not self.health.up:
+            self.health.publish_failures += 1
+            return False
+        if not self.mute:
+            self._broker.publish(pairs, done, questions=True)
         self.health.published += len(pairs)
         return True
 
@@ -107,13 +117,20 @@ class MemoryBroker:
         self.links.append(link)
         return link
 
-    def publish(self, pairs: list[tuple[bytes, bytes]], done: Published) -> None:
-        """Count receivers now; deliver and answer from the broker's task."""
+    def publish(
+        self, pairs: list[tuple[bytes, bytes]], done: Published, *, questions: bool = False
+    ) -> None:
+        """Count receivers now; deliver and answer from the broker's task.
+
+        As :data:`~relayd.routing.cluster.redis_publisher.PUBLISH_SCRIPT` counts:
+        -1 for nobody while some link is cut off, and for ``questions`` (what
+        ``Link.ask`` publishes) -1 for every pair while some link is.
+        """
         cut_off = any(link.cut for link in self.links)
         counts = []
         for channel, data in pairs:
             holders = [link for link in self.links if not link.cut and channel in link.channels]
-            counts.append(len(holders) or (-1 if cut_off else 0))
+            counts.append(-1 if cut_off and (questions or not holders) else len(holders))
             for holder in holders:
                 self._queue.append(functools.partial(_deliver, holder, channel, data))
         self._queue.append(functools.partial(done, counts))

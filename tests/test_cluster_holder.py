@@ -64,6 +64,9 @@ class FakeLink:
     def publish(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
         raise AssertionError("answers ask for no counts: the holder only sends")
 
+    def ask(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
+        raise AssertionError("the holder asks nothing: it only sends")
+
     def send(self, pairs: list[tuple[bytes, bytes]]) -> bool:
         if self.down:
             self.refused += 1

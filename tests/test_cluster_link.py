@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -27,6 +27,8 @@ from relayd.config import ClusterSettings
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
 from relayd.routing.cluster.redis import RedisLink
+from relayd.routing.cluster.redis_subscriber import CHANNELS_PER_COMMAND, Subscriptions
+from relayd.routing.cluster.redis_wire import Command, Reply, Wire
 from tests.redis_server import RedisServer, free_port, running_redis
 from tests.tcp_proxy import TcpProxy
 
@@ -260,6 +262,84 @@ async def test_a_node_cut_off_from_redis_makes_absent_ids_unreachable(
             # n2 is gone without removing its heartbeat (as a crash would).
             redis_server.forget_clients("relayd:n2:")
             assert await publish(one, (CHANNELS.of_id("nobody"), b"x")) == [-1]
+
+
+async def ask(link: RedisLink, *pairs: tuple[bytes, bytes]) -> list[int] | None:
+    """As :func:`publish`, for questions (``Link.ask``)."""
+    done = trio.Event()
+    result: list[list[int] | None] = []
+
+    def published(counts: list[int] | None) -> None:
+        result.append(counts)
+        done.set()
+
+    assert link.ask(list(pairs), published)
+    await done.wait()
+    return result[0]
+
+
+async def test_a_question_some_live_node_missed_is_counted_as_missed_a_message_is_not(
+    redis_server: RedisServer,
+) -> None:
+    """A question must reach every live node: -1 while one is cut off, whoever else got it.
+
+    n1 holds the id (and listens on the nodes channel), n2 is cut off with a fresh
+    heartbeat. A message received by n1 stays counted (it may be delivered); a
+    question received by n1 alone is -1: n2's part of the answer is missing.
+    """
+    holder = CHANNELS.of_id("held")
+    with trio.fail_after(LIMIT_S):
+        async with link_to(redis_server.url, node_timeout_s=60.0) as (one, _):
+            one.subscribe(holder)
+            await one.subscribed(holder)
+            async with link_to(redis_server.url, "n2", node_timeout_s=60.0):
+                # Every live node listens: questions are counted as messages are.
+                assert await ask(one, (holder, b"q"), (CHANNELS.nodes, b"q")) == [1, 2]
+                assert await ask(one, (CHANNELS.of_id("nobody"), b"q")) == [0]
+            # n2 is gone without removing its heartbeat (as a crash would).
+            redis_server.forget_clients("relayd:n2:")
+            assert await publish(one, (holder, b"m"), (CHANNELS.of_id("nobody"), b"m")) == [1, -1]
+            assert await ask(one, (holder, b"q"), (CHANNELS.nodes, b"q")) == [-1, -1]
+            # Its heartbeat ages past node_timeout_s: gone, not cut off.
+            redis_server.cli("ZREM", CHANNELS.heartbeats.decode(), "n2")
+            assert await ask(one, (holder, b"q"), (CHANNELS.nodes, b"q")) == [1, 1]
+
+
+class Recording:
+    """A subscriber connection that keeps the channels it is sent SUBSCRIBE for, in order."""
+
+    def __init__(self) -> None:
+        self.channels: list[bytes] = []
+
+    def send(self, commands: list[Command], reply: Reply | None = None) -> bool:
+        for command in commands:
+            assert command[0] == b"SUBSCRIBE"
+            self.channels += [channel for channel in command[1:] if isinstance(channel, bytes)]
+        return True
+
+
+async def test_a_resubscribing_node_listens_on_the_nodes_channel_only_once_it_holds_its_ids() -> (
+    None
+):
+    """The nodes channel last: while a node resubscribes it counts as cut off.
+
+    Redis runs one connection's commands in order, and PUBLISH_SCRIPT counts a node as
+    listening by the nodes channel: subscribed first, a node half-way through its ids
+    counted as holding none of the rest (a presence of 0, a message ``unknown_recipient``).
+    """
+    own = CHANNELS.of_node("n1")
+    subscriptions = Subscriptions([CHANNELS.nodes, own], Health(up=True))
+    ids = [CHANNELS.of_id(f"id{n}") for n in range(2 * CHANNELS_PER_COMMAND + 1)]
+    for channel in ids:
+        subscriptions.subscribe(channel)
+    wire = Recording()
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(subscriptions.restore, cast(Wire, wire))
+            await trio.testing.wait_all_tasks_blocked()
+            for channel in wire.channels:  # Redis confirms, in order
+                subscriptions.confirmed(channel)
+    assert wire.channels == [*ids, CHANNELS.nodes, own]
 
 
 async def test_after_a_redis_restart_longer_than_node_timeout_the_others_are_not_gone(

@@ -90,6 +90,12 @@ class Conn:
         self.disconnected.append((code, reason))
         self._arrived.unpark_all()
 
+    async def disconnection(self) -> tuple[int, str]:
+        """Wait until the router disconnects it; the first code and reason."""
+        while not self.disconnected:
+            await self._arrived.park()
+        return self.disconnected[0]
+
     async def frames(self, count: int = 1) -> list[Any]:
         """Wait for ``count`` frames and return them decoded (JSON, or the text)."""
         got: list[Any] = []
@@ -391,6 +397,57 @@ async def test_a_node_that_does_not_answer_makes_every_question_incomplete_not_a
             with pytest.raises(IncompleteAnswer, match="may still be closed"):
                 await one.router.disconnect("subject", 4001, "suspended")
             assert held_there.disconnected == [(4001, "suspended")]
+
+
+async def test_a_node_cut_off_from_redis_makes_every_question_incomplete_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """A live node (fresh heartbeat) that no longer listens did not receive the question.
+
+    n3 holds the subject too and is cut off: gone from Redis without removing its
+    heartbeat, as a node whose subscriber connection was cut (or that crashed) is
+    until node_timeout_s. Presence answered 2 of the subject's 3 connections, the
+    page of ids lacked n3's, a disconnect said 2: each a 200 with parts missing.
+    Messages keep their answers: delivered where received, unreachable for nobody.
+    """
+    url = redis_server.url
+    alive: dict[str, Any] = {"shared_ids": True, "node_timeout_s": 60.0}
+    with trio.fail_after(LIMIT_S):
+        async with node(url, "n1", **alive) as one, node(url, "n2", **alive) as two:
+            sender = await one.connect(Conn("sender"))
+            await one.connect(Conn("subject"))
+            there = await two.connect(Conn("subject"))
+            elsewhere = await two.connect(Conn("on-n2"))
+            async with node(url, "n3", **alive) as three:
+                await three.connect(Conn("subject"))
+                await three.connect(Conn("on-n3"))
+                assert await one.router.presence("subject") == 3
+                three.link.leave = _no_leave  # type: ignore[method-assign]
+            redis_server.forget_clients("relayd:n3:")
+            asked = trio.current_time()
+            with pytest.raises(IncompleteAnswer, match="cut off"):
+                await one.router.presence("subject")
+            with pytest.raises(IncompleteAnswer):
+                await two.router.presence("on-n3")
+            with pytest.raises(IncompleteAnswer):
+                await two.router.list_ids(after=None, limit=10)
+            with pytest.raises(IncompleteAnswer, match="may still be closed"):
+                await one.router.disconnect("subject", 4001, "suspended")
+            assert trio.current_time() - asked < FAST["reply_timeout_s"]  # not the deadline
+            # A node that received it acts on it.
+            assert await there.disconnection() == (4001, "suspended")
+            await one.send(sender, "on-n2", ref="m1")
+            await one.send(sender, "nobody", ref="m2")
+            assert await sender.frames(2) == [
+                {"type": "ack", "ref": "m1"},
+                {"type": "error", "error": "recipient_unreachable", "ref": "m2",
+                 "detail": UNREACHABLE},
+            ]  # fmt: skip
+            assert (await elsewhere.frames())[0]["message"] == "hi"
+            # n3's heartbeat ages past node_timeout_s: gone, and the answers whole again.
+            redis_server.cli("ZREM", "relayd:heartbeats", "n3")
+            assert await one.router.presence("subject") == 2
+            assert await two.router.list_ids(after=None, limit=10) == ["on-n2", "sender", "subject"]
 
 
 async def test_a_question_waiting_when_redis_dies_is_incomplete(redis_server: RedisServer) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import structlog
 import trio
 import trio.testing
 
 from relayd.config import ClusterSettings
+from relayd.errors import IncompleteAnswer
 from relayd.routing.cluster.router import ClusterRouter
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -103,6 +105,29 @@ async def test_a_cut_off_node_makes_absent_ids_unreachable_not_unknown(
         await one.send(alice, "nobody", ref="m2")
         [reply] = await alice.frames()
         assert reply["error"] == "unknown_recipient"
+
+
+async def test_a_cut_off_node_makes_questions_incomplete_at_once_and_messages_stay_delivered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with nodes(3) as (one, two, three):
+        alice = await one.connect(Conn("alice"))
+        bob = await two.connect(Conn("bob"))
+        await two.connect(Conn("subject"))
+        await three.connect(Conn("subject"))
+        assert await one.router.presence("subject") == 2
+        memory(three).cut_off()
+        asked = trio.current_time()
+        with pytest.raises(IncompleteAnswer):
+            await one.router.presence("subject")
+        with pytest.raises(IncompleteAnswer):
+            await one.router.list_ids(after=None, limit=10)
+        assert trio.current_time() == asked
+        await one.send(alice, "bob", ref="m1")
+        assert await alice.frames() == [{"type": "ack", "ref": "m1"}]
+        assert (await bob.frames())[0]["message"] == "hi"
+        memory(three).restore()
+        assert await one.router.presence("subject") == 2
 
 
 async def test_one_busy_holder_and_one_silent_is_unconfirmed_not_busy(

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from relayd import config_sources
-from relayd.config import DEFAULT_CONFIG_PATH, AdminSettings, Settings, settings_as_json
+from relayd.config import (
+    DEFAULT_CONFIG_PATH,
+    MAX_REPLY_TIMEOUT_S,
+    AdminSettings,
+    Settings,
+    settings_as_json,
+)
 from relayd.config_sources import IgnoredVariable, Loaded
 from relayd.errors import ConfigError, RelaydError
 from tests.deployments import KUBERNETES_SERVICE_LINKS
@@ -768,6 +774,18 @@ def test_cluster_inconsistent_settings_refused(tmp_path: Path, text: str, reason
     path = write(tmp_path, "[cluster]\nenabled = true\n" + text)
     with pytest.raises(ConfigError, match=reason):
         load(config_path=path)
+
+
+def test_cluster_reply_timeout_is_bounded(tmp_path: Path) -> None:
+    """A server API call holds an admin connection for about 5 + reply_timeout_s + 2 s."""
+    limit = load(environ={"RELAYD_CLUSTER__REPLY_TIMEOUT_S": "30"})
+    assert limit.cluster.reply_timeout_s == MAX_REPLY_TIMEOUT_S == 30.0
+    path = write(tmp_path, "[cluster]\nenabled = true\nreply_timeout_s = 30.5\n")
+    with pytest.raises(ConfigError) as info:
+        load(config_path=path)
+    assert str(info.value) == (
+        f"cluster.reply_timeout_s: Input should be less than or equal to 30 (in {path})"
+    )
 
 
 def test_cluster_off_by_default() -> None:

@@ -216,7 +216,7 @@ class Awaited:
         if isinstance(asker, Counted):
             if isinstance(result, int) and not isinstance(result, codec.Verdict):
                 asker.total = result
-            else:  # the publish failed, or reached no node while some node is cut off
+            else:  # the publish failed, or some node that may hold it is cut off
                 asker.complete = False
             asker.done.set()
         elif result is None or result is Decided.UNCONFIRMED:

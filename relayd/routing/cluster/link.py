@@ -22,8 +22,9 @@ import trio
 __all__ = ["Health", "Link", "Published", "Receiver"]
 
 #: Called with each PUBLISH's count of receiving nodes, in the order published
-#: (-1: nobody holds it but some node is cut off from Redis), or with None when
-#: the batch's fate is unknown (the link broke with it in flight).
+#: (-1: some node that may hold it is cut off from Redis: see :meth:`Link.publish`
+#: and :meth:`Link.ask`), or with None when the batch's fate is unknown (the link
+#: broke with it in flight).
 Published = Callable[[list[int] | None], None]
 
 
@@ -78,10 +79,23 @@ class Link(Protocol):
     def publish(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
         """Publish ``(channel, data)`` pairs in one batch; never waits.
 
+        A count is -1 only where it would be 0 (nobody holds the channel) while
+        some node is cut off from the broker (its heartbeat fresh, its
+        subscriptions gone): that node's clients may hold the id.
+
         Returns:
             False, without calling ``done``, when the link is down or the
             publish buffer is full: nothing was sent. True: ``done`` will be
             called exactly once.
+        """
+
+    def ask(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
+        """Publish questions every live node must receive (the server API's), as :meth:`publish`.
+
+        Each count is -1 whenever some node is cut off from the broker (its
+        heartbeat fresh, its subscriptions gone), whatever PUBLISH counted: that
+        node did not receive the question, and the answers of the others would
+        be a part.
         """
 
     def send(self, pairs: list[tuple[bytes, bytes]]) -> bool:

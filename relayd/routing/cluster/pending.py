@@ -53,7 +53,7 @@ class Decided(enum.Enum):
     """How a relay question was decided, besides by an answer."""
 
     UNCONFIRMED = "unconfirmed"  # deadline passed, or the link was lost
-    UNREACHABLE = "unreachable"  # not sent: nobody holds it, but some node is cut off
+    UNREACHABLE = "unreachable"  # some node that may hold it is cut off (Link.publish, .ask)
 
 
 class _Question(Generic[T]):

@@ -5,14 +5,17 @@ page of ids) and answered by every node that holds something
 (:class:`~relayd.routing.cluster.holder.Holder`); the answers are summed or
 gathered by :class:`~relayd.routing.cluster.awaited.Awaited`. Every node's
 answer within ``reply_timeout_s`` is the answer; when one is missing (a node
-stalled, the link broke, a node is cut off) the asker hears
+stalled, the link broke) the asker hears
 :class:`~relayd.errors.IncompleteAnswer`, never the part that came as if it
-were the whole.
+were the whole. So does it, at once, when some live node did not receive the
+question (it is cut off from Redis, its heartbeat still fresh:
+:meth:`Link.ask <relayd.routing.cluster.link.Link.ask>`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 import trio
 
@@ -22,6 +25,12 @@ from relayd.routing.cluster.awaited import Awaited, Counted
 from relayd.routing.cluster.link import Link
 
 __all__ = ["Queries"]
+
+#: What an incomplete answer's asker is told (the server API adds "; ask again").
+_INCOMPLETE: Final = (
+    "not every node answered in time, a node is cut off from Redis,"
+    " or the link to Redis broke meanwhile"
+)
 
 
 class Queries:
@@ -54,7 +63,7 @@ class Queries:
                 self._channels.of_id(client_id),
                 codec.Query(self._node, seq, codec.QueryKind.PRESENCE),
             ),
-            "not every node answered in time, or the link to Redis broke meanwhile",
+            _INCOMPLETE,
         )
         return asker.total
 
@@ -72,8 +81,7 @@ class Queries:
                 self._channels.of_id(client_id),
                 codec.Query(self._node, seq, query, code, reason),
             ),
-            "not every node answered in time, or the link to Redis broke meanwhile:"
-            " connections on a node that did not answer may still be closed",
+            f"{_INCOMPLETE}: connections on a node that did not answer may still be closed",
         )
         return asker.total
 
@@ -86,7 +94,7 @@ class Queries:
         """
         asker = await self._ask(
             lambda seq: (self._channels.nodes, codec.ListIds(self._node, seq, after, limit)),
-            "not every node answered in time, or the link to Redis broke meanwhile",
+            _INCOMPLETE,
         )
         return sorted(set(asker.ids))[:limit]
 
@@ -102,9 +110,7 @@ class Queries:
         asker = Counted(trio.Event())
         seq = self._awaited.count(asker)
         channel, message = question(seq)
-        if not self._link.publish(
-            [(channel, codec.encode(message))], self._awaited.published([seq])
-        ):
+        if not self._link.ask([(channel, codec.encode(message))], self._awaited.published([seq])):
             self._awaited.waiting.withdraw(seq)
             raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
         await asker.done.wait()

@@ -79,6 +79,7 @@ class RedisLink:
     #: The publisher's own methods, bound rather than wrapped: the router
     #: calls them at every routing pass.
     publish: Callable[[list[tuple[bytes, bytes]], Published], bool]
+    ask: Callable[[list[tuple[bytes, bytes]], Published], bool]
     send: Callable[[list[tuple[bytes, bytes]]], bool]
 
     def __init__(
@@ -114,6 +115,7 @@ class RedisLink:
             own, receiver, self._subscriptions, self._prober, health, self._changed
         )
         self.publish = self._publisher.publish
+        self.ask = self._publisher.ask
         self.send = self._publisher.send
 
     # -- the router's side ------------------------------------------------------------

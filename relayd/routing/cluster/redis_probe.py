@@ -10,7 +10,9 @@ session and the link reconnects and resubscribes.
 
 The heartbeats (a sorted set: node name, Redis's clock in ms) are how
 :data:`~.redis_publisher.PUBLISH_SCRIPT` tells a node cut off from Redis
-(``recipient_unreachable``) from an id nobody holds (``unknown_recipient``).
+(``recipient_unreachable``) from an id nobody holds (``unknown_recipient``),
+and a question some live node missed (``answer_incomplete``) from one every
+node received.
 """
 
 from __future__ import annotations

@@ -4,14 +4,16 @@ Each routing pass's messages go out as one ``EVALSHA`` of
 :data:`PUBLISH_SCRIPT` (about 2.3 µs per message, where one request per
 ``PUBLISH`` costs about 20 µs in coredis: docs/scaling.md, "The Redis
 client"); its reply, a count of receiving nodes per message, is taken in
-coredis's reader task and handed to the batch's callback. A holding node's
-answers go out as plain ``PUBLISH`` commands that ask for no reply
-(``CLIENT REPLY SKIP``).
+coredis's reader task and handed to the batch's callback. The server API's
+questions go out the same way, flagged as questions (:meth:`Publisher.ask`).
+A holding node's answers go out as plain ``PUBLISH`` commands that ask for
+no reply (``CLIENT REPLY SKIP``).
 
 Bound: at most ``publish_buffer_bytes`` of batches wait for Redis's answer
 or for the socket (what the request queue and the unwritten bytes hold);
-past that :meth:`Publisher.publish` and :meth:`Publisher.send` refuse, and
-senders are told ``recipient_unreachable``.
+past that :meth:`Publisher.publish`, :meth:`Publisher.ask` and
+:meth:`Publisher.send` refuse, and senders are told ``recipient_unreachable``
+(the server API's askers ``broker_unavailable``).
 """
 
 from __future__ import annotations
@@ -31,19 +33,27 @@ from relayd.routing.cluster.redis_wire import SKIP_REPLY, Command, Reply, Wire, 
 __all__ = ["PUBLISH_SCRIPT", "Publisher"]
 
 #: Publishes pairs of (channel, message) from ARGV[4...] and returns each
-#: PUBLISH's count of receivers. A count of 0 (nobody holds the id) becomes -1
-#: while some node is cut off from Redis: a node whose heartbeat (in the
-#: sorted set KEYS[1], within ARGV[3] ms) is fresh but which no longer listens
-#: on the nodes channel ARGV[1]. Its clients may hold the id, so the sender is
-#: told ``recipient_unreachable``, not ``unknown_recipient``. ARGV[2] is unused
-#: (kept for the argument layout). One script call per routing pass: one
-#: request, one reply, however many messages.
+#: PUBLISH's count of receivers, or -1 for one some node may have missed: a node
+#: cut off from Redis, whose heartbeat (in the sorted set KEYS[1], within ARGV[3]
+#: ms) is fresh but which no longer listens on the nodes channel ARGV[1] (every
+#: node listens there, and subscribes it after its ids: see
+#: :meth:`~.redis_subscriber.Subscriptions.restore`). For a message (ARGV[2]
+#: empty) only a count of 0 becomes -1: nobody else holds the id, but the cut-off
+#: node's clients may, so the sender is told ``recipient_unreachable``, not
+#: ``unknown_recipient``; a message some node received stays counted, as it may
+#: be delivered. For questions (ARGV[2] is ``1``: the server API's, which every
+#: live node must receive) every count becomes -1 while any live node does not
+#: listen: the answers of those that received it would be a part. The check
+#: (TIME, ZCOUNT, PUBSUB NUMSUB) runs at most once per call, and only when needed.
+#: One script call per routing pass: one request, one reply, however many
+#: messages.
 PUBLISH_SCRIPT: Final = b"""
 local counts = {}
+local questions = ARGV[2] == '1'
 local cut_off = nil
 for i = 4, #ARGV, 2 do
   local n = redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
-  if n == 0 then
+  if n == 0 or questions then
     if cut_off == nil then
       local t = redis.call('TIME')
       local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -106,6 +116,14 @@ class Publisher:
 
     def publish(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
         """:meth:`Link.publish <relayd.routing.cluster.link.Link.publish>`, on this connection."""
+        return self._evalsha(pairs, done, b"")
+
+    def ask(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
+        """:meth:`Link.ask <relayd.routing.cluster.link.Link.ask>`, on this connection."""
+        return self._evalsha(pairs, done, b"1")
+
+    def _evalsha(self, pairs: list[tuple[bytes, bytes]], done: Published, questions: bytes) -> bool:
+        """Publish ``pairs`` with :data:`PUBLISH_SCRIPT` (``questions``: its ARGV[2])."""
         size = sum(len(channel) + len(data) for channel, data in pairs)
         wire = self._wire_for(size)
         if wire is None:
@@ -116,7 +134,7 @@ class Publisher:
             1,
             self._channels.heartbeats,
             self._channels.nodes,
-            b"",
+            questions,
             ms(self._settings.node_timeout_s),
         ]
         for channel, data in pairs:

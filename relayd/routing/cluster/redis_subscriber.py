@@ -51,8 +51,8 @@ class Subscriptions:
     """The channels wanted, with how many holders each, and their (un)subscriptions to send.
 
     Args:
-        base: the channels every session subscribes first (the nodes
-            channel, the node's own).
+        base: the channels every session subscribes last, after every wanted
+            id (the nodes channel, the node's own).
         health: the link's health (whether it is up).
 
     Resource handling: the link's session runs :meth:`restore`, then
@@ -106,8 +106,15 @@ class Subscriptions:
         self._lot.unpark()
 
     async def restore(self, subscriber: Wire) -> None:
-        """Subscribe the node's channels and every wanted id; wait for the last confirmation."""
-        channels = [*self._base, *self._wanted]
+        """Subscribe every wanted id, then the node's channels; wait for the last confirmation.
+
+        The nodes channel last: Redis runs one connection's commands in order,
+        so a node counted as listening there (by
+        :data:`~.redis_publisher.PUBLISH_SCRIPT`, in another connection's
+        script) holds every id it held before; while it resubscribes, it
+        counts as cut off, not as holding none of its ids.
+        """
+        channels = [*self._wanted, *self._base]
         self._orders.clear()  # everything wanted is in this list
         for channel in self._wanted:
             self._confirmations.setdefault(channel, trio.Event())
