@@ -158,14 +158,27 @@ class _Gathering:
         else:
             self.values[key] = (value, source)
 
-    def read_file(self, path: Path, named_by: str | None) -> None:
-        """Record the settings in the TOML file ``path``; ``named_by``: the source naming it."""
+    def read_file(self, path: Path, named_by: str | None, *, reloading: bool = False) -> None:
+        """Record the settings in the TOML file ``path``; ``named_by``: the source naming it.
+
+        At a reload (``reloading``) a file that is not a regular file and reads
+        empty is a problem, not a file of no settings: a pipe the start read, as
+        ``--config <(...)`` gives, has nothing left, and the built-in defaults
+        would undo every setting it held (authentication among them).
+        """
         source = f"in {path}"
         try:
             raw = path.read_bytes()
         except OSError as error:
             named = "" if named_by is None else f" ({named_by})"
             self.problem(f"cannot read {path}{named}: {error.strerror or error}", source=source)
+            return
+        if reloading and not raw and not path.is_file():
+            self.problem(
+                f"{path} read empty at this reload and is no regular file: a pipe, as"
+                " --config <(...) gives, can be read only once; give relayd a file to reload",
+                source=source,
+            )
             return
         # A byte-order mark, as some Windows editors save one, is no statement.
         text = raw.removeprefix(codecs.BOM_UTF8)
@@ -376,8 +389,9 @@ def load(
         reloading: a reload, which must read again the file the start read: pass that
             file as ``default_path`` (None if it read none), and it must exist now,
             whoever named it. Built-in defaults in place of a default file that went
-            away would undo every setting in it. (A pipe is read again as it is: one
-            read at start by ``--config <(...)`` is empty at a reload.)
+            away would undo every setting in it; so would those of a pipe read at the
+            start (``--config <(...)``), which is empty at a reload: that is a problem.
+            A named pipe fed again at each read is read as a file.
 
     Returns:
         The settings, the file read, and the unknown ``RELAYD_*`` variables.
@@ -396,7 +410,7 @@ def load(
     if path is None and default_path is not None and (reloading or default_path.exists()):
         path = default_path
     if path is not None:
-        gathering.read_file(path, named_by)
+        gathering.read_file(path, named_by, reloading=reloading)
     ignored = gathering.read_environment(env)
     for key, value in (overrides or {}).items():
         if value is not None:

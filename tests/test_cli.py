@@ -869,6 +869,33 @@ def test_a_reload_reads_the_default_file_the_start_read_and_is_refused_once_it_h
     assert problem.line.startswith(f"cannot read {default}")
 
 
+def test_a_reload_of_a_pipe_read_at_the_start_is_refused_not_the_built_in_defaults(
+    tmp_path: Path,
+) -> None:
+    # `relayd serve --config <(...)`: the start read the pipe; a reload read it empty
+    # and applied the built-in defaults, every setting undone (auth, limits), and
+    # logged applied: true (an operator tester's find).
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"[limits]\nmax_connections = 2\n")
+        os.close(write_end)
+        read = settings_reader(Path(f"/dev/fd/{read_end}"), {}, default_path=tmp_path / "none")
+        assert read().settings.limits.max_connections == 2
+        with pytest.raises(LoadError) as refused:
+            read()
+        [problem] = refused.value.problems
+        assert "read empty at this reload" in problem.line
+    finally:
+        os.close(read_end)
+    # An empty regular file is still a file of no settings.
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[limits]\nmax_connections = 2\n")
+    read = settings_reader(empty, {})
+    assert read().settings.limits.max_connections == 2
+    empty.write_text("")
+    assert read().settings.limits.max_connections == Settings().limits.max_connections
+
+
 def test_a_reload_after_a_start_without_a_file_reads_none(tmp_path: Path) -> None:
     default = tmp_path / "relayd.toml"
     read = settings_reader(None, {}, default_path=default)
