@@ -119,3 +119,27 @@ async def test_a_lone_messages_failed_log_write_does_not_cost_its_ack(
         {"type": "message", "from": "alice", "message": "hi"}
     ]
     assert [json.loads(text_of(f)) for f in alice.outbox.take()] == [{"type": "ack", "ref": 7}]
+
+
+async def test_a_write_the_flusher_makes_that_fails_leaves_the_server_serving_and_is_counted(
+    stream: _FailingOnce, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The flusher writes held lines in a task of the server's root nursery, where no
+    # code that logged is there to hear of a failed write: a full disk raised out of
+    # it and ended the server (found while reading the sink for the deferred lines).
+    configure(LogSettings(format="json"), stream=stream)
+    log = get_logger()
+    dropped = line_sink.dropped_lines()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush_held_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        info_line(log, "connection.open", conn=0, user_agent="ua")  # sparse: written at once
+        info_line(log, "connection.open", conn=1, user_agent="ua")  # held for the flusher
+        stream.fail = True
+        await trio.sleep(10 * FLUSH_DELAY_S)  # the flusher's write failed
+        assert line_sink.dropped_lines() == dropped + 1
+        info_line(log, "connection.close", conn=0, code=1000)
+        await trio.sleep(10 * FLUSH_DELAY_S)
+        events = [json.loads(line)["conn"] for line in stream.getvalue().splitlines()]
+        assert events == [0, 0]
+        nursery.cancel_scope.cancel()

@@ -88,7 +88,9 @@ class LineSink:
 
     Error handling: a write that finds the reader gone (``EPIPE``,
     ``ECONNRESET``) is not raised; the lines are dropped and counted, see the
-    module docstring. Any other ``OSError`` is raised to the code that logged.
+    module docstring. Any other ``OSError`` is raised to the code that logged
+    (the flusher's own writes: not raised), and the lines it was writing are
+    counted in :func:`dropped_lines` as lost.
     """
 
     def __init__(self, stream: TextIO, *, gone: bool = False) -> None:
@@ -181,9 +183,9 @@ class LineSink:
         if self.gone:
             _count_dropped(len(lines))
             return True
-        rendered = [x if isinstance(x, bytes) else x[0](x[1], x[2]) for x in lines]
-        data = b"\n".join(rendered) + b"\n"
         try:
+            rendered = [x if isinstance(x, bytes) else x[0](x[1], x[2]) for x in lines]
+            data = b"\n".join(rendered) + b"\n"
             if self._binary is not None:
                 self._binary.write(data)
                 self._binary.flush()
@@ -192,6 +194,9 @@ class LineSink:
                 self.stream.flush()
         except (BrokenPipeError, ConnectionResetError):
             self._reader_gone(len(lines))
+        except Exception:
+            _count_dropped(len(lines))  # lost, whoever hears of it: counted
+            raise
         return True
 
     def _reader_gone(self, lines: int) -> None:
@@ -257,6 +262,7 @@ async def flush_held_lines() -> None:
 
     Resource handling: run it in a nursery that lives as long as the logging
     does; when cancelled, it writes what is held and batches flush at once again.
+    It raises nothing of a write that failed (see :class:`LineSink`).
     """
     global _flusher, _due  # the module's one flusher, like its one sink
     try:
@@ -265,7 +271,16 @@ async def flush_held_lines() -> None:
             with trio.CancelScope() as _flusher:
                 await trio.sleep_forever()
             sink = _sink
-            if sink is not None and sink.flush():
+            if sink is None:
+                continue
+            try:
+                wrote = sink.flush()
+            except Exception:
+                # A write that failed (a full disk, EIO): its lines are lost and
+                # counted. No code that logged is here to hear of it, and the log
+                # must not end the server: the next write may succeed.
+                wrote = True
+            if wrote:
                 sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
     finally:
         _flusher = None

@@ -45,7 +45,7 @@ config_last_reload_successful       gauge    0 if the last reload was refused, e
 internal_errors_total               counter  bugs relayd contained: ``error`` events (a
                                              connection, an admin request or the cluster
                                              link ended; everything else went on)
-log_lines_dropped_total             counter  log lines dropped because nobody reads them
+log_lines_dropped_total             counter  log lines dropped: nobody reads them, or a write failed
                                              (stdout closed: see telemetry.line_sink)
 ==================================  =======  ===========================================
 """
@@ -297,7 +297,7 @@ class StatsCollector(Collector):
         )
         yield CounterMetricFamily(
             "relayd_log_lines_dropped",
-            "Log lines dropped because nobody reads them (stdout closed)",
+            "Log lines dropped: nobody reads them (stdout closed), or their write failed",
             value=dropped_lines(),
         )
 
