@@ -29,13 +29,7 @@ import relayd
 from relayd.config import LogSettings, Settings
 from relayd.daemon.closing import CLOSE_TIMEOUT_S
 from relayd.daemon.server import Server
-from relayd.telemetry.line_sink import (
-    DEFERRED_LINE_BYTES,
-    FLUSH_DELAY_S,
-    MAX_HELD_BYTES,
-    batched,
-    flush_held_lines,
-)
+from relayd.telemetry.line_sink import FLUSH_DELAY_S, batched, flush_held_lines
 from relayd.telemetry.log import (
     THROTTLED,
     configure,
@@ -691,24 +685,6 @@ def test_a_batchs_lines_carry_its_first_lines_time_and_a_lone_line_its_own(
         "2027-01-15T08:00:01.500000Z",
         "2027-01-15T08:00:02.000000Z",
     ]
-
-
-def test_a_batch_holds_at_most_its_bound_of_lines_rendered_or_not(configured: io.StringIO) -> None:
-    # line_writer's lines are held unrendered and count DEFERRED_LINE_BYTES each: a
-    # batch of a router's messages holds at most MAX_HELD_BYTES / DEFERRED_LINE_BYTES
-    # lines (512) before they are written, whatever their own size.
-    configure(LogSettings(format="json"), stream=configured)
-    write = line_writer("message.relay")
-    assert write is not None
-    bound = MAX_HELD_BYTES // DEFERRED_LINE_BYTES
-    with batched():
-        for n in range(bound - 1):
-            write({"n": n})
-        assert configured.getvalue() == ""
-        write({"n": bound - 1})
-        assert [json.loads(line)["n"] for line in lines_of(configured)] == list(range(bound))
-        write({"n": bound})
-    assert [json.loads(line)["n"] for line in lines_of(configured)] == list(range(bound + 1))
 
 
 def test_the_recorder_follows_the_log_configuration(configured: io.StringIO) -> None:

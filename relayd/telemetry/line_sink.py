@@ -15,8 +15,6 @@ and under steady traffic a batch writes them before the flusher has to wake
 (a wake-up is a task step, a scheduling round and a ``Cancelled`` raised and
 caught). Without the flusher running, every batch is written at its end.
 Lines keep their order and are never held longer than :data:`FLUSH_DELAY_S`.
-A line may be held unrendered (:meth:`LineSink.line_deferred`): it is rendered
-when it is written, with the others, in one loop.
 
 **When nobody reads the lines** (stdout is a pipe whose reader exited, as in
 ``relayd serve | head -1``, or a journal stream that was closed), writing
@@ -36,8 +34,7 @@ import io
 import math
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, Final, TextIO
+from typing import Final, TextIO
 
 import trio
 
@@ -61,14 +58,6 @@ __all__ = [
 FLUSH_DELAY_S: Final = 0.01
 #: Held lines are written at once when they reach this size.
 MAX_HELD_BYTES: Final = 65536
-#: What a line held unrendered counts for against :data:`MAX_HELD_BYTES`: about
-#: a ``message.relay`` line's size with relayd's ids (120-140 bytes), so at most
-#: 512 are held, and the objects they keep alive are some 200 bytes each.
-DEFERRED_LINE_BYTES: Final = 128
-
-#: A line held to be rendered when it is written: ``render(at, fields)`` makes its
-#: bytes; ``at`` is its time (``time.time()``). :meth:`LineSink.line_deferred` holds it.
-Deferred = tuple[Callable[[float, Any], bytes], float, Any]
 
 #: What stderr says, once, when the reader of the log has gone.
 _GONE_NOTICE: Final = (
@@ -96,13 +85,12 @@ class LineSink:
     def __init__(self, stream: TextIO, *, gone: bool = False) -> None:
         self.stream = stream
         self._binary = getattr(stream, "buffer", None)
-        # Rendered lines, and lines held to be rendered as they are written.
-        self._lines: list[bytes | Deferred] = []
+        self._lines: list[bytes] = []
         self._bytes = 0
         self.held = False
-        #: The time of the batch being held (line_writer's lines carry it), taken at
-        #: its first such line; None outside a batch and before that line.
-        self.batch_time: float | None = None
+        #: The time stamp of the batch being held (line_writer's lines carry it), made
+        #: at its first such line; None outside a batch and before that line.
+        self.batch_stamp: bytes | None = None
         #: Whether the stream's reader has gone: lines are then dropped, counted.
         self.gone = gone
         #: Until when (trio's clock) a batch's lines are held rather than
@@ -123,23 +111,19 @@ class LineSink:
         if not self.held or self._bytes >= MAX_HELD_BYTES:
             self.flush()
 
-    def line_deferred(self, line: Deferred) -> None:
-        """Hold ``line`` to be rendered when written, as ``with batched()`` would hold it.
+    def line_batched(self, data: bytes) -> None:
+        """Write one line as ``with batched(): sink.line(data)`` would; line_writer's come here.
 
         In a batch, it is held with the batch's lines; else it is a batch of its
-        own: written now, or soon (see the module docstring). line_writer's lines
-        come here: a lone message's line is then one call and a tuple, and the
-        work of its bytes is done with the other lines written with it, in one
-        loop (under sparse traffic what runs once per message runs cold, and
-        costs several times what it costs in that loop). Errors as :meth:`line`'s,
-        and a ``render`` that raises raises from the write; none leaves the sink
-        holding lines.
+        own: written now, or soon (see the module docstring). One call, as a lone
+        message's line needs: the ``with`` block would cost it a third of its
+        logging. Errors as :meth:`line`'s; none leaves the sink holding lines.
         """
         if self.gone and not self._lines:
             _count_dropped(1)
             return
-        self._lines.append(line)
-        self._bytes += DEFERRED_LINE_BYTES
+        self._lines.append(data)
+        self._bytes += len(data)
         if self._bytes >= MAX_HELD_BYTES:
             self.flush()
         elif not self.held:
@@ -148,7 +132,7 @@ class LineSink:
     def release(self) -> None:
         """End a batch: its lines go out now, or soon (see the module docstring)."""
         self.held = False
-        self.batch_time = None
+        self.batch_stamp = None
         if not self._lines:
             return
         flusher = _flusher
@@ -184,8 +168,7 @@ class LineSink:
             _count_dropped(len(lines))
             return True
         try:
-            rendered = [x if isinstance(x, bytes) else x[0](x[1], x[2]) for x in lines]
-            data = b"\n".join(rendered) + b"\n"
+            data = b"\n".join(lines) + b"\n"
             if self._binary is not None:
                 self._binary.write(data)
                 self._binary.flush()

@@ -17,10 +17,7 @@ structlog's per-call dispatch, whenever the JSON processors are the ones
 configured (under ``capture_logs`` in tests, or with the console format, it
 declines and the caller logs through structlog as usual). The writer is
 made once per event and configuration, and stamps a batch's lines once, at
-its first: a lone message's line costs no set-up of its own. Its lines are
-rendered when they are written, all those of one write in one loop: while
-traffic is sparse, code that runs once per message runs cold and costs several
-times what it costs there.
+its first: a lone message's line costs no set-up of its own.
 
 **What a client can make relayd write.** The events a client can cause at will
 (:data:`THROTTLED`: a refused handshake, a limit that closes its connection,
@@ -80,31 +77,25 @@ _json: Final = msgspec.json.Encoder(enc_hook=str)
 class _Clock:
     """ISO 8601 UTC timestamps with microseconds, formatting the date once a second."""
 
-    __slots__ = ("_last", "_last_stamp", "_prefix", "_second")
+    __slots__ = ("_prefix", "_second")
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = b""
-        # The last time stamped and its stamp: a batch's lines share their time.
-        self._last = -1.0
-        self._last_stamp = b""
 
     def now(self) -> str:
         """The time now, for structlog's lines."""
-        return self.stamp(time.time()).decode()
+        return self.stamp().decode()
 
-    def stamp(self, t: float) -> bytes:
-        """``time.time()``'s ``t``, in bytes, for the lines :func:`line_writer` writes."""
-        if t == self._last:
-            return self._last_stamp
+    def stamp(self) -> bytes:
+        """The time now, in bytes, for the lines :func:`line_writer` writes."""
+        t = time.time()
         second = int(t)
         if second != self._second:
             self._second = second
             moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
             self._prefix = moment.strftime("%Y-%m-%dT%H:%M:%S").encode()
-        self._last = t
-        stamp = self._last_stamp = b"%s.%06dZ" % (self._prefix, int((t - second) * 1e6))
-        return stamp
+        return b"%s.%06dZ" % (self._prefix, int((t - second) * 1e6))
 
 
 _clock: Final = _Clock()
@@ -262,10 +253,9 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
     JSON processors would write: held with the lines of a
     :func:`~relayd.telemetry.line_sink.batched` block, or else as such a block
     of its own would hold it
-    (:meth:`~relayd.telemetry.line_sink.LineSink.line_deferred`), and rendered
-    when it is written, with the lines written with it: the caller must not
-    change ``fields`` after the call. It is made once per event and sink, so a
-    caller may keep what it built around it for as long as it gets the same one.
+    (:meth:`~relayd.telemetry.line_sink.LineSink.line_batched`). It is made
+    once per event and sink, so a caller may keep what it built around it for
+    as long as it gets the same one.
 
     Returns:
         The writer; or None when structlog must render the event instead: the
@@ -289,20 +279,17 @@ def line_writer(event: str) -> Callable[[dict[str, Any]], None] | None:
 
 def _writer(sink: line_sink.LineSink, event: str) -> Callable[[dict[str, Any]], None]:
     before, after = _head_around_ts(event)
-    hold, encode, stamp = sink.line_deferred, _json.encode, _clock.stamp
-
-    def render(at: float, fields: dict[str, Any]) -> bytes:
-        return before + stamp(at) + after + encode(fields)[1:]
+    write, encode, stamp = sink.line_batched, _json.encode, _clock.stamp
 
     def write_line(fields: dict[str, Any]) -> None:
         # A batch's lines carry the time of its first: a batch does not await, and a
-        # time per line would cost a busy router a sixth of its messages a second.
-        at = sink.batch_time
-        if at is None:
-            at = time.time()
+        # stamp per line would cost a busy router a sixth of its messages a second.
+        ts = sink.batch_stamp
+        if ts is None:
+            ts = stamp()
             if sink.held:
-                sink.batch_time = at
-        hold((render, at, fields))
+                sink.batch_stamp = ts
+        write(before + ts + after + encode(fields)[1:])
 
     return write_line
 
