@@ -108,7 +108,7 @@ async def api(
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_admin(
-                listeners, CollectorRegistry(), lambda: True, areas=[area], task_status=task_status
+                listeners, CollectorRegistry(), lambda: None, areas=[area], task_status=task_status
             )
         )
         yield host, port
@@ -405,7 +405,7 @@ async def test_the_bound_holds_across_listeners(autojump_clock: trio.abc.Clock) 
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_admin(
-                listeners, CollectorRegistry(), lambda: True, task_status=task_status
+                listeners, CollectorRegistry(), lambda: None, task_status=task_status
             )
         )
         idle = [

@@ -13,8 +13,12 @@ happen.
 * ``GET /metrics``: Prometheus text format (:mod:`relayd.telemetry.metrics`, plus the
   process's CPU, memory and file descriptors).
 * ``GET /healthz``: 200 while the event loop answers at all.
-* ``GET /readyz``: 200 while relayd accepts connections; 503 before it is
-  serving and once it is draining, so a load balancer stops sending clients.
+* ``GET /readyz``: 200 while relayd accepts connections; 503 with the reason
+  (``not ready: starting``) before it is serving and once it is draining, so a
+  load balancer stops sending clients.
+
+The listener is started before the rest of relayd (a cluster node's router may
+take seconds to first reach Redis), so that a health check is answered at once.
 
 Every ``GET`` route answers ``HEAD`` too. A path no route has is 404; a method
 its route lacks is 405 with ``Allow``; a request h11 cannot parse is 400 (431
@@ -229,7 +233,7 @@ class _Progress:
 async def serve_admin(
     listeners: Sequence[trio.SocketListener],
     registry: CollectorRegistry,
-    ready: Callable[[], bool],
+    unready: Callable[[], str | None],
     *,
     areas: Sequence[Area] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -239,12 +243,13 @@ async def serve_admin(
     Args:
         listeners: where to accept; closed when this returns.
         registry: the metrics to expose.
-        ready: whether relayd accepts connections now.
+        unready: why relayd does not accept connections now (``/readyz`` answers 503
+            with it), or None while it does. It must not raise or wait.
         areas: more routes, beside ``/metrics``, ``/healthz`` and ``/readyz``, each
             under its prefix with its own refusals and observer.
         task_status: started once accepting.
     """
-    table: dict[str, Mapping[str, Handler]] = dict(_built_in(registry, ready))
+    table: dict[str, Mapping[str, Handler]] = dict(_built_in(registry, unready))
     for area in areas:
         # A route is found its area (its refusals, its key) by its path's prefix.
         outside = [path for path in area.routes if not path.startswith(area.prefix)]
@@ -315,7 +320,7 @@ async def _serve_one(
 
 
 def _built_in(
-    registry: CollectorRegistry, ready: Callable[[], bool]
+    registry: CollectorRegistry, unready: Callable[[], str | None]
 ) -> dict[str, dict[str, Handler]]:
     async def metrics(_request: Request) -> Response:
         return Response(200, CONTENT_TYPE_LATEST, generate_latest(registry))
@@ -324,7 +329,8 @@ def _built_in(
         return text(200, "ok\n")
 
     async def readyz(_request: Request) -> Response:
-        return text(200, "ready\n") if ready() else text(503, "not ready\n")
+        reason = unready()
+        return text(200, "ready\n") if reason is None else text(503, f"not ready: {reason}\n")
 
     return {"/metrics": {"GET": metrics}, "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
 

@@ -38,7 +38,8 @@ Error handling: a request relayd cannot take is answered, never raised: 400
 field missing or of the wrong type), 401
 ``unauthorized``, 413 ``message_too_large``, and in a cluster 503
 ``broker_unavailable`` for presence, disconnect and ids while the node cannot reach
-Redis, and 503 ``answer_incomplete`` when not every node answered them (a part is
+Redis (and for every call while relayd starts, before its router runs), and 503
+``answer_incomplete`` when not every node answered them (a part is
 never answered as the whole); each with a ``detail`` for a person. The listener's
 refusals (404, 405, 408, 413 ``request_too_large``, 500) are the same JSON.
 """
@@ -205,6 +206,7 @@ class _Api:
         key: bytes | None,
         events: MessageEvents,
         stopping: Callable[[], bool],
+        starting: Callable[[], bool],
         wait_s: float,
     ) -> None:
         self._router = router
@@ -213,6 +215,7 @@ class _Api:
         self._key = key
         self._events = events
         self._stopping = stopping
+        self._starting = starting
 
     def authorize(self, headers: Mapping[str, str]) -> Response | None:
         """The refusal of a call relayd will not take, if any; asked before the body is read.
@@ -222,7 +225,9 @@ class _Api:
         body not said to be JSON (a page's cross-site ``text/plain`` POST); 503
         ``shutting_down`` once relayd is draining: its router is closed, and what it
         would answer (``unknown_recipient`` for ids still connected,
-        ``broker_unavailable`` with Redis up) would mislead.
+        ``broker_unavailable`` with Redis up) would mislead; 503 ``broker_unavailable``
+        while relayd starts: its router does not run yet (a cluster node is still
+        reaching Redis), and a call is to be asked again, of this node or another.
         """
         if self._key is not None:
             given = bearer(headers)
@@ -245,6 +250,13 @@ class _Api:
             )
         if self._stopping():
             return _refuse(503, "shutting_down", "this relayd is shutting down; ask another node")
+        if self._starting():
+            return _refuse(
+                503,
+                "broker_unavailable",
+                "this relayd is starting (a cluster node is reaching Redis); "
+                "ask another node, or again later",
+            )
         return None
 
     async def _asked(self, question: Awaitable[_T]) -> _T:
@@ -383,6 +395,7 @@ def api_area(
     events: MessageEvents,
     reply_timeout_s: float,
     stopping: Callable[[], bool] = lambda: False,
+    starting: Callable[[], bool] = lambda: False,
 ) -> Area:
     """The API under :data:`PREFIX`, for :func:`relayd.daemon.admin.serve_admin`.
 
@@ -398,9 +411,21 @@ def api_area(
             (``cluster.reply_timeout_s``); a call waits for the router that long and
             :data:`ROUTER_MARGIN_S` more, then answers 503 (``delivery_unconfirmed``
             for a publish, ``answer_incomplete`` for the rest).
-        stopping: whether relayd is draining: every call is then refused with 503.
+        stopping: whether relayd is draining: every call is then refused with 503
+            ``shutting_down``.
+        starting: whether ``router`` does not run yet: every call is then refused
+            with 503 ``broker_unavailable`` (the listener serves health checks
+            while a cluster node first reaches Redis, which may take seconds).
     """
-    api = _Api(router, max_message_bytes, key, events, stopping, reply_timeout_s + ROUTER_MARGIN_S)
+    api = _Api(
+        router,
+        max_message_bytes,
+        key,
+        events,
+        stopping,
+        starting,
+        reply_timeout_s + ROUTER_MARGIN_S,
+    )
     routes: Routes = {
         f"{PREFIX}publish": {"POST": api.publish},
         f"{PREFIX}disconnect": {"POST": api.disconnect},
