@@ -692,6 +692,47 @@ async def test_a_call_whose_body_arrives_once_the_drain_began_is_not_asked_of_th
     assert router.calls == []
 
 
+async def test_an_absolute_form_target_is_routed_by_its_path() -> None:
+    # RFC 9112 §3.2.2: a server MUST accept it (an HTTP library told to use relayd as
+    # its proxy sends it); relayd answered 404 "nothing at http://..." (found by a tester).
+    router = Recording()
+    body = json.dumps({"to": "bob", "message": 1}).encode()
+    async with api(router) as address:
+        origin = f"http://{address[0]}:{address[1]}"
+
+        async def send(target: str, host: str, data: bytes = body) -> tuple[str, bytes]:
+            head = "\r\n".join(
+                [
+                    f"POST {target} HTTP/1.1",
+                    f"Host: {host}",
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(data)}",
+                ]
+            )
+            status_line, _headers, payload = await raw(address, f"{head}\r\n\r\n".encode() + data)
+            return status_line, payload
+
+        published = await send(f"{origin}/api/publish", "127.0.0.1")
+        upper = await send(f"HTTP://{address[0]}:{address[1]}/api/publish?x=1", "127.0.0.1")
+        # Its authority is the Host (RFC 9112 §3.2.2), for the check without a key too.
+        by_target = await send(f"{origin}/api/publish", "rebound.example")
+        rebound = await send(f"http://rebound.example:{address[1]}/api/publish", "127.0.0.1")
+        nothing = await send(f"{origin}/api/nope", "127.0.0.1")
+        userinfo = await send(f"http://me@{address[0]}:{address[1]}/api/publish", "127.0.0.1")
+        healthz = await raw(address, f"GET {origin}/healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert published == ("HTTP/1.1 200 OK", b'{"outcome": "delivered"}\n')
+    assert upper == published
+    assert by_target == published
+    assert rebound[0] == "HTTP/1.1 403 Forbidden"
+    assert json.loads(rebound[1])["error"] == "host_not_allowed"
+    assert nothing[0] == "HTTP/1.1 404 Not Found"
+    assert json.loads(nothing[1]) == {"error": "not_found", "detail": "nothing at /api/nope"}
+    assert userinfo[0] == "HTTP/1.1 400 Bad Request"
+    assert b"authority" in userinfo[1]  # plain text: relayd read no path from it
+    assert (healthz[0], healthz[2]) == ("HTTP/1.1 200 OK", b"ok\n")
+    assert [c[0] for c in router.calls] == ["publish"] * 3
+
+
 async def test_disconnect_closes_with_the_code_and_reason_given_or_1008() -> None:
     router = Recording()
     router.connections.update({"bob": 2, "carol": 1})
