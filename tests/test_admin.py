@@ -83,7 +83,7 @@ async def test_health_readiness_and_other_paths() -> None:
             await silent.send_all(wire.upgrade_request())
             await silent.receive_some(4096)  # the 101 (and maybe the id)
             server.shutdown("test")
-            assert await _get(address, "/readyz") == (503, "not ready\n")
+            assert await _get(address, "/readyz") == (503, "not ready: shutting down\n")
             assert await _get(address, "/healthz") == (200, "ok\n")
 
 

@@ -52,12 +52,14 @@ class Recording:
         self.cut_off = False  # as a cluster node that cannot reach Redis
         self.unanswered = False  # as a cluster node some other node did not answer
         self.delay_s = 0.0  # how long it takes to answer, as a cluster's other nodes do
+        self.asked = trio.Event()  # set once a call reached the router
+        self.hold: trio.Event | None = None  # if set, each call waits for it to answer
 
     async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
         if self.fail:
             raise RuntimeError("injected fault")
         self.calls.append(("publish", to, bytes(message), sender))
-        await trio.sleep(self.delay_s)
+        await self._held()
         return self.outcome
 
     async def disconnect(self, client_id: str, code: int, reason: str) -> int:
@@ -74,8 +76,14 @@ class Recording:
         ids = sorted(i for i in self.connections if after is None or i > after)
         return ids[:limit]
 
-    async def _reach(self) -> None:
+    async def _held(self) -> None:
+        self.asked.set()
+        if self.hold is not None:
+            await self.hold.wait()
         await trio.sleep(self.delay_s)
+
+    async def _reach(self) -> None:
+        await self._held()
         if self.cut_off:
             raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
         if self.unanswered:
@@ -108,7 +116,7 @@ async def api(
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_admin(
-                listeners, CollectorRegistry(), lambda: True, areas=[area], task_status=task_status
+                listeners, CollectorRegistry(), lambda: None, areas=[area], task_status=task_status
             )
         )
         yield host, port
@@ -405,7 +413,7 @@ async def test_the_bound_holds_across_listeners(autojump_clock: trio.abc.Clock) 
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_admin(
-                listeners, CollectorRegistry(), lambda: True, task_status=task_status
+                listeners, CollectorRegistry(), lambda: None, task_status=task_status
             )
         )
         idle = [
@@ -585,6 +593,144 @@ async def test_a_draining_relayd_refuses_every_call_with_503_shutting_down() -> 
         assert body["detail"] == "this relayd is shutting down; ask another node"
     assert keyless[0] == 401  # the key first: a caller without it learns nothing
     assert router.calls == []  # neither the publish nor the disconnect reached the router
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fault"),
+    [
+        # What a router the drain closed says (what the call was answered before):
+        # its connections are let go (404; 503 recipient_busy; 200, none)...
+        ("/api/publish", {"to": "bob", "message": 1}, Outcome.UNKNOWN_RECIPIENT),
+        ("/api/publish", {"to": "bob", "message": 1}, Outcome.RECIPIENT_BUSY),
+        ("/api/disconnect", {"id": "bob"}, "gone"),
+        ("/api/presence", {"id": "bob"}, "gone"),
+        # ...and a cluster node's link is leaving (503 recipient_unreachable,
+        # broker_unavailable, answer_incomplete).
+        ("/api/publish", {"to": "bob", "message": 1}, Outcome.RECIPIENT_UNREACHABLE),
+        ("/api/presence", {"id": "bob"}, "cut_off"),
+        ("/api/ids", {}, "unanswered"),
+    ],
+)
+async def test_a_call_the_drain_cut_short_is_503_shutting_down_not_the_routers_answer(
+    path: str, body: dict[str, object], fault: Outcome | str
+) -> None:
+    # A call in flight when the drain began got what the closed router said, 404
+    # unknown_recipient, broker_unavailable, "connected": false, and a backend took
+    # the id for gone instead of asking another node (found by a tester).
+    router = Recording()
+    router.connections["bob"] = 1
+    router.hold = trio.Event()
+    draining = [False]
+    answered: list[tuple[int, dict[str, str], Any]] = []
+    async with api(router, stopping=lambda: draining[0]) as address:
+
+        async def ask() -> None:
+            answered.append(await call(address, path, body))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await router.asked.wait()  # the router has the call
+            draining[0] = True
+            if isinstance(fault, Outcome):
+                router.outcome = fault
+            elif fault == "gone":
+                router.connections.clear()
+            else:
+                setattr(router, fault, True)
+            router.hold.set()
+    [(status, _headers, payload)] = answered
+    assert (status, payload["error"]) == (503, "shutting_down")
+    assert payload["detail"] == "this relayd is shutting down; ask another node"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status"), [(Outcome.DELIVERED, 200), (Outcome.DELIVERY_UNCONFIRMED, 503)]
+)
+async def test_a_publish_that_is_or_may_be_delivered_says_so_through_a_drain(
+    outcome: Outcome, status: int
+) -> None:
+    # Told shutting_down, a backend would send it again through another node.
+    router = Recording()
+    router.outcome = outcome
+    router.hold = trio.Event()
+    draining = [False]
+    answered: list[tuple[int, dict[str, str], Any]] = []
+    async with api(router, stopping=lambda: draining[0]) as address:
+
+        async def ask() -> None:
+            answered.append(await call(address, "/api/publish", {"to": "bob", "message": 1}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await router.asked.wait()
+            draining[0] = True
+            router.hold.set()
+    [(answer, _headers, payload)] = answered
+    assert (answer, payload["outcome"]) == (status, outcome.value)
+
+
+async def test_a_call_whose_body_arrives_once_the_drain_began_is_not_asked_of_the_router() -> None:
+    # Its head was let in before the drain; its body came after, to a closed router.
+    router = Recording()
+    router.connections["bob"] = 1
+    draining = [False]
+    body = json.dumps({"to": "bob", "message": 1}).encode()
+    async with (
+        api(router, stopping=lambda: draining[0]) as address,
+        await trio.open_tcp_stream(*address) as stream,
+    ):
+        await stream.send_all(post_head("/api/publish", f"Content-Length: {len(body)}"))
+        await trio.testing.wait_all_tasks_blocked()  # let in, waiting for its body
+        draining[0] = True
+        await stream.send_all(body)
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    top, _, payload = received.partition(b"\r\n\r\n")
+    assert top.startswith(b"HTTP/1.1 503 ")
+    assert json.loads(payload)["error"] == "shutting_down"
+    assert router.calls == []
+
+
+async def test_an_absolute_form_target_is_routed_by_its_path() -> None:
+    # RFC 9112 §3.2.2: a server MUST accept it (an HTTP library told to use relayd as
+    # its proxy sends it); relayd answered 404 "nothing at http://..." (found by a tester).
+    router = Recording()
+    body = json.dumps({"to": "bob", "message": 1}).encode()
+    async with api(router) as address:
+        origin = f"http://{address[0]}:{address[1]}"
+
+        async def send(target: str, host: str, data: bytes = body) -> tuple[str, bytes]:
+            head = "\r\n".join(
+                [
+                    f"POST {target} HTTP/1.1",
+                    f"Host: {host}",
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(data)}",
+                ]
+            )
+            status_line, _headers, payload = await raw(address, f"{head}\r\n\r\n".encode() + data)
+            return status_line, payload
+
+        published = await send(f"{origin}/api/publish", "127.0.0.1")
+        upper = await send(f"HTTP://{address[0]}:{address[1]}/api/publish?x=1", "127.0.0.1")
+        # Its authority is the Host (RFC 9112 §3.2.2), for the check without a key too.
+        by_target = await send(f"{origin}/api/publish", "rebound.example")
+        rebound = await send(f"http://rebound.example:{address[1]}/api/publish", "127.0.0.1")
+        nothing = await send(f"{origin}/api/nope", "127.0.0.1")
+        userinfo = await send(f"http://me@{address[0]}:{address[1]}/api/publish", "127.0.0.1")
+        healthz = await raw(address, f"GET {origin}/healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert published == ("HTTP/1.1 200 OK", b'{"outcome": "delivered"}\n')
+    assert upper == published
+    assert by_target == published
+    assert rebound[0] == "HTTP/1.1 403 Forbidden"
+    assert json.loads(rebound[1])["error"] == "host_not_allowed"
+    assert nothing[0] == "HTTP/1.1 404 Not Found"
+    assert json.loads(nothing[1]) == {"error": "not_found", "detail": "nothing at /api/nope"}
+    assert userinfo[0] == "HTTP/1.1 400 Bad Request"
+    assert b"authority" in userinfo[1]  # plain text: relayd read no path from it
+    assert (healthz[0], healthz[2]) == ("HTTP/1.1 200 OK", b"ok\n")
+    assert [c[0] for c in router.calls] == ["publish"] * 3
 
 
 async def test_disconnect_closes_with_the_code_and_reason_given_or_1008() -> None:

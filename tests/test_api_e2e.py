@@ -10,14 +10,16 @@ import json
 
 import structlog
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from relayd.config import AuthSettings
 from relayd.daemon.credentials import load_authenticator
 from relayd.daemon.server import Server
+from tests import wire
 from tests.client import connect, running, settings
-from tests.test_api import KEY, call
+from tests.test_api import KEY, call, post_head
 
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
 
@@ -159,3 +161,35 @@ async def test_a_server_with_a_key_refuses_calls_without_it() -> None:
             assert (refused[0], allowed[0]) == (401, 200)
             assert await client.recv() == "1"
     assert json.dumps(refused[2]).count("unauthorized") == 1
+
+
+async def test_a_call_let_in_before_a_drain_and_read_after_it_is_503_shutting_down() -> None:
+    # Its head came before the SIGTERM, its body after: relayd asked its closed router,
+    # which had let bob's connection go, and answered 404 unknown_recipient, as if bob
+    # had left, where another node would have reached him (found by a tester).
+    server = Server(settings())
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run)
+        admin = server.admin_address
+        assert admin is not None
+        url = f"ws://{addresses[0][0]}:{addresses[0][1]}/"
+        async with (
+            connect(url) as bob,
+            # A client that never answers the 1001 keeps the drain going.
+            await trio.open_tcp_stream(*addresses[0]) as silent,
+            await trio.open_tcp_stream(*admin) as backend,
+        ):
+            await silent.send_all(wire.upgrade_request())
+            await silent.receive_some(4096)  # the 101 (and maybe the id)
+            body = json.dumps({"to": bob.id, "message": "late"}).encode()
+            await backend.send_all(post_head("/api/publish", f"Content-Length: {len(body)}"))
+            await trio.testing.wait_all_tasks_blocked()  # let in, waiting for its body
+            server.shutdown("test")
+            await trio.testing.wait_all_tasks_blocked()  # the router closed, bob let go
+            await backend.send_all(body)
+            received = b""
+            while chunk := await backend.receive_some(65536):
+                received += chunk
+    top, _, payload = received.partition(b"\r\n\r\n")
+    assert top.startswith(b"HTTP/1.1 503 ")
+    assert json.loads(payload)["error"] == "shutting_down"

@@ -41,6 +41,7 @@ from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect, decode_envelope
 from tests.client import settings
 from tests.redis_server import RedisServer
+from tests.test_api import call, raw
 from tests.test_service import Notifications
 from tests.wire import text_of
 
@@ -656,6 +657,47 @@ async def test_a_node_asked_to_stop_while_its_redis_hangs_stops_without_serving(
     assert "server.ready" not in names
     [stop] = [e for e in events if e["event"] == "server.stop"]
     assert (stop["reason"], stop["forced"]) == ("test", False)
+
+
+async def admin_get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    """``GET path`` from the admin listener at ``address``: the status and the body."""
+    request = f"GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode()
+    status_line, _headers, body = await raw(address, request)
+    return int(status_line.split()[1]), body.decode()
+
+
+async def test_a_node_reaching_its_redis_answers_health_checks_at_once(
+    redis_server: RedisServer,
+) -> None:
+    # The admin listener was started once the router ran: while a node's first attempt
+    # at a Redis that hangs went on (up to 2 x connect_timeout_s + probe_timeout_s, 13 s
+    # by default), /healthz, /readyz and /metrics were accepted and not answered, and a
+    # health check with a shorter timeout took the node for dead (found by a tester).
+    redis_server.freeze()  # connections are accepted by the kernel, and never answered
+    try:
+        server = node_behind(redis_server.url)
+        async with trio.open_nursery() as running:
+            running.start_soon(server.run)
+            await trio.testing.wait_all_tasks_blocked()  # the first attempt hangs
+            address = server.admin_address
+            assert address is not None
+            with trio.fail_after(LIMIT_S):  # the first attempt would take over 60 s
+                healthz = await admin_get(address, "/healthz")
+                readyz = await admin_get(address, "/readyz")
+                metrics = await admin_get(address, "/metrics")
+                presence = await call(address, "/api/presence", {"id": "alice"})
+                publish = await call(address, "/api/publish", {"to": "alice", "message": 1})
+            assert not server.ready
+            server.shutdown("test")
+    finally:
+        redis_server.thaw()
+    assert healthz == (200, "ok\n")
+    assert readyz == (503, "not ready: starting\n")
+    assert metrics[0] == 200
+    assert "relayd_ready 0.0" in metrics[1]
+    for status, _headers, body in (presence, publish):
+        assert (status, body["error"]) == (503, "broker_unavailable")
+        assert body["detail"].startswith("this relayd is starting")
 
 
 async def test_a_node_stopped_before_it_served_never_says_ready_a_sighup_then_or_not() -> None:

@@ -478,7 +478,10 @@ def test_out_of_descriptors_the_admin_listener_still_answers_and_the_log_stays_s
             assert status == 200
             assert b"process_open_fds" in metrics
         # Not ready: a load balancer's new clients would wait in the backlog.
-        assert _get(admin, "/readyz") == (503, b"not ready\n")
+        assert _get(admin, "/readyz") == (
+            503,
+            b"not ready: every descriptor for clients is in use (open-file budget)\n",
+        )
         for sock in held:
             sock.close()
         held.clear()

@@ -13,10 +13,17 @@ happen.
 * ``GET /metrics``: Prometheus text format (:mod:`relayd.telemetry.metrics`, plus the
   process's CPU, memory and file descriptors).
 * ``GET /healthz``: 200 while the event loop answers at all.
-* ``GET /readyz``: 200 while relayd accepts connections; 503 before it is
-  serving and once it is draining, so a load balancer stops sending clients.
+* ``GET /readyz``: 200 while relayd accepts connections; 503 with the reason
+  (``not ready: starting``) before it is serving and once it is draining, so a
+  load balancer stops sending clients.
 
-Every ``GET`` route answers ``HEAD`` too. A path no route has is 404; a method
+The listener is started before the rest of relayd (a cluster node's router may
+take seconds to first reach Redis), so that a health check is answered at once.
+
+Every ``GET`` route answers ``HEAD`` too. A request's target may be in
+absolute-form (``http://127.0.0.1:9031/metrics``, as a client sends to a proxy):
+it is routed by its path, and its authority stands for ``Host`` (RFC 9112
+§3.2.2). A path no route has is 404; a method
 its route lacks is 405 with ``Allow``; a request h11 cannot parse is 400 (431
 for a head over :data:`MAX_HEAD_BYTES`); one that has not arrived whole within
 :data:`REQUEST_TIMEOUT_S` is 408; every answer carries its standard reason
@@ -54,6 +61,7 @@ import contextlib
 import dataclasses
 import functools
 import http
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
@@ -229,7 +237,7 @@ class _Progress:
 async def serve_admin(
     listeners: Sequence[trio.SocketListener],
     registry: CollectorRegistry,
-    ready: Callable[[], bool],
+    unready: Callable[[], str | None],
     *,
     areas: Sequence[Area] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -239,12 +247,13 @@ async def serve_admin(
     Args:
         listeners: where to accept; closed when this returns.
         registry: the metrics to expose.
-        ready: whether relayd accepts connections now.
+        unready: why relayd does not accept connections now (``/readyz`` answers 503
+            with it), or None while it does. It must not raise or wait.
         areas: more routes, beside ``/metrics``, ``/healthz`` and ``/readyz``, each
             under its prefix with its own refusals and observer.
         task_status: started once accepting.
     """
-    table: dict[str, Mapping[str, Handler]] = dict(_built_in(registry, ready))
+    table: dict[str, Mapping[str, Handler]] = dict(_built_in(registry, unready))
     for area in areas:
         # A route is found its area (its refusals, its key) by its path's prefix.
         outside = [path for path in area.routes if not path.startswith(area.prefix)]
@@ -315,7 +324,7 @@ async def _serve_one(
 
 
 def _built_in(
-    registry: CollectorRegistry, ready: Callable[[], bool]
+    registry: CollectorRegistry, unready: Callable[[], str | None]
 ) -> dict[str, dict[str, Handler]]:
     async def metrics(_request: Request) -> Response:
         return Response(200, CONTENT_TYPE_LATEST, generate_latest(registry))
@@ -324,7 +333,8 @@ def _built_in(
         return text(200, "ok\n")
 
     async def readyz(_request: Request) -> Response:
-        return text(200, "ready\n") if ready() else text(503, "not ready\n")
+        reason = unready()
+        return text(200, "ready\n") if reason is None else text(503, f"not ready: {reason}\n")
 
     return {"/metrics": {"GET": metrics}, "/healthz": {"GET": healthz}, "/readyz": {"GET": readyz}}
 
@@ -440,14 +450,17 @@ async def _read(
     if not isinstance(event, h11.Request):
         return None  # ConnectionClosed before a request
     method = event.method.decode("ascii", "replace")
-    target = event.target.decode("ascii", "replace")
-    path, _, query = target.partition("?")
+    path, query, authority = _target(event.target.decode("ascii", "replace"))
     progress.method, progress.path = method, path
     area = _area_of(path, areas)
     refuse = _plain_refusal if area is None else area.refuse
     headers = {
         name.decode("ascii").lower(): value.decode("latin-1") for name, value in event.headers
     }
+    if authority is not None:
+        # RFC 9112 §3.2.2: the Host a server goes by is then the target's (an area's
+        # authorize reads it: the server API's check of the Host without a key).
+        headers["host"] = authority
     methods = routes.get(path)
     handler = None if methods is None else methods.get("GET" if method == "HEAD" else method)
     # Refused on its headers (a wrong key) before a byte of its body is held.
@@ -469,6 +482,35 @@ async def _read(
     if body is None:
         return refuse(413, ERRORS[413], f"the body is over {MAX_BODY_BYTES} bytes")
     return _Call(handler, Request(method, path, query, headers, body), refuse)
+
+
+def _target(target: str) -> tuple[str, str, str | None]:
+    """A request target's path, query (undecoded) and, in absolute-form, its authority.
+
+    ``/metrics?x`` is origin-form (no authority); ``http://127.0.0.1:9031/metrics?x``
+    is absolute-form, which RFC 9112 §3.2.2 says a server must accept: a client that
+    talks to relayd as to a proxy (an HTTP library with a proxy setting) sends it. It
+    is routed by its path (``/`` when it has none), as the origin-form would be. Any
+    other target (``*``, a scheme other than ``http`` or ``https``) is a path no route
+    has: 404.
+
+    Raises:
+        h11.RemoteProtocolError: 400 for an absolute-form target with no host, with
+            userinfo (``user@host``, an error RFC 9110 §4.2.4 says to treat as such),
+            or that is no URI.
+    """
+    scheme, absolute, _rest = target.partition("://")
+    if not absolute or scheme.lower() not in ("http", "https"):
+        path, _, query = target.partition("?")
+        return path, query, None
+    try:
+        parts = urllib.parse.urlsplit(target)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError as exc:
+        raise h11.RemoteProtocolError(f"the target is no URI: {exc}", 400) from None
+    if not parts.hostname or "@" in parts.netloc:
+        raise h11.RemoteProtocolError("the target's authority must be a host, no userinfo", 400)
+    return parts.path or "/", parts.query, parts.netloc
 
 
 async def _call(handler: Handler, request: Request, refuse: Refuse) -> Response:

@@ -38,13 +38,17 @@ Error handling: a request relayd cannot take is answered, never raised: 400
 field missing or of the wrong type), 401
 ``unauthorized``, 413 ``message_too_large``, and in a cluster 503
 ``broker_unavailable`` for presence, disconnect and ids while the node cannot reach
-Redis, and 503 ``answer_incomplete`` when not every node answered them (a part is
-never answered as the whole); each with a ``detail`` for a person. The listener's
+Redis (and for every call while relayd starts, before its router runs), and 503
+``answer_incomplete`` when not every node answered them (a part is
+never answered as the whole); 503 ``shutting_down`` once relayd drains, also for a
+call the drain cut short (:meth:`_Api._query`, :meth:`_Api.publish`); each with a
+``detail`` for a person. The listener's
 refusals (404, 405, 408, 413 ``request_too_large``, 500) are the same JSON.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -90,6 +94,10 @@ _DEFAULT_CLOSE: Final = (1008, "disconnected by the server")
 #: cluster router decides every question by then, and its own answer (which it also
 #: logs and counts) should be the one given; this bound is for a router that does not.
 ROUTER_MARGIN_S: Final = 1.0
+
+#: A publish's outcomes that leave the message in an outbox, or maybe: answered as they
+#: are even once relayd drains, since asking another node would send it twice.
+_MAYBE_DELIVERED: Final = frozenset({Outcome.DELIVERED, Outcome.DELIVERY_UNCONFIRMED})
 
 _JSON: Final = "application/json"
 #: What HTTP allows around a header's value and its parameters (RFC 9110 §5.6.3).
@@ -162,6 +170,15 @@ def _unavailable(error: BrokerUnavailable | IncompleteAnswer) -> Response:
     return _refuse(503, "broker_unavailable", f"{error}; ask another node, or again later")
 
 
+def _draining() -> Response:
+    """The answer to a call once relayd is draining: ask another node.
+
+    Given before the body is read, and to a call the drain cut short (see
+    :meth:`_Api.authorize` and :meth:`_Api.publish`).
+    """
+    return _refuse(503, "shutting_down", "this relayd is shutting down; ask another node")
+
+
 def _local_host(host: str) -> bool:
     """Whether a ``Host`` header is an IP address or ``localhost``, not a DNS name.
 
@@ -205,6 +222,7 @@ class _Api:
         key: bytes | None,
         events: MessageEvents,
         stopping: Callable[[], bool],
+        starting: Callable[[], bool],
         wait_s: float,
     ) -> None:
         self._router = router
@@ -213,6 +231,7 @@ class _Api:
         self._key = key
         self._events = events
         self._stopping = stopping
+        self._starting = starting
 
     def authorize(self, headers: Mapping[str, str]) -> Response | None:
         """The refusal of a call relayd will not take, if any; asked before the body is read.
@@ -222,7 +241,9 @@ class _Api:
         body not said to be JSON (a page's cross-site ``text/plain`` POST); 503
         ``shutting_down`` once relayd is draining: its router is closed, and what it
         would answer (``unknown_recipient`` for ids still connected,
-        ``broker_unavailable`` with Redis up) would mislead.
+        ``broker_unavailable`` with Redis up) would mislead; 503 ``broker_unavailable``
+        while relayd starts: its router does not run yet (a cluster node is still
+        reaching Redis), and a call is to be asked again, of this node or another.
         """
         if self._key is not None:
             given = bearer(headers)
@@ -244,7 +265,14 @@ class _Api:
                 415, "unsupported_media_type", "send the body as Content-Type: application/json"
             )
         if self._stopping():
-            return _refuse(503, "shutting_down", "this relayd is shutting down; ask another node")
+            return _draining()
+        if self._starting():
+            return _refuse(
+                503,
+                "broker_unavailable",
+                "this relayd is starting (a cluster node is reaching Redis); "
+                "ask another node, or again later",
+            )
         return None
 
     async def _asked(self, question: Awaitable[_T]) -> _T:
@@ -260,6 +288,26 @@ class _Api:
         with trio.move_on_after(self._wait_s):
             return await question
         raise IncompleteAnswer(f"no answer within {self._wait_s:g} s")
+
+    async def _query(self, ask: Callable[[], Awaitable[_T]]) -> _T | Response:
+        """The router's answer to a question (presence, disconnect, ids), or the 503 instead.
+
+        ``ask`` is called only if relayd is not draining by now: a call whose head was
+        let in before the drain began may have its body arrive after it, when the router
+        is closed. An answer that comes once the drain has begun is not given either,
+        however it came: the node's connections are detached, its link to the cluster is
+        leaving, and what its router says then (no connections, ``broker_unavailable``,
+        ``answer_incomplete``) is the drain's doing, not the cluster's state. Both are
+        answered ``shutting_down``; asking another node is safe, since each question is
+        idempotent. Nothing is raised: a refusal is returned.
+        """
+        if self._stopping():
+            return _draining()
+        try:
+            answer = await self._asked(ask())
+        except (BrokerUnavailable, IncompleteAnswer) as error:
+            return _draining() if self._stopping() else _unavailable(error)
+        return _draining() if self._stopping() else answer
 
     def _decode(self, request: Request, kind: type[_Call]) -> _Call | Response:
         """The request's body as ``kind``, or the 400 that refuses it."""
@@ -286,6 +334,16 @@ class _Api:
             return _refuse(400, "invalid_request", f"not JSON: {TOO_DEEP}")
 
     async def publish(self, request: Request) -> Response:
+        """Hand the message to the router: its outcome, or ``shutting_down`` if a drain decided.
+
+        Once the drain has begun, a message is not handed over (its body may arrive after
+        the drain began), and an outcome that says it was not delivered
+        (``unknown_recipient`` from a router that let its connections go,
+        ``recipient_busy`` from outboxes that take nothing more, ``recipient_unreachable``
+        from a link that is leaving) is answered ``shutting_down``, to send it through
+        another node. ``delivered`` and ``delivery_unconfirmed`` stand: it is or may be
+        in an outbox, and ``shutting_down`` would have it sent twice.
+        """
         call = self._decode(request, _Publish)
         if isinstance(call, Response):
             return call
@@ -297,6 +355,8 @@ class _Api:
                 SERVER_SENDER, call.to, len(call.message), ErrorCode.MESSAGE_TOO_LARGE
             )
             return _refuse(413, "message_too_large", f"message is larger than {limit} bytes")
+        if self._stopping():
+            return _draining()
         try:
             outcome = await self._asked(
                 self._router.publish(call.to, call.message, sender=SERVER_SENDER)
@@ -305,6 +365,8 @@ class _Api:
             # Handed to the router, so it may yet be delivered: unknown, as for a
             # cluster node that did not answer; never answered by closing the socket.
             outcome = Outcome.DELIVERY_UNCONFIRMED
+        if self._stopping() and outcome not in _MAYBE_DELIVERED:
+            return _draining()
         if outcome.error is None:
             return _answer(200, {"outcome": outcome.value})
         status = 404 if outcome is Outcome.UNKNOWN_RECIPIENT else 503
@@ -322,20 +384,20 @@ class _Api:
             )
         if len(call.reason.encode()) > _MAX_REASON_BYTES:
             return _refuse(400, "invalid_request", "reason is over 123 bytes of UTF-8")
-        try:
-            closed = await self._asked(self._router.disconnect(call.id, call.code, call.reason))
-        except (BrokerUnavailable, IncompleteAnswer) as error:
-            return _unavailable(error)
+        closed = await self._query(
+            functools.partial(self._router.disconnect, call.id, call.code, call.reason)
+        )
+        if isinstance(closed, Response):
+            return closed
         return _answer(200, {"id": call.id, "disconnected": closed})
 
     async def presence(self, request: Request) -> Response:
         call = self._decode(request, _Presence)
         if isinstance(call, Response):
             return call
-        try:
-            connections = await self._asked(self._router.presence(call.id))
-        except (BrokerUnavailable, IncompleteAnswer) as error:
-            return _unavailable(error)
+        connections = await self._query(functools.partial(self._router.presence, call.id))
+        if isinstance(connections, Response):
+            return connections
         return _answer(
             200, {"id": call.id, "connected": connections > 0, "connections": connections}
         )
@@ -346,10 +408,11 @@ class _Api:
             return call
         # One id more than the page: only if it is there does another page follow, so the
         # last page says so itself (a full last page used to point at an empty one).
-        try:
-            ids = await self._asked(self._router.list_ids(after=call.after, limit=call.limit + 1))
-        except (BrokerUnavailable, IncompleteAnswer) as error:
-            return _unavailable(error)
+        ids = await self._query(
+            functools.partial(self._router.list_ids, after=call.after, limit=call.limit + 1)
+        )
+        if isinstance(ids, Response):
+            return ids
         page = ids[: call.limit]
         following = page[-1] if len(ids) > call.limit else None
         return _answer(200, {"ids": page, "next": following})
@@ -383,6 +446,7 @@ def api_area(
     events: MessageEvents,
     reply_timeout_s: float,
     stopping: Callable[[], bool] = lambda: False,
+    starting: Callable[[], bool] = lambda: False,
 ) -> Area:
     """The API under :data:`PREFIX`, for :func:`relayd.daemon.admin.serve_admin`.
 
@@ -398,9 +462,21 @@ def api_area(
             (``cluster.reply_timeout_s``); a call waits for the router that long and
             :data:`ROUTER_MARGIN_S` more, then answers 503 (``delivery_unconfirmed``
             for a publish, ``answer_incomplete`` for the rest).
-        stopping: whether relayd is draining: every call is then refused with 503.
+        stopping: whether relayd is draining: every call is then refused with 503
+            ``shutting_down``.
+        starting: whether ``router`` does not run yet: every call is then refused
+            with 503 ``broker_unavailable`` (the listener serves health checks
+            while a cluster node first reaches Redis, which may take seconds).
     """
-    api = _Api(router, max_message_bytes, key, events, stopping, reply_timeout_s + ROUTER_MARGIN_S)
+    api = _Api(
+        router,
+        max_message_bytes,
+        key,
+        events,
+        stopping,
+        starting,
+        reply_timeout_s + ROUTER_MARGIN_S,
+    )
     routes: Routes = {
         f"{PREFIX}publish": {"POST": api.publish},
         f"{PREFIX}disconnect": {"POST": api.disconnect},

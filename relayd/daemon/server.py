@@ -3,6 +3,11 @@
 Task tree of one daemon (each box owns what is under it)::
 
     Server.run
+    ├── admin           admin.serve_admin: /metrics, /healthz, /readyz and the
+    │                   server API, started first, so that a health check is
+    │                   answered while the router starts (a cluster node's first
+    │                   attempt at Redis may take seconds: /readyz says 503
+    │                   ``starting``, the API 503 ``broker_unavailable``)
     ├── router          Router.run: the routing task (relayd.routing)
     └── connections     one task per accepted stream (daemon.gate.Gate), and
         │               beside it, while it has more to write than its socket
@@ -42,7 +47,7 @@ from relayd import __version__
 from relayd.config import Settings
 from relayd.daemon.accepting import Sockets, public_sockets, serve_public
 from relayd.daemon.addresses import show
-from relayd.daemon.admin import serve_admin
+from relayd.daemon.admin import Area, serve_admin
 from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
 from relayd.daemon.listeners import address, bind, bind_admin, with_tls
@@ -124,6 +129,8 @@ class Server:
         self._stop = trio.Event()
         self._stop_reason = ""
         self._accepting = False
+        # The router runs (its start reported): the server API may ask it from then on.
+        self._routing = False
         # The router's start, while run() waits for it: a cluster node's first attempt
         # to reach Redis may take seconds, which a shutdown need not wait out.
         self._starting: trio.CancelScope | None = None
@@ -188,14 +195,24 @@ class Server:
 
         Not while every public socket the open-file budget allows is open (the accept
         loops pause, and a new client would wait in the backlog), nor, on a cluster
-        node, while its link to the cluster is down.
+        node, while its link to the cluster is down: :attr:`unready` says which.
         """
-        return (
-            self._accepting
-            and not self.sockets.full
-            and not self._stop.is_set()
-            and self._router.ready
-        )
+        return self.unready is None
+
+    @property
+    def unready(self) -> str | None:
+        """Why relayd is not ready now, for ``/readyz``'s 503; None while it is."""
+        if self._stop.is_set():
+            return "shutting down"
+        if not self._accepting:
+            # Before the accept loops: the router's start (a cluster node reaching
+            # Redis), then the listeners'.
+            return "starting"
+        if self.sockets.full:
+            return "every descriptor for clients is in use (open-file budget)"
+        if not self._router.ready:
+            return "the link to the cluster is down"
+        return None
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -230,6 +247,20 @@ class Server:
         # relayd started with, so the next reload compares against those.
         self._settings = in_force(self._settings, settings)
         return result
+
+    def _api(self) -> Area:
+        """The server API, for the admin listener; it refuses calls until the router runs."""
+        return api_area(
+            self._router,
+            # As in force now: a reload may change it.
+            max_message_bytes=lambda: self._settings.limits.max_message_bytes,
+            key=self._api_key,
+            stats=self.stats,
+            events=self.events,
+            reply_timeout_s=self._settings.cluster.reply_timeout_s,
+            stopping=lambda: self.stopping,
+            starting=lambda: not self._routing,
+        )
 
     async def run(
         self,
@@ -274,11 +305,28 @@ class Server:
                 async with trio.open_nursery() as root:
                     root.start_soon(flush_held_lines)
                     root.start_soon(report_suppressed_lines)
+                    if admin_listeners:
+                        # Before the router: its start may take seconds (a cluster
+                        # node's first attempt at Redis, up to 2 x connect_timeout_s +
+                        # probe_timeout_s), which a health check should not wait out.
+                        # Until the router runs, /readyz says "starting" and the API
+                        # refuses every call (503 broker_unavailable: ask again).
+                        # Cancelled with the root, it closes the admin listeners.
+                        await root.start(
+                            functools.partial(
+                                serve_admin,
+                                admin_listeners,
+                                self.registry,
+                                lambda: self.unready,
+                                areas=[self._api()],
+                            )
+                        )
                     with trio.CancelScope() as self._starting:
                         if self._stop.is_set():
                             self._starting.cancel()
                         await root.start(self._router.run)
                     self._starting = None
+                    self._routing = True
                     if self._stop.is_set():
                         # Stopped before it served: no client to drain, nothing to
                         # say ready (the caller hears of the listeners all the same).
@@ -286,29 +334,9 @@ class Server:
                         forced = False
                         root.cancel_scope.cancel()
                         with trio.CancelScope(shield=True):
-                            for listener in (*listeners, *admin_listeners):
+                            for listener in listeners:
                                 await listener.aclose()
                         return
-                    if admin_listeners:
-                        api = api_area(
-                            self._router,
-                            # As in force now: a reload may change it.
-                            max_message_bytes=lambda: self._settings.limits.max_message_bytes,
-                            key=self._api_key,
-                            stats=self.stats,
-                            events=self.events,
-                            reply_timeout_s=self._settings.cluster.reply_timeout_s,
-                            stopping=lambda: self.stopping,
-                        )
-                        await root.start(
-                            functools.partial(
-                                serve_admin,
-                                admin_listeners,
-                                self.registry,
-                                lambda: self.ready,
-                                areas=[api],
-                            )
-                        )
                     # Reads every plain TCP connection's socket while its reader
                     # waits; it outlives the connections (cancelled with the root).
                     poller = self._gate.poller = ReadPoller()
