@@ -64,6 +64,11 @@ _GONE_NOTICE: Final = (
     "relayd: the log's reader has gone (stdout is closed); relayd keeps serving, "
     "and counts the log lines it drops in relayd_log_lines_dropped_total\n"
 )
+#: What stderr says when a write of the log fails otherwise (once until one succeeds).
+_FAILED_NOTICE: Final = (
+    "relayd: writing the log failed ({reason}); relayd keeps serving, and counts the "
+    "log lines it cannot write in relayd_log_lines_dropped_total\n"
+)
 
 
 class LineSink:
@@ -75,16 +80,25 @@ class LineSink:
         gone: whether the stream's reader is already known to be gone (a sink
             installed again on the same stream), so that nothing is written.
 
-    Error handling: a write that finds the reader gone (``EPIPE``,
-    ``ECONNRESET``) is not raised; the lines are dropped and counted, see the
-    module docstring. Any other ``OSError`` is raised to the code that logged
-    (the flusher's own writes: not raised), and the lines it was writing are
-    counted in :func:`dropped_lines` as lost.
+    Error handling: no write raises. One that finds the reader gone (``EPIPE``,
+    ``ECONNRESET``) drops the lines and every later one, counted, see the module
+    docstring. Any other ``OSError`` (a full disk, ``EIO``, ``EAGAIN`` on a
+    non-blocking stdout) drops that write's lines, counted in
+    :func:`dropped_lines`, says so once on stderr, and the next lines are
+    written as they come: whoever logged (a routing task, the flusher, a
+    connection's) serves on. A stream with a file descriptor is written with
+    ``os.write``, not through Python's buffer, which would keep a failed write's
+    bytes and write them later, after they were counted as dropped.
     """
 
     def __init__(self, stream: TextIO, *, gone: bool = False) -> None:
         self.stream = stream
         self._binary = getattr(stream, "buffer", None)
+        self._fd = _descriptor(stream, self._binary)
+        #: Whether the last write failed (the reader not gone): said once on stderr.
+        self.failing = False
+        # A write that failed part-way left a line unended: the next write ends it first.
+        self._unended = False
         self._lines: list[bytes] = []
         self._bytes = 0
         self.held = False
@@ -167,20 +181,39 @@ class LineSink:
         if self.gone:
             _count_dropped(len(lines))
             return True
+        data = b"\n".join(lines) + b"\n"
         try:
-            data = b"\n".join(lines) + b"\n"
+            self._write(b"\n" + data if self._unended else data)
+        except (BrokenPipeError, ConnectionResetError):
+            self._reader_gone(len(lines))
+        except OSError as error:
+            _count_dropped(len(lines))
+            if not self.failing:
+                self.failing = True
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(_FAILED_NOTICE.format(reason=error.strerror or error))
+                    sys.stderr.flush()
+        else:
+            self.failing = self._unended = False
+        return True
+
+    def _write(self, data: bytes) -> None:
+        fd = self._fd
+        if fd is None:
             if self._binary is not None:
                 self._binary.write(data)
                 self._binary.flush()
             else:
                 self.stream.write(data.decode())
                 self.stream.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self._reader_gone(len(lines))
-        except Exception:
-            _count_dropped(len(lines))  # lost, whoever hears of it: counted
-            raise
-        return True
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except OSError:
+                self._unended = len(view) < len(data) or self._unended
+                raise
 
     def _reader_gone(self, lines: int) -> None:
         self.gone = True
@@ -205,6 +238,17 @@ _flusher: trio.CancelScope | None = None
 #: The deadline of the flusher's wait, kept apart because reading a cancel scope's
 #: deadline is a Python call; inf when it waits for no line.
 _due = math.inf
+
+
+def _descriptor(stream: TextIO, binary: object) -> int | None:
+    """The descriptor under ``stream``'s binary buffer, after flushing what it holds; or None."""
+    if binary is None:
+        return None
+    try:
+        stream.flush()  # what was written before the sink: ahead of its lines
+        return stream.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def _count_dropped(lines: int) -> None:
@@ -245,7 +289,7 @@ async def flush_held_lines() -> None:
 
     Resource handling: run it in a nursery that lives as long as the logging
     does; when cancelled, it writes what is held and batches flush at once again.
-    It raises nothing of a write that failed (see :class:`LineSink`).
+    No write that fails raises (see :class:`LineSink`).
     """
     global _flusher, _due  # the module's one flusher, like its one sink
     try:
@@ -256,14 +300,7 @@ async def flush_held_lines() -> None:
             sink = _sink
             if sink is None:
                 continue
-            try:
-                wrote = sink.flush()
-            except Exception:
-                # A write that failed (a full disk, EIO): its lines are lost and
-                # counted. No code that logged is here to hear of it, and the log
-                # must not end the server: the next write may succeed.
-                wrote = True
-            if wrote:
+            if sink.flush():
                 sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
     finally:
         _flusher = None
