@@ -43,6 +43,7 @@ import datetime
 import ipaddress
 import json
 import os
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -161,10 +162,10 @@ class _Gathering:
     def read_file(self, path: Path, named_by: str | None, *, reloading: bool = False) -> None:
         """Record the settings in the TOML file ``path``; ``named_by``: the source naming it.
 
-        At a reload (``reloading``) a file that is not a regular file and reads
-        empty is a problem, not a file of no settings: a pipe the start read, as
-        ``--config <(...)`` gives, has nothing left, and the built-in defaults
-        would undo every setting it held (authentication among them).
+        At a reload (``reloading``) a pipe that reads empty is a problem, not a
+        file of no settings: one the start read, as ``--config <(...)`` gives, has
+        nothing left, and the built-in defaults would undo every setting it held
+        (authentication among them). An empty file, or ``/dev/null``, has none.
         """
         source = f"in {path}"
         try:
@@ -173,7 +174,7 @@ class _Gathering:
             named = "" if named_by is None else f" ({named_by})"
             self.problem(f"cannot read {path}{named}: {error.strerror or error}", source=source)
             return
-        if reloading and not raw and not path.is_file():
+        if reloading and not raw and _is_pipe(path):
             self.problem(
                 f"{path} read empty at this reload and is no regular file: a pipe, as"
                 " --config <(...) gives, can be read only once; give relayd a file to reload",
@@ -365,6 +366,13 @@ def _conflicts(settings: Settings, values: _Values) -> list[ConfigError]:
 
 
 # -- the whole ---------------------------------------------------------------------------------
+
+
+def _is_pipe(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def load(

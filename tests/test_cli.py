@@ -887,7 +887,9 @@ def test_a_reload_of_a_pipe_read_at_the_start_is_refused_not_the_built_in_defaul
         assert "read empty at this reload" in problem.line
     finally:
         os.close(read_end)
-    # An empty regular file is still a file of no settings.
+    # An empty regular file, or /dev/null, is still a file of no settings.
+    read = settings_reader(Path(os.devnull), {})
+    assert read().path == read().path == Path(os.devnull)
     empty = tmp_path / "empty.toml"
     empty.write_text("[limits]\nmax_connections = 2\n")
     read = settings_reader(empty, {})

@@ -208,12 +208,12 @@ class LineSink:
                 self.stream.flush()
             return
         view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(fd, view) :]
-            except OSError:
-                self._unended = len(view) < len(data) or self._unended
-                raise
+        try:
+            while view := view[os.write(fd, view) :]:
+                pass  # a pipe may take part of a write
+        except OSError:
+            self._unended = len(view) < len(data) or self._unended
+            raise
 
     def _reader_gone(self, lines: int) -> None:
         self.gone = True
