@@ -657,12 +657,14 @@ class Terminal:
 
 
 @asynccontextmanager
-async def at_a_terminal(url: str) -> AsyncIterator[tuple[Terminal, list[Any]]]:
+async def at_a_terminal(
+    url: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Terminal, list[Any]]]:
     """``relayd chat URL`` on a new terminal, and the terminal's modes before it started."""
     master, slave = os.openpty()
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
     modes = termios.tcgetattr(slave)
-    env = _environment({"TERM": "xterm", "INPUTRC": "/dev/null"})
+    env = _environment({"TERM": "xterm", "INPUTRC": "/dev/null", **(env or {})})
     try:
         proc = await trio.lowlevel.open_process(
             ["setsid", "--ctty", *MODULE, "chat", url],  # Ctrl-C on it is SIGINT to chat
@@ -723,6 +725,26 @@ async def test_at_a_terminal_lines_are_edited_recalled_and_never_torn() -> None:
         assert screen.endswith(f"to {peer.id}> half typed, then Ctrl-C\nclosed: 1000\n"), screen
         # readline's modes (no echo, no line buffering) are gone with it.
         assert termios.tcgetattr(terminal.master.fileno()) == modes
+
+
+async def test_at_a_terminal_in_the_c_locale_bytes_not_utf8_are_sent_as_u_fffd() -> None:
+    # In the C locale Python decodes typed bytes with surrogateescape: a byte that is not
+    # UTF-8 became a lone surrogate, which stopped the chat with a traceback.
+    async with (
+        running(Server(settings())) as url,
+        connect(url, v1=True) as peer,
+        at_a_terminal(url, {"LC_ALL": "C"}) as (terminal, _),
+    ):
+        await terminal.expect("connected to ")
+        await terminal.expect("> ")
+        await terminal.master.send_all(f"{peer.id} caf".encode() + b"\xe9 ok\r")
+        with trio.fail_after(WAIT_S):
+            assert (await peer.recv_json())["message"] == "caf\ufffd ok"
+        await terminal.expect("relayd chat: a line was not UTF-8: its bad bytes are sent as U+FFFD")
+        await terminal.expect("ack 1\n> ")
+        await terminal.type("/quit\r")
+        assert (await terminal.rest()).endswith("closed: 1000\n")
+        assert await terminal.proc.wait() == 0
 
 
 def _chat_id(terminal: Terminal) -> str:
