@@ -302,7 +302,7 @@ async def test_commands_blank_lines_and_mistakes() -> None:
     assert (status, rest, stderr) == (0, ["closed: 1000"], "")
 
 
-@pytest.mark.parametrize("ending", ["/quit", "end of input", "Ctrl-C"])
+@pytest.mark.parametrize("ending", ["/quit", "end of input", "Ctrl-C", "SIGTERM"])
 async def test_quit_end_of_input_and_ctrl_c_close_with_1000_and_exit_0(ending: str) -> None:
     with structlog.testing.capture_logs() as events:
         async with (
@@ -318,8 +318,10 @@ async def test_quit_end_of_input_and_ctrl_c_close_with_1000_and_exit_0(ending: s
                 await chat.send(f"{peer.id} last words", end="")  # no line break
                 await chat.end_input()
                 assert await peer.recv() == "last words"
-            else:
+            elif ending == "Ctrl-C":
                 chat.proc.send_signal(signal.SIGINT)
+            else:  # `kill`, `timeout`: it killed the chat, relayd saw 1006
+                chat.proc.send_signal(signal.SIGTERM)
             status, rest, stderr = await chat.finish()
     assert (status, stderr) == (0, "")
     assert rest == (["ack 1", "closed: 1000"] if ending == "end of input" else ["closed: 1000"])
@@ -745,6 +747,16 @@ async def test_at_a_terminal_in_the_c_locale_bytes_not_utf8_are_sent_as_u_fffd()
         await terminal.type("/quit\r")
         assert (await terminal.rest()).endswith("closed: 1000\n")
         assert await terminal.proc.wait() == 0
+
+
+async def test_sigterm_at_a_terminal_closes_with_1000_and_puts_the_modes_back() -> None:
+    async with running(Server(settings())) as url, at_a_terminal(url) as (terminal, modes):
+        await terminal.expect("connected to ")
+        await terminal.expect("> ")  # readline is reading: its modes are on
+        terminal.proc.send_signal(signal.SIGTERM)
+        assert (await terminal.rest()).endswith("> \nclosed: 1000\n")
+        assert await terminal.proc.wait() == 0
+        assert termios.tcgetattr(terminal.master.fileno()) == modes
 
 
 def _chat_id(terminal: Terminal) -> str:

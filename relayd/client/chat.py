@@ -10,8 +10,8 @@ The token comes from the environment (:data:`TOKEN_VARIABLE`) or a file, never
 the command line, where ``ps`` shows it to every user of the machine.
 
 In relayd.v1 the Nth message sent is numbered N in its ``ack`` or error line.
-Ctrl-C closes like ``/quit``; a second Ctrl-C stops waiting for the server's
-close reply (exit status 130).
+Ctrl-C, or SIGTERM once connected, closes like ``/quit``; a second Ctrl-C stops
+waiting for the server's close reply (exit status 130).
 
 ``wss://`` verifies the server's certificate against the system trust store
 (``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are honoured), or against the CA
@@ -71,7 +71,7 @@ Type a line to send a message:
   /id          print your id
   /help        print this help
   /quit        close the connection and exit (so does end of input, Ctrl-D,
-               or Ctrl-C)
+               Ctrl-C, or SIGTERM)
 Blank lines are ignored. A message longer than the server's limit (it says
 which at connect, 64 KiB by default) is not sent: you get a warning instead.
 At a terminal, lines can be edited, and the up arrow recalls this session's
@@ -101,10 +101,10 @@ variable or from --token-file, never from the command line (--token, or
 For wss://, the server's certificate is verified against the system's trust
 store, or against --ca-file PATH (PEM) for a private CA.
 
-Exit status: 0 after /quit, end of input, Ctrl-C, or a server close with 1000
-or 1001; 1 after any other close, or if the connection cannot be made (one
-line on stderr: a refused handshake's HTTP status and body, or the network or
-TLS error); 2 for a bad URL, token or --ca-file."""
+Exit status: 0 after /quit, end of input, Ctrl-C, SIGTERM, or a server close
+with 1000 or 1001; 1 after any other close, or if the connection cannot be made
+(one line on stderr: a refused handshake's HTTP status and body, or the network
+or TLS error); 2 for a bad URL, token or --ca-file."""
 
 _DIALECT_NAMES: Final = {Dialect.SEED: "seed", Dialect.V1: "relayd.v1"}
 #: Close codes after which the server's close is not a failure.
