@@ -9,7 +9,9 @@ relayd is the installed ``relayd`` command, started and stopped as an operator w
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +26,7 @@ from relayd.client import (
     Backoff,
     Client,
     ConnectError,
+    ConnectTimeout,
     HandshakeRefused,
     PolicyViolation,
     ServerShuttingDown,
@@ -253,6 +256,28 @@ async def test_a_first_connection_closed_unanswered_is_retryable_and_says_why() 
         f"{url} closed the connection without answering the WebSocket handshake"
         f" (relayd at its handshake limit, or restarting;"
         f" or it speaks {url.replace('ws://', 'wss://')}, not ws://)"
+    )
+
+
+async def _resets(stream: trio.SocketStream) -> None:
+    """Resets each connection once accepted, before reading its request (SO_LINGER 0)."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+async def test_a_first_connection_reset_unanswered_is_retryable_at_once() -> None:
+    # A reset that came before the upgrade request was written stopped trio-websocket's
+    # reader without a read: the client waited out connect_timeout, a ConnectTimeout.
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, _resets)
+        with trio.fail_after(10), pytest.raises(ConnectError) as refused:
+            async with connect(url, connect_timeout=60):
+                pytest.fail("connected to a server that resets every connection")
+        nursery.cancel_scope.cancel()
+    assert not isinstance(refused.value, ConnectTimeout)
+    assert refused.value.retryable
+    assert str(refused.value).startswith(
+        f"{url} closed the connection without answering the WebSocket handshake"
     )
 
 
