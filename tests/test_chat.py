@@ -31,9 +31,12 @@ from relayd.client.chat import TOKEN_VARIABLE
 from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
+from relayd.wire.frames import OP_TEXT, FrameParser
+from relayd.wire.server_frames import close_frame
 from tests.client import connect, running, settings
 from tests.test_api import call
 from tests.test_cli import MODULE, SCRIPT, clean_env
+from tests.test_client import accept_v1, serve_tcp
 
 #: Bound on one wait for a line or an exit; relayd answers on loopback in milliseconds,
 #: so this only catches a hang (a child's start-up, imports included, is within it).
@@ -339,6 +342,32 @@ async def test_a_server_shutdown_prints_1001_and_exits_0() -> None:
         assert await chat.finish() == (0, ["closed: 1001 server shutting down"], "")
 
 
+async def test_a_message_whose_outcome_the_close_cut_off_gets_a_line_of_its_own() -> None:
+    # Every other message has an ack or error line; this one had none at all.
+    async def reads_one_then_shuts_down(stream: trio.SocketStream) -> None:
+        async with stream:
+            await accept_v1(stream, "the-id")
+            parser = FrameParser(65536)
+            frames: list[tuple[int, bytes]] = []
+            while not any(op == OP_TEXT for op, _ in frames):
+                frames += parser.feed(await stream.receive_some(4096))
+            await stream.send_all(close_frame(1001, "server shutting down"))
+            while await stream.receive_some(4096):  # the chat's close frame, then its FIN
+                pass
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, reads_one_then_shuts_down)
+        async with chatting(url) as chat:
+            await chat.send("someone hello")
+            status, rest, stderr = await chat.finish()
+        nursery.cancel_scope.cancel()
+    assert (status, rest) == (0, ["closed: 1001 server shutting down"])
+    assert stderr == (
+        "relayd chat: message 1 to someone: the connection closed before its outcome was"
+        " known; it may or may not have been delivered\n"
+    )
+
+
 async def test_any_other_close_exits_1() -> None:
     async with (
         running(Server(settings(messages_per_second=0.001, message_burst=1))) as url,
@@ -349,8 +378,12 @@ async def test_any_other_close_exits_1() -> None:
         await chat.expect(f"< {chat.id}: 0", "ack 1")
         await chat.expect(f"! rate_limited: too many messages; slow down (message 2 to {chat.id})")
         status, rest, stderr = await chat.finish()
-    assert (status, stderr) == (1, "")
+    assert status == 1
     assert rest == ["closed: 1008 rate limit exceeded"]
+    assert stderr == (  # relayd closed without answering the third
+        f"relayd chat: message 3 to {chat.id}: the connection closed before its outcome was"
+        " known; it may or may not have been delivered\n"
+    )
 
 
 async def test_a_line_over_the_servers_limit_is_refused_here_and_the_chat_goes_on() -> None:

@@ -74,6 +74,8 @@ Type a line to send a message:
                Ctrl-C, or SIGTERM)
 Blank lines are ignored. A message longer than the server's limit (it says
 which at connect, 64 KiB by default) is not sent: you get a warning instead.
+A message whose outcome the connection's close cut off gets a warning too: it
+may or may not have been delivered.
 At a terminal, lines can be edited, and the up arrow recalls this session's
 earlier lines (they are not kept after it).
 

@@ -136,8 +136,16 @@ class Session:
         except SendError as error:
             self._sent += 1
             self._show_error(error, f"message {self._sent} to {to}")
-        except (ConnectionClosed, trio.ClosedResourceError):
-            pass  # _receive reports the close
+        except ConnectionClosed:
+            # _receive reports the close; this message's fate is said here, as every
+            # other message has a line of its own.
+            self._sent += 1
+            self._console.warn(
+                f"message {self._sent} to {to}: the connection closed before its outcome"
+                " was known; it may or may not have been delivered"
+            )
+        except trio.ClosedResourceError:
+            pass  # the person quit
         else:
             self._sent += 1
             if v1:
