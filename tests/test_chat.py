@@ -607,6 +607,29 @@ async def test_wss_verifies_against_the_system_trust_store_or_a_ca_file(tmp_path
     assert err.endswith(" (for a private CA: --ca-file PATH)\n"), err
 
 
+async def test_the_ca_file_hint_is_only_for_a_certificate_whose_issuer_is_not_trusted(
+    tmp_path: Path,
+) -> None:
+    # A name mismatch with the right --ca-file was hinted "for a private CA: --ca-file PATH".
+    ca = trustme.CA()
+    cert = ca.issue_cert("relayd.example")  # not 127.0.0.1, the URL's host
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    tls = TLSSettings(cert_file=str(tmp_path / "both.pem"), key_file=str(tmp_path / "key.pem"))
+    async with running(Server(settings(), tls=load_tls(tls)), scheme="wss") as url:
+        mismatch = await run_to_exit(url, "--ca-file", str(tmp_path / "ca.pem"))
+        wrong_ca = await run_to_exit(url, "--ca-file", str(tmp_path / "other.pem"))
+    status, out, err = mismatch
+    assert (status, out) == (1, [])
+    assert "IP address mismatch" in err, err
+    assert "CA" not in err.rpartition("mismatch")[2], err  # no hint: a CA file would not help
+    status, out, err = wrong_ca
+    assert (status, out) == (1, [])
+    assert err.endswith(" (is it the right CA file?)\n"), err
+
+
 async def test_a_ca_file_that_cannot_be_used_exits_2(tmp_path: Path) -> None:
     (tmp_path / "empty.pem").write_text("")
     for args, message in [

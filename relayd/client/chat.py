@@ -108,6 +108,10 @@ with 1000 or 1001; 1 after any other close, or if the connection cannot be made
 (one line on stderr: a refused handshake's HTTP status and body, or the network
 or TLS error); 2 for a bad URL, token or --ca-file."""
 
+#: OpenSSL's verify results for a certificate whose issuer is not trusted, which is what
+#: a private CA's certificate gets without --ca-file. A name the certificate does not
+#: hold, or one expired, is not helped by a CA file.
+_UNTRUSTED_ISSUER: Final = frozenset({2, 18, 19, 20, 21})
 _DIALECT_NAMES: Final = {Dialect.SEED: "seed", Dialect.V1: "relayd.v1"}
 #: Close codes after which the server's close is not a failure.
 _NORMAL_CLOSES: Final = frozenset({1000, 1001})
@@ -126,7 +130,7 @@ async def _chat(
             console.say(f"connected to {url} as {client.id} ({name})")
             quit_ = await Session(client, console, HELP).run()
     except ConnectError as exc:
-        console.warn(str(exc) + _hint(exc, token))
+        console.warn(str(exc) + _hint(exc, token, ca_file=context is not None))
         return 1
     closed = client.closed
     code, reason = (closed.code, closed.reason) if closed is not None else (1006, "")
@@ -134,12 +138,23 @@ async def _chat(
     return 0 if quit_ or code in _NORMAL_CLOSES else 1
 
 
-def _hint(error: ConnectError, token: str | None) -> str:
-    """What to do about ``error``, to end its line; "" when there is nothing to add."""
+def _hint(error: ConnectError, token: str | None, *, ca_file: bool) -> str:
+    """What to do about ``error``, to end its line; "" when there is nothing to add.
+
+    Args:
+        error: why the chat could not connect.
+        token: the token sent, if any.
+        ca_file: whether ``--ca-file`` was given.
+    """
     if isinstance(error, HandshakeRefused) and error.status == 401 and token is None:
         return f" (the server wants a token: {_TOKEN_WAYS})"
-    if isinstance(error, TLSError) and isinstance(error.__cause__, ssl.SSLCertVerificationError):
-        return " (for a private CA: --ca-file PATH)"
+    cause = error.__cause__
+    if (
+        isinstance(error, TLSError)
+        and isinstance(cause, ssl.SSLCertVerificationError)
+        and cause.verify_code in _UNTRUSTED_ISSUER
+    ):
+        return " (is it the right CA file?)" if ca_file else " (for a private CA: --ca-file PATH)"
     return ""
 
 
