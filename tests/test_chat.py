@@ -573,6 +573,49 @@ async def test_a_closed_stdin_is_no_input_and_the_chat_ends_as_at_its_end() -> N
     assert proc.stderr == b""
 
 
+async def test_a_non_blocking_stdin_with_nothing_yet_is_waited_on_not_taken_as_its_end() -> None:
+    # O_NONBLOCK on stdin (set by another program sharing the pipe or terminal): the first
+    # read found nothing, "cannot read stdin: [Errno 11]", and the chat ended at once.
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    try:
+        async with running(Server(settings())) as url, connect(url, v1=True) as peer:
+            proc = await trio.lowlevel.open_process(
+                [*MODULE, "chat", url],
+                stdin=read_end,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=_environment({}),
+            )
+            os.close(read_end)
+            read_end = -1
+            chat = Chat(proc)
+            try:
+                match = CONNECTED.fullmatch(await chat.line())
+                assert match is not None
+                await peer.send(match["id"], "are you there?")  # the session is running
+                await chat.expect(f"< {peer.id}: are you there?")
+                os.write(write_end, f"{peer.id} yes\n".encode())
+                with trio.fail_after(WAIT_S):
+                    assert (await peer.recv_json())["message"] == "yes"
+                await chat.expect("ack 1")
+                os.close(write_end)
+                write_end = -1
+                assert await chat.finish() == (0, ["closed: 1000"], "")
+            finally:
+                with trio.CancelScope(shield=True):
+                    if proc.poll() is None:
+                        proc.kill()
+                    for pipe in (proc.stdout, proc.stderr):
+                        if pipe is not None:
+                            await pipe.aclose()
+                    await proc.wait()
+    finally:
+        for end in (read_end, write_end):
+            if end >= 0:
+                os.close(end)
+
+
 async def test_a_token_that_cannot_be_a_header_exits_2_without_showing_it() -> None:
     status, out, err = await run_to_exit("ws://127.0.0.1/", env={TOKEN_VARIABLE: "two words"})
     assert (status, out) == (2, [])

@@ -193,12 +193,20 @@ class _LineReader:
             return line.decode(errors="replace")
 
     async def _fill(self) -> None:
-        try:
-            chunk = await trio.to_thread.run_sync(
-                os.read, self._fd, READ_BYTES, abandon_on_cancel=True
-            )
-        except OSError as exc:  # e.g. stdin closed by the caller: no more input
-            self._warn(f"cannot read stdin: {exc}")
-            chunk = b""
+        while True:
+            try:
+                chunk = await trio.to_thread.run_sync(
+                    os.read, self._fd, READ_BYTES, abandon_on_cancel=True
+                )
+            except BlockingIOError:
+                # stdin is non-blocking (O_NONBLOCK, set by another program on the pipe or
+                # terminal it shares): nothing yet, which is not its end. Cancelled by the
+                # session, as the read is.
+                await trio.lowlevel.wait_readable(self._fd)
+                continue
+            except OSError as exc:  # e.g. stdin closed by the caller: no more input
+                self._warn(f"cannot read stdin: {exc}")
+                chunk = b""
+            break
         self._eof = not chunk
         self._buffer += chunk
