@@ -31,9 +31,12 @@ from relayd.client.chat import TOKEN_VARIABLE
 from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
+from relayd.wire.frames import OP_TEXT, FrameParser
+from relayd.wire.server_frames import close_frame
 from tests.client import connect, running, settings
 from tests.test_api import call
 from tests.test_cli import MODULE, SCRIPT, clean_env
+from tests.test_client import accept_v1, serve_tcp
 
 #: Bound on one wait for a line or an exit; relayd answers on loopback in milliseconds,
 #: so this only catches a hang (a child's start-up, imports included, is within it).
@@ -302,7 +305,7 @@ async def test_commands_blank_lines_and_mistakes() -> None:
     assert (status, rest, stderr) == (0, ["closed: 1000"], "")
 
 
-@pytest.mark.parametrize("ending", ["/quit", "end of input", "Ctrl-C"])
+@pytest.mark.parametrize("ending", ["/quit", "end of input", "Ctrl-C", "SIGTERM"])
 async def test_quit_end_of_input_and_ctrl_c_close_with_1000_and_exit_0(ending: str) -> None:
     with structlog.testing.capture_logs() as events:
         async with (
@@ -318,8 +321,10 @@ async def test_quit_end_of_input_and_ctrl_c_close_with_1000_and_exit_0(ending: s
                 await chat.send(f"{peer.id} last words", end="")  # no line break
                 await chat.end_input()
                 assert await peer.recv() == "last words"
-            else:
+            elif ending == "Ctrl-C":
                 chat.proc.send_signal(signal.SIGINT)
+            else:  # `kill`, `timeout`: it killed the chat, relayd saw 1006
+                chat.proc.send_signal(signal.SIGTERM)
             status, rest, stderr = await chat.finish()
     assert (status, stderr) == (0, "")
     assert rest == (["ack 1", "closed: 1000"] if ending == "end of input" else ["closed: 1000"])
@@ -337,6 +342,32 @@ async def test_a_server_shutdown_prints_1001_and_exits_0() -> None:
         assert await chat.finish() == (0, ["closed: 1001 server shutting down"], "")
 
 
+async def test_a_message_whose_outcome_the_close_cut_off_gets_a_line_of_its_own() -> None:
+    # Every other message has an ack or error line; this one had none at all.
+    async def reads_one_then_shuts_down(stream: trio.SocketStream) -> None:
+        async with stream:
+            await accept_v1(stream, "the-id")
+            parser = FrameParser(65536)
+            frames: list[tuple[int, bytes]] = []
+            while not any(op == OP_TEXT for op, _ in frames):
+                frames += parser.feed(await stream.receive_some(4096))
+            await stream.send_all(close_frame(1001, "server shutting down"))
+            while await stream.receive_some(4096):  # the chat's close frame, then its FIN
+                pass
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, reads_one_then_shuts_down)
+        async with chatting(url) as chat:
+            await chat.send("someone hello")
+            status, rest, stderr = await chat.finish()
+        nursery.cancel_scope.cancel()
+    assert (status, rest) == (0, ["closed: 1001 server shutting down"])
+    assert stderr == (
+        "relayd chat: message 1 to someone: the connection closed before its outcome was"
+        " known; it may or may not have been delivered\n"
+    )
+
+
 async def test_any_other_close_exits_1() -> None:
     async with (
         running(Server(settings(messages_per_second=0.001, message_burst=1))) as url,
@@ -347,8 +378,12 @@ async def test_any_other_close_exits_1() -> None:
         await chat.expect(f"< {chat.id}: 0", "ack 1")
         await chat.expect(f"! rate_limited: too many messages; slow down (message 2 to {chat.id})")
         status, rest, stderr = await chat.finish()
-    assert (status, stderr) == (1, "")
+    assert status == 1
     assert rest == ["closed: 1008 rate limit exceeded"]
+    assert stderr == (  # relayd closed without answering the third
+        f"relayd chat: message 3 to {chat.id}: the connection closed before its outcome was"
+        " known; it may or may not have been delivered\n"
+    )
 
 
 async def test_a_line_over_the_servers_limit_is_refused_here_and_the_chat_goes_on() -> None:
@@ -538,6 +573,49 @@ async def test_a_closed_stdin_is_no_input_and_the_chat_ends_as_at_its_end() -> N
     assert proc.stderr == b""
 
 
+async def test_a_non_blocking_stdin_with_nothing_yet_is_waited_on_not_taken_as_its_end() -> None:
+    # O_NONBLOCK on stdin (set by another program sharing the pipe or terminal): the first
+    # read found nothing, "cannot read stdin: [Errno 11]", and the chat ended at once.
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    try:
+        async with running(Server(settings())) as url, connect(url, v1=True) as peer:
+            proc = await trio.lowlevel.open_process(
+                [*MODULE, "chat", url],
+                stdin=read_end,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=_environment({}),
+            )
+            os.close(read_end)
+            read_end = -1
+            chat = Chat(proc)
+            try:
+                match = CONNECTED.fullmatch(await chat.line())
+                assert match is not None
+                await peer.send(match["id"], "are you there?")  # the session is running
+                await chat.expect(f"< {peer.id}: are you there?")
+                os.write(write_end, f"{peer.id} yes\n".encode())
+                with trio.fail_after(WAIT_S):
+                    assert (await peer.recv_json())["message"] == "yes"
+                await chat.expect("ack 1")
+                os.close(write_end)
+                write_end = -1
+                assert await chat.finish() == (0, ["closed: 1000"], "")
+            finally:
+                with trio.CancelScope(shield=True):
+                    if proc.poll() is None:
+                        proc.kill()
+                    for pipe in (proc.stdout, proc.stderr):
+                        if pipe is not None:
+                            await pipe.aclose()
+                    await proc.wait()
+    finally:
+        for end in (read_end, write_end):
+            if end >= 0:
+                os.close(end)
+
+
 async def test_a_token_that_cannot_be_a_header_exits_2_without_showing_it() -> None:
     status, out, err = await run_to_exit("ws://127.0.0.1/", env={TOKEN_VARIABLE: "two words"})
     assert (status, out) == (2, [])
@@ -570,6 +648,29 @@ async def test_wss_verifies_against_the_system_trust_store_or_a_ca_file(tmp_path
     assert err.startswith(f"relayd chat: TLS handshake with {url} failed: "), err
     assert "CERTIFICATE_VERIFY_FAILED" in err
     assert err.endswith(" (for a private CA: --ca-file PATH)\n"), err
+
+
+async def test_the_ca_file_hint_is_only_for_a_certificate_whose_issuer_is_not_trusted(
+    tmp_path: Path,
+) -> None:
+    # A name mismatch with the right --ca-file was hinted "for a private CA: --ca-file PATH".
+    ca = trustme.CA()
+    cert = ca.issue_cert("relayd.example")  # not 127.0.0.1, the URL's host
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    tls = TLSSettings(cert_file=str(tmp_path / "both.pem"), key_file=str(tmp_path / "key.pem"))
+    async with running(Server(settings(), tls=load_tls(tls)), scheme="wss") as url:
+        mismatch = await run_to_exit(url, "--ca-file", str(tmp_path / "ca.pem"))
+        wrong_ca = await run_to_exit(url, "--ca-file", str(tmp_path / "other.pem"))
+    status, out, err = mismatch
+    assert (status, out) == (1, [])
+    assert "IP address mismatch" in err, err
+    assert "CA" not in err.rpartition("mismatch")[2], err  # no hint: a CA file would not help
+    status, out, err = wrong_ca
+    assert (status, out) == (1, [])
+    assert err.endswith(" (is it the right CA file?)\n"), err
 
 
 async def test_a_ca_file_that_cannot_be_used_exits_2(tmp_path: Path) -> None:
@@ -657,12 +758,14 @@ class Terminal:
 
 
 @asynccontextmanager
-async def at_a_terminal(url: str) -> AsyncIterator[tuple[Terminal, list[Any]]]:
+async def at_a_terminal(
+    url: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Terminal, list[Any]]]:
     """``relayd chat URL`` on a new terminal, and the terminal's modes before it started."""
     master, slave = os.openpty()
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
     modes = termios.tcgetattr(slave)
-    env = _environment({"TERM": "xterm", "INPUTRC": "/dev/null"})
+    env = _environment({"TERM": "xterm", "INPUTRC": "/dev/null", **(env or {})})
     try:
         proc = await trio.lowlevel.open_process(
             ["setsid", "--ctty", *MODULE, "chat", url],  # Ctrl-C on it is SIGINT to chat
@@ -722,6 +825,36 @@ async def test_at_a_terminal_lines_are_edited_recalled_and_never_torn() -> None:
         assert await terminal.proc.wait() == 0
         assert screen.endswith(f"to {peer.id}> half typed, then Ctrl-C\nclosed: 1000\n"), screen
         # readline's modes (no echo, no line buffering) are gone with it.
+        assert termios.tcgetattr(terminal.master.fileno()) == modes
+
+
+async def test_at_a_terminal_in_the_c_locale_bytes_not_utf8_are_sent_as_u_fffd() -> None:
+    # In the C locale Python decodes typed bytes with surrogateescape: a byte that is not
+    # UTF-8 became a lone surrogate, which stopped the chat with a traceback.
+    async with (
+        running(Server(settings())) as url,
+        connect(url, v1=True) as peer,
+        at_a_terminal(url, {"LC_ALL": "C"}) as (terminal, _),
+    ):
+        await terminal.expect("connected to ")
+        await terminal.expect("> ")
+        await terminal.master.send_all(f"{peer.id} caf".encode() + b"\xe9 ok\r")
+        with trio.fail_after(WAIT_S):
+            assert (await peer.recv_json())["message"] == "caf\ufffd ok"
+        await terminal.expect("relayd chat: a line was not UTF-8: its bad bytes are sent as U+FFFD")
+        await terminal.expect("ack 1\n> ")
+        await terminal.type("/quit\r")
+        assert (await terminal.rest()).endswith("closed: 1000\n")
+        assert await terminal.proc.wait() == 0
+
+
+async def test_sigterm_at_a_terminal_closes_with_1000_and_puts_the_modes_back() -> None:
+    async with running(Server(settings())) as url, at_a_terminal(url) as (terminal, modes):
+        await terminal.expect("connected to ")
+        await terminal.expect("> ")  # readline is reading: its modes are on
+        terminal.proc.send_signal(signal.SIGTERM)
+        assert (await terminal.rest()).endswith("> \nclosed: 1000\n")
+        assert await terminal.proc.wait() == 0
         assert termios.tcgetattr(terminal.master.fileno()) == modes
 
 

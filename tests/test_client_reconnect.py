@@ -9,7 +9,9 @@ relayd is the installed ``relayd`` command, started and stopped as an operator w
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +26,7 @@ from relayd.client import (
     Backoff,
     Client,
     ConnectError,
+    ConnectTimeout,
     HandshakeRefused,
     PolicyViolation,
     ServerShuttingDown,
@@ -33,11 +36,14 @@ from relayd.config import AuthSettings, ServerSettings, Settings
 from relayd.daemon.credentials import load_authenticator
 from relayd.daemon.server import Server
 from relayd.wire.frames import OP_TEXT, FrameParser
+from relayd.wire.handshake import refusal_response
 from relayd.wire.server_frames import close_frame
 from tests.client import settings
 from tests.e2e.harness import RelaydProcess, relayd_command, relayd_env
 from tests.test_client import accept_v1, serve_tcp
 
+#: A static token: relayd refuses them under 16 characters.
+ALICE: Final = "alice-token-0123456789"
 #: Quick retries: the restarts here take milliseconds (in-process) to a second or two.
 QUICK: Final = Backoff(first_s=0.05, max_s=0.5)
 
@@ -182,6 +188,62 @@ async def test_an_attempt_closed_before_any_answer_is_retried(tls: bool) -> None
     assert attempts == 4
 
 
+async def test_a_429_for_the_addresss_failed_authentications_is_retryable() -> None:
+    """A 429, refused to any token from an address that failed too often, passes.
+
+    A good client sharing an address with a bad one (a NAT, one backend's many
+    connections) is refused with it too: reconnecting must wait it out, not give up.
+    """
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr(ALICE)})
+    strict = settings(max_auth_failures_per_ip=1).model_copy(update={"auth": auth})
+    async with trio.open_nursery() as servers:
+        only = await serve(servers, Server(strict, authenticator=load_authenticator(auth)))
+        with pytest.raises(HandshakeRefused) as bad:
+            async with connect(only.url, token="not-the-token-0123456789"):
+                pytest.fail("connected with a bad token")
+        with pytest.raises(HandshakeRefused) as good:
+            async with connect(only.url, token=ALICE):
+                pytest.fail("connected past the address's failures")
+        await only.stop()
+    assert (bad.value.status, bad.value.retryable) == (401, False)
+    assert (good.value.status, good.value.retryable) == (429, True)
+
+
+async def test_reconnecting_goes_on_through_a_429() -> None:
+    attempts = 0
+    done = trio.Event()
+
+    async def scripted(stream: trio.SocketStream) -> None:
+        # Welcomed and closed 1001; refused with relayd's 429; welcomed again.
+        nonlocal attempts
+        attempts += 1
+        async with stream:
+            if attempts == 2:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = await stream.receive_some(4096)
+                    assert chunk, "the client closed before its request was whole"
+                    head += chunk
+                reason = "too many failed authentications from this address"
+                await stream.send_all(refusal_response(429, reason))
+                return
+            await accept_v1(stream, f"id-{attempts}")
+            if attempts == 1:
+                await stream.send_all(close_frame(1001, "restarting"))
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, scripted)
+        quick = Backoff(first_s=0.01, max_s=0.02, attempts=3)
+        async with connect(url, reconnect=quick, token=ALICE) as client:
+            ids = aiter(client.ids())
+            assert await anext(ids) == "id-1"
+            assert await anext(ids) == "id-3"  # it ended here: the 429 was final
+            done.set()
+        nursery.cancel_scope.cancel()
+    assert attempts == 3
+
+
 async def test_a_first_connection_closed_unanswered_is_retryable_and_says_why() -> None:
     async with trio.open_nursery() as nursery:
         url = await serve_tcp(nursery, trio.aclose_forcefully)
@@ -194,6 +256,28 @@ async def test_a_first_connection_closed_unanswered_is_retryable_and_says_why() 
         f"{url} closed the connection without answering the WebSocket handshake"
         f" (relayd at its handshake limit, or restarting;"
         f" or it speaks {url.replace('ws://', 'wss://')}, not ws://)"
+    )
+
+
+async def _resets(stream: trio.SocketStream) -> None:
+    """Resets each connection once accepted, before reading its request (SO_LINGER 0)."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+async def test_a_first_connection_reset_unanswered_is_retryable_at_once() -> None:
+    # A reset that came before the upgrade request was written stopped trio-websocket's
+    # reader without a read: the client waited out connect_timeout, a ConnectTimeout.
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, _resets)
+        with trio.fail_after(10), pytest.raises(ConnectError) as refused:
+            async with connect(url, connect_timeout=60):
+                pytest.fail("connected to a server that resets every connection")
+        nursery.cancel_scope.cancel()
+    assert not isinstance(refused.value, ConnectTimeout)
+    assert refused.value.retryable
+    assert str(refused.value).startswith(
+        f"{url} closed the connection without answering the WebSocket handshake"
     )
 
 

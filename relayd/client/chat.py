@@ -10,8 +10,8 @@ The token comes from the environment (:data:`TOKEN_VARIABLE`) or a file, never
 the command line, where ``ps`` shows it to every user of the machine.
 
 In relayd.v1 the Nth message sent is numbered N in its ``ack`` or error line.
-Ctrl-C closes like ``/quit``; a second Ctrl-C stops waiting for the server's
-close reply (exit status 130).
+Ctrl-C, or SIGTERM once connected, closes like ``/quit``; a second Ctrl-C stops
+waiting for the server's close reply (exit status 130).
 
 ``wss://`` verifies the server's certificate against the system trust store
 (``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are honoured), or against the CA
@@ -71,9 +71,11 @@ Type a line to send a message:
   /id          print your id
   /help        print this help
   /quit        close the connection and exit (so does end of input, Ctrl-D,
-               or Ctrl-C)
+               Ctrl-C, or SIGTERM)
 Blank lines are ignored. A message longer than the server's limit (it says
 which at connect, 64 KiB by default) is not sent: you get a warning instead.
+A message whose outcome the connection's close cut off gets a warning too: it
+may or may not have been delivered.
 At a terminal, lines can be edited, and the up arrow recalls this session's
 earlier lines (they are not kept after it).
 
@@ -101,11 +103,15 @@ variable or from --token-file, never from the command line (--token, or
 For wss://, the server's certificate is verified against the system's trust
 store, or against --ca-file PATH (PEM) for a private CA.
 
-Exit status: 0 after /quit, end of input, Ctrl-C, or a server close with 1000
-or 1001; 1 after any other close, or if the connection cannot be made (one
-line on stderr: a refused handshake's HTTP status and body, or the network or
-TLS error); 2 for a bad URL, token or --ca-file."""
+Exit status: 0 after /quit, end of input, Ctrl-C, SIGTERM, or a server close
+with 1000 or 1001; 1 after any other close, or if the connection cannot be made
+(one line on stderr: a refused handshake's HTTP status and body, or the network
+or TLS error); 2 for a bad URL, token or --ca-file."""
 
+#: OpenSSL's verify results for a certificate whose issuer is not trusted, which is what
+#: a private CA's certificate gets without --ca-file. A name the certificate does not
+#: hold, or one expired, is not helped by a CA file.
+_UNTRUSTED_ISSUER: Final = frozenset({2, 18, 19, 20, 21})
 _DIALECT_NAMES: Final = {Dialect.SEED: "seed", Dialect.V1: "relayd.v1"}
 #: Close codes after which the server's close is not a failure.
 _NORMAL_CLOSES: Final = frozenset({1000, 1001})
@@ -124,7 +130,7 @@ async def _chat(
             console.say(f"connected to {url} as {client.id} ({name})")
             quit_ = await Session(client, console, HELP).run()
     except ConnectError as exc:
-        console.warn(str(exc) + _hint(exc, token))
+        console.warn(str(exc) + _hint(exc, token, ca_file=context is not None))
         return 1
     closed = client.closed
     code, reason = (closed.code, closed.reason) if closed is not None else (1006, "")
@@ -132,12 +138,23 @@ async def _chat(
     return 0 if quit_ or code in _NORMAL_CLOSES else 1
 
 
-def _hint(error: ConnectError, token: str | None) -> str:
-    """What to do about ``error``, to end its line; "" when there is nothing to add."""
+def _hint(error: ConnectError, token: str | None, *, ca_file: bool) -> str:
+    """What to do about ``error``, to end its line; "" when there is nothing to add.
+
+    Args:
+        error: why the chat could not connect.
+        token: the token sent, if any.
+        ca_file: whether ``--ca-file`` was given.
+    """
     if isinstance(error, HandshakeRefused) and error.status == 401 and token is None:
         return f" (the server wants a token: {_TOKEN_WAYS})"
-    if isinstance(error, TLSError) and isinstance(error.__cause__, ssl.SSLCertVerificationError):
-        return " (for a private CA: --ca-file PATH)"
+    cause = error.__cause__
+    if (
+        isinstance(error, TLSError)
+        and isinstance(cause, ssl.SSLCertVerificationError)
+        and cause.verify_code in _UNTRUSTED_ISSUER
+    ):
+        return " (is it the right CA file?)" if ca_file else " (for a private CA: --ca-file PATH)"
     return ""
 
 

@@ -71,9 +71,11 @@ class Session:
         session.cancel()  # the server closed first: stop reading stdin
 
     async def _quit_on_interrupt(self, inputs: trio.CancelScope) -> None:
-        # Ctrl-C closes like /quit; a second one, once this receiver is gone,
-        # interrupts the closing handshake (exit status 130).
-        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+        # Ctrl-C, and SIGTERM (`kill`, `timeout`), close like /quit: killed by it, the
+        # chat left relayd a connection lost (1006) and the terminal in readline's modes.
+        # A second Ctrl-C, once this receiver is gone, interrupts the closing handshake
+        # (exit status 130); a second SIGTERM kills.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as interrupts:
             async for _ in interrupts:
                 inputs.cancel()
                 return
@@ -134,8 +136,16 @@ class Session:
         except SendError as error:
             self._sent += 1
             self._show_error(error, f"message {self._sent} to {to}")
-        except (ConnectionClosed, trio.ClosedResourceError):
-            pass  # _receive reports the close
+        except ConnectionClosed:
+            # _receive reports the close; this message's fate is said here, as every
+            # other message has a line of its own.
+            self._sent += 1
+            self._console.warn(
+                f"message {self._sent} to {to}: the connection closed before its outcome"
+                " was known; it may or may not have been delivered"
+            )
+        except trio.ClosedResourceError:
+            pass  # the person quit
         else:
             self._sent += 1
             if v1:

@@ -101,19 +101,26 @@ class ConnectError(ClientError):
         self.retryable = retryable
 
 
+#: The 4xx statuses that may pass: 408 (the request was not complete in time) and 429
+#: (too many failed authentications from the client's address, docs/protocol.md).
+_PASSING_4XX: Final = frozenset({408, 429})
+
+
 class HandshakeRefused(ConnectError):
     """relayd answered the WebSocket upgrade with an HTTP status instead of ``101``.
 
     Attributes:
         status: the HTTP status, e.g. 401 (no or a bad token), 403 (origin or
-            token refused), 503 (at capacity, or shutting down).
+            token refused), 429 (too many failed authentications from this
+            address: retryable), 503 (at capacity, or shutting down: retryable).
         body: relayd's reason, the response body as text.
     """
 
     def __init__(self, url: str, status: int, body: str) -> None:
-        # 503 (capacity, shutting down), 408 and other 5xx pass; a 4xx will be
-        # answered the same way next time.
-        retryable = status >= 500 or status == 408
+        # 503 (capacity, shutting down), 408, 429 (an address's failed
+        # authentications, whatever token comes next: it passes as relayd's bucket
+        # refills) and other 5xx pass; any other 4xx is answered the same way next time.
+        retryable = status >= 500 or status in _PASSING_4XX
         super().__init__(
             url, f"{url} refused the handshake: HTTP {status} {body}".rstrip(), retryable=retryable
         )

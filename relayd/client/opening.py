@@ -179,8 +179,9 @@ class _Watched(trio.abc.Stream):
 
     trio-websocket waits for the answer to its upgrade request even after the
     server closed the connection (as a TLS server does when a plain request
-    arrives, or a server that is not relayd after a partial answer):
-    :attr:`ended` is set when the stream ends, so that the wait can stop there,
+    arrives, or a server that is not relayd after a partial answer), or reset it
+    before the request could be written: :attr:`ended` is set when the stream
+    ends or breaks, reading or writing, so that the wait can stop there,
     and :attr:`heard` keeps the first bytes that came back, to say what it was.
     """
 
@@ -190,7 +191,15 @@ class _Watched(trio.abc.Stream):
         self.heard = b""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError:
+            # Reset before the upgrade request went out (a server resetting what it
+            # accepts, a listener closing with this connection in its backlog):
+            # trio-websocket's reader then stops without reading, and would leave the
+            # upgrade waiting for connect_timeout.
+            self.ended.set()
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()

@@ -11,6 +11,8 @@ Two kinds of stdin:
 * anything else (a pipe, a file): lines are read as they come, without a
   prompt, each bounded by :data:`MAX_LINE_BYTES`.
 
+From either, bytes that are not UTF-8 become U+FFFD, and the user is told.
+
 Both read in a worker thread: readline blocks, and a regular file is something
 trio cannot wait on. The thread is abandoned, still blocked, when the program
 stops reading; it holds no lock anything else needs.
@@ -43,6 +45,8 @@ _ESCAPES: Final[dict[int, str]] = {
     ord("\r"): "\\r",
     ord("\t"): "\\t",
 }
+#: What the user is told of a line whose bytes were not all UTF-8.
+_NOT_UTF8: Final = "a line was not UTF-8: its bad bytes are sent as U+FFFD"
 #: Back to the start of the line and clear it: the prompt is drawn again below.
 _CLEAR_LINE: Final = "\r\x1b[K"
 
@@ -78,13 +82,15 @@ class Console:
             return await self._pipe.readline()
         self._prompt = prompt
         try:
-            return await trio.to_thread.run_sync(_input, prompt, abandon_on_cancel=True)
+            line = await trio.to_thread.run_sync(_input, prompt, abandon_on_cancel=True)
         except BaseException:  # Ctrl-C, or the server closed: what follows goes below
             sys.stdout.write("\n")
             sys.stdout.flush()
             raise
         finally:
             self._prompt = None
+        # Told once the prompt is gone, so that it is not drawn twice.
+        return None if line is None else _unicode(line, self.warn)
 
     def say(self, line: str) -> None:
         """Print one event on stdout, above the prompt if one is shown."""
@@ -114,6 +120,25 @@ class Console:
         print(text, file=stream, flush=True)
         sys.stdout.write(self._prompt + readline.get_line_buffer())
         sys.stdout.flush()
+
+
+def _unicode(line: str, warn: Callable[[str], None]) -> str:
+    """A typed line with the bytes its decoding escaped as U+FFFD, as from a pipe; told.
+
+    ``input()`` decodes with stdin's error handler, which is ``surrogateescape``
+    in the C or POSIX locale (Python's UTF-8 mode): a byte that is not UTF-8
+    then arrives as a lone surrogate, which no message or id can hold.
+    """
+    try:
+        line.encode()
+    except UnicodeEncodeError:
+        warn(_NOT_UTF8)
+        try:
+            raw = line.encode(errors="surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no decoding escaped (another handler)
+            raw = line.encode(errors="surrogatepass")
+        return raw.decode(errors="replace")
+    return line
 
 
 def _input(prompt: str) -> str | None:
@@ -164,16 +189,24 @@ class _LineReader:
         try:
             return line.decode()
         except UnicodeDecodeError:
-            self._warn("a line was not UTF-8: its bad bytes are sent as U+FFFD")
+            self._warn(_NOT_UTF8)
             return line.decode(errors="replace")
 
     async def _fill(self) -> None:
-        try:
-            chunk = await trio.to_thread.run_sync(
-                os.read, self._fd, READ_BYTES, abandon_on_cancel=True
-            )
-        except OSError as exc:  # e.g. stdin closed by the caller: no more input
-            self._warn(f"cannot read stdin: {exc}")
-            chunk = b""
+        while True:
+            try:
+                chunk = await trio.to_thread.run_sync(
+                    os.read, self._fd, READ_BYTES, abandon_on_cancel=True
+                )
+            except BlockingIOError:
+                # stdin is non-blocking (O_NONBLOCK, set by another program on the pipe or
+                # terminal it shares): nothing yet, which is not its end. Cancelled by the
+                # session, as the read is.
+                await trio.lowlevel.wait_readable(self._fd)
+                continue
+            except OSError as exc:  # e.g. stdin closed by the caller: no more input
+                self._warn(f"cannot read stdin: {exc}")
+                chunk = b""
+            break
         self._eof = not chunk
         self._buffer += chunk
