@@ -111,7 +111,15 @@ or TLS error); 2 for a bad URL, token or --ca-file."""
 #: OpenSSL's verify results for a certificate whose issuer is not trusted, which is what
 #: a private CA's certificate gets without --ca-file. A name the certificate does not
 #: hold, or one expired, is not helped by a CA file.
-_UNTRUSTED_ISSUER: Final = frozenset({2, 18, 19, 20, 21})
+_UNTRUSTED_ISSUER: Final = frozenset(
+    {
+        2,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+        18,  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+        19,  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+        20,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        21,  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    }
+)
 _DIALECT_NAMES: Final = {Dialect.SEED: "seed", Dialect.V1: "relayd.v1"}
 #: Close codes after which the server's close is not a failure.
 _NORMAL_CLOSES: Final = frozenset({1000, 1001})
