@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import platform
 
+import pytest
 import trio
-from prometheus_client import generate_latest
+import trio.testing
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import relayd
+from relayd.daemon.admin import AdminListener, Area, Request, Response, serve_admin, text
 from relayd.daemon.server import Server
 from tests import wire
 from tests.client import connect, open_raw, read_until_closed, read_welcome, running, settings
@@ -162,3 +165,46 @@ async def test_a_fresh_relayd_exports_the_series_its_alerts_read_at_0() -> None:
     ]:
         assert samples[(name, ((label, value),))] == 0, (name, value)
     assert ("relayd_internal_errors_total", ()) in samples
+
+
+async def test_a_closed_admin_listener_refuses_new_connections_and_answers_those_in_progress() -> (
+    None
+):
+    release = trio.Event()
+
+    async def slow(_request: Request) -> Response:
+        await release.wait()
+        return text(200, "late\n")
+
+    area = Area(
+        "/slow/", {"/slow/call": {"GET": slow}}, lambda s, _e, d: text(s, d), lambda _x: None
+    )
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    address = listeners[0].socket.getsockname()[:2]
+    closed = trio.Event()
+    async with trio.open_nursery() as nursery:
+        admin: AdminListener = await nursery.start(
+            lambda task_status: serve_admin(
+                listeners, CollectorRegistry(), lambda: None, areas=[area], task_status=task_status
+            )
+        )
+        async with await trio.open_tcp_stream(*address) as stream:
+            await stream.send_all(b"GET /slow/call HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await trio.testing.wait_all_tasks_blocked()  # in the handler
+
+            async def close() -> None:
+                await admin.close()
+                closed.set()
+
+            nursery.start_soon(close)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not closed.is_set()  # it waits for the exchange in progress
+            with pytest.raises(OSError, match="all attempts to connect"):
+                await trio.open_tcp_stream(*address)  # but accepts no more
+            release.set()
+            received = b""
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert received.endswith(b"late\n")
+    assert closed.is_set()

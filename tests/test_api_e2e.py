@@ -7,7 +7,9 @@ one; the clients see it as they see anything else relayd sends them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
+import msgspec
 import structlog
 import trio
 import trio.testing
@@ -17,6 +19,11 @@ from pydantic import SecretStr
 from relayd.config import AuthSettings
 from relayd.daemon.credentials import load_authenticator
 from relayd.daemon.server import Server
+from relayd.routing.interface import Router
+from relayd.routing.local import LocalRouter
+from relayd.routing.table import Outcome
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
 from tests import wire
 from tests.client import connect, running, settings
 from tests.test_api import KEY, call, post_head
@@ -193,3 +200,100 @@ async def test_a_call_let_in_before_a_drain_and_read_after_it_is_503_shutting_do
     top, _, payload = received.partition(b"\r\n\r\n")
     assert top.startswith(b"HTTP/1.1 503 ")
     assert json.loads(payload)["error"] == "shutting_down"
+
+
+async def _answer(backend: trio.SocketStream) -> tuple[bytes, bytes]:
+    """The status line and body a call's connection reads until relayd closes it."""
+    received = b""
+    while chunk := await backend.receive_some(65536):
+        received += chunk
+    top, _, payload = received.partition(b"\r\n\r\n")
+    return top.partition(b"\r\n")[0], payload
+
+
+async def test_a_call_let_in_before_a_drain_without_clients_is_answered_not_closed() -> None:
+    # Nothing kept the drain going: relayd cancelled the admin listener at once, and the
+    # backend read the end of the connection instead of 503 shutting_down (a reviewer's
+    # find; the test above keeps a silent client to make the drain last).
+    server = Server(settings())
+    with structlog.testing.capture_logs() as events:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            admin = server.admin_address
+            assert admin is not None
+            async with await trio.open_tcp_stream(*admin) as backend:
+                body = json.dumps({"to": "nobody", "message": "late"}).encode()
+                await backend.send_all(post_head("/api/publish", f"Content-Length: {len(body)}"))
+                await trio.testing.wait_all_tasks_blocked()  # let in, waiting for its body
+                server.shutdown("test")
+                await trio.testing.wait_all_tasks_blocked()  # no client: drained
+                await backend.send_all(body)
+                status, payload = await _answer(backend)
+    assert status.startswith(b"HTTP/1.1 503 ")
+    assert json.loads(payload)["error"] == "shutting_down"
+    (stop,) = [e for e in events if e["event"] == "server.stop"]
+    assert stop["forced"] is False
+
+
+class _HeldRouter(LocalRouter):
+    """A router whose publish waits for ``release``, as a cluster node waits for the others."""
+
+    def __init__(
+        self, events: MessageEvents, stats: Stats, release: trio.Event, handed: trio.Event
+    ) -> None:
+        super().__init__(events, stats)
+        self._release = release
+        self._handed = handed
+
+    async def publish(self, to: str, message: msgspec.Raw, *, sender: str) -> Outcome:
+        self._handed.set()
+        await self._release.wait()
+        return Outcome.DELIVERED
+
+
+def _held(release: trio.Event, handed: trio.Event) -> Callable[[MessageEvents, Stats], Router]:
+    return lambda events, stats: _HeldRouter(events, stats, release, handed)
+
+
+async def test_a_publish_waiting_for_its_outcome_when_a_drain_begins_gets_that_outcome() -> None:
+    # Handed to the router before the SIGTERM: its outcome (delivered stands, or a retry
+    # through another node would send it twice) must reach the backend, not EOF.
+    release, handed = trio.Event(), trio.Event()
+    server = Server(settings(), router=_held(release, handed))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        admin = server.admin_address
+        assert admin is not None
+        async with await trio.open_tcp_stream(*admin) as backend:
+            body = json.dumps({"to": "bob", "message": "now"}).encode()
+            await backend.send_all(post_head("/api/publish", f"Content-Length: {len(body)}") + body)
+            await handed.wait()
+            server.shutdown("test")
+            await trio.testing.wait_all_tasks_blocked()  # drained of clients; the call waits
+            release.set()
+            status, payload = await _answer(backend)
+    assert status.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(payload) == {"outcome": "delivered"}
+
+
+async def test_a_call_still_unanswered_when_the_grace_runs_out_is_cut_and_the_stop_forced() -> None:
+    # The wait for the admin listener is within shutdown_grace_s, as the clients' drain.
+    release, handed = trio.Event(), trio.Event()
+    quick = settings().model_copy(
+        update={"server": settings().server.model_copy(update={"shutdown_grace_s": 0.05})}
+    )
+    server = Server(quick, router=_held(release, handed))
+    with structlog.testing.capture_logs() as events:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            admin = server.admin_address
+            assert admin is not None
+            async with await trio.open_tcp_stream(*admin) as backend:
+                body = json.dumps({"to": "bob", "message": "never"}).encode()
+                head = post_head("/api/publish", f"Content-Length: {len(body)}")
+                await backend.send_all(head + body)
+                await handed.wait()
+                server.shutdown("test")
+                assert await _answer(backend) == (b"", b"")
+    (stop,) = [e for e in events if e["event"] == "server.stop"]
+    assert stop["forced"] is True

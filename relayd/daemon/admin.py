@@ -14,11 +14,14 @@ happen.
   process's CPU, memory and file descriptors).
 * ``GET /healthz``: 200 while the event loop answers at all.
 * ``GET /readyz``: 200 while relayd accepts connections; 503 with the reason
-  (``not ready: starting``) before it is serving and once it is draining, so a
-  load balancer stops sending clients.
+  otherwise (``not ready: starting`` before it is serving, ``not ready: shutting
+  down`` once it is draining), so a load balancer stops sending clients.
 
 The listener is started before the rest of relayd (a cluster node's router may
 take seconds to first reach Redis), so that a health check is answered at once.
+It is closed last: :meth:`AdminListener.close` stops accepting and waits for the
+requests in progress to be answered (a server API call let in before a drain
+gets its answer, not a closed connection), within the bound its caller sets.
 
 Every ``GET`` route answers ``HEAD`` too. A request's target may be in
 absolute-form (``http://127.0.0.1:9031/metrics``, as a client sends to a proxy):
@@ -80,6 +83,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "MAX_HEAD_BYTES",
     "REQUEST_TIMEOUT_S",
+    "AdminListener",
     "Area",
     "Exchange",
     "Refuse",
@@ -234,24 +238,49 @@ class _Progress:
     ended: float = 0.0  # when the answer was written (or given up), before any lingering
 
 
+class AdminListener:
+    """A running admin listener, as :func:`serve_admin` reports it started: what closes it."""
+
+    def __init__(self) -> None:
+        self._closing = trio.Event()
+        self._closed = trio.Event()
+
+    async def close(self) -> None:
+        """Stop accepting (the listening sockets close) and wait for the exchanges in progress.
+
+        Each exchange ends by itself within its own bounds (:data:`REQUEST_TIMEOUT_S`
+        for its request, its handler's bound, :data:`ANSWER_TIMEOUT_S` for its
+        answer), so this returns once the last one is answered; :func:`serve_admin`
+        returns then too. Not bounded here: the caller bounds the wait (relayd's
+        drain, by ``server.shutdown_grace_s``), and cancelling :func:`serve_admin`
+        cuts what is left. A connection that comes meanwhile waits in the listen
+        backlog and is refused when the sockets close, as after any stop.
+        """
+        self._closing.set()
+        await self._closed.wait()
+
+
 async def serve_admin(
     listeners: Sequence[trio.SocketListener],
     registry: CollectorRegistry,
     unready: Callable[[], str | None],
     *,
     areas: Sequence[Area] = (),
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[AdminListener] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer admin requests on ``listeners`` until cancelled.
+    """Answer admin requests on ``listeners`` until cancelled, or closed.
 
     Args:
-        listeners: where to accept; closed when this returns.
+        listeners: where to accept; closed when this returns, or once
+            :meth:`AdminListener.close` is called.
         registry: the metrics to expose.
         unready: why relayd does not accept connections now (``/readyz`` answers 503
             with it), or None while it does. It must not raise or wait.
         areas: more routes, beside ``/metrics``, ``/healthz`` and ``/readyz``, each
             under its prefix with its own refusals and observer.
-        task_status: started once accepting.
+        task_status: started once accepting, with the :class:`AdminListener` that
+            closes it; this returns once that close has stopped accepting and every
+            exchange in progress is over.
     """
     table: dict[str, Mapping[str, Handler]] = dict(_built_in(registry, unready))
     for area in areas:
@@ -264,17 +293,23 @@ async def serve_admin(
     # One token per connection, taken before the accept: with several listeners
     # (an address with IPv4 and IPv6) no accept may be under way without one.
     slots = trio.Semaphore(MAX_CONNECTIONS)
-    async with trio.open_nursery() as nursery:
+    admin = AdminListener()
+    # The exchanges outlive the accept loops: closed, the listener stops accepting
+    # and this nursery waits for the exchanges in progress to be answered.
+    async with trio.open_nursery() as exchanges:
         try:
-            for listener in listeners:
-                nursery.start_soon(_accept, listener, slots, handler, nursery)
-            task_status.started()
-            await trio.sleep_forever()
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(_accept, listener, slots, handler, exchanges)
+                task_status.started(admin)
+                await admin._closing.wait()
+                accepting.cancel_scope.cancel()
         finally:
             # Cancelled, each close's checkpoint would raise before the next close.
             with trio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
+    admin._closed.set()
 
 
 async def _accept(

@@ -242,8 +242,9 @@ class _Api:
         ``shutting_down`` once relayd is draining: its router is closed, and what it
         would answer (``unknown_recipient`` for ids still connected,
         ``broker_unavailable`` with Redis up) would mislead; 503 ``broker_unavailable``
-        while relayd starts: its router does not run yet (a cluster node is still
-        reaching Redis), and a call is to be asked again, of this node or another.
+        while relayd starts: its router does not run yet (a cluster node may take
+        seconds to first reach Redis), and a call is to be asked again, of this node
+        or another.
         """
         if self._key is not None:
             given = bearer(headers)
@@ -270,7 +271,7 @@ class _Api:
             return _refuse(
                 503,
                 "broker_unavailable",
-                "this relayd is starting (a cluster node is reaching Redis); "
+                "this relayd is starting (its router does not run yet); "
                 "ask another node, or again later",
             )
         return None

@@ -7,7 +7,8 @@ Task tree of one daemon (each box owns what is under it)::
     │                   server API, started first, so that a health check is
     │                   answered while the router starts (a cluster node's first
     │                   attempt at Redis may take seconds: /readyz says 503
-    │                   ``starting``, the API 503 ``broker_unavailable``)
+    │                   ``starting``, the API 503 ``broker_unavailable``), and
+    │                   closed last, once the calls in progress are answered
     ├── router          Router.run: the routing task (relayd.routing)
     └── connections     one task per accepted stream (daemon.gate.Gate), and
         │               beside it, while it has more to write than its socket
@@ -26,8 +27,13 @@ so that nothing already accepted is dropped:
 3. close the router's inbox: it delivers what is queued, then detaches every
    connection (no more deliveries will come);
 4. writers flush their outboxes and close with 1001;
-5. all of it within ``shutdown_grace_s``, after which whatever is left is
-   cancelled and its transport dropped.
+5. the admin listener stops accepting and waits for the requests in progress
+   to be answered (a server API call let in before the drain gets its answer,
+   ``shutting_down`` or the outcome of a publish already handed over, never a
+   closed connection); until then it answered as during the drain (``/readyz``
+   503 ``shutting down``, every new call 503 ``shutting_down``);
+6. all of it within ``shutdown_grace_s`` of the drain's start, after which
+   whatever is left is cancelled and its transport dropped.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from relayd import __version__
 from relayd.config import Settings
 from relayd.daemon.accepting import Sockets, public_sockets, serve_public
 from relayd.daemon.addresses import show
-from relayd.daemon.admin import Area, serve_admin
+from relayd.daemon.admin import AdminListener, Area, serve_admin
 from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
 from relayd.daemon.listeners import address, bind, bind_admin, with_tls
@@ -262,6 +268,22 @@ class Server:
             starting=lambda: not self._routing,
         )
 
+    async def _close_admin(self, admin: AdminListener | None, deadline: float) -> bool:
+        """Close the admin listener, waiting for the requests in progress until ``deadline``.
+
+        Each request is over within its own bounds (5 s to arrive, a call's
+        ``cluster.reply_timeout_s`` + 1 s for the router, 1 s for its answer), and
+        those let in during the drain are refused at once, so the wait is short;
+        ``deadline`` (the drain's ``shutdown_grace_s``) bounds it all the same, after
+        which the root's cancel cuts what is left. True if every request was answered
+        in time (or there is no admin listener).
+        """
+        if admin is None:
+            return True
+        with trio.move_on_at(deadline) as waited:
+            await admin.close()
+        return not waited.cancelled_caught
+
     async def run(
         self,
         listeners: Sequence[trio.SocketListener] | None = None,
@@ -299,6 +321,7 @@ class Server:
         if admin_listeners:
             self._admin_address = address(admin_listeners[0])
         forced = True
+        admin: AdminListener | None = None
         try:
             # Connections read trio's clock straight (relayd.telemetry.clock).
             with reading_clock():
@@ -311,8 +334,8 @@ class Server:
                         # probe_timeout_s), which a health check should not wait out.
                         # Until the router runs, /readyz says "starting" and the API
                         # refuses every call (503 broker_unavailable: ask again).
-                        # Cancelled with the root, it closes the admin listeners.
-                        await root.start(
+                        # Closed last (_close_admin), or cancelled with the root.
+                        admin = await root.start(
                             functools.partial(
                                 serve_admin,
                                 admin_listeners,
@@ -331,7 +354,9 @@ class Server:
                         # Stopped before it served: no client to drain, nothing to
                         # say ready (the caller hears of the listeners all the same).
                         task_status.started(addresses)
-                        forced = False
+                        forced = not await self._close_admin(
+                            admin, trio.current_time() + self._settings.server.shutdown_grace_s
+                        )
                         root.cancel_scope.cancel()
                         with trio.CancelScope(shield=True):
                             for listener in listeners:
@@ -367,12 +392,13 @@ class Server:
                             accepting.cancel_scope.cancel()
                             self._accepting = False
                         self._router.close()
-                        connections.cancel_scope.deadline = (
-                            # As in force now: a reload may have changed it.
-                            trio.current_time() + self._settings.server.shutdown_grace_s
-                        )
+                        # As in force now: a reload may have changed it.
+                        drained_by = trio.current_time() + self._settings.server.shutdown_grace_s
+                        connections.cancel_scope.deadline = drained_by
                     forced = connections.cancel_scope.cancelled_caught
-                    root.cancel_scope.cancel()  # the admin listener and the poller
+                    # Within the same grace: the admin listener answered meanwhile.
+                    forced = not await self._close_admin(admin, drained_by) or forced
+                    root.cancel_scope.cancel()  # the poller (and an admin listener left)
         finally:
             self._gate.poller = None
             self._log.info(
