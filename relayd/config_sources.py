@@ -162,24 +162,26 @@ class _Gathering:
     def read_file(self, path: Path, named_by: str | None, *, reloading: bool = False) -> None:
         """Record the settings in the TOML file ``path``; ``named_by``: the source naming it.
 
-        At a reload (``reloading``) a pipe that reads empty is a problem, not a
-        file of no settings: one the start read, as ``--config <(...)`` gives, has
-        nothing left, and the built-in defaults would undo every setting it held
-        (authentication among them). An empty file, or ``/dev/null``, has none.
+        At a reload (``reloading``) a pipe is a problem, not read: one the start
+        read, as ``--config <(...)`` gives, has nothing left, and the built-in
+        defaults would undo every setting it held (authentication among them); a
+        named pipe would hold the reload, and every client with it, until a writer
+        came. An empty file, or ``/dev/null``, is a file of no settings.
         """
         source = f"in {path}"
+        if reloading and _is_pipe(path):
+            self.problem(
+                f"{path} is a pipe, which relayd reads only at its start (a pipe read"
+                " once has nothing left; a reload would wait for a named pipe's writer):"
+                " give relayd a file to reload",
+                source=source,
+            )
+            return
         try:
             raw = path.read_bytes()
         except OSError as error:
             named = "" if named_by is None else f" ({named_by})"
             self.problem(f"cannot read {path}{named}: {error.strerror or error}", source=source)
-            return
-        if reloading and not raw and _is_pipe(path):
-            self.problem(
-                f"{path} read empty at this reload and is no regular file: a pipe, as"
-                " --config <(...) gives, can be read only once; give relayd a file to reload",
-                source=source,
-            )
             return
         # A byte-order mark, as some Windows editors save one, is no statement.
         text = raw.removeprefix(codecs.BOM_UTF8)
@@ -398,8 +400,8 @@ def load(
             file as ``default_path`` (None if it read none), and it must exist now,
             whoever named it. Built-in defaults in place of a default file that went
             away would undo every setting in it; so would those of a pipe read at the
-            start (``--config <(...)``), which is empty at a reload: that is a problem.
-            A named pipe fed again at each read is read as a file.
+            start (``--config <(...)``), which is empty at a reload: a pipe is a
+            problem at a reload.
 
     Returns:
         The settings, the file read, and the unknown ``RELAYD_*`` variables.

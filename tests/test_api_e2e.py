@@ -235,6 +235,29 @@ async def test_a_call_let_in_before_a_drain_without_clients_is_answered_not_clos
     assert stop["forced"] is False
 
 
+async def test_admin_connections_that_asked_nothing_are_closed_unanswered_at_the_drain() -> None:
+    # The drain waits for the admin exchanges in progress; one whose request's head has
+    # not come (a load balancer's idle TCP check, half a head) held a relayd without
+    # clients for the request's 5 s and was then told 408 (a reviewer's find).
+    server = Server(settings())
+    with structlog.testing.capture_logs() as events:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            admin = server.admin_address
+            assert admin is not None
+            async with (
+                await trio.open_tcp_stream(*admin) as idle,
+                await trio.open_tcp_stream(*admin) as halfway,
+            ):
+                await halfway.send_all(b"GET /healthz HTTP/1.1\r\n")
+                await trio.testing.wait_all_tasks_blocked()
+                server.shutdown("test")
+                assert await idle.receive_some(1024) == b""
+                assert await halfway.receive_some(1024) == b""
+    (stop,) = [e for e in events if e["event"] == "server.stop"]
+    assert stop["forced"] is False
+
+
 class _HeldRouter(LocalRouter):
     """A router whose publish waits for ``release``, as a cluster node waits for the others."""
 

@@ -884,7 +884,7 @@ def test_a_reload_of_a_pipe_read_at_the_start_is_refused_not_the_built_in_defaul
         with pytest.raises(LoadError) as refused:
             read()
         [problem] = refused.value.problems
-        assert "read empty at this reload" in problem.line
+        assert "is a pipe, which relayd reads only at its start" in problem.line
     finally:
         os.close(read_end)
     # An empty regular file, or /dev/null, is still a file of no settings.

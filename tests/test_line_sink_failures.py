@@ -25,7 +25,7 @@ import trio.testing
 from relayd.config import LogSettings
 from relayd.routing.local import LocalRouter
 from relayd.telemetry import line_sink
-from relayd.telemetry.line_sink import FLUSH_DELAY_S, flush_held_lines
+from relayd.telemetry.line_sink import FLUSH_DELAY_S, batched, flush_held_lines
 from relayd.telemetry.log import configure, get_logger, info_line
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
@@ -178,28 +178,79 @@ async def test_a_failed_write_in_the_routing_tasks_batch_leaves_it_routing(
     assert capsys.readouterr().err.count("writing the log failed (No space left on device)") == 1
 
 
-def test_a_failed_writes_lines_never_appear_later_nor_does_one_notice_repeat(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # stdout is written under Python's buffer, which kept a failed write's bytes and
-    # wrote them with the next line: lines counted as dropped were in the log after all.
-    # A non-blocking pipe that is full fails a write with EAGAIN, as a full disk would.
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, io.TextIOWrapper]]:
+    """A non-blocking pipe: its read end, and its write end as a text stream.
+
+    A full one fails a write with EAGAIN, as a full disk would. Logging is put back
+    afterwards: a sink left on a closed descriptor must not reach whatever file reuses
+    its number.
+    """
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
     os.set_blocking(write_end, False)
-    with os.fdopen(write_end, "w") as stdout, os.fdopen(read_end, "rb", buffering=0) as reader:
-        configure(LogSettings(format="json"), stream=stdout)
-        log = get_logger()
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                os.write(write_end, b"." * 4096)
-        dropped = line_sink.dropped_lines()
-        log.info("dropped.first")
-        log.info("dropped.second")
-        assert line_sink.dropped_lines() == dropped + 2
-        while reader.read(65536):
-            pass
-        log.info("written")
-        written = reader.read(65536)
+    try:
+        with os.fdopen(write_end, "w") as stdout:
+            yield read_end, stdout
+    finally:
+        os.close(read_end)
+        structlog.reset_defaults()
+        line_sink.install(io.StringIO())
+
+
+def _fill(fd: int, leave_pages: int = 0) -> None:
+    """Fill the pipe ``fd`` writes to, but for ``leave_pages`` of its 16 pages."""
+    for _ in range(16 - leave_pages):
+        os.write(fd, b"." * 4096)
+
+
+def _drain(fd: int) -> bytes:
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    return data
+
+
+def test_a_failed_writes_lines_never_appear_later_nor_does_one_notice_repeat(
+    pipe: tuple[int, io.TextIOWrapper], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # stdout was written under Python's buffer, which kept a failed write's bytes and
+    # wrote them with the next line: lines counted as dropped were in the log after all.
+    read_end, stdout = pipe
+    configure(LogSettings(format="json"), stream=stdout)
+    log = get_logger()
+    _fill(stdout.fileno())
+    dropped = line_sink.dropped_lines()
+    log.info("dropped.first")
+    log.info("dropped.second")
+    assert line_sink.dropped_lines() == dropped + 2
+    _drain(read_end)
+    log.info("written")
+    written = _drain(read_end)
     assert [json.loads(line)["event"] for line in written.splitlines()] == ["written"]
     assert capsys.readouterr().err.count("writing the log failed") == 1
+
+
+def test_a_write_cut_short_counts_only_the_lines_it_did_not_write_and_ends_the_cut_one(
+    pipe: tuple[int, io.TextIOWrapper],
+) -> None:
+    # A full pipe (or disk) may take part of a write: the lines written whole are in the
+    # log and are not counted as dropped; the line it cut is ended before the next one.
+    read_end, stdout = pipe
+    configure(LogSettings(format="json"), stream=stdout)
+    log = get_logger()
+    _fill(stdout.fileno(), leave_pages=1)  # room for 4,096 bytes
+    dropped = line_sink.dropped_lines()
+    with batched():
+        for n in range(6):
+            log.info("padded", n=n, pad="p" * 1000)  # about 1,070 bytes a line
+    cut = line_sink.dropped_lines() - dropped
+    first = _drain(read_end)[15 * 4096 :]  # after the filler: what the batch's write took
+    log.info("after")
+    lines = (first + _drain(read_end)).split(b"\n")
+    whole = [json.loads(line)["n"] for line in lines[: 6 - cut]]
+    assert 0 < cut < 6
+    assert whole == list(range(6 - cut))
+    assert not lines[6 - cut].endswith(b"}")  # the line the write cut, ended
+    assert json.loads(lines[6 - cut + 1])["event"] == "after"

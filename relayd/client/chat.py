@@ -71,7 +71,7 @@ Type a line to send a message:
   /id          print your id
   /help        print this help
   /quit        close the connection and exit (so does end of input, Ctrl-D,
-               Ctrl-C, or SIGTERM)
+               Ctrl-C, or SIGTERM once connected)
 Blank lines are ignored. A message longer than the server's limit (it says
 which at connect, 64 KiB by default) is not sent: you get a warning instead.
 A message whose outcome the connection's close cut off gets a warning too: it

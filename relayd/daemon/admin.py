@@ -244,20 +244,32 @@ class AdminListener:
     def __init__(self) -> None:
         self._closing = trio.Event()
         self._closed = trio.Event()
+        # The exchanges reading their request: its deadline's scope, and how far it got.
+        self._reading: dict[trio.CancelScope, _Progress] = {}
 
     async def close(self) -> None:
         """Stop accepting (the listening sockets close) and wait for the exchanges in progress.
 
-        Each exchange ends by itself within its own bounds (:data:`REQUEST_TIMEOUT_S`
-        for its request, its handler's bound, :data:`ANSWER_TIMEOUT_S` for its
-        answer), so this returns once the last one is answered; :func:`serve_admin`
-        returns then too. Not bounded here: the caller bounds the wait (relayd's
-        drain, by ``server.shutdown_grace_s``), and cancelling :func:`serve_admin`
-        cuts what is left. A connection that comes meanwhile waits in the listen
-        backlog and is refused when the sockets close, as after any stop.
+        An exchange whose request's head has not arrived (a load balancer's idle
+        TCP check, a port scan, a client that has sent nothing whole yet) is closed
+        at once, unanswered: nothing was asked. Every other ends by itself within
+        its own bounds (:data:`REQUEST_TIMEOUT_S` for its request, its handler's
+        bound, :data:`ANSWER_TIMEOUT_S` for its answer), so this returns once the
+        last one is answered; :func:`serve_admin` returns then too. Not bounded
+        here: the caller bounds the wait (relayd's drain, by
+        ``server.shutdown_grace_s``), and cancelling :func:`serve_admin` cuts what
+        is left. A connection that comes meanwhile waits in the listen backlog and
+        is refused when the sockets close, as after any stop.
         """
         self._closing.set()
+        for scope, progress in self._reading.items():
+            if progress.path is None:
+                scope.cancel()
         await self._closed.wait()
+
+    def _headless_cut(self, scope: trio.CancelScope, progress: _Progress) -> bool:
+        """Whether a close cut ``progress``'s exchange before its request's head came."""
+        return self._closing.is_set() and progress.path is None and scope.cancelled_caught
 
 
 async def serve_admin(
@@ -289,11 +301,11 @@ async def serve_admin(
         if outside:
             raise ValueError(f"routes {outside} are not under their area's {area.prefix}")
         table.update(area.routes)
-    handler = functools.partial(_handle, routes=table, areas=tuple(areas))
     # One token per connection, taken before the accept: with several listeners
     # (an address with IPv4 and IPv6) no accept may be under way without one.
     slots = trio.Semaphore(MAX_CONNECTIONS)
     admin = AdminListener()
+    handler = functools.partial(_handle, routes=table, areas=tuple(areas), admin=admin)
     # The exchanges outlive the accept loops: closed, the listener stops accepting
     # and this nursery waits for the exchanges in progress to be answered.
     async with trio.open_nursery() as exchanges:
@@ -383,7 +395,9 @@ class _Call:
     refuse: Refuse
 
 
-async def _handle(stream: trio.SocketStream, *, routes: Routes, areas: tuple[Area, ...]) -> None:
+async def _handle(
+    stream: trio.SocketStream, *, routes: Routes, areas: tuple[Area, ...], admin: AdminListener
+) -> None:
     progress = _Progress(trio.current_time(), peer_address(stream))
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     async with stream:
@@ -392,12 +406,19 @@ async def _handle(stream: trio.SocketStream, *, routes: Routes, areas: tuple[Are
         # The deadline is for the request's arrival only: a handler that waits
         # (other cluster nodes) bounds its own wait and must still be answered.
         with trio.move_on_after(REQUEST_TIMEOUT_S) as deadline:
+            admin._reading[deadline] = progress  # its close cuts it while headless
+            if admin._closing.is_set():
+                deadline.cancel()
             try:
                 read = await _read(connection, stream, routes, areas, progress)
             except h11.RemoteProtocolError as exc:
                 refusal = (exc.error_status_hint, f"not a request relayd can read: {exc}")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            finally:
+                del admin._reading[deadline]
+        if admin._headless_cut(deadline, progress):
+            return  # nothing was asked: closed unanswered, and not observed
         if deadline.cancelled_caught and not progress.read:
             refusal = (408, f"the request did not arrive whole within {REQUEST_TIMEOUT_S:g} s")
         if isinstance(read, _Call):

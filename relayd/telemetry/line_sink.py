@@ -75,20 +75,23 @@ class LineSink:
     """structlog's logger for relayd: writes each rendered line, or holds it in a batch.
 
     Args:
-        stream: where lines go; bytes are written to its binary buffer when
-            it has one (stdout does), else as text.
+        stream: where lines go: written to the file descriptor under its
+            binary buffer when it has both (stdout does), else to the buffer,
+            else as text.
         gone: whether the stream's reader is already known to be gone (a sink
             installed again on the same stream), so that nothing is written.
 
     Error handling: no write raises. One that finds the reader gone (``EPIPE``,
     ``ECONNRESET``) drops the lines and every later one, counted, see the module
     docstring. Any other ``OSError`` (a full disk, ``EIO``, ``EAGAIN`` on a
-    non-blocking stdout) drops that write's lines, counted in
-    :func:`dropped_lines`, says so once on stderr, and the next lines are
-    written as they come: whoever logged (a routing task, the flusher, a
-    connection's) serves on. A stream with a file descriptor is written with
-    ``os.write``, not through Python's buffer, which would keep a failed write's
-    bytes and write them later, after they were counted as dropped.
+    non-blocking stdout), or a stream closed under the sink, drops the lines
+    that write did not write whole, counted in :func:`dropped_lines`, says so
+    once on stderr (again only after a write succeeds), and the next lines are
+    written as they come, after ending a line a write cut short: whoever
+    logged (a routing task, the flusher, a connection's) serves on. A stream
+    with a file descriptor is written with ``os.write``, not through Python's
+    buffer, which would keep a failed write's bytes and write them later, after
+    they were counted as dropped.
     """
 
     def __init__(self, stream: TextIO, *, gone: bool = False) -> None:
@@ -99,6 +102,8 @@ class LineSink:
         self.failing = False
         # A write that failed part-way left a line unended: the next write ends it first.
         self._unended = False
+        # How many bytes of a write an error cut short had been written.
+        self._sent = 0
         self._lines: list[bytes] = []
         self._bytes = 0
         self.held = False
@@ -173,7 +178,7 @@ class LineSink:
     debug = info = warning = warn = error = critical = exception = log = msg
 
     def flush(self) -> bool:
-        """Write the lines held so far; False if there were none."""
+        """Write the lines held so far; False if there were none (True though the write failed)."""
         if not self._lines:
             return False
         lines, self._lines = self._lines, []
@@ -182,38 +187,58 @@ class LineSink:
             _count_dropped(len(lines))
             return True
         data = b"\n".join(lines) + b"\n"
+        unended = self._unended
+        if unended:
+            data = b"\n" + data  # ends the line a failed write cut short
         try:
-            self._write(b"\n" + data if self._unended else data)
+            self._write(data)
         except (BrokenPipeError, ConnectionResetError):
             self._reader_gone(len(lines))
-        except OSError as error:
-            _count_dropped(len(lines))
-            if not self.failing:
-                self.failing = True
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.write(_FAILED_NOTICE.format(reason=error.strerror or error))
-                    sys.stderr.flush()
+        except (OSError, ValueError) as error:  # ValueError: the stream was closed
+            self._write_failed(len(lines), data, unended, error)
         else:
             self.failing = self._unended = False
         return True
 
     def _write(self, data: bytes) -> None:
-        fd = self._fd
-        if fd is None:
-            if self._binary is not None:
-                self._binary.write(data)
-                self._binary.flush()
+        """Write ``data``; if an error cuts it short, :attr:`_sent` says how far it got."""
+        self._sent = 0
+        fd, binary = self._fd, self._binary
+        if fd is None or binary is None:
+            if binary is not None:
+                binary.write(data)
+                binary.flush()
             else:
                 self.stream.write(data.decode())
                 self.stream.flush()
             return
-        view = memoryview(data)
-        try:
-            while view := view[os.write(fd, view) :]:
-                pass  # a pipe may take part of a write
-        except OSError:
-            self._unended = len(view) < len(data) or self._unended
-            raise
+        if binary.closed:  # its descriptor may be another file's by now
+            raise ValueError("the log's stream was closed")
+        sent = os.write(fd, data)
+        if sent < len(data):  # a pipe may take part of a write
+            self._sent = sent
+            view = memoryview(data)[sent:]
+            while view:
+                sent = os.write(fd, view)
+                self._sent += sent
+                view = view[sent:]
+
+    def _write_failed(
+        self, lines: int, data: bytes, unended: bool, error: OSError | ValueError
+    ) -> None:
+        """Count the lines a failed write of ``data`` did not write; say so once on stderr."""
+        sent = self._sent
+        if sent:
+            # Lines written whole before the cut are in the log; the one it cut is not.
+            lines -= data.count(b"\n", 0, sent) - unended
+            self._unended = data[sent - 1] != ord("\n")
+        _count_dropped(lines)
+        if not self.failing:
+            self.failing = True
+            reason = getattr(error, "strerror", None) or error
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(_FAILED_NOTICE.format(reason=reason))
+                sys.stderr.flush()
 
     def _reader_gone(self, lines: int) -> None:
         self.gone = True
@@ -244,8 +269,9 @@ def _descriptor(stream: TextIO, binary: object) -> int | None:
     """The descriptor under ``stream``'s binary buffer, after flushing what it holds; or None."""
     if binary is None:
         return None
-    try:
+    with contextlib.suppress(OSError, ValueError):
         stream.flush()  # what was written before the sink: ahead of its lines
+    try:
         return stream.fileno()
     except (OSError, ValueError, io.UnsupportedOperation):
         return None
@@ -271,7 +297,10 @@ def install(stream: TextIO) -> LineSink:
     old = _sink
     if old is not None:
         old.flush()
-    _sink = LineSink(stream, gone=old is not None and old.gone and old.stream is stream)
+    same = old is not None and old.stream is stream
+    _sink = LineSink(stream, gone=same and old is not None and old.gone)
+    if same and old is not None:  # a reload: what the stream's writes left stays
+        _sink.failing, _sink._unended = old.failing, old._unended
     return _sink
 
 
