@@ -7,7 +7,8 @@ one; the clients see it as they see anything else relayd sends them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import msgspec
 import structlog
@@ -211,51 +212,57 @@ async def _answer(backend: trio.SocketStream) -> tuple[bytes, bytes]:
     return top.partition(b"\r\n")[0], payload
 
 
-async def test_a_call_let_in_before_a_drain_without_clients_is_answered_not_closed() -> None:
-    # Nothing kept the drain going: relayd cancelled the admin listener at once, and the
-    # backend read the end of the connection instead of 503 shutting_down (a reviewer's
-    # find; the test above keeps a silent client to make the drain last).
+@asynccontextmanager
+async def _without_clients() -> AsyncIterator[tuple[Server, tuple[str, int]]]:
+    """A whole relayd that no client connects to, and its admin address; stopped by the body.
+
+    On the way out it checks that the stop was not forced: every admin exchange in
+    progress was over within the drain's grace.
+    """
     server = Server(settings())
     with structlog.testing.capture_logs() as events:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             admin = server.admin_address
             assert admin is not None
-            async with await trio.open_tcp_stream(*admin) as backend:
-                body = json.dumps({"to": "nobody", "message": "late"}).encode()
-                await backend.send_all(post_head("/api/publish", f"Content-Length: {len(body)}"))
-                await trio.testing.wait_all_tasks_blocked()  # let in, waiting for its body
-                server.shutdown("test")
-                await trio.testing.wait_all_tasks_blocked()  # no client: drained
-                await backend.send_all(body)
-                status, payload = await _answer(backend)
-    assert status.startswith(b"HTTP/1.1 503 ")
-    assert json.loads(payload)["error"] == "shutting_down"
+            yield server, admin
     (stop,) = [e for e in events if e["event"] == "server.stop"]
     assert stop["forced"] is False
+
+
+async def test_a_call_let_in_before_a_drain_without_clients_is_answered_not_closed() -> None:
+    # Nothing kept the drain going: relayd cancelled the admin listener at once, and the
+    # backend read the end of the connection instead of 503 shutting_down (a reviewer's
+    # find; the test above keeps a silent client to make the drain last).
+    async with (
+        _without_clients() as (server, admin),
+        await trio.open_tcp_stream(*admin) as backend,
+    ):
+        body = json.dumps({"to": "nobody", "message": "late"}).encode()
+        await backend.send_all(post_head("/api/publish", f"Content-Length: {len(body)}"))
+        await trio.testing.wait_all_tasks_blocked()  # let in, waiting for its body
+        server.shutdown("test")
+        await trio.testing.wait_all_tasks_blocked()  # no client: drained
+        await backend.send_all(body)
+        status, payload = await _answer(backend)
+    assert status.startswith(b"HTTP/1.1 503 ")
+    assert json.loads(payload)["error"] == "shutting_down"
 
 
 async def test_admin_connections_that_asked_nothing_are_closed_unanswered_at_the_drain() -> None:
     # The drain waits for the admin exchanges in progress; one whose request's head has
     # not come (a load balancer's idle TCP check, half a head) held a relayd without
     # clients for the request's 5 s and was then told 408 (a reviewer's find).
-    server = Server(settings())
-    with structlog.testing.capture_logs() as events:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            admin = server.admin_address
-            assert admin is not None
-            async with (
-                await trio.open_tcp_stream(*admin) as idle,
-                await trio.open_tcp_stream(*admin) as halfway,
-            ):
-                await halfway.send_all(b"GET /healthz HTTP/1.1\r\n")
-                await trio.testing.wait_all_tasks_blocked()
-                server.shutdown("test")
-                assert await idle.receive_some(1024) == b""
-                assert await halfway.receive_some(1024) == b""
-    (stop,) = [e for e in events if e["event"] == "server.stop"]
-    assert stop["forced"] is False
+    async with (
+        _without_clients() as (server, admin),
+        await trio.open_tcp_stream(*admin) as idle,
+        await trio.open_tcp_stream(*admin) as halfway,
+    ):
+        await halfway.send_all(b"GET /healthz HTTP/1.1\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        server.shutdown("test")
+        assert await idle.receive_some(1024) == b""
+        assert await halfway.receive_some(1024) == b""
 
 
 class _HeldRouter(LocalRouter):
