@@ -22,6 +22,7 @@ import trio
 import trustme
 from pydantic import SecretStr
 
+import relayd.client.backoff
 from relayd.client import (
     Backoff,
     Client,
@@ -371,3 +372,104 @@ async def test_a_client_reconnects_after_a_real_relayd_restarts(tmp_path: Path) 
     assert (closed["code"], closed["closed_by"]) == (1000, "client")
     shut = first.wait_for_event("connection.close", id=first_id)
     assert (shut["code"], shut["closed_by"]) == (1001, "server")
+
+
+# -- the waits between attempts, on trio's virtual clock ---------------------------------
+
+
+class _Flapping:
+    """A relayd that welcomes each connection, keeps it up ``up_s[n]`` s, and ends it.
+
+    ``ending`` is 1011 or 1013 (a close frame, then the client's close and FIN are
+    read) or None (the TCP connection is dropped: a 1006 to the client). Each
+    welcome's time, on trio's clock, is in ``welcomed``; the connection after the
+    last of ``up_s`` is left open.
+    """
+
+    def __init__(self, up_s: list[float], ending: int | None) -> None:
+        self.up_s = up_s
+        self.ending = ending
+        self.welcomed: list[float] = []
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            n = len(self.welcomed)
+            await accept_v1(stream, f"id-{n}")
+            self.welcomed.append(trio.current_time())
+            if n == len(self.up_s):
+                await trio.sleep_forever()
+            await trio.sleep(self.up_s[n])
+            if self.ending is None:
+                await trio.aclose_forcefully(stream)
+                return
+            await stream.send_all(close_frame(self.ending, "closed at once"))
+            while await stream.receive_some(4096):
+                pass
+
+    def gaps(self) -> list[float]:
+        """From each connection's end to the next one's welcome, in seconds."""
+        ends = [t + up for t, up in zip(self.welcomed, self.up_s, strict=False)]
+        return [later - end for end, later in zip(ends, self.welcomed[1:], strict=False)]
+
+
+async def _flap(
+    flapping: _Flapping, backoff: Backoff, monkeypatch: pytest.MonkeyPatch
+) -> list[float]:
+    """Connect to ``flapping`` with ``backoff``, a jitter of one half; its gaps."""
+    monkeypatch.setattr(relayd.client.backoff, "random", _Halves())
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, flapping)
+        async with connect(url, reconnect=backoff, keepalive_s=None) as client:
+            async for client_id in client.ids():
+                if client_id == f"id-{len(flapping.up_s)}":  # the one left open
+                    break
+        nursery.cancel_scope.cancel()
+    return flapping.gaps()
+
+
+class _Halves:
+    """Stands for the :mod:`random` module in relayd.client.backoff: every jitter is 0.5."""
+
+    @staticmethod
+    def random() -> float:
+        return 0.5
+
+
+@pytest.mark.parametrize("ending", [1011, 1013, None], ids=["1011", "1013", "dropped"])
+async def test_connections_closed_at_once_keep_growing_the_wait(
+    ending: int | None, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by a tester: each successful connection reset the wait, so a relayd that
+    # closed every connection right after its welcome was retried every 0.5 s or
+    # less by all its clients at once, forever.
+    flapping = _Flapping([0.0] * 7, ending)
+    gaps = await _flap(flapping, Backoff(first_s=1.0, max_s=8.0), monkeypatch)
+    assert gaps == pytest.approx([0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0], abs=0.01)
+
+
+async def test_a_connection_that_stayed_up_starts_the_waits_again(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Up as long as max_s (the default stable_s): its loss waits as after a restart.
+    flapping = _Flapping([0.0, 0.0, 0.0, 8.0, 0.0, 7.9, 0.0], 1013)
+    gaps = await _flap(flapping, Backoff(first_s=1.0, max_s=8.0), monkeypatch)
+    assert gaps == pytest.approx([0.5, 1.0, 2.0, 0.5, 1.0, 2.0, 4.0], abs=0.01)
+
+
+async def test_stable_s_sets_how_long_a_connection_must_stay_up(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flapping = _Flapping([0.0, 0.0, 2.0, 0.0, 1.9, 0.0], None)
+    backoff = Backoff(first_s=1.0, max_s=8.0, stable_s=2.0)
+    gaps = await _flap(flapping, backoff, monkeypatch)
+    assert gaps == pytest.approx([0.5, 1.0, 0.5, 1.0, 2.0, 4.0], abs=0.01)
+
+
+async def test_attempts_are_still_counted_from_each_connection(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The waits grow across quick connections, but each connection made starts the
+    # count of attempts that ``attempts`` bounds again: a flapping relayd is not given up on.
+    flapping = _Flapping([0.0] * 5, 1013)
+    gaps = await _flap(flapping, Backoff(first_s=1.0, max_s=8.0, attempts=1), monkeypatch)
+    assert gaps == pytest.approx([0.5, 1.0, 2.0, 4.0, 4.0], abs=0.01)

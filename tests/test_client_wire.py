@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import relayd.client
-from relayd.client.backoff import Backoff
+from relayd.client.backoff import Backoff, Pacing
 from relayd.client.endpoint import check_token, parse_url
 from relayd.client.errors import (
     ConnectionClosed,
@@ -112,11 +112,29 @@ def test_backoff_without_attempts_keeps_trying() -> None:
         {"first_s": "1"},
         {"factor": math.nan},
         {"max_s": math.inf},
+        {"stable_s": 0.0},
+        {"stable_s": -1.0},
+        {"stable_s": math.inf},
+        {"stable_s": True},
     ],
 )
 def test_backoff_refuses_figures_that_cannot_work(figures: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=r"need|must"):
         Backoff(**figures)  # type: ignore[arg-type]
+
+
+def test_pacing_grows_across_connections_until_one_stays_up() -> None:
+    backoff = Backoff(first_s=1.0, max_s=8.0, attempts=2)
+    assert backoff.stable_after_s == 8.0  # stable_s defaults to max_s
+    assert Backoff(max_s=8.0, stable_s=3).stable_after_s == 3
+    pacing = Pacing(backoff, lambda: 0.5)
+    assert list(pacing.waits()) == [0.5, 1.0]  # attempts bounds each loss's waits
+    pacing.lost_after(7.9)  # a connection closed before it was stable: no reset
+    assert pacing.ceiling == 4.0
+    assert list(pacing.waits()) == [2.0, 4.0]
+    pacing.lost_after(8.0)
+    assert pacing.ceiling == 1.0
+    assert next(pacing.waits()) == 0.5
 
 
 # -- frames ------------------------------------------------------------------------------

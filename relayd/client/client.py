@@ -32,7 +32,7 @@ from typing import Literal
 
 import trio
 
-from relayd.client.backoff import Backoff
+from relayd.client.backoff import Backoff, Pacing
 from relayd.client.endings import final_error, raise_alone, retryable
 from relayd.client.endpoint import Endpoint
 from relayd.client.errors import ConnectError
@@ -77,6 +77,7 @@ class Client:
         self._deliveries_in, self._deliveries = trio.open_memory_channel[Message](receive_queue)
         self._link: Link | None = None
         self._id = ""
+        self._opened_at = 0.0  # trio.current_time() when the link opened
         self._changed = trio.Event()  # set, and replaced, whenever the link changes
         self._closing = False
         self._final: Callable[[], BaseException] | None = None  # raised once all is read
@@ -229,15 +230,19 @@ class Client:
         Started by :func:`connect` with ``nursery.start``: the first
         connection's :class:`ConnectError` is raised from there.
         """
+        pacing = None if backoff is None else Pacing(backoff)
         try:
             with self._supervisor:
                 closed = await self._connection(task_status)
                 while True:
                     self._lost(closed)
-                    if self._closing or backoff is None or not retryable(closed):
+                    if self._closing or pacing is None or not retryable(closed):
                         self._final = final_error(closed)
                         break
-                    outcome = await self._reconnect(backoff)
+                    # Only a connection that stayed up resets the waits: one closed
+                    # at once (1011, 1013, a drop after the welcome) is a failure.
+                    pacing.lost_after(trio.current_time() - self._opened_at)
+                    outcome = await self._reconnect(pacing)
                     if isinstance(outcome, ConnectError):
                         self._final = final_error(closed, outcome)
                         break
@@ -247,10 +252,10 @@ class Client:
             self._finished.set()
             self._notify()
 
-    async def _reconnect(self, backoff: Backoff) -> CloseInfo | ConnectError:
+    async def _reconnect(self, pacing: Pacing) -> CloseInfo | ConnectError:
         """Connect again; the new connection's end, or why there was none."""
         failure = ConnectError(self.url, "no attempt made")
-        for delay in backoff.delays():
+        for delay in pacing.waits():
             await trio.sleep(delay)
             try:
                 return await self._connection(None)
@@ -264,6 +269,7 @@ class Client:
         """One connection, from connecting to its end."""
 
         def opened(link: Link) -> None:
+            self._opened_at = trio.current_time()
             self._link = link
             self._id = link.id
             self._notify()
@@ -359,7 +365,8 @@ async def connect(
         reconnect: reconnect with this :class:`Backoff` when the connection is
             lost for a reason that may pass (1001, 1006, 1011, 1013, 1000, a
             503...); None (the default) to raise instead. The first connection
-            is never retried: its failure is raised here.
+            is never retried: its failure is raised here. The waits go on
+            growing across connections closed within ``stable_s`` of opening.
         max_in_flight: how many :meth:`Client.send` calls may wait for their
             outcome at once.
         receive_queue: how many received messages wait for the program to
