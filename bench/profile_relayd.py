@@ -5,9 +5,11 @@ Usage (from the repository root)::
     .venv/bin/python bench/profile_relayd.py TOOL [--op message|handshake|fanin|throughput]
                                       [--size BYTES]
                                       [--pairs N] [--rate PER_S] [--duration S] [--no-log]
-                                      [--pings]
+                                      [--pings] [--server relayd|node-ws|trio-floor]
 
-It starts relayd as ``bench/run.py`` does (``bench/relayd-bench.toml``, message events
+It starts relayd (or, with ``--server node-ws`` or ``trio-floor``, that peer, for the
+``cpu``, ``strace`` and ``callgrind`` tools, so that relayd's figures can be set beside
+a peer's from one session) as ``bench/run.py`` does (``bench/relayd-bench.toml``, message events
 logged unless ``--no-log``; pinned to ``--server-cpu``), under or beside the tool, drives it
 with ``bench/loadgen.mjs`` (the generator pinned to ``--gen-cpu``), has the tool look only
 at the generator's measured window, and prints figures per operation: per message for
@@ -89,6 +91,7 @@ from run import (
     machine,
     raise_fd_limit,
     run_cell,
+    server_specs,
 )
 
 #: Seconds a tool gets to write its output after SIGINT, and relayd to start under valgrind.
@@ -514,28 +517,53 @@ def _check_run(argv: Sequence[str]) -> str:
     return done.stdout
 
 
+#: The bench's peers this script can profile in relayd's place (``--server``): the chat
+#: scenarios' servers, whose figures beside relayd's explain a ratio of a full run; and
+#: the tools that need nothing of relayd's inside the process (counts and pyspy do).
+PROFILED_PEERS: Final = ("node-ws", "trio-floor")
+PEER_TOOLS: Final = ("callgrind", "cpu", "strace")
+
+
+def peer_argv(name: str) -> tuple[str, ...]:
+    """How ``bench/run.py`` starts the peer ``name``; raise if it cannot run here."""
+    spec = next(s for s in server_specs() if s.name == name)
+    if spec.missing is not None:
+        raise RuntimeError(f"{name} cannot run here: {spec.missing}")
+    return spec.argv
+
+
 # -- one profile run -----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def relayd_under(
-    tool: Tool, plan: Plan, log_messages: bool, ready_s: float, *, pings: bool = False
+    tool: Tool,
+    plan: Plan,
+    log_messages: bool,
+    ready_s: float,
+    *,
+    pings: bool = False,
+    name: str = "relayd",
 ) -> Iterator[ServerProcess]:
-    """Start relayd under ``tool`` and wait until it is ready; stop it (SIGTERM) after.
+    """Start relayd (or the bench's peer ``name``) under ``tool``; stop it (SIGTERM) after.
 
-    Without ``pings``, keepalive is kept out of the run (see the module docstring).
+    Without ``pings``, relayd's keepalive is kept out of the run (see the module
+    docstring); ``log_messages`` and ``pings`` are relayd's settings, and a peer
+    runs as ``bench/run.py`` runs it.
     """
     argv: tuple[str, ...] = (sys.executable, "-m", "relayd", "--config", str(RELAYD_CONFIG))
     argv += ("--host", "127.0.0.1", "--port", "0")
+    if name != "relayd":
+        argv = peer_argv(name)
     wrapped, env = tool.wrap(argv)
-    if not log_messages:
+    if name == "relayd" and not log_messages:
         env["RELAYD_LOG__MESSAGES"] = "off"
-    if not pings:
+    if name == "relayd" and not pings:
         env.update(NO_KEEPALIVE_ENV)
-    spec = ServerSpec("relayd", wrapped, tuple(env.items()))
+    spec = ServerSpec(name, wrapped, tuple(env.items()))
     logs = plan.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(spec, plan.server_cpu, logs / "relayd.log", plan.pin(plan.server_cpu))
+    server = ServerProcess(spec, plan.server_cpu, logs / f"{name}.log", plan.pin(plan.server_cpu))
     tool.server = server
     try:
         server.wait_ready(ready_s)
@@ -564,7 +592,9 @@ def profile(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         realtime=False,
     )
     ready_s = VALGRIND_READY_S if args.tool == "callgrind" else 30.0
-    with relayd_under(tool, plan, not args.no_log, ready_s, pings=args.pings) as server:
+    with relayd_under(
+        tool, plan, not args.no_log, ready_s, pings=args.pings, name=args.server
+    ) as server:
         cell = run_cell(plan, server, load.scenario, 0, hooks=tool)
     if cell.error is not None:
         raise RuntimeError(f"the load failed: {cell.error}")
@@ -575,6 +605,7 @@ def profile(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     shown = ("achieved_rate", "opens_per_s", "p50_us", "p99_us", "lost", "gen_cpu")
     return {
         "tool": args.tool,
+        "server": args.server,
         "op": load.op,
         "log_messages": not args.no_log,
         "pings": args.pings,
@@ -631,6 +662,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the default keepalive (a ping every 30 s), which may fall in the window",
     )
+    p.add_argument(
+        "--server",
+        choices=("relayd", *PROFILED_PEERS),
+        default="relayd",
+        help="what to profile: relayd (default), or a peer as bench/run.py runs it, for the"
+        " cpu and callgrind tools (--no-log and --pings are relayd's)",
+    )
     p.add_argument("--server-cpu", type=int, default=1, help="relayd's core (default 1)")
     p.add_argument("--gen-cpu", type=int, default=0, help="the generator's core (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="where profile.json goes")
@@ -641,6 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one profile and print its figures."""
     p = parser()
     args = p.parse_args(argv)
+    if args.server != "relayd" and args.tool not in PEER_TOOLS:
+        p.error(f"{args.tool} profiles relayd only; a peer takes {', '.join(PEER_TOOLS)}")
     need = NEEDS.get(args.tool)
     if (
         need is not None

@@ -775,6 +775,49 @@ def test_profiler_counts_trio_rounds_and_tasks_of_lone_messages(tmp_path: Path) 
     assert found["pings"] is False
 
 
+@pytest.mark.e2e
+def test_profiler_profiles_a_peer_in_relayds_place(tmp_path: Path) -> None:
+    # docs/benchmarks.md sets relayd's figures beside node-ws's from one session: the
+    # peer's must be the peer's own, under the same load, not relayd's.
+    require_tool("node")
+    require_tool("bench-ws")
+    require_tool("taskset")
+    require_tool("strace")
+    server_cpu, gen_cpu = _cores()
+    out = tmp_path / "profile"
+    argv = ["strace", "--server", "node-ws", "--pairs", "5", "--rate", "50", "--duration", "1"]
+    argv += ["--out", str(out), "--server-cpu", str(server_cpu), "--gen-cpu", str(gen_cpu)]
+    done = _bench_tool(PROFILE_PY.name, *argv)
+    found = json.loads((out / "profile.json").read_text())
+    assert found == json.loads(done.stdout)
+    assert found["server"] == "node-ws"
+    assert found["operations"] > 0
+    assert found["generator"]["lost"] == 0
+    assert (out / "logs" / "node-ws.log").read_bytes().count(b'"server.ready"') == 1
+    assert not (out / "logs" / "relayd.log").exists()
+    # What was traced is node's event loop (libuv waits in epoll_pwait), not relayd's
+    # (CPython's select.epoll waits in epoll_wait), and it did a message's work.
+    calls = found["syscalls_per_op_by_name"]
+    assert calls.get("epoll_pwait", 0) > 0, calls
+    assert "epoll_wait" not in calls, calls
+    assert calls.get("read", 0) + calls.get("recvfrom", 0) >= 0.9, calls
+
+
+@pytest.mark.parametrize("tool", ["counts", "pyspy"])
+def test_profiler_refuses_a_tool_that_looks_inside_relayd_for_a_peer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tool: str
+) -> None:
+    # counts runs bench/counted_relayd.py, pyspy reads Python frames: neither can
+    # measure node; saying so beats a profile of something else.
+    profiler = _profiler_module(monkeypatch)
+    with pytest.raises(SystemExit) as exited:
+        profiler.main([tool, "--server", "node-ws"])
+    assert exited.value.code == 2
+    assert f"{tool} profiles relayd only; a peer takes callgrind, cpu, strace" in (
+        capsys.readouterr().err
+    )
+
+
 def test_profiler_keeps_keepalive_from_moving_the_readers_deadline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -345,6 +345,7 @@ TOOLS: dict[str, Tool] = {
             ("nsenter", "util-linux"),
             ("taskset", "util-linux"),
             ("redis-server", "redis-server"),
+            ("strace", "strace"),
         ]
     },
 }
