@@ -795,10 +795,10 @@ def test_profiler_profiles_a_peer_in_relayds_place(tmp_path: Path) -> None:
     assert found["generator"]["lost"] == 0
     assert (out / "logs" / "node-ws.log").read_bytes().count(b'"server.ready"') == 1
     assert not (out / "logs" / "relayd.log").exists()
-    # What was traced is node's event loop (libuv waits in epoll_pwait), not relayd's
-    # (CPython's select.epoll waits in epoll_wait), and it did a message's work.
+    # What was traced is node's event loop (libuv waits in epoll_pwait, or epoll_pwait2),
+    # not relayd's (CPython's select.epoll waits in epoll_wait), and it did a message's work.
     calls = found["syscalls_per_op_by_name"]
-    assert calls.get("epoll_pwait", 0) > 0, calls
+    assert any(name.startswith("epoll_pwait") for name in calls), calls
     assert "epoll_wait" not in calls, calls
     assert calls.get("read", 0) + calls.get("recvfrom", 0) >= 0.9, calls
 
