@@ -409,6 +409,26 @@ async def test_lines_over_the_rate_limit_are_sent_again_not_lost_to_a_1008() -> 
     assert (status, rest, stderr) == (0, ["closed: 1000"], f"{SLOWED}\n")
 
 
+async def test_a_line_still_held_back_by_the_rate_limit_at_the_end_is_named_not_sent() -> None:
+    async with (
+        running(Server(settings(messages_per_second=0.001, message_burst=1))) as url,
+        connect(url) as peer,
+        chatting(url) as chat,
+    ):
+        await chat.send(f"{peer.id} sent")
+        await chat.expect("ack 1")
+        await chat.send(f"{peer.id} held back")
+        assert await chat.stderr_line() == SLOWED  # refused: it waits to go again
+        chat.proc.send_signal(signal.SIGINT)
+        status, rest, stderr = await chat.finish()
+        assert await peer.recv() == "sent"
+    assert (status, rest) == (0, ["closed: 1000"])
+    assert stderr == (
+        f"relayd chat: message 2 to {peer.id}: not sent (refused as over the server's rate"
+        " limit, and not sent again before the end)\n"
+    )
+
+
 async def test_a_line_over_the_servers_limit_is_refused_here_and_the_chat_goes_on() -> None:
     async with (
         running(Server(settings(max_message_bytes=100))) as url,
