@@ -44,6 +44,10 @@ WAIT_S: Final = 15.0
 UNKNOWN: Final = "unknown_recipient: no client with that id is connected"
 #: alice's token: relayd refuses static tokens under 16 characters.
 ALICE: Final = "alice-token-0123456789"
+#: What the chat says, once, when relayd first refuses a message as over its rate limit.
+SLOWED: Final = (
+    "relayd chat: over the server's rate limit: a message it refuses is sent again after 1 s"
+)
 CONNECTED: Final = re.compile(r"connected to (?P<url>\S+) as (?P<id>\S+) \((?P<dialect>[^)]+)\)")
 
 
@@ -373,16 +377,55 @@ async def test_any_other_close_exits_1() -> None:
         running(Server(settings(messages_per_second=0.001, message_burst=1))) as url,
         chatting(url) as chat,
     ):
-        for n in range(3):  # acked, rate_limited, and the one that closes the connection
+        # Acked; then rate_limited, sent again a second later, and that closes the connection.
+        for n in range(2):
             await chat.send(f"{chat.id} {n}")
         await chat.expect(f"< {chat.id}: 0", "ack 1")
-        await chat.expect(f"! rate_limited: too many messages; slow down (message 2 to {chat.id})")
         status, rest, stderr = await chat.finish()
     assert status == 1
     assert rest == ["closed: 1008 rate limit exceeded"]
-    assert stderr == (  # relayd closed without answering the third
-        f"relayd chat: message 3 to {chat.id}: the connection closed before its outcome was"
+    assert stderr == (  # relayd closed without answering the second
+        f"{SLOWED}\n"
+        f"relayd chat: message 2 to {chat.id}: the connection closed before its outcome was"
         " known; it may or may not have been delivered\n"
+    )
+
+
+async def test_lines_over_the_rate_limit_are_sent_again_not_lost_to_a_1008() -> None:
+    # A pasted or piped burst of lines: relayd refuses the messages over its rate, and
+    # closes a client that goes on sending over it with 1008. Each refused one was
+    # shown as an error line, and lost, until the close cut the rest off.
+    async with (
+        running(Server(settings(messages_per_second=10.0, message_burst=3))) as url,
+        connect(url) as peer,
+        chatting(url) as chat,
+    ):
+        lines = [f"line {n}" for n in range(8)]
+        await chat.send("".join(f"{peer.id} {line}\n" for line in lines), end="")
+        await chat.expect(*(f"ack {n}" for n in range(1, len(lines) + 1)))
+        assert [await peer.recv() for _ in lines] == lines  # each once, in order
+        await chat.end_input()
+        status, rest, stderr = await chat.finish()
+    assert (status, rest, stderr) == (0, ["closed: 1000"], f"{SLOWED}\n")
+
+
+async def test_a_line_still_held_back_by_the_rate_limit_at_the_end_is_named_not_sent() -> None:
+    async with (
+        running(Server(settings(messages_per_second=0.001, message_burst=1))) as url,
+        connect(url) as peer,
+        chatting(url) as chat,
+    ):
+        await chat.send(f"{peer.id} sent")
+        await chat.expect("ack 1")
+        await chat.send(f"{peer.id} held back")
+        assert await chat.stderr_line() == SLOWED  # refused: it waits to go again
+        chat.proc.send_signal(signal.SIGINT)
+        status, rest, stderr = await chat.finish()
+        assert await peer.recv() == "sent"
+    assert (status, rest) == (0, ["closed: 1000"])
+    assert stderr == (
+        f"relayd chat: message 2 to {peer.id}: not sent (refused as over the server's rate"
+        " limit, and not sent again before the end)\n"
     )
 
 

@@ -729,6 +729,26 @@ async def test_a_message_over_max_message_chars_closes_with_1009() -> None:
     assert closed.value.reason == "Exceeded maximum message size: 1000 bytes"
 
 
+async def test_a_message_within_the_limit_relayd_announced_is_received_however_big() -> None:
+    # An operator may allow messages over the client's default bound (1 MiB): any client
+    # could then close another's connection with 1009, for good (not retryable), by
+    # sending it one.
+    four_mib = 4 * 2**20
+    async with (
+        relay(max_message_bytes=four_mib) as url,
+        connect(url) as peer,
+        connect(url, reconnect=relayd.client.Backoff()) as client,
+        connect(url, max_message_chars=1000) as bounded,
+    ):
+        assert client.max_message_bytes == four_mib
+        big = "x" * (four_mib - 100)  # with its envelope, at relayd's limit
+        await peer.send(client.id, big)
+        assert (await client.receive()).text == big
+        await peer.send(bounded.id, "x" * 2000)  # a bound the program set still holds
+        with pytest.raises(MessageTooBig):
+            await bounded.receive()
+
+
 # -- closes relayd makes, surfaced as exceptions --------------------------------------------
 
 

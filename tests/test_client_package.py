@@ -22,9 +22,10 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import structlog
@@ -340,3 +341,49 @@ async def test_the_reconnecting_program_ends_on_ctrl_c_with_a_line_not_a_traceba
     assert ID.sub("<id>", out.decode()) == ID.sub("<id>", program.output)
     closes = [e for e in events if e["event"] == "connection.close" and e["id"] == announced[0]]
     assert [(e["code"], e["closed_by"]) for e in closes] == [(1000, "client")]
+
+
+def _definitions(program: Program) -> dict[str, Any]:
+    """What ``program`` defines before its ``main``, run as a module would be (no trio.run)."""
+    namespace: dict[str, Any] = {"__name__": program.name.removesuffix(".py")}
+    exec(program.code.split("\nasync def main(")[0], namespace)  # the page's own code
+    return namespace
+
+
+async def test_the_echo_bot_goes_on_answering_when_many_write_to_it_at_once() -> None:
+    # The page's bot awaited each answer in the loop that reads: with more users writing at
+    # once than the client's queue holds, the acks of its answers came behind messages that
+    # nothing read any more, and it stopped answering for good.
+    [program] = [p for p in PROGRAMS if p.name == "echo.py"]
+    echo = _definitions(program)["echo"]
+    users, rounds = 40, 5
+    unlimited = {
+        "messages_per_second": 1e6,
+        "message_burst": 1_000_000,
+        "frames_per_second": 1e6,
+        "frame_burst": 1_000_000,
+    }
+
+    async def talk(user: relayd.client.Client, to: str, n: int) -> None:
+        for word in range(rounds):
+            for wait in relayd.client.Backoff(first_s=0.01, max_s=0.1).delays():
+                try:
+                    await user.send(to, [n, word])
+                    break
+                except relayd.client.RecipientBusy:  # more at once than the bot's queue
+                    await trio.sleep(wait)
+            reply = await user.receive()
+            assert reply.data == {"echo": [n, word]}
+
+    async with running(Server(settings(**unlimited))) as url, AsyncExitStack() as stack:
+        bot = await stack.enter_async_context(relayd.client.connect(url))
+        clients = [
+            await stack.enter_async_context(relayd.client.connect(url)) for _ in range(users)
+        ]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(echo, bot)
+            with trio.fail_after(20):
+                async with trio.open_nursery() as talking:
+                    for n, user in enumerate(clients):
+                        talking.start_soon(talk, user, bot.id, n)
+            nursery.cancel_scope.cancel()

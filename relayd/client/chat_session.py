@@ -16,7 +16,7 @@ import msgspec
 import trio
 
 from relayd.client.client import Client
-from relayd.client.errors import ConnectionClosed, MessageTooLarge, SendError
+from relayd.client.errors import ConnectionClosed, MessageTooLarge, RateLimited, SendError
 from relayd.client.messages import Message
 from relayd.client.terminal import Console
 from relayd.wire.dialects import Dialect
@@ -24,6 +24,13 @@ from relayd.wire.dialects import Dialect
 __all__ = ["Session"]
 
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
+#: How long a message relayd refused as over its rate limit waits before it is sent
+#: again; each refusal of the same message doubles it, up to :data:`RATE_WAIT_MAX_S`.
+#: Each refusal takes a token from relayd's second bucket (docs/protocol.md, "Rate
+#: limit"), which refills at the message rate: one refusal a second at most keeps it
+#: from running dry, and the connection from a 1008, at any rate of 1 a second or more.
+RATE_WAIT_S: Final = 1.0
+RATE_WAIT_MAX_S: Final = 30.0
 
 
 def _outgoing(text: str) -> msgspec.Raw | str:
@@ -50,6 +57,7 @@ class Session:
         self._sent = 0
         self._to: str | None = None  # the default recipient, after /to ID
         self._quitting = False
+        self._slowed = False  # told the person that the server's rate limit slows sends
 
     async def run(self) -> bool:
         """Chat until the person quits or the server closes; True if the person quit."""
@@ -126,7 +134,7 @@ class Session:
         """Send and print the outcome: one at a time, so lines print in order."""
         v1 = self._client.dialect is Dialect.V1
         try:
-            await self._client.send(to, message)
+            await self._send_paced(to, message)
         except MessageTooLarge as error:
             if not error.sent:
                 self._console.warn(f"not sent: {error.detail.removesuffix('; not sent')}")
@@ -150,6 +158,38 @@ class Session:
             self._sent += 1
             if v1:
                 self._console.say(f"ack {self._sent}")
+
+    async def _send_paced(self, to: str, message: msgspec.Raw | str) -> None:
+        """Send, and send again after a wait while relayd refuses it as over its rate limit.
+
+        relayd drops a rate-limited message, and closes with 1008 a client that
+        keeps sending over the limit: a pasted or piped burst of lines would lose
+        its tail and then the connection. Sent again, one message at a time, the
+        lines go out at the server's rate, in order. (The seed dialect has no acks:
+        its rate_limited errors arrive as messages, and nothing is sent again.)
+        """
+        wait = RATE_WAIT_S
+        while True:
+            try:
+                await self._client.send(to, message)
+            except RateLimited:
+                if not self._slowed:
+                    self._slowed = True
+                    self._console.warn(
+                        "over the server's rate limit: a message it refuses is sent again"
+                        f" after {RATE_WAIT_S:g} s"
+                    )
+            else:
+                return
+            try:
+                await trio.sleep(wait)
+            except trio.Cancelled:  # the person quit, or the server closed, meanwhile
+                self._console.warn(
+                    f"message {self._sent + 1} to {to}: not sent (refused as over the"
+                    " server's rate limit, and not sent again before the end)"
+                )
+                raise
+            wait = min(wait * 2, RATE_WAIT_MAX_S)
 
     def _show(self, message: Message) -> None:
         if message.from_server:  # its sender is "", which would print as "< : ..."

@@ -43,7 +43,6 @@ from relayd.client.options import (
     CONNECT_TIMEOUT_S,
     KEEPALIVE_S,
     MAX_IN_FLIGHT,
-    MAX_MESSAGE_CHARS,
     RECEIVE_QUEUE,
     LinkOptions,
     check_options,
@@ -346,7 +345,7 @@ async def connect(
     reconnect: Backoff | None = None,
     max_in_flight: int = MAX_IN_FLIGHT,
     receive_queue: int = RECEIVE_QUEUE,
-    max_message_chars: int = MAX_MESSAGE_CHARS,
+    max_message_chars: int | None = None,
     keepalive_s: float | None = KEEPALIVE_S,
 ) -> AsyncIterator[Client]:
     """Connect to relayd; the block is the connection's lifetime.
@@ -372,7 +371,10 @@ async def connect(
         receive_queue: how many received messages wait for the program to
             read them before the client stops reading the socket.
         max_message_chars: the largest message accepted from relayd, in
-            characters; a larger one closes the connection with 1009.
+            characters; a larger one closes the connection with 1009. None (the
+            default): 1 MiB, or the limit relayd announced (plus room for the
+            sender's id) when that is more, so that no client relayd accepts a
+            message from can close this one with it.
         keepalive_s: ping relayd this often, and drop the connection (1006)
             when the pong is as late; None for no pings.
 

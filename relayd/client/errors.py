@@ -317,7 +317,12 @@ class InvalidData(ConnectionClosed):
 
 
 class PolicyViolation(ConnectionClosed):
-    """1008: sustained rate-limit abuse; reconnecting would be refused the same way."""
+    """1008: sustained rate-limit abuse, more frames than relayd's pacing allows, or the backend.
+
+    The server API's default code for a disconnect. Not retried: relayd would take a
+    new connection, but what caused the close comes with the program (it sends too
+    fast), or the backend meant this client to stay away.
+    """
 
     close_code = CloseCode.POLICY
 

@@ -23,7 +23,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream
 from relayd.client.endpoint import Endpoint
 from relayd.client.errors import ConnectError, ConnectTimeout, HandshakeRefused, TLSError
 from relayd.client.messages import welcome_id
-from relayd.client.options import LinkOptions
+from relayd.client.options import MAX_MESSAGE_CHARS, LinkOptions
 from relayd.wire.dialects import V1_SUBPROTOCOL, Dialect
 
 __all__ = ["Stream", "handshake", "open_stream"]
@@ -159,7 +159,9 @@ async def _upgrade(
         subprotocols=[V1_SUBPROTOCOL] if options.dialect is Dialect.V1 else [],
         extra_headers=headers,
         message_queue_size=0,
-        max_message_size=options.max_message_chars,
+        # Raised to relayd's announced limit, when it is larger and the program set none,
+        # once the answer is in (relayd.client.link.Link).
+        max_message_size=options.max_message_chars or MAX_MESSAGE_CHARS,
     )
     try:
         return ws, await ws.get_message()

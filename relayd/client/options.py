@@ -19,6 +19,7 @@ from relayd.wire.dialects import Dialect
 __all__ = [
     "CLOSE_TIMEOUT_S",
     "CONNECT_TIMEOUT_S",
+    "DELIVERY_ROOM",
     "KEEPALIVE_S",
     "MAX_IN_FLIGHT",
     "MAX_MESSAGE_CHARS",
@@ -39,10 +40,15 @@ CLOSE_TIMEOUT_S: Final = 5.0
 MAX_IN_FLIGHT: Final = 16
 #: Messages received and not yet read by the program, per client.
 RECEIVE_QUEUE: Final = 16
-#: Largest message accepted from relayd, in characters (trio-websocket counts
-#: ``len()`` of the text). relayd's own limit is 64 KiB by default; a delivery
-#: adds its sender's id and ``"type"`` to the sender's envelope.
+#: Largest message accepted from relayd by default, in characters (trio-websocket
+#: counts ``len()`` of the text), unless relayd announced a larger limit (see
+#: :data:`DELIVERY_ROOM`). relayd's own limit is 64 KiB by default.
 MAX_MESSAGE_CHARS: Final = 2**20
+#: What a delivery may add to a sender's envelope of relayd's announced size: its
+#: ``"type"`` and its sender's id (256 characters at most, each at most 6 as JSON).
+#: By default a client takes messages of up to the announced limit plus this: what
+#: relayd lets any client send it, however far above :data:`MAX_MESSAGE_CHARS`.
+DELIVERY_ROOM: Final = 2048
 #: Keepalive ping interval, and how long its pong may take: as relayd's own.
 KEEPALIVE_S: Final = 30.0
 #: The dialects ``connect`` speaks, by the names it takes.
@@ -59,7 +65,7 @@ class LinkOptions:
     connect_timeout: float
     keepalive_s: float | None
     max_in_flight: int
-    max_message_chars: int
+    max_message_chars: int | None  # None: MAX_MESSAGE_CHARS, or what relayd announced
 
 
 def check_options(
@@ -72,7 +78,7 @@ def check_options(
     close_timeout: float,
     max_in_flight: int,
     receive_queue: int,
-    max_message_chars: int,
+    max_message_chars: int | None,
     keepalive_s: float | None,
 ) -> tuple[Endpoint, LinkOptions]:
     """The endpoint and the connections' options, from ``connect``'s arguments (its Args).
@@ -94,10 +100,13 @@ def check_options(
     if keepalive_s is not None and not (_is_number(keepalive_s) and 0 < keepalive_s < math.inf):
         raise ValueError("keepalive_s must be a positive number, or None")
     if not (
-        is_count(max_in_flight, 1) and is_count(receive_queue, 0) and is_count(max_message_chars, 1)
+        is_count(max_in_flight, 1)
+        and is_count(receive_queue, 0)
+        and (max_message_chars is None or is_count(max_message_chars, 1))
     ):
         raise ValueError(
             "need max_in_flight >= 1, receive_queue >= 0, max_message_chars >= 1 (whole numbers)"
+            " or None"
         )
     if dialect not in _DIALECTS:
         raise ValueError(f"dialect must be one of {', '.join(_DIALECTS)}, not {dialect!r}")
