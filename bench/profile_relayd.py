@@ -51,6 +51,9 @@ Tools, and what they hold to on a busy machine:
   in all and by C function and object file: repeatable to a fraction of a percent whatever
   the load (user space only: the kernel's side of system calls is not in them). relayd
   runs some 50 times slower under valgrind: the defaults shrink the load to match.
+  node-ws's count includes V8 compiling its code for as long as it does: 208,831
+  instructions per lone message after the default 5 s of load, 82,887 after
+  ``--warmup 150`` (docs/benchmarks.md); give a JIT a long warm-up.
 
 Needs ``strace``, ``valgrind`` and ``perf`` (Debian packages ``strace``, ``valgrind``,
 ``linux-perf``) and py-spy (``.venv/bin/pip install py-spy``) for the tools that use them;
@@ -132,7 +135,7 @@ def load_of(args: argparse.Namespace) -> Load:
     """The load the command line asks for, with defaults that suit its tool."""
     slow = args.tool in SLOW_TOOLS
     very_slow = args.tool == "callgrind" or args.opcodes
-    timing = {"warmup_s": 2.0 if not very_slow else 5.0}
+    timing = {"warmup_s": args.warmup or (2.0 if not very_slow else 5.0)}
     timing["duration_s"] = args.duration or (30.0 if very_slow else 10.0)
     if args.op == "handshake":
         return Load("handshake", {"concurrency": args.concurrency, **timing})
@@ -403,7 +406,7 @@ class CallgrindTool(Tool):
         _check_run(["callgrind_control", "--instr=off", str(self.pid)])
 
     def figures(self, operations: int) -> dict[str, Any]:  # noqa: D102
-        # The data is written when relayd exits (instrumentation is off by then).
+        # The data is written when the server exits (instrumentation is off by then).
         dumps = sorted(self.out.glob("callgrind.out*"))
         text = _check_run(["callgrind_annotate", "--threshold=100", *map(str, dumps)])
         total, by_function, by_object = parse_callgrind_annotate(text)
@@ -524,12 +527,14 @@ PROFILED_PEERS: Final = ("node-ws", "trio-floor")
 PEER_TOOLS: Final = ("callgrind", "cpu", "strace")
 
 
-def peer_argv(name: str) -> tuple[str, ...]:
+def peer_spec(name: str) -> ServerSpec:
     """How ``bench/run.py`` starts the peer ``name``; raise if it cannot run here."""
-    spec = next(s for s in server_specs() if s.name == name)
+    spec = next((s for s in server_specs() if s.name == name), None)
+    if spec is None:
+        raise ValueError(f"no such peer: {name}")
     if spec.missing is not None:
         raise RuntimeError(f"{name} cannot run here: {spec.missing}")
-    return spec.argv
+    return spec
 
 
 # -- one profile run -----------------------------------------------------------------------------
@@ -553,9 +558,12 @@ def relayd_under(
     """
     argv: tuple[str, ...] = (sys.executable, "-m", "relayd", "--config", str(RELAYD_CONFIG))
     argv += ("--host", "127.0.0.1", "--port", "0")
+    peer_env: tuple[tuple[str, str], ...] = ()
     if name != "relayd":
-        argv = peer_argv(name)
+        peer = peer_spec(name)
+        argv, peer_env = peer.argv, peer.env
     wrapped, env = tool.wrap(argv)
+    env.update(peer_env)
     if name == "relayd" and not log_messages:
         env["RELAYD_LOG__MESSAGES"] = "off"
     if name == "relayd" and not pings:
@@ -607,8 +615,9 @@ def profile(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "tool": args.tool,
         "server": args.server,
         "op": load.op,
-        "log_messages": not args.no_log,
-        "pings": args.pings,
+        # relayd's settings; a peer has neither.
+        "log_messages": not args.no_log if args.server == "relayd" else None,
+        "pings": args.pings if args.server == "relayd" else None,
         "load": load.params,
         "operations": operations,
         "generator": {k: result[k] for k in shown if k in result},
@@ -650,6 +659,12 @@ def parser() -> argparse.ArgumentParser:
         help="handshakes in progress at once, for --op handshake (default 1: each alone)",
     )
     p.add_argument("--duration", type=float, help="seconds measured (default 10; callgrind 30)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds of load before the window (default 2; callgrind and --opcodes 5):"
+        " longer for node-ws under callgrind, whose compiler is still at work after 5 s",
+    )
     p.add_argument("--calls", action="store_true", help="counts: also count Python calls")
     p.add_argument(
         "--opcodes",
@@ -666,10 +681,12 @@ def parser() -> argparse.ArgumentParser:
         "--server",
         choices=("relayd", *PROFILED_PEERS),
         default="relayd",
-        help="what to profile: relayd (default), or a peer as bench/run.py runs it, for the"
-        " cpu and callgrind tools (--no-log and --pings are relayd's)",
+        help="what to profile: relayd (default), or a peer as bench/run.py runs it, with the"
+        " cpu, strace or callgrind tool",
     )
-    p.add_argument("--server-cpu", type=int, default=1, help="relayd's core (default 1)")
+    p.add_argument(
+        "--server-cpu", type=int, default=1, help="the profiled server's core (default 1)"
+    )
     p.add_argument("--gen-cpu", type=int, default=0, help="the generator's core (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="where profile.json goes")
     return p
@@ -681,6 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.server != "relayd" and args.tool not in PEER_TOOLS:
         p.error(f"{args.tool} profiles relayd only; a peer takes {', '.join(PEER_TOOLS)}")
+    if args.server != "relayd" and (args.no_log or args.pings):
+        p.error("--no-log and --pings are relayd's settings; a peer has neither")
     need = NEEDS.get(args.tool)
     if (
         need is not None

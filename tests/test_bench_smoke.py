@@ -791,6 +791,8 @@ def test_profiler_profiles_a_peer_in_relayds_place(tmp_path: Path) -> None:
     found = json.loads((out / "profile.json").read_text())
     assert found == json.loads(done.stdout)
     assert found["server"] == "node-ws"
+    assert found["log_messages"] is None
+    assert found["pings"] is None
     assert found["operations"] > 0
     assert found["generator"]["lost"] == 0
     assert (out / "logs" / "node-ws.log").read_bytes().count(b'"server.ready"') == 1
@@ -803,19 +805,33 @@ def test_profiler_profiles_a_peer_in_relayds_place(tmp_path: Path) -> None:
     assert calls.get("read", 0) + calls.get("recvfrom", 0) >= 0.9, calls
 
 
-@pytest.mark.parametrize("tool", ["counts", "pyspy"])
-def test_profiler_refuses_a_tool_that_looks_inside_relayd_for_a_peer(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tool: str
+_PEER_ONLY: Final = "profiles relayd only; a peer takes callgrind, cpu, strace"
+_RELAYDS_SETTINGS: Final = "--no-log and --pings are relayd's settings; a peer has neither"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # counts runs bench/counted_relayd.py, pyspy reads relayd's Python frames.
+        (["counts", "--server", "node-ws"], f"counts {_PEER_ONLY}"),
+        (["pyspy", "--server", "node-ws"], f"pyspy {_PEER_ONLY}"),
+        # A peer logs nothing and pings nobody: a profile that said it ran without
+        # either would describe a run that never was.
+        (["cpu", "--server", "trio-floor", "--no-log"], _RELAYDS_SETTINGS),
+        (["cpu", "--server", "trio-floor", "--pings"], _RELAYDS_SETTINGS),
+    ],
+)
+def test_profiler_refuses_what_it_cannot_profile_a_peer_with(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    said: str,
 ) -> None:
-    # counts runs bench/counted_relayd.py, pyspy reads Python frames: neither can
-    # measure node; saying so beats a profile of something else.
     profiler = _profiler_module(monkeypatch)
     with pytest.raises(SystemExit) as exited:
-        profiler.main([tool, "--server", "node-ws"])
+        profiler.main(argv)
     assert exited.value.code == 2
-    assert f"{tool} profiles relayd only; a peer takes callgrind, cpu, strace" in (
-        capsys.readouterr().err
-    )
+    assert said in capsys.readouterr().err
 
 
 def test_profiler_keeps_keepalive_from_moving_the_readers_deadline(
