@@ -176,7 +176,6 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
         settings = loaded.settings
         authenticator, tls, api_key = _credentials(loaded)
         started_files.update(_start_files(settings))
-        activated = listen_sockets()
         if args.command != "check-config":
             configure(settings.log)
             # Building the server builds its router, which reads the cluster's password.
@@ -196,11 +195,13 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
         for problem in exc.problems:
             print(f"relayd: config error: {problem.line}", file=sys.stderr)
         return EX_CONFIG
+    if args.command == "check-config":
+        return _check_config(loaded)
+    try:
+        activated = listen_sockets()
     except OSError as exc:
         print(f"relayd: cannot use the sockets systemd passed: {exc}", file=sys.stderr)
         return 1
-    if args.command == "check-config":
-        return _check_config(loaded)
     for variable in loaded.ignored:
         get_logger().warning(
             "config.ignored", variable=variable.name, did_you_mean=variable.suggestion

@@ -12,6 +12,7 @@ is a blocking read with a timeout, and only processes started here are ever sign
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -30,7 +31,7 @@ import pytest
 
 import relayd
 from relayd.cli import EX_CONFIG, EX_IOERR, main, settings_reader
-from relayd.config import Settings
+from relayd.config import DEFAULT_CONFIG_PATH, Settings
 from relayd.config_sources import LoadError
 from tests import wire
 from tests.deployments import KUBERNETES_SERVICE_LINKS
@@ -492,6 +493,33 @@ def test_config_error_in_process(
         f"relayd: config file: {config}",
         "relayd: config error: log.bodies: Input should be a valid boolean"
         " (from environment RELAYD_LOG__BODIES)",
+    ]
+
+
+def test_a_default_file_relayd_may_not_look_at_is_a_config_error_naming_it(
+    no_relayd_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /etc/relayd is root:relayd 0750 (install.sh): an operator's `relayd check-config`
+    # without sudo may neither look at nor read the file in it, which these stand for (the
+    # tests may run as root). Path.exists raised, and relayd blamed systemd's sockets
+    # and exited 1, which systemd restarts.
+    def denied(original: Callable[..., Any]) -> Callable[..., Any]:
+        def method(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self == DEFAULT_CONFIG_PATH:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return original(self, *args, **kwargs)
+
+        return method
+
+    for name in ("stat", "lstat", "read_bytes"):
+        no_relayd_env.setattr(Path, name, denied(getattr(Path, name)))
+    assert main(["check-config"]) == EX_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"relayd: config file: {DEFAULT_CONFIG_PATH}",
+        f"relayd: config error: cannot read {DEFAULT_CONFIG_PATH} (the default config file):"
+        " Permission denied",
     ]
 
 
