@@ -100,6 +100,12 @@ async def run_daemon(
             return _cannot_start(problem)
     status = 0
     admin_problem: str | None = None
+    # A SIGHUP before relayd serves (its router's start: a cluster node's first attempt
+    # at Redis may take seconds) is kept and made a reload once it serves, as one that
+    # came before relayd took its signals: a reload ends with READY=1, which would tell
+    # systemd relayd is ready while it does not accept yet.
+    serving = False
+    hangup_kept = False
 
     async with trio.open_nursery() as nursery:
 
@@ -110,13 +116,15 @@ async def run_daemon(
             nursery.cancel_scope.cancel()
 
         async def signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            nonlocal status
+            nonlocal status, hangup_kept
             with trio.open_signal_receiver(
                 signal.SIGTERM, signal.SIGINT, signal.SIGHUP
             ) as received:
                 task_status.started()
                 async for signum in received:
-                    if signum == signal.SIGHUP:
+                    if signum == signal.SIGHUP and not serving:
+                        hangup_kept = True
+                    elif signum == signal.SIGHUP:
                         _reload(server, reload_settings, notifier)
                     elif not server.stopping:
                         notifier.stopping()
@@ -141,8 +149,9 @@ async def run_daemon(
             # to reach Redis ended its start before it served.
             if not server.stopping:
                 notifier.ready(_status_line(server, 0.0))
+            serving = True
             # Asked after the receiver took SIGHUP, so none falls between.
-            if reload_first() and not server.stopping:
+            if (reload_first() or hangup_kept) and not server.stopping:
                 _reload(server, reload_settings, notifier)
             if watchdog_s is not None:
                 nursery.start_soon(_watchdog, notifier, watchdog_s)
