@@ -51,7 +51,7 @@ from prometheus_client.registry import Collector
 
 from relayd import __version__
 from relayd.config import Settings
-from relayd.daemon.accepting import Sockets, public_sockets, serve_public
+from relayd.daemon.accepting import Sockets, check_budget, public_sockets, serve_public
 from relayd.daemon.addresses import show
 from relayd.daemon.admin import AdminListener, Area, serve_admin
 from relayd.daemon.api import api_area
@@ -236,9 +236,15 @@ class Server:
         :mod:`relayd.daemon.reload` says which keys are reloadable; ``log.level``
         is applied by the caller, which owns logging. Everything else needs a
         restart and is only reported, as are ``files_changed``: keys naming a file
-        only a start reads, whose content is new.
+        only a start reads, whose content is new. Caps changed to more public sockets
+        than the open-file budget holds are warned about, as at start.
         """
         result = changes(self._settings, settings, files_changed)
+        before, after = self._settings.limits, settings.limits
+        caps = (after.max_connections, after.max_handshakes)
+        if self._accepting and caps != (before.max_connections, before.max_handshakes):
+            # As at start: caps raised past the open-file budget would never be reached.
+            check_budget(after, self.sockets, self._log)
         self._gate.reconfigure(
             settings.limits,
             allowed_origins=settings.server.allowed_origins,
