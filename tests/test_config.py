@@ -790,6 +790,15 @@ def test_cluster_inconsistent_settings_refused(tmp_path: Path, text: str, reason
         load(config_path=path)
 
 
+def test_the_node_name_the_units_give_fits_a_host_name_of_any_length() -> None:
+    # relayd@.service sets RELAYD_CLUSTER__NODE_NAME=%H-%i, and a host name may have 64
+    # characters: a name over 64 stopped every node with 78 on such a host.
+    name = "n" * 64 + "-65535"
+    assert load(environ={"RELAYD_CLUSTER__NODE_NAME": name}).cluster.node_name == name
+    with pytest.raises(ConfigError, match="String should match pattern"):
+        load(environ={"RELAYD_CLUSTER__NODE_NAME": "n" * 129})
+
+
 def test_cluster_reply_timeout_is_bounded(tmp_path: Path) -> None:
     """A server API call holds an admin connection for about 5 + reply_timeout_s + 2 s."""
     limit = load(environ={"RELAYD_CLUSTER__REPLY_TIMEOUT_S": "30"})
