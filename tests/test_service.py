@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import structlog
 import trio
 
 from relayd.config import Settings
+from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
 from relayd.daemon.systemd import Notifier
@@ -48,7 +49,7 @@ async def test_a_bug_in_reading_the_settings_refuses_the_reload_and_relayd_serve
     # Any exception but a ConfigError escaped the signal task and stopped relayd, every
     # client cut (a reviewer's: the cluster turned on in a reload, its Redis client
     # not installed).
-    def broken() -> tuple[Settings, Authenticator | None, Sequence[str]]:
+    def broken() -> tuple[Settings, Authenticator | None, Mapping[str, FileRead]]:
         raise RuntimeError("a bug in reading")
 
     notifications = Notifications()
@@ -98,8 +99,8 @@ async def test_a_sighup_before_relayd_serves_is_a_reload_once_it_serves() -> Non
         routers.append(HeldStart(events, stats))
         return routers[-1]
 
-    def reread() -> tuple[Settings, Authenticator | None, Sequence[str]]:
-        return settings(max_connections_per_ip=7), None, ()
+    def reread() -> tuple[Settings, Authenticator | None, Mapping[str, FileRead]]:
+        return settings(max_connections_per_ip=7), None, {}
 
     notifications = Notifications()
     server = Server(settings(), router=held)

@@ -24,13 +24,14 @@ from __future__ import annotations
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import trio
 
 from relayd.config import Settings
 from relayd.daemon.addresses import show
+from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.systemd import Notifier
 from relayd.errors import ConfigError
@@ -55,9 +56,9 @@ _ADMIN_HINT: Final = (
     "or admin.enabled = false"
 )
 
-#: Reads the settings anew for a reload: the settings, the authenticator, and the keys
-#: naming a file only a start reads whose content is new (reported as needing a restart).
-Reloader = Callable[[], tuple[Settings, Authenticator | None, Sequence[str]]]
+#: Reads the settings anew for a reload: the settings, the authenticator, and the files
+#: the settings name as read now (:meth:`~relayd.daemon.server.Server.reload`).
+Reloader = Callable[[], tuple[Settings, Authenticator | None, Mapping[str, FileRead]]]
 
 
 async def run_daemon(
@@ -180,7 +181,7 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
     try:
         refused: str | None = None
         try:
-            settings, authenticator, files_changed = reload_settings()
+            settings, authenticator, files = reload_settings()
         except ConfigError as exc:
             # One line, as logging.md promises: str(exc) has a line per problem.
             refused = "; ".join(problem.line for problem in exc.problems)
@@ -195,7 +196,7 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
             log.error("config.reload", applied=False, reason=refused)
             return
         level_changed = settings.log.level != server.settings.log.level
-        result = server.reload(settings, authenticator, files_changed)
+        result = server.reload(settings, authenticator, files)
         server.stats.count_reload(applied=True)
         if level_changed:
             # The format stays: changing it needs a restart (and is reported so).
