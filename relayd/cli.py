@@ -26,7 +26,7 @@ import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypeVar
 
 import trio
 
@@ -45,6 +45,8 @@ from relayd.routing.factory import check_router_files
 from relayd.telemetry.log import configure, get_logger
 
 __all__ = ["EX_CONFIG", "EX_IOERR", "main"]
+
+_T = TypeVar("_T")
 
 #: sysexits.h: bad settings; systemd's RestartPreventExitStatus=78 keeps it from looping.
 EX_CONFIG: Final = 78
@@ -225,16 +227,28 @@ def _credentials(
 
     With ``[cluster]`` on, its password and CA files too, and whether its Redis client
     is installed (:func:`~relayd.routing.factory.check_router_files`; the cluster's
-    router reads the files again when the server is built).
+    router reads the files again when the server is built). Each is checked, whatever
+    the others hold, so that ``check-config`` shows every problem at once.
 
     Raises:
-        ConfigError: a file cannot be read, or what it holds cannot be used.
+        ConfigError: every file that cannot be read, or whose content cannot be used.
     """
     settings, source = loaded.settings, loaded.source
-    authenticator = load_authenticator(settings.auth, source)
-    tls = load_tls(settings.tls, source)
-    api_key = load_api_key(settings.admin, source)
-    check_router_files(settings)
+    problems: list[ConfigError] = []
+
+    def checked(read: Callable[[], _T]) -> _T | None:
+        try:
+            return read()
+        except ConfigError as error:
+            problems.extend(error.problems)
+            return None
+
+    authenticator = checked(lambda: load_authenticator(settings.auth, source))
+    tls = checked(lambda: load_tls(settings.tls, source))
+    api_key = checked(lambda: load_api_key(settings.admin, source))
+    checked(lambda: check_router_files(settings))
+    if problems:
+        raise ConfigError.of(problems)
     return authenticator, tls, api_key
 
 

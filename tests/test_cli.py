@@ -395,6 +395,21 @@ def test_unreadable_or_missing_credentials_are_config_errors_naming_the_file(
     assert result.stderr.startswith(f"relayd: config file: {config}\n")
 
 
+def test_every_credential_problem_is_reported_at_once(config: Path) -> None:
+    # check-config stopped at the first file it could not use: fixing the tokens file
+    # showed the certificate's problem only at the next run.
+    config.write_text(
+        '[auth]\nmode = "token"\ntokens_file = "/nonexistent/tokens"\n'
+        '[tls]\ncert_file = "/nonexistent/cert.pem"\nkey_file = "/nonexistent/key.pem"\n'
+        '[admin]\napi_key_file = "/nonexistent/api.key"\n',
+        encoding="utf-8",
+    )
+    result = run([*MODULE, "--config", str(config), "check-config"])
+    assert result.returncode == EX_CONFIG
+    keys = [line.split(":")[2].strip() for line in result.stderr.splitlines()[1:]]
+    assert keys == ["auth.tokens_file", "tls.cert_file", "admin.api_key_file"], result.stderr
+
+
 def test_a_credential_named_in_the_environment_is_blamed_on_its_variable(config: Path) -> None:
     env = clean_env(RELAYD_ADMIN__API_KEY_FILE="/nonexistent/api.key")
     result = run([*MODULE, "--config", str(config), "check-config"], env=env)
