@@ -863,6 +863,17 @@ def test_a_second_signal_during_a_stuck_drain_exits_at_once_with_128_plus_signum
     assert stop["forced"] is True
 
 
+def test_a_passed_descriptor_that_is_no_socket_exits_1_with_a_message(config: Path) -> None:
+    # What systemd passes is checked once the settings are good; only its error names it.
+    relayd = " ".join([*MODULE, "serve", "--config", str(config)])
+    script = f"exec 3</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec {relayd}"
+    result = run(["/bin/sh", "-c", script])
+    assert result.returncode == 1
+    assert result.stderr.startswith("relayd: cannot use the sockets systemd passed: "), (
+        result.stderr
+    )
+
+
 def test_a_port_in_use_exits_1_with_a_message(config: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
