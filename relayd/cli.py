@@ -26,7 +26,7 @@ import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypeVar
 
 import trio
 
@@ -35,6 +35,7 @@ from relayd.config import DEFAULT_CONFIG_PATH, Settings, settings_as_json
 from relayd.config_sources import CONFIG_VARIABLE, IgnoredVariable, Loaded, LoadError, load
 from relayd.daemon import heap
 from relayd.daemon.credentials import load_api_key, load_authenticator, load_tls
+from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
@@ -44,6 +45,8 @@ from relayd.routing.factory import check_router_files
 from relayd.telemetry.log import configure, get_logger
 
 __all__ = ["EX_CONFIG", "EX_IOERR", "main"]
+
+_T = TypeVar("_T")
 
 #: sysexits.h: bad settings; systemd's RestartPreventExitStatus=78 keeps it from looping.
 EX_CONFIG: Final = 78
@@ -157,26 +160,21 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
 
     read = settings_reader(args.config, overrides)
 
-    def read_settings() -> tuple[Settings, Authenticator | None, list[str]]:
+    def read_settings() -> tuple[Settings, Authenticator | None, dict[str, FileRead]]:
         # Every file a start reads is read and checked, those that only a restart
         # applies too (TLS, the API key, the cluster's files and its Redis client): a
-        # reload that says "applied" means the next start will come up; and one whose
-        # content is new though its path is not is reported as needing the restart.
+        # reload that says "applied" means the next start will come up. What each file
+        # holds goes with the settings: the server reports those whose content is new
+        # though their path is not (a tokens file, applied; a certificate, for a restart).
         again = read()
         authenticator, _tls, _api_key = _credentials(again)
-        now = _start_files(again.settings)
-        return again.settings, authenticator, [k for k in now if now[k] != started_files[k]]
-
-    # What the start-only files held when relayd started (filled once it has read them).
-    started_files: dict[str, tuple[str, bytes | None]] = {}
+        return again.settings, authenticator, _files(again.settings)
 
     loaded: Loaded | None = None
     try:
         loaded = read()
         settings = loaded.settings
         authenticator, tls, api_key = _credentials(loaded)
-        started_files.update(_start_files(settings))
-        activated = listen_sockets()
         if args.command != "check-config":
             configure(settings.log)
             # Building the server builds its router, which reads the cluster's password.
@@ -186,6 +184,7 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
                 tls=tls,
                 config_file=loaded.path,
                 api_key=api_key,
+                files=_files(settings),
             )
     except ConfigError as exc:
         if args.command == "check-config":
@@ -196,11 +195,13 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
         for problem in exc.problems:
             print(f"relayd: config error: {problem.line}", file=sys.stderr)
         return EX_CONFIG
+    if args.command == "check-config":
+        return _check_config(loaded)
+    try:
+        activated = listen_sockets()
     except OSError as exc:
         print(f"relayd: cannot use the sockets systemd passed: {exc}", file=sys.stderr)
         return 1
-    if args.command == "check-config":
-        return _check_config(loaded)
     for variable in loaded.ignored:
         get_logger().warning(
             "config.ignored", variable=variable.name, did_you_mean=variable.suggestion
@@ -226,22 +227,38 @@ def _credentials(
 
     With ``[cluster]`` on, its password and CA files too, and whether its Redis client
     is installed (:func:`~relayd.routing.factory.check_router_files`; the cluster's
-    router reads the files again when the server is built).
+    router reads the files again when the server is built). Each is checked, whatever
+    the others hold, so that ``check-config`` shows every problem at once.
 
     Raises:
-        ConfigError: a file cannot be read, or what it holds cannot be used.
+        ConfigError: every file that cannot be read, or whose content cannot be used.
     """
     settings, source = loaded.settings, loaded.source
-    authenticator = load_authenticator(settings.auth, source)
-    tls = load_tls(settings.tls, source)
-    api_key = load_api_key(settings.admin, source)
-    check_router_files(settings)
+    problems: list[ConfigError] = []
+
+    def checked(read: Callable[[], _T]) -> _T | None:
+        try:
+            return read()
+        except ConfigError as error:
+            problems.extend(error.problems)
+            return None
+
+    authenticator = checked(lambda: load_authenticator(settings.auth, source))
+    tls = checked(lambda: load_tls(settings.tls, source))
+    api_key = checked(lambda: load_api_key(settings.admin, source))
+    checked(lambda: check_router_files(settings))
+    if problems:
+        raise ConfigError.of(problems)
     return authenticator, tls, api_key
 
 
-#: The settings naming a file that only a start reads (a reload checks it, and uses
-#: nothing in it): a new certificate or API key at the same path needs a restart.
-_START_FILES: Final = (
+#: The settings naming a file: a reload reads the tokens and JWT key files again and
+#: applies them, and checks the others, which only a start reads (a new certificate or
+#: API key at the same path needs a restart).
+_FILES: Final = (
+    ("auth", "tokens_file"),
+    ("auth", "jwt_secret_file"),
+    ("auth", "jwt_public_key_file"),
     ("tls", "cert_file"),
     ("tls", "key_file"),
     ("admin", "api_key_file"),
@@ -250,10 +267,10 @@ _START_FILES: Final = (
 )
 
 
-def _start_files(settings: Settings) -> dict[str, tuple[str, bytes | None]]:
-    """Each start-only file's path and a digest of what it holds (None: unreadable or none)."""
+def _files(settings: Settings) -> dict[str, FileRead]:
+    """Each file's path and a digest of what it holds (None: unreadable or none)."""
     files = {}
-    for section, name in _START_FILES:
+    for section, name in _FILES:
         path = getattr(getattr(settings, section), name)
         digest = None
         if path:

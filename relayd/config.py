@@ -328,7 +328,9 @@ class ClusterSettings(BaseModel):
     broker_url: str = "redis://127.0.0.1:6379/0"
     password_file: str = ""
     tls_ca_file: str = ""
-    node_name: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,64}$")
+    # Up to 128: the relayd@PORT units name theirs <hostname>-<port>, and a host name
+    # may have 64 characters (HOST_NAME_MAX).
+    node_name: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,128}$")
     channel_prefix: str = Field(default="relayd:", pattern=r"^[A-Za-z0-9._:{}-]{1,64}$")
     connect_timeout_s: float = Field(default=5.0, gt=0)
     reply_timeout_s: float = Field(default=2.0, gt=0, le=MAX_REPLY_TIMEOUT_S)

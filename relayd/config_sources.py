@@ -370,6 +370,24 @@ def _conflicts(settings: Settings, values: _Values) -> list[ConfigError]:
 # -- the whole ---------------------------------------------------------------------------------
 
 
+def _named(path: Path) -> bool:
+    """Whether anything is at ``path``, or may be: all but "no such file" counts as there.
+
+    ``Path.exists`` raises for a file in a directory relayd may not search
+    (``/etc/relayd`` is ``root:relayd 0750``: an operator's ``relayd check-config``
+    without sudo), which ended relayd blaming systemd's sockets, and says no for a
+    link to nothing, in whose place relayd served the built-in defaults, authentication
+    off. Such a file is read instead, and the error names it.
+    """
+    try:
+        path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _is_pipe(path: Path) -> bool:
     try:
         return stat.S_ISFIFO(path.stat().st_mode)
@@ -390,7 +408,8 @@ def load(
     Args:
         config_path: the TOML file given with ``--config``; it must exist. None reads the
             file ``RELAYD_CONFIG`` names (which must exist too), else ``default_path`` when
-            it exists, else no file.
+            it exists (or may: one relayd may not look at, or a link to nothing, is read,
+            and its error names it), else no file.
         environ: the environment; None reads :data:`os.environ`.
         overrides: command-line flags as dotted keys, e.g. ``{"server.port": 0}``. A None
             value means the flag was not given and is skipped.
@@ -417,8 +436,8 @@ def load(
     path, named_by = config_path, None if config_path is None else "from command line"
     if path is None and env.get(CONFIG_VARIABLE):
         path, named_by = Path(env[CONFIG_VARIABLE]), f"from environment {CONFIG_VARIABLE}"
-    if path is None and default_path is not None and (reloading or default_path.exists()):
-        path = default_path
+    if path is None and default_path is not None and (reloading or _named(default_path)):
+        path, named_by = default_path, "the default config file"
     if path is not None:
         gathering.read_file(path, named_by, reloading=reloading)
     ignored = gathering.read_environment(env)

@@ -177,8 +177,17 @@ else
     run install -m 0640 -o root -g "$SERVICE_USER" "$SRC/config/relayd.toml" "$CONFIG"
 fi
 # As the service user with an empty environment, as relayd.service runs it, so a file
-# relayd cannot read fails here rather than in relayd's start.
-check=(runuser -u "$SERVICE_USER" -- env -i "$PREFIX/bin/relayd" check-config --config "$CONFIG")
+# relayd cannot read fails here rather than in relayd's start. The nodes as
+# relayd@.service runs them: [cluster] on (its password and CA files read, its Redis
+# client there), their node name <hostname>-<port> and admin port.
+check=(runuser -u "$SERVICE_USER" -- env -i)
+if [ "$NODES" -gt 0 ]; then
+    check+=(RELAYD_CLUSTER__ENABLED=true "RELAYD_CLUSTER__NODE_NAME=$(uname -n)-$FIRST_ADMIN_PORT")
+fi
+check+=("$PREFIX/bin/relayd" check-config --config "$CONFIG")
+if [ "$NODES" -gt 0 ]; then
+    check+=(--admin-port "$FIRST_ADMIN_PORT")
+fi
 printf '+ %s\n' "${check[*]} >/dev/null"
 if [ "$DRY_RUN" -eq 0 ]; then
     status=0

@@ -12,6 +12,7 @@ is a blocking read with a timeout, and only processes started here are ever sign
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -30,7 +31,7 @@ import pytest
 
 import relayd
 from relayd.cli import EX_CONFIG, EX_IOERR, main, settings_reader
-from relayd.config import Settings
+from relayd.config import DEFAULT_CONFIG_PATH, Settings
 from relayd.config_sources import LoadError
 from tests import wire
 from tests.deployments import KUBERNETES_SERVICE_LINKS
@@ -394,6 +395,21 @@ def test_unreadable_or_missing_credentials_are_config_errors_naming_the_file(
     assert result.stderr.startswith(f"relayd: config file: {config}\n")
 
 
+def test_every_credential_problem_is_reported_at_once(config: Path) -> None:
+    # check-config stopped at the first file it could not use: fixing the tokens file
+    # showed the certificate's problem only at the next run.
+    config.write_text(
+        '[auth]\nmode = "token"\ntokens_file = "/nonexistent/tokens"\n'
+        '[tls]\ncert_file = "/nonexistent/cert.pem"\nkey_file = "/nonexistent/key.pem"\n'
+        '[admin]\napi_key_file = "/nonexistent/api.key"\n',
+        encoding="utf-8",
+    )
+    result = run([*MODULE, "--config", str(config), "check-config"])
+    assert result.returncode == EX_CONFIG
+    keys = [line.split(":")[2].strip() for line in result.stderr.splitlines()[1:]]
+    assert keys == ["auth.tokens_file", "tls.cert_file", "admin.api_key_file"], result.stderr
+
+
 def test_a_credential_named_in_the_environment_is_blamed_on_its_variable(config: Path) -> None:
     env = clean_env(RELAYD_ADMIN__API_KEY_FILE="/nonexistent/api.key")
     result = run([*MODULE, "--config", str(config), "check-config"], env=env)
@@ -492,6 +508,33 @@ def test_config_error_in_process(
         f"relayd: config file: {config}",
         "relayd: config error: log.bodies: Input should be a valid boolean"
         " (from environment RELAYD_LOG__BODIES)",
+    ]
+
+
+def test_a_default_file_relayd_may_not_look_at_is_a_config_error_naming_it(
+    no_relayd_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /etc/relayd is root:relayd 0750 (install.sh): an operator's `relayd check-config`
+    # without sudo may neither look at nor read the file in it, which these stand for (the
+    # tests may run as root). Path.exists raised, and relayd blamed systemd's sockets
+    # and exited 1, which systemd restarts.
+    def denied(original: Callable[..., Any]) -> Callable[..., Any]:
+        def method(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self == DEFAULT_CONFIG_PATH:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return original(self, *args, **kwargs)
+
+        return method
+
+    for name in ("stat", "lstat", "read_bytes"):
+        no_relayd_env.setattr(Path, name, denied(getattr(Path, name)))
+    assert main(["check-config"]) == EX_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"relayd: config file: {DEFAULT_CONFIG_PATH}",
+        f"relayd: config error: cannot read {DEFAULT_CONFIG_PATH} (the default config file):"
+        " Permission denied",
     ]
 
 
@@ -818,6 +861,17 @@ def test_a_second_signal_during_a_stuck_drain_exits_at_once_with_128_plus_signum
     stop = daemon.events[-1]
     assert stop["event"] == "server.stop", daemon.events
     assert stop["forced"] is True
+
+
+def test_a_passed_descriptor_that_is_no_socket_exits_1_with_a_message(config: Path) -> None:
+    # What systemd passes is checked once the settings are good; only its error names it.
+    relayd = " ".join([*MODULE, "serve", "--config", str(config)])
+    script = f"exec 3</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec {relayd}"
+    result = run(["/bin/sh", "-c", script])
+    assert result.returncode == 1
+    assert result.stderr.startswith("relayd: cannot use the sockets systemd passed: "), (
+        result.stderr
+    )
 
 
 def test_a_port_in_use_exits_1_with_a_message(config: Path) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ import trio
 import trio.testing
 
 from relayd.config import ClusterSettings, Settings
+from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
 from relayd.errors import IncompleteAnswer
@@ -705,7 +706,7 @@ async def test_a_node_stopped_before_it_served_never_says_ready_a_sighup_then_or
     # reload's READY=1 (found by a reviewer).
     notifications = Notifications()
 
-    def refuse_to_read() -> tuple[Settings, Authenticator | None, Sequence[str]]:
+    def refuse_to_read() -> tuple[Settings, Authenticator | None, Mapping[str, FileRead]]:
         raise AssertionError("no reload once stopping")
 
     async with hanging_redis() as (url, trying):

@@ -196,6 +196,20 @@ def test_default_path_ignored_when_absent(tmp_path: Path) -> None:
     assert load(default_path=tmp_path / "absent.toml") == Settings()
 
 
+def test_a_default_file_that_is_a_link_to_nothing_is_an_error_not_the_defaults(
+    tmp_path: Path,
+) -> None:
+    # /etc/relayd/relayd.toml linked to a config on a volume not mounted: relayd took it
+    # for no file and served the built-in defaults, authentication off.
+    default = tmp_path / "relayd.toml"
+    default.symlink_to(tmp_path / "unmounted" / "relayd.toml")
+    with pytest.raises(ConfigError) as info:
+        load(default_path=default)
+    assert str(info.value) == (
+        f"cannot read {default} (the default config file): No such file or directory"
+    )
+
+
 def test_explicit_config_replaces_default_path(tmp_path: Path) -> None:
     default = write(tmp_path, "[server]\nport = 7000\n", name="default.toml")
     given_path = write(tmp_path, "[limits]\nmessage_burst = 3\n", name="given.toml")
@@ -774,6 +788,15 @@ def test_cluster_inconsistent_settings_refused(tmp_path: Path, text: str, reason
     path = write(tmp_path, "[cluster]\nenabled = true\n" + text)
     with pytest.raises(ConfigError, match=reason):
         load(config_path=path)
+
+
+def test_the_node_name_the_units_give_fits_a_host_name_of_any_length() -> None:
+    # relayd@.service sets RELAYD_CLUSTER__NODE_NAME=%H-%i, and a host name may have 64
+    # characters: a name over 64 stopped every node with 78 on such a host.
+    name = "n" * 64 + "-65535"
+    assert load(environ={"RELAYD_CLUSTER__NODE_NAME": name}).cluster.node_name == name
+    with pytest.raises(ConfigError, match="String should match pattern"):
+        load(environ={"RELAYD_CLUSTER__NODE_NAME": "n" * 129})
 
 
 def test_cluster_reply_timeout_is_bounded(tmp_path: Path) -> None:

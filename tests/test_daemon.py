@@ -368,6 +368,33 @@ def test_a_new_certificate_or_api_key_at_the_same_path_is_reported_as_needing_a_
         daemon.close()
 
 
+def test_a_reload_that_applies_a_new_tokens_file_says_so(tmp_path: Path) -> None:
+    # An operator rotating a token in tokens_file read `"changed": []`: nothing told the
+    # reload had read the new file (the reload after it said the same).
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice " + "a" * 20 + "\n")
+    config = tmp_path / "relayd.toml"
+    config.write_text(f'[admin]\nport = 0\n[auth]\nmode = "token"\ntokens_file = "{tokens}"\n')
+    daemon = Daemon([*MODULE, "--config", str(config), "--port", "0", "--host", "127.0.0.1"])
+    try:
+        daemon.wait_event("server.ready")
+        tokens.write_text("alice " + "b" * 20 + "\n")
+        daemon.signal(signal.SIGHUP)
+        rotated = daemon.wait_event("config.reload")
+        assert (rotated["applied"], rotated["changed"], rotated["restart_required"]) == (
+            True,
+            ["auth.tokens_file"],
+            [],
+        )
+        daemon.signal(signal.SIGHUP)  # the file in force now: nothing new
+        again = daemon.wait_event("config.reload")
+        assert (again["changed"], again["restart_required"]) == ([], [])
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    finally:
+        daemon.close()
+
+
 def test_a_sighup_while_relayd_starts_is_a_reload_once_it_serves(tmp_path: Path) -> None:
     # SIGHUP's default action ends a process: relayd died of one sent while it was
     # importing and reading its config, before trio took its signals (found by a

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from relayd.config import Settings
-from relayd.daemon.reload import Reload, changes, in_force
+from relayd.daemon.reload import Reload, changes, files_in_force, in_force
 
 
 def _with(base: Settings, section: str, **values: Any) -> Settings:
@@ -46,3 +46,14 @@ def test_a_file_with_new_content_is_a_change_that_needs_a_restart() -> None:
     assert changes(running, reloaded, ["tls.cert_file"]) == Reload(
         changed=["limits.max_message_bytes", "tls.cert_file"], restart_required=["tls.cert_file"]
     )
+
+
+def test_a_reload_applies_the_files_it_may_and_keeps_the_start_s_others() -> None:
+    # A tokens file read by a reload is in force after it; a certificate stays as the
+    # start read it, so every later reload still names it until a restart.
+    started = {"auth.tokens_file": ("/t", b"old"), "tls.cert_file": ("/c", b"old")}
+    read = {"auth.tokens_file": ("/t", b"new"), "tls.cert_file": ("/c", b"new")}
+    assert files_in_force(started, read) == {
+        "auth.tokens_file": ("/t", b"new"),
+        "tls.cert_file": ("/c", b"old"),
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import linecache
+import resource
 import socket
 import tracemalloc
 from typing import Any
@@ -631,6 +632,26 @@ async def test_a_reload_turning_message_logging_off_reaches_refusals_of_open_con
             assert json.loads(await a.recv())["error"] == "invalid_json"
     refusals = [e for e in events if e["event"] == "message.relay"]
     assert [e["outcome"] for e in refusals] == ["invalid_json"]  # the first one only
+
+
+async def test_a_reload_raising_the_caps_past_the_open_file_budget_says_so() -> None:
+    # The start warns (server.descriptors) when accepting would pause before the caps; a
+    # reload that raised them there said nothing, and relayd stopped accepting at the
+    # budget with the caps never reached.
+    server = Server(settings())
+    async with running(server):
+        budget = server.sockets.budget
+        raised = settings(max_connections=budget)  # with max_handshakes: past the budget
+        with structlog.testing.capture_logs() as events:
+            server.reload(raised, None)
+            server.reload(settings(max_connections=budget, messages_per_second=5.0), None)
+            server.reload(settings(max_connections=1, max_handshakes=1), None)  # fits again
+    warnings = [e for e in events if e["event"] == "server.descriptors"]
+    needed = budget + raised.limits.max_handshakes
+    assert [(e["log_level"], e["budget"], e["needed"]) for e in warnings] == [
+        ("warning", budget, needed)
+    ]
+    assert warnings[0]["open_files_limit"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _with(base: Any, section: str, **values: Any) -> Any:

@@ -10,16 +10,20 @@ from __future__ import annotations
 import functools
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import structlog
 import trio
 
 from relayd.config import Settings
+from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
 from relayd.daemon.systemd import Notifier
 from relayd.policy.auth import Authenticator
+from relayd.routing.local import LocalRouter
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
 from tests.client import connect, settings
 
 
@@ -45,7 +49,7 @@ async def test_a_bug_in_reading_the_settings_refuses_the_reload_and_relayd_serve
     # Any exception but a ConfigError escaped the signal task and stopped relayd, every
     # client cut (a reviewer's: the cluster turned on in a reload, its Redis client
     # not installed).
-    def broken() -> tuple[Settings, Authenticator | None, Sequence[str]]:
+    def broken() -> tuple[Settings, Authenticator | None, Mapping[str, FileRead]]:
         raise RuntimeError("a bug in reading")
 
     notifications = Notifications()
@@ -71,3 +75,50 @@ async def test_a_bug_in_reading_the_settings_refuses_the_reload_and_relayd_serve
     [error] = [e for e in events if e["event"] == "error"]
     assert error["summary"] == "RuntimeError: a bug in reading"
     assert server.stats.reloads == {"refused": 1}
+
+
+class HeldStart(LocalRouter):
+    """A router whose start waits for :attr:`go`, as a cluster node's first attempt at Redis."""
+
+    def __init__(self, events: MessageEvents, stats: Stats) -> None:
+        super().__init__(events, stats)
+        self.go = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.go.wait()
+        await super().run(task_status=task_status)
+
+
+async def test_a_sighup_before_relayd_serves_is_a_reload_once_it_serves() -> None:
+    # relayd takes its signals before its router has started (a cluster node's first
+    # attempt at Redis may take 13 s): a SIGHUP then was a reload at once, which ends
+    # with READY=1, so systemd heard relayd was ready while it accepted nobody.
+    routers: list[HeldStart] = []
+
+    def held(events: MessageEvents, stats: Stats) -> HeldStart:
+        routers.append(HeldStart(events, stats))
+        return routers[-1]
+
+    def reread() -> tuple[Settings, Authenticator | None, Mapping[str, FileRead]]:
+        return settings(max_connections_per_ip=7), None, {}
+
+    notifications = Notifications()
+    server = Server(settings(), router=held)
+    with structlog.testing.capture_logs() as events, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    run_daemon, server, reload_settings=reread, notifier=notifications
+                )
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.unready == "starting"
+            os.kill(os.getpid(), signal.SIGHUP)
+            await trio.testing.wait_all_tasks_blocked()
+            assert notifications.sent == []
+            routers[0].go.set()
+            await notifications.until("READY=1", "RELOADING=1", "READY=1")
+            assert server.settings.limits.max_connections_per_ip == 7
+            os.kill(os.getpid(), signal.SIGTERM)
+    told = [e["event"] for e in events if e["event"] in ("server.ready", "config.reload")]
+    assert told == ["server.ready", "config.reload"]

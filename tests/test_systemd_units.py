@@ -445,6 +445,13 @@ def test_install_dry_run_of_a_cluster_on_this_machine() -> None:
     out = result.stdout
     assert_only_step_lines(out)
     assert "Service=relayd@9031.service" in out
+    # The config is checked as the nodes run it: a [cluster] password file relayd cannot
+    # read passed the check of a single daemon's config, then stopped every node with 78.
+    check = (
+        f"env -i RELAYD_CLUSTER__ENABLED=true RELAYD_CLUSTER__NODE_NAME={os.uname().nodename}-9031"
+        f" /opt/relayd/bin/relayd check-config --config {ETC_CONFIG} --admin-port 9031"
+    )
+    assert check in out
     commands = [line for line in out.splitlines() if line.startswith("+ systemctl")]
     assert "+ systemctl disable --now relayd.service" in commands
     assert "+ systemctl enable --now redis-server.service" in commands

@@ -63,6 +63,7 @@ __all__ = [
     "OUT_OF_RESOURCES",
     "RESERVED_DESCRIPTORS",
     "Sockets",
+    "check_budget",
     "descriptor_budget",
     "public_sockets",
     "serve_public",
@@ -139,11 +140,27 @@ def public_sockets(limits: LimitsSettings, log: structlog.typing.FilteringBoundL
     Call it once the listening sockets are open, as :func:`descriptor_budget`.
     """
     budget, limit = descriptor_budget()
+    sockets = Sockets(budget, limit)
+    check_budget(limits, sockets, log)
+    return sockets
+
+
+def check_budget(
+    limits: LimitsSettings, sockets: Sockets, log: structlog.typing.FilteringBoundLogger
+) -> None:
+    """Warn (``server.descriptors``) if the caps need more public sockets than the budget.
+
+    At start, and at a reload that changes the caps: accepting pauses at the budget
+    (``listener.paused``), so the caps would never be reached.
+    """
     needed = limits.max_connections + limits.max_handshakes
-    if budget < needed:
-        # Accepting pauses at the budget; the caps would never be reached.
-        log.warning("server.descriptors", open_files_limit=limit, budget=budget, needed=needed)
-    return Sockets(budget)
+    if sockets.budget < needed:
+        log.warning(
+            "server.descriptors",
+            open_files_limit=sockets.limit,
+            budget=sockets.budget,
+            needed=needed,
+        )
 
 
 class Sockets:
@@ -151,12 +168,14 @@ class Sockets:
 
     Args:
         budget: the most public sockets open at once.
+        limit: the open-file limit the budget is from.
     """
 
-    __slots__ = ("_freed", "budget", "open")
+    __slots__ = ("_freed", "budget", "limit", "open")
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, limit: int = 0) -> None:
         self.budget = budget
+        self.limit = limit
         self.open = 0
         self._freed = trio.lowlevel.ParkingLot()
 

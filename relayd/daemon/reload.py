@@ -15,14 +15,18 @@ Pure: settings in, settings and a report out; nothing here applies anything.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from pydantic import SecretStr
 
 from relayd.config import Settings
 
-__all__ = ["Reload", "changes", "in_force"]
+__all__ = ["FileRead", "Reload", "changes", "files_in_force", "in_force"]
+
+#: A file a setting names, as a reload read it: its path, and a digest of what it held
+#: (None when it could not be read, or no file is named).
+FileRead = tuple[str, bytes | None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,6 +62,21 @@ def changes(running: Settings, reloaded: Settings, files_changed: Sequence[str] 
     return Reload(
         changed=changed, restart_required=[k for k in changed if not k.startswith(_RELOADABLE)]
     )
+
+
+def files_in_force(
+    running: Mapping[str, FileRead], read: Mapping[str, FileRead]
+) -> dict[str, FileRead]:
+    """The files in force after a reload that read ``read``, ``running`` before it.
+
+    A tokens file is applied by the reload that read it; a certificate only by a start,
+    so the file of a key a reload cannot change stays as the start read it.
+    """
+    now = dict(running)
+    for key, file in read.items():
+        if key.startswith(_RELOADABLE) or key not in now:
+            now[key] = file
+    return now
 
 
 def in_force(running: Settings, reloaded: Settings) -> Settings:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import os
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -51,14 +51,14 @@ from prometheus_client.registry import Collector
 
 from relayd import __version__
 from relayd.config import Settings
-from relayd.daemon.accepting import Sockets, public_sockets, serve_public
+from relayd.daemon.accepting import Sockets, check_budget, public_sockets, serve_public
 from relayd.daemon.addresses import show
 from relayd.daemon.admin import AdminListener, Area, serve_admin
 from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
 from relayd.daemon.listeners import address, bind, bind_admin, with_tls
 from relayd.daemon.poller import POLLER_TASK, ReadPoller
-from relayd.daemon.reload import Reload, changes, in_force
+from relayd.daemon.reload import FileRead, Reload, changes, files_in_force, in_force
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
 from relayd.routing.interface import Router
@@ -88,6 +88,8 @@ class Server:
             ``server.start``; None when none was.
         api_key: the server API's key (:func:`relayd.daemon.credentials.load_api_key`);
             None serves the API without one (the config allows that on loopback only).
+        files: the files the settings name (a tokens file, a certificate), by dotted
+            key, as the start read them: a reload reports those whose content is new.
     """
 
     _gate: Gate
@@ -102,8 +104,10 @@ class Server:
         tls: ssl.SSLContext | None = None,
         config_file: Path | None = None,
         api_key: bytes | None = None,
+        files: Mapping[str, FileRead] | None = None,
     ) -> None:
         self._settings = settings
+        self._files = dict(files or {})
         self._config_file = config_file
         self._api_key = api_key
         self._log_format = settings.log.format
@@ -229,16 +233,26 @@ class Server:
         self,
         settings: Settings,
         authenticator: Authenticator | None,
-        files_changed: Sequence[str] = (),
+        files: Mapping[str, FileRead] | None = None,
     ) -> Reload:
         """Apply the reloadable part of ``settings``; report what changed.
 
         :mod:`relayd.daemon.reload` says which keys are reloadable; ``log.level``
         is applied by the caller, which owns logging. Everything else needs a
-        restart and is only reported, as are ``files_changed``: keys naming a file
-        only a start reads, whose content is new.
+        restart and is only reported. ``files``: the files the settings name, as
+        the reload read them; a key whose file holds something new is reported
+        as changed (a tokens file, applied with ``authenticator``; a certificate,
+        which needs a restart). Caps changed to more public sockets
+        than the open-file budget holds are warned about, as at start.
         """
+        read = files or {}
+        files_changed = [key for key, file in read.items() if file != self._files.get(key, file)]
         result = changes(self._settings, settings, files_changed)
+        before, after = self._settings.limits, settings.limits
+        caps = (after.max_connections, after.max_handshakes)
+        if self._accepting and caps != (before.max_connections, before.max_handshakes):
+            # As at start: caps raised past the open-file budget would never be reached.
+            check_budget(after, self.sockets, self._log)
         self._gate.reconfigure(
             settings.limits,
             allowed_origins=settings.server.allowed_origins,
@@ -252,6 +266,7 @@ class Server:
         # What is in force now: the keys that need a restart keep the values
         # relayd started with, so the next reload compares against those.
         self._settings = in_force(self._settings, settings)
+        self._files = files_in_force(self._files, read)
         return result
 
     def _api(self) -> Area:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import trio
 
 from relayd.config import Settings
 from relayd.daemon.addresses import show
+from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.systemd import Notifier
 from relayd.errors import ConfigError
@@ -55,9 +56,9 @@ _ADMIN_HINT: Final = (
     "or admin.enabled = false"
 )
 
-#: Reads the settings anew for a reload: the settings, the authenticator, and the keys
-#: naming a file only a start reads whose content is new (reported as needing a restart).
-Reloader = Callable[[], tuple[Settings, Authenticator | None, Sequence[str]]]
+#: Reads the settings anew for a reload: the settings, the authenticator, and the files
+#: the settings name as read now (:meth:`~relayd.daemon.server.Server.reload`).
+Reloader = Callable[[], tuple[Settings, Authenticator | None, Mapping[str, FileRead]]]
 
 
 async def run_daemon(
@@ -100,6 +101,12 @@ async def run_daemon(
             return _cannot_start(problem)
     status = 0
     admin_problem: str | None = None
+    # A SIGHUP before relayd serves (its router's start: a cluster node's first attempt
+    # at Redis may take seconds) is kept and made a reload once it serves, as one that
+    # came before relayd took its signals: a reload ends with READY=1, which would tell
+    # systemd relayd is ready while it does not accept yet.
+    serving = False
+    hangup_kept = False
 
     async with trio.open_nursery() as nursery:
 
@@ -110,13 +117,15 @@ async def run_daemon(
             nursery.cancel_scope.cancel()
 
         async def signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            nonlocal status
+            nonlocal status, hangup_kept
             with trio.open_signal_receiver(
                 signal.SIGTERM, signal.SIGINT, signal.SIGHUP
             ) as received:
                 task_status.started()
                 async for signum in received:
-                    if signum == signal.SIGHUP:
+                    if signum == signal.SIGHUP and not serving:
+                        hangup_kept = True
+                    elif signum == signal.SIGHUP:
                         _reload(server, reload_settings, notifier)
                     elif not server.stopping:
                         notifier.stopping()
@@ -141,8 +150,9 @@ async def run_daemon(
             # to reach Redis ended its start before it served.
             if not server.stopping:
                 notifier.ready(_status_line(server, 0.0))
+            serving = True
             # Asked after the receiver took SIGHUP, so none falls between.
-            if reload_first() and not server.stopping:
+            if (reload_first() or hangup_kept) and not server.stopping:
                 _reload(server, reload_settings, notifier)
             if watchdog_s is not None:
                 nursery.start_soon(_watchdog, notifier, watchdog_s)
@@ -171,7 +181,7 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
     try:
         refused: str | None = None
         try:
-            settings, authenticator, files_changed = reload_settings()
+            settings, authenticator, files = reload_settings()
         except ConfigError as exc:
             # One line, as logging.md promises: str(exc) has a line per problem.
             refused = "; ".join(problem.line for problem in exc.problems)
@@ -186,7 +196,7 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
             log.error("config.reload", applied=False, reason=refused)
             return
         level_changed = settings.log.level != server.settings.log.level
-        result = server.reload(settings, authenticator, files_changed)
+        result = server.reload(settings, authenticator, files)
         server.stats.count_reload(applied=True)
         if level_changed:
             # The format stays: changing it needs a restart (and is reported so).
