@@ -491,11 +491,12 @@ async def _send_refusal(
     area = _area_of(progress.path, areas)
     refuse = _plain_refusal if area is None else area.refuse
     response = refuse(status, ERRORS.get(status, ERRORS[400]), detail)
-    # The client may be gone, or h11 have no answer left to give at this point.
+    # The client may be gone, or h11 have no answer left to give at this point. A
+    # HEAD's answer has no body: h11 refused one, and the client got no answer at all.
     with contextlib.suppress(
         h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
     ):
-        await _send(connection, stream, response, progress)
+        await _send(connection, stream, response, progress, head_only=progress.method == "HEAD")
 
 
 async def _read(
