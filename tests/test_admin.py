@@ -103,6 +103,13 @@ async def test_answers_carry_reason_phrases_and_a_405_says_what_is_allowed() -> 
         status_line, headers, _body = await _exchange(address, post)
         assert status_line == "HTTP/1.1 405 Method Not Allowed"
         assert headers["allow"] == "GET, HEAD"
+        # A HEAD refused for its body (a bad chunk: 400) was answered by nothing at all:
+        # the refusal's body, which a HEAD's answer may not have, made h11 refuse it.
+        head = b"HEAD /healthz HTTP/1.1\r\nHost: admin\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        status_line, headers, body = await _exchange(address, head)
+        assert status_line == "HTTP/1.1 400 Bad Request"
+        assert int(headers["content-length"]) > 0  # the length the GET's body would have
+        assert body == ""
 
 
 async def test_build_info_and_readiness_are_metrics() -> None:

@@ -31,7 +31,13 @@ from relayd.daemon.admin import (
     REQUEST_TIMEOUT_S,
     serve_admin,
 )
-from relayd.daemon.api import MAX_PAGE, ROUTER_MARGIN_S, SERVER_SENDER, api_area
+from relayd.daemon.api import (
+    BODY_BESIDE_MESSAGE,
+    MAX_PAGE,
+    ROUTER_MARGIN_S,
+    SERVER_SENDER,
+    api_area,
+)
 from relayd.daemon.credentials import load_api_key
 from relayd.errors import BrokerUnavailable, ConfigError, IncompleteAnswer
 from relayd.routing.table import Outcome
@@ -237,6 +243,27 @@ async def test_a_body_over_the_bound_is_refused_unread() -> None:
         )
     assert (status, body["error"]) == (413, "request_too_large")
     assert router.calls == []
+
+
+async def test_a_publish_may_carry_what_max_message_bytes_allows_past_the_default_bound() -> None:
+    # api.md: a publish's message may be up to limits.max_message_bytes. Raised past
+    # 1 MiB, the body bound of the admin listener refused such a message with 413
+    # request_too_large; the bound grows with the limit, and still holds above it.
+    router = Recording()
+    limit = 2 * MAX_BODY_BYTES
+    message = "x" * (limit - 2)  # its JSON text, quotes included, is the limit
+    async with api(router, max_message_bytes=limit) as address:
+        publish = {"to": "a", "message": message}
+        status, _headers, body = await call(address, "/api/publish", publish)
+        over, _headers, refused = await call(
+            address,
+            "/api/publish",
+            b"",
+            headers={"Content-Length": str(limit + BODY_BESIDE_MESSAGE + 1)},
+        )
+    assert (status, body) == (200, {"outcome": "delivered"})
+    assert router.calls == [("publish", "a", json.dumps(message).encode(), SERVER_SENDER)]
+    assert (over, refused["error"]) == (413, "request_too_large")
 
 
 async def test_requests_relayd_cannot_take_are_400_with_a_reason() -> None:

@@ -73,6 +73,15 @@ def claims(**overrides: Any) -> dict[str, Any]:
         ({}, "/?token=jeton-%C3%A9%E2%9C%93", "jeton-é✓"),
         ({"authorization": "Bearer caf\xe9"}, "/", "caf\ufffd"),  # not UTF-8: as the query reads it
         ({}, "/?token=caf%E9", "caf\ufffd"),
+        # A "+" is itself, as RFC 3986 reads a query: a base64 token (openssl rand
+        # -base64 24, as docs/security.md suggests) sent as it is; forms' "+ for a
+        # space" made it another token, refused.
+        ({}, "/?token=Udd5cafpoYgY+cyvdn/mwpgRNl+QTujd", "Udd5cafpoYgY+cyvdn/mwpgRNl+QTujd"),
+        ({}, "/?token=a%2Bb+c", "a+b+c"),
+        ({}, "/?token=&token=xyz", "xyz"),  # the first that is not empty
+        ({}, "/?token=", None),
+        ({}, "/?tokens=xyz&token", None),
+        ({}, "/?%74oken=xyz", "xyz"),  # a name in escapes is the name
     ],
 )
 def test_token_from(headers: dict[str, str], target: str, token: str | None) -> None:

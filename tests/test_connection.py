@@ -373,6 +373,34 @@ async def test_a_reload_reaches_open_connections_rate_limit(
             assert (await sender.recv_json())["type"] == "ack"
 
 
+async def test_a_reload_during_a_handshake_announces_the_limit_the_connection_keeps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # docs/protocol.md: the 101's Relayd-Max-Message-Bytes is the limit the connection
+    # keeps. A reload that lowered it while the request was arriving announced the old
+    # limit, and a client that trusted it (relayd's own does) lost its connection to a
+    # 1009 for a message within what it was told.
+    async with serving(max_message_bytes=1000) as relay:
+        stream = relay.stream()
+        request = wire.upgrade_request()
+        await stream.send_all(request[:30])
+        await trio.testing.wait_all_tasks_blocked()  # the gate waits for the rest
+        relay.gate.reconfigure(LimitsSettings(max_message_bytes=100))
+        await stream.send_all(request[30:])
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(1)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"\r\nRelayd-Max-Message-Bytes: 100\r\n" in head
+        # And that is the limit it keeps: a message of 200 bytes is over it.
+        await stream.send_all(wire.frame(wire.OP_TEXT, b"x" * 200))
+        rest = b""
+        while chunk := await stream.receive_some():
+            rest += chunk
+        assert wire.close_code(head + rest) == 1009
+        await stream.aclose()
+
+
 class _JumpingStream(trio.abc.Stream):
     """The server's end of a memory stream that moves the clock on request.
 

@@ -95,6 +95,16 @@ async def test_with_tokens_the_subject_is_the_id_and_every_connection_receives()
     assert not any(token in logged for token in TOKENS.values())
 
 
+async def test_a_base64_token_is_taken_as_it_is_in_the_query() -> None:
+    # docs/security.md suggests `openssl rand -base64 24` for static tokens, and
+    # docs/protocol.md `?token=<token>`: a "+" in one was read as a space (HTML forms'
+    # encoding), and the client got 401 "invalid token" for the token it was given.
+    token = "Udd5cafpoYgY+cyvdn/mwpgRNl+QTujd"
+    server = Server(relayd_settings(), authenticator=StaticTokens({"carol": token}))
+    async with running(server) as url, connect(url + f"?token={token}", v1=True) as carol:
+        assert carol.id == "carol"
+
+
 @pytest.mark.parametrize(
     "extra",
     [

@@ -155,6 +155,54 @@ async def test_text_over_the_byte_limit_closes_with_1009_even_when_its_character
         assert await a.until_closed() == ([], 1009)
 
 
+async def test_a_burst_to_a_recipient_that_reads_is_delivered_not_refused_busy() -> None:
+    # recipient_busy says the recipient "is not reading fast enough". Ten senders' 40
+    # messages each, arriving at once for one recipient that reads all the time, were
+    # routed in one batch whose writes wait for its end: every one past the outbox's 16
+    # was refused (352 of 400), though the recipient's socket would have taken them.
+    senders, each = 10, 40
+    async with running(Server(settings())) as url, connect(url, v1=True) as recipient:
+        streams = []
+        for _ in range(senders):
+            stream = await _raw(
+                url, wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "relayd.v1")])
+            )
+            welcome = b""
+            while not welcome.endswith(b"}"):  # the 101 and the welcome, nothing after
+                welcome += await stream.receive_some(1)
+            streams.append(stream)
+        burst = b"".join(
+            wire.frame(
+                wire.OP_TEXT, json.dumps({"to": recipient.id, "message": n, "ref": n}).encode()
+            )
+            for n in range(each)
+        )
+        received = 0
+
+        async def read() -> None:
+            nonlocal received
+            while received < senders * each:
+                assert (await recipient.recv_json())["type"] == "message"
+                received += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            async with trio.open_nursery() as sending:
+                for stream in streams:
+                    sending.start_soon(stream.send_all, burst)
+            replies = []
+            for stream in streams:
+                data = b""
+                while len(wire.server_frames(data, after_head=False)) < each:
+                    data += await stream.receive_some(65536)
+                replies += [json.loads(p) for _, p in wire.server_frames(data, after_head=False)]
+            # Before waiting for the deliveries: refused ones would never come.
+            assert [r["type"] for r in replies] == ["ack"] * (senders * each)
+        assert received == senders * each
+        for stream in streams:
+            await stream.aclose()
+
+
 async def test_frame_over_the_limit_closes_with_1009() -> None:
     async with running(Server(settings(max_message_bytes=1000))) as url, connect(url) as a:
         await a.ws.send_message("x" * 2000)

@@ -40,13 +40,15 @@ text.
 Resource handling: at most :data:`MAX_CONNECTIONS` connections are served at
 once; more wait in the kernel's listen backlog, unaccepted, until one ends. Each
 holds at most :data:`MAX_HEAD_BYTES` of request head (however the head is split
-across reads) and :data:`MAX_BODY_BYTES` of body, for at most
-:data:`REQUEST_TIMEOUT_S` while it arrives and then as long as its handler takes
-(bounded by the handler); a longer body is refused with 413 before it is read,
-and an area's ``authorize`` (the server API's key) refuses a request before its
-body is read too. So the listener holds at most about
-``MAX_CONNECTIONS * 2 * MAX_BODY_BYTES`` (96 MiB; a body is read into one
-buffer, however it is chunked, and copied once at its end), whoever connects.
+across reads) and :data:`MAX_BODY_BYTES` of body (more under an area that takes
+more: the server API's ``limits.max_message_bytes`` + 64 KiB, when that is more),
+for at most :data:`REQUEST_TIMEOUT_S` while it arrives and then as long as its
+handler takes (bounded by the handler); a longer body is refused with 413 before
+it is read (a chunked one, once that much has come), and an area's ``authorize``
+(the server API's key) refuses a request before its body is read too. So the
+listener holds at most about ``MAX_CONNECTIONS * 2`` bodies (96 MiB at the
+defaults; a body is read into one buffer, however it is chunked, and copied once
+at its end), whoever connects.
 An answer that the client does not take is given up after
 :data:`ANSWER_TIMEOUT_S`; after an answer that leaves part of a request
 unread, relayd closes its side and reads what the client still sends, for that
@@ -108,9 +110,9 @@ MAX_HEAD_BYTES: Final = 8192
 #: (RESERVED_DESCRIPTORS, 64), with room for the files a reload reads and the
 #: cluster's two connections to Redis.
 MAX_CONNECTIONS: Final = 48
-#: The largest request body accepted: a server API call carries one message of at most
-#: ``limits.max_message_bytes`` (64 KiB by default) escaped in JSON, which at worst
-#: (every byte a ``\\u00XX``) is six times as long; a larger body is answered 413.
+#: The largest request body accepted, unless an :class:`Area` takes more (the server
+#: API: a message of up to ``limits.max_message_bytes`` and its call's other fields);
+#: a larger body is answered 413.
 MAX_BODY_BYTES: Final = 1024 * 1024
 
 _TEXT: Final = "text/plain; charset=utf-8"
@@ -212,6 +214,10 @@ class Area:
             ``routes``, before its body is read: the answer that refuses it (the
             server API's 401), or None to read the body and call the route. It must
             not raise or wait.
+        max_body_bytes: the largest body its routes take, asked at each request (the
+            server API's grows with ``limits.max_message_bytes``); at least
+            :data:`MAX_BODY_BYTES`, which is the bound of every other route. It must
+            not raise or wait.
     """
 
     prefix: str
@@ -219,6 +225,7 @@ class Area:
     refuse: Refuse
     observe: Callable[[Exchange], None]
     authorize: Callable[[Mapping[str, str]], Response | None] = lambda _headers: None
+    max_body_bytes: Callable[[], int] = lambda: MAX_BODY_BYTES
 
 
 def _plain_refusal(status: int, _error: str, detail: str) -> Response:
@@ -484,11 +491,12 @@ async def _send_refusal(
     area = _area_of(progress.path, areas)
     refuse = _plain_refusal if area is None else area.refuse
     response = refuse(status, ERRORS.get(status, ERRORS[400]), detail)
-    # The client may be gone, or h11 have no answer left to give at this point.
+    # The client may be gone, or h11 have no answer left to give at this point. A
+    # HEAD's answer has no body: h11 refused one, and the client got no answer at all.
     with contextlib.suppress(
         h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
     ):
-        await _send(connection, stream, response, progress)
+        await _send(connection, stream, response, progress, head_only=progress.method == "HEAD")
 
 
 async def _read(
@@ -521,8 +529,11 @@ async def _read(
     handler = None if methods is None else methods.get("GET" if method == "HEAD" else method)
     # Refused on its headers (a wrong key) before a byte of its body is held.
     denied = None if handler is None or area is None else area.authorize(headers)
+    limit = MAX_BODY_BYTES if area is None else max(MAX_BODY_BYTES, area.max_body_bytes())
     body = (
-        None if handler is None or denied is not None else await _body(connection, stream, headers)
+        None
+        if handler is None or denied is not None
+        else await _body(connection, stream, headers, limit)
     )
     progress.read = True  # of a request refused now, the rest is never read
     if denied is not None:
@@ -536,7 +547,7 @@ async def _read(
             headers=(("allow", ", ".join(allowed)),),
         )
     if body is None:
-        return refuse(413, ERRORS[413], f"the body is over {MAX_BODY_BYTES} bytes")
+        return refuse(413, ERRORS[413], f"the body is over {limit} bytes")
     return _Call(handler, Request(method, path, query, headers, body), refuse)
 
 
@@ -621,9 +632,9 @@ async def _next(
 
 
 async def _body(
-    connection: h11.Connection, stream: trio.SocketStream, headers: Mapping[str, str]
+    connection: h11.Connection, stream: trio.SocketStream, headers: Mapping[str, str], limit: int
 ) -> bytes | None:
-    """The request's body, or None when it would be over :data:`MAX_BODY_BYTES`.
+    """The request's body, or None when it would be over ``limit`` bytes.
 
     A client that asked ``Expect: 100-continue`` is told ``100 Continue`` first: it
     may wait for that before it sends the body (.NET, Java, curl with a large body).
@@ -631,7 +642,7 @@ async def _body(
     its body.
     """
     length = headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+    if length is not None and length.isdigit() and int(length) > limit:
         return None  # refused before a byte of it is read
     if connection.they_are_waiting_for_100_continue:
         go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
@@ -643,7 +654,7 @@ async def _body(
         event = await _next(connection, stream)
         if isinstance(event, h11.Data):
             body += event.data
-            if len(body) > MAX_BODY_BYTES:  # chunked, without a length to refuse it by
+            if len(body) > limit:  # chunked, without a length to refuse it by
                 return None
         elif isinstance(event, h11.EndOfMessage):
             return bytes(body)

@@ -58,7 +58,7 @@ from typing import Annotated, Final, Protocol, TypeVar
 import msgspec
 import trio
 
-from relayd.daemon.admin import Area, Exchange, Request, Response, Routes
+from relayd.daemon.admin import MAX_BODY_BYTES, Area, Exchange, Request, Response, Routes
 from relayd.errors import BrokerUnavailable, ErrorCode, IncompleteAnswer
 from relayd.policy.auth import bearer
 from relayd.routing.table import Outcome
@@ -68,6 +68,7 @@ from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import MAX_ID_CHARS, SERVER_SENDER, TOO_DEEP, syntax_error
 
 __all__ = [
+    "BODY_BESIDE_MESSAGE",
     "DEFAULT_PAGE",
     "MAX_PAGE",
     "PREFIX",
@@ -94,6 +95,10 @@ _DEFAULT_CLOSE: Final = (1008, "disconnected by the server")
 #: cluster router decides every question by then, and its own answer (which it also
 #: logs and counts) should be the one given; this bound is for a router that does not.
 ROUTER_MARGIN_S: Final = 1.0
+#: What a call's body may hold beside its message: the message is counted as its JSON
+#: text, escapes included, as the body carries it, so this is room for ``to`` (256
+#: characters, escaped at most six bytes each) and JSON's white space.
+BODY_BESIDE_MESSAGE: Final = 64 * 1024
 
 #: A publish's outcomes that leave the message in an outbox, or maybe: answered as they
 #: are even once relayd drains, since asking another node would send it twice.
@@ -484,4 +489,13 @@ def api_area(
         f"{PREFIX}presence": {"POST": api.presence},
         f"{PREFIX}ids": {"POST": api.ids},
     }
-    return Area(PREFIX, routes, _refuse, _observer(stats), api.authorize)
+    return Area(
+        PREFIX,
+        routes,
+        _refuse,
+        _observer(stats),
+        api.authorize,
+        # A publish may carry what a client may send: with max_message_bytes raised
+        # past 1 MiB, a body bound of 1 MiB refused messages within it (413).
+        lambda: max(MAX_BODY_BYTES, max_message_bytes() + BODY_BESIDE_MESSAGE),
+    )

@@ -203,6 +203,10 @@ class Connection:
             self._writer.wake()
             return True
         if offered is Offer.FULL:
+            # Full within a routing batch, whose write waits for its end: written now
+            # if the socket takes it, the delivery is queued after all.
+            if self._writer.make_room() and self.outbox.offer(frame) is _QUEUED:
+                return True
             # The router must not wait: this only starts the slow-consumer clock.
             deadline = self._timers.refused(trio.current_time())
             if deadline is not None:

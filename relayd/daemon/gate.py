@@ -306,8 +306,8 @@ class Gate:
     async def _handshake(self, transport: Transport, attempt: _Attempt) -> Connection | None:
         """Read, decide and answer the handshake; the connection to run if accepted."""
         conn, address = attempt.conn, attempt.address
-        limits = self.limits.current
-        read = await self._heads.read(transport, limits)
+        # The request is read under the limits in force as it began to arrive.
+        read = await self._heads.read(transport, self.limits.current)
         if isinstance(read, str):
             self._gone(conn, address, read)
             return None
@@ -316,6 +316,11 @@ class Gate:
             return None
         request, early = read
         headers = request.headers
+        # The connection starts with the limits in force now, not those of when its
+        # request began (a reload may have come meanwhile): its Connection reads the
+        # same ones below, with no wait between, so that the 101 announces the message
+        # size its parser enforces (Relayd-Max-Message-Bytes).
+        limits = self.limits.current
         self.capacity.opened(attempt.ip)  # decide() counts this connection in
         attempt.counted = True
         decision: Accept | Refusal = decide(

@@ -16,9 +16,10 @@ side. :class:`Writer` owns
   to write, which then costs no task, no scheduling round and no timeout.
   Frames the router hands out within one batch
   (:func:`~relayd.routing.batch.routing_batch`) go out together as the batch
-  ends: a hundred senders' messages to one receiver in one write. What the
-  socket does not take at once is written by a writer task, before anything
-  else;
+  ends: a hundred senders' messages to one receiver in one write (sooner if
+  the outbox fills first, :meth:`Writer.make_room`, so that a burst to a
+  receiver that reads is not refused ``recipient_busy``). What the socket does
+  not take at once is written by a writer task, before anything else;
 * the **reader's wait for reply slots** (:meth:`Writer.wait_for_room`), which
   frames taken, and replies that turn out to be none, end.
 
@@ -278,6 +279,28 @@ class Writer:
                 self._pending_sent = sent
                 return False
             self._written(messages, sent)
+        return True
+
+    def make_room(self) -> bool:
+        """The outbox refused a delivery while its write waits for the batch's end: write now.
+
+        Within a routing batch a connection's frames wait for the batch's end, to go
+        out in one write; a recipient that reads as fast as it can would otherwise see
+        every delivery past the outbox's capacity in one batch refused
+        (``recipient_busy``), though its socket would take them. Only then is the
+        write made early: what the socket takes at once, the rest (and the writes
+        after it) left to a writer task, as at the batch's end. Never waits.
+
+        Returns:
+            True if frames were taken from the outbox (it may have room now).
+        """
+        nursery = self._nursery
+        if not self._deferred or self._running or nursery is None:
+            return False
+        if not (self._lifecycle.reading and self._transport.direct):
+            return False  # closing since: the batch's end sees to it
+        if not self._write_now():
+            self._start(nursery)
         return True
 
     def slots_freed(self) -> None:

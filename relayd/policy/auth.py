@@ -37,7 +37,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 from typing import Final, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -96,7 +96,7 @@ def bearer(headers: Mapping[str, str]) -> str | None:
     asks for a space; a tab taken for part of the scheme would read as no token).
     An empty credential is ``""``. The header's value, read as latin-1 as HTTP
     reads header bytes, is read back from its bytes as UTF-8, as ``?token=`` is
-    (``parse_qs``), so that a credential has one spelling in either place; bytes
+    (:func:`token_from`), so that a credential has one spelling in either place; bytes
     that are not UTF-8 become U+FFFD and match nothing.
 
     Args:
@@ -121,6 +121,13 @@ def token_from(headers: Mapping[str, str], target: str) -> str | None:
     authentication, WebSocket handshakes included) is not a relayd credential
     and is ignored, so ``?token=`` is read then.
 
+    ``?token=`` is the first non-empty one, its ``%XX`` escapes read as UTF-8
+    (bytes that are not become U+FFFD). A ``+`` in it is a ``+``, as RFC 3986
+    reads a query: HTML forms' encoding, where it stands for a space, would
+    turn the ``+`` of a base64 token (``openssl rand -base64 24``, as
+    docs/security.md suggests) into a space and refuse it, and no token holds
+    a space.
+
     Args:
         headers: request headers, names in lower case, values read as latin-1.
         target: the request target (path and query).
@@ -128,8 +135,11 @@ def token_from(headers: Mapping[str, str], target: str) -> str | None:
     token = bearer(headers)
     if token is not None:
         return token
-    values = parse_qs(urlsplit(target).query).get("token")
-    return values[0] if values else None
+    for pair in urlsplit(target).query.split("&"):
+        name, _, value = pair.partition("=")
+        if value and unquote(name) == "token":
+            return unquote(value)
+    return None
 
 
 _MISSING: Final = Refusal(401, "no bearer token (Authorization header or ?token=)")
