@@ -10,6 +10,8 @@ are the kernel's choice (``--port 0``, ``RELAYD_ADMIN__PORT=0``), on loopback on
 
 from __future__ import annotations
 
+import array
+import fcntl
 import io
 import json
 import os
@@ -18,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -163,3 +166,98 @@ def test_a_sink_on_a_string_stream_writes_its_lines() -> None:
     sink.info('{"event":"two"}')
     assert stream.getvalue() == '{"event":"one"}\n{"event":"two"}\n'
     assert not sink.gone
+
+
+def _connect(port: int) -> tuple[socket.socket, str]:
+    """A WebSocket connection to relayd left open, and the id it was greeted with."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_TIMEOUT_S)
+    sock.sendall(wire.upgrade_request())
+    return sock, _next_text(sock, head=True).decode()
+
+
+def _next_text(sock: socket.socket, *, head: bool = False) -> bytes:
+    """The payload of the next text frame ``sock`` receives, after the HTTP head if ``head``."""
+    data = b""
+    while (head and b"\r\n\r\n" not in data) or not (
+        frames := wire.server_frames(data, after_head=head)
+    ):
+        chunk = sock.recv(65536)  # the socket's timeout fails the test if relayd stalls
+        assert chunk, data
+        data += chunk
+    assert not head or data.startswith(b"HTTP/1.1 101 "), data
+    opcode, payload = frames[0]
+    assert opcode == wire.OP_TEXT
+    return payload
+
+
+def _queued(fd: int) -> int:
+    """How many bytes wait in the pipe whose read end is ``fd``."""
+    size = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, size)
+    return size[0]
+
+
+def _stop_reading_and_fill(relayd: subprocess.Popen[bytes]) -> tuple[int, dict[str, Any]]:
+    """Read relayd's stdout to server.ready, then make it write twice what the pipe holds.
+
+    Returns the pipe's read end and the server.ready line.
+    """
+    assert relayd.stdout is not None
+    out = relayd.stdout.fileno()
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    log = read_until(out, b'"event":"server.ready"', deadline)
+    ready = next(
+        event
+        for event in map(json.loads, log.decode().splitlines())
+        if event["event"] == "server.ready"
+    )
+    capacity = fcntl.fcntl(out, fcntl.F_GETPIPE_SZ)
+    # Nobody reads stdout now. Each connection writes its open and close lines, over
+    # 200 bytes: these write twice what the pipe holds, so the rest waits in relayd.
+    for _ in range(2 * capacity // 200):
+        handshake(ready["port"])
+    assert _queued(out) > capacity // 2
+    return out, ready
+
+
+def test_relayd_keeps_serving_while_nobody_reads_its_stdout_and_writes_the_lines_later(
+    relayd: subprocess.Popen[bytes],
+) -> None:
+    # `relayd serve | less` left at a page, a container's log driver that falls behind:
+    # the pipe fills and a blocking write froze the event loop, so handshakes timed out
+    # and /healthz did not answer (hunt 34b's stall.py reproduced it with 151 connections).
+    out, ready = _stop_reading_and_fill(relayd)
+    capacity = fcntl.fcntl(out, fcntl.F_GETPIPE_SZ)
+
+    alice, _ = _connect(ready["port"])
+    bob, bob_id = _connect(ready["port"])
+    with alice, bob:
+        alice.sendall(
+            wire.frame(wire.OP_TEXT, json.dumps({"to": bob_id, "message": "hi"}).encode())
+        )
+        assert _next_text(bob) == b"hi"
+        url = f"http://{ready['admin']}/healthz"
+        with urllib.request.urlopen(url, timeout=WAIT_TIMEOUT_S) as health:
+            assert health.status == 200
+
+        # The reader comes back: the lines relayd held are written, in order, none lost.
+        log = read_until(out, b'"event":"message.relay"', time.monotonic() + WAIT_TIMEOUT_S)
+    opened = [
+        event["conn"]
+        for event in map(json.loads, log.decode().splitlines())
+        if event["event"] == "connection.open"
+    ]
+    assert opened == list(range(1, len(opened) + 1))  # none lost, in order
+    assert len(opened) == 2 * capacity // 200 + 2  # alice's and bob's last
+
+    relayd.send_signal(signal.SIGTERM)
+    assert relayd.wait(timeout=WAIT_TIMEOUT_S) == 0
+
+
+def test_relayd_stops_at_once_on_sigterm_while_nobody_reads_its_stdout(
+    relayd: subprocess.Popen[bytes],
+) -> None:
+    # The lines still waiting for the reader are counted as dropped, not waited for.
+    _stop_reading_and_fill(relayd)
+    relayd.send_signal(signal.SIGTERM)
+    assert relayd.wait(timeout=WAIT_TIMEOUT_S) == 0

@@ -15,7 +15,8 @@ import errno
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Final
 
 import pytest
 import structlog
@@ -254,3 +255,113 @@ def test_a_write_cut_short_counts_only_the_lines_it_did_not_write_and_ends_the_c
     assert whole == list(range(6 - cut))
     assert not lines[6 - cut].endswith(b"}")  # the line the write cut, ended
     assert json.loads(lines[6 - cut + 1])["event"] == "after"
+
+
+#: The longest a test waits for the flusher to write what a drained pipe takes.
+WAIT_S: Final = 10.0
+
+
+def _log_to(
+    stdout: io.TextIOWrapper,
+) -> tuple[structlog.typing.FilteringBoundLogger, line_sink.LineSink]:
+    """Configure logging on ``stdout`` as relayd does; its logger and its sink."""
+    configure(LogSettings(format="json"), stream=stdout)
+    sink = line_sink.current()
+    assert sink is not None
+    return get_logger(), sink
+
+
+@contextlib.asynccontextmanager
+async def _flushing() -> AsyncIterator[None]:
+    """Run the flusher, as the server does, for the block."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush_held_lines)
+        await trio.testing.wait_all_tasks_blocked()
+        yield
+        nursery.cancel_scope.cancel()
+
+
+async def _read_lines(fd: int, count: int) -> list[bytes]:
+    """Read the pipe ``fd`` until ``count`` lines came after _fill's dots; those lines."""
+    data = b""
+    with trio.fail_after(WAIT_S):
+        while data.count(b"\n") < count:
+            await trio.lowlevel.wait_readable(fd)
+            data += _drain(fd)
+    return data.lstrip(b".").splitlines()
+
+
+async def test_under_the_flusher_a_full_pipe_keeps_the_lines_and_writes_them_in_order_later(
+    pipe: tuple[int, io.TextIOWrapper], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A reader that falls behind (`relayd serve | less`, a container's log driver) is no
+    # failure: the lines wait for it, in order. A blocking write froze relayd instead.
+    read_end, stdout = pipe
+    log, sink = _log_to(stdout)
+    dropped = line_sink.dropped_lines()
+    async with _flushing():
+        _fill(stdout.fileno(), leave_pages=1)  # room for 4,096 bytes
+        for n in range(20):
+            log.info("kept", n=n, pad="p" * 1000)  # about 1,070 bytes a line
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.pending_bytes() > 10_000
+        lines = await _read_lines(read_end, 20)
+    assert [json.loads(line)["n"] for line in lines] == list(range(20))
+    assert line_sink.dropped_lines() == dropped
+    assert sink.pending_bytes() == 0
+    assert capsys.readouterr().err == ""
+
+
+async def test_past_max_pending_bytes_whole_lines_are_dropped_counted_and_said_once(
+    pipe: tuple[int, io.TextIOWrapper], capsys: pytest.CaptureFixture[str]
+) -> None:
+    read_end, stdout = pipe
+    log, sink = _log_to(stdout)
+    dropped = line_sink.dropped_lines()
+    logged = line_sink.MAX_PENDING_BYTES // 1000 + 500  # more than the bound holds
+    async with _flushing():
+        _fill(stdout.fileno())
+        for n in range(logged):
+            log.info("padded", n=n, pad="p" * 1000)
+        assert 0 < sink.pending_bytes() <= line_sink.MAX_PENDING_BYTES
+        lost = line_sink.dropped_lines() - dropped
+        assert lost > 0
+        kept = await _read_lines(read_end, logged - lost)
+        log.info("after")  # the streak is over: written, and no second notice
+        after = await _read_lines(read_end, 1)
+    # Whole lines, the first ones in order; the dropped ones are the last, none cut.
+    assert [json.loads(line)["n"] for line in kept] == list(range(logged - lost))
+    assert [json.loads(line)["event"] for line in after] == ["after"]
+    assert line_sink.dropped_lines() - dropped == lost
+    assert capsys.readouterr().err == (
+        "relayd: the log's reader is behind (stdout full); relayd keeps serving, and drops "
+        "log lines past 4 MiB held, counted in relayd_log_lines_dropped_total\n"
+    )
+
+
+async def test_a_stalled_reader_does_not_hold_up_the_flushers_end_and_its_lines_are_counted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    read_end, write_end = os.pipe()  # blocking, as stdout is
+    try:
+        with os.fdopen(write_end, "w") as stdout:
+            log, _ = _log_to(stdout)
+            async with _flushing():
+                assert not os.get_blocking(write_end)  # else a full pipe's write would block
+            assert os.get_blocking(write_end)  # nothing was pending: put back as it was
+            dropped = line_sink.dropped_lines()
+            async with _flushing():
+                _fill(write_end)
+                for n in range(5):
+                    log.info("stalled", n=n)
+                await trio.testing.wait_all_tasks_blocked()
+            assert line_sink.dropped_lines() == dropped + 5
+            log.info("server.stop")  # after the flusher, as relayd's last line: no hang
+            assert line_sink.dropped_lines() == dropped + 6
+            os.set_blocking(read_end, False)
+            assert _drain(read_end).strip(b".") == b""
+    finally:
+        os.close(read_end)
+        structlog.reset_defaults()
+        line_sink.install(io.StringIO())
+    assert capsys.readouterr().err.count("relayd: writing the log failed") == 1

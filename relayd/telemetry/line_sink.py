@@ -25,6 +25,22 @@ again to that stream, and counts each line it drops in
 visible on ``/metrics`` and an operator can alert on it. The stream's file
 descriptor is pointed at ``/dev/null``, so that Python's own flush of stdout
 at exit does not print a ``BrokenPipeError`` either.
+
+**When the reader is slow or stalls** (``relayd serve | less`` left at a
+page, a container's log driver or journald falling behind), a blocking
+``write`` on a full pipe would stop the event loop, and with it every
+connection and ``/healthz``. So while :func:`flush_held_lines` runs (the
+server's whole life), a stdout that is a pipe or a socket is made
+non-blocking (and put back as it was when the flusher ends; a tty or a
+regular file is left alone). What such a write does not take stays in the
+sink, pending, in order; later lines queue behind it, and the flusher writes
+them as the descriptor becomes writable. Pending bytes are bounded by
+:data:`MAX_PENDING_BYTES`: a flush that would pass it drops its lines whole,
+counted in :func:`dropped_lines`, and stderr says so once per streak. When the
+flusher ends, it makes one last non-blocking attempt and counts what is still
+pending as dropped, so a stalled reader never holds up relayd's exit (the
+descriptor then stays non-blocking, and the run's last lines are written if
+the reader takes them, else counted as a failed write).
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ import contextlib
 import io
 import math
 import os
+import stat
 import sys
 from typing import Final, TextIO
 
@@ -43,6 +60,7 @@ from relayd.telemetry import clock
 __all__ = [
     "FLUSH_DELAY_S",
     "MAX_HELD_BYTES",
+    "MAX_PENDING_BYTES",
     "LineSink",
     "batched",
     "current",
@@ -58,6 +76,9 @@ __all__ = [
 FLUSH_DELAY_S: Final = 0.01
 #: Held lines are written at once when they reach this size.
 MAX_HELD_BYTES: Final = 65536
+#: The most bytes kept for a reader that has fallen behind (a full pipe or socket
+#: under the flusher); a flush that would pass it drops its lines, counted.
+MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 
 #: What stderr says, once, when the reader of the log has gone.
 _GONE_NOTICE: Final = (
@@ -68,6 +89,11 @@ _GONE_NOTICE: Final = (
 _FAILED_NOTICE: Final = (
     "relayd: writing the log failed ({reason}); relayd keeps serving, and counts the "
     "log lines it cannot write in relayd_log_lines_dropped_total\n"
+)
+#: What stderr says, once per streak, when lines are dropped for a reader that is behind.
+_BEHIND_NOTICE: Final = (
+    "relayd: the log's reader is behind (stdout full); relayd keeps serving, and drops "
+    "log lines past 4 MiB held, counted in relayd_log_lines_dropped_total\n"
 )
 
 
@@ -115,6 +141,13 @@ class LineSink:
         #: Until when (trio's clock) a batch's lines are held rather than
         #: written at its end: :data:`FLUSH_DELAY_S` after the last such write.
         self.quiet_until = -math.inf
+        # Bytes a full pipe or socket did not take (only while the flusher holds the
+        # descriptor non-blocking): later lines queue behind them, see the module docstring.
+        self._pending = bytearray()
+        # Whether _pending starts with the newline that ends a line a failed write cut.
+        self._pending_lead = 0
+        # Whether lines were dropped since bytes were last pending: said once on stderr.
+        self._behind = False
 
     def msg(self, line: str | bytes) -> None:
         """Write one rendered event (held while in a :func:`batched` block)."""
@@ -187,6 +220,9 @@ class LineSink:
             _count_dropped(len(lines))
             return True
         data = b"\n".join(lines) + b"\n"
+        if self._pending:  # the reader is behind: queued after what it has not taken
+            self._hold(data, len(lines))
+            return True
         unended = self._unended
         if unended:
             data = b"\n" + data  # ends the line a failed write cut short
@@ -194,11 +230,74 @@ class LineSink:
             self._write(data)
         except (BrokenPipeError, ConnectionResetError):
             self._reader_gone(len(lines))
+        except BlockingIOError as error:
+            if self._fd is None or self._fd != _holding or len(data) > MAX_PENDING_BYTES:
+                self._write_failed(len(lines), data, unended, error)
+            else:  # the flusher holds the descriptor non-blocking: keep the rest
+                sent = self._sent
+                self._pending += memoryview(data)[sent:]
+                self._pending_lead = int(unended and not sent)
+                if sent:
+                    self._unended = data[sent - 1] != ord("\n")
+                if _flusher is not None:
+                    _flusher.cancel()  # wakes it, to wait until the reader takes more
         except (OSError, ValueError) as error:  # ValueError: the stream was closed
             self._write_failed(len(lines), data, unended, error)
         else:
             self.failing = self._unended = False
         return True
+
+    def _hold(self, data: bytes, lines: int) -> None:
+        """Queue ``data`` behind the pending bytes, or drop its lines past the bound."""
+        if len(self._pending) + len(data) <= MAX_PENDING_BYTES:
+            self._pending += data
+            return
+        _count_dropped(lines)
+        if not self._behind:
+            self._behind = True
+            with contextlib.suppress(OSError, ValueError):  # may share stdout's full pipe
+                sys.stderr.write(_BEHIND_NOTICE)
+                sys.stderr.flush()
+
+    def pending_bytes(self) -> int:
+        """How many bytes of lines wait for the reader to take them (see the module docstring)."""
+        return len(self._pending)
+
+    def write_pending(self) -> None:
+        """Write what the descriptor takes of the pending bytes, without blocking."""
+        pending, fd, binary = self._pending, self._fd, self._binary
+        if not pending or fd is None or binary is None:
+            return
+        if binary.closed:  # its descriptor may be another file's by now
+            self._sent = 0
+            closed = ValueError("the log's stream was closed")
+            self._write_failed(self._drop_pending(), b"", False, closed)
+            return
+        try:
+            while pending:
+                sent = os.write(fd, pending)
+                if not sent:
+                    return
+                self._unended = pending[sent - 1] != ord("\n")
+                self._pending_lead = 0
+                del pending[:sent]
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            self._reader_gone(self._drop_pending())
+        except (OSError, ValueError) as error:
+            self._sent = 0
+            self._write_failed(self._drop_pending(), b"", False, error)
+        else:
+            self.failing = self._behind = False
+
+    def _drop_pending(self) -> int:
+        """Forget the pending bytes; how many lines they held (not written whole)."""
+        lines = self._pending.count(b"\n") - self._pending_lead
+        self._pending.clear()
+        self._pending_lead = 0
+        self._behind = False
+        return lines
 
     def _write(self, data: bytes) -> None:
         """Write ``data``; if an error cuts it short, :attr:`_sent` says how far it got."""
@@ -263,6 +362,8 @@ _flusher: trio.CancelScope | None = None
 #: The deadline of the flusher's wait, kept apart because reading a cancel scope's
 #: deadline is a Python call; inf when it waits for no line.
 _due = math.inf
+#: The descriptor the flusher holds non-blocking while it runs (a pipe or socket), or None.
+_holding: int | None = None
 
 
 def _descriptor(stream: TextIO, binary: object) -> int | None:
@@ -301,6 +402,10 @@ def install(stream: TextIO) -> LineSink:
     _sink = LineSink(stream, gone=same and old is not None and old.gone)
     if same and old is not None:  # a reload: what the stream's writes left stays
         _sink.failing, _sink._unended = old.failing, old._unended
+        _sink._pending, _sink._pending_lead = old._pending, old._pending_lead
+        _sink._behind = old._behind
+    elif old is not None and old._pending:
+        _count_dropped(old._drop_pending())
     return _sink
 
 
@@ -314,28 +419,81 @@ async def flush_held_lines() -> None:
 
     It wakes only when held lines are due: the batch that holds the first of
     them sets the deadline of its wait, and a batch that writes them first
-    calls it off (one task step per write it makes, however many lines).
+    calls it off (one task step per write it makes, however many lines). While
+    it runs, a stdout that is a pipe or socket is non-blocking, and it writes
+    the bytes a full one did not take as it becomes writable (see the module
+    docstring).
 
     Resource handling: run it in a nursery that lives as long as the logging
-    does; when cancelled, it writes what is held and batches flush at once again.
-    No write that fails raises (see :class:`LineSink`).
+    does; when cancelled, it writes what is held and what the descriptor takes
+    without blocking, counts the rest as dropped, puts the descriptor back as
+    it was (unless a rest was dropped: a stalled reader must not hold up the
+    exit with the run's last lines, which are then written or counted as
+    failed writes), and batches flush at once again. No write that fails raises (see
+    :class:`LineSink`).
     """
     global _flusher, _due  # the module's one flusher, like its one sink
+    held = _hold_descriptor(_sink)
     try:
         while True:
             _due = math.inf
+            sink = _sink
             with trio.CancelScope() as _flusher:
-                await trio.sleep_forever()
+                if sink is not None and sink._pending and sink._fd is not None:
+                    await trio.lowlevel.wait_writable(sink._fd)
+                else:
+                    await trio.sleep_forever()
             sink = _sink
             if sink is None:
                 continue
+            sink.write_pending()
             if sink.flush():
                 sink.quiet_until = trio.current_time() + FLUSH_DELAY_S
     finally:
         _flusher = None
         _due = math.inf
-        if _sink is not None:
-            _sink.flush()
+        sink = _sink
+        stalled = False
+        if sink is not None:
+            sink.flush()
+            sink.write_pending()  # one last try; a stalled reader does not hold up the exit
+            if sink._pending:
+                stalled = True
+                _count_dropped(sink._drop_pending())
+        # A reader that stalled keeps the descriptor non-blocking: the run's last lines
+        # (server.stop) are then written if it takes them, else counted as dropped.
+        _release_descriptor(held, restore=not stalled)
+
+
+def _hold_descriptor(sink: LineSink | None) -> tuple[int, bool] | None:
+    """Make ``sink``'s descriptor non-blocking if it is a pipe or socket; what to put back."""
+    global _holding  # the flusher's, while it runs
+    fd = None if sink is None or sink.gone else sink._fd
+    if fd is None:
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return None
+        was_blocking = os.get_blocking(fd)
+        os.set_blocking(fd, False)
+    except OSError:
+        return None
+    _holding = fd
+    return fd, was_blocking
+
+
+def _release_descriptor(held: tuple[int, bool] | None, *, restore: bool) -> None:
+    """Put back (if ``restore``) what :func:`_hold_descriptor` changed."""
+    global _holding  # the flusher's, while it runs
+    if held is None:
+        return
+    _holding = None
+    if not restore:
+        return
+    fd, was_blocking = held
+    with contextlib.suppress(OSError):
+        os.set_blocking(fd, was_blocking)
 
 
 class _Batched:
