@@ -31,20 +31,23 @@ page, a container's log driver or journald falling behind), a blocking
 ``write`` on a full pipe would stop the event loop, and with it every
 connection and ``/healthz``. So while :func:`flush_held_lines` runs (the
 server's whole life), a stdout that is a pipe or a socket is made
-non-blocking (and put back as it was when the flusher ends; a tty or a
-regular file is left alone). What such a write does not take stays in the
-sink, pending, in order; later lines queue behind it, and the flusher writes
-them as the descriptor becomes writable. Pending bytes are bounded by
+non-blocking, and put back as it was when the process exits, after its last
+line (the flag belongs to the open pipe or socket, which stderr and a parent
+shell may share; a tty or a regular file is left alone). What such a write
+does not take stays in the sink, pending, in order; later lines queue behind
+it, and the flusher writes them as the descriptor becomes writable. Pending bytes are bounded by
 :data:`MAX_PENDING_BYTES`: a flush that would pass it drops its lines whole,
 counted in :func:`dropped_lines`, and stderr says so once per streak. When the
 flusher ends, it makes one last non-blocking attempt and counts what is still
-pending as dropped, so a stalled reader never holds up relayd's exit (the
-descriptor then stays non-blocking, and the run's last lines are written if
-the reader takes them, else counted as a failed write).
+pending as dropped, so a stalled reader never holds up relayd's exit; the
+run's last lines are written if the reader takes them, else counted as a
+failed write. Notices on stderr are left out while stdout is mid-line, when
+stderr is the same pipe or socket, so that none lands inside a line.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import math
@@ -255,9 +258,20 @@ class LineSink:
         _count_dropped(lines)
         if not self._behind:
             self._behind = True
-            with contextlib.suppress(OSError, ValueError):  # may share stdout's full pipe
-                sys.stderr.write(_BEHIND_NOTICE)
-                sys.stderr.flush()
+            self._say(_BEHIND_NOTICE)
+
+    def _say(self, notice: str) -> None:
+        """Write ``notice`` on stderr; never raises, never cuts a line of the log in two.
+
+        Under systemd (and ``2>&1``) stderr is the same pipe or socket as stdout: while
+        stdout is mid-line (a write cut short, bytes pending) a notice would land inside
+        that line, so it is left out then; the lines it would tell of are counted anyway.
+        """
+        if (self._pending or self._unended) and _shares_stderr(self._fd):
+            return
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(notice)
+            sys.stderr.flush()
 
     def pending_bytes(self) -> int:
         """How many bytes of lines wait for the reader to take them (see the module docstring)."""
@@ -335,9 +349,7 @@ class LineSink:
         if not self.failing:
             self.failing = True
             reason = getattr(error, "strerror", None) or error
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.write(_FAILED_NOTICE.format(reason=reason))
-                sys.stderr.flush()
+            self._say(_FAILED_NOTICE.format(reason=reason))
 
     def _reader_gone(self, lines: int) -> None:
         self.gone = True
@@ -426,11 +438,10 @@ async def flush_held_lines() -> None:
 
     Resource handling: run it in a nursery that lives as long as the logging
     does; when cancelled, it writes what is held and what the descriptor takes
-    without blocking, counts the rest as dropped, puts the descriptor back as
-    it was (unless a rest was dropped: a stalled reader must not hold up the
-    exit with the run's last lines, which are then written or counted as
-    failed writes), and batches flush at once again. No write that fails raises (see
-    :class:`LineSink`).
+    without blocking, counts the rest as dropped, and batches flush at once
+    again; the descriptor stays non-blocking until the process exits (a full
+    pipe must not hold the run's last lines, which are written or counted as
+    failed writes). No write that fails raises (see :class:`LineSink`).
     """
     global _flusher, _due  # the module's one flusher, like its one sink
     held = _hold_descriptor(_sink)
@@ -439,7 +450,14 @@ async def flush_held_lines() -> None:
             _due = math.inf
             sink = _sink
             with trio.CancelScope() as _flusher:
-                if sink is not None and sink._pending and sink._fd is not None:
+                binary = None if sink is None else sink._binary
+                if (
+                    sink is not None
+                    and sink._pending
+                    and sink._fd is not None
+                    and binary is not None
+                    and not binary.closed  # else write_pending drops and counts them
+                ):
                     await trio.lowlevel.wait_writable(sink._fd)
                 else:
                     await trio.sleep_forever()
@@ -453,16 +471,15 @@ async def flush_held_lines() -> None:
         _flusher = None
         _due = math.inf
         sink = _sink
-        stalled = False
         if sink is not None:
             sink.flush()
             sink.write_pending()  # one last try; a stalled reader does not hold up the exit
             if sink._pending:
-                stalled = True
                 _count_dropped(sink._drop_pending())
-        # A reader that stalled keeps the descriptor non-blocking: the run's last lines
-        # (server.stop) are then written if it takes them, else counted as dropped.
-        _release_descriptor(held, restore=not stalled)
+        # The descriptor stays non-blocking: a full pipe with nothing pending would
+        # otherwise hold the run's last lines (server.stop) and the exit; they are
+        # written if the reader takes them, else counted. Put back at exit.
+        _release_descriptor(held)
 
 
 def _hold_descriptor(sink: LineSink | None) -> tuple[int, bool] | None:
@@ -479,21 +496,41 @@ def _hold_descriptor(sink: LineSink | None) -> tuple[int, bool] | None:
         os.set_blocking(fd, False)
     except OSError:
         return None
+    if was_blocking and fd not in _to_restore:
+        # The flag is the open pipe's or socket's, shared with whoever else writes to
+        # it (stderr, a parent shell): put back when relayd exits, after its last line.
+        _to_restore.add(fd)
+        atexit.register(_restore_blocking, fd)
     _holding = fd
     return fd, was_blocking
 
 
-def _release_descriptor(held: tuple[int, bool] | None, *, restore: bool) -> None:
-    """Put back (if ``restore``) what :func:`_hold_descriptor` changed."""
+def _release_descriptor(held: tuple[int, bool] | None) -> None:
+    """The flusher has ended: a full pipe is no longer waited for (see flush_held_lines)."""
     global _holding  # the flusher's, while it runs
-    if held is None:
-        return
-    _holding = None
-    if not restore:
-        return
-    fd, was_blocking = held
+    if held is not None:
+        _holding = None
+
+
+#: Descriptors made non-blocking that were blocking: put back at exit.
+_to_restore: set[int] = set()
+
+
+def _restore_blocking(fd: int) -> None:
     with contextlib.suppress(OSError):
-        os.set_blocking(fd, was_blocking)
+        os.set_blocking(fd, True)
+    _to_restore.discard(fd)
+
+
+def _shares_stderr(fd: int | None) -> bool:
+    """Whether stderr is the very pipe, socket or file that ``fd`` writes to."""
+    if fd is None:
+        return False
+    try:
+        ours, theirs = os.fstat(fd), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 class _Batched:
