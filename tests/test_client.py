@@ -60,7 +60,7 @@ from relayd.client import (
 from relayd.client import link as link_module
 from relayd.client.link import CloseInfo, Link
 from relayd.client.messages import Message
-from relayd.client.options import LinkOptions
+from relayd.client.options import LinkOptions, default_message_bound
 from relayd.config import AuthSettings, TLSSettings
 from relayd.daemon.credentials import load_authenticator, load_tls
 from relayd.daemon.server import Server
@@ -1003,3 +1003,11 @@ async def test_seed_sends_are_not_acked_and_errors_arrive_as_messages() -> None:
         await v1.send(seed.id, "v1 to seed")
         message = await seed.receive()
         assert (message.sender, message.text, message.as_error()) == (None, "v1 to seed", None)
+
+
+def test_the_default_bound_follows_relayds_announced_limit_up_to_64_mib() -> None:
+    # A server announcing any number must not make a client ready to hold that much.
+    assert default_message_bound(None) == 2**20
+    assert default_message_bound(65536) == 2**20
+    assert default_message_bound(4 * 2**20) == 4 * 2**20 + 2048
+    assert default_message_bound(10**15) == 64 * 2**20

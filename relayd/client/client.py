@@ -374,7 +374,8 @@ async def connect(
             characters; a larger one closes the connection with 1009. None (the
             default): 1 MiB, or the limit relayd announced (plus room for the
             sender's id) when that is more, so that no client relayd accepts a
-            message from can close this one with it.
+            message from can close this one with it; at most 64 MiB, whatever
+            the server announced.
         keepalive_s: ping relayd this often, and drop the connection (1006)
             when the pong is as late; None for no pings.
 

@@ -20,8 +20,9 @@ Buffers, each bounded:
   ``max_message_bytes`` when it announced one;
 * frames read: trio-websocket holds none beyond the one being handed over
   (``message_queue_size=0``), one partly received message of at most
-  ``max_message_chars`` characters (by default 1 MiB, or relayd's announced
-  limit plus :data:`~relayd.client.options.DELIVERY_ROOM` if that is more), and
+  ``max_message_chars`` characters (by default
+  :func:`~relayd.client.options.default_message_bound`: 1 MiB, or relayd's
+  announced limit plus 2 KiB if that is more, at most 64 MiB), and
   what one ``receive_some`` read (4 KiB);
 * the client's message channel, ``receive_queue`` messages (the client's).
 
@@ -56,7 +57,7 @@ from relayd.client.errors import (
 )
 from relayd.client.messages import Message, decode_v1, encode_envelope, seed_message
 from relayd.client.opening import Stream, handshake, open_stream
-from relayd.client.options import DELIVERY_ROOM, MAX_MESSAGE_CHARS, LinkOptions
+from relayd.client.options import LinkOptions, default_message_bound
 from relayd.client.outstanding import Outstanding
 from relayd.errors import CloseCode
 from relayd.wire.dialects import Ack, Delivery, Dialect, Error
@@ -141,7 +142,7 @@ class Link:
             # relayd lets any client send this one a message of its limit: a smaller bound
             # here would let any of them close this connection with 1009, for good. The
             # bound is trio-websocket's own, read at each message; it has no setter.
-            ws._max_message_size = max(MAX_MESSAGE_CHARS, self.max_message_bytes + DELIVERY_ROOM)
+            ws._max_message_size = default_message_bound(self.max_message_bytes)
         self._ws = ws
         self._stream = stream
         self._deliveries = deliveries

@@ -21,11 +21,13 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "DELIVERY_ROOM",
     "KEEPALIVE_S",
+    "MAX_ANNOUNCED_CHARS",
     "MAX_IN_FLIGHT",
     "MAX_MESSAGE_CHARS",
     "RECEIVE_QUEUE",
     "LinkOptions",
     "check_options",
+    "default_message_bound",
 ]
 
 #: Bound on connecting: TCP, TLS, the HTTP upgrade and the welcome. relayd
@@ -49,6 +51,24 @@ MAX_MESSAGE_CHARS: Final = 2**20
 #: By default a client takes messages of up to the announced limit plus this: what
 #: relayd lets any client send it, however far above :data:`MAX_MESSAGE_CHARS`.
 DELIVERY_ROOM: Final = 2048
+#: The most a default bound rises to, whatever relayd announced: a server (or anything
+#: on the other end of a ``ws://`` URL) announcing a huge limit must not make the client
+#: ready to hold that much. A program that wants more sets ``max_message_chars``.
+MAX_ANNOUNCED_CHARS: Final = 64 * 2**20
+
+
+def default_message_bound(announced: int | None) -> int:
+    """The largest message a client takes when the program set no bound, in characters.
+
+    1 MiB, or ``announced`` (the limit relayd announced) plus :data:`DELIVERY_ROOM` when
+    that is more, so that no client relayd accepts a message from can close this one
+    with it; at most :data:`MAX_ANNOUNCED_CHARS`.
+    """
+    if announced is None:
+        return MAX_MESSAGE_CHARS
+    return min(max(MAX_MESSAGE_CHARS, announced + DELIVERY_ROOM), MAX_ANNOUNCED_CHARS)
+
+
 #: Keepalive ping interval, and how long its pong may take: as relayd's own.
 KEEPALIVE_S: Final = 30.0
 #: The dialects ``connect`` speaks, by the names it takes.
