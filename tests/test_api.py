@@ -857,6 +857,8 @@ async def test_a_400_quotes_none_of_the_clients_bytes() -> None:
         assert b"evil" not in body
         assert b"\x1b" not in body
         assert b"\\x1b" not in body
+    # h11's words before its quote stay: they say what is wrong.
+    assert bad_header[2] == b"not a request relayd can read: illegal header line\n"
 
 
 async def test_a_request_with_both_content_length_and_chunked_is_a_400_and_closed() -> None:

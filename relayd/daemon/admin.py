@@ -68,6 +68,7 @@ import contextlib
 import dataclasses
 import functools
 import http
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
@@ -120,6 +121,9 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 _TEXT: Final = "text/plain; charset=utf-8"
 #: The client's states in which its whole request has been read.
 _READ_WHOLE: Final = (h11.DONE, h11.MUST_CLOSE)
+#: Where an h11 message starts quoting the request (``illegal header line: bytearray(b'...')``,
+#: ``Illegal header name b'...'``): cut there, h11's words before it kept.
+_QUOTED: Final = re.compile(r"""[:\s]*(?:bytearray\()?(?<![A-Za-z])b['"].*""", re.DOTALL)
 #: What a lingering close reads at a time, and throws away.
 _LINGER_READ: Final = 65536
 
@@ -469,15 +473,11 @@ def _unreadable(exc: h11.RemoteProtocolError) -> str:
 
     h11's messages quote the bytes it could not parse (a request or header line, up to
     the head's bound): echoed in the answer, they would put the client's bytes, control
-    characters and all, in whatever shows or logs it, under relayd's name.
+    characters and all, in whatever shows or logs it, under relayd's name. Its words
+    before the quote are kept (``illegal header line``).
     """
-    if isinstance(exc, _Unreadable):
-        reason = str(exc)
-    elif exc.error_status_hint == 431:
-        reason = "its head is too long"
-    else:
-        reason = "not HTTP/1.1 as RFC 9112 has it"
-    return f"not a request relayd can read: {reason}"
+    reason = str(exc) if isinstance(exc, _Unreadable) else _QUOTED.sub("", str(exc))
+    return f"not a request relayd can read: {reason or 'not HTTP/1.1'}"
 
 
 async def _linger(stream: trio.SocketStream) -> None:
