@@ -167,14 +167,14 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
         # holds goes with the settings: the server reports those whose content is new
         # though their path is not (a tokens file, applied; a certificate, for a restart).
         again = read()
-        authenticator, _tls, _api_key = _credentials(again)
-        return again.settings, authenticator, _files(again.settings)
+        authenticator, _tls, _api_key, files = _credentials(again)
+        return again.settings, authenticator, files
 
     loaded: Loaded | None = None
     try:
         loaded = read()
         settings = loaded.settings
-        authenticator, tls, api_key = _credentials(loaded)
+        authenticator, tls, api_key, files = _credentials(loaded)
         if args.command != "check-config":
             configure(settings.log)
             # Building the server builds its router, which reads the cluster's password.
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
                 tls=tls,
                 config_file=loaded.path,
                 api_key=api_key,
-                files=_files(settings),
+                files=files,
             )
     except ConfigError as exc:
         if args.command == "check-config":
@@ -222,8 +222,12 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
 
 def _credentials(
     loaded: Loaded,
-) -> tuple[Authenticator | None, ssl.SSLContext | None, bytes | None]:
+) -> tuple[Authenticator | None, ssl.SSLContext | None, bytes | None, dict[str, FileRead]]:
     """Read and check every file the settings name: the authenticator, TLS and the API key.
+
+    Also what each file held (:func:`_files`): for the tokens, JWT and API key files,
+    what was read to check them, not a second read, which a file replaced meanwhile
+    (a rotation) would make tell of another content than the one applied.
 
     With ``[cluster]`` on, its password and CA files too, and whether its Redis client
     is installed (:func:`~relayd.routing.factory.check_router_files`; the cluster's
@@ -235,6 +239,11 @@ def _credentials(
     """
     settings, source = loaded.settings, loaded.source
     problems: list[ConfigError] = []
+    held: dict[str, bytes] = {}
+
+    def read_file(path: str) -> bytes:
+        held[path] = Path(path).read_bytes()
+        return held[path]
 
     def checked(read: Callable[[], _T]) -> _T | None:
         try:
@@ -243,13 +252,13 @@ def _credentials(
             problems.extend(error.problems)
             return None
 
-    authenticator = checked(lambda: load_authenticator(settings.auth, source))
+    authenticator = checked(lambda: load_authenticator(settings.auth, source, read_file))
     tls = checked(lambda: load_tls(settings.tls, source))
-    api_key = checked(lambda: load_api_key(settings.admin, source))
+    api_key = checked(lambda: load_api_key(settings.admin, source, read_file))
     checked(lambda: check_router_files(settings))
     if problems:
         raise ConfigError.of(problems)
-    return authenticator, tls, api_key
+    return authenticator, tls, api_key, _files(settings, held)
 
 
 #: The settings naming a file: a reload reads the tokens and JWT key files again and
@@ -267,13 +276,22 @@ _FILES: Final = (
 )
 
 
-def _files(settings: Settings) -> dict[str, FileRead]:
-    """Each file's path and a digest of what it holds (None: unreadable or none)."""
+def _files(settings: Settings, held: Mapping[str, bytes]) -> dict[str, FileRead]:
+    """Each file's path and a digest of what it holds (None: unreadable, none, or unused).
+
+    ``held``: what the credentials' checks read, by path. A file the settings name but
+    do not use (a tokens file with ``auth.mode = "off"``, the cluster's files with
+    ``[cluster]`` off) has no digest: a new content there changes nothing. TLS and the
+    cluster's files are read by ssl and the cluster's check, so they are read here.
+    """
+    in_use = {"tls": bool(settings.tls.cert_file), "cluster": settings.cluster.enabled}
     files = {}
     for section, name in _FILES:
         path = getattr(getattr(settings, section), name)
         digest = None
-        if path:
+        if path in held:
+            digest = hashlib.sha256(held[path]).digest()
+        elif path and in_use.get(section, False):
             with contextlib.suppress(OSError):
                 digest = hashlib.sha256(Path(path).read_bytes()).digest()
         files[f"{section}.{name}"] = (path, digest)

@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DRAIN_SLACK_S",
     "AdminSettings",
     "AuthSettings",
     "ClusterSettings",
@@ -57,6 +58,10 @@ _SECTION_CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 #: router's margin, the answer), and a relayed message its sender's reply slot for this
 #: long. Another node's answer normally comes within milliseconds.
 MAX_REPLY_TIMEOUT_S: Final = 30.0
+#: In a cluster ``server.shutdown_grace_s`` must exceed ``cluster.reply_timeout_s`` by more
+#: than this: a server API call in progress at a drain waits for the router up to
+#: ``reply_timeout_s`` + 1 s and has 1 s to be written.
+DRAIN_SLACK_S: Final = 2.0
 #: A host name: labels of letters (any script's: the resolver encodes them), digits,
 #: hyphens and underscores (which /etc/hosts may hold), none empty nor starting with a
 #: hyphen, joined by dots; a trailing dot allowed.

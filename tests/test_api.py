@@ -839,6 +839,46 @@ async def test_a_request_that_is_not_http_is_a_400_and_one_without_a_path_is_pla
     assert json.loads(framing[2])["error"] == "invalid_request"
 
 
+async def test_a_400_quotes_none_of_the_clients_bytes() -> None:
+    # h11's messages quote the line it could not parse: the answer echoed the client's
+    # bytes (an escape sequence, a forged log line) under relayd's name.
+    async with api(Recording()) as address:
+        bad_line = await raw(address, b"GET /x\x1b[31m HTTP/1.1\r\nHost: a\r\n\r\n")
+        bad_header = await raw(address, b"GET /metrics HTTP/1.1\r\nX\x01evil: 1\r\n\r\n")
+        bad_chunk = await raw(
+            address, post_head("/api/ids", "Transfer-Encoding: chunked") + b"evil\r\n"
+        )
+        bad_port = await raw(
+            address, b"GET http://127.0.0.1:evil/api/ids HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+    for status_line, _headers, body in (bad_line, bad_header, bad_chunk, bad_port):
+        assert status_of(status_line) == 400
+        assert status_line == "HTTP/1.1 400 Bad Request"
+        assert b"evil" not in body
+        assert b"\x1b" not in body
+        assert b"\\x1b" not in body
+    # h11's words before its quote stay: they say what is wrong.
+    assert bad_header[2] == b"not a request relayd can read: illegal header line\n"
+
+
+async def test_a_request_with_both_content_length_and_chunked_is_a_400_and_closed() -> None:
+    # RFC 9112 §6.1: such a request is a smuggling attempt to be handled as an error.
+    # relayd read its body by the chunks and answered the call.
+    router = Recording()
+    router.connections.update({"id0": 1})
+    body = json.dumps({"limit": 1}).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    async with api(router) as address:
+        status_line, headers, payload = await raw(
+            address,
+            post_head("/api/ids", f"Content-Length: {len(chunked)}", "Transfer-Encoding: chunked")
+            + chunked,
+        )
+    assert status_of(status_line) == 400
+    assert headers["connection"] == "close"
+    assert json.loads(payload)["error"] == "invalid_request"
+
+
 async def test_a_request_that_does_not_arrive_in_time_is_a_408(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import queue
@@ -30,6 +31,7 @@ from typing import Any, Final
 import pytest
 
 import relayd
+from relayd import cli
 from relayd.cli import EX_CONFIG, EX_IOERR, main, settings_reader
 from relayd.config import DEFAULT_CONFIG_PATH, Settings
 from relayd.config_sources import LoadError
@@ -961,3 +963,29 @@ def test_a_reload_after_a_start_without_a_file_reads_none(tmp_path: Path) -> Non
     assert read().path is None
     default.write_text("[limits]\nmax_connections = 2\n")  # not the sources it started from
     assert read().path is None
+
+
+def test_a_reload_reports_the_tokens_file_it_applied_not_a_second_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reload read the tokens file to apply it, then again for the report: a file
+    # replaced between the two (a rotation) was reported as the content not applied.
+    # Here every read of it finds the next version of the file.
+    tokens = tmp_path / "tokens"
+    versions = iter([f"alice {letter * 20}\n".encode() for letter in "abcd"])
+    real_read_bytes = Path.read_bytes
+
+    def rotating(path: Path) -> bytes:
+        return next(versions) if path == tokens else real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", rotating)
+    monkeypatch.setattr(Path, "read_text", lambda path, *_a, **_k: rotating(path).decode())
+    tokens.write_bytes(b"")
+    overrides = {"auth.mode": "token", "auth.tokens_file": str(tokens)}
+    loaded = settings_reader(None, overrides, default_path=tmp_path / "none.toml")()
+    authenticator, _tls, _api_key, files = cli._credentials(loaded)
+    assert authenticator is not None
+    assert files["auth.tokens_file"] == (
+        str(tokens),
+        hashlib.sha256(b"alice " + b"a" * 20 + b"\n").digest(),
+    )

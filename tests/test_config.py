@@ -811,6 +811,25 @@ def test_cluster_reply_timeout_is_bounded(tmp_path: Path) -> None:
     )
 
 
+def test_a_cluster_grace_too_short_for_the_answers_a_drain_waits_for_is_refused(
+    tmp_path: Path,
+) -> None:
+    # A drain waits up to reply_timeout_s for other nodes and answers the server API
+    # calls in progress (up to reply_timeout_s + 2 s): a shorter grace cut them, and the
+    # rule was only a comment in config/relayd.toml.
+    path = write(tmp_path, "[server]\nshutdown_grace_s = 4.0\n[cluster]\nenabled = true\n")
+    with pytest.raises(ConfigError) as info:
+        load(config_path=path)
+    assert info.value.key == "server.shutdown_grace_s"
+    assert info.value.source == f"in {path}"
+    assert "more than cluster.reply_timeout_s + 2 s (2 s, from built-in defaults)" in str(
+        info.value
+    )
+    # Longer than that, or not a cluster node: fine.
+    assert load(config_path=path, environ={"RELAYD_SERVER__SHUTDOWN_GRACE_S": "4.5"})
+    assert load(config_path=path, environ={"RELAYD_CLUSTER__ENABLED": "false"})
+
+
 def test_cluster_off_by_default() -> None:
     assert Settings().cluster.enabled is False
 

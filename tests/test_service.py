@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import structlog
 import trio
 
-from relayd.config import Settings
+from relayd.config import ClusterSettings, Settings
 from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
@@ -75,6 +75,41 @@ async def test_a_bug_in_reading_the_settings_refuses_the_reload_and_relayd_serve
     [error] = [e for e in events if e["event"] == "error"]
     assert error["summary"] == "RuntimeError: a bug in reading"
     assert server.stats.reloads == {"refused": 1}
+
+
+async def test_a_reload_refuses_a_grace_too_short_for_the_reply_timeout_in_force() -> None:
+    # The file may lower cluster.reply_timeout_s and shutdown_grace_s together and pass
+    # the rule, but the cluster's keys need a restart: the grace was applied with the old
+    # reply_timeout_s, and the next drain cut the answers it waited for.
+    started = settings().model_copy(
+        update={"cluster": ClusterSettings(enabled=True, reply_timeout_s=2.0)}
+    )
+    reloaded = started.model_copy(
+        update={
+            "server": started.server.model_copy(update={"shutdown_grace_s": 3.0}),
+            "cluster": ClusterSettings(enabled=True, reply_timeout_s=0.5),
+        }
+    )
+    notifications = Notifications()
+    server = Server(started, router=LocalRouter)
+    with structlog.testing.capture_logs() as events, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    run_daemon,
+                    server,
+                    reload_settings=lambda: (reloaded, None, {}),
+                    notifier=notifications,
+                )
+            )
+            await notifications.until("READY=1")
+            os.kill(os.getpid(), signal.SIGHUP)
+            await notifications.until("READY=1", "RELOADING=1", "READY=1")
+            os.kill(os.getpid(), signal.SIGTERM)
+    [reload] = [e for e in events if e["event"] == "config.reload"]
+    assert reload["applied"] is False
+    assert "the reply_timeout_s in force is 2 s until a restart" in reload["reason"]
+    assert server.settings.server.shutdown_grace_s == started.server.shutdown_grace_s
 
 
 class HeldStart(LocalRouter):

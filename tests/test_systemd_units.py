@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tomllib
 from collections.abc import Sequence
@@ -302,6 +303,20 @@ def test_a_bad_config_is_not_restarted_in_a_loop() -> None:
     interval = timespan_s(only(unit, "Unit", "StartLimitIntervalSec"))
     restart_sec = timespan_s(only(unit, "Service", "RestartSec"))
     assert interval > restart_sec * int(only(unit, "Unit", "StartLimitBurst"))
+
+
+@pytest.mark.parametrize("unit_file", [SERVICE, TEMPLATE], ids=lambda path: path.name)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_second_stop_signal_is_a_stop_not_a_crash(unit_file: Path, signum: int) -> None:
+    # A second SIGTERM (SIGINT) cuts the drain short and relayd exits 128 + its number.
+    # Restart=on-failure restarted relayd after that (`kill` twice, `systemctl kill`
+    # twice) unless the status counts as a clean exit.
+    unit = unit_settings(unit_file)
+    assert only(unit, "Service", "Restart") == "on-failure"
+    clean = {
+        status for line in unit.get(("Service", "SuccessExitStatus"), []) for status in line.split()
+    }
+    assert str(128 + signum) in clean
 
 
 def test_stop_timeout_leaves_room_for_the_drain() -> None:

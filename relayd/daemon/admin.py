@@ -28,7 +28,9 @@ absolute-form (``http://127.0.0.1:9031/metrics``, as a client sends to a proxy):
 it is routed by its path, and its authority stands for ``Host`` (RFC 9112
 §3.2.2). A path no route has is 404; a method
 its route lacks is 405 with ``Allow``; a request h11 cannot parse is 400 (431
-for a head over :data:`MAX_HEAD_BYTES`); one that has not arrived whole within
+for a head over :data:`MAX_HEAD_BYTES`), its text relayd's own, never the client's
+bytes h11 quotes; so is one with both ``Content-Length`` and ``Transfer-Encoding``
+(RFC 9112 §6.1: a smuggling attempt); one that has not arrived whole within
 :data:`REQUEST_TIMEOUT_S` is 408; every answer carries its standard reason
 phrase. These refusals are plain text, but under the prefix of an
 :class:`Area` (the server API's ``/api/``, :mod:`relayd.daemon.api`), whose
@@ -66,6 +68,7 @@ import contextlib
 import dataclasses
 import functools
 import http
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
@@ -118,6 +121,9 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 _TEXT: Final = "text/plain; charset=utf-8"
 #: The client's states in which its whole request has been read.
 _READ_WHOLE: Final = (h11.DONE, h11.MUST_CLOSE)
+#: Where an h11 message starts quoting the request (``illegal header line: bytearray(b'...')``,
+#: ``Illegal header name b'...'``): cut there, h11's words before it kept.
+_QUOTED: Final = re.compile(r"""[:\s]*(?:bytearray\()?(?<![A-Za-z])b['"].*""", re.DOTALL)
 #: What a lingering close reads at a time, and throws away.
 _LINGER_READ: Final = 65536
 
@@ -419,7 +425,7 @@ async def _handle(
             try:
                 read = await _read(connection, stream, routes, areas, progress)
             except h11.RemoteProtocolError as exc:
-                refusal = (exc.error_status_hint, f"not a request relayd can read: {exc}")
+                refusal = (exc.error_status_hint, _unreadable(exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
@@ -456,6 +462,22 @@ async def _handle(
                 progress.peer,
             )
         )
+
+
+class _Unreadable(h11.RemoteProtocolError):
+    """A request relayd itself refuses to read; its message quotes nothing the client sent."""
+
+
+def _unreadable(exc: h11.RemoteProtocolError) -> str:
+    """Why a request is refused, in words of relayd's own.
+
+    h11's messages quote the bytes it could not parse (a request or header line, up to
+    the head's bound): echoed in the answer, they would put the client's bytes, control
+    characters and all, in whatever shows or logs it, under relayd's name. Its words
+    before the quote are kept (``illegal header line``).
+    """
+    reason = str(exc) if isinstance(exc, _Unreadable) else _QUOTED.sub("", str(exc))
+    return f"not a request relayd can read: {reason or 'not HTTP/1.1'}"
 
 
 async def _linger(stream: trio.SocketStream) -> None:
@@ -521,6 +543,10 @@ async def _read(
     headers = {
         name.decode("ascii").lower(): value.decode("latin-1") for name, value in event.headers
     }
+    if "transfer-encoding" in headers and "content-length" in headers:
+        # RFC 9112 §6.1: a sign of request smuggling, to be handled as an error (h11
+        # reads the body by its chunks and lets it through). The answer closes.
+        raise _Unreadable("both Transfer-Encoding and Content-Length", 400)
     if authority is not None:
         # RFC 9112 §3.2.2: the Host a server goes by is then the target's (an area's
         # authorize reads it: the server API's check of the Host without a key).
@@ -573,10 +599,10 @@ def _target(target: str) -> tuple[str, str, str | None]:
     try:
         parts = urllib.parse.urlsplit(target)
         parts.port  # noqa: B018 - raises ValueError for a port that is not one
-    except ValueError as exc:
-        raise h11.RemoteProtocolError(f"the target is no URI: {exc}", 400) from None
+    except ValueError:
+        raise _Unreadable("the target is no URI", 400) from None
     if not parts.hostname or "@" in parts.netloc:
-        raise h11.RemoteProtocolError("the target's authority must be a host, no userinfo", 400)
+        raise _Unreadable("the target's authority must be a host, no userinfo", 400)
     return parts.path or "/", parts.query, parts.netloc
 
 
@@ -611,9 +637,7 @@ async def _head(connection: h11.Connection, stream: trio.SocketStream) -> object
     event = await _next(connection, stream, received)
     unread, _closed = connection.trailing_data
     if isinstance(event, h11.Request) and received[0] - len(unread) > MAX_HEAD_BYTES:
-        raise h11.RemoteProtocolError(
-            f"the request head is over {MAX_HEAD_BYTES} bytes", error_status_hint=431
-        )
+        raise _Unreadable(f"the request head is over {MAX_HEAD_BYTES} bytes", 431)
     return event
 
 
@@ -659,7 +683,7 @@ async def _body(
         elif isinstance(event, h11.EndOfMessage):
             return bytes(body)
         else:
-            raise h11.RemoteProtocolError("request ended before its body")
+            raise _Unreadable("request ended before its body", 400)
 
 
 async def _send(

@@ -209,7 +209,8 @@ def _local_host(host: str) -> bool:
 
 def _json_or_no_body(headers: Mapping[str, str]) -> bool:
     """Whether a request either has no body or says it is JSON (``application/json``)."""
-    # h11 has checked Content-Length is digits, and refused a request with both.
+    # h11 has checked Content-Length is digits; the admin listener refused a request with
+    # both it and Transfer-Encoding.
     bodiless = "transfer-encoding" not in headers and not int(
         headers.get("content-length", "0") or "0"
     )

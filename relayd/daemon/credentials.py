@@ -28,7 +28,14 @@ from relayd.policy.auth import (
     parse_tokens_file,
 )
 
-__all__ = ["MIN_API_KEY_CHARS", "Sources", "load_api_key", "load_authenticator", "load_tls"]
+__all__ = [
+    "MIN_API_KEY_CHARS",
+    "FileReader",
+    "Sources",
+    "load_api_key",
+    "load_authenticator",
+    "load_tls",
+]
 
 #: The shortest server API key accepted: 32 characters of base64 are 192 bits.
 MIN_API_KEY_CHARS = 32
@@ -37,6 +44,8 @@ _T = TypeVar("_T")
 
 #: Where a setting's value came from, by dotted key: ``in PATH``, ``from environment NAME``...
 Sources = Callable[[str], str]
+#: Reads a file's bytes by its path; raises OSError.
+FileReader = Callable[[str], bytes]
 
 
 def _in_settings(_key: str) -> str:
@@ -44,16 +53,20 @@ def _in_settings(_key: str) -> str:
     return "in settings"
 
 
-def _read(key: str, path: str, source: Sources) -> str:
+def _read_bytes(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _read(key: str, path: str, source: Sources, read_file: FileReader) -> str:
     try:
-        return Path(path).read_text()
+        return read_file(path).decode()
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         raise ConfigError(f"cannot read {path}: {reason}", key=key, source=source(key)) from error
 
 
 def load_authenticator(
-    settings: AuthSettings, source: Sources = _in_settings
+    settings: AuthSettings, source: Sources = _in_settings, read_file: FileReader = _read_bytes
 ) -> Authenticator | None:
     """The authenticator for ``[auth]``, or None when authentication is off.
 
@@ -66,6 +79,7 @@ def load_authenticator(
     :data:`~relayd.policy.auth.MIN_TOKEN_CHARS`, HS256 secrets shorter than
     :data:`~relayd.policy.auth.MIN_HS256_SECRET_BYTES`, and key files that are
     not a public key of the configured algorithm (:func:`~relayd.policy.auth.jwt_key`).
+    Only the files the mode uses are read, each once, with ``read_file``.
 
     Raises:
         ConfigError: a file cannot be read or parsed, a credential is too weak
@@ -78,7 +92,7 @@ def load_authenticator(
         tokens = [(subject, token.get_secret_value()) for subject, token in settings.tokens.items()]
         static = _checked("auth.tokens", lambda: StaticTokens(tokens), source)
         if settings.tokens_file:
-            text = _read("auth.tokens_file", settings.tokens_file, source)
+            text = _read("auth.tokens_file", settings.tokens_file, source, read_file)
             try:
                 tokens += parse_tokens_file(text)
             except ValueError as error:
@@ -97,7 +111,7 @@ def load_authenticator(
         material, key_name = settings.jwt_secret.get_secret_value(), "auth.jwt_secret"
         if settings.jwt_secret_file:
             key_name = "auth.jwt_secret_file"
-            material = _read(key_name, settings.jwt_secret_file, source).strip()
+            material = _read(key_name, settings.jwt_secret_file, source, read_file).strip()
         if not material:
             raise ConfigError(
                 "HS256 needs jwt_secret or jwt_secret_file",
@@ -110,7 +124,7 @@ def load_authenticator(
             raise ConfigError(
                 f"{algorithm} needs jwt_public_key_file", key=key_name, source=source("auth.mode")
             )
-        material = _read(key_name, settings.jwt_public_key_file, source)
+        material = _read(key_name, settings.jwt_public_key_file, source, read_file)
     return JWTVerifier(
         _checked(key_name, lambda: jwt_key(algorithm, material), source),
         algorithm,
@@ -152,7 +166,9 @@ def load_tls(settings: TLSSettings, source: Sources = _in_settings) -> ssl.SSLCo
     return context
 
 
-def load_api_key(settings: AdminSettings, source: Sources = _in_settings) -> bytes | None:
+def load_api_key(
+    settings: AdminSettings, source: Sources = _in_settings, read_file: FileReader = _read_bytes
+) -> bytes | None:
     """The server API's key from ``api_key_file``, or None when there is none.
 
     The file holds the key on one line; surrounding whitespace (a final newline) is not
@@ -164,7 +180,7 @@ def load_api_key(settings: AdminSettings, source: Sources = _in_settings) -> byt
     """
     if not settings.api_key_file:
         return None
-    key = _read("admin.api_key_file", settings.api_key_file, source).strip()
+    key = _read("admin.api_key_file", settings.api_key_file, source, read_file).strip()
     if len(key) < MIN_API_KEY_CHARS or any(character.isspace() for character in key):
         raise ConfigError(
             f"the key in {settings.api_key_file} must be one word of at least "

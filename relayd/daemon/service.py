@@ -29,7 +29,7 @@ from typing import Final
 
 import trio
 
-from relayd.config import Settings
+from relayd.config import DRAIN_SLACK_S, Settings
 from relayd.daemon.addresses import show
 from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
@@ -190,7 +190,7 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
             refused = f"relayd could not read its settings: {type(exc).__name__}: {exc}"
         else:
             weakened = weakenings(server.settings, settings)
-            refused = _unstated(weakened)
+            refused = _unstated(weakened) or _grace_too_short(server.settings, settings)
         if refused is not None:  # the old settings stay
             server.stats.count_reload(applied=False)
             log.error("config.reload", applied=False, reason=refused)
@@ -212,6 +212,22 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
     finally:
         if tell:
             notifier.ready(_status_line(server, 0.0))
+
+
+def _grace_too_short(running: Settings, reloaded: Settings) -> str | None:
+    """Why a reload's grace is refused: too short for the ``reply_timeout_s`` in force.
+
+    The file's settings passed the same rule, but ``[cluster]`` needs a restart: a
+    reload that lowers ``reply_timeout_s`` and the grace together keeps the old one.
+    """
+    cluster, grace = running.cluster, reloaded.server.shutdown_grace_s
+    if not cluster.enabled or grace > cluster.reply_timeout_s + DRAIN_SLACK_S:
+        return None
+    return (
+        f"server.shutdown_grace_s = {grace:g} must be more than cluster.reply_timeout_s +"
+        f" {DRAIN_SLACK_S:g} s in a cluster, and the reply_timeout_s in force is"
+        f" {cluster.reply_timeout_s:g} s until a restart"
+    )
 
 
 def _unstated(weakened: list[Weakening]) -> str | None:
