@@ -21,16 +21,33 @@ from relayd.client.messages import Message
 from relayd.client.terminal import Console
 from relayd.wire.dialects import Dialect
 
-__all__ = ["Session"]
+__all__ = ["Session", "first_rate_wait"]
 
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
 #: How long a message relayd refused as over its rate limit waits before it is sent
-#: again; each refusal of the same message doubles it, up to :data:`RATE_WAIT_MAX_S`.
-#: Each refusal takes a token from relayd's second bucket (docs/protocol.md, "Rate
-#: limit"), which refills at the message rate: one refusal a second at most keeps it
-#: from running dry, and the connection from a 1008, at any rate of 1 a second or more.
+#: again, in units of the interval between two tokens of relayd's message bucket
+#: (``1 / messages_per_second``, which relayd announces at the handshake): the bucket
+#: that refused it then holds a token again, so the message goes out, and the refusal
+#: was the only one to take a token from relayd's second bucket (docs/protocol.md,
+#: "Rate limit"), whose emptying is the 1008. A tenth more, for the two clocks.
+RATE_WAIT_INTERVALS: Final = 1.1
+#: The first wait when relayd announced no rate (an older relayd): one refusal a second
+#: at most keeps the second bucket from running dry at any rate of 1 a second or more.
 RATE_WAIT_S: Final = 1.0
+#: Each refusal of the same message doubles its wait, up to this (or the first wait,
+#: if that is longer): in case a reload lowered the rate.
 RATE_WAIT_MAX_S: Final = 30.0
+
+
+def first_rate_wait(messages_per_second: float | None) -> float:
+    """How long a message refused as over ``messages_per_second`` waits to go again.
+
+    Args:
+        messages_per_second: the rate relayd announced; None if it announced none.
+    """
+    if messages_per_second is None:
+        return RATE_WAIT_S
+    return RATE_WAIT_INTERVALS / messages_per_second
 
 
 def _outgoing(text: str) -> msgspec.Raw | str:
@@ -168,7 +185,7 @@ class Session:
         lines go out at the server's rate, in order. (The seed dialect has no acks:
         its rate_limited errors arrive as messages, and nothing is sent again.)
         """
-        wait = RATE_WAIT_S
+        first = wait = first_rate_wait(self._client.messages_per_second)
         while True:
             try:
                 await self._client.send(to, message)
@@ -177,7 +194,7 @@ class Session:
                     self._slowed = True
                     self._console.warn(
                         "over the server's rate limit: a message it refuses is sent again"
-                        f" after {RATE_WAIT_S:g} s"
+                        f" after {first:.3g} s"
                     )
             else:
                 return
@@ -189,7 +206,7 @@ class Session:
                     " server's rate limit, and not sent again before the end)"
                 )
                 raise
-            wait = min(wait * 2, RATE_WAIT_MAX_S)
+            wait = min(wait * 2, max(first, RATE_WAIT_MAX_S))
 
     def _show(self, message: Message) -> None:
         if message.from_server:  # its sender is "", which would print as "< : ..."

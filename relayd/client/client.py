@@ -107,6 +107,16 @@ class Client:
         return self._link.max_message_bytes if self._link is not None else None
 
     @property
+    def messages_per_second(self) -> float | None:
+        """The message rate relayd announced for this connection; None if it did not.
+
+        A message over it is refused (:class:`RateLimited`); wait ``1 /
+        messages_per_second`` seconds before sending it again. An operator's
+        reload may change the rate of an open connection.
+        """
+        return self._link.messages_per_second if self._link is not None else None
+
+    @property
     def closed(self) -> CloseInfo | None:
         """How the latest connection ended; None while it is open."""
         return self._link.ended() if self._link is not None else None

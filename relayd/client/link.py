@@ -36,6 +36,7 @@ those messages.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -62,11 +63,13 @@ from relayd.client.outstanding import Outstanding
 from relayd.errors import CloseCode
 from relayd.wire.dialects import Ack, Delivery, Dialect, Error
 
-__all__ = ["LIMIT_HEADER", "CloseInfo", "Link", "Sending", "run_link"]
+__all__ = ["LIMIT_HEADER", "RATE_HEADER", "CloseInfo", "Link", "Sending", "run_link"]
 
 #: The response header in which relayd announces its ``max_message_bytes``
 #: for the connection (docs/protocol.md, "Connecting").
 LIMIT_HEADER: Final = b"relayd-max-message-bytes"
+#: The response header in which relayd announces its ``messages_per_second``.
+RATE_HEADER: Final = b"relayd-messages-per-second"
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class Link:
         self.id = client_id
         self.dialect = options.dialect
         self.max_message_bytes = _announced_limit(ws.handshake_headers)
+        self.messages_per_second = _announced_rate(ws.handshake_headers)
         if options.max_message_chars is None and self.max_message_bytes is not None:
             # relayd lets any client send this one a message of its limit: a smaller bound
             # here would let any of them close this connection with 1009, for good. The
@@ -336,15 +340,30 @@ def _late_pong(error: BaseException) -> bool:
     )
 
 
-def _announced_limit(headers: tuple[tuple[bytes, bytes], ...]) -> int | None:
+def _header(headers: tuple[tuple[bytes, bytes], ...], wanted: bytes) -> bytes | None:
+    """The value of the response header ``wanted`` (lower case); None if absent."""
     for name, value in headers:
-        if name.lower() == LIMIT_HEADER:
-            try:
-                limit = int(value)
-            except ValueError:
-                return None
-            return limit if limit > 0 else None
+        if name.lower() == wanted:
+            return value
     return None
+
+
+def _announced_limit(headers: tuple[tuple[bytes, bytes], ...]) -> int | None:
+    value = _header(headers, LIMIT_HEADER)
+    try:
+        limit = int(value) if value is not None else 0
+    except ValueError:
+        return None
+    return limit if limit > 0 else None
+
+
+def _announced_rate(headers: tuple[tuple[bytes, bytes], ...]) -> float | None:
+    value = _header(headers, RATE_HEADER)
+    try:
+        rate = float(value) if value is not None else 0.0
+    except ValueError:
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None
 
 
 async def run_link(

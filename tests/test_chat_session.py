@@ -1,0 +1,62 @@
+"""``relayd chat``'s session in-process, on trio's virtual clock: its pacing under a rate limit.
+
+tests/test_chat.py runs the real command as a child process, on the wall clock; the
+waits of a session over relayd's rate limit are seconds to minutes long, so they are
+tested here, against an in-process relayd, with :class:`trio.testing.MockClock`
+jumping over them.
+"""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from relayd.client import connect
+from relayd.client.chat_session import Session
+from relayd.client.terminal import Console
+from tests.test_client import relay
+
+
+class ScriptedConsole(Console):
+    """A console that types ``lines``, then ends the input; it keeps what is printed."""
+
+    def __init__(self, lines: list[str]) -> None:  # no terminal: Console's own is not run
+        self.interactive = False
+        self._lines = list(lines)
+        self.said: list[str] = []
+        self.warned: list[str] = []
+
+    async def readline(self, prompt: str) -> str | None:
+        return self._lines.pop(0) if self._lines else None
+
+    def say(self, line: str) -> None:
+        self.said.append(line)
+
+    def warn(self, line: str) -> None:
+        self.warned.append(line)
+
+
+async def test_a_burst_is_paced_to_a_rate_below_one_a_second_without_a_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # relayd announces its rate at the handshake; the chat waits for the token that
+    # rate refills. It waited 1 s after a refusal whatever the rate: at 0.5 a second,
+    # the message sent again was refused once more with relayd's second bucket empty,
+    # and the connection closed with 1008, the lines after it lost.
+    async with (
+        relay(messages_per_second=0.5, message_burst=1) as url,
+        connect(url) as peer,
+        connect(url) as client,
+    ):
+        lines = [f"{peer.id} line {n}" for n in range(4)]
+        console = ScriptedConsole(lines)
+        start = trio.current_time()
+        assert await Session(client, console, "help").run()
+        assert client.closed is None  # still open: the person quit
+        assert console.said == ["ack 1", "ack 2", "ack 3", "ack 4"]
+        assert console.warned == [
+            "over the server's rate limit: a message it refuses is sent again after 2.2 s"
+        ]
+        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(4)]
+        # One message every 2.2 s after the first: the rate, and a tenth for the clocks.
+        assert trio.current_time() - start < 3 * 2.2 + 1
