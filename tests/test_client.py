@@ -750,6 +750,30 @@ async def test_a_message_within_the_limit_relayd_announced_is_received_however_b
             await bounded.receive()
 
 
+async def test_a_message_over_a_limit_a_reload_raised_is_received_after_a_reconnect() -> None:
+    # The default bound follows the limit relayd announced at the handshake; a sender
+    # that connected after a reload raised it may send more. The client closed with
+    # 1009, which it did not retry: a reconnecting client was gone for good. Connecting
+    # again, it is told the new limit, and its bound follows.
+    server = Server(settings())
+    four_mib = 4 * 2**20
+    async with (
+        running(server) as url,
+        connect(url, reconnect=relayd.client.Backoff(first_s=0.01)) as client,
+    ):
+        ids = client.ids()
+        first = await anext(ids)
+        server.reload(settings(max_message_bytes=four_mib), None)
+        async with connect(url) as peer:
+            big = "x" * (2 * 2**20)  # over the client's bound of 1 MiB
+            await peer.send(client.id, big)
+            second = await anext(ids)  # a new connection, not MessageTooBig
+            assert second != first
+            assert client.max_message_bytes == four_mib
+            await peer.send(second, big)
+            assert (await client.receive()).text == big
+
+
 # -- closes relayd makes, surfaced as exceptions --------------------------------------------
 
 

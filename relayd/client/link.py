@@ -70,6 +70,9 @@ __all__ = ["LIMIT_HEADER", "RATE_HEADER", "CloseInfo", "Link", "Sending", "run_l
 LIMIT_HEADER: Final = b"relayd-max-message-bytes"
 #: The response header in which relayd announces its ``messages_per_second``.
 RATE_HEADER: Final = b"relayd-messages-per-second"
+#: How trio-websocket's own 1009 reason starts: a message over ``max_message_chars``
+#: arrived (relayd's reads ``message over N bytes``).
+_OVER_BOUND_REASON: Final = "Exceeded maximum message size"
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,18 @@ class CloseInfo:
             closed, 1006 when there was no close frame.
         reason: relayd's close reason, or what this client saw.
         by_client: this client closed it.
+        over_bound: this client closed it with 1009 because relayd sent it a
+            message over the bound that follows relayd's announced limit
+            (``max_message_chars=None``): a sender that connected after a
+            reload raised the limit may send more than this connection was
+            told. Connecting again may help, unlike after relayd's 1009: the
+            new connection is told the limit in force, and its bound follows.
     """
 
     code: int
     reason: str
     by_client: bool = False
+    over_bound: bool = False
 
 
 class _State(enum.Enum):
@@ -142,6 +152,7 @@ class Link:
         self.dialect = options.dialect
         self.max_message_bytes = _announced_limit(ws.handshake_headers)
         self.messages_per_second = _announced_rate(ws.handshake_headers)
+        self._bound_follows = options.max_message_chars is None
         if options.max_message_chars is None and self.max_message_bytes is not None:
             # relayd lets any client send this one a message of its limit: a smaller bound
             # here would let any of them close this connection with 1009, for good. The
@@ -269,7 +280,14 @@ class Link:
         reason = self._ws.closed
         if reason is None:
             return None
-        return CloseInfo(int(reason.code), self._lost_reason or reason.reason or "", self._closing)
+        code, text = int(reason.code), self._lost_reason or reason.reason or ""
+        over_bound = (
+            self._bound_follows
+            and code == CloseCode.TOO_BIG
+            and not self._closing
+            and text.startswith(_OVER_BOUND_REASON)
+        )
+        return CloseInfo(code, text, self._closing, over_bound)
 
     def _settle(self, ref: str | int | None, error: BaseException | None) -> None:
         sending = self._outstanding.match(ref)
