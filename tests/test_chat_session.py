@@ -14,6 +14,8 @@ import trio.testing
 from relayd.client import connect
 from relayd.client.chat_session import Session
 from relayd.client.terminal import Console
+from relayd.daemon.server import Server
+from tests.client import running, settings
 from tests.test_client import relay
 
 
@@ -60,3 +62,21 @@ async def test_a_burst_is_paced_to_a_rate_below_one_a_second_without_a_1008(
         assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(4)]
         # One message every 2.2 s after the first: the rate, and a tenth for the clocks.
         assert trio.current_time() - start < 3 * 2.2 + 1
+
+
+async def test_a_rate_a_reload_lowered_below_the_announced_one_is_waited_out_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The announced rate is the one at connect. A message refused again after its
+    # interval shows that a reload lowered it: the waits go back to a second at least,
+    # rather than going on from a few milliseconds, each refusal taking a token from
+    # relayd's second bucket until the 1008.
+    server = Server(settings())
+    async with running(server) as url, connect(url) as peer, connect(url) as client:
+        assert client.messages_per_second == 50.0
+        server.reload(settings(messages_per_second=2.0, message_burst=3), None)
+        lines = [f"{peer.id} line {n}" for n in range(6)]
+        console = ScriptedConsole(lines)
+        assert await Session(client, console, "help").run()
+        assert console.said == [f"ack {n}" for n in range(1, 7)]
+        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(6)]

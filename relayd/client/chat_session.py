@@ -34,8 +34,9 @@ RATE_WAIT_INTERVALS: Final = 1.1
 #: The first wait when relayd announced no rate (an older relayd): one refusal a second
 #: at most keeps the second bucket from running dry at any rate of 1 a second or more.
 RATE_WAIT_S: Final = 1.0
-#: Each refusal of the same message doubles its wait, up to this (or the first wait,
-#: if that is longer): in case a reload lowered the rate.
+#: Each refusal of the same message doubles its wait, to at least :data:`RATE_WAIT_S`
+#: (the announced rate cannot be the one in force: a reload lowered it), up to this (or
+#: the first wait, if that is longer).
 RATE_WAIT_MAX_S: Final = 30.0
 
 
@@ -206,7 +207,9 @@ class Session:
                     " server's rate limit, and not sent again before the end)"
                 )
                 raise
-            wait = min(wait * 2, max(first, RATE_WAIT_MAX_S))
+            # Refused again: the announced rate is not the one in force (a reload lowered
+            # it). Back to the waits for a rate unknown: a second at least, doubling.
+            wait = min(max(wait * 2, RATE_WAIT_S), max(first, RATE_WAIT_MAX_S))
 
     def _show(self, message: Message) -> None:
         if message.from_server:  # its sender is "", which would print as "< : ..."
