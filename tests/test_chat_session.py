@@ -80,3 +80,26 @@ async def test_a_rate_a_reload_lowered_below_the_announced_one_is_waited_out_too
         assert await Session(client, console, "help").run()
         assert console.said == [f"ack {n}" for n in range(1, 7)]
         assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(6)]
+
+
+async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The seed dialect has no acks: a message relayd refuses is lost (its error arrives
+    # as a message), and one more than twice the burst at once closed the connection.
+    # Paced at the rate relayd announced, none is refused.
+    async with (
+        relay(messages_per_second=2.0, message_burst=2) as url,
+        connect(url) as peer,
+        connect(url, dialect="seed") as client,
+    ):
+        lines = [f"{peer.id} line {n}" for n in range(8)]
+        console = ScriptedConsole(lines)
+        assert await Session(client, console, "help").run()
+        assert client.closed is None
+        received = [(await peer.receive()).data for _ in lines]
+        assert received == [f"line {n}" for n in range(8)]
+        assert console.said == []  # no "! rate_limited" line
+        assert console.warned == [
+            "at the server's rate limit (2 messages a second): lines wait their turn"
+        ]
