@@ -721,6 +721,21 @@ async def test_a_client_that_does_not_read_slows_relayd_and_loses_nothing() -> N
         assert (await slow.receive()).data == {"n": "after"}
 
 
+async def test_a_number_beyond_a_floats_range_is_infinite_not_an_error() -> None:
+    # relayd relays any JSON; msgspec alone refuses 1e999, and Message.data raised
+    # msgspec.ValidationError out of the program's receive loop: one message from any
+    # peer ended a bot. json.loads has inf.
+    async with relay() as url, connect(url) as bot, connect(url) as peer:
+        await peer.send(bot.id, msgspec.Raw(b'{"n": 1e999, "m": [-1e400, 1.5]}'))
+        assert (await bot.receive()).data == {"n": math.inf, "m": [-math.inf, 1.5]}
+        digits = "9" * 5000  # over Python's 4300: json.loads refuses it too
+        await peer.send(bot.id, msgspec.Raw(digits.encode()))
+        message = await bot.receive()
+        with pytest.raises(ValueError, match="read it from raw"):
+            message.data  # noqa: B018 - the property raises
+        assert message.text == digits
+
+
 async def test_a_message_over_max_message_chars_closes_with_1009() -> None:
     async with relay() as url, connect(url, max_message_chars=1000) as small, connect(url) as peer:
         await peer.send(small.id, "x" * 2000)
