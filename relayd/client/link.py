@@ -152,12 +152,15 @@ class Link:
         self.dialect = options.dialect
         self.max_message_bytes = _announced_limit(ws.handshake_headers)
         self.messages_per_second = _announced_rate(ws.handshake_headers)
-        self._bound_follows = options.max_message_chars is None
+        # The bound follows relayd's announced limit: a message over it may come from a
+        # client that connected after a reload raised the limit (CloseInfo.over_bound).
+        self._bound_follows = False
         if options.max_message_chars is None and self.max_message_bytes is not None:
             # relayd lets any client send this one a message of its limit: a smaller bound
             # here would let any of them close this connection with 1009, for good. The
             # bound is trio-websocket's own, read at each message; it has no setter.
             ws._max_message_size = default_message_bound(self.max_message_bytes)
+            self._bound_follows = True
         self._ws = ws
         self._stream = stream
         self._deliveries = deliveries
