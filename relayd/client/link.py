@@ -112,13 +112,16 @@ class Sending:
     took is free again.
     """
 
-    __slots__ = ("_release", "done", "error", "frame", "ref", "state")
+    __slots__ = ("_release", "done", "error", "frame", "ref", "state", "unwritten")
 
     def __init__(self, frame: str, ref: int | None, release: Callable[[], None]) -> None:
         self.frame = frame
         self.ref = ref
         self.state = _State.QUEUED
         self.error: BaseException | None = None
+        # The connection ended with it still queued: not a byte of it was written, so
+        # it was not delivered, and may go on the next connection.
+        self.unwritten = False
         self.done = trio.Event()
         self._release = release
 
@@ -340,6 +343,7 @@ class Link:
                 error: BaseException = trio.ClosedResourceError("the client was closed")
             else:
                 error = closed_error(closed.code, closed.reason)
+            sending.unwritten = sending.state is _State.QUEUED
             sending.settle(error)
         self._sendings.clear()
         for sending in self._withdrawn:  # the writer will not pass over them now
