@@ -8,6 +8,9 @@ jumping over them.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import trio
 import trio.testing
 
@@ -27,6 +30,7 @@ class ScriptedConsole(Console):
         self._lines = list(lines)
         self.said: list[str] = []
         self.warned: list[str] = []
+        self.has_warned = trio.Event()
 
     async def readline(self, prompt: str) -> str | None:
         return self._lines.pop(0) if self._lines else None
@@ -36,6 +40,7 @@ class ScriptedConsole(Console):
 
     def warn(self, line: str) -> None:
         self.warned.append(line)
+        self.has_warned.set()
 
 
 async def test_a_burst_is_paced_to_a_rate_below_one_a_second_without_a_1008(
@@ -103,3 +108,32 @@ async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(
         assert console.warned == [
             "at the server's rate limit (2 messages a second): lines wait their turn"
         ]
+
+
+async def test_a_ctrl_c_while_a_line_waits_for_the_rate_names_it_not_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # tests/test_chat.py does this with the real command and a real Ctrl-C, which must
+    # come within the wait; here the Ctrl-C comes once the chat has said it waits.
+    async with (
+        relay(messages_per_second=0.001, message_burst=1) as url,
+        connect(url) as peer,
+        connect(url) as client,
+    ):
+        console = ScriptedConsole([f"{peer.id} sent", f"{peer.id} held back"])
+
+        async def interrupt() -> None:
+            await console.has_warned.wait()  # refused, and waiting to go again
+            os.kill(os.getpid(), signal.SIGINT)  # the session's signal receiver takes it
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt)
+            assert await Session(client, console, "help").run()
+        assert client.closed is None
+        assert console.said == ["ack 1"]
+        assert console.warned == [
+            "over the server's rate limit: a message it refuses is sent again after 1.1e+03 s",
+            f"message 2 to {peer.id}: not sent (refused as over the server's rate limit, and"
+            " not sent again before the end)",
+        ]
+        assert (await peer.receive()).data == "sent"
