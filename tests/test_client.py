@@ -104,6 +104,7 @@ async def test_connecting_gives_the_id_relayd_assigned_and_others_reach_it(
         assert client.dialect == dialect
         assert client.url == url
         assert client.max_message_bytes == 65536  # announced by relayd at the handshake
+        assert client.messages_per_second == 50.0  # so is its rate
         assert client.closed is None
         await peer.send(client.id, {"hello": [1, 2]})
         message = await client.receive()
@@ -720,6 +721,21 @@ async def test_a_client_that_does_not_read_slows_relayd_and_loses_nothing() -> N
         assert (await slow.receive()).data == {"n": "after"}
 
 
+async def test_a_number_beyond_a_floats_range_is_infinite_not_an_error() -> None:
+    # relayd relays any JSON; msgspec alone refuses 1e999, and Message.data raised
+    # msgspec.ValidationError out of the program's receive loop: one message from any
+    # peer ended a bot. json.loads has inf.
+    async with relay() as url, connect(url) as bot, connect(url) as peer:
+        await peer.send(bot.id, msgspec.Raw(b'{"n": 1e999, "m": [-1e400, 1.5]}'))
+        assert (await bot.receive()).data == {"n": math.inf, "m": [-math.inf, 1.5]}
+        digits = "9" * 5000  # over Python's 4300: json.loads refuses it too
+        await peer.send(bot.id, msgspec.Raw(digits.encode()))
+        message = await bot.receive()
+        with pytest.raises(ValueError, match="read it from raw"):
+            message.data  # noqa: B018 - the property raises
+        assert message.text == digits
+
+
 async def test_a_message_over_max_message_chars_closes_with_1009() -> None:
     async with relay() as url, connect(url, max_message_chars=1000) as small, connect(url) as peer:
         await peer.send(small.id, "x" * 2000)
@@ -747,6 +763,30 @@ async def test_a_message_within_the_limit_relayd_announced_is_received_however_b
         await peer.send(bounded.id, "x" * 2000)  # a bound the program set still holds
         with pytest.raises(MessageTooBig):
             await bounded.receive()
+
+
+async def test_a_message_over_a_limit_a_reload_raised_is_received_after_a_reconnect() -> None:
+    # The default bound follows the limit relayd announced at the handshake; a sender
+    # that connected after a reload raised it may send more. The client closed with
+    # 1009, which it did not retry: a reconnecting client was gone for good. Connecting
+    # again, it is told the new limit, and its bound follows.
+    server = Server(settings())
+    four_mib = 4 * 2**20
+    async with (
+        running(server) as url,
+        connect(url, reconnect=relayd.client.Backoff(first_s=0.01)) as client,
+    ):
+        ids = client.ids()
+        first = await anext(ids)
+        server.reload(settings(max_message_bytes=four_mib), None)
+        async with connect(url) as peer:
+            big = "x" * (2 * 2**20)  # over the client's bound of 1 MiB
+            await peer.send(client.id, big)
+            second = await anext(ids)  # a new connection, not MessageTooBig
+            assert second != first
+            assert client.max_message_bytes == four_mib
+            await peer.send(second, big)
+            assert (await client.receive()).text == big
 
 
 # -- closes relayd makes, surfaced as exceptions --------------------------------------------

@@ -27,6 +27,7 @@ from relayd.client import (
     Backoff,
     Client,
     ConnectError,
+    ConnectionLost,
     ConnectTimeout,
     HandshakeRefused,
     PolicyViolation,
@@ -39,7 +40,7 @@ from relayd.daemon.server import Server
 from relayd.wire.frames import OP_TEXT, FrameParser
 from relayd.wire.handshake import refusal_response
 from relayd.wire.server_frames import close_frame
-from tests.client import settings
+from tests.client import running, settings
 from tests.e2e.harness import RelaydProcess, relayd_command, relayd_env
 from tests.test_client import accept_v1, serve_tcp
 
@@ -473,3 +474,81 @@ async def test_attempts_are_still_counted_from_each_connection(
     flapping = _Flapping([0.0] * 5, 1013)
     gaps = await _flap(flapping, Backoff(first_s=1.0, max_s=8.0, attempts=1), monkeypatch)
     assert gaps == pytest.approx([0.5, 1.0, 2.0, 4.0, 4.0], abs=0.01)
+
+
+class HoldingProxy:
+    """A TCP proxy to relayd whose first connection stops taking what the client writes.
+
+    Once ``hold`` is set, connection 1 reads nothing more from the client, whose writes
+    then fill the sockets' buffers and wait; ``cut`` ends it (the client sees the
+    connection lost). Later connections are forwarded both ways.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.port = int(target.rstrip("/").rpartition(":")[2])
+        self.hold = trio.Event()
+        self.cut = trio.Event()
+        self.accepted = 0
+
+    async def forward(self, client: trio.SocketStream) -> None:
+        self.accepted += 1
+        first = self.accepted == 1
+        server = await trio.open_tcp_stream("127.0.0.1", self.port)
+
+        async def pump(source: trio.SocketStream, sink: trio.SocketStream, up: bool) -> None:
+            while True:
+                if first and up and self.hold.is_set():
+                    await trio.sleep_forever()
+                try:
+                    data = await source.receive_some(65536)
+                    if not data:
+                        break
+                    await sink.send_all(data)
+                except trio.BrokenResourceError:
+                    break
+            scope.cancel()
+
+        async with client, server, trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            nursery.start_soon(pump, client, server, True)
+            nursery.start_soon(pump, server, client, False)
+            if first:
+                await self.cut.wait()
+                scope.cancel()
+
+
+async def test_a_message_not_written_when_the_connection_is_lost_goes_on_the_next() -> None:
+    # A message still queued in the client when the connection was lost was never on the
+    # wire: its send raised ConnectionLost ("may or may not have been delivered"), and a
+    # program that does not send twice lost it. With reconnect, it goes on the next
+    # connection; a message being written is still the close's exception.
+    big = {"max_message_bytes": 4 * 2**20, "messages_per_second": 1000.0}
+    async with (
+        running(Server(settings(**big))) as url,
+        connect(url) as peer,
+        trio.open_nursery() as nursery,
+    ):
+        proxy = HoldingProxy(url)
+        proxy_url = await serve_tcp(nursery, proxy.forward)
+        async with connect(proxy_url, reconnect=Backoff(first_s=0.01), keepalive_s=None) as client:
+            proxy.hold.set()
+            outcomes: dict[int, str] = {}
+
+            async def send(n: int) -> None:
+                try:
+                    await client.send(peer.id, {"n": n, "pad": "x" * (3 * 2**20)})
+                    outcomes[n] = "ack"
+                except ConnectionLost:
+                    outcomes[n] = "lost"
+
+            async with trio.open_nursery() as sends:
+                for n in range(16):
+                    sends.start_soon(send, n)
+                await trio.testing.wait_all_tasks_blocked(0.1)  # the writes wait
+                proxy.cut.set()
+            acked = sorted(n for n, outcome in outcomes.items() if outcome == "ack")
+            assert "lost" in outcomes.values()  # the one being written at the cut
+            assert acked  # queued behind it: sent again on the new connection
+            received = sorted([(await peer.receive()).data["n"] for _ in acked])
+            assert received == acked
+        nursery.cancel_scope.cancel()

@@ -863,6 +863,17 @@ def test_the_accept_announces_the_message_limit_beside_the_subprotocol(
     assert header_values(event.headers, b"relayd-max-message-bytes") == []
 
 
+def test_the_accept_announces_the_message_rate_exactly() -> None:
+    # docs/protocol.md: `Relayd-Messages-Per-Second: 50.0` at the defaults; a rate
+    # below 1 is written whole, so that a client waits no less than its interval.
+    for rate, text in [(50.0, b"50.0"), (0.001, b"0.001"), (1 / 3, b"0.3333333333333333")]:
+        event, _ = websocket_client_reads(
+            accept_response(RFC_KEY, "relayd.v1", messages_per_second=rate)
+        )
+        assert header_values(event.headers, b"relayd-messages-per-second") == [text]
+        assert float(text) == rate
+
+
 def test_http_2s_preface_is_told_only_that_the_request_is_malformed() -> None:
     # No fault of a kind relayd names: llhttp reads the preface's head whole,
     # and it is not a request's.

@@ -72,12 +72,14 @@ Type a line to send a message:
   /help        print this help
   /quit        close the connection and exit (so does end of input, Ctrl-D,
                Ctrl-C, or SIGTERM once connected)
-Blank lines are ignored. A message longer than the server's limit (it says
+Blank lines are ignored. A line starting with / is a command, after /to too: to send
+one as a message, quote it ("/path"). A message longer than the server's limit (it says
 which at connect, 64 KiB by default) is not sent: you get a warning instead.
 A message whose outcome the connection's close cut off gets a warning too: it
 may or may not have been delivered. A message the server refuses as over its rate
-limit (a pasted burst) is sent again after a wait, so lines are not lost to it
-(relayd.v1; the seed dialect only shows the error).
+limit (a pasted burst) is sent again after a wait, so lines are not lost to it; in
+the seed dialect, which cannot tell which message was refused, lines are sent no
+faster than the rate the server announced.
 At a terminal, lines can be edited, and the up arrow recalls this session's
 earlier lines (they are not kept after it).
 

@@ -21,16 +21,34 @@ from relayd.client.messages import Message
 from relayd.client.terminal import Console
 from relayd.wire.dialects import Dialect
 
-__all__ = ["Session"]
+__all__ = ["Session", "first_rate_wait"]
 
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
 #: How long a message relayd refused as over its rate limit waits before it is sent
-#: again; each refusal of the same message doubles it, up to :data:`RATE_WAIT_MAX_S`.
-#: Each refusal takes a token from relayd's second bucket (docs/protocol.md, "Rate
-#: limit"), which refills at the message rate: one refusal a second at most keeps it
-#: from running dry, and the connection from a 1008, at any rate of 1 a second or more.
+#: again, in units of the interval between two tokens of relayd's message bucket
+#: (``1 / messages_per_second``, which relayd announces at the handshake): the bucket
+#: that refused it then holds a token again, so the message goes out, and the refusal
+#: was the only one to take a token from relayd's second bucket (docs/protocol.md,
+#: "Rate limit"), whose emptying is the 1008. A tenth more, for the two clocks.
+RATE_WAIT_INTERVALS: Final = 1.1
+#: The first wait when relayd announced no rate (an older relayd): one refusal a second
+#: at most keeps the second bucket from running dry at any rate of 1 a second or more.
 RATE_WAIT_S: Final = 1.0
+#: Each refusal of the same message doubles its wait, to at least :data:`RATE_WAIT_S`
+#: (the announced rate cannot be the one in force: a reload lowered it), up to this (or
+#: the first wait, if that is longer).
 RATE_WAIT_MAX_S: Final = 30.0
+
+
+def first_rate_wait(messages_per_second: float | None) -> float:
+    """How long a message refused as over ``messages_per_second`` waits to go again.
+
+    Args:
+        messages_per_second: the rate relayd announced; None if it announced none.
+    """
+    if messages_per_second is None:
+        return RATE_WAIT_S
+    return RATE_WAIT_INTERVALS / messages_per_second
 
 
 def _outgoing(text: str) -> msgspec.Raw | str:
@@ -58,6 +76,8 @@ class Session:
         self._to: str | None = None  # the default recipient, after /to ID
         self._quitting = False
         self._slowed = False  # told the person that the server's rate limit slows sends
+        self._turn = 0.0  # seed dialect: trio.current_time() from which the next may go
+        self._paced_from: float | None = None  # when lines began to wait in a row
 
     async def run(self) -> bool:
         """Chat until the person quits or the server closes; True if the person quit."""
@@ -165,10 +185,16 @@ class Session:
         relayd drops a rate-limited message, and closes with 1008 a client that
         keeps sending over the limit: a pasted or piped burst of lines would lose
         its tail and then the connection. Sent again, one message at a time, the
-        lines go out at the server's rate, in order. (The seed dialect has no acks:
-        its rate_limited errors arrive as messages, and nothing is sent again.)
+        lines go out at the server's rate, in order. The seed dialect has no acks
+        (its rate_limited errors arrive as messages, and nothing can be sent again):
+        there the lines go out no faster than the rate relayd announced.
         """
-        wait = RATE_WAIT_S
+        rate = self._client.messages_per_second
+        if self._client.dialect is Dialect.SEED and rate is not None:
+            await self._seed_pace(to, rate)
+            await self._client.send(to, message)
+            return
+        first = wait = first_rate_wait(rate)
         while True:
             try:
                 await self._client.send(to, message)
@@ -177,7 +203,7 @@ class Session:
                     self._slowed = True
                     self._console.warn(
                         "over the server's rate limit: a message it refuses is sent again"
-                        f" after {RATE_WAIT_S:g} s"
+                        f" after {first:.3g} s"
                     )
             else:
                 return
@@ -189,7 +215,35 @@ class Session:
                     " server's rate limit, and not sent again before the end)"
                 )
                 raise
-            wait = min(wait * 2, RATE_WAIT_MAX_S)
+            # Refused again: the announced rate is not the one in force (a reload lowered
+            # it). Back to the waits for a rate unknown: a second at least, doubling.
+            wait = min(max(wait * 2, RATE_WAIT_S), max(first, RATE_WAIT_MAX_S))
+
+    async def _seed_pace(self, to: str, rate: float) -> None:
+        """Wait until a message sent now stays within ``rate``; the next's turn is set."""
+        now = trio.current_time()
+        if self._turn <= now:
+            self._paced_from = None
+        else:
+            if self._paced_from is None:
+                self._paced_from = now
+            # Said once lines have waited a second in a row: a burst typed or pasted at a
+            # rate of 50 a second (the default) goes out unnoticed.
+            if not self._slowed and self._turn - self._paced_from >= RATE_WAIT_S:
+                self._slowed = True
+                self._console.warn(
+                    f"at the server's rate limit ({rate:g} messages a second): lines wait"
+                    " their turn"
+                )
+            try:
+                await trio.sleep_until(self._turn)
+            except trio.Cancelled:  # the person quit, or the server closed, meanwhile
+                self._console.warn(
+                    f"message {self._sent + 1} to {to}: not sent (waiting for its turn under"
+                    " the server's rate limit at the end)"
+                )
+                raise
+        self._turn = max(now, self._turn) + RATE_WAIT_INTERVALS / rate
 
     def _show(self, message: Message) -> None:
         if message.from_server:  # its sender is "", which would print as "< : ..."

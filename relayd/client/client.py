@@ -107,6 +107,16 @@ class Client:
         return self._link.max_message_bytes if self._link is not None else None
 
     @property
+    def messages_per_second(self) -> float | None:
+        """The message rate relayd announced for this connection; None if it did not.
+
+        A message over it is refused (:class:`RateLimited`); wait ``1 /
+        messages_per_second`` seconds before sending it again. An operator's
+        reload may change the rate of an open connection.
+        """
+        return self._link.messages_per_second if self._link is not None else None
+
+    @property
     def closed(self) -> CloseInfo | None:
         """How the latest connection ended; None while it is open."""
         return self._link.ended() if self._link is not None else None
@@ -141,7 +151,10 @@ class Client:
                 :attr:`max_message_bytes` relayd announced.
             ConnectionClosed: the connection ended before relayd answered (the
                 message may or may not have been delivered), or it had ended
-                and reconnecting, if on, gave up (``__cause__`` says why).
+                and reconnecting, if on, gave up (``__cause__`` says why). A
+                message still queued in the client when the connection ended,
+                none of it written, is sent on the next connection instead, when
+                reconnecting makes one.
             trio.ClosedResourceError: the program closed this client.
             TypeError: ``message`` is not something JSON can hold.
             ValueError: ``message`` or ``to`` holds a string that is not valid
@@ -151,20 +164,26 @@ class Client:
         """
         body = encode_body(message)
         check_id(to)
-        await self._slots.acquire()
-        try:
-            link = await self._usable_link()
-            sending = link.submit(to, body, self._slots.release)
-        except BaseException:
-            self._slots.release()
-            raise
-        try:
-            await sending.done.wait()
-        except BaseException:
-            link.abandon(sending)
-            raise
-        if sending.error is not None:
-            raise sending.error
+        while True:
+            await self._slots.acquire()
+            try:
+                link = await self._usable_link()
+                sending = link.submit(to, body, self._slots.release)
+            except BaseException:
+                self._slots.release()
+                raise
+            try:
+                await sending.done.wait()
+            except BaseException:
+                link.abandon(sending)
+                raise
+            if sending.error is None:
+                return
+            if not sending.unwritten:
+                raise sending.error
+            # The connection ended before any of it was written: not delivered, so it
+            # goes on the next connection, if reconnecting makes one (_usable_link waits
+            # for it, or raises the close's exception when there will be none).
 
     async def receive(self) -> Message:
         """The next message, waiting for one if none is queued.

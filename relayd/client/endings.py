@@ -21,8 +21,14 @@ __all__ = ["final_error", "raise_alone", "retryable"]
 
 
 def retryable(closed: CloseInfo) -> bool:
-    """Whether connecting again may help: this client did not close it, and the cause may pass."""
-    return not closed.by_client and closed_error(closed.code).retryable
+    """Whether connecting again may help: this client did not close it, and the cause may pass.
+
+    A message over the bound that follows relayd's limit (:attr:`CloseInfo.over_bound`)
+    may pass: the new connection is told the limit a reload raised.
+    """
+    if closed.by_client:
+        return False
+    return closed.over_bound or closed_error(closed.code).retryable
 
 
 def final_error(

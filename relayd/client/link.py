@@ -36,6 +36,7 @@ those messages.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -62,11 +63,16 @@ from relayd.client.outstanding import Outstanding
 from relayd.errors import CloseCode
 from relayd.wire.dialects import Ack, Delivery, Dialect, Error
 
-__all__ = ["LIMIT_HEADER", "CloseInfo", "Link", "Sending", "run_link"]
+__all__ = ["LIMIT_HEADER", "RATE_HEADER", "CloseInfo", "Link", "Sending", "run_link"]
 
 #: The response header in which relayd announces its ``max_message_bytes``
 #: for the connection (docs/protocol.md, "Connecting").
 LIMIT_HEADER: Final = b"relayd-max-message-bytes"
+#: The response header in which relayd announces its ``messages_per_second``.
+RATE_HEADER: Final = b"relayd-messages-per-second"
+#: How trio-websocket's own 1009 reason starts: a message over ``max_message_chars``
+#: arrived (relayd's reads ``message over N bytes``).
+_OVER_BOUND_REASON: Final = "Exceeded maximum message size"
 
 
 @dataclass(frozen=True)
@@ -78,11 +84,18 @@ class CloseInfo:
             closed, 1006 when there was no close frame.
         reason: relayd's close reason, or what this client saw.
         by_client: this client closed it.
+        over_bound: this client closed it with 1009 because relayd sent it a
+            message over the bound that follows relayd's announced limit
+            (``max_message_chars=None``): a sender that connected after a
+            reload raised the limit may send more than this connection was
+            told. Connecting again may help, unlike after relayd's 1009: the
+            new connection is told the limit in force, and its bound follows.
     """
 
     code: int
     reason: str
     by_client: bool = False
+    over_bound: bool = False
 
 
 class _State(enum.Enum):
@@ -99,13 +112,16 @@ class Sending:
     took is free again.
     """
 
-    __slots__ = ("_release", "done", "error", "frame", "ref", "state")
+    __slots__ = ("_release", "done", "error", "frame", "ref", "state", "unwritten")
 
     def __init__(self, frame: str, ref: int | None, release: Callable[[], None]) -> None:
         self.frame = frame
         self.ref = ref
         self.state = _State.QUEUED
         self.error: BaseException | None = None
+        # The connection ended with it still queued: not a byte of it was written, so
+        # it was not delivered, and may go on the next connection.
+        self.unwritten = False
         self.done = trio.Event()
         self._release = release
 
@@ -138,11 +154,16 @@ class Link:
         self.id = client_id
         self.dialect = options.dialect
         self.max_message_bytes = _announced_limit(ws.handshake_headers)
+        self.messages_per_second = _announced_rate(ws.handshake_headers)
+        # The bound follows relayd's announced limit: a message over it may come from a
+        # client that connected after a reload raised the limit (CloseInfo.over_bound).
+        self._bound_follows = False
         if options.max_message_chars is None and self.max_message_bytes is not None:
             # relayd lets any client send this one a message of its limit: a smaller bound
             # here would let any of them close this connection with 1009, for good. The
             # bound is trio-websocket's own, read at each message; it has no setter.
             ws._max_message_size = default_message_bound(self.max_message_bytes)
+            self._bound_follows = True
         self._ws = ws
         self._stream = stream
         self._deliveries = deliveries
@@ -265,7 +286,14 @@ class Link:
         reason = self._ws.closed
         if reason is None:
             return None
-        return CloseInfo(int(reason.code), self._lost_reason or reason.reason or "", self._closing)
+        code, text = int(reason.code), self._lost_reason or reason.reason or ""
+        over_bound = (
+            self._bound_follows
+            and code == CloseCode.TOO_BIG
+            and not self._closing
+            and text.startswith(_OVER_BOUND_REASON)
+        )
+        return CloseInfo(code, text, self._closing, over_bound)
 
     def _settle(self, ref: str | int | None, error: BaseException | None) -> None:
         sending = self._outstanding.match(ref)
@@ -315,6 +343,7 @@ class Link:
                 error: BaseException = trio.ClosedResourceError("the client was closed")
             else:
                 error = closed_error(closed.code, closed.reason)
+            sending.unwritten = sending.state is _State.QUEUED
             sending.settle(error)
         self._sendings.clear()
         for sending in self._withdrawn:  # the writer will not pass over them now
@@ -336,15 +365,30 @@ def _late_pong(error: BaseException) -> bool:
     )
 
 
-def _announced_limit(headers: tuple[tuple[bytes, bytes], ...]) -> int | None:
+def _header(headers: tuple[tuple[bytes, bytes], ...], wanted: bytes) -> bytes | None:
+    """The value of the response header ``wanted`` (lower case); None if absent."""
     for name, value in headers:
-        if name.lower() == LIMIT_HEADER:
-            try:
-                limit = int(value)
-            except ValueError:
-                return None
-            return limit if limit > 0 else None
+        if name.lower() == wanted:
+            return value
     return None
+
+
+def _announced_limit(headers: tuple[tuple[bytes, bytes], ...]) -> int | None:
+    value = _header(headers, LIMIT_HEADER)
+    try:
+        limit = int(value) if value is not None else 0
+    except ValueError:
+        return None
+    return limit if limit > 0 else None
+
+
+def _announced_rate(headers: tuple[tuple[bytes, bytes], ...]) -> float | None:
+    value = _header(headers, RATE_HEADER)
+    try:
+        rate = float(value) if value is not None else 0.0
+    except ValueError:
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None
 
 
 async def run_link(

@@ -40,7 +40,10 @@ _v1_decoder: Final[msgspec.json.Decoder[ServerMessage]] = msgspec.json.Decoder(S
 _welcome_decoder: Final = msgspec.json.Decoder(Welcome)
 _seed_error_decoder: Final = msgspec.json.Decoder(SeedError)
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
-_any_decoder: Final = msgspec.json.Decoder()
+#: float_hook: a number beyond a float's range (``1e999``), which relayd relays as the
+#: JSON it is, is infinite, as ``json.loads`` has it; msgspec alone refuses it, and one
+#: such message from a peer raised out of a program's receive loop.
+_any_decoder: Final = msgspec.json.Decoder(float_hook=float)
 _str_decoder: Final = msgspec.json.Decoder(str)
 
 
@@ -75,8 +78,21 @@ class Message:
 
     @property
     def data(self) -> Any:
-        """The message as a Python value (decoded from :attr:`raw` on each access)."""
-        return _any_decoder.decode(self.raw)
+        """The message as a Python value (decoded from :attr:`raw` on each access).
+
+        A number beyond a float's range is ``inf`` or ``-inf``, as ``json.loads`` has it.
+
+        Raises:
+            ValueError: the message holds an integer of more digits than Python
+                converts (``sys.get_int_max_str_digits()``, 4300 by default), as
+                ``json.loads`` raises; :attr:`raw` and :attr:`text` still hold it.
+        """
+        try:
+            return _any_decoder.decode(self.raw)
+        except msgspec.ValidationError as exc:
+            raise ValueError(
+                f"the message holds a number Python does not convert ({exc}): read it from raw"
+            ) from None
 
     @property
     def text(self) -> str:

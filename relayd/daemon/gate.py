@@ -370,7 +370,10 @@ class Gate:
         try:
             welcome = await connection.greet()
             response = accept_response(
-                request.key, decision.subprotocol, max_message_bytes=limits.max_message_bytes
+                request.key,
+                decision.subprotocol,
+                max_message_bytes=limits.max_message_bytes,
+                messages_per_second=limits.messages_per_second,
             )
             attempt.answered = True
             # The 101 and the welcome in one write: one TCP segment, and the

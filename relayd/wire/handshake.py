@@ -359,19 +359,28 @@ def validate(request: RequestHead) -> UpgradeRequest | Refusal:
 
 
 def accept_response(
-    key: str, subprotocol: str | None, *, max_message_bytes: int | None = None
+    key: str,
+    subprotocol: str | None,
+    *,
+    max_message_bytes: int | None = None,
+    messages_per_second: float | None = None,
 ) -> bytes:
     """The ``101 Switching Protocols`` response that opens the WebSocket.
 
     ``max_message_bytes``, the connection's message limit, is announced in a
     ``Relayd-Max-Message-Bytes`` header, so that a client can refuse a larger
-    message itself rather than lose the connection to a 1009.
+    message itself rather than lose the connection to a 1009; and
+    ``messages_per_second``, its message rate, in ``Relayd-Messages-Per-Second``,
+    so that a client refused as over it knows how long to wait before sending
+    again rather than guess, and lose the connection to a 1008 for a wrong guess.
     """
     digest = hashlib.sha1(key.encode() + _GUID).digest()
     accept = binascii.b2a_base64(digest, newline=False).decode()  # base64.b64encode's own call
     protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
     if max_message_bytes is not None:
         protocol += f"Relayd-Max-Message-Bytes: {max_message_bytes}\r\n"
+    if messages_per_second is not None:  # repr: exact, as 50.0 or 0.001
+        protocol += f"Relayd-Messages-Per-Second: {float(messages_per_second)!r}\r\n"
     return (
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"

@@ -1,0 +1,139 @@
+"""``relayd chat``'s session in-process, on trio's virtual clock: its pacing under a rate limit.
+
+tests/test_chat.py runs the real command as a child process, on the wall clock; the
+waits of a session over relayd's rate limit are seconds to minutes long, so they are
+tested here, against an in-process relayd, with :class:`trio.testing.MockClock`
+jumping over them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import trio
+import trio.testing
+
+from relayd.client import connect
+from relayd.client.chat_session import Session
+from relayd.client.terminal import Console
+from relayd.daemon.server import Server
+from tests.client import running, settings
+from tests.test_client import relay
+
+
+class ScriptedConsole(Console):
+    """A console that types ``lines``, then ends the input; it keeps what is printed."""
+
+    def __init__(self, lines: list[str]) -> None:  # no terminal: Console's own is not run
+        self.interactive = False
+        self._lines = list(lines)
+        self.said: list[str] = []
+        self.warned: list[str] = []
+        self.has_warned = trio.Event()
+
+    async def readline(self, prompt: str) -> str | None:
+        return self._lines.pop(0) if self._lines else None
+
+    def say(self, line: str) -> None:
+        self.said.append(line)
+
+    def warn(self, line: str) -> None:
+        self.warned.append(line)
+        self.has_warned.set()
+
+
+async def test_a_burst_is_paced_to_a_rate_below_one_a_second_without_a_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # relayd announces its rate at the handshake; the chat waits for the token that
+    # rate refills. It waited 1 s after a refusal whatever the rate: at 0.5 a second,
+    # the message sent again was refused once more with relayd's second bucket empty,
+    # and the connection closed with 1008, the lines after it lost.
+    async with (
+        relay(messages_per_second=0.5, message_burst=1) as url,
+        connect(url) as peer,
+        connect(url) as client,
+    ):
+        lines = [f"{peer.id} line {n}" for n in range(4)]
+        console = ScriptedConsole(lines)
+        start = trio.current_time()
+        assert await Session(client, console, "help").run()
+        assert client.closed is None  # still open: the person quit
+        assert console.said == ["ack 1", "ack 2", "ack 3", "ack 4"]
+        assert console.warned == [
+            "over the server's rate limit: a message it refuses is sent again after 2.2 s"
+        ]
+        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(4)]
+        # One message every 2.2 s after the first: the rate, and a tenth for the clocks.
+        assert trio.current_time() - start < 3 * 2.2 + 1
+
+
+async def test_a_rate_a_reload_lowered_below_the_announced_one_is_waited_out_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The announced rate is the one at connect. A message refused again after its
+    # interval shows that a reload lowered it: the waits go back to a second at least,
+    # rather than going on from a few milliseconds, each refusal taking a token from
+    # relayd's second bucket until the 1008.
+    server = Server(settings())
+    async with running(server) as url, connect(url) as peer, connect(url) as client:
+        assert client.messages_per_second == 50.0
+        server.reload(settings(messages_per_second=2.0, message_burst=3), None)
+        lines = [f"{peer.id} line {n}" for n in range(6)]
+        console = ScriptedConsole(lines)
+        assert await Session(client, console, "help").run()
+        assert console.said == [f"ack {n}" for n in range(1, 7)]
+        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(6)]
+
+
+async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The seed dialect has no acks: a message relayd refuses is lost (its error arrives
+    # as a message), and one more than twice the burst at once closed the connection.
+    # Paced at the rate relayd announced, none is refused.
+    async with (
+        relay(messages_per_second=2.0, message_burst=2) as url,
+        connect(url) as peer,
+        connect(url, dialect="seed") as client,
+    ):
+        lines = [f"{peer.id} line {n}" for n in range(8)]
+        console = ScriptedConsole(lines)
+        assert await Session(client, console, "help").run()
+        assert client.closed is None
+        received = [(await peer.receive()).data for _ in lines]
+        assert received == [f"line {n}" for n in range(8)]
+        assert console.said == []  # no "! rate_limited" line
+        assert console.warned == [
+            "at the server's rate limit (2 messages a second): lines wait their turn"
+        ]
+
+
+async def test_a_ctrl_c_while_a_line_waits_for_the_rate_names_it_not_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # tests/test_chat.py does this with the real command and a real Ctrl-C, which must
+    # come within the wait; here the Ctrl-C comes once the chat has said it waits.
+    async with (
+        relay(messages_per_second=0.001, message_burst=1) as url,
+        connect(url) as peer,
+        connect(url) as client,
+    ):
+        console = ScriptedConsole([f"{peer.id} sent", f"{peer.id} held back"])
+
+        async def interrupt() -> None:
+            await console.has_warned.wait()  # refused, and waiting to go again
+            os.kill(os.getpid(), signal.SIGINT)  # the session's signal receiver takes it
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt)
+            assert await Session(client, console, "help").run()
+        assert client.closed is None
+        assert console.said == ["ack 1"]
+        assert console.warned == [
+            "over the server's rate limit: a message it refuses is sent again after 1.1e+03 s",
+            f"message 2 to {peer.id}: not sent (refused as over the server's rate limit, and"
+            " not sent again before the end)",
+        ]
+        assert (await peer.receive()).data == "sent"
