@@ -5,8 +5,7 @@ arguments here, before anything of the daemon, its settings or their
 dependencies (pydantic, structlog, prometheus_client, PyJWT) is imported, so
 the client starts quickly and runs where only its own dependencies are
 installed. Every other command is :func:`relayd.cli.main`'s, which imports no
-client code; run as a process, it first executes itself again to run with
-the C library's ``malloc`` (:mod:`relayd.daemon.heap`).
+client code.
 """
 
 from __future__ import annotations
@@ -25,18 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relayd.client.chat import run  # imported only for chat
 
         return run(args[1:])
-    from relayd.daemon import heap  # the garbage collector's settings, and this:
-
-    if argv is None:
-        # The daemon runs with the C library's malloc: this process becomes a new
-        # one that does, unless PYTHONMALLOC is set (relayd.daemon.heap says why).
-        heap.serve_with_malloc()
     # SIGHUP's default action ends the process, and relayd takes its own signals only
     # once it is about to serve, after a few hundred milliseconds of imports and
     # set-up: a reload asked for meanwhile is kept here and made then.
     hangups: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
-    heap.unblock_hangups()  # one sent while this process executed itself again
     from relayd.cli import main as serve  # imports the daemon
 
     return serve(args, hangups=hangups)

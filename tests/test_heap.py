@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ import trio
 
 import relayd.cli
 from relayd.daemon import heap
-from tests.test_cli import MODULE, Daemon
 
 CHILD = """
 import gc, json, weakref
@@ -84,76 +82,3 @@ def test_the_daemon_settles_the_heap_once_after_start_up_and_before_serving(
     calls.clear()
     assert relayd.cli.main(["--config", str(config), "check-config"]) == 0
     assert calls == []  # checking the settings serves nothing and leaves the heap alone
-
-
-# -- the allocator -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("environ", "ignored", "wanted"),
-    [
-        ({"HOME": "/root"}, False, {"HOME": "/root", "PYTHONMALLOC": "malloc"}),
-        ({"PYTHONMALLOC": "pymalloc"}, False, None),  # the operator's choice stands
-        ({"PYTHONMALLOC": ""}, False, None),
-        ({"HOME": "/root"}, True, None),  # python -E: the variable would not be read
-    ],
-)
-def test_the_daemon_is_executed_again_with_malloc_only_when_nothing_chose_an_allocator(
-    environ: dict[str, str], ignored: bool, wanted: dict[str, str] | None
-) -> None:
-    assert heap.restart_environment(environ, ignored=ignored) == wanted
-
-
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(entry.split("=", 1) for entry in raw.decode().split("\0") if "=" in entry)
-
-
-def _hangup_pending() -> None:
-    # In the child, before it executes relayd: a SIGHUP that comes while it starts,
-    # kept pending (blocked) as relayd keeps one across executing itself again.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    os.kill(os.getpid(), signal.SIGHUP)
-
-
-@pytest.mark.parametrize("command", [[str(Path(sys.executable).parent / "relayd")], MODULE])
-def test_relayd_serves_with_malloc_in_the_process_it_was_started_as_and_keeps_a_sighup(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
-) -> None:
-    monkeypatch.delenv("PYTHONMALLOC", raising=False)
-    config = tmp_path / "relayd.toml"
-    config.write_text("")
-    argv = [*command, "--config", str(config), "--port", "0", "--host", "127.0.0.1"]
-    daemon = Daemon(argv, preexec_fn=_hangup_pending)
-    try:
-        started = daemon.wait_event("server.start")
-        # The same process (systemd's MAINPID), its command line as given.
-        assert started["pid"] == daemon.proc.pid
-        assert _environ(daemon.proc.pid)["PYTHONMALLOC"] == "malloc"
-        assert Path(f"/proc/{daemon.proc.pid}/cmdline").read_bytes().split(b"\0")[-5:-1] == [
-            arg.encode() for arg in argv[-4:]
-        ]
-        daemon.wait_event("server.ready")
-        # The SIGHUP sent before relayd took its signals is a reload once it serves.
-        reloaded = daemon.wait_event("config.reload")
-        assert reloaded["applied"] is True
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait_exit() == 0
-    finally:
-        daemon.close()
-
-
-def test_an_allocator_the_operator_chose_is_kept(tmp_path: Path) -> None:
-    config = tmp_path / "relayd.toml"
-    config.write_text("")
-    daemon = Daemon(
-        [*MODULE, "--config", str(config), "--port", "0", "--host", "127.0.0.1"],
-        PYTHONMALLOC="pymalloc",
-    )
-    try:
-        daemon.wait_event("server.ready")
-        assert _environ(daemon.proc.pid)["PYTHONMALLOC"] == "pymalloc"
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait_exit() == 0
-    finally:
-        daemon.close()
