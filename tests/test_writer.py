@@ -249,3 +249,67 @@ async def test_a_client_gone_between_two_takes_counts_each_message_once() -> Non
         assert r.gone == [True]
         assert (r.writer.messages_out, r.writer.dropped) == (6, 2)
         assert r.tasks() == 0
+
+
+async def _writer_task_between_writes(r: Rig) -> bytes:
+    """Leave a writer task running and waiting for frames; what it wrote, read."""
+    big = text_frame(b"x" * 200_000)
+    r.queue(big)  # the socket takes part: a writer task finishes it
+    assert r.tasks() == 1
+    data = await r.read(len(big))
+    await trio.testing.wait_all_tasks_blocked()
+    assert r.writer.running  # waiting for frames, up to WRITER_IDLE_S
+    return data
+
+
+async def test_a_batch_that_fills_the_outbox_while_a_writer_task_waits_is_written_now() -> None:
+    # Between two of a writer task's writes, the router's batch filled the outbox (it
+    # holds 8) and the task could not run until the batch ended: the recipient reads,
+    # yet every delivery past the outbox was refused recipient_busy.
+    async with rig(send_buffer=4096) as r:
+        await _writer_task_between_writes(r)
+        frames = [text_frame(b"m%d" % n) for n in range(20)]
+        with routing_batch():
+            for frame in frames:
+                offered = r.outbox.offer(frame)
+                if offered is Offer.FULL:
+                    assert r.writer.make_room()
+                    offered = r.outbox.offer(frame)
+                assert offered is Offer.QUEUED
+                r.writer.wake()
+        data = await r.read(sum(map(len, frames)))
+        assert server_frames(data, after_head=False) == [(0x1, b"m%d" % n) for n in range(20)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert r.writer.messages_out == 21
+        assert r.tasks() == 1  # the same task, still waiting: none was started beside it
+
+
+async def test_what_an_early_write_leaves_goes_before_the_running_tasks_next_frames() -> None:
+    async with rig(send_buffer=4096) as r:
+        first = await _writer_task_between_writes(r)
+        big = text_frame(b"y" * 100_000)
+        with routing_batch():
+            assert r.outbox.offer(big) is Offer.QUEUED
+            r.writer.wake()
+            assert r.writer.make_room()  # the socket takes part of it; the task the rest
+            after = text_frame(b"after")
+            assert r.outbox.offer(after) is Offer.QUEUED
+            r.writer.wake()
+        data = await r.read(len(big) + len(after))
+        assert server_frames(data, after_head=False) == [(0x1, b"y" * 100_000), (0x1, b"after")]
+        await trio.testing.wait_all_tasks_blocked()
+        written = len(first) + len(big) + len(after)
+        assert (r.writer.messages_out, r.writer.bytes_out) == (3, written)
+
+
+async def test_no_early_write_while_the_writer_task_is_in_a_write_of_its_own() -> None:
+    # The socket is full and the task waits to finish its write: writing around it
+    # would cut its frame in two on the wire.
+    async with rig(send_buffer=4096) as r:
+        big = text_frame(b"x" * 200_000)
+        r.queue(big)
+        await trio.testing.wait_all_tasks_blocked()  # the task waits for the socket
+        assert (r.tasks(), r.writer.bytes_out) == (1, 0)
+        assert not r.writer.make_room()
+        data = await r.read(len(big))
+        assert server_frames(data, after_head=False) == [(0x1, b"x" * 200_000)]

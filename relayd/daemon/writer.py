@@ -18,8 +18,9 @@ side. :class:`Writer` owns
   (:func:`~relayd.routing.batch.routing_batch`) go out together as the batch
   ends: a hundred senders' messages to one receiver in one write (sooner if
   the outbox fills first, :meth:`Writer.make_room`, so that a burst to a
-  receiver that reads is not refused ``recipient_busy``). What the socket does
-  not take at once is written by a writer task, before anything else;
+  receiver that reads is not refused ``recipient_busy``; so too while a writer
+  task waits between its writes). What the socket does not take at once is
+  written by a writer task, before anything else;
 * the **reader's wait for reply slots** (:meth:`Writer.wait_for_room`), which
   frames taken, and replies that turn out to be none, end.
 
@@ -109,6 +110,7 @@ class Writer:
         "_room",
         "_running",
         "_scope",
+        "_sending",
         "_timers",
         "_transport",
         "_wake",
@@ -133,6 +135,7 @@ class Writer:
         self._owner = owner
         self._nursery: trio.Nursery | None = None
         self._running = False
+        self._sending = False  # the writer task is in a write of its own
         self._deferred = False  # a write is due as the router's batch ends
         # The writer task, waiting for frames: made by each writer task, so that
         # an idle connection (no writer) holds none.
@@ -282,23 +285,34 @@ class Writer:
         return True
 
     def make_room(self) -> bool:
-        """The outbox refused a delivery while its write waits for the batch's end: write now.
+        """The outbox refused a delivery, though the socket may take what waits: write now.
 
         Within a routing batch a connection's frames wait for the batch's end, to go
-        out in one write; a recipient that reads as fast as it can would otherwise see
-        every delivery past the outbox's capacity in one batch refused
+        out in one write, and a writer task woken for them runs only once the router
+        yields; a recipient that reads as fast as it can would otherwise see every
+        delivery past the outbox's capacity in one batch refused
         (``recipient_busy``), though its socket would take them. Only then is the
-        write made early: what the socket takes at once, the rest (and the writes
-        after it) left to a writer task, as at the batch's end. Never waits.
+        write made early, from the caller's task: what the socket takes at once, the
+        rest (and the writes after it) left to a writer task, the running one or a new
+        one, which writes that rest before anything else. Not while a writer task is
+        in a write of its own (the socket is full: the refusal is right), nor for a
+        stream that cannot be written without waiting (relayd's own TLS). Never waits.
 
         Returns:
             True if frames were taken from the outbox (it may have room now).
         """
         nursery = self._nursery
-        if not self._deferred or self._running or nursery is None:
+        if nursery is None or not (self._lifecycle.reading and self._transport.direct):
+            return False  # closing, or TLS: the batch's end or the writer task sees to it
+        if self._running:
+            # Parked, or woken and not yet run: between two of its writes.
+            if self._sending or self._pending:
+                return False
+            if not self._write_now() and self._wake is not None:
+                self._wake.unpark()  # it writes the rest first
+            return True
+        if not self._deferred:
             return False
-        if not (self._lifecycle.reading and self._transport.direct):
-            return False  # closing since: the batch's end sees to it
         if not self._write_now():
             self._start(nursery)
         return True
@@ -333,12 +347,15 @@ class Writer:
         await self._send(data, _messages_in(frames))
 
     async def _send(self, data: bytes, messages: int) -> None:
+        self._sending = True  # nothing may be written around this write (make_room)
         try:
             await self._transport.send_all(data)
         except BaseException:
             # Not known to have reached the client: counted as undelivered.
             self.dropped += messages
             raise
+        finally:
+            self._sending = False
         self._written(messages, len(data))
 
     def count_written(self, frame: bytes) -> None:
@@ -378,17 +395,18 @@ class Writer:
     async def _write_out(self) -> None:
         outbox, lifecycle = self._outbox, self._lifecycle
         self._wake = wake = trio.lowlevel.ParkingLot()
-        if self._pending:
-            # Part of a frame is on the wire already: the rest goes first,
-            # whatever happens next (a write cut short breaks the transport).
-            pending, self._pending = self._pending, b""
-            try:
-                await self._send(pending, self._pending_messages)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._owner.client_gone()
-                return
-            self.bytes_out += self._pending_sent
         while True:
+            if self._pending:
+                # Part of a frame is on the wire already (a write without a task,
+                # before this task ran or while it waited): the rest goes first,
+                # whatever happens next (a write cut short breaks the transport).
+                pending, self._pending = self._pending, b""
+                try:
+                    await self._send(pending, self._pending_messages)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._owner.client_gone()
+                    return
+                self.bytes_out += self._pending_sent
             frames = outbox.take()
             if frames:
                 self._timers.progress()  # taking is progress
@@ -411,7 +429,7 @@ class Writer:
                 # their write short.
                 with trio.move_on_after(WRITER_IDLE_S):
                     await wake.park()
-                if not outbox.has_frames() and lifecycle.reading:
+                if not (self._pending or outbox.has_frames()) and lifecycle.reading:
                     return  # idle: the next frame starts a writer again
 
 
