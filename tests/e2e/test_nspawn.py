@@ -16,6 +16,10 @@ journal lines, unit states.
 * reload: ``systemctl reload`` with a smaller ``max_message_bytes`` reaches a connected
   client without dropping it (``config.reload``); a bad file is refused and the last good
   settings stay.
+* JWTs signed with RS256 and ES256 are checked with the issuer's public key under the
+  unit's hardening (``MemoryDenyWriteExecute=yes``, the system call filter): a client
+  with a good token gets its subject as its id, a forged one 401, and relayd is never
+  killed or restarted.
 * a bad config at start exits 78 and is not restarted.
 * watchdog: relayd's event-loop thread is blocked from outside with gdb; systemd's
   watchdog kills it and ``Restart=`` brings up a new process, which serves the client
@@ -72,7 +76,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import jwt
 import pytest
+import websockets
+
+from tests.keys import ec_key, pem_public, rsa_key
 
 from .harness import REPO_ROOT, Event, require, require_tool
 from .wsclient import client, recv_json, recv_text, run, seed_id, send_json, v1_id
@@ -1057,6 +1065,62 @@ def test_reload_applies_new_limits_to_a_connected_client(relayd: Installed) -> N
     assert "limits.max_message_bytes" in refused["reason"], refused
     assert close_code is None  # open until the scenario closed it
     assert relayd.main_pid() == pid  # reloaded, never restarted
+    assert relayd.restarts() == 0, relayd.describe()
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_a_jwt_checked_with_the_issuers_public_key_under_the_units_hardening(
+    relayd: Installed, algorithm: str
+) -> None:
+    # The unit forbids memory both writable and executable (MemoryDenyWriteExecute=yes)
+    # and filters system calls: a signature check that needed either would kill relayd or
+    # refuse every client, only where operators run it. Checked as they run it.
+    relayd.ensure_serving()
+    journal = relayd.journal
+    key = rsa_key() if algorithm == "RS256" else ec_key()
+    pem = "/etc/relayd/issuer.pem"
+    relayd.box.path(pem).write_text(pem_public(key), encoding="utf-8")
+    relayd.box.run("chown", "root:relayd", pem)
+    relayd.box.run("chmod", "0640", pem)
+    config = relayd.config
+    for line, wanted in [
+        ('mode = "off"', 'mode = "jwt"'),
+        ('jwt_algorithm = "HS256"', f'jwt_algorithm = "{algorithm}"'),
+        ('jwt_public_key_file = ""', f'jwt_public_key_file = "{pem}"'),
+    ]:
+        assert config.count(f"\n{line}\n") == 1, line
+        config = config.replace(f"\n{line}\n", f"\n{wanted}\n")
+    pid = relayd.main_pid()
+
+    def reload(text: str) -> Event:
+        mark = journal.mark()
+        relayd.write_config(text)
+        relayd.box.systemctl("reload", "relayd.service")
+        return journal.wait_event("config.reload", after=mark)
+
+    def token(signer: object) -> str:
+        claims = {"sub": "alice", "exp": int(time.time()) + 600}
+        return jwt.encode(claims, signer, algorithm=algorithm)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[str, str]:
+        async with client(f"{relayd.url}?token={token(key)}") as alice:
+            welcome = await recv_text(alice)  # the seed dialect's welcome: the id
+        forger = rsa_key() if algorithm == "RS256" else ec_key()
+        try:
+            async with client(f"{relayd.url}?token={token(forger)}") as forged:
+                return welcome, f"accepted: {await recv_text(forged)}"
+        except websockets.InvalidStatus as refused:
+            return welcome, f"refused: {refused.response.status_code}"
+
+    try:
+        applied = reload(config)
+        assert applied["applied"] is True, applied
+        welcome, forged = run(scenario(), timeout=JOURNAL_TIMEOUT_S)
+    finally:
+        reload(relayd.config)
+    assert welcome == "alice"  # the token's subject is the client's id
+    assert forged == "refused: 401"
+    assert relayd.main_pid() == pid, relayd.describe()  # nothing killed it
     assert relayd.restarts() == 0, relayd.describe()
 
 
