@@ -547,12 +547,12 @@ class Daemon:
     """A relayd child process; a thread queues its stdout lines as they arrive."""
 
     def __init__(
-        self, argv: list[str], *, preexec_fn: Callable[[], object] | None = None, **env: str
+        self, argv: list[str], preexec_fn: Callable[[], object] | None = None, /, **env: str
     ) -> None:
         self.argv = argv
         self.proc = subprocess.Popen(
             argv,
-            preexec_fn=preexec_fn,  # noqa: PLW1509 - only blocks and raises a signal
+            preexec_fn=preexec_fn,
             # Never the fixed admin port 9031: tests run side by side.
             env=clean_env(RELAYD_ADMIN__PORT="0", **env),
             stdin=subprocess.DEVNULL,

@@ -124,7 +124,7 @@ def test_relayd_serves_with_malloc_in_the_process_it_was_started_as_and_keeps_a_
     config = tmp_path / "relayd.toml"
     config.write_text("")
     argv = [*command, "--config", str(config), "--port", "0", "--host", "127.0.0.1"]
-    daemon = Daemon(argv, preexec_fn=_hangup_pending)
+    daemon = Daemon(argv, _hangup_pending)
     try:
         started = daemon.wait_event("server.start")
         # The same process (systemd's MAINPID), its command line as given.
