@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
 
     read = settings_reader(args.config, overrides)
 
-    def read_settings() -> tuple[Settings, Authenticator | None, dict[str, FileRead]]:
+    def read_settings() -> tuple[Loaded, Authenticator | None, dict[str, FileRead]]:
         # Every file a start reads is read and checked, those that only a restart
         # applies too (TLS, the API key, the cluster's files and its Redis client): a
         # reload that says "applied" means the next start will come up. What each file
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
         # though their path is not (a tokens file, applied; a certificate, for a restart).
         again = read()
         authenticator, _tls, _api_key, files = _credentials(again)
-        return again.settings, authenticator, files
+        return again, authenticator, files
 
     loaded: Loaded | None = None
     try:
