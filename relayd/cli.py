@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
 
     read = settings_reader(args.config, overrides)
 
-    def read_settings() -> tuple[Settings, Authenticator | None, dict[str, FileRead]]:
+    def read_settings() -> tuple[Loaded, Authenticator | None, dict[str, FileRead]]:
         # Every file a start reads is read and checked, those that only a restart
         # applies too (TLS, the API key, the cluster's files and its Redis client): a
         # reload that says "applied" means the next start will come up. What each file
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
         # though their path is not (a tokens file, applied; a certificate, for a restart).
         again = read()
         authenticator, _tls, _api_key, files = _credentials(again)
-        return again.settings, authenticator, files
+        return again, authenticator, files
 
     loaded: Loaded | None = None
     try:
@@ -280,18 +280,25 @@ def _files(settings: Settings, held: Mapping[str, bytes]) -> dict[str, FileRead]
     """Each file's path and a digest of what it holds (None: unreadable, none, or unused).
 
     ``held``: what the credentials' checks read, by path. A file the settings name but
-    do not use (a tokens file with ``auth.mode = "off"``, the cluster's files with
-    ``[cluster]`` off) has no digest: a new content there changes nothing. TLS and the
-    cluster's files are read by ssl and the cluster's check, so they are read here.
+    do not use (a tokens file with ``auth.mode = "off"``, the API key with ``[admin]``
+    off, the cluster's files with ``[cluster]`` off) has no digest: a new content there
+    changes nothing. The auth files ``held`` holds are those the mode uses. TLS and the
+    cluster's files are read by ssl and the cluster's check, so they are read here
+    (a second read: a file replaced in between is reported as the new content).
     """
-    in_use = {"tls": bool(settings.tls.cert_file), "cluster": settings.cluster.enabled}
+    in_use = {
+        "auth": True,
+        "tls": bool(settings.tls.cert_file),
+        "admin": settings.admin.enabled,
+        "cluster": settings.cluster.enabled,
+    }
     files = {}
     for section, name in _FILES:
         path = getattr(getattr(settings, section), name)
         digest = None
-        if path in held:
+        if in_use[section] and path in held:
             digest = hashlib.sha256(held[path]).digest()
-        elif path and in_use.get(section, False):
+        elif in_use[section] and path and section != "auth":
             with contextlib.suppress(OSError):
                 digest = hashlib.sha256(Path(path).read_bytes()).digest()
         files[f"{section}.{name}"] = (path, digest)

@@ -44,6 +44,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TLSSettings",
+    "grace_too_short",
     "settings_as_json",
 ]
 
@@ -412,3 +413,22 @@ class Settings(BaseSettings):
 def settings_as_json(settings: Settings) -> str:
     """Return the effective settings as indented JSON, as ``relayd check-config`` prints them."""
     return settings.model_dump_json(indent=2)
+
+
+def grace_too_short(grace_s: float, reply_timeout_s: float, reply_source: str) -> str | None:
+    """Why a cluster node's ``server.shutdown_grace_s`` is too short, or None.
+
+    A drain waits up to ``cluster.reply_timeout_s`` for the other nodes' answers to the
+    messages in flight, and a server API call already waiting for them is answered
+    within :data:`DRAIN_SLACK_S` more; the grace must hold that. It does not promise
+    more: a call whose request is still arriving may take 6 s (docs/api.md), which the
+    default grace holds and a shorter one cuts, cluster or not. ``reply_source``: where
+    the ``reply_timeout_s`` compared against comes from, as an error names it.
+    """
+    if grace_s > reply_timeout_s + DRAIN_SLACK_S:
+        return None
+    return (
+        f"is {grace_s:g} s, must be more than cluster.reply_timeout_s + {DRAIN_SLACK_S:g} s"
+        f" ({reply_timeout_s:g} s, {reply_source}) in a cluster: a drain waits that long for"
+        " other nodes' answers to the server API calls and messages in flight"
+    )

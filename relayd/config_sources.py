@@ -51,7 +51,7 @@ from typing import Final
 
 from pydantic import BaseModel, ValidationError
 
-from relayd.config import DEFAULT_CONFIG_PATH, DRAIN_SLACK_S, Settings
+from relayd.config import DEFAULT_CONFIG_PATH, Settings, grace_too_short
 from relayd.config_keys import (
     ENV_NESTED_DELIMITER,
     ENV_PREFIX,
@@ -355,21 +355,12 @@ def _conflicts(settings: Settings, values: _Values) -> list[ConfigError]:
             )
         )
     cluster = settings.cluster
-    if cluster.enabled and server.shutdown_grace_s <= cluster.reply_timeout_s + DRAIN_SLACK_S:
-        # The drain waits up to reply_timeout_s for the other nodes' answers before the
-        # connections may finish theirs, and answers the server API calls in progress
-        # (each up to reply_timeout_s + 1 s, then 1 s to write): a shorter grace cut them.
-        _key, source = _source_of(values, ("server", "shutdown_grace_s"))
+    if cluster.enabled:
         _key, reply_source = _source_of(values, ("cluster", "reply_timeout_s"))
-        problems.append(
-            ConfigError(
-                f"must be more than cluster.reply_timeout_s + {DRAIN_SLACK_S:g} s"
-                f" ({cluster.reply_timeout_s:g} s, {reply_source}) in a cluster, so that a"
-                " drain does not cut the answers it waits for",
-                key="server.shutdown_grace_s",
-                source=source,
-            )
-        )
+        reason = grace_too_short(server.shutdown_grace_s, cluster.reply_timeout_s, reply_source)
+        if reason is not None:
+            _key, source = _source_of(values, ("server", "shutdown_grace_s"))
+            problems.append(ConfigError(reason, key="server.shutdown_grace_s", source=source))
     if admin.enabled and not admin.api_key_file and not _loopback(admin.host):
         _key, source = _source_of(values, ("admin", "host"))
         problems.append(

@@ -986,3 +986,20 @@ def test_a_reload_reports_the_tokens_file_it_applied_not_a_second_read(
         str(tokens),
         hashlib.sha256(b"alice " + b"a" * 20 + b"\n").digest(),
     )
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_reload_digests_the_api_key_only_with_the_admin_listener_on(
+    tmp_path: Path, enabled: bool
+) -> None:
+    # With [admin] off the key is checked but not used: a new key there changes nothing,
+    # yet the reload reported admin.api_key_file as changed (found by a reviewer).
+    key = tmp_path / "api.key"
+    key.write_text("k" * 32 + "\n")
+    config = tmp_path / "relayd.toml"
+    config.write_text(f'[admin]\nenabled = {str(enabled).lower()}\napi_key_file = "{key}"\n')
+    loaded = settings_reader(config, {}, default_path=tmp_path / "none.toml")()
+    _authenticator, _tls, api_key, files = cli._credentials(loaded)
+    assert api_key == b"k" * 32
+    digest = hashlib.sha256(key.read_bytes()).digest() if enabled else None
+    assert files["admin.api_key_file"] == (str(key), digest)

@@ -24,7 +24,8 @@ import structlog
 import trio
 import trio.testing
 
-from relayd.config import ClusterSettings, Settings
+from relayd.config import ClusterSettings
+from relayd.config_sources import Loaded
 from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
@@ -706,7 +707,7 @@ async def test_a_node_stopped_before_it_served_never_says_ready_a_sighup_then_or
     # reload's READY=1 (found by a reviewer).
     notifications = Notifications()
 
-    def refuse_to_read() -> tuple[Settings, Authenticator | None, Mapping[str, FileRead]]:
+    def refuse_to_read() -> tuple[Loaded, Authenticator | None, Mapping[str, FileRead]]:
         raise AssertionError("no reload once stopping")
 
     async with hanging_redis() as (url, trying):

@@ -726,6 +726,33 @@ def test_keys_needing_a_restart_keep_their_running_values_across_reloads() -> No
     assert (back.changed, back.restart_required) == ([], [])
 
 
+def test_a_file_used_on_one_side_of_a_reload_only_is_not_reported_as_new() -> None:
+    # A file the settings name but do not use has no digest: turning auth.mode on (or
+    # off), or [cluster] off, reported the file as holding something new, though not a
+    # byte of it changed (found by a reviewer). The mode's key says what changed.
+    tokens, password, digest = "/etc/relayd/tokens", "/etc/relayd/redis", b"d" * 32
+    off = _with(settings(), "auth", tokens_file=tokens)
+    cluster = _with(off, "cluster", enabled=True, password_file=password)
+    server = Server(
+        cluster,
+        router=LocalRouter,
+        files={"auth.tokens_file": (tokens, None), "cluster.password_file": (password, digest)},
+    )
+    token_mode = _with(cluster, "auth", mode="token")
+    on = server.reload(token_mode, None, {"auth.tokens_file": (tokens, digest)})
+    assert (on.changed, on.restart_required) == (["auth.mode"], [])
+    back = server.reload(cluster, None, {"auth.tokens_file": (tokens, None)})
+    assert (back.changed, back.restart_required) == (["auth.mode"], [])
+    alone = server.reload(
+        _with(cluster, "cluster", enabled=False), None, {"cluster.password_file": (password, None)}
+    )
+    assert (alone.changed, alone.restart_required) == (["cluster.enabled"], ["cluster.enabled"])
+    # A file in use on both sides that holds something new is still reported.
+    server.reload(token_mode, None, {"auth.tokens_file": (tokens, digest)})
+    rotated = server.reload(token_mode, None, {"auth.tokens_file": (tokens, b"e" * 32)})
+    assert rotated.changed == ["auth.tokens_file"]
+
+
 @pytest.mark.parametrize(
     "ending",
     [

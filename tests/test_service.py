@@ -11,11 +11,13 @@ import functools
 import os
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 
 import structlog
 import trio
 
-from relayd.config import ClusterSettings, Settings
+from relayd.config import ClusterSettings
+from relayd.config_sources import Loaded
 from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
@@ -49,7 +51,7 @@ async def test_a_bug_in_reading_the_settings_refuses_the_reload_and_relayd_serve
     # Any exception but a ConfigError escaped the signal task and stopped relayd, every
     # client cut (a reviewer's: the cluster turned on in a reload, its Redis client
     # not installed).
-    def broken() -> tuple[Settings, Authenticator | None, Mapping[str, FileRead]]:
+    def broken() -> tuple[Loaded, Authenticator | None, Mapping[str, FileRead]]:
         raise RuntimeError("a bug in reading")
 
     notifications = Notifications()
@@ -90,6 +92,8 @@ async def test_a_reload_refuses_a_grace_too_short_for_the_reply_timeout_in_force
             "cluster": ClusterSettings(enabled=True, reply_timeout_s=0.5),
         }
     )
+    path = Path("/etc/relayd/relayd.toml")
+    read = Loaded(reloaded, path, sources={"server.shutdown_grace_s": f"in {path}"})
     notifications = Notifications()
     server = Server(started, router=LocalRouter)
     with structlog.testing.capture_logs() as events, trio.fail_after(10):
@@ -98,7 +102,7 @@ async def test_a_reload_refuses_a_grace_too_short_for_the_reply_timeout_in_force
                 functools.partial(
                     run_daemon,
                     server,
-                    reload_settings=lambda: (reloaded, None, {}),
+                    reload_settings=lambda: (read, None, {}),
                     notifier=notifications,
                 )
             )
@@ -108,7 +112,13 @@ async def test_a_reload_refuses_a_grace_too_short_for_the_reply_timeout_in_force
             os.kill(os.getpid(), signal.SIGTERM)
     [reload] = [e for e in events if e["event"] == "config.reload"]
     assert reload["applied"] is False
-    assert "the reply_timeout_s in force is 2 s until a restart" in reload["reason"]
+    # As check-config prints a problem (docs/logging.md): key: reason (source), both
+    # values named, the reply_timeout_s's as the one in force.
+    assert reload["reason"] == (
+        "server.shutdown_grace_s: is 3 s, must be more than cluster.reply_timeout_s + 2 s"
+        " (2 s, in force until a restart) in a cluster: a drain waits that long for other"
+        f" nodes' answers to the server API calls and messages in flight (in {path})"
+    )
     assert server.settings.server.shutdown_grace_s == started.server.shutdown_grace_s
 
 
@@ -134,8 +144,8 @@ async def test_a_sighup_before_relayd_serves_is_a_reload_once_it_serves() -> Non
         routers.append(HeldStart(events, stats))
         return routers[-1]
 
-    def reread() -> tuple[Settings, Authenticator | None, Mapping[str, FileRead]]:
-        return settings(max_connections_per_ip=7), None, {}
+    def reread() -> tuple[Loaded, Authenticator | None, Mapping[str, FileRead]]:
+        return Loaded(settings(max_connections_per_ip=7), None), None, {}
 
     notifications = Notifications()
     server = Server(settings(), router=held)

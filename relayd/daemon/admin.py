@@ -28,8 +28,9 @@ absolute-form (``http://127.0.0.1:9031/metrics``, as a client sends to a proxy):
 it is routed by its path, and its authority stands for ``Host`` (RFC 9112
 §3.2.2). A path no route has is 404; a method
 its route lacks is 405 with ``Allow``; a request h11 cannot parse is 400 (431
-for a head over :data:`MAX_HEAD_BYTES`), its text relayd's own, never the client's
-bytes h11 quotes; so is one with both ``Content-Length`` and ``Transfer-Encoding``
+for a head over :data:`MAX_HEAD_BYTES`), its text h11's words up to where they quote
+the request (``illegal header line``), never the client's bytes (:func:`_unreadable`);
+so is one with both ``Content-Length`` and ``Transfer-Encoding``
 (RFC 9112 §6.1: a smuggling attempt); one that has not arrived whole within
 :data:`REQUEST_TIMEOUT_S` is 408; every answer carries its standard reason
 phrase. These refusals are plain text, but under the prefix of an
@@ -124,6 +125,8 @@ _READ_WHOLE: Final = (h11.DONE, h11.MUST_CLOSE)
 #: Where an h11 message starts quoting the request (``illegal header line: bytearray(b'...')``,
 #: ``Illegal header name b'...'``): cut there, h11's words before it kept.
 _QUOTED: Final = re.compile(r"""[:\s]*(?:bytearray\()?(?<![A-Za-z])b['"].*""", re.DOTALL)
+#: What h11's words may hold once cut: no quote, backslash or control character.
+_PLAIN: Final = re.compile(r"[A-Za-z0-9 ,.:;()/-]*")
 #: What a lingering close reads at a time, and throws away.
 _LINGER_READ: Final = 65536
 
@@ -474,9 +477,15 @@ def _unreadable(exc: h11.RemoteProtocolError) -> str:
     h11's messages quote the bytes it could not parse (a request or header line, up to
     the head's bound): echoed in the answer, they would put the client's bytes, control
     characters and all, in whatever shows or logs it, under relayd's name. Its words
-    before the quote are kept (``illegal header line``).
+    before the quote are kept (``illegal header line``); what is left is kept only in
+    plain words (:data:`_PLAIN`), so that an h11 that quotes another way than
+    :data:`_QUOTED` knows does not put the client's bytes back.
     """
-    reason = str(exc) if isinstance(exc, _Unreadable) else _QUOTED.sub("", str(exc))
+    if isinstance(exc, _Unreadable):
+        reason = str(exc)
+    else:
+        reason = _QUOTED.sub("", str(exc))
+        reason = reason if _PLAIN.fullmatch(reason) else ""
     return f"not a request relayd can read: {reason or 'not HTTP/1.1'}"
 
 

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from relayd.config import Settings
 
-__all__ = ["FileRead", "Reload", "changes", "files_in_force", "in_force"]
+__all__ = ["FileRead", "Reload", "changes", "files_changed", "files_in_force", "in_force"]
 
 #: A file a setting names, as a reload read it: its path, and a digest of what it held
 #: (None when it could not be read, or no file is named).
@@ -62,6 +62,22 @@ def changes(running: Settings, reloaded: Settings, files_changed: Sequence[str] 
     return Reload(
         changed=changed, restart_required=[k for k in changed if not k.startswith(_RELOADABLE)]
     )
+
+
+def files_changed(running: Mapping[str, FileRead], read: Mapping[str, FileRead]) -> list[str]:
+    """The keys whose file holds something new: used on both sides, and a new content.
+
+    A file the settings name but do not use has no digest (a tokens file with
+    ``auth.mode = "off"``, the cluster's files with ``[cluster]`` off): a reload that
+    starts or stops using it (``auth.mode``, ``cluster.enabled``) reports that key, not
+    the file. A new path is reported as the key's new value.
+    """
+    changed = []
+    for key, (_path, digest) in read.items():
+        _running_path, running_digest = running.get(key, ("", None))
+        if None not in (digest, running_digest) and digest != running_digest:
+            changed.append(key)
+    return changed
 
 
 def files_in_force(

@@ -58,7 +58,14 @@ from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
 from relayd.daemon.listeners import address, bind, bind_admin, with_tls
 from relayd.daemon.poller import POLLER_TASK, ReadPoller
-from relayd.daemon.reload import FileRead, Reload, changes, files_in_force, in_force
+from relayd.daemon.reload import (
+    FileRead,
+    Reload,
+    changes,
+    files_changed,
+    files_in_force,
+    in_force,
+)
 from relayd.policy.auth import Authenticator
 from relayd.routing.factory import build_router
 from relayd.routing.interface import Router
@@ -246,8 +253,7 @@ class Server:
         than the open-file budget holds are warned about, as at start.
         """
         read = files or {}
-        files_changed = [key for key, file in read.items() if file != self._files.get(key, file)]
-        result = changes(self._settings, settings, files_changed)
+        result = changes(self._settings, settings, files_changed(self._files, read))
         before, after = self._settings.limits, settings.limits
         caps = (after.max_connections, after.max_handshakes)
         if self._accepting and caps != (before.max_connections, before.max_handshakes):

@@ -29,7 +29,8 @@ from typing import Final
 
 import trio
 
-from relayd.config import DRAIN_SLACK_S, Settings
+from relayd.config import Settings, grace_too_short
+from relayd.config_sources import Loaded
 from relayd.daemon.addresses import show
 from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
@@ -56,9 +57,10 @@ _ADMIN_HINT: Final = (
     "or admin.enabled = false"
 )
 
-#: Reads the settings anew for a reload: the settings, the authenticator, and the files
-#: the settings name as read now (:meth:`~relayd.daemon.server.Server.reload`).
-Reloader = Callable[[], tuple[Settings, Authenticator | None, Mapping[str, FileRead]]]
+#: Reads the settings anew for a reload: the settings (with where each came from), the
+#: authenticator, and the files the settings name as read now
+#: (:meth:`~relayd.daemon.server.Server.reload`).
+Reloader = Callable[[], tuple[Loaded, Authenticator | None, Mapping[str, FileRead]]]
 
 
 async def run_daemon(
@@ -181,7 +183,8 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
     try:
         refused: str | None = None
         try:
-            settings, authenticator, files = reload_settings()
+            loaded, authenticator, files = reload_settings()
+            settings = loaded.settings
         except ConfigError as exc:
             # One line, as logging.md promises: str(exc) has a line per problem.
             refused = "; ".join(problem.line for problem in exc.problems)
@@ -190,7 +193,7 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
             refused = f"relayd could not read its settings: {type(exc).__name__}: {exc}"
         else:
             weakened = weakenings(server.settings, settings)
-            refused = _unstated(weakened) or _grace_too_short(server.settings, settings)
+            refused = _unstated(weakened) or _grace_too_short(server.settings, loaded)
         if refused is not None:  # the old settings stay
             server.stats.count_reload(applied=False)
             log.error("config.reload", applied=False, reason=refused)
@@ -214,20 +217,21 @@ def _reload(server: Server, reload_settings: Reloader, notifier: Notifier) -> No
             notifier.ready(_status_line(server, 0.0))
 
 
-def _grace_too_short(running: Settings, reloaded: Settings) -> str | None:
+def _grace_too_short(running: Settings, reloaded: Loaded) -> str | None:
     """Why a reload's grace is refused: too short for the ``reply_timeout_s`` in force.
 
     The file's settings passed the same rule, but ``[cluster]`` needs a restart: a
     reload that lowers ``reply_timeout_s`` and the grace together keeps the old one.
+    As ``check-config`` prints it: ``key: reason (source)``.
     """
-    cluster, grace = running.cluster, reloaded.server.shutdown_grace_s
-    if not cluster.enabled or grace > cluster.reply_timeout_s + DRAIN_SLACK_S:
+    cluster, key = running.cluster, "server.shutdown_grace_s"
+    if not cluster.enabled:
         return None
-    return (
-        f"server.shutdown_grace_s = {grace:g} must be more than cluster.reply_timeout_s +"
-        f" {DRAIN_SLACK_S:g} s in a cluster, and the reply_timeout_s in force is"
-        f" {cluster.reply_timeout_s:g} s until a restart"
-    )
+    grace_s = reloaded.settings.server.shutdown_grace_s
+    reason = grace_too_short(grace_s, cluster.reply_timeout_s, "in force until a restart")
+    if reason is None:
+        return None
+    return ConfigError(reason, key=key, source=reloaded.source(key)).line
 
 
 def _unstated(weakened: list[Weakening]) -> str | None:
