@@ -262,37 +262,47 @@ async def _writer_task_between_writes(r: Rig) -> bytes:
     return data
 
 
+def _route(r: Rig, frames: list[bytes]) -> list[bytes]:
+    """Hand ``frames`` to the connection in one routing batch, as Connection.deliver does.
+
+    Returns the frames queued, in order; the rest were refused (``recipient_busy``).
+    """
+    queued = []
+    with routing_batch():
+        for frame in frames:
+            offered = r.outbox.offer(frame)
+            if offered is Offer.FULL and r.writer.make_room():
+                offered = r.outbox.offer(frame)
+            if offered is Offer.QUEUED:
+                r.writer.wake()
+                queued.append(frame)
+    return queued
+
+
 async def test_a_batch_that_fills_the_outbox_while_a_writer_task_waits_is_written_now() -> None:
     # Between two of a writer task's writes, the router's batch filled the outbox (it
     # holds 8) and the task could not run until the batch ended: the recipient reads,
     # yet every delivery past the outbox was refused recipient_busy.
     async with rig(send_buffer=4096) as r:
         await _writer_task_between_writes(r)
+        task = set(r.nursery.child_tasks)
         frames = [text_frame(b"m%d" % n) for n in range(20)]
-        with routing_batch():
-            for frame in frames:
-                offered = r.outbox.offer(frame)
-                if offered is Offer.FULL:
-                    assert r.writer.make_room()
-                    offered = r.outbox.offer(frame)
-                assert offered is Offer.QUEUED
-                r.writer.wake()
+        assert _route(r, frames) == frames
         data = await r.read(sum(map(len, frames)))
         assert server_frames(data, after_head=False) == [(0x1, b"m%d" % n) for n in range(20)]
         await trio.testing.wait_all_tasks_blocked()
         assert r.writer.messages_out == 21
-        assert r.tasks() == 1  # the same task, still waiting: none was started beside it
+        assert set(r.nursery.child_tasks) == task  # the same task, none started beside it
 
 
 async def test_what_an_early_write_leaves_goes_before_the_running_tasks_next_frames() -> None:
     async with rig(send_buffer=4096) as r:
         first = await _writer_task_between_writes(r)
-        big = text_frame(b"y" * 100_000)
+        big, after = text_frame(b"y" * 100_000), text_frame(b"after")
         with routing_batch():
             assert r.outbox.offer(big) is Offer.QUEUED
             r.writer.wake()
             assert r.writer.make_room()  # the socket takes part of it; the task the rest
-            after = text_frame(b"after")
             assert r.outbox.offer(after) is Offer.QUEUED
             r.writer.wake()
         data = await r.read(len(big) + len(after))
@@ -300,6 +310,30 @@ async def test_what_an_early_write_leaves_goes_before_the_running_tasks_next_fra
         await trio.testing.wait_all_tasks_blocked()
         written = len(first) + len(big) + len(after)
         assert (r.writer.messages_out, r.writer.bytes_out) == (3, written)
+
+
+async def test_the_rest_of_an_early_write_is_written_with_nothing_queued_after_it() -> None:
+    async with rig(send_buffer=4096) as r:
+        await _writer_task_between_writes(r)
+        big = text_frame(b"y" * 100_000)
+        with routing_batch():
+            assert r.outbox.offer(big) is Offer.QUEUED
+            r.writer.wake()
+            assert r.writer.make_room()
+        assert server_frames(await r.read(len(big)), after_head=False) == [(0x1, b"y" * 100_000)]
+
+
+async def test_a_second_full_outbox_in_one_batch_waits_for_the_rest_of_the_first_write() -> None:
+    # The first early write left part of a frame unwritten (the socket is full): the next
+    # delivery to find the outbox full is refused, never written around that rest.
+    async with rig(send_buffer=4096) as r:
+        await _writer_task_between_writes(r)
+        frames = [text_frame(bytes([65 + n]) * 30_000) for n in range(20)]
+        queued = _route(r, frames)
+        assert frames[:9] == queued[:9]  # the outbox's 8 and the one after the early write
+        assert len(queued) < len(frames)  # refused: recipient_busy
+        data = await r.read(sum(map(len, queued)))
+        assert server_frames(data, after_head=False) == [(0x1, f[4:]) for f in queued]
 
 
 async def test_no_early_write_while_the_writer_task_is_in_a_write_of_its_own() -> None:
@@ -310,6 +344,30 @@ async def test_no_early_write_while_the_writer_task_is_in_a_write_of_its_own() -
         r.queue(big)
         await trio.testing.wait_all_tasks_blocked()  # the task waits for the socket
         assert (r.tasks(), r.writer.bytes_out) == (1, 0)
-        assert not r.writer.make_room()
-        data = await r.read(len(big))
-        assert server_frames(data, after_head=False) == [(0x1, b"x" * 200_000)]
+        small = [text_frame(b"m%d" % n) for n in range(12)]
+        queued = _route(r, small)
+        assert queued == small[:8]  # the outbox's 8; the rest refused
+        data = await r.read(len(big) + sum(map(len, queued)))
+        assert server_frames(data, after_head=False) == [(0x1, b"x" * 200_000)] + [
+            (0x1, b"m%d" % n) for n in range(8)
+        ]
+
+
+async def test_a_writer_task_cancelled_before_it_wrote_the_rest_of_an_early_write() -> None:
+    # Cancelled while it waited (its nursery, a close's bound), and a routing batch ran
+    # before it did: the frame the early write began is cut short. It is counted as
+    # dropped and the transport broken, so that nothing is written behind half a frame.
+    async with rig(send_buffer=4096) as r:
+        await _writer_task_between_writes(r)
+        r.writer.stop()
+        big = text_frame(b"y" * 100_000)
+        with routing_batch():
+            assert r.outbox.offer(big) is Offer.QUEUED
+            r.writer.wake()
+            assert r.writer.make_room()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not r.writer.running
+        assert (r.writer.messages_out, r.writer.dropped) == (1, 1)
+        assert r.transport.broken
+        r.queue(text_frame(b"after"))
+        assert r.writer.messages_out == 1  # not written behind the cut frame

@@ -295,18 +295,19 @@ class Writer:
         write made early, from the caller's task: what the socket takes at once, the
         rest (and the writes after it) left to a writer task, the running one or a new
         one, which writes that rest before anything else. Not while a writer task is
-        in a write of its own (the socket is full: the refusal is right), nor for a
-        stream that cannot be written without waiting (relayd's own TLS). Never waits.
+        in a write of its own, or has the rest of an early write still to write (the
+        socket is full: the refusal is right), nor for a stream that cannot be written
+        without waiting (relayd's own TLS). Never waits.
 
         Returns:
-            True if frames were taken from the outbox (it may have room now).
+            True if the outbox was written from (it may have room now).
         """
         nursery = self._nursery
         if nursery is None or not (self._lifecycle.reading and self._transport.direct):
             return False  # closing, or TLS: the batch's end or the writer task sees to it
         if self._running:
             # Parked, or woken and not yet run: between two of its writes.
-            if self._sending or self._pending:
+            if self._sending or self._pending or not self._outbox.has_frames():
                 return False
             if not self._write_now() and self._wake is not None:
                 self._wake.unpark()  # it writes the rest first
@@ -387,6 +388,12 @@ class Writer:
             with contextlib.suppress(Exception):
                 self._owner.client_gone()
         finally:
+            if self._pending:
+                # Cancelled (or crashed) before it wrote the rest of a frame an early
+                # write began (make_room): the frame is cut short on the wire.
+                self.dropped += self._pending_messages
+                self._pending = b""
+                self._transport.broken = True
             self._running = False
             self._wake = self._scope = None
             if self._ended:
