@@ -9,9 +9,11 @@ after them so that other tests' ``capture_logs`` still see every event.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -852,3 +854,67 @@ def test_every_error_event_is_counted_written_or_left_out(configured: io.StringI
     written = [line for line in lines_of(configured) if '"event":"error"' in line]
     assert 0 < len(written) < 100  # the budget left some out
     assert internal_errors() - before == 100
+
+
+#: What an event's name looks like: ``section.event``, or ``error``.
+_EVENT_NAME: Final = re.compile(r"[a-z]+\.[a-z_]+|error")
+#: docs/logging.md's events, each with the fields its table names.
+DOCUMENTED: Final = {
+    section.partition("\n")[0].strip(): {
+        field
+        for table in re.findall(r"^\| Field \| Type \| Meaning \|\n((?:\|.*\n)+)", section, re.M)
+        for row in table.splitlines()[1:]
+        for field in re.findall(r"`([a-z_]+)`", row.split("|")[1])
+    }
+    for section in re.split(
+        r"^### ",
+        (Path(relayd.__file__).parents[1] / "docs" / "logging.md")
+        .read_text()
+        .partition("\n## Events\n")[2]
+        .partition("\n## jq recipes\n")[0],
+        flags=re.M,
+    )[1:]
+}
+
+
+def logged_fields() -> dict[str, set[str]]:
+    """Every event relayd's code logs with keyword fields, and the fields, read from its source.
+
+    An event is a call whose first or second argument is the event's name (``log.info(name,
+    ...)``, ``info_line(log, name, ...)``); ``exc_info`` is written as ``exception``.
+    """
+    found: dict[str, set[str]] = {}
+    for path in Path(relayd.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            keywords = [keyword.arg for keyword in getattr(node, "keywords", [])]
+            if not isinstance(node, ast.Call) or not keywords or None in keywords:
+                continue  # no fields, or fields not named here (``**fields``)
+            for argument in node.args[:2]:
+                choices = (
+                    [argument.body, argument.orelse]
+                    if isinstance(argument, ast.IfExp)
+                    else [argument]
+                )
+                for choice in choices:
+                    name = choice.value if isinstance(choice, ast.Constant) else None
+                    if isinstance(name, str) and _EVENT_NAME.fullmatch(name):
+                        found.setdefault(name, set()).update(
+                            "exception" if key == "exc_info" else str(key) for key in keywords
+                        )
+    return found
+
+
+def test_logging_md_documents_every_event_and_exactly_its_fields() -> None:
+    # The events whose fields the code passes by name are read from the source; the
+    # others' are written here: message.relay's pinned above against a running server,
+    # library.log's from relayd.telemetry.log._LibraryLogs (an exception only when the
+    # record has one).
+    pinned = {
+        "message.relay": RELAY_FIELDS | {"body"},
+        "library.log": COMMON | {"logger", "message", "exception"},
+    }
+    logged = logged_fields() | {event: fields - COMMON for event, fields in pinned.items()}
+    assert len(DOCUMENTED) >= 20
+    assert set(DOCUMENTED) == set(logged)
+    for event, fields in logged.items():
+        assert DOCUMENTED[event] == fields, event
