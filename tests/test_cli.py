@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -986,3 +987,18 @@ def test_a_reload_reports_the_tokens_file_it_applied_not_a_second_read(
         str(tokens),
         hashlib.sha256(b"alice " + b"a" * 20 + b"\n").digest(),
     )
+
+
+def test_the_flags_the_docs_list_are_the_ones_relayd_takes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # README ("Running it") and docs/operations.md (the sources of settings) list the
+    # flags that override settings, after --config.
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    taken = set(re.findall(r"(--[a-z-]+)", capsys.readouterr().out)) - {"--help", "--config"}
+    root = Path(__file__).resolve().parents[1]
+    for path in [root / "README.md", root / "docs" / "operations.md"]:
+        listed = re.search(r"command-line flags \(((?:`--[a-z-]+`,?\s*)+)\)", path.read_text())
+        assert listed is not None, path.name
+        assert set(re.findall(r"`(--[a-z-]+)`", listed[1])) == taken, path.name
