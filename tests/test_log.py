@@ -921,3 +921,22 @@ def test_logging_md_documents_every_event_and_exactly_its_fields() -> None:
         assert set(table) == {field for call in fields for field in call}, event
         for call in fields:
             assert [field for field in table if field in call] == call, event
+
+
+def test_every_log_line_the_docs_show_has_its_events_fields_in_order() -> None:
+    # The captured lines in README and docs/: each names a documented event, and has only
+    # that event's fields, in its table's order. A line with another event's field at null
+    # is the output of a jq recipe that picks the same fields from every line, not relayd's.
+    root = Path(relayd.__file__).parents[1]
+    shown = 0
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for line in re.findall(r'\{"ts":"[^"]+","level":.*\}', path.read_text()):
+            event = json.loads(line)
+            _ts, _level, name, *fields = event
+            assert name == "event", line
+            table = DOCUMENTED[event["event"]]
+            if any(event[field] is None and field not in table for field in fields):
+                continue
+            assert [field for field in table if field in fields] == fields, (path.name, line)
+            shown += 1
+    assert shown >= 100
