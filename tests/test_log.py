@@ -858,22 +858,25 @@ def test_every_error_event_is_counted_written_or_left_out(configured: io.StringI
 
 #: What an event's name looks like: ``section.event``, or ``error``.
 _EVENT_NAME: Final = re.compile(r"[a-z]+\.[a-z_]+|error")
-#: docs/logging.md's events, each with the fields its table names, in the table's order.
-DOCUMENTED: Final = {
+#: docs/logging.md.
+LOGGING_MD: Final = Path(relayd.__file__).parents[1] / "docs" / "logging.md"
+#: Its "Events" part, and what follows it (the jq recipes, the fields that may be null).
+_EVENTS_MD, _, _AFTER_EVENTS_MD = (
+    LOGGING_MD.read_text().partition("\n## Events\n")[2].partition("\n## jq recipes\n")
+)
+#: Each event's field table: (the field cell, the type cell) of each row.
+_FIELD_ROWS: Final = {
     section.partition("\n")[0].strip(): [
-        field
+        (row.split("|")[1], row.split("|")[2])
         for table in re.findall(r"^\| Field \| Type \| Meaning \|\n((?:\|.*\n)+)", section, re.M)
         for row in table.splitlines()[1:]
-        for field in re.findall(r"`([a-z_]+)`", row.split("|")[1])
     ]
-    for section in re.split(
-        r"^### ",
-        (Path(relayd.__file__).parents[1] / "docs" / "logging.md")
-        .read_text()
-        .partition("\n## Events\n")[2]
-        .partition("\n## jq recipes\n")[0],
-        flags=re.M,
-    )[1:]
+    for section in re.split(r"^### ", _EVENTS_MD, flags=re.M)[1:]
+}
+#: docs/logging.md's events, each with the fields its table names, in the table's order.
+DOCUMENTED: Final = {
+    event: [field for name, _kind in rows for field in re.findall(r"`([a-z_]+)`", name)]
+    for event, rows in _FIELD_ROWS.items()
 }
 
 
@@ -940,3 +943,18 @@ def test_every_log_line_the_docs_show_has_its_events_fields_in_order() -> None:
             assert [field for field in table if field in fields] == fields, (path.name, line)
             shown += 1
     assert shown >= 100
+
+
+def test_logging_md_lists_every_field_that_may_be_null() -> None:
+    # Its "Fields that may be null" table says every other field is never null: each
+    # field whose type in its event's table says "or null" is listed there.
+    nullable = {
+        (event, field)
+        for event, rows in _FIELD_ROWS.items()
+        for name, kind in rows
+        if "null" in kind
+        for field in re.findall(r"`([a-z_]+)`", name)
+    }
+    listed = set(re.findall(r"^\| `([a-z_.]+)` \| `([a-z_]+)` \|", _AFTER_EVENTS_MD, re.M))
+    assert len(nullable) >= 8
+    assert nullable <= listed
