@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -1003,3 +1004,18 @@ def test_a_reload_digests_the_api_key_only_with_the_admin_listener_on(
     assert api_key == b"k" * 32
     digest = hashlib.sha256(key.read_bytes()).digest() if enabled else None
     assert files["admin.api_key_file"] == (str(key), digest)
+
+
+def test_the_flags_the_docs_list_are_the_ones_relayd_takes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # README ("Running it") and docs/operations.md (the sources of settings) list the
+    # flags that override settings, after --config.
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    taken = set(re.findall(r"(--[a-z-]+)", capsys.readouterr().out)) - {"--help", "--config"}
+    root = Path(__file__).resolve().parents[1]
+    for path in [root / "README.md", root / "docs" / "operations.md"]:
+        listed = re.search(r"command-line flags \(((?:`--[a-z-]+`,?\s*)+)\)", path.read_text())
+        assert listed is not None, path.name
+        assert set(re.findall(r"`(--[a-z-]+)`", listed[1])) == taken, path.name

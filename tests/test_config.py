@@ -6,6 +6,7 @@ environment nor its /etc/relayd/relayd.toml can leak in.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,12 +15,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from relayd import config_sources
 from relayd.config import (
     DEFAULT_CONFIG_PATH,
     MAX_REPLY_TIMEOUT_S,
     AdminSettings,
+    LimitsSettings,
     Settings,
     settings_as_json,
 )
@@ -734,6 +737,65 @@ def test_every_shipped_key_is_commented() -> None:
     for number, line in enumerate(lines):
         if line and not line.startswith(("#", "[")):
             assert lines[number - 1].startswith("#"), f"no comment above: {line}"
+
+
+def comments_above(lines: list[str], number: int) -> str:
+    """The comment lines just above line ``number``, joined."""
+    start = number
+    while start > 0 and lines[start - 1].startswith("#"):
+        start -= 1
+    return " ".join(line.lstrip("# ") for line in lines[start:number])
+
+
+def bounds(field: FieldInfo) -> dict[str, float]:
+    """A numeric setting's bounds, by kind: ``ge``, ``gt``, ``le``, ``lt``."""
+    found: dict[str, float] = {}
+    for constraint in field.metadata:
+        for kind in ("ge", "gt", "le", "lt"):
+            if isinstance(value := getattr(constraint, kind, None), int | float):
+                found[kind] = value
+    return found
+
+
+@pytest.mark.parametrize("section", ["limits", "cluster"])
+def test_the_shipped_comments_state_every_bound_other_than_over_0(section: str) -> None:
+    # [limits] says "every number must be > 0 unless it says 0 turns it off", [cluster]
+    # "every number must be > 0": a key whose bound is another says which, in its comment.
+    lines = SHIPPED_CONFIG.read_text().splitlines()
+    model = getattr(Settings(), section)
+    checked = 0
+    for name, field in type(model).model_fields.items():
+        found = bounds(field)
+        if field.annotation not in (int, float) or not found:
+            continue
+        number = lines.index(f"{name} = {getattr(model, name)!r}".replace("'", '"'))
+        comment = comments_above(lines, number)
+        low = found.get("ge")
+        if low == 0:
+            assert "0 turns" in comment, name
+        elif low is not None:
+            assert f"At least {low:g}" in comment, name
+        else:
+            assert found.get("gt") == 0, name
+        if "le" in found:
+            assert f"At most {found['le']:g}" in comment, name
+        checked += 1
+    assert checked >= 6
+
+
+def test_security_md_states_each_limits_default_and_bound() -> None:
+    # docs/security.md's table of [limits]: the default column says the default, "(0 = off)"
+    # where 0 turns a limit off, "(>= N)" for a floor other than "> 0".
+    text = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", text, re.MULTILINE))
+    limits = LimitsSettings()
+    for name, field in LimitsSettings.model_fields.items():
+        cell = rows[name].strip()
+        default, _space, note = cell.partition(" ")
+        assert float(default) == getattr(limits, name), name
+        low = bounds(field).get("ge")
+        expected = "" if low is None else "(0 = off)" if low == 0 else f"(\u2265 {low:g})"
+        assert note == expected, name
 
 
 # --- [cluster] -----------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from __future__ import annotations
 import gc
 import importlib.util
 import itertools
+import re
 import sys
 import tracemalloc
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
@@ -1067,6 +1069,20 @@ def test_each_violation_closes_with_its_documented_code_and_reason(
 ) -> None:
     error = violation(data, 1000)
     assert (error.code, error.reason) == (code, reason)
+
+
+def test_security_md_lists_exactly_the_violations_tested_here() -> None:
+    # Its "Protocol violations" table: one row per kind, numbers as captured (an opcode,
+    # a close code, the limit); "too many frames" is the pacing's, tested above.
+    text = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+    section = text.partition("\n## Protocol violations\n")[2].partition("\n## ")[0]
+    rows = re.findall(r"^\| [^|]+ \| (\d{4}) \| `([^`]+)`", section, re.MULTILINE)
+
+    def kind(code: object, reason: object) -> tuple[int, str]:
+        return int(str(code)), re.sub(r"\d+", "N", str(reason))
+
+    tested = {kind(*param.values[1:]) for param in DOCUMENTED_VIOLATIONS}
+    assert {kind(*row) for row in rows} == tested | {(1008, "too many frames")}
 
 
 def test_a_64_bit_length_split_after_another_frame_waits_for_its_last_byte() -> None:

@@ -9,9 +9,11 @@ after them so that other tests' ``capture_logs`` still see every event.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -852,3 +854,107 @@ def test_every_error_event_is_counted_written_or_left_out(configured: io.StringI
     written = [line for line in lines_of(configured) if '"event":"error"' in line]
     assert 0 < len(written) < 100  # the budget left some out
     assert internal_errors() - before == 100
+
+
+#: What an event's name looks like: ``section.event``, or ``error``.
+_EVENT_NAME: Final = re.compile(r"[a-z]+\.[a-z_]+|error")
+#: docs/logging.md.
+LOGGING_MD: Final = Path(relayd.__file__).parents[1] / "docs" / "logging.md"
+#: Its "Events" part, and what follows it (the jq recipes, the fields that may be null).
+_EVENTS_MD, _, _AFTER_EVENTS_MD = (
+    LOGGING_MD.read_text().partition("\n## Events\n")[2].partition("\n## jq recipes\n")
+)
+#: Each event's field table: (the field cell, the type cell) of each row.
+_FIELD_ROWS: Final = {
+    section.partition("\n")[0].strip(): [
+        (row.split("|")[1], row.split("|")[2])
+        for table in re.findall(r"^\| Field \| Type \| Meaning \|\n((?:\|.*\n)+)", section, re.M)
+        for row in table.splitlines()[1:]
+    ]
+    for section in re.split(r"^### ", _EVENTS_MD, flags=re.M)[1:]
+}
+#: docs/logging.md's events, each with the fields its table names, in the table's order.
+DOCUMENTED: Final = {
+    event: [field for name, _kind in rows for field in re.findall(r"`([a-z_]+)`", name)]
+    for event, rows in _FIELD_ROWS.items()
+}
+
+
+def logged_fields() -> dict[str, list[list[str]]]:
+    """Every event relayd's code logs with keyword fields, and each call's, read from its source.
+
+    An event is a call whose first or second argument is the event's name (``log.info(name,
+    ...)``, ``info_line(log, name, ...)``); ``exc_info`` is written as ``exception``.
+    """
+    found: dict[str, list[list[str]]] = {}
+    for path in Path(relayd.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            keywords = [keyword.arg for keyword in getattr(node, "keywords", [])]
+            if not isinstance(node, ast.Call) or not keywords or None in keywords:
+                continue  # no fields, or fields not named here (``**fields``)
+            for argument in node.args[:2]:
+                choices = (
+                    [argument.body, argument.orelse]
+                    if isinstance(argument, ast.IfExp)
+                    else [argument]
+                )
+                for choice in choices:
+                    name = choice.value if isinstance(choice, ast.Constant) else None
+                    if isinstance(name, str) and _EVENT_NAME.fullmatch(name):
+                        found.setdefault(name, []).append(
+                            ["exception" if key == "exc_info" else str(key) for key in keywords]
+                        )
+    return found
+
+
+def test_logging_md_documents_every_event_and_exactly_its_fields() -> None:
+    # The events whose fields the code passes by name are read from the source, each
+    # call's in its order (a line's order: logging.md says its tables show it); the
+    # others' are written here: message.relay's pinned above against a running server,
+    # library.log's from relayd.telemetry.log._LibraryLogs (an exception only when the
+    # record has one).
+    calls = logged_fields()
+    calls["message.relay"] = [["from", "to", "bytes", "outcome", "body"]]
+    calls["library.log"] = [["logger", "message", "exception"]]
+    assert set(calls["message.relay"][0]) == RELAY_FIELDS - COMMON | {"body"}
+    assert len(DOCUMENTED) >= 20
+    assert set(DOCUMENTED) == set(calls)
+    for event, fields in calls.items():
+        table = DOCUMENTED[event]
+        assert set(table) == {field for call in fields for field in call}, event
+        for call in fields:
+            assert [field for field in table if field in call] == call, event
+
+
+def test_every_log_line_the_docs_show_has_its_events_fields_in_order() -> None:
+    # The captured lines in README and docs/: each names a documented event, and has only
+    # that event's fields, in its table's order. A line with another event's field at null
+    # is the output of a jq recipe that picks the same fields from every line, not relayd's.
+    root = Path(relayd.__file__).parents[1]
+    shown = 0
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for line in re.findall(r'\{"ts":"[^"]+","level":.*\}', path.read_text()):
+            event = json.loads(line)
+            _ts, _level, name, *fields = event
+            assert name == "event", line
+            table = DOCUMENTED[event["event"]]
+            if any(event[field] is None and field not in table for field in fields):
+                continue
+            assert [field for field in table if field in fields] == fields, (path.name, line)
+            shown += 1
+    assert shown >= 100
+
+
+def test_logging_md_lists_every_field_that_may_be_null() -> None:
+    # Its "Fields that may be null" table says every other field is never null: each
+    # field whose type in its event's table says "or null" is listed there.
+    nullable = {
+        (event, field)
+        for event, rows in _FIELD_ROWS.items()
+        for name, kind in rows
+        if "null" in kind
+        for field in re.findall(r"`([a-z_]+)`", name)
+    }
+    listed = set(re.findall(r"^\| `([a-z_.]+)` \| `([a-z_]+)` \|", _AFTER_EVENTS_MD, re.M))
+    assert len(nullable) >= 8
+    assert nullable <= listed

@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from relayd.daemon.server import Server
+from relayd.routing.cluster.link import Health
+from relayd.routing.cluster.metrics import ClusterCollector
+from relayd.telemetry.metrics import Stats, StatsCollector
 from tests.client import connect, running, settings
 from tests.e2e.harness import REPO_ROOT, require_tool
 
@@ -67,6 +71,20 @@ def promtool(*args: str, cwd: Path) -> str:
 def dashboard_queries() -> list[str]:
     dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text())
     return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def exposed_names(source: Collector) -> set[str]:
+    """Every series name a registry or collector exposes, a histogram's three included."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(source)
+    exposed = set()
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith("# TYPE "):
+            _hash, _type, name, kind = line.split()
+            exposed.add(name)
+            if kind == "histogram":
+                exposed |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    return exposed
 
 
 def test_the_alert_rules_are_valid_and_pass_their_unit_tests() -> None:
@@ -118,16 +136,37 @@ async def test_every_metric_the_kit_reads_is_one_relayd_exposes() -> None:
         await a.send(b.id, "hello")
         await b.recv()
         await trio.testing.wait_all_tasks_blocked()
-    exposed = set()
-    for line in generate_latest(server.registry).decode().splitlines():
-        if line.startswith("# TYPE "):
-            _hash, _type, name, kind = line.split()
-            exposed.add(name)
-            if kind == "histogram":
-                exposed |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    exposed = exposed_names(server.registry)
     used = set(_METRIC.findall(RULES.read_text()))
     for query in dashboard_queries():
         used |= set(_METRIC.findall(query))
     assert used - CLUSTER_ONLY <= exposed, sorted(used - CLUSTER_ONLY - exposed)
     assert "relayd_build_info" in used
     assert "relayd_config_last_reload_successful" in used
+
+
+def test_every_metric_is_documented_and_every_documented_metric_exists() -> None:
+    # docs/operations.md's table lists relayd's own metrics, docs/scaling.md the cluster's
+    # (by their names after relayd_cluster_); a metric added, renamed or dropped in the code
+    # and not in the docs fails here.
+    own = exposed_names(StatsCollector(Stats(), lambda: (0, 0, 0)))
+    cluster = exposed_names(ClusterCollector(Health(), lambda: 0))
+    assert own
+    assert cluster
+    assert not own & cluster
+    operations = (REPO_ROOT / "docs" / "operations.md").read_text()
+    table = set(re.findall(r"^\| `(relayd_[a-z_]*[a-z])[`{]", operations, re.MULTILINE))
+    histograms = {name.removesuffix("_bucket") for name in own if name.endswith("_bucket")}
+    assert table == {name for name in own if not name.endswith(("_bucket", "_sum", "_count"))}
+    assert histograms <= table
+    scaling = (REPO_ROOT / "docs" / "scaling.md").read_text()
+    listed = re.search(r"Metrics\s+\(`/metrics`, all `relayd_cluster_\*`\):(.*?);", scaling, re.S)
+    assert listed is not None
+    names = {f"relayd_cluster_{name}" for name in re.findall(r"`([a-z_]+)`", listed[1])}
+    assert names == cluster
+    # Every relayd_ name any doc or the README mentions is one relayd exposes (a prefix
+    # such as relayd_cluster_ stands for the cluster's).
+    for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        for name in set(_METRIC.findall(path.read_text())):
+            if name.startswith("relayd_") and not name.endswith("_"):
+                assert name in own | cluster, f"{path.name}: {name}"

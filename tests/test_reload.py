@@ -5,11 +5,14 @@ The server applying a reload to open connections is tested in ``test_server.py``
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 
 from relayd.config import Settings
+from relayd.config_keys import SECTIONS, TYPES
 from relayd.daemon.reload import Reload, changes, files_in_force, in_force
 
 
@@ -57,3 +60,27 @@ def test_a_reload_applies_the_files_it_may_and_keeps_the_start_s_others() -> Non
         "auth.tokens_file": ("/t", b"new"),
         "tls.cert_file": ("/c", b"old"),
     }
+
+
+def test_operations_md_says_what_a_reload_does_with_each_setting() -> None:
+    # docs/operations.md's table "After a reload": every setting in one row, and the
+    # row that says "restart needed" holds exactly those a reload cannot apply.
+    text = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    table = text.partition("| Setting | After a reload |\n|---|---|\n")[2].partition("\n\n")[0]
+    settings = {key for key in TYPES if key not in SECTIONS}
+    rows: dict[str, str] = {}
+    for cells, effect in re.findall(r"^\| (.*) \| (.*) \|$", table, re.MULTILINE):
+        section = ""
+        for name in re.findall(r"`([^`]+)`", cells):
+            if name.startswith("[") or name.endswith(".*"):  # [admin], tls.*: a section
+                prefix = name.strip("[]").removesuffix("*").removesuffix(".") + "."
+                named = {key for key in settings if key.startswith(prefix)}
+            else:  # limits.message_burst, or message_burst after another limits. key
+                section = name.partition(".")[0] if "." in name else section
+                named = {name if "." in name else f"{section}.{name}"}
+            assert named <= settings, name
+            assert not named & set(rows), name
+            rows |= dict.fromkeys(named, effect)
+    assert set(rows) == settings
+    restart = {key for key, effect in rows.items() if effect.startswith("restart needed")}
+    assert set(changes(Settings(), Settings(), sorted(settings)).restart_required) == restart

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from relayd.errors import ErrorCode
+from relayd.errors import CloseCode, ErrorCode
 from relayd.routing.replies import DETAILS, ack_frame, error_frame, too_large_detail
 from relayd.telemetry.metrics import Stats
 from relayd.wire.dialects import Dialect
@@ -111,3 +113,24 @@ def test_an_ack_names_the_ref_in_relayd_v1() -> None:
 @pytest.mark.parametrize(("dialect", "ref"), [("relayd.v1", None), ("seed", "c-1"), ("seed", None)])
 def test_no_ack_without_a_ref_or_in_the_seed_dialect(dialect: str, ref: str | None) -> None:
     assert ack_frame(Dialect(dialect), ref) is None
+
+
+def test_the_docs_tables_name_every_error_and_close_code_and_no_other() -> None:
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    protocol = (docs / "protocol.md").read_text()
+
+    def section(text: str, heading: str) -> str:
+        return text.partition(f"\n{heading}\n")[2].partition("\n## ")[0]
+
+    def first_column(text: str, pattern: str) -> set[str]:
+        return set(re.findall(rf"^\| {pattern} \|", text, re.MULTILINE))
+
+    errors = first_column(section(protocol, "## Error codes"), r"`([a-z_]+)`")
+    assert errors - {"error"} == set(ErrorCode)  # "error" heads the table
+    # logging.md's message.relay outcomes: delivered, or the error the sender was told.
+    relay = section((docs / "logging.md").read_text(), "### message.relay")
+    outcomes = set(re.findall(r"`([a-z_]+)`", " ".join(re.findall(r"^\| (`.*?) \|", relay, re.M))))
+    assert {"delivered", *ErrorCode} <= outcomes
+    # Every code relayd closes with; 1005 (a close frame without a code) never goes out.
+    closes = first_column(section(protocol, "## Close codes"), r"(\d{4})")
+    assert {int(code) for code in closes} == set(CloseCode) - {CloseCode.NO_STATUS}
