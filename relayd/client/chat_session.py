@@ -78,6 +78,9 @@ class Session:
         self._slowed = False  # told the person that the server's rate limit slows sends
         self._turn = 0.0  # seed dialect: trio.current_time() from which the next may go
         self._paced_from: float | None = None  # when lines began to wait in a row
+        # relayd.v1: the first wait after a refusal once one was refused again (the
+        # announced rate is stale: a reload lowered it), for every later message too.
+        self._rate_wait: float | None = None
 
     async def run(self) -> bool:
         """Chat until the person quits or the server closes; True if the person quit."""
@@ -194,7 +197,8 @@ class Session:
             await self._seed_pace(to, rate)
             await self._client.send(to, message)
             return
-        first = wait = first_rate_wait(rate)
+        first = wait = first_rate_wait(rate) if self._rate_wait is None else self._rate_wait
+        refused = False
         while True:
             try:
                 await self._client.send(to, message)
@@ -207,6 +211,16 @@ class Session:
                     )
             else:
                 return
+            if refused:
+                # Refused again: the announced rate is not the one in force (a reload
+                # lowered it). Back to the waits for a rate unknown: a second at least,
+                # doubling; and the next message starts from the wait reached, not from
+                # the announced rate (each refusal takes a token from relayd's second
+                # bucket: refused twice a line, lines at 1 a second ran it dry at a
+                # burst of 3, and the connection closed with 1008).
+                wait = min(max(wait * 2, RATE_WAIT_S), max(first, RATE_WAIT_MAX_S))
+                self._rate_wait = wait
+            refused = True
             try:
                 await trio.sleep(wait)
             except trio.Cancelled:  # the person quit, or the server closed, meanwhile
@@ -215,9 +229,6 @@ class Session:
                     " server's rate limit, and not sent again before the end)"
                 )
                 raise
-            # Refused again: the announced rate is not the one in force (a reload lowered
-            # it). Back to the waits for a rate unknown: a second at least, doubling.
-            wait = min(max(wait * 2, RATE_WAIT_S), max(first, RATE_WAIT_MAX_S))
 
     async def _seed_pace(self, to: str, rate: float) -> None:
         """Wait until a message sent now stays within ``rate``; the next's turn is set."""
