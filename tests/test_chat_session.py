@@ -128,6 +128,58 @@ async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(
         ]
 
 
+async def test_seed_lines_within_the_burst_go_at_once_at_a_low_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # They were spaced 1.1 / rate apart from the second on (5.5 s a line at 0.2 a
+    # second), the prompt held meanwhile, though relayd takes message_burst at once.
+    async with (
+        relay(messages_per_second=0.2, message_burst=20) as url,
+        connect(url) as peer,
+        connect(url, dialect="seed") as client,
+    ):
+        assert client.message_burst == 20
+        lines = [f"{peer.id} line {n}" for n in range(5)]
+        console = ScriptedConsole(lines)
+        start = trio.current_time()
+        assert await Session(client, console, "help").run()
+        assert trio.current_time() - start < 0.5
+        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(5)]
+        assert console.said == console.warned == []
+
+
+class TypingConsole(ScriptedConsole):
+    """A scripted console whose lines come a tenth of a second apart: a quick typist."""
+
+    async def readline(self, prompt: str) -> str | None:
+        await trio.sleep(0.1)
+        return await super().readline(prompt)
+
+
+async def test_seed_lines_slow_down_once_refused_after_a_reload_lowered_the_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Paced at the rate announced at connect (50 a second), lines typed 10 a second
+    # after a reload to 1 a second were refused one after another, until the 1008.
+    # The first refusal slows the chat to a line a second at most; that one line is
+    # lost (the seed dialect cannot send it again), and said so.
+    server = Server(settings())
+    async with (
+        running(server) as url,
+        connect(url) as peer,
+        connect(url, dialect="seed") as client,
+    ):
+        server.reload(settings(messages_per_second=1.0, message_burst=3), None)
+        lines = [f"{peer.id} line {n}" for n in range(10)]
+        console = TypingConsole(lines)
+        assert await Session(client, console, "help").run()
+        assert client.closed is None
+        received = [(await peer.receive()).data for _ in range(9)]
+        assert received == [f"line {n}" for n in range(10) if n != 3]
+        assert console.said == ["! rate_limited: too many messages; slow down"]
+        assert console.warned[0].startswith("a line was refused as over the server's rate")
+
+
 async def test_a_ctrl_c_while_a_line_waits_for_the_rate_names_it_not_sent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -105,6 +105,7 @@ async def test_connecting_gives_the_id_relayd_assigned_and_others_reach_it(
         assert client.url == url
         assert client.max_message_bytes == 65536  # announced by relayd at the handshake
         assert client.messages_per_second == 50.0  # so is its rate
+        assert client.message_burst == 100  # and its burst
         assert client.closed is None
         await peer.send(client.id, {"hello": [1, 2]})
         message = await client.receive()

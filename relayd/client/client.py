@@ -117,6 +117,14 @@ class Client:
         return self._link.messages_per_second if self._link is not None else None
 
     @property
+    def message_burst(self) -> int | None:
+        """The messages relayd announced this connection may send at once; None if it did not.
+
+        Beyond them, messages go at :attr:`messages_per_second`. A reload may change it.
+        """
+        return self._link.message_burst if self._link is not None else None
+
+    @property
     def closed(self) -> CloseInfo | None:
         """How the latest connection ended; None while it is open."""
         return self._link.ended() if self._link is not None else None

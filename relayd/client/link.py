@@ -63,13 +63,23 @@ from relayd.client.outstanding import Outstanding
 from relayd.errors import CloseCode
 from relayd.wire.dialects import Ack, Delivery, Dialect, Error
 
-__all__ = ["LIMIT_HEADER", "RATE_HEADER", "CloseInfo", "Link", "Sending", "run_link"]
+__all__ = [
+    "BURST_HEADER",
+    "LIMIT_HEADER",
+    "RATE_HEADER",
+    "CloseInfo",
+    "Link",
+    "Sending",
+    "run_link",
+]
 
 #: The response header in which relayd announces its ``max_message_bytes``
 #: for the connection (docs/protocol.md, "Connecting").
 LIMIT_HEADER: Final = b"relayd-max-message-bytes"
 #: The response header in which relayd announces its ``messages_per_second``.
 RATE_HEADER: Final = b"relayd-messages-per-second"
+#: The response header in which relayd announces its ``message_burst``.
+BURST_HEADER: Final = b"relayd-message-burst"
 #: How trio-websocket's own 1009 reason starts: a message over ``max_message_chars``
 #: arrived (relayd's reads ``message over N bytes``).
 _OVER_BOUND_REASON: Final = "Exceeded maximum message size"
@@ -153,8 +163,9 @@ class Link:
     ) -> None:
         self.id = client_id
         self.dialect = options.dialect
-        self.max_message_bytes = _announced_limit(ws.handshake_headers)
+        self.max_message_bytes = _announced_int(ws.handshake_headers, LIMIT_HEADER)
         self.messages_per_second = _announced_rate(ws.handshake_headers)
+        self.message_burst = _announced_int(ws.handshake_headers, BURST_HEADER)
         # The bound follows relayd's announced limit: a message over it may come from a
         # client that connected after a reload raised the limit (CloseInfo.over_bound).
         self._bound_follows = False
@@ -373,8 +384,8 @@ def _header(headers: tuple[tuple[bytes, bytes], ...], wanted: bytes) -> bytes | 
     return None
 
 
-def _announced_limit(headers: tuple[tuple[bytes, bytes], ...]) -> int | None:
-    value = _header(headers, LIMIT_HEADER)
+def _announced_int(headers: tuple[tuple[bytes, bytes], ...], wanted: bytes) -> int | None:
+    value = _header(headers, wanted)
     try:
         limit = int(value) if value is not None else 0
     except ValueError:
