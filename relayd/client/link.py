@@ -181,7 +181,12 @@ class Link:
         self._keepalive_s = options.keepalive_s
         self._next_ref = 1
         self._outstanding: Outstanding[Sending] = Outstanding()
-        self._sendings: set[Sending] = set()  # every one not settled yet
+        # Every one not settled yet, in the order submitted (a dict keeps it; a set did not:
+        # the unwritten ones, sent again after a reconnect, went in any order).
+        self._sendings: dict[Sending, None] = {}
+        # Where fail_all puts the unwritten ones, in the order submitted: the client's
+        # list (set by its on_open), which sends them again before any later send.
+        self.carried: list[Sending] = []
         # Withdrawn while queued: each still takes its place in the queue, and so
         # keeps its sender's slot until the writer passes over it.
         self._withdrawn: set[Sending] = set()
@@ -229,7 +234,7 @@ class Link:
         if ref is not None:
             self._next_ref += 1
             self._outstanding.add(ref, sending)
-        self._sendings.add(sending)
+        self._sendings[sending] = None
         return sending
 
     def abandon(self, sending: Sending) -> None:
@@ -244,7 +249,7 @@ class Link:
         if sending.state is _State.QUEUED:
             if sending.ref is not None:
                 self._outstanding.forget(sending.ref)
-            self._sendings.discard(sending)
+            self._sendings.pop(sending, None)
             sending.state = _State.WITHDRAWN
             self._withdrawn.add(sending)
 
@@ -309,7 +314,7 @@ class Link:
     def _settle(self, ref: str | int | None, error: BaseException | None) -> None:
         sending = self._outstanding.match(ref)
         if sending is not None:
-            self._sendings.discard(sending)
+            self._sendings.pop(sending, None)
             sending.settle(error)
 
     async def write(self) -> None:
@@ -327,7 +332,7 @@ class Link:
             except WebSocketClosed:
                 return  # the dispatcher sees the close and fails what is left
             if sending.ref is None:  # no reply will come: written is all it gets
-                self._sendings.discard(sending)
+                self._sendings.pop(sending, None)
                 sending.settle(None)
 
     async def keepalive(self, interval: float) -> None:
@@ -355,6 +360,8 @@ class Link:
             else:
                 error = closed_error(closed.code, closed.reason)
             sending.unwritten = sending.state is _State.QUEUED
+            if sending.unwritten:
+                self.carried.append(sending)
             sending.settle(error)
         self._sendings.clear()
         for sending in self._withdrawn:  # the writer will not pass over them now
