@@ -58,7 +58,7 @@ from relayd.client.errors import (
 )
 from relayd.client.messages import Message, decode_v1, encode_envelope, seed_message
 from relayd.client.opening import Stream, handshake, open_stream
-from relayd.client.options import LinkOptions, default_message_bound
+from relayd.client.options import DELIVERY_ROOM, LinkOptions, default_message_bound
 from relayd.client.outstanding import Outstanding
 from relayd.errors import CloseCode
 from relayd.wire.dialects import Ack, Delivery, Dialect, Error
@@ -173,8 +173,11 @@ class Link:
             # relayd lets any client send this one a message of its limit: a smaller bound
             # here would let any of them close this connection with 1009, for good. The
             # bound is trio-websocket's own, read at each message; it has no setter.
-            ws._max_message_size = default_message_bound(self.max_message_bytes)
-            self._bound_follows = True
+            bound = default_message_bound(self.max_message_bytes)
+            ws._max_message_size = bound
+            # Capped (MAX_ANNOUNCED_CHARS), it does not follow: a message over it would
+            # be over it on every connection, and each would be lost to a reconnect.
+            self._bound_follows = bound >= self.max_message_bytes + DELIVERY_ROOM
         self._ws = ws
         self._stream = stream
         self._deliveries = deliveries
