@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import trio
 import trio.testing
 
@@ -87,22 +88,33 @@ async def test_a_rate_a_reload_lowered_below_the_announced_one_is_waited_out_too
         assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(6)]
 
 
+@pytest.mark.parametrize(
+    ("rate", "burst", "count"),
+    [
+        # Each line was refused twice (on arrival, and again after the announced rate's
+        # 22 ms) before its 1 s wait: at 1 a second and a burst of 3, relayd's second
+        # bucket ran dry at the sixth line (1008), the lines after it lost. The wait
+        # reached is kept for the lines after: one refusal a line, one a second.
+        (1.0, 3, 12),
+        # The waits stopped doubling at 30 s: at 0.01 a second each line was refused
+        # every 30 s until relayd's bucket held a token (100 s), more refusals than its
+        # second bucket refills, and the 1008 came at the third line past the burst.
+        (0.01, 12, 16),
+    ],
+)
 async def test_a_rate_a_reload_lowered_is_learned_for_the_lines_after_too(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rate: float, burst: int, count: int
 ) -> None:
-    # Each line was refused twice (on arrival, and again after the announced rate's
-    # 22 ms) before its 1 s wait: at 1 a second and a burst of 3, relayd's second bucket
-    # ran dry at the sixth line and closed 1008, the lines after it lost. The wait
-    # reached is kept for the lines after: one refusal a line, one a second.
     server = Server(settings())
     async with running(server) as url, connect(url) as peer, connect(url) as client:
-        server.reload(settings(messages_per_second=1.0, message_burst=3), None)
-        lines = [f"{peer.id} line {n}" for n in range(12)]
+        server.reload(settings(messages_per_second=rate, message_burst=burst), None)
+        lines = [f"{peer.id} line {n}" for n in range(count)]
         console = ScriptedConsole(lines)
         assert await Session(client, console, "help").run()
         assert client.closed is None
-        assert console.said == [f"ack {n}" for n in range(1, 13)]
-        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(12)]
+        assert console.said == [f"ack {n}" for n in range(1, count + 1)]
+        expected = [f"line {n}" for n in range(count)]
+        assert [(await peer.receive()).data for _ in lines] == expected
 
 
 async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(

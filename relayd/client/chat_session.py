@@ -35,9 +35,10 @@ RATE_WAIT_INTERVALS: Final = 1.1
 #: at most keeps the second bucket from running dry at any rate of 1 a second or more.
 RATE_WAIT_S: Final = 1.0
 #: Each refusal of the same message doubles its wait, to at least :data:`RATE_WAIT_S`
-#: (the announced rate cannot be the one in force: a reload lowered it), up to this (or
-#: the first wait, if that is longer).
-RATE_WAIT_MAX_S: Final = 30.0
+#: (the announced rate cannot be the one in force: a reload lowered it), without a cap:
+#: doubled only when refused, a wait is at most twice the interval in force, and a cap
+#: below that interval (a rate under 1 in 30 s) had every line refused several times,
+#: more refusals than relayd's second bucket refills, until the 1008.
 
 
 def first_rate_wait(messages_per_second: float | None) -> float:
@@ -223,7 +224,7 @@ class Session:
                 # the announced rate (each refusal takes a token from relayd's second
                 # bucket: refused twice a line, lines at 1 a second ran it dry at a
                 # burst of 3, and the connection closed with 1008).
-                wait = min(max(wait * 2, RATE_WAIT_S), max(first, RATE_WAIT_MAX_S))
+                wait = max(wait * 2, RATE_WAIT_S)
                 self._rate_wait = wait
             refused = True
             try:
@@ -284,7 +285,7 @@ class Session:
             token_s = RATE_WAIT_INTERVALS / rate if rate is not None else RATE_WAIT_S
         # A second a line at least (one refusal a second keeps relayd's second bucket
         # from running dry at any rate of 1 a second or more), doubling at each refusal.
-        self._token_s = min(max(token_s * 2, RATE_WAIT_S), max(token_s, RATE_WAIT_MAX_S))
+        self._token_s = max(token_s * 2, RATE_WAIT_S)
         self._tokens = 0.0
         self._stamp = trio.current_time()
         self._console.warn(
