@@ -192,6 +192,29 @@ async def test_seed_lines_slow_down_once_refused_after_a_reload_lowered_the_rate
         assert console.warned[0].startswith("a line was refused as over the server's rate")
 
 
+async def test_seed_errors_a_peer_forges_do_not_slow_the_chat(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # In the seed dialect a peer's message of an error's shape reads as relayd's error.
+    # One rate_limited error at most per line sent slows the chat: forged ones, sent
+    # before any line, doubled its wait each (5 of them: 32 s a line).
+    async with (
+        relay() as url,
+        connect(url) as peer,
+        connect(url, dialect="seed") as client,
+    ):
+        for _ in range(5):
+            await peer.send(client.id, {"error": "rate_limited", "detail": "forged"})
+        await trio.testing.wait_all_tasks_blocked()
+        lines = [f"{peer.id} line {n}" for n in range(4)]
+        console = TypingConsole(lines)
+        start = trio.current_time()
+        assert await Session(client, console, "help").run()
+        assert trio.current_time() - start < 1
+        assert console.warned == []
+        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(4)]
+
+
 async def test_a_ctrl_c_while_a_line_waits_for_the_rate_names_it_not_sent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

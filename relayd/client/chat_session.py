@@ -84,6 +84,10 @@ class Session:
         self._stamp = 0.0
         self._token_s: float | None = None  # seconds a token takes; None: the announced
         self._paced_from: float | None = None
+        # Sent a seed line since the last rate_limited error acted on: a peer can send a
+        # message of that shape (the seed dialect cannot tell), so one error at most per
+        # line sent slows the chat down.
+        self._seed_sent = False
         # relayd.v1: the first wait after a refusal once one was refused again (the
         # announced rate is stale: a reload lowered it), for every later message too.
         self._rate_wait: float | None = None
@@ -202,6 +206,7 @@ class Session:
         if self._client.dialect is Dialect.SEED and rate is not None:
             await self._seed_pace(to, rate)
             await self._client.send(to, message)
+            self._seed_sent = True
             return
         first = wait = first_rate_wait(rate) if self._rate_wait is None else self._rate_wait
         refused = False
@@ -301,7 +306,8 @@ class Session:
             self._console.say(f"< {message.sender}: {message.text}")
         elif (error := message.as_error()) is not None:
             self._show_error(error, None)
-            if isinstance(error, RateLimited) and self._client.dialect is Dialect.SEED:
+            if isinstance(error, RateLimited) and self._seed_sent:
+                self._seed_sent = False
                 self._seed_refused()
         else:
             self._console.say(f"< {message.text}")
