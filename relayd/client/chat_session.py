@@ -266,9 +266,10 @@ class Session:
             # rate of 50 a second (the default) goes out unnoticed.
             if not self._slowed and turn - self._paced_from >= RATE_WAIT_S:
                 self._slowed = True
+                shown = rate if self._token_s is None else 1 / token_s  # the one paced to
                 self._console.warn(
-                    f"at the server's rate limit ({1 / token_s * RATE_WAIT_INTERVALS:g}"
-                    " messages a second): lines wait their turn"
+                    f"at the server's rate limit ({shown:g} messages a second): lines wait"
+                    " their turn"
                 )
             try:
                 await trio.sleep_until(turn)
