@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import trio
 import trio.testing
 
@@ -87,6 +88,35 @@ async def test_a_rate_a_reload_lowered_below_the_announced_one_is_waited_out_too
         assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(6)]
 
 
+@pytest.mark.parametrize(
+    ("rate", "burst", "count"),
+    [
+        # Each line was refused twice (on arrival, and again after the announced rate's
+        # 22 ms) before its 1 s wait: at 1 a second and a burst of 3, relayd's second
+        # bucket ran dry at the sixth line (1008), the lines after it lost. The wait
+        # reached is kept for the lines after: one refusal a line, one a second.
+        (1.0, 3, 12),
+        # The waits stopped doubling at 30 s: at 0.01 a second each line was refused
+        # every 30 s until relayd's bucket held a token (100 s), more refusals than its
+        # second bucket refills, and the 1008 came at the third line past the burst.
+        (0.01, 12, 16),
+    ],
+)
+async def test_a_rate_a_reload_lowered_is_learned_for_the_lines_after_too(
+    autojump_clock: trio.testing.MockClock, rate: float, burst: int, count: int
+) -> None:
+    server = Server(settings())
+    async with running(server) as url, connect(url) as peer, connect(url) as client:
+        server.reload(settings(messages_per_second=rate, message_burst=burst), None)
+        lines = [f"{peer.id} line {n}" for n in range(count)]
+        console = ScriptedConsole(lines)
+        assert await Session(client, console, "help").run()
+        assert client.closed is None
+        assert console.said == [f"ack {n}" for n in range(1, count + 1)]
+        expected = [f"line {n}" for n in range(count)]
+        assert [(await peer.receive()).data for _ in lines] == expected
+
+
 async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -108,6 +138,81 @@ async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(
         assert console.warned == [
             "at the server's rate limit (2 messages a second): lines wait their turn"
         ]
+
+
+async def test_seed_lines_within_the_burst_go_at_once_at_a_low_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # They were spaced 1.1 / rate apart from the second on (5.5 s a line at 0.2 a
+    # second), the prompt held meanwhile, though relayd takes message_burst at once.
+    async with (
+        relay(messages_per_second=0.2, message_burst=20) as url,
+        connect(url) as peer,
+        connect(url, dialect="seed") as client,
+    ):
+        assert client.message_burst == 20
+        lines = [f"{peer.id} line {n}" for n in range(5)]
+        console = ScriptedConsole(lines)
+        start = trio.current_time()
+        assert await Session(client, console, "help").run()
+        assert trio.current_time() - start < 0.5
+        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(5)]
+        assert console.said == console.warned == []
+
+
+class TypingConsole(ScriptedConsole):
+    """A scripted console whose lines come a tenth of a second apart: a quick typist."""
+
+    async def readline(self, prompt: str) -> str | None:
+        await trio.sleep(0.1)
+        return await super().readline(prompt)
+
+
+async def test_seed_lines_slow_down_once_refused_after_a_reload_lowered_the_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Paced at the rate announced at connect (50 a second), lines typed 10 a second
+    # after a reload to 1 a second were refused one after another, until the 1008.
+    # The first refusal slows the chat to a line a second at most; that one line is
+    # lost (the seed dialect cannot send it again), and said so.
+    server = Server(settings())
+    async with (
+        running(server) as url,
+        connect(url) as peer,
+        connect(url, dialect="seed") as client,
+    ):
+        server.reload(settings(messages_per_second=1.0, message_burst=3), None)
+        lines = [f"{peer.id} line {n}" for n in range(10)]
+        console = TypingConsole(lines)
+        assert await Session(client, console, "help").run()
+        assert client.closed is None
+        received = [(await peer.receive()).data for _ in range(9)]
+        assert received == [f"line {n}" for n in range(10) if n != 3]
+        assert console.said == ["! rate_limited: too many messages; slow down"]
+        assert console.warned[0].startswith("a line was refused as over the server's rate")
+
+
+async def test_seed_errors_a_peer_forges_do_not_slow_the_chat(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # In the seed dialect a peer's message of an error's shape reads as relayd's error.
+    # One rate_limited error at most per line sent slows the chat: forged ones, sent
+    # before any line, doubled its wait each (5 of them: 32 s a line).
+    async with (
+        relay() as url,
+        connect(url) as peer,
+        connect(url, dialect="seed") as client,
+    ):
+        for _ in range(5):
+            await peer.send(client.id, {"error": "rate_limited", "detail": "forged"})
+        await trio.testing.wait_all_tasks_blocked()
+        lines = [f"{peer.id} line {n}" for n in range(4)]
+        console = TypingConsole(lines)
+        start = trio.current_time()
+        assert await Session(client, console, "help").run()
+        assert trio.current_time() - start < 1
+        assert console.warned == []
+        assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(4)]
 
 
 async def test_a_ctrl_c_while_a_line_waits_for_the_rate_names_it_not_sent(

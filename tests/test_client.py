@@ -105,6 +105,7 @@ async def test_connecting_gives_the_id_relayd_assigned_and_others_reach_it(
         assert client.url == url
         assert client.max_message_bytes == 65536  # announced by relayd at the handshake
         assert client.messages_per_second == 50.0  # so is its rate
+        assert client.message_burst == 100  # and its burst
         assert client.closed is None
         await peer.send(client.id, {"hello": [1, 2]})
         message = await client.receive()
@@ -787,6 +788,29 @@ async def test_a_message_over_a_limit_a_reload_raised_is_received_after_a_reconn
             assert client.max_message_bytes == four_mib
             await peer.send(second, big)
             assert (await client.receive()).text == big
+
+
+async def test_a_message_over_the_capped_default_bound_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The default bound stops at MAX_ANNOUNCED_CHARS (64 MiB; 2 MiB here): relayd's limit
+    # over it is not followed, so a message over it was CloseInfo.over_bound all the same,
+    # and each such message cost a reconnect (a new id, the messages being written lost).
+    monkeypatch.setattr(relayd.client.options, "MAX_ANNOUNCED_CHARS", 2 * 2**20)
+    server = Server(settings(max_message_bytes=4 * 2**20))
+    async with (
+        running(server) as url,
+        connect(url, reconnect=relayd.client.Backoff(first_s=0.01)) as client,
+        connect(url) as peer,
+    ):
+        ids = client.ids()
+        await anext(ids)
+        await peer.send(client.id, "x" * (3 * 2**20))
+        with pytest.raises(MessageTooBig), trio.fail_after(10):  # reconnected: waits on
+            await client.receive()
+        assert client.closed is not None
+        assert not client.closed.over_bound
+        assert [new async for new in ids] == []  # no reconnect
 
 
 # -- closes relayd makes, surfaced as exceptions --------------------------------------------

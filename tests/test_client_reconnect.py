@@ -542,13 +542,16 @@ async def test_a_message_not_written_when_the_connection_is_lost_goes_on_the_nex
                     outcomes[n] = "lost"
 
             async with trio.open_nursery() as sends:
-                for n in range(16):
+                for n in range(16):  # in this order: each send waits before the next starts
                     sends.start_soon(send, n)
-                await trio.testing.wait_all_tasks_blocked(0.1)  # the writes wait
+                    await trio.testing.wait_all_tasks_blocked()
                 proxy.cut.set()
-            acked = sorted(n for n, outcome in outcomes.items() if outcome == "ack")
+            acked = [n for n, outcome in sorted(outcomes.items()) if outcome == "ack"]
             assert "lost" in outcomes.values()  # the one being written at the cut
             assert acked  # queued behind it: sent again on the new connection
-            received = sorted([(await peer.receive()).data["n"] for _ in acked])
+            # In the order sent, each once: the next message after them is a later one.
+            received = [(await peer.receive()).data["n"] for _ in acked]
             assert received == acked
+            await client.send(peer.id, {"n": "after"})
+            assert (await peer.receive()).data == {"n": "after"}
         nursery.cancel_scope.cancel()

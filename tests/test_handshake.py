@@ -874,6 +874,12 @@ def test_the_accept_announces_the_message_rate_exactly() -> None:
         assert float(text) == rate
 
 
+def test_the_accept_announces_the_message_burst() -> None:
+    # docs/protocol.md: `Relayd-Message-Burst: 100` at the defaults.
+    event, _ = websocket_client_reads(accept_response(RFC_KEY, "relayd.v1", message_burst=100))
+    assert header_values(event.headers, b"relayd-message-burst") == [b"100"]
+
+
 def test_http_2s_preface_is_told_only_that_the_request_is_malformed() -> None:
     # No fault of a kind relayd names: llhttp reads the preface's head whole,
     # and it is not a request's.

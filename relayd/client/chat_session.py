@@ -35,9 +35,10 @@ RATE_WAIT_INTERVALS: Final = 1.1
 #: at most keeps the second bucket from running dry at any rate of 1 a second or more.
 RATE_WAIT_S: Final = 1.0
 #: Each refusal of the same message doubles its wait, to at least :data:`RATE_WAIT_S`
-#: (the announced rate cannot be the one in force: a reload lowered it), up to this (or
-#: the first wait, if that is longer).
-RATE_WAIT_MAX_S: Final = 30.0
+#: (the announced rate cannot be the one in force: a reload lowered it), without a cap:
+#: doubled only when refused, a wait is at most twice the interval in force, and a cap
+#: below that interval (a rate under 1 in 30 s) had every line refused several times,
+#: more refusals than relayd's second bucket refills, until the 1008.
 
 
 def first_rate_wait(messages_per_second: float | None) -> float:
@@ -76,8 +77,20 @@ class Session:
         self._to: str | None = None  # the default recipient, after /to ID
         self._quitting = False
         self._slowed = False  # told the person that the server's rate limit slows sends
-        self._turn = 0.0  # seed dialect: trio.current_time() from which the next may go
-        self._paced_from: float | None = None  # when lines began to wait in a row
+        # The seed dialect: a token bucket of relayd's announced burst, refilled a tenth
+        # slower than its announced rate (None: full), and when lines began to wait in
+        # a row. A rate_limited error (a reload lowered the rate) slows it down.
+        self._tokens: float | None = None
+        self._stamp = 0.0
+        self._token_s: float | None = None  # seconds a token takes; None: the announced
+        self._paced_from: float | None = None
+        # Sent a seed line since the last rate_limited error acted on: a peer can send a
+        # message of that shape (the seed dialect cannot tell), so one error at most per
+        # line sent slows the chat down.
+        self._seed_sent = False
+        # relayd.v1: the first wait after a refusal once one was refused again (the
+        # announced rate is stale: a reload lowered it), for every later message too.
+        self._rate_wait: float | None = None
 
     async def run(self) -> bool:
         """Chat until the person quits or the server closes; True if the person quit."""
@@ -193,8 +206,10 @@ class Session:
         if self._client.dialect is Dialect.SEED and rate is not None:
             await self._seed_pace(to, rate)
             await self._client.send(to, message)
+            self._seed_sent = True
             return
-        first = wait = first_rate_wait(rate)
+        first = wait = first_rate_wait(rate) if self._rate_wait is None else self._rate_wait
+        refused = False
         while True:
             try:
                 await self._client.send(to, message)
@@ -207,6 +222,16 @@ class Session:
                     )
             else:
                 return
+            if refused:
+                # Refused again: the announced rate is not the one in force (a reload
+                # lowered it). Back to the waits for a rate unknown: a second at least,
+                # doubling; and the next message starts from the wait reached, not from
+                # the announced rate (each refusal takes a token from relayd's second
+                # bucket: refused twice a line, lines at 1 a second ran it dry at a
+                # burst of 3, and the connection closed with 1008).
+                wait = max(wait * 2, RATE_WAIT_S)
+                self._rate_wait = wait
+            refused = True
             try:
                 await trio.sleep(wait)
             except trio.Cancelled:  # the person quit, or the server closed, meanwhile
@@ -215,35 +240,65 @@ class Session:
                     " server's rate limit, and not sent again before the end)"
                 )
                 raise
-            # Refused again: the announced rate is not the one in force (a reload lowered
-            # it). Back to the waits for a rate unknown: a second at least, doubling.
-            wait = min(max(wait * 2, RATE_WAIT_S), max(first, RATE_WAIT_MAX_S))
 
     async def _seed_pace(self, to: str, rate: float) -> None:
-        """Wait until a message sent now stays within ``rate``; the next's turn is set."""
+        """Wait until a message sent now stays within relayd's rate and burst; take its token.
+
+        Lines within the burst go at once, as relayd takes them; after it, one a token.
+        """
+        burst = self._client.message_burst or 1
+        token_s = self._token_s
+        if token_s is None:
+            token_s = RATE_WAIT_INTERVALS / rate
+        else:
+            burst = 1  # relayd refused a line: its rate and burst are not the announced
         now = trio.current_time()
-        if self._turn <= now:
+        tokens = burst if self._tokens is None else self._tokens
+        tokens = min(float(burst), tokens + (now - self._stamp) / token_s)
+        turn = now
+        if tokens >= 1:
             self._paced_from = None
         else:
+            turn = now + (1 - tokens) * token_s
             if self._paced_from is None:
                 self._paced_from = now
             # Said once lines have waited a second in a row: a burst typed or pasted at a
             # rate of 50 a second (the default) goes out unnoticed.
-            if not self._slowed and self._turn - self._paced_from >= RATE_WAIT_S:
+            if not self._slowed and turn - self._paced_from >= RATE_WAIT_S:
                 self._slowed = True
+                shown = rate if self._token_s is None else 1 / token_s  # the one paced to
                 self._console.warn(
-                    f"at the server's rate limit ({rate:g} messages a second): lines wait"
+                    f"at the server's rate limit ({shown:g} messages a second): lines wait"
                     " their turn"
                 )
             try:
-                await trio.sleep_until(self._turn)
+                await trio.sleep_until(turn)
             except trio.Cancelled:  # the person quit, or the server closed, meanwhile
                 self._console.warn(
                     f"message {self._sent + 1} to {to}: not sent (waiting for its turn under"
                     " the server's rate limit at the end)"
                 )
                 raise
-        self._turn = max(now, self._turn) + RATE_WAIT_INTERVALS / rate
+            tokens = 1.0
+        self._tokens = tokens - 1
+        self._stamp = turn
+
+    def _seed_refused(self) -> None:
+        """A seed line was refused as over the rate: a reload lowered it. Slow down."""
+        rate = self._client.messages_per_second
+        token_s = self._token_s
+        if token_s is None:
+            token_s = RATE_WAIT_INTERVALS / rate if rate is not None else RATE_WAIT_S
+        # A second a line at least (one refusal a second keeps relayd's second bucket
+        # from running dry at any rate of 1 a second or more), doubling at each refusal.
+        self._token_s = max(token_s * 2, RATE_WAIT_S)
+        self._tokens = 0.0
+        self._stamp = trio.current_time()
+        self._console.warn(
+            "a line was refused as over the server's rate limit and not sent (the seed"
+            " dialect does not say which: see the lines sent just before this);"
+            f" lines now go one every {self._token_s:.3g} s"
+        )
 
     def _show(self, message: Message) -> None:
         if message.from_server:  # its sender is "", which would print as "< : ..."
@@ -252,6 +307,9 @@ class Session:
             self._console.say(f"< {message.sender}: {message.text}")
         elif (error := message.as_error()) is not None:
             self._show_error(error, None)
+            if isinstance(error, RateLimited) and self._seed_sent:
+                self._seed_sent = False
+                self._seed_refused()
         else:
             self._console.say(f"< {message.text}")
 

@@ -36,7 +36,7 @@ from relayd.client.backoff import Backoff, Pacing
 from relayd.client.endings import final_error, raise_alone, retryable
 from relayd.client.endpoint import Endpoint
 from relayd.client.errors import ConnectError
-from relayd.client.link import CloseInfo, Link, run_link
+from relayd.client.link import CloseInfo, Link, Sending, run_link
 from relayd.client.messages import Message, check_id, encode_body
 from relayd.client.options import (
     CLOSE_TIMEOUT_S,
@@ -75,6 +75,10 @@ class Client:
         self._slots = trio.Semaphore(options.max_in_flight)
         self._deliveries_in, self._deliveries = trio.open_memory_channel[Message](receive_queue)
         self._link: Link | None = None
+        # The messages still queued, not a byte written, when a connection was lost, in
+        # the order they were submitted: each goes on the next connection in that order,
+        # and before any other send (each leaves the list once submitted again).
+        self._carried: list[Sending] = []
         self._id = ""
         self._opened_at = 0.0  # trio.current_time() when the link opened
         self._changed = trio.Event()  # set, and replaced, whenever the link changes
@@ -115,6 +119,14 @@ class Client:
         reload may change the rate of an open connection.
         """
         return self._link.messages_per_second if self._link is not None else None
+
+    @property
+    def message_burst(self) -> int | None:
+        """The messages relayd announced this connection may send at once; None if it did not.
+
+        Beyond them, messages go at :attr:`messages_per_second`. A reload may change it.
+        """
+        return self._link.message_burst if self._link is not None else None
 
     @property
     def closed(self) -> CloseInfo | None:
@@ -164,26 +176,64 @@ class Client:
         """
         body = encode_body(message)
         check_id(to)
+        carried: Sending | None = None  # this message, unwritten when a connection ended
+        try:
+            while True:
+                carried = await self._send_once(to, body, carried)
+                if carried is None:
+                    return
+        except BaseException:
+            if carried is not None:
+                self._drop_carried(carried)
+            raise
+
+    async def _send_once(self, to: str, body: bytes, carried: Sending | None) -> Sending | None:
+        """Send on the connection open now: None once delivered, or the message unwritten.
+
+        ``carried`` is this message, if it was unwritten when a connection ended.
+        """
         while True:
+            while not self._has_turn(carried):
+                await self._changed.wait()
             await self._slots.acquire()
             try:
                 link = await self._usable_link()
-                sending = link.submit(to, body, self._slots.release)
+                turn = self._has_turn(carried)  # a connection may have been lost meanwhile
+                if turn:
+                    sending = link.submit(to, body, self._slots.release)
             except BaseException:
                 self._slots.release()
                 raise
-            try:
-                await sending.done.wait()
-            except BaseException:
-                link.abandon(sending)
-                raise
-            if sending.error is None:
-                return
-            if not sending.unwritten:
-                raise sending.error
-            # The connection ended before any of it was written: not delivered, so it
-            # goes on the next connection, if reconnecting makes one (_usable_link waits
-            # for it, or raises the close's exception when there will be none).
+            if turn:
+                break
+            self._slots.release()
+        if carried is not None:
+            self._drop_carried(carried)
+        try:
+            await sending.done.wait()
+        except BaseException:
+            link.abandon(sending)
+            raise
+        if sending.error is None:
+            return None
+        if not sending.unwritten:
+            raise sending.error
+        # The connection ended before any of it was written: not delivered, so it goes on
+        # the next connection, if reconnecting makes one (_usable_link waits for it, or
+        # raises the close's exception when there will be none), in its place among the
+        # others carried (Link.fail_all listed them).
+        return sending
+
+    def _has_turn(self, carried: Sending | None) -> bool:
+        """Whether a send may submit now: a carried message at its turn, or none carried."""
+        if carried is not None and carried in self._carried:
+            return self._carried[0] is carried
+        return not self._carried
+
+    def _drop_carried(self, carried: Sending) -> None:
+        if carried in self._carried:
+            self._carried.remove(carried)
+            self._notify()  # the next carried one, or the sends waiting behind them
 
     async def receive(self) -> Message:
         """The next message, waiting for one if none is queued.
@@ -289,6 +339,7 @@ class Client:
         def opened(link: Link) -> None:
             self._opened_at = trio.current_time()
             self._link = link
+            link.carried = self._carried
             self._id = link.id
             self._notify()
             if task_status is not None:

@@ -58,18 +58,28 @@ from relayd.client.errors import (
 )
 from relayd.client.messages import Message, decode_v1, encode_envelope, seed_message
 from relayd.client.opening import Stream, handshake, open_stream
-from relayd.client.options import LinkOptions, default_message_bound
+from relayd.client.options import DELIVERY_ROOM, LinkOptions, default_message_bound
 from relayd.client.outstanding import Outstanding
 from relayd.errors import CloseCode
 from relayd.wire.dialects import Ack, Delivery, Dialect, Error
 
-__all__ = ["LIMIT_HEADER", "RATE_HEADER", "CloseInfo", "Link", "Sending", "run_link"]
+__all__ = [
+    "BURST_HEADER",
+    "LIMIT_HEADER",
+    "RATE_HEADER",
+    "CloseInfo",
+    "Link",
+    "Sending",
+    "run_link",
+]
 
 #: The response header in which relayd announces its ``max_message_bytes``
 #: for the connection (docs/protocol.md, "Connecting").
 LIMIT_HEADER: Final = b"relayd-max-message-bytes"
 #: The response header in which relayd announces its ``messages_per_second``.
 RATE_HEADER: Final = b"relayd-messages-per-second"
+#: The response header in which relayd announces its ``message_burst``.
+BURST_HEADER: Final = b"relayd-message-burst"
 #: How trio-websocket's own 1009 reason starts: a message over ``max_message_chars``
 #: arrived (relayd's reads ``message over N bytes``).
 _OVER_BOUND_REASON: Final = "Exceeded maximum message size"
@@ -153,8 +163,9 @@ class Link:
     ) -> None:
         self.id = client_id
         self.dialect = options.dialect
-        self.max_message_bytes = _announced_limit(ws.handshake_headers)
+        self.max_message_bytes = _announced_int(ws.handshake_headers, LIMIT_HEADER)
         self.messages_per_second = _announced_rate(ws.handshake_headers)
+        self.message_burst = _announced_int(ws.handshake_headers, BURST_HEADER)
         # The bound follows relayd's announced limit: a message over it may come from a
         # client that connected after a reload raised the limit (CloseInfo.over_bound).
         self._bound_follows = False
@@ -162,15 +173,23 @@ class Link:
             # relayd lets any client send this one a message of its limit: a smaller bound
             # here would let any of them close this connection with 1009, for good. The
             # bound is trio-websocket's own, read at each message; it has no setter.
-            ws._max_message_size = default_message_bound(self.max_message_bytes)
-            self._bound_follows = True
+            bound = default_message_bound(self.max_message_bytes)
+            ws._max_message_size = bound
+            # Capped (MAX_ANNOUNCED_CHARS), it does not follow: a message over it would
+            # be over it on every connection, and each would be lost to a reconnect.
+            self._bound_follows = bound >= self.max_message_bytes + DELIVERY_ROOM
         self._ws = ws
         self._stream = stream
         self._deliveries = deliveries
         self._keepalive_s = options.keepalive_s
         self._next_ref = 1
         self._outstanding: Outstanding[Sending] = Outstanding()
-        self._sendings: set[Sending] = set()  # every one not settled yet
+        # Every one not settled yet, in the order submitted (a dict keeps it; a set did not:
+        # the unwritten ones, sent again after a reconnect, went in any order).
+        self._sendings: dict[Sending, None] = {}
+        # Where fail_all puts the unwritten ones, in the order submitted: the client's
+        # list (set by its on_open), which sends them again before any later send.
+        self.carried: list[Sending] = []
         # Withdrawn while queued: each still takes its place in the queue, and so
         # keeps its sender's slot until the writer passes over it.
         self._withdrawn: set[Sending] = set()
@@ -218,7 +237,7 @@ class Link:
         if ref is not None:
             self._next_ref += 1
             self._outstanding.add(ref, sending)
-        self._sendings.add(sending)
+        self._sendings[sending] = None
         return sending
 
     def abandon(self, sending: Sending) -> None:
@@ -233,7 +252,7 @@ class Link:
         if sending.state is _State.QUEUED:
             if sending.ref is not None:
                 self._outstanding.forget(sending.ref)
-            self._sendings.discard(sending)
+            self._sendings.pop(sending, None)
             sending.state = _State.WITHDRAWN
             self._withdrawn.add(sending)
 
@@ -298,7 +317,7 @@ class Link:
     def _settle(self, ref: str | int | None, error: BaseException | None) -> None:
         sending = self._outstanding.match(ref)
         if sending is not None:
-            self._sendings.discard(sending)
+            self._sendings.pop(sending, None)
             sending.settle(error)
 
     async def write(self) -> None:
@@ -316,7 +335,7 @@ class Link:
             except WebSocketClosed:
                 return  # the dispatcher sees the close and fails what is left
             if sending.ref is None:  # no reply will come: written is all it gets
-                self._sendings.discard(sending)
+                self._sendings.pop(sending, None)
                 sending.settle(None)
 
     async def keepalive(self, interval: float) -> None:
@@ -344,6 +363,8 @@ class Link:
             else:
                 error = closed_error(closed.code, closed.reason)
             sending.unwritten = sending.state is _State.QUEUED
+            if sending.unwritten:
+                self.carried.append(sending)
             sending.settle(error)
         self._sendings.clear()
         for sending in self._withdrawn:  # the writer will not pass over them now
@@ -373,8 +394,8 @@ def _header(headers: tuple[tuple[bytes, bytes], ...], wanted: bytes) -> bytes | 
     return None
 
 
-def _announced_limit(headers: tuple[tuple[bytes, bytes], ...]) -> int | None:
-    value = _header(headers, LIMIT_HEADER)
+def _announced_int(headers: tuple[tuple[bytes, bytes], ...], wanted: bytes) -> int | None:
+    value = _header(headers, wanted)
     try:
         limit = int(value) if value is not None else 0
     except ValueError:

@@ -374,6 +374,7 @@ class Gate:
                 decision.subprotocol,
                 max_message_bytes=limits.max_message_bytes,
                 messages_per_second=limits.messages_per_second,
+                message_burst=limits.message_burst,
             )
             attempt.answered = True
             # The 101 and the welcome in one write: one TCP segment, and the

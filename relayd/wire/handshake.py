@@ -364,6 +364,7 @@ def accept_response(
     *,
     max_message_bytes: int | None = None,
     messages_per_second: float | None = None,
+    message_burst: int | None = None,
 ) -> bytes:
     """The ``101 Switching Protocols`` response that opens the WebSocket.
 
@@ -372,7 +373,10 @@ def accept_response(
     message itself rather than lose the connection to a 1009; and
     ``messages_per_second``, its message rate, in ``Relayd-Messages-Per-Second``,
     so that a client refused as over it knows how long to wait before sending
-    again rather than guess, and lose the connection to a 1008 for a wrong guess.
+    again rather than guess, and lose the connection to a 1008 for a wrong guess;
+    and ``message_burst``, the messages it may send at once, in
+    ``Relayd-Message-Burst``, so that a client pacing itself need not space out
+    what relayd takes at once.
     """
     digest = hashlib.sha1(key.encode() + _GUID).digest()
     accept = binascii.b2a_base64(digest, newline=False).decode()  # base64.b64encode's own call
@@ -381,6 +385,8 @@ def accept_response(
         protocol += f"Relayd-Max-Message-Bytes: {max_message_bytes}\r\n"
     if messages_per_second is not None:  # repr: exact, as 50.0 or 0.001
         protocol += f"Relayd-Messages-Per-Second: {float(messages_per_second)!r}\r\n"
+    if message_burst is not None:
+        protocol += f"Relayd-Message-Burst: {message_burst}\r\n"
     return (
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
