@@ -431,11 +431,13 @@ def _setup(document: dict[str, Any], scenarios: list[Scenario]) -> list[str]:
     meta = document["meta"]
     m = meta["machine"]
     rounds = _plural(meta["rounds"], "interleaved round")
+    # Reports before the interpreter's path was recorded name its version only.
+    python = m["python"] + (f" ({m['python_executable']})" if "python_executable" in m else "")
     out = [
         f"Run {meta['date']}, {meta['duration_s']} s: `{meta['command']}`",
         "",
         f"Machine: {m['cpu_model']}, {m['cpus']} cores ({m['hypervisor'] or 'bare metal'}"
-        f" guest), {m['memory_gib']} GiB, Linux {m['kernel']}; Python {m['python']},"
+        f" guest), {m['memory_gib']} GiB, Linux {m['kernel']}; Python {python},"
         f" Node {m['node']}. relayd at {m['relayd_commit']} ({m['relayd_tree']} tree)."
         f" Servers on core {meta['server_cpu']}, generator on core {meta['gen_cpu']};"
         f" {rounds} (idle scenarios: {meta['idle_rounds']}), medians shown."

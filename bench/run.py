@@ -696,6 +696,10 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(mem_kib / 2**20, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        # The interpreter relayd and the Python peers ran on (a venv's python resolved to the
+        # interpreter it links to): builds of one version differ by some 7% in relayd's CPU
+        # per message (docs/benchmarks.md, "The interpreter").
+        "python_executable": os.path.realpath(sys.executable),
         "node": _run(["node", "--version"]),
         "relayd_commit": _run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, env=git),
         "relayd_tree": "modified" if dirty else "clean",

@@ -9,7 +9,8 @@
 #
 # What it does, each step printed as it goes ("==>" a step, "+" a command):
 #   1. apt-get install what is missing: python3 (3.11+) with python3-venv, and procps
-#      for the kill(1) that relayd.service's ExecReload runs.
+#      for the kill(1) that relayd.service's ExecReload runs. The service runs on
+#      Debian's /usr/bin/python3, whatever python3 comes first on root's PATH.
 #   2. The system user relayd (systemd/sysusers.d/relayd.conf -> /etc/sysusers.d/).
 #   3. A virtualenv at /opt/relayd with relayd pip-installed from this checkout (relayd
 #      is not on PyPI; its dependencies come from the configured package index).
@@ -42,6 +43,11 @@ UNIT_DIR=/etc/systemd/system
 SYSUSERS_DIR=/etc/sysusers.d
 SERVICE_USER=relayd
 EX_CONFIG=78
+# Debian's interpreter, not the first python3 on PATH: a pyenv or conda build in root's
+# home would leave the service on an interpreter the relayd user cannot read (/root is
+# 0700), that apt never updates, and that pyenv builds without profile-guided
+# optimization (relayd's message path then costs some 7% more CPU, docs/benchmarks.md).
+PYTHON=/usr/bin/python3
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DRY_RUN=0
@@ -111,7 +117,7 @@ fi
 
 # -- 1. packages --------------------------------------------------------------------
 python_ok() {
-    python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+    "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 }
 step "checking packages: python3 >= 3.11 with venv, procps"
 missing=()
@@ -124,7 +130,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     run env DEBIAN_FRONTEND=noninteractive apt-get update -q
     run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         "${missing[@]}"
-    [ "$DRY_RUN" -eq 1 ] || python_ok || die "python3 is older than 3.11 (relayd needs 3.11+)"
+    [ "$DRY_RUN" -eq 1 ] || python_ok || die "$PYTHON is older than 3.11 (relayd needs 3.11+)"
 else
     note "all present"
 fi
@@ -136,12 +142,14 @@ run systemd-sysusers "$SYSUSERS_DIR/relayd.conf"
 
 # -- 3. the virtualenv --------------------------------------------------------------
 step "virtualenv $PREFIX with relayd from $SRC"
-# A venv whose interpreter no longer runs (a Debian upgrade replaced python3.11) is
+# A venv whose interpreter no longer runs (a Debian upgrade replaced python3.11), or that
+# was made from another interpreter than $PYTHON (an install before it was named), is
 # rebuilt from scratch; a working one is reused and upgraded in place.
-if [ -x "$PREFIX/bin/python" ] && "$PREFIX/bin/python" -c 'import sys' 2>/dev/null; then
+if [ -x "$PREFIX/bin/python" ] && "$PREFIX/bin/python" -c 'import sys' 2>/dev/null &&
+    [ "$(readlink -f "$PREFIX/bin/python")" = "$(readlink -f "$PYTHON")" ]; then
     note "reusing $PREFIX"
 else
-    run python3 -m venv --clear "$PREFIX"
+    run "$PYTHON" -m venv --clear "$PREFIX"
 fi
 # pip builds from a copy holding only what the build reads (pyproject.toml, README.md,
 # relayd/): a build in the checkout would leave root-owned build/ and *.egg-info there.

@@ -48,6 +48,7 @@ CONFIG: Final = REPO_ROOT / "config" / "relayd.toml"
 MAX_EXPOSURE: Final = 1.2
 #: Where install.sh puts relayd; the units name these paths.
 RELAYD_BIN: Final = "/opt/relayd/bin/relayd"
+INSTALLED_PYTHON: Final = Path("/opt/relayd/bin/python")
 ETC_CONFIG: Final = "/etc/relayd/relayd.toml"
 #: Open files beyond max_connections the unit must allow for: listeners, epoll, the
 #: journal stream, and handshakes being refused with 503 once the limit is reached.
@@ -473,6 +474,38 @@ def test_install_dry_run_of_a_cluster_on_this_machine() -> None:
     nodes = "relayd@9031.service relayd@9032.service relayd@9033.service"
     assert f"+ systemctl enable relayd.socket {nodes}" in commands
     assert commands[-1] == f"+ systemctl restart {nodes}"
+
+
+def test_install_builds_the_service_on_debians_python_not_the_first_on_path(
+    tmp_path: Path,
+) -> None:
+    # A pyenv or conda python3 first on root's PATH lives under /root (0700): a venv made
+    # from it is one the relayd user cannot run, and apt never updates it.
+    decoy = tmp_path / "bin" / "python3"
+    decoy.parent.mkdir()
+    ran = tmp_path / "decoy-ran"
+    decoy.write_text(f"#!/bin/sh\ntouch {ran}\nexit 0\n")
+    decoy.chmod(0o755)
+    bash = shutil.which("bash")
+    assert bash is not None
+    result = subprocess.run(
+        [bash, str(INSTALL), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+        check=False,
+        env={**os.environ, "PATH": f"{decoy.parent}:{os.environ['PATH']}"},
+        cwd="/",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not ran.exists(), "install.sh ran the first python3 on PATH"
+    venv = [line for line in result.stdout.splitlines() if " -m venv " in line]
+    if INSTALLED_PYTHON.exists():  # an installed relayd: reused only if made the same way
+        reused = INSTALLED_PYTHON.resolve() == Path("/usr/bin/python3").resolve()
+        assert ("reusing /opt/relayd" in result.stdout) == reused, result.stdout
+        assert venv == ([] if reused else ["+ /usr/bin/python3 -m venv --clear /opt/relayd"])
+    else:
+        assert venv == ["+ /usr/bin/python3 -m venv --clear /opt/relayd"], result.stdout
 
 
 @pytest.mark.parametrize("nodes", ["x", "-1", "65"])
