@@ -7,7 +7,8 @@ naming the key and where its value came from, so systemd's
 ``RestartPreventExitStatus=78`` keeps a bad config from restart-looping; 74
 (``EX_IOERR``) when ``check-config`` cannot write the settings (``> /dev/full``);
 1 when a port cannot be bound; 128 + the signal number when a second SIGTERM/SIGINT
-cut the drain short.
+cut the drain short; 2 for ``chat`` after other arguments (``relayd --log-level debug
+chat URL``: chat comes first, and takes none of the daemon's flags).
 
 Unknown ``RELAYD_*`` variables are warnings (``config.ignored`` events when serving,
 lines on stderr for ``check-config``), never errors: orchestrators set their own.
@@ -44,7 +45,7 @@ from relayd.policy.auth import Authenticator
 from relayd.routing.factory import check_router_files
 from relayd.telemetry.log import configure, get_logger
 
-__all__ = ["EX_CONFIG", "EX_IOERR", "main"]
+__all__ = ["EX_CONFIG", "EX_IOERR", "EX_USAGE", "main"]
 
 _T = TypeVar("_T")
 
@@ -52,6 +53,8 @@ _T = TypeVar("_T")
 EX_CONFIG: Final = 78
 #: sysexits.h: an error writing output.
 EX_IOERR: Final = 74
+#: A command line that asks for ``chat`` after other arguments (argparse's status, as chat's).
+EX_USAGE: Final = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,11 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     # `relayd chat` is the client side: relayd.__main__ hands it its arguments
     # before this module is imported, so serving never imports client code and
     # the client none of the daemon. Listed here for --help only.
-    commands.add_parser(
+    chat = commands.add_parser(
         "chat",
         help="connect to a relayd as a client (relayd chat --help)",
         add_help=False,
     )
+    # Reached only after other arguments (see main): taken whole, to be refused there.
+    chat.add_argument("chat_arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -149,6 +154,16 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    if args.command == "chat":
+        # `relayd --log-level debug chat URL`: relayd.__main__ hands chat to the client
+        # only when it comes first. The daemon's flags mean nothing to a client, and
+        # serving instead (as `relayd --port 0 chat` did) would open a relay on every
+        # interface for someone who asked for a chat.
+        sys.stderr.write(
+            "relayd: error: chat comes first, and the daemon's flags do not apply to it: "
+            "relayd chat [OPTIONS] URL (relayd chat --help)\n"
+        )
+        return EX_USAGE
     overrides = {
         "server.host": args.host,
         "server.port": args.port,

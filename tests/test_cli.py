@@ -124,6 +124,24 @@ def test_a_command_line_relayd_cannot_read_is_bad_settings(
     assert ": error: " in err.splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--log-level", "debug", "chat", "ws://127.0.0.1:9/"], ["--port", "0", "chat"]],
+    ids=["with-url", "alone"],
+)
+def test_chat_after_the_daemons_flags_is_refused_not_served(argv: list[str]) -> None:
+    # Only `relayd chat ...` is the client. After daemon flags, `chat` was parsed as the
+    # daemon's command: with a URL an "unrecognized arguments" error, alone a relay
+    # serving on every interface (this run would then time out).
+    result = run([*MODULE, "--admin-port", "0", *argv])
+    assert result.returncode == cli.EX_USAGE == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        "relayd: error: chat comes first, and the daemon's flags do not apply to it: "
+        "relayd chat [OPTIONS] URL (relayd chat --help)\n"
+    )
+
+
 def test_version_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
