@@ -119,7 +119,7 @@ fi
 python_ok() {
     "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 }
-step "checking packages: python3 >= 3.11 with venv, procps"
+step "checking packages: $PYTHON >= 3.11 with venv, procps"
 missing=()
 python_ok || missing+=(python3 python3-venv)
 [ -x /bin/kill ] || missing+=(procps)
@@ -142,10 +142,11 @@ run systemd-sysusers "$SYSUSERS_DIR/relayd.conf"
 
 # -- 3. the virtualenv --------------------------------------------------------------
 step "virtualenv $PREFIX with relayd from $SRC"
-# A venv whose interpreter no longer runs (a Debian upgrade replaced python3.11), or that
-# was made from another interpreter than $PYTHON (an install before it was named), is
-# rebuilt from scratch; a working one is reused and upgraded in place.
-if [ -x "$PREFIX/bin/python" ] && "$PREFIX/bin/python" -c 'import sys' 2>/dev/null &&
+# A venv is rebuilt from scratch when its interpreter no longer runs, or is another
+# Python version than the one it was made with (a Debian release upgrade: python3 is
+# 3.13 and the venv's packages are 3.11's, pip among them), or is not $PYTHON (an
+# install made before install.sh named it); else it is reused and upgraded in place.
+if [ -x "$PREFIX/bin/python" ] && "$PREFIX/bin/python" -c 'import pip' 2>/dev/null &&
     [ "$(readlink -f "$PREFIX/bin/python")" = "$(readlink -f "$PYTHON")" ]; then
     note "reusing $PREFIX"
 else

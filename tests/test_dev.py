@@ -46,6 +46,25 @@ def pip_noise(line: str) -> bool:
     return line.startswith(("WARNING: Location 'file:", "WARNING: Url 'file:"))
 
 
+def serve_version(venv: Path, **env: str) -> list[str]:
+    """What ``./dev serve --version`` with its venv at ``venv`` said on stderr, bar pip's remarks.
+
+    Asserts that it printed relayd's version and exited 0.
+    """
+    result = subprocess.run(
+        [str(DEV), "serve", "--version"],
+        env=dev_env(DEV_VENV=str(venv), **env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("relayd "), result.stdout
+    return [line for line in result.stderr.splitlines() if not pip_noise(line)]
+
+
 def test_serve_installs_only_what_serving_needs_and_quietly_on_debians_python(
     tmp_path: Path,
 ) -> None:
@@ -56,18 +75,7 @@ def test_serve_installs_only_what_serving_needs_and_quietly_on_debians_python(
     decoy.write_text("#!/bin/sh\necho 'the first python3 on PATH ran' >&2\nexit 1\n")
     decoy.chmod(0o755)
     venv = tmp_path / "venv"
-    result = subprocess.run(
-        [str(DEV), "serve", "--version"],
-        env=dev_env(DEV_VENV=str(venv), PATH=f"{decoy.parent}:{os.environ['PATH']}"),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=INSTALL_TIMEOUT_S,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("relayd "), result.stdout
-    said = [line for line in result.stderr.splitlines() if not pip_noise(line)]
+    said = serve_version(venv, PATH=f"{decoy.parent}:{os.environ['PATH']}")
     assert said == [f"==> creating {venv}", f"==> installing relayd [cluster] into {venv}"]
     assert "home = /usr/bin\n" in (venv / "pyvenv.cfg").read_text()
     listed = subprocess.run(
@@ -80,6 +88,25 @@ def test_serve_installs_only_what_serving_needs_and_quietly_on_debians_python(
     installed = {package["name"].lower() for package in json.loads(listed.stdout)}
     assert {"relayd", "trio", "coredis"} <= installed
     assert installed.isdisjoint(TEST_TOOLS)
+
+
+def test_serve_makes_a_venv_from_another_interpreter_again(tmp_path: Path) -> None:
+    # A .venv made before ./dev named Debian's interpreter (a pyenv python3 first on PATH)
+    # would keep the tests and the bench on that build. A venv whose python is a copy
+    # stands for one: its python is not /usr/bin/python3's.
+    venv = tmp_path / "venv"
+    subprocess.run(
+        ["/usr/bin/python3", "-m", "venv", "--copies", "--without-pip", str(venv)],
+        timeout=INSTALL_TIMEOUT_S,
+        check=True,
+    )
+    copy = os.path.realpath(venv / "bin" / "python")
+    assert serve_version(venv) == [
+        f"==> making {venv} again from /usr/bin/python3 (it was made from {copy})",
+        f"==> installing relayd [cluster] into {venv}",
+    ]
+    made = os.path.realpath(venv / "bin" / "python")
+    assert made == os.path.realpath("/usr/bin/python3")
 
 
 def _lines(stream: IO[str]) -> queue.Queue[str | None]:

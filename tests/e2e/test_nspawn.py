@@ -964,6 +964,8 @@ def test_upgrade_keeps_the_operators_config_and_the_port(relayd: Installed) -> N
         code, result = run(scenario(), timeout=INSTALL_TIMEOUT_S)
         assert code == 1001, relayd.describe()  # drained, as on any restart
         assert f"{CONFIG} exists: kept as it is" in result.stdout
+        # The venv is upgraded in place, not rebuilt under the running service.
+        assert "\n    reusing /opt/relayd\n" in result.stdout, result.stdout
         assert box.path(CONFIG).read_text(encoding="utf-8") == edited
         assert relayd.main_pid() != old_pid
         assert box.show("relayd.socket", "ActiveEnterTimestampMonotonic") == socket_since
