@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relayd.daemon.accepting import RESERVED_DESCRIPTORS
 from relayd.daemon.admin import ANSWER_TIMEOUT_S, MAX_CONNECTIONS, REQUEST_TIMEOUT_S
 from relayd.daemon.systemd import Notifier, listen_sockets, watchdog_interval
+from relayd.telemetry.throttle import BURST
 from tests import wire
 from tests.e2e.harness import require_tool
 from tests.keys import ec_key, pem_public, rsa_key
@@ -508,7 +509,12 @@ def test_out_of_descriptors_the_admin_listener_still_answers_and_the_log_stays_s
             sock.close()
         daemon.close()
     names = [e["event"] for e in daemon.events]
-    assert names.count("listener.paused") <= 1 + 2  # once, and once a time it flapped
+    # Once when the budget filled, and once each time it filled again after the listener
+    # accepted: while the held sockets close, the loop takes the backlog's closed clients,
+    # which fill the budget until their handlers close them, as often as the machine's
+    # timing has it (four times beside two CPU-bound processes). Never a line per retry:
+    # within the line budget's burst.
+    assert names.count("listener.paused") <= BURST
     assert "library.log" not in names
     assert "error" not in names
 

@@ -136,7 +136,8 @@ class TLSError(ConnectError):
     """The TLS handshake failed; ``__cause__`` is the :class:`ssl.SSLError`, or the ``OSError``.
 
     Retryable only when the connection ended or was reset during the handshake
-    (``__cause__`` is an :class:`ssl.SSLEOFError`, or not an :class:`ssl.SSLError`):
+    (``__cause__`` is an :class:`ssl.SSLEOFError`, or an :class:`ssl.SSLZeroReturnError`
+    as Python before 3.11.3 says it, or not an :class:`ssl.SSLError`):
     a server at its handshake limit, or restarting, does that. A certificate that
     did not verify, or a server that does not speak TLS, answers the same next time.
     """

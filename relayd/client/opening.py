@@ -35,6 +35,11 @@ _PLAIN_TEXT_REASONS: Final = frozenset(
 )
 
 
+#: What the ssl module raises for a connection closed during the TLS handshake: SSLEOFError,
+#: or, before Python 3.11.3 (Debian bookworm's python3 is 3.11.2), SSLZeroReturnError.
+_EOF: Final = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
 #: The status line of an HTTP answer, as far as its status code.
 _STATUS_LINE: Final = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r]")
 
@@ -70,7 +75,7 @@ async def open_stream(endpoint: Endpoint, ssl_context: ssl.SSLContext | None) ->
         cause = exc.__cause__
         # Closed or reset mid-handshake (a server shedding handshakes, or restarting)
         # may pass; what OpenSSL itself refused will not.
-        transient = isinstance(cause, ssl.SSLEOFError) or not isinstance(cause, ssl.SSLError)
+        transient = isinstance(cause, _EOF) or not isinstance(cause, ssl.SSLError)
         raise TLSError(url, _tls_failure(endpoint, cause), retryable=transient) from cause
     except BaseException:
         await trio.aclose_forcefully(tcp)
