@@ -45,7 +45,7 @@ from relayd.policy.auth import Authenticator
 from relayd.routing.factory import check_router_files
 from relayd.telemetry.log import configure, get_logger
 
-__all__ = ["EX_CONFIG", "EX_IOERR", "EX_USAGE", "main"]
+__all__ = ["CHAT_NOT_FIRST", "EX_CONFIG", "EX_IOERR", "main"]
 
 _T = TypeVar("_T")
 
@@ -53,8 +53,9 @@ _T = TypeVar("_T")
 EX_CONFIG: Final = 78
 #: sysexits.h: an error writing output.
 EX_IOERR: Final = 74
-#: A command line that asks for ``chat`` after other arguments (argparse's status, as chat's).
-EX_USAGE: Final = 2
+#: A command line with ``chat`` after other arguments: argparse's usage status, which
+#: ``relayd chat`` itself exits with for arguments it cannot read.
+CHAT_NOT_FIRST: Final = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,13 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     # `relayd chat` is the client side: relayd.__main__ hands it its arguments
     # before this module is imported, so serving never imports client code and
     # the client none of the daemon. Listed here for --help only.
-    chat = commands.add_parser(
+    commands.add_parser(
         "chat",
         help="connect to a relayd as a client (relayd chat --help)",
         add_help=False,
     )
-    # Reached only after other arguments (see main): taken whole, to be refused there.
-    chat.add_argument("chat_arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -153,7 +152,9 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
             (:mod:`relayd.__main__` keeps them): relayd reloads once it does, if any came.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Known first: what follows `chat` (a URL, --seed, -h) is chat's, not the daemon's.
+    args, unknown = parser.parse_known_args(argv)
     if args.command == "chat":
         # `relayd --log-level debug chat URL`: relayd.__main__ hands chat to the client
         # only when it comes first. The daemon's flags mean nothing to a client, and
@@ -163,7 +164,9 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
             "relayd: error: chat comes first, and the daemon's flags do not apply to it: "
             "relayd chat [OPTIONS] URL (relayd chat --help)\n"
         )
-        return EX_USAGE
+        return CHAT_NOT_FIRST
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides = {
         "server.host": args.host,
         "server.port": args.port,

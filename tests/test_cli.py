@@ -126,15 +126,20 @@ def test_a_command_line_relayd_cannot_read_is_bad_settings(
 
 @pytest.mark.parametrize(
     "argv",
-    [["--log-level", "debug", "chat", "ws://127.0.0.1:9/"], ["--port", "0", "chat"]],
-    ids=["with-url", "alone"],
+    [
+        ["--log-level", "debug", "chat", "ws://127.0.0.1:9/"],
+        ["--port", "0", "chat"],
+        ["--log-format", "console", "chat", "--seed", "ws://127.0.0.1:9/"],
+        ["--port", "0", "chat", "-h"],
+    ],
+    ids=["with-url", "alone", "with-chat-options", "with-chat-help"],
 )
 def test_chat_after_the_daemons_flags_is_refused_not_served(argv: list[str]) -> None:
     # Only `relayd chat ...` is the client. After daemon flags, `chat` was parsed as the
     # daemon's command: with a URL an "unrecognized arguments" error, alone a relay
     # serving on every interface (this run would then time out).
     result = run([*MODULE, "--admin-port", "0", *argv])
-    assert result.returncode == cli.EX_USAGE == 2, result.stderr
+    assert result.returncode == cli.CHAT_NOT_FIRST == 2, result.stderr
     assert result.stdout == ""
     assert result.stderr == (
         "relayd: error: chat comes first, and the daemon's flags do not apply to it: "

@@ -515,6 +515,8 @@ def test_out_of_descriptors_the_admin_listener_still_answers_and_the_log_stays_s
     # timing has it (four times beside two CPU-bound processes). Never a line per retry:
     # within the line budget's burst.
     assert names.count("listener.paused") <= BURST
+    left_out = [e for e in daemon.events if e["event"] == "log.suppressed"]
+    assert [e for e in left_out if e["suppressed"] == "listener.paused"] == []
     assert "library.log" not in names
     assert "error" not in names
 

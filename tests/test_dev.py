@@ -92,21 +92,51 @@ def test_serve_installs_only_what_serving_needs_and_quietly_on_debians_python(
 
 def test_serve_makes_a_venv_from_another_interpreter_again(tmp_path: Path) -> None:
     # A .venv made before ./dev named Debian's interpreter (a pyenv python3 first on PATH)
-    # would keep the tests and the bench on that build. A venv whose python is a copy
-    # stands for one: its python is not /usr/bin/python3's.
+    # would keep the tests and the bench on that build. Its pyvenv.cfg names the
+    # interpreter it was made from: here one that is not /usr/bin/python3.
     venv = tmp_path / "venv"
     subprocess.run(
-        ["/usr/bin/python3", "-m", "venv", "--copies", "--without-pip", str(venv)],
+        ["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)],
         timeout=INSTALL_TIMEOUT_S,
         check=True,
     )
-    copy = os.path.realpath(venv / "bin" / "python")
+    config = venv / "pyvenv.cfg"
+    other = "/opt/another-python/bin/python3.11"
+    lines = config.read_text().splitlines()
+    config.write_text(
+        "".join(
+            f"executable = {other}\n" if line.startswith("executable = ") else f"{line}\n"
+            for line in lines
+        )
+    )
     assert serve_version(venv) == [
-        f"==> making {venv} again from /usr/bin/python3 (it was made from {copy})",
+        f"==> making {venv} again from /usr/bin/python3 (it was made from {other})",
         f"==> installing relayd [cluster] into {venv}",
     ]
-    made = os.path.realpath(venv / "bin" / "python")
-    assert made == os.path.realpath("/usr/bin/python3")
+    made = config.read_text()
+    assert f"executable = {os.path.realpath('/usr/bin/python3')}\n" in made
+    # Made once: the next run finds it as it should be, and neither makes nor installs it.
+    assert serve_version(venv) == []
+
+
+def test_a_python_given_that_cannot_make_a_venv_stops_dev_and_says_so(tmp_path: Path) -> None:
+    # Named on purpose: not replaced by the system's after an apt-get install, as when
+    # the default is missing; nothing is made.
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        [str(DEV), "serve", "--version"],
+        env=dev_env(DEV_VENV=str(venv), PYTHON="/nonexistent/python3"),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_TIMEOUT_S,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "==> PYTHON=/nonexistent/python3 is not a Python 3.11 or later with venv and ensurepip\n"
+    )
+    assert not venv.exists()
 
 
 def _lines(stream: IO[str]) -> queue.Queue[str | None]:
