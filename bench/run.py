@@ -697,8 +697,8 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         # The interpreter relayd and the Python peers ran on (a venv's python resolved to the
-        # interpreter it links to): builds of one version differ by some 7% in relayd's CPU
-        # per message (docs/benchmarks.md, "The interpreter").
+        # interpreter it links to): pyenv's 3.11.7 build ran relayd's lone message with 8%
+        # more instructions than Debian's 3.11.2 (docs/benchmarks.md, "The interpreter").
         "python_executable": os.path.realpath(sys.executable),
         "node": _run(["node", "--version"]),
         "relayd_commit": _run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, env=git),

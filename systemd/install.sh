@@ -46,7 +46,7 @@ EX_CONFIG=78
 # Debian's interpreter, not the first python3 on PATH: a pyenv or conda build in root's
 # home would leave the service on an interpreter the relayd user cannot read (/root is
 # 0700), that apt never updates, and that pyenv builds without profile-guided
-# optimization (relayd's message path then costs some 7% more CPU, docs/benchmarks.md).
+# optimization (relayd's lone message then runs 8% more instructions, docs/benchmarks.md).
 PYTHON=/usr/bin/python3
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

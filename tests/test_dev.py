@@ -69,7 +69,7 @@ def test_serve_installs_only_what_serving_needs_and_quietly_on_debians_python(
     tmp_path: Path,
 ) -> None:
     # Made from the interpreter the installed service runs on, not the first python3 on
-    # PATH (a pyenv build there runs relayd some 7% slower, and the bench measures this venv).
+    # PATH (a pyenv build there runs 8% more instructions per message; the bench uses this venv).
     decoy = tmp_path / "bin" / "python3"
     decoy.parent.mkdir()
     decoy.write_text("#!/bin/sh\necho 'the first python3 on PATH ran' >&2\nexit 1\n")
