@@ -27,6 +27,8 @@ INSTALL_TIMEOUT_S: Final = 300.0
 WAIT_TIMEOUT_S: Final = 30.0
 #: What the tests need and serving does not: none of it may be in a serving venv.
 TEST_TOOLS: Final = ("pytest", "pytest-trio", "hypothesis", "mypy", "ruff", "coverage")
+#: An interpreter a venv may say it was made from: not /usr/bin/python3, ./dev's default.
+OTHER_PYTHON: Final = "/opt/another-python/bin/python3.11"
 
 
 def dev_env(**extra: str) -> dict[str, str]:
@@ -65,6 +67,23 @@ def serve_version(venv: Path, **env: str) -> list[str]:
     return [line for line in result.stderr.splitlines() if not pip_noise(line)]
 
 
+def venv_made_from(interpreter: str, venv: Path) -> Path:
+    """A venv at ``venv`` (no pip) whose ``pyvenv.cfg`` says ``interpreter`` made it; that file."""
+    subprocess.run(
+        ["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)],
+        timeout=INSTALL_TIMEOUT_S,
+        check=True,
+    )
+    config = venv / "pyvenv.cfg"
+    config.write_text(
+        "".join(
+            f"executable = {interpreter}\n" if line.startswith("executable = ") else f"{line}\n"
+            for line in config.read_text().splitlines()
+        )
+    )
+    return config
+
+
 def test_serve_installs_only_what_serving_needs_and_quietly_on_debians_python(
     tmp_path: Path,
 ) -> None:
@@ -95,28 +114,38 @@ def test_serve_makes_a_venv_from_another_interpreter_again(tmp_path: Path) -> No
     # would keep the tests and the bench on that build. Its pyvenv.cfg names the
     # interpreter it was made from: here one that is not /usr/bin/python3.
     venv = tmp_path / "venv"
-    subprocess.run(
-        ["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)],
-        timeout=INSTALL_TIMEOUT_S,
-        check=True,
-    )
-    config = venv / "pyvenv.cfg"
-    other = "/opt/another-python/bin/python3.11"
-    lines = config.read_text().splitlines()
-    config.write_text(
-        "".join(
-            f"executable = {other}\n" if line.startswith("executable = ") else f"{line}\n"
-            for line in lines
-        )
-    )
+    config = venv_made_from(OTHER_PYTHON, venv)
     assert serve_version(venv) == [
-        f"==> making {venv} again from /usr/bin/python3 (it was made from {other})",
+        f"==> making {venv} again from /usr/bin/python3 (it was made from {OTHER_PYTHON})",
         f"==> installing relayd [cluster] into {venv}",
     ]
     made = config.read_text()
     assert f"executable = {os.path.realpath('/usr/bin/python3')}\n" in made
     # Made once: the next run finds it as it should be, and neither makes nor installs it.
     assert serve_version(venv) == []
+
+
+def test_serve_replaces_a_link_to_another_venv_and_leaves_that_venv_alone(tmp_path: Path) -> None:
+    # A .venv that links to a venv elsewhere (another checkout's, a shared one) made from
+    # another interpreter: made again through the link, `venv --clear` emptied the folder
+    # it pointed to, outside the checkout, and then failed on the link.
+    shared = tmp_path / "shared-venv"
+    config = venv_made_from(OTHER_PYTHON, shared)
+    kept = config.read_text()
+    venv = tmp_path / "venv"
+    venv.symlink_to(shared)
+    assert serve_version(venv) == [
+        f"==> making {venv} a venv of its own from /usr/bin/python3"
+        f" (it links to {shared}, made from {OTHER_PYTHON})",
+        f"==> installing relayd [cluster] into {venv}",
+    ]
+    assert not venv.is_symlink()
+    assert (
+        f"executable = {os.path.realpath('/usr/bin/python3')}\n"
+        in (venv / "pyvenv.cfg").read_text()
+    )
+    assert config.read_text() == kept
+    assert (shared / "bin" / "python").exists()
 
 
 def test_a_python_given_that_cannot_make_a_venv_stops_dev_and_says_so(tmp_path: Path) -> None:
