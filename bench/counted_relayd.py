@@ -27,6 +27,11 @@ What is counted, each a figure per message once divided by the messages of the w
   busy time spent in stretches of at least 0.5, 1, 2 and 4 ms. A message that arrives
   while relayd is busy waits for the rest of that stretch, then for its place in the
   next one: these bound what relayd's own run loop adds to a message's latency.
+* ``long_steps``: the task steps of at least 1 ms, longest first (20 at most): wall time,
+  the thread's CPU time in it, its task, and the context switches within it. A step far
+  longer than its CPU with an involuntary switch is one in which relayd was runnable and
+  another process ran on its core (the kernel's scheduler, or the hypervisor's, took the
+  core away); ``bench/preemptions.py`` says which process.
 
 Resource handling: the signal handlers run in the main thread, between two bytecodes of
 whatever trio is running; they only flip flags and write one file.
@@ -66,6 +71,8 @@ _PACKAGES: Final = (
 _BY_MODULE: Final = frozenset({"relayd", "trio"})
 #: A busy stretch this long is listed, with its task steps and GC pause.
 _LONG_STRETCH_S: Final = 0.002
+#: A task step this long is listed, with its CPU time and context switches.
+_LONG_STEP_S: Final = 0.001
 
 
 class Counts(trio.abc.Instrument):
@@ -85,6 +92,9 @@ class Counts(trio.abc.Instrument):
         self.gc: dict[int, dict[str, float]] = {}
         self.stretches: list[float] = []
         self.longest: list[tuple[float, int, float]] = []  # (stretch, task steps, GC pause)
+        # (wall, CPU, task, involuntary switches, voluntary switches) of each long step
+        self.long_steps: list[tuple[float, float, str, int, int]] = []
+        self._step_began: tuple[float, float, int, int] | None = None
         self._busy_since: float | None = None
         self._stretch_steps = 0
         self._stretch_gc = 0.0
@@ -116,6 +126,18 @@ class Counts(trio.abc.Instrument):
             "long_stretches": [
                 {"ms": round(s * 1e3, 3), "task_steps": n, "gc_ms": round(g * 1e3, 3)}
                 for s, n, g in sorted(self.longest, reverse=True)[:20]
+            ],
+            "long_steps": [
+                {
+                    "ms": round(wall * 1e3, 3),
+                    "cpu_ms": round(cpu * 1e3, 3),
+                    "task": task,
+                    "involuntary_switches": involuntary,
+                    "voluntary_switches": voluntary,
+                }
+                for wall, cpu, task, involuntary, voluntary in sorted(
+                    self.long_steps, reverse=True
+                )[:20]
             ],
         }
         if self._profiler is not None:
@@ -158,6 +180,30 @@ class Counts(trio.abc.Instrument):
         if self.on:
             self.task_steps[task.name] += 1
             self._stretch_steps += 1
+            usage = resource.getrusage(resource.RUSAGE_THREAD)
+            self._step_began = (
+                time.perf_counter(),
+                time.thread_time(),
+                usage.ru_nivcsw,
+                usage.ru_nvcsw,
+            )
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:  # noqa: D102
+        began, self._step_began = self._step_began, None
+        if began is None or not self.on:
+            return
+        wall = time.perf_counter() - began[0]
+        if wall >= _LONG_STEP_S:
+            usage = resource.getrusage(resource.RUSAGE_THREAD)
+            self.long_steps.append(
+                (
+                    wall,
+                    time.thread_time() - began[1],
+                    task.name,
+                    usage.ru_nivcsw - began[2],
+                    usage.ru_nvcsw - began[3],
+                )
+            )
 
     def task_spawned(self, task: trio.lowlevel.Task) -> None:  # noqa: D102
         if self.on:

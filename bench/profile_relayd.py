@@ -37,7 +37,9 @@ Tools, and what they hold to on a busy machine:
 * ``counts``: trio scheduling rounds, task switches and tasks spawned per operation, per
   task function; garbage collections and their pauses (``bench/counted_relayd.py``);
   and the busy stretches, how long trio ran tasks between two waits for I/O (wall
-  time: like ``cpu``'s, they depend on what else runs).
+  time: like ``cpu``'s, they depend on what else runs), and the task steps of 1 ms or
+  more, with their CPU time and context switches (one far longer than its CPU was
+  preempted: ``sched`` says by whom).
   ``--calls`` counts every Python function call and call into C instead, by place
   (cProfile); ``--opcodes`` every bytecode executed, by place and function. The counts
   are exact and do not depend on load.
@@ -47,6 +49,13 @@ Tools, and what they hold to on a busy machine:
 * ``pyspy``: the share of relayd's CPU samples in each part of relayd and its libraries
   (``py-spy record``, sampling; each sample pauses relayd for a moment), and that share
   of this run's CPU per operation. Shares hold under load; the microseconds do not.
+* ``sched``: who else ran on the server's core while the server was runnable, and for
+  how long (``perf record -e sched:sched_switch`` on that core): each time the server
+  was preempted, until it ran again, by process. A long step of ``counts``' (its wall
+  time far over its CPU time, with an involuntary switch) or a latency tail is told
+  apart here from relayd's own work: the kernel's threads, another process of the
+  machine's. Exact, for what the kernel saw (time a hypervisor takes from the whole
+  virtual CPU shows as the server running).
 * ``callgrind``: instructions executed per operation (``valgrind --tool=callgrind``),
   in all and by C function and object file: repeatable to a fraction of a percent whatever
   the load (user space only: the kernel's side of system calls is not in them). relayd
@@ -56,7 +65,8 @@ Tools, and what they hold to on a busy machine:
   ``--warmup 150`` (docs/benchmarks.md); give a JIT a long warm-up.
 
 Needs ``strace``, ``valgrind`` and ``perf`` (Debian packages ``strace``, ``valgrind``,
-``linux-perf``) and py-spy (``.venv/bin/pip install py-spy``) for the tools that use them;
+``linux-perf``; ``sched`` reads the kernel's tracepoints: run it as root) and py-spy
+(``.venv/bin/pip install py-spy``) for the tools that use them;
 ``docs/benchmarks.md`` ("Where the time goes per message") has the figures and commands.
 
 Resource handling: relayd, the generator and the tool are this script's children, each
@@ -286,6 +296,7 @@ class CountsTool(Tool):
                 "tasks_spawned_per_op_by_task": {k: per(v) for k, v in spawned.items()},
                 "busy_stretches": counts["busy_stretches"],
                 "long_stretches": counts["long_stretches"],
+                "long_steps": counts["long_steps"],
             }
         if "calls" in counts:
             calls = counts["calls"]
@@ -321,6 +332,93 @@ class StraceTool(Tool):
             },
             "failed_syscalls_per_op_by_name": {k: v / operations for k, v in errors.items()},
         }
+
+
+class SchedTool(Tool):
+    """perf record of the scheduler's switches on the server's core: who preempted it."""
+
+    server_cpu = 1
+
+    def started(self) -> None:  # noqa: D102
+        core, out = str(self.server_cpu), str(self.out / "sched.data")
+        self.spawn(["perf", "record", "-q", "-e", "sched:sched_switch", "-C", core, "-o", out])
+
+    def ended(self) -> None:  # noqa: D102
+        self.stop_children()
+
+    def figures(self, operations: int) -> dict[str, Any]:  # noqa: D102
+        script = _check_run(
+            ["perf", "script", "-i", str(self.out / "sched.data"), "-F", "time,trace"]
+        )
+        found = parse_preemptions(script, self.pid)
+        found["preempted_us_per_op"] = found["preempted_ms"] * 1e3 / operations
+        return found
+
+
+#: One sched_switch event as ``perf script -F time,trace`` prints it.
+_SWITCH: Final = re.compile(
+    r"\s*(?P<time>[\d.]+):\s+prev_comm=(?P<prev_comm>.*?) prev_pid=(?P<prev_pid>\d+)"
+    r" prev_prio=-?\d+ prev_state=(?P<state>\S+) ==> next_comm=(?P<next_comm>.*?)"
+    r" next_pid=(?P<next_pid>\d+) "
+)
+
+
+def parse_preemptions(script: str, pid: int, longest: int = 10) -> dict[str, Any]:
+    """Who ran on a core while ``pid`` was runnable there, from its sched_switch events.
+
+    A preemption starts when ``pid`` is switched out still runnable (``prev_state`` R,
+    or R+) and ends when it is switched in again; the time between is charged to
+    whatever ran, each for its own part (the idle task, ``swapper``, when the core
+    idled before the server got it back: a wake-up's migration). A switch out in any
+    other state (waiting for I/O, as between messages) is no preemption.
+
+    Returns:
+        ``preemptions`` (count), ``preempted_ms`` (their time in all), ``by_process``
+        (ms, most first), and ``longest`` (the longest ones: ms, and who ran, in ms).
+    """
+    by_process: dict[str, float] = {}
+    spells: list[tuple[float, dict[str, float]]] = []
+    began: float | None = None
+    running: str | None = None
+    since = 0.0
+    who: dict[str, float] = {}
+    for line in script.splitlines():
+        switch = _SWITCH.match(line)
+        if switch is None:
+            continue
+        at = float(switch["time"])
+        if began is not None and running is not None:
+            who[running] = who.get(running, 0.0) + at - since
+        if int(switch["prev_pid"]) == pid and switch["state"].startswith("R"):
+            began, who = at, {}
+        if began is None:
+            continue
+        if int(switch["next_pid"]) == pid:
+            spells.append((at - began, who))
+            for name, spent in who.items():
+                by_process[name] = by_process.get(name, 0.0) + spent
+            began, running = None, None
+            continue
+        running, since = switch["next_comm"], at
+    spells.sort(key=lambda spell: -spell[0])
+    return {
+        "preemptions": len(spells),
+        "preempted_ms": sum(spell for spell, _ in spells) * 1e3,
+        "by_process": {
+            name: round(spent * 1e3, 3)
+            for name, spent in sorted(by_process.items(), key=lambda kv: -kv[1])
+        },
+        "longest": [
+            {
+                "ms": round(spell * 1e3, 3),
+                "ran": {
+                    name: round(spent * 1e3, 3)
+                    for name, spent in sorted(who.items(), key=lambda kv: -kv[1])
+                },
+            }
+            for spell, who in spells[:longest]
+        ],
+    }
 
 
 #: py-spy's frames, by the file they are in, to the part of the work they are (first match
@@ -494,6 +592,7 @@ TOOLS: Final[dict[str, type[Tool]]] = {
     "strace": StraceTool,
     "pyspy": PySpyTool,
     "callgrind": CallgrindTool,
+    "sched": SchedTool,
 }
 #: The executable each tool needs, and where it comes from.
 NEEDS: Final = {
@@ -501,6 +600,7 @@ NEEDS: Final = {
     "strace": ("strace", "apt-get install strace"),
     "pyspy": ("py-spy", ".venv/bin/pip install py-spy"),
     "callgrind": ("valgrind", "apt-get install valgrind"),
+    "sched": ("perf", "apt-get install linux-perf"),
 }
 
 
@@ -524,7 +624,7 @@ def _check_run(argv: Sequence[str]) -> str:
 #: scenarios' servers, whose figures beside relayd's explain a ratio of a full run; and
 #: the tools that need nothing of relayd's inside the process (counts and pyspy do).
 PROFILED_PEERS: Final = ("node-ws", "trio-floor")
-PEER_TOOLS: Final = ("callgrind", "cpu", "strace")
+PEER_TOOLS: Final = ("callgrind", "cpu", "sched", "strace")
 
 
 def peer_spec(name: str) -> ServerSpec:
@@ -587,6 +687,8 @@ def profile(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tool = TOOLS[args.tool](out, args.gen_cpu)
     if isinstance(tool, CountsTool):
         tool.calls, tool.opcodes = args.calls, args.opcodes
+    if isinstance(tool, SchedTool):
+        tool.server_cpu = args.server_cpu
     plan = Plan(
         [load.scenario],
         1,

@@ -775,6 +775,10 @@ def test_profiler_counts_trio_rounds_and_tasks_of_lone_messages(tmp_path: Path) 
         count = figure * operations
         assert count == pytest.approx(round(count), abs=1e-6), (figure, operations)
     assert found["gc_tracked_objects"] > 0
+    # Steps of 1 ms or more, with their CPU (none, on a quiet machine, at this rate).
+    for step in found["long_steps"]:
+        assert step["ms"] >= 1.0, step
+        assert step["cpu_ms"] <= step["ms"] + 0.01, step
     assert found["command"].startswith(".venv/bin/python bench/profile_relayd.py counts")
     assert found["pings"] is False
 
@@ -809,7 +813,7 @@ def test_profiler_profiles_a_peer_in_relayds_place(tmp_path: Path) -> None:
     assert calls.get("read", 0) + calls.get("recvfrom", 0) >= 0.9, calls
 
 
-_PEER_ONLY: Final = "profiles relayd only; a peer takes callgrind, cpu, strace"
+_PEER_ONLY: Final = "profiles relayd only; a peer takes callgrind, cpu, sched, strace"
 _RELAYDS_SETTINGS: Final = "--no-log and --pings are relayd's settings; a peer has neither"
 
 
@@ -902,6 +906,46 @@ def test_profiler_reads_perf_stat_strace_and_callgrind_output(
         "libpython (inlined)": 3_926_970,
         "libc.so.6": 2_622_000,
     }
+
+
+def test_profiler_charges_a_preemption_to_what_ran_until_the_server_ran_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    profiler = _profiler_module(monkeypatch)
+
+    def switch(at: float, prev: str, state: str, nxt: str) -> str:
+        (prev_comm, prev_pid), (next_comm, next_pid) = prev.rsplit(":", 1), nxt.rsplit(":", 1)
+        return (
+            f"{at:16.6f}: prev_comm={prev_comm} prev_pid={prev_pid} prev_prio=120"
+            f" prev_state={state} ==> next_comm={next_comm} next_pid={next_pid} next_prio=120"
+        )
+
+    script = "\n".join(
+        [
+            # Waits for a message (S): not preempted, whatever runs meanwhile.
+            switch(100.000, "python3:42", "S", "swapper/1:0"),
+            switch(100.001, "swapper/1:0", "R", "kworker/1:1:77"),
+            switch(100.002, "kworker/1:1:77", "I", "python3:42"),
+            # Preempted (R+) by a worker for 3 ms, then the core idles 0.5 ms.
+            switch(100.010, "python3:42", "R+", "tokio-rt-worker:9"),
+            switch(100.013, "tokio-rt-worker:9", "S", "swapper/1:0"),
+            switch(100.0135, "swapper/1:0", "R", "python3:42"),
+            # Preempted (R) by a kernel thread for 1 ms.
+            switch(100.020, "python3:42", "R", "kdamond.0:84"),
+            switch(100.021, "kdamond.0:84", "S", "python3:42"),
+            # Another process's own preemption: not the server's.
+            switch(100.030, "other:5", "R", "tokio-rt-worker:9"),
+            switch(100.031, "tokio-rt-worker:9", "S", "other:5"),
+        ]
+    )
+    found = profiler.parse_preemptions(script, 42)
+    assert found["preemptions"] == 2
+    assert found["preempted_ms"] == pytest.approx(4.5)
+    assert found["by_process"] == {"tokio-rt-worker": 3.0, "kdamond.0": 1.0, "swapper/1": 0.5}
+    assert found["longest"] == [
+        {"ms": 3.5, "ran": {"tokio-rt-worker": 3.0, "swapper/1": 0.5}},
+        {"ms": 1.0, "ran": {"kdamond.0": 1.0}},
+    ]
 
 
 @pytest.mark.parametrize(
