@@ -338,6 +338,7 @@ class SchedTool(Tool):
     """perf record of the scheduler's switches on the server's core: who preempted it."""
 
     server_cpu = 1
+    threads: frozenset[int] = frozenset()
 
     def started(self) -> None:  # noqa: D102
         core, out = str(self.server_cpu), str(self.out / "sched.data")
@@ -345,12 +346,14 @@ class SchedTool(Tool):
 
     def ended(self) -> None:  # noqa: D102
         self.stop_children()
+        # The server's other threads (node's helpers, for one) run on its core too.
+        self.threads = frozenset(int(tid) for tid in os.listdir(f"/proc/{self.pid}/task"))
 
     def figures(self, operations: int) -> dict[str, Any]:  # noqa: D102
         script = _check_run(
             ["perf", "script", "-i", str(self.out / "sched.data"), "-F", "time,trace"]
         )
-        found = parse_preemptions(script, self.pid)
+        found = parse_preemptions(script, self.pid, self.threads)
         found["preempted_us_per_op"] = found["preempted_ms"] * 1e3 / operations
         return found
 
@@ -363,14 +366,17 @@ _SWITCH: Final = re.compile(
 )
 
 
-def parse_preemptions(script: str, pid: int, longest: int = 10) -> dict[str, Any]:
+def parse_preemptions(
+    script: str, pid: int, threads: frozenset[int] = frozenset(), longest: int = 10
+) -> dict[str, Any]:
     """Who ran on a core while ``pid`` was runnable there, from its sched_switch events.
 
     A preemption starts when ``pid`` is switched out still runnable (``prev_state`` R,
     or R+) and ends when it is switched in again; the time between is charged to
     whatever ran, each for its own part (the idle task, ``swapper``, when the core
     idled before the server got it back: a wake-up's migration). A switch out in any
-    other state (waiting for I/O, as between messages) is no preemption.
+    other state (waiting for I/O, as between messages) is no preemption. What ran as
+    one of ``threads`` (the server's own, bar ``pid``) is named "COMM (the server's)".
 
     Returns:
         ``preemptions`` (count), ``preempted_ms`` (their time in all), ``by_process``
@@ -400,6 +406,8 @@ def parse_preemptions(script: str, pid: int, longest: int = 10) -> dict[str, Any
             began, running = None, None
             continue
         running, since = switch["next_comm"], at
+        if int(switch["next_pid"]) in threads:
+            running += " (the server's)"
     spells.sort(key=lambda spell: -spell[0])
     return {
         "preemptions": len(spells),

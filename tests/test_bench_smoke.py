@@ -933,18 +933,28 @@ def test_profiler_charges_a_preemption_to_what_ran_until_the_server_ran_again(
             # Preempted (R) by a kernel thread for 1 ms.
             switch(100.020, "python3:42", "R", "kdamond.0:84"),
             switch(100.021, "kdamond.0:84", "S", "python3:42"),
+            # Preempted by a thread of its own (node's helpers are pinned with it).
+            switch(100.0252, "python3:42", "R", "python3:43"),
+            switch(100.026, "python3:43", "S", "python3:42"),
             # Another process's own preemption: not the server's.
             switch(100.030, "other:5", "R", "tokio-rt-worker:9"),
             switch(100.031, "tokio-rt-worker:9", "S", "other:5"),
         ]
     )
-    found = profiler.parse_preemptions(script, 42)
-    assert found["preemptions"] == 2
-    assert found["preempted_ms"] == pytest.approx(4.5)
-    assert found["by_process"] == {"tokio-rt-worker": 3.0, "kdamond.0": 1.0, "swapper/1": 0.5}
+    found = profiler.parse_preemptions(script, 42, frozenset({42, 43}))
+    assert found["preemptions"] == 3
+    assert found["preempted_ms"] == pytest.approx(5.3)
+    own = "python3 (the server's)"
+    assert found["by_process"] == {
+        "tokio-rt-worker": 3.0,
+        "kdamond.0": 1.0,
+        own: 0.8,
+        "swapper/1": 0.5,
+    }
     assert found["longest"] == [
         {"ms": 3.5, "ran": {"tokio-rt-worker": 3.0, "swapper/1": 0.5}},
         {"ms": 1.0, "ran": {"kdamond.0": 1.0}},
+        {"ms": 0.8, "ran": {own: 0.8}},
     ]
 
 
