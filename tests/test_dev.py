@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Final
 
+import pytest
+
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEV: Final = REPO_ROOT / "dev"
 #: A fresh virtualenv and relayd's dependencies: about 30 s here, most of it pip.
@@ -48,7 +50,7 @@ def pip_noise(line: str) -> bool:
     return line.startswith(("WARNING: Location 'file:", "WARNING: Url 'file:"))
 
 
-def serve_version(venv: Path, **env: str) -> list[str]:
+def serve_version(venv: Path | str, **env: str) -> list[str]:
     """What ``./dev serve --version`` with its venv at ``venv`` said on stderr, bar pip's remarks.
 
     Asserts that it printed relayd's version and exited 0.
@@ -125,25 +127,28 @@ def test_serve_makes_a_venv_from_another_interpreter_again(tmp_path: Path) -> No
     assert serve_version(venv) == []
 
 
-def test_serve_replaces_a_link_to_another_venv_and_leaves_that_venv_alone(tmp_path: Path) -> None:
-    # A .venv that links to a venv elsewhere (another checkout's, a shared one) made from
-    # another interpreter: made again through the link, `venv --clear` emptied the folder
-    # it pointed to, outside the checkout, and then failed on the link.
+@pytest.mark.parametrize("made_from", [OTHER_PYTHON, os.path.realpath("/usr/bin/python3")])
+def test_serve_replaces_a_link_to_another_venv_and_leaves_that_venv_alone(
+    tmp_path: Path, made_from: str
+) -> None:
+    # A .venv that links to a venv elsewhere (another checkout's, a shared one). Made from
+    # another interpreter, it was made again through the link: `venv --clear` emptied the
+    # folder it pointed to, then failed on the link. Made from the right one, it was used:
+    # relayd was installed into the other checkout's venv, whose code ./dev serve could run.
     shared = tmp_path / "shared-venv"
-    config = venv_made_from(OTHER_PYTHON, shared)
+    config = venv_made_from(made_from, shared)
     kept = config.read_text()
     venv = tmp_path / "venv"
     venv.symlink_to(shared)
-    assert serve_version(venv) == [
+    # As a shell completes a folder's name: with a slash, which `[ -L ]` would follow.
+    assert serve_version(f"{venv}/") == [
         f"==> making {venv} a venv of its own from /usr/bin/python3"
-        f" (it links to {shared}, made from {OTHER_PYTHON})",
-        f"==> installing relayd [cluster] into {venv}",
+        f" (it links to {shared}, which is left as it is)",
+        f"==> installing relayd [cluster] into {venv}/",
     ]
     assert not venv.is_symlink()
-    assert (
-        f"executable = {os.path.realpath('/usr/bin/python3')}\n"
-        in (venv / "pyvenv.cfg").read_text()
-    )
+    made = (venv / "pyvenv.cfg").read_text()
+    assert f"executable = {os.path.realpath('/usr/bin/python3')}\n" in made
     assert config.read_text() == kept
     assert (shared / "bin" / "python").exists()
 
