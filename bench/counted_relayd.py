@@ -31,7 +31,9 @@ What is counted, each a figure per message once divided by the messages of the w
   the thread's CPU time in it, its task, and the context switches within it. A step far
   longer than its CPU with an involuntary switch is one in which relayd was runnable and
   another process ran on its core (the kernel's scheduler, or the hypervisor's, took the
-  core away); ``bench/preemptions.py`` says which process.
+  core away); ``bench/profile_relayd.py sched`` says which process. Timing each step
+  costs a ``getrusage`` call and two clock reads, which lengthen the busy stretches
+  a little against runs before these were recorded.
 
 Resource handling: the signal handlers run in the main thread, between two bytecodes of
 whatever trio is running; they only flip flags and write one file.

@@ -54,8 +54,9 @@ Tools, and what they hold to on a busy machine:
   was preempted, until it ran again, by process. A long step of ``counts``' (its wall
   time far over its CPU time, with an involuntary switch) or a latency tail is told
   apart here from relayd's own work: the kernel's threads, another process of the
-  machine's. Exact, for what the kernel saw (time a hypervisor takes from the whole
-  virtual CPU shows as the server running).
+  machine's. What the kernel saw, from a moment after the window opens (perf starting)
+  to its end; time a hypervisor takes from the whole virtual CPU shows as the server
+  running.
 * ``callgrind``: instructions executed per operation (``valgrind --tool=callgrind``),
   in all and by C function and object file: repeatable to a fraction of a percent whatever
   the load (user space only: the kernel's side of system calls is not in them). relayd
@@ -80,6 +81,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -338,23 +340,36 @@ class SchedTool(Tool):
     """perf record of the scheduler's switches on the server's core: who preempted it."""
 
     server_cpu = 1
+    #: The server's threads seen at the window's edges (its other threads are named apart).
     threads: frozenset[int] = frozenset()
+    #: The measured window, on CLOCK_MONOTONIC (perf's clock here: ``-k``).
+    window: tuple[float, float] = (0.0, math.inf)
 
     def started(self) -> None:  # noqa: D102
+        self.window = (time.monotonic(), math.inf)
+        self.threads = self._threads()
         core, out = str(self.server_cpu), str(self.out / "sched.data")
-        self.spawn(["perf", "record", "-q", "-e", "sched:sched_switch", "-C", core, "-o", out])
+        events = ["-k", "CLOCK_MONOTONIC", "-e", "sched:sched_switch", "-C", core]
+        self.spawn(["perf", "record", "-q", *events, "-o", out])
 
     def ended(self) -> None:  # noqa: D102
+        self.window = (self.window[0], time.monotonic())
+        self.threads |= self._threads()
         self.stop_children()
+
+    def _threads(self) -> frozenset[int]:
         # The server's other threads (node's helpers, for one) run on its core too.
-        self.threads = frozenset(int(tid) for tid in os.listdir(f"/proc/{self.pid}/task"))
+        return frozenset(int(tid) for tid in os.listdir(f"/proc/{self.pid}/task"))
 
     def figures(self, operations: int) -> dict[str, Any]:  # noqa: D102
         script = _check_run(
             ["perf", "script", "-i", str(self.out / "sched.data"), "-F", "time,trace"]
         )
-        found = parse_preemptions(script, self.pid, self.threads)
+        found = parse_preemptions(script, self.pid, self.threads, self.window)
         found["preempted_us_per_op"] = found["preempted_ms"] * 1e3 / operations
+        # perf says so when it could not keep up: spells may then be missing.
+        said = (self.out / "perf.err").read_text(errors="replace")
+        found["perf_lost"] = [line for line in said.splitlines() if "lost" in line.lower()]
         return found
 
 
@@ -367,51 +382,85 @@ _SWITCH: Final = re.compile(
 
 
 def parse_preemptions(
-    script: str, pid: int, threads: frozenset[int] = frozenset(), longest: int = 10
+    script: str,
+    pid: int,
+    threads: frozenset[int] = frozenset(),
+    window: tuple[float, float] = (-math.inf, math.inf),
+    longest: int = 10,
 ) -> dict[str, Any]:
     """Who ran on a core while ``pid`` was runnable there, from its sched_switch events.
 
     A preemption starts when ``pid`` is switched out still runnable (``prev_state`` R,
     or R+) and ends when it is switched in again; the time between is charged to
-    whatever ran, each for its own part (the idle task, ``swapper``, when the core
-    idled before the server got it back: a wake-up's migration). A switch out in any
-    other state (waiting for I/O, as between messages) is no preemption. What ran as
-    one of ``threads`` (the server's own, bar ``pid``) is named "COMM (the server's)".
+    whatever ran, each for its own part (``swapper``, the idle task, where the core
+    idled meanwhile). A switch out in any other state (waiting for I/O, as between
+    messages) is no preemption. What ran as one of ``threads`` (the server's own, bar
+    ``pid``) is named "COMM (the server's)".
+
+    Only events within ``window`` count: a preemption still going at its end is cut
+    there, and one going at its start (perf starts a moment after the window opens),
+    whose beginning is not seen, is not counted. One that ``pid`` is switched out of
+    again before it is seen switched in (perf lost the switch in) is dropped, and
+    counted in ``unclosed``.
 
     Returns:
         ``preemptions`` (count), ``preempted_ms`` (their time in all), ``by_process``
-        (ms, most first), and ``longest`` (the longest ones: ms, and who ran, in ms).
+        (ms, most first), ``longest`` (the longest ones: ms, and who ran, in ms), and
+        ``unclosed``.
+
+    Raises:
+        ValueError: ``script`` has lines and none is a sched_switch event as expected
+            (perf printed another format).
     """
+    start, end = window
     by_process: dict[str, float] = {}
     spells: list[tuple[float, dict[str, float]]] = []
     began: float | None = None
-    running: str | None = None
+    running = ""
     since = 0.0
-    who: dict[str, float] = {}
+    ran: dict[str, float] = {}
+    unclosed = 0
+    matched = False
+
+    def close(at: float) -> None:
+        spells.append((at - (began or at), ran))
+        for name, spent in ran.items():
+            by_process[name] = by_process.get(name, 0.0) + spent
+
     for line in script.splitlines():
         switch = _SWITCH.match(line)
         if switch is None:
             continue
+        matched = True
         at = float(switch["time"])
-        if began is not None and running is not None:
-            who[running] = who.get(running, 0.0) + at - since
+        if at < start:
+            continue
+        if at > end:
+            break
+        if began is not None:
+            ran[running] = ran.get(running, 0.0) + at - since
+            if int(switch["next_pid"]) == pid:
+                close(at)
+                began = None
+                continue
+            if int(switch["prev_pid"]) == pid:  # ran again unseen: its switch in was lost
+                unclosed += 1
+                began = None
         if int(switch["prev_pid"]) == pid and switch["state"].startswith("R"):
-            began, who = at, {}
-        if began is None:
-            continue
-        if int(switch["next_pid"]) == pid:
-            spells.append((at - began, who))
-            for name, spent in who.items():
-                by_process[name] = by_process.get(name, 0.0) + spent
-            began, running = None, None
-            continue
-        running, since = switch["next_comm"], at
-        if int(switch["next_pid"]) in threads:
-            running += " (the server's)"
+            began, ran = at, {}
+        if began is not None:
+            running, since = switch["next_comm"], at
+            if int(switch["next_pid"]) in threads:
+                running += " (the server's)"
+    if began is not None and end != math.inf:
+        ran[running] = ran.get(running, 0.0) + end - since
+        close(end)
+    if not matched and script.strip():
+        raise ValueError("no sched_switch event in perf script's output (another format?)")
     spells.sort(key=lambda spell: -spell[0])
     return {
         "preemptions": len(spells),
-        "preempted_ms": sum(spell for spell, _ in spells) * 1e3,
+        "preempted_ms": round(sum(spell for spell, _ in spells) * 1e3, 3),
         "by_process": {
             name: round(spent * 1e3, 3)
             for name, spent in sorted(by_process.items(), key=lambda kv: -kv[1])
@@ -426,6 +475,7 @@ def parse_preemptions(
             }
             for spell, who in spells[:longest]
         ],
+        "unclosed": unclosed,
     }
 
 

@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, Final
 
 import pytest
@@ -908,37 +908,38 @@ def test_profiler_reads_perf_stat_strace_and_callgrind_output(
     }
 
 
+def _switch(at: float, prev: str, state: str, nxt: str) -> str:
+    """A sched_switch line as ``perf script -F time,trace`` prints it; ``prev``: COMM:PID."""
+    (prev_comm, prev_pid), (next_comm, next_pid) = prev.rsplit(":", 1), nxt.rsplit(":", 1)
+    return (
+        f"{at:16.6f}: prev_comm={prev_comm} prev_pid={prev_pid} prev_prio=120"
+        f" prev_state={state} ==> next_comm={next_comm} next_pid={next_pid} next_prio=120"
+    )
+
+
 def test_profiler_charges_a_preemption_to_what_ran_until_the_server_ran_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     profiler = _profiler_module(monkeypatch)
-
-    def switch(at: float, prev: str, state: str, nxt: str) -> str:
-        (prev_comm, prev_pid), (next_comm, next_pid) = prev.rsplit(":", 1), nxt.rsplit(":", 1)
-        return (
-            f"{at:16.6f}: prev_comm={prev_comm} prev_pid={prev_pid} prev_prio=120"
-            f" prev_state={state} ==> next_comm={next_comm} next_pid={next_pid} next_prio=120"
-        )
-
     script = "\n".join(
         [
             # Waits for a message (S): not preempted, whatever runs meanwhile.
-            switch(100.000, "python3:42", "S", "swapper/1:0"),
-            switch(100.001, "swapper/1:0", "R", "kworker/1:1:77"),
-            switch(100.002, "kworker/1:1:77", "I", "python3:42"),
+            _switch(100.000, "python3:42", "S", "swapper/1:0"),
+            _switch(100.001, "swapper/1:0", "R", "kworker/1:1:77"),
+            _switch(100.002, "kworker/1:1:77", "I", "python3:42"),
             # Preempted (R+) by a worker for 3 ms, then the core idles 0.5 ms.
-            switch(100.010, "python3:42", "R+", "tokio-rt-worker:9"),
-            switch(100.013, "tokio-rt-worker:9", "S", "swapper/1:0"),
-            switch(100.0135, "swapper/1:0", "R", "python3:42"),
+            _switch(100.010, "python3:42", "R+", "tokio-rt-worker:9"),
+            _switch(100.013, "tokio-rt-worker:9", "S", "swapper/1:0"),
+            _switch(100.0135, "swapper/1:0", "R", "python3:42"),
             # Preempted (R) by a kernel thread for 1 ms.
-            switch(100.020, "python3:42", "R", "kdamond.0:84"),
-            switch(100.021, "kdamond.0:84", "S", "python3:42"),
+            _switch(100.020, "python3:42", "R", "kdamond.0:84"),
+            _switch(100.021, "kdamond.0:84", "S", "python3:42"),
             # Preempted by a thread of its own (node's helpers are pinned with it).
-            switch(100.0252, "python3:42", "R", "python3:43"),
-            switch(100.026, "python3:43", "S", "python3:42"),
+            _switch(100.0252, "python3:42", "R", "python3:43"),
+            _switch(100.026, "python3:43", "S", "python3:42"),
             # Another process's own preemption: not the server's.
-            switch(100.030, "other:5", "R", "tokio-rt-worker:9"),
-            switch(100.031, "tokio-rt-worker:9", "S", "other:5"),
+            _switch(100.030, "other:5", "R", "tokio-rt-worker:9"),
+            _switch(100.031, "tokio-rt-worker:9", "S", "other:5"),
         ]
     )
     found = profiler.parse_preemptions(script, 42, frozenset({42, 43}))
@@ -956,6 +957,62 @@ def test_profiler_charges_a_preemption_to_what_ran_until_the_server_ran_again(
         {"ms": 1.0, "ran": {"kdamond.0": 1.0}},
         {"ms": 0.8, "ran": {own: 0.8}},
     ]
+
+
+def test_profiler_counts_preemptions_within_the_window_and_drops_what_it_cannot_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    profiler = _profiler_module(monkeypatch)
+    script = "\n".join(
+        [
+            "# a comment perf may print",
+            # Before the window opened: not counted.
+            _switch(9.0, "relayd:42", "R", "kworker/1:1:77"),
+            _switch(9.5, "kworker/1:1:77", "S", "relayd:42"),
+            # In it: preempted for 2 ms.
+            _switch(10.0, "relayd:42", "R", "kdamond.0:84"),
+            _switch(10.002, "kdamond.0:84", "S", "relayd:42"),
+            # Preempted, then switched out again unseen in between (perf lost the switch
+            # in): dropped, not 1 s charged to the idle task.
+            _switch(10.5, "relayd:42", "R", "ksoftirqd/1:24"),
+            _switch(10.501, "relayd:42", "S", "swapper/1:0"),
+            _switch(11.5, "swapper/1:0", "R", "relayd:42"),
+            # Preempted 1 ms before the window ends: cut at its end.
+            _switch(11.999, "relayd:42", "R+", "tokio-rt-worker:9"),
+            # After it: not counted.
+            _switch(12.5, "tokio-rt-worker:9", "S", "relayd:42"),
+        ]
+    )
+    found = profiler.parse_preemptions(script, 42, window=(10.0, 12.0))
+    assert found["preemptions"] == 2
+    assert found["unclosed"] == 1
+    assert found["preempted_ms"] == pytest.approx(3.0)
+    assert found["by_process"] == {"kdamond.0": 2.0, "tokio-rt-worker": 1.0}
+    # Another format than expected is said, not read as "never preempted".
+    with pytest.raises(ValueError, match="no sched_switch event"):
+        profiler.parse_preemptions("relayd:42 [120] R ==> kdamond.0:84 [120]\n", 42)
+    assert profiler.parse_preemptions("", 42)["preemptions"] == 0
+
+
+def test_counts_records_a_long_task_step_with_its_cpu_time_and_switches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A step of 1 ms or more, listed with the CPU it used: one that slept (as a blocking
+    # write would) shows a voluntary switch and little CPU; a short one is not listed.
+    counted = _load(monkeypatch, "counted_relayd", "bench_counted_relayd")
+    counts = counted.Counts()
+    counts.start(calls=False, opcodes=False)
+    task = SimpleNamespace(name="relayd.poller")
+    counts.before_task_step(task)
+    counts.after_task_step(task)
+    counts.before_task_step(task)
+    time.sleep(0.005)  # the step under test: blocked in the kernel for 5 ms
+    counts.after_task_step(task)
+    (step,) = counts.stop()["long_steps"]
+    assert step["task"] == "relayd.poller"
+    assert step["ms"] >= 5.0, step
+    assert step["cpu_ms"] < step["ms"] / 2, step
+    assert step["voluntary_switches"] >= 1, step
 
 
 @pytest.mark.parametrize(
