@@ -44,7 +44,6 @@ _PACED: Final = (
     "gen_cpu",
     "gen_loop_busy",
     "server_cpu",
-    "core_wait_ms",
 )
 #: Per kind: the metrics summarised, the primary one first (its ratio to node-ws is the
 #: row's ``ratio``; every metric's is in ``ratios``).
@@ -527,10 +526,7 @@ def _kernel(system_us: object) -> str:
 
 
 def _paced_table(
-    scenarios: list[Scenario],
-    servers: list[str],
-    medians: dict[str, Any],
-    cells: list[dict[str, Any]],
+    scenarios: list[Scenario], servers: list[str], medians: dict[str, Any]
 ) -> list[str]:
     paced = [s for s in scenarios if s.kind in ("chat", "latency")]
     if not paced:
@@ -564,7 +560,6 @@ def _paced_table(
                     _num(c.get("achieved_rate")),
                     _num(c.get("lost")),
                     " / ".join(_share(v) for v in gen) + f" / {_num(c.get('send_lag_p99_us'))}",
-                    _each_round(cells, s.key, server, "core_wait_ms"),
                 ]
             )
     out += _table(
@@ -581,7 +576,6 @@ def _paced_table(
             "sent/s",
             "lost",
             "generator: CPU / event loop busy / send lag p99 µs",
-            "server waited for its core, ms (each round)",
         ],
         rows,
     )
@@ -592,26 +586,9 @@ def _paced_table(
         " divided by the messages sent in it, the system time alone in brackets (system calls"
         " and the loopback TCP work they do), which the kernel samples tick by tick: it moves"
         " between runs far more than the total does, so compare totals; RSS is read at the"
-        " window's end. The server waited for its core: how long its main thread (a Node"
-        " server's event loop) was runnable in the window while other processes, or its own"
-        " other threads, held the core (/proc/PID/schedstat's run delay): a round whose tail"
-        " stands out beside a short wait had it from the server's own work; beside a long"
-        " one, perhaps from the machine.",
+        " window's end.",
     ]
     return out
-
-
-def _each_round(cells: list[dict[str, Any]], scenario: str, server: str, metric: str) -> str:
-    """``metric`` of each round's cell of ``scenario`` on ``server``, in round order."""
-    found = sorted(
-        (c["round"], value)
-        for c in cells
-        if c["scenario"] == scenario
-        and c["server"] == server
-        and not c.get("error")
-        and isinstance(value := (c.get("result") or {}).get(metric), int | float)
-    )
-    return ", ".join(_num(value, 1) for _, value in found) or "-"
 
 
 def _idle_table(
@@ -715,7 +692,7 @@ def render(document: dict[str, Any]) -> str:
     out = _setup(document, scenarios)
     out += _targets_table(document)
     out += _rate_tables(scenarios, servers, medians)
-    out += _paced_table(scenarios, servers, medians, document["cells"])
+    out += _paced_table(scenarios, servers, medians)
     out += _idle_table(scenarios, servers, medians, document["meta"]["skipped"])
     out += _busy_table(scenarios, servers, medians)
     out += _checks(document)

@@ -212,19 +212,6 @@ class ServerProcess:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
-    def waited_s(self) -> float | None:
-        """Seconds the server's main thread has waited, runnable, for a core (its run delay).
-
-        The time other processes (or the server's own other threads) held its core while
-        it had work: for an event loop, how long its messages waited on the machine.
-        None where the kernel keeps no such count (``/proc/PID/schedstat``).
-        """
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/schedstat").read_text().split()
-        except OSError:
-            return None
-        return int(fields[1]) / 1e9
-
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the server has used so far."""
         return sum(self.cpu_times())
@@ -402,14 +389,12 @@ class Probe:
     server_system_s: float
     core_busy_s: float
     rss_kib: int
-    server_waited_s: float | None
 
     @classmethod
     def take(cls, server: ServerProcess, cpu: int) -> Probe:
         """Read the clocks now."""
         user, system = server.cpu_times()
-        busy, rss = _core_busy(cpu)[0], server.rss_kib()
-        return cls(time.monotonic(), user + system, system, busy, rss, server.waited_s())
+        return cls(time.monotonic(), user + system, system, _core_busy(cpu)[0], server.rss_kib())
 
 
 def connections_of(params: dict[str, Any]) -> int:
@@ -561,9 +546,6 @@ def run_cell(
         if scenario.kind in ("chat", "latency"):
             cell.extra["rss_before_kib"] = rss_before
             cell.extra["rss_end_kib"] = end.rss_kib
-            if start.server_waited_s is not None and end.server_waited_s is not None:
-                # A latency tail is the server's or the machine's: this says which.
-                cell.extra["core_wait_ms"] = (end.server_waited_s - start.server_waited_s) * 1e3
     if result is not None:
         cell.result = {k: v for k, v in result.items() if k not in ("event", "mode")}
         cell.result.update(cell.extra)
