@@ -1273,10 +1273,10 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
 ) -> None:
     """install.sh --nodes 2: Redis and two relayd@ instances serving relayd.socket's port.
 
-    Clients land on either node (the kernel picks the accepting process); a message
-    crosses between nodes through Redis; restarting one node leaves the other's clients
-    connected and relaying. Runs after every test of the single daemon, which it turns
-    into nodes; only the uninstall test comes after it.
+    Each node accepts on the shared port (a client connects while the other node is
+    stopped); a message crosses between nodes through Redis; restarting one node leaves
+    the other's clients connected and relaying. Runs after every test of the single
+    daemon, which it turns into nodes; only the uninstall test comes after it.
     """
     box = relayd.box
     first = _free_ports(2)
@@ -1337,25 +1337,27 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
                 timeout=RESTART_TIMEOUT_S,
             )
 
-        async def scenario(clients: contextlib.AsyncExitStack) -> list[Any]:
-            # Open clients until both nodes hold one; the kernel spreads them. Each client
-            # is closed by the stack however the scenario ends: one left open would be
-            # closed by the garbage collector in some later test, whose filterwarnings =
-            # error turns the ResourceWarning into a failure.
-            held: dict[int, tuple[Any, str]] = {}
-            counts = await asyncio.to_thread(lambda: [open_on(first), open_on(first + 1)])
-            for _ in range(40):
+        async def on_node(clients: contextlib.AsyncExitStack, node: int) -> tuple[Any, str]:
+            # Which node takes a connection is whichever accepts it first, not an even
+            # split: with both idle, one can take 40 in a row. So the other node is
+            # stopped (SIGSTOP) while this client connects, and only this one can.
+            # Each client is closed by the stack however the scenario ends: one left
+            # open would be closed by the garbage collector in some later test, whose
+            # filterwarnings = error turns the ResourceWarning into a failure.
+            other = nodes[1 - node]
+            before = await asyncio.to_thread(open_on, first + node)
+            await asyncio.to_thread(box.systemctl, "kill", "--signal=SIGSTOP", other)
+            try:
                 ws = await clients.enter_async_context(client(relayd.url, v1=True))
                 ident = await v1_id(ws)
-                before = counts
-                counts = await asyncio.to_thread(lambda: [open_on(first), open_on(first + 1)])
-                node = next((i for i in (0, 1) if counts[i] > before[i]), None)
-                if node is not None and node not in held:
-                    held[node] = (ws, ident)
-                if len(held) == 2:
-                    break
-            assert len(held) == 2, "40 clients all landed on one node"
-            (a, _), (b, b_id) = held[0], held[1]
+            finally:
+                await asyncio.to_thread(box.systemctl, "kill", "--signal=SIGCONT", other)
+            assert await asyncio.to_thread(open_on, first + node) == before + 1
+            return ws, ident
+
+        async def scenario(clients: contextlib.AsyncExitStack) -> list[Any]:
+            a, _ = await on_node(clients, 0)
+            b, b_id = await on_node(clients, 1)
             await send_json(a, {"to": b_id, "message": "across nodes", "ref": 1})
             # The sender's answer first: a refusal fails here, with its frame, instead of
             # leaving the test waiting for the recipient until the scenario's deadline.
