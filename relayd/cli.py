@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None, *, hangups: Sequence[int] = ()) -> i
             notifier=Notifier.from_environment(),
             watchdog_s=watchdog_interval(),
             reload_first=lambda: bool(hangups),
-            listeners=[trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in activated],
+            listeners=[trio.socket.from_stdlib_socket(s) for s in activated],
         )
     )
 

@@ -110,6 +110,10 @@ class ServerSettings(BaseModel):
             the ``Origin`` header (e.g. ``https://chat.example.com``); others get 403.
             Empty allows every origin. Clients that send no ``Origin`` (not browsers)
             are not affected.
+        reuse_port: bind host/port with ``SO_REUSEPORT``, so that several relayd
+            processes of one user serve one port and the kernel spreads new connections
+            evenly over them (:mod:`relayd.daemon.listeners`). No effect on sockets
+            systemd hands over.
     """
 
     model_config = _SECTION_CONFIG
@@ -118,6 +122,7 @@ class ServerSettings(BaseModel):
     port: int = Field(default=9030, ge=0, le=65535)
     shutdown_grace_s: float = Field(default=10.0, gt=0)
     allowed_origins: tuple[str, ...] = ()
+    reuse_port: bool = False
 
 
 class LimitsSettings(BaseModel):

@@ -56,7 +56,14 @@ from relayd.daemon.addresses import show
 from relayd.daemon.admin import AdminListener, Area, serve_admin
 from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
-from relayd.daemon.listeners import address, bind, bind_admin, with_tls
+from relayd.daemon.listeners import (
+    address,
+    bind,
+    bind_admin,
+    listening,
+    migrates_on_close,
+    with_tls,
+)
 from relayd.daemon.poller import POLLER_TASK, ReadPoller
 from relayd.daemon.reload import (
     FileRead,
@@ -198,13 +205,17 @@ class Server:
             if self._starting is not None:
                 self._starting.cancel()
 
-    async def listen(self) -> list[trio.SocketListener]:
+    async def listen(self) -> list[trio.socket.SocketType]:
         """Bind ``server.host``/``server.port``; all interfaces, IPv4 and IPv6, for "".
+
+        With ``server.reuse_port`` the sockets listen only once :meth:`run` accepts
+        (:func:`~relayd.daemon.listeners.bind`).
 
         Raises:
             OSError: the address is in use, or binding it is not permitted.
         """
-        return await bind(self._settings.server.host, self._settings.server.port)
+        server = self._settings.server
+        return await bind(server.host, server.port, reuse_port=server.reuse_port)
 
     @property
     def ready(self) -> bool:
@@ -307,7 +318,7 @@ class Server:
 
     async def run(
         self,
-        listeners: Sequence[trio.SocketListener] | None = None,
+        listeners: Sequence[trio.socket.SocketType] | None = None,
         *,
         inherited: bool = False,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
@@ -315,7 +326,9 @@ class Server:
         """Serve until :meth:`shutdown`, then drain and return.
 
         Args:
-            listeners: sockets to serve on; by default :meth:`listen`.
+            listeners: sockets to serve on, bound (listening, or made to listen when
+                accepting starts); by default :meth:`listen`. Closed by the time this
+                returns.
             inherited: the listeners came from systemd (socket activation).
             task_status: reports ``started`` with the ``(host, port)`` of
                 every listening socket once connections are accepted.
@@ -337,10 +350,22 @@ class Server:
         )
         if listeners is None:
             listeners = await self.listen()
-        addresses = [address(listener) for listener in listeners]
-        admin_listeners = await bind_admin(self._settings.admin)
+            migrates = migrates_on_close()
+            if server.reuse_port and not migrates:
+                # Said at every start: this process's stop or restart will reset the
+                # clients waiting in its backlog instead of handing them to the others.
+                self._log.warning(
+                    "server.reuse_port", tcp_migrate_req=None if migrates is None else 0
+                )
+        addresses = [address(sock) for sock in listeners]
+        try:
+            admin_listeners = await bind_admin(self._settings.admin)
+        except BaseException:
+            for sock in listeners:
+                sock.close()
+            raise
         if admin_listeners:
-            self._admin_address = address(admin_listeners[0])
+            self._admin_address = address(admin_listeners[0].socket)
         forced = True
         admin: AdminListener | None = None
         try:
@@ -379,9 +404,8 @@ class Server:
                             admin, trio.current_time() + self._settings.server.shutdown_grace_s
                         )
                         root.cancel_scope.cancel()
-                        with trio.CancelScope(shield=True):
-                            for listener in listeners:
-                                await listener.aclose()
+                        for sock in listeners:
+                            sock.close()
                         return
                     # Reads every plain TCP connection's socket while its reader
                     # waits; it outlives the connections (cancelled with the root).
@@ -395,7 +419,7 @@ class Server:
                                 functools.partial(
                                     serve_public,
                                     self._gate,
-                                    with_tls(listeners, self._tls),
+                                    with_tls(listening(listeners), self._tls),
                                     handler_nursery=connections,
                                     sockets=self.sockets,
                                     log=self._log,
@@ -421,6 +445,8 @@ class Server:
                     forced = not await self._close_admin(admin, drained_by) or forced
                     root.cancel_scope.cancel()  # the poller (and an admin listener left)
         finally:
+            for sock in listeners:
+                sock.close()  # the accept loops' own close, or theirs never started
             self._gate.poller = None
             self._log.info(
                 "server.stop",

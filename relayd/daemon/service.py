@@ -69,7 +69,7 @@ async def run_daemon(
     reload_settings: Reloader,
     notifier: Notifier,
     watchdog_s: float | None = None,
-    listeners: Sequence[trio.SocketListener] | None = None,
+    listeners: Sequence[trio.socket.SocketType] | None = None,
     reload_first: Callable[[], bool] = lambda: False,
 ) -> int:
     """Serve until a signal stops it; returns the exit status.

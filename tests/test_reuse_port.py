@@ -1,0 +1,161 @@
+"""Several relayd processes serving one port: ``server.reuse_port`` (``SO_REUSEPORT``).
+
+Two in-process servers stand for two nodes on one machine, on real loopback sockets:
+the kernel must spread clients evenly over them (one socket shared by two idle
+processes went to one of them 100 times in a row), send none to a server that does not
+accept yet, and, once one has stopped, send every client to the other. What a stopping
+node's backlog becomes (``net.ipv4.tcp_migrate_req``) is a kernel setting, checked here
+only as relayd reads and reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import structlog
+import trio
+import trio.testing
+
+from relayd.config import Settings
+from relayd.daemon import listeners
+from relayd.daemon.server import Server
+from relayd.routing.interface import Router
+from relayd.routing.local import LocalRouter
+from relayd.telemetry.messages import MessageEvents
+from relayd.telemetry.metrics import Stats
+from tests.client import connect, settings
+
+#: Clients opened one after another against two servers sharing a port.
+CLIENTS: int = 100
+#: The fewest of them either server may hold. The kernel picks by a hash of each client's
+#: address and port, so each count is binomial(100, 1/2): below 25 about once in 3.5
+#: million runs (either of the two: once in 1.8 million).
+FEWEST: int = 25
+
+
+def sharing(port: int = 0) -> Settings:
+    """Settings for a server with ``reuse_port`` on loopback ``port``."""
+    base = settings()
+    server = base.server.model_copy(update={"port": port, "reuse_port": True})
+    return base.model_copy(update={"server": server})
+
+
+def held_open(server: Server) -> int:
+    """The WebSocket connections ``server`` holds now (its ``/metrics`` gauge)."""
+    value = server.registry.get_sample_value("relayd_connections_open")
+    assert value is not None
+    return int(value)
+
+
+class _StartsOnCue(LocalRouter):
+    """A router that starts when ``go`` is set, as a cluster node's waits for Redis."""
+
+    def __init__(self, events: MessageEvents, stats: Stats, go: trio.Event) -> None:
+        super().__init__(events, stats)
+        self._go = go
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._go.wait()
+        await super().run(task_status=task_status)
+
+
+def starts_on_cue(go: trio.Event) -> Callable[[MessageEvents, Stats], Router]:
+    return lambda events, stats: _StartsOnCue(events, stats, go)
+
+
+async def open_clients(url: str, count: int, stack: contextlib.AsyncExitStack) -> None:
+    """Open ``count`` clients one after another, each welcomed before the next; kept open."""
+    for _ in range(count):
+        await stack.enter_async_context(connect(url))
+
+
+async def test_two_servers_with_reuse_port_share_one_port_and_split_its_clients_evenly() -> None:
+    first = Server(sharing())
+    async with trio.open_nursery() as nursery:
+        [(host, port)] = await nursery.start(first.run)
+        second = Server(sharing(port))
+        assert await nursery.start(second.run) == [(host, port)]  # bound: no EADDRINUSE
+        url = f"ws://{host}:{port}/"
+        async with contextlib.AsyncExitStack() as stack:
+            await open_clients(url, CLIENTS, stack)
+            counts = [held_open(first), held_open(second)]
+        assert sum(counts) == CLIENTS
+        assert min(counts) >= FEWEST, counts
+        first.shutdown("test finished")
+        second.shutdown("test finished")
+
+
+async def test_without_reuse_port_a_second_server_cannot_bind_the_port() -> None:
+    first = Server(sharing())
+    plain = settings()
+    async with trio.open_nursery() as nursery:
+        [(_, port)] = await nursery.start(first.run)
+        taken = Server(
+            plain.model_copy(update={"server": plain.server.model_copy(update={"port": port})})
+        )
+        with pytest.raises(OSError, match="in use") as raised:
+            await taken.listen()
+        assert raised.value.errno == errno.EADDRINUSE
+        first.shutdown("test finished")
+
+
+async def test_a_server_still_starting_takes_no_client_and_a_stopped_one_none_after() -> None:
+    # A node reaching Redis (its router's start) must not hold a share of the port's new
+    # clients in its backlog while another node could serve them: it listens only once it
+    # accepts. And once it has drained, every client goes to the node left.
+    go = trio.Event()
+    serving = Server(sharing())
+    async with trio.open_nursery() as nursery:
+        [(host, port)] = await nursery.start(serving.run)
+        starting = Server(sharing(port), router=starts_on_cue(go))
+        nursery.start_soon(starting.run)
+        await trio.testing.wait_all_tasks_blocked()  # bound, its router waiting for go
+        assert starting.unready == "starting"
+        url = f"ws://{host}:{port}/"
+        # A client left in the starting one's backlog would wait there: 10 s is ample.
+        with trio.fail_after(10):
+            async with contextlib.AsyncExitStack() as stack:
+                await open_clients(url, CLIENTS // 2, stack)
+                assert held_open(serving) == CLIENTS // 2
+        go.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert starting.unready is None
+        serving.shutdown("test: one node stops")
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):
+            async with contextlib.AsyncExitStack() as stack:
+                await open_clients(url, CLIENTS // 2, stack)
+                assert held_open(starting) == CLIENTS // 2
+        starting.shutdown("test finished")
+
+
+@pytest.mark.parametrize(("text", "migrates"), [("1\n", True), ("0\n", False), (None, None)])
+def test_migrates_on_close_reads_tcp_migrate_req(
+    tmp_path: Path, text: str | None, migrates: bool | None
+) -> None:
+    setting = tmp_path / "tcp_migrate_req"
+    if text is not None:
+        setting.write_text(text, encoding="ascii")
+    assert listeners.migrates_on_close(setting) is migrates
+
+
+@pytest.mark.parametrize(("text", "logged"), [("0\n", [0]), (None, [None]), ("1\n", [])])
+async def test_a_start_with_reuse_port_warns_when_a_stop_would_reset_waiting_clients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str | None, logged: list[int | None]
+) -> None:
+    setting = tmp_path / "tcp_migrate_req"
+    if text is not None:
+        setting.write_text(text, encoding="ascii")
+    monkeypatch.setattr(listeners, "MIGRATE_REQ", setting)
+    with structlog.testing.capture_logs() as lines:
+        server = Server(sharing())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            server.shutdown("test finished")
+    warnings = [line for line in lines if line["event"] == "server.reuse_port"]
+    assert [line["tcp_migrate_req"] for line in warnings] == logged
+    assert all(line["log_level"] == "warning" for line in warnings)
