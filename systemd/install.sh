@@ -24,15 +24,19 @@
 #      making the first client wait for Python to start.
 #
 # With --nodes N (docs/scaling.md): also Debian's redis-server, and instead of
-# relayd.service the N instances relayd@9031 ... relayd@(9030+N) of relayd@.service,
-# each a node of one cluster ([cluster] switched on by the unit; the instance name is the
-# node's admin port), all serving relayd.socket's one port. relayd.socket then starts
-# relayd@9031 on activation. --nodes 0 (or no --nodes) goes back to the single daemon.
+# relayd.service and relayd.socket the N instances relayd@9031 ... relayd@(9030+N) of
+# relayd@.service, each a node of one cluster ([cluster] switched on by the unit; the
+# instance name is the node's admin port), each binding relayd.toml's [server] port with
+# SO_REUSEPORT, so the kernel spreads clients evenly over them; and the sysctl
+# net.ipv4.tcp_migrate_req = 1 (/etc/sysctl.d/60-relayd.conf), so the clients waiting for
+# a node that stops go to the others. --nodes 0 (or no --nodes) goes back to the single
+# daemon.
 #
 # Idempotent: run it again after `git pull` to upgrade. An upgrade restarts
 # relayd.service only; relayd.socket keeps the port open meanwhile, so clients see a
-# drain (close code 1001) and reconnect, never "connection refused". Remove it all with
-# systemd/uninstall.sh.
+# drain (close code 1001) and reconnect, never "connection refused". With --nodes it
+# restarts the nodes one at a time, each once the one before is ready, so the others
+# serve the port meanwhile. Remove it all with systemd/uninstall.sh.
 set -euo pipefail
 umask 022 # the venv and units must be readable by everyone, the relayd user included
 
@@ -41,6 +45,7 @@ CONFIG_DIR=/etc/relayd
 CONFIG=$CONFIG_DIR/relayd.toml
 UNIT_DIR=/etc/systemd/system
 SYSUSERS_DIR=/etc/sysusers.d
+SYSCTL_FILE=/etc/sysctl.d/60-relayd.conf
 SERVICE_USER=relayd
 EX_CONFIG=78
 # Debian's interpreter, not the first python3 on PATH: a pyenv or conda build in root's
@@ -191,7 +196,8 @@ fi
 # client there), their node name <hostname>-<port> and admin port.
 check=(runuser -u "$SERVICE_USER" -- env -i)
 if [ "$NODES" -gt 0 ]; then
-    check+=(RELAYD_CLUSTER__ENABLED=true "RELAYD_CLUSTER__NODE_NAME=$(uname -n)-$FIRST_ADMIN_PORT")
+    check+=(RELAYD_CLUSTER__ENABLED=true "RELAYD_CLUSTER__NODE_NAME=$(uname -n)-$FIRST_ADMIN_PORT"
+        RELAYD_SERVER__REUSE_PORT=true)
 fi
 check+=("$PREFIX/bin/relayd" check-config --config "$CONFIG")
 if [ "$NODES" -gt 0 ]; then
@@ -218,21 +224,13 @@ socket_changed=0
 cmp -s "$SRC/systemd/relayd.socket" "$UNIT_DIR/relayd.socket" || socket_changed=1
 run install -m 0644 "$SRC/systemd/relayd.service" "$SRC/systemd/relayd@.service" \
     "$SRC/systemd/relayd.socket" "$UNIT_DIR/"
-# Which service relayd.socket starts on activation: the single daemon, or the first node.
-DROPIN=$UNIT_DIR/relayd.socket.d/nodes.conf
-if [ "$NODES" -gt 0 ]; then
-    if [ "$DRY_RUN" -eq 1 ] || ! grep -qs "^Service=${INSTANCES[0]}\$" "$DROPIN"; then
-        socket_changed=1
-    fi
-    run install -d -m 0755 "$UNIT_DIR/relayd.socket.d"
-    printf '+ %s\n' "write $DROPIN: [Socket] Service=${INSTANCES[0]}"
-    if [ "$DRY_RUN" -eq 0 ]; then
-        printf '# Written by systemd/install.sh --nodes %s\n[Socket]\nService=%s\n' \
-            "$NODES" "${INSTANCES[0]}" >"$DROPIN"
-    fi
-elif [ -e "$DROPIN" ]; then
+# An install.sh before the nodes bound their port themselves pointed relayd.socket at
+# the first node.
+OLD_DROPIN=$UNIT_DIR/relayd.socket.d/nodes.conf
+if [ -e "$OLD_DROPIN" ]; then
     socket_changed=1
-    run rm -f "$DROPIN"
+    run rm -f "$OLD_DROPIN"
+    run rmdir --ignore-fail-on-non-empty "$UNIT_DIR/relayd.socket.d"
 fi
 run systemctl daemon-reload
 # Instances left from an earlier, larger --nodes (or from a cluster, going back to one).
@@ -244,24 +242,45 @@ for unit in $(systemctl list-units --plain --no-legend 'relayd@*.service' 2>/dev
     esac
 done
 if [ "$NODES" -gt 0 ]; then
-    services=("${INSTANCES[@]}")
-    run systemctl disable --now relayd.service
+    # relayd.socket holds the port without SO_REUSEPORT: the nodes cannot bind it beside it.
+    run systemctl disable --now relayd.service relayd.socket
     run systemctl enable --now redis-server.service
+    # A node's drain closes its socket: with this, the kernel hands the clients waiting in
+    # its backlog to the other nodes instead of resetting them (Linux 5.14 or later).
+    printf '+ %s\n' "write $SYSCTL_FILE: net.ipv4.tcp_migrate_req = 1"
+    if [ "$DRY_RUN" -eq 0 ]; then
+        printf '# Written by systemd/install.sh --nodes (docs/scaling.md)\nnet.ipv4.tcp_migrate_req = 1\n' \
+            >"$SYSCTL_FILE"
+    fi
+    if ! run sysctl -q -w net.ipv4.tcp_migrate_req=1; then
+        note "could not set net.ipv4.tcp_migrate_req (a container, or Linux before 5.14): a node"
+        note "that stops resets the clients waiting for it (each node warns: server.reuse_port)"
+    fi
+    run systemctl enable "${INSTANCES[@]}"
+    printf '+ %s\n' "systemctl reset-failed ${INSTANCES[*]}"
+    [ "$DRY_RUN" -eq 1 ] || systemctl reset-failed "${INSTANCES[@]}" 2>/dev/null || true
+    # One at a time, each waiting for READY=1 (Type=notify): the others serve meanwhile.
+    for unit in "${INSTANCES[@]}"; do
+        run systemctl restart "$unit" ||
+            die "$unit did not start; see: journalctl -u '$unit' -n 50 --no-pager"
+    done
 else
-    services=(relayd.service)
-fi
-run systemctl enable relayd.socket "${services[@]}"
-if [ "$socket_changed" -eq 1 ] && systemctl --quiet is-active relayd.socket 2>/dev/null; then
-    run systemctl stop "${services[@]}" relayd.socket
-fi
-# A unit that hit its start limit (say, on a bad config now fixed) refuses to start
-# until its failed state is cleared.
-printf '+ %s\n' "systemctl reset-failed relayd.socket ${services[*]}"
-[ "$DRY_RUN" -eq 1 ] || systemctl reset-failed relayd.socket "${services[@]}" 2>/dev/null || true
-run systemctl start relayd.socket
-# Starts relayd, or restarts it on the new code; waits for READY=1 (Type=notify).
-if ! run systemctl restart "${services[@]}"; then
-    die "${services[*]} did not start; see: journalctl -u 'relayd*' -n 50 --no-pager"
+    if [ -e "$SYSCTL_FILE" ]; then
+        run rm -f "$SYSCTL_FILE" # the running kernel keeps the value until a reboot: harmless
+    fi
+    run systemctl enable relayd.socket relayd.service
+    if [ "$socket_changed" -eq 1 ] && systemctl --quiet is-active relayd.socket 2>/dev/null; then
+        run systemctl stop relayd.service relayd.socket
+    fi
+    # A unit that hit its start limit (say, on a bad config now fixed) refuses to start
+    # until its failed state is cleared.
+    printf '+ %s\n' "systemctl reset-failed relayd.socket relayd.service"
+    [ "$DRY_RUN" -eq 1 ] || systemctl reset-failed relayd.socket relayd.service 2>/dev/null || true
+    run systemctl start relayd.socket
+    # Starts relayd, or restarts it on the new code; waits for READY=1 (Type=notify).
+    if ! run systemctl restart relayd.service; then
+        die "relayd.service did not start; see: journalctl -u 'relayd*' -n 50 --no-pager"
+    fi
 fi
 
 step "done"

@@ -16,6 +16,7 @@ PREFIX=/opt/relayd
 CONFIG_DIR=/etc/relayd
 UNIT_DIR=/etc/systemd/system
 SYSUSERS_FILE=/etc/sysusers.d/relayd.conf
+SYSCTL_FILE=/etc/sysctl.d/60-relayd.conf
 SERVICE_USER=relayd
 UNITS=(relayd.socket relayd.service relayd@.service)
 
@@ -81,8 +82,11 @@ else
 fi
 
 step "removing the units"
-# install.sh --nodes points relayd.socket at the first node with this drop-in.
+# An earlier install.sh --nodes pointed relayd.socket at the first node with this drop-in.
 if [ -e "$UNIT_DIR/relayd.socket.d/nodes.conf" ]; then run rm -f "$UNIT_DIR/relayd.socket.d/nodes.conf"; fi
+# install.sh --nodes's sysctl (net.ipv4.tcp_migrate_req = 1); the running kernel keeps the
+# value until a reboot, which is harmless.
+if [ -e "$SYSCTL_FILE" ]; then run rm -f "$SYSCTL_FILE"; fi
 for unit in "${UNITS[@]}"; do
     if [ -e "$UNIT_DIR/$unit" ]; then run rm -f "$UNIT_DIR/$unit"; else note "no $UNIT_DIR/$unit"; fi
 done

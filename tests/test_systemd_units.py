@@ -248,17 +248,21 @@ def test_node_template_passes_verify_as_an_instance(tmp_path: Path) -> None:
     assert status == 0
 
 
-def test_node_template_is_a_cluster_node_serving_the_shared_socket() -> None:
+def test_node_template_is_a_cluster_node_binding_the_port_with_reuse_port() -> None:
     unit = unit_settings(TEMPLATE)
-    assert only(unit, "Service", "Sockets") == "relayd.socket"
+    # Each node binds the port itself, with SO_REUSEPORT: relayd.socket's one socket,
+    # shared, went to whichever node accepted first (dozens of clients in a row to one).
+    assert ("Service", "Sockets") not in unit
+    assert "relayd.socket" not in " ".join(unit.get(("Unit", "After"), []))
     assert only(unit, "Service", "ExecStart").endswith("--admin-port %i")
-    environment = " ".join(unit[("Service", "Environment")])
+    environment = " ".join(unit[("Service", "Environment")]).split()
     assert "RELAYD_CLUSTER__ENABLED=true" in environment
     assert "RELAYD_CLUSTER__NODE_NAME=%H-%i" in environment
-    # Redis is wanted, never required: a node serves its own clients without it.
+    assert "RELAYD_SERVER__REUSE_PORT=true" in environment
+    # Redis is wanted, never required: a node serves its own clients without it; and
+    # nothing else is required either (a node needs no other unit to serve).
     assert "redis-server.service" in only(unit, "Unit", "Wants")
-    assert ("Unit", "Requires") in unit
-    assert "redis" not in only(unit, "Unit", "Requires")
+    assert ("Unit", "Requires") not in unit
     # Everything else as the single daemon's unit.
     single = unit_settings(SERVICE)
     for key in ("Type", "User", "WatchdogSec", "TimeoutStopSec", "RestartPreventExitStatus"):
@@ -460,20 +464,26 @@ def test_install_dry_run_of_a_cluster_on_this_machine() -> None:
     assert existing(INSTALLED_PATHS) == before
     out = result.stdout
     assert_only_step_lines(out)
-    assert "Service=relayd@9031.service" in out
     # The config is checked as the nodes run it: a [cluster] password file relayd cannot
     # read passed the check of a single daemon's config, then stopped every node with 78.
     check = (
         f"env -i RELAYD_CLUSTER__ENABLED=true RELAYD_CLUSTER__NODE_NAME={os.uname().nodename}-9031"
-        f" /opt/relayd/bin/relayd check-config --config {ETC_CONFIG} --admin-port 9031"
+        f" RELAYD_SERVER__REUSE_PORT=true /opt/relayd/bin/relayd check-config"
+        f" --config {ETC_CONFIG} --admin-port 9031"
     )
     assert check in out
+    # The port is the nodes' own: relayd.socket lets go of it, and a node's stop hands the
+    # clients waiting for it to the others.
+    assert "+ write /etc/sysctl.d/60-relayd.conf: net.ipv4.tcp_migrate_req = 1" in out
+    assert "+ sysctl -q -w net.ipv4.tcp_migrate_req=1" in out
     commands = [line for line in out.splitlines() if line.startswith("+ systemctl")]
-    assert "+ systemctl disable --now relayd.service" in commands
+    assert "+ systemctl disable --now relayd.service relayd.socket" in commands
     assert "+ systemctl enable --now redis-server.service" in commands
-    nodes = "relayd@9031.service relayd@9032.service relayd@9033.service"
-    assert f"+ systemctl enable relayd.socket {nodes}" in commands
-    assert commands[-1] == f"+ systemctl restart {nodes}"
+    nodes = ["relayd@9031.service", "relayd@9032.service", "relayd@9033.service"]
+    assert f"+ systemctl enable {' '.join(nodes)}" in commands
+    assert not [line for line in commands if "relayd.socket" in line and "disable" not in line]
+    # One node at a time, in order, and last: the others serve the port meanwhile.
+    assert commands[-3:] == [f"+ systemctl restart {node}" for node in nodes]
 
 
 def test_install_builds_the_service_on_debians_python_not_the_first_on_path(
