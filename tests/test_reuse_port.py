@@ -22,6 +22,7 @@ import trio.testing
 
 from relayd.config import Settings
 from relayd.daemon import listeners
+from relayd.daemon.reload import changes, in_force
 from relayd.daemon.server import Server
 from relayd.routing.interface import Router
 from relayd.routing.local import LocalRouter
@@ -159,3 +160,11 @@ async def test_a_start_with_reuse_port_warns_when_a_stop_would_reset_waiting_cli
     warnings = [line for line in lines if line["event"] == "server.reuse_port"]
     assert [line["tcp_migrate_req"] for line in warnings] == logged
     assert all(line["log_level"] == "warning" for line in warnings)
+
+
+def test_a_reload_that_changes_reuse_port_says_a_restart_is_needed() -> None:
+    # The sockets are bound once: a reload cannot take a process into or out of the group.
+    running = settings()
+    reloaded = sharing(running.server.port)
+    assert changes(running, reloaded).restart_required == ["server.reuse_port"]
+    assert in_force(running, reloaded).server.reuse_port is False

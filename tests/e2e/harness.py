@@ -343,6 +343,8 @@ TOOLS: dict[str, Tool] = {
             ("shellcheck", "shellcheck"),
             ("gdb", "gdb"),
             ("nsenter", "util-linux"),
+            ("unshare", "util-linux"),
+            ("ip", "iproute2"),
             ("taskset", "util-linux"),
             ("redis-server", "redis-server"),
             ("strace", "strace"),
