@@ -32,11 +32,13 @@ from typing import Final
 import trio
 
 from relayd.config import AdminSettings
+from relayd.daemon.addresses import show
 
 __all__ = [
     "BACKLOG",
     "MIGRATE_REQ",
     "Listener",
+    "NotListening",
     "address",
     "bind",
     "bind_admin",
@@ -93,6 +95,24 @@ async def bind(host: str, port: int, *, reuse_port: bool = False) -> list[trio.s
     if not bound:
         raise OSError(errno.EAFNOSUPPORT, f"no socket of any family {host!r} resolves to")
     return bound
+
+
+class NotListening(Exception):
+    """A socket bound at start could not listen when accepting was to start.
+
+    Only a ``server.reuse_port`` socket listens that late, and only another socket can
+    make it fail: one without ``SO_REUSEPORT`` may bind and listen on a port that a
+    reuse_port socket has bound but not listened on yet.
+
+    Attributes:
+        where: the address that could not be listened on, as ``host:port``.
+        error: what ``listen()`` raised.
+    """
+
+    def __init__(self, sockets: Sequence[trio.socket.SocketType], error: OSError) -> None:
+        self.where = ", ".join(show(*address(sock)) for sock in sockets)
+        self.error = error
+        super().__init__(f"cannot listen on {self.where}: {error}")
 
 
 def listening(sockets: Sequence[trio.socket.SocketType]) -> list[trio.SocketListener]:

@@ -57,6 +57,7 @@ from relayd.daemon.admin import AdminListener, Area, serve_admin
 from relayd.daemon.api import api_area
 from relayd.daemon.gate import Gate
 from relayd.daemon.listeners import (
+    NotListening,
     address,
     bind,
     bind_admin,
@@ -326,16 +327,31 @@ class Server:
         """Serve until :meth:`shutdown`, then drain and return.
 
         Args:
-            listeners: sockets to serve on, bound (listening, or made to listen when
-                accepting starts); by default :meth:`listen`. Closed by the time this
-                returns.
+            listeners: sockets to serve on: bound by :meth:`listen` (with
+                ``server.reuse_port``, made to listen only when accepting starts), or
+                listening ones from systemd; by default :meth:`listen`'s. Closed by the
+                time this returns.
             inherited: the listeners came from systemd (socket activation).
             task_status: reports ``started`` with the ``(host, port)`` of
                 every listening socket once connections are accepted.
 
         Raises:
             OSError: binding failed (address in use, permission denied).
+            NotListening: a socket bound with ``server.reuse_port`` could not listen
+                when accepting was to start (another socket took the port meanwhile);
+                nothing was served.
         """
+        refused = await self._run(listeners, inherited, task_status)
+        if refused is not None:
+            raise refused
+
+    async def _run(
+        self,
+        listeners: Sequence[trio.socket.SocketType] | None,
+        inherited: bool,
+        task_status: trio.TaskStatus[list[tuple[str, int]]],
+    ) -> NotListening | None:
+        """:meth:`run`'s work; a late listen's failure is returned, once all is closed."""
         server = self._settings.server
         started = trio.current_time()
         self._log.info(
@@ -350,13 +366,11 @@ class Server:
         )
         if listeners is None:
             listeners = await self.listen()
-            migrates = migrates_on_close()
-            if server.reuse_port and not migrates:
-                # Said at every start: this process's stop or restart will reset the
-                # clients waiting in its backlog instead of handing them to the others.
-                self._log.warning(
-                    "server.reuse_port", tcp_migrate_req=None if migrates is None else 0
-                )
+        migrates = migrates_on_close()
+        if server.reuse_port and not inherited and not migrates:
+            # Said at every start: this process's stop or restart will reset the
+            # clients waiting in its backlog instead of handing them to the others.
+            self._log.warning("server.reuse_port", tcp_migrate_req=None if migrates is None else 0)
         addresses = [address(sock) for sock in listeners]
         try:
             admin_listeners = await bind_admin(self._settings.admin)
@@ -406,11 +420,21 @@ class Server:
                         root.cancel_scope.cancel()
                         for sock in listeners:
                             sock.close()
-                        return
+                        return None
                     # Reads every plain TCP connection's socket while its reader
                     # waits; it outlives the connections (cancelled with the root).
                     poller = self._gate.poller = ReadPoller()
                     root.start_soon(poller.run, name=POLLER_TASK)
+                    try:
+                        served = with_tls(listening(listeners), self._tls)
+                    except OSError as exc:
+                        # Only a reuse_port socket listens this late: a socket without
+                        # SO_REUSEPORT may bind and listen on a port that one has bound
+                        # but not listened on yet.
+                        self._stop_reason = "cannot listen"
+                        forced = False  # nothing was served: nothing to drain
+                        root.cancel_scope.cancel()
+                        return NotListening(listeners, exc)
                     async with trio.open_nursery() as connections:
                         async with trio.open_nursery() as accepting:
                             # Counted now that every listening socket is open.
@@ -419,7 +443,7 @@ class Server:
                                 functools.partial(
                                     serve_public,
                                     self._gate,
-                                    with_tls(listening(listeners), self._tls),
+                                    served,
                                     handler_nursery=connections,
                                     sockets=self.sockets,
                                     log=self._log,
@@ -454,6 +478,7 @@ class Server:
                 forced=forced,
                 duration_s=round(trio.current_time() - started, 3),
             )
+        return None
 
 
 def _registry(stats: Collector, router: Collector | None) -> CollectorRegistry:

@@ -32,6 +32,7 @@ import trio
 from relayd.config import Settings, grace_too_short
 from relayd.config_sources import Loaded
 from relayd.daemon.addresses import show
+from relayd.daemon.listeners import NotListening
 from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.systemd import Notifier
@@ -139,6 +140,9 @@ async def run_daemon(
         await nursery.start(signals)
         try:
             await nursery.start(serve)
+        except NotListening as exc:
+            admin_problem = f"{exc}; {_PUBLIC_HINT}"
+            nursery.cancel_scope.cancel()
         except OSError as exc:
             # The public listeners are bound (or inherited) above, so the one bind
             # Server.run does before it reports started is the admin listener's.
