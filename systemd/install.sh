@@ -206,13 +206,32 @@ fi
 printf '+ %s\n' "${check[*]} >/dev/null"
 if [ "$DRY_RUN" -eq 0 ]; then
     status=0
-    (cd / && "${check[@]}" >/dev/null) || status=$?
+    effective=$(cd / && "${check[@]}") || status=$?
     if [ "$status" -ne 0 ]; then
         printf 'install.sh: %s does not pass "relayd check-config" (status %d; above).\n' \
             "$CONFIG" "$status" >&2
         printf '  relayd was installed but not restarted; fix the file, then run\n' >&2
         printf '  systemd/install.sh again (or: systemctl restart relayd).\n' >&2
         exit "$EX_CONFIG"
+    fi
+    # The nodes bind [server] host and port; relayd.socket, serving now, may listen
+    # elsewhere (a ListenStream= drop-in: another port, or loopback behind a proxy).
+    # Moving clients to another address, or opening the port on every interface, is
+    # not for install.sh to do quietly.
+    if [ "$NODES" -gt 0 ] && systemctl --quiet is-active relayd.socket 2>/dev/null; then
+        socket_listens=$(systemctl show --property=Listen --value relayd.socket)
+        nodes_bind=$(printf '%s' "$effective" | "$PREFIX/bin/python" -c '
+import json, sys
+server = json.load(sys.stdin)["server"]
+host, port = server["host"], server["port"]
+print(f"[::]:{port}" if host == "" else f"[{host}]:{port}" if ":" in host else f"{host}:{port}")')
+        if [ "$socket_listens" != "$nodes_bind (Stream)" ]; then
+            printf 'install.sh: relayd.socket listens on %s, but the nodes would bind %s\n' \
+                "$socket_listens" "$nodes_bind" >&2
+            printf '  ([server] host and port in %s): set those to the address the\n' "$CONFIG" >&2
+            printf '  clients use now, then run systemd/install.sh --nodes again.\n' >&2
+            exit "$EX_CONFIG"
+        fi
     fi
 fi
 
@@ -234,7 +253,7 @@ if [ -e "$OLD_DROPIN" ]; then
 fi
 run systemctl daemon-reload
 # Instances left from an earlier, larger --nodes (or from a cluster, going back to one).
-for unit in $(systemctl list-units --plain --no-legend 'relayd@*.service' 2>/dev/null |
+for unit in $(systemctl list-units --all --plain --no-legend 'relayd@*.service' 2>/dev/null |
     awk '{print $1}'); do
     case " ${INSTANCES[*]} " in
         *" $unit "*) ;;
@@ -242,7 +261,19 @@ for unit in $(systemctl list-units --plain --no-legend 'relayd@*.service' 2>/dev
     esac
 done
 if [ "$NODES" -gt 0 ]; then
-    # relayd.socket holds the port without SO_REUSEPORT: the nodes cannot bind it beside it.
+    # relayd.socket holds the port without SO_REUSEPORT, and so does every relayd it
+    # handed its socket to: the single daemon, or the nodes of an install.sh from before
+    # the nodes bound the port themselves. All of them let go of it before a node binds
+    # it, so the port is closed until the first node is ready: once, on the way here.
+    if systemctl --quiet is-active relayd.socket 2>/dev/null; then
+        holding=(relayd.service)
+        for unit in $(systemctl list-units --plain --no-legend 'relayd@*.service' |
+            awk '{print $1}'); do
+            holding+=("$unit")
+        done
+        note "the port closes until the first node is ready: the nodes bind it themselves"
+        run systemctl stop relayd.socket "${holding[@]}"
+    fi
     run systemctl disable --now relayd.service relayd.socket
     run systemctl enable --now redis-server.service
     # A node's drain closes its socket: with this, the kernel hands the clients waiting in

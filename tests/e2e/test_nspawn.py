@@ -1297,7 +1297,7 @@ SPREAD_FEWEST: Final = 5
 def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
     relayd: Installed,
 ) -> None:
-    """install.sh --nodes 2: Redis and two relayd@ instances serving relayd.socket's port.
+    """install.sh --nodes 2: Redis and two relayd@ instances binding one port with reuse_port.
 
     Each node binds the port with SO_REUSEPORT and the kernel spreads clients evenly
     over them; a message crosses between nodes through Redis; restarting one node leaves
@@ -1308,17 +1308,37 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
     box = relayd.box
     first = _free_ports(2)
     nodes = [f"relayd@{first}.service", f"relayd@{first + 1}.service"]
-    relayd.write_config(relayd.nodes_config())
-    install = box.run(
-        f"{SRC}/systemd/install.sh",
-        "--nodes",
-        "2",
-        "--first-admin-port",
-        str(first),
-        env=("PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEELS}"),
-        timeout=INSTALL_TIMEOUT_S,
-        check=False,
-    )
+
+    def install_nodes() -> subprocess.CompletedProcess[str]:
+        return box.run(
+            f"{SRC}/systemd/install.sh",
+            "--nodes",
+            "2",
+            "--first-admin-port",
+            str(first),
+            env=("PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEELS}"),
+            timeout=INSTALL_TIMEOUT_S,
+            check=False,
+        )
+
+    # The single daemon's clients reach it where relayd.socket listens (the test's
+    # drop-in: loopback, a free port); nodes binding relayd.toml's [server] (all
+    # interfaces, 9030) would move them and open the port everywhere: refused, and the
+    # single daemon left serving.
+    nodes_toml = relayd.nodes_config()
+    relayd.write_config(nodes_toml.replace('\nhost = "127.0.0.1"\n', '\nhost = ""\n'))
+    refused = install_nodes()
+    assert refused.returncode == 78, f"{refused.stdout}\n{refused.stderr}"
+    assert (
+        f"relayd.socket listens on 127.0.0.1:{relayd.port} (Stream), but the nodes would "
+        f"bind [::]:{relayd.port}\n"
+    ) in refused.stderr
+    assert box.systemctl("is-active", "relayd.socket", "relayd.service").stdout.split() == [
+        "active",
+        "active",
+    ]
+    relayd.write_config(nodes_toml)
+    install = install_nodes()
     assert install.returncode == 0, f"{install.stdout}\n{install.stderr}"
     sysctl = box.path(SYSCTL_FILE).read_text(encoding="utf-8")
     assert "\nnet.ipv4.tcp_migrate_req = 1\n" in sysctl
