@@ -16,6 +16,7 @@ import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -26,6 +27,8 @@ from relayd.config import Settings
 from relayd.daemon import listeners
 from relayd.daemon.reload import changes, in_force
 from relayd.daemon.server import Server
+from relayd.daemon.service import run_daemon
+from relayd.daemon.systemd import Notifier
 from relayd.routing.interface import Router
 from relayd.routing.local import LocalRouter
 from relayd.telemetry.messages import MessageEvents
@@ -217,3 +220,46 @@ def test_relayd_serve_with_reuse_port_warns_exactly_when_this_kernel_would_reset
         [] if migrates else [None if migrates is None else 0]
     )
     assert daemon.events[0]["event"] == "server.start"  # the warning comes after it
+
+
+async def test_relayd_exits_1_with_one_line_when_its_late_listen_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # run_daemon, as relayd serve runs it: exit status 1 (systemd restarts it; the port
+    # may be free then), the failing address and what to do, no traceback.
+    intruders: list[socket.socket] = []
+    bind = Server.listen
+
+    async def listen_then_taken(self: Server) -> list[trio.socket.SocketType]:
+        bound = await bind(self)
+        for sock in bound:
+            intruder = socket.socket(sock.family)
+            intruders.append(intruder)
+            intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            intruder.bind(sock.getsockname()[:2])
+            intruder.listen()
+        return bound
+
+    monkeypatch.setattr(Server, "listen", listen_then_taken)
+    try:
+        with structlog.testing.capture_logs() as lines:
+            status = await run_daemon(
+                Server(sharing()),
+                reload_settings=_no_reload,
+                notifier=Notifier.from_environment({}),
+            )
+        [(host, port)] = [intruder.getsockname()[:2] for intruder in intruders]
+    finally:
+        for intruder in intruders:
+            intruder.close()
+    assert status == 1
+    [error] = [line for line in lines if line["event"] == "error"]
+    assert error["summary"].startswith(
+        f"cannot listen on {host}:{port}: [Errno {errno.EADDRINUSE}] "
+    )
+    assert "a socket without SO_REUSEPORT took the port" in error["summary"]
+    assert capsys.readouterr().err == f"relayd: {error['summary']}\n"
+
+
+def _no_reload() -> Any:
+    raise AssertionError("no reload in this test")

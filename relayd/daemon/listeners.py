@@ -109,18 +109,25 @@ class NotListening(Exception):
         error: what ``listen()`` raised.
     """
 
-    def __init__(self, sockets: Sequence[trio.socket.SocketType], error: OSError) -> None:
-        self.where = ", ".join(show(*address(sock)) for sock in sockets)
+    def __init__(self, sock: trio.socket.SocketType, error: OSError) -> None:
+        self.where = show(*address(sock))
         self.error = error
         super().__init__(f"cannot listen on {self.where}: {error}")
 
 
 def listening(sockets: Sequence[trio.socket.SocketType]) -> list[trio.SocketListener]:
-    """``sockets`` as listeners; those not listening yet (reuse_port's) listen now."""
+    """``sockets`` as listeners; those not listening yet (reuse_port's) listen now.
+
+    Raises:
+        NotListening: one could not listen (the caller closes them all).
+    """
     listeners = []
     for sock in sockets:
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.listen(BACKLOG)
+            try:
+                sock.listen(BACKLOG)
+            except OSError as exc:
+                raise NotListening(sock, exc) from exc
         listeners.append(trio.SocketListener(sock))
     return listeners
 

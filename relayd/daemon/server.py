@@ -427,14 +427,14 @@ class Server:
                     root.start_soon(poller.run, name=POLLER_TASK)
                     try:
                         served = with_tls(listening(listeners), self._tls)
-                    except OSError as exc:
+                    except NotListening as refused:
                         # Only a reuse_port socket listens this late: a socket without
                         # SO_REUSEPORT may bind and listen on a port that one has bound
                         # but not listened on yet.
                         self._stop_reason = "cannot listen"
                         forced = False  # nothing was served: nothing to drain
                         root.cancel_scope.cancel()
-                        return NotListening(listeners, exc)
+                        return refused
                     async with trio.open_nursery() as connections:
                         async with trio.open_nursery() as accepting:
                             # Counted now that every listening socket is open.

@@ -48,6 +48,11 @@ STATUS_INTERVAL_S: Final = 5.0
 
 #: What to change when a port cannot be bound, said with the error.
 _PUBLIC_HINT: Final = "set server.port (--port) or server.host (--host) to a free address"
+#: What to do when a socket without SO_REUSEPORT took the port while relayd started.
+_NOT_LISTENING_HINT: Final = (
+    "a socket without SO_REUSEPORT took the port while relayd started (relayd.socket, "
+    "started again?): stop it, or set server.reuse_port = false"
+)
 #: What to change when the host does not resolve (a name the resolver does not know, yet).
 _UNRESOLVED_HINT: Final = "set server.host (--host) to an address or name of this machine"
 _ADMIN_UNRESOLVED_HINT: Final = (
@@ -104,6 +109,7 @@ async def run_daemon(
             return _cannot_start(problem)
     status = 0
     admin_problem: str | None = None
+    late_problem: str | None = None  # a reuse_port socket's listen, as accepting starts
     # A SIGHUP before relayd serves (its router's start: a cluster node's first attempt
     # at Redis may take seconds) is kept and made a reload once it serves, as one that
     # came before relayd took its signals: a reload ends with READY=1, which would tell
@@ -141,7 +147,7 @@ async def run_daemon(
         try:
             await nursery.start(serve)
         except NotListening as exc:
-            admin_problem = f"{exc}; {_PUBLIC_HINT}"
+            late_problem = f"{exc}; {_NOT_LISTENING_HINT}"
             nursery.cancel_scope.cancel()
         except OSError as exc:
             # The public listeners are bound (or inherited) above, so the one bind
@@ -165,8 +171,8 @@ async def run_daemon(
             if notifier.enabled:
                 nursery.start_soon(_report_status, server, notifier)
     notifier.close()
-    if admin_problem is not None:  # outside the except, as above
-        return _cannot_start(admin_problem)
+    if admin_problem is not None or late_problem is not None:  # outside the except, as above
+        return _cannot_start(admin_problem or late_problem or "")
     return status
 
 
