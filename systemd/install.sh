@@ -214,24 +214,26 @@ if [ "$DRY_RUN" -eq 0 ]; then
         printf '  systemd/install.sh again (or: systemctl restart relayd).\n' >&2
         exit "$EX_CONFIG"
     fi
-    # The nodes bind [server] host and port; relayd.socket, serving now, may listen
-    # elsewhere (a ListenStream= drop-in: another port, or loopback behind a proxy).
-    # Moving clients to another address, or opening the port on every interface, is
-    # not for install.sh to do quietly.
-    if [ "$NODES" -gt 0 ] && systemctl --quiet is-active relayd.socket 2>/dev/null; then
-        socket_listens=$(systemctl show --property=Listen --value relayd.socket)
-        nodes_bind=$(printf '%s' "$effective" | "$PREFIX/bin/python" -c '
-import json, sys
-server = json.load(sys.stdin)["server"]
-host, port = server["host"], server["port"]
-print(f"[::]:{port}" if host == "" else f"[{host}]:{port}" if ":" in host else f"{host}:{port}")')
-        if [ "$socket_listens" != "$nodes_bind (Stream)" ]; then
-            printf 'install.sh: relayd.socket listens on %s, but the nodes would bind %s\n' \
-                "$socket_listens" "$nodes_bind" >&2
-            printf '  ([server] host and port in %s): set those to the address the\n' "$CONFIG" >&2
-            printf '  clients use now, then run systemd/install.sh --nodes again.\n' >&2
-            exit "$EX_CONFIG"
-        fi
+fi
+# The nodes bind [server] host and port; relayd.socket, serving now, may listen elsewhere
+# (a ListenStream= drop-in: another port, or loopback behind a proxy). Moving clients to
+# another address, or opening the port on every interface, is not for install.sh to do
+# quietly: it stops here, before any unit is touched (the venv is upgraded by now).
+if [ "$NODES" -gt 0 ] && systemctl --quiet is-active relayd.socket 2>/dev/null; then
+    printf '+ compare the addresses of relayd.socket and [server] (%s)\n' \
+        "$SRC/systemd/socket_addresses.py"
+    compared=0
+    if [ "$DRY_RUN" -eq 0 ]; then
+        printf '%s' "$effective" | "$PREFIX/bin/python" "$SRC/systemd/socket_addresses.py" \
+            "$(systemctl show --property=Listen --value relayd.socket)" \
+            "$(systemctl show --property=BindIPv6Only --value relayd.socket)" || compared=$?
+    fi
+    if [ "$compared" -ne 0 ]; then
+        printf '  ([server] host and port in %s): set those to the addresses the clients\n' \
+            "$CONFIG" >&2
+        printf '  use now, then run systemd/install.sh --nodes again. Nothing was stopped:\n' >&2
+        printf '  relayd keeps serving (on the old code until it restarts).\n' >&2
+        exit "$EX_CONFIG"
     fi
 fi
 
@@ -246,7 +248,9 @@ run install -m 0644 "$SRC/systemd/relayd.service" "$SRC/systemd/relayd@.service"
 # An install.sh before the nodes bound their port themselves pointed relayd.socket at
 # the first node.
 OLD_DROPIN=$UNIT_DIR/relayd.socket.d/nodes.conf
+old_nodes=0
 if [ -e "$OLD_DROPIN" ]; then
+    old_nodes=1
     socket_changed=1
     run rm -f "$OLD_DROPIN"
     run rmdir --ignore-fail-on-non-empty "$UNIT_DIR/relayd.socket.d"
@@ -265,10 +269,12 @@ if [ "$NODES" -gt 0 ]; then
     # handed its socket to: the single daemon, or the nodes of an install.sh from before
     # the nodes bound the port themselves. All of them let go of it before a node binds
     # it, so the port is closed until the first node is ready: once, on the way here.
-    if systemctl --quiet is-active relayd.socket 2>/dev/null; then
+    # (Old nodes hold it even after relayd.socket itself has failed.)
+    if [ "$old_nodes" -eq 1 ] || systemctl --quiet is-active relayd.socket 2>/dev/null; then
         holding=(relayd.service)
-        for unit in $(systemctl list-units --plain --no-legend 'relayd@*.service' |
-            awk '{print $1}'); do
+        running=$(systemctl list-units --plain --no-legend 'relayd@*.service') ||
+            die "cannot list the relayd@ instances (systemctl list-units)"
+        for unit in $(printf '%s\n' "$running" | awk '{print $1}'); do
             holding+=("$unit")
         done
         note "the port closes until the first node is ready: the nodes bind it themselves"

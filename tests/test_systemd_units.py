@@ -18,14 +18,18 @@ container (tests/e2e/test_nspawn.py).
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Final
 
 import pytest
@@ -559,3 +563,100 @@ def test_script_help_is_its_header(script: Path) -> None:
     assert result.returncode == 0
     assert "--dry-run" in result.stdout
     assert not any(line.startswith("#") for line in result.stdout.splitlines())
+
+
+# -- install.sh --nodes: relayd.socket's addresses against [server]'s -----------------
+
+
+def _socket_addresses() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "socket_addresses", SYSTEMD_DIR / "socket_addresses.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COMPARE: Final = _socket_addresses()
+#: relayd.socket as shipped (ListenStream=9030, BindIPv6Only=both), as systemctl shows it.
+SHIPPED: Final = ("[::]:9030 (Stream)", "both")
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port", "same"),
+    [
+        # The shipped socket is dual-stack: relayd's host "" binds 0.0.0.0 and :: apart.
+        (SHIPPED, "", 9030, True),
+        # "::" binds IPv6 alone (IPV6_V6ONLY): IPv4 clients would be refused.
+        (SHIPPED, "::", 9030, False),
+        (SHIPPED, "0.0.0.0", 9030, False),
+        (SHIPPED, "", 8080, False),
+        (("[::]:9030 (Stream)", "ipv6-only"), "::", 9030, True),
+        (("[::]:9030 (Stream)", "ipv6-only"), "", 9030, False),
+        # A kernel without IPv6: systemd binds 0.0.0.0 for ListenStream=9030.
+        (("0.0.0.0:9030 (Stream)", "both"), "0.0.0.0", 9030, True),
+        # A drop-in moving the port to loopback, behind a proxy.
+        (("127.0.0.1:8080 (Stream)", "both"), "127.0.0.1", 8080, True),
+        (("127.0.0.1:8080 (Stream)", "both"), "", 8080, False),
+        (("[::1]:8080 (Stream)", "both"), "::1", 8080, True),
+        (("[::1]:8080 (Stream)", "both"), "0:0:0:0:0:0:0:1", 8080, True),  # one address
+        # Two ListenStream= lines, one per line in systemctl show.
+        (("127.0.0.1:8080 (Stream)\n[::1]:8080 (Stream)", "both"), "127.0.0.1", 8080, False),
+    ],
+)
+def test_socket_addresses_compares_addresses_not_spellings(
+    listen: tuple[str, str], host: str, port: int, same: bool
+) -> None:
+    theirs = COMPARE.socket_side(*listen)
+    ours = COMPARE.relayd_side(host, port, ipv6=True)
+    assert (theirs == ours) is same, (theirs, ours)
+
+
+def test_socket_addresses_without_ipv6_drops_it_as_relayd_does() -> None:
+    # On a kernel without IPv6 relayd skips the family, so host "" binds 0.0.0.0 alone.
+    assert COMPARE.relayd_side("", 9030, ipv6=False) == {("0.0.0.0", 9030)}
+    assert COMPARE.socket_side("0.0.0.0:9030 (Stream)", "both") == {("0.0.0.0", 9030)}
+
+
+def test_socket_addresses_resolves_a_host_name_as_relayd_binds_it() -> None:
+    loopback = COMPARE.relayd_side("localhost", 8080, ipv6=True)
+    assert ("127.0.0.1", 8080) in loopback
+    assert loopback == COMPARE.relayd_side("localhost", 8080, ipv6=True)
+    listen = "\n".join(
+        f"[{host}]:8080 (Stream)" if ":" in host else f"{host}:8080 (Stream)"
+        for host, _ in sorted(loopback)
+    )
+    assert COMPARE.socket_side(listen, "both") == loopback
+
+
+@pytest.mark.parametrize(
+    ("listen", "server", "status", "said"),
+    [
+        ("[::]:9030 (Stream)", {"host": "", "port": 9030}, 0, ""),
+        (
+            "127.0.0.1:8080 (Stream)",
+            {"host": "", "port": 9030},
+            1,
+            "relayd.socket listens on 127.0.0.1:8080, but the nodes would bind",
+        ),
+        ("/run/relayd.sock (Stream)", {"host": "", "port": 9030}, 2, "cannot compare"),
+        ("[::]:9030 (Datagram)", {"host": "", "port": 9030}, 2, "not a stream socket"),
+    ],
+)
+def test_socket_addresses_as_install_sh_runs_it(
+    listen: str, server: dict[str, object], status: int, said: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SYSTEMD_DIR / "socket_addresses.py"), listen, "both"],
+        input=json.dumps({"server": server}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == status, result.stderr
+    assert said in result.stderr
+    if status == 0:
+        assert result.stderr == ""

@@ -785,17 +785,18 @@ class Installed:
         """Replace /etc/relayd/relayd.toml's content; its owner and mode stay."""
         self.box.path(CONFIG).write_text(text, encoding="utf-8")
 
-    def nodes_config(self) -> str:
+    def nodes_config(self, host: str = "127.0.0.1") -> str:
         """The config as the nodes test writes it: the test's Redis, and the test's port.
 
         The nodes bind [server] host and port themselves (relayd.socket, where the single
-        daemon's port is set, is not theirs): the free port on loopback the socket had.
+        daemon's port is set, is not theirs): the free port the socket had, on ``host``
+        (loopback, as the socket's).
         """
         replacements = {
             'broker_url = "redis://127.0.0.1:6379/0"': (
                 f'broker_url = "redis://127.0.0.1:{self.redis_port}/0"'
             ),
-            '\nhost = ""\n': '\nhost = "127.0.0.1"\n',
+            '\nhost = ""\n': f'\nhost = "{host}"\n',
             "\nport = 9030\n": f"\nport = {self.port}\n",
         }
         text = self.config
@@ -1325,19 +1326,19 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
     # drop-in: loopback, a free port); nodes binding relayd.toml's [server] (all
     # interfaces, 9030) would move them and open the port everywhere: refused, and the
     # single daemon left serving.
-    nodes_toml = relayd.nodes_config()
-    relayd.write_config(nodes_toml.replace('\nhost = "127.0.0.1"\n', '\nhost = ""\n'))
+    relayd.write_config(relayd.nodes_config(host=""))
     refused = install_nodes()
     assert refused.returncode == 78, f"{refused.stdout}\n{refused.stderr}"
+    # (then [::] too, where the kernel has IPv6)
     assert (
-        f"relayd.socket listens on 127.0.0.1:{relayd.port} (Stream), but the nodes would "
-        f"bind [::]:{relayd.port}\n"
+        f"relayd.socket listens on 127.0.0.1:{relayd.port}, but the nodes would "
+        f"bind 0.0.0.0:{relayd.port}"
     ) in refused.stderr
     assert box.systemctl("is-active", "relayd.socket", "relayd.service").stdout.split() == [
         "active",
         "active",
     ]
-    relayd.write_config(nodes_toml)
+    relayd.write_config(relayd.nodes_config())
     install = install_nodes()
     assert install.returncode == 0, f"{install.stdout}\n{install.stderr}"
     sysctl = box.path(SYSCTL_FILE).read_text(encoding="utf-8")
