@@ -126,6 +126,9 @@ def main(migrate: str) -> None:
                 client = socket.create_connection(("127.0.0.1", port))
                 client.sendall(_upgrade(port))
                 clients.append(client)
+            # Full has stopped accepting, its budget reached, before the count below is
+            # taken: a client it was still to accept would have counted as waiting.
+            full.wait_for_event("listener.paused", timeout=SETTLE_TIMEOUT_S)
             # Settled: every client answered (by full within its budget, or by the
             # other) or waiting in full's backlog; polled, since a backlog's length
             # sends no event.

@@ -32,7 +32,12 @@ def handover(migrate: int) -> dict[str, object]:
     unshare = require_tool("unshare")
     require_tool("ip")
     result = subprocess.run(
-        [unshare, "--net", "--", sys.executable, "-m", "tests.e2e.backlog_handover", str(migrate)],
+        # A PID namespace too, whose first process is the scenario: if it is killed (the
+        # timeout), the kernel kills both relayd processes with it.
+        [
+            *(unshare, "--net", "--pid", "--fork", "--kill-child", "--mount-proc"),
+            *(sys.executable, "-m", "tests.e2e.backlog_handover", str(migrate)),
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
