@@ -26,9 +26,7 @@ about 16 s for 10,000 connections; the open-file limit must allow
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
 import resource
 import socket
 import subprocess
@@ -40,6 +38,7 @@ from typing import Any, Final
 import structlog
 import trio
 import trio.testing
+from upgrade import upgrade_request
 
 from relayd.config import AdminSettings, LimitsSettings, LogSettings, ServerSettings, Settings
 from relayd.daemon.server import Server
@@ -71,12 +70,7 @@ def _client(host: str, port: int, count: int) -> None:
     held: list[socket.socket] = []
     for _ in range(count):
         sock = socket.create_connection((host, port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        sock.sendall(upgrade_request(host, port))
         received = b""
         while True:  # the 101's head, then the welcome frame whole
             chunk = sock.recv(65536)

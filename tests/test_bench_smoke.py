@@ -1099,3 +1099,31 @@ def test_cluster_report_gives_each_target_as_a_ratio(cluster_quick_run: QuickRun
     ):
         assert re.search(target, report), f"{target!r} not in\n{report}"
     assert report.count("| relayd |") == len(CLUSTER_CELLS["relayd"]), report
+
+
+@pytest.mark.parametrize("way", [[], ["--reuse-port"]], ids=["shared", "reuse_port"])
+def test_accept_split_counts_every_client_on_one_process(way: list[str]) -> None:
+    # bench/accept_split.py, whose runs docs/scaling.md quotes: each client is found on
+    # exactly one of the processes, in either way of sharing the port.
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_DIR / "accept_split.py"),
+            "--clients",
+            "12",
+            "--runs",
+            "1",
+            *way,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [run] = [line for line in result.stdout.splitlines() if line.startswith("run 1: ")]
+    split, order = run.removeprefix("run 1: ").split("  order ")
+    assert sum(int(count) for count in split.split("/")) == 12
+    assert len(order) == 12
+    assert set(order) <= {"0", "1"}

@@ -14,7 +14,6 @@ other process, ``reset``, ``eof``, or the status line of another answer).
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import json
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from tests.e2e.harness import RelaydProcess, relayd_command, relayd_env
+from tests.wire import upgrade_request
 
 #: Clients opened against the two processes.
 CLIENTS: Final = 40
@@ -38,14 +38,6 @@ CLIENTS: Final = 40
 FULL_NOFILE: Final = 80
 #: How long the clients may take to settle, and those waiting to get their answer.
 SETTLE_TIMEOUT_S: Final = 15.0
-
-
-def _upgrade(port: int) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
 
 
 def _backlog(pid: int) -> int:
@@ -124,7 +116,7 @@ def main(migrate: str) -> None:
             budget = full.wait_for_event("server.descriptors")["budget"]
             for _ in range(CLIENTS):
                 client = socket.create_connection(("127.0.0.1", port))
-                client.sendall(_upgrade(port))
+                client.sendall(upgrade_request(f"127.0.0.1:{port}"))
                 clients.append(client)
             # Full has stopped accepting, its budget reached, before the count below is
             # taken: a client it was still to accept would have counted as waiting.
