@@ -236,6 +236,29 @@ def test_socket_activation_serves_the_socket_it_is_handed(tmp_path: Path) -> Non
         daemon.close()
 
 
+def test_a_datagram_socket_from_systemd_is_refused_in_one_line(tmp_path: Path) -> None:
+    # ListenDatagram= instead of ListenStream= in relayd.socket: relayd serves TCP only,
+    # and says so at once (exit 1, which systemd counts toward its start limit).
+    activate = str(require_tool("systemd-socket-activate"))
+    config = tmp_path / "relayd.toml"
+    config.write_text("[admin]\nport = 0\n")
+    port = _free_port()
+    datagram = [activate, "-d", "-l", f"127.0.0.1:{port}", "--fdname=relayd"]
+    daemon = Daemon([*datagram, *MODULE, "--config", str(config)])
+    try:
+        daemon.wait_stderr(f"Listening on 127.0.0.1:{port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wake:
+            wake.sendto(b"start", ("127.0.0.1", port))  # a datagram starts relayd
+        line = daemon.wait_stderr("relayd: cannot use the sockets systemd passed")
+        assert daemon.wait_exit() == 1
+    finally:
+        daemon.close()
+    assert line.strip() == (
+        "relayd: cannot use the sockets systemd passed: "
+        "descriptor 3 is not a listening TCP socket (SOCK_DGRAM)"
+    )
+
+
 # -- credentials at reload ------------------------------------------------------------
 
 

@@ -119,7 +119,7 @@ def listen_sockets(environ: MutableMapping[str, str] | None = None) -> list[sock
     (sd_listen_fds(3) with ``unset_environment``).
 
     Raises:
-        OSError: a passed descriptor is not a usable socket.
+        OSError: a passed descriptor is not a socket, or not a listening TCP one.
     """
     env = os.environ if environ is None else environ
     try:
@@ -137,5 +137,12 @@ def listen_sockets(environ: MutableMapping[str, str] | None = None) -> list[sock
         fd = SD_LISTEN_FDS_START + index
         os.set_inheritable(fd, False)
         if name in ("", "unknown", "relayd"):
-            sockets.append(socket.socket(fileno=fd))
+            sock = socket.socket(fileno=fd)
+            sockets.append(sock)
+            # relayd serves TCP: a datagram socket (ListenDatagram=), or one that does
+            # not listen, is a unit's mistake to say now, not a traceback later.
+            if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+            ):
+                raise OSError(f"descriptor {fd} is not a listening TCP socket ({sock.type.name})")
     return sockets
