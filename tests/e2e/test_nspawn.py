@@ -1304,7 +1304,8 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
     over them; a message crosses between nodes through Redis; restarting one node leaves
     the other's clients connected and relaying; while one node is stopped the other
     serves every new client. Runs after every test of the single daemon, which it turns
-    into nodes; only the uninstall test comes after it.
+    into nodes as an older install.sh made them (sharing relayd.socket), then upgrades;
+    only the uninstall test comes after it.
     """
     box = relayd.box
     first = _free_ports(2)
@@ -1322,11 +1323,31 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
             check=False,
         )
 
-    # The single daemon's clients reach it where relayd.socket listens (the test's
-    # drop-in: loopback, a free port); nodes binding relayd.toml's [server] (all
-    # interfaces, 9030) would move them and open the port everywhere: refused, and the
-    # single daemon left serving.
+    async def served() -> str:
+        async with client(relayd.url, v1=True) as ws:
+            return await v1_id(ws)
+
+    # First the nodes an older install.sh made: relayd@ instances sharing relayd.socket's
+    # socket (its template had Sockets=relayd.socket; its drop-in pointed the socket at
+    # the first node), the single daemon stopped. Their config's Redis is not running
+    # yet, so none of them logs a broker.connected the checks below could take for the
+    # new nodes'.
+    old_template = box.path("/etc/systemd/system/relayd@.service.d/old-layout.conf")
+    old_template.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    old_template.write_text(
+        "[Unit]\nRequires=relayd.socket\nAfter=relayd.socket\n[Service]\nSockets=relayd.socket\n",
+        encoding="utf-8",
+    )
+    box.path("/etc/systemd/system/relayd.socket.d/nodes.conf").write_text(
+        f"[Socket]\nService={nodes[0]}\n", encoding="utf-8"
+    )
+    # The clients reach them where relayd.socket listens (the test's drop-in: loopback,
+    # a free port); nodes binding [server] (all interfaces) would move them and open the
+    # port everywhere: refused, and the old nodes left serving.
     relayd.write_config(relayd.nodes_config(host=""))
+    box.systemctl("daemon-reload")
+    box.systemctl("disable", "--now", "relayd.service")
+    box.systemctl("start", *nodes)
     refused = install_nodes()
     assert refused.returncode == 78, f"{refused.stdout}\n{refused.stderr}"
     # (then [::] too, where the kernel has IPv6)
@@ -1334,10 +1355,12 @@ def test_two_nodes_under_systemd_share_the_port_relay_and_restart_alone(
         f"relayd.socket listens on 127.0.0.1:{relayd.port}, but the nodes would "
         f"bind 0.0.0.0:{relayd.port}"
     ) in refused.stderr
-    assert box.systemctl("is-active", "relayd.socket", "relayd.service").stdout.split() == [
-        "active",
-        "active",
-    ]
+    assert box.systemctl("is-active", "relayd.socket", *nodes).stdout.split() == ["active"] * 3
+    assert len(run(served(), timeout=COMMAND_TIMEOUT_S)) == 22
+    # The upgrade: the old nodes still hold relayd.socket's socket when the new template
+    # is in place; install.sh stops them all before a new node binds the port (it failed
+    # with EADDRINUSE before).
+    old_template.unlink()
     relayd.write_config(relayd.nodes_config())
     install = install_nodes()
     assert install.returncode == 0, f"{install.stdout}\n{install.stderr}"
