@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import pytest
 import trio
@@ -18,7 +19,9 @@ import trio.testing
 from relayd.client import connect
 from relayd.client.chat_session import Session
 from relayd.client.terminal import Console
+from relayd.daemon import intake as intake_module
 from relayd.daemon.server import Server
+from relayd.routing.replies import error_frame
 from tests.client import running, settings
 from tests.test_client import relay
 
@@ -63,29 +66,53 @@ async def test_a_burst_is_paced_to_a_rate_below_one_a_second_without_a_1008(
         assert client.closed is None  # still open: the person quit
         assert console.said == ["ack 1", "ack 2", "ack 3", "ack 4"]
         assert console.warned == [
-            "over the server's rate limit: a message it refuses is sent again after 2.2 s"
+            "over the server's rate limit: a message it refuses is sent again after the wait"
+            " it asks for (2 s)"
         ]
         assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(4)]
-        # One message every 2.2 s after the first: the rate, and a tenth for the clocks.
-        assert trio.current_time() - start < 3 * 2.2 + 1
+        # One message every 2 s after the first, as relayd's retry_after_ms says (2001 ms):
+        # without it, the chat waited 1.1 intervals of the rate relayd announced (2.2 s).
+        assert trio.current_time() - start < 3 * 2.001 + 0.1
+
+
+@pytest.fixture(params=["told", "older relayd"])
+def told(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Whether relayd says how long to wait (``retry_after_ms``); an older relayd did not."""
+    if request.param == "told":
+        return True
+
+    def without_the_wait(*args: Any) -> bytes:
+        return error_frame(*args[:5])
+
+    monkeypatch.setattr(intake_module, "error_frame", without_the_wait)
+    return False
 
 
 async def test_a_rate_a_reload_lowered_below_the_announced_one_is_waited_out_too(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, told: bool
 ) -> None:
-    # The announced rate is the one at connect. A message refused again after its
-    # interval shows that a reload lowered it: the waits go back to a second at least,
-    # rather than going on from a few milliseconds, each refusal taking a token from
-    # relayd's second bucket until the 1008.
+    # The announced rate is the one at connect. relayd says how long to wait at the
+    # rate in force. An older relayd did not: a message refused again after its
+    # interval shows that a reload lowered it, and the waits go back to a second at
+    # least, rather than going on from a few milliseconds, each refusal taking a token
+    # from relayd's second bucket until the 1008.
     server = Server(settings())
     async with running(server) as url, connect(url) as peer, connect(url) as client:
         assert client.messages_per_second == 50.0
         server.reload(settings(messages_per_second=2.0, message_burst=3), None)
         lines = [f"{peer.id} line {n}" for n in range(6)]
         console = ScriptedConsole(lines)
+        start = trio.current_time()
         assert await Session(client, console, "help").run()
         assert console.said == [f"ack {n}" for n in range(1, 7)]
         assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(6)]
+        if told:
+            # Each line past the new burst refused once, and sent again when relayd had
+            # room for it: the wait it asks for is the new rate's half second. Untold,
+            # the first was refused again after the announced rate's 22 ms, and the
+            # lines after it waited a second each.
+            assert server.stats.messages["rate_limited"] == 3
+            assert trio.current_time() - start < 3 * 0.501 + 0.1
 
 
 @pytest.mark.parametrize(
@@ -103,7 +130,7 @@ async def test_a_rate_a_reload_lowered_below_the_announced_one_is_waited_out_too
     ],
 )
 async def test_a_rate_a_reload_lowered_is_learned_for_the_lines_after_too(
-    autojump_clock: trio.testing.MockClock, rate: float, burst: int, count: int
+    autojump_clock: trio.testing.MockClock, rate: float, burst: int, count: int, told: bool
 ) -> None:
     server = Server(settings())
     async with running(server) as url, connect(url) as peer, connect(url) as client:
@@ -115,6 +142,26 @@ async def test_a_rate_a_reload_lowered_is_learned_for_the_lines_after_too(
         assert console.said == [f"ack {n}" for n in range(1, count + 1)]
         expected = [f"line {n}" for n in range(count)]
         assert [(await peer.receive()).data for _ in lines] == expected
+        if told:  # once a line past the burst
+            assert server.stats.messages["rate_limited"] == count - burst
+
+
+async def test_a_rate_a_reload_lowered_to_a_burst_of_one_ends_in_no_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # relayd's second bucket holds one refusal: a line refused twice within ten seconds
+    # closes the connection. Sent again after the announced rate's 22 ms, as the chat
+    # does when relayd does not say how long to wait (the `told` fixture's older relayd),
+    # the second line was, and the chat ended in a 1008.
+    server = Server(settings())
+    async with running(server) as url, connect(url) as peer, connect(url) as client:
+        server.reload(settings(messages_per_second=0.1, message_burst=1), None)
+        lines = [f"{peer.id} line {n}" for n in range(3)]
+        console = ScriptedConsole(lines)
+        assert await Session(client, console, "help").run()
+        assert client.closed is None
+        assert console.said == ["ack 1", "ack 2", "ack 3"]
+        assert server.stats.messages["rate_limited"] == 2
 
 
 async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(
@@ -237,7 +284,8 @@ async def test_a_ctrl_c_while_a_line_waits_for_the_rate_names_it_not_sent(
         assert client.closed is None
         assert console.said == ["ack 1"]
         assert console.warned == [
-            "over the server's rate limit: a message it refuses is sent again after 1.1e+03 s",
+            "over the server's rate limit: a message it refuses is sent again after the wait"
+            " it asks for (1e+03 s)",
             f"message 2 to {peer.id}: not sent (refused as over the server's rate limit, and"
             " not sent again before the end)",
         ]

@@ -466,6 +466,26 @@ async def test_a_rate_limited_send_raises_and_sustained_abuse_closes_with_1008()
     assert not closed.value.retryable
 
 
+async def test_a_rate_limited_send_says_how_long_until_it_may_be_sent_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # At 2 a second with a burst of 1, the second message is refused: relayd has room
+    # again half a second after the first (its token refills), and says so.
+    async with (
+        relay(messages_per_second=2.0, message_burst=1) as url,
+        connect(url) as client,
+        connect(url) as peer,
+    ):
+        await client.send(peer.id, "first")
+        with pytest.raises(RateLimited) as refused:
+            await client.send(peer.id, "second")
+        assert refused.value.retry_after is not None
+        assert 0.0 < refused.value.retry_after <= 0.501
+        await trio.sleep(refused.value.retry_after)
+        await client.send(peer.id, "second, again")  # accepted: no RateLimited
+        assert [(await peer.receive()).text for _ in range(2)] == ["first", "second, again"]
+
+
 async def test_a_message_over_the_announced_limit_is_refused_without_sending() -> None:
     async with relay(max_message_bytes=300) as url, connect(url) as client, connect(url) as peer:
         overhead = len(b'{"to":"","message":"","ref":1}') + len(peer.id)

@@ -15,6 +15,7 @@ from relayd.client.backoff import Backoff, Pacing
 from relayd.client.endpoint import check_token, parse_url
 from relayd.client.errors import (
     ConnectionClosed,
+    RateLimited,
     SendError,
     closed_error,
     send_error,
@@ -237,6 +238,29 @@ def test_every_error_code_has_its_own_exception_under_send_error() -> None:
         assert type(error).__name__ in relayd.client.__all__
     newer = send_error("from_the_future", "a code this client does not know")
     assert type(newer) is SendError
+
+
+@pytest.mark.parametrize(
+    ("hint", "retry_after"),
+    [(500, 0.5), (1.5, 0.0015), (0, 0.0), (-20, 0.0), (None, None), ("soon", None), (True, None)],
+)
+def test_a_wait_relayd_asks_for_is_read_as_seconds_and_anything_else_as_none(
+    hint: object, retry_after: float | None
+) -> None:
+    error = send_error("rate_limited", "too many messages; slow down", 3, retry_after_ms=hint)
+    assert isinstance(error, RateLimited)
+    assert error.retry_after == retry_after
+    assert send_error("unknown_recipient", "gone").retry_after is None
+
+
+def test_an_error_frame_with_an_odd_wait_is_still_the_error_it_names() -> None:
+    # A stricter type for the hint made such a frame no error at all: the send it
+    # answers would have waited for a reply that had come.
+    for hint in ('"soon"', "null", "[1]", "2.5"):
+        frame = '{"type":"error","error":"rate_limited","ref":4,"detail":"d","retry_after_ms":%s}'
+        decoded = decode_v1(frame % hint)
+        assert isinstance(decoded, Error)
+        assert (decoded.error, decoded.ref) == ("rate_limited", 4)
 
 
 def test_every_close_code_relayd_sends_has_its_own_exception_under_connection_closed() -> None:

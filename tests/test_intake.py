@@ -73,12 +73,44 @@ def test_over_the_burst_a_message_is_refused_with_its_ref_then_the_flood_closes(
             "error": "rate_limited",
             "ref": f"r{n}",
             "detail": "too many messages; slow down",
+            # A token a second, none left: room again a second after (rounded up).
+            "retry_after_ms": 1001,
         }
         for n in (2, 3)
     ]
     assert items[4] is None  # past twice the allowance: the connection closes (1008)
     assert (stats.messages["rate_limited"], stats.errors["rate_limited"]) == (2, 2)
     assert [(e["outcome"], e["to"]) for e in logs] == [("rate_limited", None)] * 2
+
+
+def test_a_refusal_for_the_rate_says_when_there_is_room_at_the_rate_in_force() -> None:
+    judge, live, _ = intake(messages_per_second=4, message_burst=1)
+    envelope = b'{"to": "bob", "message": 1}'
+    assert isinstance(judge.judge(OP_TEXT, envelope, 10.0), Relay)
+    assert reply_of(judge.judge(OP_TEXT, envelope, 10.1))["retry_after_ms"] == 151
+    # A reload lowered the rate: the wait is the new rate's, which the 101 never said.
+    live.current = LimitsSettings(messages_per_second=0.5, message_burst=1)
+    assert isinstance(judge.judge(OP_TEXT, envelope, 11.0), Relay)
+    assert reply_of(judge.judge(OP_TEXT, b"not even JSON", 11.0))["retry_after_ms"] == 2001
+    assert isinstance(judge.judge(OP_TEXT, envelope, 13.001), Relay)
+
+
+def test_no_other_error_and_no_seed_refusal_carries_a_wait() -> None:
+    # The seed dialect's frames stay as the seed post's relay sent them.
+    stats = Stats()
+    events = MessageEvents(structlog.get_logger(), stats)
+    limits = LiveLimits(LimitsSettings(messages_per_second=1, message_burst=1))
+    seed = Intake(FakePeer(dialect=Dialect.SEED), limits, events, stats)
+    envelope = b'{"to": "bob", "message": 1, "ref": 7}'
+    assert isinstance(seed.judge(OP_TEXT, envelope, 0.0), Relay)
+    assert reply_of(seed.judge(OP_TEXT, envelope, 0.0)) == {
+        "error": "rate_limited",
+        "detail": "too many messages; slow down",
+        "ref": 7,
+    }
+    judge, _, _ = intake()
+    for opcode, payload in [(OP_BINARY, b"\x00"), (OP_TEXT, b"hi"), (OP_TEXT, b"[]")]:
+        assert "retry_after_ms" not in reply_of(judge.judge(opcode, payload, 0.0))
 
 
 def test_a_message_over_a_limit_lowered_by_a_reload_is_refused_with_its_ref() -> None:

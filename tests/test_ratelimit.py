@@ -102,6 +102,46 @@ def test_client_slipping_over_now_and_then_is_only_refused() -> None:
     assert Verdict.CLOSE not in verdicts
 
 
+@pytest.mark.parametrize(("rate", "burst"), [(2.0, 3), (50.0, 100), (0.01, 1), (3.0, 7)])
+@pytest.mark.parametrize("late", [0.0, 0.13])
+def test_a_refusal_says_how_long_until_a_message_is_allowed_and_that_long_is_enough(
+    rate: float, burst: int, late: float
+) -> None:
+    # The wait a rate_limited error carries: a message sent that long after the
+    # refusal is allowed, and one sent a millisecond or more sooner (beyond its
+    # rounding up) would have been refused again.
+    limiter = RateLimiter(rate, burst, now=100.0)
+    assert [limiter.check(100.0) for _ in range(burst)] == [Verdict.ALLOW] * burst
+    refused_at = 100.0 + late / rate  # part of a token refilled since
+    assert limiter.check(refused_at) is Verdict.REFUSE
+    wait_ms = limiter.retry_after_ms(refused_at)
+    exact_ms = (1 - late) / rate * 1000
+    assert exact_ms - 1e-6 < wait_ms <= exact_ms + 1
+    sooner = RateLimiter(rate, burst, now=100.0)
+    for _ in range(burst):
+        sooner.check(100.0)
+    assert sooner.check(refused_at) is Verdict.REFUSE
+    assert sooner.check(refused_at + (wait_ms - 2) / 1000) is not Verdict.ALLOW
+    assert limiter.check(refused_at + wait_ms / 1000) is Verdict.ALLOW
+
+
+def test_asking_how_long_to_wait_takes_nothing() -> None:
+    limiter = RateLimiter(1.0, 1, now=0.0)
+    assert limiter.check(0.0) is Verdict.ALLOW
+    assert [limiter.retry_after_ms(0.5) for _ in range(3)] == [501] * 3
+    assert limiter.check(1.0) is Verdict.ALLOW
+
+
+def test_a_bucket_with_a_token_needs_no_wait() -> None:
+    bucket = TokenBucket(rate=4.0, capacity=2, now=0.0)
+    assert bucket.until_token(0.0) == 0.0
+    assert bucket.take(0.0)
+    assert bucket.take(0.0)
+    assert bucket.until_token(0.0) == 0.25
+    assert bucket.until_token(0.1) == pytest.approx(0.15)
+    assert bucket.until_token(0.3) == 0.0
+
+
 # -- frame pacing ----------------------------------------------------------------------
 
 

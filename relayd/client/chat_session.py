@@ -25,7 +25,8 @@ __all__ = ["Session", "first_rate_wait"]
 
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
 #: How long a message relayd refused as over its rate limit waits before it is sent
-#: again, in units of the interval between two tokens of relayd's message bucket
+#: again, when relayd does not say (``retry_after_ms``, which an older relayd does not
+#: send), in units of the interval between two tokens of relayd's message bucket
 #: (``1 / messages_per_second``, which relayd announces at the handshake): the bucket
 #: that refused it then holds a token again, so the message goes out, and the refusal
 #: was the only one to take a token from relayd's second bucket (docs/protocol.md,
@@ -34,6 +35,8 @@ RATE_WAIT_INTERVALS: Final = 1.1
 #: The first wait when relayd announced no rate (an older relayd): one refusal a second
 #: at most keeps the second bucket from running dry at any rate of 1 a second or more.
 RATE_WAIT_S: Final = 1.0
+#: A wait relayd asks for this long or longer is named when the chat says it waits.
+LONG_WAIT_S: Final = 1.0
 #: Each refusal of the same message doubles its wait, to at least :data:`RATE_WAIT_S`
 #: (the announced rate cannot be the one in force: a reload lowered it), without a cap:
 #: doubled only when refused, a wait is at most twice the interval in force, and a cap
@@ -208,29 +211,42 @@ class Session:
             await self._client.send(to, message)
             self._seed_sent = True
             return
-        first = wait = first_rate_wait(rate) if self._rate_wait is None else self._rate_wait
+        wait = first_rate_wait(rate) if self._rate_wait is None else self._rate_wait
         refused = False
         while True:
             try:
                 await self._client.send(to, message)
-            except RateLimited:
+            except RateLimited as refusal:
+                told = refusal.retry_after
+                if told is not None:
+                    # relayd said when its bucket holds a token again, at the rate in
+                    # force (a reload's too): no guess, so nothing to double or keep.
+                    wait = told
+                elif refused:
+                    # Refused again, and relayd did not say how long to wait (an older
+                    # relayd): the announced rate is not the one in force (a reload
+                    # lowered it). Back to the waits for a rate unknown: a second at
+                    # least, doubling; and the next message starts from the wait
+                    # reached, not from the announced rate (each refusal takes a token
+                    # from relayd's second bucket: refused twice a line, lines at 1 a
+                    # second ran it dry at a burst of 3, and the connection closed
+                    # with 1008).
+                    wait = max(wait * 2, RATE_WAIT_S)
+                    self._rate_wait = wait
                 if not self._slowed:
                     self._slowed = True
+                    # relayd's wait depends on the moment: named only when a person
+                    # would wonder why nothing moves.
+                    when = f"after {wait:.3g} s"
+                    if told is not None:
+                        when = "after the wait it asks for" + (
+                            f" ({wait:.3g} s)" if wait >= LONG_WAIT_S else ""
+                        )
                     self._console.warn(
-                        "over the server's rate limit: a message it refuses is sent again"
-                        f" after {first:.3g} s"
+                        f"over the server's rate limit: a message it refuses is sent again {when}"
                     )
             else:
                 return
-            if refused:
-                # Refused again: the announced rate is not the one in force (a reload
-                # lowered it). Back to the waits for a rate unknown: a second at least,
-                # doubling; and the next message starts from the wait reached, not from
-                # the announced rate (each refusal takes a token from relayd's second
-                # bucket: refused twice a line, lines at 1 a second ran it dry at a
-                # burst of 3, and the connection closed with 1008).
-                wait = max(wait * 2, RATE_WAIT_S)
-                self._rate_wait = wait
             refused = True
             try:
                 await trio.sleep(wait)

@@ -114,9 +114,10 @@ class Client:
     def messages_per_second(self) -> float | None:
         """The message rate relayd announced for this connection; None if it did not.
 
-        A message over it is refused (:class:`RateLimited`); wait ``1 /
-        messages_per_second`` seconds before sending it again. An operator's
-        reload may change the rate of an open connection.
+        A message over it is refused (:class:`RateLimited`); wait its
+        ``retry_after`` before sending it again, or ``1 / messages_per_second``
+        seconds when relayd did not say (an older relayd). An operator's reload
+        may change the rate of an open connection (``retry_after`` follows it).
         """
         return self._link.messages_per_second if self._link is not None else None
 

@@ -157,16 +157,27 @@ class SendError(ClientError):
             value, or a newer code this client does not know).
         detail: relayd's text for people; do not parse it.
         ref: the ``ref`` relayd echoed (None when it did not read it).
+        retry_after: seconds after the refusal when relayd has room for a message
+            again, as relayd said it (``retry_after_ms``, on :class:`RateLimited`
+            from a relayd that sends it); None when it did not say.
     """
 
     #: The error code this class stands for; None for the base class.
     error_code: ClassVar[ErrorCode | None] = None
 
-    def __init__(self, code: str, detail: str, ref: str | int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        ref: str | int | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
         self.ref = ref
+        self.retry_after = retry_after
 
 
 class InvalidJSON(SendError):
@@ -194,7 +205,11 @@ class RecipientBusy(SendError):
 
 
 class RateLimited(SendError):
-    """Over the connection's rate limit; keep it up and relayd closes with 1008."""
+    """Over the connection's rate limit; keep it up and relayd closes with 1008.
+
+    Wait :attr:`retry_after` seconds (when relayd said) before sending the
+    message again: relayd then has room for it.
+    """
 
     error_code = ErrorCode.RATE_LIMITED
 
@@ -217,9 +232,15 @@ class MessageTooLarge(SendError):
     error_code = ErrorCode.MESSAGE_TOO_LARGE
 
     def __init__(
-        self, code: str, detail: str, ref: str | int | None = None, *, sent: bool = True
+        self,
+        code: str,
+        detail: str,
+        ref: str | int | None = None,
+        *,
+        sent: bool = True,
+        retry_after: float | None = None,
     ) -> None:
-        super().__init__(code, detail, ref)
+        super().__init__(code, detail, ref, retry_after=retry_after)
         #: False when this client refused it without sending it.
         self.sent = sent
 
@@ -259,9 +280,23 @@ _SEND_ERRORS: Final[dict[str, type[SendError]]] = {
 }
 
 
-def send_error(code: str, detail: str, ref: str | int | None = None) -> SendError:
-    """The exception for an error frame: its own class, else :class:`SendError`."""
-    return _SEND_ERRORS.get(code, SendError)(code, detail, ref)
+def send_error(
+    code: str, detail: str, ref: str | int | None = None, *, retry_after_ms: object = None
+) -> SendError:
+    """The exception for an error frame: its own class, else :class:`SendError`.
+
+    Args:
+        code: the frame's ``error``.
+        detail: its ``detail``.
+        ref: its ``ref``.
+        retry_after_ms: its ``retry_after_ms`` as it came; a number is the
+            exception's ``retry_after`` (in seconds, none below 0), anything else
+            (absent, null, a string from a server that is not relayd) none.
+    """
+    retry_after = None
+    if isinstance(retry_after_ms, int | float) and not isinstance(retry_after_ms, bool):
+        retry_after = max(0.0, retry_after_ms / 1000)
+    return _SEND_ERRORS.get(code, SendError)(code, detail, ref, retry_after=retry_after)
 
 
 # -- closes ----------------------------------------------------------------------------

@@ -294,8 +294,8 @@ class Link:
                     await self._deliveries.send(Message(sender, bytes(message)))
                 case Ack(ref=ref):
                     self._settle(ref, None)
-                case Error(error=code, detail=detail, ref=ref):
-                    self._settle(ref, send_error(code, detail, ref))
+                case Error(error=code, detail=detail, ref=ref, retry_after_ms=wait):
+                    self._settle(ref, send_error(code, detail, ref, retry_after_ms=wait))
                 case _:
                     pass  # a second welcome, or not relayd: nothing to act on
         return self.ended() or CloseInfo(CloseCode.ABNORMAL, self._lost_reason, self._closing)

@@ -55,6 +55,11 @@ class TokenBucket:
         self._tokens = tokens
         return False
 
+    def until_token(self, now: float) -> float:
+        """Seconds from ``now`` until the bucket holds a whole token; 0 if it holds one."""
+        tokens = self._tokens + (now - self._stamp) * self._rate
+        return 0.0 if tokens >= 1 else (1 - tokens) / self._rate
+
     def available(self, now: float, spent: int = 0) -> int:
         """Whole tokens there are at ``now``, once ``spent`` tokens (taken since) are paid for."""
         tokens = self._tokens - spent + (now - self._stamp) * self._rate
@@ -97,6 +102,15 @@ class RateLimiter:
         if self._abuse.take(now):
             return REFUSE
         return CLOSE
+
+    def retry_after_ms(self, now: float) -> int:
+        """Whole milliseconds from ``now`` until a message would be allowed; at least 1.
+
+        Rounded up past the exact time, so that a message sent that long after
+        a refusal arrives at a bucket that holds its token, not one a rounding
+        short of it.
+        """
+        return int(self._messages.until_token(now) * 1000) + 1
 
 
 class FramePacer(TokenBucket):

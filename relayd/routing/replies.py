@@ -38,11 +38,20 @@ def too_large_detail(limit: int) -> str:
 
 
 def error_frame(
-    dialect: Dialect, code: ErrorCode, detail: str, ref: str | int | None, stats: Stats
+    dialect: Dialect,
+    code: ErrorCode,
+    detail: str,
+    ref: str | int | None,
+    stats: Stats,
+    retry_after_ms: int | None = None,
 ) -> bytes:
-    """The text frame telling a sender its message was not relayed; counted in ``stats``."""
+    """The text frame telling a sender its message was not relayed; counted in ``stats``.
+
+    ``retry_after_ms`` goes with ``rate_limited`` (relayd.v1 only, see
+    :func:`~relayd.wire.dialects.error_payload`).
+    """
     stats.errors[code] += 1
-    return text_frame(error_payload(dialect, code, detail, ref))
+    return text_frame(error_payload(dialect, code, detail, ref, retry_after_ms))
 
 
 def ack_frame(dialect: Dialect, ref: str | int | None) -> bytes | None:

@@ -135,11 +135,21 @@ class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type"):
 
 
 class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
-    """v1: a message not relayed; ``ref`` is always present, null when the client gave none."""
+    """v1: a message not relayed; ``ref`` is always present, null when the client gave none.
+
+    ``retry_after_ms`` is on ``rate_limited`` errors only (absent from the others'
+    JSON, not null): how long after the refusal relayd has room for a message
+    again. A client that predates it ignores it, as it ignores any field it does
+    not know.
+    """
 
     error: str
     ref: Ref = None
     detail: str = ""
+    # relayd sends a whole number. A client reads any value here, and acts on a number
+    # only: a stricter type would turn an error with an odd hint into no error at all,
+    # and leave the send it answers waiting for a reply that came.
+    retry_after_ms: object = msgspec.UNSET
 
 
 #: Everything a v1 server sends as a text frame (decode with ``msgspec.json.Decoder``).
@@ -305,13 +315,23 @@ def ack_payload(dialect: Dialect, ref: str | int) -> bytes | None:
     return _encoder.encode(Ack(ref))
 
 
-def error_payload(dialect: Dialect, code: ErrorCode, detail: str, ref: str | int | None) -> bytes:
+def error_payload(
+    dialect: Dialect,
+    code: ErrorCode,
+    detail: str,
+    ref: str | int | None,
+    retry_after_ms: int | None = None,
+) -> bytes:
     """The message telling a sender its message was not relayed.
 
     Seed clients get ``{"error", "detail"}`` (plus ``ref`` if they sent one);
     v1 clients get ``{"type": "error", "error", "ref", "detail"}`` with ``ref``
-    always present, null when the client gave none.
+    always present, null when the client gave none, and ``retry_after_ms`` when
+    it is given. The seed dialect never gets it: its frames stay as the seed
+    post's relay sent them.
     """
     if dialect is Dialect.SEED:
         return _encoder.encode(SeedError(code.value, detail, ref))
-    return _encoder.encode(Error(code.value, ref, detail))
+    if retry_after_ms is None:
+        return _encoder.encode(Error(code.value, ref, detail))
+    return _encoder.encode(Error(code.value, ref, detail, retry_after_ms))
