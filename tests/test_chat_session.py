@@ -67,12 +67,13 @@ async def test_a_burst_is_paced_to_a_rate_below_one_a_second_without_a_1008(
         assert console.said == ["ack 1", "ack 2", "ack 3", "ack 4"]
         assert console.warned == [
             "over the server's rate limit: a message it refuses is sent again after the wait"
-            " it asks for (2 s)"
+            " it asks for (2.02 s)"
         ]
         assert [(await peer.receive()).data for _ in lines] == [f"line {n}" for n in range(4)]
-        # One message every 2 s after the first, as relayd's retry_after_ms says (2001 ms):
-        # without it, the chat waited 1.1 intervals of the rate relayd announced (2.2 s).
-        assert trio.current_time() - start < 3 * 2.001 + 0.1
+        # One message every 2 s after the first, as relayd's retry_after_ms says (2002 ms),
+        # a hundredth more for the clocks: without it, the chat waited 1.1 intervals of
+        # the rate relayd announced (2.2 s).
+        assert trio.current_time() - start < 3 * 2.002 * 1.01 + 0.05
 
 
 @pytest.fixture(params=["told", "older relayd"])
@@ -112,7 +113,7 @@ async def test_a_rate_a_reload_lowered_below_the_announced_one_is_waited_out_too
             # the first was refused again after the announced rate's 22 ms, and the
             # lines after it waited a second each.
             assert server.stats.messages["rate_limited"] == 3
-            assert trio.current_time() - start < 3 * 0.501 + 0.1
+            assert trio.current_time() - start < 3 * 0.502 * 1.01 + 0.05
 
 
 @pytest.mark.parametrize(
@@ -162,6 +163,32 @@ async def test_a_rate_a_reload_lowered_to_a_burst_of_one_ends_in_no_1008(
         assert client.closed is None
         assert console.said == ["ack 1", "ack 2", "ack 3"]
         assert server.stats.messages["rate_limited"] == 2
+
+
+async def test_a_much_longer_wait_after_a_reload_is_said_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The chat said once that it waits, at the first refusal (a tenth of a second, not
+    # named); a reload then lowered the rate to one message in 100 s, and the lines sat
+    # unsent for minutes without a word.
+    server = Server(settings(messages_per_second=10.0, message_burst=1))
+
+    class ReloadingConsole(ScriptedConsole):
+        async def readline(self, prompt: str) -> str | None:
+            if len(self._lines) == 2:  # before the third line (its bucket is a full one)
+                server.reload(settings(messages_per_second=0.01, message_burst=1), None)
+            return await super().readline(prompt)
+
+    async with running(server) as url, connect(url) as peer, connect(url) as client:
+        console = ReloadingConsole([f"{peer.id} line {n}" for n in range(4)])
+        assert await Session(client, console, "help").run()
+        assert console.said == ["ack 1", "ack 2", "ack 3", "ack 4"]
+        assert console.warned == [
+            "over the server's rate limit: a message it refuses is sent again after the wait"
+            " it asks for",
+            "over the server's rate limit: a message it refuses is sent again after the wait"
+            " it asks for (101 s)",
+        ]
 
 
 async def test_a_burst_in_the_seed_dialect_goes_out_at_the_rate_not_into_a_1008(
@@ -285,7 +312,7 @@ async def test_a_ctrl_c_while_a_line_waits_for_the_rate_names_it_not_sent(
         assert console.said == ["ack 1"]
         assert console.warned == [
             "over the server's rate limit: a message it refuses is sent again after the wait"
-            " it asks for (1e+03 s)",
+            " it asks for (1.01e+03 s)",
             f"message 2 to {peer.id}: not sent (refused as over the server's rate limit, and"
             " not sent again before the end)",
         ]

@@ -480,10 +480,44 @@ async def test_a_rate_limited_send_says_how_long_until_it_may_be_sent_again(
         with pytest.raises(RateLimited) as refused:
             await client.send(peer.id, "second")
         assert refused.value.retry_after is not None
-        assert 0.0 < refused.value.retry_after <= 0.501
+        assert 0.0 < refused.value.retry_after <= 0.502
         await trio.sleep(refused.value.retry_after)
         await client.send(peer.id, "second, again")  # accepted: no RateLimited
         assert [(await peer.receive()).text for _ in range(2)] == ["first", "second, again"]
+
+
+async def test_sends_refused_together_each_sent_again_after_its_wait_all_go_through(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Six sends at once at 2 a second with a burst of 3: three are refused. When each
+    # refusal gave the wait for one token, the three came back together, one went
+    # through and two were refused again, and the connection closed with 1008.
+    async with (
+        relay(messages_per_second=2.0, message_burst=3) as url,
+        connect(url) as client,
+        connect(url) as peer,
+    ):
+        refusals = 0
+
+        async def send_paced(n: int) -> None:
+            nonlocal refusals
+            while True:
+                try:
+                    await client.send(peer.id, n)
+                except RateLimited as refused:
+                    refusals += 1
+                    if refused.retry_after is None:
+                        pytest.fail("relayd did not say how long to wait")
+                    await trio.sleep(refused.retry_after)
+                else:
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for n in range(6):
+                nursery.start_soon(send_paced, n)
+        assert client.closed is None
+        assert refusals == 3
+        assert sorted([(await peer.receive()).data for _ in range(6)]) == list(range(6))
 
 
 async def test_a_message_over_the_announced_limit_is_refused_without_sending() -> None:

@@ -242,7 +242,20 @@ def test_every_error_code_has_its_own_exception_under_send_error() -> None:
 
 @pytest.mark.parametrize(
     ("hint", "retry_after"),
-    [(500, 0.5), (1.5, 0.0015), (0, 0.0), (-20, 0.0), (None, None), ("soon", None), (True, None)],
+    [
+        (500, 0.5),
+        (1.5, 0.0015),
+        (0, 0.0),
+        (-20, 0.0),
+        (None, None),
+        ("soon", None),
+        (True, None),
+        (10**400, None),  # past a float's range: it raised OverflowError, and the link died
+        (msgspec.Raw(b"500"), 0.5),  # as decode_v1 gives it
+        (msgspec.Raw(b"1e400"), None),
+        (msgspec.Raw(b"1e308"), 1e305),
+        (msgspec.Raw(b'"soon"'), None),
+    ],
 )
 def test_a_wait_relayd_asks_for_is_read_as_seconds_and_anything_else_as_none(
     hint: object, retry_after: float | None
@@ -256,7 +269,8 @@ def test_a_wait_relayd_asks_for_is_read_as_seconds_and_anything_else_as_none(
 def test_an_error_frame_with_an_odd_wait_is_still_the_error_it_names() -> None:
     # A stricter type for the hint made such a frame no error at all: the send it
     # answers would have waited for a reply that had come.
-    for hint in ('"soon"', "null", "[1]", "2.5"):
+    # 1e400: msgspec checks a number's range even for a field of any type.
+    for hint in ('"soon"', "null", "[1]", "2.5", "1e400", "1" + "0" * 400):
         frame = '{"type":"error","error":"rate_limited","ref":4,"detail":"d","retry_after_ms":%s}'
         decoded = decode_v1(frame % hint)
         assert isinstance(decoded, Error)

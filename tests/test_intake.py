@@ -73,10 +73,11 @@ def test_over_the_burst_a_message_is_refused_with_its_ref_then_the_flood_closes(
             "error": "rate_limited",
             "ref": f"r{n}",
             "detail": "too many messages; slow down",
-            # A token a second, none left: room again a second after (rounded up).
-            "retry_after_ms": 1001,
+            # A token a second, none left: the first refused gets the next token, a
+            # second after, and the second the one after that (each a millisecond more).
+            "retry_after_ms": wait,
         }
-        for n in (2, 3)
+        for n, wait in ((2, 1002), (3, 2002))
     ]
     assert items[4] is None  # past twice the allowance: the connection closes (1008)
     assert (stats.messages["rate_limited"], stats.errors["rate_limited"]) == (2, 2)
@@ -87,11 +88,14 @@ def test_a_refusal_for_the_rate_says_when_there_is_room_at_the_rate_in_force() -
     judge, live, _ = intake(messages_per_second=4, message_burst=1)
     envelope = b'{"to": "bob", "message": 1}'
     assert isinstance(judge.judge(OP_TEXT, envelope, 10.0), Relay)
-    assert reply_of(judge.judge(OP_TEXT, envelope, 10.1))["retry_after_ms"] == 151
+    # A token every 0.25 s, 0.1 s since the last: 0.15 s to go (and 1-2 ms for rounding).
+    wait = reply_of(judge.judge(OP_TEXT, envelope, 10.1))["retry_after_ms"]
+    assert isinstance(wait, int)
+    assert 151 <= wait <= 152
     # A reload lowered the rate: the wait is the new rate's, which the 101 never said.
     live.current = LimitsSettings(messages_per_second=0.5, message_burst=1)
     assert isinstance(judge.judge(OP_TEXT, envelope, 11.0), Relay)
-    assert reply_of(judge.judge(OP_TEXT, b"not even JSON", 11.0))["retry_after_ms"] == 2001
+    assert reply_of(judge.judge(OP_TEXT, b"not even JSON", 11.0))["retry_after_ms"] == 2002
     assert isinstance(judge.judge(OP_TEXT, envelope, 13.001), Relay)
 
 

@@ -116,20 +116,43 @@ def test_a_refusal_says_how_long_until_a_message_is_allowed_and_that_long_is_eno
     assert limiter.check(refused_at) is Verdict.REFUSE
     wait_ms = limiter.retry_after_ms(refused_at)
     exact_ms = (1 - late) / rate * 1000
-    assert exact_ms - 1e-6 < wait_ms <= exact_ms + 1
+    assert exact_ms + 1 - 1e-6 < wait_ms <= exact_ms + 2
     sooner = RateLimiter(rate, burst, now=100.0)
     for _ in range(burst):
         sooner.check(100.0)
     assert sooner.check(refused_at) is Verdict.REFUSE
-    assert sooner.check(refused_at + (wait_ms - 2) / 1000) is not Verdict.ALLOW
+    assert sooner.check(refused_at + (wait_ms - 3) / 1000) is not Verdict.ALLOW
     assert limiter.check(refused_at + wait_ms / 1000) is Verdict.ALLOW
 
 
-def test_asking_how_long_to_wait_takes_nothing() -> None:
-    limiter = RateLimiter(1.0, 1, now=0.0)
-    assert limiter.check(0.0) is Verdict.ALLOW
-    assert [limiter.retry_after_ms(0.5) for _ in range(3)] == [501] * 3
-    assert limiter.check(1.0) is Verdict.ALLOW
+@pytest.mark.parametrize("start", [0.0, 8e8])  # relayd's clock runs from an arbitrary offset
+def test_messages_refused_together_each_get_a_turn_and_each_is_allowed_at_it(
+    start: float,
+) -> None:
+    # Sent at once past the burst, each refusal is promised its own token, an interval
+    # after the one before: one wait for all let one through at it and refused the
+    # others again, each refusal a token of the abuse bucket, towards the 1008.
+    limiter = RateLimiter(2.0, 3, now=start)
+    assert [limiter.check(start) for _ in range(6)] == [Verdict.ALLOW] * 3 + [Verdict.REFUSE] * 3
+    waits = [limiter.retry_after_ms(start) for _ in range(3)]
+    assert waits == [502, 1002, 1502]
+    for wait in waits:
+        assert limiter.check(start + wait / 1000) is Verdict.ALLOW
+
+
+def test_a_turn_promised_and_not_taken_up_only_delays_later_ones() -> None:
+    limiter = RateLimiter(1.0, 2, now=0.0)
+    assert [limiter.check(0.0) for _ in range(3)] == [Verdict.ALLOW] * 2 + [Verdict.REFUSE]
+    assert limiter.retry_after_ms(0.0) == 1002  # never sent again
+    assert limiter.check(0.5) is Verdict.REFUSE
+    # The bucket's next token is at 1 s, but it is promised to the first refusal: this
+    # one's turn is the token after, at 2 s, though the first is not sent again.
+    assert limiter.retry_after_ms(0.5) == 1502
+    # Once the turns promised are past, a wait is the bucket's again.
+    assert limiter.check(10.0) is Verdict.ALLOW
+    assert limiter.check(10.0) is Verdict.ALLOW
+    assert limiter.check(10.0) is Verdict.REFUSE
+    assert limiter.retry_after_ms(10.0) == 1002
 
 
 def test_a_bucket_with_a_token_needs_no_wait() -> None:

@@ -13,7 +13,7 @@ import linecache
 import resource
 import socket
 import tracemalloc
-from typing import Any, Final
+from typing import Any
 
 import pytest
 import structlog
@@ -480,9 +480,9 @@ async def test_messages_to_itself_before_the_one_over_the_rate_are_delivered_bef
 def _acked_then_refused(burst: int) -> list[dict[str, object]]:
     """The replies to 2 x ``burst`` messages with refs 0, 1, ... sent at once.
 
-    At 0.001 messages a second, each refusal says to wait about 1,000 s (less the
-    moments since the connection's first message): its ``retry_after_ms`` is
-    compared with :data:`ABOUT_1000_S`.
+    At 0.001 messages a second, the k-th refusal says to wait about k x 1,000 s (each
+    refused message is promised a token of its own, in turn), less the moments since
+    the connection's first message.
     """
     return [{"type": "ack", "ref": n} for n in range(burst)] + [
         {
@@ -490,26 +490,26 @@ def _acked_then_refused(burst: int) -> list[dict[str, object]]:
             "error": "rate_limited",
             "ref": n,
             "detail": "too many messages; slow down",
-            "retry_after_ms": ABOUT_1000_S,
+            "retry_after_ms": _About((n - burst + 1) * 1_000_000),
         }
         for n in range(burst, 2 * burst)
     ]
 
 
-class _About1000S:
-    """Equal to a whole number of milliseconds within 30 s under 1,000 s (and 1 ms over)."""
+class _About:
+    """Equal to a whole number of milliseconds within 30 s under ``ms`` and 2 ms over it."""
+
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, int) and 970_000 < other <= 1_000_001
+        return isinstance(other, int) and self.ms - 30_000 < other <= self.ms + 2
 
     def __hash__(self) -> int:
-        return 0
+        return self.ms
 
     def __repr__(self) -> str:
-        return "<about 1,000,000 ms>"
-
-
-ABOUT_1000_S: Final = _About1000S()
+        return f"<about {self.ms} ms>"
 
 
 async def _silent_client(url: str, request: bytes | None = None) -> tuple[trio.SocketStream, str]:

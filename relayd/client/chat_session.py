@@ -35,7 +35,13 @@ RATE_WAIT_INTERVALS: Final = 1.1
 #: The first wait when relayd announced no rate (an older relayd): one refusal a second
 #: at most keeps the second bucket from running dry at any rate of 1 a second or more.
 RATE_WAIT_S: Final = 1.0
-#: A wait relayd asks for this long or longer is named when the chat says it waits.
+#: A wait relayd asks for (``retry_after_ms``) is waited this many times over: a hundredth
+#: more, for the two clocks (one running 100 ppm fast is far inside it), so that a long
+#: wait does not end a moment early, when a refusal at a burst of 1 would be the 1008.
+TOLD_WAIT_FACTOR: Final = 1.01
+#: A wait relayd asks for this long or longer is named when the chat says it waits, and
+#: said again when it is more than twice the longest named before (a reload lowered the
+#: rate: a person should not wonder why nothing moves).
 LONG_WAIT_S: Final = 1.0
 #: Each refusal of the same message doubles its wait, to at least :data:`RATE_WAIT_S`
 #: (the announced rate cannot be the one in force: a reload lowered it), without a cap:
@@ -80,6 +86,7 @@ class Session:
         self._to: str | None = None  # the default recipient, after /to ID
         self._quitting = False
         self._slowed = False  # told the person that the server's rate limit slows sends
+        self._named_wait = 0.0  # the longest wait relayd asked for that the chat named
         # The seed dialect: a token bucket of relayd's announced burst, refilled a tenth
         # slower than its announced rate (None: full), and when lines began to wait in
         # a row. A rate_limited error (a reload lowered the rate) slows it down.
@@ -219,9 +226,9 @@ class Session:
             except RateLimited as refusal:
                 told = refusal.retry_after
                 if told is not None:
-                    # relayd said when its bucket holds a token again, at the rate in
+                    # relayd said when it holds a token for this message, at the rate in
                     # force (a reload's too): no guess, so nothing to double or keep.
-                    wait = told
+                    wait = told * TOLD_WAIT_FACTOR
                 elif refused:
                     # Refused again, and relayd did not say how long to wait (an older
                     # relayd): the announced rate is not the one in force (a reload
@@ -233,15 +240,17 @@ class Session:
                     # with 1008).
                     wait = max(wait * 2, RATE_WAIT_S)
                     self._rate_wait = wait
-                if not self._slowed:
+                long_wait = told is not None and wait >= LONG_WAIT_S
+                if not self._slowed or (long_wait and wait > 2 * self._named_wait):
                     self._slowed = True
                     # relayd's wait depends on the moment: named only when a person
                     # would wonder why nothing moves.
                     when = f"after {wait:.3g} s"
                     if told is not None:
-                        when = "after the wait it asks for" + (
-                            f" ({wait:.3g} s)" if wait >= LONG_WAIT_S else ""
-                        )
+                        when = "after the wait it asks for"
+                        if long_wait:
+                            when += f" ({wait:.3g} s)"
+                            self._named_wait = wait
                     self._console.warn(
                         f"over the server's rate limit: a message it refuses is sent again {when}"
                     )

@@ -44,7 +44,10 @@ exception for a code read off the wire.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Final
+
+import msgspec
 
 from relayd.errors import CloseCode, ErrorCode, RelaydError
 
@@ -207,8 +210,10 @@ class RecipientBusy(SendError):
 class RateLimited(SendError):
     """Over the connection's rate limit; keep it up and relayd closes with 1008.
 
-    Wait :attr:`retry_after` seconds (when relayd said) before sending the
-    message again: relayd then has room for it.
+    Wait :attr:`retry_after` seconds (when relayd said), a little more for the
+    two clocks, before sending the message again: relayd then holds a token for
+    it, provided nothing new was sent meanwhile. Each of several sends refused
+    together is given a turn of its own, so each may wait its own.
     """
 
     error_code = ErrorCode.RATE_LIMITED
@@ -289,14 +294,30 @@ def send_error(
         code: the frame's ``error``.
         detail: its ``detail``.
         ref: its ``ref``.
-        retry_after_ms: its ``retry_after_ms`` as it came; a number is the
-            exception's ``retry_after`` (in seconds, none below 0), anything else
-            (absent, null, a string from a server that is not relayd) none.
+        retry_after_ms: its ``retry_after_ms`` as it came (JSON text, or a number):
+            a finite number is the exception's ``retry_after``, in seconds, none
+            below 0; anything else (absent, null, a string, 1e400, from a server
+            that is not relayd) none.
     """
-    retry_after = None
-    if isinstance(retry_after_ms, int | float) and not isinstance(retry_after_ms, bool):
-        retry_after = max(0.0, retry_after_ms / 1000)
-    return _SEND_ERRORS.get(code, SendError)(code, detail, ref, retry_after=retry_after)
+    return _SEND_ERRORS.get(code, SendError)(
+        code, detail, ref, retry_after=_seconds(retry_after_ms)
+    )
+
+
+def _seconds(milliseconds: object) -> float | None:
+    """A wait in milliseconds, as JSON text or a number, in seconds; None if it is no sane one."""
+    if isinstance(milliseconds, bytes | msgspec.Raw):
+        try:
+            milliseconds = msgspec.json.decode(milliseconds)
+        except (msgspec.DecodeError, RecursionError):  # 1e400 is out of range
+            return None
+    if not isinstance(milliseconds, int | float) or isinstance(milliseconds, bool):
+        return None
+    try:
+        seconds = float(milliseconds) / 1000
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 # -- closes ----------------------------------------------------------------------------

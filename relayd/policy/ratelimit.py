@@ -20,6 +20,7 @@ Time is passed in (trio's clock in the daemon, plain floats in tests).
 from __future__ import annotations
 
 import enum
+import math
 from typing import Final
 
 __all__ = ["ALLOW", "CLOSE", "REFUSE", "FramePacer", "RateLimiter", "TokenBucket", "Verdict"]
@@ -87,13 +88,16 @@ CLOSE: Final = Verdict.CLOSE
 
 
 class RateLimiter:
-    """The message and abuse buckets of one connection."""
+    """The message and abuse buckets of one connection, and the turns promised to refusals."""
 
-    __slots__ = ("_abuse", "_messages")
+    __slots__ = ("_abuse", "_interval", "_messages", "_promised")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self._messages = TokenBucket(rate, burst, now)
         self._abuse = TokenBucket(rate, burst, now)
+        self._interval = 1 / rate
+        # When the last refused message's token is due (see retry_after_ms).
+        self._promised = -math.inf
 
     def check(self, now: float) -> Verdict:
         """Judge a message arriving at ``now``."""
@@ -104,13 +108,25 @@ class RateLimiter:
         return CLOSE
 
     def retry_after_ms(self, now: float) -> int:
-        """Whole milliseconds from ``now`` until a message would be allowed; at least 1.
+        """The wait to tell a message refused at ``now``: whole milliseconds until its token.
 
-        Rounded up past the exact time, so that a message sent that long after
-        a refusal arrives at a bucket that holds its token, not one a rounding
-        short of it.
+        Each refused message is promised a token of its own, in turn: the first
+        the bucket will hold, or one interval after the turn promised to the
+        refusal before it, whichever is later. So messages refused together
+        (sent at once, or by several senders sharing the connection) and each
+        sent again after its own wait are all allowed, provided nothing else is
+        sent meanwhile, where one wait for all would have let one through and
+        refused the others again, towards the 1008. A promise not taken up only
+        makes later waits longer than they need be, and never by more than an
+        interval for each refusal not sent again.
+
+        Rounded up, and a millisecond more, so that float rounding (relayd's
+        clock runs from an arbitrary offset) never leaves a message sent that
+        long after its refusal a hair short of its token.
         """
-        return int(self._messages.until_token(now) * 1000) + 1
+        due = max(now + self._messages.until_token(now), self._promised + self._interval)
+        self._promised = due
+        return int((due - now) * 1000) + 2
 
 
 class FramePacer(TokenBucket):

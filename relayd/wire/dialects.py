@@ -146,10 +146,11 @@ class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
     error: str
     ref: Ref = None
     detail: str = ""
-    # relayd sends a whole number. A client reads any value here, and acts on a number
-    # only: a stricter type would turn an error with an odd hint into no error at all,
-    # and leave the send it answers waiting for a reply that came.
-    retry_after_ms: object = msgspec.UNSET
+    # relayd sends a whole number. A client takes any JSON value here, as it came, and
+    # acts on a sane number only (relayd.client.errors.send_error): a typed field would
+    # turn an error with an odd wait (1e400 is out of a float's range) into no error at
+    # all, and leave the send it answers waiting for a reply that came.
+    retry_after_ms: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
 #: Everything a v1 server sends as a text frame (decode with ``msgspec.json.Decoder``).
@@ -334,4 +335,4 @@ def error_payload(
         return _encoder.encode(SeedError(code.value, detail, ref))
     if retry_after_ms is None:
         return _encoder.encode(Error(code.value, ref, detail))
-    return _encoder.encode(Error(code.value, ref, detail, retry_after_ms))
+    return _encoder.encode(Error(code.value, ref, detail, msgspec.Raw(b"%d" % retry_after_ms)))
