@@ -165,6 +165,30 @@ async def test_a_rate_a_reload_lowered_to_a_burst_of_one_ends_in_no_1008(
         assert server.stats.messages["rate_limited"] == 2
 
 
+async def test_a_line_typed_after_a_pause_then_lines_at_once_end_in_no_1008_at_a_burst_of_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # At 1 a second with a burst of 1: line A, line B 0.6 s later (refused: A took the
+    # token), C and D at once. B's wait was its token's alone, 0.4 s: C, sent as B went
+    # through, was refused before relayd's abuse bucket had its token back, the 1008.
+    class PausingConsole(ScriptedConsole):
+        async def readline(self, prompt: str) -> str | None:
+            if len(self._lines) == 3:  # before B
+                await trio.sleep(0.6)
+            return await super().readline(prompt)
+
+    async with (
+        relay(messages_per_second=1.0, message_burst=1) as url,
+        connect(url) as peer,
+        connect(url) as client,
+    ):
+        console = PausingConsole([f"{peer.id} {line}" for line in "ABCD"])
+        assert await Session(client, console, "help").run()
+        assert client.closed is None
+        assert console.said == ["ack 1", "ack 2", "ack 3", "ack 4"]
+        assert [(await peer.receive()).data for _ in range(4)] == list("ABCD")
+
+
 async def test_a_much_longer_wait_after_a_reload_is_said_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

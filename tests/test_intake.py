@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import pytest
 import structlog
 from structlog.typing import EventDict
 
 from relayd.config import LimitsSettings
 from relayd.daemon.intake import Intake
 from relayd.daemon.live import LiveLimits
+from relayd.errors import ErrorCode
 from relayd.routing.interface import Relay, Reply
 from relayd.telemetry.messages import MessageEvents
 from relayd.telemetry.metrics import Stats
-from relayd.wire.dialects import Dialect
+from relayd.wire.dialects import Dialect, error_payload
 from relayd.wire.frames import OP_BINARY, OP_TEXT
 from tests.wire import text_of
 
@@ -88,10 +90,11 @@ def test_a_refusal_for_the_rate_says_when_there_is_room_at_the_rate_in_force() -
     judge, live, _ = intake(messages_per_second=4, message_burst=1)
     envelope = b'{"to": "bob", "message": 1}'
     assert isinstance(judge.judge(OP_TEXT, envelope, 10.0), Relay)
-    # A token every 0.25 s, 0.1 s since the last: 0.15 s to go (and 1-2 ms for rounding).
+    # A token every 0.25 s: the next at 10.25 s; but this refusal took the abuse
+    # bucket's one token, back at 10.35 s: its turn (and 1-2 ms for rounding).
     wait = reply_of(judge.judge(OP_TEXT, envelope, 10.1))["retry_after_ms"]
     assert isinstance(wait, int)
-    assert 151 <= wait <= 152
+    assert 251 <= wait <= 252
     # A reload lowered the rate: the wait is the new rate's, which the 101 never said.
     live.current = LimitsSettings(messages_per_second=0.5, message_burst=1)
     assert isinstance(judge.judge(OP_TEXT, envelope, 11.0), Relay)
@@ -115,6 +118,8 @@ def test_no_other_error_and_no_seed_refusal_carries_a_wait() -> None:
     judge, _, _ = intake()
     for opcode, payload in [(OP_BINARY, b"\x00"), (OP_TEXT, b"hi"), (OP_TEXT, b"[]")]:
         assert "retry_after_ms" not in reply_of(judge.judge(opcode, payload, 0.0))
+    with pytest.raises(ValueError, match="for rate_limited only"):
+        error_payload(Dialect.V1, ErrorCode.RECIPIENT_BUSY, "busy", None, 100)
 
 
 def test_a_message_over_a_limit_lowered_by_a_reload_is_refused_with_its_ref() -> None:

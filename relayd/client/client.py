@@ -116,7 +116,8 @@ class Client:
 
         A message over it is refused (:class:`RateLimited`); wait its
         ``retry_after`` before sending it again, or ``1 / messages_per_second``
-        seconds when relayd did not say (an older relayd). An operator's reload
+        seconds when relayd did not say (an older relayd), either a little more
+        for the two clocks. An operator's reload
         may change the rate of an open connection (``retry_after`` follows it).
         """
         return self._link.messages_per_second if self._link is not None else None

@@ -160,9 +160,10 @@ class SendError(ClientError):
             value, or a newer code this client does not know).
         detail: relayd's text for people; do not parse it.
         ref: the ``ref`` relayd echoed (None when it did not read it).
-        retry_after: seconds after the refusal when relayd has room for a message
-            again, as relayd said it (``retry_after_ms``, on :class:`RateLimited`
-            from a relayd that sends it); None when it did not say.
+        retry_after: seconds after the refusal until relayd holds a token for
+            the message, its turn, as relayd said it (``retry_after_ms``, on
+            :class:`RateLimited` from a relayd that sends it); None when it did
+            not say.
     """
 
     #: The error code this class stands for; None for the base class.

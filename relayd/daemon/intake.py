@@ -12,8 +12,9 @@ a limit lowered by a reload since the connection opened (``message_too_large``;
 a message over the connection's own limit never gets here: its frame is
 refused with 1009), being binary (``unsupported_data``), or not being an
 envelope (``invalid_json``, ``invalid_envelope``). A ``rate_limited`` refusal
-carries ``retry_after_ms`` (relayd.v1), the time until the connection's bucket
-holds a token again. Each refusal is recorded with
+carries ``retry_after_ms`` (relayd.v1): how long until relayd holds a token for
+that message, its turn (:meth:`~relayd.policy.ratelimit.RateLimiter.retry_after_ms`).
+Each refusal is recorded with
 :class:`~relayd.telemetry.messages.MessageEvents` (its connection logs and
 counts it as the router does for the ones it routes).
 
@@ -126,7 +127,7 @@ class Intake:
         else:  # allowed, within the limit, no echo: not text
             error = EnvelopeError(ErrorCode.UNSUPPORTED_DATA, DETAILS[ErrorCode.UNSUPPORTED_DATA])
         self._events.recorder()(peer.client_id, None, size, error.code)
-        # A refusal for the rate says when relayd will have room again (relayd.v1).
+        # A refusal for the rate says when the message's turn comes (relayd.v1).
         retry_after_ms = self._limiter.retry_after_ms(now) if verdict is REFUSE else None
         frame = error_frame(
             peer.dialect, error.code, error.detail, error.ref, self._stats, retry_after_ms

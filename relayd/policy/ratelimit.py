@@ -56,6 +56,11 @@ class TokenBucket:
         self._tokens = tokens
         return False
 
+    @property
+    def interval(self) -> float:
+        """Seconds between two tokens."""
+        return 1 / self._rate
+
     def until_token(self, now: float) -> float:
         """Seconds from ``now`` until the bucket holds a whole token; 0 if it holds one."""
         tokens = self._tokens + (now - self._stamp) * self._rate
@@ -87,17 +92,20 @@ REFUSE: Final = Verdict.REFUSE
 CLOSE: Final = Verdict.CLOSE
 
 
+#: No turn promised yet (one float for every limiter: a limiter is made per connection).
+_NO_TURN: Final = -math.inf
+
+
 class RateLimiter:
     """The message and abuse buckets of one connection, and the turns promised to refusals."""
 
-    __slots__ = ("_abuse", "_interval", "_messages", "_promised")
+    __slots__ = ("_abuse", "_messages", "_promised")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self._messages = TokenBucket(rate, burst, now)
         self._abuse = TokenBucket(rate, burst, now)
-        self._interval = 1 / rate
-        # When the last refused message's token is due (see retry_after_ms).
-        self._promised = -math.inf
+        # When the turn promised to the last refused message is due (see retry_after_ms).
+        self._promised = _NO_TURN
 
     def check(self, now: float) -> Verdict:
         """Judge a message arriving at ``now``."""
@@ -108,23 +116,28 @@ class RateLimiter:
         return CLOSE
 
     def retry_after_ms(self, now: float) -> int:
-        """The wait to tell a message refused at ``now``: whole milliseconds until its token.
+        """The wait to tell a message refused at ``now``: whole milliseconds until its turn.
 
-        Each refused message is promised a token of its own, in turn: the first
-        the bucket will hold, or one interval after the turn promised to the
-        refusal before it, whichever is later. So messages refused together
-        (sent at once, or by several senders sharing the connection) and each
-        sent again after its own wait are all allowed, provided nothing else is
-        sent meanwhile, where one wait for all would have let one through and
-        refused the others again, towards the 1008. A promise not taken up only
-        makes later waits longer than they need be, and never by more than an
-        interval for each refusal not sent again.
+        Each refused message is promised a turn of its own: the first time the
+        message bucket holds a token, or one interval after the turn promised
+        to the refusal before it, whichever is later (messages refused together
+        then each get a token, where one wait for all let one through and
+        refused the others again); and never before the abuse bucket holds a
+        token again, so that if the message after it (sent at once) is refused,
+        that refusal is told, not the 1008 (at a burst of 1 the abuse bucket
+        holds a single refusal). A message sent again at its turn, with nothing
+        else sent meanwhile and no reload since, is allowed. A turn not taken up
+        only makes later ones later, by an interval each.
 
-        Rounded up, and a millisecond more, so that float rounding (relayd's
-        clock runs from an arbitrary offset) never leaves a message sent that
-        long after its refusal a hair short of its token.
+        Rounded down to the millisecond and two more, so that float rounding
+        (relayd's clock runs from an arbitrary offset) never leaves a message
+        sent that long after its refusal a hair short of its turn.
         """
-        due = max(now + self._messages.until_token(now), self._promised + self._interval)
+        due = max(
+            now + self._messages.until_token(now),
+            self._promised + self._messages.interval,
+            now + self._abuse.until_token(now),
+        )
         self._promised = due
         return int((due - now) * 1000) + 2
 

@@ -138,9 +138,9 @@ class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
     """v1: a message not relayed; ``ref`` is always present, null when the client gave none.
 
     ``retry_after_ms`` is on ``rate_limited`` errors only (absent from the others'
-    JSON, not null): how long after the refusal relayd has room for a message
-    again. A client that predates it ignores it, as it ignores any field it does
-    not know.
+    JSON, not null): how long after the refusal relayd holds a token for that
+    message, its turn. A client that predates it ignores it, as it ignores any
+    field it does not know.
     """
 
     error: str
@@ -330,9 +330,14 @@ def error_payload(
     always present, null when the client gave none, and ``retry_after_ms`` when
     it is given. The seed dialect never gets it: its frames stay as the seed
     post's relay sent them.
+
+    Raises:
+        ValueError: ``retry_after_ms`` given for another code than ``rate_limited``.
     """
     if dialect is Dialect.SEED:
         return _encoder.encode(SeedError(code.value, detail, ref))
     if retry_after_ms is None:
         return _encoder.encode(Error(code.value, ref, detail))
+    if code is not ErrorCode.RATE_LIMITED:
+        raise ValueError(f"retry_after_ms is for rate_limited only, not {code.value}")
     return _encoder.encode(Error(code.value, ref, detail, msgspec.Raw(b"%d" % retry_after_ms)))
