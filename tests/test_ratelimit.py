@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relayd.policy.ratelimit import FramePacer, RateLimiter, TokenBucket, Verdict
 
@@ -104,25 +106,55 @@ def test_client_slipping_over_now_and_then_is_only_refused() -> None:
 
 @pytest.mark.parametrize(("rate", "burst"), [(2.0, 3), (50.0, 100), (3.0, 7)])
 @pytest.mark.parametrize("late", [0.0, 0.13])
-def test_a_refusal_says_how_long_until_a_message_is_allowed_and_that_long_is_enough(
+def test_a_lone_refusal_waits_an_interval_and_is_allowed_after_it(
     rate: float, burst: int, late: float
 ) -> None:
-    # The wait a rate_limited error carries: a message sent that long after the
-    # refusal is allowed, and one sent a millisecond or more sooner (beyond its
-    # rounding up) would have been refused again.
+    # A refusal takes a token of the abuse bucket, full before it: the message's turn
+    # is when that token is back, an interval on (the message bucket's token comes
+    # then or sooner), so that a burst sent after it can at worst be refused, not closed.
     limiter = RateLimiter(rate, burst, now=100.0)
     assert [limiter.check(100.0) for _ in range(burst)] == [Verdict.ALLOW] * burst
     refused_at = 100.0 + late / rate  # part of a token refilled since
     assert limiter.check(refused_at) is Verdict.REFUSE
     wait_ms = limiter.retry_after_ms(refused_at)
-    exact_ms = (1 - late) / rate * 1000
-    assert exact_ms + 1 - 1e-6 < wait_ms <= exact_ms + 2
-    sooner = RateLimiter(rate, burst, now=100.0)
-    for _ in range(burst):
-        sooner.check(100.0)
-    assert sooner.check(refused_at) is Verdict.REFUSE
-    assert sooner.check(refused_at + (wait_ms - 3) / 1000) is not Verdict.ALLOW
-    assert limiter.check(refused_at + wait_ms / 1000) is Verdict.ALLOW
+    assert 1000 / rate + 1 - 1e-6 < wait_ms <= 1000 / rate + 2
+    turn = refused_at + wait_ms / 1000
+    assert limiter.check(turn) is Verdict.ALLOW
+    verdicts = [limiter.check(turn) for _ in range(burst)]
+    assert Verdict.CLOSE not in verdicts
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=st.floats(0.01, 5000),
+    burst=st.integers(1, 200),
+    start=st.floats(0, 1e9),
+    steps=st.lists(
+        st.tuples(st.integers(1, 200), st.floats(0, 5)),  # (messages at once, pause in intervals)
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_a_client_that_sends_refused_messages_again_at_their_turns_is_never_closed(
+    rate: float, burst: int, start: float, steps: list[tuple[int, float]]
+) -> None:
+    # Groups of up to the burst sent at once, or one at a time, after pauses; each
+    # refused message sent again exactly at its turn, nothing new until the last turn.
+    # With the abuse bucket a token short at a turn, the next group was refused in
+    # part and closed.
+    limiter = RateLimiter(rate, burst, now=start)
+    now = start
+    for size, pause in steps:
+        now += pause / rate
+        turns = []
+        for _ in range(min(size, burst)):
+            verdict = limiter.check(now)
+            assert verdict is not Verdict.CLOSE
+            if verdict is Verdict.REFUSE:
+                turns.append(now + limiter.retry_after_ms(now) / 1000)
+        for turn in turns:  # in order: each is an interval or more after the one before
+            assert limiter.check(turn) is Verdict.ALLOW
+            now = turn
 
 
 @pytest.mark.parametrize("late", [0.0, 0.13, 0.6])
@@ -153,8 +185,11 @@ def test_messages_refused_together_are_each_allowed_when_sent_again_after_their_
     # after the one before: one wait for all let one through at it and refused the
     # others again, each refusal a token of the abuse bucket, towards the 1008.
     limiter = RateLimiter(2.0, 3, now=start)
-    assert [limiter.check(start) for _ in range(6)] == [Verdict.ALLOW] * 3 + [Verdict.REFUSE] * 3
-    waits = [limiter.retry_after_ms(start) for _ in range(3)]
+    assert [limiter.check(start) for _ in range(3)] == [Verdict.ALLOW] * 3
+    waits = []
+    for _ in range(3):  # each refusal told its wait as it is made, as relayd does
+        assert limiter.check(start) is Verdict.REFUSE
+        waits.append(limiter.retry_after_ms(start))
     assert waits == [502, 1002, 1502]
     for wait in waits:
         assert limiter.check(start + wait / 1000) is Verdict.ALLOW

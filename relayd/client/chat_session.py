@@ -226,8 +226,9 @@ class Session:
             except RateLimited as refusal:
                 told = refusal.retry_after
                 if told is not None:
-                    # relayd said when this message's turn comes, at the rate in force
-                    # (a reload's too): no guess, so nothing to double or keep.
+                    # relayd said when this message's turn comes, at the rate in force:
+                    # no guess, so nothing to double or keep (after a reload meanwhile,
+                    # a refusal again brings the new rate's wait).
                     wait = told * TOLD_WAIT_FACTOR
                 elif refused:
                     # Refused again, and relayd did not say how long to wait (an older

@@ -306,7 +306,7 @@ def send_error(
 
 
 def _seconds(milliseconds: object) -> float | None:
-    """A wait in milliseconds, as JSON text or a number, in seconds; None if it is no sane one."""
+    """A wait in milliseconds, as JSON text or a number, in seconds; None if not a finite number."""
     if isinstance(milliseconds, bytes | msgspec.Raw):
         try:
             milliseconds = msgspec.json.decode(milliseconds)

@@ -63,8 +63,15 @@ class TokenBucket:
 
     def until_token(self, now: float) -> float:
         """Seconds from ``now`` until the bucket holds a whole token; 0 if it holds one."""
+        return self._until(now, 1)
+
+    def until_full(self, now: float) -> float:
+        """Seconds from ``now`` until the bucket is full; 0 if it is."""
+        return self._until(now, self._capacity)
+
+    def _until(self, now: float, level: float) -> float:
         tokens = self._tokens + (now - self._stamp) * self._rate
-        return 0.0 if tokens >= 1 else (1 - tokens) / self._rate
+        return 0.0 if tokens >= level else (level - tokens) / self._rate
 
     def available(self, now: float, spent: int = 0) -> int:
         """Whole tokens there are at ``now``, once ``spent`` tokens (taken since) are paid for."""
@@ -122,12 +129,15 @@ class RateLimiter:
         message bucket holds a token, or one interval after the turn promised
         to the refusal before it, whichever is later (messages refused together
         then each get a token, where one wait for all let one through and
-        refused the others again); and never before the abuse bucket holds a
-        token again, so that if the message after it (sent at once) is refused,
-        that refusal is told, not the 1008 (at a burst of 1 the abuse bucket
-        holds a single refusal). A message sent again at its turn, with nothing
-        else sent meanwhile and no reload since, is allowed. A turn not taken up
-        only makes later ones later, by an interval each.
+        refused the others again); and never before the abuse bucket is full
+        again, so that the messages sent after the last turn, as many at once as
+        the burst, are at worst refused and told, never the 1008 (with the abuse
+        bucket one token short, a group sent at once after a group's turns was
+        refused in part and closed). That costs nothing for a group's last
+        refusal (the abuse bucket refills in the turns it waits anyway), and at
+        most an interval for a lone one. A message sent again at its turn, with
+        nothing new sent meanwhile and no reload since, is allowed. A turn not
+        taken up only makes later ones later, by an interval each.
 
         Rounded down to the millisecond and two more, so that float rounding
         (relayd's clock runs from an arbitrary offset) never leaves a message
@@ -136,7 +146,7 @@ class RateLimiter:
         due = max(
             now + self._messages.until_token(now),
             self._promised + self._messages.interval,
-            now + self._abuse.until_token(now),
+            now + self._abuse.until_full(now),
         )
         self._promised = due
         return int((due - now) * 1000) + 2
