@@ -160,10 +160,9 @@ class SendError(ClientError):
             value, or a newer code this client does not know).
         detail: relayd's text for people; do not parse it.
         ref: the ``ref`` relayd echoed (None when it did not read it).
-        retry_after: seconds after the refusal until relayd holds a token for
-            the message, its turn, as relayd said it (``retry_after_ms``, on
-            :class:`RateLimited` from a relayd that sends it); None when it did
-            not say.
+        retry_after: seconds after the refusal until the message's turn, as
+            relayd said it (``retry_after_ms``, on :class:`RateLimited` from a
+            relayd that sends it); None when it did not say.
     """
 
     #: The error code this class stands for; None for the base class.
@@ -212,9 +211,10 @@ class RateLimited(SendError):
     """Over the connection's rate limit; keep it up and relayd closes with 1008.
 
     Wait :attr:`retry_after` seconds (when relayd said), a little more for the
-    two clocks, before sending the message again: relayd then holds a token for
-    it, provided nothing new was sent meanwhile. Each of several sends refused
-    together is given a turn of its own, so each may wait its own.
+    two clocks, before sending the message again: it is then the message's
+    turn, and it is accepted, provided nothing new was sent before the last
+    turn relayd gave (a message not sent again keeps its turn). Each of several
+    sends refused together is given a turn of its own, so each may wait its own.
     """
 
     error_code = ErrorCode.RATE_LIMITED

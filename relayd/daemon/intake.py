@@ -12,8 +12,8 @@ a limit lowered by a reload since the connection opened (``message_too_large``;
 a message over the connection's own limit never gets here: its frame is
 refused with 1009), being binary (``unsupported_data``), or not being an
 envelope (``invalid_json``, ``invalid_envelope``). A ``rate_limited`` refusal
-carries ``retry_after_ms`` (relayd.v1): how long until relayd holds a token for
-that message, its turn (:meth:`~relayd.policy.ratelimit.RateLimiter.retry_after_ms`).
+carries ``retry_after_ms`` (relayd.v1): how long until that message's turn
+(:meth:`~relayd.policy.ratelimit.RateLimiter.retry_after_ms`).
 Each refusal is recorded with
 :class:`~relayd.telemetry.messages.MessageEvents` (its connection logs and
 counts it as the router does for the ones it routes).

@@ -138,9 +138,9 @@ class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
     """v1: a message not relayed; ``ref`` is always present, null when the client gave none.
 
     ``retry_after_ms`` is on ``rate_limited`` errors only (absent from the others'
-    JSON, not null): how long after the refusal relayd holds a token for that
-    message, its turn. A client that predates it ignores it, as it ignores any
-    field it does not know.
+    JSON, not null): how long after the refusal that message's turn comes
+    (:meth:`relayd.policy.ratelimit.RateLimiter.retry_after_ms`). A client that
+    predates it ignores it, as it ignores any field it does not know.
     """
 
     error: str
