@@ -486,6 +486,35 @@ async def test_a_rate_limited_send_says_how_long_until_it_may_be_sent_again(
         assert [(await peer.receive()).text for _ in range(2)] == ["first", "second, again"]
 
 
+async def send_six_at_their_turns(
+    client: Client, to: str, on_refusal: Callable[[int], None] = lambda refusals: None
+) -> int:
+    """Send 0 to 5 at once, each again after every refusal's ``retry_after``; the refusals.
+
+    ``on_refusal`` is called with the count so far at each refusal, before its wait.
+    """
+    refusals = 0
+
+    async def send_at_turns(n: int) -> None:
+        nonlocal refusals
+        while True:
+            try:
+                await client.send(to, n)
+            except RateLimited as refused:
+                refusals += 1
+                on_refusal(refusals)
+                if refused.retry_after is None:
+                    pytest.fail("relayd did not say how long to wait")
+                await trio.sleep(refused.retry_after)
+            else:
+                return
+
+    async with trio.open_nursery() as nursery:
+        for n in range(6):
+            nursery.start_soon(send_at_turns, n)
+    return refusals
+
+
 async def test_sends_refused_together_each_sent_again_after_its_wait_all_go_through(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -497,26 +526,29 @@ async def test_sends_refused_together_each_sent_again_after_its_wait_all_go_thro
         connect(url) as client,
         connect(url) as peer,
     ):
-        refusals = 0
-
-        async def send_paced(n: int) -> None:
-            nonlocal refusals
-            while True:
-                try:
-                    await client.send(peer.id, n)
-                except RateLimited as refused:
-                    refusals += 1
-                    if refused.retry_after is None:
-                        pytest.fail("relayd did not say how long to wait")
-                    await trio.sleep(refused.retry_after)
-                else:
-                    return
-
-        async with trio.open_nursery() as nursery:
-            for n in range(6):
-                nursery.start_soon(send_paced, n)
+        assert await send_six_at_their_turns(client, peer.id) == 3
         assert client.closed is None
-        assert refusals == 3
+        assert sorted([(await peer.receive()).data for _ in range(6)]) == list(range(6))
+
+
+async def test_sends_waiting_their_turns_when_a_reload_lowers_the_rate_all_go_through(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Six sends at once at 2 a second with a burst of 3: three refused, each told its
+    # turn. While they wait, a reload lowers the rate to one message in 2 s with a burst
+    # of 1. Sent again at those turns, the first went through, the second was refused
+    # (with a new wait) and the third closed the connection with 1008: the new rate's
+    # abuse bucket holds one refusal. Now the third is refused and told a turn too.
+    server = Server(settings(messages_per_second=2.0, message_burst=3))
+
+    def reload_at_the_third(refusals: int) -> None:
+        if refusals == 3:
+            server.reload(settings(messages_per_second=0.5, message_burst=1), None)
+
+    async with running(server) as url, connect(url) as client, connect(url) as peer:
+        # Three at first; two of them again, at the new rate.
+        assert await send_six_at_their_turns(client, peer.id, reload_at_the_third) == 5
+        assert client.closed is None
         assert sorted([(await peer.receive()).data for _ in range(6)]) == list(range(6))
 
 

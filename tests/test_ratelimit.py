@@ -159,6 +159,113 @@ def test_a_client_that_sends_refused_messages_again_at_their_turns_is_never_clos
             now = turn
 
 
+def resend_at_turns(
+    limiter: RateLimiter, turns: list[float], reload: tuple[float, float, int] | None = None
+) -> tuple[RateLimiter, int]:
+    """Send each message again at its turn, and at each new turn it is told, until allowed.
+
+    ``reload`` is (when, rate, burst): the limiter is renewed then. Returns the limiter in
+    force at the end and how many times a message was refused again.
+    """
+    pending = sorted(turns)
+    refused_again = 0
+    for _ in range(100 * (len(turns) + 1)):
+        if not pending:
+            return limiter, refused_again
+        now = pending.pop(0)
+        if reload is not None and reload[0] <= now:
+            limiter, reload = limiter.renewed(reload[1], reload[2], reload[0]), None
+        verdict = limiter.check(now)
+        assert verdict is not Verdict.CLOSE
+        if verdict is Verdict.REFUSE:
+            refused_again += 1
+            pending.append(now + limiter.retry_after_ms(now) / 1000)
+            pending.sort()
+    pytest.fail("messages still refused after a hundred turns each")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=st.floats(0.01, 5000),
+    burst=st.integers(1, 200),
+    new_rate=st.floats(0.01, 5000),
+    new_burst=st.integers(1, 200),
+    size=st.integers(1, 200),
+    # when the reload comes, in the old intervals after the group was sent
+    reload_after=st.floats(0, 400),
+    start=st.floats(0, 1e9),
+)
+def test_messages_sent_again_at_turns_a_reload_ended_are_told_new_turns_never_closed(
+    rate: float,
+    burst: int,
+    new_rate: float,
+    new_burst: int,
+    size: int,
+    reload_after: float,
+    start: float,
+) -> None:
+    # A group of up to the burst sent at once, its refused messages promised turns, then
+    # a reload that changes the rate while they wait. Each is sent again at its turn: the
+    # new rate, with its fresh buckets, took the first of them and refused the rest,
+    # each refusal a token of a new abuse bucket of the new burst: at a smaller burst
+    # the third closed the connection. Now each is refused and told a new turn, and
+    # sent again then it is allowed.
+    limiter = RateLimiter(rate, burst, now=start)
+    turns = []
+    for _ in range(burst):
+        assert limiter.check(start) is Verdict.ALLOW
+    for _ in range(min(size, burst)):  # a group of up to the burst, past it
+        assert limiter.check(start) is Verdict.REFUSE
+        turns.append(start + limiter.retry_after_ms(start) / 1000)
+    reload = (start + reload_after / rate, new_rate, new_burst)
+    limiter, _ = resend_at_turns(limiter, turns, reload)
+    # And the limiter owes no more than it was promised: a flood after it is closed.
+    verdicts = [limiter.check(turns[-1] + 1e6) for _ in range(2 * new_burst + 2 * burst + 1)]
+    assert verdicts[-1] is Verdict.CLOSE
+
+
+def test_a_reload_to_a_burst_of_one_refuses_messages_sent_again_at_old_turns_but_never_closes() -> (
+    None
+):
+    # Six at once at 2 a second with a burst of 3: three refused, their turns 0.5, 1 and
+    # 1.5 s on. A reload then lowers the rate to one message in 2 s with a burst of 1.
+    limiter = RateLimiter(2.0, 3, now=0.0)
+    assert [limiter.check(0.0) for _ in range(3)] == [Verdict.ALLOW] * 3
+    turns = []
+    for _ in range(3):
+        assert limiter.check(0.0) is Verdict.REFUSE
+        turns.append(limiter.retry_after_ms(0.0) / 1000)
+    assert turns == [0.502, 1.002, 1.502]
+    limiter = limiter.renewed(0.5, 1, now=0.1)
+    assert limiter.check(0.502) is Verdict.ALLOW  # the new bucket's one token
+    # Refused and told a new turn, though the new abuse bucket holds one refusal: the
+    # second refusal (at 1.502 s) was the 1008.
+    assert limiter.check(1.002) is Verdict.REFUSE
+    second = 1.002 + limiter.retry_after_ms(1.002) / 1000
+    assert limiter.check(1.502) is Verdict.REFUSE
+    third = 1.502 + limiter.retry_after_ms(1.502) / 1000
+    assert (round(second, 3), round(third, 3)) == (2.503, 4.504)  # the new rate's tokens
+    assert limiter.check(second) is Verdict.ALLOW
+    assert limiter.check(third) is Verdict.ALLOW
+    # Three turns were to come and two refusals were needed (the new bucket's token
+    # took the first): one refusal is still owed, then the abuse bucket's one, and a
+    # flood is closed at the third.
+    verdicts = [limiter.check(third) for _ in range(3)]
+    assert verdicts == [Verdict.REFUSE, Verdict.REFUSE, Verdict.CLOSE]
+
+
+def test_a_reload_with_no_turn_to_come_owes_nothing() -> None:
+    limiter = RateLimiter(2.0, 3, now=0.0)
+    assert [limiter.check(0.0) for _ in range(4)] == [Verdict.ALLOW] * 3 + [Verdict.REFUSE]
+    assert limiter.retry_after_ms(0.0) == 502
+    limiter = limiter.renewed(0.5, 1, now=0.6)  # the turn has passed
+    assert [limiter.check(0.6) for _ in range(3)] == [
+        Verdict.ALLOW,
+        Verdict.REFUSE,
+        Verdict.CLOSE,
+    ]
+
+
 @pytest.mark.parametrize("late", [0.0, 0.13, 0.6])
 def test_at_a_burst_of_one_the_wait_also_lets_the_next_refusal_be_told_not_closed(
     late: float,

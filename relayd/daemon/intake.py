@@ -84,16 +84,16 @@ class Intake:
         """
         limits = self._live.current
         if self._limiter_limits is not limits:
-            # The first message, or a reload: a new rate starts now, with a full bucket.
-            # The same rate keeps its bucket (a reload that changed nothing, or other
-            # limits, would have given every flooding connection a fresh burst).
+            # The first message, or a reload: a new rate starts now, with a full bucket
+            # (and owes the turns the old one promised). The same rate keeps its bucket
+            # (a reload that changed nothing, or other limits, would have given every
+            # flooding connection a fresh burst).
             old, self._limiter_limits = self._limiter_limits, limits
-            if (
-                old is None
-                or old.messages_per_second != limits.messages_per_second
-                or old.message_burst != limits.message_burst
-            ):
-                self._limiter = RateLimiter(limits.messages_per_second, limits.message_burst, now)
+            rate, burst = limits.messages_per_second, limits.message_burst
+            if old is None:
+                self._limiter = RateLimiter(rate, burst, now)
+            elif old.messages_per_second != rate or old.message_burst != burst:
+                self._limiter = self._limiter.renewed(rate, burst, now)
         verdict = self._limiter.check(now)
         peer = self._peer
         size = len(payload)

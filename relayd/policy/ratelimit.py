@@ -57,6 +57,11 @@ class TokenBucket:
         return False
 
     @property
+    def capacity(self) -> float:
+        """The most tokens the bucket holds (the burst)."""
+        return self._capacity
+
+    @property
     def interval(self) -> float:
         """Seconds between two tokens."""
         return 1 / self._rate
@@ -104,23 +109,52 @@ _NO_TURN: Final = -math.inf
 
 
 class RateLimiter:
-    """The message and abuse buckets of one connection, and the turns promised to refusals."""
+    """The message and abuse buckets of one connection, and the turns promised to refusals.
 
-    __slots__ = ("_abuse", "_messages", "_promised")
+    Args:
+        rate: messages per second, on average.
+        burst: messages at once (each bucket's size).
+        now: the time.
+        owed: refusals that take nothing from the abuse bucket (see :meth:`renewed`).
+    """
 
-    def __init__(self, rate: float, burst: int, now: float) -> None:
+    __slots__ = ("_abuse", "_messages", "_owed", "_promised")
+
+    def __init__(self, rate: float, burst: int, now: float, *, owed: int = 0) -> None:
         self._messages = TokenBucket(rate, burst, now)
         self._abuse = TokenBucket(rate, burst, now)
         # When the turn promised to the last refused message is due (see retry_after_ms).
         self._promised = _NO_TURN
+        self._owed = owed
 
     def check(self, now: float) -> Verdict:
         """Judge a message arriving at ``now``."""
         if self._messages.take(now):
             return ALLOW
+        if self._owed:
+            self._owed -= 1
+            return REFUSE
         if self._abuse.take(now):
             return REFUSE
         return CLOSE
+
+    def renewed(self, rate: float, burst: int, now: float) -> RateLimiter:
+        """The limiter that follows this one when a reload changes the rate or burst at ``now``.
+
+        The new rate starts with full buckets, and owes the turns this limiter
+        promised that are still to come: that many refusals that take nothing
+        from its abuse bucket. A client sends those messages again at the turns
+        the old rate gave it, which the new rate may not have room for; each is
+        then refused and told a new turn, never closed (a smaller burst closed
+        the third of them). At most the old burst is owed (a client that sends
+        at most a burst at once has no more turns to come), with what this
+        limiter still owed from a reload before.
+        """
+        messages, promised = self._messages, self._promised
+        coming = 0
+        if promised > now:
+            coming = min(math.ceil((promised - now) / messages.interval), int(messages.capacity))
+        return RateLimiter(rate, burst, now, owed=self._owed + coming)
 
     def retry_after_ms(self, now: float) -> int:
         """The wait to tell a message refused at ``now``: whole milliseconds until its turn.
@@ -136,8 +170,10 @@ class RateLimiter:
         refused in part and closed). That costs nothing for a group's last
         refusal (the abuse bucket refills in the turns it waits anyway), and at
         most an interval for a lone one. A message sent again at its turn, with
-        nothing new sent meanwhile and no reload since, is allowed. A turn not
-        taken up only makes later ones later, by an interval each.
+        nothing new sent meanwhile and no reload since, is allowed; after a
+        reload that changed the rate it may be refused again, and told a new
+        turn (:meth:`renewed`). A turn not taken up only makes later ones later,
+        by an interval each.
 
         Rounded down to the millisecond and two more, so that float rounding
         (relayd's clock runs from an arbitrary offset) never leaves a message
