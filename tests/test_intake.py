@@ -168,6 +168,22 @@ def test_a_reload_of_the_rate_starts_a_fresh_bucket() -> None:
     assert [type(judge.judge(OP_TEXT, envelope, 0.0)) for _ in range(3)] == [Relay] * 3
 
 
+def test_a_reload_of_the_rate_keeps_the_turns_promised_and_refuses_without_the_1008() -> None:
+    # Three refused at 2 a second with a burst of 3; a reload to one message in 2 s with
+    # a burst of 1. The intake made a fresh limiter that forgot the turns: the messages
+    # sent again at them were one allowed, one refused, and the third the 1008 (None).
+    judge, live, _ = intake(messages_per_second=2, message_burst=3)
+    envelope = b'{"to": "bob", "message": 1}'
+    assert [type(judge.judge(OP_TEXT, envelope, 0.0)) for _ in range(3)] == [Relay] * 3
+    waits = [reply_of(judge.judge(OP_TEXT, envelope, 0.0))["retry_after_ms"] for _ in range(3)]
+    assert waits == [502, 1002, 1502]
+    live.current = LimitsSettings(messages_per_second=0.5, message_burst=1)
+    assert isinstance(judge.judge(OP_TEXT, envelope, 0.502), Relay)
+    refused = [reply_of(judge.judge(OP_TEXT, envelope, turn)) for turn in (1.002, 1.502)]
+    # Turns after the last promised (due at 1.5 s), 2.001 s apart: due at 3.501 and 5.502 s.
+    assert [reply["retry_after_ms"] for reply in refused] == [2500, 4002]
+
+
 def test_the_echo_route_sends_text_and_binary_back_unjudged() -> None:
     live = LiveLimits(LimitsSettings())
     stats = Stats()

@@ -159,68 +159,127 @@ def test_a_client_that_sends_refused_messages_again_at_their_turns_is_never_clos
             now = turn
 
 
-def resend_at_turns(
-    limiter: RateLimiter, turns: list[float], reload: tuple[float, float, int] | None = None
-) -> tuple[RateLimiter, int]:
+class Connection:
+    """One connection's limiter as relayd's intake keeps it across reloads.
+
+    A reload is applied at the connection's first message after it, as the
+    intake does: with the limits in force then, by one :meth:`RateLimiter.renewed`.
+    """
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.limiter = RateLimiter(rate, burst, now)
+        self.burst = burst
+        self.largest_burst = burst
+        self.reloads: list[tuple[float, float, int]] = []  # (when, rate, burst), in order
+
+    def check(self, now: float) -> Verdict:
+        due = [reload for reload in self.reloads if reload[0] <= now]
+        if due:
+            self.reloads = self.reloads[len(due) :]
+            _, rate, burst = due[-1]
+            self.limiter = self.limiter.renewed(rate, burst, now)
+            self.burst = burst
+            self.largest_burst = max(self.largest_burst, burst)
+        return self.limiter.check(now)
+
+
+def send_at_turns(
+    connection: Connection, turns: list[float], late: tuple[float, float] = (0.0, 0.0)
+) -> float:
     """Send each message again at its turn, and at each new turn it is told, until allowed.
 
-    ``reload`` is (when, rate, burst): the limiter is renewed then. Returns the limiter in
-    force at the end and how many times a message was refused again.
+    Each arrives ``late[0]`` seconds and ``late[1]`` of its wait after its turn (the
+    network, and the client's margin for the two clocks). Returns when the last went
+    through; fails on a 1008.
     """
     pending = sorted(turns)
-    refused_again = 0
+    last = pending[-1] if pending else 0.0
     for _ in range(100 * (len(turns) + 1)):
         if not pending:
-            return limiter, refused_again
-        now = pending.pop(0)
-        if reload is not None and reload[0] <= now:
-            limiter, reload = limiter.renewed(reload[1], reload[2], reload[0]), None
-        verdict = limiter.check(now)
+            return last
+        now = last = pending.pop(0)
+        verdict = connection.check(now)
         assert verdict is not Verdict.CLOSE
         if verdict is Verdict.REFUSE:
-            refused_again += 1
-            pending.append(now + limiter.retry_after_ms(now) / 1000)
+            wait = connection.limiter.retry_after_ms(now) / 1000
+            pending.append(now + wait * (1 + late[1]) + late[0])
             pending.sort()
     pytest.fail("messages still refused after a hundred turns each")
 
 
-@settings(max_examples=300, deadline=None)
+def send_at_once(connection: Connection, size: int, now: float) -> list[float]:
+    """Send ``size`` messages at ``now``; the turns of those refused. Fails on a 1008."""
+    turns = []
+    for _ in range(size):
+        verdict = connection.check(now)
+        assert verdict is not Verdict.CLOSE
+        if verdict is Verdict.REFUSE:
+            turns.append(now + connection.limiter.retry_after_ms(now) / 1000)
+    return turns
+
+
+@settings(max_examples=400, deadline=None)
 @given(
     rate=st.floats(0.01, 5000),
     burst=st.integers(1, 200),
-    new_rate=st.floats(0.01, 5000),
-    new_burst=st.integers(1, 200),
-    size=st.integers(1, 200),
-    # when the reload comes, in the old intervals after the group was sent
-    reload_after=st.floats(0, 400),
     start=st.floats(0, 1e9),
+    size=st.integers(1, 200),
+    # (when, in intervals of the first rate after the group, the new rate, the new burst)
+    reloads=st.lists(
+        st.tuples(st.floats(0.001, 400), st.floats(0.01, 5000), st.integers(1, 200)),
+        min_size=1,
+        max_size=3,
+    ),
+    late=st.tuples(st.floats(0, 0.2), st.floats(0, 0.05)),
 )
 def test_messages_sent_again_at_turns_a_reload_ended_are_told_new_turns_never_closed(
     rate: float,
     burst: int,
-    new_rate: float,
-    new_burst: int,
-    size: int,
-    reload_after: float,
     start: float,
+    size: int,
+    reloads: list[tuple[float, float, int]],
+    late: tuple[float, float],
 ) -> None:
-    # A group of up to the burst sent at once, its refused messages promised turns, then
-    # a reload that changes the rate while they wait. Each is sent again at its turn: the
-    # new rate, with its fresh buckets, took the first of them and refused the rest,
-    # each refusal a token of a new abuse bucket of the new burst: at a smaller burst
-    # the third closed the connection. Now each is refused and told a new turn, and
-    # sent again then it is allowed.
-    limiter = RateLimiter(rate, burst, now=start)
-    turns = []
-    for _ in range(burst):
-        assert limiter.check(start) is Verdict.ALLOW
-    for _ in range(min(size, burst)):  # a group of up to the burst, past it
-        assert limiter.check(start) is Verdict.REFUSE
-        turns.append(start + limiter.retry_after_ms(start) / 1000)
-    reload = (start + reload_after / rate, new_rate, new_burst)
-    limiter, _ = resend_at_turns(limiter, turns, reload)
-    # And the limiter owes no more than it was promised: a flood after it is closed.
-    verdicts = [limiter.check(turns[-1] + 1e6) for _ in range(2 * new_burst + 2 * burst + 1)]
+    # The burst and a group of up to the burst past it sent at once, the group's
+    # messages promised turns, then reloads that change the rate while they wait. Each
+    # is sent again at its turn, late by up to 0.2 s and 5% of its wait: the new rate,
+    # with its fresh buckets, took the first of them and refused the rest, each refusal
+    # a token of a new abuse bucket of the new burst, and at a smaller burst the third
+    # closed the connection. Now each is refused and told a new turn, and goes through
+    # in the end; and the next group sent at once, within the burst in force, too.
+    connection = Connection(rate, burst, start)
+    connection.reloads = sorted((start + when / rate, r, b) for when, r, b in reloads)
+    assert send_at_once(connection, burst, start) == []
+    turns = send_at_once(connection, min(size, burst), start)
+    assert len(turns) == min(size, burst)
+    done = send_at_turns(connection, turns, late)
+    connection.reloads = []  # any reload not yet applied
+    turns = send_at_once(connection, connection.burst, done + late[0])
+    send_at_turns(connection, turns, late)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.floats(0, 1e9),
+    limits=st.lists(st.tuples(st.floats(0.01, 5000), st.integers(1, 50)), min_size=2, max_size=60),
+)
+def test_what_a_reload_owes_is_never_more_than_the_largest_burst(
+    start: float, limits: list[tuple[float, int]]
+) -> None:
+    # Reloads, one after another, each met by the burst in force and one message more at
+    # once (that one refused, as owed): a flood after them is closed once the new burst
+    # is allowed, at most the largest burst refused as owed, and the new burst's own
+    # refusals. What was owed grew by the old burst at each reload (52 after 100 reloads
+    # between rates of 3 and 4 a second, with a burst of 3).
+    now = start
+    connection = Connection(limits[0][0], limits[0][1], now)
+    for rate, burst in limits[1:]:
+        now += 1e4  # every bucket full again
+        connection.reloads = [(now, rate, burst)]
+        send_at_once(connection, burst + 1, now)
+    now += 1e4
+    burst = limits[-1][1]
+    verdicts = [connection.check(now) for _ in range(2 * burst + connection.largest_burst + 1)]
     assert verdicts[-1] is Verdict.CLOSE
 
 
@@ -236,34 +295,22 @@ def test_a_reload_to_a_burst_of_one_refuses_messages_sent_again_at_old_turns_but
         assert limiter.check(0.0) is Verdict.REFUSE
         turns.append(limiter.retry_after_ms(0.0) / 1000)
     assert turns == [0.502, 1.002, 1.502]
-    limiter = limiter.renewed(0.5, 1, now=0.1)
+    limiter = limiter.renewed(0.5, 1, now=0.502)  # at the first message after the reload
     assert limiter.check(0.502) is Verdict.ALLOW  # the new bucket's one token
     # Refused and told a new turn, though the new abuse bucket holds one refusal: the
-    # second refusal (at 1.502 s) was the 1008.
+    # second refusal (at 1.502 s) was the 1008. The new turns come after the old ones,
+    # an interval of the new rate and a millisecond apart.
     assert limiter.check(1.002) is Verdict.REFUSE
     second = 1.002 + limiter.retry_after_ms(1.002) / 1000
     assert limiter.check(1.502) is Verdict.REFUSE
     third = 1.502 + limiter.retry_after_ms(1.502) / 1000
-    assert (round(second, 3), round(third, 3)) == (2.503, 4.504)  # the new rate's tokens
+    assert (round(second, 3), round(third, 3)) == (3.502, 5.504)
     assert limiter.check(second) is Verdict.ALLOW
     assert limiter.check(third) is Verdict.ALLOW
-    # Three turns were to come and two refusals were needed (the new bucket's token
-    # took the first): one refusal is still owed, then the abuse bucket's one, and a
-    # flood is closed at the third.
+    # It owed the old burst, 3, and used 2: one refusal is still owed, then the abuse
+    # bucket's one, and a flood is closed at the third.
     verdicts = [limiter.check(third) for _ in range(3)]
     assert verdicts == [Verdict.REFUSE, Verdict.REFUSE, Verdict.CLOSE]
-
-
-def test_a_reload_with_no_turn_to_come_owes_nothing() -> None:
-    limiter = RateLimiter(2.0, 3, now=0.0)
-    assert [limiter.check(0.0) for _ in range(4)] == [Verdict.ALLOW] * 3 + [Verdict.REFUSE]
-    assert limiter.retry_after_ms(0.0) == 502
-    limiter = limiter.renewed(0.5, 1, now=0.6)  # the turn has passed
-    assert [limiter.check(0.6) for _ in range(3)] == [
-        Verdict.ALLOW,
-        Verdict.REFUSE,
-        Verdict.CLOSE,
-    ]
 
 
 @pytest.mark.parametrize("late", [0.0, 0.13, 0.6])

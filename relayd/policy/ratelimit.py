@@ -61,11 +61,6 @@ class TokenBucket:
         """The most tokens the bucket holds (the burst)."""
         return self._capacity
 
-    @property
-    def interval(self) -> float:
-        """Seconds between two tokens."""
-        return 1 / self._rate
-
     def until_token(self, now: float) -> float:
         """Seconds from ``now`` until the bucket holds a whole token; 0 if it holds one."""
         return self._until(now, 1)
@@ -115,17 +110,22 @@ class RateLimiter:
         rate: messages per second, on average.
         burst: messages at once (each bucket's size).
         now: the time.
-        owed: refusals that take nothing from the abuse bucket (see :meth:`renewed`).
+        owed: refusals that take nothing from the abuse bucket, used before it (see
+            :meth:`renewed`).
     """
 
-    __slots__ = ("_abuse", "_messages", "_owed", "_promised")
+    __slots__ = ("_abuse", "_gap", "_largest", "_messages", "_owed", "_promised")
 
     def __init__(self, rate: float, burst: int, now: float, *, owed: int = 0) -> None:
         self._messages = TokenBucket(rate, burst, now)
         self._abuse = TokenBucket(rate, burst, now)
-        # When the turn promised to the last refused message is due (see retry_after_ms).
+        # When the turn promised to the last refused message is due (see retry_after_ms),
+        # and the least time between two turns: an interval of the rate.
         self._promised = _NO_TURN
+        self._gap = 1 / rate
         self._owed = owed
+        # The largest burst of this limiter and those it follows (see renewed).
+        self._largest = burst
 
     def check(self, now: float) -> Verdict:
         """Judge a message arriving at ``now``."""
@@ -139,22 +139,34 @@ class RateLimiter:
         return CLOSE
 
     def renewed(self, rate: float, burst: int, now: float) -> RateLimiter:
-        """The limiter that follows this one when a reload changes the rate or burst at ``now``.
+        """The limiter that follows this one when a reload changes the rate or burst.
 
-        The new rate starts with full buckets, and owes the turns this limiter
-        promised that are still to come: that many refusals that take nothing
-        from its abuse bucket. A client sends those messages again at the turns
-        the old rate gave it, which the new rate may not have room for; each is
-        then refused and told a new turn, never closed (a smaller burst closed
-        the third of them). At most the old burst is owed (a client that sends
-        at most a burst at once has no more turns to come), with what this
-        limiter still owed from a reload before.
+        Made at the connection's first message after the reload (``now``). The
+        new rate starts with full buckets. It keeps the turns this limiter
+        promised: a turn it promises comes an interval of the new rate and a
+        millisecond after the turn before it, or later. And it owes refusals
+        that take nothing from its abuse bucket, used before it: as many as the
+        largest burst of this limiter and those it followed. A client sends the
+        messages refused before the reload again at the turns it was told (at
+        most that burst of them, if it sent at most a burst at once), late by
+        the network and its clock, whether or not the new rate has room for
+        them; each is then refused and told a new turn, never closed, however
+        small the new burst.
+
+        What is owed is used up by refusals only, and does not expire: a flood
+        after the reload is refused that many more times before the 1008. Each
+        reload owes it afresh, never more than the largest burst in force since
+        the connection's first message.
         """
-        messages, promised = self._messages, self._promised
-        coming = 0
-        if promised > now:
-            coming = min(math.ceil((promised - now) / messages.interval), int(messages.capacity))
-        return RateLimiter(rate, burst, now, owed=self._owed + coming)
+        renewed = RateLimiter(rate, burst, now, owed=self._largest)
+        renewed._largest = max(self._largest, burst)
+        renewed._promised = self._promised
+        # Its turns are an interval and a millisecond apart: a wait is told in whole
+        # milliseconds, and at a rate of hundreds a second two messages then come back
+        # within the same millisecond, which a new burst of 1 has no room for (the
+        # old bucket's burst had).
+        renewed._gap += 0.001
+        return renewed
 
     def retry_after_ms(self, now: float) -> int:
         """The wait to tell a message refused at ``now``: whole milliseconds until its turn.
@@ -171,9 +183,9 @@ class RateLimiter:
         refusal (the abuse bucket refills in the turns it waits anyway), and at
         most an interval for a lone one. A message sent again at its turn, with
         nothing new sent meanwhile and no reload since, is allowed; after a
-        reload that changed the rate it may be refused again, and told a new
-        turn (:meth:`renewed`). A turn not taken up only makes later ones later,
-        by an interval each.
+        reload that changed the rate or burst it may be refused again, each time
+        told a new turn, and is never closed (:meth:`renewed`). A turn not taken
+        up only makes later ones later, by an interval each.
 
         Rounded down to the millisecond and two more, so that float rounding
         (relayd's clock runs from an arbitrary offset) never leaves a message
@@ -181,7 +193,7 @@ class RateLimiter:
         """
         due = max(
             now + self._messages.until_token(now),
-            self._promised + self._messages.interval,
+            self._promised + self._gap,
             now + self._abuse.until_full(now),
         )
         self._promised = due
