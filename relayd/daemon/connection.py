@@ -242,6 +242,10 @@ class Connection:
             if self._echo:  # never routed, so no router detaches it
                 self.detach()
 
+    async def handed_off(self) -> None:
+        """Return once what the reader read is with the router (see ``Reader.handed_off``)."""
+        await self._reader.handed_off()
+
     def close_soon(self, code: int, reason: str, *, closed_by: str = "server") -> None:
         """Close for policy: read no more, flush what is decided, then close with ``code``."""
         if not self._lifecycle.close_for_policy(code, reason, closed_by):

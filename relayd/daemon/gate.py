@@ -207,6 +207,17 @@ class Gate:
         for connection in self.connections:
             connection.drain()
 
+    async def handed_off(self) -> None:
+        """Return once every open connection's reader has handed what it read to the router.
+
+        For the server's drain, after :meth:`drain` stopped the readers and
+        before the router closes: what a client sent and relayd read is routed
+        and answered, not dropped. The caller bounds the wait (the drain's
+        ``shutdown_grace_s``).
+        """
+        for connection in list(self.connections):
+            await connection.handed_off()
+
     async def __call__(
         self, stream: Accepted, released: Callable[[], None] = _nothing, peer: Any = None
     ) -> None:

@@ -117,6 +117,22 @@ class _Routed:
         self.done.set()
 
 
+class _HandOff:
+    """A reader's wait to hand a read to the router: cut short by a stop, awaited by a drain.
+
+    Made only when the hand-off must wait (for reply slots, or for room in the
+    router's inbox), and let go when it ends.
+    """
+
+    __slots__ = ("done", "room")
+
+    def __init__(self) -> None:
+        #: Set when the hand-off has ended, the items routed or given up.
+        self.done = trio.Event()
+        #: The wait for reply slots, while there is one: a stop cancels it.
+        self.room: trio.CancelScope | None = None
+
+
 class Reader:
     """Reads one connection; see the module docstring.
 
@@ -145,6 +161,7 @@ class Reader:
     __slots__ = (
         "_bound",
         "_early",
+        "_hand_off",
         "_intake",
         "_lifecycle",
         "_live",
@@ -202,17 +219,37 @@ class Reader:
         # The deadline of waits other than for the socket: none, until a close bounds them.
         self._bound = math.inf
         self._waiting_for_socket = False  # waiting for the socket to be readable
+        # A hand-off to the router that waits (for reply slots or the router's inbox).
+        self._hand_off: _HandOff | None = None
         self.messages_in = self.bytes_in = 0
 
     def stop(self) -> None:
         """Stop waiting for the socket; the lifecycle says reading is over.
 
-        Only a wait for the socket is cut short: a hand-off to the router in
-        progress finishes (it is bounded by the router, and by the deadline
-        of a close), so that what was read gets its replies.
+        A wait for the socket is cut short. A hand-off to the router in
+        progress finishes, so that what was read is routed and gets its
+        replies: one waiting for the client to make room for its replies
+        takes their slots beyond the outbox's bound at once (that read's items
+        bound them, as for a connection closed over its rate), and one waiting
+        for room in the router's inbox waits on (the router drains it; a
+        close's deadline bounds it). A server's drain waits for it before it
+        closes the router (:meth:`handed_off`).
         """
         if self._waiting_for_socket and self._receive_scope is not None:
             self._receive_scope.cancel()
+        elif self._hand_off is not None and self._hand_off.room is not None:
+            self._hand_off.room.cancel()
+
+    async def handed_off(self) -> None:
+        """Return once no hand-off of this reader's to the router is in progress.
+
+        For the server's drain, after :meth:`stop`: what the reader read before
+        it goes to the router before the router closes. Cancelled by the
+        caller's deadline.
+        """
+        hand_off = self._hand_off
+        if hand_off is not None:
+            await hand_off.done.wait()
 
     def finish_by(self, deadline: float) -> None:
         """Cut short a hand-off to the router still waiting at ``deadline`` (a close's bound)."""
@@ -340,6 +377,8 @@ class Reader:
             # For the task: no timer may cut its hand-off short, only a close (as
             # _route sees to in the task; the deadline may pass before it runs).
             self._lift_deadline()
+            if batch:  # a drain that comes before the task runs waits for it (handed_off)
+                self._begin_hand_off()
             return Parsed(batch, ended, violation, reserved)
         if not self._lifecycle.reading:
             return b""
@@ -471,27 +510,58 @@ class Reader:
             parts = (items,)
         else:
             parts = tuple(items[start : start + chunk] for start in range(0, len(items), chunk))
-        for part in parts:
-            if reserved:
-                reserved = False
-            elif not outbox.reserve(len(part)):
-                if closing:
-                    outbox.reserve_beyond(len(part))
-                else:
-                    self._lift_deadline()
-                    with trio.move_on_after(self._timers.slow_consumer_timeout_s) as waiting:
-                        await self._writer.wait_for_room(len(part))
-                    if waiting.cancelled_caught:
-                        self._stuck()
+        try:
+            for part in parts:
+                if reserved:
+                    reserved = False
+                elif not outbox.reserve(len(part)):
+                    if closing or not self._lifecycle.reading:
+                        # The last read (over the rate, or reading stopped): its replies
+                        # are all that is left, and waiting would only delay the close.
+                        outbox.reserve_beyond(len(part))
+                    elif not await self._wait_for_room(len(part)):
                         return False
-            try:
-                if not self._router.try_route(part):
-                    self._lift_deadline()
-                    await self._router.route(part)
-            except BaseException as exc:
-                if not self._unroute(part, exc):
-                    return False
-                raise  # pragma: no cover - _unroute raises what is not RouterClosed
+                try:
+                    if not self._router.try_route(part):
+                        self._lift_deadline()
+                        self._begin_hand_off()
+                        await self._router.route(part)
+                except BaseException as exc:
+                    if not self._unroute(part, exc):
+                        return False
+                    raise  # pragma: no cover - _unroute raises what is not RouterClosed
+            return True
+        finally:
+            hand_off = self._hand_off
+            if hand_off is not None:
+                self._hand_off = None
+                hand_off.done.set()
+
+    def _begin_hand_off(self) -> _HandOff:
+        """The hand-off in progress, made now if it was not waiting yet."""
+        hand_off = self._hand_off
+        if hand_off is None:
+            hand_off = self._hand_off = _HandOff()
+        return hand_off
+
+    async def _wait_for_room(self, n: int) -> bool:
+        """Wait for ``n`` free reply slots, and take them; False if the client made no room.
+
+        Bounded by ``slow_consumer_timeout_s``, after which the connection
+        closes with 1013 (False). A stop (:meth:`stop`) ends the wait at once
+        and takes the slots beyond the outbox's bound.
+        """
+        self._lift_deadline()
+        hand_off = self._begin_hand_off()
+        with trio.move_on_after(self._timers.slow_consumer_timeout_s) as waiting:
+            hand_off.room = waiting
+            await self._writer.wait_for_room(n)
+        hand_off.room = None
+        if waiting.cancelled_caught:
+            if self._lifecycle.reading:
+                self._stuck()
+                return False
+            self._outbox.reserve_beyond(n)  # stopped: see stop()
         return True
 
     def _unroute(self, part: list[Inbound], exc: BaseException) -> bool:

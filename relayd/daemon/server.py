@@ -23,7 +23,10 @@ SIGINT, from :mod:`relayd.cli`) starts the drain, which follows the data path
 so that nothing already accepted is dropped:
 
 1. stop accepting (the listening sockets close);
-2. answer handshakes still in progress with 503; stop every reader;
+2. answer handshakes still in progress with 503; stop every reader, and wait
+   for what each had read to be handed to the router (a reader that waits for
+   its client to make room for the replies takes their slots beyond the
+   outbox's bound instead);
 3. close the router's inbox: it delivers what is queued, then detaches every
    connection (no more deliveries will come);
 4. writers flush their outboxes and close with 1001;
@@ -460,10 +463,14 @@ class Server:
                             await self._stop.wait()
                             accepting.cancel_scope.cancel()
                             self._accepting = False
-                        self._router.close()
                         # As in force now: a reload may have changed it.
                         drained_by = trio.current_time() + self._settings.server.shutdown_grace_s
                         connections.cancel_scope.deadline = drained_by
+                        # What the readers read before they stopped goes to the router
+                        # before it closes: routed and answered, not dropped.
+                        with trio.move_on_at(drained_by):
+                            await self._gate.handed_off()
+                        self._router.close()
                     forced = connections.cancel_scope.cancelled_caught
                     # Within the same grace: the admin listener answered meanwhile.
                     forced = not await self._close_admin(admin, drained_by) or forced
