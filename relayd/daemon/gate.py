@@ -215,6 +215,9 @@ class Gate:
         and answered, not dropped. The caller bounds the wait (the drain's
         ``shutdown_grace_s``).
         """
+        # A reader whose read came in before the stop hands it over in its next step:
+        # let it take that step (a poller's read handed to its task waits as a hand-off).
+        await trio.lowlevel.checkpoint()
         for connection in list(self.connections):
             await connection.handed_off()
 
