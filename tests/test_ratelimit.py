@@ -266,18 +266,19 @@ def test_messages_sent_again_at_turns_a_reload_ended_are_told_new_turns_never_cl
 def test_what_a_reload_owes_is_never_more_than_the_largest_burst(
     start: float, limits: list[tuple[float, int]]
 ) -> None:
-    # Reloads, one after another, each met by the burst in force and one message more at
-    # once (that one refused, as owed): a flood after them is closed once the new burst
-    # is allowed, at most the largest burst refused as owed, and the new burst's own
-    # refusals. What was owed grew by the old burst at each reload (52 after 100 reloads
-    # between rates of 3 and 4 a second, with a burst of 3).
+    # Reloads, one after another, each while a refused message's turn is still to come,
+    # and each met by the burst in force and one message more at once (that one refused,
+    # as owed): a flood after them is closed once the new burst is allowed, at most the
+    # largest burst refused as owed, and the new burst's own refusals: what is owed
+    # never adds up over reloads.
     now = start
     connection = Connection(limits[0][0], limits[0][1], now)
+    send_at_once(connection, limits[0][1] + 1, now)
     for rate, burst in limits[1:]:
-        now += 1e4  # every bucket full again
+        now += 1e-3  # the turn of the message just refused is still to come
         connection.reloads = [(now, rate, burst)]
         send_at_once(connection, burst + 1, now)
-    now += 1e4
+    now += 1e6  # every bucket full again
     burst = limits[-1][1]
     verdicts = [connection.check(now) for _ in range(2 * burst + connection.largest_burst + 1)]
     assert verdicts[-1] is Verdict.CLOSE

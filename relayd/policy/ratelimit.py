@@ -148,15 +148,17 @@ class RateLimiter:
         that take nothing from its abuse bucket, used before it: as many as the
         largest burst of this limiter and those it followed. A client sends the
         messages refused before the reload again at the turns it was told (at
-        most that burst of them, if it sent at most a burst at once), late by
-        the network and its clock, whether or not the new rate has room for
-        them; each is then refused and told a new turn, never closed, however
-        small the new burst.
+        most that burst of them, if it sent at most a burst at once), whether or
+        not the new rate has room for them; each is then refused and told a new
+        turn. Sent at their turns, late by a steady delay, none is closed,
+        however small the new burst; a delay that varies by about the new
+        interval can bunch them, and with many waiting and a new burst of 1 or 2
+        their refusals may outrun what is owed.
 
-        What is owed is used up by refusals only, and does not expire: a flood
-        after the reload is refused that many more times before the 1008. Each
-        reload owes it afresh, never more than the largest burst in force since
-        the connection's first message.
+        What is owed is used up by refusals only, and does not expire (a client
+        late by minutes still finds it): a flood after the reload is refused
+        that many more times before the 1008. Each reload owes it afresh, never
+        more than the largest burst in force before it.
         """
         renewed = RateLimiter(rate, burst, now, owed=self._largest)
         renewed._largest = max(self._largest, burst)
