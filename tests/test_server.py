@@ -13,7 +13,7 @@ import linecache
 import resource
 import socket
 import tracemalloc
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import structlog
@@ -657,6 +657,61 @@ async def test_a_drain_routes_what_a_reader_waiting_for_reply_slots_had_read() -
     assert [e["outcome"] for e in relayed].count("delivered") == len(delivered)
     assert code == 1001
     assert received.endswith(wire.frame(0x8, b"\x03\xe9server shutting down", mask=False))
+
+
+class _FullInbox(LocalRouter):
+    """A router whose inbox is full while ``full`` is set: try_route declines, route waits."""
+
+    full: ClassVar[trio.Event] = trio.Event()  # each replaced by the test
+    room: ClassVar[trio.Event] = trio.Event()
+    closed_with_room: ClassVar[list[bool]] = []
+
+    def try_route(self, items: list[Inbound]) -> bool:
+        return not self.full.is_set() and super().try_route(items)
+
+    async def route(self, items: list[Inbound]) -> None:
+        if self.full.is_set():
+            await self.room.wait()
+        await super().route(items)
+
+    def close(self) -> None:
+        self.closed_with_room.append(self.room.is_set())
+        super().close()
+
+
+async def test_a_drain_closes_the_router_only_once_a_read_waiting_for_its_inbox_is_in() -> None:
+    # A reader whose read waits for room in the router's inbox when the drain starts: the
+    # router was closed at once under it, and the read's messages were neither delivered,
+    # answered nor logged (found by a reviewer).
+    _FullInbox.full, _FullInbox.room, _FullInbox.closed_with_room = trio.Event(), trio.Event(), []
+    server = Server(settings(), router=_FullInbox)
+    with structlog.testing.capture_logs() as events:
+        async with trio.open_nursery() as nursery:
+            host, port = (await nursery.start(server.run))[0]
+            url = f"ws://{host}:{port}/"
+            async with connect(url, v1=True) as a, connect(url, v1=True) as b:
+                _FullInbox.full.set()
+                for n in range(20):
+                    await a.send(b.id, n, ref=n)
+                await trio.testing.wait_all_tasks_blocked()  # a's reader waits for the inbox
+                server.shutdown("test")
+                await trio.testing.wait_all_tasks_blocked()
+                assert _FullInbox.closed_with_room == []  # the drain waits for the hand-off
+                _FullInbox.room.set()
+                acks, a_code = await a.until_closed()
+                messages, b_code = await b.until_closed()
+    # Every message relayd read from a (those its reader had when the drain began; it
+    # read no more after) delivered and acked.
+    [read] = [
+        e["messages_in"] for e in events if e["event"] == "connection.close" and e["id"] == a.id
+    ]
+    assert read >= 1
+    assert [json.loads(f)["ref"] for f in acks] == list(range(read))
+    assert [json.loads(f)["message"] for f in messages] == list(range(read))
+    assert (a_code, b_code) == (1001, 1001)
+    assert _FullInbox.closed_with_room == [True]
+    [stop] = [e for e in events if e["event"] == "server.stop"]
+    assert stop["forced"] is False
 
 
 async def test_a_new_client_during_a_drain_is_refused_at_connect_not_with_503() -> None:

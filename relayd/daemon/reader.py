@@ -494,10 +494,12 @@ class Reader:
 
         Waits (reading nothing more from the client) while the client has not
         read enough of its replies to make room; for ``slow_consumer_timeout_s``
-        at most, after which the connection closes with 1013. ``closing``: the
-        connection's last read (over the rate limit), whose slots are taken
-        without a wait (:meth:`~relayd.routing.outbox.Outbox.reserve_beyond`).
-        ``reserved``: the slots of ``items`` (one part) are taken already.
+        at most, after which the connection closes with 1013. Once reading is
+        over (a stop, the client's close frame), and for ``closing`` (the last
+        read, over the rate limit), the slots are taken without a wait
+        (:meth:`~relayd.routing.outbox.Outbox.reserve_beyond`): that read's
+        replies are all that is left. ``reserved``: the slots of ``items`` (one
+        part) are taken already.
 
         Returns:
             False if the connection is closing: as a slow consumer, or because the

@@ -467,10 +467,14 @@ class Server:
                         drained_by = trio.current_time() + self._settings.server.shutdown_grace_s
                         connections.cancel_scope.deadline = drained_by
                         # What the readers read before they stopped goes to the router
-                        # before it closes: routed and answered, not dropped.
-                        with trio.move_on_at(drained_by):
-                            await self._gate.handed_off()
-                        self._router.close()
+                        # before it closes: routed and answered, not dropped. Closed
+                        # whatever happens (the grace may run out in the wait: the
+                        # nursery's deadline is the same).
+                        try:
+                            with trio.move_on_at(drained_by):
+                                await self._gate.handed_off()
+                        finally:
+                            self._router.close()
                     forced = connections.cancel_scope.cancelled_caught
                     # Within the same grace: the admin listener answered meanwhile.
                     forced = not await self._close_admin(admin, drained_by) or forced

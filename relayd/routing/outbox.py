@@ -195,7 +195,8 @@ class Outbox:
     def reserve_beyond(self, n: int) -> None:
         """Take ``n`` reply slots whether or not they are free, as a closed outbox's reserve does.
 
-        For the last read of a connection that is closing (over the rate limit):
+        For the last read of a connection whose reading is over (closing over
+        the rate limit, for policy, at the client's close frame, or draining):
         its replies are all that is left, so waiting for room would only delay
         the close. The bound is then that read's items, as for a closed outbox.
         """
