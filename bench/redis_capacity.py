@@ -31,7 +31,6 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from relayd.config import ClusterSettings
 from relayd.routing.cluster import codec
-from relayd.routing.cluster.link import Health
+from relayd.routing.cluster.link import Health, NotSent, Published
 from relayd.routing.cluster.redis import RedisLink
 from tests.redis_server import running_redis
 
@@ -75,10 +74,10 @@ class Counter:
         self.downs += 1
 
 
-def _setter(done: trio.Event) -> Callable[[list[int] | None], None]:
+def _setter(done: trio.Event) -> Published:
     """A publish callback that sets ``done`` once the batch is published (or given up)."""
 
-    def published(_counts: list[int] | None) -> None:
+    def published(_counts: list[int] | NotSent | None) -> None:
         done.set()
 
     return published

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import trio
 
 from relayd.routing.cluster.codec import Channels
-from relayd.routing.cluster.link import Health, Link, Published, Receiver
+from relayd.routing.cluster.link import Health, Link, NotSent, Published, Receiver
 from relayd.routing.cluster.router import ClusterRouter
 
 __all__ = ["MemoryBroker", "MemoryLink"]
@@ -40,8 +40,7 @@ class MemoryLink:
         self._closed = trio.Event()
 
     def publish(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
-        if not self.health.up:
-            self.health.publish_failures += 1
+        if not self.health.up:  # refused, and not counted: as RedisLink's
             return False
         if not self.mute:
             self._broker.publish(pairs, done)
@@ -50,7 +49,6 @@ class MemoryLink:
 
     def ask(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:
         if not self.health.up:
-            self.health.publish_failures += 1
             return False
         if not self.mute:
             self._broker.publish(pairs, done, questions=True)
@@ -152,5 +150,5 @@ def _deliver(link: MemoryLink, channel: bytes, data: bytes) -> None:
         link.receiver.received([(channel, data)])
 
 
-def _no_counts(counts: list[int] | None) -> None:
+def _no_counts(counts: list[int] | NotSent | None) -> None:
     """What a link's send asks: nothing."""

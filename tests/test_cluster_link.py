@@ -11,7 +11,7 @@ are found in well under a second.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +25,8 @@ from structlog.typing import EventDict
 
 from relayd.config import ClusterSettings
 from relayd.routing.cluster import codec
-from relayd.routing.cluster.link import Health
+from relayd.routing.cluster.link import NOT_SENT, Health, NotSent, Published
+from relayd.routing.cluster.metrics import ClusterCollector
 from relayd.routing.cluster.redis import RedisLink
 from relayd.routing.cluster.redis_subscriber import CHANNELS_PER_COMMAND, Subscriptions
 from relayd.routing.cluster.redis_wire import Command, Reply, Wire
@@ -113,16 +114,24 @@ async def two_nodes(
         yield one, two, inbox
 
 
-async def publish(link: RedisLink, *pairs: tuple[bytes, bytes]) -> list[int] | None:
+async def publish(link: RedisLink, *pairs: tuple[bytes, bytes]) -> list[int] | NotSent | None:
     """Publish and wait for Redis's counts (None: the batch's fate is unknown)."""
-    done = trio.Event()
-    result: list[list[int] | None] = []
+    return await _counted(link.publish, pairs)
 
-    def published(counts: list[int] | None) -> None:
+
+async def _counted(
+    way: Callable[[list[tuple[bytes, bytes]], Published], bool],
+    pairs: tuple[tuple[bytes, bytes], ...],
+) -> list[int] | NotSent | None:
+    """Publish ``pairs`` by ``way`` (``Link.publish``, ``Link.ask``); what ``done`` was given."""
+    done = trio.Event()
+    result: list[list[int] | NotSent | None] = []
+
+    def published(counts: list[int] | NotSent | None) -> None:
         result.append(counts)
         done.set()
 
-    assert link.publish(list(pairs), published)
+    assert way(list(pairs), published)
     await done.wait()
     return result[0]
 
@@ -251,6 +260,69 @@ async def test_a_silently_muted_subscription_is_detected_and_replaced(
     assert "probe did not come back" in lost["reason"]
 
 
+def metric(health: Health, name: str) -> float:
+    """What ``/metrics`` shows for ``name`` (one of the ``relayd_cluster_*`` samples)."""
+    for family in ClusterCollector(health, lambda: 0).collect():
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"no metric {name}")
+
+
+async def test_after_a_script_flush_a_batch_is_not_sent_and_the_next_one_runs(
+    redis_server: RedisServer,
+) -> None:
+    """Redis answers NOSCRIPT without running anything: not sent, not "fate unknown".
+
+    And the link loads the script again at once: the next batch runs on the same
+    connection, with no reconnection.
+    """
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server.url, redis_server.url) as (one, two, inbox2):
+            channel = CHANNELS.of_id("flushed")
+            two.subscribe(channel)
+            await two.subscribed(channel)
+            assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
+            assert await publish(one, (channel, b"refused")) is NOT_SENT
+            assert await publish(one, (channel, b"after")) == [1]
+            assert [data for _, data in await inbox2.wait_for(1)] == [b"after"]
+            assert (one.health.losses, one.health.connects) == (0, 1)
+            assert metric(one.health, "relayd_cluster_publish_failures_total") == 1
+
+
+async def test_a_script_flush_does_not_break_the_link(redis_server: RedisServer) -> None:
+    """The probe's script is loaded again too: the probes go on, the link stays up."""
+    with trio.fail_after(LIMIT_S):
+        async with (
+            link_to(redis_server.url) as (one, _),
+            link_to(redis_server.url, "watcher") as (watcher, probes),
+        ):
+            watcher.subscribe(CHANNELS.of_node("n1"))  # n1's probes arrive there
+            await watcher.subscribed(CHANNELS.of_node("n1"))
+            await probes.wait_for(1)
+            assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
+            seen = len(probes.messages)
+            # The second probe after the flush was sent after it (the first may
+            # have been run before, and read after).
+            await probes.wait_for(seen + 2)
+            assert (one.health.up, one.health.losses, one.health.connects) == (True, 0, 1)
+
+
+async def test_while_the_link_is_down_redis_holds_no_subscriptions_for_it(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with link_to(redis_server.url) as (link, _):
+            link.subscribe(CHANNELS.of_id("held"))
+            await link.wait_for(lambda health: health.subscriptions == 3)
+            assert metric(link.health, "relayd_cluster_subscriptions") == 3
+            redis_server.stop()
+            await link.wait_for(DOWN)
+            assert metric(link.health, "relayd_cluster_subscriptions") == 0
+            redis_server.start()
+            await link.wait_for(lambda health: health.up and health.subscriptions == 3)
+
+
 async def test_a_node_cut_off_from_redis_makes_absent_ids_unreachable(
     redis_server: RedisServer,
 ) -> None:
@@ -264,18 +336,9 @@ async def test_a_node_cut_off_from_redis_makes_absent_ids_unreachable(
             assert await publish(one, (CHANNELS.of_id("nobody"), b"x")) == [-1]
 
 
-async def ask(link: RedisLink, *pairs: tuple[bytes, bytes]) -> list[int] | None:
+async def ask(link: RedisLink, *pairs: tuple[bytes, bytes]) -> list[int] | NotSent | None:
     """As :func:`publish`, for questions (``Link.ask``)."""
-    done = trio.Event()
-    result: list[list[int] | None] = []
-
-    def published(counts: list[int] | None) -> None:
-        result.append(counts)
-        done.set()
-
-    assert link.ask(list(pairs), published)
-    await done.wait()
-    return result[0]
+    return await _counted(link.ask, pairs)
 
 
 async def test_a_question_some_live_node_missed_is_counted_as_missed_a_message_is_not(
@@ -449,7 +512,7 @@ async def test_a_batch_larger_than_the_socket_takes_is_written_whole_and_in_orde
             two.subscribe(channel)
             await two.subscribed(channel)
             bodies = [bytes([65 + n]) * big for n in range(3)]
-            counts: list[list[int] | None] = []
+            counts: list[list[int] | NotSent | None] = []
             for body in bodies:  # all three before any is answered
                 assert one.publish([(channel, body)], counts.append)
             one.send([(channel, b"then an answer")])
@@ -488,7 +551,10 @@ async def test_sending_while_down_is_refused(tmp_path: Path) -> None:
         async with link_to(f"redis://127.0.0.1:{free_port()}/0", up=False) as (link, _):
             await link.wait_for(lambda health: health.failed_attempts >= 1)
             assert not link.send([(b"c", b"d")])
-            assert link.health.publish_failures == 1
+            assert not link.ask([(b"c", b"d")], lambda counts: None)
+            assert not link.publish([(b"c", b"d")], lambda counts: None)
+            # The node does not try while the link is known to be down: no failure.
+            assert metric(link.health, "relayd_cluster_publish_failures_total") == 0
 
 
 async def test_over_tls_commands_go_through_the_tls_layer(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """A node's prober leaving: no heartbeat may follow the ``ZREM`` that removes its own.
 
-Without Redis: the prober's commands are recorded by a stand-in for ``call``, and
-trio's autojump clock runs its probe interval. (Two real nodes leaving are tested
+Without Redis: the prober's commands are recorded by a stand-in for ``call`` (the
+prober's own, and the one under ``evalsha``), and trio's autojump clock runs its
+probe interval. (Two real nodes leaving are tested
 with a real Redis in test_cluster_acl.py; this race failed one CI run there.)
 """
 
@@ -14,7 +15,7 @@ import trio
 import trio.testing
 
 from relayd.config import ClusterSettings
-from relayd.routing.cluster import codec, redis_probe
+from relayd.routing.cluster import codec, redis_probe, redis_wire
 from relayd.routing.cluster.link import Health
 from relayd.routing.cluster.redis_probe import Prober
 from relayd.routing.cluster.redis_wire import Wire
@@ -39,6 +40,7 @@ async def test_no_probe_after_leaving_writes_the_heartbeat_back(
         return 1
 
     monkeypatch.setattr(redis_probe, "call", call)
+    monkeypatch.setattr(redis_wire, "call", call)  # under redis_wire.evalsha (the probe's)
     publisher = cast(Wire, object())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(prober.watch, publisher)

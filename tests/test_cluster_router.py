@@ -29,7 +29,7 @@ from relayd.config_sources import Loaded
 from relayd.daemon.reload import FileRead
 from relayd.daemon.server import Server
 from relayd.daemon.service import run_daemon
-from relayd.errors import IncompleteAnswer
+from relayd.errors import BrokerUnavailable, IncompleteAnswer
 from relayd.policy.auth import Authenticator
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
@@ -44,6 +44,7 @@ from relayd.wire.dialects import Dialect, decode_envelope
 from tests.client import settings
 from tests.redis_server import RedisServer
 from tests.test_api import call, raw
+from tests.test_cluster_link import metric
 from tests.test_service import Notifications
 from tests.wire import text_of
 
@@ -504,6 +505,75 @@ async def test_the_server_api_publishes(redis_server: RedisServer) -> None:
             assert await one.router.publish("x", msgspec.Raw(b"1"), sender="s") is (
                 Outcome.UNKNOWN_RECIPIENT
             )
+
+
+async def test_after_a_script_flush_messages_are_unreachable_not_unconfirmed_then_delivered(
+    redis_server: RedisServer,
+) -> None:
+    """Redis lost relayd's scripts (SCRIPT FLUSH): what it refused unrun was not sent.
+
+    Its sender may retry it safely, so it hears recipient_unreachable, not
+    delivery_unconfirmed; the next message goes through at once, no reconnection.
+    """
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            alice = await one.connect(Conn("alice"))
+            bob = await two.connect(Conn("bob"))
+            assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
+            await one.send(alice, "bob", "refused", ref="m1")
+            assert await alice.frames() == [
+                {
+                    "type": "error",
+                    "error": "recipient_unreachable",
+                    "ref": "m1",
+                    "detail": UNREACHABLE,
+                }
+            ]
+            await one.send(alice, "bob", "after", ref="m2")
+            assert await alice.frames() == [{"type": "ack", "ref": "m2"}]
+            assert await bob.frames() == [{"type": "message", "from": "alice", "message": "after"}]
+            messages = one.router.stats.messages
+            assert (messages["recipient_unreachable"], messages["delivery_unconfirmed"]) == (1, 0)
+            assert one.link.health.losses == 0
+
+
+async def test_after_a_script_flush_the_server_api_is_told_nothing_was_sent(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, two):
+            bob = await two.connect(Conn("bob"))
+            assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
+            refused = await one.router.publish("bob", msgspec.Raw(b"1"), sender="server")
+            assert refused is Outcome.RECIPIENT_UNREACHABLE
+            assert await one.router.publish("bob", msgspec.Raw(b"2"), sender="server") is (
+                Outcome.DELIVERED
+            )
+            assert await bob.frames() == [{"type": "message", "from": "server", "message": 2}]
+            assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
+            with pytest.raises(BrokerUnavailable):  # not asked: ask again, nothing was closed
+                await one.router.disconnect("bob", 4001, "bye")
+            assert bob.disconnected == []
+            assert await one.router.presence("bob") == 1
+            assert one.link.health.losses == 0
+
+
+async def test_server_api_questions_while_the_link_is_down_are_no_publish_failures(
+    redis_server: RedisServer,
+) -> None:
+    """scaling.md: while its link is known to be down a node does not try to publish."""
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server) as (one, _):
+            redis_server.stop()
+            await one.link.wait_for(lambda health: not health.up)
+            for question in (
+                lambda: one.router.presence("bob"),
+                lambda: one.router.list_ids(after=None, limit=10),
+                lambda: one.router.disconnect("bob", 4001, "bye"),
+            ):
+                with pytest.raises(BrokerUnavailable):
+                    await question()
+            assert metric(one.link.health, "relayd_cluster_publish_failures_total") == 0
 
 
 async def test_a_vanished_nodes_ids_are_unreachable_then_unknown(redis_server: RedisServer) -> None:

@@ -30,7 +30,7 @@ import trio
 
 from relayd.routing.batch import routing_batch
 from relayd.routing.cluster import codec
-from relayd.routing.cluster.link import Published
+from relayd.routing.cluster.link import NotSent, Published
 from relayd.routing.cluster.pending import Decided, Kind, Waiting
 from relayd.routing.interface import Peer, Replied
 from relayd.routing.replies import DETAILS, ack_frame, error_frame
@@ -83,12 +83,15 @@ class Counted:
 
     ``complete`` is False once it was decided without every node's answer (its
     deadline, a broken link, a node cut off): then ``total`` and ``ids`` are a part.
+    ``sent`` is False once the question was refused, by the link or by Redis,
+    before any node could receive it: nothing was asked.
     """
 
     done: trio.Event
     total: int = 0
     ids: list[str] = dataclasses.field(default_factory=list)
     complete: bool = True
+    sent: bool = True
 
 
 Asker = Relayed | Counted
@@ -177,17 +180,29 @@ class Awaited:
         return waiting.ask(asker, Kind.COUNT, trio.current_time())
 
     def refused(self, seqs: list[int]) -> None:
-        """The link refused the batch asking ``seqs`` (0: nobody waits): nothing was sent."""
+        """The link or Redis refused the batch asking ``seqs`` (0: nobody waits): nothing was sent.
+
+        A message's sender is told ``recipient_unreachable`` (called in a
+        :meth:`batch`); a question's asker finds it not :attr:`~Counted.sent`.
+        """
         for seq in seqs:
             asker = self.waiting.withdraw(seq) if seq else None
             if isinstance(asker, Relayed):
                 self.decide(asker, Outcome.RECIPIENT_UNREACHABLE)
+            elif isinstance(asker, Counted):
+                asker.sent = asker.complete = False
+                asker.done.set()
+        if not len(self.waiting):
+            self._settled.unpark_all()
 
     def published(self, seqs: list[int]) -> Published:
         """What to call with the counts of receivers of the batch asking ``seqs``."""
 
-        def published(counts: list[int] | None) -> None:
+        def published(counts: list[int] | NotSent | None) -> None:
             with self.batch():
+                if isinstance(counts, NotSent):  # Redis refused it unrun
+                    self.refused(seqs)
+                    return
                 for index, seq in enumerate(seqs):
                     if not seq:
                         continue

@@ -14,18 +14,32 @@ router).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
-__all__ = ["Health", "Link", "Published", "Receiver"]
+__all__ = ["NOT_SENT", "Health", "Link", "NotSent", "Published", "Receiver"]
+
+
+class NotSent(enum.Enum):
+    """The broker refused a batch before running any of it (:data:`NOT_SENT`)."""
+
+    NOT_SENT = "not sent"
+
+
+#: A batch the broker refused before running any of it: nothing was published
+#: (Redis answered ``NOSCRIPT``: it had lost the script, after a ``SCRIPT FLUSH``
+#: or a failover to a Redis without it).
+NOT_SENT: Final = NotSent.NOT_SENT
 
 #: Called with each PUBLISH's count of receiving nodes, in the order published
 #: (-1: some node that may hold it is cut off from Redis: see :meth:`Link.publish`
-#: and :meth:`Link.ask`), or with None when the batch's fate is unknown (the link
-#: broke with it in flight).
-Published = Callable[[list[int] | None], None]
+#: and :meth:`Link.ask`); with :data:`NOT_SENT` when the broker refused the batch
+#: unrun; or with None when the batch's fate is unknown (the link broke with it
+#: in flight).
+Published = Callable[[list[int] | NotSent | None], None]
 
 
 class Receiver(Protocol):
@@ -47,13 +61,17 @@ class Health:
         connects: successful connections (the first one and every reconnection).
         losses: times the link broke after it was up.
         failed_attempts: attempts to connect that failed.
-        publish_failures: batches whose fate became unknown (the link broke
-            with them in flight) or that were refused (link down, buffer full).
+        publish_failures: batches the node tried to publish and could not: their
+            fate unknown (the link broke with them in flight), refused by Redis
+            unrun (``NOSCRIPT``), or refused with the link up (the buffer full,
+            a write that failed). Not those refused while the link is known to
+            be down: the node does not try then.
         published: messages published.
         received: messages received on the subscriptions.
         undecodable: messages received that were not relayd's, dropped.
         subscriptions: channels Redis holds for this node now (its ids, plus two),
-            as its last confirmation said.
+            as its last confirmation said; 0 while the link is down (its
+            connections are closed, and Redis holds none for them).
         probe_rtt_s: the last probe's round trip through Redis.
         inflight_bytes: published bytes Redis has not yet answered for.
     """
@@ -86,7 +104,8 @@ class Link(Protocol):
         Returns:
             False, without calling ``done``, when the link is down or the
             publish buffer is full: nothing was sent. True: ``done`` will be
-            called exactly once.
+            called exactly once (with :data:`NOT_SENT` if Redis refused the
+            batch unrun: nothing was sent either).
         """
 
     def ask(self, pairs: list[tuple[bytes, bytes]], done: Published) -> bool:

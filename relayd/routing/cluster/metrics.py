@@ -12,13 +12,16 @@ relayd_cluster_broker_connects_total       counter  connections made (first and 
 relayd_cluster_broker_losses_total         counter  times the link broke after being up
 relayd_cluster_broker_failed_attempts      counter  attempts to connect that failed
   _total
-relayd_cluster_publish_failures_total      counter  batches refused (link down, buffer
-                                                    full) or lost in flight
+relayd_cluster_publish_failures_total      counter  batches tried and not published:
+                                                    buffer full, refused by Redis
+                                                    (NOSCRIPT), lost in flight; not
+                                                    those refused while the link is down
 relayd_cluster_published_total             counter  messages published
 relayd_cluster_received_total              counter  messages received from Redis
 relayd_cluster_undecodable_total           counter  received messages that were not
                                                     relayd's, dropped
 relayd_cluster_subscriptions               gauge    channels Redis holds for this node
+                                                    (0 while the link is down)
 relayd_cluster_waiting                     gauge    messages and questions waiting for
                                                     other nodes' answers
 relayd_cluster_probe_rtt_seconds           gauge    the last probe's round trip
@@ -75,7 +78,8 @@ class ClusterCollector(Collector):
             ),
             (
                 "publish_failures",
-                "Batches refused or lost in flight",
+                "Batches tried and not published (buffer full, refused by Redis,"
+                " lost in flight); not those refused while the link is down",
                 health.publish_failures,
             ),
             ("published", "Messages published", health.published),

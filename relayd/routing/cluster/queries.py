@@ -55,7 +55,7 @@ class Queries:
         """How many connections hold ``client_id``, on every node.
 
         Raises:
-            BrokerUnavailable: the node is cut off from Redis.
+            BrokerUnavailable: the question was not sent (see :meth:`_ask`).
             IncompleteAnswer: some node's count did not come.
         """
         asker = await self._ask(
@@ -71,7 +71,7 @@ class Queries:
         """Close every connection holding ``client_id``, on every node; how many were closed.
 
         Raises:
-            BrokerUnavailable: the node is cut off from Redis; nothing was closed.
+            BrokerUnavailable: the question was not sent; nothing was closed.
             IncompleteAnswer: some node's count did not come; that node may
                 still close the id's connections, later.
         """
@@ -89,7 +89,7 @@ class Queries:
         """Ids connected anywhere in the cluster, sorted, after ``after``, at most ``limit``.
 
         Raises:
-            BrokerUnavailable: the node is cut off from Redis.
+            BrokerUnavailable: the question was not sent (see :meth:`_ask`).
             IncompleteAnswer: some node's ids did not come.
         """
         asker = await self._ask(
@@ -104,16 +104,19 @@ class Queries:
         """Publish ``question(seq)`` and wait for every answer, bounded by the router's expiry.
 
         Raises:
-            BrokerUnavailable: the question could not be published.
+            BrokerUnavailable: the question was not sent: the link refused it
+                (down, its buffer full), or Redis did (it had lost the script).
             IncompleteAnswer: (saying ``incomplete``) not every answer came.
         """
         asker = Counted(trio.Event())
-        seq = self._awaited.count(asker)
+        awaited = self._awaited
+        seq = awaited.count(asker)
         channel, message = question(seq)
-        if not self._link.ask([(channel, codec.encode(message))], self._awaited.published([seq])):
-            self._awaited.waiting.withdraw(seq)
-            raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
+        if not self._link.ask([(channel, codec.encode(message))], awaited.published([seq])):
+            awaited.refused([seq])
         await asker.done.wait()
+        if not asker.sent:
+            raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
         if not asker.complete:
             raise IncompleteAnswer(incomplete)
         return asker

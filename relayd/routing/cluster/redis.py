@@ -280,6 +280,7 @@ class RedisLink:
         """
         health = self.health
         was_up, health.up = health.up, False
+        health.subscriptions = 0  # its connections are closed: Redis holds none for it
         self._reader.connection = None
         if was_up:
             health.losses += 1

@@ -6,7 +6,9 @@ behind a proxy) is found out by the probe: every ``probe_interval_s`` the node
 runs :data:`HEARTBEAT_SCRIPT`, which records its heartbeat and publishes a
 probe on the node's own channel, and expects the probe back on its subscriber
 within ``probe_timeout_s``; if it is not, :class:`~.redis_wire.Lost` ends the
-session and the link reconnects and resubscribes.
+session and the link reconnects and resubscribes. A Redis that has lost the
+scripts (``SCRIPT FLUSH``) is given them again (:func:`~.redis_wire.evalsha`):
+that is no reason to reconnect.
 
 The heartbeats (a sorted set: node name, Redis's clock in ms) are how
 :data:`~.redis_publisher.PUBLISH_SCRIPT` tells a node cut off from Redis
@@ -28,7 +30,7 @@ from coredis.exceptions import RedisError
 from relayd.config import ClusterSettings
 from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import Health
-from relayd.routing.cluster.redis_wire import Lost, Wire, as_bytes, call, ms
+from relayd.routing.cluster.redis_wire import Lost, Wire, call, evalsha, load_script, ms
 
 __all__ = ["HEARTBEAT_SCRIPT", "RESTORE_SCRIPT", "Prober"]
 
@@ -136,8 +138,8 @@ class Prober:
 
     async def load(self, publisher: Wire) -> None:
         """Load the scripts (each session: a restarted Redis has forgotten them)."""
-        self._sha = as_bytes(await call(publisher, b"SCRIPT", b"LOAD", HEARTBEAT_SCRIPT))
-        self._restore_sha = as_bytes(await call(publisher, b"SCRIPT", b"LOAD", RESTORE_SCRIPT))
+        self._sha = await load_script(publisher, HEARTBEAT_SCRIPT)
+        self._restore_sha = await load_script(publisher, RESTORE_SCRIPT)
 
     async def restore_heartbeats(self, publisher: Wire) -> None:
         """Put back the others' heartbeats if Redis has none (it restarted): :data:`RESTORE_SCRIPT`.
@@ -163,8 +165,8 @@ class Prober:
                 age = max(0, int(last) - int(at)) if int(at) >= alive_since else -1
                 values += (node, str(age).encode(), at)
         if values:
-            await call(
-                publisher, b"EVALSHA", self._restore_sha, 1, self._channels.heartbeats, *values
+            await evalsha(
+                publisher, RESTORE_SCRIPT, self._restore_sha, 1, self._channels.heartbeats, *values
             )
 
     def is_probe(self, data: bytes) -> bool:
@@ -207,9 +209,9 @@ class Prober:
         self._back = trio.Event()
         probe = codec.encode(codec.Probe(self._node, self._number))
         started = trio.current_time()
-        heartbeats = await call(
+        heartbeats = await evalsha(
             publisher,
-            b"EVALSHA",
+            HEARTBEAT_SCRIPT,
             self._sha,
             1,
             self._channels.heartbeats,

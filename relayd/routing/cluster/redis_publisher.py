@@ -14,6 +14,13 @@ or for the socket (what the request queue and the unwritten bytes hold);
 past that :meth:`Publisher.publish`, :meth:`Publisher.ask` and
 :meth:`Publisher.send` refuse, and senders are told ``recipient_unreachable``
 (the server API's askers ``broker_unavailable``).
+
+A Redis that has lost the script (``SCRIPT FLUSH``, a failover behind a proxy
+to a Redis without it) answers ``NOSCRIPT`` without running anything: such a
+batch is :data:`~relayd.routing.cluster.link.NOT_SENT` (its senders are told
+``recipient_unreachable``, not ``delivery_unconfirmed``), and the first such
+answer writes ``SCRIPT LOAD`` at once on the same connection, so the batches
+written after it run again, with no reconnection.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ import functools
 from typing import Final
 
 from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import NoScriptError
 from coredis.typing import RedisValueT, ResponseType
 
 from relayd.config import ClusterSettings
 from relayd.routing.cluster import codec
-from relayd.routing.cluster.link import Health, Published
-from relayd.routing.cluster.redis_wire import SKIP_REPLY, Command, Reply, Wire, as_bytes, call, ms
+from relayd.routing.cluster.link import NOT_SENT, Health, Published
+from relayd.routing.cluster.redis_wire import SKIP_REPLY, Command, Reply, Wire, load_script, ms
 
 __all__ = ["PUBLISH_SCRIPT", "Publisher"]
 
@@ -83,7 +91,7 @@ class Publisher:
     cannot be written is refused (False), never raised.
     """
 
-    __slots__ = ("_channels", "_health", "_outstanding", "_settings", "_sha", "wire")
+    __slots__ = ("_channels", "_health", "_outstanding", "_reloading", "_settings", "_sha", "wire")
 
     def __init__(self, settings: ClusterSettings, channels: codec.Channels, health: Health) -> None:
         self._settings = settings
@@ -93,6 +101,8 @@ class Publisher:
         self._sha = b""
         # Publish batches written and not yet answered, oldest first.
         self._outstanding: collections.deque[Reply] = collections.deque()
+        # A SCRIPT LOAD written after a NOSCRIPT answer, not yet answered.
+        self._reloading = False
 
     async def load(self, wire: Wire) -> None:
         """Load :data:`PUBLISH_SCRIPT` on ``wire`` and publish there from now on.
@@ -101,12 +111,13 @@ class Publisher:
             Lost: the connection is gone, or the reply is not a script's hash.
             RedisError: Redis refused.
         """
-        self._sha = as_bytes(await call(wire, b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
+        self._sha = await load_script(wire, PUBLISH_SCRIPT)
         self.wire = wire
 
     def detach(self) -> None:
         """After a session: fail the batches still waiting for a reply, publish nowhere."""
         self.wire = None
+        self._reloading = False
         # coredis failed every reply still queued as its connection ended; a
         # batch written after that (while the session was ending) is failed here.
         outstanding, self._outstanding = self._outstanding, collections.deque()
@@ -164,17 +175,17 @@ class Publisher:
         return True
 
     def _wire_for(self, size: int) -> Wire | None:
-        """Where ``size`` more bytes may be published now; None (a failure) if nowhere.
+        """Where ``size`` more bytes may be published now; None if nowhere.
 
         The link must be up, and the bytes fit in ``publish_buffer_bytes`` with
-        those waiting for Redis's reply and those the socket has not taken.
+        those waiting for Redis's reply and those the socket has not taken. A
+        full buffer is a failure (counted); a link known to be down is not: the
+        node does not try to publish then (docs/scaling.md).
         """
         health, wire = self._health, self.wire
-        if (
-            wire is not None
-            and health.up
-            and health.inflight_bytes + wire.unwritten + size <= self._settings.publish_buffer_bytes
-        ):
+        if wire is None or not health.up:
+            return None
+        if health.inflight_bytes + wire.unwritten + size <= self._settings.publish_buffer_bytes:
             return wire
         health.publish_failures += 1
         return None
@@ -187,6 +198,28 @@ class Publisher:
         health.inflight_bytes -= size
         if isinstance(reply, list):
             done([int(count) for count in reply])
-        else:  # e.g. NOSCRIPT after a SCRIPT FLUSH, or the connection ended
-            health.publish_failures += 1
+            return
+        health.publish_failures += 1
+        if isinstance(reply, NoScriptError):  # Redis has lost the script: nothing ran
+            self._reload()
+            done(NOT_SENT)
+        else:  # the connection ended, or the script failed part way: fate unknown
             done(None)
+
+    def _reload(self) -> None:
+        """Load :data:`PUBLISH_SCRIPT` again, without waiting: once per loss.
+
+        Written at once (in coredis's reader, as the ``NOSCRIPT`` answer is
+        parsed), so every batch written after it finds the script: Redis runs
+        one connection's commands in order. Batches written before it are
+        answered ``NOSCRIPT`` too, and need no other reload; one after its
+        answer means the script was lost again.
+        """
+        wire = self.wire
+        if self._reloading or wire is None:
+            return
+        self._reloading = wire.send([(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT)], Reply(self._reloaded))
+
+    def _reloaded(self, reply: ResponseType | BaseException) -> None:
+        """The reload's answer (the script's hash, unchanged), or the connection's end."""
+        self._reloading = False

@@ -29,9 +29,21 @@ import trio
 from anyio.abc import SocketAttribute
 from coredis.connection import BaseConnection
 from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import NoScriptError
 from coredis.typing import RedisValueT, ResponseType
 
-__all__ = ["SKIP_REPLY", "Command", "Lost", "Reply", "Wire", "as_bytes", "call", "ms"]
+__all__ = [
+    "SKIP_REPLY",
+    "Command",
+    "Lost",
+    "Reply",
+    "Wire",
+    "as_bytes",
+    "call",
+    "evalsha",
+    "load_script",
+    "ms",
+]
 
 
 class Lost(Exception):
@@ -208,6 +220,35 @@ async def call(wire: Wire, *command: RedisValueT) -> ResponseType:
     if isinstance(reply, BaseException):
         raise reply
     return reply
+
+
+async def load_script(wire: Wire, script: bytes) -> bytes:
+    """``SCRIPT LOAD`` ``script``; its hash. The caller bounds the wait.
+
+    Raises:
+        Lost: the connection is gone, or the reply is not a script's hash.
+        RedisError: Redis refused.
+    """
+    return as_bytes(await call(wire, b"SCRIPT", b"LOAD", script))
+
+
+async def evalsha(wire: Wire, script: bytes, sha: bytes, *arguments: RedisValueT) -> ResponseType:
+    """Run ``script`` by its hash ``sha``; loaded again first if Redis has lost it.
+
+    Redis answers ``NOSCRIPT``, having run nothing, once its script cache was
+    emptied (``SCRIPT FLUSH``, a failover behind a proxy to a Redis without the
+    script): the script is loaded again and run once more, as coredis's own
+    ``Script`` does. The caller bounds the wait.
+
+    Raises:
+        Lost: the connection is gone.
+        RedisError: Redis answered with an error, or the connection ended first.
+    """
+    try:
+        return await call(wire, b"EVALSHA", sha, *arguments)
+    except NoScriptError:
+        await load_script(wire, script)
+        return await call(wire, b"EVALSHA", sha, *arguments)
 
 
 def ms(seconds: float) -> int:

@@ -22,8 +22,9 @@ What a sender hears (docs/protocol.md, "Across nodes"):
 ``unknown_recipient``       no node holds the id (PUBLISH reached nobody), or
                             every holder had let it go
 ``recipient_unreachable``   not sent: this node is cut off from Redis, its
-                            publish buffer is full, or some node is cut off
-                            and nobody else holds the id
+                            publish buffer is full, Redis refused it unrun
+                            (``NOSCRIPT``), or some node is cut off and
+                            nobody else holds the id
 ``delivery_unconfirmed``    sent, but not every holder answered within
                             ``reply_timeout_s`` (or the link broke meanwhile):
                             it may have been delivered; never sent twice
