@@ -28,6 +28,7 @@ from relayd.routing.cluster import codec
 from relayd.routing.cluster.link import NOT_SENT, Health, NotSent, Published
 from relayd.routing.cluster.metrics import ClusterCollector
 from relayd.routing.cluster.redis import RedisLink
+from relayd.routing.cluster.redis_probe import Prober
 from relayd.routing.cluster.redis_subscriber import CHANNELS_PER_COMMAND, Subscriptions
 from relayd.routing.cluster.redis_wire import Command, Reply, Wire
 from tests.redis_server import RedisServer, free_port, running_redis
@@ -114,6 +115,14 @@ async def two_nodes(
         yield one, two, inbox
 
 
+async def listening(link: RedisLink, client_id: str) -> bytes:
+    """Subscribe ``link`` to ``client_id``'s channel, confirmed; the channel."""
+    channel = CHANNELS.of_id(client_id)
+    link.subscribe(channel)
+    await link.subscribed(channel)
+    return channel
+
+
 async def publish(link: RedisLink, *pairs: tuple[bytes, bytes]) -> list[int] | NotSent | None:
     """Publish and wait for Redis's counts (None: the batch's fate is unknown)."""
     return await _counted(link.publish, pairs)
@@ -139,9 +148,7 @@ async def _counted(
 async def test_publish_reaches_a_subscriber_and_counts_receivers(redis_server: RedisServer) -> None:
     with trio.fail_after(LIMIT_S):
         async with two_nodes(redis_server.url, redis_server.unix_url) as (one, two, inbox2):
-            channel = CHANNELS.of_id("abc")
-            two.subscribe(channel)
-            await two.subscribed(channel)
+            channel = await listening(two, "abc")
             assert await publish(one, (channel, b"hello"), (CHANNELS.of_id("nobody"), b"x")) == [
                 1,
                 0,
@@ -196,9 +203,7 @@ async def test_redis_restart_reconnects_and_resubscribes(
 ) -> None:
     with trio.fail_after(LIMIT_S):
         async with two_nodes(redis_server.url, redis_server.url) as (one, two, inbox):
-            channel = CHANNELS.of_id("survivor")
-            two.subscribe(channel)
-            await two.subscribed(channel)
+            channel = await listening(two, "survivor")
             redis_server.restart()
             await one.wait_for(DOWN)
             await two.wait_for(DOWN)
@@ -279,9 +284,7 @@ async def test_after_a_script_flush_a_batch_is_not_sent_and_the_next_one_runs(
     """
     with trio.fail_after(LIMIT_S):
         async with two_nodes(redis_server.url, redis_server.url) as (one, two, inbox2):
-            channel = CHANNELS.of_id("flushed")
-            two.subscribe(channel)
-            await two.subscribed(channel)
+            channel = await listening(two, "flushed")
             assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
             assert await publish(one, (channel, b"refused")) is NOT_SENT
             assert await publish(one, (channel, b"after")) == [1]
@@ -290,22 +293,166 @@ async def test_after_a_script_flush_a_batch_is_not_sent_and_the_next_one_runs(
             assert metric(one.health, "relayd_cluster_publish_failures_total") == 1
 
 
+@asynccontextmanager
+async def watched(url: str) -> AsyncIterator[tuple[RedisLink, Inbox]]:
+    """n1, up, and the inbox of another node that receives n1's probes (one came)."""
+    async with link_to(url) as (one, _), link_to(url, "watcher") as (watcher, probes):
+        watcher.subscribe(CHANNELS.of_node("n1"))  # n1's probes arrive there
+        await watcher.subscribed(CHANNELS.of_node("n1"))
+        await probes.wait_for(1)
+        yield one, probes
+
+
 async def test_a_script_flush_does_not_break_the_link(redis_server: RedisServer) -> None:
     """The probe's script is loaded again too: the probes go on, the link stays up."""
     with trio.fail_after(LIMIT_S):
-        async with (
-            link_to(redis_server.url) as (one, _),
-            link_to(redis_server.url, "watcher") as (watcher, probes),
-        ):
-            watcher.subscribe(CHANNELS.of_node("n1"))  # n1's probes arrive there
-            await watcher.subscribed(CHANNELS.of_node("n1"))
-            await probes.wait_for(1)
+        async with watched(redis_server.url) as (one, probes):
             assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
             seen = len(probes.messages)
             # The second probe after the flush was sent after it (the first may
             # have been run before, and read after).
             await probes.wait_for(seen + 2)
             assert (one.health.up, one.health.losses, one.health.connects) == (True, 0, 1)
+
+
+async def test_flushes_right_after_each_reload_do_not_break_the_link(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, logs: list[EventDict]
+) -> None:
+    """Redis flushed again as soon as it answers each reload: the link stays up.
+
+    (A proxy flapping between two Redis servers, at its worst.)
+
+    The probe's retry used to wait for its SCRIPT LOAD's answer before running the
+    script again, so a flush in between ended the session (broker.lost NoScriptError,
+    a reconnection, /readyz 503). Each reload is one SCRIPT LOAD, logged once.
+    """
+    flushing = False
+    send = Wire.send
+
+    def flush_after_each_reload(
+        self: Wire, commands: list[Command], reply: Reply | None = None
+    ) -> bool:
+        if flushing and reply is not None and any(c[:2] == (b"SCRIPT", b"LOAD") for c in commands):
+            answered = reply
+
+            def then_flush(answer: Any) -> None:
+                assert redis_server.cli("SCRIPT", "FLUSH") == "OK"  # before relayd sees it
+                answered.consume(answer)
+
+            reply = Reply(then_flush)
+        return send(self, commands, reply)
+
+    monkeypatch.setattr(Wire, "send", flush_after_each_reload)
+    with trio.fail_after(LIMIT_S):
+        async with watched(redis_server.url) as (one, probes):
+            flushing = True
+            assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
+            seen = len(probes.messages)
+            async with trio.open_nursery() as nursery:
+
+                async def fail_if_lost() -> None:
+                    await one.wait_for(DOWN)
+                    raise AssertionError("the link was lost")
+
+                nursery.start_soon(fail_if_lost)
+                await probes.wait_for(seen + 4)  # each one's script flushed before it
+                nursery.cancel_scope.cancel()
+            flushing = False
+            assert (one.health.up, one.health.losses, one.health.connects) == (True, 0, 1)
+    # n1 (the watcher too) loaded its heartbeat script once per probe at most.
+    reloads = [
+        line["script"]
+        for line in logs
+        if line["event"] == "broker.script_reloaded" and line["node"] == "n1"
+    ]
+    assert set(reloads) == {"heartbeat"}
+    assert 3 <= len(reloads) <= len(probes.messages)
+
+
+async def test_messages_redis_refused_unrun_are_not_counted_published(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server.url, redis_server.url) as (one, two, _):
+            channel = await listening(two, "flushed")
+            assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
+            assert await publish(one, (channel, b"refused"), (channel, b"too")) is NOT_SENT
+            assert metric(one.health, "relayd_cluster_published_total") == 0
+            assert await publish(one, (channel, b"after")) == [1]
+            assert metric(one.health, "relayd_cluster_published_total") == 1
+
+
+async def test_a_lost_script_is_logged_once_per_loss_not_per_batch(
+    redis_server: RedisServer, logs: list[EventDict]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with two_nodes(redis_server.url, redis_server.url) as (one, two, _):
+            channel = await listening(two, "flushed")
+            for _ in range(2):  # two losses
+                assert redis_server.cli("SCRIPT", "FLUSH") == "OK"
+                refused: list[list[int] | NotSent | None] = []
+                for n in range(5):  # all six written before the first is answered
+                    assert one.publish([(channel, b"%d" % n)], refused.append)
+                assert await publish(one, (channel, b"5")) is NOT_SENT
+                assert await publish(one, (channel, b"after")) == [1]
+                assert refused == [NOT_SENT] * 5
+    published = [
+        line
+        for line in logs
+        if line["event"] == "broker.script_reloaded" and line["script"] == "publish"
+    ]
+    assert (
+        published
+        == [
+            {
+                "event": "broker.script_reloaded",
+                "log_level": "warning",
+                "url": redis_server.url,
+                "node": "n1",
+                "script": "publish",
+            }
+        ]
+        * 2
+    )
+
+
+async def test_a_full_publish_buffer_is_a_publish_failure(redis_server: RedisServer) -> None:
+    """The link is up, so the node tried: unlike a refusal while the link is down."""
+    with trio.fail_after(LIMIT_S):
+        async with link_to(redis_server.url, publish_buffer_bytes=65536) as (link, _):
+            assert not link.publish([(b"c", b"x" * 65536)], lambda counts: None)
+            assert not link.ask([(b"c", b"x" * 65536)], lambda counts: None)
+            assert not link.send([(b"c", b"x" * 65536)])
+            assert metric(link.health, "relayd_cluster_publish_failures_total") == 3
+            assert await publish(link, (b"c", b"fits")) == [0]
+
+
+async def test_while_the_link_resubscribes_the_subscriptions_metric_stays_0(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0 until the link is up again, as broker_up, though Redis confirms them before."""
+    probed = trio.Event()
+    first = Prober.first
+
+    async def first_once_allowed(self: Prober, publisher: Wire) -> None:
+        await probed.wait()
+        await first(self, publisher)
+
+    with trio.fail_after(LIMIT_S):
+        async with link_to(redis_server.url) as (link, _):
+            link.subscribe(CHANNELS.of_id("held"))
+            await link.wait_for(lambda health: health.subscriptions == 3)
+            monkeypatch.setattr(Prober, "first", first_once_allowed)
+            redis_server.stop()
+            await link.wait_for(DOWN)
+            redis_server.start()
+            # Resubscribed, the first probe held back: not up yet.
+            await link.wait_for(lambda health: health.subscriptions == 3)
+            assert not link.health.up
+            assert metric(link.health, "relayd_cluster_subscriptions") == 0
+            probed.set()
+            await link.wait_for(UP)
+            assert metric(link.health, "relayd_cluster_subscriptions") == 3
 
 
 async def test_while_the_link_is_down_redis_holds_no_subscriptions_for_it(
@@ -422,9 +569,7 @@ async def test_after_a_redis_restart_longer_than_node_timeout_the_others_are_not
             link_to(redis_server.url, "n2", node_timeout_s=timeout_s) as (two, _),
             link_to(redis_server.url, node_timeout_s=timeout_s) as (one, _),
         ):
-            channel = CHANNELS.of_id("bob")
-            two.subscribe(channel)
-            await two.subscribed(channel)
+            channel = await listening(two, "bob")
             redis_server.stop()
             await one.wait_for(DOWN)
             two.close()  # n2 stays away (as a node still in its backoff would)
@@ -508,9 +653,7 @@ async def test_a_batch_larger_than_the_socket_takes_is_written_whole_and_in_orde
         async with two_nodes(
             redis_server.unix_url, redis_server.url, publish_buffer_bytes=8 * big
         ) as (one, two, inbox2):
-            channel = CHANNELS.of_id("big")
-            two.subscribe(channel)
-            await two.subscribed(channel)
+            channel = await listening(two, "big")
             bodies = [bytes([65 + n]) * big for n in range(3)]
             counts: list[list[int] | NotSent | None] = []
             for body in bodies:  # all three before any is answered
@@ -532,9 +675,7 @@ async def test_answers_ask_for_no_reply_and_replies_still_meet_their_batches(
 ) -> None:
     with trio.fail_after(LIMIT_S):
         async with two_nodes(redis_server.url, redis_server.url) as (one, two, inbox2):
-            channel = CHANNELS.of_id("answers")
-            two.subscribe(channel)
-            await two.subscribed(channel)
+            channel = await listening(two, "answers")
             for n in range(3):
                 assert one.send([(channel, b"answer %d" % n), (CHANNELS.of_id("nobody"), b"x")])
                 assert await publish(one, (channel, b"message %d" % n)) == [1]
@@ -581,9 +722,7 @@ async def test_over_tls_commands_go_through_the_tls_layer(tmp_path: Path) -> Non
             link_to(url, tls_ca_file=str(tmp_path / "ca.pem")) as (one, _),
             link_to(url, "n2", tls_ca_file=str(tmp_path / "ca.pem")) as (two, inbox2),
         ):
-            channel = CHANNELS.of_id("private")
-            two.subscribe(channel)
-            await two.subscribed(channel)
+            channel = await listening(two, "private")
             assert one.send([(channel, b"an answer")])
             assert await publish(one, (channel, b"over TLS"), (CHANNELS.of_id("nobody"), b"x")) == [
                 1,

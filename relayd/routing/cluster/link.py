@@ -66,12 +66,14 @@ class Health:
             unrun (``NOSCRIPT``), or refused with the link up (the buffer full,
             a write that failed). Not those refused while the link is known to
             be down: the node does not try then.
-        published: messages published.
+        published: messages published (counted as written; those of a batch
+            Redis refused unrun, ``NOSCRIPT``, taken back).
         received: messages received on the subscriptions.
         undecodable: messages received that were not relayd's, dropped.
         subscriptions: channels Redis holds for this node now (its ids, plus two),
             as its last confirmation said; 0 while the link is down (its
-            connections are closed, and Redis holds none for them).
+            connections are closed, and Redis holds none for them). Counted
+            again while it resubscribes: the metric shows 0 until :attr:`up`.
         probe_rtt_s: the last probe's round trip through Redis.
         inflight_bytes: published bytes Redis has not yet answered for.
     """

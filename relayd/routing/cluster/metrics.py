@@ -16,12 +16,14 @@ relayd_cluster_publish_failures_total      counter  batches tried and not publis
                                                     buffer full, refused by Redis
                                                     (NOSCRIPT), lost in flight; not
                                                     those refused while the link is down
-relayd_cluster_published_total             counter  messages published
+relayd_cluster_published_total             counter  messages published (not those of a
+                                                    batch Redis refused with NOSCRIPT)
 relayd_cluster_received_total              counter  messages received from Redis
 relayd_cluster_undecodable_total           counter  received messages that were not
                                                     relayd's, dropped
 relayd_cluster_subscriptions               gauge    channels Redis holds for this node
-                                                    (0 while the link is down)
+                                                    while the link is up (0 until it
+                                                    is up again, resubscribing too)
 relayd_cluster_waiting                     gauge    messages and questions waiting for
                                                     other nodes' answers
 relayd_cluster_probe_rtt_seconds           gauge    the last probe's round trip
@@ -58,7 +60,13 @@ class ClusterCollector(Collector):
         health = self._health
         for name, text, value in [
             ("broker_up", "1 while the link to Redis is up", int(health.up)),
-            ("subscriptions", "Channels Redis holds for this node", health.subscriptions),
+            (
+                "subscriptions",
+                "Channels Redis holds for this node while the link is up",
+                # While resubscribing the count grows before the link is up
+                # (restored, probed): 0 until then, as broker_up.
+                health.subscriptions if health.up else 0,
+            ),
             ("waiting", "Messages and questions waiting for other nodes", self._waiting()),
             ("probe_rtt_seconds", "The last probe's round trip", health.probe_rtt_s),
             (
@@ -82,7 +90,7 @@ class ClusterCollector(Collector):
                 " lost in flight); not those refused while the link is down",
                 health.publish_failures,
             ),
-            ("published", "Messages published", health.published),
+            ("published", "Messages published (not those Redis refused unrun)", health.published),
             ("received", "Messages received from Redis", health.received),
             ("undecodable", "Received messages that were not relayd's", health.undecodable),
         ]:

@@ -116,7 +116,10 @@ class Queries:
             awaited.refused([seq])
         await asker.done.wait()
         if not asker.sent:
-            raise BrokerUnavailable("the cluster's broker cannot be reached from this node")
+            raise BrokerUnavailable(
+                "the question was not sent: this node's link to the cluster's broker is down"
+                " or its buffer full, or Redis refused it unrun (it had lost relayd's scripts)"
+            )
         if not asker.complete:
             raise IncompleteAnswer(incomplete)
         return asker

@@ -108,8 +108,8 @@ class RedisLink:
         self._changed = trio.lowlevel.ParkingLot()  # up or down, or the subscriptions' count
         self._attempted = trio.Event()  # the first session is up, or has failed
         own = channels.of_node(node)
-        self._publisher = Publisher(settings, channels, health)
-        self._prober = Prober(settings, node, channels, health, self._twin_found)
+        self._publisher = Publisher(settings, channels, health, self._script_lost)
+        self._prober = Prober(settings, node, channels, health, self._twin_found, self._script_lost)
         self._subscriptions = Subscriptions([channels.nodes, own], health)
         self._reader = Reader(
             own, receiver, self._subscriptions, self._prober, health, self._changed
@@ -157,6 +157,16 @@ class RedisLink:
             url=redact(self._settings.broker_url),
             node=self._node,
             detail="another node uses this node's name: give each node its own node_name",
+        )
+
+    def _script_lost(self, script: str) -> None:
+        # Once per loss and script: the publisher reloads once for all the batches
+        # refused meanwhile, and the probe's reload runs with its retry.
+        self._log.warning(
+            "broker.script_reloaded",
+            url=redact(self._settings.broker_url),
+            node=self._node,
+            script=script,
         )
 
     async def run(  # noqa: D102

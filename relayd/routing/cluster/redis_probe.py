@@ -7,8 +7,9 @@ runs :data:`HEARTBEAT_SCRIPT`, which records its heartbeat and publishes a
 probe on the node's own channel, and expects the probe back on its subscriber
 within ``probe_timeout_s``; if it is not, :class:`~.redis_wire.Lost` ends the
 session and the link reconnects and resubscribes. A Redis that has lost the
-scripts (``SCRIPT FLUSH``) is given them again (:func:`~.redis_wire.evalsha`):
-that is no reason to reconnect.
+scripts (``SCRIPT FLUSH``) is given them again (:func:`~.redis_wire.evalsha`,
+loaded and run in one write, so that flushes however frequent do not come
+between the two): that is no reason to reconnect.
 
 The heartbeats (a sorted set: node name, Redis's clock in ms) are how
 :data:`~.redis_publisher.PUBLISH_SCRIPT` tells a node cut off from Redis
@@ -20,6 +21,7 @@ node received.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 from collections.abc import Callable
 from typing import Final
@@ -80,6 +82,8 @@ class Prober:
         channels: the cluster's channel names.
         health: the link's health (the probe's round trip kept there).
         twin_found: called once, from a probe's round, when :attr:`twin` is first seen.
+        script_lost: called with ``heartbeat`` or ``restore`` when Redis has lost
+            that script, before it is loaded again.
 
     Error handling: the probe's methods raise :class:`~.redis_wire.Lost`
     (or :class:`RedisError`) for the session to end; :meth:`is_probe` runs
@@ -103,6 +107,7 @@ class Prober:
         "_number",
         "_own",
         "_restore_sha",
+        "_script_lost",
         "_settings",
         "_sha",
         "_since",
@@ -117,6 +122,7 @@ class Prober:
         channels: codec.Channels,
         health: Health,
         twin_found: Callable[[], None] = lambda: None,
+        script_lost: Callable[[str], None] = lambda script: None,
     ) -> None:
         self._settings = settings
         self._node = node
@@ -130,6 +136,7 @@ class Prober:
         #: A probe on this node's channel that this process did not send has come.
         self.twin = False
         self._twin_found: Callable[[], None] | None = twin_found
+        self._script_lost = script_lost
         self._back = trio.Event()
         # Every node's last heartbeat (ms of Redis's clock), as the last probe saw them.
         self._heartbeats: dict[bytes, bytes] = {}
@@ -166,7 +173,13 @@ class Prober:
                 values += (node, str(age).encode(), at)
         if values:
             await evalsha(
-                publisher, RESTORE_SCRIPT, self._restore_sha, 1, self._channels.heartbeats, *values
+                publisher,
+                RESTORE_SCRIPT,
+                self._restore_sha,
+                1,
+                self._channels.heartbeats,
+                *values,
+                reloading=functools.partial(self._script_lost, "restore"),
             )
 
     def is_probe(self, data: bytes) -> bool:
@@ -219,6 +232,7 @@ class Prober:
             self._own,
             probe,
             ms(self._settings.node_timeout_s),
+            reloading=functools.partial(self._script_lost, "heartbeat"),
         )
         if isinstance(heartbeats, list):
             pairs = [value for value in heartbeats if isinstance(value, bytes)]

@@ -20,13 +20,15 @@ to a Redis without it) answers ``NOSCRIPT`` without running anything: such a
 batch is :data:`~relayd.routing.cluster.link.NOT_SENT` (its senders are told
 ``recipient_unreachable``, not ``delivery_unconfirmed``), and the first such
 answer writes ``SCRIPT LOAD`` at once on the same connection, so the batches
-written after it run again, with no reconnection.
+written after it run again, with no reconnection. Such a batch's messages are
+not counted as published.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+from collections.abc import Callable
 from typing import Final
 
 from coredis.exceptions import ConnectionError as RedisConnectionError
@@ -84,6 +86,8 @@ class Publisher:
         settings: the ``[cluster]`` settings.
         channels: the cluster's channel names.
         health: the link's health (counts and bytes in flight kept there).
+        script_lost: called with ``publish`` when Redis has lost the script and
+            it is loaded again (once per loss), in coredis's reader.
 
     Resource handling: the link's session hands it the publisher connection
     with :meth:`load` and takes it back with :meth:`detach`; in between,
@@ -91,9 +95,25 @@ class Publisher:
     cannot be written is refused (False), never raised.
     """
 
-    __slots__ = ("_channels", "_health", "_outstanding", "_reloading", "_settings", "_sha", "wire")
+    __slots__ = (
+        "_channels",
+        "_health",
+        "_outstanding",
+        "_reload_refused",
+        "_reloading",
+        "_script_lost",
+        "_settings",
+        "_sha",
+        "wire",
+    )
 
-    def __init__(self, settings: ClusterSettings, channels: codec.Channels, health: Health) -> None:
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        channels: codec.Channels,
+        health: Health,
+        script_lost: Callable[[str], None] = lambda script: None,
+    ) -> None:
         self._settings = settings
         self._channels = channels
         self._health = health
@@ -103,6 +123,9 @@ class Publisher:
         self._outstanding: collections.deque[Reply] = collections.deque()
         # A SCRIPT LOAD written after a NOSCRIPT answer, not yet answered.
         self._reloading = False
+        # Redis refused the last SCRIPT LOAD (an ACL without it): the next is no news.
+        self._reload_refused = False
+        self._script_lost = script_lost
 
     async def load(self, wire: Wire) -> None:
         """Load :data:`PUBLISH_SCRIPT` on ``wire`` and publish there from now on.
@@ -117,7 +140,7 @@ class Publisher:
     def detach(self) -> None:
         """After a session: fail the batches still waiting for a reply, publish nowhere."""
         self.wire = None
-        self._reloading = False
+        self._reloading = self._reload_refused = False
         # coredis failed every reply still queued as its connection ended; a
         # batch written after that (while the session was ending) is failed here.
         outstanding, self._outstanding = self._outstanding, collections.deque()
@@ -150,7 +173,7 @@ class Publisher:
         ]
         for channel, data in pairs:
             arguments += (channel, data)
-        reply = Reply(functools.partial(self._published, size, done))
+        reply = Reply(functools.partial(self._published, size, len(pairs), done))
         if not wire.send([tuple(arguments)], reply):
             self._health.publish_failures += 1
             return False
@@ -190,8 +213,14 @@ class Publisher:
         health.publish_failures += 1
         return None
 
-    def _published(self, size: int, done: Published, reply: ResponseType | BaseException) -> None:
-        """A batch's reply (in coredis's reader task), or the end of its connection."""
+    def _published(
+        self, size: int, count: int, done: Published, reply: ResponseType | BaseException
+    ) -> None:
+        """A batch's reply (in coredis's reader task), or the end of its connection.
+
+        ``size``: its bytes; ``count``: its messages, counted as published when
+        written, and not if Redis refused to run it.
+        """
         if self._outstanding and self._outstanding[0].complete:
             self._outstanding.popleft()  # replies come in the order batches were written
         health = self._health
@@ -201,6 +230,7 @@ class Publisher:
             return
         health.publish_failures += 1
         if isinstance(reply, NoScriptError):  # Redis has lost the script: nothing ran
+            health.published -= count
             self._reload()
             done(NOT_SENT)
         else:  # the connection ended, or the script failed part way: fate unknown
@@ -209,17 +239,22 @@ class Publisher:
     def _reload(self) -> None:
         """Load :data:`PUBLISH_SCRIPT` again, without waiting: once per loss.
 
-        Written at once (in coredis's reader, as the ``NOSCRIPT`` answer is
-        parsed), so every batch written after it finds the script: Redis runs
-        one connection's commands in order. Batches written before it are
-        answered ``NOSCRIPT`` too, and need no other reload; one after its
-        answer means the script was lost again.
+        Sent at once (in coredis's reader, as the ``NOSCRIPT`` answer is
+        parsed: written to the socket then, or over TLS queued for coredis's
+        writer, in order either way), so every batch written after it finds
+        the script: Redis runs one connection's commands in order. Batches
+        written before it are answered ``NOSCRIPT`` too, and need no other
+        reload; one after its answer means the script was lost again.
+        ``script_lost`` is told, unless Redis refused the last reload too.
         """
         wire = self.wire
         if self._reloading or wire is None:
             return
+        if not self._reload_refused:
+            self._script_lost("publish")
         self._reloading = wire.send([(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT)], Reply(self._reloaded))
 
     def _reloaded(self, reply: ResponseType | BaseException) -> None:
         """The reload's answer (the script's hash, unchanged), or the connection's end."""
         self._reloading = False
+        self._reload_refused = isinstance(reply, BaseException)

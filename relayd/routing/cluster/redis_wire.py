@@ -206,6 +206,11 @@ async def call(wire: Wire, *command: RedisValueT) -> ResponseType:
         Lost: the connection is gone.
         RedisError: Redis answered with an error, or the connection ended first.
     """
+    return await _last_reply(wire, [command])
+
+
+async def _last_reply(wire: Wire, commands: list[Command]) -> ResponseType:
+    """Write ``commands`` at once and wait for the last one's reply (the others ask for none)."""
     done = trio.Event()
     replies: list[ResponseType | BaseException] = []
 
@@ -213,7 +218,7 @@ async def call(wire: Wire, *command: RedisValueT) -> ResponseType:
         replies.append(reply)
         done.set()
 
-    if not wire.send([command], Reply(on_reply)):
+    if not wire.send(commands, Reply(on_reply)):
         raise Lost(f"the {wire.role} connection failed")
     await done.wait()
     reply = replies[0]
@@ -232,23 +237,38 @@ async def load_script(wire: Wire, script: bytes) -> bytes:
     return as_bytes(await call(wire, b"SCRIPT", b"LOAD", script))
 
 
-async def evalsha(wire: Wire, script: bytes, sha: bytes, *arguments: RedisValueT) -> ResponseType:
+async def evalsha(
+    wire: Wire,
+    script: bytes,
+    sha: bytes,
+    *arguments: RedisValueT,
+    reloading: Callable[[], None] = lambda: None,
+) -> ResponseType:
     """Run ``script`` by its hash ``sha``; loaded again first if Redis has lost it.
 
     Redis answers ``NOSCRIPT``, having run nothing, once its script cache was
     emptied (``SCRIPT FLUSH``, a failover behind a proxy to a Redis without the
-    script): the script is loaded again and run once more, as coredis's own
-    ``Script`` does. The caller bounds the wait.
+    script): ``reloading`` is called, and the script is loaded again and run
+    once more, as coredis's own ``Script`` does, but with both commands in one
+    write (the load asking for no reply; over TLS queued together for coredis's
+    writer), not the run after the load's reply: Redis runs the commands of one
+    read one after the other, before another client's, so a flush from elsewhere
+    does not come between them, however often Redis is flushed (it did, between
+    the load's reply and the run, when flushes came tens of ms apart). One load
+    per ``NOSCRIPT``, never more. The caller bounds the wait.
 
     Raises:
         Lost: the connection is gone.
-        RedisError: Redis answered with an error, or the connection ended first.
+        RedisError: Redis answered with an error, or the connection ended first
+            (``NoScriptError`` again if Redis refused the load: ``SKIP_REPLY``
+            drops its error reply too).
     """
     try:
         return await call(wire, b"EVALSHA", sha, *arguments)
     except NoScriptError:
-        await load_script(wire, script)
-        return await call(wire, b"EVALSHA", sha, *arguments)
+        reloading()
+    load: Command = (b"SCRIPT", b"LOAD", script)
+    return await _last_reply(wire, [SKIP_REPLY, load, (b"EVALSHA", sha, *arguments)])
 
 
 def ms(seconds: float) -> int:
