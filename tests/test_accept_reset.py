@@ -56,7 +56,7 @@ async def test_a_connection_reset_before_its_request_is_counted_and_harms_nobody
             await trio.testing.wait_all_tasks_blocked()
     # Counted and logged (at debug level) as a client that left before its
     # request; the relay goes on, and the next client is numbered after it.
-    assert server.stats.rejected == {0: 1}
+    assert server.stats.rejected == {(0, "client_left"): 1}
     rejected = [e for e in events if e["event"] == "handshake.rejected"]
     assert [(e["conn"], e["status"], e["reason"]) for e in rejected] == [(1, None, reason)]
     assert [e["conn"] for e in events if e["event"] == "connection.open"] == [2]

@@ -14,7 +14,15 @@ import relayd
 from relayd.daemon.admin import AdminListener, Area, Request, Response, serve_admin, text
 from relayd.daemon.server import Server
 from tests import wire
-from tests.client import connect, open_raw, read_until_closed, read_welcome, running, settings
+from tests.client import (
+    connect,
+    open_raw,
+    read_until_closed,
+    read_welcome,
+    running,
+    send_and_read,
+    settings,
+)
 from tests.test_api import raw
 
 
@@ -64,6 +72,62 @@ async def test_metrics_count_connections_messages_errors_and_closes() -> None:
     assert samples[("relayd_connections_open", ())] == 0
     assert samples[("relayd_connections_total", ())] == 2
     assert samples[("relayd_closes_total", (("code", "1000"),))] == 2
+
+
+def _refused_503(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    """``relayd_handshakes_rejected_total``'s 503 series, by their ``reason``."""
+    return {
+        dict(labels)["reason"]: value
+        for (name, labels), value in samples.items()
+        if name == "relayd_handshakes_rejected_total" and dict(labels)["status"] == "503"
+    }
+
+
+async def test_one_address_at_its_cap_is_not_counted_as_relayd_at_capacity() -> None:
+    # One address over max_connections_per_ip, relayd nearly empty, and a 503 counted
+    # as relayd being full: both 503s were status="503" alone, and RelaydAtCapacity
+    # paged for one client at its own cap (found by a tester).
+    server = Server(settings(max_connections=3, max_connections_per_ip=1))
+    async with running(server) as url, connect(url):
+        assert server.admin_address is not None
+        reply = await send_and_read(url, wire.upgrade_request())
+        assert reply.startswith(b"HTTP/1.1 503 ")
+        samples = _samples((await _get(server.admin_address, "/metrics"))[1])
+        assert samples[("relayd_connections_open", ())] == 1
+        assert _refused_503(samples) == {
+            "max_connections": 0,
+            "max_connections_per_ip": 1,
+            "shutting_down": 0,
+        }
+        # relayd itself full: counted apart, whoever asks.
+        async with connect(url, local_address="127.0.0.2"), connect(url, local_address="127.0.0.3"):
+            reply = await send_and_read(url, wire.upgrade_request(), local_address="127.0.0.4")
+            assert reply.endswith(b"server at capacity")
+            samples = _samples((await _get(server.admin_address, "/metrics"))[1])
+        assert _refused_503(samples) == {
+            "max_connections": 1,
+            "max_connections_per_ip": 1,
+            "shutting_down": 0,
+        }
+        # A query that sums by status still sees every 503.
+        assert sum(_refused_503(samples).values()) == 2
+
+
+async def test_a_handshake_refused_by_a_drain_is_counted_as_shutting_down() -> None:
+    server = Server(settings())
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run)
+        async with await trio.open_tcp_stream(*addresses[0]) as half:
+            await half.send_all(wire.upgrade_request()[:20])  # a request still arriving
+            await trio.testing.wait_all_tasks_blocked()
+            server.shutdown("test")
+            assert (await read_until_closed(half)).startswith(b"HTTP/1.1 503 ")
+    samples = _samples(generate_latest(server.registry).decode())
+    assert _refused_503(samples) == {
+        "max_connections": 0,
+        "max_connections_per_ip": 0,
+        "shutting_down": 1,
+    }
 
 
 async def test_health_readiness_and_other_paths() -> None:
@@ -160,17 +224,21 @@ async def test_a_fresh_relayd_exports_the_series_its_alerts_read_at_0() -> None:
     server = Server(settings())
     async with running(server):
         samples = _samples(generate_latest(server.registry).decode())
-    for name, label, value in [
-        ("relayd_closes_total", "code", "1013"),
-        ("relayd_handshakes_rejected_total", "status", "503"),
-        ("relayd_handshakes_rejected_total", "status", "500"),
-        ("relayd_handshakes_dropped_total", "limit", "max_handshakes_per_ip"),
-        ("relayd_messages_total", "outcome", "rate_limited"),
-        ("relayd_messages_total", "outcome", "echoed"),
-        ("relayd_api_messages_total", "outcome", "unknown_recipient"),
-        ("relayd_errors_total", "code", "recipient_busy"),
+    for name, labels in [
+        ("relayd_closes_total", (("code", "1013"),)),
+        ("relayd_handshakes_rejected_total", (("reason", "max_connections"), ("status", "503"))),
+        (
+            "relayd_handshakes_rejected_total",
+            (("reason", "max_connections_per_ip"), ("status", "503")),
+        ),
+        ("relayd_handshakes_rejected_total", (("reason", "internal_error"), ("status", "500"))),
+        ("relayd_handshakes_dropped_total", (("limit", "max_handshakes_per_ip"),)),
+        ("relayd_messages_total", (("outcome", "rate_limited"),)),
+        ("relayd_messages_total", (("outcome", "echoed"),)),
+        ("relayd_api_messages_total", (("outcome", "unknown_recipient"),)),
+        ("relayd_errors_total", (("code", "recipient_busy"),)),
     ]:
-        assert samples[(name, ((label, value),))] == 0, (name, value)
+        assert samples[(name, labels)] == 0, (name, labels)
     assert ("relayd_internal_errors_total", ()) in samples
 
 

@@ -97,20 +97,24 @@ def test_decide_accepts_within_limits() -> None:
 def test_decide_refuses_while_draining() -> None:
     capacity = Capacity(max_total=10, max_per_ip=10)
     capacity.opened(IP)
-    assert decide_for(capacity, draining=True) == Refusal(503, "server shutting down")
+    assert decide_for(capacity, draining=True) == Refusal(
+        503, "server shutting down", "shutting_down"
+    )
 
 
 def test_draining_wins_over_capacity() -> None:
     capacity = Capacity(max_total=0, max_per_ip=0)
     capacity.opened(IP)
-    assert decide_for(capacity, draining=True) == Refusal(503, "server shutting down")
+    assert decide_for(capacity, draining=True) == Refusal(
+        503, "server shutting down", "shutting_down"
+    )
 
 
 def test_decide_refuses_over_total() -> None:
     capacity = Capacity(max_total=2, max_per_ip=5)
     for ip in ("10.0.0.1", "10.0.0.2", IP):
         capacity.opened(ip)
-    assert decide_for(capacity) == Refusal(503, "server at capacity")
+    assert decide_for(capacity) == Refusal(503, "server at capacity", "max_connections")
 
 
 def test_decide_refuses_over_per_ip() -> None:
@@ -118,7 +122,9 @@ def test_decide_refuses_over_per_ip() -> None:
     for _ in range(3):
         capacity.opened(IP)
     capacity.opened(OTHER_IP)
-    assert decide_for(capacity) == Refusal(503, "too many connections from this address")
+    assert decide_for(capacity) == Refusal(
+        503, "too many connections from this address", "max_connections_per_ip"
+    )
     assert decide_for(capacity, ip=OTHER_IP) == Accept(Dialect.SEED)
 
 
@@ -146,7 +152,7 @@ def test_decide_refuses_an_offer_without_relayd_v1_with_400(offered: tuple[str, 
     capacity = Capacity(max_total=1, max_per_ip=1)
     capacity.opened(IP)
     assert decide_for(capacity, offered=offered) == Refusal(
-        400, "unsupported subprotocol; offer relayd.v1 or none"
+        400, "unsupported subprotocol; offer relayd.v1 or none", "unsupported_subprotocol"
     )
 
 
@@ -232,7 +238,7 @@ def test_an_allowed_origin_is_accepted(origin: str) -> None:
     "origin", ["https://evil.example", "http://chat.example", "https://chat.example:8443", ""]
 )
 def test_an_origin_not_in_the_list_is_refused_with_403(origin: str) -> None:
-    assert decide_origin(origin) == Refusal(403, "origin not allowed")
+    assert decide_origin(origin) == Refusal(403, "origin not allowed", "origin")
 
 
 def test_a_client_without_origin_is_not_a_browser_and_is_accepted() -> None:
@@ -248,7 +254,7 @@ def test_the_origin_check_comes_after_capacity() -> None:
     capacity = Capacity(max_total=0, max_per_ip=0)
     capacity.opened(IP)
     decision = decide_for(capacity, origin="https://evil.example", allowed_origins=ALLOWED)
-    assert decision == Refusal(503, "server at capacity")
+    assert decision == Refusal(503, "server at capacity", "max_connections")
 
 
 def test_addresses_that_came_and_went_hold_no_memory() -> None:

@@ -261,7 +261,7 @@ async def test_a_client_gone_before_its_101_is_written_is_not_left_routable(
             await trio.testing.wait_all_tasks_blocked()
             assert s.router.routes == 0
             # Counted as "the client went away during the handshake response".
-            assert s.gate.stats.rejected[0] == 1
+            assert s.gate.stats.rejected == {(0, "client_left"): 1}
     assert not [e for e in logs if e["event"] in ("connection.open", "connection.close")]
 
 

@@ -297,7 +297,7 @@ async def test_a_bug_in_a_handshake_is_a_500_counted_in_the_metrics() -> None:
         async with running(server) as url:
             reply = await _send_and_read(url, wire.upgrade_request())
     assert reply.startswith(b"HTTP/1.1 500 ")
-    assert server.stats.rejected == {500: 1}
+    assert server.stats.rejected == {(500, "internal_error"): 1}
     [error] = [e for e in events if e["event"] == "error"]
     assert error["summary"] == "RuntimeError: bug in authentication"
 

@@ -314,7 +314,7 @@ class Gate:
                 CloseCode.INTERNAL_ERROR, "internal error", timeout_s=CLOSE_TIMEOUT_S
             )
         elif not attempt.answered:
-            self.stats.rejected[500] += 1
+            self.stats.count_refusal(500)
             await transport.send_within(refusal_response(500, "internal error"), CLOSE_TIMEOUT_S)
 
     async def _handshake(self, transport: Transport, attempt: _Attempt) -> Connection | None:
@@ -419,7 +419,14 @@ class Gate:
         return connection
 
     async def _refuse(self, transport: Transport, attempt: _Attempt, refusal: Refusal) -> None:
-        self._rejected(attempt.conn, attempt.address, refusal.status, refusal.reason)
+        self.stats.count_refusal(refusal.status, refusal.kind)
+        self._log.info(
+            "handshake.rejected",
+            conn=attempt.conn,
+            peer=attempt.address,
+            status=refusal.status,
+            reason=refusal.reason,
+        )
         attempt.answered = True
         await transport.send_within(
             refusal_response(refusal.status, refusal.reason), CLOSE_TIMEOUT_S
@@ -429,7 +436,7 @@ class Gate:
         # Port probes and health checks do this all day: count it, log it at
         # debug level only; unless messages routed to the client meanwhile
         # were lost with it (they were acknowledged as delivered).
-        self.stats.rejected[0] += 1
+        self.stats.count_refusal(0)
         if undelivered:
             self._log.info(
                 "handshake.rejected",
@@ -449,10 +456,6 @@ class Gate:
         self._log.info(
             "handshake.rejected", conn=conn, peer=address, status=None, reason=_DROPPED[limit]
         )
-
-    def _rejected(self, conn: int, address: str, status: int | None, reason: str) -> None:
-        self.stats.rejected[status or 0] += 1
-        self._log.info("handshake.rejected", conn=conn, peer=address, status=status, reason=reason)
 
 
 _DROPPED: Final = {

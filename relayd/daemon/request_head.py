@@ -26,6 +26,7 @@ import trio
 
 from relayd.config import LimitsSettings
 from relayd.daemon.transport import Transport
+from relayd.policy.admission import SHUTTING_DOWN
 from relayd.wire.handshake import Refusal, RequestReader, UpgradeRequest, validate
 
 __all__ = ["HeadReading"]
@@ -85,7 +86,7 @@ class HeadReading:
                 self._waiting.discard(waiting)
         if waiting.cancelled_caught:
             if self.draining:
-                return Refusal(503, "server shutting down")
+                return SHUTTING_DOWN
             return Refusal(408, "no complete request within handshake_timeout_s")
         assert read is not _MORE  # the loop above ends only with a result
         return read

@@ -11,7 +11,9 @@ established ones:
   ``handshake_timeout_s``), never in :class:`Capacity`.
 * :class:`Capacity`: established connections, plus the one being decided.
   A connection is counted once its request is complete; :func:`decide`
-  refuses it with 503 over ``max_connections`` or ``max_connections_per_ip``.
+  refuses it with 503 over ``max_connections`` or ``max_connections_per_ip``,
+  each a refusal of its own ``kind`` (the metric's ``reason`` label), so that
+  one address at its cap is never taken for relayd at capacity.
 
 :func:`decide` looks at one request and the daemon's state and returns an
 :class:`Accept` with the dialect, or a :class:`Refusal` with the HTTP status and
@@ -27,13 +29,19 @@ from typing import Final
 from relayd.wire.dialects import V1_SUBPROTOCOL, Dialect, choose_dialect
 from relayd.wire.handshake import Refusal
 
-__all__ = ["ECHO_PATH", "Accept", "Capacity", "Handshakes", "decide"]
+__all__ = ["ECHO_PATH", "SHUTTING_DOWN", "Accept", "Capacity", "Handshakes", "decide"]
 
 #: Where the diagnostic echo route listens when ``diagnostics.echo`` is on.
 ECHO_PATH = "/echo"
 #: :attr:`Dialect.SEED` as a module global: a member read from its enum class goes
 #: through ``EnumType``'s ``__getattr__`` slot, ten times a global's cost.
 _SEED: Final = Dialect.SEED
+#: A handshake refused because relayd drains (here, or while its request was read).
+SHUTTING_DOWN: Final = Refusal(503, "server shutting down", "shutting_down")
+_AT_CAPACITY: Final = Refusal(503, "server at capacity", "max_connections")
+_ADDRESS_AT_CAPACITY: Final = Refusal(
+    503, "too many connections from this address", "max_connections_per_ip"
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,12 +104,16 @@ class Capacity(_Counts):
 
     __slots__ = ()
 
-    def refusal(self, ip: str) -> str | None:
-        """Why a connection from ``ip`` (already counted) is one too many, or None."""
+    def refusal(self, ip: str) -> Refusal | None:
+        """The 503 refusing a connection from ``ip`` (already counted) as one too many, or None.
+
+        Its ``kind`` names the limit reached: ``max_connections`` (relayd is full)
+        or ``max_connections_per_ip`` (this address is at its own cap).
+        """
         if self.total > self.max_total:
-            return "server at capacity"
+            return _AT_CAPACITY
         if self._by_ip.get(ip, 0) > self.max_per_ip:
-            return "too many connections from this address"
+            return _ADDRESS_AT_CAPACITY
         return None
 
 
@@ -161,19 +173,23 @@ def decide(
         else an ``Accept`` in the dialect the offer selects.
     """
     if draining:
-        return Refusal(503, "server shutting down")
+        return SHUTTING_DOWN
     refusal = capacity.refusal(client_ip)
     if refusal is not None:
-        return Refusal(503, refusal)
+        return refusal
     # Only browsers send Origin, and they always do; the list is there to keep
     # other sites' pages from using their visitors' browsers as clients.
     if allowed_origins and origin is not None and origin not in allowed_origins:
-        return Refusal(403, "origin not allowed")
+        return Refusal(403, "origin not allowed", "origin")
     if echo_route and path.partition("?")[0] == ECHO_PATH:
         return Accept(_SEED, echo=True)
     dialect = choose_dialect(offered_subprotocols)
     if dialect is _SEED and offered_subprotocols:
         # Selecting none of the offered subprotocols makes browsers and most
         # clients fail the connection with no reason given; say why instead.
-        return Refusal(400, f"unsupported subprotocol; offer {V1_SUBPROTOCOL} or none")
+        return Refusal(
+            400,
+            f"unsupported subprotocol; offer {V1_SUBPROTOCOL} or none",
+            "unsupported_subprotocol",
+        )
     return Accept(dialect)

@@ -9,45 +9,50 @@ scrape costs what it costs and a relayed message costs nothing more.
 Metrics (all prefixed ``relayd_``; the label values relayd knows are exported at 0
 from the start, so that ``increase()`` sees their first events):
 
-==================================  =======  ===========================================
-name                                type     meaning
-==================================  =======  ===========================================
-connections_open                    gauge    WebSocket connections open now
-connections_total                   counter  WebSocket connections accepted
-handshakes_rejected_total{status}   counter  handshakes refused, by HTTP status
-handshakes_dropped_total{limit}     counter  connections closed unread when accepted, being
-                                             over max_handshakes or max_handshakes_per_ip
-auth_failures_total                 counter  handshakes whose token was refused with 401
-                                             (429 refusals of an address that failed too
-                                             often are under handshakes_rejected)
-messages_total{outcome}             counter  client messages, by outcome (delivered,
-                                             unknown_recipient, recipient_busy, invalid_json…)
-api_messages_total{outcome}         counter  messages published through the server API, by
-                                             outcome (delivered, unknown_recipient…): apart
-                                             from clients', so that a backend pushing to ids
-                                             that left is not a refusal rate of clients
-api_requests_total{route,status}    counter  server API requests, by route (``other`` for
-                                             paths that are none) and HTTP status (0: no
-                                             answer was sent)
-bytes_received_total                counter  bytes of client frames (closed connections
-                                             and open ones)
-bytes_sent_total                    counter  bytes of frames sent to clients
-errors_total{code}                  counter  error frames sent, by error code
-closes_total{code}                  counter  closed connections, by close code; a code a
-                                             client chose outside 1000-1015 is "other"
-relay_latency_seconds               hist.    from a message's arrival to its hand-over
-                                             to the recipient's outbox
-ready                               gauge    1 while relayd accepts connections (what
-                                             ``/readyz`` answers), else 0
-build_info{version,python}          gauge    always 1; the labels say what runs
-config_reloads_total{result}        counter  reloads (SIGHUP), ``applied`` or ``refused``
-config_last_reload_successful       gauge    0 if the last reload was refused, else 1
-internal_errors_total               counter  bugs relayd contained: ``error`` events (a
-                                             connection, an admin request or the cluster
-                                             link ended; everything else went on)
-log_lines_dropped_total             counter  log lines dropped: nobody reads them, or a write failed
-                                             (stdout closed: see telemetry.line_sink)
-==================================  =======  ===========================================
+========================================  =======  ===========================================
+name                                      type     meaning
+========================================  =======  ===========================================
+connections_open                          gauge    WebSocket connections open now
+connections_total                         counter  WebSocket connections accepted
+handshakes_rejected_total{status,reason}  counter  handshakes refused, by HTTP status and a
+                                                   stable reason (:data:`REFUSAL_REASONS`): a
+                                                   503 is max_connections (relayd is full),
+                                                   max_connections_per_ip (one address at its
+                                                   own cap) or shutting_down
+handshakes_dropped_total{limit}           counter  connections closed unread when accepted, being
+                                                   over max_handshakes or max_handshakes_per_ip
+auth_failures_total                       counter  handshakes whose token was refused with 401
+                                                   (429 refusals of an address that failed too
+                                                   often are under handshakes_rejected)
+messages_total{outcome}                   counter  client messages, by outcome (delivered,
+                                                   unknown_recipient, recipient_busy, invalid_json…)
+api_messages_total{outcome}               counter  messages published through the server API, by
+                                                   outcome (delivered, unknown_recipient…): apart
+                                                   from clients', so that a backend pushing to ids
+                                                   that left is not a refusal rate of clients
+api_requests_total{route,status}          counter  server API requests, by route (``other`` for
+                                                   paths that are none) and HTTP status (0: no
+                                                   answer was sent)
+bytes_received_total                      counter  bytes of client frames (closed connections
+                                                   and open ones)
+bytes_sent_total                          counter  bytes of frames sent to clients
+errors_total{code}                        counter  error frames sent, by error code
+closes_total{code}                        counter  closed connections, by close code; a code a
+                                                   client chose outside 1000-1015 is "other"
+relay_latency_seconds                     hist.    from a message's arrival to its hand-over
+                                                   to the recipient's outbox
+ready                                     gauge    1 while relayd accepts connections (what
+                                                   ``/readyz`` answers), else 0
+build_info{version,python}                gauge    always 1; the labels say what runs
+config_reloads_total{result}              counter  reloads (SIGHUP), ``applied`` or ``refused``
+config_last_reload_successful             gauge    0 if the last reload was refused, else 1
+internal_errors_total                     counter  bugs relayd contained: ``error`` events (a
+                                                   connection, an admin request or the cluster
+                                                   link ended; everything else went on)
+log_lines_dropped_total                   counter  log lines dropped: nobody reads them, or a
+                                                   write failed (stdout closed: see
+                                                   telemetry.line_sink)
+========================================  =======  ===========================================
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from relayd.errors import ErrorCode
 from relayd.telemetry.line_sink import dropped_lines
 from relayd.telemetry.log import internal_errors
 
-__all__ = ["LATENCY_BUCKETS_S", "Stats", "StatsCollector"]
+__all__ = ["LATENCY_BUCKETS_S", "REFUSAL_REASONS", "Stats", "StatsCollector"]
 
 #: Upper bounds of the latency histogram, seconds: 50 µs to 1 s.
 LATENCY_BUCKETS_S: Final = (
@@ -91,8 +96,29 @@ _NAMED_CLOSE_CODES: Final = frozenset(range(1000, 1016))
 #: Every close code relayd records: its own, its clients', 1005 and 1006.
 _KNOWN_CLOSE_CODES: Final = ("1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008",
                              "1009", "1010", "1011", "1012", "1013", "1014", "other")  # fmt: skip
-#: Every status a handshake is refused with (0: the client left before an answer).
-_KNOWN_REFUSALS: Final = ("0", "400", "401", "403", "408", "426", "429", "431", "500", "503")
+#: The ``reason`` label of a handshake refused with each status, unless the refusal
+#: names its own (:attr:`relayd.wire.handshake.Refusal.kind`). A limit's label is its
+#: setting's name. 0: the client left (or the answer was cut short) before an answer.
+REFUSAL_REASONS: Final = {
+    0: "client_left",
+    400: "bad_request",
+    401: "token",
+    403: "token",
+    408: "handshake_timeout_s",
+    426: "unsupported_version",
+    429: "max_auth_failures_per_ip",
+    431: "max_header_bytes",
+    500: "internal_error",
+}
+#: Every (status, reason) a handshake is refused with: one reason has one status.
+_KNOWN_REFUSALS: Final = (
+    *REFUSAL_REASONS.items(),
+    (400, "unsupported_subprotocol"),
+    (403, "origin"),
+    (503, "max_connections"),
+    (503, "max_connections_per_ip"),
+    (503, "shutting_down"),
+)
 #: The limits of handshakes_dropped.
 _KNOWN_DROPS: Final = ("max_handshakes", "max_handshakes_per_ip")
 #: Every outcome of a client's message: delivered, or the error code it was answered with.
@@ -132,7 +158,8 @@ class Stats:
 
     def __init__(self) -> None:
         self.connections_total = 0
-        self.rejected: collections.Counter[int] = collections.Counter()
+        #: Refused handshakes by (status, reason): :meth:`count_refusal`.
+        self.rejected: collections.Counter[tuple[int, str]] = collections.Counter()
         self.auth_failures = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.messages: collections.Counter[str] = collections.Counter()
@@ -147,6 +174,14 @@ class Stats:
         self.latency_sum = 0.0
         self.reloads: collections.Counter[str] = collections.Counter()
         self.last_reload_applied = True  # no reload yet: nothing refused
+
+    def count_refusal(self, status: int, kind: str = "") -> None:
+        """Count one handshake refused with ``status`` (0: none sent), for ``kind`` if given.
+
+        Without a ``kind``, the status's own reason (:data:`REFUSAL_REASONS`); ``other``
+        for a status that has none (relayd makes no such refusal).
+        """
+        self.rejected[status, kind or REFUSAL_REASONS.get(status, "other")] += 1
 
     def count_reload(self, *, applied: bool) -> None:
         """Count one reload (SIGHUP) and remember whether it was applied."""
@@ -190,13 +225,14 @@ class StatsCollector(Collector):
         yield CounterMetricFamily(
             "relayd_connections", "WebSocket connections accepted", value=stats.connections_total
         )
-        yield _by_label(
+        rejected = CounterMetricFamily(
             "relayd_handshakes_rejected",
-            "Handshakes refused, by HTTP status",
-            "status",
-            {str(status): count for status, count in stats.rejected.items()},
-            _KNOWN_REFUSALS,
+            "Handshakes refused, by HTTP status (0: none sent) and reason",
+            labels=["status", "reason"],
         )
+        for status, reason in sorted({*_KNOWN_REFUSALS, *stats.rejected}):
+            rejected.add_metric([str(status), reason], stats.rejected[status, reason])
+        yield rejected
         yield _by_label(
             "relayd_handshakes_dropped",
             "Connections closed unread when accepted, by the handshake limit they were over",

@@ -62,10 +62,17 @@ class Refusal:
     ``reason``; it never holds anything the client sent: every reason is one
     of a fixed set (a malformed request is named by the kind of fault the
     parser found, never by the line it found it in).
+
+    ``kind`` is the ``reason`` label the refusal is counted under in
+    ``relayd_handshakes_rejected_total``, where a status has several causes an
+    operator must tell apart (503: ``max_connections``, ``max_connections_per_ip``
+    or ``shutting_down``; 403: ``origin``; 400: ``unsupported_subprotocol``).
+    Empty, the status's own label stands (:data:`relayd.telemetry.metrics.REFUSAL_REASONS`).
     """
 
     status: int
     reason: str
+    kind: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
