@@ -44,6 +44,7 @@ ALERTS: Final = {
     "RelaydHandshakesRefused",
     "RelaydHandshakesDropped",
     "RelaydAtCapacity",
+    "RelaydAddressAtConnectionLimit",
     "RelaydFileDescriptorsNearLimit",
     "RelaydReloadFailed",
     "RelaydLogLinesDropped",
