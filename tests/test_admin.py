@@ -113,6 +113,35 @@ async def test_one_address_at_its_cap_is_not_counted_as_relayd_at_capacity() -> 
         assert sum(_refused_503(samples).values()) == 2
 
 
+async def test_each_kind_of_refusal_is_counted_under_its_own_reason() -> None:
+    server = Server(settings(max_header_bytes=1024))
+    async with running(server) as url:
+        assert server.admin_address is not None
+        for request, status in [
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),  # a plain GET
+            (wire.upgrade_request(extra=[("Sec-WebSocket-Protocol", "chat")]), b"400"),
+            (wire.upgrade_request(version="8"), b"426"),
+            (wire.upgrade_request(extra=[("X-Pad", "x" * 2000)]), b"431"),
+        ]:
+            reply = await send_and_read(url, request)
+            assert reply.startswith(b"HTTP/1.1 " + status), reply
+        await (await open_raw(url)).aclose()  # a port probe: connects and leaves
+        await trio.testing.wait_all_tasks_blocked()
+        samples = _samples((await _get(server.admin_address, "/metrics"))[1])
+    counted = {
+        labels: value
+        for (name, labels), value in samples.items()
+        if name == "relayd_handshakes_rejected_total" and value
+    }
+    assert counted == {
+        (("reason", "bad_request"), ("status", "400")): 1,
+        (("reason", "unsupported_subprotocol"), ("status", "400")): 1,
+        (("reason", "unsupported_version"), ("status", "426")): 1,
+        (("reason", "max_header_bytes"), ("status", "431")): 1,
+        (("reason", "client_left"), ("status", "0")): 1,
+    }
+
+
 async def test_a_handshake_refused_by_a_drain_is_counted_as_shutting_down() -> None:
     server = Server(settings())
     async with trio.open_nursery() as nursery:
