@@ -110,7 +110,7 @@ REFUSAL_REASONS: Final = {
     431: "max_header_bytes",
     500: "internal_error",
 }
-#: Every (status, reason) a handshake is refused with: one reason has one status.
+#: Every (status, reason) a handshake is refused with (``token`` alone has two statuses).
 _KNOWN_REFUSALS: Final = (
     *REFUSAL_REASONS.items(),
     (400, "unsupported_subprotocol"),
