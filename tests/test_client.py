@@ -10,6 +10,7 @@ waiting for a server's timer is virtual time. Reconnecting is in test_client_rec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -416,6 +417,10 @@ async def test_send_returns_once_relayd_acked_and_raises_each_error_with_its_det
         # Inside a value too (found by a reviewer of the first fix: this dict's Raw closed
         # it and made the envelope's "to" the client's own).
         bad += [{"x": escaping}, [spliced], {"x": msgspec.Raw(b"")}]
+        # And a Raw inside that makes one JSON value with what is around it, but brings
+        # keys or elements of its own (found by a tester: the peer got "admin": true).
+        bad += [{"x": msgspec.Raw(b'"y","admin":true')}, [msgspec.Raw(b"1,2")]]
+        bad += [Wrapped(msgspec.Raw(b'"y","admin":true'))]
         for message in bad:
             with pytest.raises(ValueError, match="not one JSON value"):
                 await client.send(peer.id, message)
@@ -424,6 +429,13 @@ async def test_send_returns_once_relayd_acked_and_raises_each_error_with_its_det
         assert (await client.receive()).text == "the connection is still open"
         await client.send(peer.id, "the peer got nothing before this")
         assert (await peer.receive()).text == "the peer got nothing before this"
+
+
+@dataclasses.dataclass
+class Wrapped:
+    """A message of the program's own type, as msgspec encodes dataclasses."""
+
+    x: object
 
 
 async def test_invalid_json_from_relayd_is_raised_as_such(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -141,13 +141,40 @@ def encode_body(message: object) -> bytes:
         raise ValueError(_TOO_DEEP) from None
     # The encoder writes a Raw's bytes as they are, wherever it is: the whole body is
     # checked, in C (about 1 ms for a megabyte), so that it is one JSON value.
+    _check_json(body)
+    if not isinstance(message, _SCALARS):
+        # That is not enough for a Raw inside the message: joined with the JSON around
+        # it, a Raw of several values (b'1,"admin":true') still makes one, with a key or
+        # elements the program never put there. msgspec walks the value again, in C, and
+        # hands each Raw it meets to the hook; what it builds is thrown away.
+        try:
+            msgspec.to_builtins(message, enc_hook=_check_nested)
+        except RecursionError:
+            raise ValueError(_TOO_DEEP) from None
+    return body
+
+
+def _check_json(raw: bytes | msgspec.Raw) -> None:
+    """Refuse ``raw`` unless it is one JSON value (a Raw's bytes, or a whole body)."""
     try:
-        _raw_decoder.decode(body)
+        _raw_decoder.decode(raw)
     except RecursionError:
         raise ValueError(_TOO_DEEP) from None
     except msgspec.DecodeError as exc:
         raise ValueError(f"a msgspec.Raw in the message is not one JSON value: {exc}") from None
-    return body
+
+
+def _check_nested(value: object) -> None:
+    """``to_builtins``' hook in :func:`encode_body`: only a Raw reaches it there.
+
+    Anything else reaching it was encoded already, so it is let through.
+    """
+    if isinstance(value, msgspec.Raw):
+        _check_json(value)
+
+
+#: Messages that hold no other value, so no Raw: their whole body was checked.
+_SCALARS: Final = (msgspec.Raw, str, int, float, bool, type(None))
 
 
 _TOO_DEEP: Final = "the message is nested too deeply to encode"
