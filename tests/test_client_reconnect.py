@@ -19,6 +19,7 @@ from typing import Final
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from pydantic import SecretStr
 
@@ -106,6 +107,27 @@ async def test_a_restart_gives_a_new_id_and_the_program_goes_on() -> None:
             received = [(await client.receive()).text for _ in range(2)]
             await second.stop()
         assert received == ["before", "after"]  # one iteration across both connections
+
+
+async def test_sends_made_while_reconnecting_go_out_in_the_order_they_were_made() -> None:
+    # Found by a tester: the sends waiting for the new connection were woken together,
+    # and submitted in an order of trio's choosing, another one on each run.
+    auth = AuthSettings(mode="token", tokens={"alice": SecretStr(ALICE)})
+    base = settings().model_copy(update={"auth": auth})  # alice keeps her id across restarts
+    async with trio.open_nursery() as servers:
+        first = await serve(servers, Server(base, authenticator=load_authenticator(auth)))
+        async with connect(first.url, reconnect=QUICK, token=ALICE) as alice:
+            await first.stop()  # 1001: alice reconnects, refused until the restart
+            assert alice.closed is not None
+            async with trio.open_nursery() as sends:
+                for n in range(16):  # in this order: each send waits before the next starts
+                    sends.start_soon(alice.send, "alice", n)
+                    await trio.testing.wait_all_tasks_blocked()
+                restarted = Server(on_port(base, first.url), authenticator=load_authenticator(auth))
+                second = await serve(servers, restarted)
+            received = [(await alice.receive()).data for _ in range(16)]
+            await second.stop()
+    assert received == list(range(16))
 
 
 async def test_reconnecting_gives_up_after_its_attempts_and_says_why() -> None:

@@ -79,6 +79,13 @@ class Client:
         # the order they were submitted: each goes on the next connection in that order,
         # and before any other send (each leaves the list once submitted again).
         self._carried: list[Sending] = []
+        # Held by each new send from its call until its message is submitted (carried
+        # ones go first, without it): trio.Lock hands itself on first come, first served,
+        # so new sends are submitted in the order they were made, whatever they waited for
+        # (a slot, a reconnect, the carried ones). Tasks woken together, as by _changed,
+        # run in an order trio leaves arbitrary: sends made while reconnecting went out
+        # scrambled.
+        self._turn = trio.Lock()
         self._id = ""
         self._opened_at = 0.0  # trio.current_time() when the link opened
         self._changed = trio.Event()  # set, and replaced, whenever the link changes
@@ -145,7 +152,8 @@ class Client:
 
         Up to ``max_in_flight`` calls may wait at once, from as many tasks;
         each outcome is matched to its message. A further call waits for a
-        slot. While reconnecting, calls wait for the new connection.
+        slot. While reconnecting, calls wait for the new connection. Calls
+        are submitted in the order they were made, whatever they wait for.
 
         Args:
             to: the recipient's id.
@@ -194,22 +202,11 @@ class Client:
 
         ``carried`` is this message, if it was unwritten when a connection ended.
         """
-        while True:
-            while not self._has_turn(carried):
-                await self._changed.wait()
-            await self._slots.acquire()
-            try:
-                link = await self._usable_link()
-                turn = self._has_turn(carried)  # a connection may have been lost meanwhile
-                if turn:
-                    sending = link.submit(to, body, self._slots.release)
-            except BaseException:
-                self._slots.release()
-                raise
-            if turn:
-                break
-            self._slots.release()
-        if carried is not None:
+        if carried is None:
+            async with self._turn:
+                link, sending = await self._submit(to, body, None)
+        else:
+            link, sending = await self._submit(to, body, carried)
             self._drop_carried(carried)
         try:
             await sending.done.wait()
@@ -225,6 +222,24 @@ class Client:
         # raises the close's exception when there will be none), in its place among the
         # others carried (Link.fail_all listed them).
         return sending
+
+    async def _submit(self, to: str, body: bytes, carried: Sending | None) -> tuple[Link, Sending]:
+        """Queue the message on the connection open now, at its turn; waits for a slot."""
+        while True:
+            while not self._has_turn(carried):
+                await self._changed.wait()
+            await self._slots.acquire()
+            try:
+                link = await self._usable_link()
+                turn = self._has_turn(carried)  # a connection may have been lost meanwhile
+                if turn:
+                    sending = link.submit(to, body, self._slots.release)
+            except BaseException:
+                self._slots.release()
+                raise
+            if turn:
+                return link, sending
+            self._slots.release()
 
     def _has_turn(self, carried: Sending | None) -> bool:
         """Whether a send may submit now: a carried message at its turn, or none carried."""
