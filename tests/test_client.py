@@ -36,6 +36,7 @@ from trio_websocket import WebSocketRequest, serve_websocket
 
 import relayd.client
 from relayd.client import (
+    Backoff,
     Client,
     ConnectError,
     ConnectionClosed,
@@ -986,6 +987,45 @@ async def test_a_missing_pong_drops_the_connection(autojump_clock: trio.abc.Cloc
             assert trio.current_time() - started == pytest.approx(40)
         nursery.cancel_scope.cancel()
     assert (lost.value.code, lost.value.reason) == (1006, "no pong within 20 s")
+
+
+@pytest.mark.parametrize("reconnect", [None, Backoff(first_s=0.05)], ids=["alone", "reconnecting"])
+async def test_a_send_stuck_behind_unread_messages_is_lost_when_the_keepalive_drops(
+    reconnect: Backoff | None, autojump_clock: trio.abc.Clock
+) -> None:
+    # Found by a tester: the keepalive closed the socket under a dispatcher waiting to
+    # hand a message to a program that does not read, and a trio-websocket reader waiting
+    # behind it; neither saw the socket closed. The send waited for good, closed stayed
+    # None, and nothing reconnected. relayd here neither pings nor drops slow consumers.
+    limits = {"messages_per_second": 100_000.0, "message_burst": 100_000}
+    async with (
+        relay(ping_interval_s=0, slow_consumer_timeout_s=3600, **limits) as url,
+        connect(url, receive_queue=4, keepalive_s=20, reconnect=reconnect) as stuck,
+        connect(url) as sender,
+    ):
+        ids = aiter(stuck.ids())
+        first_id = await anext(ids)
+        acked = await fill(sender, stuck.id)
+        started = trio.current_time()
+        with trio.fail_after(600), pytest.raises(ConnectionLost) as lost:
+            await stuck.send(sender.id, "relayed, its ack unread")
+        assert trio.current_time() - started <= 40  # within 2 x keepalive_s
+        assert (lost.value.code, lost.value.reason) == (1006, "no pong within 20 s")
+        received: list[Any] = []
+        if reconnect is None:
+            assert stuck.closed == CloseInfo(1006, "no pong within 20 s")
+            with pytest.raises(ConnectionLost):
+                await read_all(stuck, received)
+        else:
+            assert await anext(ids) != first_id
+            await stuck.send(sender.id, "on the new connection")
+            texts = [(await sender.receive()).text for _ in range(2)]
+            assert texts == ["relayed, its ack unread", "on the new connection"]
+            received = [(await stuck.receive()).data for _ in range(4)]
+        # What reached the client's queue is read, in order; the rest is lost with the
+        # connection, as over any connection lost.
+        assert [data["n"] for data in received] == acked[: len(received)]
+        assert len(received) >= 4
 
 
 async def accept_v1(stream: trio.abc.Stream, client_id: str) -> None:

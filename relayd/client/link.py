@@ -12,7 +12,9 @@ nursery :func:`run_link` opens::
     ├── writer       queued envelopes -> socket, one at a time, so a caller
     │                cancelled mid-send never leaves half a frame behind
     └── keepalive    a ping every ``keepalive_s``; no pong within as long
-                     again drops the connection (1006)
+                     again drops the connection (1006) and ends the
+                     dispatcher, which may be waiting on a program that
+                     does not read
 
 Buffers, each bounded:
 
@@ -200,6 +202,8 @@ class Link:
         self._closed = trio.Event()  # set when close() is over
         self._closing_scope: trio.CancelScope | None = None  # close()'s wait, while it waits
         self._lost_reason = ""  # why this client dropped the connection itself
+        # The dispatcher's reading, cancelled by the keepalive when it drops the connection.
+        self._reading = trio.CancelScope()
 
     @property
     def closing(self) -> bool:
@@ -209,7 +213,7 @@ class Link:
     @property
     def open(self) -> bool:
         """Messages can still be sent on it."""
-        return not (self._closing or self._gone) and self._ws.closed is None
+        return not (self._closing or self._gone) and self.ended() is None
 
     def submit(self, to: str, body: bytes, release: Callable[[], None]) -> Sending:
         """Queue one message; the caller holds an in-flight slot, freed by ``release``.
@@ -278,32 +282,40 @@ class Link:
     # -- tasks -----------------------------------------------------------------------
 
     async def dispatch(self) -> CloseInfo:
-        """Read frames until the connection ends; returns how it ended."""
-        while True:
-            try:
-                frame = await self._ws.get_message()
-            except WebSocketClosed:
-                break
-            if isinstance(frame, bytes):
-                continue  # relayd sends clients text only
-            if self.dialect is Dialect.SEED:
-                await self._deliveries.send(seed_message(frame))
-                continue
-            match decode_v1(frame):
-                case Delivery(sender=sender, message=message):
-                    await self._deliveries.send(Message(sender, bytes(message)))
-                case Ack(ref=ref):
-                    self._settle(ref, None)
-                case Error(error=code, detail=detail, ref=ref, retry_after_ms=wait):
-                    self._settle(ref, send_error(code, detail, ref, retry_after_ms=wait))
-                case _:
-                    pass  # a second welcome, or not relayd: nothing to act on
+        """Read frames until the connection ends; returns how it ended.
+
+        Cancellation: the keepalive ends it when it drops the connection
+        (:meth:`keepalive`); a message it was handing to the client's channel
+        then is lost with the connection.
+        """
+        with self._reading:
+            while True:
+                try:
+                    frame = await self._ws.get_message()
+                except WebSocketClosed:
+                    break
+                if isinstance(frame, bytes):
+                    continue  # relayd sends clients text only
+                if self.dialect is Dialect.SEED:
+                    await self._deliveries.send(seed_message(frame))
+                    continue
+                match decode_v1(frame):
+                    case Delivery(sender=sender, message=message):
+                        await self._deliveries.send(Message(sender, bytes(message)))
+                    case Ack(ref=ref):
+                        self._settle(ref, None)
+                    case Error(error=code, detail=detail, ref=ref, retry_after_ms=wait):
+                        self._settle(ref, send_error(code, detail, ref, retry_after_ms=wait))
+                    case _:
+                        pass  # a second welcome, or not relayd: nothing to act on
         return self.ended() or CloseInfo(CloseCode.ABNORMAL, self._lost_reason, self._closing)
 
     def ended(self) -> CloseInfo | None:
         """How the connection ended; None while it is open, or closing."""
         reason = self._ws.closed
         if reason is None:
+            if self._lost_reason:  # the keepalive dropped it under a reader not reading
+                return CloseInfo(CloseCode.ABNORMAL, self._lost_reason, self._closing)
             return None
         code, text = int(reason.code), self._lost_reason or reason.reason or ""
         over_bound = (
@@ -339,7 +351,15 @@ class Link:
                 sending.settle(None)
 
     async def keepalive(self, interval: float) -> None:
-        """Ping every ``interval`` seconds; drop the connection if a pong is as late."""
+        """Ping every ``interval`` seconds; drop the connection if a pong is as late.
+
+        Dropping it ends the dispatcher too (:meth:`dispatch`), and with it the
+        link: closing the stream is not enough when the program stopped reading.
+        Then the dispatcher waits to hand a message to the client's full channel,
+        trio-websocket's reader waits to hand the next one to the dispatcher, and
+        neither reads the stream, so neither would see it closed: the link stayed
+        open, its sends waiting for replies that could not come.
+        """
         while True:
             await trio.sleep(interval)
             with trio.move_on_after(interval) as waiting:
@@ -349,6 +369,7 @@ class Link:
                     return
             if waiting.cancelled_caught:
                 self._lost_reason = f"no pong within {interval:g} s"
+                self._reading.cancel()
                 await trio.aclose_forcefully(self._stream)
                 return
 
