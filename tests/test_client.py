@@ -1028,6 +1028,86 @@ async def test_a_send_stuck_behind_unread_messages_is_lost_when_the_keepalive_dr
         assert len(received) >= 4
 
 
+@pytest.mark.parametrize("reconnect", [None, Backoff(first_s=0.05)], ids=["alone", "reconnecting"])
+@pytest.mark.parametrize("write", ["ping", "send"])
+async def test_a_send_stuck_behind_unread_messages_is_lost_when_a_write_finds_the_reset(
+    write: str, reconnect: Backoff | None, autojump_clock: trio.abc.Clock
+) -> None:
+    # Found by a reviewer: relayd drops a slow consumer (10 s by default) before the
+    # client's keepalive gives up (2 x 30 s). A write after that (the keepalive's ping,
+    # or another send) failed on the reset connection, and trio-websocket marked it
+    # closed (1006), but the dispatcher still waited to hand a message to a program
+    # that does not read: the sends waited for good and nothing reconnected.
+    reset = trio.Event()
+
+    async def stuck_send_read(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)  # the stuck send's frame
+
+    # For the client's queue (1), its dispatcher, trio-websocket's reader, and more; then
+    # a reset, as relayd drops a slow consumer.
+    server = resets_the_first(deliveries(*range(6)), stuck_send_read, reset)
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, server)
+        keepalive_s = 20 if write == "ping" else None
+        async with connect(
+            url, receive_queue=1, keepalive_s=keepalive_s, reconnect=reconnect
+        ) as stuck:
+            ids = aiter(stuck.ids())
+            assert await anext(ids) == "c1"
+            started = trio.current_time()
+            lost: list[ConnectionLost] = []
+
+            async def send(text: str) -> None:
+                with pytest.raises(ConnectionLost) as raised:
+                    await stuck.send("p", text)
+                lost.append(raised.value)
+
+            with trio.fail_after(600):
+                async with trio.open_nursery() as sends:
+                    sends.start_soon(send, "written before the reset")
+                    await reset.wait()
+                    await trio.testing.wait_all_tasks_blocked()
+                    if write == "send":  # else the keepalive's ping, at 20 s
+                        sends.start_soon(send, "written after the reset")
+            assert trio.current_time() - started <= 20  # not 2 x keepalive_s
+            assert [(error.code, error.reason) for error in lost] == [(1006, "")] * len(lost)
+            assert len(lost) == (1 if write == "ping" else 2)
+            if reconnect is None:
+                assert stuck.closed == CloseInfo(1006, "")
+                received: list[Any] = []
+                with pytest.raises(ConnectionLost):
+                    await read_all(stuck, received)
+                assert received == [0]  # the queue's; the dispatcher's went with the reset
+            else:
+                assert await anext(ids) == "c2"
+                assert (await stuck.receive()).data == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_that_finds_a_close_frame_still_hands_over_the_message_before_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A close frame is not a lost connection: the dispatcher keeps handing over the
+    # last message before it, even after the keepalive's ping finds the connection
+    # closed (ending the dispatcher on any write that found it closed dropped it).
+    async def server(stream: trio.SocketStream) -> None:
+        await accept_v1(stream, "closing")
+        close = b"\x88\x16\x03\xe9server shutting down"  # 1001, as relayd's shutdown
+        await stream.send_all(deliveries(1, 2) + close)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, server)
+        async with connect(url, receive_queue=1, keepalive_s=20) as client:
+            await trio.sleep(30)  # virtual: the keepalive's ping, at 20 s, found it closed
+            received: list[Any] = []
+            with pytest.raises(ServerShuttingDown):
+                await read_all(client, received)
+            assert received == [1, 2]  # 1 in the client's queue, 2 in the dispatcher's hand
+        nursery.cancel_scope.cancel()
+
+
 async def accept_v1(stream: trio.abc.Stream, client_id: str) -> None:
     """Play relayd's part of a v1 handshake on ``stream``, up to its welcome."""
     head = b""
@@ -1037,6 +1117,36 @@ async def accept_v1(stream: trio.abc.Stream, client_id: str) -> None:
     assert match is not None
     await stream.send_all(accept_response(match[1].decode(), "relayd.v1"))
     await stream.send_all(text_frame(b'{"type":"welcome","id":"%s"}' % client_id.encode()))
+
+
+def deliveries(*numbers: int) -> bytes:
+    """The v1 frames with which relayd delivers ``numbers`` from ``p``, one a message."""
+    return b"".join(text_frame(b'{"type":"message","from":"p","message":%d}' % n) for n in numbers)
+
+
+def resets_the_first(
+    frames: bytes, then: Callable[[trio.SocketStream], Awaitable[None]], reset: trio.Event
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A server that welcomes ``c1``, writes ``frames``, awaits ``then``, and resets it.
+
+    ``reset`` is set once it is reset (SO_LINGER 0). The next connections are welcomed
+    (``c2``, ...) and left open.
+    """
+    accepted = 0
+
+    async def server(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await accept_v1(stream, f"c{accepted}")
+        if accepted > 1:
+            await trio.sleep_forever()
+        await stream.send_all(frames)
+        await then(stream)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+        reset.set()
+
+    return server
 
 
 async def _deaf_server(stream: trio.SocketStream) -> None:
@@ -1086,23 +1196,13 @@ async def test_a_ping_refused_after_a_failed_write_is_a_lost_connection_not_a_cl
     # then the connection lost (1006), so the client reconnects, not a 1000 of the
     # client's own, which would end it for good.
     sent, reset = trio.Event(), trio.Event()
-    accepted = 0
 
-    async def server(stream: trio.SocketStream) -> None:
-        nonlocal accepted
-        accepted += 1
-        await accept_v1(stream, f"c{accepted}")
-        if accepted > 1:
-            await trio.sleep_forever()
-        await stream.send_all(
-            text_frame(b'{"type":"message","from":"p","message":1}')
-            + text_frame(b'{"type":"message","from":"p","message":2}')
-            + b"\x89\x06relayd"  # a ping behind them
-        )
+    async def told_to_reset(_: trio.SocketStream) -> None:
         sent.set()
         await reset.wait()
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        stream.socket.close()  # a reset
+
+    ping = b"\x89\x06relayd"  # a ping behind the messages
+    server = resets_the_first(deliveries(1, 2) + ping, told_to_reset, trio.Event())
 
     async with trio.open_nursery() as nursery:
         url = await serve_tcp(nursery, server)

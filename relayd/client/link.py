@@ -12,9 +12,11 @@ nursery :func:`run_link` opens::
     ├── writer       queued envelopes -> socket, one at a time, so a caller
     │                cancelled mid-send never leaves half a frame behind
     └── keepalive    a ping every ``keepalive_s``; no pong within as long
-                     again drops the connection (1006) and ends the
-                     dispatcher, which may be waiting on a program that
-                     does not read
+                     again drops the connection (1006)
+
+A connection lost (no pong, or a write of the writer's or the keepalive's
+that failed) also ends the dispatcher, which may be waiting on a program
+that does not read (:meth:`Link.end_if_lost`).
 
 Buffers, each bounded:
 
@@ -202,7 +204,7 @@ class Link:
         self._closed = trio.Event()  # set when close() is over
         self._closing_scope: trio.CancelScope | None = None  # close()'s wait, while it waits
         self._lost_reason = ""  # why this client dropped the connection itself
-        # The dispatcher's reading, cancelled by the keepalive when it drops the connection.
+        # The dispatcher's reading, cancelled once the connection is lost (end_if_lost).
         self._reading = trio.CancelScope()
 
     @property
@@ -284,9 +286,9 @@ class Link:
     async def dispatch(self) -> CloseInfo:
         """Read frames until the connection ends; returns how it ended.
 
-        Cancellation: the keepalive ends it when it drops the connection
-        (:meth:`keepalive`); a message it was handing to the client's channel
-        then is lost with the connection.
+        Cancellation: ended once the connection is lost (:meth:`end_if_lost`);
+        a message it was handing to the client's channel then is lost with the
+        connection. After a close frame it keeps handing over the last message.
         """
         with self._reading:
             while True:
@@ -345,7 +347,8 @@ class Link:
             try:
                 await self._ws.send_message(sending.frame)
             except WebSocketClosed:
-                return  # the dispatcher sees the close and fails what is left
+                self.end_if_lost()  # then run_link fails what is left
+                return
             if sending.ref is None:  # no reply will come: written is all it gets
                 self._sendings.pop(sending, None)
                 sending.settle(None)
@@ -353,12 +356,8 @@ class Link:
     async def keepalive(self, interval: float) -> None:
         """Ping every ``interval`` seconds; drop the connection if a pong is as late.
 
-        Dropping it ends the dispatcher too (:meth:`dispatch`), and with it the
-        link: closing the stream is not enough when the program stopped reading.
-        Then the dispatcher waits to hand a message to the client's full channel,
-        trio-websocket's reader waits to hand the next one to the dispatcher, and
-        neither reads the stream, so neither would see it closed: the link stayed
-        open, its sends waiting for replies that could not come.
+        Dropping it, or a ping that found it lost, ends the dispatcher too
+        (:meth:`end_if_lost`).
         """
         while True:
             await trio.sleep(interval)
@@ -366,12 +365,32 @@ class Link:
                 try:
                     await self._ws.ping()
                 except WebSocketClosed:
+                    self.end_if_lost()
                     return
             if waiting.cancelled_caught:
                 self._lost_reason = f"no pong within {interval:g} s"
-                self._reading.cancel()
+                self.end_if_lost()
                 await trio.aclose_forcefully(self._stream)
                 return
+
+    def end_if_lost(self) -> None:
+        """End the dispatcher (:meth:`dispatch`) if the connection is lost.
+
+        Lost: the keepalive dropped it, or trio-websocket found it gone without
+        a close frame (1006), as when a write failed on a connection relayd had
+        dropped. The dispatcher would end only when it next read, which it may
+        never do: when the program stops reading, it waits to hand a message
+        to the client's full channel. Until it ends, :func:`run_link` settles
+        none of the link's sends, which wait for replies that cannot come, and
+        nothing reconnects. (Closing the stream is not enough: trio-websocket's
+        reader, waiting to hand the dispatcher the next message, does not read
+        it, and nothing sees it closed.) The message the dispatcher holds is
+        lost with the connection. A close frame, relayd's or this client's, is
+        not a loss: the dispatcher still hands over the message before it.
+        """
+        reason = self._ws.closed
+        if self._lost_reason or (reason is not None and reason.code == CloseCode.ABNORMAL):
+            self._reading.cancel()
 
     def fail_all(self, closed: CloseInfo) -> None:
         """Settle every message still waiting: the connection is gone."""
