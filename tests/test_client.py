@@ -1108,6 +1108,26 @@ async def test_a_write_that_finds_a_close_frame_still_hands_over_the_message_bef
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(
+    ("keepalive_s", "close_timeout", "ends_at"),
+    [(20, 100, 40), (None, 5, 30)],
+    ids=["keepalive-gives-up", "close_timeout-runs-out"],
+)
+async def test_a_close_that_relayd_never_answers_is_a_plain_1000(
+    keepalive_s: float | None, close_timeout: float, ends_at: float, autojump_clock: trio.abc.Clock
+) -> None:
+    # Found by a reviewer: when the keepalive gave up while the program was closing,
+    # closed said 1000 with the keepalive's reason, "no pong within 20 s".
+    async with trio.open_nursery() as nursery:
+        url = await serve_tcp(nursery, _deaf_server)
+        started = trio.current_time()
+        async with connect(url, keepalive_s=keepalive_s, close_timeout=close_timeout) as client:
+            await trio.sleep(25)  # virtual: the keepalive's first ping is unanswered
+        assert trio.current_time() - started == pytest.approx(ends_at)
+        assert client.closed == CloseInfo(1000, "", by_client=True)
+        nursery.cancel_scope.cancel()
+
+
 async def accept_v1(stream: trio.abc.Stream, client_id: str) -> None:
     """Play relayd's part of a v1 handshake on ``stream``, up to its welcome."""
     head = b""

@@ -319,7 +319,9 @@ class Link:
             if self._lost_reason:  # the keepalive dropped it under a reader not reading
                 return CloseInfo(CloseCode.ABNORMAL, self._lost_reason, self._closing)
             return None
-        code, text = int(reason.code), self._lost_reason or reason.reason or ""
+        code, text = int(reason.code), reason.reason or ""
+        if code == CloseCode.ABNORMAL:  # not a close of this client's it was in (1000)
+            text = self._lost_reason or text
         over_bound = (
             self._bound_follows
             and code == CloseCode.TOO_BIG
