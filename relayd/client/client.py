@@ -153,7 +153,7 @@ class Client:
         Up to ``max_in_flight`` calls may wait at once, from as many tasks;
         each outcome is matched to its message. A further call waits for a
         slot. While reconnecting, calls wait for the new connection. Calls
-        are submitted in the order they were made, whatever they wait for.
+        go out in the order they were made, whatever they wait for.
 
         Args:
             to: the recipient's id.
