@@ -37,8 +37,9 @@ Error handling: a request relayd cannot take is answered, never raised: 400
 ``invalid_request`` (not JSON: not UTF-8, not JSON's syntax, nested too deeply; a
 field missing or of the wrong type), 401
 ``unauthorized``, 413 ``message_too_large``, and in a cluster 503
-``broker_unavailable`` for presence, disconnect and ids while the node cannot reach
-Redis (and for every call while relayd starts, before its router runs), and 503
+``broker_unavailable`` for presence, disconnect and ids while the node cannot ask
+Redis (its link down, its buffer full, or Redis had lost relayd's scripts; and for
+every call while relayd starts, before its router runs), and 503
 ``answer_incomplete`` when not every node answered them (a part is
 never answered as the whole); 503 ``shutting_down`` once relayd drains, also for a
 call the drain cut short (:meth:`_Api._query`, :meth:`_Api.publish`); each with a
@@ -166,7 +167,8 @@ def _refuse(status: int, error: str, detail: str, *headers: tuple[str, str]) -> 
 def _unavailable(error: BrokerUnavailable | IncompleteAnswer) -> Response:
     """A cluster-wide question this node cannot answer now.
 
-    ``broker_unavailable``: it could not ask (the broker is out of its reach);
+    ``broker_unavailable``: it could not ask (the link is down, its buffer is full, or
+    Redis refused the question unrun);
     ``answer_incomplete``: it asked, and not every node answered. Not a bug (no
     ``error`` event, no 500): another node may answer, or this one later.
     """
