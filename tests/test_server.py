@@ -714,6 +714,26 @@ async def test_a_drain_closes_the_router_only_once_a_read_waiting_for_its_inbox_
     assert stop["forced"] is False
 
 
+async def test_a_drain_whose_grace_runs_out_in_a_hand_off_still_closes_the_router() -> None:
+    # The router's inbox never has room: the grace runs out while the drain waits for
+    # the hand-off, and the nursery's deadline skipped the router's close after it (a
+    # cluster node then never left its cluster; found by a reviewer).
+    _FullInbox.full, _FullInbox.room, _FullInbox.closed_with_room = trio.Event(), trio.Event(), []
+    server = Server(_with(settings(), "server", shutdown_grace_s=0.5), router=_FullInbox)
+    with structlog.testing.capture_logs() as events:
+        async with trio.open_nursery() as nursery:
+            host, port = (await nursery.start(server.run))[0]
+            url = f"ws://{host}:{port}/"
+            async with connect(url, v1=True) as a, connect(url, v1=True) as b:
+                _FullInbox.full.set()
+                await a.send(b.id, "stuck", ref=1)
+                await trio.testing.wait_all_tasks_blocked()  # a's reader waits for the inbox
+                server.shutdown("test")
+    assert _FullInbox.closed_with_room == [False]
+    [stop] = [e for e in events if e["event"] == "server.stop"]
+    assert stop["forced"] is True
+
+
 async def test_a_new_client_during_a_drain_is_refused_at_connect_not_with_503() -> None:
     # README: relayd stops listening at once; only handshakes in progress get 503.
     server = Server(settings())
