@@ -599,6 +599,73 @@ async def test_shutdown_delivers_what_was_accepted_then_closes_with_1001() -> No
         await trio.open_tcp_stream(host, port)
 
 
+async def _a_read_behind_replies_backed_up(
+    server: Server, *, tail: bytes = b"", drain_first: bool
+) -> tuple[bytes, list[str], int, str]:
+    """A relayd.v1 client whose replies back up sends 20 messages (refs 0-19) and ``tail``.
+
+    Its socket and its outbox are filled first, with 40 deliveries of 60 KB from a
+    sender that reads all the time; then the messages and ``tail`` go in one write, and
+    its reader waits for reply slots. The server drains then if ``drain_first``; the
+    client reads everything to the close, and the server drains after it if not.
+
+    Returns:
+        What the client received, the sender's frames and close code, the client's id.
+    """
+    async with trio.open_nursery() as nursery:
+        host, port = (await nursery.start(server.run))[0]
+        url = f"ws://{host}:{port}/"
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((host, port))
+        async with (
+            trio.SocketStream(sock) as victim,
+            connect(url, v1=True) as sender,
+            trio.open_nursery() as reading,
+        ):
+            frames_received: list[str] = []
+            closed = trio.Event()
+            code = 0
+
+            async def read_sender() -> None:  # it reads all the time
+                nonlocal code
+                frames, code = await sender.until_closed()
+                frames_received.extend(frames)
+                closed.set()
+
+            reading.start_soon(read_sender)
+            v1 = [("Sec-WebSocket-Protocol", "relayd.v1")]
+            await victim.send_all(wire.upgrade_request(extra=v1))
+            _, welcome = await read_welcome(victim)
+            victim_id = json.loads(welcome)["id"]
+            for _ in range(40):  # its socket and its outbox fill up
+                await sender.send(victim_id, "m" * 60_000)
+            await trio.testing.wait_all_tasks_blocked()
+            envelopes = [json.dumps({"to": sender.id, "message": n, "ref": n}) for n in range(20)]
+            await victim.send_all(
+                b"".join(wire.frame(wire.OP_TEXT, e.encode()) for e in envelopes) + tail
+            )
+            await trio.testing.wait_all_tasks_blocked()  # its reader waits for slots
+            if drain_first:
+                server.shutdown("test")
+            received = await _read_until_closed(victim)  # it reads again, to the close
+            server.shutdown("test")
+            await closed.wait()
+    return received, frames_received, code, victim_id
+
+
+def _each_of_the_20_routed(events: list[Any], frames_received: list[str], victim_id: str) -> None:
+    """Each of the 20 was routed and logged: delivered, or refused (recipient_busy).
+
+    (The sender's outbox holds 2 too.)
+    """
+    replies = [json.loads(f) for f in frames_received]
+    delivered = [m["message"] for m in replies if m["type"] == "message" and m["from"] == victim_id]
+    relayed = [e for e in events if e["event"] == "message.relay" and e["from"] == victim_id]
+    assert len(relayed) == 20
+    assert [e["outcome"] for e in relayed].count("delivered") == len(delivered)
+
+
 async def test_a_drain_routes_what_a_reader_waiting_for_reply_slots_had_read() -> None:
     # A relayd.v1 client that reads nothing: relayd's writes to it back up, and its
     # reader waits for reply slots (for the acks) with most of the 20 messages of its
@@ -607,56 +674,30 @@ async def test_a_drain_routes_what_a_reader_waiting_for_reply_slots_had_read() -
     # by a tester).
     server = Server(settings(outbox_messages=2, slow_consumer_timeout_s=60.0))
     with structlog.testing.capture_logs() as events:
-        async with trio.open_nursery() as nursery:
-            host, port = (await nursery.start(server.run))[0]
-            url = f"ws://{host}:{port}/"
-            sock = trio.socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            await sock.connect((host, port))
-            async with (
-                trio.SocketStream(sock) as victim,
-                connect(url, v1=True) as sender,
-                trio.open_nursery() as reading,
-            ):
-                frames_received: list[str] = []
-                closed = trio.Event()
-                code = 0
-
-                async def read_sender() -> None:  # it reads all the time
-                    nonlocal code
-                    frames, code = await sender.until_closed()
-                    frames_received.extend(frames)
-                    closed.set()
-
-                reading.start_soon(read_sender)
-                v1 = [("Sec-WebSocket-Protocol", "relayd.v1")]
-                await victim.send_all(wire.upgrade_request(extra=v1))
-                _, welcome = await read_welcome(victim)
-                victim_id = json.loads(welcome)["id"]
-                for _ in range(40):  # its socket and its outbox fill up
-                    await sender.send(victim_id, "m" * 60_000)
-                await trio.testing.wait_all_tasks_blocked()
-                envelopes = [
-                    json.dumps({"to": sender.id, "message": n, "ref": n}) for n in range(20)
-                ]
-                await victim.send_all(
-                    b"".join(wire.frame(wire.OP_TEXT, e.encode()) for e in envelopes)
-                )
-                await trio.testing.wait_all_tasks_blocked()  # its reader waits for slots
-                server.shutdown("test")
-                received = await _read_until_closed(victim)  # it reads again, to the close
-                await closed.wait()
-    # Each of the 20 was delivered and acked, or refused (recipient_busy: the sender's
-    # outbox holds 2 too) and the victim told so, with its ref; and each was logged.
-    replies = [json.loads(f) for f in frames_received]
-    delivered = [m["message"] for m in replies if m["type"] == "message" and m["from"] == victim_id]
-    told = {n: f'"ref":{n}'.encode() in received for n in range(20)}
+        received, frames, code, victim_id = await _a_read_behind_replies_backed_up(
+            server, drain_first=True
+        )
+    _each_of_the_20_routed(events, frames, victim_id)
+    told = {n: f'"ref":{n}'.encode() in received for n in range(20)}  # acked or refused
     assert all(told.values()), told
-    relayed = [e for e in events if e["event"] == "message.relay" and e["from"] == victim_id]
-    assert len(relayed) == 20
-    assert [e["outcome"] for e in relayed].count("delivered") == len(delivered)
     assert code == 1001
     assert received.endswith(wire.frame(0x8, b"\x03\xe9server shutting down", mask=False))
+
+
+async def test_a_read_ending_in_the_close_frame_is_routed_though_replies_are_backed_up() -> None:
+    # The same client sends its close frame after the 20 messages, in the same write:
+    # reading is over with that read, so its messages are routed at once, their slots
+    # beyond the outbox's bound. Only the outbox's worth were; the rest waited, unrouted
+    # and unlogged, until the connection closed as a slow consumer (1013).
+    server = Server(settings(outbox_messages=2, slow_consumer_timeout_s=2.0))
+    with structlog.testing.capture_logs() as events:
+        _, frames, _, victim_id = await _a_read_behind_replies_backed_up(
+            server, tail=wire.frame(0x8, b"\x03\xe8"), drain_first=False
+        )
+    # (Their replies are not written: the client has said goodbye.)
+    _each_of_the_20_routed(events, frames, victim_id)
+    [close] = [e for e in events if e["event"] == "connection.close" and e["id"] == victim_id]
+    assert (close["code"], close["closed_by"]) == (1000, "client")
 
 
 class _FullInbox(LocalRouter):
