@@ -458,6 +458,8 @@ async def test_a_handshake_trickled_a_byte_at_a_time_over_loopback(complete: boo
         # started at accept, a moment before this client's: 0.1 s of slack below.
         assert timeout - 0.1 <= ended < timeout + 1.0
         assert _rejected_statuses(s) == [408]
+        labels = {"status": "408", "reason": "handshake_timeout_s"}
+        assert s.server.registry.get_sample_value("relayd_handshakes_rejected_total", labels) == 1
 
 
 # -- frames ------------------------------------------------------------------------------

@@ -41,9 +41,16 @@ def _with_origins(*origins: str) -> Server:
 # -- origin allowlist -----------------------------------------------------------------
 
 
+def _refused(server: Server, status: int, reason: str) -> float | None:
+    """``relayd_handshakes_rejected_total{status, reason}`` now."""
+    labels = {"status": str(status), "reason": reason}
+    return server.registry.get_sample_value("relayd_handshakes_rejected_total", labels)
+
+
 async def test_only_allowed_origins_may_connect() -> None:
+    server = _with_origins("https://chat.example")
     with structlog.testing.capture_logs() as events:
-        async with running(_with_origins("https://chat.example")) as url:
+        async with running(server) as url:
             async with connect(url, headers=[("Origin", "https://chat.example")]) as ok:
                 assert len(ok.id) == 22
             async with connect(url) as no_origin:  # not a browser
@@ -55,6 +62,7 @@ async def test_only_allowed_origins_may_connect() -> None:
             assert refused.endswith(b"origin not allowed")
     [rejected] = [e for e in events if e["event"] == "handshake.rejected"]
     assert (rejected["status"], rejected["reason"]) == (403, "origin not allowed")
+    assert (_refused(server, 403, "origin"), _refused(server, 403, "token")) == (1, 0)
 
 
 async def test_by_default_every_origin_may_connect() -> None:
@@ -176,6 +184,8 @@ async def test_an_address_that_keeps_failing_authentication_gets_429_and_others_
     assert [reply[:12] for reply in replies] == [b"HTTP/1.1 401"] * 3 + [b"HTTP/1.1 429"] * 3
     assert replies[-1].endswith(b"too many failed authentications from this address")
     assert metrics == 3
+    assert _refused(server, 401, "token") == 3
+    assert _refused(server, 429, "max_auth_failures_per_ip") == 3
     rejected = [
         (e["status"], e["peer"].rpartition(":")[0])
         for e in events
@@ -200,13 +210,17 @@ async def test_jwt_subject_becomes_the_id_and_bad_tokens_get_401_or_403() -> Non
     def token(**claims: object) -> str:
         return jwt.encode({"sub": "carol", "exp": now + 60, "aud": "relayd", **claims}, SECRET)
 
-    async with running(Server(relayd_settings(), authenticator=verifier)) as url:
+    server = Server(relayd_settings(), authenticator=verifier)
+    async with running(server) as url:
         async with connect(url + f"?token={token()}") as carol:
             assert carol.id == "carol"
         for bad, status in [(token(exp=now - 3600), 401), (token(aud="other"), 403)]:
             extra = [("Authorization", f"Bearer {bad}")]
             reply = await _send_and_read(url, wire.upgrade_request(extra=extra))
             assert reply.startswith(f"HTTP/1.1 {status} ".encode())
+    # Both counted as the token's, the 403 apart from an origin's.
+    assert (_refused(server, 401, "token"), _refused(server, 403, "token")) == (1, 1)
+    assert _refused(server, 403, "origin") == 0
 
 
 # -- TLS ------------------------------------------------------------------------------
